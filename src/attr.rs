@@ -1,0 +1,306 @@
+//! Attributes: getattr/setattr, readlink, xattrs and statfs of the merged view.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
+
+use crate::copy_up::{Data, ts};
+use crate::inode::Node;
+use crate::lookup::Loc;
+use crate::sys::{self, Errno, Result, Stat};
+use crate::union::Union;
+use crate::whiteout;
+
+/// A setattr request, already decoded.
+#[derive(Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    pub fh: Option<u64>,
+}
+
+/// An xattr answer: the size asked for, or the bytes.
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+fn xattr_reply(data: Vec<u8>, size: u32) -> Result<XattrReply> {
+    if size == 0 {
+        Ok(XattrReply::Size(data.len() as u32))
+    } else if data.len() > size as usize {
+        Err(Errno::ERANGE)
+    } else {
+        Ok(XattrReply::Data(data))
+    }
+}
+
+pub fn system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+/// A time from a setattr request. fuser builds pre-1970 times as `EPOCH - (secs, nsecs)` from
+/// the kernel's (-secs, nsecs); this reads them back the same way.
+fn request_time(t: &TimeOrNow) -> libc::timespec {
+    match t {
+        TimeOrNow::Now => ts(0, sys::UTIME_NOW),
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => ts(d.as_secs() as i64, d.subsec_nanos() as i64),
+            Err(e) => {
+                let d = e.duration();
+                ts(-(d.as_secs() as i64), d.subsec_nanos() as i64)
+            }
+        },
+    }
+}
+
+pub fn file_type(kind: u32) -> FileType {
+    match kind {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl Union {
+    /// Stat of a node's visible object (through an open handle when the node has no name).
+    pub fn stat_node(&self, node: &Node, fh: Option<u64>) -> Result<Stat> {
+        match self.open_top(node, libc::O_PATH) {
+            Ok((fd, _)) => sys::fstat(fd.as_fd()),
+            Err(e) if e.code() == libc::ENOENT => {
+                let h = fh
+                    .and_then(|fh| self.handles.file(fh))
+                    .or_else(|| self.handles.any_file_of(node.ino))
+                    .ok_or(e)?;
+                sys::fstat(h.fd().as_fd())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The attributes the merged view reports for `node` whose object has stat `st`.
+    pub fn attr(&self, node: &Node, st: &Stat) -> Result<FileAttr> {
+        let mut nlink = st.st_nlink as u32;
+        if node.is_dir() {
+            if self.opts.static_nlink {
+                nlink = 1;
+            } else {
+                let merged = {
+                    let s = node.state();
+                    s.lowers.len() + usize::from(s.upper.is_some()) > 1
+                };
+                if merged {
+                    nlink = 2 + self.subdir_count(node)? as u32;
+                }
+            }
+        }
+        let map = &self.opts.idmap;
+        Ok(FileAttr {
+            ino: INodeNo(node.ino),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: system_time(st.st_atime, st.st_atime_nsec),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind: file_type(node.kind),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink,
+            uid: map.uid_to_view(st.st_uid),
+            gid: map.gid_to_view(st.st_gid),
+            rdev: sys::encode_dev_u32(st.st_rdev),
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        })
+    }
+
+    pub fn getattr(&self, node: &Node, fh: Option<u64>) -> Result<FileAttr> {
+        let st = self.stat_node(node, fh)?;
+        self.attr(node, &st)
+    }
+
+    pub fn setattr(&self, node: &Arc<Node>, req: SetAttr) -> Result<FileAttr> {
+        if self.layers.read_only() {
+            return Err(Errno::EROFS);
+        }
+        let data = match req.size {
+            Some(0) => Data::Nothing,
+            Some(n) => Data::UpTo(n),
+            None => Data::All,
+        };
+        self.copy_up_with(node, data)?;
+        let fd: OwnedFd = match self.open_in(node, Loc::Upper, libc::O_PATH) {
+            Ok(fd) => fd,
+            Err(e) if e.code() == libc::ENOENT => {
+                // No name left: work through an open handle.
+                let h = req
+                    .fh
+                    .and_then(|fh| self.handles.file(fh))
+                    .or_else(|| self.handles.any_file_of(node.ino))
+                    .ok_or(e)?;
+                sys::dup(h.fd().as_fd())?
+            }
+            Err(e) => return Err(e),
+        };
+        let f = fd.as_fd();
+        if req.uid.is_some() || req.gid.is_some() {
+            let map = &self.opts.idmap;
+            let uid = match req.uid {
+                Some(u) => map.uid_to_disk(u).ok_or(Errno::EINVAL)?,
+                None => u32::MAX,
+            };
+            let gid = match req.gid {
+                Some(g) => map.gid_to_disk(g).ok_or(Errno::EINVAL)?,
+                None => u32::MAX,
+            };
+            match sys::fchown(f, uid, gid) {
+                Err(e) if e.code() == libc::EPERM && map.squashes() => {}
+                r => r?,
+            }
+        }
+        if let Some(mode) = req.mode {
+            sys::fchmod_path(f, mode & 0o7777)?;
+        }
+        if let Some(size) = req.size {
+            let h = req
+                .fh
+                .and_then(|fh| self.handles.file(fh))
+                .filter(|h| h.writable);
+            match h {
+                Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
+                None => {
+                    let w = sys::reopen(f, libc::O_WRONLY)?;
+                    sys::ftruncate(w.as_fd(), size)?;
+                }
+            }
+        }
+        if req.atime.is_some() || req.mtime.is_some() {
+            let omit = ts(0, sys::UTIME_OMIT);
+            let times = [
+                req.atime.as_ref().map(request_time).unwrap_or(omit),
+                req.mtime.as_ref().map(request_time).unwrap_or(omit),
+            ];
+            sys::utimensat(f, c"", &times, libc::AT_EMPTY_PATH)?;
+        }
+        let st = sys::fstat(f)?;
+        self.attr(node, &st)
+    }
+
+    pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
+        if node.kind != libc::S_IFLNK {
+            return Err(Errno::EINVAL);
+        }
+        let (fd, _) = self.open_top(node, libc::O_PATH)?;
+        sys::readlinkat(fd.as_fd(), c"")
+    }
+
+    pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            return Err(Errno::ENOTSUP);
+        }
+        let (fd, _) = self.open_top(node, libc::O_PATH)?;
+        let cname = sys::cstr(name)?;
+        let value = sys::getxattr_vec(fd.as_fd(), &cname)?.ok_or(Errno::ENODATA)?;
+        xattr_reply(value, size)
+    }
+
+    pub fn listxattr(&self, node: &Node, size: u32) -> Result<XattrReply> {
+        let (fd, _) = self.open_top(node, libc::O_PATH)?;
+        let mut out = Vec::new();
+        for n in sys::listxattr_vec(fd.as_fd())? {
+            if !whiteout::is_private_xattr(n.as_bytes()) {
+                out.extend_from_slice(n.as_bytes());
+                out.push(0);
+            }
+        }
+        xattr_reply(out, size)
+    }
+
+    pub fn setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if self.layers.read_only() {
+            return Err(Errno::EROFS);
+        }
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            return Err(Errno::ENOTSUP);
+        }
+        self.copy_up(node)?;
+        let fd = self.open_in(node, Loc::Upper, libc::O_PATH)?;
+        sys::setxattr(fd.as_fd(), &sys::cstr(name)?, value, flags)
+    }
+
+    pub fn removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
+        if self.layers.read_only() {
+            return Err(Errno::EROFS);
+        }
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            return Err(Errno::ENOTSUP);
+        }
+        let cname = sys::cstr(name)?;
+        if node.state().upper.is_none() {
+            // Nothing to remove: no copy-up, as kernel overlayfs.
+            let (fd, _) = self.open_top(node, libc::O_PATH)?;
+            sys::getxattr(fd.as_fd(), &cname, &mut [])?;
+        }
+        self.copy_up(node)?;
+        let fd = self.open_in(node, Loc::Upper, libc::O_PATH)?;
+        sys::removexattr(fd.as_fd(), &cname)
+    }
+
+    pub fn statfs(&self) -> Result<libc::statvfs> {
+        let root = match &self.layers.upper {
+            Some(u) => u.root(),
+            None => self.layers.lowers[0].root(),
+        };
+        sys::fstatvfs(root)
+    }
+}
+
+/// Attributes with nothing set (for negative entries and `.`/`..` in readdirplus).
+pub fn empty_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// `DT_*` -> `S_IF*`.
+pub fn kind_of_dtype(dtype: u8) -> u32 {
+    match dtype {
+        libc::DT_DIR => libc::S_IFDIR,
+        libc::DT_LNK => libc::S_IFLNK,
+        libc::DT_CHR => libc::S_IFCHR,
+        libc::DT_BLK => libc::S_IFBLK,
+        libc::DT_FIFO => libc::S_IFIFO,
+        libc::DT_SOCK => libc::S_IFSOCK,
+        _ => libc::S_IFREG,
+    }
+}

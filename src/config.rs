@@ -1,0 +1,683 @@
+//! Both command-line forms, the `-o` options, and the checks on layer paths made before
+//! anything is created or mounted.
+//!
+//!     unionmount --lower L1:L2 [--upper U [--work W]] MERGED [options]
+//!     unionmount [SOURCE] MERGED -o lowerdir=L1:L2,upperdir=U,workdir=W[,more]
+
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::idmap::{self, IdMap};
+use crate::union::Options;
+
+pub const MAX_LAYERS: usize = 500;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Passthrough {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "unionmount",
+    version,
+    about = "Mount read-only lower layers and an optional writable upper layer as one merged tree (an OverlayFS-compatible union filesystem in user space).",
+    override_usage = "unionmount --lower L1[:L2...] [--upper U [--work W]] MERGED [options]\n       unionmount [SOURCE] MERGED -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,...]",
+    after_help = "Without --upper the mount is read-only. Without --work, the work directory is .NAME.work next to the upper directory NAME (created if missing). \
+Options for -o: lowerdir=, upperdir=, workdir=, uidmapping=C:H:N[:C:H:N...], gidmapping=, squash_to_root, squash_to_uid=N, squash_to_gid=N, \
+xattr_permissions=0|1|2, static_nlink, timeout=SECONDS, threaded=0|1, fsync=0|1, volatile, noacl, ro, rw, allow_other, allow_root, \
+default_permissions, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, context=\"...\". Unknown options are warned about and ignored.\n\
+Unmount with: fusermount3 -u MERGED (or umount MERGED)."
+)]
+struct Cli {
+    /// Read-only layers, top-most first, separated by ':' (write '\:' for a ':' in a path)
+    #[arg(long, value_name = "L1:L2:...")]
+    lower: Option<OsString>,
+    /// The writable layer (without it the mount is read-only)
+    #[arg(long, value_name = "DIR")]
+    upper: Option<PathBuf>,
+    /// Scratch directory on the upper's filesystem [default: .NAME.work beside the upper]
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
+    /// Stay in the foreground (default: return once the mount is live)
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Request-serving threads [default: twice the CPUs, at least 4]
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Serve open files straight from the backing file in the kernel (needs root)
+    #[arg(long, value_enum, default_value = "auto")]
+    passthrough: Passthrough,
+    #[arg(long, value_enum, default_value = "warn")]
+    log_level: LogLevel,
+    /// Mount options, comma-separated; may repeat
+    #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// [SOURCE] MERGED: the mountpoint, optionally preceded by a source name for /proc/mounts
+    #[arg(value_name = "MERGED", num_args = 0..)]
+    paths: Vec<PathBuf>,
+}
+
+/// Flags for the mount itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    pub read_only: bool,
+    pub dev: bool,
+    pub suid: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+    /// `Some` when given explicitly; root mounts default to allowing other users.
+    pub allow_other: Option<bool>,
+    pub allow_root: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+    pub fsname: String,
+    pub foreground: bool,
+    pub threads: usize,
+    pub passthrough: Passthrough,
+    pub log_level: LogLevel,
+    pub flags: MountFlags,
+    pub opts: Options,
+    /// Lines to print as warnings (unknown options).
+    pub warnings: Vec<String>,
+}
+
+/// What parsing asks the caller to do.
+pub enum Parsed {
+    Mount(Box<Config>),
+    /// --help or --version: print this and exit 0.
+    Print(String),
+}
+
+/// Splits an option string on commas outside double quotes; a backslash keeps the next
+/// character (escapes survive for the layer-list splitter).
+pub fn split_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                cur.push(c);
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.retain(|o| !o.is_empty());
+    out
+}
+
+/// Splits a layer list on ':' where `\:` (and any `\X`) stands for the character itself.
+pub fn split_layers(s: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            ':' => out.push(PathBuf::from(std::mem::take(&mut cur))),
+            _ => cur.push(c),
+        }
+    }
+    out.push(PathBuf::from(cur));
+    out
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn parse_num(opt: &str, v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .map_err(|_| format!("option {opt}: {v:?} is not a number"))
+}
+
+fn parse_bool01(opt: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(format!("option {opt}: {v:?} must be 0 or 1")),
+    }
+}
+
+fn default_threads() -> usize {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    (cpus * 2).clamp(4, 32)
+}
+
+/// Parses the command line (program name first).
+pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                return Ok(Parsed::Print(e.to_string()));
+            }
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_string();
+            return Err(format!("{first} (see unionmount --help)"));
+        }
+    };
+    let mut lower = cli
+        .lower
+        .map(|l| (l.to_string_lossy().into_owned(), "--lower"));
+    let mut upper = cli.upper.clone();
+    let mut work = cli.work.clone();
+    let mut flags = MountFlags::default();
+    let mut opts = Options::default();
+    let mut warnings = Vec::new();
+    let mut threads = cli.threads;
+    let mut fsname = None;
+    let mut squash_root = false;
+    let mut idmap = IdMap::default();
+
+    for group in &cli.options {
+        for opt in split_options(group) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (opt.clone(), None),
+            };
+            let need = |v: &Option<String>| -> Result<String, String> {
+                v.clone()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))
+            };
+            match key.as_str() {
+                "lowerdir" => {
+                    if lower.is_some() {
+                        return Err("lower layers given twice (--lower and lowerdir=)".into());
+                    }
+                    lower = Some((need(&value)?, "lowerdir="));
+                }
+                "upperdir" => {
+                    if upper.is_some() {
+                        return Err("upper layer given twice (--upper and upperdir=)".into());
+                    }
+                    upper = Some(PathBuf::from(unescape(&need(&value)?)));
+                }
+                "workdir" => {
+                    if work.is_some() {
+                        return Err("work directory given twice (--work and workdir=)".into());
+                    }
+                    work = Some(PathBuf::from(unescape(&need(&value)?)));
+                }
+                "uidmapping" => {
+                    idmap.uids = idmap::parse_ranges(&need(&value)?)
+                        .map_err(|e| format!("option uidmapping: {e}"))?
+                }
+                "gidmapping" => {
+                    idmap.gids = idmap::parse_ranges(&need(&value)?)
+                        .map_err(|e| format!("option gidmapping: {e}"))?
+                }
+                "squash_to_root" => squash_root = true,
+                "squash_to_uid" => idmap.squash_uid = Some(parse_num(&key, &need(&value)?)?),
+                "squash_to_gid" => idmap.squash_gid = Some(parse_num(&key, &need(&value)?)?),
+                "xattr_permissions" => {
+                    let v = need(&value)?;
+                    opts.xattr_permissions = match v.as_str() {
+                        "0" => 0,
+                        "1" => 1,
+                        "2" => 2,
+                        _ => {
+                            return Err(format!(
+                                "option xattr_permissions: {v:?} must be 0, 1 or 2"
+                            ));
+                        }
+                    }
+                }
+                "static_nlink" => opts.static_nlink = true,
+                "timeout" => {
+                    let v = need(&value)?;
+                    let secs: f64 = v
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                        .ok_or_else(|| {
+                            format!("option timeout: {v:?} is not a number of seconds")
+                        })?;
+                    opts.ttl = Duration::from_secs_f64(secs);
+                }
+                "threaded" => {
+                    if !parse_bool01(&key, &need(&value)?)? {
+                        threads = Some(1);
+                    }
+                }
+                "fsync" => opts.fsync = parse_bool01(&key, &need(&value)?)?,
+                "volatile" => opts.fsync = false,
+                "noacl" => opts.posix_acl = false,
+                "ro" => flags.read_only = true,
+                "rw" => flags.read_only = false,
+                "allow_other" => flags.allow_other = Some(true),
+                "allow_root" => flags.allow_root = true,
+                "default_permissions" => {}
+                "dev" => flags.dev = true,
+                "nodev" => flags.dev = false,
+                "suid" => flags.suid = true,
+                "nosuid" => flags.suid = false,
+                "exec" => flags.noexec = false,
+                "noexec" => flags.noexec = true,
+                "atime" | "relatime" | "strictatime" | "nodiratime" => flags.noatime = false,
+                "noatime" => flags.noatime = true,
+                "fsname" => fsname = Some(need(&value)?),
+                // SELinux labels: nothing to do without an LSM that labels FUSE mounts.
+                "context" | "fscontext" | "defcontext" | "rootcontext" | "subtype" => {}
+                _ => warnings.push(format!("unknown option {opt:?} ignored")),
+            }
+        }
+    }
+    if squash_root {
+        idmap.squash_uid.get_or_insert(0);
+        idmap.squash_gid.get_or_insert(0);
+    }
+    opts.idmap = idmap;
+
+    let (lower, lower_from) = lower.ok_or_else(|| {
+        "no lower layer given (use --lower DIR[:DIR...] or -o lowerdir=DIR[:DIR...])".to_string()
+    })?;
+    let lowers = split_layers(&lower);
+    if lowers.iter().any(|l| l.as_os_str().is_empty()) {
+        return Err(format!("{lower_from} has an empty layer path in {lower:?}"));
+    }
+    if lowers.len() > MAX_LAYERS {
+        return Err(format!(
+            "{} lower layers given; at most {MAX_LAYERS} are supported",
+            lowers.len()
+        ));
+    }
+    if work.is_some() && upper.is_none() {
+        return Err("a work directory was given without an upper layer".into());
+    }
+    let (source, mountpoint) = match cli.paths.len() {
+        0 => return Err("no mountpoint given (the last argument is the merged directory)".into()),
+        1 => (None, cli.paths[0].clone()),
+        2 => (Some(cli.paths[0].clone()), cli.paths[1].clone()),
+        _ => {
+            return Err(format!(
+                "too many arguments: expected [SOURCE] MERGED, got {:?}",
+                cli.paths
+            ));
+        }
+    };
+    let fsname = fsname
+        .or(source.map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "unionmount".to_string());
+    if fsname.contains(',') || fsname.contains('\n') {
+        return Err(format!(
+            "the source name {fsname:?} may not contain ',' or a newline"
+        ));
+    }
+    if upper.is_none() {
+        flags.read_only = true;
+    }
+    let threads = threads.unwrap_or_else(default_threads);
+    if threads == 0 || threads > 1024 {
+        return Err(format!("--threads {threads}: must be between 1 and 1024"));
+    }
+    Ok(Parsed::Mount(Box::new(Config {
+        lowers,
+        upper,
+        work,
+        mountpoint,
+        fsname,
+        foreground: cli.foreground,
+        threads,
+        passthrough: cli.passthrough,
+        log_level: cli.log_level,
+        flags,
+        opts,
+        warnings,
+    })))
+}
+
+/// Paths after checking, canonical.
+#[derive(Debug)]
+pub struct Paths {
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    /// The work directory, and whether it has to be created (the default one).
+    pub work: Option<(PathBuf, bool)>,
+    pub mountpoint: PathBuf,
+}
+
+fn describe(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => "does not exist".into(),
+        Some(libc::ENOTDIR) => "is not a directory".into(),
+        Some(libc::EACCES) => "is not accessible (permission denied)".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// A directory that must exist; returns its canonical path.
+fn existing_dir(what: &str, p: &Path, need: libc::c_int) -> Result<PathBuf, String> {
+    let meta =
+        std::fs::metadata(p).map_err(|e| format!("{what} {} {}", p.display(), describe(&e)))?;
+    if !meta.is_dir() {
+        return Err(format!("{what} {} is not a directory", p.display()));
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{what} {} contains a NUL byte", p.display()))?;
+    // SAFETY: access(2) only reads the NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), need) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let mode = if need & libc::W_OK != 0 {
+            "writable"
+        } else {
+            "readable"
+        };
+        return Err(format!("{what} {} is not {mode}: {e}", p.display()));
+    }
+    p.canonicalize()
+        .map_err(|e| format!("{what} {}: {}", p.display(), describe(&e)))
+}
+
+/// Checks every path of a config: existence, type, access, filesystems, and that no two of
+/// them are the same directory or nested in each other.
+pub fn check_paths(cfg: &Config) -> Result<Paths, String> {
+    let mut named: Vec<(String, PathBuf)> = Vec::new();
+    let mut lowers = Vec::new();
+    for (i, l) in cfg.lowers.iter().enumerate() {
+        let what = if cfg.lowers.len() > 1 {
+            format!("lower layer {} ({})", i + 1, l.display())
+        } else {
+            format!("lower layer {}", l.display())
+        };
+        let what_short = "lower layer";
+        let c = existing_dir(what_short, l, libc::R_OK | libc::X_OK)?;
+        named.push((what, c.clone()));
+        lowers.push(c);
+    }
+    let upper = match &cfg.upper {
+        Some(u) => {
+            let c = existing_dir("upper layer", u, libc::R_OK | libc::W_OK | libc::X_OK)?;
+            named.push((format!("upper layer {}", u.display()), c.clone()));
+            Some(c)
+        }
+        None => None,
+    };
+    let work = match (&upper, &cfg.work) {
+        (None, _) => None,
+        (Some(_), Some(w)) => {
+            let c = existing_dir("work directory", w, libc::R_OK | libc::W_OK | libc::X_OK)?;
+            named.push((format!("work directory {}", w.display()), c.clone()));
+            Some((c, false))
+        }
+        (Some(u), None) => {
+            let name = u
+                .file_name()
+                .ok_or_else(|| "the upper layer cannot be / without --work".to_string())?;
+            let mut n = OsString::from(".");
+            n.push(name);
+            n.push(".work");
+            let w = u.parent().unwrap_or(Path::new("/")).join(n);
+            let create = match std::fs::symlink_metadata(&w) {
+                Ok(m) if m.is_dir() => false,
+                Ok(_) => {
+                    return Err(format!(
+                        "the default work directory {} exists and is not a directory (give --work)",
+                        w.display()
+                    ));
+                }
+                Err(_) => true,
+            };
+            let parent_dev = std::fs::metadata(w.parent().unwrap_or(Path::new("/")))
+                .map(|m| m.dev())
+                .unwrap_or(0);
+            let upper_dev = std::fs::metadata(u).map(|m| m.dev()).unwrap_or(1);
+            if create && parent_dev != upper_dev {
+                return Err(format!(
+                    "the upper layer {} is the root of a filesystem, so the default work directory {} would be on another one (give --work on the upper's filesystem)",
+                    u.display(),
+                    w.display()
+                ));
+            }
+            if !create {
+                named.push((format!("work directory {}", w.display()), w.clone()));
+            }
+            Some((w, create))
+        }
+    };
+    if let (Some(u), Some((w, false))) = (&upper, &work) {
+        let ud = std::fs::metadata(u).map(|m| m.dev()).unwrap_or(0);
+        let wd = std::fs::metadata(w).map(|m| m.dev()).unwrap_or(1);
+        if ud != wd {
+            return Err(format!(
+                "work directory {} is on another filesystem than the upper layer {} (it must be on the same one)",
+                w.display(),
+                u.display()
+            ));
+        }
+    }
+    let mountpoint = existing_dir("mountpoint", &cfg.mountpoint, libc::X_OK)?;
+    named.push((
+        format!("mountpoint {}", cfg.mountpoint.display()),
+        mountpoint.clone(),
+    ));
+
+    // The same directory twice, or one inside another.
+    for i in 0..named.len() {
+        for j in 0..named.len() {
+            if i == j {
+                continue;
+            }
+            let (a, pa) = &named[i];
+            let (b, pb) = &named[j];
+            if pa == pb && i < j {
+                if b.starts_with("mountpoint") {
+                    return Err(format!("the {b} is itself a layer ({a})"));
+                }
+                return Err(format!("the same directory is given twice: {a} and {b}"));
+            }
+            if pa != pb && pa.starts_with(pb) {
+                return Err(format!(
+                    "{a} is inside {b}; layers, work directory and mountpoint must not overlap"
+                ));
+            }
+        }
+    }
+    if let Some((w, true)) = &work
+        && let Some(u) = &upper
+        && w.starts_with(u)
+    {
+        return Err("the default work directory would be inside the upper layer".into());
+    }
+    Ok(Paths {
+        lowers,
+        upper,
+        work,
+        mountpoint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<OsString> {
+        std::iter::once("unionmount")
+            .chain(s.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn cfg(s: &[&str]) -> Config {
+        match parse(args(s)) {
+            Ok(Parsed::Mount(c)) => *c,
+            Ok(Parsed::Print(p)) => panic!("printed {p}"),
+            Err(e) => panic!("error {e}"),
+        }
+    }
+
+    fn err(s: &[&str]) -> String {
+        match parse(args(s)) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted {s:?}"),
+        }
+    }
+
+    #[test]
+    fn native_form() {
+        let c = cfg(&["--lower", "a:b", "--upper", "u", "m"]);
+        assert_eq!(c.lowers, vec![PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!(c.upper, Some(PathBuf::from("u")));
+        assert_eq!(c.mountpoint, PathBuf::from("m"));
+        assert_eq!(c.fsname, "unionmount");
+        assert!(!c.flags.read_only);
+    }
+
+    #[test]
+    fn fuse_overlayfs_form() {
+        let c = cfg(&[
+            "overlay",
+            "/m",
+            "-o",
+            "rw,lowerdir=/l1:/l2,upperdir=/u,workdir=/w,dev,suid",
+            "-o",
+            "context=\"system_u:object_r:container_file_t:s0:c1,c2\",nodev",
+        ]);
+        assert_eq!(c.fsname, "overlay");
+        assert_eq!(c.lowers.len(), 2);
+        assert_eq!(c.work, Some(PathBuf::from("/w")));
+        assert!(!c.flags.dev, "nodev comes last");
+        assert!(c.flags.suid);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn escapes_and_quotes() {
+        assert_eq!(
+            split_options(r#"a=1,context="x,y",lowerdir=/a\,b:/c"#),
+            vec!["a=1", "context=\"x,y\"", r"lowerdir=/a\,b:/c"]
+        );
+        assert_eq!(
+            split_layers(r"/a\:b:/c\,d"),
+            vec![PathBuf::from("/a:b"), PathBuf::from("/c,d")]
+        );
+    }
+
+    #[test]
+    fn options_are_honoured() {
+        let c = cfg(&[
+            "m",
+            "-o",
+            "lowerdir=/l,squash_to_root,timeout=2.5,fsync=0,static_nlink,noacl,threaded=0,uidmapping=0:1000:1",
+        ]);
+        assert_eq!(c.opts.idmap.squash_uid, Some(0));
+        assert_eq!(c.opts.ttl, Duration::from_millis(2500));
+        assert!(!c.opts.fsync && c.opts.static_nlink && !c.opts.posix_acl);
+        assert_eq!(c.threads, 1);
+        assert!(c.flags.read_only, "no upper: read-only");
+        assert_eq!(c.opts.idmap.uids.len(), 1);
+    }
+
+    #[test]
+    fn unknown_options_warn() {
+        let c = cfg(&["m", "-o", "lowerdir=/l,redirect_dir=off"]);
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("redirect_dir"));
+    }
+
+    #[test]
+    fn bad_input_is_one_line() {
+        for (a, want) in [
+            (&["m"][..], "no lower layer"),
+            (&["--lower", "a"][..], "no mountpoint"),
+            (&["--lower", "a", "x", "y", "z"][..], "too many arguments"),
+            (
+                &["m", "-o", "lowerdir=a,squash_to_uid=x"][..],
+                "squash_to_uid",
+            ),
+            (
+                &["m", "-o", "lowerdir=a,xattr_permissions=3"][..],
+                "xattr_permissions",
+            ),
+            (&["m", "-o", "lowerdir=a,uidmapping=1:2"][..], "uidmapping"),
+            (&["m", "-o", "lowerdir=a,timeout=soon"][..], "timeout"),
+            (&["m", "--lower", "a", "-o", "lowerdir=b"][..], "twice"),
+            (&["m", "--lower", "a:", "--upper", "u"][..], "empty layer"),
+            (&["m", "--bogus"][..], "--bogus"),
+            (
+                &["m", "--lower", "a", "--work", "w"][..],
+                "without an upper",
+            ),
+        ] {
+            let e = err(a);
+            assert!(e.contains(want), "{a:?}: {e}");
+            assert!(!e.contains('\n'), "{a:?}: not one line: {e}");
+        }
+    }
+
+    #[test]
+    fn too_many_layers() {
+        let many = vec!["l"; MAX_LAYERS + 1].join(":");
+        assert!(err(&["--lower", &many, "m"]).contains("at most 500"));
+        let ok = vec!["l"; MAX_LAYERS].join(":");
+        assert_eq!(cfg(&["--lower", &ok, "m"]).lowers.len(), MAX_LAYERS);
+    }
+}

@@ -1,0 +1,386 @@
+//! Copy-up: giving an object that lives only in a lower layer a copy in the upper, before its
+//! first change.
+//!
+//! The copy is built complete in the work directory — data, owner, mode, xattrs, times — and
+//! only then renamed to its name in the upper, so a crash leaves either no copy or a whole one.
+//! Missing parent directories are copied first, each with its own lower metadata. Two racing
+//! copy-ups of one node are serialised on the node's `copy_lock` and produce one copy.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::inode::{Node, RealId};
+use crate::lookup::Loc;
+use crate::sys::{self, Errno, Result, Stat};
+use crate::union::Union;
+use crate::whiteout;
+
+/// How much file data a copy-up takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Data {
+    All,
+    /// None: the caller truncates to 0 anyway (O_TRUNC).
+    Nothing,
+    /// The first N bytes (a truncate to N follows).
+    UpTo(u64),
+}
+
+/// The state of one copy-up in progress.
+struct CopyUp<'a> {
+    fs: &'a Union,
+    node: &'a Arc<Node>,
+    /// The lower object, `O_PATH`.
+    src: OwnedFd,
+    st: Stat,
+    /// Temporary name in the work directory.
+    tmp: CString,
+}
+
+impl Union {
+    /// Makes sure `node` has its object in the upper layer, copying it (and its missing
+    /// parents) up if needed.
+    pub fn copy_up(&self, node: &Arc<Node>) -> Result<()> {
+        self.copy_up_with(node, Data::All)
+    }
+
+    pub fn copy_up_with(&self, node: &Arc<Node>, data: Data) -> Result<()> {
+        if node.state().upper.is_some() {
+            return Ok(());
+        }
+        self.layers.upper()?;
+        // Parents first, top-down: collect the ancestors that lack an upper directory.
+        let mut chain = Vec::new();
+        let mut cur = node.clone();
+        loop {
+            let parent = {
+                let st = cur.state();
+                match st.links.first() {
+                    Some(l) => l.parent.clone(),
+                    None if cur.is_root() => break,
+                    None => return Err(Errno::ENOENT),
+                }
+            };
+            if parent.state().upper.is_some() {
+                break;
+            }
+            chain.push(parent.clone());
+            cur = parent;
+        }
+        for dir in chain.iter().rev() {
+            self.copy_up_one(dir, Data::All)?;
+        }
+        self.copy_up_one(node, data)
+    }
+
+    fn copy_up_one(&self, node: &Arc<Node>, data: Data) -> Result<()> {
+        let _guard = node.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let lower = {
+            let st = node.state();
+            if st.upper.is_some() {
+                return Ok(());
+            }
+            st.top_lower().ok_or(Errno::EIO)?
+        };
+        let src = self.open_in(node, Loc::Lower(lower), libc::O_PATH)?;
+        let st = sys::fstat(src.as_fd())?;
+        let work = self.layers.work()?;
+        let mut c = CopyUp {
+            fs: self,
+            node,
+            src,
+            st,
+            tmp: work.temp_name(),
+        };
+        let made = c.build(data);
+        let res = made.and_then(|fd| c.install(fd.as_fd()));
+        if res.is_err() {
+            c.discard();
+        }
+        res
+    }
+}
+
+impl CopyUp<'_> {
+    fn work(&self) -> BorrowedFd<'_> {
+        self.fs.layers.work.as_ref().expect("checked").fd()
+    }
+
+    /// Builds the complete copy in the work directory; returns an fd of it.
+    fn build(&mut self, data: Data) -> Result<OwnedFd> {
+        let work = self.work();
+        let kind = sys::file_type(self.st.st_mode);
+        let fd = match kind {
+            libc::S_IFDIR => {
+                sys::mkdirat(work, &self.tmp, 0o700)?;
+                sys::openat(work, &self.tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?
+            }
+            libc::S_IFREG => {
+                let fd = sys::openat(
+                    work,
+                    &self.tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
+                    0o600,
+                )?;
+                let len = match data {
+                    Data::All => self.st.st_size as u64,
+                    Data::Nothing => 0,
+                    Data::UpTo(n) => n.min(self.st.st_size as u64),
+                };
+                if len > 0 {
+                    let src = self.fs.open_lower_data(self.node)?;
+                    copy_data(src.as_fd(), fd.as_fd(), len)?;
+                }
+                fd
+            }
+            libc::S_IFLNK => {
+                let target = sys::readlinkat(self.src.as_fd(), c"")?;
+                let target = CString::new(target).map_err(|_| Errno::EIO)?;
+                sys::symlinkat(&target, work, &self.tmp)?;
+                sys::openat(work, &self.tmp, libc::O_PATH, 0)?
+            }
+            _ => {
+                sys::mknodat(work, &self.tmp, kind | 0o600, self.st.st_rdev)?;
+                sys::openat(work, &self.tmp, libc::O_PATH, 0)?
+            }
+        };
+        // Owner before mode (chown clears set-id bits), xattrs after chown (it clears
+        // security.capability), times last (everything before touches them).
+        let fdb = fd.as_fd();
+        sys::fchown(fdb, self.st.st_uid, self.st.st_gid).or_else(ignore_rootless_chown)?;
+        if kind != libc::S_IFLNK {
+            sys::fchmod_path(fdb, self.st.st_mode & 0o7777)?;
+        }
+        copy_xattrs(self.src.as_fd(), fdb)?;
+        let times = [
+            ts(self.st.st_atime, self.st.st_atime_nsec),
+            ts(self.st.st_mtime, self.st.st_mtime_nsec),
+        ];
+        sys::utimensat(fdb, c"", &times, libc::AT_EMPTY_PATH)?;
+        if kind == libc::S_IFREG && self.fs.opts.fsync {
+            sys::fsync(fdb, false)?;
+        }
+        Ok(fd)
+    }
+
+    /// Moves the copy to its name in the upper and records it on the node.
+    fn install(&self, made: BorrowedFd<'_>) -> Result<()> {
+        let fs = self.fs;
+        let (parent, name) = {
+            let st = self.node.state();
+            let l = st.links.first().ok_or(Errno::ENOENT)?;
+            (l.parent.clone(), l.name.clone())
+        };
+        let cname = sys::cstr(&name)?;
+        let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Re-check under the directory lock: the node may have been unlinked or moved.
+        let still_there = self
+            .node
+            .state()
+            .links
+            .first()
+            .is_some_and(|l| l.parent.ino == parent.ino && l.name == name);
+        if !still_there {
+            return Err(Errno::ENOENT);
+        }
+        let dir = fs.open_in(&parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        // Linking the copy changes the parent's times; the parent's view must not change.
+        let pst = sys::fstat(dir.as_fd())?;
+        sys::renameat2(
+            self.work(),
+            &self.tmp,
+            dir.as_fd(),
+            &cname,
+            libc::RENAME_NOREPLACE,
+        )?;
+        let ptimes = [
+            ts(pst.st_atime, pst.st_atime_nsec),
+            ts(pst.st_mtime, pst.st_mtime_nsec),
+        ];
+        if let Err(e) = sys::utimensat(dir.as_fd(), c"", &ptimes, libc::AT_EMPTY_PATH) {
+            log::debug!("restoring parent times after copy-up: {e:?}");
+        }
+        let id = RealId::of(&sys::fstat(made)?);
+        let hardlinked = !self.node.is_dir() && self.st.st_nlink > 1;
+        let others: Vec<(u64, std::ffi::OsString)> = {
+            let mut st = self.node.state();
+            st.upper = Some(id);
+            if !self.node.is_dir() {
+                // The data now lives in the upper; the lower object is no longer this node's.
+                let lower_ids: Vec<RealId> = st.lowers.drain(..).map(|(_, id)| id).collect();
+                drop(st);
+                if hardlinked {
+                    for lid in lower_ids {
+                        fs.table.remove_id(self.node, lid);
+                    }
+                }
+                let st = self.node.state();
+                st.links
+                    .iter()
+                    .skip(1)
+                    .map(|l| (l.parent.ino, l.name.clone()))
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
+        fs.table.add_id(self.node, id);
+        self.node.data_gen.fetch_add(1, Ordering::SeqCst);
+        // Other names of a lower hard link still show the lower file (copy-up breaks the
+        // link, as in kernel overlayfs): drop them from this node and from the kernel cache.
+        if hardlinked {
+            for (pino, n) in others {
+                if let Some(p) = fs.table.get(pino) {
+                    fs.table.unlink(self.node, &p, &n);
+                }
+                fs.invalidate_entry(pino, &n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a half-built copy.
+    fn discard(&self) {
+        let flags = if sys::file_type(self.st.st_mode) == libc::S_IFDIR {
+            libc::AT_REMOVEDIR
+        } else {
+            0
+        };
+        let _ = sys::unlinkat(self.work(), &self.tmp, flags);
+    }
+}
+
+impl Union {
+    /// A readable fd of the lower object holding a node's data.
+    pub fn open_lower_data(&self, node: &Node) -> Result<OwnedFd> {
+        let lower = node.state().top_lower().ok_or(Errno::EIO)?;
+        match self.open_in(node, Loc::Lower(lower), libc::O_RDONLY | libc::O_NOATIME) {
+            Err(e) if e.code() == libc::EPERM => {
+                self.open_in(node, Loc::Lower(lower), libc::O_RDONLY)
+            }
+            r => r,
+        }
+    }
+}
+
+/// Rootless, chown to an unmapped owner fails; the copy keeps the daemon's owner then.
+fn ignore_rootless_chown(e: Errno) -> Result<()> {
+    if e.code() == libc::EPERM || e.code() == libc::EINVAL {
+        if sys::geteuid() == 0 && !crate::union::in_user_namespace() {
+            return Err(e);
+        }
+        log::debug!("copy-up: cannot keep the owner: {e:?}");
+        return Ok(());
+    }
+    Err(e)
+}
+
+pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    }
+}
+
+/// Copies every non-private xattr of `src` to `dst`.
+pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
+    let names = match sys::listxattr_vec(src) {
+        Ok(n) => n,
+        Err(e) if matches!(e.code(), libc::ENOTSUP | libc::EPERM | libc::EACCES) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        use std::os::unix::ffi::OsStrExt;
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            continue;
+        }
+        let cname = sys::cstr(&name)?;
+        let value = match sys::getxattr_vec(src, &cname) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(e) if matches!(e.code(), libc::ENOTSUP | libc::EPERM | libc::EACCES) => continue,
+            Err(e) => return Err(e),
+        };
+        match sys::setxattr(dst, &cname, &value, 0) {
+            Ok(()) => {}
+            // What the upper cannot hold (trusted.* rootless, say) is left behind, as kernel
+            // overlayfs does for EOPNOTSUPP.
+            Err(e) if matches!(e.code(), libc::ENOTSUP | libc::EPERM | libc::EACCES) => {
+                log::debug!("copy-up: xattr {name:?} not copied: {e:?}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Copies the first `len` bytes of `src` into the empty `dst`, sharing extents where the
+/// filesystem can and keeping holes otherwise.
+pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> Result<()> {
+    let src_len = sys::fstat(src)?.st_size as u64;
+    if len >= src_len && sys::ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut off = 0u64;
+    while off < len {
+        let data = match sys::lseek(src, off as i64, libc::SEEK_DATA) {
+            Ok(d) => d as u64,
+            Err(e) if e.code() == libc::ENXIO => break,
+            Err(_) => off,
+        };
+        if data >= len {
+            break;
+        }
+        let hole = match sys::lseek(src, data as i64, libc::SEEK_HOLE) {
+            Ok(h) => (h as u64).min(len),
+            Err(_) => len,
+        };
+        copy_range(src, dst, data, hole - data)?;
+        off = hole;
+    }
+    sys::ftruncate(dst, len)
+}
+
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+    let mut done = 0u64;
+    let mut use_cfr = true;
+    let mut buf = Vec::new();
+    while done < len {
+        let chunk = (len - done).min(1 << 30) as usize;
+        if use_cfr {
+            let mut oi = (start + done) as i64;
+            let mut oo = oi;
+            match sys::copy_file_range(src, &mut oi, dst, &mut oo, chunk) {
+                Ok(0) => return Err(Errno::EIO),
+                Ok(n) => {
+                    done += n as u64;
+                    continue;
+                }
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP
+                    ) =>
+                {
+                    use_cfr = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; 1 << 20];
+        }
+        let want = chunk.min(buf.len());
+        let n = sys::pread(src, &mut buf[..want], start + done)?;
+        if n == 0 {
+            return Err(Errno::EIO);
+        }
+        let mut w = 0;
+        while w < n {
+            w += sys::pwrite(dst, &buf[w..n], start + done + w as u64)?;
+        }
+        done += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,759 @@
+//! Changes to directories: create, mkdir, mknod, symlink, link, unlink, rmdir, rename.
+//!
+//! Every change lands in the upper layer. Where the merged view must keep hiding something
+//! below (a name removed while a lower layer still has it, a directory created where a lower
+//! one was removed), the change is built in the work directory and swapped in with one
+//! rename, as kernel overlayfs does, so that a crash never shows a lower object again.
+
+use std::cell::Cell;
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use crate::inode::{Node, RealId};
+use crate::lookup::{Found, Loc};
+use crate::sys::{self, Errno, Result, Stat};
+use crate::union::Union;
+use crate::whiteout::{self, Format};
+
+/// Who asks for a change, as the kernel reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// What to create.
+pub enum Make<'a> {
+    File { mode: u32, umask: u32, flags: i32 },
+    Dir { mode: u32, umask: u32 },
+    Node { mode: u32, umask: u32, rdev: u64 },
+    Symlink { target: &'a CStr },
+}
+
+impl Make<'_> {
+    fn is_dir(&self) -> bool {
+        matches!(self, Make::Dir { .. })
+    }
+}
+
+/// A newly created object.
+pub struct Created {
+    pub node: Arc<Node>,
+    pub st: Stat,
+    /// For `Make::File`: the open file.
+    pub fd: Option<OwnedFd>,
+}
+
+thread_local! {
+    static OWN_FS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets the calling worker's umask (each worker has its own, see `sys::unshare_fs`), so that a
+/// default ACL on the upper directory takes precedence over it as on a local filesystem.
+fn set_thread_umask(mask: u32) -> Result<()> {
+    if !OWN_FS.with(|c| c.get()) {
+        sys::unshare_fs()?;
+        OWN_FS.with(|c| c.set(true));
+    }
+    sys::umask(mask & 0o777);
+    Ok(())
+}
+
+/// What the upper directory holds at a name.
+enum UpperSlot {
+    Empty,
+    /// Empty, but `.wh.NAME` is there.
+    AufsWhiteout,
+    /// A character device 0/0.
+    Whiteout,
+    Object,
+}
+
+fn upper_slot(dir: BorrowedFd<'_>, name: &CStr) -> Result<UpperSlot> {
+    match sys::fstatat(dir, name, 0) {
+        Ok(st) if whiteout::is_whiteout(&st) => Ok(UpperSlot::Whiteout),
+        Ok(_) => Ok(UpperSlot::Object),
+        Err(e) if e.code() == libc::ENOENT => {
+            let wh = aufs_cname(name)?;
+            match sys::fstatat(dir, &wh, 0) {
+                Ok(_) => Ok(UpperSlot::AufsWhiteout),
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENAMETOOLONG) => {
+                    Ok(UpperSlot::Empty)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn aufs_cname(name: &CStr) -> Result<CString> {
+    CString::new(whiteout::aufs_name(OsStr::from_bytes(name.to_bytes()))).map_err(|_| Errno::EINVAL)
+}
+
+/// Names the merged view must refuse to create: the layer formats' own.
+fn check_new_name(name: &OsStr) -> Result<()> {
+    if whiteout::is_private_name(name.as_bytes()) {
+        return Err(Errno::EPERM);
+    }
+    if name == "." || name == ".." {
+        return Err(Errno::EEXIST);
+    }
+    Ok(())
+}
+
+/// Whether `gid` is one of the caller's groups (for the set-group-ID rule on create).
+fn caller_in_group(caller: &Caller, gid: u32) -> bool {
+    if caller.gid == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", caller.pid)) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
+/// Removes what the work directory holds at `name`, whatever it is (a directory moved there
+/// to be deleted contains only whiteouts and markers, but is emptied without assuming so).
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+    match sys::unlinkat(dir, name, 0) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.code() == libc::ENOENT => return Ok(()),
+        Err(e) if e.code() == libc::EISDIR || e.code() == libc::EPERM => {}
+        Err(e) => return Err(e),
+    }
+    let sub = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let mut names = Vec::new();
+    sys::for_each_dirent(sub.as_fd(), |d| {
+        if d.name != b"." && d.name != b".." {
+            names.push(CString::new(d.name).expect("no NUL in a dirent"));
+        }
+    })?;
+    for n in names {
+        remove_tree(sub.as_fd(), &n)?;
+    }
+    match sys::unlinkat(dir, name, libc::AT_REMOVEDIR) {
+        Err(e) if e.code() == libc::ENOENT => Ok(()),
+        r => r,
+    }
+}
+
+impl Union {
+    fn check_writable(&self) -> Result<()> {
+        if self.layers.read_only() {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes a whiteout for `name` directly into the upper directory `dir`.
+    fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        match self.layers.format {
+            Format::Aufs => {
+                let wh = aufs_cname(name)?;
+                drop(sys::openat(
+                    dir,
+                    &wh,
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+                    0o600,
+                )?);
+                Ok(())
+            }
+            _ => sys::mknodat(dir, name, libc::S_IFCHR, 0),
+        }
+    }
+
+    /// Marks an upper directory opaque in the upper's format.
+    fn make_opaque(&self, dir: BorrowedFd<'_>) -> Result<()> {
+        sys::setxattr(dir, self.layers.format.opaque_xattr(), b"y", 0)?;
+        if self.layers.format == Format::Aufs {
+            drop(sys::openat(
+                dir,
+                whiteout::OPAQUE_MARKER,
+                libc::O_CREAT | libc::O_WRONLY,
+                0o600,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Whether some lower layer of `parent` would show `name` if the upper had nothing there.
+    pub fn lower_has(&self, parent: &Node, name: &CStr) -> Result<bool> {
+        let lowers: Vec<_> = parent.state().lowers.iter().map(|(l, _)| *l).collect();
+        for l in lowers {
+            let dir = match self.open_in(parent, Loc::Lower(l), libc::O_PATH | libc::O_DIRECTORY) {
+                Ok(d) => d,
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            match sys::fstatat(dir.as_fd(), name, 0) {
+                Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
+                    let wh = aufs_cname(name)?;
+                    if sys::fstatat(dir.as_fd(), &wh, 0).is_ok() {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Creates `what` at `dir/name` owned by the caller, and returns its stat (and an open fd
+    /// for a file). `parent_st` is the stat of the real parent it will live in (set-group-ID
+    /// directories pass their group down).
+    fn make_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        what: &Make<'_>,
+        caller: &Caller,
+        parent_st: &Stat,
+    ) -> Result<(Stat, Option<OwnedFd>)> {
+        let mut fd = None;
+        let requested = match what {
+            Make::File { mode, umask, flags } => {
+                set_thread_umask(*umask)?;
+                let acc = flags & libc::O_ACCMODE;
+                let extra = flags & (libc::O_SYNC | libc::O_DSYNC);
+                let f = sys::openat(
+                    dir,
+                    name,
+                    libc::O_CREAT | libc::O_EXCL | acc | extra,
+                    mode & 0o7777,
+                )?;
+                fd = Some(f);
+                *mode & 0o7777
+            }
+            Make::Dir { mode, umask } => {
+                set_thread_umask(*umask)?;
+                sys::mkdirat(dir, name, mode & 0o7777)?;
+                *mode & 0o7777
+            }
+            Make::Node { mode, umask, rdev } => {
+                set_thread_umask(*umask)?;
+                sys::mknodat(dir, name, *mode, *rdev)?;
+                *mode & 0o7777
+            }
+            Make::Symlink { target } => {
+                sys::symlinkat(target, dir, name)?;
+                0o777
+            }
+        };
+        let result = self.own_new(dir, name, what, caller, parent_st, requested);
+        match result {
+            Ok(st) => Ok((st, fd)),
+            Err(e) => {
+                let flags = if what.is_dir() { libc::AT_REMOVEDIR } else { 0 };
+                let _ = sys::unlinkat(dir, name, flags);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives a just-created object the caller's ownership (and the set-ID bits chown drops).
+    fn own_new(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        what: &Make<'_>,
+        caller: &Caller,
+        parent_st: &Stat,
+        requested: u32,
+    ) -> Result<Stat> {
+        let map = &self.opts.idmap;
+        let uid = map.uid_to_disk(caller.uid).ok_or(Errno::EOVERFLOW)?;
+        let setgid_parent = parent_st.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid_parent {
+            parent_st.st_gid
+        } else {
+            map.gid_to_disk(caller.gid).ok_or(Errno::EOVERFLOW)?
+        };
+        let st = sys::fstatat(dir, name, 0)?;
+        let mut mode = st.st_mode & 0o7777;
+        if what.is_dir() && setgid_parent {
+            // Built in the work directory, the set-group-ID bit was not inherited.
+            mode |= libc::S_ISGID;
+        }
+        if !what.is_dir() && requested & libc::S_ISGID != 0 && setgid_parent && caller.uid != 0 {
+            // As inode_init_owner: a member of neither group cannot create set-group-ID files.
+            if !caller_in_group(caller, gid) {
+                mode &= !libc::S_ISGID;
+            }
+        }
+        let mut changed = false;
+        if st.st_uid != uid || st.st_gid != gid {
+            match sys::fchownat(dir, name, uid, gid, 0) {
+                Ok(()) => changed = true,
+                // Rootless: owners the daemon cannot give are kept as they are.
+                Err(e) if e.code() == libc::EPERM && map.squashes() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let is_link = sys::file_type(st.st_mode) == libc::S_IFLNK;
+        if !is_link && (changed || mode != st.st_mode & 0o7777) {
+            let cur = sys::fstatat(dir, name, 0)?;
+            if cur.st_mode & 0o7777 != mode {
+                let f = sys::openat(dir, name, libc::O_PATH, 0)?;
+                sys::fchmod_path(f.as_fd(), mode)?;
+            }
+        }
+        if changed || !is_link && mode != st.st_mode & 0o7777 {
+            sys::fstatat(dir, name, 0)
+        } else {
+            Ok(st)
+        }
+    }
+
+    /// create/mkdir/mknod/symlink.
+    pub fn create(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        what: Make<'_>,
+        caller: &Caller,
+    ) -> Result<Created> {
+        self.check_writable()?;
+        check_new_name(name)?;
+        if !parent.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if let Make::Node { mode, rdev, .. } = &what
+            && sys::file_type(*mode) == libc::S_IFCHR
+            && *rdev == 0
+        {
+            // It would read back as a whiteout.
+            return Err(Errno::EPERM);
+        }
+        self.copy_up(parent)?;
+        let cname = sys::cstr(name)?;
+        let _lock = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.probe(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let dir = self.open_in(parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let pst = sys::fstat(dir.as_fd())?;
+        let slot = upper_slot(dir.as_fd(), &cname)?;
+        let (st, fd) = match slot {
+            UpperSlot::Object => return Err(Errno::EEXIST),
+            UpperSlot::Empty => self.make_at(dir.as_fd(), &cname, &what, caller, &pst)?,
+            UpperSlot::AufsWhiteout | UpperSlot::Whiteout => {
+                // A directory made where a lower one was removed is opaque, so the old
+                // contents never come back. It is built whole in the work directory and
+                // swapped with the whiteout.
+                let work = self.layers.work()?;
+                let tmp = work.temp_name();
+                let (st, fd) = self.make_at(work.fd(), &tmp, &what, caller, &pst)?;
+                let placed = (|| {
+                    if what.is_dir() {
+                        let d =
+                            sys::openat(work.fd(), &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                        self.make_opaque(d.as_fd())?;
+                    }
+                    self.tree_change(|| -> Result<()> {
+                        if matches!(slot, UpperSlot::Whiteout) {
+                            if what.is_dir() {
+                                sys::renameat2(
+                                    work.fd(),
+                                    &tmp,
+                                    dir.as_fd(),
+                                    &cname,
+                                    libc::RENAME_EXCHANGE,
+                                )?;
+                                sys::unlinkat(work.fd(), &tmp, 0)?;
+                            } else {
+                                sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, 0)?;
+                            }
+                        } else {
+                            sys::renameat2(
+                                work.fd(),
+                                &tmp,
+                                dir.as_fd(),
+                                &cname,
+                                libc::RENAME_NOREPLACE,
+                            )?;
+                            sys::unlinkat(dir.as_fd(), &aufs_cname(&cname)?, 0)?;
+                        }
+                        Ok(())
+                    })
+                })();
+                if let Err(e) = placed {
+                    let _ = remove_tree(work.fd(), &tmp);
+                    return Err(e);
+                }
+                (st, fd)
+            }
+        };
+        let found = Found {
+            st,
+            upper: Some(RealId::of(&st)),
+            lowers: Vec::new(),
+        };
+        let node = self.node_for(parent, name, found);
+        if what.is_dir() {
+            self.adjust_subdirs(parent, 1);
+        }
+        Ok(Created { node, st, fd })
+    }
+
+    /// link(2): a new name for `node` in `newparent`.
+    pub fn link(
+        &self,
+        node: &Arc<Node>,
+        newparent: &Arc<Node>,
+        newname: &OsStr,
+    ) -> Result<Created> {
+        self.check_writable()?;
+        check_new_name(newname)?;
+        if node.is_dir() {
+            return Err(Errno::EPERM);
+        }
+        self.copy_up(node)?;
+        self.copy_up(newparent)?;
+        let cname = sys::cstr(newname)?;
+        let _lock = newparent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.probe(newparent, newname)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let src = self.open_in(node, Loc::Upper, libc::O_PATH)?;
+        let src_path = sys::proc_fd_path(src.as_fd());
+        let dir = self.open_in(newparent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let cwd = sys::at_fdcwd();
+        match upper_slot(dir.as_fd(), &cname)? {
+            UpperSlot::Object => return Err(Errno::EEXIST),
+            UpperSlot::Empty => {
+                sys::linkat(cwd, &src_path, dir.as_fd(), &cname, libc::AT_SYMLINK_FOLLOW)?
+            }
+            UpperSlot::AufsWhiteout => {
+                sys::linkat(cwd, &src_path, dir.as_fd(), &cname, libc::AT_SYMLINK_FOLLOW)?;
+                sys::unlinkat(dir.as_fd(), &aufs_cname(&cname)?, 0)?;
+            }
+            UpperSlot::Whiteout => {
+                let work = self.layers.work()?;
+                let tmp = work.temp_name();
+                sys::linkat(cwd, &src_path, work.fd(), &tmp, libc::AT_SYMLINK_FOLLOW)?;
+                if let Err(e) =
+                    self.tree_change(|| sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, 0))
+                {
+                    let _ = sys::unlinkat(work.fd(), &tmp, 0);
+                    return Err(e);
+                }
+            }
+        }
+        let st = sys::fstatat(dir.as_fd(), &cname, 0)?;
+        let found = Found {
+            st,
+            upper: Some(RealId::of(&st)),
+            lowers: Vec::new(),
+        };
+        let n = self.node_for(newparent, newname, found);
+        Ok(Created {
+            node: n,
+            st,
+            fd: None,
+        })
+    }
+
+    /// unlink(2) and rmdir(2).
+    pub fn remove(&self, parent: &Arc<Node>, name: &OsStr, want_dir: bool) -> Result<()> {
+        self.check_writable()?;
+        let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
+        let is_dir = sys::is_dir(&found.st);
+        if want_dir && !is_dir {
+            return Err(Errno::ENOTDIR);
+        }
+        if !want_dir && is_dir {
+            return Err(Errno::EISDIR);
+        }
+        let in_upper = found.upper.is_some();
+        let node = self.node_for(parent, name, found);
+        let res = self.remove_node(parent, name, &node, is_dir, in_upper);
+        self.table.unpin(&node, 1);
+        res
+    }
+
+    fn remove_node(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        node: &Arc<Node>,
+        is_dir: bool,
+        in_upper: bool,
+    ) -> Result<()> {
+        if is_dir && !self.is_empty_dir(node)? {
+            return Err(Errno::ENOTEMPTY);
+        }
+        self.copy_up(parent)?;
+        let cname = sys::cstr(name)?;
+        let _lock = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let needs_whiteout = self.lower_has(parent, &cname)?;
+        let dir = self.open_in(parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let work = self.layers.work()?;
+        self.tree_change(|| -> Result<()> {
+            if !in_upper {
+                self.make_whiteout(dir.as_fd(), &cname)?;
+            } else if needs_whiteout && self.layers.format != Format::Aufs {
+                // Swap the object for a whiteout in one step, then delete it in the work dir.
+                let tmp = work.temp_name();
+                sys::mknodat(work.fd(), &tmp, libc::S_IFCHR, 0)?;
+                if let Err(e) =
+                    sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                {
+                    let _ = sys::unlinkat(work.fd(), &tmp, 0);
+                    return Err(e);
+                }
+                if let Err(e) = remove_tree(work.fd(), &tmp) {
+                    log::warn!("cleaning the work directory: {e:?}");
+                }
+            } else {
+                if needs_whiteout {
+                    self.make_whiteout(dir.as_fd(), &cname)?;
+                }
+                if is_dir {
+                    // It may still hold whiteouts: move it out whole, then empty it.
+                    match sys::unlinkat(dir.as_fd(), &cname, libc::AT_REMOVEDIR) {
+                        Ok(()) => {}
+                        Err(e) if e.code() == libc::ENOTEMPTY => {
+                            let tmp = work.temp_name();
+                            sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0)?;
+                            if let Err(e) = remove_tree(work.fd(), &tmp) {
+                                log::warn!("cleaning the work directory: {e:?}");
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    sys::unlinkat(dir.as_fd(), &cname, 0)?;
+                }
+            }
+            self.table.unlink(node, parent, name);
+            if node.state().is_unlinked() {
+                self.table.forget_ids(node);
+            }
+            Ok(())
+        })?;
+        if is_dir {
+            self.adjust_subdirs(parent, -1);
+        }
+        Ok(())
+    }
+
+    /// rename(2)/renameat2(2) with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`.
+    pub fn rename(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        newparent: &Arc<Node>,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
+            return Err(Errno::EINVAL);
+        }
+        check_new_name(newname)?;
+        let src_found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
+        let dst_found = self.probe(newparent, newname)?;
+        let src = self.node_for(parent, name, src_found);
+        let dst = dst_found.map(|f| self.node_for(newparent, newname, f));
+        let res = self.rename_nodes(
+            parent,
+            name,
+            newparent,
+            newname,
+            &src,
+            dst.as_ref(),
+            exchange,
+            noreplace,
+        );
+        self.table.unpin(&src, 1);
+        if let Some(d) = &dst {
+            self.table.unpin(d, 1);
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_nodes(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        newparent: &Arc<Node>,
+        newname: &OsStr,
+        src: &Arc<Node>,
+        dst: Option<&Arc<Node>>,
+        exchange: bool,
+        noreplace: bool,
+    ) -> Result<()> {
+        if dst.is_some_and(|d| d.ino == src.ino) {
+            // Two names of one file: rename(2) does nothing.
+            return Ok(());
+        }
+        if exchange && dst.is_none() {
+            return Err(Errno::ENOENT);
+        }
+        // Directories that exist in a lower layer cannot move: mv falls back to copying.
+        let lower_dir = |n: &Node| n.is_dir() && n.state().has_lower();
+        if lower_dir(src) || (exchange && dst.is_some_and(|d| lower_dir(d))) {
+            return Err(Errno::EXDEV);
+        }
+        if let (Some(d), false) = (dst, exchange) {
+            if noreplace {
+                return Err(Errno::EEXIST);
+            }
+            match (src.is_dir(), d.is_dir()) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (true, true) if !self.is_empty_dir(d)? => return Err(Errno::ENOTEMPTY),
+                _ => {}
+            }
+        }
+        self.copy_up(src)?;
+        if let (Some(d), true) = (dst, exchange) {
+            self.copy_up(d)?;
+        }
+        self.copy_up(parent)?;
+        self.copy_up(newparent)?;
+        let cname = sys::cstr(name)?;
+        let cnew = sys::cstr(newname)?;
+        // Directory locks in node order, so two renames never wait on each other.
+        let (first, second) = if parent.ino <= newparent.ino {
+            (parent, newparent)
+        } else {
+            (newparent, parent)
+        };
+        let _l1 = first.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _l2 = (first.ino != second.ino)
+            .then(|| second.dir_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        let old_dir = self.open_in(parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let new_dir = self.open_in(newparent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let work = self.layers.work()?;
+        let src_lower_below = self.lower_has(parent, &cname)?;
+        let dst_lower_below = self.lower_has(newparent, &cnew)?;
+        let dst_slot = upper_slot(new_dir.as_fd(), &cnew)?;
+
+        // A directory moved onto a name that a lower layer still has must be opaque.
+        if src.is_dir() && dst_lower_below {
+            let d = sys::openat(
+                old_dir.as_fd(),
+                &cname,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )?;
+            self.make_opaque(d.as_fd())?;
+        }
+        if exchange && dst.is_some_and(|d| d.is_dir()) && src_lower_below {
+            let d = sys::openat(
+                new_dir.as_fd(),
+                &cnew,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )?;
+            self.make_opaque(d.as_fd())?;
+        }
+        // A directory being replaced may still hold whiteouts, which the real rename refuses:
+        // swap it for an empty one first, then delete it in the work directory.
+        if !exchange
+            && let (Some(d), UpperSlot::Object) = (dst, &dst_slot)
+            && d.is_dir()
+        {
+            let tmp = work.temp_name();
+            sys::mkdirat(work.fd(), &tmp, 0o700)?;
+            let swapped = self.tree_change(|| {
+                sys::renameat2(
+                    work.fd(),
+                    &tmp,
+                    new_dir.as_fd(),
+                    &cnew,
+                    libc::RENAME_EXCHANGE,
+                )
+            });
+            if let Err(e) = swapped {
+                let _ = sys::unlinkat(work.fd(), &tmp, libc::AT_REMOVEDIR);
+                return Err(e);
+            }
+            if let Err(e) = remove_tree(work.fd(), &tmp) {
+                log::warn!("cleaning the work directory: {e:?}");
+            }
+        }
+
+        self.tree_change(|| -> Result<()> {
+            if exchange {
+                sys::renameat2(
+                    old_dir.as_fd(),
+                    &cname,
+                    new_dir.as_fd(),
+                    &cnew,
+                    libc::RENAME_EXCHANGE,
+                )?;
+            } else if matches!(dst_slot, UpperSlot::Whiteout) && src.is_dir() {
+                // A directory cannot replace a whiteout; exchanging leaves the whiteout at
+                // the old name, which is what is needed there if a lower layer has it.
+                sys::renameat2(
+                    old_dir.as_fd(),
+                    &cname,
+                    new_dir.as_fd(),
+                    &cnew,
+                    libc::RENAME_EXCHANGE,
+                )?;
+                if !src_lower_below {
+                    sys::unlinkat(old_dir.as_fd(), &cname, 0)?;
+                }
+            } else if src_lower_below && self.layers.rename_whiteout {
+                sys::renameat2(
+                    old_dir.as_fd(),
+                    &cname,
+                    new_dir.as_fd(),
+                    &cnew,
+                    libc::RENAME_WHITEOUT,
+                )?;
+            } else {
+                sys::renameat2(old_dir.as_fd(), &cname, new_dir.as_fd(), &cnew, 0)?;
+                if src_lower_below {
+                    self.make_whiteout(old_dir.as_fd(), &cname)?;
+                }
+            }
+            if matches!(dst_slot, UpperSlot::AufsWhiteout) && !exchange {
+                sys::unlinkat(new_dir.as_fd(), &aufs_cname(&cnew)?, 0)?;
+            }
+            // The nodes follow their objects.
+            self.table.unlink(src, parent, name);
+            if let Some(d) = dst {
+                self.table.unlink(d, newparent, newname);
+                if exchange {
+                    self.table.link(d, parent, name);
+                } else if d.state().is_unlinked() {
+                    self.table.forget_ids(d);
+                }
+            }
+            self.table.link(src, newparent, newname);
+            Ok(())
+        })?;
+        if parent.ino != newparent.ino {
+            let moved = |n: &Node| i64::from(n.is_dir());
+            let s = moved(src);
+            let d = dst.map(|d| moved(d)).unwrap_or(0);
+            if exchange {
+                self.adjust_subdirs(parent, d - s);
+                self.adjust_subdirs(newparent, s - d);
+            } else {
+                self.adjust_subdirs(parent, -s);
+                self.adjust_subdirs(newparent, s - d);
+            }
+        } else if !exchange && dst.is_some_and(|d| d.is_dir()) {
+            self.adjust_subdirs(parent, -1);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,676 @@
+//! The fuser glue: decode each request, call the [`Union`] operation, reply in one place.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+
+use crate::attr::{SetAttr, XattrReply};
+use crate::dir::{Caller, Created, Make};
+use crate::inode::Node;
+use crate::readdir::DirHandle;
+use crate::sys::{self, Result};
+use crate::union::Union;
+
+/// Largest request the kernel may send us, and read-ahead.
+pub const MAX_IO: u32 = 1 << 20;
+
+pub struct UnionFs {
+    pub u: Arc<Union>,
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn log_unexpected(op: &str, e: Errno) -> Errno {
+    if e.code() == libc::EIO {
+        log::warn!("{op}: I/O error");
+    }
+    e
+}
+
+impl UnionFs {
+    fn node(&self, ino: INodeNo) -> Result<Arc<Node>> {
+        self.u.table.get(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn ttl(&self) -> Duration {
+        self.u.opts.ttl
+    }
+
+    fn reply_entry(&self, res: Result<(Arc<Node>, FileAttr)>, reply: ReplyEntry) {
+        match res {
+            Ok((_, attr)) => reply.entry(&self.ttl(), &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// An entry for a node on which the operation took a kernel reference; the reference is
+    /// given back if no reply can be built.
+    fn entry_of(&self, node: Arc<Node>, st: Option<sys::Stat>) -> Result<(Arc<Node>, FileAttr)> {
+        let attr = match st {
+            Some(st) => self.u.attr(&node, &st),
+            None => self.u.getattr(&node, None),
+        };
+        match attr {
+            Ok(a) => Ok((node, a)),
+            Err(e) => {
+                self.u.table.unpin(&node, 1);
+                Err(e)
+            }
+        }
+    }
+
+    fn created(&self, c: Result<Created>) -> Result<(Arc<Node>, FileAttr)> {
+        let c = c?;
+        self.entry_of(c.node, Some(c.st))
+    }
+
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        what: Make<'_>,
+        reply: ReplyEntry,
+    ) {
+        let res = self
+            .node(parent)
+            .and_then(|p| self.created(self.u.create(&p, name, what, &caller(req))));
+        self.reply_entry(res, reply);
+    }
+
+    fn readdir_common(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut add: impl FnMut(&Union, &Arc<Node>, &crate::readdir::Entry, u64) -> Result<bool>,
+    ) -> Result<()> {
+        let h = self.u.handles.dir(fh.0).ok_or(Errno::EBADF)?;
+        if h.node.ino != ino.0 {
+            return Err(Errno::EBADF);
+        }
+        let list = self.u.dir_listing(&h, offset)?;
+        for (i, e) in list.iter().enumerate().skip(offset as usize) {
+            if add(&self.u, &h.node, e, i as u64 + 1)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Filesystem for UnionFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let mut want = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_DONT_MASK
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_MAX_PAGES;
+        if self.u.opts.posix_acl {
+            want |= InitFlags::FUSE_POSIX_ACL;
+        }
+        for flag in want.iter() {
+            if config.add_capabilities(flag).is_err() {
+                log::debug!("kernel lacks {flag:?}");
+            }
+        }
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let res = self
+            .node(parent)
+            .and_then(|p| self.u.lookup(&p, name))
+            .and_then(|n| self.entry_of(n, None));
+        match res {
+            Ok((_, attr)) => reply.entry(&self.ttl(), &attr, Generation(0)),
+            // A negative entry the kernel may cache: every change comes through us.
+            Err(e) if e.code() == libc::ENOENT => {
+                let mut attr = crate::attr::empty_attr();
+                attr.ino = INodeNo(0);
+                reply.entry(&self.ttl(), &attr, Generation(0));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Some(n) = self.u.table.get(ino.0) {
+            self.u.table.unpin(&n, nlookup);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self
+            .node(ino)
+            .and_then(|n| self.u.getattr(&n, fh.map(|f| f.0)))
+        {
+            Ok(attr) => reply.attr(&self.ttl(), &attr),
+            Err(e) => reply.error(log_unexpected("getattr", e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let req = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh: fh.map(|f| f.0),
+        };
+        match self.node(ino).and_then(|n| self.u.setattr(&n, req)) {
+            Ok(attr) => reply.attr(&self.ttl(), &attr),
+            Err(e) => reply.error(log_unexpected("setattr", e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino).and_then(|n| self.u.readlink(&n)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let rdev = sys::decode_dev_u32(rdev);
+        let what = if sys::file_type(mode) == libc::S_IFREG || sys::file_type(mode) == 0 {
+            Make::File {
+                mode,
+                umask,
+                flags: libc::O_RDONLY,
+            }
+        } else {
+            Make::Node { mode, umask, rdev }
+        };
+        self.make(req, parent, name, what, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make(req, parent, name, Make::Dir { mode, umask }, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .node(parent)
+            .and_then(|p| self.u.remove(&p, name, false))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_unexpected("unlink", e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .node(parent)
+            .and_then(|p| self.u.remove(&p, name, true))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_unexpected("rmdir", e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match sys::cstr(target.as_os_str()) {
+            Ok(t) => self.make(req, parent, link_name, Make::Symlink { target: &t }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.node(parent).and_then(|p| {
+            let np = self.node(newparent)?;
+            self.u.rename(&p, name, &np, newname, flags.bits())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_unexpected("rename", e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let res = self.node(ino).and_then(|n| {
+            let np = self.node(newparent)?;
+            self.created(self.u.link(&n, &np, newname))
+        });
+        self.reply_entry(res, reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino).and_then(|n| self.u.open(&n, flags.0)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(log_unexpected("open", e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut reply = Some(reply);
+        let res = self.u.read(fh.0, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data)
+            }
+        });
+        if let (Err(e), Some(r)) = (res, reply) {
+            r.error(log_unexpected("read", e));
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.u.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(log_unexpected("write", e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.u.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.u.fsync(fh.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_unexpected("fsync", e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Ok(n) if n.is_dir() => {
+                let fh = self.u.handles.add_dir(DirHandle::new(n));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let res = self.readdir_common(ino, fh, offset, |_, _, e, next| {
+            Ok(reply.add(
+                INodeNo(e.ino),
+                next,
+                crate::attr::file_type(crate::attr::kind_of_dtype(e.dtype)),
+                &e.name,
+            ))
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_unexpected("readdir", e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.ttl();
+        let res = self.readdir_common(ino, fh, offset, |u, dir, e, next| {
+            if crate::readdir::is_dot_name(&e.name) {
+                let mut attr = crate::attr::empty_attr();
+                attr.ino = INodeNo(e.ino);
+                attr.kind = FileType::Directory;
+                return Ok(reply.add(
+                    INodeNo(e.ino),
+                    next,
+                    &e.name,
+                    &Duration::ZERO,
+                    &attr,
+                    Generation(0),
+                ));
+            }
+            // Every entry sent counts as a lookup; one that does not fit is given back.
+            let (node, attr) = match u.lookup_entry(dir, e) {
+                Ok(x) => x,
+                Err(err) if err.code() == libc::ENOENT => return Ok(false),
+                Err(err) => return Err(err),
+            };
+            let full = reply.add(INodeNo(node.ino), next, &e.name, &ttl, &attr, Generation(0));
+            if full {
+                u.table.unpin(&node, 1);
+            }
+            Ok(full)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_unexpected("readdirplus", e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.u.handles.remove_dir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.node(ino).and_then(|n| self.u.fsyncdir(&n, datasync)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.u.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .node(ino)
+            .and_then(|n| self.u.setxattr(&n, name, value, flags))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.node(ino).and_then(|n| self.u.getxattr(&n, name, size)) {
+            Ok(XattrReply::Size(s)) => reply.size(s),
+            Ok(XattrReply::Data(d)) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.node(ino).and_then(|n| self.u.listxattr(&n, size)) {
+            Ok(XattrReply::Size(s)) => reply.size(s),
+            Ok(XattrReply::Data(d)) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.node(ino).and_then(|n| self.u.removexattr(&n, name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let what = Make::File { mode, umask, flags };
+        let res = self.node(parent).and_then(|p| {
+            let c = self.u.create(&p, name, what, &caller(req))?;
+            let fd = c.fd.ok_or(Errno::EIO)?;
+            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+            let node = c.node.clone();
+            let attr = match self.u.attr(&node, &c.st) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.u.table.unpin(&node, 1);
+                    return Err(e);
+                }
+            };
+            let fh = self
+                .u
+                .handles
+                .add_file(crate::file::FileHandle::new(node, fd, writable));
+            Ok((attr, fh))
+        });
+        match res {
+            Ok((attr, fh)) => reply.created(
+                &self.ttl(),
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(log_unexpected("create", e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.u.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.u.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .u
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+}

@@ -1,0 +1,139 @@
+//! Owner translation between the layers on disk and the merged view: fuse-overlayfs's
+//! `uidmapping=`/`gidmapping=` ranges (`CONTAINER:HOST:COUNT`, several joined by `:`) and the
+//! `squash_to_*` options.
+
+/// One range: view ids `view..view+count` are stored on disk as `disk..disk+count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub view: u32,
+    pub disk: u32,
+    pub count: u32,
+}
+
+pub const OVERFLOW_ID: u32 = 65534;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdMap {
+    pub uids: Vec<Range>,
+    pub gids: Vec<Range>,
+    pub squash_uid: Option<u32>,
+    pub squash_gid: Option<u32>,
+}
+
+fn to_view(ranges: &[Range], disk: u32) -> u32 {
+    if ranges.is_empty() {
+        return disk;
+    }
+    ranges
+        .iter()
+        .find(|r| disk >= r.disk && disk - r.disk < r.count)
+        .map(|r| r.view + (disk - r.disk))
+        .unwrap_or(OVERFLOW_ID)
+}
+
+fn to_disk(ranges: &[Range], view: u32) -> Option<u32> {
+    if ranges.is_empty() {
+        return Some(view);
+    }
+    ranges
+        .iter()
+        .find(|r| view >= r.view && view - r.view < r.count)
+        .map(|r| r.disk + (view - r.view))
+}
+
+impl IdMap {
+    pub fn is_identity(&self) -> bool {
+        *self == IdMap::default()
+    }
+
+    pub fn squashes(&self) -> bool {
+        self.squash_uid.is_some() || self.squash_gid.is_some()
+    }
+
+    pub fn uid_to_view(&self, disk: u32) -> u32 {
+        self.squash_uid.unwrap_or_else(|| to_view(&self.uids, disk))
+    }
+
+    pub fn gid_to_view(&self, disk: u32) -> u32 {
+        self.squash_gid.unwrap_or_else(|| to_view(&self.gids, disk))
+    }
+
+    /// The on-disk uid for a view uid; `None` when it has no mapping (EINVAL to the caller).
+    pub fn uid_to_disk(&self, view: u32) -> Option<u32> {
+        to_disk(&self.uids, view)
+    }
+
+    pub fn gid_to_disk(&self, view: u32) -> Option<u32> {
+        to_disk(&self.gids, view)
+    }
+}
+
+/// Parses `C:H:N[:C:H:N...]`.
+pub fn parse_ranges(s: &str) -> Result<Vec<Range>, String> {
+    let nums: Vec<&str> = s.split(':').collect();
+    if nums.is_empty() || nums.len() % 3 != 0 {
+        return Err(format!(
+            "expected CONTAINER:HOST:COUNT triples separated by ':', got {s:?}"
+        ));
+    }
+    let mut out = Vec::new();
+    for t in nums.chunks(3) {
+        let parse = |x: &str| {
+            x.parse::<u32>()
+                .map_err(|_| format!("{x:?} is not a number in {s:?}"))
+        };
+        let r = Range {
+            view: parse(t[0])?,
+            disk: parse(t[1])?,
+            count: parse(t[2])?,
+        };
+        if r.count == 0 {
+            return Err(format!("a range with count 0 in {s:?}"));
+        }
+        if r.view.checked_add(r.count - 1).is_none() || r.disk.checked_add(r.count - 1).is_none() {
+            return Err(format!("a range past the largest id in {s:?}"));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_translate_both_ways() {
+        let m = IdMap {
+            uids: parse_ranges("0:1000:1:1:100000:65536").unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(m.uid_to_view(1000), 0);
+        assert_eq!(m.uid_to_view(100000), 1);
+        assert_eq!(m.uid_to_view(100005), 6);
+        assert_eq!(m.uid_to_view(5), OVERFLOW_ID);
+        assert_eq!(m.uid_to_disk(0), Some(1000));
+        assert_eq!(m.uid_to_disk(6), Some(100005));
+        assert_eq!(m.uid_to_disk(70000), None);
+        assert_eq!(m.gid_to_view(42), 42, "no gid ranges: identity");
+    }
+
+    #[test]
+    fn bad_ranges_are_refused() {
+        assert!(parse_ranges("0:1000").is_err());
+        assert!(parse_ranges("0:x:1").is_err());
+        assert!(parse_ranges("0:1000:0").is_err());
+        assert!(parse_ranges("4294967295:0:2").is_err());
+    }
+
+    #[test]
+    fn squash_wins() {
+        let m = IdMap {
+            squash_uid: Some(0),
+            squash_gid: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(m.uid_to_view(1234), 0);
+        assert_eq!(m.gid_to_view(1234), 0);
+    }
+}

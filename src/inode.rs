@@ -1,0 +1,541 @@
+//! The inode table: one [`Node`] per object of the merged view that the kernel knows about.
+//!
+//! A node's number is both its FUSE node id and the `st_ino` it reports, and it never changes
+//! for the life of the node, copy-up included. Numbers come from the real inode of the top-most
+//! object (kernel overlayfs's `xino` scheme: the real number when every layer is on one
+//! filesystem, otherwise the real number with a per-filesystem tag in the high bits), so they
+//! match readdir's `d_ino` without a stat and mostly survive a remount. Numbers that would
+//! collide are allocated from a reserved range instead, and copied-up objects keep theirs for
+//! the rest of the mount.
+//!
+//! Locking: the table is sharded; a shard lock is held only for hash-map work. A node's state
+//! has its own short mutex. A node is referenced by the kernel's lookup count and by the links
+//! of its children (a child pins its parent), so the path of any live node can always be built
+//! by following parents.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::layer::LowerIdx;
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+/// Real identity of an object in a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RealId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl RealId {
+    pub fn of(st: &libc::stat) -> RealId {
+        RealId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+}
+
+/// One name of a node in the merged tree.
+#[derive(Clone)]
+pub struct Link {
+    pub parent: Arc<Node>,
+    pub name: OsString,
+}
+
+pub struct State {
+    /// Names of the node; the first is the one used to build paths. Empty for the root and for
+    /// a node whose last name was removed.
+    pub links: Vec<Link>,
+    /// The object in the upper layer, if there is one.
+    pub upper: Option<RealId>,
+    /// Directories: the lower directories merged below, top-most first. Other objects: the
+    /// lower object that holds the data until copy-up (at most one).
+    pub lowers: Vec<(LowerIdx, RealId)>,
+    /// Directories: number of subdirectories in the merged view, once counted.
+    pub subdirs: Option<u64>,
+    /// Identities registered for this node in the table.
+    pub ids: Vec<RealId>,
+}
+
+impl State {
+    pub fn is_unlinked(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// The top-most lower layer holding the object.
+    pub fn top_lower(&self) -> Option<LowerIdx> {
+        self.lowers.first().map(|(l, _)| *l)
+    }
+
+    /// Whether the object exists in a lower layer (merged or lower-only).
+    pub fn has_lower(&self) -> bool {
+        !self.lowers.is_empty()
+    }
+
+    pub fn top_id(&self) -> Option<RealId> {
+        self.upper.or(self.lowers.first().map(|(_, id)| *id))
+    }
+}
+
+pub struct Node {
+    pub ino: Ino,
+    /// Unique for the life of the mount, unlike `ino`.
+    pub serial: u64,
+    /// `S_IFMT` bits; a node never changes type.
+    pub kind: u32,
+    /// Kernel lookups plus pins by children; the node leaves the table when it drops to 0.
+    refs: AtomicU64,
+    removed: AtomicBool,
+    state: Mutex<State>,
+    /// Serialises copy-up of this node.
+    pub copy_lock: Mutex<()>,
+    /// Directories: serialises changes to the entries.
+    pub dir_lock: Mutex<()>,
+    /// Bumped by copy-up, so read-only handles opened on the lower object reopen the upper.
+    pub data_gen: AtomicU64,
+}
+
+impl Node {
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.ino == ROOT_INO
+    }
+}
+
+const SHARDS: usize = 64;
+/// Allocated numbers live at and above this; real-derived numbers stay below.
+const ALLOC_BASE: u64 = 1 << 63;
+
+struct IdEntry {
+    ino: Ino,
+    serial: u64,
+}
+
+#[derive(Default)]
+struct IdShard {
+    live: HashMap<RealId, IdEntry>,
+    /// Numbers kept for identities that no longer derive their own (copied-up objects and
+    /// collisions), for the rest of the mount.
+    remembered: HashMap<RealId, Ino>,
+}
+
+pub struct Table {
+    nodes: Vec<Mutex<HashMap<Ino, Arc<Node>>>>,
+    ids: Vec<Mutex<IdShard>>,
+    hasher: RandomState,
+    next_alloc: AtomicU64,
+    next_serial: AtomicU64,
+    /// Devices in layer order; the position tags numbers in the high bits.
+    devs: Vec<u64>,
+    /// Devices met later (filesystems mounted inside a layer).
+    extra_devs: Mutex<Vec<u64>>,
+    /// Bits of tag; 0 when every layer is on one filesystem.
+    xino_bits: u32,
+    /// Set once any number was allocated or remembered: readdir must then ask the table.
+    remaps: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Table {
+    /// `devs`: the distinct devices of the layer roots, upper first.
+    pub fn new(devs: Vec<u64>, root_state: State) -> Table {
+        let xino_bits = if devs.len() <= 1 {
+            0
+        } else {
+            // Room for every device plus one spare tag value.
+            64 - (devs.len() as u64).leading_zeros()
+        };
+        let t = Table {
+            nodes: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            ids: (0..SHARDS)
+                .map(|_| Mutex::new(IdShard::default()))
+                .collect(),
+            hasher: RandomState::new(),
+            next_alloc: AtomicU64::new(ALLOC_BASE + 2),
+            next_serial: AtomicU64::new(1),
+            devs,
+            extra_devs: Mutex::new(Vec::new()),
+            xino_bits,
+            remaps: AtomicBool::new(false),
+        };
+        let root_ids = root_state.ids.clone();
+        let root = Arc::new(Node {
+            ino: ROOT_INO,
+            serial: 0,
+            kind: libc::S_IFDIR,
+            // Never forgotten.
+            refs: AtomicU64::new(1),
+            removed: AtomicBool::new(false),
+            state: Mutex::new(root_state),
+            copy_lock: Mutex::new(()),
+            dir_lock: Mutex::new(()),
+            data_gen: AtomicU64::new(0),
+        });
+        lock(t.node_shard(ROOT_INO)).insert(ROOT_INO, root);
+        for id in root_ids {
+            lock(t.id_shard(&id)).live.insert(
+                id,
+                IdEntry {
+                    ino: ROOT_INO,
+                    serial: 0,
+                },
+            );
+        }
+        t
+    }
+
+    fn node_shard(&self, ino: Ino) -> &Mutex<HashMap<Ino, Arc<Node>>> {
+        &self.nodes[(ino as usize ^ (ino >> 17) as usize) % SHARDS]
+    }
+
+    fn id_shard(&self, id: &RealId) -> &Mutex<IdShard> {
+        &self.ids[(self.hasher.hash_one(id) as usize) % SHARDS]
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<Arc<Node>> {
+        lock(self.node_shard(ino)).get(&ino).cloned()
+    }
+
+    pub fn root(&self) -> Arc<Node> {
+        self.get(ROOT_INO).expect("root is never removed")
+    }
+
+    fn alloc(&self) -> Ino {
+        self.remaps.store(true, Ordering::Relaxed);
+        self.next_alloc.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The number an identity derives by itself, if it fits.
+    fn derived(&self, id: RealId) -> Option<Ino> {
+        let idx = match self.devs.iter().position(|&d| d == id.dev) {
+            Some(i) => i as u64,
+            None => {
+                // A filesystem mounted inside a layer: tag it if a tag is free.
+                let max = if self.xino_bits == 0 {
+                    0
+                } else {
+                    (1u64 << self.xino_bits) - 1
+                };
+                let mut extra = lock(&self.extra_devs);
+                match extra.iter().position(|&d| d == id.dev) {
+                    Some(i) => (self.devs.len() + i) as u64,
+                    None if ((self.devs.len() + extra.len()) as u64) < max => {
+                        extra.push(id.dev);
+                        (self.devs.len() + extra.len() - 1) as u64
+                    }
+                    None => return None,
+                }
+            }
+        };
+        if self.xino_bits == 0 {
+            return (idx == 0 && id.ino > ROOT_INO && id.ino < ALLOC_BASE).then_some(id.ino);
+        }
+        let shift = 63 - self.xino_bits;
+        if id.ino >= 1 << shift {
+            return None;
+        }
+        let ino = (idx << shift) | id.ino;
+        (ino > ROOT_INO).then_some(ino)
+    }
+
+    /// The number readdir reports for an identity: the live node's, a remembered one, or the
+    /// derived one (allocating and remembering when the derived one is taken).
+    pub fn ino_for(&self, id: RealId) -> Ino {
+        if !self.remaps.load(Ordering::Relaxed)
+            && let Some(ino) = self.derived(id)
+        {
+            match self.get(ino) {
+                None => return ino,
+                Some(n) if n.state().ids.contains(&id) => return ino,
+                Some(_) => {}
+            }
+        }
+        let mut shard = lock(self.id_shard(&id));
+        self.ino_for_locked(&mut shard, id)
+    }
+
+    fn ino_for_locked(&self, shard: &mut IdShard, id: RealId) -> Ino {
+        if let Some(e) = shard.live.get(&id) {
+            return e.ino;
+        }
+        if let Some(&ino) = shard.remembered.get(&id) {
+            return ino;
+        }
+        if let Some(ino) = self.derived(id) {
+            match self.get(ino) {
+                None => return ino,
+                Some(n) if n.state().ids.contains(&id) => return ino,
+                Some(_) => {}
+            }
+        }
+        let ino = self.alloc();
+        shard.remembered.insert(id, ino);
+        ino
+    }
+
+    /// Finds the node of the object `id` (taking one lookup reference on it), or creates one with
+    /// `make()`'s state. Returns the node and whether it already existed.
+    pub fn get_or_insert(
+        &self,
+        id: RealId,
+        kind: u32,
+        make: impl FnOnce() -> State,
+    ) -> (Arc<Node>, bool) {
+        let mut idsh = lock(self.id_shard(&id));
+        if let Some(e) = idsh.live.get(&id) {
+            let shard = lock(self.node_shard(e.ino));
+            if let Some(node) = shard.get(&e.ino).cloned()
+                && node.serial == e.serial
+                && node.kind == kind
+            {
+                node.refs.fetch_add(1, Ordering::Relaxed);
+                return (node, true);
+            }
+            drop(shard);
+            idsh.live.remove(&id);
+        }
+        let mut ino = self.ino_for_locked(&mut idsh, id);
+        if lock(self.node_shard(ino)).contains_key(&ino) {
+            ino = self.alloc();
+            idsh.remembered.insert(id, ino);
+        }
+        let mut state = make();
+        if !state.ids.contains(&id) {
+            state.ids.push(id);
+        }
+        let node = Arc::new(Node {
+            ino,
+            serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
+            kind,
+            refs: AtomicU64::new(1),
+            removed: AtomicBool::new(false),
+            state: Mutex::new(state),
+            copy_lock: Mutex::new(()),
+            dir_lock: Mutex::new(()),
+            data_gen: AtomicU64::new(0),
+        });
+        lock(self.node_shard(ino)).insert(ino, node.clone());
+        idsh.live.insert(
+            id,
+            IdEntry {
+                ino,
+                serial: node.serial,
+            },
+        );
+        (node, false)
+    }
+
+    /// Registers one more identity for a node (the upper object after copy-up), and remembers
+    /// the node's number for it for the rest of the mount.
+    pub fn add_id(&self, node: &Node, id: RealId) {
+        let mut idsh = lock(self.id_shard(&id));
+        idsh.live.insert(
+            id,
+            IdEntry {
+                ino: node.ino,
+                serial: node.serial,
+            },
+        );
+        if self.derived(id) != Some(node.ino) {
+            idsh.remembered.insert(id, node.ino);
+            self.remaps.store(true, Ordering::Relaxed);
+        }
+        drop(idsh);
+        let mut st = node.state();
+        if !st.ids.contains(&id) {
+            st.ids.push(id);
+        }
+    }
+
+    /// Unregisters an identity of a node (the object is gone, or no longer the node's).
+    pub fn remove_id(&self, node: &Node, id: RealId) {
+        let mut idsh = lock(self.id_shard(&id));
+        if idsh.live.get(&id).is_some_and(|e| e.serial == node.serial) {
+            idsh.live.remove(&id);
+        }
+        drop(idsh);
+        node.state().ids.retain(|x| *x != id);
+    }
+
+    /// Unregisters every identity of a node whose last name is gone, so that a new object
+    /// reusing a real inode number gets a node of its own.
+    pub fn forget_ids(&self, node: &Node) {
+        let ids = std::mem::take(&mut node.state().ids);
+        for id in ids {
+            let mut idsh = lock(self.id_shard(&id));
+            if idsh.live.get(&id).is_some_and(|e| e.serial == node.serial) {
+                idsh.live.remove(&id);
+            }
+        }
+    }
+
+    /// Takes `n` more references on a live node.
+    pub fn pin(&self, node: &Node, n: u64) {
+        let _shard = lock(self.node_shard(node.ino));
+        node.refs.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Drops `n` references; a node that reaches 0 leaves the table and unpins its parents.
+    pub fn unpin(&self, node: &Arc<Node>, n: u64) {
+        let mut pending = vec![(node.clone(), n)];
+        while let Some((node, n)) = pending.pop() {
+            if node.is_root() {
+                continue;
+            }
+            {
+                let mut shard = lock(self.node_shard(node.ino));
+                let old = node.refs.load(Ordering::Relaxed);
+                let new = old.saturating_sub(n);
+                node.refs.store(new, Ordering::Relaxed);
+                if new > 0 || node.removed.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if shard
+                    .get(&node.ino)
+                    .is_some_and(|n| n.serial == node.serial)
+                {
+                    shard.remove(&node.ino);
+                }
+                node.removed.store(true, Ordering::Relaxed);
+            }
+            self.forget_ids(&node);
+            let links = std::mem::take(&mut node.state().links);
+            for l in links {
+                pending.push((l.parent, 1));
+            }
+        }
+    }
+
+    /// Adds a name to a node, pinning the parent.
+    pub fn link(&self, node: &Node, parent: &Arc<Node>, name: &OsStr) {
+        self.pin(parent, 1);
+        node.state().links.push(Link {
+            parent: parent.clone(),
+            name: name.to_owned(),
+        });
+    }
+
+    /// Removes the name (parent, name) from a node, unpinning the parent. Returns whether the
+    /// node had that name.
+    pub fn unlink(&self, node: &Node, parent: &Node, name: &OsStr) -> bool {
+        let removed = {
+            let mut st = node.state();
+            let pos = st
+                .links
+                .iter()
+                .position(|l| l.parent.ino == parent.ino && l.name == name);
+            pos.map(|i| st.links.remove(i))
+        };
+        match removed {
+            Some(l) => {
+                self.unpin(&l.parent, 1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether readdir must map identities through the table (numbers were remapped).
+    pub fn has_remaps(&self) -> bool {
+        self.remaps.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty() -> State {
+        State {
+            links: Vec::new(),
+            upper: None,
+            lowers: Vec::new(),
+            subdirs: None,
+            ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn same_fs_uses_real_numbers() {
+        let t = Table::new(vec![7], empty());
+        let id = RealId { dev: 7, ino: 1234 };
+        assert_eq!(t.ino_for(id), 1234);
+        let (n, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        assert!(!existed);
+        assert_eq!(n.ino, 1234);
+        let (n2, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        assert!(existed);
+        assert_eq!(n2.serial, n.serial);
+    }
+
+    #[test]
+    fn real_ino_one_is_not_the_root() {
+        let t = Table::new(vec![7], empty());
+        let id = RealId { dev: 7, ino: 1 };
+        let (n, _) = t.get_or_insert(id, libc::S_IFREG, empty);
+        assert_ne!(n.ino, ROOT_INO);
+        assert_eq!(t.ino_for(id), n.ino);
+    }
+
+    #[test]
+    fn several_filesystems_are_tagged() {
+        let t = Table::new(vec![7, 9], empty());
+        let a = t.ino_for(RealId { dev: 7, ino: 5 });
+        let b = t.ino_for(RealId { dev: 9, ino: 5 });
+        assert_ne!(a, b);
+        assert!(a < ALLOC_BASE && b < ALLOC_BASE);
+    }
+
+    #[test]
+    fn forgotten_node_leaves_and_collisions_allocate() {
+        let t = Table::new(vec![7], empty());
+        let id = RealId { dev: 7, ino: 50 };
+        let (n, _) = t.get_or_insert(id, libc::S_IFREG, empty);
+        // The object is deleted but the kernel still holds the node; a new object reuses the
+        // real number and must get a number of its own.
+        t.forget_ids(&n);
+        let (m, existed) = t.get_or_insert(id, libc::S_IFDIR, empty);
+        assert!(!existed);
+        assert_ne!(m.ino, n.ino);
+        assert_eq!(t.ino_for(id), m.ino);
+        t.unpin(&n, 1);
+        assert!(t.get(n.ino).is_none());
+        assert!(t.get(m.ino).is_some());
+    }
+
+    #[test]
+    fn children_pin_parents() {
+        let t = Table::new(vec![7], empty());
+        let (dir, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, empty);
+        let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFREG, empty);
+        t.link(&file, &dir, OsStr::new("f"));
+        t.unpin(&dir, 1);
+        assert!(t.get(10).is_some(), "pinned by its child");
+        t.unpin(&file, 1);
+        assert!(t.get(11).is_none());
+        assert!(t.get(10).is_none(), "released with its last child");
+    }
+}

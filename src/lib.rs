@@ -1,0 +1,25 @@
+//! unionmount: an OverlayFS-compatible union filesystem in user space.
+//!
+//! Read-only lower layers and an optional writable upper layer are merged into one tree and
+//! served through FUSE. The modules follow the concerns of kernel overlayfs: `layer` and
+//! `whiteout` (on-disk formats), `inode` (the inode table), `lookup` (resolution through the
+//! layers), `readdir`, `copy_up`, `dir` (namespace changes), `attr`, `file`; `fs` adapts the
+//! whole to fuser, `config` and `mount` take a command line to a live mount.
+
+pub mod attr;
+pub mod config;
+pub mod copy_up;
+pub mod dir;
+pub mod file;
+pub mod fs;
+pub mod idmap;
+pub mod inode;
+pub mod layer;
+pub mod logger;
+pub mod lookup;
+pub mod mount;
+pub mod notify;
+pub mod readdir;
+pub mod sys;
+pub mod union;
+pub mod whiteout;

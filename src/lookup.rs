@@ -1,0 +1,282 @@
+//! Name resolution down the layers, and opening a node's object in one layer.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use crate::inode::{Link, Node, RealId, State};
+use crate::layer::LowerIdx;
+use crate::sys::{self, Errno, Result, Stat};
+use crate::union::Union;
+use crate::whiteout;
+
+/// Which layer an object is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loc {
+    Upper,
+    Lower(LowerIdx),
+}
+
+/// What a lookup found for a name.
+pub struct Found {
+    /// Stat of the top-most object.
+    pub st: Stat,
+    pub upper: Option<RealId>,
+    pub lowers: Vec<(LowerIdx, RealId)>,
+}
+
+impl Found {
+    pub fn kind(&self) -> u32 {
+        sys::file_type(self.st.st_mode)
+    }
+
+    pub fn top_id(&self) -> RealId {
+        RealId::of(&self.st)
+    }
+
+    pub fn top_loc(&self) -> Loc {
+        match (self.upper, self.lowers.first()) {
+            (Some(_), _) => Loc::Upper,
+            (None, Some((l, _))) => Loc::Lower(*l),
+            (None, None) => Loc::Upper,
+        }
+    }
+}
+
+const MAX_RETRIES: usize = 16;
+
+impl Union {
+    /// The path of a node relative to a layer root ("" for the root). ENOENT once the node has
+    /// no name left.
+    pub fn path_of(&self, node: &Node) -> Result<CString> {
+        let mut parts: Vec<std::ffi::OsString> = Vec::new();
+        let mut cur: Option<Arc<Node>> = None;
+        let mut depth = 0;
+        loop {
+            let n: &Node = cur.as_deref().unwrap_or(node);
+            if n.is_root() {
+                break;
+            }
+            let next = {
+                let st = n.state();
+                let link = st.links.first().ok_or(Errno::ENOENT)?;
+                parts.push(link.name.clone());
+                link.parent.clone()
+            };
+            cur = Some(next);
+            depth += 1;
+            if depth > 4096 {
+                return Err(Errno::ELOOP);
+            }
+        }
+        let mut path = Vec::new();
+        for p in parts.iter().rev() {
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(p.as_bytes());
+        }
+        CString::new(path).map_err(|_| Errno::EINVAL)
+    }
+
+    /// Opens a node's object in one layer. Paths in the upper can change under a concurrent
+    /// rename or unlink; when one may have happened, what was opened is checked against the
+    /// node's known identity and the walk retried.
+    pub fn open_in(&self, node: &Node, loc: Loc, flags: i32) -> Result<OwnedFd> {
+        let layer = match loc {
+            Loc::Upper => self.layers.upper()?,
+            Loc::Lower(i) => self.layers.lower(i),
+        };
+        let mut last = Errno::ENOENT;
+        for attempt in 0..MAX_RETRIES {
+            let snap = self.tree_snapshot();
+            let path = self.path_of(node)?;
+            let res = layer.open(&path, flags);
+            if loc != Loc::Upper || self.tree_unchanged_since(snap) {
+                return res;
+            }
+            let expect = node.state().upper;
+            match res {
+                Ok(fd) => match expect {
+                    None => return Ok(fd),
+                    Some(id) => {
+                        if RealId::of(&sys::fstat(fd.as_fd())?) == id {
+                            return Ok(fd);
+                        }
+                        last = Errno::ENOENT;
+                    }
+                },
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => last = e,
+                Err(e) => return Err(e),
+            }
+            if attempt > 2 {
+                std::thread::yield_now();
+            }
+        }
+        Err(last)
+    }
+
+    /// Where the node's visible object is: the upper if it has one, else its top lower.
+    pub fn top_loc(&self, node: &Node) -> Loc {
+        let st = node.state();
+        match (st.upper, st.top_lower()) {
+            (Some(_), _) => Loc::Upper,
+            (None, Some(l)) => Loc::Lower(l),
+            (None, None) => Loc::Upper,
+        }
+    }
+
+    /// Opens the node's visible object.
+    pub fn open_top(&self, node: &Node, flags: i32) -> Result<(OwnedFd, Loc)> {
+        let loc = self.top_loc(node);
+        Ok((self.open_in(node, loc, flags)?, loc))
+    }
+
+    /// The layers a directory node merges, top-most first.
+    pub fn dir_layers(&self, node: &Node) -> Vec<Loc> {
+        let st = node.state();
+        let mut v = Vec::with_capacity(st.lowers.len() + 1);
+        if st.upper.is_some() {
+            v.push(Loc::Upper);
+        }
+        v.extend(st.lowers.iter().map(|(l, _)| Loc::Lower(*l)));
+        v
+    }
+
+    /// Resolves `name` in the directory `parent` through its layers. `None` when the merged
+    /// view has no such name (absent or whited out).
+    pub fn probe(&self, parent: &Node, name: &OsStr) -> Result<Option<Found>> {
+        if whiteout::is_private_name(name.as_bytes()) {
+            return Ok(None);
+        }
+        let cname = sys::cstr(name)?;
+        let layers = self.dir_layers(parent);
+        let mut found: Option<Found> = None;
+        for (i, &loc) in layers.iter().enumerate() {
+            let dir = match self.open_in(parent, loc, libc::O_PATH | libc::O_DIRECTORY) {
+                Ok(fd) => fd,
+                // The parent vanished from this layer (a concurrent removal): nothing below.
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => break,
+                Err(e) => return Err(e),
+            };
+            let st = match sys::fstatat(dir.as_fd(), &cname, 0) {
+                Ok(st) => st,
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
+                    if has_aufs_whiteout(dir.as_fd(), name)? {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if whiteout::is_whiteout(&st) {
+                break;
+            }
+            let id = RealId::of(&st);
+            let is_dir = sys::is_dir(&st);
+            match &mut found {
+                None => {
+                    let mut f = Found {
+                        st,
+                        upper: None,
+                        lowers: Vec::new(),
+                    };
+                    match loc {
+                        Loc::Upper => f.upper = Some(id),
+                        Loc::Lower(l) => f.lowers.push((l, id)),
+                    }
+                    found = Some(f);
+                    if !is_dir {
+                        break;
+                    }
+                }
+                Some(f) => {
+                    // Below a directory, only directories merge; anything else ends the stack.
+                    if !is_dir {
+                        break;
+                    }
+                    if let Loc::Lower(l) = loc {
+                        f.lowers.push((l, id));
+                    }
+                }
+            }
+            // An opaque directory hides what lies below it (no need to ask the bottom layer).
+            if i + 1 < layers.len() {
+                let child = sys::openat(dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+                if whiteout::is_opaque_dir(child.as_fd())? {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Looks `name` up in `parent` and returns its node with one more kernel reference.
+    pub fn lookup(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Arc<Node>> {
+        if !parent.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if name == "." {
+            self.table.pin(parent, 1);
+            return Ok(parent.clone());
+        }
+        if name == ".." {
+            let up = parent
+                .state()
+                .links
+                .first()
+                .map(|l| l.parent.clone())
+                .unwrap_or_else(|| parent.clone());
+            self.table.pin(&up, 1);
+            return Ok(up);
+        }
+        let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
+        Ok(self.node_for(parent, name, found))
+    }
+
+    /// The node for an object just found or created at `parent/name`, with one kernel
+    /// reference taken.
+    pub fn node_for(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Arc<Node> {
+        let kind = found.kind();
+        let id = found.top_id();
+        let ids = vec![id];
+        let (node, existed) = self.table.get_or_insert(id, kind, || State {
+            links: Vec::new(),
+            upper: found.upper,
+            lowers: found.lowers.clone(),
+            subdirs: None,
+            ids,
+        });
+        if !existed {
+            self.table.link(&node, parent, name);
+            return node;
+        }
+        let has_link = node
+            .state()
+            .links
+            .iter()
+            .any(|l| l.parent.ino == parent.ino && l.name == name);
+        if !has_link {
+            if node.is_dir() {
+                // A directory has one name; the old one is stale.
+                let old: Vec<Link> = std::mem::take(&mut node.state().links);
+                for l in old {
+                    self.table.unpin(&l.parent, 1);
+                }
+            }
+            self.table.link(&node, parent, name);
+        }
+        node
+    }
+}
+
+/// Whether `dir` holds `.wh.NAME`.
+fn has_aufs_whiteout(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
+    let wh = CString::new(whiteout::aufs_name(name)).map_err(|_| Errno::EINVAL)?;
+    match sys::fstatat(dir, &wh, 0) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.code(), libc::ENOENT | libc::ENAMETOOLONG) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

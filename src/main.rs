@@ -1,0 +1,22 @@
+//! Command line -> configuration -> mount.
+
+use unionmount::config::{self, Parsed};
+
+fn main() {
+    let cfg = match config::parse(std::env::args_os()) {
+        Ok(Parsed::Mount(c)) => c,
+        Ok(Parsed::Print(text)) => {
+            print!("{text}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("unionmount: {e}");
+            std::process::exit(1);
+        }
+    };
+    unionmount::logger::init(cfg.log_level.filter());
+    if let Err(e) = unionmount::mount::run(*cfg) {
+        eprintln!("unionmount: {e}");
+        std::process::exit(1);
+    }
+}

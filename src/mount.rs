@@ -1,0 +1,383 @@
+//! From a checked configuration to a live mount: open the layers, prepare the work directory,
+//! mount through /dev/fuse (or fusermount3 when mount(2) is not allowed), answer the kernel's
+//! INIT, then detach into the background and serve until unmounted.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use fuser::{Session, SessionACL};
+
+use crate::config::{Config, Paths};
+use crate::dir::remove_tree;
+use crate::fs::UnionFs;
+use crate::layer::{Layer, Layers, WorkDir};
+use crate::notify::Invalidator;
+use crate::sys;
+use crate::union::Union;
+use crate::whiteout::Format;
+
+/// What was created on disk, removed again if the mount fails.
+#[derive(Default)]
+struct Created {
+    work_root: Option<PathBuf>,
+    work_sub: Option<PathBuf>,
+}
+
+impl Created {
+    fn undo(&self) {
+        if let Some(p) = &self.work_sub {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        if let Some(p) = &self.work_root {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+fn io_err(what: &str, p: &Path, e: impl std::fmt::Display) -> String {
+    format!("{what} {}: {e}", p.display())
+}
+
+fn errno_str(e: sys::Errno) -> String {
+    std::io::Error::from_raw_os_error(e.code()).to_string()
+}
+
+/// Creates (if needed) and cleans `WORK/work`, and probes what the upper filesystem allows.
+fn prepare_work(
+    paths: &Paths,
+    created: &mut Created,
+) -> Result<Option<(WorkDir, Format, bool)>, String> {
+    let Some((work, create)) = &paths.work else {
+        return Ok(None);
+    };
+    if *create {
+        std::fs::create_dir(work).map_err(|e| io_err("cannot create work directory", work, e))?;
+        created.work_root = Some(work.clone());
+    }
+    let sub = work.join("work");
+    match std::fs::symlink_metadata(&sub) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{} exists and is not a directory", sub.display())),
+        Err(_) => {
+            std::fs::create_dir(&sub).map_err(|e| io_err("cannot create", &sub, e))?;
+            created.work_sub = Some(sub.clone());
+        }
+    }
+    let root = Layer::open_root(work).map_err(|e| io_err("cannot open work directory", work, e))?;
+    let fd = sys::openat(root.root(), c"work", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        .map_err(|e| io_err("cannot open", &sub, errno_str(e)))?;
+    // Stale entries of an earlier mount that was killed: half-built copies and objects
+    // waiting to be deleted. None of them is visible in the view.
+    let mut stale = Vec::new();
+    let _ = sys::for_each_dirent(fd.as_fd(), |d| {
+        if d.name != b"." && d.name != b".." {
+            stale.push(CString::new(d.name).expect("no NUL in a dirent"));
+        }
+    });
+    for name in stale {
+        if let Err(e) = remove_tree(fd.as_fd(), &name) {
+            log::warn!("cannot clean stale work entry {name:?}: {}", errno_str(e));
+        }
+    }
+    let work = WorkDir::new(fd);
+    // Whiteouts: a char device 0/0 where mknod allows it (root; Linux >= 5.8 unprivileged).
+    let probe = work.temp_name();
+    let char_whiteouts = sys::mknodat(work.fd(), &probe, libc::S_IFCHR, 0).is_ok();
+    let _ = sys::unlinkat(work.fd(), &probe, 0);
+    let trusted = {
+        let d = work.temp_name();
+        let ok = sys::mkdirat(work.fd(), &d, 0o700).is_ok()
+            && sys::openat(work.fd(), &d, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                .and_then(|f| sys::setxattr(f.as_fd(), c"trusted.overlay.opaque", b"y", 0))
+                .is_ok();
+        let _ = sys::unlinkat(work.fd(), &d, libc::AT_REMOVEDIR);
+        ok
+    };
+    let format = match (char_whiteouts, trusted) {
+        (true, true) => Format::Trusted,
+        (true, false) => Format::UserXattr,
+        (false, _) => Format::Aufs,
+    };
+    let rename_whiteout = char_whiteouts && {
+        let a = work.temp_name();
+        let b = work.temp_name();
+        let ok = sys::openat(work.fd(), &a, libc::O_CREAT | libc::O_WRONLY, 0o600).is_ok()
+            && sys::renameat2(work.fd(), &a, work.fd(), &b, libc::RENAME_WHITEOUT).is_ok();
+        let _ = sys::unlinkat(work.fd(), &a, 0);
+        let _ = sys::unlinkat(work.fd(), &b, 0);
+        ok
+    };
+    Ok(Some((work, format, rename_whiteout)))
+}
+
+fn mount_data(fd: i32, allow_other: bool) -> String {
+    let mut data = format!(
+        "fd={fd},rootmode=40000,user_id={},group_id={},default_permissions",
+        sys::geteuid(),
+        sys::getegid()
+    );
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    data
+}
+
+fn mount_flags(cfg: &Config) -> u64 {
+    let f = &cfg.flags;
+    let mut flags = 0u64;
+    if f.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    if !f.dev {
+        flags |= libc::MS_NODEV;
+    }
+    if !f.suid {
+        flags |= libc::MS_NOSUID;
+    }
+    if f.noexec {
+        flags |= libc::MS_NOEXEC;
+    }
+    if f.noatime {
+        flags |= libc::MS_NOATIME;
+    }
+    flags
+}
+
+/// Mounts and returns the /dev/fuse fd of the new connection.
+fn mount_fuse(cfg: &Config, mountpoint: &Path, allow_other: bool) -> Result<OwnedFd, String> {
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| "bad path")?;
+    let dev =
+        sys::open_dev_fuse().map_err(|e| format!("cannot open /dev/fuse: {}", errno_str(e)))?;
+    let data = mount_data(dev.as_raw_fd(), allow_other);
+    let source = CString::new(cfg.fsname.as_str()).map_err(|_| "bad source name")?;
+    let data_c = CString::new(data).expect("no NUL");
+    match sys::mount(
+        &source,
+        &target,
+        c"fuse.unionmount",
+        mount_flags(cfg),
+        &data_c,
+    ) {
+        Ok(()) => return Ok(dev),
+        Err(e) if e.code() == libc::EPERM => {}
+        Err(e) => {
+            return Err(format!(
+                "cannot mount on {}: {}",
+                mountpoint.display(),
+                errno_str(e)
+            ));
+        }
+    }
+    drop(dev);
+    mount_with_fusermount(cfg, mountpoint, allow_other)
+}
+
+/// The unprivileged path: fusermount3 mounts and hands the fd back over a socket.
+fn mount_with_fusermount(
+    cfg: &Config,
+    mountpoint: &Path,
+    allow_other: bool,
+) -> Result<OwnedFd, String> {
+    let f = &cfg.flags;
+    let mut opts = vec![
+        if f.read_only { "ro" } else { "rw" }.to_string(),
+        "default_permissions".into(),
+        format!("fsname={}", cfg.fsname),
+        "subtype=unionmount".into(),
+    ];
+    opts.push(if f.dev { "dev" } else { "nodev" }.into());
+    opts.push(if f.suid { "suid" } else { "nosuid" }.into());
+    if f.noexec {
+        opts.push("noexec".into());
+    }
+    if f.noatime {
+        opts.push("noatime".into());
+    }
+    if allow_other {
+        opts.push("allow_other".into());
+    }
+    let (ours, theirs) = sys::socketpair().map_err(|e| format!("socketpair: {}", errno_str(e)))?;
+    sys::clear_cloexec(theirs.as_fd()).map_err(|e| format!("fcntl: {}", errno_str(e)))?;
+    let child = Command::new("fusermount3")
+        .arg("-o")
+        .arg(opts.join(","))
+        .arg("--")
+        .arg(mountpoint)
+        .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("mount(2) is not permitted and fusermount3 could not run: {e}"))?;
+    drop(theirs);
+    let fd = sys::recv_fd(ours.as_fd());
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("fusermount3: {e}"))?;
+    match fd {
+        Ok(fd) => Ok(fd),
+        Err(_) => {
+            let msg = String::from_utf8_lossy(&out.stderr);
+            let msg = msg.lines().next().unwrap_or("failed").trim().to_string();
+            Err(format!(
+                "cannot mount on {} with fusermount3: {msg}",
+                mountpoint.display()
+            ))
+        }
+    }
+}
+
+/// Unmounts `mountpoint`, lazily, by whichever means this process has.
+pub fn unmount(mountpoint: &Path) {
+    let Ok(target) = CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return;
+    };
+    match sys::umount_detach(&target) {
+        Ok(()) => {}
+        Err(e) if e.code() == libc::EPERM => {
+            let _ = Command::new("fusermount3")
+                .args([OsStr::new("-u"), OsStr::new("-z"), OsStr::new("--")])
+                .arg(mountpoint)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        Err(e) => log::warn!("unmount {}: {}", mountpoint.display(), errno_str(e)),
+    }
+}
+
+fn open_layers(paths: &Paths) -> Result<(Vec<Layer>, Option<Layer>), String> {
+    let mut lowers = Vec::with_capacity(paths.lowers.len());
+    for p in &paths.lowers {
+        lowers.push(Layer::open_root(p).map_err(|e| io_err("cannot open lower layer", p, e))?);
+    }
+    let upper = match &paths.upper {
+        Some(p) => Some(Layer::open_root(p).map_err(|e| io_err("cannot open upper layer", p, e))?),
+        None => None,
+    };
+    Ok((lowers, upper))
+}
+
+/// Whether passthrough of open files can be offered: root in the initial namespace.
+fn passthrough_possible() -> bool {
+    sys::geteuid() == 0 && !crate::union::in_user_namespace()
+}
+
+/// Mounts as configured and serves until unmounted. Returns only on failure, or after the
+/// mount ends in the foreground.
+pub fn run(cfg: Config) -> Result<(), String> {
+    for w in &cfg.warnings {
+        eprintln!("unionmount: warning: {w}");
+    }
+    sys::raise_nofile_limit();
+    sys::ignore_sigpipe();
+    let paths = crate::config::check_paths(&cfg)?;
+    let (lowers, upper) = open_layers(&paths)?;
+    let mut created = Created::default();
+    let prepared = match prepare_work(&paths, &mut created) {
+        Ok(p) => p,
+        Err(e) => {
+            created.undo();
+            return Err(e);
+        }
+    };
+    let (work, format, rename_whiteout) = match prepared {
+        Some((w, f, r)) => (Some(w), f, r),
+        None => (None, Format::Trusted, false),
+    };
+    let layers = Layers {
+        lowers,
+        upper,
+        work,
+        format,
+        rename_whiteout,
+    };
+    let mut opts = cfg.opts.clone();
+    opts.passthrough = match cfg.passthrough {
+        crate::config::Passthrough::Off => false,
+        _ => passthrough_possible(),
+    };
+    if cfg.passthrough == crate::config::Passthrough::On && !opts.passthrough {
+        created.undo();
+        return Err("--passthrough on needs root in the initial user namespace".into());
+    }
+    let union = match Union::new(layers, opts) {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            created.undo();
+            return Err(format!("cannot read the layer roots: {}", errno_str(e)));
+        }
+    };
+    // Root mounts are for everyone, as kernel overlayfs; permissions are the kernel's.
+    let allow_other = cfg
+        .flags
+        .allow_other
+        .unwrap_or(sys::geteuid() == 0 && !crate::union::in_user_namespace());
+    let acl = if allow_other {
+        SessionACL::All
+    } else if cfg.flags.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    let dev = match mount_fuse(&cfg, &paths.mountpoint, allow_other || cfg.flags.allow_root) {
+        Ok(d) => d,
+        Err(e) => {
+            created.undo();
+            return Err(e);
+        }
+    };
+    let mut fcfg = fuser::Config::default();
+    fcfg.n_threads = Some(cfg.threads);
+    fcfg.clone_fd = cfg.threads > 1;
+    fcfg.acl = acl;
+    let fs = UnionFs { u: union.clone() };
+    let session = match Session::from_fd(fs, dev, acl, fcfg) {
+        Ok(s) => s,
+        Err(e) => {
+            unmount(&paths.mountpoint);
+            created.undo();
+            return Err(format!("the kernel did not start the FUSE session: {e}"));
+        }
+    };
+    // The mount is live. From here on nothing is undone.
+    if !cfg.foreground {
+        match sys::fork() {
+            Ok(sys::Fork::Parent(_)) => {
+                // Leave without running destructors: the child owns the session now.
+                std::process::exit(0);
+            }
+            Ok(sys::Fork::Child) => {
+                sys::setsid();
+                let _ = std::env::set_current_dir("/");
+                sys::detach_stdio();
+                crate::logger::to_syslog();
+            }
+            Err(e) => {
+                unmount(&paths.mountpoint);
+                return Err(format!("cannot fork into the background: {}", errno_str(e)));
+            }
+        }
+    }
+    let set = sys::block_term_signals();
+    let mp = paths.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = sys::sigwait(&set);
+            log::info!("signal {sig}: unmounting {}", mp.display());
+            unmount(&mp);
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let _ = union
+        .invalidator
+        .set(Invalidator::start(session.notifier()));
+    session
+        .run()
+        .map_err(|e| format!("the FUSE session ended with an error: {e}"))
+}

@@ -1,0 +1,859 @@
+//! The thin unsafe edge: every system call the daemon makes goes through a small safe
+//! wrapper here. Nothing else in the crate uses `unsafe`.
+//!
+//! Wrappers take `BorrowedFd`/`&CStr` and return `Result<_, Errno>` so that callers can use `?`
+//! and hand the errno straight back to the kernel.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+pub use fuser::Errno;
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// The errno of the last failed call.
+pub fn last_errno() -> Errno {
+    Errno::from_i32(
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
+}
+
+fn check(ret: libc::c_int) -> Result<libc::c_int> {
+    if ret < 0 { Err(last_errno()) } else { Ok(ret) }
+}
+
+fn check_ssize(ret: libc::ssize_t) -> Result<usize> {
+    if ret < 0 {
+        Err(last_errno())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Retries a call that failed with EINTR.
+fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.code() == libc::EINTR => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Converts a name or relative path into a C string; an embedded NUL is EINVAL.
+pub fn cstr(s: &OsStr) -> Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+fn owned(fd: libc::c_int) -> Result<OwnedFd> {
+    let fd = check(fd)?;
+    // SAFETY: the kernel just returned this descriptor to us and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening beneath a layer root
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_XDEV: u64 = 0x01;
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+const _: u64 = RESOLVE_NO_XDEV;
+
+/// Opens `path` relative to `dir` without ever leaving `dir` and without following any symlink:
+/// a symlink as last component is opened itself with `O_PATH` and refused (ELOOP) otherwise.
+/// An empty path opens `dir` itself again.
+pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
+    let path = if path.is_empty() { c"." } else { path };
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
+        mode: if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
+            mode as u64
+        } else {
+            0
+        },
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    retry(|| {
+        // SAFETY: `how` is a valid open_how of the size passed; `path` is NUL-terminated.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        owned(ret as libc::c_int)
+    })
+}
+
+/// `openat` of a single name (never a path) relative to `dir`, with `O_NOFOLLOW` added unless
+/// `O_PATH` is asked for without it (then the symlink itself is opened).
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
+    retry(|| {
+        // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+        owned(unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                mode as libc::c_uint,
+            )
+        })
+    })
+}
+
+/// Opens a fresh description of the object `fd` refers to (typically an `O_PATH` fd) with new
+/// flags, through `/proc/self/fd`. Magic links are only ever followed here, on our own fds.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> Result<OwnedFd> {
+    let path = proc_fd_path(fd);
+    retry(|| {
+        // SAFETY: plain syscall with a NUL-terminated path.
+        owned(unsafe { libc::open(path.as_ptr(), (flags | libc::O_CLOEXEC) & !libc::O_NOFOLLOW) })
+    })
+}
+
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
+}
+
+/// `AT_FDCWD` as a borrowed fd (for calls given an absolute `/proc/self/fd` path).
+pub fn at_fdcwd() -> BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a valid dirfd value for every *at call and is never closed.
+    unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
+}
+
+pub fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    fd.try_clone_to_owned().map_err(Errno::from)
+}
+
+// ---------------------------------------------------------------------------------------------
+// stat
+
+pub type Stat = libc::stat;
+
+pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: `st` is a valid out-pointer of the right type.
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            flags | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so it filled the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> Result<Stat> {
+    fstatat(fd, c"", libc::AT_EMPTY_PATH)
+}
+
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> Result<libc::statvfs> {
+    let mut st = MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `st` is a valid out-pointer of the right type.
+    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatvfs succeeded.
+    Ok(unsafe { st.assume_init() })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Directory changes
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+    // SAFETY: plain syscall with NUL-terminated strings.
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+pub fn linkat(
+    olddir: BorrowedFd<'_>,
+    oldname: &CStr,
+    newdir: BorrowedFd<'_>,
+    newname: &CStr,
+    flags: i32,
+) -> Result<()> {
+    // SAFETY: plain syscall with valid fds and NUL-terminated names.
+    check(unsafe {
+        libc::linkat(
+            olddir.as_raw_fd(),
+            oldname.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn renameat2(
+    olddir: BorrowedFd<'_>,
+    oldname: &CStr,
+    newdir: BorrowedFd<'_>,
+    newname: &CStr,
+    flags: u32,
+) -> Result<()> {
+    // SAFETY: plain syscall with valid fds and NUL-terminated names.
+    check(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            oldname.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is writable for its full length.
+    let n = check_ssize(unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32, flags: i32) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            flags | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<()> {
+    fchownat(fd, c"", uid, gid, libc::AT_EMPTY_PATH)
+}
+
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
+/// chmod of the object an `O_PATH` fd refers to (fchmod refuses `O_PATH` fds).
+pub fn fchmod_path(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
+    let path = proc_fd_path(fd);
+    // SAFETY: plain syscall with a NUL-terminated path.
+    check(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
+}
+
+pub const UTIME_OMIT: i64 = libc::UTIME_OMIT;
+pub const UTIME_NOW: i64 = libc::UTIME_NOW;
+
+pub fn utimensat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    times: &[libc::timespec; 2],
+    flags: i32,
+) -> Result<()> {
+    // SAFETY: `times` points to two valid timespecs.
+    check(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            flags | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extended attributes. `O_PATH` fds cannot be used with f*xattr, so we go through the
+// `/proc/self/fd` magic link of our own fd, which resolves to the object itself (a symlink
+// included) and never to a symlink's target.
+
+fn xattr_fd_ok(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: F_GETFL on a valid fd has no memory effects.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_PATH == 0
+}
+
+pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+    retry(|| {
+        let ret = if xattr_fd_ok(fd) {
+            // SAFETY: `buf` is writable for its full length.
+            unsafe {
+                libc::fgetxattr(
+                    fd.as_raw_fd(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            }
+        } else {
+            let path = proc_fd_path(fd);
+            // SAFETY: as above, with a NUL-terminated path.
+            unsafe {
+                libc::getxattr(
+                    path.as_ptr(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            }
+        };
+        check_ssize(ret)
+    })
+}
+
+/// The whole value of an xattr, or `None` if it is not set.
+pub fn getxattr_vec(fd: BorrowedFd<'_>, name: &CStr) -> Result<Option<Vec<u8>>> {
+    loop {
+        let size = match getxattr(fd, name, &mut []) {
+            Ok(n) => n,
+            Err(e) if e.code() == libc::ENODATA => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; size];
+        match getxattr(fd, name, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(e) if e.code() == libc::ERANGE => continue,
+            Err(e) if e.code() == libc::ENODATA => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
+    let ret = if xattr_fd_ok(fd) {
+        // SAFETY: `value` is readable for its full length.
+        unsafe {
+            libc::fsetxattr(
+                fd.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        }
+    } else {
+        let path = proc_fd_path(fd);
+        // SAFETY: as above, with a NUL-terminated path.
+        unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        }
+    };
+    check(ret).map(drop)
+}
+
+pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+    let ret = if xattr_fd_ok(fd) {
+        // SAFETY: plain syscall with a NUL-terminated name.
+        unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) }
+    } else {
+        let path = proc_fd_path(fd);
+        // SAFETY: plain syscall with NUL-terminated strings.
+        unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }
+    };
+    check(ret).map(drop)
+}
+
+pub fn listxattr(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
+    retry(|| {
+        let ret = if xattr_fd_ok(fd) {
+            // SAFETY: `buf` is writable for its full length.
+            unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
+        } else {
+            let path = proc_fd_path(fd);
+            // SAFETY: as above, with a NUL-terminated path.
+            unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+        };
+        check_ssize(ret)
+    })
+}
+
+/// All xattr names of an object.
+pub fn listxattr_vec(fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    loop {
+        let size = listxattr(fd, &mut [])?;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; size];
+        match listxattr(fd, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf
+                    .split(|&b| b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| OsString::from_vec(s.to_vec()))
+                    .collect());
+            }
+            Err(e) if e.code() == libc::ERANGE => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading directories
+
+/// One entry of a real directory, as getdents64 gives it.
+pub struct RawDirent<'a> {
+    pub ino: u64,
+    pub kind: u8,
+    pub name: &'a [u8],
+}
+
+/// Calls `f` for every entry of the directory open as `fd` (read from its current position).
+pub fn for_each_dirent(fd: BorrowedFd<'_>, mut f: impl FnMut(RawDirent<'_>)) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `buf` is writable for its full length.
+        let n = check_ssize(unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            ) as libc::ssize_t
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < n {
+            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name...
+            let rec = &buf[off..n];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().expect("8 bytes"));
+            let reclen = u16::from_ne_bytes(rec[16..18].try_into().expect("2 bytes")) as usize;
+            let kind = rec[18];
+            let name_area = &rec[19..reclen.min(rec.len())];
+            let len = name_area
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name_area.len());
+            f(RawDirent {
+                ino,
+                kind,
+                name: &name_area[..len],
+            });
+            if reclen == 0 {
+                break;
+            }
+            off += reclen;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// File data
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
+    retry(|| {
+        // SAFETY: `buf` is writable for its full length.
+        check_ssize(unsafe {
+            libc::pread64(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                off as i64,
+            )
+        })
+    })
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize> {
+    retry(|| {
+        // SAFETY: `buf` is readable for its full length.
+        check_ssize(unsafe {
+            libc::pwrite64(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64)
+        })
+    })
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> Result<()> {
+    retry(|| {
+        // SAFETY: plain syscall on a valid fd.
+        check(unsafe { libc::ftruncate64(fd.as_raw_fd(), len as i64) }).map(drop)
+    })
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> Result<()> {
+    retry(|| {
+        // SAFETY: plain syscall on a valid fd.
+        check(unsafe { libc::fallocate64(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop)
+    })
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
+    retry(|| {
+        // SAFETY: plain syscall on a valid fd.
+        check(unsafe {
+            if datasync {
+                libc::fdatasync(fd.as_raw_fd())
+            } else {
+                libc::fsync(fd.as_raw_fd())
+            }
+        })
+        .map(drop)
+    })
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> Result<i64> {
+    // SAFETY: plain syscall on a valid fd.
+    let ret = unsafe { libc::lseek64(fd.as_raw_fd(), off, whence) };
+    if ret < 0 { Err(last_errno()) } else { Ok(ret) }
+}
+
+pub fn copy_file_range(
+    fd_in: BorrowedFd<'_>,
+    off_in: &mut i64,
+    fd_out: BorrowedFd<'_>,
+    off_out: &mut i64,
+    len: usize,
+) -> Result<usize> {
+    retry(|| {
+        // SAFETY: offsets are valid pointers to i64 owned by the caller.
+        check_ssize(unsafe {
+            libc::copy_file_range(
+                fd_in.as_raw_fd(),
+                off_in as *mut i64,
+                fd_out.as_raw_fd(),
+                off_out as *mut i64,
+                len,
+                0,
+            )
+        })
+    })
+}
+
+const FICLONE: libc::c_ulong = 0x4004_9409;
+
+/// Shares all data of `src` with `dst` (reflink) where the filesystem can.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
+    // SAFETY: FICLONE takes the source fd as its integer argument.
+    check(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) }).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process state
+
+/// Gives the calling thread its own umask/cwd (`CLONE_FS`), so that a per-request umask set on
+/// one worker never affects another.
+pub fn unshare_fs() -> Result<()> {
+    // SAFETY: CLONE_FS unsharing only affects the calling thread's fs_struct.
+    check(unsafe { libc::unshare(libc::CLONE_FS) }).map(drop)
+}
+
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask) }
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+pub fn getegid() -> u32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::getegid() }
+}
+
+/// Raises the soft limit on open files to the hard limit.
+pub fn raise_nofile_limit() {
+    let mut lim = MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: `lim` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } == 0 {
+        // SAFETY: getrlimit succeeded.
+        let mut lim = unsafe { lim.assume_init() };
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded and gave us two fresh descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub enum Fork {
+    Parent(libc::pid_t),
+    Child,
+}
+
+/// fork(2). Call only while the process has a single thread.
+pub fn fork() -> Result<Fork> {
+    // SAFETY: the caller guarantees the process is single-threaded at this point.
+    let pid = check(unsafe { libc::fork() })?;
+    Ok(if pid == 0 {
+        Fork::Child
+    } else {
+        Fork::Parent(pid)
+    })
+}
+
+pub fn setsid() {
+    // SAFETY: setsid has no memory effects.
+    unsafe { libc::setsid() };
+}
+
+/// Points stdin, stdout and stderr at /dev/null.
+pub fn detach_stdio() {
+    // SAFETY: opening /dev/null and dup2 onto the standard descriptors is always sound.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> Result<()> {
+    while !buf.is_empty() {
+        let n = retry(|| {
+            // SAFETY: `buf` is readable for its full length.
+            check_ssize(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+        })?;
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+pub fn read_to_end(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = retry(|| {
+            // SAFETY: `buf` is writable for its full length.
+            check_ssize(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+        })?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Blocks the termination signals in the calling thread (and threads it spawns later) and
+/// returns the set, for a signal thread to `sigwait` on.
+pub fn block_term_signals() -> libc::sigset_t {
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask only changes our mask.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGINT);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGTERM);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut());
+        set.assume_init()
+    }
+}
+
+pub fn sigwait(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is an initialised sigset and `sig` a valid out-pointer.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+pub fn ignore_sigpipe() {
+    // SAFETY: setting a signal to SIG_IGN is always sound.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounting
+
+pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: u64, data: &CStr) -> Result<()> {
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags as libc::c_ulong,
+            data.as_ptr().cast(),
+        )
+    })
+    .map(drop)
+}
+
+pub fn umount_detach(target: &CStr) -> Result<()> {
+    // SAFETY: NUL-terminated path.
+    check(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) }).map(drop)
+}
+
+pub fn open_dev_fuse() -> Result<OwnedFd> {
+    // SAFETY: plain open of a fixed path.
+    owned(unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })
+}
+
+/// Receives one fd sent with SCM_RIGHTS over a unix socket (the fusermount3 protocol).
+pub fn recv_fd(sock: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one cmsghdr carrying one int, suitably aligned.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: zeroed msghdr is a valid "empty" value; we fill the pointers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    let n = retry(|| {
+        // SAFETY: msg points at valid buffers that live across the call.
+        check_ssize(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) })
+    })?;
+    if n == 0 {
+        return Err(Errno::ECONNREFUSED);
+    }
+    // SAFETY: recvmsg filled msg; CMSG_FIRSTHDR/CMSG_DATA walk the control buffer it described.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(Errno::EIO);
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const RawFd);
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Clears close-on-exec so a child (fusermount3) inherits the fd.
+pub fn clear_cloexec(fd: BorrowedFd<'_>) -> Result<()> {
+    // SAFETY: F_SETFD on a valid fd.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }).map(drop)
+}
+
+pub fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded and gave us two fresh descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers over stat results
+
+pub fn file_type(mode: u32) -> u32 {
+    mode & libc::S_IFMT
+}
+
+pub fn is_dir(st: &Stat) -> bool {
+    file_type(st.st_mode) == libc::S_IFDIR
+}
+
+pub fn major(dev: u64) -> u32 {
+    libc::major(dev)
+}
+
+pub fn minor(dev: u64) -> u32 {
+    libc::minor(dev)
+}
+
+/// The kernel's `new_encode_dev`, as FUSE carries rdev in 32 bits.
+pub fn encode_dev_u32(dev: u64) -> u32 {
+    let (ma, mi) = (major(dev), minor(dev));
+    (mi & 0xff) | (ma << 8) | ((mi & !0xff) << 12)
+}
+
+pub fn decode_dev_u32(dev: u32) -> u64 {
+    let ma = (dev & 0xfff00) >> 8;
+    let mi = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+    libc::makedev(ma, mi)
+}
+
+/// Borrow helper for code holding an `OwnedFd` in an `Arc`.
+pub fn bfd(fd: &impl AsFd) -> BorrowedFd<'_> {
+    fd.as_fd()
+}
+
+// ---------------------------------------------------------------------------------------------
+// syslog
+
+pub fn openlog() {
+    // SAFETY: the ident is a static NUL-terminated string, as openlog requires.
+    unsafe { libc::openlog(c"unionmount".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+}
+
+/// `level`: log::Level as i32 (1 = error ... 5 = trace).
+pub fn syslog(level: i32, msg: &str) {
+    let prio = match level {
+        1 => libc::LOG_ERR,
+        2 => libc::LOG_WARNING,
+        3 => libc::LOG_INFO,
+        _ => libc::LOG_DEBUG,
+    };
+    let Ok(c) = CString::new(msg.replace('\0', " ")) else {
+        return;
+    };
+    // SAFETY: "%s" with one NUL-terminated string argument.
+    unsafe { libc::syslog(prio, c"%s".as_ptr(), c.as_ptr()) };
+}

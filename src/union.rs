@@ -1,0 +1,146 @@
+//! The merged filesystem itself, independent of FUSE: layers, inode table, open handles and the
+//! options that change behaviour. Its operations live in the modules named after them
+//! (`lookup`, `readdir`, `copy_up`, `dir`, `attr`, `file`); `fs` adapts it to fuser.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::file::Handles;
+use crate::idmap::IdMap;
+use crate::inode::{RealId, State, Table};
+use crate::layer::Layers;
+use crate::notify::Invalidator;
+use crate::sys::{self, Result};
+
+/// Behaviour switches that come from the command line.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Kernel cache timeout for entries and attributes.
+    pub ttl: Duration,
+    /// `fsync=0`/`volatile`: skip every fsync, copy-up's included.
+    pub fsync: bool,
+    /// Report directories with nlink 1 instead of counting merged subdirectories.
+    pub static_nlink: bool,
+    /// Passthrough of open files to the kernel (decided at mount).
+    pub passthrough: bool,
+    pub idmap: IdMap,
+    /// `xattr_permissions`: 0 off, 1 or 2 as fuse-overlayfs.
+    pub xattr_permissions: u8,
+    pub posix_acl: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ttl: Duration::from_secs(1),
+            fsync: true,
+            static_nlink: false,
+            passthrough: false,
+            idmap: IdMap::default(),
+            xattr_permissions: 0,
+            posix_acl: true,
+        }
+    }
+}
+
+pub struct Union {
+    pub layers: Layers,
+    pub table: Table,
+    pub opts: Options,
+    pub handles: Handles,
+    /// Sends cache invalidations to the kernel, once the session is up.
+    pub invalidator: OnceLock<Invalidator>,
+    /// Brackets changes that move or remove names in the upper (see `lookup::open_in`).
+    tree_begun: AtomicU64,
+    tree_ended: AtomicU64,
+    /// Serialises whole-mount operations that must not interleave (none on hot paths).
+    pub mount_lock: Mutex<()>,
+}
+
+impl Union {
+    pub fn new(layers: Layers, opts: Options) -> Result<Union> {
+        let mut devs = Vec::new();
+        for l in layers.upper.iter().chain(layers.lowers.iter()) {
+            if !devs.contains(&l.dev) {
+                devs.push(l.dev);
+            }
+        }
+        // The root merges the upper root with every lower root.
+        let mut root = State {
+            links: Vec::new(),
+            upper: None,
+            lowers: Vec::new(),
+            subdirs: None,
+            ids: Vec::new(),
+        };
+        if let Some(u) = &layers.upper {
+            let st = sys::fstat(u.root())?;
+            root.upper = Some(RealId::of(&st));
+            root.ids.push(RealId::of(&st));
+        }
+        // The root merges every lower root; as in kernel overlayfs, opaque markers on layer
+        // roots are not consulted.
+        for (i, l) in layers.lowers.iter().enumerate() {
+            let st = sys::fstat(l.root())?;
+            root.lowers.push((i as u16, RealId::of(&st)));
+            if root.upper.is_none() && i == 0 {
+                root.ids.push(RealId::of(&st));
+            }
+        }
+        Ok(Union {
+            table: Table::new(devs, root),
+            layers,
+            opts,
+            handles: Handles::default(),
+            invalidator: OnceLock::new(),
+            tree_begun: AtomicU64::new(0),
+            tree_ended: AtomicU64::new(0),
+            mount_lock: Mutex::new(()),
+        })
+    }
+
+    /// Runs `f`, which moves or removes names in the upper, so that concurrent path
+    /// resolution notices and re-checks what it opened.
+    pub fn tree_change<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.tree_begun.fetch_add(1, Ordering::SeqCst);
+        let r = f();
+        self.tree_ended.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+
+    /// A snapshot of the tree-change counters: `Some(gen)` when no change is in progress.
+    pub fn tree_snapshot(&self) -> Option<u64> {
+        let b = self.tree_begun.load(Ordering::SeqCst);
+        let e = self.tree_ended.load(Ordering::SeqCst);
+        (b == e).then_some(b)
+    }
+
+    pub fn tree_unchanged_since(&self, snap: Option<u64>) -> bool {
+        snap.is_some_and(|g| self.tree_begun.load(Ordering::SeqCst) == g)
+    }
+
+    pub fn invalidate_entry(&self, parent: u64, name: &std::ffi::OsStr) {
+        if let Some(inv) = self.invalidator.get() {
+            inv.entry(parent, name);
+        }
+    }
+
+    pub fn invalidate_inode(&self, ino: u64) {
+        if let Some(inv) = self.invalidator.get() {
+            inv.inode(ino);
+        }
+    }
+}
+
+/// Whether this process runs in a user namespace other than the initial one (rootless).
+pub fn in_user_namespace() -> bool {
+    static CACHE: OnceLock<bool> = OnceLock::new();
+    *CACHE.get_or_init(|| match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => {
+            let f: Vec<&str> = map.split_whitespace().collect();
+            f != ["0", "0", "4294967295"]
+        }
+        Err(_) => false,
+    })
+}

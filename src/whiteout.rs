@@ -1,0 +1,121 @@
+//! Whiteout and opaque-directory formats, and the private names and xattrs that never appear in
+//! the merged view.
+//!
+//! Read, in every layer: a whiteout is a character device 0/0 or an empty `.wh.NAME`; a directory
+//! is opaque with `trusted.overlay.opaque=y`, `user.overlay.opaque=y`,
+//! `user.fuseoverlayfs.opaque=y`, or a `.wh..wh..opq` entry inside it.
+//! Written, in the upper: see [`Format`].
+
+use std::ffi::{CStr, OsStr};
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStrExt;
+
+use crate::sys::{self, Result, Stat};
+
+pub const WH_PREFIX: &[u8] = b".wh.";
+pub const OPAQUE_MARKER: &CStr = c".wh..wh..opq";
+
+pub const TRUSTED_OPAQUE: &CStr = c"trusted.overlay.opaque";
+pub const USER_OPAQUE: &CStr = c"user.overlay.opaque";
+pub const FUSEOVERLAYFS_OPAQUE: &CStr = c"user.fuseoverlayfs.opaque";
+
+/// How the upper layer records whiteouts and opaque directories.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Kernel overlayfs as root: char 0/0 whiteouts, `trusted.overlay.opaque=y`.
+    Trusted,
+    /// Kernel overlayfs `userxattr`: char 0/0 whiteouts, `user.overlay.opaque=y`.
+    UserXattr,
+    /// Where mknod of 0/0 is refused: `.wh.NAME` files, `user.overlay.opaque=y` plus a
+    /// `.wh..wh..opq` file in opaque directories.
+    Aufs,
+}
+
+impl Format {
+    pub fn opaque_xattr(self) -> &'static CStr {
+        match self {
+            Format::Trusted => TRUSTED_OPAQUE,
+            Format::UserXattr | Format::Aufs => USER_OPAQUE,
+        }
+    }
+}
+
+/// A character device 0/0.
+pub fn is_whiteout(st: &Stat) -> bool {
+    sys::file_type(st.st_mode) == libc::S_IFCHR && st.st_rdev == 0
+}
+
+/// `.wh.NAME` -> `NAME` (and `None` for the opaque marker or an ordinary name).
+pub fn whited_out_name(name: &[u8]) -> Option<&[u8]> {
+    let rest = name.strip_prefix(WH_PREFIX)?;
+    if rest.is_empty() || rest.starts_with(WH_PREFIX) {
+        None
+    } else {
+        Some(rest)
+    }
+}
+
+/// Names that belong to the layer format and never appear in the merged view.
+pub fn is_private_name(name: &[u8]) -> bool {
+    name.starts_with(WH_PREFIX)
+}
+
+/// Xattrs private to overlay formats: hidden from listings, refused on set.
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name.starts_with(b"user.fuseoverlayfs.")
+}
+
+/// `.wh.` + name.
+pub fn aufs_name(name: &OsStr) -> Vec<u8> {
+    let mut v = WH_PREFIX.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// Whether the directory open as `dir` (any fd, `O_PATH` included) is opaque in its layer.
+pub fn is_opaque_dir(dir: BorrowedFd<'_>) -> Result<bool> {
+    for name in [TRUSTED_OPAQUE, USER_OPAQUE, FUSEOVERLAYFS_OPAQUE] {
+        let mut buf = [0u8; 2];
+        match sys::getxattr(dir, name, &mut buf) {
+            Ok(1) if buf[0] == b'y' => return Ok(true),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.code(),
+                    libc::ENODATA | libc::ENOTSUP | libc::ERANGE | libc::EPERM | libc::EACCES
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match sys::fstatat(dir, OPAQUE_MARKER, 0) {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == libc::ENOENT => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aufs_names() {
+        assert_eq!(whited_out_name(b".wh.foo"), Some(&b"foo"[..]));
+        assert_eq!(whited_out_name(b".wh..wh..opq"), None);
+        assert_eq!(whited_out_name(b".wh."), None);
+        assert_eq!(whited_out_name(b"foo"), None);
+        assert!(is_private_name(b".wh..wh..opq"));
+        assert!(!is_private_name(b".whx"));
+    }
+
+    #[test]
+    fn private_xattrs() {
+        assert!(is_private_xattr(b"trusted.overlay.opaque"));
+        assert!(is_private_xattr(b"user.overlay.origin"));
+        assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
+        assert!(!is_private_xattr(b"user.overlayfoo"));
+        assert!(!is_private_xattr(b"security.capability"));
+    }
+}
