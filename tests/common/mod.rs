@@ -1,0 +1,703 @@
+//! Shared fixture for the integration tests: temporary layers, a real mount of unionmount or
+//! of kernel overlayfs over them, and an unmount that always happens (in `Drop`, so also
+//! when an assertion fails). A mount that cannot be removed leaks its temporary directory
+//! rather than deleting through it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_unionmount");
+
+/// Builds one layer directory.
+pub struct LayerBuilder {
+    pub root: PathBuf,
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+impl LayerBuilder {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn parent_of(&self, rel: &str) {
+        if let Some(p) = self.path(rel).parent() {
+            fs::create_dir_all(p).unwrap();
+        }
+    }
+
+    pub fn file(&self, rel: &str, content: &str) -> &Self {
+        self.parent_of(rel);
+        fs::write(self.path(rel), content).unwrap();
+        self
+    }
+
+    pub fn file_bytes(&self, rel: &str, content: &[u8]) -> &Self {
+        self.parent_of(rel);
+        fs::write(self.path(rel), content).unwrap();
+        self
+    }
+
+    pub fn dir(&self, rel: &str) -> &Self {
+        fs::create_dir_all(self.path(rel)).unwrap();
+        self
+    }
+
+    pub fn symlink(&self, rel: &str, target: &str) -> &Self {
+        self.parent_of(rel);
+        std::os::unix::fs::symlink(target, self.path(rel)).unwrap();
+        self
+    }
+
+    pub fn hardlink(&self, existing: &str, rel: &str) -> &Self {
+        self.parent_of(rel);
+        fs::hard_link(self.path(existing), self.path(rel)).unwrap();
+        self
+    }
+
+    pub fn fifo(&self, rel: &str) -> &Self {
+        self.parent_of(rel);
+        mknod(&self.path(rel), libc::S_IFIFO | 0o644, 0);
+        self
+    }
+
+    /// A whiteout as a character device 0/0.
+    pub fn whiteout(&self, rel: &str) -> &Self {
+        self.parent_of(rel);
+        mknod(&self.path(rel), libc::S_IFCHR, 0);
+        self
+    }
+
+    /// A whiteout in the AUFS/OCI form `.wh.NAME`.
+    pub fn aufs_whiteout(&self, rel: &str) -> &Self {
+        let p = self.path(rel);
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let wh = p.with_file_name(format!(".wh.{name}"));
+        fs::create_dir_all(wh.parent().unwrap()).unwrap();
+        fs::write(wh, "").unwrap();
+        self
+    }
+
+    /// An opaque directory marked with the given xattr (e.g. "trusted.overlay.opaque").
+    pub fn opaque_xattr(&self, rel: &str, xattr: &str) -> &Self {
+        self.dir(rel);
+        set_xattr(&self.path(rel), xattr, b"y");
+        self
+    }
+
+    /// An opaque directory marked with a `.wh..wh..opq` entry.
+    pub fn opaque_marker(&self, rel: &str) -> &Self {
+        self.dir(rel);
+        fs::write(self.path(rel).join(".wh..wh..opq"), "").unwrap();
+        self
+    }
+
+    pub fn xattr(&self, rel: &str, name: &str, value: &[u8]) -> &Self {
+        set_xattr(&self.path(rel), name, value);
+        self
+    }
+
+    pub fn chmod(&self, rel: &str, mode: u32) -> &Self {
+        fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
+        self
+    }
+
+    pub fn chown(&self, rel: &str, uid: u32, gid: u32) -> &Self {
+        let c = cpath(&self.path(rel));
+        // SAFETY: plain syscall on a NUL-terminated path.
+        assert_eq!(unsafe { libc::lchown(c.as_ptr(), uid, gid) }, 0);
+        self
+    }
+
+    /// Sets atime and mtime (seconds).
+    pub fn times(&self, rel: &str, atime: i64, mtime: i64) -> &Self {
+        set_times(&self.path(rel), atime, mtime);
+        self
+    }
+}
+
+pub fn mknod(p: &Path, mode: u32, dev: u64) {
+    let c = cpath(p);
+    // SAFETY: plain syscall on a NUL-terminated path.
+    let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    let c = cpath(p);
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated strings and a readable buffer.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The value of an xattr, `Err(errno)` if it cannot be read.
+pub fn get_xattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let c = cpath(p);
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid NUL-terminated strings and a writable buffer.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+pub fn list_xattrs(p: &Path) -> Vec<String> {
+    let c = cpath(p);
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid NUL-terminated path and a writable buffer.
+    let r = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Vec::new();
+    }
+    buf.truncate(r as usize);
+    let mut v: Vec<String> = buf
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn set_times(p: &Path, atime: i64, mtime: i64) {
+    let c = cpath(p);
+    let ts = [
+        libc::timespec {
+            tv_sec: atime,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: mtime,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: valid path and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The errno of a failed `std::io` call.
+pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.raw_os_error().expect("an OS error"),
+    }
+}
+
+/// A temporary set of layers: `lowers[0]` is the top-most lower.
+pub struct Layers {
+    pub tmp: std::mem::ManuallyDrop<tempfile::TempDir>,
+    pub lowers: Vec<PathBuf>,
+}
+
+impl Drop for Layers {
+    fn drop(&mut self) {
+        // Never delete through a mount that is still live: keep the files instead.
+        let root = self.tmp.path().to_string_lossy().into_owned();
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if mounts
+            .lines()
+            .any(|l| l.split(' ').nth(1).is_some_and(|m| m.starts_with(&root)))
+        {
+            eprintln!("LEAK: keeping {root}: a mount under it is still live");
+            return;
+        }
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.tmp) };
+    }
+}
+
+impl Layers {
+    pub fn new(n: usize) -> Layers {
+        let tmp = tempfile::Builder::new()
+            .prefix("um-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut lowers = Vec::new();
+        for i in 0..n {
+            let p = tmp.path().join(format!("lower{i}"));
+            fs::create_dir(&p).unwrap();
+            lowers.push(p);
+        }
+        Layers {
+            tmp: std::mem::ManuallyDrop::new(tmp),
+            lowers,
+        }
+    }
+
+    pub fn lower(&self, i: usize) -> LayerBuilder {
+        LayerBuilder {
+            root: self.lowers[i].clone(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// A fresh directory under the temporary root.
+    pub fn mkdir(&self, name: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn lowerdir_opt(&self) -> String {
+        self.lowers
+            .iter()
+            .map(|p| p.to_string_lossy().replace(':', "\\:"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// Mounts unionmount over these lowers with upper `name/upper` and work `name/work`.
+    pub fn mount(&self, name: &str) -> Mount {
+        self.mount_with(name, &[])
+    }
+
+    pub fn mount_with(&self, name: &str, extra: &[&str]) -> Mount {
+        let base = self.mkdir(name);
+        let upper = base.join("upper");
+        let work = base.join("work");
+        let merged = base.join("merged");
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let mut args: Vec<OsString> = vec![
+            "--lower".into(),
+            self.lowerdir_opt().into(),
+            "--upper".into(),
+            upper.clone().into(),
+            "--work".into(),
+            work.clone().into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        args.push(merged.clone().into());
+        Mount::union(&args, merged, Some(upper), Some(work))
+    }
+
+    /// A read-only unionmount (no upper).
+    pub fn mount_ro(&self, name: &str) -> Mount {
+        let merged = self.mkdir(&format!("{name}/merged"));
+        let args: Vec<OsString> = vec![
+            "--lower".into(),
+            self.lowerdir_opt().into(),
+            merged.clone().into(),
+        ];
+        Mount::union(&args, merged, None, None)
+    }
+
+    /// Mounts kernel overlayfs over these lowers with upper `name/upper` and work `name/work`.
+    pub fn mount_kernel(&self, name: &str) -> Mount {
+        let base = self.mkdir(name);
+        let upper = base.join("upper");
+        let work = base.join("work");
+        let merged = base.join("merged");
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).unwrap();
+        }
+        Mount::kernel(&self.lowerdir_opt(), &upper, &work, &merged, &[])
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Union,
+    Kernel,
+}
+
+/// A live mount, unmounted on drop.
+pub struct Mount {
+    pub merged: PathBuf,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub kind: Kind,
+    live: bool,
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let want = p.to_string_lossy().replace(' ', "\\040");
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
+}
+
+/// Runs unionmount with `args`; returns its output (it exits once the mount is live).
+pub fn run_unionmount<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run unionmount")
+}
+
+impl Mount {
+    pub fn union(
+        args: &[OsString],
+        merged: PathBuf,
+        upper: Option<PathBuf>,
+        work: Option<PathBuf>,
+    ) -> Mount {
+        let out = run_unionmount(args);
+        let mut m = Mount {
+            merged,
+            upper,
+            work,
+            kind: Kind::Union,
+            live: true,
+        };
+        assert!(
+            out.status.success(),
+            "unionmount {:?} failed: {}",
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            is_mounted(&m.merged),
+            "exited 0 but {} is not mounted",
+            m.merged.display()
+        );
+        m.live = true;
+        m
+    }
+
+    /// Adopts a mount made some other way (it will be unmounted on drop).
+    pub fn adopt(
+        merged: PathBuf,
+        upper: Option<PathBuf>,
+        work: Option<PathBuf>,
+        kind: Kind,
+    ) -> Mount {
+        Mount {
+            merged,
+            upper,
+            work,
+            kind,
+            live: true,
+        }
+    }
+
+    pub fn kernel(
+        lowerdir: &str,
+        upper: &Path,
+        work: &Path,
+        merged: &Path,
+        extra: &[&str],
+    ) -> Mount {
+        let mut opts = format!(
+            "lowerdir={lowerdir},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        for e in extra {
+            opts.push(',');
+            opts.push_str(e);
+        }
+        let out = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(merged)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kernel overlay mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            merged: merged.to_path_buf(),
+            upper: Some(upper.to_path_buf()),
+            work: Some(work.to_path_buf()),
+            kind: Kind::Kernel,
+            live: true,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        if rel.is_empty() {
+            self.merged.clone()
+        } else {
+            self.merged.join(rel)
+        }
+    }
+
+    pub fn upper_path(&self, rel: &str) -> PathBuf {
+        self.upper.as_ref().expect("mount has an upper").join(rel)
+    }
+
+    pub fn write(&self, rel: &str, content: &str) {
+        fs::write(self.path(rel), content).unwrap();
+    }
+
+    pub fn append(&self, rel: &str, content: &str) {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(self.path(rel))
+            .unwrap();
+        f.write_all(content.as_bytes()).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
+    /// Sorted names of a directory in the merged view.
+    pub fn ls(&self, rel: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.path(rel))
+            .unwrap_or_else(|e| panic!("readdir {rel}: {e}"))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn exists(&self, rel: &str) -> bool {
+        fs::symlink_metadata(self.path(rel)).is_ok()
+    }
+
+    /// Unmounts now (and waits until the mount is gone).
+    pub fn unmount(&mut self) {
+        if !self.live {
+            return;
+        }
+        self.live = false;
+        let status = match self.kind {
+            Kind::Union => Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.merged)
+                .stderr(Stdio::null())
+                .status(),
+            Kind::Kernel => Command::new("umount")
+                .arg(&self.merged)
+                .stderr(Stdio::null())
+                .status(),
+        };
+        if !status.map(|s| s.success()).unwrap_or(false) {
+            // Busy (an open file in a failing test): detach lazily.
+            let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_mounted(&self.merged) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live && is_mounted(&self.merged)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+        if is_mounted(&self.merged) {
+            eprintln!("LEAK: {} is still mounted", self.merged.display());
+        }
+    }
+}
+
+/// One object of a tree, as compared between mounts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Obj {
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u64,
+    pub content: Option<Vec<u8>>,
+    pub target: Option<String>,
+    pub rdev: u64,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub mtime: i64,
+}
+
+pub struct TreeOpts {
+    /// Compare nlink of directories (kernel overlayfs reports 1 for merged directories).
+    pub dir_nlink: bool,
+    pub mtime: bool,
+    /// Only xattrs with this prefix are compared.
+    pub xattr_prefix: &'static str,
+}
+
+impl Default for TreeOpts {
+    fn default() -> Self {
+        TreeOpts {
+            dir_nlink: false,
+            mtime: true,
+            xattr_prefix: "user.",
+        }
+    }
+}
+
+/// Every object under `root` by relative path (the root itself is "").
+pub fn tree(root: &Path, o: &TreeOpts) -> BTreeMap<String, Obj> {
+    let mut out = BTreeMap::new();
+    walk(root, root, o, &mut out);
+    out
+}
+
+fn walk(root: &Path, p: &Path, o: &TreeOpts, out: &mut BTreeMap<String, Obj>) {
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_file() {
+        'f'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_fifo() {
+        'p'
+    } else if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
+    } else {
+        's'
+    };
+    let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+    let xattrs = list_xattrs(p)
+        .into_iter()
+        .filter(|n| n.starts_with(o.xattr_prefix))
+        .map(|n| {
+            let v = get_xattr(p, &n).unwrap_or_default();
+            (n, v)
+        })
+        .collect();
+    out.insert(
+        rel,
+        Obj {
+            kind,
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            size: if kind == 'd' { 0 } else { m.size() },
+            nlink: if kind == 'd' && !o.dir_nlink {
+                0
+            } else {
+                m.nlink()
+            },
+            content: (kind == 'f').then(|| fs::read(p).unwrap()),
+            target: (kind == 'l').then(|| fs::read_link(p).unwrap().to_string_lossy().into_owned()),
+            rdev: m.rdev(),
+            xattrs,
+            mtime: if o.mtime && kind != 'd' { m.mtime() } else { 0 },
+        },
+    );
+    if kind == 'd' {
+        let mut names: Vec<_> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for n in names {
+            walk(root, &n, o, out);
+        }
+    }
+}
+
+/// Asserts two trees are equal, naming the first difference.
+pub fn assert_same_tree(a: &BTreeMap<String, Obj>, b: &BTreeMap<String, Obj>, what: &str) {
+    let keys_a: Vec<_> = a.keys().collect();
+    let keys_b: Vec<_> = b.keys().collect();
+    assert_eq!(keys_a, keys_b, "{what}: different names");
+    for (k, va) in a {
+        assert_eq!(Some(va), b.get(k), "{what}: {k:?} differs");
+    }
+}
+
+/// The raw on-disk listing of an upper/lower directory (names and types, whiteouts included).
+pub fn raw_tree(root: &Path) -> BTreeMap<String, (char, u64, Vec<String>)> {
+    let mut out = BTreeMap::new();
+    fn go(root: &Path, p: &Path, out: &mut BTreeMap<String, (char, u64, Vec<String>)>) {
+        let m = fs::symlink_metadata(p).unwrap();
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_file() {
+            'f'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_char_device() {
+            'c'
+        } else {
+            'o'
+        };
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let xattrs = list_xattrs(p)
+            .into_iter()
+            .filter(|x| x.contains("overlay"))
+            .collect();
+        out.insert(rel, (kind, m.rdev(), xattrs));
+        if kind == 'd' {
+            for e in fs::read_dir(p).unwrap() {
+                go(root, &e.unwrap().path(), out);
+            }
+        }
+    }
+    go(root, root, &mut out);
+    out
+}
+
+/// The inode number stat gives.
+pub fn ino(p: &Path) -> u64 {
+    fs::symlink_metadata(p).unwrap().ino()
+}
+
+/// Names in a real directory (not through any mount), sorted.
+pub fn names(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,256 @@
+//! The merged view: shadowing, merged directories, whiteouts, opaque directories, private
+//! names, readdir types and inode numbers. Each rule is checked in the merged view and, where
+//! the kernel reads the same layers, against kernel overlayfs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+
+use common::*;
+
+fn layers() -> Layers {
+    let l = Layers::new(3);
+    l.lower(0)
+        .file("top", "from 0")
+        .file("shadow", "0 wins")
+        .dir("merged")
+        .file("merged/from0", "0")
+        .whiteout("gone_char")
+        .aufs_whiteout("gone_aufs")
+        .whiteout("merged/deleted")
+        .opaque_xattr("opq_trusted", "trusted.overlay.opaque")
+        .opaque_xattr("opq_user", "user.overlay.opaque")
+        .opaque_xattr("opq_fo", "user.fuseoverlayfs.opaque")
+        .opaque_marker("opq_marker")
+        .file("opq_trusted/mine", "0")
+        .file("opq_marker/mine", "0");
+    l.lower(1)
+        .file("shadow", "1 loses")
+        .dir("merged")
+        .file("merged/from1", "1")
+        .file("merged/deleted", "hidden by layer 0")
+        .file("gone_char", "hidden")
+        .file("gone_aufs", "hidden")
+        .symlink("link", "top")
+        .fifo("fifo");
+    for d in ["opq_trusted", "opq_user", "opq_fo", "opq_marker"] {
+        l.lower(1).file(&format!("{d}/below"), "must not show");
+    }
+    l.lower(2)
+        .dir("merged/sub")
+        .file("merged/sub/deep", "2")
+        .file("bottom", "2");
+    l
+}
+
+#[test]
+fn shadowing_and_merging() {
+    let l = layers();
+    let m = l.mount("u");
+    assert_eq!(m.read("shadow"), "0 wins");
+    assert_eq!(m.read("top"), "from 0");
+    assert_eq!(m.read("bottom"), "2");
+    assert_eq!(m.ls("merged"), vec!["from0", "from1", "sub"]);
+    assert_eq!(m.read("merged/sub/deep"), "2");
+    assert_eq!(fs::read_link(m.path("link")).unwrap().to_str(), Some("top"));
+}
+
+#[test]
+fn whiteouts_hide_both_forms() {
+    let l = layers();
+    let m = l.mount("u");
+    let root = m.ls("");
+    for hidden in ["gone_char", "gone_aufs", ".wh.gone_aufs"] {
+        assert!(
+            !root.contains(&hidden.to_string()),
+            "{hidden} listed: {root:?}"
+        );
+        assert_eq!(
+            errno(fs::symlink_metadata(m.path(hidden))),
+            libc::ENOENT,
+            "{hidden}"
+        );
+    }
+    assert!(!m.exists("merged/deleted"));
+}
+
+#[test]
+fn opaque_directories_all_four_markers() {
+    let l = layers();
+    let m = l.mount("u");
+    for d in ["opq_trusted", "opq_user", "opq_fo", "opq_marker"] {
+        let names = m.ls(d);
+        assert!(!names.contains(&"below".to_string()), "{d}: {names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with(".wh.")),
+            "{d}: {names:?}"
+        );
+    }
+    assert_eq!(m.ls("opq_trusted"), vec!["mine"]);
+    assert_eq!(m.ls("opq_marker"), vec!["mine"]);
+}
+
+#[test]
+fn private_xattrs_are_hidden() {
+    let l = layers();
+    let m = l.mount("u");
+    for d in ["opq_trusted", "opq_user", "opq_fo"] {
+        let x = list_xattrs(&m.path(d));
+        assert!(x.iter().all(|n| !n.contains("overlay")), "{d}: {x:?}");
+        assert!(get_xattr(&m.path(d), "trusted.overlay.opaque").is_err());
+    }
+}
+
+/// readdir's d_ino equals stat's st_ino, and d_type is the object's type.
+#[test]
+fn dirent_ino_and_type_match_stat() {
+    let l = layers();
+    let m = l.mount("u");
+    for dir in ["", "merged", "merged/sub"] {
+        let d = CString::new(m.path(dir).as_os_str().as_bytes()).unwrap();
+        // SAFETY: opendir/readdir/closedir on a valid path, entries read before closedir.
+        let entries: Vec<(String, u64, u8)> = unsafe {
+            let dp = libc::opendir(d.as_ptr());
+            assert!(!dp.is_null());
+            let mut v = Vec::new();
+            loop {
+                let e = libc::readdir(dp);
+                if e.is_null() {
+                    break;
+                }
+                let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                v.push((name, (*e).d_ino, (*e).d_type));
+            }
+            libc::closedir(dp);
+            v
+        };
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        assert!(
+            names.contains(&".") && names.contains(&".."),
+            "{dir}: {names:?}"
+        );
+        for (name, d_ino, d_type) in entries {
+            if name == ".." {
+                continue;
+            }
+            let md = fs::symlink_metadata(m.path(dir).join(&name)).unwrap();
+            assert_eq!(d_ino, md.ino(), "{dir}/{name}: d_ino != st_ino");
+            let want = match md.mode() & libc::S_IFMT {
+                libc::S_IFDIR => libc::DT_DIR,
+                libc::S_IFREG => libc::DT_REG,
+                libc::S_IFLNK => libc::DT_LNK,
+                libc::S_IFIFO => libc::DT_FIFO,
+                _ => 0,
+            };
+            assert_eq!(d_type, want, "{dir}/{name}: d_type");
+        }
+    }
+}
+
+/// The same layers under kernel overlayfs show the same tree (the kernel does not read
+/// `.wh.` whiteouts or the user.* opaque markers as root, so those parts are left out).
+#[test]
+fn same_view_as_kernel_overlayfs() {
+    let l = Layers::new(3);
+    l.lower(0)
+        .file("shadow", "0")
+        .dir("m")
+        .file("m/a", "a")
+        .whiteout("m/b")
+        .whiteout("gone")
+        .opaque_xattr("o", "trusted.overlay.opaque")
+        .file("o/x", "x")
+        .symlink("ln", "shadow")
+        .chmod("shadow", 0o640)
+        .xattr("m/a", "user.k", b"v");
+    l.lower(1)
+        .file("shadow", "1")
+        .dir("m")
+        .file("m/b", "b")
+        .file("m/c", "c")
+        .file("gone", "g")
+        .file("o/y", "y");
+    l.lower(2).dir("m/deep").file("m/deep/z", "z").fifo("p");
+    let u = l.mount("u");
+    let k = l.mount_kernel("k");
+    let o = TreeOpts::default();
+    assert_same_tree(
+        &tree(&k.merged, &o),
+        &tree(&u.merged, &o),
+        "kernel vs unionmount",
+    );
+}
+
+#[test]
+fn many_lower_layers() {
+    let l = Layers::new(50);
+    for i in 0..50 {
+        l.lower(i)
+            .file(&format!("f{i}"), &i.to_string())
+            .file("d/common", &i.to_string());
+        l.lower(i).file(&format!("d/only{i}"), "x");
+    }
+    let m = l.mount("u");
+    assert_eq!(m.read("d/common"), "0");
+    assert_eq!(m.read("f49"), "49");
+    assert_eq!(m.ls("d").len(), 51);
+    let k = l.mount_kernel("k");
+    let o = TreeOpts::default();
+    assert_same_tree(&tree(&k.merged, &o), &tree(&m.merged, &o), "50 layers");
+}
+
+/// Offsets stay valid within one open directory stream, also while it changes.
+#[test]
+fn telldir_seekdir_are_stable() {
+    let l = Layers::new(2);
+    for i in 0..200 {
+        l.lower(i % 2).file(&format!("d/f{i:03}"), "x");
+    }
+    let m = l.mount("u");
+    let d = CString::new(m.path("d").as_os_str().as_bytes()).unwrap();
+    // SAFETY: directory stream calls on a stream we opened and close.
+    unsafe {
+        let dp = libc::opendir(d.as_ptr());
+        assert!(!dp.is_null());
+        let mut seen = BTreeMap::new();
+        let mut marks = Vec::new();
+        loop {
+            let pos = libc::telldir(dp);
+            let e = libc::readdir(dp);
+            if e.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            marks.push((pos, name.clone()));
+            seen.insert(name, ());
+            if marks.len() == 50 {
+                // Change the directory in the middle of the listing.
+                fs::write(m.path("d/zz_new"), "n").unwrap();
+                fs::remove_file(m.path("d/f199")).unwrap();
+            }
+        }
+        assert!(seen.contains_key("f100"));
+        // Position 0 is a rewind (a fresh listing, as kernel overlayfs does); every other
+        // told position must still name the entry it named.
+        for (pos, name) in marks.iter().skip(1).step_by(37) {
+            libc::seekdir(dp, *pos);
+            let e = libc::readdir(dp);
+            assert!(!e.is_null());
+            let got = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            assert_eq!(&got, name, "seekdir to a told position");
+        }
+        libc::closedir(dp);
+    }
+    let names = m.ls("d");
+    assert!(names.contains(&"zz_new".to_string()) && !names.contains(&"f199".to_string()));
+}
