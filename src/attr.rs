@@ -81,8 +81,8 @@ pub fn file_type(kind: u32) -> FileType {
 impl Union {
     /// Stat of a node's visible object (through an open handle when the node has no name).
     pub fn stat_node(&self, node: &Node, fh: Option<u64>) -> Result<Stat> {
-        match self.open_top(node, libc::O_PATH) {
-            Ok((fd, _)) => sys::fstat(fd.as_fd()),
+        match self.stat_in(node, self.top_loc(node)) {
+            Ok(st) => Ok(st),
             Err(e) if e.code() == libc::ENOENT => {
                 let h = fh
                     .and_then(|fh| self.handles.file(fh))

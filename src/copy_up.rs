@@ -184,7 +184,7 @@ impl CopyUp<'_> {
         if !still_there {
             return Err(Errno::ENOENT);
         }
-        let dir = fs.open_in(&parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let dir = fs.dir_fd(&parent, Loc::Upper)?;
         // Linking the copy changes the parent's times; the parent's view must not change.
         let pst = sys::fstat(dir.as_fd())?;
         sys::renameat2(

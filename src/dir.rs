@@ -188,7 +188,7 @@ impl Union {
     pub fn lower_has(&self, parent: &Node, name: &CStr) -> Result<bool> {
         let lowers: Vec<_> = parent.state().lowers.iter().map(|(l, _)| *l).collect();
         for l in lowers {
-            let dir = match self.open_in(parent, Loc::Lower(l), libc::O_PATH | libc::O_DIRECTORY) {
+            let dir = match self.dir_fd(parent, Loc::Lower(l)) {
                 Ok(d) => d,
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => return Ok(false),
                 Err(e) => return Err(e),
@@ -339,7 +339,7 @@ impl Union {
         if self.probe(parent, name)?.is_some() {
             return Err(Errno::EEXIST);
         }
-        let dir = self.open_in(parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let dir = self.dir_fd(parent, Loc::Upper)?;
         let pst = sys::fstat(dir.as_fd())?;
         let slot = upper_slot(dir.as_fd(), &cname)?;
         let (st, fd) = match slot {
@@ -425,7 +425,7 @@ impl Union {
         }
         let src = self.open_in(node, Loc::Upper, libc::O_PATH)?;
         let src_path = sys::proc_fd_path(src.as_fd());
-        let dir = self.open_in(newparent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let dir = self.dir_fd(newparent, Loc::Upper)?;
         let cwd = sys::at_fdcwd();
         match upper_slot(dir.as_fd(), &cname)? {
             UpperSlot::Object => return Err(Errno::EEXIST),
@@ -495,7 +495,7 @@ impl Union {
         let cname = sys::cstr(name)?;
         let _lock = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
         let needs_whiteout = self.lower_has(parent, &cname)?;
-        let dir = self.open_in(parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let dir = self.dir_fd(parent, Loc::Upper)?;
         let work = self.layers.work()?;
         self.tree_change(|| -> Result<()> {
             if !in_upper {
@@ -541,6 +541,7 @@ impl Union {
             Ok(())
         })?;
         if is_dir {
+            self.drop_dir_fd(node, Loc::Upper);
             self.adjust_subdirs(parent, -1);
         }
         Ok(())
@@ -636,8 +637,8 @@ impl Union {
         let _l1 = first.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _l2 = (first.ino != second.ino)
             .then(|| second.dir_lock.lock().unwrap_or_else(|p| p.into_inner()));
-        let old_dir = self.open_in(parent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
-        let new_dir = self.open_in(newparent, Loc::Upper, libc::O_PATH | libc::O_DIRECTORY)?;
+        let old_dir = self.dir_fd(parent, Loc::Upper)?;
+        let new_dir = self.dir_fd(newparent, Loc::Upper)?;
         let work = self.layers.work()?;
         let src_lower_below = self.lower_has(parent, &cname)?;
         let dst_lower_below = self.lower_has(newparent, &cnew)?;
@@ -733,8 +734,13 @@ impl Union {
                 self.table.unlink(d, newparent, newname);
                 if exchange {
                     self.table.link(d, parent, name);
-                } else if d.state().is_unlinked() {
-                    self.table.forget_ids(d);
+                } else {
+                    if d.is_dir() {
+                        self.drop_dir_fd(d, Loc::Upper);
+                    }
+                    if d.state().is_unlinked() {
+                        self.table.forget_ids(d);
+                    }
                 }
             }
             self.table.link(src, newparent, newname);

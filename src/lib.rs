@@ -10,6 +10,7 @@ pub mod attr;
 pub mod config;
 pub mod copy_up;
 pub mod dir;
+pub mod fdcache;
 pub mod file;
 pub mod fs;
 pub mod idmap;

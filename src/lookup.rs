@@ -1,7 +1,7 @@
 //! Name resolution down the layers, and opening a node's object in one layer.
 
-use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use crate::union::Union;
 use crate::whiteout;
 
 /// Which layer an object is in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Loc {
     Upper,
     Lower(LowerIdx),
@@ -47,66 +47,47 @@ impl Found {
 const MAX_RETRIES: usize = 16;
 
 impl Union {
-    /// The path of a node relative to a layer root ("" for the root). ENOENT once the node has
-    /// no name left.
-    pub fn path_of(&self, node: &Node) -> Result<CString> {
-        let mut parts: Vec<std::ffi::OsString> = Vec::new();
-        let mut cur: Option<Arc<Node>> = None;
-        let mut depth = 0;
-        loop {
-            let n: &Node = cur.as_deref().unwrap_or(node);
-            if n.is_root() {
-                break;
-            }
-            let next = {
-                let st = n.state();
-                let link = st.links.first().ok_or(Errno::ENOENT)?;
-                parts.push(link.name.clone());
-                link.parent.clone()
-            };
-            cur = Some(next);
-            depth += 1;
-            if depth > 4096 {
-                return Err(Errno::ELOOP);
-            }
+    /// The identity the node's object has in a layer, when known.
+    fn id_in(&self, node: &Node, loc: Loc) -> Option<RealId> {
+        let st = node.state();
+        match loc {
+            Loc::Upper => st.upper,
+            Loc::Lower(l) => st.lowers.iter().find(|(x, _)| *x == l).map(|(_, id)| *id),
         }
-        let mut path = Vec::new();
-        for p in parts.iter().rev() {
-            if !path.is_empty() {
-                path.push(b'/');
-            }
-            path.extend_from_slice(p.as_bytes());
-        }
-        CString::new(path).map_err(|_| Errno::EINVAL)
     }
 
-    /// Opens a node's object in one layer. Paths in the upper can change under a concurrent
-    /// rename or unlink; when one may have happened, what was opened is checked against the
-    /// node's known identity and the walk retried.
-    pub fn open_in(&self, node: &Node, loc: Loc, flags: i32) -> Result<OwnedFd> {
-        let layer = match loc {
-            Loc::Upper => self.layers.upper()?,
-            Loc::Lower(i) => self.layers.lower(i),
-        };
+    /// Runs `f` on the parent's directory fd in `loc` and the node's name there. Names in the
+    /// upper can move under a concurrent rename or unlink; when one may have happened, what `f`
+    /// reached is checked against the node's known identity (`id_of`) and the call retried.
+    fn at_parent<T>(
+        &self,
+        node: &Node,
+        loc: Loc,
+        mut f: impl FnMut(BorrowedFd<'_>, &CStr) -> Result<T>,
+        id_of: impl Fn(&T) -> Result<Option<RealId>>,
+    ) -> Result<T> {
         let mut last = Errno::ENOENT;
         for attempt in 0..MAX_RETRIES {
             let snap = self.tree_snapshot();
-            let path = self.path_of(node)?;
-            let res = layer.open(&path, flags);
+            let (parent, name) = {
+                let st = node.state();
+                let l = st.links.first().ok_or(Errno::ENOENT)?;
+                (l.parent.clone(), sys::cstr(&l.name)?)
+            };
+            let res = self
+                .dir_fd(&parent, loc)
+                .and_then(|dir| f(dir.as_fd(), &name));
             if loc != Loc::Upper || self.tree_unchanged_since(snap) {
                 return res;
             }
-            let expect = node.state().upper;
             match res {
-                Ok(fd) => match expect {
-                    None => return Ok(fd),
-                    Some(id) => {
-                        if RealId::of(&sys::fstat(fd.as_fd())?) == id {
-                            return Ok(fd);
-                        }
-                        last = Errno::ENOENT;
+                Ok(v) => {
+                    let want = self.id_in(node, loc);
+                    match (want, id_of(&v)?) {
+                        (Some(w), Some(got)) if w != got => last = Errno::ENOENT,
+                        _ => return Ok(v),
                     }
-                },
+                }
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => last = e,
                 Err(e) => return Err(e),
             }
@@ -115,6 +96,69 @@ impl Union {
             }
         }
         Err(last)
+    }
+
+    /// The cached `O_PATH` fd of a directory node in one layer.
+    pub fn dir_fd(&self, node: &Node, loc: Loc) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = self.fds.get(node.serial, loc) {
+            return Ok(fd);
+        }
+        if !node.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let fd = if node.is_root() {
+            let layer = match loc {
+                Loc::Upper => self.layers.upper()?,
+                Loc::Lower(i) => self.layers.lower(i),
+            };
+            sys::dup(layer.root())?
+        } else {
+            self.at_parent(
+                node,
+                loc,
+                |dir, name| sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0),
+                |fd| Ok(Some(RealId::of(&sys::fstat(fd.as_fd())?))),
+            )?
+        };
+        let fd = Arc::new(fd);
+        self.fds.insert(node.serial, loc, fd.clone());
+        Ok(fd)
+    }
+
+    /// Forgets the cached directory fd of a node in one layer (its directory there was
+    /// removed or replaced).
+    pub fn drop_dir_fd(&self, node: &Node, loc: Loc) {
+        self.fds.remove(node.serial, loc);
+    }
+
+    /// Opens a node's object in one layer with `flags` (never following a symlink).
+    pub fn open_in(&self, node: &Node, loc: Loc, flags: i32) -> Result<OwnedFd> {
+        if node.is_dir() {
+            let dir = self.dir_fd(node, loc)?;
+            if flags == libc::O_PATH | libc::O_DIRECTORY || flags == libc::O_PATH {
+                return sys::dup(dir.as_fd());
+            }
+            return sys::openat(dir.as_fd(), c".", flags, 0);
+        }
+        self.at_parent(
+            node,
+            loc,
+            |dir, name| sys::openat(dir, name, flags, 0),
+            |fd| Ok(Some(RealId::of(&sys::fstat(fd.as_fd())?))),
+        )
+    }
+
+    /// Stat of a node's object in one layer.
+    pub fn stat_in(&self, node: &Node, loc: Loc) -> Result<Stat> {
+        if node.is_dir() {
+            return sys::fstat(self.dir_fd(node, loc)?.as_fd());
+        }
+        self.at_parent(
+            node,
+            loc,
+            |dir, name| sys::fstatat(dir, name, 0),
+            |st| Ok(Some(RealId::of(st))),
+        )
     }
 
     /// Where the node's visible object is: the upper if it has one, else its top lower.
@@ -154,7 +198,7 @@ impl Union {
         let layers = self.dir_layers(parent);
         let mut found: Option<Found> = None;
         for (i, &loc) in layers.iter().enumerate() {
-            let dir = match self.open_in(parent, loc, libc::O_PATH | libc::O_DIRECTORY) {
+            let dir = match self.dir_fd(parent, loc) {
                 Ok(fd) => fd,
                 // The parent vanished from this layer (a concurrent removal): nothing below.
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => break,

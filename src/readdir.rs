@@ -195,7 +195,7 @@ impl Union {
 
     /// Stat of a listed entry in the layer it came from.
     pub fn stat_entry(&self, dir: &Node, e: &Entry) -> Result<sys::Stat> {
-        let fd = self.open_in(dir, e.loc, libc::O_PATH | libc::O_DIRECTORY)?;
+        let fd = self.dir_fd(dir, e.loc)?;
         let name = sys::cstr(&e.name)?;
         sys::fstatat(fd.as_fd(), &name, 0)
     }

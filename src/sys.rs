@@ -604,6 +604,18 @@ pub fn getegid() -> u32 {
     unsafe { libc::getegid() }
 }
 
+/// The soft limit on open files.
+pub fn nofile_limit() -> u64 {
+    let mut lim = MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: `lim` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } == 0 {
+        // SAFETY: getrlimit succeeded.
+        unsafe { lim.assume_init() }.rlim_cur
+    } else {
+        1024
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit.
 pub fn raise_nofile_limit() {
     let mut lim = MaybeUninit::<libc::rlimit>::uninit();

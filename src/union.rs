@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::fdcache::FdCache;
 use crate::file::Handles;
 use crate::idmap::IdMap;
 use crate::inode::{RealId, State, Table};
@@ -49,6 +50,8 @@ pub struct Union {
     pub table: Table,
     pub opts: Options,
     pub handles: Handles,
+    /// Directory fds per (node, layer).
+    pub fds: FdCache,
     /// Sends cache invalidations to the kernel, once the session is up.
     pub invalidator: OnceLock<Invalidator>,
     /// Brackets changes that move or remove names in the upper (see `lookup::open_in`).
@@ -93,6 +96,7 @@ impl Union {
             layers,
             opts,
             handles: Handles::default(),
+            fds: FdCache::new(FdCache::default_capacity()),
             invalidator: OnceLock::new(),
             tree_begun: AtomicU64::new(0),
             tree_ended: AtomicU64::new(0),
