@@ -206,24 +206,26 @@ impl Union {
         if node.kind != libc::S_IFLNK {
             return Err(Errno::EINVAL);
         }
-        let (fd, _) = self.open_top(node, libc::O_PATH)?;
-        sys::readlinkat(fd.as_fd(), c"")
+        self.with_object(node, self.top_loc(node), sys::readlinkat)
     }
 
     pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
         if whiteout::is_private_xattr(name.as_bytes()) {
             return Err(Errno::ENOTSUP);
         }
-        let (fd, _) = self.open_top(node, libc::O_PATH)?;
         let cname = sys::cstr(name)?;
-        let value = sys::getxattr_vec(fd.as_fd(), &cname)?.ok_or(Errno::ENODATA)?;
+        let value = self
+            .with_object(node, self.top_loc(node), |d, p| {
+                sys::getxattr_vec_at(d, p, &cname)
+            })?
+            .ok_or(Errno::ENODATA)?;
         xattr_reply(value, size)
     }
 
     pub fn listxattr(&self, node: &Node, size: u32) -> Result<XattrReply> {
-        let (fd, _) = self.open_top(node, libc::O_PATH)?;
+        let names = self.with_object(node, self.top_loc(node), sys::listxattr_vec_at)?;
         let mut out = Vec::new();
-        for n in sys::listxattr_vec(fd.as_fd())? {
+        for n in names {
             if !whiteout::is_private_xattr(n.as_bytes()) {
                 out.extend_from_slice(n.as_bytes());
                 out.push(0);
@@ -240,8 +242,10 @@ impl Union {
             return Err(Errno::ENOTSUP);
         }
         self.copy_up(node)?;
-        let fd = self.open_in(node, Loc::Upper, libc::O_PATH)?;
-        sys::setxattr(fd.as_fd(), &sys::cstr(name)?, value, flags)
+        let cname = sys::cstr(name)?;
+        self.with_object(node, Loc::Upper, |d, p| {
+            sys::setxattr_at(d, p, &cname, value, flags)
+        })
     }
 
     pub fn removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
@@ -254,12 +258,12 @@ impl Union {
         let cname = sys::cstr(name)?;
         if node.state().upper.is_none() {
             // Nothing to remove: no copy-up, as kernel overlayfs.
-            let (fd, _) = self.open_top(node, libc::O_PATH)?;
-            sys::getxattr(fd.as_fd(), &cname, &mut [])?;
+            self.with_object(node, self.top_loc(node), |d, p| {
+                sys::getxattr_at(d, p, &cname, &mut [])
+            })?;
         }
         self.copy_up(node)?;
-        let fd = self.open_in(node, Loc::Upper, libc::O_PATH)?;
-        sys::removexattr(fd.as_fd(), &cname)
+        self.with_object(node, Loc::Upper, |d, p| sys::removexattr_at(d, p, &cname))
     }
 
     pub fn statfs(&self) -> Result<libc::statvfs> {

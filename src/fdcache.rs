@@ -32,7 +32,9 @@ impl FdCache {
     pub fn new(capacity: usize) -> FdCache {
         let per = NonZeroUsize::new((capacity / SHARDS).max(4)).expect("non-zero");
         FdCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(LruCache::new(per))).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per)))
+                .collect(),
             hasher: RandomState::new(),
         }
     }

@@ -148,6 +148,22 @@ impl Union {
         )
     }
 
+    /// Runs `f` with a directory fd and a name (`.` for the directory itself) that reach the
+    /// node's object in one layer, for the `*at` calls.
+    pub fn with_object<T>(
+        &self,
+        node: &Node,
+        loc: Loc,
+        f: impl FnMut(BorrowedFd<'_>, &CStr) -> Result<T>,
+    ) -> Result<T> {
+        let mut f = f;
+        if node.is_dir() {
+            let dir = self.dir_fd(node, loc)?;
+            return f(dir.as_fd(), c".");
+        }
+        self.at_parent(node, loc, f, |_| Ok(None))
+    }
+
     /// Stat of a node's object in one layer.
     pub fn stat_in(&self, node: &Node, loc: Loc) -> Result<Stat> {
         if node.is_dir() {

@@ -302,54 +302,262 @@ pub fn utimensat(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Extended attributes. `O_PATH` fds cannot be used with f*xattr, so we go through the
+// Extended attributes. `O_PATH` fds cannot be used with f*xattr; the `*xattrat` calls
+// (Linux 6.13) take them with `AT_EMPTY_PATH`. On older kernels we go through the
 // `/proc/self/fd` magic link of our own fd, which resolves to the object itself (a symlink
 // included) and never to a symlink's target.
 
-fn xattr_fd_ok(fd: BorrowedFd<'_>) -> bool {
-    // SAFETY: F_GETFL on a valid fd has no memory effects.
-    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    fl >= 0 && fl & libc::O_PATH == 0
+const SYS_SETXATTRAT: libc::c_long = 463;
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
+
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+static XATTRAT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Runs an `*xattrat` call unless the kernel is known to lack them; `None` means "use the
+/// fallback" (also for an `O_PATH` fd with an empty path, which the calls refuse with EBADF).
+fn xattrat(mut call: impl FnMut() -> libc::c_long) -> Option<Result<usize>> {
+    use std::sync::atomic::Ordering;
+    if XATTRAT.load(Ordering::Relaxed) == 2 {
+        return None;
+    }
+    let ret = call();
+    if ret < 0 {
+        let e = last_errno();
+        if e.code() == libc::ENOSYS {
+            XATTRAT.store(2, Ordering::Relaxed);
+            return None;
+        }
+        if e.code() == libc::EBADF {
+            return None;
+        }
+        return Some(Err(e));
+    }
+    XATTRAT.store(1, Ordering::Relaxed);
+    Some(Ok(ret as usize))
+}
+
+const AT_XATTR: i32 = libc::AT_SYMLINK_NOFOLLOW;
+
+/// getxattr of `name` in directory `dir` (`c""` for `dir` itself).
+pub fn getxattr_at(dir: BorrowedFd<'_>, path: &CStr, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+    let flags = AT_XATTR
+        | if path.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    let args = XattrArgs {
+        value: buf.as_mut_ptr() as u64,
+        size: buf.len() as u32,
+        flags: 0,
+    };
+    retry(|| {
+        // SAFETY: valid fd, NUL-terminated strings, `args` points at a writable buffer of `size`.
+        let r = xattrat(|| unsafe {
+            libc::syscall(
+                SYS_GETXATTRAT,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                flags,
+                name.as_ptr(),
+                &args as *const XattrArgs,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        });
+        match r {
+            Some(r) => r,
+            None => {
+                let p = at_proc_path(dir, path);
+                // An empty path names the magic link itself, which only the following form
+                // of the call resolves to the object.
+                let f = if path.is_empty() {
+                    libc::getxattr
+                } else {
+                    libc::lgetxattr
+                };
+                // SAFETY: NUL-terminated strings and a writable buffer of its length.
+                check_ssize(unsafe {
+                    f(
+                        p.as_ptr(),
+                        name.as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                })
+            }
+        }
+    })
+}
+
+pub fn setxattr_at(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    name: &CStr,
+    value: &[u8],
+    xflags: i32,
+) -> Result<()> {
+    let flags = AT_XATTR
+        | if path.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    let args = XattrArgs {
+        value: value.as_ptr() as u64,
+        size: value.len() as u32,
+        flags: xflags as u32,
+    };
+    // SAFETY: valid fd, NUL-terminated strings, `args` points at a readable buffer of `size`.
+    let r = xattrat(|| unsafe {
+        libc::syscall(
+            SYS_SETXATTRAT,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            flags,
+            name.as_ptr(),
+            &args as *const XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    });
+    match r {
+        Some(r) => r.map(drop),
+        None => {
+            let p = at_proc_path(dir, path);
+            let f = if path.is_empty() {
+                libc::setxattr
+            } else {
+                libc::lsetxattr
+            };
+            // SAFETY: NUL-terminated strings and a readable buffer of its length.
+            check(unsafe {
+                f(
+                    p.as_ptr(),
+                    name.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    xflags,
+                )
+            })
+            .map(drop)
+        }
+    }
+}
+
+pub fn removexattr_at(dir: BorrowedFd<'_>, path: &CStr, name: &CStr) -> Result<()> {
+    let flags = AT_XATTR
+        | if path.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: valid fd and NUL-terminated strings.
+    let r = xattrat(|| unsafe {
+        libc::syscall(
+            SYS_REMOVEXATTRAT,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            flags,
+            name.as_ptr(),
+        )
+    });
+    match r {
+        Some(r) => r.map(drop),
+        None => {
+            let p = at_proc_path(dir, path);
+            let f = if path.is_empty() {
+                libc::removexattr
+            } else {
+                libc::lremovexattr
+            };
+            // SAFETY: NUL-terminated strings.
+            check(unsafe { f(p.as_ptr(), name.as_ptr()) }).map(drop)
+        }
+    }
+}
+
+pub fn listxattr_at(dir: BorrowedFd<'_>, path: &CStr, buf: &mut [u8]) -> Result<usize> {
+    let flags = AT_XATTR
+        | if path.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    retry(|| {
+        // SAFETY: valid fd, NUL-terminated path and a writable buffer of its length.
+        let r = xattrat(|| unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                flags,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        });
+        match r {
+            Some(r) => r,
+            None => {
+                let p = at_proc_path(dir, path);
+                let f = if path.is_empty() {
+                    libc::listxattr
+                } else {
+                    libc::llistxattr
+                };
+                // SAFETY: NUL-terminated path and a writable buffer of its length.
+                check_ssize(unsafe { f(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+            }
+        }
+    })
+}
+
+/// `/proc/self/fd/N[/path]` for the fallback of the `*at` xattr calls.
+fn at_proc_path(dir: BorrowedFd<'_>, path: &CStr) -> CString {
+    let mut p = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
+    if !path.is_empty() {
+        p.push(b'/');
+        p.extend_from_slice(path.to_bytes());
+    }
+    CString::new(p).expect("no NUL")
 }
 
 pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> Result<usize> {
-    retry(|| {
-        let ret = if xattr_fd_ok(fd) {
-            // SAFETY: `buf` is writable for its full length.
-            unsafe {
-                libc::fgetxattr(
-                    fd.as_raw_fd(),
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            }
-        } else {
-            let path = proc_fd_path(fd);
-            // SAFETY: as above, with a NUL-terminated path.
-            unsafe {
-                libc::getxattr(
-                    path.as_ptr(),
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            }
-        };
-        check_ssize(ret)
-    })
+    getxattr_at(fd, c"", name, buf)
+}
+
+pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
+    setxattr_at(fd, c"", name, value, flags)
+}
+
+pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+    removexattr_at(fd, c"", name)
+}
+
+pub fn listxattr(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
+    listxattr_at(fd, c"", buf)
 }
 
 /// The whole value of an xattr, or `None` if it is not set.
 pub fn getxattr_vec(fd: BorrowedFd<'_>, name: &CStr) -> Result<Option<Vec<u8>>> {
+    getxattr_vec_at(fd, c"", name)
+}
+
+pub fn getxattr_vec_at(dir: BorrowedFd<'_>, path: &CStr, name: &CStr) -> Result<Option<Vec<u8>>> {
     loop {
-        let size = match getxattr(fd, name, &mut []) {
+        let size = match getxattr_at(dir, path, name, &mut []) {
             Ok(n) => n,
             Err(e) if e.code() == libc::ENODATA => return Ok(None),
             Err(e) => return Err(e),
         };
         let mut buf = vec![0u8; size];
-        match getxattr(fd, name, &mut buf) {
+        match getxattr_at(dir, path, name, &mut buf) {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(Some(buf));
@@ -361,69 +569,19 @@ pub fn getxattr_vec(fd: BorrowedFd<'_>, name: &CStr) -> Result<Option<Vec<u8>>> 
     }
 }
 
-pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
-    let ret = if xattr_fd_ok(fd) {
-        // SAFETY: `value` is readable for its full length.
-        unsafe {
-            libc::fsetxattr(
-                fd.as_raw_fd(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags,
-            )
-        }
-    } else {
-        let path = proc_fd_path(fd);
-        // SAFETY: as above, with a NUL-terminated path.
-        unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags,
-            )
-        }
-    };
-    check(ret).map(drop)
-}
-
-pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> Result<()> {
-    let ret = if xattr_fd_ok(fd) {
-        // SAFETY: plain syscall with a NUL-terminated name.
-        unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) }
-    } else {
-        let path = proc_fd_path(fd);
-        // SAFETY: plain syscall with NUL-terminated strings.
-        unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }
-    };
-    check(ret).map(drop)
-}
-
-pub fn listxattr(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
-    retry(|| {
-        let ret = if xattr_fd_ok(fd) {
-            // SAFETY: `buf` is writable for its full length.
-            unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
-        } else {
-            let path = proc_fd_path(fd);
-            // SAFETY: as above, with a NUL-terminated path.
-            unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
-        };
-        check_ssize(ret)
-    })
-}
-
 /// All xattr names of an object.
 pub fn listxattr_vec(fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    listxattr_vec_at(fd, c"")
+}
+
+pub fn listxattr_vec_at(dir: BorrowedFd<'_>, path: &CStr) -> Result<Vec<OsString>> {
     loop {
-        let size = listxattr(fd, &mut [])?;
+        let size = listxattr_at(dir, path, &mut [])?;
         if size == 0 {
             return Ok(Vec::new());
         }
         let mut buf = vec![0u8; size];
-        match listxattr(fd, &mut buf) {
+        match listxattr_at(dir, path, &mut buf) {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf
