@@ -641,11 +641,12 @@ impl Union {
         let new_dir = self.dir_fd(newparent, Loc::Upper)?;
         let work = self.layers.work()?;
         let src_lower_below = self.lower_has(parent, &cname)?;
-        let dst_lower_below = self.lower_has(newparent, &cnew)?;
         let dst_slot = upper_slot(new_dir.as_fd(), &cnew)?;
 
-        // A directory moved onto a name that a lower layer still has must be opaque.
-        if src.is_dir() && dst_lower_below {
+        // A directory moved into a merged directory is made opaque, as kernel overlayfs
+        // does, so nothing a lower layer has (or gets) under that name merges into it.
+        let merged = |n: &Node| n.state().has_lower();
+        if src.is_dir() && merged(newparent) {
             let d = sys::openat(
                 old_dir.as_fd(),
                 &cname,
@@ -654,7 +655,7 @@ impl Union {
             )?;
             self.make_opaque(d.as_fd())?;
         }
-        if exchange && dst.is_some_and(|d| d.is_dir()) && src_lower_below {
+        if exchange && dst.is_some_and(|d| d.is_dir()) && merged(parent) {
             let d = sys::openat(
                 new_dir.as_fd(),
                 &cnew,
