@@ -1,0 +1,1578 @@
+mod common;
+use common::*;
+
+// File operations through the mount: attributes, xattrs, data, locks, mmap, statfs,
+// read-only mounts, inode numbers and hard links. Each test checks the merged view and,
+// where something changes, the upper layer on disk (and that the lowers stay untouched).
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+// ---------------------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------------------
+
+fn cs(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
+
+fn rc(r: libc::c_int) -> Result<(), i32> {
+    if r < 0 { Err(last_errno()) } else { Ok(()) }
+}
+
+fn lstat(p: &Path) -> fs::Metadata {
+    fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
+}
+
+fn truncate(p: &Path, len: i64) -> Result<(), i32> {
+    let c = cs(p);
+    // SAFETY: NUL-terminated path.
+    rc(unsafe { libc::truncate(c.as_ptr(), len) })
+}
+
+fn chmod(p: &Path, mode: u32) -> Result<(), i32> {
+    let c = cs(p);
+    // SAFETY: NUL-terminated path.
+    rc(unsafe { libc::chmod(c.as_ptr(), mode) })
+}
+
+fn lchown(p: &Path, uid: u32, gid: u32) -> Result<(), i32> {
+    let c = cs(p);
+    // SAFETY: NUL-terminated path.
+    rc(unsafe { libc::lchown(c.as_ptr(), uid, gid) })
+}
+
+fn ts(sec: i64, nsec: i64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    }
+}
+
+/// utimensat(AT_FDCWD, p, times, AT_SYMLINK_NOFOLLOW); `None` means a NULL times pointer.
+fn utimens(p: &Path, times: Option<[libc::timespec; 2]>) -> Result<(), i32> {
+    let c = cs(p);
+    let ptr = times.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
+    // SAFETY: NUL-terminated path, and a NULL or two-element times array.
+    rc(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ptr, libc::AT_SYMLINK_NOFOLLOW) })
+}
+
+fn setx(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<(), i32> {
+    let c = cs(p);
+    let n = CString::new(name).unwrap();
+    // SAFETY: NUL-terminated strings, readable buffer.
+    rc(unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+}
+
+fn removex(p: &Path, name: &str) -> Result<(), i32> {
+    let c = cs(p);
+    let n = CString::new(name).unwrap();
+    // SAFETY: NUL-terminated strings.
+    rc(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) })
+}
+
+/// lgetxattr with a buffer of `size` bytes (a NULL buffer for 0): the returned length.
+fn getx_len(p: &Path, name: &str, size: usize) -> Result<usize, i32> {
+    let c = cs(p);
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; size];
+    let ptr = if size == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
+    // SAFETY: NUL-terminated strings, writable buffer of `size` bytes (or NULL with 0).
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), ptr, size) };
+    if r < 0 {
+        Err(last_errno())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// llistxattr with a buffer of `size` bytes (a NULL buffer for 0): the returned length.
+fn listx_len(p: &Path, size: usize) -> Result<usize, i32> {
+    let c = cs(p);
+    let mut buf = vec![0u8; size];
+    let ptr = if size == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
+    // SAFETY: NUL-terminated path, writable buffer of `size` bytes (or NULL with 0).
+    let r = unsafe { libc::llistxattr(c.as_ptr(), ptr, size) };
+    if r < 0 {
+        Err(last_errno())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// The user.* xattr names of `p`, sorted.
+fn user_xattrs(p: &Path) -> Vec<String> {
+    list_xattrs(p)
+        .into_iter()
+        .filter(|n| n.starts_with("user."))
+        .collect()
+}
+
+fn fallocate(f: &File, mode: i32, off: i64, len: i64) -> Result<(), i32> {
+    // SAFETY: a valid open fd.
+    rc(unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) })
+}
+
+fn lseek(f: &File, off: i64, whence: i32) -> Result<i64, i32> {
+    // SAFETY: a valid open fd.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 { Err(last_errno()) } else { Ok(r) }
+}
+
+fn statvfs(p: &Path) -> libc::statvfs {
+    let c = cs(p);
+    // SAFETY: NUL-terminated path and a zeroed out-struct.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(
+            libc::statvfs(c.as_ptr(), &mut s),
+            0,
+            "statvfs {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        s
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn rw(p: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open rw {}: {e}", p.display()))
+}
+
+/// A tmpfs mounted on a directory for the life of the guard.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(dir: PathBuf, size: &str) -> Tmpfs {
+        fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attributes
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn truncate_grow_and_shrink() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("lo", "hello world")
+        .file("lo2", "abc")
+        .times("lo", 1000, 2000);
+    let m = l.mount("u");
+
+    // Shrink a lower-only file by path: copied up, then cut.
+    assert!(!m.upper_path("lo").exists());
+    truncate(&m.path("lo"), 5).unwrap();
+    assert_eq!(m.read("lo"), "hello");
+    assert_eq!(lstat(&m.path("lo")).len(), 5);
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), b"hello");
+    // Grow it again: the new bytes read as zeros.
+    truncate(&m.path("lo"), 12).unwrap();
+    let want = b"hello\0\0\0\0\0\0\0".to_vec();
+    assert_eq!(fs::read(m.path("lo")).unwrap(), want);
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), want);
+    assert_eq!(fs::read(l.lower(0).path("lo")).unwrap(), b"hello world");
+
+    // Grow a lower-only file through ftruncate on a write fd.
+    let f = OpenOptions::new().write(true).open(m.path("lo2")).unwrap();
+    f.set_len(10).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 10);
+    drop(f);
+    let want = b"abc\0\0\0\0\0\0\0".to_vec();
+    assert_eq!(fs::read(m.path("lo2")).unwrap(), want);
+    assert_eq!(fs::read(m.upper_path("lo2")).unwrap(), want);
+    assert_eq!(fs::read(l.lower(0).path("lo2")).unwrap(), b"abc");
+
+    // An upper file.
+    m.write("up", "0123456789");
+    truncate(&m.path("up"), 3).unwrap();
+    assert_eq!(m.read("up"), "012");
+    assert_eq!(fs::read(m.upper_path("up")).unwrap(), b"012");
+    truncate(&m.path("up"), 8192).unwrap();
+    let mut want = b"012".to_vec();
+    want.resize(8192, 0);
+    assert_eq!(fs::read(m.path("up")).unwrap(), want);
+    assert_eq!(fs::read(m.upper_path("up")).unwrap(), want);
+    assert_eq!(lstat(&m.upper_path("up")).len(), 8192);
+    truncate(&m.path("up"), 0).unwrap();
+    assert_eq!(lstat(&m.path("up")).len(), 0);
+    assert_eq!(lstat(&m.upper_path("up")).len(), 0);
+    // Truncating a directory is EISDIR, as on a local filesystem.
+    fs::create_dir(m.path("dir")).unwrap();
+    assert_eq!(truncate(&m.path("dir"), 0), Err(libc::EISDIR));
+}
+
+#[test]
+fn chmod_lower_and_upper() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("lo", "x")
+        .chmod("lo", 0o644)
+        .times("lo", 1000, 2000)
+        .dir("d")
+        .file("d/f", "f");
+    l.lower(0).chmod("d", 0o755);
+    l.lower(1).file("d/g", "g");
+    let m = l.mount("u");
+
+    chmod(&m.path("lo"), 0o600).unwrap();
+    assert_eq!(lstat(&m.path("lo")).mode() & 0o7777, 0o600);
+    let up = lstat(&m.upper_path("lo"));
+    assert_eq!(up.mode() & 0o7777, 0o600);
+    assert_eq!(up.mtime(), 2000, "copy-up keeps mtime");
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), b"x");
+    assert_eq!(m.read("lo"), "x");
+    assert_eq!(lstat(&l.lower(0).path("lo")).mode() & 0o7777, 0o644);
+
+    // A merged directory: copied up (not opaque), still merged.
+    chmod(&m.path("d"), 0o700).unwrap();
+    assert_eq!(lstat(&m.path("d")).mode() & 0o7777, 0o700);
+    assert_eq!(lstat(&m.upper_path("d")).mode() & 0o7777, 0o700);
+    assert_eq!(m.ls("d"), vec!["f", "g"]);
+    assert_eq!(lstat(&l.lower(0).path("d")).mode() & 0o7777, 0o755);
+
+    // An upper file, including the setuid/sticky bits.
+    m.write("up", "u");
+    chmod(&m.path("up"), 0o4751).unwrap();
+    assert_eq!(lstat(&m.path("up")).mode() & 0o7777, 0o4751);
+    assert_eq!(lstat(&m.upper_path("up")).mode() & 0o7777, 0o4751);
+    chmod(&m.path("up"), 0o640).unwrap();
+    assert_eq!(lstat(&m.path("up")).mode() & 0o7777, 0o640);
+    assert_eq!(lstat(&m.upper_path("up")).mode() & 0o7777, 0o640);
+}
+
+#[test]
+fn chown_lower_and_upper() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("lo", "x")
+        .file("target", "t")
+        .symlink("ln", "target")
+        .dir("d")
+        .file("d/f", "f");
+    let m = l.mount("u");
+
+    lchown(&m.path("lo"), 1234, u32::MAX).unwrap();
+    let md = lstat(&m.path("lo"));
+    assert_eq!((md.uid(), md.gid()), (1234, 0));
+    let up = lstat(&m.upper_path("lo"));
+    assert_eq!((up.uid(), up.gid()), (1234, 0));
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), b"x");
+    assert_eq!(lstat(&l.lower(0).path("lo")).uid(), 0);
+
+    // lchown of a lower symlink copies the link itself up, not its target.
+    lchown(&m.path("ln"), 1234, 1234).unwrap();
+    let md = lstat(&m.path("ln"));
+    assert!(md.file_type().is_symlink());
+    assert_eq!((md.uid(), md.gid()), (1234, 1234));
+    let up = lstat(&m.upper_path("ln"));
+    assert!(up.file_type().is_symlink());
+    assert_eq!((up.uid(), up.gid()), (1234, 1234));
+    assert_eq!(
+        fs::read_link(m.upper_path("ln")).unwrap().to_str(),
+        Some("target")
+    );
+    assert_eq!(lstat(&m.path("target")).uid(), 0);
+    assert!(!m.upper_path("target").exists());
+
+    // A lower directory.
+    lchown(&m.path("d"), 1234, 1234).unwrap();
+    assert_eq!(lstat(&m.path("d")).uid(), 1234);
+    assert_eq!(lstat(&m.upper_path("d")).uid(), 1234);
+    assert_eq!(m.ls("d"), vec!["f"]);
+
+    // An upper file.
+    m.write("up", "u");
+    lchown(&m.path("up"), 1234, 1234).unwrap();
+    let md = lstat(&m.path("up"));
+    assert_eq!((md.uid(), md.gid()), (1234, 1234));
+    let up = lstat(&m.upper_path("up"));
+    assert_eq!((up.uid(), up.gid()), (1234, 1234));
+}
+
+#[test]
+fn utimensat_explicit_and_now() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("lo", "x")
+        .times("lo", 100, 200)
+        .file("lo2", "y")
+        .times("lo2", 100, 200)
+        .file("target", "t")
+        .symlink("ln", "target");
+    let m = l.mount("u");
+
+    // Explicit times with nanoseconds on a lower-only file. (Atime is checked before any
+    // read of the file, which could legitimately move it.)
+    let t = [
+        ts(1_000_000_000, 123_456_789),
+        ts(1_100_000_000, 987_654_321),
+    ];
+    utimens(&m.path("lo"), Some(t)).unwrap();
+    for (what, md) in [
+        ("merged", lstat(&m.path("lo"))),
+        ("upper", lstat(&m.upper_path("lo"))),
+    ] {
+        assert_eq!(
+            (md.atime(), md.atime_nsec()),
+            (1_000_000_000, 123_456_789),
+            "{what} atime"
+        );
+        assert_eq!(
+            (md.mtime(), md.mtime_nsec()),
+            (1_100_000_000, 987_654_321),
+            "{what} mtime"
+        );
+    }
+    assert_eq!(m.read("lo"), "x");
+    assert_eq!(lstat(&l.lower(0).path("lo")).mtime(), 200);
+
+    // UTIME_NOW for both, on another lower-only file.
+    let before = now_secs();
+    utimens(
+        &m.path("lo2"),
+        Some([ts(0, libc::UTIME_NOW), ts(0, libc::UTIME_NOW)]),
+    )
+    .unwrap();
+    let after = now_secs();
+    for (what, md) in [
+        ("merged", lstat(&m.path("lo2"))),
+        ("upper", lstat(&m.upper_path("lo2"))),
+    ] {
+        assert!(
+            md.mtime() >= before - 1 && md.mtime() <= after + 1,
+            "{what}: mtime {} not now ({before}..{after})",
+            md.mtime()
+        );
+        assert!(
+            md.atime() >= before - 1 && md.atime() <= after + 1,
+            "{what}: atime {} not now",
+            md.atime()
+        );
+    }
+    assert_eq!(lstat(&l.lower(0).path("lo2")).mtime(), 200);
+
+    // A symlink's own times (AT_SYMLINK_NOFOLLOW): the link is copied up, the target not.
+    utimens(&m.path("ln"), Some([ts(5000, 0), ts(6000, 0)])).unwrap();
+    assert_eq!(lstat(&m.path("ln")).mtime(), 6000);
+    assert_eq!(lstat(&m.upper_path("ln")).mtime(), 6000);
+    assert_ne!(lstat(&m.path("target")).mtime(), 6000);
+
+    // An upper file: explicit, UTIME_OMIT for atime, then NULL times (= now).
+    m.write("up", "u");
+    utimens(&m.path("up"), Some([ts(300, 1), ts(400, 2)])).unwrap();
+    for md in [lstat(&m.path("up")), lstat(&m.upper_path("up"))] {
+        assert_eq!((md.atime(), md.atime_nsec()), (300, 1));
+        assert_eq!((md.mtime(), md.mtime_nsec()), (400, 2));
+    }
+    utimens(&m.path("up"), Some([ts(0, libc::UTIME_OMIT), ts(500, 0)])).unwrap();
+    for md in [lstat(&m.path("up")), lstat(&m.upper_path("up"))] {
+        assert_eq!(
+            (md.atime(), md.atime_nsec()),
+            (300, 1),
+            "UTIME_OMIT kept atime"
+        );
+        assert_eq!(md.mtime(), 500);
+    }
+    let before = now_secs();
+    utimens(&m.path("up"), None).unwrap();
+    let after = now_secs();
+    for md in [lstat(&m.path("up")), lstat(&m.upper_path("up"))] {
+        assert!(md.mtime() >= before - 1 && md.mtime() <= after + 1);
+        assert!(md.atime() >= before - 1 && md.atime() <= after + 1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Extended attributes
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn xattrs_on_lower_file_copy_up() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("lo", "data")
+        .xattr("lo", "user.a", b"1")
+        .dir("d")
+        .xattr("d", "user.da", b"x")
+        .file("d/f", "f");
+    l.lower(1).file("d/g", "g");
+    let m = l.mount("u");
+
+    assert_eq!(get_xattr(&m.path("lo"), "user.a"), Ok(b"1".to_vec()));
+    assert_eq!(user_xattrs(&m.path("lo")), vec!["user.a"]);
+    assert!(!m.upper_path("lo").exists(), "reading xattrs copied up");
+
+    setx(&m.path("lo"), "user.b", b"2", 0).unwrap();
+    assert_eq!(get_xattr(&m.path("lo"), "user.b"), Ok(b"2".to_vec()));
+    assert_eq!(user_xattrs(&m.path("lo")), vec!["user.a", "user.b"]);
+    // Copied up with its data and its old xattrs.
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), b"data");
+    assert_eq!(get_xattr(&m.upper_path("lo"), "user.a"), Ok(b"1".to_vec()));
+    assert_eq!(get_xattr(&m.upper_path("lo"), "user.b"), Ok(b"2".to_vec()));
+
+    removex(&m.path("lo"), "user.a").unwrap();
+    assert_eq!(get_xattr(&m.path("lo"), "user.a"), Err(libc::ENODATA));
+    assert_eq!(user_xattrs(&m.path("lo")), vec!["user.b"]);
+    assert_eq!(user_xattrs(&m.upper_path("lo")), vec!["user.b"]);
+    // The lower is untouched.
+    assert_eq!(user_xattrs(&l.lower(0).path("lo")), vec!["user.a"]);
+
+    // Remove from a lower-only file: copy-up, then removal.
+    l.lower(0).file("lo3", "3").xattr("lo3", "user.z", b"z");
+    removex(&m.path("lo3"), "user.z").unwrap();
+    assert_eq!(user_xattrs(&m.path("lo3")), Vec::<String>::new());
+    assert!(m.upper_path("lo3").exists());
+    assert_eq!(user_xattrs(&m.upper_path("lo3")), Vec::<String>::new());
+    assert_eq!(fs::read(m.upper_path("lo3")).unwrap(), b"3");
+    assert_eq!(user_xattrs(&l.lower(0).path("lo3")), vec!["user.z"]);
+
+    // A merged directory: copied up keeping its xattr, and still merged.
+    setx(&m.path("d"), "user.db", b"y", 0).unwrap();
+    assert_eq!(user_xattrs(&m.path("d")), vec!["user.da", "user.db"]);
+    assert_eq!(user_xattrs(&m.upper_path("d")), vec!["user.da", "user.db"]);
+    assert_eq!(m.ls("d"), vec!["f", "g"]);
+}
+
+#[test]
+fn xattrs_on_upper_file() {
+    let l = Layers::new(1);
+    let m = l.mount("u");
+    m.write("up", "u");
+    let p = m.path("up");
+    setx(&p, "user.one", b"1", 0).unwrap();
+    setx(&p, "user.two", b"22", libc::XATTR_CREATE).unwrap();
+    assert_eq!(get_xattr(&p, "user.one"), Ok(b"1".to_vec()));
+    assert_eq!(get_xattr(&p, "user.two"), Ok(b"22".to_vec()));
+    assert_eq!(user_xattrs(&p), vec!["user.one", "user.two"]);
+    assert_eq!(
+        user_xattrs(&m.upper_path("up")),
+        vec!["user.one", "user.two"]
+    );
+    setx(&p, "user.one", b"111", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(get_xattr(&p, "user.one"), Ok(b"111".to_vec()));
+    assert_eq!(
+        get_xattr(&m.upper_path("up"), "user.one"),
+        Ok(b"111".to_vec())
+    );
+    // An empty value is a value.
+    setx(&p, "user.empty", b"", 0).unwrap();
+    assert_eq!(get_xattr(&p, "user.empty"), Ok(Vec::new()));
+    removex(&p, "user.one").unwrap();
+    removex(&p, "user.empty").unwrap();
+    assert_eq!(user_xattrs(&p), vec!["user.two"]);
+    assert_eq!(user_xattrs(&m.upper_path("up")), vec!["user.two"]);
+    assert_eq!(removex(&p, "user.one"), Err(libc::ENODATA));
+    assert_eq!(get_xattr(&p, "user.one"), Err(libc::ENODATA));
+}
+
+#[test]
+fn removexattr_missing_on_lower_file_does_not_copy_up() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("lo", "x")
+        .xattr("lo", "user.there", b"1")
+        .file("d/f", "f");
+    let m = l.mount("u");
+    assert_eq!(removex(&m.path("lo"), "user.missing"), Err(libc::ENODATA));
+    assert_eq!(removex(&m.path("d/f"), "user.missing"), Err(libc::ENODATA));
+    assert_eq!(removex(&m.path("d"), "user.missing"), Err(libc::ENODATA));
+    assert!(!m.upper_path("lo").exists(), "lo copied up");
+    assert!(!m.upper_path("d").exists(), "d copied up");
+    assert_eq!(names(m.upper.as_ref().unwrap()), Vec::<String>::new());
+    assert_eq!(user_xattrs(&m.path("lo")), vec!["user.there"]);
+}
+
+#[test]
+fn xattr_create_and_replace_flags() {
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "x").xattr("lo", "user.a", b"old");
+    let m = l.mount("u");
+    assert_eq!(
+        setx(&m.path("lo"), "user.a", b"new", libc::XATTR_CREATE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(get_xattr(&m.path("lo"), "user.a"), Ok(b"old".to_vec()));
+    assert_eq!(
+        setx(&m.path("lo"), "user.nope", b"v", libc::XATTR_REPLACE),
+        Err(libc::ENODATA)
+    );
+    assert_eq!(get_xattr(&m.path("lo"), "user.nope"), Err(libc::ENODATA));
+
+    m.write("up", "u");
+    setx(&m.path("up"), "user.b", b"1", libc::XATTR_CREATE).unwrap();
+    assert_eq!(
+        setx(&m.path("up"), "user.b", b"2", libc::XATTR_CREATE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(get_xattr(&m.path("up"), "user.b"), Ok(b"1".to_vec()));
+    assert_eq!(get_xattr(&m.upper_path("up"), "user.b"), Ok(b"1".to_vec()));
+}
+
+#[test]
+fn xattr_small_buffer_is_erange() {
+    let l = Layers::new(1);
+    let long = vec![b'v'; 100];
+    l.lower(0)
+        .file("lo", "x")
+        .xattr("lo", "user.long", &long)
+        .xattr("lo", "user.other", b"o");
+    let m = l.mount("u");
+    m.write("up", "u");
+    setx(&m.path("up"), "user.long", &long, 0).unwrap();
+    setx(&m.path("up"), "user.other", b"o", 0).unwrap();
+    for f in ["lo", "up"] {
+        let p = m.path(f);
+        assert_eq!(getx_len(&p, "user.long", 0), Ok(100), "{f}: size query");
+        assert_eq!(getx_len(&p, "user.long", 10), Err(libc::ERANGE), "{f}");
+        assert_eq!(getx_len(&p, "user.long", 99), Err(libc::ERANGE), "{f}");
+        assert_eq!(getx_len(&p, "user.long", 100), Ok(100), "{f}");
+        let want = "user.long\0user.other\0".len();
+        let all = listx_len(&p, 0).unwrap();
+        assert!(all >= want, "{f}: list size {all}");
+        assert_eq!(listx_len(&p, 3), Err(libc::ERANGE), "{f}: list");
+        assert_eq!(listx_len(&p, all), Ok(all), "{f}: list");
+    }
+    assert!(!m.upper_path("lo").exists());
+}
+
+#[test]
+fn listxattr_hides_overlay_private_names() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .opaque_xattr("opq", "trusted.overlay.opaque")
+        .xattr("opq", "user.visible", b"1")
+        .opaque_xattr("uopq", "user.overlay.opaque")
+        .xattr("uopq", "user.visible", b"1")
+        .file("f", "x")
+        .xattr("f", "trusted.overlay.origin", b"whatever")
+        .xattr("f", "user.overlay.redirect", b"/x")
+        .xattr("f", "user.visible", b"1");
+    l.lower(1).file("del/x", "x").file("opq/below", "b");
+    let m = l.mount("u");
+    // A directory deleted and recreated: opaque in the upper.
+    fs::remove_file(m.path("del/x")).unwrap();
+    fs::remove_dir(m.path("del")).unwrap();
+    fs::create_dir(m.path("del")).unwrap();
+    setx(&m.path("del"), "user.visible", b"1", 0).unwrap();
+    // A file copied up from one carrying private xattrs.
+    setx(&m.path("f"), "user.more", b"2", 0).unwrap();
+    assert!(
+        list_xattrs(&m.upper_path("del"))
+            .iter()
+            .any(|n| n.ends_with("overlay.opaque")),
+        "recreated dir is not opaque in the upper: {:?}",
+        list_xattrs(&m.upper_path("del"))
+    );
+    assert!(m.ls("del").is_empty());
+    assert_eq!(m.ls("opq"), Vec::<String>::new());
+
+    for p in ["", "opq", "uopq", "f", "del"] {
+        let xs = list_xattrs(&m.path(p));
+        assert!(
+            xs.iter()
+                .all(|n| !n.starts_with("trusted.overlay.") && !n.starts_with("user.overlay.")),
+            "{p:?}: {xs:?}"
+        );
+        if !p.is_empty() {
+            assert!(xs.contains(&"user.visible".to_string()), "{p:?}: {xs:?}");
+        }
+        // The size query is large enough for the filtered listing.
+        let len: usize = xs.iter().map(|n| n.len() + 1).sum();
+        let q = listx_len(&m.path(p), 0).unwrap();
+        assert!(q >= len, "{p:?}: size query {q} < {len}");
+    }
+}
+
+#[test]
+fn setting_overlay_private_xattr_is_refused() {
+    let l = Layers::new(2);
+    l.lower(0).file("m/a", "a");
+    l.lower(1).file("m/b", "b");
+    let m = l.mount("u");
+    assert_eq!(
+        setx(&m.path("m"), "trusted.overlay.opaque", b"y", 0),
+        Err(libc::EOPNOTSUPP)
+    );
+    assert_eq!(m.ls("m"), vec!["a", "b"], "directory became opaque");
+    if m.upper_path("m").exists() {
+        assert!(
+            list_xattrs(&m.upper_path("m"))
+                .iter()
+                .all(|n| !n.contains("overlay")),
+            "private xattr written to the upper"
+        );
+    }
+    fs::create_dir(m.path("new")).unwrap();
+    assert_eq!(
+        setx(&m.path("new"), "trusted.overlay.opaque", b"y", 0),
+        Err(libc::EOPNOTSUPP)
+    );
+    assert!(
+        list_xattrs(&m.upper_path("new"))
+            .iter()
+            .all(|n| !n.contains("overlay"))
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Data
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn fsync_and_fdatasync_reach_the_upper() {
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "old content").dir("d");
+    let m = l.mount("u");
+
+    let mut f = rw(&m.path("lo"));
+    f.write_all_at(b"NEW", 0).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), b"NEW content");
+    f.write_all_at(b"!", 11).unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), b"NEW content!");
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "NEW content!");
+    drop(f);
+
+    let mut f = File::create(m.path("up")).unwrap();
+    f.write_all(b"fresh").unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(fs::read(m.upper_path("up")).unwrap(), b"fresh");
+    f.write_all(b" more").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(fs::read(m.upper_path("up")).unwrap(), b"fresh more");
+    drop(f);
+
+    // fsync of directories (lower-only and merged root) succeeds too.
+    File::open(m.path("d")).unwrap().sync_all().unwrap();
+    File::open(m.path("")).unwrap().sync_all().unwrap();
+    assert_eq!(fs::read(l.lower(0).path("lo")).unwrap(), b"old content");
+}
+
+#[test]
+fn fallocate_allocate_and_punch_hole() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file_bytes("lo", &[b'a'; 8192])
+        .file_bytes("big", &vec![0xAB; 1 << 20]);
+    let m = l.mount("u");
+
+    // Mode 0 on an upper file: size and blocks grow.
+    let f = File::create(m.path("fa")).unwrap();
+    fallocate(&f, 0, 0, 1 << 20).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    drop(f);
+    let md = lstat(&m.path("fa"));
+    assert_eq!(md.len(), 1 << 20);
+    assert!(md.blocks() >= 2048, "merged blocks {}", md.blocks());
+    let up = lstat(&m.upper_path("fa"));
+    assert_eq!(up.len(), 1 << 20);
+    assert!(up.blocks() >= 2048, "upper blocks {}", up.blocks());
+    // KEEP_SIZE beyond EOF keeps the size.
+    let f = rw(&m.path("fa"));
+    fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20).unwrap();
+    drop(f);
+    assert_eq!(lstat(&m.path("fa")).len(), 1 << 20);
+    assert_eq!(lstat(&m.upper_path("fa")).len(), 1 << 20);
+
+    // Mode 0 on a lower-only file: copied up with its data, then extended.
+    let f = rw(&m.path("lo"));
+    fallocate(&f, 0, 0, 65536).unwrap();
+    drop(f);
+    let mut want = vec![b'a'; 8192];
+    want.resize(65536, 0);
+    assert_eq!(fs::read(m.path("lo")).unwrap(), want);
+    assert_eq!(fs::read(m.upper_path("lo")).unwrap(), want);
+    assert_eq!(lstat(&l.lower(0).path("lo")).len(), 8192);
+
+    // Punch a hole, keeping the size, in a lower-only file.
+    let _ = fs::read(m.path("big")).unwrap(); // pages cached before the punch
+    let f = rw(&m.path("big"));
+    fallocate(
+        &f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        256 << 10,
+        256 << 10,
+    )
+    .unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    drop(f);
+    let mut want = vec![0xAB; 1 << 20];
+    want[256 << 10..512 << 10].fill(0);
+    assert_eq!(lstat(&m.path("big")).len(), 1 << 20);
+    assert!(
+        fs::read(m.path("big")).unwrap() == want,
+        "merged data after punch"
+    );
+    assert!(
+        fs::read(m.upper_path("big")).unwrap() == want,
+        "upper data after punch"
+    );
+    let up = lstat(&m.upper_path("big"));
+    assert!(
+        up.blocks() < 2048,
+        "upper still has {} blocks after the punch",
+        up.blocks()
+    );
+    assert_eq!(
+        fs::read(l.lower(0).path("big")).unwrap(),
+        vec![0xAB; 1 << 20]
+    );
+}
+
+const MIB: i64 = 1 << 20;
+
+/// 4 KiB of data at 0 and at 1 MiB, size 2 MiB, holes elsewhere.
+fn make_sparse(f: &File) {
+    f.write_all_at(&[b'x'; 4096], 0).unwrap();
+    f.write_all_at(&[b'y'; 4096], MIB as u64).unwrap();
+    f.set_len(2 * MIB as u64).unwrap();
+}
+
+fn seeks(f: &File) -> Vec<Result<i64, i32>> {
+    vec![
+        lseek(f, 0, libc::SEEK_DATA),
+        lseek(f, 0, libc::SEEK_HOLE),
+        lseek(f, 4096, libc::SEEK_DATA),
+        lseek(f, MIB, libc::SEEK_HOLE),
+        lseek(f, MIB + 4096, libc::SEEK_DATA),
+        lseek(f, MIB + 4096, libc::SEEK_HOLE),
+        lseek(f, 3 * MIB, libc::SEEK_DATA),
+        lseek(f, 3 * MIB, libc::SEEK_HOLE),
+    ]
+}
+
+fn sparse_expected() -> Vec<Result<i64, i32>> {
+    vec![
+        Ok(0),
+        Ok(4096),
+        Ok(MIB),
+        Ok(MIB + 4096),
+        Err(libc::ENXIO),
+        Ok(MIB + 4096),
+        Err(libc::ENXIO),
+        Err(libc::ENXIO),
+    ]
+}
+
+#[test]
+fn seek_data_and_hole_on_sparse_files() {
+    let l = Layers::new(1);
+    l.lower(0).dir("d");
+    make_sparse(&File::create(l.lower(0).path("sparse")).unwrap());
+    make_sparse(&File::create(l.lower(0).path("sparse2")).unwrap());
+    // The backing filesystem itself gives the expected answers.
+    assert_eq!(
+        seeks(&File::open(l.lower(0).path("sparse")).unwrap()),
+        sparse_expected(),
+        "backing filesystem"
+    );
+    let m = l.mount("u");
+
+    // Lower-only, read-only open.
+    let f = File::open(m.path("sparse")).unwrap();
+    assert_eq!(seeks(&f), sparse_expected(), "lower-only file");
+    drop(f);
+    assert!(!m.upper_path("sparse").exists());
+
+    // Copied up (metadata change): holes are kept.
+    chmod(&m.path("sparse"), 0o600).unwrap();
+    assert_eq!(
+        seeks(&File::open(m.upper_path("sparse")).unwrap()),
+        sparse_expected(),
+        "upper copy (holes lost at copy-up)"
+    );
+    assert_eq!(
+        seeks(&File::open(m.path("sparse")).unwrap()),
+        sparse_expected(),
+        "copied-up file through the mount"
+    );
+
+    // Opened for writing (copy-up on open), seeking on that fd.
+    let f = rw(&m.path("sparse2"));
+    assert_eq!(seeks(&f), sparse_expected(), "write fd of copied-up file");
+    drop(f);
+
+    // Made sparse through the mount.
+    let f = File::create(m.path("d/made")).unwrap();
+    make_sparse(&f);
+    assert_eq!(
+        seeks(&f),
+        sparse_expected(),
+        "sparse file made in the mount"
+    );
+    drop(f);
+    assert_eq!(
+        seeks(&File::open(m.upper_path("d/made")).unwrap()),
+        sparse_expected(),
+        "upper of a sparse file made in the mount"
+    );
+    let mut want = vec![0u8; 2 * MIB as usize];
+    want[..4096].fill(b'x');
+    want[MIB as usize..MIB as usize + 4096].fill(b'y');
+    assert!(fs::read(m.path("d/made")).unwrap() == want);
+    assert!(fs::read(m.path("sparse")).unwrap() == want);
+}
+
+#[test]
+fn statfs_is_the_uppers() {
+    let l = Layers::new(2);
+    l.lower(0).file("a", "a");
+    l.lower(1).file("b", "b");
+    // The upper on its own tmpfs, so its numbers differ from the lowers'.
+    let _t = Tmpfs::new(l.root().join("u"), "37m");
+    let m = l.mount("u");
+    let sm = statvfs(&m.merged);
+    let su = statvfs(&m.upper_path(""));
+    let sl = statvfs(&l.lowers[0]);
+    assert_ne!(
+        su.f_blocks, sl.f_blocks,
+        "test setup: upper and lower fs differ"
+    );
+    assert_eq!(sm.f_blocks, su.f_blocks, "f_blocks");
+    assert_eq!(sm.f_bsize, su.f_bsize, "f_bsize");
+    assert_eq!(sm.f_namemax, su.f_namemax, "f_namemax");
+    assert_eq!(sm.f_files, su.f_files, "f_files");
+    // Writing through the mount uses the upper's space, and statfs shows it.
+    fs::write(m.path("fill"), vec![1u8; 4 << 20]).unwrap();
+    File::open(m.path("fill")).unwrap().sync_all().unwrap();
+    let sm = statvfs(&m.merged);
+    let su = statvfs(&m.upper_path(""));
+    assert_eq!(
+        sm.f_bfree * sm.f_frsize,
+        su.f_bfree * su.f_frsize,
+        "free space"
+    );
+    assert!(su.f_bfree * su.f_frsize <= (37 << 20) - (4 << 20));
+}
+
+#[test]
+fn statfs_read_only_is_the_top_lowers() {
+    let l = Layers::new(2);
+    // The top lower on its own tmpfs.
+    let _t = Tmpfs::new(l.lowers[0].clone(), "23m");
+    l.lower(0).file("a", "a");
+    l.lower(1).file("b", "b");
+    let m = l.mount_ro("ro");
+    let sm = statvfs(&m.merged);
+    let s0 = statvfs(&l.lowers[0]);
+    let s1 = statvfs(&l.lowers[1]);
+    assert_ne!(s0.f_blocks, s1.f_blocks, "test setup");
+    assert_eq!(sm.f_blocks, s0.f_blocks, "f_blocks");
+    assert_eq!(sm.f_bsize, s0.f_bsize, "f_bsize");
+    assert_eq!(sm.f_namemax, s0.f_namemax, "f_namemax");
+    assert!(
+        sm.f_flag & libc::ST_RDONLY != 0,
+        "read-only mount without ST_RDONLY"
+    );
+}
+
+#[test]
+fn mmap_shared_write_of_lower_file() {
+    let l = Layers::new(1);
+    l.lower(0).file_bytes("mm", &[b'a'; 8192]);
+    let m = l.mount("u");
+    let f = rw(&m.path("mm"));
+    // SAFETY: a shared mapping of 8192 bytes of an open file, written within bounds,
+    // synced and unmapped before the file is closed.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let s = std::slice::from_raw_parts_mut(p.cast::<u8>(), 8192);
+        assert_eq!(s[0], b'a');
+        s[100..105].copy_from_slice(b"HELLO");
+        s[5000..5005].copy_from_slice(b"WORLD");
+        assert_eq!(
+            libc::msync(p, 8192, libc::MS_SYNC),
+            0,
+            "msync: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::munmap(p, 8192), 0);
+    }
+    drop(f);
+    let mut want = vec![b'a'; 8192];
+    want[100..105].copy_from_slice(b"HELLO");
+    want[5000..5005].copy_from_slice(b"WORLD");
+    assert_eq!(fs::read(m.path("mm")).unwrap(), want, "read() after munmap");
+    assert_eq!(fs::read(m.upper_path("mm")).unwrap(), want, "upper");
+    assert_eq!(fs::read(l.lower(0).path("mm")).unwrap(), vec![b'a'; 8192]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Locks
+// ---------------------------------------------------------------------------------------
+
+/// Runs the `flock` command on `p` (-n, exit 99 on conflict): its exit code.
+fn flock_cmd(p: &Path, shared: bool) -> i32 {
+    let mut c = Command::new("flock");
+    c.args(["-n", "-E", "99"]);
+    if shared {
+        c.arg("-s");
+    }
+    c.arg(p).arg("true").status().unwrap().code().unwrap()
+}
+
+fn flock(f: &File, op: i32) -> Result<(), i32> {
+    // SAFETY: a valid open fd.
+    rc(unsafe { libc::flock(f.as_raw_fd(), op) })
+}
+
+#[test]
+fn flock_contends_between_processes() {
+    let l = Layers::new(1);
+    l.lower(0).file("lk", "x").file("lk2", "y");
+    let m = l.mount("u");
+
+    // A lower-only file opened read-only.
+    let f = File::open(m.path("lk")).unwrap();
+    assert_eq!(flock_cmd(&m.path("lk"), false), 0, "free lock");
+    flock(&f, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    assert_eq!(
+        flock_cmd(&m.path("lk"), false),
+        99,
+        "exclusive vs exclusive"
+    );
+    assert_eq!(flock_cmd(&m.path("lk"), true), 99, "exclusive vs shared");
+    // Same process, another open file description: also conflicts.
+    let g = File::open(m.path("lk")).unwrap();
+    let e = flock(&g, libc::LOCK_EX | libc::LOCK_NB).unwrap_err();
+    assert!(e == libc::EWOULDBLOCK || e == libc::EAGAIN, "errno {e}");
+    flock(&f, libc::LOCK_UN).unwrap();
+    assert_eq!(flock_cmd(&m.path("lk"), false), 0, "after unlock");
+    flock(&f, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    assert_eq!(flock_cmd(&m.path("lk"), true), 0, "shared vs shared");
+    assert_eq!(flock_cmd(&m.path("lk"), false), 99, "shared vs exclusive");
+    drop(f);
+    drop(g);
+    assert_eq!(flock_cmd(&m.path("lk"), false), 0, "released on close");
+
+    // A file opened for writing (copied up) while the other process opens it too.
+    let f = rw(&m.path("lk2"));
+    flock(&f, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    assert_eq!(flock_cmd(&m.path("lk2"), false), 99, "copied-up file");
+    drop(f);
+    assert_eq!(flock_cmd(&m.path("lk2"), false), 0);
+}
+
+/// In a forked child: open `path` O_RDWR, try F_SETLK (or F_GETLK when `get`) and exit
+/// with 0 / errno for F_SETLK, or for F_GETLK 0 = unlocked, 1 = write-locked by
+/// `parent`, 2 = read-locked by `parent`, 3 = something else.
+fn child_lock(path: &CString, ltype: i32, start: i64, len: i64, get: bool) -> i32 {
+    // SAFETY: the child only makes async-signal-safe calls (open, fcntl, _exit).
+    unsafe {
+        let parent = libc::getpid();
+        let pid = libc::fork();
+        assert!(pid >= 0);
+        if pid == 0 {
+            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+            if fd < 0 {
+                libc::_exit(200);
+            }
+            let mut fl: libc::flock = std::mem::zeroed();
+            fl.l_type = ltype as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            fl.l_start = start;
+            fl.l_len = len;
+            if get {
+                if libc::fcntl(fd, libc::F_GETLK, &mut fl) != 0 {
+                    libc::_exit(201);
+                }
+                let code = match (fl.l_type as i32, fl.l_pid == parent) {
+                    (libc::F_UNLCK, _) => 0,
+                    (libc::F_WRLCK, true) => 1,
+                    (libc::F_RDLCK, true) => 2,
+                    _ => 3,
+                };
+                libc::_exit(code);
+            }
+            let r = libc::fcntl(fd, libc::F_SETLK, &fl);
+            libc::_exit(if r == 0 { 0 } else { *libc::__errno_location() });
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        assert!(libc::WIFEXITED(status));
+        libc::WEXITSTATUS(status)
+    }
+}
+
+fn setlk(f: &File, ltype: i32, start: i64, len: i64) -> Result<(), i32> {
+    // SAFETY: a valid fd and an initialised flock struct.
+    unsafe {
+        let mut fl: libc::flock = std::mem::zeroed();
+        fl.l_type = ltype as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = start;
+        fl.l_len = len;
+        rc(libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl))
+    }
+}
+
+#[test]
+fn posix_locks_contend_between_processes() {
+    let l = Layers::new(1);
+    l.lower(0).file("lk", "0123456789").file("ro", "r");
+    let m = l.mount("u");
+    let p = cs(&m.path("lk"));
+
+    let f = rw(&m.path("lk"));
+    setlk(&f, libc::F_WRLCK, 0, 100).unwrap();
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 0, 100, false),
+        libc::EAGAIN,
+        "write vs write"
+    );
+    assert_eq!(
+        child_lock(&p, libc::F_RDLCK, 50, 10, false),
+        libc::EAGAIN,
+        "read vs write"
+    );
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 200, 100, false),
+        0,
+        "disjoint range"
+    );
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 0, 10, true),
+        1,
+        "F_GETLK sees the holder"
+    );
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 200, 10, true),
+        0,
+        "F_GETLK, free range"
+    );
+    setlk(&f, libc::F_UNLCK, 0, 100).unwrap();
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 0, 100, false),
+        0,
+        "after unlock"
+    );
+    setlk(&f, libc::F_RDLCK, 0, 0).unwrap();
+    assert_eq!(
+        child_lock(&p, libc::F_RDLCK, 0, 0, false),
+        0,
+        "read vs read"
+    );
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 5, 1, false),
+        libc::EAGAIN,
+        "write vs read"
+    );
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 5, 1, true),
+        2,
+        "F_GETLK read lock"
+    );
+    drop(f);
+    assert_eq!(
+        child_lock(&p, libc::F_WRLCK, 0, 0, false),
+        0,
+        "released on close"
+    );
+
+    // A read lock on a lower-only file opened read-only; the child's O_RDWR open copies
+    // the file up while the lock is held, and the lock still holds.
+    let g = File::open(m.path("ro")).unwrap();
+    setlk(&g, libc::F_RDLCK, 0, 0).unwrap();
+    let q = cs(&m.path("ro"));
+    assert_eq!(
+        child_lock(&q, libc::F_WRLCK, 0, 0, false),
+        libc::EAGAIN,
+        "across copy-up"
+    );
+    assert!(m.upper_path("ro").exists());
+    drop(g);
+    assert_eq!(child_lock(&q, libc::F_WRLCK, 0, 0, false), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reads and writes
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn large_sequential_write_and_read() {
+    let l = Layers::new(1);
+    let lower_data = random_bytes(8 << 20, 7);
+    l.lower(0).file_bytes("lbig", &lower_data);
+    let m = l.mount("u");
+
+    let data = random_bytes(8 << 20, 42);
+    {
+        let mut f = File::create(m.path("big")).unwrap();
+        for chunk in data.chunks(300_001) {
+            f.write_all(chunk).unwrap();
+        }
+    }
+    assert_eq!(lstat(&m.path("big")).len(), data.len() as u64);
+    let mut back = Vec::new();
+    File::open(m.path("big"))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == data, "merged read-back differs");
+    assert!(
+        fs::read(m.upper_path("big")).unwrap() == data,
+        "upper differs"
+    );
+
+    // A large lower file reads back whole, then its middle is overwritten.
+    assert!(
+        fs::read(m.path("lbig")).unwrap() == lower_data,
+        "lower read"
+    );
+    let patch = random_bytes(1 << 20, 99);
+    rw(&m.path("lbig")).write_all_at(&patch, 3 << 20).unwrap();
+    let mut want = lower_data.clone();
+    want[3 << 20..4 << 20].copy_from_slice(&patch);
+    assert!(
+        fs::read(m.path("lbig")).unwrap() == want,
+        "merged after patch"
+    );
+    assert!(
+        fs::read(m.upper_path("lbig")).unwrap() == want,
+        "upper after patch"
+    );
+    assert!(fs::read(l.lower(0).path("lbig")).unwrap() == lower_data);
+}
+
+#[test]
+fn one_byte_reads_at_odd_offsets() {
+    let l = Layers::new(1);
+    let pat: Vec<u8> = (0..100_000u32).map(|i| ((i * 7 + 3) % 251) as u8).collect();
+    l.lower(0).file_bytes("pat", &pat).file_bytes("pat2", &pat);
+    let m = l.mount("u");
+    let offs = [
+        0u64, 1, 3, 4095, 4096, 4097, 12345, 65535, 65537, 77777, 99_999,
+    ];
+
+    let check = |f: &File, want: &[u8], what: &str| {
+        for &o in &offs {
+            let mut b = [0u8; 1];
+            assert_eq!(f.read_at(&mut b, o).unwrap(), 1, "{what} @{o}");
+            assert_eq!(b[0], want[o as usize], "{what} @{o}");
+        }
+        let mut b = [0u8; 1];
+        assert_eq!(f.read_at(&mut b, 100_000).unwrap(), 0, "{what}: at EOF");
+        assert_eq!(f.read_at(&mut b, 200_001).unwrap(), 0, "{what}: past EOF");
+    };
+    // Lower-only.
+    let f = File::open(m.path("pat")).unwrap();
+    check(&f, &pat, "lower");
+    // Sequential 1-byte read() from an odd start.
+    let mut g = File::open(m.path("pat")).unwrap();
+    g.seek(SeekFrom::Start(4093)).unwrap();
+    for i in 0..300u64 {
+        let mut b = [0u8; 1];
+        g.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], pat[(4093 + i) as usize], "sequential @{}", 4093 + i);
+    }
+    drop((f, g));
+
+    // Upper: copied up, 1-byte writes at odd offsets, then 1-byte reads.
+    let f = rw(&m.path("pat2"));
+    let mut want = pat.clone();
+    for &o in &offs {
+        f.write_all_at(&[0xEE], o).unwrap();
+        want[o as usize] = 0xEE;
+    }
+    check(&f, &want, "upper fd");
+    drop(f);
+    check(
+        &File::open(m.path("pat2")).unwrap(),
+        &want,
+        "upper reopened",
+    );
+    assert!(fs::read(m.upper_path("pat2")).unwrap() == want);
+}
+
+#[test]
+fn o_append_from_two_fds() {
+    let l = Layers::new(1);
+    l.lower(0).file("log", "start\n");
+    let m = l.mount("u");
+    let open = |rel: &str| OpenOptions::new().append(true).open(m.path(rel)).unwrap();
+    for rel in ["log", "new"] {
+        if rel == "new" {
+            m.write("new", "start\n");
+        }
+        let mut a = open(rel);
+        let mut b = open(rel);
+        a.write_all(b"a1\n").unwrap();
+        b.write_all(b"b1\n").unwrap();
+        a.write_all(b"a2\n").unwrap();
+        b.write_all(b"b2\n").unwrap();
+        // Seeking does not move where O_APPEND writes go.
+        a.seek(SeekFrom::Start(0)).unwrap();
+        a.write_all(b"a3\n").unwrap();
+        drop((a, b));
+        let want = "start\na1\nb1\na2\nb2\na3\n";
+        assert_eq!(m.read(rel), want, "{rel}");
+        assert_eq!(
+            fs::read_to_string(m.upper_path(rel)).unwrap(),
+            want,
+            "{rel} upper"
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(l.lower(0).path("log")).unwrap(),
+        "start\n"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Read-only mount
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn read_only_mount_refuses_every_change() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("f", "data")
+        .xattr("f", "user.k", b"v")
+        .dir("d")
+        .file("d/x", "x")
+        .symlink("ln", "f");
+    l.lower(1).file("g", "g").dir("empty").file("d/y", "y");
+    let o = TreeOpts::default();
+    let before: Vec<_> = l
+        .lowers
+        .iter()
+        .map(|p| (tree(p, &o), raw_tree(p)))
+        .collect();
+    let m = l.mount_ro("ro");
+
+    // Reads work.
+    assert_eq!(m.read("f"), "data");
+    assert_eq!(m.read("g"), "g");
+    assert_eq!(m.ls("d"), vec!["x", "y"]);
+    assert_eq!(fs::read_link(m.path("ln")).unwrap().to_str(), Some("f"));
+    assert_eq!(get_xattr(&m.path("f"), "user.k"), Ok(b"v".to_vec()));
+
+    let p = |r: &str| m.path(r);
+    let io = |r: std::io::Result<()>| r.map_err(|e| e.raw_os_error().unwrap());
+    let ops: Vec<(&str, Result<(), i32>)> = vec![
+        (
+            "create",
+            io(OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p("new"))
+                .map(drop)),
+        ),
+        (
+            "open for write",
+            io(OpenOptions::new().write(true).open(p("f")).map(drop)),
+        ),
+        (
+            "open O_RDWR",
+            io(OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p("g"))
+                .map(drop)),
+        ),
+        (
+            "open O_TRUNC",
+            io(OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(p("f"))
+                .map(drop)),
+        ),
+        ("unlink", io(fs::remove_file(p("f")))),
+        ("unlink lower1", io(fs::remove_file(p("g")))),
+        ("rmdir", io(fs::remove_dir(p("empty")))),
+        ("mkdir", io(fs::create_dir(p("nd")))),
+        ("rename", io(fs::rename(p("f"), p("f2")))),
+        ("rename dir", io(fs::rename(p("d"), p("d2")))),
+        ("chmod", chmod(&p("f"), 0o600)),
+        ("chown", lchown(&p("f"), 1234, 1234)),
+        ("utimes", utimens(&p("f"), Some([ts(1, 0), ts(2, 0)]))),
+        ("setxattr", setx(&p("f"), "user.new", b"1", 0)),
+        ("removexattr", removex(&p("f"), "user.k")),
+        ("truncate", truncate(&p("f"), 0)),
+        ("symlink", io(std::os::unix::fs::symlink("f", p("ln2")))),
+        ("link", io(fs::hard_link(p("f"), p("f3")))),
+        ("mkfifo", {
+            let c = cs(&p("fifo"));
+            // SAFETY: NUL-terminated path.
+            rc(unsafe { libc::mkfifo(c.as_ptr(), 0o644) })
+        }),
+    ];
+    for (what, r) in ops {
+        assert_eq!(r, Err(libc::EROFS), "{what}");
+    }
+    // Still readable, unchanged.
+    assert_eq!(m.read("f"), "data");
+    assert_eq!(m.ls(""), vec!["d", "empty", "f", "g", "ln"]);
+    let after: Vec<_> = l
+        .lowers
+        .iter()
+        .map(|p| (tree(p, &o), raw_tree(p)))
+        .collect();
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert_same_tree(&b.0, &a.0, &format!("lower{i}"));
+        assert_eq!(b.1, a.1, "lower{i} raw");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Inode numbers, hard links, unlinked files
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn one_st_dev_and_unique_st_ino() {
+    let l = Layers::new(3);
+    // 200+ objects over 3 layers: merged directories, per-layer files, shadowed names,
+    // symlinks, fifos, per-layer subdirectories.
+    for i in 0..90 {
+        let layer = i % 3;
+        let b = l.lower(layer);
+        let dir = ["a", "b", "c/deep"][i % 3];
+        b.file(&format!("{dir}/f{i}"), &i.to_string());
+        match i % 5 {
+            0 => {
+                b.symlink(&format!("{dir}/s{i}"), &format!("f{i}"));
+            }
+            1 => {
+                b.fifo(&format!("{dir}/p{i}"));
+            }
+            2 => {
+                b.dir(&format!("{dir}/sub{i}"))
+                    .file(&format!("{dir}/sub{i}/x"), "x");
+            }
+            _ => {
+                b.file(&format!("top{i}"), "t");
+            }
+        }
+        // The same name in every layer: one object in the view.
+        l.lower(0).file(&format!("a/shared{}", i % 10), "0");
+        l.lower(2).file(&format!("a/shared{}", i % 10), "2");
+    }
+    let m = l.mount("u");
+    // Some copy-ups and new objects.
+    for i in [0, 1, 2, 10, 20] {
+        let dir = ["a", "b", "c/deep"][i % 3];
+        chmod(&m.path(&format!("{dir}/f{i}")), 0o600).unwrap();
+    }
+    fs::create_dir(m.path("newdir")).unwrap();
+    for i in 0..10 {
+        m.write(&format!("newdir/n{i}"), "n");
+    }
+    let root_dev = lstat(&m.merged).dev();
+    let keys: Vec<String> = tree(&m.merged, &TreeOpts::default()).into_keys().collect();
+    assert!(keys.len() >= 200, "only {} objects", keys.len());
+    let mut seen = std::collections::BTreeMap::new();
+    for k in &keys {
+        let md = lstat(&m.path(k));
+        assert_eq!(md.dev(), root_dev, "{k:?}: st_dev");
+        if let Some(other) = seen.insert(md.ino(), k.clone()) {
+            panic!("{k:?} and {other:?} share st_ino {}", md.ino());
+        }
+    }
+    // Stable across a copy-up.
+    let before: Vec<u64> = keys.iter().map(|k| ino(&m.path(k))).collect();
+    for k in keys.iter().filter(|k| k.contains("/f")) {
+        chmod(&m.path(k), 0o640).unwrap();
+    }
+    let after: Vec<u64> = keys.iter().map(|k| ino(&m.path(k))).collect();
+    assert_eq!(before, after, "st_ino changed across copy-up");
+}
+
+#[test]
+fn hard_links_in_a_lower_share_st_ino() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("a", "x")
+        .hardlink("a", "d/b")
+        .file("other", "o");
+    l.lower(1).file("d/c", "c");
+    let m = l.mount("u");
+    let a = lstat(&m.path("a"));
+    let b = lstat(&m.path("d/b"));
+    assert_eq!(a.ino(), b.ino(), "hard links show different st_ino");
+    assert_eq!(a.nlink(), 2);
+    assert_eq!(b.nlink(), 2);
+    assert_ne!(a.ino(), ino(&m.path("other")));
+    assert_eq!(lstat(&m.path("other")).nlink(), 1);
+    assert_eq!(m.read("d/b"), "x");
+}
+
+#[test]
+fn link_through_the_mount() {
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "lower data").dir("d");
+    let m = l.mount("u");
+
+    // An upper file.
+    m.write("x", "data");
+    fs::hard_link(m.path("x"), m.path("y")).unwrap();
+    let (x, y) = (lstat(&m.path("x")), lstat(&m.path("y")));
+    assert_eq!(x.ino(), y.ino());
+    assert_eq!((x.nlink(), y.nlink()), (2, 2));
+    let (ux, uy) = (lstat(&m.upper_path("x")), lstat(&m.upper_path("y")));
+    assert_eq!(ux.ino(), uy.ino(), "upper names are not one inode");
+    assert_eq!(ux.nlink(), 2);
+    // Writes through one name show through the other.
+    rw(&m.path("y")).write_all_at(b"DATA", 0).unwrap();
+    assert_eq!(m.read("x"), "DATA");
+    fs::remove_file(m.path("y")).unwrap();
+    assert_eq!(lstat(&m.path("x")).nlink(), 1);
+
+    // A lower-only file: copied up first, same st_ino before and after.
+    let before = ino(&m.path("lo"));
+    fs::hard_link(m.path("lo"), m.path("d/lo2")).unwrap();
+    let (a, b) = (lstat(&m.path("lo")), lstat(&m.path("d/lo2")));
+    assert_eq!(a.ino(), before, "st_ino changed by link's copy-up");
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!((a.nlink(), b.nlink()), (2, 2));
+    assert_eq!(m.read("d/lo2"), "lower data");
+    let (ua, ub) = (lstat(&m.upper_path("lo")), lstat(&m.upper_path("d/lo2")));
+    assert_eq!(ua.ino(), ub.ino());
+    assert_eq!(ua.nlink(), 2);
+    assert_eq!(lstat(&l.lower(0).path("lo")).nlink(), 1);
+}
+
+#[test]
+fn unlinked_open_file_stays_usable() {
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "lower").file("lo_ro", "read only");
+    let m = l.mount("u");
+
+    // An upper file.
+    m.write("t", "hello");
+    let mut f = rw(&m.path("t"));
+    fs::remove_file(m.path("t")).unwrap();
+    assert!(!m.exists("t"));
+    assert!(!m.upper_path("t").exists());
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "hello");
+    f.write_all(b"XY").unwrap();
+    let mut b = [0u8; 7];
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"helloXY");
+    let md = f.metadata().unwrap();
+    assert_eq!(md.len(), 7);
+    assert_eq!(md.nlink(), 0);
+    f.set_len(3).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 3);
+    drop(f);
+
+    // A lower-only file opened for writing (copied up), then unlinked (whiteout).
+    let f = rw(&m.path("lo"));
+    fs::remove_file(m.path("lo")).unwrap();
+    assert!(!m.exists("lo"));
+    let wh = lstat(&m.upper_path("lo"));
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "no whiteout in the upper"
+    );
+    f.write_all_at(b"LOW", 0).unwrap();
+    let mut b = [0u8; 5];
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"LOWer");
+    let md = f.metadata().unwrap();
+    assert_eq!(md.len(), 5);
+    assert_eq!(md.nlink(), 0);
+    drop(f);
+    assert_eq!(fs::read(l.lower(0).path("lo")).unwrap(), b"lower");
+
+    // A lower-only file opened read-only, then unlinked.
+    let f = File::open(m.path("lo_ro")).unwrap();
+    fs::remove_file(m.path("lo_ro")).unwrap();
+    let mut b = [0u8; 9];
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"read only");
+    assert_eq!(f.metadata().unwrap().len(), 9);
+    assert!(!m.exists("lo_ro"));
+}

@@ -1,0 +1,666 @@
+mod common;
+use common::*;
+
+// unionmount against kernel overlayfs as the oracle: the same operations on the same lowers
+// give the same results (values and errnos), the same merged tree and the same upper on disk;
+// an upper written by one mounts under the other with the same view; and a remount of
+// unionmount shows what it showed before.
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsString};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+// ---------------------------------------------------------------------------------------
+// Operations
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// Create or truncate, then write.
+    Write(&'static str, &'static str),
+    /// Open O_APPEND (no create) and write.
+    Append(&'static str, &'static str),
+    Truncate(&'static str, i64),
+    Mkdir(&'static str),
+    Rmdir(&'static str),
+    Unlink(&'static str),
+    Rename(&'static str, &'static str),
+    /// (target, path)
+    Symlink(&'static str, &'static str),
+    /// (existing, new)
+    Link(&'static str, &'static str),
+    /// chmod(2): follows symlinks.
+    Chmod(&'static str, u32),
+    /// lchown(2).
+    Chown(&'static str, u32, u32),
+    /// lsetxattr(path, name, value, 0).
+    SetXattr(&'static str, &'static str, &'static str),
+    Mkfifo(&'static str),
+}
+
+use Op::*;
+
+fn cs(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn rc(r: libc::c_int) -> Result<(), i32> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        Ok(())
+    }
+}
+
+fn io<T>(r: std::io::Result<T>) -> Result<(), i32> {
+    r.map(drop)
+        .map_err(|e| e.raw_os_error().expect("an OS error"))
+}
+
+fn apply_one(root: &Path, op: Op) -> Result<(), i32> {
+    let p = |r: &str| root.join(r);
+    // SAFETY (all unsafe blocks below): plain syscalls on NUL-terminated paths/strings.
+    match op {
+        Write(f, data) => io(fs::write(p(f), data)),
+        Append(f, data) => io(OpenOptions::new()
+            .append(true)
+            .open(p(f))
+            .and_then(|mut h| h.write_all(data.as_bytes()))),
+        Truncate(f, len) => rc(unsafe { libc::truncate(cs(&p(f)).as_ptr(), len) }),
+        Mkdir(d) => io(fs::create_dir(p(d))),
+        Rmdir(d) => io(fs::remove_dir(p(d))),
+        Unlink(f) => io(fs::remove_file(p(f))),
+        Rename(a, b) => io(fs::rename(p(a), p(b))),
+        Symlink(target, f) => io(std::os::unix::fs::symlink(target, p(f))),
+        Link(a, b) => io(fs::hard_link(p(a), p(b))),
+        Chmod(f, mode) => rc(unsafe { libc::chmod(cs(&p(f)).as_ptr(), mode) }),
+        Chown(f, uid, gid) => rc(unsafe { libc::lchown(cs(&p(f)).as_ptr(), uid, gid) }),
+        SetXattr(f, name, value) => {
+            let n = CString::new(name).unwrap();
+            rc(unsafe {
+                libc::lsetxattr(
+                    cs(&p(f)).as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            })
+        }
+        Mkfifo(f) => rc(unsafe { libc::mkfifo(cs(&p(f)).as_ptr(), 0o644) }),
+    }
+}
+
+/// Applies `ops` in order under `root`; each result as Ok or the errno.
+fn apply(root: &Path, ops: &[Op]) -> Vec<Result<(), i32>> {
+    ops.iter().map(|&op| apply_one(root, op)).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Layers and comparison
+// ---------------------------------------------------------------------------------------
+
+/// Timestamp given to every lower object; anything newer was set while the test ran.
+const OLD: i64 = 1_500_000_000;
+
+/// Sets atime/mtime of every non-directory under `root` to OLD.
+fn age(root: &Path) {
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        let md = fs::symlink_metadata(&p).unwrap();
+        if md.is_dir() {
+            age(&p);
+        } else {
+            set_times(&p, OLD, OLD);
+        }
+    }
+}
+
+/// Lowers in formats kernel overlayfs reads (char 0/0 whiteouts, trusted.overlay.opaque):
+/// shadowed files, merged directories, an opaque directory, whiteouts, a hard link, a
+/// symlink, a fifo and user xattrs.
+fn layers() -> Layers {
+    let l = Layers::new(3);
+    l.lower(0)
+        .file("shadow", "0 wins")
+        .file("m/a", "a")
+        .xattr("m/a", "user.k", b"v")
+        .xattr("m", "user.dir", b"m")
+        .whiteout("m/b")
+        .opaque_xattr("o", "trusted.overlay.opaque")
+        .file("o/x", "x")
+        .file("h1", "hard")
+        .hardlink("h1", "hd/h2")
+        .symlink("ln", "shadow")
+        .fifo("p")
+        .whiteout("gone")
+        .chmod("shadow", 0o640);
+    l.lower(1)
+        .file("shadow", "1 loses")
+        .file("m/b", "b hidden")
+        .file("m/c", "c")
+        .file("gone", "hidden")
+        .file("o/y", "y hidden")
+        .file("d1/f", "f")
+        .dir("d2")
+        .file("ld/x/y", "deep")
+        .file("f1", "f1")
+        .xattr("f1", "user.f", b"1");
+    l.lower(2)
+        .file("m/sub/deep", "2")
+        .file("bottom", "2")
+        .file("ld/z", "z");
+    for lower in &l.lowers {
+        age(lower);
+    }
+    l
+}
+
+/// The merged tree with the mtimes that both sides set during the test (anything newer
+/// than OLD on both) blanked out; older mtimes (kept from the lowers) are compared.
+fn merged_trees(a: &Path, b: &Path) -> (BTreeMap<String, Obj>, BTreeMap<String, Obj>) {
+    let o = TreeOpts::default();
+    let mut ta = tree(a, &o);
+    let mut tb = tree(b, &o);
+    for (k, va) in ta.iter_mut() {
+        if let Some(vb) = tb.get_mut(k) {
+            if va.mtime > OLD && vb.mtime > OLD {
+                va.mtime = 0;
+                vb.mtime = 0;
+            }
+        }
+    }
+    (ta, tb)
+}
+
+/// The overlay xattrs that define the view (kernel overlayfs also writes bookkeeping ones,
+/// origin/impure/uuid, which unionmount need not).
+fn view_xattr(name: &str) -> bool {
+    ["opaque", "redirect", "metacopy", "whiteout"]
+        .iter()
+        .any(|s| name == format!("trusted.overlay.{s}") || name == format!("user.overlay.{s}"))
+}
+
+fn upper_tree(root: &Path) -> BTreeMap<String, (char, u64, Vec<String>)> {
+    raw_tree(root)
+        .into_iter()
+        .map(|(k, (kind, rdev, xs))| {
+            (
+                k,
+                (
+                    kind,
+                    rdev,
+                    xs.into_iter().filter(|x| view_xattr(x)).collect(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_upper(k: &Path, u: &Path, what: &str) {
+    let (tk, tu) = (upper_tree(k), upper_tree(u));
+    let mut diffs = Vec::new();
+    for name in tk.keys().chain(tu.keys().filter(|n| !tk.contains_key(*n))) {
+        let (a, b) = (tk.get(name), tu.get(name));
+        if a != b {
+            diffs.push(format!("  {name:?}: kernel {a:?}, unionmount {b:?}"));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{what}: uppers on disk differ (kind, rdev, overlay xattrs):\n{}",
+        diffs.join("\n")
+    );
+}
+
+/// Asserts equal per-operation results, listing every difference.
+fn assert_same_results(ops: &[Op], k: &[Result<(), i32>], u: &[Result<(), i32>], what: &str) {
+    let diffs: Vec<String> = ops
+        .iter()
+        .zip(k)
+        .zip(u)
+        .filter(|((_, a), b)| a != b)
+        .map(|((op, a), b)| format!("  {op:?}: kernel {a:?}, unionmount {b:?}"))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{what}: results differ:\n{}",
+        diffs.join("\n")
+    );
+}
+
+/// Mounts both over the same lowers, applies `ops` to each, and compares results, merged
+/// trees and uppers.
+fn run_both(l: &Layers, ops: &[Op], what: &str) {
+    let k = l.mount_kernel("k");
+    let u = l.mount("u");
+    let (tk, tu) = merged_trees(&k.merged, &u.merged);
+    assert_same_tree(&tk, &tu, &format!("{what}: before any operation"));
+
+    let rk = apply(&k.merged, ops);
+    let ru = apply(&u.merged, ops);
+    for (op, r) in ops.iter().zip(&rk) {
+        eprintln!("{what}: {op:?} -> kernel {r:?}");
+    }
+    assert_same_results(ops, &rk, &ru, what);
+    let (tk, tu) = merged_trees(&k.merged, &u.merged);
+    assert_same_tree(&tk, &tu, &format!("{what}: merged (kernel, unionmount)"));
+    assert_same_upper(&k.upper_path(""), &u.upper_path(""), what);
+}
+
+/// unionmount on explicit upper/work under `base`.
+fn union_at(l: &Layers, upper: &Path, work: &Path, merged: &Path) -> Mount {
+    for d in [upper, work, merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let args: Vec<OsString> = vec![
+        "--lower".into(),
+        l.lowerdir_opt().into(),
+        "--upper".into(),
+        upper.into(),
+        "--work".into(),
+        work.into(),
+        merged.into(),
+    ];
+    Mount::union(
+        &args,
+        merged.to_path_buf(),
+        Some(upper.to_path_buf()),
+        Some(work.to_path_buf()),
+    )
+}
+
+/// Kernel overlayfs on explicit upper/work.
+fn kernel_at(l: &Layers, upper: &Path, work: &Path, merged: &Path) -> Mount {
+    for d in [upper, work, merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    Mount::kernel(&l.lowerdir_opt(), upper, work, merged, &[])
+}
+
+fn assert_no_private_xattrs(root: &Path) {
+    for k in tree(root, &TreeOpts::default()).keys() {
+        let xs = list_xattrs(&root.join(k));
+        assert!(
+            xs.iter().all(|x| !x.contains("overlay")),
+            "{k:?} lists private xattrs: {xs:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Operation sequences
+// ---------------------------------------------------------------------------------------
+
+const DELETE_RECREATE: &[Op] = &[
+    Unlink("shadow"),
+    Write("shadow", "new"),
+    Unlink("m/a"),
+    Write("m/a", "again"),
+    Unlink("m/c"),
+    Mkdir("m/c"),
+    Write("m/c/inside", "i"),
+    Unlink("ln"),
+    Symlink("m/a", "ln"),
+    Unlink("p"),
+    Mkfifo("p"),
+    Unlink("gone"),
+    Write("gone", "back"),
+    Unlink("h1"),
+    Write("h1", "new h1"),
+    Unlink("hd/h2"),
+    Unlink("f1"),
+    Unlink("f1"),
+    Symlink("x", "f1"),
+    Unlink("m/b"),
+    Write("m/b", "b is back"),
+    Unlink("o/x"),
+    Write("o/y", "y new"),
+    Rmdir("d2"),
+    Write("d2", "now a file"),
+    Unlink("d1/f"),
+    Rmdir("d1"),
+    Symlink("shadow", "d1"),
+    Unlink("bottom"),
+    Mkfifo("bottom"),
+    Unlink("ld/z"),
+    Write("ld/z", "z2"),
+];
+
+#[test]
+fn deletes_then_recreates() {
+    run_both(&layers(), DELETE_RECREATE, "delete/recreate");
+}
+
+const RENAMES: &[Op] = &[
+    Rename("shadow", "m/shadow2"),
+    Rename("m/c", "d1/c"),
+    Rename("o/x", "x"),
+    Rename("m", "m2"),
+    Rename("d2", "d3"),
+    Rename("ld", "m/ld"),
+    Rename("ld/x", "ldx"),
+    Mkdir("new"),
+    Write("new/f", "nf"),
+    Rename("new", "m/new"),
+    Rename("m/new", "d1/new"),
+    Rename("m/b", "z"),
+    Rename("ln", "d1/ln"),
+    Rename("p", "d1/p"),
+    Rename("h1", "hd/h1moved"),
+    Rename("d1/f", "m/a"),
+    Rename("f1", "d2"),
+    Rename("d1/new", "f1"),
+    Mkdir("e"),
+    Rename("e", "m"),
+    Rename("e", "d2"),
+    Rename("x", "x"),
+    Rename("m/a", "m/a"),
+    Write("shadow", "recreated after rename"),
+    Rename("bottom", "ld/x/bottom"),
+    Rename("x", "gone"),
+    Rename("m/sub/deep", "m/sub/deeper"),
+    Rename("hd/h2", "m/sub/h2"),
+];
+
+#[test]
+fn renames_across_directories() {
+    run_both(&layers(), RENAMES, "renames");
+}
+
+const DIR_RECREATE: &[Op] = &[
+    Unlink("d1/f"),
+    Rmdir("d1"),
+    Mkdir("d1"),
+    Write("d1/g", "g"),
+    Rmdir("m"),
+    Unlink("m/a"),
+    Unlink("m/c"),
+    Rmdir("m"),
+    Unlink("m/sub/deep"),
+    Rmdir("m/sub"),
+    Rmdir("m"),
+    Mkdir("m"),
+    Write("m/new", "n"),
+    Unlink("o/x"),
+    Rmdir("o"),
+    Mkdir("o"),
+    Rmdir("d2"),
+    Mkdir("d2"),
+    Rmdir("ld"),
+    Unlink("ld/x/y"),
+    Rmdir("ld/x"),
+    Unlink("ld/z"),
+    Rmdir("ld"),
+    Mkdir("ld"),
+    Mkdir("ld/x"),
+    Rmdir("hd"),
+    Rmdir("shadow"),
+    Unlink("m"),
+    Unlink("d1/g"),
+    Rmdir("d1"),
+    Write("d1", "a file now"),
+    Rmdir("d2"),
+    Mkdir("d2"),
+    Mkdir("d2/sub"),
+];
+
+#[test]
+fn directory_deleted_and_recreated_is_opaque() {
+    run_both(&layers(), DIR_RECREATE, "dir recreate");
+}
+
+const METADATA_AND_LINKS: &[Op] = &[
+    Chmod("shadow", 0o600),
+    Chown("m/a", 1234, 1234),
+    SetXattr("m/a", "user.new", "v"),
+    SetXattr("m", "user.dir", "d"),
+    SetXattr("o", "user.o", "1"),
+    Truncate("shadow", 1),
+    Append("m/c", "more"),
+    Chmod("ln", 0o604),
+    Chown("ln", 1234, 1234),
+    Chown("p", 1234, 1234),
+    Chmod("p", 0o600),
+    Link("h1", "h3"),
+    Link("shadow", "m/shadowlink"),
+    Link("m", "mlink"),
+    Chmod("d1", 0o700),
+    Chmod("ld/x", 0o711),
+    Truncate("m", 0),
+    SetXattr("ln", "user.x", "1"),
+    SetXattr("p", "user.x", "1"),
+    Mkfifo("p"),
+    Mkfifo("m/fifo2"),
+    Append("missing", "x"),
+    Truncate("f1", 10000),
+    SetXattr("f1", "user.f", "changed"),
+    Chmod("gone", 0o600),
+    Link("m/b", "m/b2"),
+    Symlink("t", "shadow"),
+    Mkdir("o/y"),
+    Write("hd/h2", "via h2"),
+    Chown("bottom", 4321, 4321),
+    Link("bottom", "o/bottom"),
+];
+
+#[test]
+fn metadata_changes_and_links() {
+    run_both(&layers(), METADATA_AND_LINKS, "metadata/links");
+}
+
+const ERRORS: &[Op] = &[
+    Unlink("m"),
+    Rmdir("shadow"),
+    Mkdir("shadow"),
+    Mkdir("m"),
+    Rmdir("m/b"),
+    Write("m/b/x", "x"),
+    Write("shadow/x", "x"),
+    Mkdir("gone/sub"),
+    Rename("m", "m/sub/inside"),
+    Rename("missing", "x"),
+    Rename("shadow", "missing/x"),
+    Rename("hd", "shadow"),
+    Link("missing", "x"),
+    Link("shadow", "ln"),
+    Symlink("t", "m"),
+    Truncate("o", 0),
+    Truncate("missing", 0),
+    Chown("missing", 1, 1),
+    Chmod("o/y", 0o600),
+    SetXattr("missing", "user.a", "b"),
+    Rmdir("o/y"),
+    Unlink("o/y"),
+    Rmdir("hd/h2"),
+    Mkdir("o/x"),
+    Mkdir("d1/f/g"),
+];
+
+#[test]
+fn errors_match() {
+    run_both(&layers(), ERRORS, "errors");
+}
+
+// ---------------------------------------------------------------------------------------
+// Interchange and remount
+// ---------------------------------------------------------------------------------------
+
+/// Every sequence at once (their errors are fine: both sides give the same ones).
+fn all_ops() -> Vec<Op> {
+    let mut v = DELETE_RECREATE.to_vec();
+    v.extend_from_slice(&[
+        Rename("m/a", "m/sub/a"),
+        Rename("h1", "o/h1"),
+        Mkdir("o/nd"),
+        Write("o/nd/f", "f"),
+        Rename("o/nd", "hd/nd"),
+        Chmod("shadow", 0o600),
+        Chown("m/sub/deep", 1234, 1234),
+        SetXattr("m/c/inside", "user.i", "1"),
+        SetXattr("m", "user.dir", "changed"),
+        Link("m/sub/a", "m/sub/a2"),
+        Truncate("ld/x/y", 2),
+        Unlink("m/sub/deep"),
+        Rmdir("m/sub"),
+        Mkdir("m/sub"),
+    ]);
+    v
+}
+
+/// An upper left by unionmount, mounted with kernel overlayfs (new workdir), shows what
+/// unionmount showed.
+#[test]
+fn union_upper_under_kernel() {
+    let l = layers();
+    let base = l.mkdir("x");
+    let (upper, merged) = (base.join("upper"), base.join("merged"));
+    let mut u = union_at(&l, &upper, &base.join("work"), &merged);
+    let ops = all_ops();
+    let r = apply(&u.merged, &ops);
+    // The results themselves are checked against the kernel elsewhere; here make sure the
+    // sequence really changed things.
+    assert!(r.iter().filter(|x| x.is_ok()).count() > 30, "{r:?}");
+    let o = TreeOpts::default();
+    let seen = tree(&u.merged, &o);
+    u.unmount();
+    assert!(!is_mounted(&merged));
+    let k = kernel_at(&l, &upper, &base.join("kwork"), &base.join("kmerged"));
+    assert_same_tree(
+        &seen,
+        &tree(&k.merged, &o),
+        "unionmount's upper under kernel",
+    );
+}
+
+/// An upper written by kernel overlayfs, mounted with unionmount, shows what the kernel
+/// showed, without the kernel's private xattrs.
+#[test]
+fn kernel_upper_under_union() {
+    let l = layers();
+    let base = l.mkdir("x");
+    let (upper, merged) = (base.join("upper"), base.join("merged"));
+    let mut k = kernel_at(&l, &upper, &base.join("work"), &merged);
+    let ops = all_ops();
+    let r = apply(&k.merged, &ops);
+    assert!(r.iter().filter(|x| x.is_ok()).count() > 30, "{r:?}");
+    let o = TreeOpts::default();
+    let seen = tree(&k.merged, &o);
+    k.unmount();
+    assert!(!is_mounted(&merged));
+    let u = union_at(&l, &upper, &base.join("uwork"), &base.join("umerged"));
+    assert_same_tree(
+        &seen,
+        &tree(&u.merged, &o),
+        "kernel's upper under unionmount",
+    );
+    assert_no_private_xattrs(&u.merged);
+}
+
+/// Copies a directory tree with its xattrs, device nodes and hard links.
+fn copy_tree(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a");
+}
+
+/// An upper written by the kernel is then changed further by both: unionmount on it, the
+/// kernel on an identical copy; results, trees and uppers agree.
+#[test]
+fn kernel_upper_continued_by_both() {
+    let l = layers();
+    let base = l.mkdir("x");
+    let mut k = kernel_at(
+        &l,
+        &base.join("upper"),
+        &base.join("work"),
+        &base.join("merged"),
+    );
+    apply(&k.merged, &all_ops());
+    k.unmount();
+    let ku: PathBuf = base.join("kupper");
+    copy_tree(&base.join("upper"), &ku);
+    assert_same_upper(&base.join("upper"), &ku, "cp -a copy");
+
+    let k = kernel_at(&l, &ku, &base.join("kwork"), &base.join("kmerged"));
+    let u = union_at(
+        &l,
+        &base.join("upper"),
+        &base.join("uwork"),
+        &base.join("umerged"),
+    );
+    let (tk, tu) = merged_trees(&k.merged, &u.merged);
+    assert_same_tree(&tk, &tu, "before continuing");
+    let more: &[Op] = &[
+        Unlink("shadow"),
+        Rmdir("m/c"),
+        Unlink("m/c/inside"),
+        Rmdir("m/c"),
+        Write("m/c", "file again"),
+        Unlink("gone"),
+        Rmdir("m/sub"),
+        Rename("m/sub", "msub"),
+        Mkdir("m/sub/again"),
+        Unlink("m/sub/a2"),
+        Rename("m/sub/a", "top_a"),
+        Rename("hd/nd", "nd2"),
+        Rmdir("o"),
+        Unlink("o/h1"),
+        Rmdir("o"),
+        Mkdir("o"),
+        SetXattr("d2", "user.d2", "x"),
+        Chmod("ld/x", 0o700),
+        Rename("ld", "ld2"),
+    ];
+    let rk = apply(&k.merged, more);
+    let ru = apply(&u.merged, more);
+    assert_same_results(more, &rk, &ru, "continued");
+    let (tk, tu) = merged_trees(&k.merged, &u.merged);
+    assert_same_tree(&tk, &tu, "after continuing");
+    assert_same_upper(&ku, &base.join("upper"), "after continuing");
+}
+
+/// Unmount unionmount and mount it again on the same upper and work: the same tree.
+#[test]
+fn remount_shows_same_tree() {
+    let l = layers();
+    let base = l.mkdir("x");
+    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+    let mut u = union_at(&l, &upper, &work, &merged);
+    let r = apply(&u.merged, &all_ops());
+    assert!(r.iter().filter(|x| x.is_ok()).count() > 30, "{r:?}");
+    let o = TreeOpts::default();
+    let seen = tree(&u.merged, &o);
+    let files: Vec<(String, u64)> = seen
+        .keys()
+        .map(|k| {
+            (
+                k.clone(),
+                fs::symlink_metadata(u.path(k)).unwrap().mode() as u64,
+            )
+        })
+        .collect();
+    u.unmount();
+    assert!(!is_mounted(&merged));
+    let u2 = union_at(&l, &upper, &work, &merged);
+    assert_same_tree(&seen, &tree(&u2.merged, &o), "after remount");
+    for (k, mode) in files {
+        assert_eq!(
+            fs::symlink_metadata(u2.path(&k)).unwrap().mode() as u64,
+            mode,
+            "{k:?}: file type/mode after remount"
+        );
+    }
+    // And it still works: a change after the remount.
+    fs::write(u2.path("after"), "x").unwrap();
+    assert_eq!(fs::read(u2.upper_path("after")).unwrap(), b"x");
+}
