@@ -124,7 +124,7 @@ impl Union {
             nlink,
             uid: map.uid_to_view(st.st_uid),
             gid: map.gid_to_view(st.st_gid),
-            rdev: sys::encode_dev_u32(st.st_rdev),
+            rdev: sys::encode_dev_u32(whiteout::view_rdev(st)),
             blksize: st.st_blksize as u32,
             flags: 0,
         })

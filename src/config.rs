@@ -115,9 +115,19 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// `-o remount,...` (what `mount -o remount` hands a mount helper): change the flags of a
+/// live mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remount {
+    pub mountpoint: PathBuf,
+    /// `Some(true)` for ro, `Some(false)` for rw, `None` to keep.
+    pub read_only: Option<bool>,
+}
+
 /// What parsing asks the caller to do.
 pub enum Parsed {
     Mount(Box<Config>),
+    Remount(Remount),
     /// --help or --version: print this and exit 0.
     Print(String),
 }
@@ -236,6 +246,8 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     let mut fsname = None;
     let mut squash_root = false;
     let mut idmap = IdMap::default();
+    let mut remount = false;
+    let mut ro_given = None;
 
     for group in &cli.options {
         for opt in split_options(group) {
@@ -311,8 +323,15 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
                 "fsync" => opts.fsync = parse_bool01(&key, &need(&value)?)?,
                 "volatile" => opts.fsync = false,
                 "noacl" => opts.posix_acl = false,
-                "ro" => flags.read_only = true,
-                "rw" => flags.read_only = false,
+                "ro" => {
+                    flags.read_only = true;
+                    ro_given = Some(true);
+                }
+                "rw" => {
+                    flags.read_only = false;
+                    ro_given = Some(false);
+                }
+                "remount" => remount = true,
                 "allow_other" => flags.allow_other = Some(true),
                 "allow_root" => flags.allow_root = true,
                 "default_permissions" => {}
@@ -336,6 +355,18 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
         idmap.squash_gid.get_or_insert(0);
     }
     opts.idmap = idmap;
+
+    if remount {
+        let mountpoint = cli
+            .paths
+            .last()
+            .cloned()
+            .ok_or_else(|| "remount: no mountpoint given".to_string())?;
+        return Ok(Parsed::Remount(Remount {
+            mountpoint,
+            read_only: ro_given,
+        }));
+    }
 
     let (lower, lower_from) = lower.ok_or_else(|| {
         "no lower layer given (use --lower DIR[:DIR...] or -o lowerdir=DIR[:DIR...])".to_string()
@@ -570,7 +601,19 @@ mod tests {
         match parse(args(s)) {
             Ok(Parsed::Mount(c)) => *c,
             Ok(Parsed::Print(p)) => panic!("printed {p}"),
+            Ok(Parsed::Remount(r)) => panic!("remount {r:?}"),
             Err(e) => panic!("error {e}"),
+        }
+    }
+
+    #[test]
+    fn remount_as_mount_helper() {
+        match parse(args(&["src", "/m", "-o", "remount,ro"])) {
+            Ok(Parsed::Remount(r)) => {
+                assert_eq!(r.mountpoint, PathBuf::from("/m"));
+                assert_eq!(r.read_only, Some(true));
+            }
+            _ => panic!("not a remount"),
         }
     }
 

@@ -326,12 +326,18 @@ impl Union {
         if !parent.is_dir() {
             return Err(Errno::ENOTDIR);
         }
-        if let Make::Node { mode, rdev, .. } = &what
+        let mut what = what;
+        if let Make::Node { mode, rdev, .. } = &mut what
             && sys::file_type(*mode) == libc::S_IFCHR
-            && *rdev == 0
         {
-            // It would read back as a whiteout.
-            return Err(Errno::EPERM);
+            // 0/0 would read back as a whiteout: it is stored as a stand-in, which is therefore
+            // the one device number that cannot be created as itself.
+            if *rdev == whiteout::DEVZERO_STANDIN {
+                return Err(Errno::EPERM);
+            }
+            if *rdev == 0 {
+                *rdev = whiteout::DEVZERO_STANDIN;
+            }
         }
         self.copy_up(parent)?;
         let cname = sys::cstr(name)?;

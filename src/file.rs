@@ -23,7 +23,20 @@ pub struct FileHandle {
     /// The node's `data_gen` when `fd` was opened.
     opened_gen: AtomicU64,
     pub writable: bool,
+    /// Opened to run the program (counted in the node's `exec_opens` until released).
+    exec: bool,
 }
+
+impl Drop for FileHandle {
+    fn drop(&mut self) {
+        if self.exec {
+            self.node.exec_opens.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The kernel's `__FMODE_EXEC`, set in the flags of the open that execve makes.
+const FMODE_EXEC: i32 = 0x20;
 
 impl FileHandle {
     pub fn new(node: Arc<Node>, fd: OwnedFd, writable: bool) -> FileHandle {
@@ -33,6 +46,7 @@ impl FileHandle {
             fd: RwLock::new(Arc::new(fd)),
             opened_gen: AtomicU64::new(opened_gen),
             writable,
+            exec: false,
         }
     }
 
@@ -130,6 +144,12 @@ impl Union {
         let acc = flags & libc::O_ACCMODE;
         let trunc = flags & libc::O_TRUNC != 0;
         let writable = acc != libc::O_RDONLY;
+        // The kernel checks for a running program only after this open has truncated (it
+        // lets the filesystem do O_TRUNC itself), so a truncating open of one is refused here,
+        // before any data is lost.
+        if trunc && node.exec_opens.load(Ordering::SeqCst) > 0 {
+            return Err(Errno::ETXTBSY);
+        }
         let fd = if writable || trunc {
             if self.layers.read_only() {
                 return Err(Errno::EROFS);
@@ -142,9 +162,12 @@ impl Union {
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
-        Ok(self
-            .handles
-            .add_file(FileHandle::new(node.clone(), fd, writable)))
+        let mut h = FileHandle::new(node.clone(), fd, writable);
+        if flags & FMODE_EXEC != 0 {
+            node.exec_opens.fetch_add(1, Ordering::SeqCst);
+            h.exec = true;
+        }
+        Ok(self.handles.add_file(h))
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<FileHandle>> {

@@ -98,6 +98,8 @@ pub struct Node {
     pub dir_lock: Mutex<()>,
     /// Bumped by copy-up, so read-only handles opened on the lower object reopen the upper.
     pub data_gen: AtomicU64,
+    /// Open handles of a running program (opened for exec).
+    pub exec_opens: AtomicU64,
 }
 
 impl Node {
@@ -185,6 +187,7 @@ impl Table {
             copy_lock: Mutex::new(()),
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
+            exec_opens: AtomicU64::new(0),
         });
         lock(t.node_shard(ROOT_INO)).insert(ROOT_INO, root);
         for id in root_ids {
@@ -328,6 +331,7 @@ impl Table {
             copy_lock: Mutex::new(()),
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
+            exec_opens: AtomicU64::new(0),
         });
         lock(self.node_shard(ino)).insert(ino, node.clone());
         idsh.live.insert(

@@ -9,6 +9,13 @@ fn main() {
             print!("{text}");
             return;
         }
+        Ok(Parsed::Remount(r)) => {
+            if let Err(e) = unionmount::mount::remount(&r) {
+                eprintln!("unionmount: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
         Err(e) => {
             eprintln!("unionmount: {e}");
             std::process::exit(1);

@@ -268,6 +268,41 @@ fn passthrough_possible() -> bool {
     sys::geteuid() == 0 && !crate::union::in_user_namespace()
 }
 
+/// `-o remount,ro|rw`: changes the read-only flag of a live mount, keeping its other flags.
+pub fn remount(r: &crate::config::Remount) -> Result<(), String> {
+    let target = CString::new(r.mountpoint.as_os_str().as_bytes()).map_err(|_| "bad path")?;
+    let fd = Layer::open_root(&r.mountpoint)
+        .map_err(|e| io_err("cannot open mountpoint", &r.mountpoint, e))?;
+    let cur = sys::fstatvfs(fd.root())
+        .map_err(|e| format!("mountpoint {}: {}", r.mountpoint.display(), errno_str(e)))?;
+    drop(fd);
+    let keep = [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    let mut flags = libc::MS_REMOUNT;
+    for (st, ms) in keep {
+        if cur.f_flag & st != 0 {
+            flags |= ms;
+        }
+    }
+    let ro = r.read_only.unwrap_or(cur.f_flag & libc::ST_RDONLY != 0);
+    if ro {
+        flags |= libc::MS_RDONLY;
+    }
+    sys::mount(c"", &target, c"", flags, c"").map_err(|e| {
+        format!(
+            "cannot remount {}: {}",
+            r.mountpoint.display(),
+            errno_str(e)
+        )
+    })
+}
+
 /// Mounts as configured and serves until unmounted. Returns only on failure, or after the
 /// mount ends in the foreground.
 pub fn run(cfg: Config) -> Result<(), String> {

@@ -40,6 +40,20 @@ impl Format {
     }
 }
 
+/// A character device 0/0 created through the mount cannot be stored as itself (that is a
+/// whiteout); it is stored as this device number instead, which major 0 ("no device")
+/// leaves unused, and shown as 0/0 again.
+pub const DEVZERO_STANDIN: u64 = (0xfffff & 0xff) | ((0xfffff & !0xff) << 12);
+
+/// The device number the merged view shows for a real object's `st_rdev`.
+pub fn view_rdev(st: &Stat) -> u64 {
+    if sys::file_type(st.st_mode) == libc::S_IFCHR && st.st_rdev == DEVZERO_STANDIN {
+        0
+    } else {
+        st.st_rdev
+    }
+}
+
 /// A character device 0/0.
 pub fn is_whiteout(st: &Stat) -> bool {
     sys::file_type(st.st_mode) == libc::S_IFCHR && st.st_rdev == 0
@@ -108,6 +122,16 @@ mod tests {
         assert_eq!(whited_out_name(b"foo"), None);
         assert!(is_private_name(b".wh..wh..opq"));
         assert!(!is_private_name(b".whx"));
+    }
+
+    #[test]
+    fn devzero_standin_is_major_zero() {
+        assert_eq!(libc::major(DEVZERO_STANDIN), 0);
+        assert_eq!(libc::minor(DEVZERO_STANDIN), 0xfffff);
+        assert_eq!(
+            sys::decode_dev_u32(sys::encode_dev_u32(DEVZERO_STANDIN)),
+            DEVZERO_STANDIN
+        );
     }
 
     #[test]
