@@ -309,6 +309,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     for w in &cfg.warnings {
         eprintln!("unionmount: warning: {w}");
     }
+    // Termination signals wait from before the mount exists until the signal thread takes
+    // them, so one that arrives in between unmounts cleanly instead of killing the daemon
+    // and leaving a dead mount behind (the mask is inherited by the forked daemon).
+    let set = sys::block_term_signals();
     sys::raise_nofile_limit();
     sys::ignore_sigpipe();
     let paths = crate::config::check_paths(&cfg)?;
@@ -399,7 +403,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
             }
         }
     }
-    let set = sys::block_term_signals();
     let mp = paths.mountpoint.clone();
     std::thread::Builder::new()
         .name("signals".into())
