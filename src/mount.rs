@@ -294,13 +294,27 @@ pub fn remount(r: &crate::config::Remount) -> Result<(), String> {
     if ro {
         flags |= libc::MS_RDONLY;
     }
-    sys::mount(c"", &target, c"", flags, c"").map_err(|e| {
-        format!(
-            "cannot remount {}: {}",
-            r.mountpoint.display(),
-            errno_str(e)
-        )
-    })
+    // Going read-only is refused while an unlinked file is still referenced, and the
+    // kernel holds a FUSE file's inode until the daemon has answered its (asynchronous)
+    // release: give files closed just now a moment.
+    let mut tries = 0;
+    loop {
+        match sys::mount(c"", &target, c"", flags, c"") {
+            Err(e) if e.code() == libc::EBUSY && ro && tries < 40 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            res => {
+                return res.map_err(|e| {
+                    format!(
+                        "cannot remount {}: {}",
+                        r.mountpoint.display(),
+                        errno_str(e)
+                    )
+                });
+            }
+        }
+    }
 }
 
 /// Mounts as configured and serves until unmounted. Returns only on failure, or after the
