@@ -1576,3 +1576,103 @@ fn unlinked_open_file_stays_usable() {
     assert_eq!(f.metadata().unwrap().len(), 9);
     assert!(!m.exists("lo_ro"));
 }
+
+/// A truncating open of a program that is running fails with ETXTBSY and loses nothing. (The
+/// kernel checks for the running program only after the filesystem has done O_TRUNC.)
+#[test]
+fn truncating_open_of_running_program_keeps_its_data() {
+    let l = Layers::new(1);
+    let m = l.mount("u");
+    let prog = m.path("sleeper");
+    std::fs::copy("/bin/sleep", &prog).unwrap();
+    let len = std::fs::metadata(&prog).unwrap().len();
+    // Another test's fork may briefly hold our write descriptor (ETXTBSY): try again.
+    let mut tries = 0;
+    let child = loop {
+        match std::process::Command::new(&prog).arg("30").spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.unwrap(),
+        }
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(child);
+    for flags in [
+        libc::O_RDONLY | libc::O_TRUNC,
+        libc::O_WRONLY,
+        libc::O_RDWR | libc::O_TRUNC,
+    ] {
+        let c = std::ffi::CString::new(prog.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: open on a valid path; a returned fd is closed right away.
+        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        let e = std::io::Error::last_os_error().raw_os_error();
+        if fd >= 0 {
+            // SAFETY: closing the fd just opened.
+            unsafe { libc::close(fd) };
+        }
+        assert_eq!((fd, e), (-1, Some(libc::ETXTBSY)), "flags {flags:#x}");
+    }
+    assert_eq!(std::fs::metadata(&prog).unwrap().len(), len, "view");
+    assert_eq!(
+        std::fs::metadata(m.upper_path("sleeper")).unwrap().len(),
+        len,
+        "upper"
+    );
+}
+
+/// A character device 0/0 made through the mount is a device, not a whiteout: it shows as
+/// 0/0, survives a remount, and is stored as the stand-in char 0:1048575 in the upper.
+#[test]
+fn char_device_zero_zero_round_trips() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let l = Layers::new(1);
+    l.lower(0).file("lowerfile", "x");
+    let mut m = l.mount("u");
+    mknod(&m.path("dev00"), libc::S_IFCHR | 0o640, 0);
+    let md = std::fs::symlink_metadata(m.path("dev00")).unwrap();
+    assert!(md.file_type().is_char_device());
+    assert_eq!(md.rdev(), 0);
+    assert!(m.ls("").contains(&"dev00".to_string()));
+    let up = std::fs::symlink_metadata(m.upper_path("dev00")).unwrap();
+    assert!(up.file_type().is_char_device());
+    assert_eq!(
+        (libc::major(up.rdev()), libc::minor(up.rdev())),
+        (0, 0xfffff)
+    );
+    // The stand-in number itself cannot be created.
+    let c = std::ffi::CString::new(m.path("standin").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mknod on a valid path.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, up.rdev()) };
+    assert_eq!(
+        (r, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::EPERM))
+    );
+    m.unmount();
+    let m2 = Mount::union(
+        &[
+            "--lower".into(),
+            l.lowerdir_opt().into(),
+            "--upper".into(),
+            m.upper.clone().unwrap().into(),
+            "--work".into(),
+            m.work.clone().unwrap().into(),
+            m.merged.clone().into(),
+        ],
+        m.merged.clone(),
+        m.upper.clone(),
+        m.work.clone(),
+    );
+    let md = std::fs::symlink_metadata(m2.path("dev00")).unwrap();
+    assert!(
+        md.file_type().is_char_device() && md.rdev() == 0,
+        "after remount"
+    );
+}
