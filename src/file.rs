@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -17,8 +17,22 @@ use crate::readdir::DirHandle;
 use crate::sys::{self, Errno, Result};
 use crate::union::Union;
 
+/// How the kernel does the I/O of an open file.
+pub enum IoMode {
+    /// Through the page cache, with reads and writes sent to the daemon.
+    Cached,
+    /// Straight from the backing file in the kernel.
+    Passthrough(Arc<fuser::BackingId>),
+    /// Every read and write sent to the daemon, no page cache: for an open whose object is
+    /// not the one the kernel already passes other opens through to (a file copied up while
+    /// a passthrough open of its lower file is still open).
+    Direct,
+}
+
 pub struct FileHandle {
     pub node: Arc<Node>,
+    /// Keeps the shared backing id alive while this open uses it.
+    backing: Option<Arc<fuser::BackingId>>,
     fd: RwLock<Arc<OwnedFd>>,
     /// The node's `data_gen` when `fd` was opened.
     opened_gen: AtomicU64,
@@ -47,6 +61,7 @@ impl FileHandle {
             opened_gen: AtomicU64::new(opened_gen),
             writable,
             exec: false,
+            backing: None,
         }
     }
 
@@ -136,8 +151,14 @@ fn real_flags(flags: i32) -> i32 {
 }
 
 impl Union {
-    /// Opens a file; returns the handle id.
-    pub fn open(&self, node: &Arc<Node>, flags: i32) -> Result<u64> {
+    /// Opens a file; returns the handle id and how the kernel is to do its I/O.
+    /// `make_backing` registers an fd as a passthrough backing file with the kernel.
+    pub fn open(
+        &self,
+        node: &Arc<Node>,
+        flags: i32,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+    ) -> Result<(u64, IoMode)> {
         if node.is_dir() {
             return Err(Errno::EISDIR);
         }
@@ -162,12 +183,94 @@ impl Union {
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
+        self.add_handle(node, fd, flags, make_backing)
+    }
+
+    /// Registers an open file of `node` (opened with `flags`) and decides its I/O mode.
+    pub fn add_handle(
+        &self,
+        node: &Arc<Node>,
+        fd: OwnedFd,
+        flags: i32,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+    ) -> Result<(u64, IoMode)> {
+        let mode = if self.passthrough_active() {
+            self.backing_for(node, fd.as_fd(), make_backing)?
+        } else {
+            IoMode::Cached
+        };
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut h = FileHandle::new(node.clone(), fd, writable);
+        if let IoMode::Passthrough(b) = &mode {
+            h.backing = Some(b.clone());
+        }
         if flags & FMODE_EXEC != 0 {
             node.exec_opens.fetch_add(1, Ordering::SeqCst);
             h.exec = true;
         }
-        Ok(self.handles.add_file(h))
+        Ok((self.handles.add_file(h), mode))
+    }
+
+    /// The passthrough backing for an open of `node` on `fd`: the node's shared one if it is
+    /// the same file, a new one if the node has none, and direct I/O when the kernel already
+    /// passes other opens through to a different file (the lower one, before a copy-up).
+    fn backing_for(
+        &self,
+        node: &Node,
+        fd: BorrowedFd<'_>,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+    ) -> Result<IoMode> {
+        let id = crate::inode::RealId::of(&sys::fstat(fd)?);
+        let mut cur = node.backing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((bid, weak)) = cur.as_ref()
+            && let Some(b) = weak.upgrade()
+        {
+            if *bid == id {
+                return Ok(IoMode::Passthrough(b));
+            }
+            // The kernel passes this inode's open files through to another file (the lower
+            // one, before this open copied it up) and accepts no other kind of open on it.
+            drop(cur);
+            return Err(self.split_node(node, id));
+        }
+        match make_backing(fd) {
+            Ok(b) => {
+                let b = Arc::new(b);
+                *cur = Some((id, Arc::downgrade(&b)));
+                Ok(IoMode::Passthrough(b))
+            }
+            Err(e) => {
+                // Served by the daemon; direct I/O can share the inode with passthrough opens.
+                log::debug!("passthrough backing refused: {e}");
+                Ok(IoMode::Direct)
+            }
+        }
+    }
+
+    /// Moves the name of `node` to a fresh node for the object `id`, so that the kernel gets a
+    /// new inode for it, and returns ESTALE: the kernel then looks the name up again and retries
+    /// the open once, on the new inode. The old inode keeps serving the files already open on
+    /// it (with the data they had, as in kernel overlayfs).
+    fn split_node(&self, node: &Node, id: crate::inode::RealId) -> Errno {
+        let Some((parent, name)) = node
+            .state()
+            .links
+            .first()
+            .map(|l| (l.parent.clone(), l.name.clone()))
+        else {
+            return Errno::ENOENT;
+        };
+        {
+            let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.tree_change(|| {
+                self.table.remove_id(node, id);
+                self.table.unlink(node, &parent, &name);
+                node.state().upper = None;
+            });
+        }
+        log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
+        self.invalidate_entry(parent.ino, &name);
+        Errno::ESTALE
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<FileHandle>> {

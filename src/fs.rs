@@ -15,6 +15,7 @@ use fuser::{
 
 use crate::attr::{SetAttr, XattrReply};
 use crate::dir::{Caller, Created, Make};
+use crate::file::IoMode;
 use crate::inode::Node;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
@@ -133,6 +134,18 @@ impl Filesystem for UnionFs {
                 log::debug!("kernel lacks {flag:?}");
             }
         }
+        if self.u.opts.passthrough {
+            // Backing files are on ordinary filesystems (depth 0), so this mount is depth 1.
+            let ok = config.set_max_stack_depth(1).is_ok()
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
+            self.u.set_passthrough_active(ok);
+            if !ok {
+                log::info!(
+                    "the kernel does not offer passthrough; open files go through the daemon"
+                );
+            }
+        }
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.set_max_background(64);
@@ -318,8 +331,15 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.node(ino).and_then(|n| self.u.open(&n, flags.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        let res = self
+            .node(ino)
+            .and_then(|n| self.u.open(&n, flags.0, &|fd| reply.open_backing(fd)));
+        match res {
+            Ok((fh, IoMode::Passthrough(b))) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
+            }
+            Ok((fh, IoMode::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((fh, IoMode::Cached)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(log_unexpected("open", e)),
         }
     }
@@ -580,29 +600,35 @@ impl Filesystem for UnionFs {
         let res = self.node(parent).and_then(|p| {
             let c = self.u.create(&p, name, what, &caller(req))?;
             let fd = c.fd.ok_or(Errno::EIO)?;
-            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             let node = c.node.clone();
-            let attr = match self.u.attr(&node, &c.st) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.u.table.unpin(&node, 1);
-                    return Err(e);
-                }
-            };
-            let fh = self
-                .u
-                .handles
-                .add_file(crate::file::FileHandle::new(node, fd, writable));
-            Ok((attr, fh))
+            let done = self.u.attr(&node, &c.st).and_then(|attr| {
+                let (fh, io) = self
+                    .u
+                    .add_handle(&node, fd, flags, &|fd| reply.open_backing(fd))?;
+                Ok((attr, fh, io))
+            });
+            if done.is_err() {
+                self.u.table.unpin(&node, 1);
+            }
+            done
         });
+        let ttl = self.ttl();
         match res {
-            Ok((attr, fh)) => reply.created(
-                &self.ttl(),
+            Ok((attr, fh, IoMode::Passthrough(b))) => reply.created_passthrough(
+                &ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                FopenFlags::empty(),
+                &b,
             ),
+            Ok((attr, fh, io)) => {
+                let flags = match io {
+                    IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+                    _ => FopenFlags::FOPEN_KEEP_CACHE,
+                };
+                reply.created(&ttl, &attr, Generation(0), FileHandle(fh), flags)
+            }
             Err(e) => reply.error(log_unexpected("create", e)),
         }
     }

@@ -59,6 +59,8 @@ pub struct Union {
     tree_ended: AtomicU64,
     /// Serialises whole-mount operations that must not interleave (none on hot paths).
     pub mount_lock: Mutex<()>,
+    /// Passthrough was offered and the kernel accepted it at INIT.
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 impl Union {
@@ -101,6 +103,7 @@ impl Union {
             tree_begun: AtomicU64::new(0),
             tree_ended: AtomicU64::new(0),
             mount_lock: Mutex::new(()),
+            passthrough: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -122,6 +125,14 @@ impl Union {
 
     pub fn tree_unchanged_since(&self, snap: Option<u64>) -> bool {
         snap.is_some_and(|g| self.tree_begun.load(Ordering::SeqCst) == g)
+    }
+
+    pub fn set_passthrough_active(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Relaxed);
+    }
+
+    pub fn passthrough_active(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
     }
 
     pub fn invalidate_entry(&self, parent: u64, name: &std::ffi::OsStr) {

@@ -1100,7 +1100,9 @@ fn setlk(f: &File, ltype: i32, start: i64, len: i64) -> Result<(), i32> {
 fn posix_locks_contend_between_processes() {
     let l = Layers::new(1);
     l.lower(0).file("lk", "0123456789").file("ro", "r");
-    let m = l.mount("u");
+    // Served by the daemon (no passthrough), a lock keeps holding across a copy-up made by
+    // another open; with passthrough see passthrough::copy_up_of_an_open_file.
+    let m = l.mount_with("u", &["--passthrough", "off"]);
     let p = cs(&m.path("lk"));
 
     let f = rw(&m.path("lk"));

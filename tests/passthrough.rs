@@ -1,0 +1,183 @@
+//! FUSE passthrough (root): open files served by the kernel from the backing file.
+//!
+//! The kernel ties one backing file to a FUSE inode while any passthrough open of it exists
+//! and accepts no other kind of open on that inode. A file opened read-only from a lower layer
+//! is backed by the lower file; when another open then copies it up, unionmount moves the name
+//! to a new inode backed by the upper copy (the kernel retries the open on it). Checked here:
+//! no write reaches the lower layer, no open fails, the old descriptor keeps the data it had
+//! (as in kernel overlayfs), and new opens see the new data.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use common::*;
+
+/// The pid of the daemon serving `m`.
+fn daemon_pid(m: &Mount) -> i32 {
+    let want = m.merged.to_string_lossy().into_owned();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("unionmount")) && args.last() == Some(&want) {
+            return pid;
+        }
+    }
+    panic!("no daemon for {want}");
+}
+
+/// Whether reads of an open file bypass the daemon: they complete while it is stopped.
+fn reads_bypass_daemon(m: &Mount, rel: &str) -> bool {
+    let f = File::open(m.path(rel)).unwrap();
+    let pid = daemon_pid(m);
+    // SAFETY: signals to the daemon process found above; it is continued below.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = vec![0u8; 4096];
+        let _ = tx.send(f.read_at(&mut b, 0).is_ok());
+    });
+    // A read through the daemon cannot finish until it is continued; give a passthrough
+    // read ample time (this bounds a wait, it measures nothing).
+    let bypassed = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .unwrap_or(false);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    bypassed
+}
+
+#[test]
+fn root_mounts_use_passthrough_and_off_means_off() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file_bytes("a", &[1u8; 65536])
+        .file_bytes("b", &[2u8; 65536]);
+    let m = l.mount("u");
+    assert!(
+        reads_bypass_daemon(&m, "a"),
+        "passthrough is on by default as root"
+    );
+    let off = l.mount_with("off", &["--passthrough", "off"]);
+    assert!(
+        !reads_bypass_daemon(&off, "b"),
+        "--passthrough off serves reads itself"
+    );
+}
+
+#[test]
+fn copy_up_of_an_open_file() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "lower data\n");
+    let lower_before = fs::read(l.lowers[0].join("f")).unwrap();
+    let m = l.mount("u");
+    let mut ro = File::open(m.path("f")).unwrap();
+    let mut buf = String::new();
+    ro.read_to_string(&mut buf).unwrap();
+    assert_eq!(buf, "lower data\n");
+
+    // Open for writing while the read-only open is live: copy-up, no EIO.
+    let mut w = OpenOptions::new()
+        .append(true)
+        .open(m.path("f"))
+        .expect("write open after copy-up");
+    w.write_all(b"upper data\n").unwrap();
+    w.sync_all().unwrap();
+
+    // The lower layer never changes.
+    assert_eq!(fs::read(l.lowers[0].join("f")).unwrap(), lower_before);
+    assert_eq!(
+        fs::read_to_string(m.upper_path("f")).unwrap(),
+        "lower data\nupper data\n"
+    );
+    // The descriptor opened before the copy-up keeps the lower data (kernel semantics).
+    let mut again = String::new();
+    ro.seek(SeekFrom::Start(0)).unwrap();
+    ro.read_to_string(&mut again).unwrap();
+    assert_eq!(again, "lower data\n");
+    // New opens see the new data, through passthrough of the upper copy.
+    assert_eq!(m.read("f"), "lower data\nupper data\n");
+    let st = fs::metadata(m.path("f")).unwrap();
+    assert_eq!(st.len(), 22);
+    drop(ro);
+    drop(w);
+    // Once every open is closed, the file is one file again: read and write both work.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    f.write_at(b"LOWER", 0).unwrap();
+    assert_eq!(m.read("f"), "LOWER data\nupper data\n");
+    assert_eq!(fs::read(l.lowers[0].join("f")).unwrap(), lower_before);
+}
+
+#[test]
+fn many_readers_and_writers_of_one_file() {
+    let l = Layers::new(1);
+    l.lower(0).file_bytes("data", &vec![7u8; 1 << 20]);
+    let m = l.mount("u");
+    let readers: Vec<File> = (0..4)
+        .map(|_| File::open(m.path("data")).unwrap())
+        .collect();
+    let w = OpenOptions::new().write(true).open(m.path("data")).unwrap();
+    w.write_at(&[9u8; 4096], 0).unwrap();
+    let w2 = OpenOptions::new().write(true).open(m.path("data")).unwrap();
+    w2.write_at(&[8u8; 4096], 8192).unwrap();
+    let mut b = [0u8; 1];
+    for r in &readers {
+        r.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 7, "old descriptors keep the lower data");
+    }
+    let now = fs::read(m.path("data")).unwrap();
+    assert_eq!((now[0], now[8192], now[5000]), (9, 8, 7));
+    assert!(
+        fs::read(l.lowers[0].join("data"))
+            .unwrap()
+            .iter()
+            .all(|&x| x == 7)
+    );
+    assert_eq!(fs::metadata(m.upper_path("data")).unwrap().size(), 1 << 20);
+}
+
+/// mmap through passthrough, shared and writable, reaches the upper copy only.
+#[test]
+fn shared_mmap_write() {
+    let l = Layers::new(1);
+    l.lower(0).file_bytes("m", &[1u8; 8192]);
+    let m = l.mount("u");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("m"))
+        .unwrap();
+    // SAFETY: a private mapping of a file we hold open, unmapped before the file is closed.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        *(p as *mut u8).add(100) = 42;
+        assert_eq!(libc::msync(p, 8192, libc::MS_SYNC), 0);
+        libc::munmap(p, 8192);
+    }
+    drop(f);
+    assert_eq!(fs::read(m.upper_path("m")).unwrap()[100], 42);
+    assert_eq!(fs::read(l.lowers[0].join("m")).unwrap()[100], 1);
+}
