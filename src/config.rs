@@ -1,8 +1,10 @@
 //! Both command-line forms, the `-o` options, and the checks on layer paths made before
 //! anything is created or mounted.
 //!
-//!     unionmount --lower L1:L2 [--upper U [--work W]] MERGED [options]
-//!     unionmount [SOURCE] MERGED -o lowerdir=L1:L2,upperdir=U,workdir=W[,more]
+//! ```text
+//! unionmount --lower L1:L2 [--upper U [--work W]] MERGED [options]
+//! unionmount [SOURCE] MERGED -o lowerdir=L1:L2,upperdir=U,workdir=W[,more]
+//! ```
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
