@@ -226,6 +226,7 @@ impl CopyUp<'_> {
             }
         };
         fs.table.add_id(self.node, id);
+        fs.dir_changed(&parent);
         self.node.data_gen.fetch_add(1, Ordering::SeqCst);
         // Other names of a lower hard link still show the lower file (copy-up breaks the
         // link, as in kernel overlayfs): drop them from this node and from the kernel cache.

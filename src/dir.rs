@@ -196,8 +196,7 @@ impl Union {
             match sys::fstatat(dir.as_fd(), name, 0) {
                 Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
-                    let wh = aufs_cname(name)?;
-                    if sys::fstatat(dir.as_fd(), &wh, 0).is_ok() {
+                    if dir.has_aufs_whiteout(name.to_bytes(), true)? {
                         return Ok(false);
                     }
                 }
@@ -341,10 +340,9 @@ impl Union {
         }
         self.copy_up(parent)?;
         let cname = sys::cstr(name)?;
+        // The kernel has just looked the name up and found nothing, and holds the directory
+        // locked while it creates: only what the upper holds there needs checking.
         let _lock = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.probe(parent, name)?.is_some() {
-            return Err(Errno::EEXIST);
-        }
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let pst = sys::fstat(dir.as_fd())?;
         let slot = upper_slot(dir.as_fd(), &cname)?;
@@ -404,6 +402,7 @@ impl Union {
             lowers: Vec::new(),
         };
         let node = self.node_for(parent, name, found);
+        self.dir_changed(parent);
         if what.is_dir() {
             self.adjust_subdirs(parent, 1);
         }
@@ -426,9 +425,6 @@ impl Union {
         self.copy_up(newparent)?;
         let cname = sys::cstr(newname)?;
         let _lock = newparent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.probe(newparent, newname)?.is_some() {
-            return Err(Errno::EEXIST);
-        }
         let src = self.open_in(node, Loc::Upper, libc::O_PATH)?;
         let src_path = sys::proc_fd_path(src.as_fd());
         let dir = self.dir_fd(newparent, Loc::Upper)?;
@@ -461,6 +457,7 @@ impl Union {
             lowers: Vec::new(),
         };
         let n = self.node_for(newparent, newname, found);
+        self.dir_changed(newparent);
         Ok(Created {
             node: n,
             st,
@@ -546,6 +543,7 @@ impl Union {
             }
             Ok(())
         })?;
+        self.dir_changed(parent);
         if is_dir {
             self.drop_dir_fd(node, Loc::Upper);
             self.adjust_subdirs(parent, -1);
@@ -753,6 +751,8 @@ impl Union {
             self.table.link(src, newparent, newname);
             Ok(())
         })?;
+        self.dir_changed(parent);
+        self.dir_changed(newparent);
         if parent.ino != newparent.ino {
             let moved = |n: &Node| i64::from(n.is_dir());
             let s = moved(src);

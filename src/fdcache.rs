@@ -5,14 +5,79 @@
 //! it is dropped when the node's directory in that layer is removed or replaced. Sharded, so
 //! that threads do not meet on one lock; each shard is an LRU.
 
+use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
-use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use lru::LruCache;
 
 use crate::lookup::Loc;
+use crate::sys::{self, Result};
+use crate::whiteout;
+
+/// Directories larger than this are not scanned for `.wh.` names; each name is checked
+/// with a stat instead.
+const SCAN_LIMIT: i64 = 1 << 20;
+
+/// A directory of one layer, as the cache holds it.
+pub struct CachedDir {
+    fd: OwnedFd,
+    /// Lower layers only (they never change): the names `NAME` for which the directory holds
+    /// `.wh.NAME`, once scanned; `None` when the directory is too large to scan.
+    aufs_whiteouts: OnceLock<Option<HashSet<Box<[u8]>>>>,
+}
+
+impl AsFd for CachedDir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl CachedDir {
+    pub fn new(fd: OwnedFd) -> CachedDir {
+        CachedDir {
+            fd,
+            aufs_whiteouts: OnceLock::new(),
+        }
+    }
+
+    /// Whether the directory holds `.wh.NAME`. In a lower layer one scan of the directory
+    /// answers for every name; a miss would otherwise cost a full directory search in the
+    /// layer's filesystem for each name looked up.
+    pub fn has_aufs_whiteout(&self, name: &[u8], immutable: bool) -> Result<bool> {
+        if immutable
+            && let Some(set) = self
+                .aufs_whiteouts
+                .get_or_init(|| self.scan().ok().flatten())
+        {
+            return Ok(set.contains(name));
+        }
+        let mut wh = whiteout::WH_PREFIX.to_vec();
+        wh.extend_from_slice(name);
+        let wh = std::ffi::CString::new(wh).map_err(|_| sys::Errno::EINVAL)?;
+        match sys::fstatat(self.fd.as_fd(), &wh, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.code(), libc::ENOENT | libc::ENAMETOOLONG) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn scan(&self) -> Result<Option<HashSet<Box<[u8]>>>> {
+        if sys::fstat(self.fd.as_fd())?.st_size > SCAN_LIMIT {
+            return Ok(None);
+        }
+        let dir = sys::openat(self.fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let mut set = HashSet::new();
+        sys::for_each_dirent(dir.as_fd(), |d| {
+            if let Some(n) = whiteout::whited_out_name(d.name) {
+                set.insert(n.into());
+            }
+        })?;
+        Ok(Some(set))
+    }
+}
 
 const SHARDS: usize = 16;
 
@@ -23,7 +88,7 @@ struct Key {
 }
 
 pub struct FdCache {
-    shards: Vec<Mutex<LruCache<Key, Arc<OwnedFd>>>>,
+    shards: Vec<Mutex<LruCache<Key, Arc<CachedDir>>>>,
     hasher: RandomState,
 }
 
@@ -45,16 +110,16 @@ impl FdCache {
         (limit / 4).clamp(256, 16384) as usize
     }
 
-    fn shard(&self, serial: u64) -> std::sync::MutexGuard<'_, LruCache<Key, Arc<OwnedFd>>> {
+    fn shard(&self, serial: u64) -> std::sync::MutexGuard<'_, LruCache<Key, Arc<CachedDir>>> {
         let i = self.hasher.hash_one(serial) as usize % SHARDS;
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, serial: u64, loc: Loc) -> Option<Arc<OwnedFd>> {
+    pub fn get(&self, serial: u64, loc: Loc) -> Option<Arc<CachedDir>> {
         self.shard(serial).get(&Key { serial, loc }).cloned()
     }
 
-    pub fn insert(&self, serial: u64, loc: Loc, fd: Arc<OwnedFd>) {
+    pub fn insert(&self, serial: u64, loc: Loc, fd: Arc<CachedDir>) {
         self.shard(serial).put(Key { serial, loc }, fd);
     }
 

@@ -268,6 +268,7 @@ impl Union {
                 node.state().upper = None;
             });
         }
+        self.dir_changed(&parent);
         log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
         self.invalidate_entry(parent.ino, &name);
         Errno::ESTALE

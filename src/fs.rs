@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::attr::{SetAttr, XattrReply};
@@ -93,34 +93,12 @@ impl UnionFs {
             .and_then(|p| self.created(self.u.create(&p, name, what, &caller(req))));
         self.reply_entry(res, reply);
     }
-
-    fn readdir_common(
-        &self,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut add: impl FnMut(&Union, &Arc<Node>, &crate::readdir::Entry, u64) -> Result<bool>,
-    ) -> Result<()> {
-        let h = self.u.handles.dir(fh.0).ok_or(Errno::EBADF)?;
-        if h.node.ino != ino.0 {
-            return Err(Errno::EBADF);
-        }
-        let list = self.u.dir_listing(&h, offset)?;
-        for (i, e) in list.iter().enumerate().skip(offset as usize) {
-            if add(&self.u, &h.node, e, i as u64 + 1)? {
-                break;
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let mut want = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_DONT_MASK
-            | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_BIG_WRITES
@@ -154,10 +132,13 @@ impl Filesystem for UnionFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let res = self
-            .node(parent)
-            .and_then(|p| self.u.lookup(&p, name))
-            .and_then(|n| self.entry_of(n, None));
+        let res = self.node(parent).and_then(|p| {
+            if name == "." || name == ".." {
+                return self.u.lookup(&p, name).and_then(|n| self.entry_of(n, None));
+            }
+            let (n, st) = self.u.lookup_stat(&p, name)?;
+            self.entry_of(n, Some(st))
+        });
         match res {
             Ok((_, attr)) => reply.entry(&self.ttl(), &attr, Generation(0)),
             // A negative entry the kernel may cache: every change comes through us.
@@ -392,7 +373,9 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Locks are the kernel's own (no POSIX_LOCKS/FLOCK_LOCKS), and nothing is buffered
+        // here: ENOSYS tells the kernel to stop sending FLUSH on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -427,7 +410,12 @@ impl Filesystem for UnionFs {
         match self.node(ino) {
             Ok(n) if n.is_dir() => {
                 let fh = self.u.handles.add_dir(DirHandle::new(n));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                // The kernel may keep listings in its cache across opens: every change to a
+                // directory comes through the kernel, which drops the cache when it does one.
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                );
             }
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
@@ -442,58 +430,18 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let res = self.readdir_common(ino, fh, offset, |_, _, e, next| {
-            Ok(reply.add(
-                INodeNo(e.ino),
-                next,
-                crate::attr::file_type(crate::attr::kind_of_dtype(e.dtype)),
-                &e.name,
-            ))
+        let res = self.u.handles.dir(fh.0).ok_or(Errno::EBADF).and_then(|h| {
+            if h.node.ino != ino.0 {
+                return Err(Errno::EBADF);
+            }
+            self.u.read_dir(&h, offset, |e| {
+                let kind = crate::attr::file_type(crate::attr::kind_of_dtype(e.dtype));
+                reply.add(INodeNo(e.ino), e.next, kind, e.name)
+            })
         });
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(log_unexpected("readdir", e)),
-        }
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let ttl = self.ttl();
-        let res = self.readdir_common(ino, fh, offset, |u, dir, e, next| {
-            if crate::readdir::is_dot_name(&e.name) {
-                let mut attr = crate::attr::empty_attr();
-                attr.ino = INodeNo(e.ino);
-                attr.kind = FileType::Directory;
-                return Ok(reply.add(
-                    INodeNo(e.ino),
-                    next,
-                    &e.name,
-                    &Duration::ZERO,
-                    &attr,
-                    Generation(0),
-                ));
-            }
-            // Every entry sent counts as a lookup; one that does not fit is given back.
-            let (node, attr) = match u.lookup_entry(dir, e) {
-                Ok(x) => x,
-                Err(err) if err.code() == libc::ENOENT => return Ok(false),
-                Err(err) => return Err(err),
-            };
-            let full = reply.add(INodeNo(node.ino), next, &e.name, &ttl, &attr, Generation(0));
-            if full {
-                u.table.unpin(&node, 1);
-            }
-            Ok(full)
-        });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(log_unexpected("readdirplus", e)),
         }
     }
 

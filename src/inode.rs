@@ -100,6 +100,8 @@ pub struct Node {
     pub data_gen: AtomicU64,
     /// Open handles of a running program (opened for exec).
     pub exec_opens: AtomicU64,
+    /// Directories: bumped by every change to the entries (retires cached listings).
+    pub version: AtomicU64,
     /// The backing file the kernel serves passthrough opens of this node from, while any is
     /// open: the real object it is, and the shared backing id.
     pub backing: Mutex<Option<(RealId, std::sync::Weak<fuser::BackingId>)>>,
@@ -191,6 +193,7 @@ impl Table {
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
+            version: AtomicU64::new(0),
             backing: Mutex::new(None),
         });
         lock(t.node_shard(ROOT_INO)).insert(ROOT_INO, root);
@@ -336,6 +339,7 @@ impl Table {
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
+            version: AtomicU64::new(0),
             backing: Mutex::new(None),
         });
         lock(self.node_shard(ino)).insert(ino, node.clone());

@@ -1,10 +1,11 @@
 //! Name resolution down the layers, and opening a node's object in one layer.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use crate::fdcache::CachedDir;
 use crate::inode::{Link, Node, RealId, State};
 use crate::layer::LowerIdx;
 use crate::sys::{self, Errno, Result, Stat};
@@ -99,7 +100,7 @@ impl Union {
     }
 
     /// The cached `O_PATH` fd of a directory node in one layer.
-    pub fn dir_fd(&self, node: &Node, loc: Loc) -> Result<Arc<OwnedFd>> {
+    pub fn dir_fd(&self, node: &Node, loc: Loc) -> Result<Arc<CachedDir>> {
         if let Some(fd) = self.fds.get(node.serial, loc) {
             return Ok(fd);
         }
@@ -120,7 +121,7 @@ impl Union {
                 |fd| Ok(Some(RealId::of(&sys::fstat(fd.as_fd())?))),
             )?
         };
-        let fd = Arc::new(fd);
+        let fd = Arc::new(CachedDir::new(fd));
         self.fds.insert(node.serial, loc, fd.clone());
         Ok(fd)
     }
@@ -223,7 +224,7 @@ impl Union {
             let st = match sys::fstatat(dir.as_fd(), &cname, 0) {
                 Ok(st) => st,
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
-                    if has_aufs_whiteout(dir.as_fd(), name)? {
+                    if dir.has_aufs_whiteout(name.as_bytes(), loc != Loc::Upper)? {
                         break;
                     }
                     continue;
@@ -291,8 +292,14 @@ impl Union {
             self.table.pin(&up, 1);
             return Ok(up);
         }
+        Ok(self.lookup_stat(parent, name)?.0)
+    }
+
+    /// Like `lookup`, with the stat of the object found (the attributes of the reply).
+    pub fn lookup_stat(&self, parent: &Arc<Node>, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
         let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
-        Ok(self.node_for(parent, name, found))
+        let st = found.st;
+        Ok((self.node_for(parent, name, found), st))
     }
 
     /// The node for an object just found or created at `parent/name`, with one kernel
@@ -328,15 +335,5 @@ impl Union {
             self.table.link(&node, parent, name);
         }
         node
-    }
-}
-
-/// Whether `dir` holds `.wh.NAME`.
-fn has_aufs_whiteout(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
-    let wh = CString::new(whiteout::aufs_name(name)).map_err(|_| Errno::EINVAL)?;
-    match sys::fstatat(dir, &wh, 0) {
-        Ok(_) => Ok(true),
-        Err(e) if matches!(e.code(), libc::ENOENT | libc::ENAMETOOLONG) => Ok(false),
-        Err(e) => Err(e),
     }
 }

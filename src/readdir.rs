@@ -3,16 +3,23 @@
 //! A listing is the union of the names of every layer of the directory, higher layers winning,
 //! with whiteouts, the names they hide and the layer formats' private names removed. Types come
 //! from the layers' `d_type`; only character devices (whiteout or not), `.wh.` names and
-//! unknown types cost a stat. `d_ino` is the number lookup would give, from the table.
+//! unknown types cost a stat. `d_ino` is the number lookup would give, asked of the table when
+//! the entry is sent.
 //!
-//! An open directory keeps the listing it read at offset 0, so offsets stay valid while the
-//! directory changes; reading from offset 0 again (rewinddir) takes a fresh one.
+//! Listings are kept in a bounded cache shared by readdir, the link count of merged
+//! directories and rmdir's emptiness check; every change to a directory bumps its version and
+//! so retires its cached listing. An open directory keeps the listing it read at offset 0, so
+//! offsets stay valid while the directory changes; reading from offset 0 again (rewinddir)
+//! takes a fresh one.
 
 use std::collections::HashSet;
-use std::ffi::{CStr, OsString};
+use std::ffi::OsString;
 use std::os::fd::AsFd;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use crate::inode::{Node, RealId};
 use crate::lookup::Loc;
@@ -24,14 +31,82 @@ pub struct Entry {
     pub name: OsString,
     /// `DT_*` type.
     pub dtype: u8,
-    pub ino: u64,
-    /// The layer the entry comes from (for `.` and `..`: the directory's top layer).
-    pub loc: Loc,
+    /// The real object the name shows (its number comes from the table).
+    pub id: RealId,
+}
+
+/// The merged entries of one directory (without `.` and `..`).
+pub struct Listing {
+    pub entries: Vec<Entry>,
+    pub subdirs: u64,
+}
+
+/// Cached listings, bounded by their total number of entries.
+pub struct ListingCache {
+    inner: Mutex<ListingLru>,
+}
+
+struct ListingLru {
+    map: LruCache<u64, (u64, Arc<Listing>)>,
+    entries: usize,
+}
+
+/// Entries kept in all cached listings together (about 100 bytes each).
+const MAX_CACHED_ENTRIES: usize = 200_000;
+
+impl Default for ListingCache {
+    fn default() -> Self {
+        ListingCache {
+            inner: Mutex::new(ListingLru {
+                map: LruCache::unbounded(),
+                entries: 0,
+            }),
+        }
+    }
+}
+
+impl ListingCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ListingLru> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, serial: u64, version: u64) -> Option<Arc<Listing>> {
+        let mut c = self.lock();
+        match c.map.get(&serial) {
+            Some((v, l)) if *v == version => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, serial: u64, version: u64, l: Arc<Listing>) {
+        if l.entries.len() > MAX_CACHED_ENTRIES / 4 {
+            return;
+        }
+        let mut c = self.lock();
+        c.entries += l.entries.len();
+        if let Some((_, old)) = c.map.put(serial, (version, l)) {
+            c.entries -= old.entries.len();
+        }
+        while c.entries > MAX_CACHED_ENTRIES {
+            match c.map.pop_lru() {
+                Some((_, (_, old))) => c.entries -= old.entries.len(),
+                None => break,
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 pub struct DirHandle {
     pub node: Arc<Node>,
-    listing: Mutex<Option<Arc<Vec<Entry>>>>,
+    listing: Mutex<Option<Arc<Listing>>>,
 }
 
 impl DirHandle {
@@ -41,6 +116,15 @@ impl DirHandle {
             listing: Mutex::new(None),
         }
     }
+}
+
+/// One entry as readdir sends it.
+pub struct DirEntry<'a> {
+    pub name: &'a std::ffi::OsStr,
+    pub dtype: u8,
+    pub ino: u64,
+    /// Offset of the next entry.
+    pub next: u64,
 }
 
 pub fn dtype_of_mode(mode: u32) -> u8 {
@@ -57,8 +141,29 @@ pub fn dtype_of_mode(mode: u32) -> u8 {
 }
 
 impl Union {
-    /// The merged entries of a directory, without `.` and `..`.
-    pub fn merged_entries(&self, dir: &Node) -> Result<Vec<Entry>> {
+    /// The merged listing of a directory, from the cache when it is current.
+    pub fn listing(&self, dir: &Node) -> Result<Arc<Listing>> {
+        let version = dir.version.load(Ordering::SeqCst);
+        if let Some(l) = self.listings.get(dir.serial, version) {
+            return Ok(l);
+        }
+        let entries = self.merged_entries(dir)?;
+        let subdirs = entries.iter().filter(|e| e.dtype == libc::DT_DIR).count() as u64;
+        let l = Arc::new(Listing { entries, subdirs });
+        // Cached only if the directory did not change while it was read.
+        if dir.version.load(Ordering::SeqCst) == version {
+            self.listings.put(dir.serial, version, l.clone());
+        }
+        Ok(l)
+    }
+
+    /// Records a change to the entries of `dir`: its cached listing is no longer current.
+    pub fn dir_changed(&self, dir: &Node) {
+        dir.version.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The merged entries of a directory, without `.` and `..`, read from the layers.
+    fn merged_entries(&self, dir: &Node) -> Result<Vec<Entry>> {
         let layers = self.dir_layers(dir);
         let single = layers.len() == 1;
         let mut out = Vec::new();
@@ -122,8 +227,7 @@ impl Union {
                 out.push(Entry {
                     name: OsString::from_vec(d.name.to_vec()),
                     dtype,
-                    ino: self.table.ino_for(RealId { dev, ino }),
-                    loc,
+                    id: RealId { dev, ino },
                 });
             })?;
             if let Some(e) = err {
@@ -139,11 +243,7 @@ impl Union {
         if let Some(n) = dir.state().subdirs {
             return Ok(n);
         }
-        let n = self
-            .merged_entries(dir)?
-            .iter()
-            .filter(|e| e.dtype == libc::DT_DIR)
-            .count() as u64;
+        let n = self.listing(dir)?.subdirs;
         dir.state().subdirs = Some(n);
         Ok(n)
     }
@@ -158,98 +258,50 @@ impl Union {
 
     /// Whether a directory is empty in the merged view.
     pub fn is_empty_dir(&self, dir: &Node) -> Result<bool> {
-        Ok(self.merged_entries(dir)?.is_empty())
+        Ok(self.listing(dir)?.entries.is_empty())
     }
 
-    /// The listing of an open directory for a read at `offset`, with `.` and `..` first.
-    pub fn dir_listing(&self, h: &DirHandle, offset: u64) -> Result<Arc<Vec<Entry>>> {
-        let mut cur = h.listing.lock().unwrap_or_else(|p| p.into_inner());
-        if offset == 0 || cur.is_none() {
-            let node = &h.node;
-            let parent_ino = node
-                .state()
-                .links
-                .first()
-                .map(|l| l.parent.ino)
-                .unwrap_or(node.ino);
-            let top = self.top_loc(node);
-            let mut v = vec![
-                Entry {
-                    name: ".".into(),
-                    dtype: libc::DT_DIR,
-                    ino: node.ino,
-                    loc: top,
-                },
-                Entry {
-                    name: "..".into(),
-                    dtype: libc::DT_DIR,
-                    ino: parent_ino,
-                    loc: top,
-                },
-            ];
-            v.extend(self.merged_entries(node)?);
-            *cur = Some(Arc::new(v));
-        }
-        Ok(cur.clone().expect("filled above"))
-    }
-
-    /// Stat of a listed entry in the layer it came from.
-    pub fn stat_entry(&self, dir: &Node, e: &Entry) -> Result<sys::Stat> {
-        let fd = self.dir_fd(dir, e.loc)?;
-        let name = sys::cstr(&e.name)?;
-        sys::fstatat(fd.as_fd(), &name, 0)
-    }
-}
-
-/// `true` for `.` and `..`.
-pub fn is_dot(name: &CStr) -> bool {
-    let b = name.to_bytes();
-    b == b"." || b == b".."
-}
-
-pub fn is_dot_name(name: &std::ffi::OsStr) -> bool {
-    let b = name.as_bytes();
-    b == b"." || b == b".."
-}
-
-impl Union {
-    /// The node and attributes of a listed entry, for readdirplus (one kernel reference is
-    /// taken on the node). A non-directory needs only a stat in the layer it was listed
-    /// from; a directory is looked up through every layer to find what it merges.
-    pub fn lookup_entry(&self, dir: &Arc<Node>, e: &Entry) -> Result<(Arc<Node>, fuser::FileAttr)> {
-        let node = if e.dtype == libc::DT_DIR {
-            self.lookup(dir, &e.name)?
-        } else {
-            let st = self.stat_entry(dir, e)?;
-            let id = RealId::of(&st);
-            let found = match e.loc {
-                Loc::Upper => crate::lookup::Found {
-                    st,
-                    upper: Some(id),
-                    lowers: Vec::new(),
-                },
-                Loc::Lower(l) => crate::lookup::Found {
-                    st,
-                    upper: None,
-                    lowers: vec![(l, id)],
-                },
-            };
-            let st = found.st;
-            let node = self.node_for(dir, &e.name, found);
-            return match self.attr(&node, &st) {
-                Ok(a) => Ok((node, a)),
-                Err(err) => {
-                    self.table.unpin(&node, 1);
-                    Err(err)
+    /// Sends the entries of an open directory from `offset` on (`.` and `..` first) to
+    /// `add`, until it reports the reply full.
+    pub fn read_dir(
+        &self,
+        h: &DirHandle,
+        offset: u64,
+        mut add: impl FnMut(DirEntry<'_>) -> bool,
+    ) -> Result<()> {
+        let listing = {
+            let mut cur = h.listing.lock().unwrap_or_else(|p| p.into_inner());
+            if offset == 0 || cur.is_none() {
+                *cur = Some(self.listing(&h.node)?);
+            }
+            cur.clone().expect("filled above")
+        };
+        let node = &h.node;
+        let parent_ino = node
+            .state()
+            .links
+            .first()
+            .map(|l| l.parent.ino)
+            .unwrap_or(node.ino);
+        let total = listing.entries.len() as u64 + 2;
+        for i in offset..total {
+            let (name, dtype, ino) = match i {
+                0 => (std::ffi::OsStr::new("."), libc::DT_DIR, node.ino),
+                1 => (std::ffi::OsStr::new(".."), libc::DT_DIR, parent_ino),
+                _ => {
+                    let e = &listing.entries[(i - 2) as usize];
+                    (e.name.as_os_str(), e.dtype, self.table.ino_for(e.id))
                 }
             };
-        };
-        match self.getattr(&node, None) {
-            Ok(a) => Ok((node, a)),
-            Err(err) => {
-                self.table.unpin(&node, 1);
-                Err(err)
+            if add(DirEntry {
+                name,
+                dtype,
+                ino,
+                next: i + 1,
+            }) {
+                break;
             }
         }
+        Ok(())
     }
 }

@@ -34,7 +34,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            ttl: Duration::from_secs(1),
+            ttl: Duration::from_secs(86400),
             fsync: true,
             static_nlink: false,
             passthrough: false,
@@ -52,6 +52,8 @@ pub struct Union {
     pub handles: Handles,
     /// Directory fds per (node, layer).
     pub fds: FdCache,
+    /// Merged directory listings.
+    pub listings: crate::readdir::ListingCache,
     /// Sends cache invalidations to the kernel, once the session is up.
     pub invalidator: OnceLock<Invalidator>,
     /// Brackets changes that move or remove names in the upper (see `lookup::open_in`).
@@ -99,6 +101,7 @@ impl Union {
             opts,
             handles: Handles::default(),
             fds: FdCache::new(FdCache::default_capacity()),
+            listings: Default::default(),
             invalidator: OnceLock::new(),
             tree_begun: AtomicU64::new(0),
             tree_ended: AtomicU64::new(0),
