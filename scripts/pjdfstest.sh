@@ -17,7 +17,8 @@
 #
 # Environment: UNIONMOUNT (binary, default: a release build of this checkout), PJDFSTEST
 # (default: pjdfstest from PATH or ~/.cargo/bin), NAPTIME (seconds, default 0.05),
-# VERBOSE=1 to show every test.
+# VERBOSE=1 to show every test, UNIONMOUNT_ARGS for more daemon options (e.g.
+# "--passthrough off" for the page-cached path).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,6 +35,7 @@ if [[ -z ${UNIONMOUNT:-} ]]; then
     (cd "$here" && cargo build --release --quiet)
     UNIONMOUNT=$here/target/release/unionmount
 fi
+UNIONMOUNT=$(realpath "$UNIONMOUNT")
 naptime=${NAPTIME:-0.05}
 for u in nobody daemon; do
     getent passwd "$u" >/dev/null || { echo "pjdfstest.sh: user $u is missing" >&2; exit 2; }
@@ -96,14 +98,14 @@ run_one() {
     local verbose=()
     if [[ ${VERBOSE:-0} == 1 ]]; then verbose=(-v); fi
     unshare --mount --propagation private bash -euo pipefail -c '
-        d=$1; mnt=$2; target=$3; bin=$4; pjd=$5; work=$6; shift 6
+        d=$1; mnt=$2; target=$3; bin=$4; pjd=$5; work=$6; args=$7; shift 7
         mount --bind "$d/sbin" /usr/local/sbin
-        "$bin" --lower "$d/lower1:$d/lower2" --upper "$d/upper" "$mnt"
+        "$bin" $args --lower "$d/lower1:$d/lower2" --upper "$d/upper" "$mnt"
         trap "cd /; fusermount3 -u \"$mnt\" 2>/dev/null || umount -l \"$mnt\"" EXIT
         cd "$target"
         "$pjd" -c "$work/main.toml" -p "$target" -s "$d/secondary" "$@" >"$d/main.out" 2>&1 || true
         "$pjd" -c "$work/erofs.toml" -p "$target" -s "$d/secondary" "$@" erofs >"$d/erofs.out" 2>&1 || true
-    ' run "$d" "$mnt" "$target" "$UNIONMOUNT" "$pjd" "$work" "${verbose[@]}"
+    ' run "$d" "$mnt" "$target" "$UNIONMOUNT" "$pjd" "$work" "${UNIONMOUNT_ARGS:-}" "${verbose[@]}"
     local ok=0 part summary
     for part in main erofs; do
         summary=$(grep -E '^Summary:' "$d/$part.out" || echo "Summary: pjdfstest did not finish")

@@ -227,6 +227,8 @@ impl CopyUp<'_> {
         };
         fs.table.add_id(self.node, id);
         fs.dir_changed(&parent);
+        // The copy has its own ctime and blocks, and a broken hard link its own link count.
+        fs.invalidate_attrs(self.node.ino);
         self.node.data_gen.fetch_add(1, Ordering::SeqCst);
         // Other names of a lower hard link still show the lower file (copy-up breaks the
         // link, as in kernel overlayfs): drop them from this node and from the kernel cache.

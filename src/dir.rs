@@ -221,7 +221,11 @@ impl Union {
         let requested = match what {
             Make::File { mode, umask, flags } => {
                 set_thread_umask(*umask)?;
-                let acc = flags & libc::O_ACCMODE;
+                let mut acc = flags & libc::O_ACCMODE;
+                if acc == libc::O_WRONLY && self.writeback_active() {
+                    // The kernel may read back pages it caches for writing (see file.rs).
+                    acc = libc::O_RDWR;
+                }
                 let extra = flags & (libc::O_SYNC | libc::O_DSYNC);
                 let f = sys::openat(
                     dir,

@@ -176,7 +176,18 @@ impl Union {
                 return Err(Errno::EROFS);
             }
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
-            self.open_in(node, Loc::Upper, real_flags(flags))?
+            let real = real_flags(flags);
+            if self.writeback_active() && acc == libc::O_WRONLY {
+                // With writeback caching the kernel reads back pages that a write covers
+                // only in part, through whichever writable handle it holds.
+                let rw = (real & !libc::O_ACCMODE) | libc::O_RDWR;
+                match self.open_in(node, Loc::Upper, rw) {
+                    Err(e) if e.code() == libc::EACCES => self.open_in(node, Loc::Upper, real)?,
+                    r => r?,
+                }
+            } else {
+                self.open_in(node, Loc::Upper, real)?
+            }
         } else {
             match self.top_loc(node) {
                 Loc::Upper => self.open_in(node, Loc::Upper, real_flags(flags))?,

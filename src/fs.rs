@@ -123,6 +123,14 @@ impl Filesystem for UnionFs {
                 );
             }
         }
+        if !self.u.passthrough_active() && !self.u.layers.read_only() {
+            // Without passthrough, writes gather in the kernel's page cache and reach the
+            // daemon in large pieces, as on a local filesystem.
+            let ok = config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok();
+            self.u.set_writeback_active(ok);
+        }
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);

@@ -16,11 +16,13 @@ enum Msg {
 
 pub struct Invalidator {
     tx: mpsc::Sender<Msg>,
+    notifier: Notifier,
 }
 
 impl Invalidator {
     pub fn start(notifier: Notifier) -> Invalidator {
         let (tx, rx) = mpsc::channel::<Msg>();
+        let own = notifier.clone();
         std::thread::Builder::new()
             .name("invalidator".into())
             .spawn(move || {
@@ -37,7 +39,16 @@ impl Invalidator {
                 }
             })
             .expect("spawn invalidator thread");
-        Invalidator { tx }
+        Invalidator { tx, notifier: own }
+    }
+
+    /// Drops the kernel's cached attributes of an inode now, before the reply to the current
+    /// request. Safe inside a handler: an attribute-only invalidation takes no inode, page or
+    /// directory lock.
+    pub fn attrs_now(&self, ino: u64) {
+        if let Err(e) = self.notifier.inval_inode(INodeNo(ino), -1, 0) {
+            log::debug!("attribute invalidation failed: {e}");
+        }
     }
 
     pub fn entry(&self, parent: u64, name: &std::ffi::OsStr) {

@@ -63,6 +63,8 @@ pub struct Union {
     pub mount_lock: Mutex<()>,
     /// Passthrough was offered and the kernel accepted it at INIT.
     passthrough: std::sync::atomic::AtomicBool,
+    /// The kernel caches writes and sends them later (page-cached path only).
+    writeback: std::sync::atomic::AtomicBool,
 }
 
 impl Union {
@@ -107,6 +109,7 @@ impl Union {
             tree_ended: AtomicU64::new(0),
             mount_lock: Mutex::new(()),
             passthrough: std::sync::atomic::AtomicBool::new(false),
+            writeback: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -138,6 +141,14 @@ impl Union {
         self.passthrough.load(Ordering::Relaxed)
     }
 
+    pub fn set_writeback_active(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed);
+    }
+
+    pub fn writeback_active(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
     pub fn invalidate_entry(&self, parent: u64, name: &std::ffi::OsStr) {
         if let Some(inv) = self.invalidator.get() {
             inv.entry(parent, name);
@@ -147,6 +158,13 @@ impl Union {
     pub fn invalidate_inode(&self, ino: u64) {
         if let Some(inv) = self.invalidator.get() {
             inv.inode(ino);
+        }
+    }
+
+    /// The kernel's cached attributes of `ino` are wrong now (a copy-up changed them).
+    pub fn invalidate_attrs(&self, ino: u64) {
+        if let Some(inv) = self.invalidator.get() {
+            inv.attrs_now(ino);
         }
     }
 }

@@ -1,5 +1,7 @@
 //! pjdfstest (the POSIX conformance suite, `cargo install pjdfstest`) must find no failure,
-//! both on an empty lower layer and inside a directory merged from two lower layers.
+//! both on an empty lower layer and inside a directory merged from two lower layers, with
+//! open files passed through to the kernel (the root default) and through the page cache
+//! with writeback caching (`--passthrough off`, the rootless path).
 //! scripts/pjdfstest.sh does the runs; this test fails if pjdfstest is missing.
 
 mod common;
@@ -7,10 +9,20 @@ mod common;
 use std::process::Command;
 
 #[test]
-fn pjdfstest_finds_no_failure() {
+fn pjdfstest_finds_no_failure_with_passthrough() {
+    run("");
+}
+
+#[test]
+fn pjdfstest_finds_no_failure_through_the_page_cache() {
+    run("--passthrough off");
+}
+
+fn run(args: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pjdfstest.sh");
     let out = Command::new(script)
         .env("UNIONMOUNT", common::BIN)
+        .env("UNIONMOUNT_ARGS", args)
         .output()
         .expect("run scripts/pjdfstest.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -372,8 +372,12 @@ pub fn is_mounted(p: &Path) -> bool {
 }
 
 /// Runs unionmount with `args`; returns its output (it exits once the mount is live).
+/// `UNIONMOUNT_TEST_ARGS` (space-separated) adds daemon options to every mount, e.g.
+/// `--passthrough off` to run the suite on the page-cached path.
 pub fn run_unionmount<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    let extra = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
     Command::new(BIN)
+        .args(extra.split_whitespace())
         .args(args)
         .stdin(Stdio::null())
         .output()
