@@ -273,14 +273,10 @@ fn raise_readahead(mountpoint: &Path) {
     };
     let want = mountpoint.to_string_lossy().replace(' ', "\\040");
     // Fields: id parent major:minor root mountpoint ...; the last match is the newest mount.
-    let dev = info
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.get(4) == Some(&want.as_str())).then(|| f.get(2).map(|d| d.to_string()))
-        })
-        .last()
-        .flatten();
+    let dev = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&want.as_str())).then(|| f.get(2).map(|d| d.to_string()))?
+    });
     if let Some(dev) = dev {
         let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
         if let Err(e) = std::fs::write(&path, "1024") {
