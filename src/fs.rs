@@ -45,7 +45,7 @@ fn log_unexpected(op: &str, e: Errno) -> Errno {
 
 impl UnionFs {
     fn node(&self, ino: INodeNo) -> Result<Arc<Node>> {
-        self.u.table.get(ino.0).ok_or(Errno::ESTALE)
+        self.u.table.get_used(ino.0).ok_or(Errno::ESTALE)
     }
 
     fn ttl(&self) -> Duration {

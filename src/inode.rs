@@ -102,6 +102,8 @@ pub struct Node {
     pub exec_opens: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
+    /// The table's clock when a request last used the node (see `Table::coldest`).
+    last_used: AtomicU64,
     /// The backing file the kernel serves passthrough opens of this node from, while any is
     /// open: the real object it is, and the shared backing id.
     pub backing: Mutex<Option<(RealId, std::sync::Weak<fuser::BackingId>)>>,
@@ -152,6 +154,8 @@ pub struct Table {
     xino_bits: u32,
     /// Set once any number was allocated or remembered: readdir must then ask the table.
     remaps: AtomicBool,
+    /// Coarse clock for `last_used`.
+    clock: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,6 +183,7 @@ impl Table {
             extra_devs: Mutex::new(Vec::new()),
             xino_bits,
             remaps: AtomicBool::new(false),
+            clock: AtomicU64::new(1),
         };
         let root_ids = root_state.ids.clone();
         let root = Arc::new(Node {
@@ -194,6 +199,7 @@ impl Table {
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
             version: AtomicU64::new(0),
+            last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
         });
         lock(t.node_shard(ROOT_INO)).insert(ROOT_INO, root);
@@ -219,6 +225,44 @@ impl Table {
 
     pub fn get(&self, ino: Ino) -> Option<Arc<Node>> {
         lock(self.node_shard(ino)).get(&ino).cloned()
+    }
+
+    /// The node a request names, marked as used now.
+    pub fn get_used(&self, ino: Ino) -> Option<Arc<Node>> {
+        let n = self.get(ino)?;
+        n.last_used
+            .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        Some(n)
+    }
+
+    /// Advances the clock that `get_used` stamps nodes with.
+    pub fn tick(&self) {
+        self.clock.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The names of the `n` least recently used nodes (not the root), coldest first.
+    pub fn coldest(&self, n: usize) -> Vec<(Ino, std::ffi::OsString)> {
+        let mut all: Vec<(u64, Arc<Node>)> = Vec::new();
+        for shard in &self.nodes {
+            let shard = lock(shard);
+            all.extend(
+                shard
+                    .values()
+                    .filter(|node| !node.is_root())
+                    .map(|node| (node.last_used.load(Ordering::Relaxed), node.clone())),
+            );
+        }
+        if n < all.len() {
+            all.select_nth_unstable_by_key(n, |(t, _)| *t);
+            all.truncate(n);
+        }
+        all.sort_by_key(|(t, _)| *t);
+        let mut out = Vec::with_capacity(all.len());
+        for (_, node) in all {
+            let st = node.state();
+            out.extend(st.links.iter().map(|l| (l.parent.ino, l.name.clone())));
+        }
+        out
     }
 
     pub fn root(&self) -> Arc<Node> {
@@ -340,6 +384,7 @@ impl Table {
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
             version: AtomicU64::new(0),
+            last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
         });
         lock(self.node_shard(ino)).insert(ino, node.clone());

@@ -350,6 +350,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // and leaving a dead mount behind (the mask is inherited by the forked daemon).
     let set = sys::block_term_signals();
     sys::raise_nofile_limit();
+    sys::limit_malloc_arenas(2);
     sys::ignore_sigpipe();
     let paths = crate::config::check_paths(&cfg)?;
     let (lowers, upper) = open_layers(&paths)?;
@@ -452,6 +453,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let _ = union
         .invalidator
         .set(Invalidator::start(session.notifier()));
+    crate::notify::start_trimmer(union.clone());
     session
         .run()
         .map_err(|e| format!("the FUSE session ended with an error: {e}"))

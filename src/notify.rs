@@ -59,3 +59,33 @@ impl Invalidator {
         let _ = self.tx.send(Msg::Inode(ino));
     }
 }
+
+/// Nodes kept before the least recently used are handed back to the kernel.
+pub const NODES_HIGH: usize = 40_000;
+/// What trimming brings the table down to.
+pub const NODES_LOW: usize = 30_000;
+
+/// Keeps the inode table bounded. The kernel holds every inode it has looked up until memory
+/// runs short, and the table holds a node for each; past `NODES_HIGH` nodes, the names of the
+/// least recently used ones are invalidated, so the kernel drops the dentries nobody uses,
+/// evicts their inodes and forgets them.
+pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
+    std::thread::Builder::new()
+        .name("trimmer".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                u.table.tick();
+                let len = u.table.len();
+                if len <= NODES_HIGH {
+                    continue;
+                }
+                log::debug!("trimmer: {len} nodes, handing back the coldest");
+                for (parent, name) in u.table.coldest(len - NODES_LOW) {
+                    u.invalidate_entry(parent, &name);
+                }
+                crate::sys::malloc_trim();
+            }
+        })
+        .expect("spawn trimmer thread");
+}

@@ -52,7 +52,7 @@ struct ListingLru {
 }
 
 /// Entries kept in all cached listings together (about 100 bytes each).
-const MAX_CACHED_ENTRIES: usize = 200_000;
+const MAX_CACHED_ENTRIES: usize = 64_000;
 
 impl Default for ListingCache {
     fn default() -> Self {

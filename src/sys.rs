@@ -1027,3 +1027,16 @@ pub fn syslog(level: i32, msg: &str) {
     // SAFETY: "%s" with one NUL-terminated string argument.
     unsafe { libc::syslog(prio, c"%s".as_ptr(), c.as_ptr()) };
 }
+
+/// Returns freed heap memory to the system.
+pub fn malloc_trim() {
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// Caps glibc's per-thread heap arenas: each worker thread otherwise grows an arena of its
+/// own, and memory freed in one is not reused by the others.
+pub fn limit_malloc_arenas(n: i32) {
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, n) };
+}
