@@ -159,7 +159,13 @@ impl Union {
             Err(e) => return Err(e),
         };
         let f = fd.as_fd();
-        if req.uid.is_some() || req.gid.is_some() {
+        let real_kind = sys::file_type(sys::fstat(f)?.st_mode);
+        let overridden = self.override_xattr().is_some()
+            && matches!(real_kind, libc::S_IFREG | libc::S_IFDIR)
+            && (req.uid.is_some() || req.gid.is_some() || req.mode.is_some());
+        if overridden {
+            self.set_override(f, real_kind, &req)?;
+        } else if req.uid.is_some() || req.gid.is_some() {
             let map = &self.opts.idmap;
             let uid = match req.uid {
                 Some(u) => map.uid_to_disk(u).ok_or(Errno::EINVAL)?,
@@ -174,7 +180,7 @@ impl Union {
                 r => r?,
             }
         }
-        if let Some(mode) = req.mode {
+        if let (Some(mode), false) = (req.mode, overridden) {
             sys::fchmod_path(f, mode & 0o7777)?;
         }
         if let Some(size) = req.size {
@@ -198,8 +204,47 @@ impl Union {
             ];
             sys::utimensat(f, c"", &times, libc::AT_EMPTY_PATH)?;
         }
-        let st = sys::fstat(f)?;
+        let mut st = sys::fstat(f)?;
+        if self.override_xattr().is_some() {
+            self.apply_override(f, c"", &mut st);
+        }
         self.attr(node, &st)
+    }
+
+    /// chown/chmod with `xattr_permissions`: the new owner and mode go into the override
+    /// xattr; the real object keeps the daemon's owner and stays usable by it.
+    fn set_override(
+        &self,
+        f: std::os::fd::BorrowedFd<'_>,
+        real_kind: u32,
+        req: &SetAttr,
+    ) -> Result<()> {
+        use crate::override_stat::Override;
+        let xattr = self.override_xattr().ok_or(Errno::EIO)?;
+        let mut view = sys::fstat(f)?;
+        let current = sys::getxattr_vec(f, xattr)?.and_then(|v| Override::parse(&v));
+        if let Some(o) = current {
+            o.apply(&mut view);
+        }
+        let mut o = Override::of(&view);
+        o.kind = current.and_then(|c| c.kind);
+        let map = &self.opts.idmap;
+        if let Some(u) = req.uid {
+            o.uid = map.uid_to_disk(u).ok_or(Errno::EINVAL)?;
+        }
+        if let Some(g) = req.gid {
+            o.gid = map.gid_to_disk(g).ok_or(Errno::EINVAL)?;
+        }
+        if let Some(mode) = req.mode {
+            o.perm = mode & 0o7777;
+            let owner = if real_kind == libc::S_IFDIR {
+                0o700
+            } else {
+                0o600
+            };
+            sys::fchmod_path(f, (mode & 0o777) | owner)?;
+        }
+        sys::setxattr(f, xattr, o.format().as_bytes(), 0)
     }
 
     pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
@@ -210,7 +255,7 @@ impl Union {
     }
 
     pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
-        if whiteout::is_private_xattr(name.as_bytes()) {
+        if self.is_private_xattr(name.as_bytes()) {
             return Err(Errno::ENOTSUP);
         }
         let cname = sys::cstr(name)?;
@@ -226,7 +271,7 @@ impl Union {
         let names = self.with_object(node, self.top_loc(node), sys::listxattr_vec_at)?;
         let mut out = Vec::new();
         for n in names {
-            if !whiteout::is_private_xattr(n.as_bytes()) {
+            if !self.is_private_xattr(n.as_bytes()) {
                 out.extend_from_slice(n.as_bytes());
                 out.push(0);
             }
@@ -238,7 +283,7 @@ impl Union {
         if self.layers.read_only() {
             return Err(Errno::EROFS);
         }
-        if whiteout::is_private_xattr(name.as_bytes()) {
+        if self.is_private_xattr(name.as_bytes()) {
             return Err(Errno::ENOTSUP);
         }
         self.copy_up(node)?;
@@ -252,7 +297,7 @@ impl Union {
         if self.layers.read_only() {
             return Err(Errno::EROFS);
         }
-        if whiteout::is_private_xattr(name.as_bytes()) {
+        if self.is_private_xattr(name.as_bytes()) {
             return Err(Errno::ENOTSUP);
         }
         let cname = sys::cstr(name)?;

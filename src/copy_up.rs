@@ -153,6 +153,7 @@ impl CopyUp<'_> {
             sys::fchmod_path(fdb, self.st.st_mode & 0o7777)?;
         }
         copy_xattrs(self.src.as_fd(), fdb)?;
+        self.keep_owner_in_override(fdb, kind)?;
         let times = [
             ts(self.st.st_atime, self.st.st_atime_nsec),
             ts(self.st.st_mtime, self.st.st_mtime_nsec),
@@ -162,6 +163,25 @@ impl CopyUp<'_> {
             sys::fsync(fdb, false)?;
         }
         Ok(fd)
+    }
+
+    /// With `xattr_permissions`, a copy the daemon could not give the lower owner or mode
+    /// records them in the override xattr (unless the lower object already carried one).
+    fn keep_owner_in_override(&self, copy: BorrowedFd<'_>, kind: u32) -> Result<()> {
+        let Some(xattr) = self.fs.override_xattr() else {
+            return Ok(());
+        };
+        if !matches!(kind, libc::S_IFREG | libc::S_IFDIR)
+            || sys::getxattr_vec(copy, xattr)?.is_some()
+        {
+            return Ok(());
+        }
+        let now = sys::fstat(copy)?;
+        let lower = crate::override_stat::Override::of(&self.st);
+        if crate::override_stat::Override::of(&now) == lower {
+            return Ok(());
+        }
+        sys::setxattr(copy, xattr, lower.format().as_bytes(), 0)
     }
 
     /// Moves the copy to its name in the upper and records it on the node.

@@ -243,7 +243,13 @@ impl Union {
             }
             Make::Node { mode, umask, rdev } => {
                 set_thread_umask(*umask)?;
-                sys::mknodat(dir, name, *mode, *rdev)?;
+                let device = matches!(sys::file_type(*mode), libc::S_IFCHR | libc::S_IFBLK);
+                if device && self.override_xattr().is_some() {
+                    // A device the daemon may not make: a regular file carries its type.
+                    sys::mknodat(dir, name, libc::S_IFREG | (mode & 0o7777), 0)?;
+                } else {
+                    sys::mknodat(dir, name, *mode, *rdev)?;
+                }
                 *mode & 0o7777
             }
             Make::Symlink { target } => {
@@ -281,6 +287,40 @@ impl Union {
             map.gid_to_disk(caller.gid).ok_or(Errno::EOVERFLOW)?
         };
         let st = sys::fstatat(dir, name, 0)?;
+        if let Some(xattr) = self.override_xattr()
+            && matches!(sys::file_type(st.st_mode), libc::S_IFREG | libc::S_IFDIR)
+        {
+            // xattr_permissions: the caller's ownership and the mode are recorded, the real
+            // object stays the daemon's.
+            let kind = match what {
+                Make::Node { mode, rdev, .. }
+                    if matches!(sys::file_type(*mode), libc::S_IFCHR | libc::S_IFBLK) =>
+                {
+                    let stand_in = if *rdev == whiteout::DEVZERO_STANDIN {
+                        0
+                    } else {
+                        *rdev
+                    };
+                    Some((sys::file_type(*mode), stand_in))
+                }
+                _ => None,
+            };
+            let mut perm = st.st_mode & 0o7777 | (requested & (libc::S_ISUID | libc::S_ISGID));
+            if what.is_dir() && setgid_parent {
+                perm |= libc::S_ISGID;
+            }
+            let o = crate::override_stat::Override {
+                uid,
+                gid,
+                perm,
+                kind,
+            };
+            let f = sys::openat(dir, name, libc::O_PATH, 0)?;
+            sys::setxattr(f.as_fd(), xattr, o.format().as_bytes(), 0)?;
+            let mut shown = sys::fstatat(dir, name, 0)?;
+            o.apply(&mut shown);
+            return Ok(shown);
+        }
         let mut mode = st.st_mode & 0o7777;
         if what.is_dir() && setgid_parent {
             // Built in the work directory, the set-group-ID bit was not inherited.
@@ -297,7 +337,9 @@ impl Union {
             match sys::fchownat(dir, name, uid, gid, 0) {
                 Ok(()) => changed = true,
                 // Rootless: owners the daemon cannot give are kept as they are.
-                Err(e) if e.code() == libc::EPERM && map.squashes() => {}
+                Err(e)
+                    if e.code() == libc::EPERM
+                        && (map.squashes() || self.override_xattr().is_some()) => {}
                 Err(e) => return Err(e),
             }
         }

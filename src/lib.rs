@@ -20,6 +20,7 @@ pub mod logger;
 pub mod lookup;
 pub mod mount;
 pub mod notify;
+pub mod override_stat;
 pub mod readdir;
 pub mod sys;
 pub mod union;

@@ -165,17 +165,40 @@ impl Union {
         self.at_parent(node, loc, f, |_| Ok(None))
     }
 
-    /// Stat of a node's object in one layer.
+    /// Stat of a node's object in one layer (as the view shows it: see `apply_override`).
     pub fn stat_in(&self, node: &Node, loc: Loc) -> Result<Stat> {
         if node.is_dir() {
-            return sys::fstat(self.dir_fd(node, loc)?.as_fd());
+            let dir = self.dir_fd(node, loc)?;
+            let mut st = sys::fstat(dir.as_fd())?;
+            self.apply_override(dir.as_fd(), c".", &mut st);
+            return Ok(st);
         }
         self.at_parent(
             node,
             loc,
-            |dir, name| sys::fstatat(dir, name, 0),
+            |dir, name| {
+                let mut st = sys::fstatat(dir, name, 0)?;
+                self.apply_override(dir, name, &mut st);
+                Ok(st)
+            },
             |st| Ok(Some(RealId::of(st))),
         )
+    }
+
+    /// With `xattr_permissions`, shows the owner, mode and type an object's override xattr
+    /// records instead of its real ones (regular files and directories carry them).
+    pub fn apply_override(&self, dir: BorrowedFd<'_>, name: &CStr, st: &mut Stat) {
+        let Some(xattr) = self.override_xattr() else {
+            return;
+        };
+        if !matches!(sys::file_type(st.st_mode), libc::S_IFREG | libc::S_IFDIR) {
+            return;
+        }
+        if let Ok(Some(v)) = sys::getxattr_vec_at(dir, name, xattr)
+            && let Some(o) = crate::override_stat::Override::parse(&v)
+        {
+            o.apply(st);
+        }
     }
 
     /// Where the node's visible object is: the upper if it has one, else its top lower.
@@ -238,8 +261,10 @@ impl Union {
             let is_dir = sys::is_dir(&st);
             match &mut found {
                 None => {
+                    let mut shown = st;
+                    self.apply_override(dir.as_fd(), &cname, &mut shown);
                     let mut f = Found {
-                        st,
+                        st: shown,
                         upper: None,
                         lowers: Vec::new(),
                     };

@@ -133,6 +133,21 @@ impl Union {
         snap.is_some_and(|g| self.tree_begun.load(Ordering::SeqCst) == g)
     }
 
+    /// The override xattr in use (`xattr_permissions`), if any.
+    pub fn override_xattr(&self) -> Option<&'static std::ffi::CStr> {
+        match self.opts.xattr_permissions {
+            1 => Some(crate::override_stat::PRIVILEGED_XATTR),
+            2 => Some(crate::override_stat::USER_XATTR),
+            _ => None,
+        }
+    }
+
+    /// Whether an xattr name is the daemon's own (hidden, and not settable through the view).
+    pub fn is_private_xattr(&self, name: &[u8]) -> bool {
+        crate::whiteout::is_private_xattr(name)
+            || self.override_xattr().is_some_and(|x| x.to_bytes() == name)
+    }
+
     pub fn set_passthrough_active(&self, on: bool) {
         self.passthrough.store(on, Ordering::Relaxed);
     }

@@ -1,0 +1,163 @@
+//! Stat overrides (`xattr_permissions`): owner, mode and type that cannot be set for real —
+//! rootless, a file cannot be given to another user or made a device — are kept in an xattr
+//! of the real object instead, in containers-storage's and fuse-overlayfs's format
+//! `uid:gid:mode[:type]`: mode in octal (permission bits), type one of `file`, `dir`,
+//! `symlink`, `pipe`, `socket`, `charMAJ:MIN`, `blockMAJ:MIN`. The ids are on-disk ids, so
+//! uid/gid mapping applies on top as for real owners.
+
+use std::ffi::CStr;
+
+use crate::sys::{self, Stat};
+
+/// `xattr_permissions=2`, and what containers-storage writes into layers.
+pub const USER_XATTR: &CStr = c"user.containers.override_stat";
+/// `xattr_permissions=1`.
+pub const PRIVILEGED_XATTR: &CStr = c"security.fuseoverlayfs.override_stat";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Override {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (07777).
+    pub perm: u32,
+    /// `S_IF*` type and device number, when the real object's type is not the one shown.
+    pub kind: Option<(u32, u64)>,
+}
+
+impl Override {
+    /// What a stat shows now, as an override to start from.
+    pub fn of(st: &Stat) -> Override {
+        Override {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            perm: st.st_mode & 0o7777,
+            kind: None,
+        }
+    }
+
+    pub fn parse(v: &[u8]) -> Option<Override> {
+        let s = std::str::from_utf8(v).ok()?.trim_end_matches('\0');
+        let mut parts = s.splitn(4, ':');
+        let uid = parts.next()?.parse().ok()?;
+        let gid = parts.next()?.parse().ok()?;
+        let perm = u32::from_str_radix(parts.next()?, 8).ok()? & 0o7777;
+        let kind = match parts.next() {
+            None => None,
+            Some(t) => Some(parse_type(t)?),
+        };
+        Some(Override {
+            uid,
+            gid,
+            perm,
+            kind,
+        })
+    }
+
+    pub fn format(&self) -> String {
+        let mut s = format!("{}:{}:{:o}", self.uid, self.gid, self.perm);
+        if let Some((kind, rdev)) = self.kind {
+            let (ma, mi) = (sys::major(rdev), sys::minor(rdev));
+            let t = match kind {
+                libc::S_IFDIR => "dir".to_string(),
+                libc::S_IFLNK => "symlink".to_string(),
+                libc::S_IFIFO => "pipe".to_string(),
+                libc::S_IFSOCK => "socket".to_string(),
+                libc::S_IFCHR => format!("char{ma}:{mi}"),
+                libc::S_IFBLK => format!("block{ma}:{mi}"),
+                _ => "file".to_string(),
+            };
+            s.push(':');
+            s.push_str(&t);
+        }
+        s
+    }
+
+    /// Shows the override in a stat of the real object.
+    pub fn apply(&self, st: &mut Stat) {
+        st.st_uid = self.uid;
+        st.st_gid = self.gid;
+        let kind = match self.kind {
+            Some((kind, rdev)) => {
+                st.st_rdev = rdev;
+                kind
+            }
+            None => st.st_mode & libc::S_IFMT,
+        };
+        st.st_mode = kind | self.perm;
+    }
+}
+
+fn parse_type(t: &str) -> Option<(u32, u64)> {
+    let dev = |rest: &str| -> Option<u64> {
+        let (ma, mi) = rest.split_once(':')?;
+        Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
+    };
+    Some(if t.starts_with("dir") {
+        (libc::S_IFDIR, 0)
+    } else if t.starts_with("file") {
+        (libc::S_IFREG, 0)
+    } else if t.starts_with("symlink") {
+        (libc::S_IFLNK, 0)
+    } else if t.starts_with("pipe") {
+        (libc::S_IFIFO, 0)
+    } else if t.starts_with("socket") {
+        (libc::S_IFSOCK, 0)
+    } else if let Some(rest) = t.strip_prefix("char") {
+        (libc::S_IFCHR, dev(rest)?)
+    } else if let Some(rest) = t.strip_prefix("block") {
+        (libc::S_IFBLK, dev(rest)?)
+    } else {
+        return None;
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(mode: u32) -> Stat {
+        // SAFETY: an all-zero stat is a valid value of the plain C struct.
+        let mut st: Stat = unsafe { std::mem::zeroed() };
+        st.st_mode = mode;
+        st
+    }
+
+    #[test]
+    fn three_fields_keep_the_type() {
+        let o = Override::parse(b"1000:1000:755").unwrap();
+        let mut st = stat(libc::S_IFREG | 0o600);
+        o.apply(&mut st);
+        assert_eq!(
+            (st.st_uid, st.st_gid, st.st_mode),
+            (1000, 1000, libc::S_IFREG | 0o755)
+        );
+        assert_eq!(o.format(), "1000:1000:755");
+    }
+
+    #[test]
+    fn devices_and_types() {
+        let o = Override::parse(b"0:6:660:block8:0").unwrap();
+        let mut st = stat(libc::S_IFREG | 0o600);
+        o.apply(&mut st);
+        assert_eq!(st.st_mode, libc::S_IFBLK | 0o660);
+        assert_eq!((sys::major(st.st_rdev), sys::minor(st.st_rdev)), (8, 0));
+        assert_eq!(o.format(), "0:6:660:block8:0");
+        assert_eq!(
+            Override::parse(b"0:0:755:dir").unwrap().kind,
+            Some((libc::S_IFDIR, 0))
+        );
+        assert_eq!(
+            Override::parse(b"0:0:666:char0:0").unwrap().format(),
+            "0:0:666:char0:0"
+        );
+        // containers-storage writes the whole mode, type bits included.
+        assert_eq!(Override::parse(b"0:0:0100755").unwrap().perm, 0o755);
+    }
+
+    #[test]
+    fn malformed_values_are_ignored() {
+        for v in [&b""[..], b"1:2", b"x:0:755", b"0:0:9", b"0:0:755:tape"] {
+            assert_eq!(Override::parse(v), None, "{v:?}");
+        }
+    }
+}
