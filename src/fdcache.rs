@@ -68,7 +68,7 @@ impl CachedDir {
         if sys::fstat(self.fd.as_fd())?.st_size > SCAN_LIMIT {
             return Ok(None);
         }
-        let dir = sys::openat(self.fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let dir = sys::open_dir_noatime(self.fd.as_fd(), c".")?;
         let mut set = HashSet::new();
         sys::for_each_dirent(dir.as_fd(), |d| {
             if let Some(n) = whiteout::whited_out_name(d.name) {

@@ -171,7 +171,10 @@ impl Union {
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         for (i, &loc) in layers.iter().enumerate() {
             let last = i + 1 == layers.len();
-            let fd = match self.open_in(dir, loc, libc::O_RDONLY | libc::O_DIRECTORY) {
+            let fd = match self
+                .dir_fd(dir, loc)
+                .and_then(|d| sys::open_dir_noatime(d.as_fd(), c"."))
+            {
                 Ok(fd) => fd,
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) && i > 0 => break,
                 Err(e) => return Err(e),

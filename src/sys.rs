@@ -116,6 +116,23 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result
     })
 }
 
+/// Opens `name` (`.` for `dir` itself) for reading its entries without touching its atime
+/// (the layers' times are not ours to change); falls back to a plain open where `O_NOATIME`
+/// is not permitted (neither owner nor CAP_FOWNER).
+pub fn open_dir_noatime(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
+    match openat(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOATIME,
+        0,
+    ) {
+        Err(e) if e.code() == libc::EPERM => {
+            openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        }
+        r => r,
+    }
+}
+
 /// Opens a fresh description of the object `fd` refers to (typically an `O_PATH` fd) with new
 /// flags, through `/proc/self/fd`. Magic links are only ever followed here, on our own fds.
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> Result<OwnedFd> {

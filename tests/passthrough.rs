@@ -5,7 +5,8 @@
 //! is backed by the lower file; when another open then copies it up, unionmount moves the name
 //! to a new inode backed by the upper copy (the kernel retries the open on it). Checked here:
 //! no write reaches the lower layer, no open fails, the old descriptor keeps the data it had
-//! (as in kernel overlayfs), and new opens see the new data.
+//! (a documented difference: kernel overlayfs reopens it on the upper copy), and new opens see
+//! the new data.
 
 mod common;
 
@@ -101,7 +102,8 @@ fn copy_up_of_an_open_file() {
         fs::read_to_string(m.upper_path("f")).unwrap(),
         "lower data\nupper data\n"
     );
-    // The descriptor opened before the copy-up keeps the lower data (kernel semantics).
+    // The descriptor opened before the copy-up keeps the lower data (README: the passthrough
+    // difference from kernel overlayfs).
     let mut again = String::new();
     ro.seek(SeekFrom::Start(0)).unwrap();
     ro.read_to_string(&mut again).unwrap();
