@@ -1,8 +1,11 @@
 //! Owner translation between the layers on disk and the merged view: fuse-overlayfs's
 //! `uidmapping=`/`gidmapping=` ranges (`CONTAINER:HOST:COUNT`, several joined by `:`) and the
-//! `squash_to_*` options.
+//! `squash_to_*` options. As in fuse-overlayfs, files on disk carry container ids and the
+//! mount shows host ids: with `0:1000:1`, a file owned by 0 on disk is shown owned by 1000,
+//! which a user namespace mapping 1000 to 0 sees as its root again.
 
-/// One range: view ids `view..view+count` are stored on disk as `disk..disk+count`.
+/// One range: view (host) ids `view..view+count` are stored on disk as container ids
+/// `disk..disk+count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Range {
     pub view: u32,
@@ -83,8 +86,8 @@ pub fn parse_ranges(s: &str) -> Result<Vec<Range>, String> {
                 .map_err(|_| format!("{x:?} is not a number in {s:?}"))
         };
         let r = Range {
-            view: parse(t[0])?,
-            disk: parse(t[1])?,
+            disk: parse(t[0])?,
+            view: parse(t[1])?,
             count: parse(t[2])?,
         };
         if r.count == 0 {
@@ -104,17 +107,19 @@ mod tests {
 
     #[test]
     fn ranges_translate_both_ways() {
+        // fuse-overlayfs's man page example: a user namespace mapping 0 -> 1000 and
+        // 1.. -> 110000..; files owned 0:0 and 1:1 on disk must appear as the namespace's 0 and 1.
         let m = IdMap {
-            uids: parse_ranges("0:1000:1:1:100000:65536").unwrap(),
+            uids: parse_ranges("0:1000:1:1:110000:65536").unwrap(),
             ..Default::default()
         };
-        assert_eq!(m.uid_to_view(1000), 0);
-        assert_eq!(m.uid_to_view(100000), 1);
-        assert_eq!(m.uid_to_view(100005), 6);
-        assert_eq!(m.uid_to_view(5), OVERFLOW_ID);
-        assert_eq!(m.uid_to_disk(0), Some(1000));
-        assert_eq!(m.uid_to_disk(6), Some(100005));
-        assert_eq!(m.uid_to_disk(70000), None);
+        assert_eq!(m.uid_to_view(0), 1000);
+        assert_eq!(m.uid_to_view(1), 110000);
+        assert_eq!(m.uid_to_view(6), 110005);
+        assert_eq!(m.uid_to_view(70000), OVERFLOW_ID);
+        assert_eq!(m.uid_to_disk(1000), Some(0));
+        assert_eq!(m.uid_to_disk(110005), Some(6));
+        assert_eq!(m.uid_to_disk(5), None);
         assert_eq!(m.gid_to_view(42), 42, "no gid ranges: identity");
     }
 

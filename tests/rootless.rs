@@ -1,0 +1,352 @@
+//! Rootless use and the fuse-overlayfs options of SPEC §2/§4: the upper format an
+//! unprivileged mount writes, uid/gid mapping, squashing, `xattr_permissions`, `static_nlink`
+//! and `noacl`.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const USER: &str = "umtest";
+
+/// The unprivileged test user (created if missing) and its uid. /dev/fuse must be usable by
+/// other users, as distributions ship it (mode 0666).
+fn test_user() -> u32 {
+    let _ = Command::new("useradd")
+        .args(["-M", "-s", "/usr/sbin/nologin", USER])
+        .output();
+    let out = Command::new("id").args(["-u", USER]).output().unwrap();
+    assert!(out.status.success(), "cannot create the test user {USER}");
+    let md = fs::metadata("/dev/fuse").unwrap();
+    if md.permissions().mode() & 0o006 != 0o006 {
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn chown_tree(p: &Path, uid: u32) {
+    let st = Command::new("chown")
+        .args(["-R", &format!("{uid}:{uid}")])
+        .arg(p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Runs `script` with bash as the test user inside `unshare -Urm` (so it is the namespace's
+/// root and may mount FUSE); returns stdout, failing on a non-zero exit.
+fn as_user_in_namespace(script: &str) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            USER,
+            "--regid",
+            USER,
+            "--clear-groups",
+            "--",
+            "unshare",
+            "-Urm",
+            "bash",
+            "-euc",
+            script,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "as {USER}: {script}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A mount as an unprivileged user writes kernel overlayfs's `userxattr` format: char 0/0
+/// whiteouts (mknod 0/0 is allowed unprivileged) and `user.overlay.opaque=y`, never
+/// `trusted.*`; kernel overlayfs with `userxattr` then shows the same tree.
+#[test]
+fn unprivileged_upper_is_in_userxattr_format() {
+    let uid = test_user();
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("gone", "x")
+        .dir("merged")
+        .file("merged/a", "a")
+        .dir("moveto")
+        .file("moveto/k", "k");
+    l.lower(1).file("merged/b", "b").file("keep", "keep");
+    let base = l.mkdir("u");
+    for d in ["upper", "work", "merged"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    chown_tree(l.root(), uid);
+    let listing = as_user_in_namespace(&format!(
+        r#"
+        {bin} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
+        trap 'fusermount3 -u {b}/merged 2>/dev/null || umount -l {b}/merged' EXIT
+        cd {b}/merged
+        rm gone
+        rm -r merged && mkdir merged && echo new > merged/n
+        mkdir fresh && mv fresh moveto/fresh
+        echo more >> keep
+        find . -printf '%P %y %s\n' | sort
+        "#,
+        bin = BIN,
+        lowers = l.lowerdir_opt(),
+        b = base.display()
+    ));
+    let upper = base.join("upper");
+    let gone = fs::symlink_metadata(upper.join("gone")).unwrap();
+    assert!(
+        gone.file_type().is_char_device() && gone.rdev() == 0,
+        "char 0/0 whiteout"
+    );
+    assert_eq!(
+        get_xattr(&upper.join("merged"), "user.overlay.opaque"),
+        Ok(b"y".to_vec())
+    );
+    assert_eq!(
+        get_xattr(&upper.join("moveto/fresh"), "user.overlay.opaque"),
+        Ok(b"y".to_vec()),
+        "a directory moved into a merged one is opaque, as the kernel makes it"
+    );
+    for (path, kind, _, xattrs) in raw_tree(&upper).iter().map(|(p, (k, r, x))| (p, k, r, x)) {
+        assert!(
+            xattrs.iter().all(|x| !x.starts_with("trusted.")),
+            "{path} ({kind}): {xattrs:?}"
+        );
+    }
+    // Kernel overlayfs, in userxattr mode, over the same lowers and this upper.
+    let kbase = l.mkdir("k");
+    let kmerged = kbase.join("merged");
+    let kwork = kbase.join("work");
+    fs::create_dir_all(&kmerged).unwrap();
+    fs::create_dir_all(&kwork).unwrap();
+    let k = Mount::kernel(&l.lowerdir_opt(), &upper, &kwork, &kmerged, &["userxattr"]);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . -printf '%P %y %s\\n' | sort",
+            k.merged.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        listing,
+        "kernel (userxattr) vs unionmount"
+    );
+    assert!(listing.contains("merged/n f 4") && !listing.contains("merged/a"));
+    assert!(!listing.lines().any(|l| l.starts_with("gone ")));
+}
+
+/// `uidmapping`/`gidmapping` as fuse-overlayfs (man page example): files carry container
+/// ids on disk and the mount shows host ids; chown through the mount stores container ids.
+#[test]
+fn uid_and_gid_mapping() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("root", "r")
+        .file("one", "1")
+        .file("five", "5")
+        .file("stray", "s")
+        .dir("pub");
+    l.lower(0).chmod("pub", 0o777);
+    l.lower(0)
+        .chown("root", 0, 0)
+        .chown("one", 1, 1)
+        .chown("five", 5, 7)
+        .chown("stray", 70000, 70000);
+    let m = l.mount_with(
+        "u",
+        &[
+            "-o",
+            "uidmapping=0:1000:1:1:110000:65536,gidmapping=0:1000:1:1:110000:65536",
+        ],
+    );
+    let owner = |p: &str| {
+        let md = fs::symlink_metadata(m.path(p)).unwrap();
+        (md.uid(), md.gid())
+    };
+    assert_eq!(owner("root"), (1000, 1000));
+    assert_eq!(owner("one"), (110000, 110000));
+    assert_eq!(owner("five"), (110004, 110006));
+    assert_eq!(
+        owner("stray"),
+        (65534, 65534),
+        "unmapped ids show as the overflow id"
+    );
+    // chown to host ids stores the container ids.
+    std::os::unix::fs::lchown(m.path("root"), Some(110009), Some(1000)).unwrap();
+    let up = fs::symlink_metadata(m.upper_path("root")).unwrap();
+    assert_eq!((up.uid(), up.gid()), (10, 0));
+    assert_eq!(owner("root"), (110009, 1000));
+    // A host id outside every range cannot be stored.
+    assert_eq!(
+        errno(std::os::unix::fs::lchown(m.path("one"), Some(5), None)),
+        libc::EINVAL
+    );
+    // A caller whose id has no mapping cannot own anything on disk.
+    assert_eq!(errno(fs::create_dir(m.path("byroot"))), libc::EOVERFLOW);
+    // A file created by host uid 1000 belongs to container root on disk.
+    let st = Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "touch"])
+        .arg(m.path("pub/mine"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let up = fs::symlink_metadata(m.upper_path("pub/mine")).unwrap();
+    assert_eq!((up.uid(), up.gid()), (0, 0), "stored as container root");
+    assert_eq!(owner("pub/mine"), (1000, 1000));
+}
+
+/// `squash_to_root`, `squash_to_uid`, `squash_to_gid`: every object shows the fixed owner.
+#[test]
+fn squashing_owners() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("a", "a")
+        .dir("d")
+        .chown("a", 1234, 4321)
+        .chown("d", 99, 98);
+    let m = l.mount_with("root", &["-o", "squash_to_root"]);
+    for p in ["", "a", "d"] {
+        let md = fs::symlink_metadata(m.path(p)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (0, 0), "{p}");
+    }
+    drop(m);
+    let m = l.mount_with("ids", &["-o", "squash_to_uid=7,squash_to_gid=8"]);
+    for p in ["a", "d"] {
+        let md = fs::symlink_metadata(m.path(p)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (7, 8), "{p}");
+    }
+    // chown does not fail (what it can do, it does; the view stays squashed).
+    std::os::unix::fs::lchown(m.path("a"), Some(555), Some(556)).unwrap();
+    let md = fs::symlink_metadata(m.path("a")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (7, 8));
+}
+
+/// `xattr_permissions=2`: owner, mode and type come from `user.containers.override_stat`
+/// (as containers-storage writes it into layers), changes are recorded there, and the
+/// attribute itself is not visible through the mount.
+#[test]
+fn xattr_permissions_override_stat() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "data").dir("d").file("dev", "");
+    l.lower(0)
+        .xattr("f", "user.containers.override_stat", b"1000:2000:0751")
+        .xattr("d", "user.containers.override_stat", b"5:6:0700:dir")
+        .xattr("dev", "user.containers.override_stat", b"0:0:660:char1:3");
+    let m = l.mount_with("u", &["-o", "xattr_permissions=2"]);
+    let md = fs::symlink_metadata(m.path("f")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777),
+        (1000, 2000, 0o751)
+    );
+    let md = fs::symlink_metadata(m.path("d")).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (5, 6, 0o700));
+    let md = fs::symlink_metadata(m.path("dev")).unwrap();
+    assert!(
+        md.file_type().is_char_device(),
+        "a regular file carrying a device type"
+    );
+    assert_eq!((libc::major(md.rdev()), libc::minor(md.rdev())), (1, 3));
+    assert!(
+        !list_xattrs(&m.path("f"))
+            .iter()
+            .any(|x| x.contains("override_stat"))
+    );
+    assert!(get_xattr(&m.path("f"), "user.containers.override_stat").is_err());
+
+    // chmod/chown through the mount are recorded in the override; the real file keeps the
+    // daemon's owner.
+    fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::lchown(m.path("f"), Some(42), Some(43)).unwrap();
+    let md = fs::symlink_metadata(m.path("f")).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (42, 43, 0o640));
+    assert_eq!(
+        get_xattr(&m.upper_path("f"), "user.containers.override_stat"),
+        Ok(b"42:43:640".to_vec())
+    );
+    let up = fs::symlink_metadata(m.upper_path("f")).unwrap();
+    assert_eq!((up.uid(), up.gid()), (0, 0), "real owner unchanged");
+    assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "data");
+
+    // A device made through the mount is a regular file carrying its type.
+    mknod(
+        &m.path("newdev"),
+        libc::S_IFBLK | 0o600,
+        libc::makedev(7, 9),
+    );
+    let md = fs::symlink_metadata(m.path("newdev")).unwrap();
+    assert!(md.file_type().is_block_device());
+    assert_eq!((libc::major(md.rdev()), libc::minor(md.rdev())), (7, 9));
+    let up = fs::symlink_metadata(m.upper_path("newdev")).unwrap();
+    assert!(up.file_type().is_file(), "stored as a regular file");
+    assert_eq!(
+        get_xattr(&m.upper_path("newdev"), "user.containers.override_stat"),
+        Ok(b"0:0:600:block7:9".to_vec())
+    );
+    // Without the option, the attribute is an ordinary one.
+    drop(m);
+    let plain = l.mount("plain");
+    let md = fs::symlink_metadata(plain.path("f")).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o644));
+    assert_eq!(
+        get_xattr(&plain.path("f"), "user.containers.override_stat"),
+        Ok(b"1000:2000:0751".to_vec())
+    );
+}
+
+/// `static_nlink`: directories report a link count of 1 instead of counting subdirectories.
+#[test]
+fn static_nlink() {
+    let l = Layers::new(2);
+    l.lower(0).dir("m/a").dir("m/b");
+    l.lower(1).dir("m/c");
+    let m = l.mount("counted");
+    assert_eq!(
+        fs::metadata(m.path("m")).unwrap().nlink(),
+        5,
+        "2 + three subdirectories"
+    );
+    drop(m);
+    let m = l.mount_with("static", &["-o", "static_nlink"]);
+    assert_eq!(fs::metadata(m.path("m")).unwrap().nlink(), 1);
+}
+
+/// POSIX ACLs are enforced by default and not with `noacl`.
+#[test]
+fn acls_and_noacl() {
+    let l = Layers::new(1);
+    l.lower(0).file("secret", "s").chmod("secret", 0o600);
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, extra, readable) in [
+        ("acl", &[][..], true),
+        ("noacl", &["-o", "noacl"][..], false),
+    ] {
+        let m = l.mount_with(name, extra);
+        fs::set_permissions(
+            m.merged.parent().unwrap(),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let st = Command::new("setfacl")
+            .args(["-m", "u:1234:r"])
+            .arg(m.path("secret"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "setfacl");
+        let got = Command::new("setpriv")
+            .args(["--reuid=1234", "--regid=1234", "--clear-groups", "cat"])
+            .arg(m.path("secret"))
+            .output()
+            .unwrap();
+        assert_eq!(got.status.success(), readable, "{name}: {:?}", got);
+    }
+}
