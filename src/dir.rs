@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use crate::acl;
 use crate::inode::{Node, RealId};
 use crate::lookup::{Found, Loc};
 use crate::sys::{self, Errno, Result, Stat};
@@ -26,6 +27,7 @@ pub struct Caller {
 }
 
 /// What to create.
+#[derive(Clone, Copy)]
 pub enum Make<'a> {
     File { mode: u32, umask: u32, flags: i32 },
     Dir { mode: u32, umask: u32 },
@@ -119,6 +121,34 @@ fn caller_in_group(caller: &Caller, gid: u32) -> bool {
         .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
 }
 
+/// Gives `work/name`, just made for `what` with the umask not applied, what it would have
+/// inherited from the default ACL `default` of its real parent; returns its new stat.
+fn inherit_acl(
+    work: BorrowedFd<'_>,
+    name: &CStr,
+    default: &[u8],
+    what: &Make<'_>,
+    st: &Stat,
+) -> Result<Stat> {
+    let requested = match what {
+        Make::File { mode, .. } | Make::Dir { mode, .. } | Make::Node { mode, .. } => *mode,
+        Make::Symlink { .. } => return Ok(*st),
+    };
+    let Some((bits, access)) = acl::inherit(default, requested) else {
+        log::warn!("ignoring a malformed default ACL");
+        return Ok(*st);
+    };
+    let f = sys::openat(work, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    sys::fchmod_path(f.as_fd(), (st.st_mode & 0o7000) | bits)?;
+    if let Some(access) = access {
+        sys::setxattr(f.as_fd(), acl::ACCESS, &access, 0)?;
+    }
+    if what.is_dir() {
+        sys::setxattr(f.as_fd(), acl::DEFAULT, default, 0)?;
+    }
+    sys::fstat(f.as_fd())
+}
+
 /// Removes what the work directory holds at `name`, whatever it is (a directory moved there
 /// to be deleted contains only whiteouts and markers, but is emptied without assuming so).
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
@@ -204,6 +234,21 @@ impl Union {
             }
         }
         Ok(false)
+    }
+
+    /// The default ACL of the upper directory `dir`, if a new `what` there would inherit it.
+    fn default_acl(&self, dir: BorrowedFd<'_>, what: &Make<'_>) -> Result<Option<Vec<u8>>> {
+        if !self.opts.posix_acl
+            || self.override_xattr().is_some()
+            || matches!(what, Make::Symlink { .. })
+        {
+            return Ok(None);
+        }
+        match sys::getxattr_vec(dir, acl::DEFAULT) {
+            Ok(v) => Ok(v),
+            Err(e) if matches!(e.code(), libc::EOPNOTSUPP | libc::ENODATA) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates `what` at `dir/name` owned by the caller, and returns its stat (and an open fd
@@ -401,8 +446,32 @@ impl Union {
                 // swapped with the whiteout.
                 let work = self.layers.work()?;
                 let tmp = work.temp_name();
-                let (st, fd) = self.make_at(work.fd(), &tmp, &what, caller, &pst)?;
+                // Built away from its parent, the object misses the parent's default ACL:
+                // it is applied by hand, and then the umask is not (as for any creation
+                // under a default ACL).
+                let default_acl = self.default_acl(dir.as_fd(), &what)?;
+                let here = match (&default_acl, &what) {
+                    (Some(_), Make::File { mode, flags, .. }) => Make::File {
+                        mode: *mode,
+                        umask: 0,
+                        flags: *flags,
+                    },
+                    (Some(_), Make::Dir { mode, .. }) => Make::Dir {
+                        mode: *mode,
+                        umask: 0,
+                    },
+                    (Some(_), Make::Node { mode, rdev, .. }) => Make::Node {
+                        mode: *mode,
+                        umask: 0,
+                        rdev: *rdev,
+                    },
+                    _ => what,
+                };
+                let (mut st, fd) = self.make_at(work.fd(), &tmp, &here, caller, &pst)?;
                 let placed = (|| {
+                    if let Some(default) = &default_acl {
+                        st = inherit_acl(work.fd(), &tmp, default, &what, &st)?;
+                    }
                     if what.is_dir() {
                         let d =
                             sys::openat(work.fd(), &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;

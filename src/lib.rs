@@ -6,6 +6,7 @@
 //! layers), `readdir`, `copy_up`, `dir` (namespace changes), `attr`, `file`; `fs` adapts the
 //! whole to fuser, `config` and `mount` take a command line to a live mount.
 
+pub mod acl;
 pub mod attr;
 pub mod config;
 pub mod copy_up;

@@ -1267,3 +1267,73 @@ fn mixed_sequence_matches_kernel() {
     assert_opaque(&m, "o");
     same_as_kernel(&l, &m, &ops);
 }
+
+/// An object created where a whiteout stands is built in the work directory, away from its
+/// parent: it still inherits the parent's default ACL, exactly as on kernel overlayfs (a file
+/// and a fifo get the masked access ACL, a directory also the default ACL, the umask is not
+/// applied), and the upper on disk holds the same ACLs.
+#[test]
+fn objects_made_over_a_whiteout_inherit_the_default_acl() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .dir("d")
+        .file("d/f", "x")
+        .file("d/p", "y")
+        .dir("d/sub")
+        .file("plain", "z");
+    let getfacl = |root: &Path| -> String {
+        let out = Command::new("getfacl")
+            .args(["-n", "d/f", "d/p", "d/sub", "d/new"])
+            .current_dir(root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let run = |m: &Mount| {
+        let d = m.path("d");
+        let st = Command::new("setfacl")
+            .args(["-d", "-m", "u:1000:rwx,g::r-x,o::-"])
+            .arg(&d)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        fs::remove_file(d.join("f")).unwrap();
+        fs::remove_file(d.join("p")).unwrap();
+        fs::remove_dir(d.join("sub")).unwrap();
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0o022) };
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(d.join("f"))
+            .unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(d.join("new"))
+            .unwrap();
+        mknod(&d.join("p"), libc::S_IFIFO | 0o666, 0);
+        fs::DirBuilder::new().create(d.join("sub")).unwrap();
+        // SAFETY: restores the mask read above.
+        unsafe { libc::umask(old) };
+        getfacl(&m.merged)
+    };
+    let m = l.mount("u");
+    let ours = run(&m);
+    assert!(ours.contains("# file: d/f\n# owner: 0\n# group: 0\nuser::rw-\nuser:1000:rwx\t#effective:rw-\ngroup::r-x\t#effective:r--\nmask::rw-\nother::---\n"), "{ours}");
+    assert!(ours.contains("default:user:1000:rwx"), "{ours}");
+    let k = l.mount_kernel("k");
+    let theirs = run(&k);
+    assert_eq!(ours, theirs);
+    let upper = m.upper.clone().unwrap();
+    drop(m);
+    assert_eq!(getfacl(&upper), ours);
+    assert!(fs::symlink_metadata(upper.join("d/f")).unwrap().is_file());
+}

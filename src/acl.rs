@@ -1,0 +1,126 @@
+//! POSIX ACL inheritance for objects the daemon builds outside their parent.
+//!
+//! An object created where a whiteout stands is made in the work directory and moved into
+//! place, so the filesystem never sees its real parent and cannot apply the parent's default
+//! ACL. This module does what the kernel's `posix_acl_create` would have done: the new object
+//! gets the default ACL as its access ACL, masked by the requested mode (and a directory also
+//! inherits the default ACL itself), with the umask not applied.
+
+/// `system.posix_acl_access`.
+pub const ACCESS: &std::ffi::CStr = c"system.posix_acl_access";
+/// `system.posix_acl_default`.
+pub const DEFAULT: &std::ffi::CStr = c"system.posix_acl_default";
+
+const VERSION: u32 = 2;
+const HEADER: usize = 4;
+const ENTRY: usize = 8;
+
+const USER_OBJ: u16 = 0x01;
+const USER: u16 = 0x02;
+const GROUP_OBJ: u16 = 0x04;
+const GROUP: u16 = 0x08;
+const MASK: u16 = 0x10;
+const OTHER: u16 = 0x20;
+
+/// What an object created with permission bits `mode` under a directory whose default ACL
+/// is `default` (its xattr value) gets: its permission bits and, when the bits alone cannot
+/// express it, an access ACL (an xattr value). `None` if `default` is malformed.
+pub fn inherit(default: &[u8], mode: u32) -> Option<(u32, Option<Vec<u8>>)> {
+    if default.len() < HEADER || (default.len() - HEADER) % ENTRY != 0 {
+        return None;
+    }
+    if u32::from_le_bytes(default[..HEADER].try_into().ok()?) != VERSION {
+        return None;
+    }
+    let mut acl = default.to_vec();
+    let mut mode = mode & 0o777;
+    let mut equivalent = true;
+    let mut group_obj = None;
+    let mut mask = None;
+    for at in (HEADER..acl.len()).step_by(ENTRY) {
+        let tag = u16::from_le_bytes([acl[at], acl[at + 1]]);
+        let perm = u32::from(u16::from_le_bytes([acl[at + 2], acl[at + 3]]));
+        match tag {
+            USER_OBJ => {
+                let p = perm & (mode >> 6);
+                set_perm(&mut acl, at, p);
+                mode &= (p << 6) | !0o700;
+            }
+            USER | GROUP => equivalent = false,
+            GROUP_OBJ => group_obj = Some(at),
+            OTHER => {
+                let p = perm & mode;
+                set_perm(&mut acl, at, p);
+                mode &= p | !0o007;
+            }
+            MASK => {
+                mask = Some(at);
+                equivalent = false;
+            }
+            _ => return None,
+        }
+    }
+    let at = mask.or(group_obj)?;
+    let perm = u32::from(u16::from_le_bytes([acl[at + 2], acl[at + 3]]));
+    let p = perm & (mode >> 3);
+    set_perm(&mut acl, at, p);
+    mode &= (p << 3) | !0o070;
+    Some((mode & 0o777, (!equivalent).then_some(acl)))
+}
+
+fn set_perm(acl: &mut [u8], at: usize, perm: u32) {
+    acl[at + 2..at + 4].copy_from_slice(&(perm as u16 & 7).to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut v = VERSION.to_le_bytes().to_vec();
+        for &(tag, perm, id) in entries {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&id.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn minimal_default_acl_only_masks_the_mode() {
+        let d = acl(&[(USER_OBJ, 7, 0), (GROUP_OBJ, 5, 0), (OTHER, 0, 0)]);
+        assert_eq!(inherit(&d, 0o666), Some((0o640, None)));
+        assert_eq!(inherit(&d, 0o777), Some((0o750, None)));
+    }
+
+    #[test]
+    fn named_entries_give_an_access_acl_masked_by_the_mode() {
+        let d = acl(&[
+            (USER_OBJ, 7, 0),
+            (USER, 7, 1000),
+            (GROUP_OBJ, 5, 0),
+            (MASK, 7, 0),
+            (OTHER, 5, 0),
+        ]);
+        let (mode, access) = inherit(&d, 0o644).unwrap();
+        assert_eq!(mode, 0o644);
+        let want = acl(&[
+            (USER_OBJ, 6, 0),
+            (USER, 7, 1000),
+            (GROUP_OBJ, 5, 0),
+            (MASK, 4, 0),
+            (OTHER, 4, 0),
+        ]);
+        assert_eq!(access, Some(want));
+    }
+
+    #[test]
+    fn malformed_values_are_refused() {
+        assert_eq!(inherit(&[2, 0, 0, 0, 1], 0o644), None);
+        assert_eq!(inherit(&acl(&[(0x40, 7, 0)]), 0o644), None);
+        assert_eq!(
+            inherit(&acl(&[(USER_OBJ, 7, 0), (OTHER, 7, 0)]), 0o644),
+            None
+        );
+    }
+}
