@@ -288,6 +288,29 @@ fn xattr_permissions_override_stat() {
     assert_eq!((libc::major(md.rdev()), libc::minor(md.rdev())), (7, 9));
     let up = fs::symlink_metadata(m.upper_path("newdev")).unwrap();
     assert!(up.file_type().is_file(), "stored as a regular file");
+    // readdir's d_type agrees with stat (find -type relies on it).
+    let kinds: Vec<(String, bool, bool, bool)> = {
+        let mut v: Vec<_> = fs::read_dir(&m.merged)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let t = e.file_type().unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, t.is_char_device(), t.is_block_device(), t.is_file())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        kinds,
+        [
+            ("d".to_string(), false, false, false),
+            ("dev".to_string(), true, false, false),
+            ("f".to_string(), false, false, true),
+            ("newdev".to_string(), false, true, false),
+        ]
+    );
     assert_eq!(
         get_xattr(&m.upper_path("newdev"), "user.containers.override_stat"),
         Ok(b"0:0:600:block7:9".to_vec())
