@@ -73,7 +73,9 @@ impl IdMap {
 
 /// Parses `C:H:N[:C:H:N...]`.
 pub fn parse_ranges(s: &str) -> Result<Vec<Range>, String> {
-    let nums: Vec<&str> = s.split(':').collect();
+    // containers-storage writes `uidmapping=:0:1000:1:...` (a ':' before every range);
+    // empty fields are skipped, as fuse-overlayfs does.
+    let nums: Vec<&str> = s.split(':').filter(|x| !x.is_empty()).collect();
     if nums.is_empty() || nums.len() % 3 != 0 {
         return Err(format!(
             "expected CONTAINER:HOST:COUNT triples separated by ':', got {s:?}"
@@ -121,6 +123,17 @@ mod tests {
         assert_eq!(m.uid_to_disk(110005), Some(6));
         assert_eq!(m.uid_to_disk(5), None);
         assert_eq!(m.gid_to_view(42), 42, "no gid ranges: identity");
+    }
+
+    #[test]
+    fn containers_storage_leading_colon_is_accepted() {
+        // What containers-storage actually sends: a ':' before every range.
+        assert_eq!(
+            parse_ranges(":0:1000:1:1:100000:65536").unwrap(),
+            parse_ranges("0:1000:1:1:100000:65536").unwrap()
+        );
+        assert!(parse_ranges(":").is_err());
+        assert!(parse_ranges("").is_err());
     }
 
     #[test]
