@@ -287,8 +287,13 @@ impl Union {
                     }
                 }
             }
-            // An opaque directory hides what lies below it (no need to ask the bottom layer).
+            // An opaque directory hides what lies below it (no need to ask the bottom layer),
+            // and so does a `.wh.NAME` beside the directory NAME in the same layer (an image
+            // layer that deleted a directory and made a new one in its place).
             if i + 1 < layers.len() {
+                if is_dir && dir.has_aufs_whiteout(name.as_bytes(), loc != Loc::Upper)? {
+                    break;
+                }
                 let child = sys::openat(dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
                 if whiteout::is_opaque_dir(child.as_fd())? {
                     break;

@@ -254,3 +254,33 @@ fn telldir_seekdir_are_stable() {
     let names = m.ls("d");
     assert!(names.contains(&"zz_new".to_string()) && !names.contains(&"f199".to_string()));
 }
+
+/// A layer that deleted a directory and made a new one of the same name holds both `.wh.d`
+/// and `d`: the new directory shows only its own entries, none of the deleted one's below.
+#[test]
+fn aufs_whiteout_beside_a_new_directory_hides_the_old_one() {
+    let l = Layers::new(2);
+    l.lower(0).aufs_whiteout("d").dir("d").file("d/new", "n");
+    l.lower(1).dir("d").file("d/old", "o").file("keep", "k");
+    let m = l.mount("u");
+    let mut names: Vec<String> = std::fs::read_dir(m.path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["new"]);
+    assert_eq!(
+        errno(std::fs::symlink_metadata(m.path("d/old"))),
+        libc::ENOENT
+    );
+    let mut root: Vec<String> = std::fs::read_dir(&m.merged)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert_eq!(root, ["d", "keep"]);
+    // Removing the new directory needs no look below it.
+    std::fs::remove_file(m.path("d/new")).unwrap();
+    std::fs::remove_dir(m.path("d")).unwrap();
+    assert_eq!(errno(std::fs::symlink_metadata(m.path("d"))), libc::ENOENT);
+}
