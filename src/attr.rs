@@ -83,7 +83,9 @@ impl Union {
     pub fn stat_node(&self, node: &Node, fh: Option<u64>) -> Result<Stat> {
         match self.stat_in(node, self.top_loc(node)) {
             Ok(st) => Ok(st),
-            Err(e) if e.code() == libc::ENOENT => {
+            // No name left (deleted while open, or a split node whose name moved): its open
+            // files answer; with none, ESTALE makes the kernel look a split node's name up again.
+            Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
                 let h = fh
                     .and_then(|fh| self.handles.file(fh))
                     .or_else(|| self.handles.any_file_of(node.ino))

@@ -269,10 +269,16 @@ impl Union {
             .first()
             .map(|l| (l.parent.clone(), l.name.clone()))
         else {
-            return Errno::ENOENT;
+            // A racing open split it first: the name is on the new node already.
+            return if node.split.load(Ordering::SeqCst) {
+                Errno::ESTALE
+            } else {
+                Errno::ENOENT
+            };
         };
         {
             let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+            node.split.store(true, Ordering::SeqCst);
             self.tree_change(|| {
                 self.table.remove_id(node, id);
                 self.table.unlink(node, &parent, &name);

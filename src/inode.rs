@@ -102,6 +102,9 @@ pub struct Node {
     pub exec_opens: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
+    /// Its name moved to a new node (passthrough copy-up, see `file::split_node`): requests
+    /// that resolve it by name get ESTALE, so the kernel looks the name up again.
+    pub split: std::sync::atomic::AtomicBool,
     /// The table's clock when a request last used the node (see `Table::coldest`).
     last_used: AtomicU64,
     /// The backing file the kernel serves passthrough opens of this node from, while any is
@@ -198,6 +201,7 @@ impl Table {
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
+            split: std::sync::atomic::AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
@@ -356,6 +360,7 @@ impl Table {
             if let Some(node) = shard.get(&e.ino).cloned()
                 && node.serial == e.serial
                 && node.kind == kind
+                && !node.split.load(Ordering::SeqCst)
             {
                 node.refs.fetch_add(1, Ordering::Relaxed);
                 return (node, true);
@@ -383,6 +388,7 @@ impl Table {
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
+            split: std::sync::atomic::AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),

@@ -4,6 +4,7 @@ use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::fdcache::CachedDir;
 use crate::inode::{Link, Node, RealId, State};
@@ -72,7 +73,12 @@ impl Union {
             let snap = self.tree_snapshot();
             let (parent, name) = {
                 let st = node.state();
-                let l = st.links.first().ok_or(Errno::ENOENT)?;
+                let gone = if node.split.load(Ordering::SeqCst) {
+                    Errno::ESTALE
+                } else {
+                    Errno::ENOENT
+                };
+                let l = st.links.first().ok_or(gone)?;
                 (l.parent.clone(), sys::cstr(&l.name)?)
             };
             let res = self
