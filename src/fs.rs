@@ -614,6 +614,13 @@ impl Filesystem for UnionFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if self.u.writeback_active() {
+            // The kernel holds written data the upper file does not have yet, so only the
+            // kernel's own answer (from its file size) is right: ENOSYS makes it answer
+            // SEEK_DATA/SEEK_HOLE itself from now on.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         match self.u.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(e),
