@@ -219,6 +219,15 @@ fn default_threads() -> usize {
 
 /// Parses the command line (program name first).
 pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String> {
+    parse_args(args).map_err(|e| one_line(&e))
+}
+
+/// Error messages are one line, whatever the paths and values in them hold.
+pub fn one_line(msg: &str) -> String {
+    msg.replace('\n', "\\n").replace('\r', "\\r")
+}
+
+fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String> {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -443,7 +452,8 @@ fn describe(e: &std::io::Error) -> String {
         Some(libc::ENOENT) => "does not exist".into(),
         Some(libc::ENOTDIR) => "is not a directory".into(),
         Some(libc::EACCES) => "is not accessible (permission denied)".into(),
-        _ => e.to_string(),
+        Some(libc::ELOOP) => "has too many levels of symbolic links".into(),
+        _ => format!("cannot be used: {e}"),
     }
 }
 
@@ -473,6 +483,10 @@ fn existing_dir(what: &str, p: &Path, need: libc::c_int) -> Result<PathBuf, Stri
 /// Checks every path of a config: existence, type, access, filesystems, and that no two of
 /// them are the same directory or nested in each other.
 pub fn check_paths(cfg: &Config) -> Result<Paths, String> {
+    check_paths_inner(cfg).map_err(|e| one_line(&e))
+}
+
+fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
     let mut named: Vec<(String, PathBuf)> = Vec::new();
     let mut lowers = Vec::new();
     for (i, l) in cfg.lowers.iter().enumerate() {

@@ -11,19 +11,19 @@ fn main() {
         }
         Ok(Parsed::Remount(r)) => {
             if let Err(e) = unionmount::mount::remount(&r) {
-                eprintln!("unionmount: {e}");
+                eprintln!("unionmount: {}", config::one_line(&e.to_string()));
                 std::process::exit(1);
             }
             return;
         }
         Err(e) => {
-            eprintln!("unionmount: {e}");
+            eprintln!("unionmount: {}", config::one_line(&e.to_string()));
             std::process::exit(1);
         }
     };
     unionmount::logger::init(cfg.log_level.filter());
     if let Err(e) = unionmount::mount::run(*cfg) {
-        eprintln!("unionmount: {e}");
+        eprintln!("unionmount: {}", config::one_line(&e.to_string()));
         std::process::exit(1);
     }
 }

@@ -285,6 +285,36 @@ fn raise_readahead(mountpoint: &Path) {
     }
 }
 
+/// A path as mountinfo writes it (space, tab, newline and backslash octal-escaped).
+fn mountinfo_escape(p: &Path) -> String {
+    let mut out = String::new();
+    for c in p.to_string_lossy().chars() {
+        match c {
+            ' ' => out.push_str("\\040"),
+            '\t' => out.push_str("\\011"),
+            '\n' => out.push_str("\\012"),
+            '\\' => out.push_str("\\134"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The filesystem type of the newest mount at `mountpoint` (a canonical path), from mountinfo.
+fn newest_mount_type(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountinfo_escape(mountpoint);
+    // Fields: id parent major:minor root mountpoint options... - fstype source superoptions.
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4) != Some(&want.as_str()) {
+            return None;
+        }
+        let sep = f.iter().position(|x| *x == "-")?;
+        f.get(sep + 1).map(|t| t.to_string())
+    })
+}
+
 /// Whether passthrough of open files can be offered: root in the initial namespace.
 fn passthrough_possible() -> bool {
     sys::geteuid() == 0 && !crate::union::in_user_namespace()
@@ -293,6 +323,23 @@ fn passthrough_possible() -> bool {
 /// `-o remount,ro|rw`: changes the read-only flag of a live mount, keeping its other flags.
 pub fn remount(r: &crate::config::Remount) -> Result<(), String> {
     let target = CString::new(r.mountpoint.as_os_str().as_bytes()).map_err(|_| "bad path")?;
+    let real = std::fs::canonicalize(&r.mountpoint)
+        .map_err(|e| format!("mountpoint {}: {e}", r.mountpoint.display()))?;
+    match newest_mount_type(&real) {
+        Some(t) if t == "fuse.unionmount" => {}
+        Some(t) => {
+            return Err(format!(
+                "remount: {} is a {t} mount, not a unionmount one",
+                r.mountpoint.display()
+            ));
+        }
+        None => {
+            return Err(format!(
+                "remount: {} is not a mountpoint",
+                r.mountpoint.display()
+            ));
+        }
+    }
     let fd = Layer::open_root(&r.mountpoint)
         .map_err(|e| io_err("cannot open mountpoint", &r.mountpoint, e))?;
     let cur = sys::fstatvfs(fd.root())
