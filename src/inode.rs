@@ -159,6 +159,9 @@ pub struct Table {
     remaps: AtomicBool,
     /// Coarse clock for `last_used`.
     clock: AtomicU64,
+    /// Directories forgotten since the last `take_dead_dirs`: their serial and layers (their
+    /// cached fds are to be closed).
+    dead_dirs: Mutex<Vec<(u64, Vec<crate::lookup::Loc>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,6 +190,7 @@ impl Table {
             xino_bits,
             remaps: AtomicBool::new(false),
             clock: AtomicU64::new(1),
+            dead_dirs: Mutex::new(Vec::new()),
         };
         let root_ids = root_state.ids.clone();
         let root = Arc::new(Node {
@@ -478,11 +482,27 @@ impl Table {
                 node.removed.store(true, Ordering::Relaxed);
             }
             self.forget_ids(&node);
+            if node.is_dir() {
+                let locs = {
+                    let st = node.state();
+                    let upper = st.upper.map(|_| crate::lookup::Loc::Upper);
+                    upper
+                        .into_iter()
+                        .chain(st.lowers.iter().map(|(l, _)| crate::lookup::Loc::Lower(*l)))
+                        .collect()
+                };
+                lock(&self.dead_dirs).push((node.serial, locs));
+            }
             let links = std::mem::take(&mut node.state().links);
             for l in links {
                 pending.push((l.parent, 1));
             }
         }
+    }
+
+    /// The directories forgotten since the last call (see `dead_dirs`).
+    pub fn take_dead_dirs(&self) -> Vec<(u64, Vec<crate::lookup::Loc>)> {
+        std::mem::take(&mut *lock(&self.dead_dirs))
     }
 
     /// Adds a name to a node, pinning the parent.

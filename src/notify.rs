@@ -76,6 +76,12 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
             loop {
                 std::thread::sleep(std::time::Duration::from_millis(500));
                 u.table.tick();
+                // Directories the kernel has forgotten keep no fds open.
+                for (serial, locs) in u.table.take_dead_dirs() {
+                    for loc in locs {
+                        u.fds.remove(serial, loc);
+                    }
+                }
                 let len = u.table.len();
                 if len <= NODES_HIGH {
                     continue;
