@@ -110,22 +110,27 @@ impl FdCache {
         (limit / 4).clamp(256, 16384) as usize
     }
 
-    fn shard(&self, serial: u64) -> std::sync::MutexGuard<'_, LruCache<Key, Arc<CachedDir>>> {
-        let i = self.hasher.hash_one(serial) as usize % SHARDS;
+    /// The shard of one (directory, layer): the layers of one directory spread over all
+    /// shards, so a deep stack does not evict itself from one.
+    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, LruCache<Key, Arc<CachedDir>>> {
+        let i = self.hasher.hash_one(key) as usize % SHARDS;
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, serial: u64, loc: Loc) -> Option<Arc<CachedDir>> {
-        self.shard(serial).get(&Key { serial, loc }).cloned()
+        let key = Key { serial, loc };
+        self.shard(&key).get(&key).cloned()
     }
 
     pub fn insert(&self, serial: u64, loc: Loc, fd: Arc<CachedDir>) {
-        self.shard(serial).put(Key { serial, loc }, fd);
+        let key = Key { serial, loc };
+        self.shard(&key).put(key, fd);
     }
 
     /// Drops the cached fd of one node in one layer.
     pub fn remove(&self, serial: u64, loc: Loc) {
-        self.shard(serial).pop(&Key { serial, loc });
+        let key = Key { serial, loc };
+        self.shard(&key).pop(&key);
     }
 
     pub fn len(&self) -> usize {

@@ -300,7 +300,15 @@ impl Union {
                 if is_dir && dir.has_aufs_whiteout(name.as_bytes(), loc != Loc::Upper)? {
                     break;
                 }
-                let child = sys::openat(dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+                // A readable fd answers xattr reads directly; an O_PATH one (when the daemon
+                // may not read the directory) only through /proc.
+                let child =
+                    match sys::openat(dir.as_fd(), &cname, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                        Err(e) if e.code() == libc::EACCES => {
+                            sys::openat(dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?
+                        }
+                        r => r?,
+                    };
                 if whiteout::is_opaque_dir(child.as_fd())? {
                     break;
                 }
