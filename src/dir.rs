@@ -662,6 +662,10 @@ impl Union {
         if is_dir {
             self.drop_dir_fd(node, Loc::Upper);
             self.adjust_subdirs(parent, -1);
+        } else if !node.state().is_unlinked() {
+            // The kernel drops its cached link count by one on unlink; a name whited out over
+            // a lower hard link leaves the lower object's count as it was, so have it asked.
+            self.invalidate_attrs(node.ino);
         }
         Ok(())
     }
@@ -881,6 +885,14 @@ impl Union {
             }
         } else if !exchange && dst.is_some_and(|d| d.is_dir()) {
             self.adjust_subdirs(parent, -1);
+        }
+        // As for unlink: a replaced name of a lower hard link leaves its link count as it was.
+        if let Some(d) = dst
+            && !exchange
+            && !d.is_dir()
+            && !d.state().is_unlinked()
+        {
+            self.invalidate_attrs(d.ino);
         }
         Ok(())
     }
