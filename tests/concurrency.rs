@@ -1,0 +1,975 @@
+//! Many threads and processes at once on one mount (SPEC §3 "Copy-up", §5 locking, §6):
+//! racing copy-ups of one file, rename storms against lookups and listings, create/unlink
+//! churn in one directory, readers during writers, and a short stress-ng run.
+//!
+//! Every workload is a set of per-thread operation lists on names of the thread's own, so its
+//! end state does not depend on the interleaving. The lists run concurrently on unionmount
+//! and one after the other on kernel overlayfs over the same lowers; the two final merged
+//! trees must be equal (names, types, sizes, content, modes, owners). A watchdog fails a
+//! workload that does not finish in `LIMIT` with "deadlock?" (and ends the daemon so that the
+//! mount can still be removed) instead of hanging the test run.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A workload that runs longer than this is taken to be deadlocked.
+const LIMIT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------
+// Operations, run concurrently on unionmount and replayed sequentially on kernel overlayfs
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+enum Op {
+    /// Open for writing (no O_TRUNC) and write at an offset.
+    Write(String, u64, Vec<u8>),
+    /// Open with O_APPEND and write.
+    Append(String, Vec<u8>),
+    /// Create or truncate, then write.
+    Create(String, Vec<u8>),
+    Unlink(String),
+    Rename(String, String),
+    Mkdir(String),
+    Rmdir(String),
+    Chmod(String, u32),
+    Truncate(String, u64),
+    /// `sh -c SCRIPT` in the mount's root, as a separate process.
+    Shell(String),
+    /// All threads of the workload meet here (no-op in the sequential replay).
+    Barrier,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Write(p, off, d) => write!(f, "write {p} at {off}, {} bytes", d.len()),
+            Op::Append(p, d) => write!(f, "append {} bytes to {p}", d.len()),
+            Op::Create(p, d) => write!(f, "create {p} with {} bytes", d.len()),
+            Op::Unlink(p) => write!(f, "unlink {p}"),
+            Op::Rename(a, b) => write!(f, "rename {a} -> {b}"),
+            Op::Mkdir(p) => write!(f, "mkdir {p}"),
+            Op::Rmdir(p) => write!(f, "rmdir {p}"),
+            Op::Chmod(p, m) => write!(f, "chmod {m:o} {p}"),
+            Op::Truncate(p, l) => write!(f, "truncate {p} to {l}"),
+            Op::Shell(s) => write!(f, "sh -c {s:?}"),
+            Op::Barrier => write!(f, "barrier"),
+        }
+    }
+}
+
+fn apply(root: &Path, op: &Op) -> std::io::Result<()> {
+    let p = |rel: &str| root.join(rel);
+    match op {
+        Op::Write(rel, off, data) => OpenOptions::new()
+            .write(true)
+            .open(p(rel))?
+            .write_all_at(data, *off),
+        Op::Append(rel, data) => OpenOptions::new()
+            .append(true)
+            .open(p(rel))?
+            .write_all(data),
+        Op::Create(rel, data) => fs::write(p(rel), data),
+        Op::Unlink(rel) => fs::remove_file(p(rel)),
+        Op::Rename(a, b) => fs::rename(p(a), p(b)),
+        Op::Mkdir(rel) => fs::create_dir(p(rel)),
+        Op::Rmdir(rel) => fs::remove_dir(p(rel)),
+        Op::Chmod(rel, mode) => fs::set_permissions(p(rel), fs::Permissions::from_mode(*mode)),
+        Op::Truncate(rel, len) => OpenOptions::new().write(true).open(p(rel))?.set_len(*len),
+        Op::Shell(script) => {
+            let out = Command::new("sh")
+                .args(["-euc", script])
+                .current_dir(root)
+                .stdin(Stdio::null())
+                .output()?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "sh: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )))
+            }
+        }
+        Op::Barrier => Ok(()),
+    }
+}
+
+/// Runs each list in a thread of its own, all at once; returns every failed operation.
+fn run_concurrently(root: &Path, lists: &[Vec<Op>]) -> Vec<String> {
+    let barrier = Arc::new(Barrier::new(lists.len()));
+    let handles: Vec<_> = lists
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(t, ops)| {
+            let root = root.to_path_buf();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut errs = Vec::new();
+                for op in &ops {
+                    if let Op::Barrier = op {
+                        barrier.wait();
+                    } else if let Err(e) = apply(&root, op) {
+                        errs.push(format!("thread {t}: {op:?}: {e}"));
+                    }
+                }
+                errs
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("worker thread panicked"))
+        .collect()
+}
+
+/// The same lists, one after the other, on `root`.
+fn replay(root: &Path, lists: &[Vec<Op>]) {
+    for (t, ops) in lists.iter().enumerate() {
+        for op in ops {
+            if let Err(e) = apply(root, op) {
+                panic!("replay on kernel overlayfs, thread {t}: {op:?}: {e}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Watchdog
+// ---------------------------------------------------------------------------------------
+
+/// Runs `f` in a thread; fails with "deadlock?" if it does not return within `LIMIT`. Before
+/// failing it ends the mount's daemon (through the FUSE control filesystem if mounted, else
+/// by killing the daemon process of this mount) so that blocked threads wake up and the
+/// mount can be removed.
+fn guarded<T: Send + 'static>(what: &str, m: &Mount, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        let v = f();
+        let _ = tx.send(v);
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(v) => {
+            h.join().unwrap();
+            v
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!(),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            end_daemon(m);
+            panic!(
+                "{what}: not finished after {} s: deadlock?",
+                LIMIT.as_secs()
+            );
+        }
+    }
+}
+
+/// The FUSE connection number of a mount, from mountinfo (a stat of a hung mount would hang).
+fn connection(m: &Mount) -> Option<u64> {
+    let want = m.merged.to_string_lossy().replace(' ', "\\040");
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
+    Some((major.parse::<u64>().ok()? << 20) | minor.parse::<u64>().ok()?)
+}
+
+fn end_daemon(m: &Mount) {
+    if let Some(conn) = connection(m)
+        && fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1").is_ok()
+    {
+        return;
+    }
+    // The daemon is the unionmount process whose last argument is this mountpoint.
+    let want = m.merged.as_os_str().as_encoded_bytes().to_vec();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+        let is_ours = args.first().is_some_and(|a| a.ends_with(b"unionmount"))
+            && args.last() == Some(&want.as_slice());
+        if is_ours {
+            // SAFETY: plain kill(2) of the daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// Deterministic pseudo-random bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn tree_opts() -> TreeOpts {
+    TreeOpts {
+        dir_nlink: false,
+        mtime: false,
+        xattr_prefix: "user.",
+    }
+}
+
+/// Mounts unionmount and kernel overlayfs over the same lowers.
+fn both(l: &Layers) -> (Mount, Mount) {
+    (l.mount("u"), l.mount_kernel("k"))
+}
+
+/// Regular files left in the work directory (a copy-up or whiteout that was never finished).
+fn work_leftovers(m: &Mount) -> Vec<String> {
+    let work = m.work.clone().unwrap();
+    raw_tree(&work)
+        .into_iter()
+        .filter(|(_, (kind, _, _))| *kind != 'd')
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn assert_no_errors(errs: &[String], what: &str) {
+    assert!(
+        errs.is_empty(),
+        "{what}: {} operations failed:\n{}",
+        errs.len(),
+        errs.join("\n")
+    );
+}
+
+/// The names of one directory listing, failing on a name listed twice or not in `allowed`.
+fn check_listing(dir: &Path, allowed: &BTreeSet<String>) -> Result<usize, String> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => return Err(format!("readdir {}: {e}", dir.display())),
+    };
+    let mut seen = BTreeSet::new();
+    for e in rd {
+        let e = e.map_err(|e| format!("readdir {}: {e}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !allowed.contains(&name) {
+            return Err(format!(
+                "{}: listed {name:?}, which never existed",
+                dir.display()
+            ));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(format!("{}: {name:?} listed twice", dir.display()));
+        }
+    }
+    Ok(seen.len())
+}
+
+/// Reader threads that call `f` until `stop` is set; their errors, joined.
+fn spawn_readers(
+    n: usize,
+    stop: &Arc<AtomicBool>,
+    f: impl Fn(usize) -> Result<(), String> + Send + Sync + 'static,
+) -> Vec<thread::JoinHandle<(usize, Vec<String>)>> {
+    let f = Arc::new(f);
+    (0..n)
+        .map(|i| {
+            let stop = stop.clone();
+            let f = f.clone();
+            thread::spawn(move || {
+                let mut rounds = 0;
+                let mut errs = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = f(i) {
+                        errs.push(e);
+                        if errs.len() > 20 {
+                            break;
+                        }
+                    }
+                    rounds += 1;
+                }
+                (rounds, errs)
+            })
+        })
+        .collect()
+}
+
+fn join_readers(hs: Vec<thread::JoinHandle<(usize, Vec<String>)>>, what: &str) -> usize {
+    let mut rounds = 0;
+    let mut errs = Vec::new();
+    for h in hs {
+        let (r, e) = h.join().expect("reader thread panicked");
+        rounds += r;
+        errs.extend(e);
+    }
+    assert!(
+        errs.is_empty(),
+        "{what}: readers saw {} problems:\n{}",
+        errs.len(),
+        errs.join("\n")
+    );
+    rounds
+}
+
+// ---------------------------------------------------------------------------------------
+// Workloads
+// ---------------------------------------------------------------------------------------
+
+const BIG: usize = 4 << 20;
+const BIG_FILES: usize = 4;
+const WRITERS: usize = 8;
+const RECORD: usize = 64;
+
+fn record(t: usize, k: usize) -> Vec<u8> {
+    let mut r = format!("record thread={t} file={k} ").into_bytes();
+    r.resize(RECORD - 1, b'.');
+    r.push(b'\n');
+    r
+}
+
+/// Splits a big file into its first `BIG` bytes and its appended records, sorted (appends
+/// from different threads land in any order).
+fn normalize_big(t: &mut BTreeMap<String, Obj>) {
+    for (name, o) in t.iter_mut() {
+        if name.starts_with("big") {
+            let c = o.content.as_mut().unwrap();
+            assert!(
+                c.len() >= BIG && (c.len() - BIG) % RECORD == 0,
+                "{name}: size {}",
+                c.len()
+            );
+            let mut recs: Vec<Vec<u8>> = c[BIG..].chunks(RECORD).map(<[u8]>::to_vec).collect();
+            recs.sort();
+            c.truncate(BIG);
+            c.extend(recs.concat());
+        }
+    }
+}
+
+/// `WRITERS` threads start writing to the same lower-layer files at the same moment (a
+/// barrier before each file): each one writes a block at its own offset and appends its own
+/// record. Every write must be in the result exactly once, the upper must hold one complete
+/// copy of each file, and nothing may be left in the work directory.
+#[test]
+fn parallel_copy_up_of_one_file() {
+    let l = Layers::new(1);
+    for k in 0..BIG_FILES {
+        l.lower(0)
+            .file_bytes(&format!("big{k}"), &noise(k as u64, BIG))
+            .chmod(&format!("big{k}"), 0o640);
+    }
+    let lists: Vec<Vec<Op>> = (0..WRITERS)
+        .map(|t| {
+            let mut ops = Vec::new();
+            for k in 0..BIG_FILES {
+                let name = format!("big{k}");
+                ops.push(Op::Barrier);
+                let off = (t * (BIG / WRITERS) + 1000 * k + 17) as u64;
+                ops.push(Op::Write(
+                    name.clone(),
+                    off,
+                    noise(100 + (t * 8 + k) as u64, 5000),
+                ));
+                ops.push(Op::Append(name, record(t, k)));
+            }
+            ops
+        })
+        .collect();
+    let (u, k) = both(&l);
+    let root = u.merged.clone();
+    let lists2 = lists.clone();
+    let errs = guarded("parallel copy-up", &u, move || {
+        run_concurrently(&root, &lists2)
+    });
+    assert_no_errors(&errs, "parallel copy-up");
+    replay(&k.merged, &lists);
+
+    let mut got = tree(&u.merged, &tree_opts());
+    let mut want = tree(&k.merged, &tree_opts());
+    for k in 0..BIG_FILES {
+        let name = format!("big{k}");
+        let c = got[&name].content.clone().unwrap();
+        assert_eq!(c.len(), BIG + WRITERS * RECORD, "{name}: size");
+        let mut recs: Vec<&[u8]> = c[BIG..].chunks(RECORD).collect();
+        recs.sort();
+        let mut expect: Vec<Vec<u8>> = (0..WRITERS).map(|t| record(t, k)).collect();
+        expect.sort();
+        assert_eq!(recs, expect, "{name}: each append exactly once");
+        let upper = fs::read(u.upper_path(&name)).unwrap();
+        assert_eq!(upper, c, "{name}: the upper holds the one complete copy");
+        assert_eq!(
+            fs::metadata(u.upper_path(&name)).unwrap().mode() & 0o7777,
+            0o640
+        );
+    }
+    normalize_big(&mut got);
+    normalize_big(&mut want);
+    assert_same_tree(
+        &want,
+        &got,
+        "after parallel copy-up: kernel replay vs unionmount",
+    );
+    let left = work_leftovers(&u);
+    assert!(left.is_empty(), "left in the work directory: {left:?}");
+}
+
+const RENAMERS: usize = 4;
+const PER_RENAMER: usize = 10;
+const ROUNDS: usize = 20;
+const FILLER: usize = 150;
+
+/// Threads move their own files back and forth between two merged directories (lower files,
+/// so the first move copies up and leaves a whiteout; upper files too), then rename some in
+/// place, while readers list both directories and look names up. A listing must never show a
+/// name twice or a name that never existed; a lookup must find a whole file or nothing.
+#[test]
+fn rename_storm_with_lookups_and_listings() {
+    let l = Layers::new(1);
+    let mut universe = BTreeSet::new();
+    let content = |name: &str| format!("content of {name}\n").repeat(50);
+    for d in ["A", "B"] {
+        l.lower(0).dir(d);
+        for j in 0..FILLER {
+            let n = format!("fill_{d}_{j}");
+            l.lower(0).file(&format!("{d}/{n}"), &content(&n));
+            universe.insert(n);
+        }
+    }
+    for t in 0..RENAMERS {
+        for i in 0..PER_RENAMER {
+            for prefix in ["r", "u", "s"] {
+                universe.insert(format!("{prefix}_{t}_{i}"));
+            }
+            let n = format!("r_{t}_{i}");
+            l.lower(0).file(&format!("A/{n}"), &content(&n));
+        }
+    }
+    let lists: Vec<Vec<Op>> = (0..RENAMERS)
+        .map(|t| {
+            let mut ops = Vec::new();
+            for i in 0..PER_RENAMER {
+                let n = format!("u_{t}_{i}");
+                ops.push(Op::Create(format!("A/{n}"), content(&n).into_bytes()));
+            }
+            for round in 0..ROUNDS {
+                let (from, to) = if round % 2 == 0 {
+                    ("A", "B")
+                } else {
+                    ("B", "A")
+                };
+                for i in 0..PER_RENAMER {
+                    for prefix in ["r", "u"] {
+                        let n = format!("{prefix}_{t}_{i}");
+                        ops.push(Op::Rename(format!("{from}/{n}"), format!("{to}/{n}")));
+                    }
+                }
+            }
+            for i in (0..PER_RENAMER).step_by(3) {
+                ops.push(Op::Rename(format!("A/r_{t}_{i}"), format!("A/s_{t}_{i}")));
+            }
+            ops
+        })
+        .collect();
+    let (u, k) = both(&l);
+    let stop = Arc::new(AtomicBool::new(false));
+    let universe = Arc::new(universe);
+    let root = u.merged.clone();
+    let readers = {
+        let universe = universe.clone();
+        let root = root.clone();
+        spawn_readers(3, &stop, move |i| {
+            if i == 0 {
+                check_listing(&root.join("A"), &universe)?;
+                check_listing(&root.join("B"), &universe)?;
+            } else {
+                for name in universe.iter().skip(i * 7).step_by(5) {
+                    // s_* are r_* renamed.
+                    let want = content(&name.replacen("s_", "r_", 1));
+                    for d in ["A", "B"] {
+                        let p = root.join(d).join(name);
+                        match fs::read(&p) {
+                            Ok(c) if c == want.as_bytes() => {}
+                            // A file being created may be seen before its write.
+                            Ok(c) if name.starts_with("u_") && want.as_bytes().starts_with(&c) => {}
+                            Ok(c) => {
+                                return Err(format!(
+                                    "{}: {} bytes, not the file",
+                                    p.display(),
+                                    c.len()
+                                ));
+                            }
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                            Err(e) => return Err(format!("{}: {e}", p.display())),
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+    let lists2 = lists.clone();
+    let errs = guarded("rename storm", &u, move || {
+        let e = run_concurrently(&root, &lists2);
+        stop.store(true, Ordering::Relaxed);
+        (e, join_readers(readers, "rename storm"))
+    });
+    let (errs, rounds) = errs;
+    assert_no_errors(&errs, "rename storm");
+    assert!(rounds > 0);
+    replay(&k.merged, &lists);
+    assert_same_tree(
+        &tree(&k.merged, &tree_opts()),
+        &tree(&u.merged, &tree_opts()),
+        "after the rename storm: kernel replay vs unionmount",
+    );
+    for d in ["A", "B"] {
+        check_listing(&u.path(d), &universe).unwrap();
+    }
+    let left = work_leftovers(&u);
+    assert!(left.is_empty(), "left in the work directory: {left:?}");
+}
+
+const CHURNERS: usize = 4;
+const CHURN: usize = 60;
+const LOWER_FILES: usize = 40;
+
+/// Several threads and two shell processes create, write, rename, unlink and re-create
+/// their own names in one merged directory (also deleting and re-creating lower-layer
+/// files, so whiteouts come and go), while a reader lists it. The final listing is exactly
+/// the expected set.
+#[test]
+fn create_unlink_churn_in_one_directory() {
+    let l = Layers::new(1);
+    for j in 0..LOWER_FILES {
+        l.lower(0)
+            .file(&format!("C/l_{j}"), &format!("lower {j}\n"));
+    }
+    let mut lists: Vec<Vec<Op>> = (0..CHURNERS)
+        .map(|t| {
+            let mut ops = Vec::new();
+            for i in 0..CHURN {
+                let n = format!("C/t{t}_{i}");
+                ops.push(Op::Create(
+                    n.clone(),
+                    format!("{t} {i}\n").repeat(i).into_bytes(),
+                ));
+                match i % 6 {
+                    0 => ops.push(Op::Unlink(n)),
+                    1 => ops.push(Op::Rename(n.clone(), format!("{n}_renamed"))),
+                    2 => {
+                        ops.push(Op::Unlink(n.clone()));
+                        ops.push(Op::Create(n, b"again\n".to_vec()));
+                    }
+                    3 => {
+                        ops.push(Op::Mkdir(format!("{n}_d")));
+                        ops.push(Op::Create(format!("{n}_d/x"), b"x".to_vec()));
+                        ops.push(Op::Unlink(format!("{n}_d/x")));
+                        ops.push(Op::Rmdir(format!("{n}_d")));
+                    }
+                    4 => ops.push(Op::Chmod(n, 0o600)),
+                    _ => ops.push(Op::Truncate(n, 3)),
+                }
+            }
+            for j in (t..LOWER_FILES).step_by(CHURNERS) {
+                let n = format!("C/l_{j}");
+                match j % 3 {
+                    0 => ops.push(Op::Unlink(n)),
+                    1 => {
+                        ops.push(Op::Unlink(n.clone()));
+                        ops.push(Op::Create(n, b"new upper\n".to_vec()));
+                    }
+                    _ => ops.push(Op::Append(n, b"appended\n".to_vec())),
+                }
+            }
+            ops
+        })
+        .collect();
+    for p in 0..2 {
+        lists.push(vec![Op::Shell(format!(
+            "cd C; i=0; while [ $i -lt 80 ]; do echo $i > p{p}_$i; \
+             if [ $((i % 2)) = 0 ]; then rm p{p}_$i; fi; \
+             if [ $((i % 10)) = 1 ]; then mv p{p}_$i p{p}_$i.moved; fi; i=$((i + 1)); done"
+        ))]);
+    }
+    let (u, k) = both(&l);
+    let stop = Arc::new(AtomicBool::new(false));
+    let root = u.merged.clone();
+    let readers = {
+        let dir = root.join("C");
+        spawn_readers(1, &stop, move |_| {
+            let mut seen = BTreeSet::new();
+            for e in fs::read_dir(&dir).map_err(|e| e.to_string())? {
+                let name = e.map_err(|e| e.to_string())?.file_name();
+                if !seen.insert(name.clone()) {
+                    return Err(format!("{name:?} listed twice"));
+                }
+            }
+            Ok(())
+        })
+    };
+    let lists2 = lists.clone();
+    let (errs, _) = guarded("create/unlink churn", &u, move || {
+        let e = run_concurrently(&root, &lists2);
+        stop.store(true, Ordering::Relaxed);
+        (e, join_readers(readers, "create/unlink churn"))
+    });
+    assert_no_errors(&errs, "create/unlink churn");
+    replay(&k.merged, &lists);
+    let want = k.ls("C");
+    assert_eq!(u.ls("C"), want, "final listing");
+    // The expected set, independently of any mount.
+    let mut expect = BTreeSet::new();
+    for t in 0..CHURNERS {
+        for i in 0..CHURN {
+            match i % 6 {
+                0 => {}
+                1 => {
+                    expect.insert(format!("t{t}_{i}_renamed"));
+                }
+                _ => {
+                    expect.insert(format!("t{t}_{i}"));
+                }
+            }
+        }
+    }
+    for j in 0..LOWER_FILES {
+        if j % 3 != 0 {
+            expect.insert(format!("l_{j}"));
+        }
+    }
+    for p in 0..2 {
+        for i in (1..80).step_by(2) {
+            expect.insert(if i % 10 == 1 {
+                format!("p{p}_{i}.moved")
+            } else {
+                format!("p{p}_{i}")
+            });
+        }
+    }
+    assert_eq!(
+        want,
+        expect.into_iter().collect::<Vec<_>>(),
+        "kernel overlayfs: the expected set"
+    );
+    assert_same_tree(
+        &tree(&k.merged, &tree_opts()),
+        &tree(&u.merged, &tree_opts()),
+        "after churn: kernel replay vs unionmount",
+    );
+    let left = work_leftovers(&u);
+    assert!(left.is_empty(), "left in the work directory: {left:?}");
+}
+
+const DOC: usize = 64 << 10;
+const BLOCK: usize = 4096;
+const VERSIONS: u8 = 40;
+
+fn log_record(i: usize) -> Vec<u8> {
+    format!("line {i} ").repeat(1 + i % 37).into_bytes()
+}
+
+/// While one thread appends to a lower-layer log (the first append copies it up) and another
+/// rewrites a lower-layer document block by block with increasing version bytes, readers
+/// (re-opening each time, and holding descriptors opened before the copy-up) read them
+/// whole: the log is always a prefix of its final content, and no byte of the document ever
+/// goes back to an older version for a reader that has seen a newer one.
+#[test]
+fn readers_during_writers() {
+    let l = Layers::new(1);
+    let head = noise(7, 10_000);
+    l.lower(0)
+        .file_bytes("log", &head)
+        .file_bytes("doc", &vec![0u8; DOC]);
+    let mut final_log = head.clone();
+    let mut log_ops = Vec::new();
+    for i in 0..400 {
+        let r = log_record(i);
+        final_log.extend_from_slice(&r);
+        log_ops.push(Op::Append("log".into(), r));
+    }
+    let mut doc_ops = Vec::new();
+    for v in 1..=VERSIONS {
+        for b in 0..DOC / BLOCK {
+            doc_ops.push(Op::Write("doc".into(), (b * BLOCK) as u64, vec![v; BLOCK]));
+        }
+    }
+    let lists = vec![log_ops, doc_ops];
+    let (u, k) = both(&l);
+    let root = u.merged.clone();
+    // Descriptors opened before any write (before the copy-up).
+    let held_log = fs::File::open(root.join("log")).unwrap();
+    let held_doc = fs::File::open(root.join("doc")).unwrap();
+    let final_log = Arc::new(final_log);
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = {
+        let root = root.clone();
+        let final_log = final_log.clone();
+        let held = Arc::new((held_log, held_doc));
+        let floors = Arc::new(
+            (0..4)
+                .map(|_| std::sync::Mutex::new(vec![0u8; DOC / BLOCK]))
+                .collect::<Vec<_>>(),
+        );
+        spawn_readers(4, &stop, move |i| {
+            let fresh = i % 2 == 0;
+            let mut log = Vec::new();
+            let mut doc = vec![0u8; DOC];
+            if fresh {
+                fs::File::open(root.join("log"))
+                    .and_then(|mut f| f.read_to_end(&mut log))
+                    .map_err(|e| format!("log: {e}"))?;
+                fs::File::open(root.join("doc"))
+                    .and_then(|f| f.read_exact_at(&mut doc, 0))
+                    .map_err(|e| format!("doc: {e}"))?;
+            } else {
+                let len = held.0.metadata().map_err(|e| e.to_string())?.len() as usize;
+                log.resize(len, 0);
+                let n = held
+                    .0
+                    .read_at(&mut log, 0)
+                    .map_err(|e| format!("held log: {e}"))?;
+                log.truncate(n);
+                held.1
+                    .read_exact_at(&mut doc, 0)
+                    .map_err(|e| format!("held doc: {e}"))?;
+            }
+            if !final_log.starts_with(&log) {
+                let at = log.iter().zip(final_log.iter()).position(|(a, b)| a != b);
+                return Err(format!(
+                    "reader {i}: log of {} bytes is not a prefix of the final log (differs at {at:?})",
+                    log.len()
+                ));
+            }
+            let mut floor = floors[i].lock().unwrap();
+            for (b, chunk) in doc.chunks(BLOCK).enumerate() {
+                let lo = *chunk.iter().min().unwrap();
+                let hi = *chunk.iter().max().unwrap();
+                if lo < floor[b] || hi > VERSIONS {
+                    return Err(format!(
+                        "reader {i}: doc block {b} has versions {lo}..={hi} after version {} was seen",
+                        floor[b]
+                    ));
+                }
+                floor[b] = lo;
+            }
+            Ok(())
+        })
+    };
+    let lists2 = lists.clone();
+    let (errs, rounds) = guarded("readers during writers", &u, move || {
+        let e = run_concurrently(&root, &lists2);
+        stop.store(true, Ordering::Relaxed);
+        (e, join_readers(readers, "readers during writers"))
+    });
+    assert_no_errors(&errs, "readers during writers");
+    assert!(rounds > 0);
+    assert_eq!(&fs::read(u.path("log")).unwrap(), final_log.as_ref());
+    assert_eq!(fs::read(u.path("doc")).unwrap(), vec![VERSIONS; DOC]);
+    replay(&k.merged, &lists);
+    assert_same_tree(
+        &tree(&k.merged, &tree_opts()),
+        &tree(&u.merged, &tree_opts()),
+        "after readers and writers: kernel replay vs unionmount",
+    );
+}
+
+const OPENED: usize = 60;
+
+/// Lookups and opens of a lower-layer file while it is being copied up never fail: two
+/// threads open it read-only, close it and stat it in a loop while the main thread appends to
+/// it (the first append copies it up). Kernel overlayfs never fails these; every name exists
+/// the whole time.
+#[test]
+fn opens_and_lookups_during_copy_up_never_fail() {
+    let l = Layers::new(1);
+    for j in 0..OPENED {
+        l.lower(0)
+            .file_bytes(&format!("f{j}"), &noise(j as u64, 10_000));
+    }
+    let appends = || -> Vec<Vec<Op>> {
+        vec![
+            (0..OPENED)
+                .flat_map(|j| {
+                    (0..20).map(move |i| Op::Append(format!("f{j}"), vec![b'a' + i; 100]))
+                })
+                .collect(),
+        ]
+    };
+    let lists = appends();
+    let (u, k) = both(&l);
+    let root = u.merged.clone();
+    let (errs, seen) = guarded("opens during copy-up", &u, move || {
+        let mut errs = Vec::new();
+        let mut seen = Vec::new();
+        for (j, ops) in lists[0].chunks(20).enumerate() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let p = root.join(format!("f{j}"));
+            let readers = spawn_readers(2, &stop, move |_| {
+                fs::File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?;
+                fs::metadata(&p).map_err(|e| format!("stat {}: {e}", p.display()))?;
+                Ok(())
+            });
+            for op in ops {
+                if let Err(e) = apply(&root, op) {
+                    errs.push(format!("{op:?}: {e}"));
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            for h in readers {
+                let (_, e) = h.join().unwrap();
+                seen.extend(e);
+            }
+        }
+        (errs, seen)
+    });
+    let distinct: BTreeSet<String> = seen
+        .iter()
+        .map(|e| e.rsplit(": ").next().unwrap().to_string())
+        .collect();
+    assert!(
+        errs.is_empty() && seen.is_empty(),
+        "during copy-up: {} writes and {} opens/stats failed ({distinct:?}); first ones:\n{}",
+        errs.len(),
+        seen.len(),
+        errs.iter()
+            .chain(&seen)
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    replay(&k.merged, &appends());
+    assert_same_tree(
+        &tree(&k.merged, &tree_opts()),
+        &tree(&u.merged, &tree_opts()),
+        "after copy-ups under opens: kernel replay vs unionmount",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// stress-ng (short form of scripts/stress.sh)
+// ---------------------------------------------------------------------------------------
+
+/// The filesystem stressors, one instance each, all at once.
+const STRESSORS: &[&str] = &[
+    "dir",
+    "dentry",
+    "filename",
+    "rename",
+    "link",
+    "symlink",
+    "chmod",
+    "chown",
+    "open",
+    "hdd",
+    "fallocate",
+    "xattr",
+    "lockf",
+    "flock",
+    "mmap",
+    "readahead",
+    "seek",
+    "utime",
+];
+
+/// stress-ng's filesystem stressors for about 12 s in a merged directory that has lower
+/// content: stress-ng exits 0 (no stressor failed or found a wrong result) and afterwards
+/// the mount still answers (the daemon is alive and serving).
+#[test]
+fn stress_ng_short() {
+    if Command::new("stress-ng").arg("--version").output().is_err() {
+        eprintln!(
+            "\n\n*** stress_ng_short SKIPPED: stress-ng is not installed. ***\n\
+             *** Install it (Debian/Ubuntu: apt-get install stress-ng) so this test runs. ***\n"
+        );
+        return;
+    }
+    let l = Layers::new(1);
+    for j in 0..50 {
+        l.lower(0)
+            .file_bytes(&format!("work/seed{j}"), &noise(j, 50_000));
+    }
+    let u = l.mount("u");
+    let dir = u.path("work");
+    let mut cmd = Command::new("stress-ng");
+    for s in STRESSORS {
+        cmd.arg(format!("--{s}")).arg("1");
+    }
+    cmd.args(["--timeout", "12s", "--metrics-brief", "--temp-path"])
+        .arg(&dir)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > LIMIT {
+            // SAFETY: kill(2) of the process group this test started.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = child.wait();
+            end_daemon(&u);
+            panic!(
+                "stress-ng not finished after {} s: deadlock?",
+                LIMIT.as_secs()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    eprintln!("{out}");
+    assert!(status.success(), "stress-ng failed ({status}):\n{out}");
+    // The mount still answers: a listing, a write and a read back, statfs.
+    assert!(u.is_live(), "the mount is gone");
+    let seeds = fs::read_dir(&dir).unwrap().count();
+    assert!(seeds >= 50, "the lower content is still listed ({seeds})");
+    let probe = u.path("after-stress");
+    fs::write(&probe, b"still here").unwrap();
+    assert_eq!(fs::read(&probe).unwrap(), b"still here");
+    assert_eq!(fs::read(u.path("work/seed3")).unwrap(), noise(3, 50_000));
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(u.merged.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid path and a writable statfs buffer.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0, "statfs");
+}
