@@ -1,0 +1,331 @@
+//! Resource bounds of the daemon (SPEC §5, §6): walking a large tree and opening files many
+//! times leaves its open file count and its resident memory bounded, and a second identical
+//! pass does not grow them.
+//!
+//! The daemon's figures come from `/proc/PID/fd` and `/proc/PID/status` (VmRSS) of the one
+//! process serving the test's mount. The bounds:
+//!
+//! * open fds after the work <= fds at start + the directory-fd cache (`fdcache`: a quarter of
+//!   the daemon's soft `RLIMIT_NOFILE`, clamped to 256..16384, in 16 LRU shards) + a small
+//!   slack for releases the kernel has not sent yet;
+//! * VmRSS < 64 MiB (`UNIONMOUNT_RES_RSS_MIB` changes it), and the second pass ends at most
+//!   8 MiB above the first;
+//! * the second pass, made after the kernel was told to drop its dentry and inode caches (so
+//!   it forgets the mount's inodes and looks them up again), ends with at most 32 more fds
+//!   than the first.
+//!
+//! The default is the short form (60,000 files, 20,000 open/close cycles). The long form, one
+//! million files and 100,000 cycles:
+//!
+//! ```text
+//! UNIONMOUNT_RES_FILES=1000000 UNIONMOUNT_RES_CYCLES=100000 cargo test --release --test resources -- --nocapture
+//! ```
+
+mod common;
+
+use common::*;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Files per directory of the generated tree.
+const PER_DIR: usize = 500;
+
+/// The one live unionmount process serving `merged`: its executable is the built binary and
+/// one of its arguments is the (unique, temporary) mountpoint.
+fn daemon_pid(merged: &Path) -> i32 {
+    let bin = fs::canonicalize(BIN).unwrap();
+    let want = merged.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let base = e.path();
+        if fs::read_link(base.join("exe")).ok().as_ref() != Some(&bin) {
+            continue;
+        }
+        let Ok(cmd) = fs::read(base.join("cmdline")) else {
+            continue;
+        };
+        if !cmd.split(|&b| b == 0).any(|a| a == want) {
+            continue;
+        }
+        let stat = fs::read_to_string(base.join("stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+        if matches!(state, Some('Z' | 'X') | None) {
+            continue;
+        }
+        found.push(pid);
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "one daemon serves {}: {found:?}",
+        merged.display()
+    );
+    found[0]
+}
+
+/// The paths a process holds open more than `max` times each, most duplicated first.
+fn duplicated_fds(pid: i32, max: usize) -> Vec<(usize, String)> {
+    let mut count = std::collections::BTreeMap::<String, usize>::new();
+    for e in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if let Ok(t) = fs::read_link(e.path()) {
+            *count.entry(t.to_string_lossy().into_owned()).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(usize, String)> = count
+        .into_iter()
+        .filter(|(p, n)| *n > max && p.starts_with('/') && !p.starts_with("/dev/"))
+        .map(|(p, n)| (n, p))
+        .collect();
+    v.sort_by(|a, b| b.cmp(a));
+    v.truncate(5);
+    v
+}
+
+/// Makes the kernel drop its unused dentries and inodes, so that it forgets the mount's
+/// inodes and the next pass looks everything up afresh (as it does on a busy machine).
+fn drop_kernel_caches() {
+    match fs::write("/proc/sys/vm/drop_caches", "2") {
+        Ok(()) => eprintln!("resources: dropped the kernel's dentry and inode caches"),
+        Err(e) => {
+            eprintln!("resources: cannot drop the kernel's caches ({e}); not forcing forgets")
+        }
+    }
+}
+
+/// Open fds and VmRSS (KiB) of a process.
+fn measure(pid: i32) -> (usize, u64) {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("the daemon {pid} is gone: {e}"))
+        .count();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    (fds, rss)
+}
+
+/// The most directory fds the daemon's cache may hold, from its own soft fd limit (the rule
+/// of `FdCache::default_capacity` and `FdCache::new`).
+fn fd_cache_bound(pid: i32) -> usize {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .expect("Max open files in /proc/PID/limits");
+    let capacity = (soft / 4).clamp(256, 16384) as usize;
+    (capacity / 16).max(4) * 16
+}
+
+/// Creates `n` files in `root/t/dNNNN/fNNN`, `PER_DIR` per directory; every tenth holds a
+/// few bytes, the rest are empty.
+fn generate(root: &Path, n: usize) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for i in 0..n {
+        let (d, f) = (i / PER_DIR, i % PER_DIR);
+        if f == 0 {
+            let dir = root.join(format!("t/d{d:04}"));
+            fs::create_dir_all(&dir).unwrap();
+            dirs.push(dir);
+        }
+        let p = root.join(format!("t/d{d:04}/f{f:03}"));
+        let mut file = fs::File::create(&p).unwrap();
+        if f % 10 == 0 {
+            file.write_all(b"lower content").unwrap();
+        }
+    }
+    dirs
+}
+
+/// lstat of every entry and a readdir of every directory, through the mount; returns the
+/// number of entries seen.
+fn walk(p: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("readdir {}: {e}", d.display())) {
+            let e = e.unwrap();
+            let m = fs::symlink_metadata(e.path())
+                .unwrap_or_else(|err| panic!("lstat {}: {err}", e.path().display()));
+            n += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    n
+}
+
+/// `cycles` open/close cycles over a spread of files: lower files read-only, upper files
+/// read-write, lower files opened for writing (a copy-up the first time), and directories.
+fn cycles(m: &Mount, n_files: usize, cycles: u64) {
+    let ndirs = n_files.div_ceil(PER_DIR);
+    let mut buf = [0u8; 64];
+    for i in 0..cycles as usize {
+        let spread = i.wrapping_mul(7919) % n_files;
+        let lower_rel = format!("t/d{:04}/f{:03}", spread / PER_DIR, spread % PER_DIR);
+        match i % 5 {
+            0 | 1 => {
+                let mut f = fs::File::open(m.path(&lower_rel)).unwrap();
+                let _ = f.read(&mut buf).unwrap();
+            }
+            2 => {
+                let rel = format!("up/u{:03}", i % 200);
+                let mut f = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(m.path(&rel))
+                    .unwrap();
+                f.seek(SeekFrom::Start((i % 64) as u64)).unwrap();
+                f.write_all(b"w").unwrap();
+            }
+            3 => {
+                // Copy-up of at most 500 distinct lower files, then writes to the copies.
+                let k = (i / 5) % 500;
+                let rel = format!("t/d{:04}/f{:03}", k % ndirs, (k * 13) % PER_DIR);
+                let mut f = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(m.path(&rel))
+                    .unwrap_or_else(|e| panic!("open {rel} for writing: {e}"));
+                f.write_all(b"x").unwrap();
+            }
+            _ => {
+                let d = format!("t/d{:04}", spread / PER_DIR);
+                let mut it = fs::read_dir(m.path(&d)).unwrap();
+                assert!(it.next().is_some());
+            }
+        }
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+#[test]
+fn fds_and_memory_stay_bounded_over_a_large_tree() {
+    let n_files = (env_num("UNIONMOUNT_RES_FILES", 60_000) as usize)
+        .div_ceil(PER_DIR)
+        .max(1)
+        * PER_DIR;
+    let n_cycles = env_num("UNIONMOUNT_RES_CYCLES", 20_000);
+    let rss_limit_mib = env_num("UNIONMOUNT_RES_RSS_MIB", 64);
+
+    let l = Layers::new(2);
+    let t0 = Instant::now();
+    let dirs = generate(&l.lowers[0], n_files);
+    eprintln!(
+        "resources: generated {n_files} files in {} directories in {:.1?}",
+        dirs.len(),
+        t0.elapsed()
+    );
+    l.lower(1).file("t/below", "from lower1").dir("t/d0000");
+    // Upper files (read-write targets), made before the mount.
+    let upper_up = l.root().join("m/upper/up");
+    fs::create_dir_all(&upper_up).unwrap();
+    for i in 0..200 {
+        fs::write(upper_up.join(format!("u{i:03}")), "upper content").unwrap();
+    }
+
+    let m = l.mount("m");
+    let pid = daemon_pid(&m.merged);
+    let cache_bound = fd_cache_bound(pid);
+    let (fd0, rss0) = measure(pid);
+    eprintln!(
+        "resources: daemon {pid}: start: {fd0} fds, VmRSS {:.1} MiB (fd cache bound {cache_bound})",
+        mib(rss0)
+    );
+    let fd_limit = fd0 + cache_bound + 64;
+
+    let mut after = Vec::new();
+    for pass in 1..=2 {
+        if pass == 2 {
+            drop_kernel_caches();
+        }
+        let t = Instant::now();
+        let seen = walk(&m.merged);
+        // Files, their directories, t/, t/below, up/ and its files.
+        assert_eq!(
+            seen,
+            n_files + dirs.len() + 1 + 1 + 1 + 200,
+            "pass {pass}: entries seen by the walk"
+        );
+        let (fdw, rssw) = measure(pid);
+        eprintln!(
+            "resources: pass {pass}: after walking {seen} entries ({:.1?}): {fdw} fds, VmRSS {:.1} MiB",
+            t.elapsed(),
+            mib(rssw)
+        );
+        let t = Instant::now();
+        cycles(&m, n_files, n_cycles);
+        // The kernel sends RELEASE asynchronously: give the last ones a moment to arrive
+        // (a deadline against a stuck daemon, not a timing assertion).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut fdc, mut rssc) = measure(pid);
+        while fdc > fd_limit && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            (fdc, rssc) = measure(pid);
+        }
+        eprintln!(
+            "resources: pass {pass}: after {n_cycles} open/close cycles ({:.1?}): {fdc} fds, VmRSS {:.1} MiB",
+            t.elapsed(),
+            mib(rssc)
+        );
+        assert!(
+            fdw <= fd_limit && fdc <= fd_limit,
+            "pass {pass}: the daemon holds {fdw} fds after the walk and {fdc} after the cycles; \
+             at most {fd0} at start + {cache_bound} cached directories + 64"
+        );
+        for (what, rss) in [("walk", rssw), ("cycles", rssc)] {
+            assert!(
+                rss < rss_limit_mib * 1024,
+                "pass {pass}: VmRSS {:.1} MiB after the {what}, over {rss_limit_mib} MiB",
+                mib(rss)
+            );
+        }
+        after.push((fdc, rssc));
+    }
+    let ((fd1, rss1), (fd2, rss2)) = (after[0], after[1]);
+    assert!(
+        rss2 <= rss1 + 8 * 1024,
+        "VmRSS grew on an identical second pass: {:.1} MiB -> {:.1} MiB",
+        mib(rss1),
+        mib(rss2)
+    );
+    // A directory the kernel has forgotten is looked up again as a new node; the fds cached
+    // for the old node must not stay behind, so the second pass holds no more than the first.
+    assert!(
+        fd2 <= fd1 + 32,
+        "open fds grew on an identical second pass: {fd1} -> {fd2}; held open more than twice: {:?}",
+        duplicated_fds(pid, 2)
+    );
+    // The copies made by the cycles are in the upper layer, and the mount still answers.
+    assert!(m.upper_path("t").is_dir());
+    assert_eq!(m.read("t/below"), "from lower1");
+    assert!(fs::metadata(&m.merged).unwrap().ino() > 0);
+    eprintln!(
+        "resources: summary: fds {fd0} -> {fd1} -> {fd2}, VmRSS {:.1} -> {:.1} -> {:.1} MiB",
+        mib(rss0),
+        mib(rss1),
+        mib(rss2)
+    );
+}
