@@ -54,7 +54,7 @@ impl LogLevel {
     override_usage = "unionmount --lower L1[:L2...] [--upper U [--work W]] MERGED [options]\n       unionmount [SOURCE] MERGED -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,...]",
     after_help = "Without --upper the mount is read-only. Without --work, the work directory is .NAME.work next to the upper directory NAME (created if missing). \
 Options for -o: lowerdir=, upperdir=, workdir=, uidmapping=C:H:N[:C:H:N...], gidmapping=, squash_to_root, squash_to_uid=N, squash_to_gid=N, \
-xattr_permissions=0|1|2, static_nlink, timeout=SECONDS, threaded=0|1, fsync=0|1, volatile, noacl, ro, rw, allow_other, allow_root, \
+xattr_permissions=0|1|2, static_nlink, readdirplus=off|auto|on, timeout=SECONDS, threaded=0|1, fsync=0|1, volatile, noacl, ro, rw, allow_other, allow_root, \
 default_permissions, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, context=\"...\". Unknown options are warned about and ignored.\n\
 Unmount with: fusermount3 -u MERGED (or umount MERGED)."
 )]
@@ -334,6 +334,18 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                 "fsync" => opts.fsync = parse_bool01(&key, &need(&value)?)?,
                 "volatile" => opts.fsync = false,
                 "noacl" => opts.posix_acl = false,
+                "readdirplus" => {
+                    opts.readdirplus = match need(&value)?.as_str() {
+                        "off" => crate::union::ReaddirPlus::Off,
+                        "auto" => crate::union::ReaddirPlus::Auto,
+                        "on" => crate::union::ReaddirPlus::On,
+                        v => {
+                            return Err(format!(
+                                "option readdirplus: {v:?} must be off, auto or on"
+                            ));
+                        }
+                    }
+                }
                 "ro" => {
                     flags.read_only = true;
                     ro_given = Some(true);

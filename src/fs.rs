@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::attr::{SetAttr, XattrReply};
@@ -19,7 +19,7 @@ use crate::file::IoMode;
 use crate::inode::Node;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
-use crate::union::Union;
+use crate::union::{ReaddirPlus, Union};
 
 /// Largest request the kernel may send us, and read-ahead.
 pub const MAX_IO: u32 = 1 << 20;
@@ -106,6 +106,13 @@ impl Filesystem for UnionFs {
             | InitFlags::FUSE_MAX_PAGES;
         if self.u.opts.posix_acl {
             want |= InitFlags::FUSE_POSIX_ACL;
+        }
+        match self.u.opts.readdirplus {
+            ReaddirPlus::Off => {}
+            ReaddirPlus::Auto => {
+                want |= InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO
+            }
+            ReaddirPlus::On => want |= InitFlags::FUSE_DO_READDIRPLUS,
         }
         for flag in want.iter() {
             if config.add_capabilities(flag).is_err() {
@@ -450,6 +457,63 @@ impl Filesystem for UnionFs {
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(log_unexpected("readdir", e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.ttl();
+        let res = self.u.handles.dir(fh.0).ok_or(Errno::EBADF).and_then(|h| {
+            if h.node.ino != ino.0 {
+                return Err(Errno::EBADF);
+            }
+            let dir = h.node.clone();
+            self.u.read_dir(&h, offset, |e| {
+                if e.name == "." || e.name == ".." {
+                    // Only the name and number: the kernel links no dentry for these.
+                    let mut attr = crate::attr::empty_attr();
+                    attr.ino = INodeNo(e.ino);
+                    attr.kind = fuser::FileType::Directory;
+                    return reply.add(
+                        INodeNo(e.ino),
+                        e.next,
+                        e.name,
+                        &Duration::ZERO,
+                        &attr,
+                        Generation(0),
+                    );
+                }
+                // Every entry sent counts as a lookup; one that does not fit is given back,
+                // one that vanished since the listing was read is left out.
+                let Ok((node, st)) = self.u.lookup_stat(&dir, e.name) else {
+                    return false;
+                };
+                let Ok((node, attr)) = self.entry_of(node, Some(st)) else {
+                    return false;
+                };
+                let full = reply.add(
+                    INodeNo(node.ino),
+                    e.next,
+                    e.name,
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                );
+                if full {
+                    self.u.table.unpin(&node, 1);
+                }
+                full
+            })
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(log_unexpected("readdirplus", e)),
         }
     }
 

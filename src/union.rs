@@ -29,6 +29,19 @@ pub struct Options {
     /// `xattr_permissions`: 0 off, 1 or 2 as fuse-overlayfs.
     pub xattr_permissions: u8,
     pub posix_acl: bool,
+    /// Whether listings carry every entry's attributes (see `ReaddirPlus`).
+    pub readdirplus: ReaddirPlus,
+}
+
+/// `readdirplus=`: listings with every entry's attributes save a lookup per entry for
+/// programs that stat what they list (ls -l, du, rsync), and cost a stat per entry for those
+/// that do not (find). `Auto` leaves the choice to the kernel's heuristic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReaddirPlus {
+    #[default]
+    Off,
+    Auto,
+    On,
 }
 
 impl Default for Options {
@@ -41,6 +54,7 @@ impl Default for Options {
             idmap: IdMap::default(),
             xattr_permissions: 0,
             posix_acl: true,
+            readdirplus: ReaddirPlus::Off,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 
 use common::*;
 
@@ -283,4 +283,89 @@ fn aufs_whiteout_beside_a_new_directory_hides_the_old_one() {
     std::fs::remove_file(m.path("d/new")).unwrap();
     std::fs::remove_dir(m.path("d")).unwrap();
     assert_eq!(errno(std::fs::symlink_metadata(m.path("d"))), libc::ENOENT);
+}
+
+/// `readdirplus=on|auto`: listings that carry attributes show exactly what lookups show (the
+/// same names, types, modes, sizes, link counts and inode numbers as with it off, and
+/// `d_ino == st_ino`), through shadowing, whiteouts and opaque directories; the view equals
+/// kernel overlayfs's.
+#[test]
+fn readdirplus_listings_match_lookups() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("top", "t")
+        .file("shadow", "upper wins")
+        .whiteout("gone")
+        .dir("m")
+        .file("m/a", "a0")
+        .dir("op")
+        .file("op/new", "n");
+    l.lower(0).opaque_xattr("op", "trusted.overlay.opaque");
+    l.lower(1)
+        .file("shadow", "lower")
+        .file("gone", "g")
+        .dir("m")
+        .file("m/b", "b1")
+        .dir("op")
+        .file("op/old", "o")
+        .symlink("ln", "top");
+    for i in 0..300 {
+        l.lower(1).file(&format!("m/f{i}"), &"x".repeat(i));
+    }
+    let view = |root: &std::path::Path| -> Vec<String> {
+        let mut out = Vec::new();
+        for dir in ["", "m", "op"] {
+            let d = root.join(dir);
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let md = std::fs::symlink_metadata(e.path()).unwrap();
+                let t = e.file_type().unwrap();
+                assert_eq!(t, md.file_type(), "d_type of {:?}", e.path());
+                out.push(format!(
+                    "{dir}/{} {:o} {} {}",
+                    e.file_name().to_string_lossy(),
+                    md.mode(),
+                    if md.is_dir() { 0 } else { md.len() },
+                    if md.is_dir() { 0 } else { md.nlink() },
+                ));
+            }
+        }
+        out.sort();
+        out
+    };
+    let inos = |root: &std::path::Path| -> Vec<(String, u64, u64)> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(root.join("m")).unwrap() {
+            let e = e.unwrap();
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            v.push((
+                e.file_name().to_string_lossy().into_owned(),
+                e.ino(),
+                md.ino(),
+            ));
+        }
+        v.sort();
+        v
+    };
+    let k = l.mount_kernel("k");
+    let want = view(&k.merged);
+    drop(k);
+    assert!(want.iter().any(|x| x.starts_with("/shadow 100644 10 1")));
+    assert!(
+        !want
+            .iter()
+            .any(|x| x.contains("gone") || x.contains("op/old"))
+    );
+    for mode in ["off", "auto", "on"] {
+        let m = l.mount_with(mode, &["-o", &format!("readdirplus={mode}")]);
+        assert_eq!(view(&m.merged), want, "readdirplus={mode}");
+        for (name, d_ino, st_ino) in inos(&m.merged) {
+            assert_eq!(d_ino, st_ino, "readdirplus={mode}: d_ino of m/{name}");
+        }
+        // Listed again after the kernel has the entries: still the same.
+        assert_eq!(view(&m.merged), want, "readdirplus={mode}, second listing");
+    }
+    let out = run_unionmount(&["--lower", "/nonexistent", "-o", "readdirplus=maybe", "/tmp"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("readdirplus"));
 }
