@@ -52,9 +52,20 @@ impl UnionFs {
         self.u.opts.ttl
     }
 
+    /// How long the kernel may keep an entry. Names of a lower hard link are not cached: the
+    /// kernel then looks each one up before every use, so the daemon knows which name a
+    /// change that copies the file up comes through (FUSE requests carry only the inode).
+    fn entry_ttl(&self, node: &Node, attr: &FileAttr) -> Duration {
+        if attr.nlink > 1 && !node.is_dir() && node.state().upper.is_none() {
+            Duration::ZERO
+        } else {
+            self.ttl()
+        }
+    }
+
     fn reply_entry(&self, res: Result<(Arc<Node>, FileAttr)>, reply: ReplyEntry) {
         match res {
-            Ok((_, attr)) => reply.entry(&self.ttl(), &attr, Generation(0)),
+            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -155,7 +166,7 @@ impl Filesystem for UnionFs {
             self.entry_of(n, Some(st))
         });
         match res {
-            Ok((_, attr)) => reply.entry(&self.ttl(), &attr, Generation(0)),
+            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr, Generation(0)),
             // A negative entry the kernel may cache: every change comes through us.
             Err(e) if e.code() == libc::ENOENT => {
                 let mut attr = crate::attr::empty_attr();
@@ -468,7 +479,6 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let ttl = self.ttl();
         let res = self.u.handles.dir(fh.0).ok_or(Errno::EBADF).and_then(|h| {
             if h.node.ino != ino.0 {
                 return Err(Errno::EBADF);
@@ -501,7 +511,7 @@ impl Filesystem for UnionFs {
                     INodeNo(node.ino),
                     e.next,
                     e.name,
-                    &ttl,
+                    &self.entry_ttl(&node, &attr),
                     &attr,
                     Generation(0),
                 );

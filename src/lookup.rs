@@ -363,11 +363,26 @@ impl Union {
             self.table.link(&node, parent, name);
             return node;
         }
-        let has_link = node
-            .state()
-            .links
-            .iter()
-            .any(|l| l.parent.ino == parent.ino && l.name == name);
+        let has_link = {
+            let mut st = node.state();
+            match st
+                .links
+                .iter()
+                .position(|l| l.parent.ino == parent.ino && l.name == name)
+            {
+                Some(i) => {
+                    // Names of a lower hard link: the one looked up last goes first, as the
+                    // name a change that follows is most likely made through (copy-up
+                    // installs the copy there; FUSE does not say which name it came by).
+                    if i > 0 {
+                        let l = st.links.remove(i);
+                        st.links.insert(0, l);
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
         if !has_link {
             if node.is_dir() {
                 // A directory has one name; the old one is stale.
@@ -377,6 +392,12 @@ impl Union {
                 }
             }
             self.table.link(&node, parent, name);
+            let mut st = node.state();
+            if st.links.len() > 1 {
+                // The name just met goes first (see above).
+                let l = st.links.pop().expect("just linked");
+                st.links.insert(0, l);
+            }
         }
         node
     }

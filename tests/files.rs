@@ -1678,3 +1678,42 @@ fn char_device_zero_zero_round_trips() {
         "after remount"
     );
 }
+
+/// A change made through one name of a lower hard link lands on that name when the name was
+/// just looked up, whichever name the mount met first: copy-up breaks the link there, as
+/// kernel overlayfs does, and the other names keep the lower file. (When both names are
+/// cached by the kernel, FUSE does not say which one a change came through: see README.)
+#[test]
+fn copy_up_of_a_lower_hard_link_through_either_name() {
+    for (first, then) in [("d/c", "b/b"), ("b/b", "d/c")] {
+        let l = Layers::new(1);
+        l.lower(0)
+            .file("b/b", "shared")
+            .dir("d")
+            .hardlink("b/b", "d/c")
+            .chmod("b/b", 0o644);
+        let m = l.mount("u");
+        let k = l.mount_kernel("k");
+        for mnt in [&m, &k] {
+            let a = lstat(&mnt.path(first));
+            let b = lstat(&mnt.path(then));
+            assert_eq!(a.ino(), b.ino());
+            assert_eq!(a.nlink(), 2);
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(mnt.path(then))
+                .unwrap();
+            f.write_all(b"+more").unwrap();
+        }
+        for mnt in [&m, &k] {
+            assert_eq!(mnt.read(then), "shared+more", "written through {then}");
+            assert_eq!(mnt.read(first), "shared", "{first} keeps the lower file");
+            assert!(mnt.upper_path(then).exists());
+            assert!(!mnt.upper_path(first).exists(), "{first} not copied up");
+        }
+        assert_eq!(
+            fs::read_to_string(l.lower(0).path("b/b")).unwrap(),
+            "shared"
+        );
+    }
+}
