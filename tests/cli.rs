@@ -1827,3 +1827,83 @@ fn refuses_an_unreadable_layer_for_an_unprivileged_user() {
         fails.join("\n")
     );
 }
+
+/// The generic mount flags reach the mount and act: nosuid, noexec (a script cannot run),
+/// nodev, noatime, and allow_root/allow_other/default_permissions are accepted; without them
+/// a root mount is suid/exec/dev and open to other users.
+#[test]
+fn generic_mount_flags_take_effect() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("run.sh", "#!/bin/sh\necho ran\n")
+        .chmod("run.sh", 0o755);
+    let (upper, work, merged) = uwm(&l, "flags");
+    let args: Vec<OsString> = vec![
+        os(&merged),
+        "-o".into(),
+        format!(
+            "lowerdir={},upperdir={},workdir={},nosuid,noexec,nodev,noatime,allow_root,default_permissions",
+            l.lowerdir_opt(),
+            s(&upper),
+            s(&work)
+        )
+        .into(),
+    ];
+    let (m, out) = mount_ok(
+        &mut um(&args),
+        &merged,
+        Some(&upper),
+        Some(&work),
+        &["run.sh"],
+    );
+    assert!(out.stderr.is_empty(), "stderr: {}", stderr_of(&out));
+    let e = mount_entry(&merged).expect("in /proc/self/mounts");
+    for f in [
+        "nosuid",
+        "noexec",
+        "nodev",
+        "noatime",
+        "default_permissions",
+    ] {
+        assert!(e.opts.contains(&f.to_string()), "{f} missing: {:?}", e.opts);
+    }
+    let run = Command::new(merged.join("run.sh")).output();
+    assert_eq!(
+        run.map_err(|e| e.raw_os_error()).err(),
+        Some(Some(libc::EACCES)),
+        "noexec"
+    );
+    drop(m);
+
+    let (upper, work, merged) = uwm(&l, "plain");
+    let args: Vec<OsString> = vec![
+        os(&merged),
+        "-o".into(),
+        format!(
+            "lowerdir={},upperdir={},workdir={},exec,suid,dev,atime",
+            l.lowerdir_opt(),
+            s(&upper),
+            s(&work)
+        )
+        .into(),
+    ];
+    let (_m, out) = mount_ok(
+        &mut um(&args),
+        &merged,
+        Some(&upper),
+        Some(&work),
+        &["run.sh"],
+    );
+    assert!(out.stderr.is_empty(), "stderr: {}", stderr_of(&out));
+    let e = mount_entry(&merged).expect("in /proc/self/mounts");
+    for f in ["nosuid", "noexec", "nodev"] {
+        assert!(
+            !e.opts.contains(&f.to_string()),
+            "{f} present: {:?}",
+            e.opts
+        );
+    }
+    assert!(e.opts.contains(&"allow_other".to_string()), "{:?}", e.opts);
+    let run = Command::new(merged.join("run.sh")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "ran\n");
+}
