@@ -32,7 +32,8 @@
 #                     /usr/bin/fuse-overlayfs)
 # A peer that is not installed is shown as n/a.
 #
-# Peers: kernel (overlayfs), um-root (unionmount as root, --passthrough on), um-rootless
+# Peers: kernel (overlayfs), um-root (unionmount as root, --passthrough on), um-rdplus (the
+# same with -o readdirplus=on, optional), um-rootless
 # (unionmount as BENCH_USER inside `unshare -Urm`, page-cached path), fo2 / fo1 (fuse-overlayfs
 # as root), plain (the underlying filesystem, no union: the lower layer read directly, writes
 # to a scratch directory).
@@ -139,13 +140,14 @@ do_mount() {
             mount -t overlay overlay -o "lowerdir=$LOWERS" -r "$m"
         fi
         ;;
-    um-root | um-rootless)
-        local pt=on
+    um-root | um-rootless | um-rdplus)
+        local pt=on extra=()
         [ "$peer" = um-rootless ] && pt=off
+        [ "$peer" = um-rdplus ] && extra=(-o readdirplus=on)
         if [ -n "$u" ]; then
-            "$UM_BIN" --lower "$LOWERS" --upper "$u" --work "$w" "$m" --passthrough "$pt"
+            "$UM_BIN" --lower "$LOWERS" --upper "$u" --work "$w" "$m" --passthrough "$pt" "${extra[@]}"
         else
-            "$UM_BIN" --lower "$LOWERS" "$m" --passthrough "$pt"
+            "$UM_BIN" --lower "$LOWERS" "$m" --passthrough "$pt" "${extra[@]}"
         fi
         ;;
     fo2 | fo1)
@@ -427,7 +429,7 @@ export FO2_BIN FO1_BIN
 available() {
     case $1 in
     kernel) grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null ;;
-    um-root | plain) true ;;
+    um-root | um-rdplus | plain) true ;;
     um-rootless)
         id -u "$BENCH_USER" >/dev/null 2>&1 && [ -c /dev/fuse ] &&
             [ "$(stat -c %a /dev/fuse)" = 666 ] && command -v setpriv >/dev/null &&

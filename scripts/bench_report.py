@@ -40,6 +40,7 @@ PEER_NAMES = {
     "kernel": "kernel ovl",
     "um-root": "unionmount root",
     "um-rootless": "unionmount rootless",
+    "um-rdplus": "um readdirplus",
     "fo2": "fuse-ovl 2.x",
     "fo1": "fuse-ovl 1.x",
     "plain": "plain fs",
