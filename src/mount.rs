@@ -501,7 +501,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .invalidator
         .set(Invalidator::start(session.notifier()));
     crate::notify::start_trimmer(union.clone());
-    session
-        .run()
-        .map_err(|e| format!("the FUSE session ended with an error: {e}"))
+    match session.run() {
+        Ok(()) => Ok(()),
+        // The kernel ended the connection as the mount went away while requests were still
+        // pending (an unmount racing a reply): the mount is gone, which is the normal end.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            log::info!("the kernel ended the FUSE connection: {e}");
+            Ok(())
+        }
+        Err(e) => Err(format!("the FUSE session ended with an error: {e}")),
+    }
 }
