@@ -81,7 +81,7 @@ impl Union {
             if st.upper.is_some() {
                 return Ok(());
             }
-            st.top_lower().ok_or_else(|| gone_error(node))?
+            st.top_lower().ok_or(LAYERLESS)?
         };
         let src = self.open_in(node, Loc::Lower(lower), libc::O_PATH)?;
         let st = sys::fstat(src.as_fd())?;
@@ -277,7 +277,7 @@ impl CopyUp<'_> {
 impl Union {
     /// A readable fd of the lower object holding a node's data.
     pub fn open_lower_data(&self, node: &Node) -> Result<OwnedFd> {
-        let lower = node.state().top_lower().ok_or_else(|| gone_error(node))?;
+        let lower = node.state().top_lower().ok_or(LAYERLESS)?;
         match self.open_in(node, Loc::Lower(lower), libc::O_RDONLY | libc::O_NOATIME) {
             Err(e) if e.code() == libc::EPERM => {
                 self.open_in(node, Loc::Lower(lower), libc::O_RDONLY)
@@ -287,12 +287,10 @@ impl Union {
     }
 }
 
-/// A node with neither an upper nor a lower object: its name has moved to a new node (see
-/// `file::split_node`) while this request was on its way. ESTALE makes the kernel look the
-/// name up again and retry once.
-fn gone_error(_node: &Node) -> Errno {
-    Errno::ESTALE
-}
+/// For a node with neither an upper nor a lower object: its name has moved to a new node
+/// (see `file::split_node`) while the request was on its way. ESTALE makes the kernel look
+/// the name up again and retry once.
+const LAYERLESS: Errno = Errno::ESTALE;
 
 /// Rootless, chown to an unmapped owner fails; the copy keeps the daemon's owner then.
 fn ignore_rootless_chown(e: Errno) -> Result<()> {

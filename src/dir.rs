@@ -39,6 +39,24 @@ impl Make<'_> {
     fn is_dir(&self) -> bool {
         matches!(self, Make::Dir { .. })
     }
+
+    /// The same request with no umask (creation under a default ACL ignores it).
+    fn without_umask(self) -> Self {
+        match self {
+            Make::File { mode, flags, .. } => Make::File {
+                mode,
+                umask: 0,
+                flags,
+            },
+            Make::Dir { mode, .. } => Make::Dir { mode, umask: 0 },
+            Make::Node { mode, rdev, .. } => Make::Node {
+                mode,
+                umask: 0,
+                rdev,
+            },
+            s @ Make::Symlink { .. } => s,
+        }
+    }
 }
 
 /// A newly created object.
@@ -450,22 +468,10 @@ impl Union {
                 // it is applied by hand, and then the umask is not (as for any creation
                 // under a default ACL).
                 let default_acl = self.default_acl(dir.as_fd(), &what)?;
-                let here = match (&default_acl, &what) {
-                    (Some(_), Make::File { mode, flags, .. }) => Make::File {
-                        mode: *mode,
-                        umask: 0,
-                        flags: *flags,
-                    },
-                    (Some(_), Make::Dir { mode, .. }) => Make::Dir {
-                        mode: *mode,
-                        umask: 0,
-                    },
-                    (Some(_), Make::Node { mode, rdev, .. }) => Make::Node {
-                        mode: *mode,
-                        umask: 0,
-                        rdev: *rdev,
-                    },
-                    _ => what,
+                let here = if default_acl.is_some() {
+                    what.without_umask()
+                } else {
+                    what
                 };
                 let (mut st, fd) = self.make_at(work.fd(), &tmp, &here, caller, &pst)?;
                 let placed = (|| {

@@ -270,11 +270,7 @@ impl Union {
             .map(|l| (l.parent.clone(), l.name.clone()))
         else {
             // A racing open split it first: the name is on the new node already.
-            return if node.split.load(Ordering::SeqCst) {
-                Errno::ESTALE
-            } else {
-                Errno::ENOENT
-            };
+            return node.nameless_error();
         };
         {
             let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());

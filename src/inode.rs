@@ -104,7 +104,7 @@ pub struct Node {
     pub version: AtomicU64,
     /// Its name moved to a new node (passthrough copy-up, see `file::split_node`): requests
     /// that resolve it by name get ESTALE, so the kernel looks the name up again.
-    pub split: std::sync::atomic::AtomicBool,
+    pub split: AtomicBool,
     /// The table's clock when a request last used the node (see `Table::coldest`).
     last_used: AtomicU64,
     /// The backing file the kernel serves passthrough opens of this node from, while any is
@@ -115,6 +115,35 @@ pub struct Node {
 impl Node {
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The error for a request that needs the node's name when it has none: ESTALE once its
+    /// name moved to a new node (the kernel then looks the name up again), else ENOENT.
+    pub fn nameless_error(&self) -> crate::sys::Errno {
+        if self.split.load(Ordering::SeqCst) {
+            crate::sys::Errno::ESTALE
+        } else {
+            crate::sys::Errno::ENOENT
+        }
+    }
+
+    /// Names of a lower hard link share one node: the name looked up last goes first, as the
+    /// one a change that follows is most likely made through (FUSE requests carry only the
+    /// inode, and copy-up installs the copy at the first name).
+    pub fn touch_link(&self, parent: u64, name: &OsStr) -> bool {
+        let mut st = self.state();
+        match st
+            .links
+            .iter()
+            .position(|l| l.parent.ino == parent && l.name == name)
+        {
+            Some(i) => {
+                let l = st.links.remove(i);
+                st.links.insert(0, l);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn is_dir(&self) -> bool {
@@ -205,7 +234,7 @@ impl Table {
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
-            split: std::sync::atomic::AtomicBool::new(false),
+            split: AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
@@ -392,7 +421,7 @@ impl Table {
             dir_lock: Mutex::new(()),
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
-            split: std::sync::atomic::AtomicBool::new(false),
+            split: AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
@@ -505,13 +534,17 @@ impl Table {
         std::mem::take(&mut *lock(&self.dead_dirs))
     }
 
-    /// Adds a name to a node, pinning the parent.
+    /// Adds a name to a node, pinning the parent. The newest name goes first: it is the one
+    /// copy-up installs a copy at (see `Node::touch_link`).
     pub fn link(&self, node: &Node, parent: &Arc<Node>, name: &OsStr) {
         self.pin(parent, 1);
-        node.state().links.push(Link {
-            parent: parent.clone(),
-            name: name.to_owned(),
-        });
+        node.state().links.insert(
+            0,
+            Link {
+                parent: parent.clone(),
+                name: name.to_owned(),
+            },
+        );
     }
 
     /// Removes the name (parent, name) from a node, unpinning the parent. Returns whether the

@@ -4,7 +4,6 @@ use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::fdcache::CachedDir;
 use crate::inode::{Link, Node, RealId, State};
@@ -73,12 +72,7 @@ impl Union {
             let snap = self.tree_snapshot();
             let (parent, name) = {
                 let st = node.state();
-                let gone = if node.split.load(Ordering::SeqCst) {
-                    Errno::ESTALE
-                } else {
-                    Errno::ENOENT
-                };
-                let l = st.links.first().ok_or(gone)?;
+                let l = st.links.first().ok_or_else(|| node.nameless_error())?;
                 (l.parent.clone(), sys::cstr(&l.name)?)
             };
             let res = self
@@ -294,10 +288,12 @@ impl Union {
                 }
             }
             // An opaque directory hides what lies below it (no need to ask the bottom layer),
-            // and so does a `.wh.NAME` beside the directory NAME in the same layer (an image
-            // layer that deleted a directory and made a new one in its place).
+            // and so does a `.wh.NAME` beside the directory NAME in the same lower layer (an
+            // image layer that deleted a directory and made a new one in its place; answered
+            // from the layer's cached `.wh.` names). In the upper, a directory made over a
+            // whiteout is opaque itself.
             if i + 1 < layers.len() {
-                if is_dir && dir.has_aufs_whiteout(name.as_bytes(), loc != Loc::Upper)? {
+                if is_dir && loc != Loc::Upper && dir.has_aufs_whiteout(name.as_bytes(), true)? {
                     break;
                 }
                 // A readable fd answers xattr reads directly; an O_PATH one (when the daemon
@@ -363,26 +359,7 @@ impl Union {
             self.table.link(&node, parent, name);
             return node;
         }
-        let has_link = {
-            let mut st = node.state();
-            match st
-                .links
-                .iter()
-                .position(|l| l.parent.ino == parent.ino && l.name == name)
-            {
-                Some(i) => {
-                    // Names of a lower hard link: the one looked up last goes first, as the
-                    // name a change that follows is most likely made through (copy-up
-                    // installs the copy there; FUSE does not say which name it came by).
-                    if i > 0 {
-                        let l = st.links.remove(i);
-                        st.links.insert(0, l);
-                    }
-                    true
-                }
-                None => false,
-            }
-        };
+        let has_link = node.touch_link(parent.ino, name);
         if !has_link {
             if node.is_dir() {
                 // A directory has one name; the old one is stale.
@@ -392,12 +369,6 @@ impl Union {
                 }
             }
             self.table.link(&node, parent, name);
-            let mut st = node.state();
-            if st.links.len() > 1 {
-                // The name just met goes first (see above).
-                let l = st.links.pop().expect("just linked");
-                st.links.insert(0, l);
-            }
         }
         node
     }
