@@ -291,19 +291,6 @@ fn check_two_layer_view(merged: &Path, upper: Option<&Path>) {
     }
 }
 
-fn useradd_umtest() {
-    let out = Command::new("useradd")
-        .args(["-M", "-s", "/usr/sbin/nologin", "umtest"])
-        .output()
-        .expect("run useradd");
-    // 9: the user already exists.
-    assert!(
-        out.status.success() || out.status.code() == Some(9),
-        "useradd umtest: {}",
-        stderr_of(&out)
-    );
-}
-
 fn user_ids(name: &str) -> (u32, u32) {
     let out = Command::new("id").arg("-u").arg(name).output().unwrap();
     let uid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
@@ -1742,7 +1729,7 @@ fn refuses_bad_command_lines() {
 /// is mounted or created, naming that layer.
 #[test]
 fn refuses_an_unreadable_layer_for_an_unprivileged_user() {
-    useradd_umtest();
+    test_user();
     let (uid, gid) = user_ids("umtest");
     let l = two_layers();
     // The temp root is 0700: open it up so that only the one layer is unreadable.

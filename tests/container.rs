@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const USER: &str = "umtest";
+const USER: &str = TEST_USER;
 
 /// The static busybox every image here is built from.
 const BUSYBOX: &str = "/bin/busybox";
@@ -25,30 +25,6 @@ const BUSYBOX: &str = "/bin/busybox";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// The unprivileged test user (created if missing) and its uid. /dev/fuse must be usable by
-/// other users, as distributions ship it (mode 0666).
-fn test_user() -> u32 {
-    let _ = Command::new("useradd")
-        .args(["-M", "-s", "/usr/sbin/nologin", USER])
-        .output();
-    let out = Command::new("id").args(["-u", USER]).output().unwrap();
-    assert!(out.status.success(), "cannot create the test user {USER}");
-    let md = fs::metadata("/dev/fuse").unwrap();
-    if md.permissions().mode() & 0o006 != 0o006 {
-        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
-    }
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-fn chown_tree(p: &Path, uid: u32) {
-    let st = Command::new("chown")
-        .args(["-R", "-h", &format!("{uid}:{uid}")])
-        .arg(p)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 fn out_text(out: &Output) -> String {
     format!(
         "status {}\nstdout: {}\nstderr: {}",
@@ -56,34 +32,6 @@ fn out_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Runs `script` with bash as the test user inside `unshare -Urm` (so it is the namespace's
-/// root and may mount FUSE); returns stdout, failing on a non-zero exit.
-fn as_user_in_namespace(script: &str) -> String {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            USER,
-            "--regid",
-            USER,
-            "--clear-groups",
-            "--",
-            "unshare",
-            "-Urm",
-            "bash",
-            "-euc",
-            script,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "as {USER}: {script}\n{}",
-        out_text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The unionmount binary as the test user can run it: the built one when the user can reach

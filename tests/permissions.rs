@@ -53,21 +53,6 @@ fn in_group(user: &str, group: &str) -> bool {
         .any(|g| g == group)
 }
 
-/// Runs an account tool, retrying while another process holds the account database lock.
-fn account_tool(cmd: &str, args: &[&str], done: impl Fn() -> bool) {
-    for _ in 0..50 {
-        if done() {
-            return;
-        }
-        let _ = Command::new(cmd).args(args).output();
-        if done() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("{cmd} {args:?} did not succeed");
-}
-
 /// The two test users and the group, created if missing. /dev/fuse is not needed by them.
 fn ids() -> Ids {
     static IDS: OnceLock<Ids> = OnceLock::new();

@@ -6,64 +6,9 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-const USER: &str = "umtest";
-
-/// The unprivileged test user (created if missing) and its uid. /dev/fuse must be usable by
-/// other users, as distributions ship it (mode 0666).
-fn test_user() -> u32 {
-    let _ = Command::new("useradd")
-        .args(["-M", "-s", "/usr/sbin/nologin", USER])
-        .output();
-    let out = Command::new("id").args(["-u", USER]).output().unwrap();
-    assert!(out.status.success(), "cannot create the test user {USER}");
-    let md = fs::metadata("/dev/fuse").unwrap();
-    if md.permissions().mode() & 0o006 != 0o006 {
-        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
-    }
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-fn chown_tree(p: &Path, uid: u32) {
-    let st = Command::new("chown")
-        .args(["-R", &format!("{uid}:{uid}")])
-        .arg(p)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-/// Runs `script` with bash as the test user inside `unshare -Urm` (so it is the namespace's
-/// root and may mount FUSE); returns stdout, failing on a non-zero exit.
-fn as_user_in_namespace(script: &str) -> String {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            USER,
-            "--regid",
-            USER,
-            "--clear-groups",
-            "--",
-            "unshare",
-            "-Urm",
-            "bash",
-            "-euc",
-            script,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "as {USER}: {script}\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A mount as an unprivileged user writes kernel overlayfs's `userxattr` format: char 0/0
 /// whiteouts (mknod 0/0 is allowed unprivileged) and `user.overlay.opaque=y`, never

@@ -705,3 +705,89 @@ pub fn names(p: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+// ---------------------------------------------------------------------------------------------
+// Unprivileged test users
+
+/// The unprivileged user the rootless tests run as.
+pub const TEST_USER: &str = "umtest";
+
+/// Runs an account tool (useradd, groupadd, usermod) until `done` holds, retrying while
+/// another test holds the account database lock.
+pub fn account_tool(cmd: &str, args: &[&str], done: impl Fn() -> bool) {
+    for _ in 0..50 {
+        if done() {
+            return;
+        }
+        let _ = Command::new(cmd).args(args).output();
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{cmd} {args:?} did not succeed");
+}
+
+/// The uid of user `name`, if it exists.
+pub fn uid_of(name: &str) -> Option<u32> {
+    let out = Command::new("id").args(["-u", name]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// The unprivileged test user (created if missing) and its uid. /dev/fuse must be usable by
+/// other users, as distributions ship it (mode 0666).
+pub fn test_user() -> u32 {
+    account_tool(
+        "useradd",
+        &["-M", "-s", "/usr/sbin/nologin", TEST_USER],
+        || uid_of(TEST_USER).is_some(),
+    );
+    let md = fs::metadata("/dev/fuse").unwrap();
+    if md.permissions().mode() & 0o006 != 0o006 {
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    uid_of(TEST_USER).expect("the test user exists")
+}
+
+/// Gives a tree to `uid` (symlinks themselves, never their targets).
+pub fn chown_tree(p: &Path, uid: u32) {
+    let st = Command::new("chown")
+        .args(["-R", "-h", &format!("{uid}:{uid}")])
+        .arg(p)
+        .status()
+        .unwrap();
+    assert!(st.success(), "chown -R {}", p.display());
+}
+
+/// Runs `script` with bash as the test user inside `unshare -Urm` (so it is the namespace's
+/// root and may mount FUSE); returns stdout, failing on a non-zero exit.
+pub fn as_user_in_namespace(script: &str) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            TEST_USER,
+            "--regid",
+            TEST_USER,
+            "--clear-groups",
+            "--",
+            "unshare",
+            "-Urm",
+            "bash",
+            "-euc",
+            script,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "as {TEST_USER}: {script}\nstatus {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
