@@ -12,87 +12,15 @@ mod common;
 
 use common::*;
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, symlink};
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 // ---------------------------------------------------------------------------------------------
 // Snapshots and the refusal check
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, PartialEq, Eq)]
-struct Entry {
-    kind: char,
-    mode: u32,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    content: Option<Vec<u8>>,
-    target: Option<PathBuf>,
-}
-
-/// Every object under `root` (not following symlinks, not crossing into other filesystems'
-/// mounts that are not under the root anyway).
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
-    fn go(root: &Path, p: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
-        let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
-        let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_symlink() {
-            'l'
-        } else {
-            'o'
-        };
-        out.insert(
-            p.strip_prefix(root).unwrap().to_path_buf(),
-            Entry {
-                kind,
-                mode: m.mode(),
-                ino: m.ino(),
-                size: m.size(),
-                mtime: (m.mtime(), m.mtime_nsec()),
-                content: (kind == 'f').then(|| fs::read(p).unwrap()),
-                target: (kind == 'l').then(|| fs::read_link(p).unwrap()),
-            },
-        );
-        if kind == 'd' {
-            let mut names: Vec<PathBuf> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            names.sort();
-            for n in names {
-                go(root, &n, out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    go(root, root, &mut out);
-    out
-}
-
-fn diff(a: &BTreeMap<PathBuf, Entry>, b: &BTreeMap<PathBuf, Entry>) -> Vec<String> {
-    let mut d = Vec::new();
-    for (k, v) in a {
-        match b.get(k) {
-            None => d.push(format!("removed {k:?}")),
-            Some(w) if w != v => d.push(format!("changed {k:?}: {v:?} -> {w:?}")),
-            _ => {}
-        }
-    }
-    for k in b.keys() {
-        if !a.contains_key(k) {
-            d.push(format!("created {k:?}"));
-        }
-    }
-    d
-}
 
 /// Mount targets at or under `root`.
 fn mounts_under(root: &Path) -> Vec<String> {
@@ -116,7 +44,7 @@ fn refused(
     words: &[&str],
 ) -> Vec<String> {
     let mounts_before = mounts_under(root);
-    let before = snapshot(root);
+    let before = disk_snapshot(root);
     let out = Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
@@ -165,7 +93,7 @@ fn refused(
             }
         }
     }
-    let d = diff(&before, &snapshot(root));
+    let d = snapshot_changes(&before, &disk_snapshot(root));
     if !d.is_empty() {
         fails.push(format!("{what}: the tree changed: {d:?}"));
     }

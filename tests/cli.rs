@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
@@ -307,73 +306,6 @@ fn chown(p: &Path, uid: u32, gid: u32) {
 // Snapshots of a whole tree, for "nothing was created or changed"
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, PartialEq, Eq)]
-struct Stamp {
-    kind: char,
-    mode: u32,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-fn snapshot(root: &Path) -> BTreeMap<String, Stamp> {
-    fn go(root: &Path, p: &Path, out: &mut BTreeMap<String, Stamp>) {
-        let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
-        let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_symlink() {
-            'l'
-        } else {
-            'o'
-        };
-        out.insert(
-            s(p.strip_prefix(root).unwrap()),
-            Stamp {
-                kind,
-                mode: m.mode(),
-                ino: m.ino(),
-                size: m.size(),
-                mtime: (m.mtime(), m.mtime_nsec()),
-                ctime: (m.ctime(), m.ctime_nsec()),
-            },
-        );
-        if kind == 'd' {
-            let mut names: Vec<PathBuf> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            names.sort();
-            for n in names {
-                go(root, &n, out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    go(root, root, &mut out);
-    out
-}
-
-fn diff_snapshots(a: &BTreeMap<String, Stamp>, b: &BTreeMap<String, Stamp>) -> Vec<String> {
-    let mut d = Vec::new();
-    for (k, v) in a {
-        match b.get(k) {
-            None => d.push(format!("removed {k:?}")),
-            Some(w) if w != v => d.push(format!("changed {k:?}: {v:?} -> {w:?}")),
-            _ => {}
-        }
-    }
-    for k in b.keys() {
-        if !a.contains_key(k) {
-            d.push(format!("created {k:?}"));
-        }
-    }
-    d
-}
-
 // ---------------------------------------------------------------------------------------------
 // Refusals
 // ---------------------------------------------------------------------------------------------
@@ -390,7 +322,7 @@ fn refusal(
 ) -> Vec<String> {
     let root = l.root().to_path_buf();
     let mounts_before = mounts_under(&root);
-    let before = snapshot(&root);
+    let before = disk_snapshot(&root);
     let out = cmd.stdin(Stdio::null()).output().expect("run unionmount");
     let mut fails = Vec::new();
     if is_mounted(merged) {
@@ -433,8 +365,8 @@ fn refusal(
             }
         }
     }
-    let after = snapshot(&root);
-    let d = diff_snapshots(&before, &after);
+    let after = disk_snapshot(&root);
+    let d = snapshot_changes(&before, &after);
     if !d.is_empty() {
         fails.push(format!("{what}: the temp tree changed: {d:?}"));
     }
@@ -1030,7 +962,7 @@ fn read_only_without_upper() {
     .into_iter()
     .enumerate()
     {
-        let before = snapshot(l.root());
+        let before = disk_snapshot(l.root());
         let (mut m, _) = mount_ok(&mut um(&args), &merged, None, None, TWO_LAYER_ROOT);
         let e = mount_entry(&merged).unwrap();
         assert!(
@@ -1074,7 +1006,7 @@ fn read_only_without_upper() {
         );
         m.unmount();
         assert!(!is_mounted(&merged));
-        let d = diff_snapshots(&before, &snapshot(l.root()));
+        let d = snapshot_changes(&before, &disk_snapshot(l.root()));
         // The merged directory itself may get a new atime only; nothing else may change.
         assert!(
             d.is_empty(),

@@ -791,3 +791,84 @@ pub fn as_user_in_namespace(script: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+// ---------------------------------------------------------------------------------------------
+// "Nothing changed on disk"
+
+/// One object of a `disk_snapshot`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DiskEntry {
+    pub kind: char,
+    pub mode: u32,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+    pub content: Option<Vec<u8>>,
+    pub target: Option<PathBuf>,
+}
+
+/// Every object under `root` (not following symlinks), by path relative to it: type, mode,
+/// inode, size, mtime, ctime, file content and symlink target.
+pub fn disk_snapshot(root: &Path) -> BTreeMap<PathBuf, DiskEntry> {
+    fn go(root: &Path, p: &Path, out: &mut BTreeMap<PathBuf, DiskEntry>) {
+        let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_file() {
+            'f'
+        } else if ft.is_symlink() {
+            'l'
+        } else {
+            'o'
+        };
+        out.insert(
+            p.strip_prefix(root).unwrap().to_path_buf(),
+            DiskEntry {
+                kind,
+                mode: m.mode(),
+                ino: m.ino(),
+                size: m.size(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+                content: (kind == 'f').then(|| fs::read(p).unwrap()),
+                target: (kind == 'l').then(|| fs::read_link(p).unwrap()),
+            },
+        );
+        if kind == 'd' {
+            let mut names: Vec<PathBuf> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            for n in names {
+                go(root, &n, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    go(root, root, &mut out);
+    out
+}
+
+/// What differs between two snapshots, one line per path (empty: nothing changed).
+pub fn snapshot_changes(
+    a: &BTreeMap<PathBuf, DiskEntry>,
+    b: &BTreeMap<PathBuf, DiskEntry>,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => d.push(format!("removed {k:?}")),
+            Some(w) if w != v => d.push(format!("changed {k:?}: {v:?} -> {w:?}")),
+            _ => {}
+        }
+    }
+    for k in b.keys() {
+        if !a.contains_key(k) {
+            d.push(format!("created {k:?}"));
+        }
+    }
+    d
+}
