@@ -19,19 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 // ---------------------------------------------------------------------------------------------
-// Snapshots and the refusal check
+// The refusal check
 // ---------------------------------------------------------------------------------------------
-
-/// Mount targets at or under `root`.
-fn mounts_under(root: &Path) -> Vec<String> {
-    let r = root.to_string_lossy().into_owned();
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1).map(String::from))
-        .filter(|m| m.starts_with(&r))
-        .collect()
-}
 
 /// Runs unionmount with `args` and checks that it refused: one `unionmount:` line containing
 /// every one of `words` (case-insensitive), non-zero exit, nothing mounted at `merged` or
@@ -43,61 +32,7 @@ fn refused(
     merged: &Path,
     words: &[&str],
 ) -> Vec<String> {
-    let mounts_before = mounts_under(root);
-    let before = disk_snapshot(root);
-    let out = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run unionmount");
-    let mut fails = Vec::new();
-    if is_mounted(merged) {
-        drop(Mount::adopt(merged.to_path_buf(), None, None, Kind::Union));
-        fails.push(format!(
-            "{what}: something was mounted at {}",
-            merged.display()
-        ));
-    }
-    let mounts_after = mounts_under(root);
-    if mounts_after != mounts_before {
-        fails.push(format!(
-            "{what}: mounts under the root changed: {mounts_before:?} -> {mounts_after:?}"
-        ));
-    }
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    match out.status.code() {
-        Some(0) => fails.push(format!("{what}: exit status 0 (stderr {err:?})")),
-        None => fails.push(format!("{what}: killed by a signal: {}", out.status)),
-        Some(_) => {}
-    }
-    if err.contains("panicked") {
-        fails.push(format!("{what}: panicked: {err:?}"));
-    }
-    let lines: Vec<&str> = err.lines().collect();
-    if lines.len() != 1 {
-        fails.push(format!(
-            "{what}: stderr is {} lines, not one: {err:?}",
-            lines.len()
-        ));
-    } else {
-        let line = lines[0];
-        if !line.starts_with("unionmount: ") {
-            fails.push(format!(
-                "{what}: stderr does not start with 'unionmount: ': {line:?}"
-            ));
-        }
-        let low = line.to_lowercase();
-        for w in words {
-            if !low.contains(&w.to_lowercase()) {
-                fails.push(format!("{what}: stderr does not mention {w:?}: {line:?}"));
-            }
-        }
-    }
-    let d = snapshot_changes(&before, &disk_snapshot(root));
-    if !d.is_empty() {
-        fails.push(format!("{what}: the tree changed: {d:?}"));
-    }
-    fails
+    refusal(root, what, Command::new(BIN).args(args), merged, words)
 }
 
 fn assert_none(fails: Vec<String>) {
