@@ -53,7 +53,7 @@
 
 mod common;
 
-use common::{Layers, Mount};
+use common::{Layers, Mount, kind_of};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fmt;
@@ -706,21 +706,7 @@ fn snapshot(
         };
         let m = fs::symlink_metadata(&p).map_err(|e| format!("lstat {rel:?}: {e}"))?;
         let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_fifo() {
-            'p'
-        } else if ft.is_char_device() {
-            'c'
-        } else if ft.is_block_device() {
-            'b'
-        } else {
-            's'
-        };
+        let kind = kind_of(&ft);
         let hash = if kind == 'f' {
             fnv(&read_noatime(&p)?)
         } else {

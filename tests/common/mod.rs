@@ -592,21 +592,7 @@ pub fn tree(root: &Path, o: &TreeOpts) -> BTreeMap<String, Obj> {
 fn walk(root: &Path, p: &Path, o: &TreeOpts, out: &mut BTreeMap<String, Obj>) {
     let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
     let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        'd'
-    } else if ft.is_file() {
-        'f'
-    } else if ft.is_symlink() {
-        'l'
-    } else if ft.is_fifo() {
-        'p'
-    } else if ft.is_char_device() {
-        'c'
-    } else if ft.is_block_device() {
-        'b'
-    } else {
-        's'
-    };
+    let kind = kind_of(&ft);
     let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
     let xattrs = list_xattrs(p)
         .into_iter()
@@ -664,17 +650,7 @@ pub fn raw_tree(root: &Path) -> BTreeMap<String, (char, u64, Vec<String>)> {
     fn go(root: &Path, p: &Path, out: &mut BTreeMap<String, (char, u64, Vec<String>)>) {
         let m = fs::symlink_metadata(p).unwrap();
         let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_char_device() {
-            'c'
-        } else {
-            'o'
-        };
+        let kind = kind_of(&ft);
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         let xattrs = list_xattrs(p)
             .into_iter()
@@ -795,6 +771,25 @@ pub fn as_user_in_namespace(script: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // "Nothing changed on disk"
 
+/// One letter per file type: d f l p c b s.
+pub fn kind_of(ft: &fs::FileType) -> char {
+    if ft.is_dir() {
+        'd'
+    } else if ft.is_file() {
+        'f'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_fifo() {
+        'p'
+    } else if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
+    } else {
+        's'
+    }
+}
+
 /// One object of a `disk_snapshot`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct DiskEntry {
@@ -814,15 +809,7 @@ pub fn disk_snapshot(root: &Path) -> BTreeMap<PathBuf, DiskEntry> {
     fn go(root: &Path, p: &Path, out: &mut BTreeMap<PathBuf, DiskEntry>) {
         let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
         let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_symlink() {
-            'l'
-        } else {
-            'o'
-        };
+        let kind = kind_of(&ft);
         out.insert(
             p.strip_prefix(root).unwrap().to_path_buf(),
             DiskEntry {
