@@ -1671,27 +1671,36 @@ fn generic_mount_flags_take_effect() {
     l.lower(0)
         .file("run.sh", "#!/bin/sh\necho ran\n")
         .chmod("run.sh", 0o755);
-    let (upper, work, merged) = uwm(&l, "flags");
-    let args: Vec<OsString> = vec![
-        os(&merged),
-        "-o".into(),
-        format!(
-            "lowerdir={},upperdir={},workdir={},nosuid,noexec,nodev,noatime,allow_root,default_permissions",
-            l.lowerdir_opt(),
-            s(&upper),
-            s(&work)
-        )
-        .into(),
-    ];
-    let (m, out) = mount_ok(
-        &mut um(&args),
-        &merged,
-        Some(&upper),
-        Some(&work),
-        &["run.sh"],
+    // Mounts with the given flags; returns the mount, its mount options and the mountpoint.
+    let mount_flags = |name: &str, flags: &str| {
+        let (upper, work, merged) = uwm(&l, name);
+        let args: Vec<OsString> = vec![
+            os(&merged),
+            "-o".into(),
+            format!(
+                "lowerdir={},upperdir={},workdir={},{flags}",
+                l.lowerdir_opt(),
+                s(&upper),
+                s(&work)
+            )
+            .into(),
+        ];
+        let (m, out) = mount_ok(
+            &mut um(&args),
+            &merged,
+            Some(&upper),
+            Some(&work),
+            &["run.sh"],
+        );
+        assert!(out.stderr.is_empty(), "stderr: {}", stderr_of(&out));
+        let opts = mount_entry(&merged).expect("in /proc/self/mounts").opts;
+        (m, opts, merged)
+    };
+
+    let (m, opts, merged) = mount_flags(
+        "flags",
+        "nosuid,noexec,nodev,noatime,allow_root,default_permissions",
     );
-    assert!(out.stderr.is_empty(), "stderr: {}", stderr_of(&out));
-    let e = mount_entry(&merged).expect("in /proc/self/mounts");
     for f in [
         "nosuid",
         "noexec",
@@ -1699,7 +1708,7 @@ fn generic_mount_flags_take_effect() {
         "noatime",
         "default_permissions",
     ] {
-        assert!(e.opts.contains(&f.to_string()), "{f} missing: {:?}", e.opts);
+        assert!(opts.contains(&f.to_string()), "{f} missing: {opts:?}");
     }
     let run = Command::new(merged.join("run.sh")).output();
     assert_eq!(
@@ -1709,35 +1718,11 @@ fn generic_mount_flags_take_effect() {
     );
     drop(m);
 
-    let (upper, work, merged) = uwm(&l, "plain");
-    let args: Vec<OsString> = vec![
-        os(&merged),
-        "-o".into(),
-        format!(
-            "lowerdir={},upperdir={},workdir={},exec,suid,dev,atime",
-            l.lowerdir_opt(),
-            s(&upper),
-            s(&work)
-        )
-        .into(),
-    ];
-    let (_m, out) = mount_ok(
-        &mut um(&args),
-        &merged,
-        Some(&upper),
-        Some(&work),
-        &["run.sh"],
-    );
-    assert!(out.stderr.is_empty(), "stderr: {}", stderr_of(&out));
-    let e = mount_entry(&merged).expect("in /proc/self/mounts");
+    let (_m, opts, merged) = mount_flags("plain", "exec,suid,dev,atime");
     for f in ["nosuid", "noexec", "nodev"] {
-        assert!(
-            !e.opts.contains(&f.to_string()),
-            "{f} present: {:?}",
-            e.opts
-        );
+        assert!(!opts.contains(&f.to_string()), "{f} present: {opts:?}");
     }
-    assert!(e.opts.contains(&"allow_other".to_string()), "{:?}", e.opts);
+    assert!(opts.contains(&"allow_other".to_string()), "{opts:?}");
     let run = Command::new(merged.join("run.sh")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&run.stdout), "ran\n");
 }
