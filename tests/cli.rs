@@ -11,26 +11,11 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
 // Local helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Polls `cond` until it holds or `secs` pass; returns whether it held. A wait, not a timing
-/// assertion: the deadline only keeps a broken daemon from hanging the test.
-fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn os(p: &Path) -> OsString {
     p.as_os_str().to_owned()
@@ -163,7 +148,7 @@ fn daemon_pids(merged: &Path) -> Vec<i32> {
 
 fn assert_daemon_gone(merged: &Path, how: &str) {
     assert!(
-        wait_until(20, || daemon_pids(merged).is_empty()),
+        wait_until(Duration::from_secs(20), || daemon_pids(merged).is_empty()),
         "{how}: the daemon for {} is still running: pids {:?}",
         merged.display(),
         daemon_pids(merged)
@@ -533,7 +518,7 @@ impl Namespace {
         let pid = ns.pid();
         // unshare has made the namespace once it has exec'd sleep.
         assert!(
-            wait_until(20, || {
+            wait_until(Duration::from_secs(20), || {
                 fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
                     && fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|n| n != me)
             }),
@@ -768,7 +753,7 @@ impl Foreground {
     fn wait(&mut self) -> Option<(ExitStatus, String)> {
         let child = self.child.as_mut().unwrap();
         let mut status = None;
-        wait_until(30, || {
+        wait_until(Duration::from_secs(30), || {
             status = child.try_wait().unwrap();
             status.is_some()
         });
@@ -817,7 +802,7 @@ fn foreground_signal(sig: libc::c_int) {
         merged: merged.clone(),
     };
     let mut exited_early = None;
-    let up = wait_until(30, || {
+    let up = wait_until(Duration::from_secs(30), || {
         if let Ok(Some(st)) = fg.child.as_mut().unwrap().try_wait() {
             exited_early = Some(st);
             return true;

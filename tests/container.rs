@@ -12,7 +12,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -57,19 +57,6 @@ fn give_to_user(l: &Layers, uid: u32) {
     chown_tree(l.root(), uid);
 }
 
-fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// PIDs of unionmount daemons (under either name) whose command line mentions `root`.
 fn daemons_under(root: &Path) -> Vec<i32> {
     let needle = root.to_string_lossy().into_owned();
@@ -105,7 +92,7 @@ fn daemons_under(root: &Path) -> Vec<i32> {
 /// Every daemon started for `root` has exited (they exit once unmounted).
 fn assert_no_daemons(root: &Path, when: &str) {
     assert!(
-        wait_until(10, || daemons_under(root).is_empty()),
+        wait_until(Duration::from_secs(10), || daemons_under(root).is_empty()),
         "{when}: daemons still running: {:?}",
         daemons_under(root)
     );

@@ -24,10 +24,10 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -414,103 +414,6 @@ fn host_root() -> (u32, u32, u32) {
 // The daemon, in the foreground as our child, its stderr kept
 // ---------------------------------------------------------------------------------------
 
-struct Daemon {
-    child: Option<Child>,
-    merged: PathBuf,
-    log: PathBuf,
-}
-
-fn wait_until(d: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + d;
-    while !cond() {
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
-}
-
-impl Daemon {
-    fn start(layers: &Layers, base: &Path) -> Daemon {
-        let merged = base.join("merged");
-        let log = layers.root().join("daemon.log");
-        let env_extra = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
-        let child = Command::new(BIN)
-            .args(env_extra.split_whitespace())
-            .arg("-f")
-            .arg("--lower")
-            .arg(layers.lowerdir_opt())
-            .arg("--upper")
-            .arg(base.join("upper"))
-            .arg("--work")
-            .arg(base.join("work"))
-            .arg(&merged)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start unionmount");
-        let mut d = Daemon {
-            child: Some(child),
-            merged,
-            log,
-        };
-        let ok = wait_until(Duration::from_secs(20), || {
-            is_mounted(&d.merged) || d.child.as_mut().unwrap().try_wait().unwrap().is_some()
-        });
-        assert!(ok && is_mounted(&d.merged), "mount failed: {}", d.log());
-        d
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    fn unmount(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
-        // Something walking the temporary directories may hold the mount busy for a moment.
-        for _ in 0..50 {
-            let ok = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.merged)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok || !is_mounted(&self.merged) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        if is_mounted(&self.merged) {
-            let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
-        }
-        if !wait_until(Duration::from_secs(60), || c.try_wait().unwrap().is_some()) {
-            // SAFETY: our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-        if is_mounted(&self.merged) {
-            let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
-            wait_until(Duration::from_secs(10), || !is_mounted(&self.merged));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.unmount();
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The test
 // ---------------------------------------------------------------------------------------
@@ -592,7 +495,7 @@ fn hostile_layers_cannot_reach_outside() {
     let before = snapshot(&sent);
     let host_before = host_root();
 
-    let mut d = Daemon::start(&l, &base);
+    let mut d = ForegroundDaemon::start(&l, &base, &[]);
     let m = std::sync::Arc::new(M::new(&d.merged));
 
     macro_rules! op {
@@ -873,7 +776,8 @@ fn hostile_layers_cannot_reach_outside() {
     assert!(matches!(st, Ok(true)), "stat of the root: {st:?}");
     assert!(d.alive(), "the daemon exited: {}", d.log());
     drop(m);
-    d.unmount();
+    d.unmount()
+        .unwrap_or_else(|e| panic!("unmount after the hostile operations: {e}"));
     let log = d.log();
     assert!(!log.contains("panicked"), "the daemon panicked: {log}");
 
@@ -916,11 +820,11 @@ fn stale_work_entries_are_removed_without_following_links() {
     fs::hard_link(sent.join("hard"), base.join("work/work/stale/hard")).unwrap();
     let before = snapshot(&sent);
 
-    let mut d = Daemon::start(&l, &base);
+    let mut d = ForegroundDaemon::start(&l, &base, &[]);
     let left = names_noatime(&base.join("work/work"));
     assert_eq!(left, vec![".", ".."], "stale work entries not cleaned");
     assert_eq!(fs::read(d.merged.join("f")).unwrap(), b"lower\n");
-    d.unmount();
+    d.unmount().unwrap_or_else(|e| panic!("unmount: {e}"));
     // The hard link's removal is the one change the sentinel may see: its link count and
     // ctime. Everything else is identical.
     let mut after = snapshot(&sent);

@@ -43,7 +43,7 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -51,174 +51,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------
 // A daemon in the foreground, as a child process of the test (so its pid is exact).
 // ---------------------------------------------------------------------------------------
-
-struct Daemon {
-    child: Option<Child>,
-    merged: PathBuf,
-    log: PathBuf,
-}
-
-fn wait_until(d: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + d;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn lazy_unmount(p: &Path) {
-    if is_mounted(p) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(p)
-            .stderr(Stdio::null())
-            .status();
-        assert!(
-            wait_until(Duration::from_secs(10), || !is_mounted(p)),
-            "{} is still mounted after umount -l",
-            p.display()
-        );
-    }
-}
-
-impl Daemon {
-    /// Mounts `base/merged` over the lowers with `base/upper` and `base/work`, in the foreground.
-    fn start(layers: &Layers, base: &Path, extra: &[&str]) -> Daemon {
-        Daemon::start_with(layers, base, extra, None)
-    }
-
-    /// As `start`, with the daemon run under `wrapper` (e.g. strace).
-    fn start_with(
-        layers: &Layers,
-        base: &Path,
-        extra: &[&str],
-        wrapper: Option<&[&str]>,
-    ) -> Daemon {
-        let merged = base.join("merged");
-        for d in ["upper", "work", "merged"] {
-            fs::create_dir_all(base.join(d)).unwrap();
-        }
-        let log = base.join("daemon.log");
-        let mut cmd = match wrapper {
-            Some(w) => {
-                let mut c = Command::new(w[0]);
-                c.args(&w[1..]).arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        let env_extra = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
-        cmd.args(env_extra.split_whitespace())
-            .arg("-f")
-            .arg("--lower")
-            .arg(layers.lowerdir_opt())
-            .arg("--upper")
-            .arg(base.join("upper"))
-            .arg("--work")
-            .arg(base.join("work"))
-            .args(extra)
-            .arg(&merged)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
-        let child = cmd.spawn().expect("start unionmount");
-        let mut d = Daemon {
-            child: Some(child),
-            merged,
-            log,
-        };
-        let mounted = wait_until(Duration::from_secs(20), || {
-            is_mounted(&d.merged) || d.child.as_mut().unwrap().try_wait().unwrap().is_some()
-        });
-        assert!(
-            mounted && is_mounted(&d.merged),
-            "unionmount -f did not mount {}: {}",
-            d.merged.display(),
-            fs::read_to_string(&d.log).unwrap_or_default()
-        );
-        d
-    }
-
-    /// `kill -9` of the daemon, then the dead mount is detached.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: plain syscall on the pid of our own child, not yet reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-        lazy_unmount(&self.merged);
-    }
-
-    /// A clean unmount; the daemon must then exit on its own. A mount that something else
-    /// holds busy for a moment (a process walking the temporary directories) is retried, then
-    /// detached lazily; a daemon that still does not exit is reported with where its threads
-    /// wait.
-    fn unmount(&mut self) -> Result<(), String> {
-        let Some(mut c) = self.child.take() else {
-            return Ok(());
-        };
-        let mut busy = String::new();
-        for _ in 0..50 {
-            let out = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.merged)
-                .output()
-                .expect("run fusermount3");
-            if out.status.success() || !is_mounted(&self.merged) {
-                busy.clear();
-                break;
-            }
-            busy = String::from_utf8_lossy(&out.stderr).into_owned();
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        lazy_unmount(&self.merged);
-        let exited = wait_until(Duration::from_secs(60), || c.try_wait().unwrap().is_some());
-        if exited {
-            return Ok(());
-        }
-        let pid = c.id();
-        let mut threads = String::new();
-        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
-                threads += &format!(
-                    "  {} {}: {wchan}\n",
-                    comm.trim(),
-                    t.file_name().to_string_lossy()
-                );
-            }
-        }
-        // SAFETY: our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        let _ = c.wait();
-        Err(format!(
-            "the daemon did not exit after its unmount (fusermount3 -u busy: {busy:?}); \
-             threads:\n{threads}log: {}",
-            self.log()
-        ))
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-        lazy_unmount(&self.merged);
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // PRNG, content, views
@@ -634,7 +466,7 @@ fn crash_rounds() {
     let base = layers.mkdir("calibrate");
     seed_upper(&base.join("upper"));
     let ops = script(&mut rng);
-    let mut d = Daemon::start(layers, &base, &[]);
+    let mut d = ForegroundDaemon::start(layers, &base, &[]);
     let initial = ignore_owner(&view(&d.merged));
     let model = models(&initial, &ops, &fx);
     let t0 = Instant::now();
@@ -696,7 +528,7 @@ fn crash_rounds() {
         let base = layers.mkdir(&format!("round{round}"));
         seed_upper(&base.join("upper"));
 
-        let mut d = Daemon::start(layers, &base, &[]);
+        let mut d = ForegroundDaemon::start(layers, &base, &[]);
         let done = Arc::new(AtomicUsize::new(0));
         let rx = run_script(d.merged.clone(), ops.clone(), 0, done.clone());
         // (A script that fails early never gets there: the kill then comes after the bound
@@ -729,7 +561,7 @@ fn crash_rounds() {
         }
 
         // Remount: consistent view, work dir cleaned.
-        let mut d = Daemon::start(layers, &base, &[]);
+        let mut d = ForegroundDaemon::start(layers, &base, &[]);
         assert_work_empty(&base.join("work"), &format!("{ctx}: after the remount"));
         let v = ignore_owner(&view(&d.merged));
         let j = if v == model[k] {
@@ -774,7 +606,7 @@ fn crash_rounds() {
         }
 
         // The rest of the script runs on the leftovers and ends in the final state.
-        let mut d = Daemon::start(layers, &base, &[]);
+        let mut d = ForegroundDaemon::start(layers, &base, &[]);
         let rest = run_script(
             d.merged.clone(),
             ops.clone(),
@@ -826,7 +658,7 @@ fn fsync_then_kill_keeps_data() {
     let low = bytes(1 << 20, 7);
     l.lower(0).file_bytes("low", &low).file_bytes("low2", &low);
     let base = l.mkdir("m");
-    let mut d = Daemon::start(&l, &base, &[]);
+    let mut d = ForegroundDaemon::start(&l, &base, &[]);
 
     // A new file, fsync'd, never closed.
     let data = bytes(3 << 20, 8);
@@ -858,7 +690,7 @@ fn fsync_then_kill_keeps_data() {
     assert!(!base.join("upper/low2").exists() || is_whiteout(&base.join("upper/low2")));
 
     // And the view after a remount.
-    let d2 = Daemon::start(&l, &base, &[]);
+    let d2 = ForegroundDaemon::start(&l, &base, &[]);
     assert_eq!(fs::read(d2.merged.join("new")).unwrap(), data);
     assert_eq!(fs::read(d2.merged.join("low")).unwrap(), want);
     assert_eq!(fs::read(d2.merged.join("low2.moved")).unwrap(), low);
@@ -930,7 +762,7 @@ fn traced_fsyncs(l: &Layers, name: &str, extra: &[&str]) -> Vec<String> {
         "-o",
         &trace_s,
     ];
-    let mut d = Daemon::start_with(l, &base, extra, Some(&wrapper));
+    let mut d = ForegroundDaemon::start_with(l, &base, extra, Some(&wrapper));
     let mut f = File::create(d.merged.join("new")).unwrap();
     f.write_all(b"new data\n").unwrap();
     f.sync_all().unwrap();

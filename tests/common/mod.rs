@@ -12,7 +12,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_unionmount");
@@ -945,4 +945,187 @@ pub fn refusal(
         fails.push(format!("{what}: the tree changed: {d:?}"));
     }
     fails
+}
+
+// ---------------------------------------------------------------------------------------------
+// A daemon in the foreground, as a child process of the test (so its pid is exact)
+
+/// `unionmount -f` over a `Layers`, as a child of the test; on drop it is killed and its
+/// mount detached, so a failing test leaves nothing mounted.
+pub struct ForegroundDaemon {
+    pub child: Option<Child>,
+    pub merged: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Polls `cond` until it holds or `d` passes; returns whether it held. A wait, not a timing
+/// assertion: the deadline only keeps a broken daemon from hanging the test.
+pub fn wait_until(d: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + d;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Detaches a mount (a dead daemon's included) and waits until it is gone.
+pub fn lazy_unmount(p: &Path) {
+    if is_mounted(p) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(p)
+            .stderr(Stdio::null())
+            .status();
+        assert!(
+            wait_until(Duration::from_secs(10), || !is_mounted(p)),
+            "{} is still mounted after umount -l",
+            p.display()
+        );
+    }
+}
+
+impl ForegroundDaemon {
+    /// Mounts `base/merged` over the lowers with `base/upper` and `base/work`, in the foreground.
+    pub fn start(layers: &Layers, base: &Path, extra: &[&str]) -> ForegroundDaemon {
+        ForegroundDaemon::start_with(layers, base, extra, None)
+    }
+
+    /// As `start`, with the daemon run under `wrapper` (e.g. strace).
+    pub fn start_with(
+        layers: &Layers,
+        base: &Path,
+        extra: &[&str],
+        wrapper: Option<&[&str]>,
+    ) -> ForegroundDaemon {
+        let merged = base.join("merged");
+        for d in ["upper", "work", "merged"] {
+            fs::create_dir_all(base.join(d)).unwrap();
+        }
+        let log = base.join("daemon.log");
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = Command::new(w[0]);
+                c.args(&w[1..]).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let env_extra = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
+        cmd.args(env_extra.split_whitespace())
+            .arg("-f")
+            .arg("--lower")
+            .arg(layers.lowerdir_opt())
+            .arg("--upper")
+            .arg(base.join("upper"))
+            .arg("--work")
+            .arg(base.join("work"))
+            .args(extra)
+            .arg(&merged)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("start unionmount");
+        let mut d = ForegroundDaemon {
+            child: Some(child),
+            merged,
+            log,
+        };
+        let mounted = wait_until(Duration::from_secs(20), || {
+            is_mounted(&d.merged) || d.child.as_mut().unwrap().try_wait().unwrap().is_some()
+        });
+        assert!(
+            mounted && is_mounted(&d.merged),
+            "unionmount -f did not mount {}: {}",
+            d.merged.display(),
+            fs::read_to_string(&d.log).unwrap_or_default()
+        );
+        d
+    }
+
+    /// `kill -9` of the daemon, then the dead mount is detached.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain syscall on the pid of our own child, not yet reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        lazy_unmount(&self.merged);
+    }
+
+    /// A clean unmount; the daemon must then exit on its own. A mount that something else
+    /// holds busy for a moment (a process walking the temporary directories) is retried, then
+    /// detached lazily; a daemon that still does not exit is reported with where its threads
+    /// wait.
+    pub fn unmount(&mut self) -> Result<(), String> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        let mut busy = String::new();
+        for _ in 0..50 {
+            let out = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.merged)
+                .output()
+                .expect("run fusermount3");
+            if out.status.success() || !is_mounted(&self.merged) {
+                busy.clear();
+                break;
+            }
+            busy = String::from_utf8_lossy(&out.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        lazy_unmount(&self.merged);
+        let exited = wait_until(Duration::from_secs(60), || c.try_wait().unwrap().is_some());
+        if exited {
+            return Ok(());
+        }
+        let pid = c.id();
+        let mut threads = String::new();
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+                threads += &format!(
+                    "  {} {}: {wchan}\n",
+                    comm.trim(),
+                    t.file_name().to_string_lossy()
+                );
+            }
+        }
+        // SAFETY: our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = c.wait();
+        Err(format!(
+            "the daemon did not exit after its unmount (fusermount3 -u busy: {busy:?}); \
+             threads:\n{threads}log: {}",
+            self.log()
+        ))
+    }
+
+    /// Whether the daemon process still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ForegroundDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        lazy_unmount(&self.merged);
+    }
 }
