@@ -620,28 +620,14 @@ fn default_work_directory_refusals() {
     assert_none(fails);
 }
 
-/// Unmounts a filesystem the test mounted, when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            if is_mounted(&self.0) {
-                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-    }
-}
-
-fn mount_tmpfs(p: &Path, opts: &str) -> Scratch {
+fn mount_tmpfs(p: &Path, opts: &str) -> ScratchMount {
     let st = Command::new("mount")
         .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
         .arg(p)
         .status()
         .unwrap();
     assert!(st.success(), "mount tmpfs on {}", p.display());
-    Scratch(p.to_path_buf())
+    ScratchMount(p.to_path_buf())
 }
 
 /// Filesystem boundaries: an upper that is the root of a filesystem without --work (the

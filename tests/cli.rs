@@ -1135,20 +1135,6 @@ fn refuses_missing_layers_and_files_as_layers() {
     run_cases(&l, &cases);
 }
 
-/// Unmounts a tmpfs when dropped.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            if is_mounted(&self.0) {
-                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-    }
-}
-
 #[test]
 fn refuses_work_on_another_filesystem_than_upper() {
     let l = two_layers();
@@ -1160,7 +1146,7 @@ fn refuses_work_on_another_filesystem_than_upper() {
         .status()
         .unwrap();
     assert!(st.success(), "mount tmpfs");
-    let _tmpfs = Tmpfs(t.clone());
+    let _tmpfs = ScratchMount(t.clone());
     let other_work = t.join("work");
     fs::create_dir(&other_work).unwrap();
     let other_upper = t.join("upper");

@@ -1129,3 +1129,17 @@ impl Drop for ForegroundDaemon {
         lazy_unmount(&self.merged);
     }
 }
+
+/// A mount a test made itself (a tmpfs, a bind mount), unmounted when dropped.
+pub struct ScratchMount(pub PathBuf);
+
+impl Drop for ScratchMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            if is_mounted(&self.0) {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+}
