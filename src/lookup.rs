@@ -47,6 +47,17 @@ impl Found {
 
 const MAX_RETRIES: usize = 16;
 
+/// Opening a whiteout (a 0/0 character device) fails with ENXIO: for a node that is no
+/// device, socket or FIFO, that means its name was deleted or renamed over meanwhile.
+fn stale_name_error(node: &Node, e: Errno) -> Errno {
+    let can_be_enxio = matches!(node.kind, libc::S_IFCHR | libc::S_IFSOCK | libc::S_IFIFO);
+    if e.code() == libc::ENXIO && !can_be_enxio {
+        Errno::ENOENT
+    } else {
+        e
+    }
+}
+
 impl Union {
     /// The identity the node's object has in a layer, when known.
     fn id_in(&self, node: &Node, loc: Loc) -> Option<RealId> {
@@ -77,7 +88,8 @@ impl Union {
             };
             let res = self
                 .dir_fd(&parent, loc)
-                .and_then(|dir| f(dir.as_fd(), &name));
+                .and_then(|dir| f(dir.as_fd(), &name))
+                .map_err(|e| stale_name_error(node, e));
             if loc != Loc::Upper || self.tree_unchanged_since(snap) {
                 return res;
             }
@@ -337,39 +349,113 @@ impl Union {
 
     /// Like `lookup`, with the stat of the object found (the attributes of the reply).
     pub fn lookup_stat(&self, parent: &Arc<Node>, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
-        let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
-        let st = found.st;
-        Ok((self.node_for(parent, name, found), st))
+        for attempt in 0..MAX_RETRIES {
+            let snap = self.tree_snapshot();
+            let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
+            let st = found.st;
+            // A rename or unlink in the upper that ran during the probe may have moved the
+            // object found away from this name: a node must not get a name it no longer has.
+            // When changes keep coming, the last attempt links what it found, as a lookup
+            // that ran just before the change would have.
+            let last = attempt + 1 == MAX_RETRIES;
+            let fresh = || last || self.tree_unchanged_since(snap);
+            if let Some(node) = self.node_for_checked(parent, name, found, &fresh) {
+                return Ok((node, st));
+            }
+            if attempt > 2 {
+                std::thread::yield_now();
+            }
+        }
+        Err(Errno::ESTALE)
     }
 
     /// The node for an object just found or created at `parent/name`, with one kernel
     /// reference taken.
     pub fn node_for(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Arc<Node> {
+        let node = self.found_node(found);
+        self.give_name(&node, parent, name, &|| true);
+        node
+    }
+
+    /// Like `node_for`; when the node exists without this name, `fresh()` is asked (while
+    /// no other name change can reach the node) whether the name is still the object's. If
+    /// it is not, nothing changes and `None` is returned.
+    fn node_for_checked(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        found: Found,
+        fresh: &dyn Fn() -> bool,
+    ) -> Option<Arc<Node>> {
+        let node = self.found_node(found);
+        if self.give_name(&node, parent, name, fresh) {
+            return Some(node);
+        }
+        self.table.unpin(&node, 1);
+        None
+    }
+
+    /// The node of a found object (made if new, without names), with one reference taken.
+    fn found_node(&self, found: Found) -> Arc<Node> {
         let kind = found.kind();
         let id = found.top_id();
         let ids = vec![id];
-        let (node, existed) = self.table.get_or_insert(id, kind, || State {
-            links: Vec::new(),
-            upper: found.upper,
-            lowers: found.lowers.clone(),
-            subdirs: None,
-            ids,
-        });
-        if !existed {
-            self.table.link(&node, parent, name);
-            return node;
+        self.table
+            .get_or_insert(id, kind, || State {
+                links: Vec::new(),
+                upper: found.upper,
+                lowers: found.lowers,
+                subdirs: None,
+                ids,
+            })
+            .0
+    }
+
+    /// Makes `parent/name` the node's first name. A name it lacks is added only if `fresh()`
+    /// holds, asked under one hold of the node's state with the insertion; returns whether
+    /// the node has the name.
+    fn give_name(
+        &self,
+        node: &Node,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        fresh: &dyn Fn() -> bool,
+    ) -> bool {
+        if node.touch_link(parent.ino, name) {
+            return true;
         }
-        let has_link = node.touch_link(parent.ino, name);
-        if !has_link {
-            if node.is_dir() {
-                // A directory has one name; the old one is stale.
-                let old: Vec<Link> = std::mem::take(&mut node.state().links);
-                for l in old {
-                    self.table.unpin(&l.parent, 1);
-                }
+        // The parent is pinned before the state is held (a new name holds a reference).
+        self.table.pin(parent, 1);
+        let dropped: Vec<Link> = {
+            let mut st = node.state();
+            let has = st
+                .links
+                .iter()
+                .any(|l| l.parent.ino == parent.ino && l.name == name);
+            if has || !fresh() {
+                // A concurrent lookup of the same name added it, or the name is stale.
+                drop(st);
+                self.table.unpin(parent, 1);
+                return has;
             }
-            self.table.link(&node, parent, name);
+            // A directory has one name; the old one is stale.
+            let old = if node.is_dir() {
+                std::mem::take(&mut st.links)
+            } else {
+                Vec::new()
+            };
+            st.links.insert(
+                0,
+                Link {
+                    parent: parent.clone(),
+                    name: name.to_owned(),
+                },
+            );
+            old
+        };
+        for l in dropped {
+            self.table.unpin(&l.parent, 1);
         }
-        node
+        true
     }
 }
