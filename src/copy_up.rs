@@ -223,6 +223,20 @@ impl CopyUp<'_> {
         }
         let id = RealId::of(&sys::fstat(made)?);
         let hardlinked = !self.node.is_dir() && self.st.st_nlink > 1;
+        if hardlinked {
+            // The other names leave this node: a lookup that found it through one of them
+            // meanwhile must look again (see `lookup_stat`).
+            fs.tree_change(|| self.record(id, true, &parent));
+        } else {
+            self.record(id, false, &parent);
+        }
+        Ok(())
+    }
+
+    /// Records the installed copy `id` on the node; the other names of a lower hard link
+    /// (`hardlinked`) keep the lower file and leave the node.
+    fn record(&self, id: RealId, hardlinked: bool, parent: &Node) {
+        let fs = self.fs;
         let others: Vec<(u64, std::ffi::OsString)> = {
             let mut st = self.node.state();
             st.upper = Some(id);
@@ -246,7 +260,7 @@ impl CopyUp<'_> {
             }
         };
         fs.table.add_id(self.node, id);
-        fs.dir_changed(&parent);
+        fs.dir_changed(parent);
         // The copy has its own ctime and blocks, and a broken hard link its own link count.
         fs.invalidate_attrs(self.node.ino);
         self.node.data_gen.fetch_add(1, Ordering::SeqCst);
@@ -260,7 +274,6 @@ impl CopyUp<'_> {
                 fs.invalidate_entry(pino, &n);
             }
         }
-        Ok(())
     }
 
     /// Removes a half-built copy.

@@ -47,10 +47,16 @@ impl Found {
 
 const MAX_RETRIES: usize = 16;
 
+/// Optimistic probes of a lookup before it takes the directory's lock.
+const LOOKUP_TRIES: usize = 4;
+
 /// Opening a whiteout (a 0/0 character device) fails with ENXIO: for a node that is no
-/// device, socket or FIFO, that means its name was deleted or renamed over meanwhile.
+/// device, socket or FIFO, that means its name was deleted or renamed meanwhile.
 fn stale_name_error(node: &Node, e: Errno) -> Errno {
-    let can_be_enxio = matches!(node.kind, libc::S_IFCHR | libc::S_IFSOCK | libc::S_IFIFO);
+    let can_be_enxio = matches!(
+        node.kind,
+        libc::S_IFCHR | libc::S_IFBLK | libc::S_IFSOCK | libc::S_IFIFO
+    );
     if e.code() == libc::ENXIO && !can_be_enxio {
         Errno::ENOENT
     } else {
@@ -349,24 +355,26 @@ impl Union {
 
     /// Like `lookup`, with the stat of the object found (the attributes of the reply).
     pub fn lookup_stat(&self, parent: &Arc<Node>, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
-        for attempt in 0..MAX_RETRIES {
+        // A rename or unlink in the upper that ran during the probe may have moved the object
+        // found away from this name: a node must not get a name it no longer has. The probe
+        // is repeated while changes keep coming, and finally made under the directory's lock,
+        // which every change of its names holds.
+        for attempt in 0..LOOKUP_TRIES {
             let snap = self.tree_snapshot();
             let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
             let st = found.st;
-            // A rename or unlink in the upper that ran during the probe may have moved the
-            // object found away from this name: a node must not get a name it no longer has.
-            // When changes keep coming, the last attempt links what it found, as a lookup
-            // that ran just before the change would have.
-            let last = attempt + 1 == MAX_RETRIES;
-            let fresh = || last || self.tree_unchanged_since(snap);
+            let fresh = || self.tree_unchanged_since(snap);
             if let Some(node) = self.node_for_checked(parent, name, found, &fresh) {
                 return Ok((node, st));
             }
-            if attempt > 2 {
+            if attempt > 0 {
                 std::thread::yield_now();
             }
         }
-        Err(Errno::ESTALE)
+        let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
+        let st = found.st;
+        Ok((self.node_for(parent, name, found), st))
     }
 
     /// The node for an object just found or created at `parent/name`, with one kernel
@@ -377,9 +385,9 @@ impl Union {
         node
     }
 
-    /// Like `node_for`; when the node exists without this name, `fresh()` is asked (while
-    /// no other name change can reach the node) whether the name is still the object's. If
-    /// it is not, nothing changes and `None` is returned.
+    /// Like `node_for`, but a name the node lacks (every name, for a new node) is added only
+    /// if `fresh()` holds, asked while no other name change can reach the node. If it does
+    /// not, nothing changes and `None` is returned.
     fn node_for_checked(
         &self,
         parent: &Arc<Node>,
