@@ -465,6 +465,12 @@ impl Table {
         if idsh.live.get(&id).is_some_and(|e| e.serial == node.serial) {
             idsh.live.remove(&id);
         }
+        // The node keeps its number; the object leaving it gets one of its own now, so that
+        // readdir shows the number its next lookup will give.
+        if idsh.remembered.get(&id) == Some(&node.ino) {
+            let ino = self.alloc();
+            idsh.remembered.insert(id, ino);
+        }
         drop(idsh);
         node.state().ids.retain(|x| *x != id);
     }
@@ -615,6 +621,26 @@ mod tests {
         let (n, _) = t.get_or_insert(id, libc::S_IFREG, empty);
         assert_ne!(n.ino, ROOT_INO);
         assert_eq!(t.ino_for(id), n.ino);
+    }
+
+    #[test]
+    fn an_identity_leaving_a_node_gets_its_own_number_at_once() {
+        let t = Table::new(vec![7], empty());
+        let lower = RealId { dev: 7, ino: 50 };
+        // A node with an allocated, remembered number (its real one was taken).
+        let (old, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        t.forget_ids(&old);
+        let (n, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        assert!(n.ino >= ALLOC_BASE);
+        // Copy-up of one name of a lower hard link: the node becomes the upper copy, and the
+        // other names keep the lower file.
+        t.add_id(&n, RealId { dev: 7, ino: 60 });
+        t.remove_id(&n, lower);
+        let listed = t.ino_for(lower);
+        assert_ne!(listed, n.ino, "readdir must not show the copy's number");
+        let (m, existed) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        assert!(!existed);
+        assert_eq!(m.ino, listed, "lookup gives the number readdir showed");
     }
 
     #[test]

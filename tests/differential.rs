@@ -33,9 +33,6 @@
 //! - "opaque without effect" (kernel): the kernel marks a directory opaque before renaming it
 //!   into a merged directory, also where nothing lies below and when the rename then fails;
 //!   the opaque xattr is compared only where a lower has a directory.
-//! - "lower hard link copy-up" (known unionmount divergence): see
-//!   [`copies_up_lower_hardlink`]; set `UNIONMOUNT_DIFF_HARDLINK_COPY_UP=1` to generate such
-//!   operations anyway.
 //! - "failed rename" (kernel): a rename that fails late may have changed the directories'
 //!   mtimes in the kernel's upper; their times are no longer compared.
 //! - Regular files' atime: unionmount's page-cached path does not pass `O_NOATIME` on to the
@@ -466,37 +463,6 @@ fn some_path(rng: &mut Rng, snap: &Snap) -> String {
         (*rng.pick(&keys)).clone()
     } else {
         pool_path(rng)
-    }
-}
-
-/// Rule "lower hard link copy-up" (a known unionmount divergence, see the test's report):
-/// whether `op` may copy up a non-directory that has several names in a lower layer. The
-/// kernel (index=off) copies up the name the operation used and so breaks the link there;
-/// unionmount keeps one node for all the names and copies up the first name the kernel looked
-/// up, which need not be the one used. Generated sequences avoid such operations unless
-/// `UNIONMOUNT_DIFF_HARDLINK_COPY_UP` is set.
-fn copies_up_lower_hardlink(op: &Op, snap: &Snap, kernel_upper: &Path) -> bool {
-    let risky = |p: &str| {
-        if Pins::through_symlink(p, snap) || Pins::is_symlink(p, snap) {
-            // Cannot tell what it reaches: avoid it if any lower hard link is still there.
-            return snap
-                .group_of
-                .keys()
-                .any(|q| fs::symlink_metadata(kernel_upper.join(q)).is_err());
-        }
-        snap.group_of.contains_key(p) && fs::symlink_metadata(kernel_upper.join(p)).is_err()
-    };
-    match op {
-        Op::Write(p, ..)
-        | Op::Truncate(p, _)
-        | Op::Chmod(p, _)
-        | Op::Chown(p, ..)
-        | Op::Utimens(p, ..)
-        | Op::SetXattr(p, ..)
-        | Op::RemoveXattr(p, _)
-        | Op::Link(p, _) => risky(p),
-        Op::Rename(a, b, flags) => risky(a) || (*flags == libc::RENAME_EXCHANGE && risky(b)),
-        _ => false,
     }
 }
 
@@ -1032,7 +998,6 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         Ok(s) => s,
         Err(e) => return fail(ops, 0, format!("initial kernel snapshot: {e}")),
     };
-    let allow_hardlink_copy_up = std::env::var_os("UNIONMOUNT_DIFF_HARDLINK_COPY_UP").is_some();
     let mut succeeded = 0;
     let mut pins = Pins(
         initial
@@ -1053,17 +1018,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     };
     for step in 0..total {
         let op = match plan {
-            Plan::Generate(_) => {
-                let upper = k.upper.clone().unwrap();
-                let mut op = gen_op(&mut rng, &snap);
-                for _ in 0..if allow_hardlink_copy_up { 0 } else { 50 } {
-                    if !copies_up_lower_hardlink(&op, &snap, &upper) {
-                        break;
-                    }
-                    op = gen_op(&mut rng, &snap);
-                }
-                op
-            }
+            Plan::Generate(_) => gen_op(&mut rng, &snap),
             Plan::Replay(v) => v[step].clone(),
         };
         let kr = apply(&op, &k.merged);

@@ -1717,6 +1717,18 @@ fn copy_up_of_a_lower_hard_link_through_either_name() {
             f.write_all(b"+more").unwrap();
         }
         for mnt in [&m, &k] {
+            // The name that kept the lower file lists the number it stats with, also before
+            // it is looked up again.
+            for name in [first, then] {
+                let p = mnt.path(name);
+                let listed = fs::read_dir(p.parent().unwrap())
+                    .unwrap()
+                    .map(|e| e.unwrap())
+                    .find(|e| e.path() == p)
+                    .map(|e| std::os::unix::fs::DirEntryExt::ino(&e))
+                    .unwrap();
+                assert_eq!(listed, lstat(&p).ino(), "d_ino of {name} after the copy-up");
+            }
             assert_eq!(mnt.read(then), "shared+more", "written through {then}");
             assert_eq!(mnt.read(first), "shared", "{first} keeps the lower file");
             assert!(mnt.upper_path(then).exists());
