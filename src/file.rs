@@ -145,9 +145,10 @@ thread_local! {
 }
 
 /// Flags kept on the real fd; the rest are the kernel's business (O_APPEND included: writes
-/// arrive with their offsets).
+/// arrive with their offsets). O_NOATIME reaches the upper file (the kernel has checked that
+/// the caller may use it).
 fn real_flags(flags: i32) -> i32 {
-    flags & (libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_TRUNC)
+    flags & (libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_TRUNC | libc::O_NOATIME)
 }
 
 impl Union {
@@ -181,20 +182,31 @@ impl Union {
                 // With writeback caching the kernel reads back pages that a write covers
                 // only in part, through whichever writable handle it holds.
                 let rw = (real & !libc::O_ACCMODE) | libc::O_RDWR;
-                match self.open_in(node, Loc::Upper, rw) {
-                    Err(e) if e.code() == libc::EACCES => self.open_in(node, Loc::Upper, real)?,
+                match self.open_upper(node, rw) {
+                    Err(e) if e.code() == libc::EACCES => self.open_upper(node, real)?,
                     r => r?,
                 }
             } else {
-                self.open_in(node, Loc::Upper, real)?
+                self.open_upper(node, real)?
             }
         } else {
             match self.top_loc(node) {
-                Loc::Upper => self.open_in(node, Loc::Upper, real_flags(flags))?,
+                Loc::Upper => self.open_upper(node, real_flags(flags))?,
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
         self.add_handle(node, fd, flags, make_backing)
+    }
+
+    /// Opens the node's upper object with `flags`, dropping an O_NOATIME the daemon may not
+    /// use on it (it neither owns the file nor has CAP_FOWNER over it).
+    fn open_upper(&self, node: &Node, flags: i32) -> Result<OwnedFd> {
+        match self.open_in(node, Loc::Upper, flags) {
+            Err(e) if e.code() == libc::EPERM && flags & libc::O_NOATIME != 0 => {
+                self.open_in(node, Loc::Upper, flags & !libc::O_NOATIME)
+            }
+            r => r,
+        }
     }
 
     /// Registers an open file of `node` (opened with `flags`) and decides its I/O mode.

@@ -14,8 +14,8 @@
 //! content, symlink target, device number, the sorted `user.*` xattrs, which paths share an
 //! inode, mtime of entries whose times are known to be the same on both sides (they come from
 //! the shared lowers or from an explicit `utimensat`, and nothing has changed them since), and
-//! atime of such entries that are never read (FIFOs, devices). On unionmount, `d_ino`/`d_type`
-//! from readdir must match `lstat`. Not compared: inode numbers, ctime, the size and link count
+//! atime of such entries except directories (contents are read with `O_NOATIME`). On
+//! unionmount, `d_ino`/`d_type` from readdir must match `lstat`. Not compared: inode numbers, ctime, the size and link count
 //! of directories. In the uppers, of the private xattrs only `trusted.overlay.opaque` is
 //! compared (the kernel's origin/impure/... are not), and whiteouts' link counts are not (the
 //! kernel links all its whiteouts to one inode).
@@ -35,8 +35,6 @@
 //!   the opaque xattr is compared only where a lower has a directory.
 //! - "failed rename" (kernel): a rename that fails late may have changed the directories'
 //!   mtimes in the kernel's upper; their times are no longer compared.
-//! - Regular files' atime: unionmount's page-cached path does not pass `O_NOATIME` on to the
-//!   upper file, so reading a file for the comparison may update it there.
 //!
 //! CI runs a fixed set of seeds. The long form is one command:
 //!
@@ -689,10 +687,8 @@ fn snapshot(
             None
         };
         let times = pins.contains(&rel).then(|| {
-            // Reading a file for its content may update its atime: unionmount's page-cached
-            // path does not pass O_NOATIME on to the upper file it reads. Only objects that
-            // are never read have their atime compared.
-            let atime = matches!(kind, 'p' | 'c' | 'b').then(|| (m.atime(), m.atime_nsec()));
+            // Contents are read with O_NOATIME, so regular files keep their atime too.
+            let atime = matches!(kind, 'f' | 'p' | 'c' | 'b').then(|| (m.atime(), m.atime_nsec()));
             ((m.mtime(), m.mtime_nsec()), atime)
         });
         let dir = kind == 'd';

@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -1738,5 +1738,43 @@ fn copy_up_of_a_lower_hard_link_through_either_name() {
             fs::read_to_string(l.lower(0).path("b/b")).unwrap(),
             "shared"
         );
+    }
+}
+
+/// A read through an `O_NOATIME` descriptor leaves the upper file's access time alone, on both
+/// I/O paths; an ordinary read updates it (relatime: the old atime is before the mtime). Each
+/// read runs on a fresh mount, so that it reaches the daemon rather than the page cache.
+#[test]
+fn o_noatime_reaches_the_upper_file() {
+    for args in [&[][..], &["--passthrough", "off"][..]] {
+        let l = Layers::new(1);
+        l.lower(0).dir("d");
+        let m = l.mount_with("u", args);
+        fs::write(m.path("d/f"), "data").unwrap();
+        let up = m.upper_path("d/f");
+        drop(m);
+        let old = 1_000_000_000;
+        set_times(&up, old, lstat(&up).mtime());
+        for noatime in [true, false] {
+            let m = l.mount_with("u", args);
+            let mut f = OpenOptions::new()
+                .read(true)
+                .custom_flags(if noatime { libc::O_NOATIME } else { 0 })
+                .open(m.path("d/f"))
+                .unwrap();
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap();
+            assert_eq!(s, "data");
+            drop(f);
+            let atime = lstat(&up).atime();
+            if noatime {
+                assert_eq!(
+                    atime, old,
+                    "{args:?}: a read with O_NOATIME changed the atime"
+                );
+            } else {
+                assert!(atime > old, "{args:?}: an ordinary read left the atime");
+            }
+        }
     }
 }
