@@ -20,12 +20,24 @@ use crate::inode::Node;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
 use crate::union::{ReaddirPlus, Union};
+use crate::walkers::Walkers;
 
 /// Largest request the kernel may send us, and read-ahead.
 pub const MAX_IO: u32 = 1 << 20;
 
 pub struct UnionFs {
     pub u: Arc<Union>,
+    /// Who stats what it lists (`readdirplus=auto`).
+    pub walkers: Walkers,
+}
+
+impl UnionFs {
+    pub fn new(u: Arc<Union>) -> UnionFs {
+        UnionFs {
+            u,
+            walkers: Walkers::default(),
+        }
+    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -157,7 +169,7 @@ impl Filesystem for UnionFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let res = self.node(parent).and_then(|p| {
             if name == "." || name == ".." {
                 return self.u.lookup(&p, name).and_then(|n| self.entry_of(n, None));
@@ -165,6 +177,13 @@ impl Filesystem for UnionFs {
             let (n, st) = self.u.lookup_stat(&p, name)?;
             self.entry_of(n, Some(st))
         });
+        if let Ok((n, _)) = &res
+            && !n.is_dir()
+            && self.u.opts.readdirplus == ReaddirPlus::Auto
+        {
+            // Walkers look up directories to enter them; only other names show a stat.
+            self.walkers.lookup(req.pid(), parent.0);
+        }
         match res {
             Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr, Generation(0)),
             // A negative entry the kernel may cache: every change comes through us.
@@ -473,18 +492,28 @@ impl Filesystem for UnionFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        // A process that does not look up what it lists gets one entry here; the kernel
+        // (readdirplus=auto) reads the rest as a plain listing.
+        let mut quota = match self.u.opts.readdirplus {
+            ReaddirPlus::Auto if !self.walkers.listing(req.pid(), ino.0) => 1,
+            _ => usize::MAX,
+        };
         let res = self.u.handles.dir(fh.0).ok_or(Errno::EBADF).and_then(|h| {
             if h.node.ino != ino.0 {
                 return Err(Errno::EBADF);
             }
             let dir = h.node.clone();
             self.u.read_dir(&h, offset, |e| {
+                if quota == 0 {
+                    return true;
+                }
+                quota -= 1;
                 if e.name == "." || e.name == ".." {
                     // Only the name and number: the kernel links no dentry for these.
                     let mut attr = crate::attr::empty_attr();

@@ -25,4 +25,5 @@ pub mod override_stat;
 pub mod readdir;
 pub mod sys;
 pub mod union;
+pub mod walkers;
 pub mod whiteout;

@@ -459,7 +459,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     fcfg.n_threads = Some(cfg.threads);
     fcfg.clone_fd = cfg.threads > 1;
     fcfg.acl = acl;
-    let fs = UnionFs { u: union.clone() };
+    let fs = UnionFs::new(union.clone());
     let session = match Session::from_fd(fs, dev, acl, fcfg) {
         Ok(s) => s,
         Err(e) => {

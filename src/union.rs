@@ -35,11 +35,12 @@ pub struct Options {
 
 /// `readdirplus=`: listings with every entry's attributes save a lookup per entry for
 /// programs that stat what they list (ls -l, du, rsync), and cost a stat per entry for those
-/// that do not (find). `Auto` leaves the choice to the kernel's heuristic.
+/// that do not (find). `Auto` gives them to the processes that looked up names in the last
+/// directory they listed (see `walkers`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ReaddirPlus {
-    #[default]
     Off,
+    #[default]
     Auto,
     On,
 }
@@ -54,7 +55,7 @@ impl Default for Options {
             idmap: IdMap::default(),
             xattr_permissions: 0,
             posix_acl: true,
-            readdirplus: ReaddirPlus::Off,
+            readdirplus: ReaddirPlus::Auto,
         }
     }
 }
