@@ -819,6 +819,21 @@ fn seeks(f: &File) -> Vec<Result<i64, i32>> {
     ]
 }
 
+/// What the page-cached path answers for a `make_sparse` file: the kernel's generic answer
+/// (everything up to the size is data), as the upper file may lack data the kernel caches.
+fn page_cached_expected() -> Vec<Result<i64, i32>> {
+    vec![
+        Ok(0),
+        Ok(2 * MIB),
+        Ok(4096),
+        Ok(2 * MIB),
+        Ok(MIB + 4096),
+        Ok(2 * MIB),
+        Err(libc::ENXIO),
+        Err(libc::ENXIO),
+    ]
+}
+
 fn sparse_expected() -> Vec<Result<i64, i32>> {
     vec![
         Ok(0),
@@ -844,7 +859,7 @@ fn seek_data_and_hole_on_sparse_files() {
         sparse_expected(),
         "backing filesystem"
     );
-    let m = l.mount("u");
+    let m = l.mount_with("u", &["--passthrough", "auto"]);
 
     // Lower-only, read-only open.
     let f = File::open(m.path("sparse")).unwrap();
@@ -889,6 +904,40 @@ fn seek_data_and_hole_on_sparse_files() {
     want[MIB as usize..MIB as usize + 4096].fill(b'y');
     assert!(fs::read(m.path("d/made")).unwrap() == want);
     assert!(fs::read(m.path("sparse")).unwrap() == want);
+}
+
+/// On the page-cached path (`--passthrough off`, rootless) the kernel answers SEEK_DATA and
+/// SEEK_HOLE itself from the file size, because FUSE asks the daemon without first writing back
+/// the data it caches: no holes are reported, and no data is ever reported as a hole. The upper
+/// copy keeps its holes all the same.
+#[test]
+fn seek_data_and_hole_on_the_page_cached_path() {
+    let l = Layers::new(1);
+    l.lower(0).dir("d");
+    make_sparse(&File::create(l.lower(0).path("sparse")).unwrap());
+    let m = l.mount_with("u", &["--passthrough", "off"]);
+    let f = File::open(m.path("sparse")).unwrap();
+    assert_eq!(seeks(&f), page_cached_expected(), "lower-only file");
+    drop(f);
+    let f = rw(&m.path("sparse"));
+    assert_eq!(
+        seeks(&f),
+        page_cached_expected(),
+        "write fd of a copied-up file"
+    );
+    drop(f);
+    assert_eq!(
+        seeks(&File::open(m.upper_path("sparse")).unwrap()),
+        sparse_expected(),
+        "the upper copy keeps its holes"
+    );
+    let f = File::create(m.path("d/made")).unwrap();
+    make_sparse(&f);
+    assert_eq!(
+        seeks(&f),
+        page_cached_expected(),
+        "sparse file made in the mount"
+    );
 }
 
 #[test]

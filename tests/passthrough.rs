@@ -16,6 +16,11 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use common::*;
 
+/// A mount with the default I/O path, passthrough, whatever `UNIONMOUNT_TEST_ARGS` says.
+fn passthrough_mount(l: &Layers) -> Mount {
+    l.mount_with("u", &["--passthrough", "auto"])
+}
+
 /// The pid of the daemon serving `m`.
 fn daemon_pid(m: &Mount) -> i32 {
     let want = m.merged.to_string_lossy().into_owned();
@@ -65,7 +70,7 @@ fn root_mounts_use_passthrough_and_off_means_off() {
     l.lower(0)
         .file_bytes("a", &[1u8; 65536])
         .file_bytes("b", &[2u8; 65536]);
-    let m = l.mount("u");
+    let m = passthrough_mount(&l);
     assert!(
         reads_bypass_daemon(&m, "a"),
         "passthrough is on by default as root"
@@ -82,7 +87,7 @@ fn copy_up_of_an_open_file() {
     let l = Layers::new(1);
     l.lower(0).file("f", "lower data\n");
     let lower_before = fs::read(l.lowers[0].join("f")).unwrap();
-    let m = l.mount("u");
+    let m = passthrough_mount(&l);
     let mut ro = File::open(m.path("f")).unwrap();
     let mut buf = String::new();
     ro.read_to_string(&mut buf).unwrap();
@@ -129,7 +134,7 @@ fn copy_up_of_an_open_file() {
 fn many_readers_and_writers_of_one_file() {
     let l = Layers::new(1);
     l.lower(0).file_bytes("data", &vec![7u8; 1 << 20]);
-    let m = l.mount("u");
+    let m = passthrough_mount(&l);
     let readers: Vec<File> = (0..4)
         .map(|_| File::open(m.path("data")).unwrap())
         .collect();
@@ -158,7 +163,7 @@ fn many_readers_and_writers_of_one_file() {
 fn shared_mmap_write() {
     let l = Layers::new(1);
     l.lower(0).file_bytes("m", &[1u8; 8192]);
-    let m = l.mount("u");
+    let m = passthrough_mount(&l);
     let f = OpenOptions::new()
         .read(true)
         .write(true)

@@ -371,13 +371,29 @@ pub fn is_mounted(p: &Path) -> bool {
         .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
 }
 
-/// Runs unionmount with `args`; returns its output (it exits once the mount is live).
-/// `UNIONMOUNT_TEST_ARGS` (space-separated) adds daemon options to every mount, e.g.
-/// `--passthrough off` to run the suite on the page-cached path.
+/// The options `UNIONMOUNT_TEST_ARGS` (space-separated) adds to every mount, e.g.
+/// `--passthrough off` to run the suite on the page-cached path. A test that picks the I/O
+/// path itself (`--passthrough` in `explicit`) keeps its choice.
+pub fn env_args<S: AsRef<OsStr>>(explicit: &[S]) -> Vec<String> {
+    let env = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
+    let own_path = explicit.iter().any(|a| a.as_ref() == "--passthrough");
+    let mut out = Vec::new();
+    let mut words = env.split_whitespace();
+    while let Some(w) = words.next() {
+        if own_path && w == "--passthrough" {
+            words.next();
+            continue;
+        }
+        out.push(w.to_string());
+    }
+    out
+}
+
+/// Runs unionmount with `args` (and `env_args`); returns its output (it exits once the mount
+/// is live).
 pub fn run_unionmount<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    let extra = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
     Command::new(BIN)
-        .args(extra.split_whitespace())
+        .args(env_args(args))
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -1015,8 +1031,7 @@ impl ForegroundDaemon {
             }
             None => Command::new(BIN),
         };
-        let env_extra = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
-        cmd.args(env_extra.split_whitespace())
+        cmd.args(env_args(extra))
             .arg("-f")
             .arg("--lower")
             .arg(layers.lowerdir_opt())
