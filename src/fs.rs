@@ -510,16 +510,17 @@ impl Filesystem for UnionFs {
             }
             let dir = h.node.clone();
             self.u.read_dir(&h, offset, |e| {
+                // Only entries sent count against the quota: a reply left empty by a vanished
+                // entry would read as the end of the directory.
                 if quota == 0 {
                     return true;
                 }
-                quota -= 1;
                 if e.name == "." || e.name == ".." {
                     // Only the name and number: the kernel links no dentry for these.
                     let mut attr = crate::attr::empty_attr();
                     attr.ino = INodeNo(e.ino);
                     attr.kind = fuser::FileType::Directory;
-                    return reply.add(
+                    let full = reply.add(
                         INodeNo(e.ino),
                         e.next,
                         e.name,
@@ -527,6 +528,8 @@ impl Filesystem for UnionFs {
                         &attr,
                         Generation(0),
                     );
+                    quota -= usize::from(!full);
+                    return full;
                 }
                 // Every entry sent counts as a lookup; one that does not fit is given back,
                 // one that vanished since the listing was read is left out.
@@ -546,6 +549,8 @@ impl Filesystem for UnionFs {
                 );
                 if full {
                     self.u.table.unpin(&node, 1);
+                } else {
+                    quota -= 1;
                 }
                 full
             })
