@@ -369,3 +369,80 @@ fn readdirplus_listings_match_lookups() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("readdirplus"));
 }
+
+/// Names in one getdents64 call on `fd` (a large buffer: one FUSE reply per call).
+fn getdents_names(fd: &std::fs::File) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 32768];
+    // SAFETY: a valid directory fd and a buffer of the given length.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            fd.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+    let mut names = Vec::new();
+    let mut off = 0usize;
+    while off < n as usize {
+        // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name...
+        let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+        let name = &buf[off + 19..off + reclen];
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+        off += reclen;
+    }
+    names
+}
+
+/// `readdirplus=auto` gives a process that has not shown it stats what it lists one entry per
+/// reply; when that entry was removed after the listing was read, the reply must carry the
+/// next one, not come back empty (which reads as the end of the directory).
+#[test]
+fn single_entry_listing_replies_skip_removed_names() {
+    let l = Layers::new(1);
+    l.lower(0).dir("d");
+    for n in ["a", "b", "c", "d", "e"] {
+        l.lower(0).file(&format!("d/{n}"), n);
+    }
+    // The merged listing of a one-layer directory keeps the layer's order.
+    let order: Vec<String> = std::fs::read_dir(l.lower(0).path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(order.len(), 5);
+    let last = order[4].clone();
+    let m = l.mount_with("u", &["-o", "readdirplus=auto"]);
+    // A lookup in the directory makes the kernel ask for attributes in the next reply.
+    let look = || std::fs::symlink_metadata(m.path(&format!("d/{last}"))).unwrap();
+    let dir = std::fs::File::open(m.path("d")).unwrap();
+    let mut seen = getdents_names(&dir);
+    assert_eq!(seen, ["."], "first reply: one entry");
+    look();
+    seen.extend(getdents_names(&dir));
+    assert_eq!(seen, [".", ".."]);
+    // This open directory reads the listing taken when it started; remove the name that
+    // comes next in it before each reply.
+    for (i, name) in order[..4].iter().enumerate() {
+        std::fs::remove_file(m.path(&format!("d/{name}"))).unwrap();
+        look();
+        let got = getdents_names(&dir);
+        assert!(
+            !got.is_empty(),
+            "the listing ended after {} removals",
+            i + 1
+        );
+        seen.extend(got);
+        if seen.contains(&last) {
+            break;
+        }
+    }
+    while seen.last().is_some_and(|s| s != &last) {
+        let got = getdents_names(&dir);
+        assert!(!got.is_empty(), "the listing ended early: {seen:?}");
+        seen.extend(got);
+    }
+    assert!(seen.contains(&last), "{seen:?}");
+}
