@@ -78,7 +78,9 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> 
     let path = if path.is_empty() { c"." } else { path };
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
-        mode: if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
+        // O_TMPFILE includes O_DIRECTORY's bit, so it is matched whole; a mode without a
+        // creating flag is EINVAL.
+        mode: if flags & libc::O_CREAT != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE {
             mode as u64
         } else {
             0
@@ -1056,4 +1058,22 @@ pub fn malloc_trim() {
 pub fn limit_malloc_arenas(n: i32) {
     // SAFETY: mallopt only changes allocator tuning.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, n) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_beneath_ignores_a_mode_without_a_creating_flag() {
+        let root = std::fs::File::open("/").unwrap();
+        // O_DIRECTORY shares a bit with O_TMPFILE; the mode must not reach openat2 here.
+        open_beneath(
+            root.as_fd(),
+            c"tmp",
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0o644,
+        )
+        .unwrap();
+    }
 }
