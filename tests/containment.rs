@@ -60,47 +60,12 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
     }
 }
 
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-const RESOLVE_NO_XDEV: u64 = 0x01;
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-const RESOLVE_BENEATH: u64 = 0x08;
-
-/// `openat2` of `rel` under `dir`, refusing every symlink (and leaving neither `dir` nor the
-/// mount): the test never follows a link itself.
+/// `openat2` of `rel` under `dir`, refusing every symlink (and never leaving `dir`): the
+/// test never follows a link itself.
 fn open2(dir: i32, rel: &str, flags: i32, mode: u32) -> Result<OwnedFd, i32> {
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: if flags & libc::O_CREAT != 0 {
-            mode as u64
-        } else {
-            0
-        },
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
-    };
-    let p = cs(if rel.is_empty() { "." } else { rel });
-    // SAFETY: valid open_how of the size passed, NUL-terminated path.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir,
-            p.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if r < 0 {
-        Err(last_errno())
-    } else {
-        // SAFETY: a fresh fd we own.
-        Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
-    }
+    // SAFETY: `dir` is the mount root fd, open for the life of the borrow.
+    let dir = unsafe { std::os::fd::BorrowedFd::borrow_raw(dir) };
+    unionmount::sys::open_beneath(dir, &cs(rel), flags, mode).map_err(|e| e.code())
 }
 
 /// The mount root, opened once; every operation below goes through it.
