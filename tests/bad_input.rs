@@ -52,50 +52,6 @@ fn s<P: AsRef<Path>>(p: P) -> String {
     p.as_ref().to_string_lossy().into_owned()
 }
 
-/// A layer path for `--lower`/`lowerdir=`/`upperdir=`: `\`, `:` and `,` escaped.
-fn esc(p: &Path) -> String {
-    s(p).replace('\\', "\\\\")
-        .replace(':', "\\:")
-        .replace(',', "\\,")
-}
-
-/// Native form: `--lower L1:L2 [--upper U] [--work W] MERGED`.
-fn native(
-    lowers: &[&Path],
-    upper: Option<&Path>,
-    work: Option<&Path>,
-    merged: &Path,
-) -> Vec<OsString> {
-    let list = lowers.iter().map(|p| esc(p)).collect::<Vec<_>>().join(":");
-    let mut a: Vec<OsString> = vec!["--lower".into(), list.into()];
-    if let Some(u) = upper {
-        a.extend([os("--upper"), os(u)]);
-    }
-    if let Some(w) = work {
-        a.extend([os("--work"), os(w)]);
-    }
-    a.push(os(merged));
-    a
-}
-
-/// fuse-overlayfs form: `SOURCE MERGED -o lowerdir=...,upperdir=...,workdir=...`.
-fn oform(
-    lowers: &[&Path],
-    upper: Option<&Path>,
-    work: Option<&Path>,
-    merged: &Path,
-) -> Vec<OsString> {
-    let list = lowers.iter().map(|p| esc(p)).collect::<Vec<_>>().join(":");
-    let mut o = format!("lowerdir={list}");
-    if let Some(u) = upper {
-        o.push_str(&format!(",upperdir={}", esc(u)));
-    }
-    if let Some(w) = work {
-        o.push_str(&format!(",workdir={}", esc(w)));
-    }
-    vec![os("badinput"), os(merged), os("-o"), o.into()]
-}
-
 /// The test's layers: lower0 (a, d/x), lower1 (b, d/y), and `m/{upper,work,merged}` with a
 /// file in the upper and a stale entry in the work directory, so a change to either shows.
 struct Fixture {
@@ -134,7 +90,7 @@ impl Fixture {
 
     /// The usual good layers plus `extra` options, as the native and the -o form.
     fn with_opts(&self, opt: &str) -> [Vec<OsString>; 2] {
-        let mut n = native(
+        let mut n = native_args(
             &self.lowers(),
             Some(&self.upper),
             Some(&self.work),
@@ -142,7 +98,8 @@ impl Fixture {
         );
         n.insert(0, os(opt));
         n.insert(0, os("-o"));
-        let mut o = oform(
+        let mut o = overlay_args(
+            Some("badinput"),
             &self.lowers(),
             Some(&self.upper),
             Some(&self.work),
@@ -169,14 +126,14 @@ impl Fixture {
         let mut fails = refused(
             self.root(),
             &format!("{what} (native)"),
-            &native(lowers, upper, work, merged),
+            &native_args(lowers, upper, work, merged),
             merged,
             words,
         );
         fails.extend(refused(
             self.root(),
             &format!("{what} (-o)"),
-            &oform(lowers, upper, work, merged),
+            &overlay_args(Some("badinput"), lowers, upper, work, merged),
             merged,
             words,
         ));
@@ -244,7 +201,7 @@ fn malformed_option_values() {
 fn malformed_flags_and_layer_options() {
     let f = Fixture::new();
     let lo = f.lowers();
-    let good = native(&lo, Some(&f.upper), Some(&f.work), &f.merged);
+    let good = native_args(&lo, Some(&f.upper), Some(&f.work), &f.merged);
     let mut fails = Vec::new();
     for (flag, value, word) in [
         ("--passthrough", "maybe", "passthrough"),
@@ -264,10 +221,10 @@ fn malformed_flags_and_layer_options() {
             &[word],
         ));
     }
-    let u = esc(&f.upper);
-    let w = esc(&f.work);
-    let l0 = esc(lo[0]);
-    let l1 = esc(lo[1]);
+    let u = esc_layer(&f.upper);
+    let w = esc_layer(&f.work);
+    let l0 = esc_layer(lo[0]);
+    let l1 = esc_layer(lo[1]);
     for (what, o, words) in [
         (
             "upperdir twice",
@@ -322,7 +279,7 @@ fn malformed_flags_and_layer_options() {
     fails.extend(refused(
         f.root(),
         "--work without --upper",
-        &native(&lo, None, Some(&f.work), &f.merged),
+        &native_args(&lo, None, Some(&f.work), &f.merged),
         &f.merged,
         &["work", "upper"],
     ));
@@ -604,7 +561,7 @@ fn default_work_directory_refusals() {
     fails.extend(refused(
         f.root(),
         "the default work directory is a file",
-        &native(&lo, Some(&f.upper), None, &f.merged),
+        &native_args(&lo, Some(&f.upper), None, &f.merged),
         &f.merged,
         &["work", ".upper.work", "not a directory"],
     ));
@@ -613,7 +570,7 @@ fn default_work_directory_refusals() {
     fails.extend(refused(
         f.root(),
         "the mountpoint is the default work directory",
-        &native(&lo, Some(&f.upper), None, &default_work),
+        &native_args(&lo, Some(&f.upper), None, &default_work),
         &default_work,
         &["mountpoint", ".upper.work"],
     ));
@@ -645,7 +602,7 @@ fn upper_at_a_filesystem_root_or_read_only() {
         fails.extend(refused(
             f.root(),
             "upper at a filesystem root, no --work",
-            &native(&lo, Some(&t), None, &f.merged),
+            &native_args(&lo, Some(&t), None, &f.merged),
             &f.merged,
             &["upper", "filesystem", "--work"],
         ));
@@ -656,7 +613,7 @@ fn upper_at_a_filesystem_root_or_read_only() {
             &[
                 os(&f.merged),
                 os("-o"),
-                format!("lowerdir={},upperdir={}", esc(lo[0]), esc(&t)).into(),
+                format!("lowerdir={},upperdir={}", esc_layer(lo[0]), esc_layer(&t)).into(),
             ],
             &f.merged,
             &["upper", "filesystem"],

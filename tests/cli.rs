@@ -25,60 +25,6 @@ fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// A layer list for `--lower` / `lowerdir=`, `:` in a path escaped as `\:`.
-fn layer_list(lowers: &[&Path]) -> String {
-    lowers
-        .iter()
-        .map(|p| s(p).replace(':', "\\:"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Native form: `--lower L1:L2 [--upper U] [--work W] MERGED`.
-fn native(
-    lowers: &[&Path],
-    upper: Option<&Path>,
-    work: Option<&Path>,
-    merged: &Path,
-) -> Vec<OsString> {
-    let mut a: Vec<OsString> = vec!["--lower".into(), layer_list(lowers).into()];
-    if let Some(u) = upper {
-        a.push("--upper".into());
-        a.push(os(u));
-    }
-    if let Some(w) = work {
-        a.push("--work".into());
-        a.push(os(w));
-    }
-    a.push(os(merged));
-    a
-}
-
-/// fuse-overlayfs form: `[SOURCE] MERGED -o lowerdir=...,upperdir=...,workdir=...`.
-fn oform(
-    source: Option<&str>,
-    lowers: &[&Path],
-    upper: Option<&Path>,
-    work: Option<&Path>,
-    merged: &Path,
-) -> Vec<OsString> {
-    let mut o = format!("lowerdir={}", layer_list(lowers));
-    if let Some(u) = upper {
-        o.push_str(&format!(",upperdir={}", s(u)));
-    }
-    if let Some(w) = work {
-        o.push_str(&format!(",workdir={}", s(w)));
-    }
-    let mut a: Vec<OsString> = Vec::new();
-    if let Some(src) = source {
-        a.push(src.into());
-    }
-    a.push(os(merged));
-    a.push("-o".into());
-    a.push(o.into());
-    a
-}
-
 /// One line of a mounts table.
 #[derive(Debug, Clone)]
 struct MountEntry {
@@ -287,7 +233,7 @@ fn run_cases(l: &Layers, cases: &[Case]) {
     let mut fails = Vec::new();
     for c in cases {
         let lowers: Vec<&Path> = c.lowers.iter().map(PathBuf::as_path).collect();
-        let n = native(&lowers, c.upper.as_deref(), c.work.as_deref(), &c.merged);
+        let n = native_args(&lowers, c.upper.as_deref(), c.work.as_deref(), &c.merged);
         fails.extend(refusal(
             l.root(),
             &format!("{} (native form)", c.what),
@@ -295,7 +241,7 @@ fn run_cases(l: &Layers, cases: &[Case]) {
             &c.merged,
             &c.words,
         ));
-        let o = oform(
+        let o = overlay_args(
             Some("umtest"),
             &lowers,
             c.upper.as_deref(),
@@ -330,7 +276,7 @@ fn p(base: &Path, rel: &str) -> PathBuf {
 fn native_form_with_work_dir() {
     let l = two_layers();
     let (upper, work, merged) = uwm(&l, "m");
-    let args = native(
+    let args = native_args(
         &[&l.lowers[0], &l.lowers[1]],
         Some(&upper),
         Some(&work),
@@ -363,7 +309,7 @@ fn native_form_default_work_dir_is_created_beside_upper() {
     let merged = l.mkdir("m/merged");
     let default_work = base.join(".upper.work");
     assert!(!default_work.exists());
-    let args = native(&[&l.lowers[0], &l.lowers[1]], Some(&upper), None, &merged);
+    let args = native_args(&[&l.lowers[0], &l.lowers[1]], Some(&upper), None, &merged);
     let (mut m, _) = mount_ok(&mut um(&args), &merged, Some(&upper), None, TWO_LAYER_ROOT);
     assert!(
         default_work.is_dir(),
@@ -407,7 +353,7 @@ fn native_form_default_work_dir_is_created_beside_upper() {
 fn overlayfs_form_with_source() {
     let l = two_layers();
     let (upper, work, merged) = uwm(&l, "m");
-    let args = oform(
+    let args = overlay_args(
         Some("umtest-src"),
         &[&l.lowers[0], &l.lowers[1]],
         Some(&upper),
@@ -464,14 +410,14 @@ fn exit_zero_only_once_the_mount_is_live() {
     for round in 0..5 {
         let (upper, work, merged) = uwm(&l, &format!("r{round}"));
         let args = if round % 2 == 0 {
-            native(
+            native_args(
                 &[&l.lowers[0], &l.lowers[1]],
                 Some(&upper),
                 Some(&work),
                 &merged,
             )
         } else {
-            oform(
+            overlay_args(
                 None,
                 &[&l.lowers[0], &l.lowers[1]],
                 Some(&upper),
@@ -658,7 +604,7 @@ fn invoked_through_a_symlink_named_fuse_overlayfs() {
     let bindir = l.mkdir("bin");
     let link = bindir.join("fuse-overlayfs");
     std::os::unix::fs::symlink(bin_path(), &link).unwrap();
-    let args = oform(
+    let args = overlay_args(
         None,
         &[&l.lowers[0], &l.lowers[1]],
         Some(&upper),
@@ -704,7 +650,7 @@ fn invoked_through_a_symlink_named_fuse_overlayfs() {
 fn unmount_with(tool: &str, args: &[&str]) {
     let l = two_layers();
     let (upper, work, merged) = uwm(&l, "m");
-    let a = native(
+    let a = native_args(
         &[&l.lowers[0], &l.lowers[1]],
         Some(&upper),
         Some(&work),
@@ -783,7 +729,7 @@ fn foreground_signal(sig: libc::c_int) {
     let l = two_layers();
     let (upper, work, merged) = uwm(&l, "m");
     let mut a: Vec<OsString> = vec!["-f".into()];
-    a.extend(native(
+    a.extend(native_args(
         &[&l.lowers[0], &l.lowers[1]],
         Some(&upper),
         Some(&work),
@@ -856,8 +802,8 @@ fn read_only_without_upper() {
     let l = two_layers();
     let merged = l.mkdir("m/merged");
     for (i, args) in [
-        native(&[&l.lowers[0], &l.lowers[1]], None, None, &merged),
-        oform(None, &[&l.lowers[0], &l.lowers[1]], None, None, &merged),
+        native_args(&[&l.lowers[0], &l.lowers[1]], None, None, &merged),
+        overlay_args(None, &[&l.lowers[0], &l.lowers[1]], None, None, &merged),
     ]
     .into_iter()
     .enumerate()
@@ -925,7 +871,7 @@ fn lower_layers_given_as_symlinks_to_directories() {
     std::os::unix::fs::symlink(&l.lowers[0], &l0).unwrap();
     // A relative symlink too.
     std::os::unix::fs::symlink("../lower1", &l1).unwrap();
-    let args = native(&[&l0, &l1], Some(&upper), Some(&work), &merged);
+    let args = native_args(&[&l0, &l1], Some(&upper), Some(&work), &merged);
     let (mut m, _) = mount_ok(
         &mut um(&args),
         &merged,
@@ -936,7 +882,7 @@ fn lower_layers_given_as_symlinks_to_directories() {
     check_two_layer_view(&merged, Some(&upper));
     m.unmount();
     let (upper2, work2, merged2) = uwm(&l, "m2");
-    let args = oform(None, &[&l0, &l1], Some(&upper2), Some(&work2), &merged2);
+    let args = overlay_args(None, &[&l0, &l1], Some(&upper2), Some(&work2), &merged2);
     let (_m, _) = mount_ok(
         &mut um(&args),
         &merged2,
@@ -955,7 +901,7 @@ fn escaped_colon_in_a_lower_path() {
     fs::write(colon.join("a"), "col:on wins").unwrap();
     let lowers = [colon.as_path(), l.lowers[1].as_path()];
     let (upper, work, merged) = uwm(&l, "m");
-    let args = native(&lowers, Some(&upper), Some(&work), &merged);
+    let args = native_args(&lowers, Some(&upper), Some(&work), &merged);
     assert!(args[1].to_string_lossy().contains("\\:"), "{args:?}");
     let (mut m, _) = mount_ok(
         &mut um(&args),
@@ -969,7 +915,7 @@ fn escaped_colon_in_a_lower_path() {
     assert_eq!(fs::read_to_string(merged.join("b")).unwrap(), "from lower1");
     m.unmount();
     let (upper2, work2, merged2) = uwm(&l, "m2");
-    let args = oform(Some("src"), &lowers, Some(&upper2), Some(&work2), &merged2);
+    let args = overlay_args(Some("src"), &lowers, Some(&upper2), Some(&work2), &merged2);
     assert!(args[3].to_string_lossy().contains("\\:"), "{args:?}");
     let (_m, _) = mount_ok(
         &mut um(&args),
@@ -998,7 +944,7 @@ fn many_layers_o_form(n: usize) {
     }
     let (upper, work, merged) = uwm(&l, "m");
     let lowers: Vec<&Path> = l.lowers.iter().map(PathBuf::as_path).collect();
-    let args = oform(Some("many"), &lowers, Some(&upper), Some(&work), &merged);
+    let args = overlay_args(Some("many"), &lowers, Some(&upper), Some(&work), &merged);
     let mut want: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
     want.push("dir".into());
     want.push("shadow".into());
@@ -1361,7 +1307,7 @@ fn refuses_bad_mountpoints() {
     // is refused.
     let mut fails = Vec::new();
     let bad = p(&r, "m/nomerged");
-    let args = native(&[&l0], Some(&upper), None, &bad);
+    let args = native_args(&[&l0], Some(&upper), None, &bad);
     fails.extend(refusal(
         l.root(),
         "mountpoint missing, default work dir",
@@ -1369,7 +1315,7 @@ fn refuses_bad_mountpoints() {
         &bad,
         &["mountpoint"],
     ));
-    let args = native(&[&l0, &l.lowers[1]], Some(&upper), None, &in_lower);
+    let args = native_args(&[&l0, &l.lowers[1]], Some(&upper), None, &in_lower);
     fails.extend(refusal(
         l.root(),
         "mountpoint inside a lower, default work dir",
@@ -1613,14 +1559,14 @@ fn refuses_an_unreadable_layer_for_an_unprivileged_user() {
         fails.extend(refusal(
             l.root(),
             &format!("{what} (native)"),
-            &mut setpriv(native(&lw, u, w, &merged)),
+            &mut setpriv(native_args(&lw, u, w, &merged)),
             &merged,
             &["lower", &s(&secret)],
         ));
         fails.extend(refusal(
             l.root(),
             &format!("{what} (-o)"),
-            &mut setpriv(oform(None, &lw, u, w, &merged)),
+            &mut setpriv(overlay_args(None, &lw, u, w, &merged)),
             &merged,
             &["lower", &s(&secret)],
         ));

@@ -1158,3 +1158,58 @@ impl Drop for ScratchMount {
         }
     }
 }
+
+/// A layer path as `--lower`, `lowerdir=`, `upperdir=` and `workdir=` take it: `\`, `:` and
+/// `,` escaped.
+pub fn esc_layer(p: &Path) -> String {
+    p.to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace(':', "\\:")
+        .replace(',', "\\,")
+}
+
+fn layer_list(lowers: &[&Path]) -> String {
+    lowers
+        .iter()
+        .map(|p| esc_layer(p))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The native command line: `--lower L1:L2 [--upper U] [--work W] MERGED`.
+pub fn native_args(
+    lowers: &[&Path],
+    upper: Option<&Path>,
+    work: Option<&Path>,
+    merged: &Path,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec!["--lower".into(), layer_list(lowers).into()];
+    if let Some(u) = upper {
+        a.extend(["--upper".into(), u.as_os_str().to_owned()]);
+    }
+    if let Some(w) = work {
+        a.extend(["--work".into(), w.as_os_str().to_owned()]);
+    }
+    a.push(merged.as_os_str().to_owned());
+    a
+}
+
+/// The fuse-overlayfs command line: `[SOURCE] MERGED -o lowerdir=...,upperdir=...,workdir=...`.
+pub fn overlay_args(
+    source: Option<&str>,
+    lowers: &[&Path],
+    upper: Option<&Path>,
+    work: Option<&Path>,
+    merged: &Path,
+) -> Vec<OsString> {
+    let mut o = format!("lowerdir={}", layer_list(lowers));
+    if let Some(u) = upper {
+        o.push_str(&format!(",upperdir={}", esc_layer(u)));
+    }
+    if let Some(w) = work {
+        o.push_str(&format!(",workdir={}", esc_layer(w)));
+    }
+    let mut a: Vec<OsString> = source.map(OsString::from).into_iter().collect();
+    a.extend([merged.as_os_str().to_owned(), "-o".into(), o.into()]);
+    a
+}
