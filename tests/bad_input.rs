@@ -84,14 +84,10 @@ impl Fixture {
         self.l.root()
     }
 
-    fn lowers(&self) -> Vec<&Path> {
-        self.l.lowers.iter().map(PathBuf::as_path).collect()
-    }
-
     /// The usual good layers plus `extra` options, as the native and the -o form.
     fn with_opts(&self, opt: &str) -> [Vec<OsString>; 2] {
         let mut n = native_args(
-            &self.lowers(),
+            &self.l.lower_paths(),
             Some(&self.upper),
             Some(&self.work),
             &self.merged,
@@ -100,7 +96,7 @@ impl Fixture {
         n.insert(0, os("-o"));
         let mut o = overlay_args(
             Some("badinput"),
-            &self.lowers(),
+            &self.l.lower_paths(),
             Some(&self.upper),
             Some(&self.work),
             &self.merged,
@@ -200,7 +196,7 @@ fn malformed_option_values() {
 #[test]
 fn malformed_flags_and_layer_options() {
     let f = Fixture::new();
-    let lo = f.lowers();
+    let lo = f.l.lower_paths();
     let good = native_args(&lo, Some(&f.upper), Some(&f.work), &f.merged);
     let mut fails = Vec::new();
     for (flag, value, word) in [
@@ -335,7 +331,7 @@ fn remount_of_something_not_mounted() {
 fn nested_layers_in_the_remaining_directions() {
     let f = Fixture::new();
     let r = f.root().to_path_buf();
-    let lo = f.lowers();
+    let lo = f.l.lower_paths();
     let in_work = f.l.mkdir("m/work/inner");
     let in_l0 = f.l.mkdir("lower0/inner");
     let in_merged = f.l.mkdir("m/merged/inner");
@@ -434,7 +430,7 @@ fn nested_layers_in_the_remaining_directions() {
 fn dangling_and_unusable_layer_paths() {
     let f = Fixture::new();
     let r = f.root().to_path_buf();
-    let lo = f.lowers();
+    let lo = f.l.lower_paths();
     symlink(r.join("nowhere"), r.join("dangling")).unwrap();
     symlink(r.join("loop-b"), r.join("loop-a")).unwrap();
     symlink(r.join("loop-a"), r.join("loop-b")).unwrap();
@@ -554,7 +550,7 @@ fn dangling_and_unusable_layer_paths() {
 #[test]
 fn default_work_directory_refusals() {
     let f = Fixture::new();
-    let lo = f.lowers();
+    let lo = f.l.lower_paths();
     let mut fails = Vec::new();
     let default_work = f.root().join("m/.upper.work");
     fs::write(&default_work, "a file where the work directory goes").unwrap();
@@ -593,7 +589,7 @@ fn mount_tmpfs(p: &Path, opts: &str) -> ScratchMount {
 #[test]
 fn upper_at_a_filesystem_root_or_read_only() {
     let f = Fixture::new();
-    let lo = f.lowers();
+    let lo = f.l.lower_paths();
     let t = f.l.mkdir("tmpfs-upper");
     let ro = f.l.mkdir("ro");
     let mut fails = Vec::new();
@@ -645,7 +641,7 @@ fn upper_at_a_filesystem_root_or_read_only() {
 #[test]
 fn a_path_with_a_newline_is_reported_on_one_line() {
     let f = Fixture::new();
-    let lo = f.lowers();
+    let lo = f.l.lower_paths();
     let odd = f.root().join("new\nline");
     let mut fails = Vec::new();
     fails.extend(f.both_forms(

@@ -815,15 +815,12 @@ fn stale_work_entries_are_removed_without_following_links() {
     }
     std::os::unix::fs::symlink(&sent, base.join("work/work")).unwrap();
     let before = snapshot(&sent);
-    let out = run_unionmount(&[
-        "--lower".as_ref(),
-        l.lowerdir_opt().as_ref(),
-        "--upper".as_ref(),
-        base.join("upper").as_os_str(),
-        "--work".as_ref(),
-        base.join("work").as_os_str(),
-        base.join("merged").as_os_str(),
-    ]);
+    let out = run_unionmount(&native_args(
+        &l.lower_paths(),
+        Some(&base.join("upper")),
+        Some(&base.join("work")),
+        &base.join("merged"),
+    ));
     if out.status.success() {
         // Should it ever be accepted, it must not have cleaned the sentinel.
         let _ = Command::new("fusermount3")

@@ -722,17 +722,14 @@ fn fsync_opt_out_options_are_accepted() {
     for d in ["upper", "work", "merged"] {
         fs::create_dir_all(base.join(d)).unwrap();
     }
-    let out = run_unionmount(&[
-        "--lower".as_ref(),
-        l.lowerdir_opt().as_ref(),
-        "--upper".as_ref(),
-        base.join("upper").as_os_str(),
-        "--work".as_ref(),
-        base.join("work").as_os_str(),
-        "-o".as_ref(),
-        "fsync=maybe".as_ref(),
-        base.join("merged").as_os_str(),
-    ]);
+    let mut args = native_args(
+        &l.lower_paths(),
+        Some(&base.join("upper")),
+        Some(&base.join("work")),
+        &base.join("merged"),
+    );
+    args.splice(0..0, ["-o".into(), "fsync=maybe".into()]);
+    let out = run_unionmount(&args);
     assert!(!out.status.success(), "fsync=maybe was accepted");
     assert!(!is_mounted(&base.join("merged")));
 }

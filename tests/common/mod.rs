@@ -291,11 +291,12 @@ impl Layers {
     }
 
     pub fn lowerdir_opt(&self) -> String {
-        self.lowers
-            .iter()
-            .map(|p| p.to_string_lossy().replace(':', "\\:"))
-            .collect::<Vec<_>>()
-            .join(":")
+        layer_list(&self.lower_paths())
+    }
+
+    /// The lower layers' paths, top first.
+    pub fn lower_paths(&self) -> Vec<&Path> {
+        self.lowers.iter().map(PathBuf::as_path).collect()
     }
 
     /// Mounts unionmount over these lowers with upper `name/upper` and work `name/work`.
