@@ -48,7 +48,7 @@
 
 mod common;
 
-use common::{Layers, Mount, kind_of};
+use common::{Layers, Mount, Rng, kind_of};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fmt;
@@ -60,33 +60,9 @@ use std::path::Path;
 // ---------------------------------------------------------------------------------------------
 // Randomness
 
-/// splitmix64: small, seedable, good enough for test generation.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x005e_ed0f_d1ff)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len() as u64) as usize]
-    }
+/// The generator for a seed (offset so that seed 0 is not the all-zero state).
+fn seeded(seed: u64) -> Rng {
+    Rng(seed ^ 0x005e_ed0f_d1ff)
 }
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
@@ -121,7 +97,7 @@ fn parent(p: &str) -> &str {
 
 /// Builds the lower layers for `seed` (the same seed always gives the same layers).
 fn build_lowers(seed: u64) -> Layers {
-    let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(7));
+    let mut rng = seeded(seed.wrapping_mul(31).wrapping_add(7));
     let n = 2 + rng.below(2) as usize;
     let layers = Layers::new(n);
     // Bottom-up, so that a layer knows the one below it.
@@ -197,7 +173,7 @@ fn build_lowers(seed: u64) -> Layers {
             };
             match kind {
                 'f' => {
-                    let len = if rng.chance(10) {
+                    let len = if rng.percent(10) {
                         5000 + rng.below(3000)
                     } else {
                         rng.below(40)
@@ -206,7 +182,7 @@ fn build_lowers(seed: u64) -> Layers {
                     l.file_bytes(&p, &vec![byte; len as usize]);
                 }
                 'd' => {
-                    if !bottom && rng.chance(35) {
+                    if !bottom && rng.percent(35) {
                         l.opaque_xattr(&p, "trusted.overlay.opaque");
                         have.insert(p.clone(), 'o');
                     } else {
@@ -241,18 +217,18 @@ fn build_lowers(seed: u64) -> Layers {
             if kind == 'w' {
                 continue;
             }
-            if kind != 'l' && rng.chance(40) {
+            if kind != 'l' && rng.percent(40) {
                 let modes: &[u32] = if kind == 'd' { &DIR_MODES } else { &FILE_MODES };
                 l.chmod(&p, *rng.pick(modes));
             }
-            if rng.chance(30) {
+            if rng.percent(30) {
                 l.chown(&p, *rng.pick(&OWNERS), *rng.pick(&OWNERS));
             }
-            if matches!(kind, 'f' | 'd') && rng.chance(30) {
+            if matches!(kind, 'f' | 'd') && rng.percent(30) {
                 let name = *rng.pick(&XATTRS);
                 l.xattr(&p, name, format!("v{}", rng.below(100)).as_bytes());
             }
-            if rng.chance(50) {
+            if rng.percent(50) {
                 let t = 1_000_000_000 + rng.below(100_000_000) as i64;
                 l.times(&p, t, t + rng.below(1000) as i64);
             }
@@ -260,7 +236,7 @@ fn build_lowers(seed: u64) -> Layers {
         below = have.clone();
         // Directory times last: filling a directory changed them.
         for (p, k) in have.iter().rev() {
-            if matches!(*k, 'd' | 'o') && rng.chance(50) {
+            if matches!(*k, 'd' | 'o') && rng.percent(50) {
                 let t = 1_100_000_000 + rng.below(100_000_000) as i64;
                 l.times(p, t, t);
             }
@@ -456,7 +432,7 @@ fn apply(op: &Op, root: &Path) -> Res {
 /// A path for an operation: usually one that exists (so that operations act on something),
 /// sometimes any path of the pool.
 fn some_path(rng: &mut Rng, snap: &Snap) -> String {
-    if rng.chance(65) && snap.entries.len() > 1 {
+    if rng.percent(65) && snap.entries.len() > 1 {
         let keys: Vec<&String> = snap.entries.keys().filter(|k| !k.is_empty()).collect();
         (*rng.pick(&keys)).clone()
     } else {
@@ -472,7 +448,7 @@ fn new_path(rng: &mut Rng, snap: &Snap) -> String {
         .filter(|(p, e)| e.kind == 'd' && p.matches('/').count() < 2)
         .map(|(p, _)| p)
         .collect();
-    if rng.chance(60) && !dirs.is_empty() {
+    if rng.percent(60) && !dirs.is_empty() {
         let d = *rng.pick(&dirs);
         let name = *rng.pick(&NAMES);
         if d.is_empty() {
@@ -502,7 +478,7 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
                 2 => 4096 + rng.below(8192),
                 _ => rng.below(20_000),
             };
-            let len = if rng.chance(20) {
+            let len = if rng.percent(20) {
                 3000 + rng.below(6000)
             } else {
                 1 + rng.below(50)
@@ -518,14 +494,14 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
             Op::Truncate(p, len)
         }
         27..=32 => {
-            let m = if rng.chance(50) {
+            let m = if rng.percent(50) {
                 *rng.pick(&FILE_MODES)
             } else {
                 *rng.pick(&DIR_MODES)
             };
             Op::Chmod(p, m)
         }
-        33..=37 => Op::Chown(p, *rng.pick(&OWNERS), *rng.pick(&OWNERS), rng.chance(50)),
+        33..=37 => Op::Chown(p, *rng.pick(&OWNERS), *rng.pick(&OWNERS), rng.percent(50)),
         38..=44 => {
             let a = 1_200_000_000 + rng.below(100_000_000) as i64;
             let m = 1_200_000_000 + rng.below(100_000_000) as i64;
@@ -560,7 +536,7 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
         ),
         92..=95 => Op::RemoveXattr(p, (*rng.pick(&XATTRS)).to_string()),
         _ => {
-            if rng.chance(60) {
+            if rng.percent(60) {
                 Op::Mknod(p, 'p', *rng.pick(&FILE_MODES) & 0o777, 0, 0)
             } else {
                 let (k, ma, mi) = *rng.pick(&DEVICES);
@@ -981,7 +957,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let mut k = layers.mount_kernel("kernel");
     let mut u = layers.mount("union");
     let mut ops: Vec<Op> = Vec::new();
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     let fail = |ops: Vec<Op>, step: usize, msg: String| Outcome {
         ops,
         succeeded: 0,

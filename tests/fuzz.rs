@@ -32,48 +32,21 @@ use std::time::{Duration, Instant};
 use unionmount::config::{self, Parsed};
 
 // ---------------------------------------------------------------------------------------------
-// A small deterministic PRNG (splitmix64)
+// Random offsets and sizes
 // ---------------------------------------------------------------------------------------------
 
-struct Rng(u64);
-
 impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
-
     /// An offset or size: small, near a power of two, or huge (also past i64::MAX).
     fn offset(&mut self) -> u64 {
-        match self.below(6) {
-            0 => self.below(16) as u64,
-            1 => self.below(70_000) as u64,
+        match self.index(6) {
+            0 => self.index(16) as u64,
+            1 => self.index(70_000) as u64,
             2 => {
-                let b = 1u64 << self.below(63);
-                b.wrapping_add(self.below(3) as u64).wrapping_sub(1)
+                let b = 1u64 << self.index(63);
+                b.wrapping_add(self.index(3) as u64).wrapping_sub(1)
             }
-            3 => i64::MAX as u64 - self.below(4) as u64,
-            4 => u64::MAX - self.below(4) as u64,
+            3 => i64::MAX as u64 - self.index(4) as u64,
+            4 => u64::MAX - self.index(4) as u64,
             _ => self.next(),
         }
     }
@@ -178,41 +151,41 @@ const FLAGS: &[&str] = &[
 
 /// A random value for an option: numbers, ranges, paths, empty, quotes, escapes, huge.
 fn rand_value(r: &mut Rng, paths: &[String]) -> String {
-    match r.below(16) {
+    match r.index(16) {
         0 => String::new(),
-        1 => r.below(4).to_string(),
+        1 => r.index(4).to_string(),
         2 => format!("{}", r.next() as i64),
         3 => format!(
             "{}:{}:{}",
-            r.below(70_000),
-            r.below(70_000),
-            r.below(70_000)
+            r.index(70_000),
+            r.index(70_000),
+            r.index(70_000)
         ),
         4 => format!(
             "{}:{}:{}:{}",
             r.next() as u32,
             r.next() as u32,
             r.next() as u32,
-            r.below(9)
+            r.index(9)
         ),
         5 => r.pick(paths).clone(),
-        6 => (0..1 + r.below(5))
+        6 => (0..1 + r.index(5))
             .map(|_| r.pick(paths).replace(':', "\\:"))
             .collect::<Vec<_>>()
             .join(":"),
         7 => "\"a,b:c\"".into(),
         8 => "\"unterminated,x".into(),
-        9 => "x".repeat(1 + r.below(200_000)),
+        9 => "x".repeat(1 + r.index(200_000)),
         10 => [
             "nan", "inf", "-inf", "1e400", "-0", "0.5", "1e9", "abc", "0x10",
-        ][r.below(9)]
+        ][r.index(9)]
         .into(),
         11 => "\\".into(),
         12 => "a\\,b\\:c\\".into(),
         13 => "\n\t\r\u{0}é€".into(),
-        14 => ":".repeat(r.below(600)),
+        14 => ":".repeat(r.index(600)),
         _ => {
-            let n = 1 + r.below(40);
+            let n = 1 + r.index(40);
             rand_text(r, n)
         }
     }
@@ -228,27 +201,27 @@ fn rand_text(r: &mut Rng, len: usize) -> String {
 
 /// A random `-o` string: a list of `key[=value]` items, sometimes mangled.
 fn rand_o(r: &mut Rng, paths: &[String]) -> String {
-    let n = r.below(8);
+    let n = r.index(8);
     let mut items = Vec::new();
     for _ in 0..n {
         let k = r.pick(KNOWN).to_string();
-        let item = match r.below(4) {
+        let item = match r.index(4) {
             0 => k,
             1 => format!("{k}="),
             _ => format!("{k}={}", rand_value(r, paths)),
         };
         items.push(item);
     }
-    let sep = if r.chance(5) { ",," } else { "," };
+    let sep = if r.one_in(5) { ",," } else { "," };
     let mut s = items.join(sep);
-    if r.chance(6) {
+    if r.one_in(6) {
         // Mutate a few bytes.
         let mut b: Vec<char> = s.chars().collect();
-        for _ in 0..1 + r.below(4) {
+        for _ in 0..1 + r.index(4) {
             if b.is_empty() {
                 break;
             }
-            let i = r.below(b.len());
+            let i = r.index(b.len());
             b[i] = *r.pick(&[',', ':', '=', '\\', '"', 'x']);
         }
         s = b.into_iter().collect();
@@ -259,10 +232,10 @@ fn rand_o(r: &mut Rng, paths: &[String]) -> String {
 /// A random argument that is not valid UTF-8.
 fn non_utf8(r: &mut Rng) -> OsString {
     let mut v = b"lowerdir=/".to_vec();
-    v.truncate(r.below(v.len() + 1));
+    v.truncate(r.index(v.len() + 1));
     v.push(0xff);
     v.push(0xfe);
-    let n = r.below(8);
+    let n = r.index(8);
     v.extend_from_slice(rand_text(r, n).as_bytes());
     OsString::from_vec(v)
 }
@@ -270,9 +243,9 @@ fn non_utf8(r: &mut Rng) -> OsString {
 /// A random argument vector (program name first).
 fn rand_args(r: &mut Rng, paths: &[String]) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec!["unionmount".into()];
-    let n = r.below(9);
+    let n = r.index(9);
     for _ in 0..n {
-        match r.below(10) {
+        match r.index(10) {
             0..=2 => {
                 a.push("-o".into());
                 a.push(rand_o(r, paths).into());
@@ -293,14 +266,14 @@ fn mutated_args(r: &mut Rng, paths: &[String]) -> Vec<OsString> {
     let root = Path::new(&paths[0]).parent().unwrap().to_path_buf();
     let d = |n: &str| root.join(n).to_string_lossy().into_owned();
     let mut a: Vec<String> = vec!["unionmount".into()];
-    if r.chance(2) {
+    if r.one_in(2) {
         a.extend(["--lower".into(), format!("{}:{}", d("l0"), d("l1"))]);
-        if r.chance(2) {
+        if r.one_in(2) {
             a.extend(["--upper".into(), d("u"), "--work".into(), d("w")]);
         }
         a.push(d("m"));
     } else {
-        if r.chance(2) {
+        if r.one_in(2) {
             a.push("src".into());
         }
         a.push(d("m"));
@@ -313,9 +286,9 @@ fn mutated_args(r: &mut Rng, paths: &[String]) -> Vec<OsString> {
             d("w")
         ));
     }
-    for _ in 0..1 + r.below(3) {
-        let i = 1 + r.below(a.len() - 1);
-        match r.below(6) {
+    for _ in 0..1 + r.index(3) {
+        let i = 1 + r.index(a.len() - 1);
+        match r.index(6) {
             0 => a[i] = rand_value(r, paths),
             1 => a[i] = r.pick(paths).clone(),
             2 => {
@@ -461,7 +434,7 @@ fn check_message(
 fn option_parser_never_panics() {
     let cases = env_num("UNIONMOUNT_FUZZ_CASES", 5000);
     let seed = base_seed("option parser");
-    let mut r = Rng::new(seed);
+    let mut r = Rng(seed);
     let l = Layers::new(0);
     make_pool_dirs(l.root());
     let paths = path_pool(l.root());
@@ -469,7 +442,7 @@ fn option_parser_never_panics() {
     let (mut ok, mut refused, mut printed, mut checked) = (0u64, 0u64, 0u64, 0u64);
     let mut problems = BTreeMap::new();
     for case in 0..cases {
-        let args = if r.chance(2) {
+        let args = if r.one_in(2) {
             rand_args(&mut r, &paths)
         } else {
             mutated_args(&mut r, &paths)
@@ -525,7 +498,7 @@ fn option_parser_never_panics() {
         assert!(opts.iter().all(|o| !o.is_empty()), "{s:?} -> {opts:?}");
         assert!(!layers.is_empty(), "{s:?}: no layers at all");
         // Escaping a list and splitting it gives the list back.
-        let want: Vec<String> = (0..1 + r.below(4)).map(|_| rand_text(&mut r, 6)).collect();
+        let want: Vec<String> = (0..1 + r.index(4)).map(|_| rand_text(&mut r, 6)).collect();
         let joined = want
             .iter()
             .map(|p| p.replace('\\', "\\\\").replace(':', "\\:"))
@@ -598,7 +571,7 @@ fn mounts_under(root: &Path) -> Vec<String> {
 fn binary_refuses_bad_command_lines_without_panicking() {
     let cases = env_num("UNIONMOUNT_FUZZ_BIN_CASES", 300);
     let seed = base_seed("binary");
-    let mut r = Rng::new(seed);
+    let mut r = Rng(seed);
     let l = Layers::new(0);
     make_pool_dirs(l.root());
     let mut paths = path_pool(l.root());
@@ -612,7 +585,7 @@ fn binary_refuses_bad_command_lines_without_panicking() {
     let mut before = listing(l.root());
     let mut fails = Vec::new();
     for case in 0..cases {
-        let mut args = if r.chance(2) {
+        let mut args = if r.one_in(2) {
             rand_args(&mut r, &paths)
         } else {
             mutated_args(&mut r, &paths)
@@ -630,7 +603,7 @@ fn binary_refuses_bad_command_lines_without_panicking() {
                 OsString::from_vec(v)
             })
             .collect();
-        if r.chance(2) {
+        if r.one_in(2) {
             // A plausible command line with one bad option value.
             let bad = *r.pick(&[
                 "uidmapping=garbage",
@@ -833,7 +806,7 @@ const NAMES: &[&str] = &[
 ];
 
 fn rand_path(r: &mut Rng, merged: &Path) -> PathBuf {
-    match r.below(20) {
+    match r.index(20) {
         0 => merged.join("n".repeat(255)),
         1 => merged.join("n".repeat(256)),
         2 => merged.to_path_buf(),
@@ -859,7 +832,7 @@ fn rand_open_flags(r: &mut Rng) -> libc::c_int {
         (libc::O_SYNC, 8),
         (libc::O_TMPFILE, 10),
     ] {
-        if r.chance(one_in) {
+        if r.one_in(one_in) {
             f |= bit;
         }
     }
@@ -879,13 +852,13 @@ const XATTR_PREFIXES: &[&str] = &[
 
 fn rand_xattr_name(r: &mut Rng) -> CString {
     let mut n = r.pick(XATTR_PREFIXES).to_string();
-    let len = match r.below(4) {
-        0 => 250 + r.below(10),
-        1 => r.below(3),
-        _ => 1 + r.below(12),
+    let len = match r.index(4) {
+        0 => 250 + r.index(10),
+        1 => r.index(3),
+        _ => 1 + r.index(12),
     };
     n.push_str(&"k".repeat(len));
-    if r.chance(8) {
+    if r.one_in(8) {
         n = "trusted.overlay.opaque".into();
     }
     CString::new(n).unwrap()
@@ -898,13 +871,13 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
     let fd = if fds.is_empty() {
         -1
     } else {
-        fds[r.below(fds.len())]
+        fds[r.index(fds.len())]
     };
     // SAFETY (for every call below): plain system calls on NUL-terminated paths, on fds this
     // thread opened, and into buffers at least as long as the length passed.
     let mut res: i64 = -1;
     unsafe {
-        match r.below(34) {
+        match r.index(34) {
             0..=3 => {
                 let flags = rand_open_flags(r);
                 let mode = (r.next() & 0o7777) as libc::c_uint;
@@ -921,24 +894,24 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
             }
             4 => {
                 if !fds.is_empty() {
-                    let i = r.below(fds.len());
+                    let i = r.index(fds.len());
                     res = libc::close(fds.swap_remove(i)) as i64;
                 }
             }
             5 => {
-                let n = r.below(buf.len());
+                let n = r.index(buf.len());
                 res = libc::read(fd, buf.as_mut_ptr().cast(), n) as i64;
             }
             6 => {
-                let n = r.below(buf.len());
+                let n = r.index(buf.len());
                 res = libc::pread(fd, buf.as_mut_ptr().cast(), n, r.offset() as i64) as i64;
             }
             7 => {
-                let n = r.below(4096);
+                let n = r.index(4096);
                 res = libc::write(fd, buf.as_ptr().cast(), n) as i64;
             }
             8 => {
-                let n = r.below(8192);
+                let n = r.index(8192);
                 res = libc::pwrite(fd, buf.as_ptr().cast(), n, r.offset() as i64) as i64;
             }
             9 => {
@@ -1024,9 +997,9 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
                 // readdir from a random offset.
                 let d = libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
                 if d >= 0 {
-                    for _ in 0..1 + r.below(3) {
+                    for _ in 0..1 + r.index(3) {
                         libc::lseek(d, r.offset() as i64, libc::SEEK_SET);
-                        let n = 64 + r.below(buf.len() - 64);
+                        let n = 64 + r.index(buf.len() - 64);
                         res = libc::syscall(libc::SYS_getdents64, d, buf.as_mut_ptr(), n) as i64;
                     }
                     libc::close(d);
@@ -1044,10 +1017,10 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
                     0x7f,
                 ]);
                 // At most 1 MiB is ever allocated.
-                let len = if r.chance(4) {
+                let len = if r.one_in(4) {
                     r.offset() as i64
                 } else {
-                    r.below(1 << 20) as i64
+                    r.index(1 << 20) as i64
                 };
                 let len = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
                     len
@@ -1060,12 +1033,12 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
                 let other = if fds.is_empty() {
                     -1
                 } else {
-                    fds[r.below(fds.len())]
+                    fds[r.index(fds.len())]
                 };
                 let mut off_in = r.offset() as i64;
                 let mut off_out = r.offset() as i64;
-                let use_off = r.chance(2);
-                let len = r.below(1 << 20);
+                let use_off = r.one_in(2);
+                let len = r.index(1 << 20);
                 res = libc::copy_file_range(
                     fd,
                     if use_off {
@@ -1080,7 +1053,7 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
                         std::ptr::null_mut()
                     },
                     len,
-                    if r.chance(10) { 1 } else { 0 },
+                    if r.one_in(10) { 1 } else { 0 },
                 ) as i64;
             }
             25 => {
@@ -1105,11 +1078,11 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
                 ];
                 let ts = [
                     libc::timespec {
-                        tv_sec: r.next() as i64 >> r.below(64),
+                        tv_sec: r.next() as i64 >> r.index(64),
                         tv_nsec: *r.pick(NSEC),
                     },
                     libc::timespec {
-                        tv_sec: r.next() as i64 >> r.below(64),
+                        tv_sec: r.next() as i64 >> r.index(64),
                         tv_nsec: *r.pick(NSEC),
                     },
                 ];
@@ -1150,23 +1123,23 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
                 res = libc::lstat(c.as_ptr(), &mut st) as i64;
                 let mut sfs: libc::statfs = std::mem::zeroed();
                 libc::statfs(c.as_ptr(), &mut sfs);
-                libc::readlink(c.as_ptr(), buf.as_mut_ptr().cast(), r.below(8));
+                libc::readlink(c.as_ptr(), buf.as_mut_ptr().cast(), r.index(8));
             }
             32 => {
-                if r.chance(2) {
+                if r.one_in(2) {
                     res = libc::fsync(fd) as i64;
                 } else {
                     res = libc::fdatasync(fd) as i64;
                 }
             }
             _ => {
-                res = libc::access(c.as_ptr(), r.below(16) as libc::c_int) as i64;
+                res = libc::access(c.as_ptr(), r.index(16) as libc::c_int) as i64;
             }
         }
     }
     // Keep the number of open files small.
     while fds.len() > 16 {
-        let i = r.below(fds.len());
+        let i = r.index(fds.len());
         // SAFETY: an fd this thread opened and still owns.
         unsafe { libc::close(fds.swap_remove(i)) };
     }
@@ -1206,7 +1179,7 @@ fn fuzz_one_mount(extra: &[&str], what: &str, ops_per_thread: u64, threads: u64)
         let tx = tx.clone();
         let tseed = seed.wrapping_add(t.wrapping_mul(0x1000_0000_0001));
         handles.push(std::thread::spawn(move || {
-            let mut r = Rng::new(tseed);
+            let mut r = Rng(tseed);
             let mut fds = Vec::new();
             let mut buf = vec![0u8; 1 << 16];
             let mut ok = 0u64;
