@@ -551,17 +551,6 @@ fn could_act(args: &[OsString], cwd: &Path) -> bool {
     }
 }
 
-/// Mount targets at or under `root`.
-fn mounts_under(root: &Path) -> Vec<String> {
-    let r = root.to_string_lossy().into_owned();
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1).map(String::from))
-        .filter(|m| m.starts_with(&r))
-        .collect()
-}
-
 /// A few hundred random command lines through the real binary, each ending in a mountpoint
 /// that does not exist or carrying a bad option: exit non-zero, one stderr line, no panic,
 /// nothing mounted, nothing on disk changed. A command line the in-process checks accept
