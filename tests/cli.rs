@@ -64,32 +64,7 @@ fn bin_path() -> PathBuf {
 fn daemon_pids(merged: &Path) -> Vec<i32> {
     let bin = bin_path();
     let want = s(merged);
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let base = e.path();
-        let Ok(exe) = fs::read_link(base.join("exe")) else {
-            continue;
-        };
-        if exe != bin {
-            continue;
-        }
-        let Ok(cmd) = fs::read(base.join("cmdline")) else {
-            continue;
-        };
-        if !cmd.split(|&b| b == 0).any(|a| a == want.as_bytes()) {
-            continue;
-        }
-        let stat = fs::read_to_string(base.join("stat")).unwrap_or_default();
-        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
-        if matches!(state, Some(Some('Z' | 'X')) | None) {
-            continue;
-        }
-        out.push(pid);
-    }
-    out
+    processes(|exe, args| exe == Some(bin.as_path()) && args.contains(&want))
 }
 
 fn assert_daemon_gone(merged: &Path, how: &str) {

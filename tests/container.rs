@@ -60,33 +60,14 @@ fn give_to_user(l: &Layers, uid: u32) {
 /// PIDs of unionmount daemons (under either name) whose command line mentions `root`.
 fn daemons_under(root: &Path) -> Vec<i32> {
     let needle = root.to_string_lossy().into_owned();
-    let me = std::process::id() as i32;
-    let mut pids = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+    processes(|_, args| {
         let name = args
             .first()
-            .map(|a| a.rsplit('/').next().unwrap_or("").to_string())
+            .map(|a| a.rsplit('/').next().unwrap_or(""))
             .unwrap_or_default();
-        if (name == "unionmount" || name == "fuse-overlayfs")
+        (name == "unionmount" || name == "fuse-overlayfs")
             && args.iter().any(|a| a.contains(&needle))
-        {
-            pids.push(pid);
-        }
-    }
-    pids
+    })
 }
 
 /// Every daemon started for `root` has exited (they exit once unmounted).

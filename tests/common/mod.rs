@@ -1249,3 +1249,36 @@ impl Rng {
         &v[self.index(v.len())]
     }
 }
+
+/// Live processes other than this one (zombies left out) for which `matches(exe, args)`
+/// holds; `exe` is `None` where it cannot be read.
+pub fn processes(matches: impl Fn(Option<&Path>, &[String]) -> bool) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let base = e.path();
+        let Ok(cmd) = fs::read(base.join("cmdline")) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let stat = fs::read_to_string(base.join("stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+        if matches!(state, Some(Some('Z' | 'X')) | None) {
+            continue;
+        }
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let exe = fs::read_link(base.join("exe")).ok();
+        if matches(exe.as_deref(), &args) {
+            out.push(pid);
+        }
+    }
+    out
+}
