@@ -76,20 +76,6 @@ fn assert_daemon_gone(merged: &Path, how: &str) {
     );
 }
 
-/// Sorted names in a directory, read right now (through a mount if there is one).
-fn ls(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(p)
-        .unwrap_or_else(|e| panic!("readdir {}: {e}", p.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -171,7 +157,7 @@ fn uwm(l: &Layers, name: &str) -> (PathBuf, PathBuf, PathBuf) {
 fn check_two_layer_view(merged: &Path, upper: Option<&Path>) {
     assert_eq!(fs::read_to_string(merged.join("a")).unwrap(), "from lower0");
     assert_eq!(fs::read_to_string(merged.join("b")).unwrap(), "from lower1");
-    assert_eq!(ls(&merged.join("d")), strs(&["x", "y"]));
+    assert_eq!(names(&merged.join("d")), strs(&["x", "y"]));
     if let Some(u) = upper {
         fs::write(merged.join("new"), "written").unwrap();
         assert_eq!(fs::read_to_string(u.join("new")).unwrap(), "written");
@@ -295,7 +281,7 @@ fn native_form_default_work_dir_is_created_beside_upper() {
         default_work.join("work").is_dir(),
         "{} holds {:?}, no work/",
         default_work.display(),
-        ls(&default_work)
+        names(&default_work)
     );
     assert_eq!(
         fs::metadata(&default_work).unwrap().dev(),
@@ -310,7 +296,7 @@ fn native_form_default_work_dir_is_created_beside_upper() {
         "no whiteout for b in the upper"
     );
     // Nothing besides the upper, the default work dir and the mountpoint in the base.
-    assert_eq!(ls(&base), strs(&[".upper.work", "merged", "upper"]));
+    assert_eq!(names(&base), strs(&[".upper.work", "merged", "upper"]));
     m.unmount();
     assert!(!is_mounted(&merged));
     // A second mount reuses it.
@@ -646,7 +632,7 @@ fn unmount_with(tool: &str, args: &[&str]) {
     assert!(!is_mounted(&merged), "still mounted after {tool}");
     assert_daemon_gone(&merged, tool);
     assert_eq!(
-        ls(&merged),
+        names(&merged),
         Vec::<String>::new(),
         "the mountpoint is an empty directory again"
     );
@@ -943,7 +929,7 @@ fn many_layers_o_form(n: usize) {
     );
     let mut g: Vec<String> = (0..n).map(|i| format!("g{i}")).collect();
     g.sort();
-    assert_eq!(ls(&merged.join("dir")), g);
+    assert_eq!(names(&merged.join("dir")), g);
     fs::write(merged.join(format!("f{}", n - 1)), "changed").unwrap();
     assert_eq!(
         fs::read_to_string(upper.join(format!("f{}", n - 1))).unwrap(),

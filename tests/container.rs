@@ -100,20 +100,6 @@ fn read(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
-/// Sorted names in a directory.
-fn ls(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(p)
-        .unwrap_or_else(|e| panic!("readdir {}: {e}", p.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
 /// Every relative path in a real directory tree (not through a mount), with the markers.
 fn all_paths(root: &Path) -> Vec<String> {
     raw_tree(root)
@@ -368,7 +354,7 @@ fn rootless_busybox_container() {
     for w in ["data/keep", "data/replaced", "data/tree"] {
         assert!(is_whiteout(&up.join(w)), "{w}: a char 0/0 whiteout");
     }
-    assert_eq!(ls(&up.join("srv")), strs(&["only"]));
+    assert_eq!(names(&up.join("srv")), strs(&["only"]));
     assert_eq!(
         get_xattr(&up.join("srv"), "user.overlay.opaque"),
         Ok(b"y".to_vec()),
@@ -616,9 +602,8 @@ impl Storage {
     fn check_view(&self, m: &Path) {
         let n = self.links.len();
         assert_eq!(read(&m.join("common")), "layer 0", "top-most wins");
-        let names = ls(&m.join("layers"));
         assert_eq!(
-            names,
+            names(&m.join("layers")),
             self.expected_layer_names(),
             ".wh. files hide lower names"
         );
@@ -630,18 +615,18 @@ impl Storage {
             !m.join("gone").exists(),
             ".wh.gone hides a merged directory"
         );
-        assert_eq!(ls(&m.join("opq")), strs(&["top"]), ".wh..wh..opq");
+        assert_eq!(names(&m.join("opq")), strs(&["top"]), ".wh..wh..opq");
         assert_eq!(read(&m.join("revived")), "20");
         let sub3: Vec<String> = (0..n)
             .filter(|i| i % 10 == 3)
             .map(|i| format!("f{i:03}"))
             .collect();
         assert_eq!(
-            ls(&m.join("dir/sub3")),
+            names(&m.join("dir/sub3")),
             sub3,
             "a directory merged from many layers"
         );
-        let root = ls(m);
+        let root = names(m);
         assert!(root.iter().all(|n| !n.starts_with(".wh.")), "{root:?}");
     }
 }
@@ -916,8 +901,8 @@ fn containerd_mount_helper_as_root() {
         fs::read_link(format!("/proc/{}/exe", pids[0])).unwrap(),
         dir.join("fuse-overlayfs")
     );
-    assert_eq!(ls(&merged), strs(&["bottom", "d", "top"]));
-    assert_eq!(ls(&merged.join("d")), strs(&["low", "shared"]));
+    assert_eq!(names(&merged), strs(&["bottom", "d", "top"]));
+    assert_eq!(names(&merged.join("d")), strs(&["low", "shared"]));
     assert_eq!(read(&merged.join("d/shared")), "from 0");
     fs::write(merged.join("new"), "written").unwrap();
     fs::remove_file(merged.join("d/low")).unwrap();

@@ -689,14 +689,19 @@ pub fn ino(p: &Path) -> u64 {
     fs::symlink_metadata(p).unwrap().ino()
 }
 
-/// Names in a real directory (not through any mount), sorted.
+/// Names in a directory, sorted (read now, through a mount if there is one).
 pub fn names(p: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(p)
-        .unwrap()
+        .unwrap_or_else(|e| panic!("readdir {}: {e}", p.display()))
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     v.sort();
     v
+}
+
+/// Owned strings, to compare with `names`.
+pub fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
