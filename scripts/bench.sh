@@ -23,6 +23,8 @@
 #   BENCH_USER=umtest     unprivileged user for the rootless peer (needs /dev/fuse mode 0666)
 #   BENCH_OUT=bench-results   directory for results.csv, samples.csv, ratios.svg, table.txt
 #   BENCH_KEEP=0          1 keeps the scratch directory (under ${TMPDIR:-/tmp})
+#   BENCH_FRESH_FS=1      1: every peer run writes to a new ext4 filesystem (a loop device with
+#                         direct I/O); 0: to a directory of the filesystem holding the layers
 #   BENCH_TRACE=          non-empty: trace the workload runners (bash -x with timestamps)
 # Programs:
 #   UNIONMOUNT        unionmount binary (default: `cargo build --release`, then target/release)
@@ -38,7 +40,11 @@
 # as root), plain (the underlying filesystem, no union: the lower layer read directly, writes
 # to a scratch directory).
 #
-# Every repeat mounts each peer afresh on an empty upper layer. Cold runs drop the page cache
+# Every repeat mounts each peer afresh on an empty upper layer, on a newly made ext4 filesystem
+# (BENCH_FRESH_FS): ext4 slows inode allocation right after many deletions (it scans the
+# inode table for recently freed inodes), so on a shared filesystem each run's create, untar
+# and copy-up times would depend on what the runs before it deleted. The layers stay on the
+# filesystem holding the scratch directory. Cold runs drop the page cache
 # first (`echo 3 > /proc/sys/vm/drop_caches`; the rootless peer asks the root side to do it
 # through a FIFO). `git status` runs with --no-optional-locks, so it never rewrites the index.
 
@@ -351,14 +357,17 @@ export BENCH_MOUNTS=${BENCH_MOUNTS:-8}
 BENCH_PEERS=${BENCH_PEERS:-kernel um-root um-rootless fo2 fo1 plain}
 BENCH_USER=${BENCH_USER:-umtest}
 BENCH_OUT=${BENCH_OUT:-bench-results}
+BENCH_FRESH_FS=${BENCH_FRESH_FS:-1}
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$script_dir/.." && pwd)
 start=$(now)
 
-for tool in fio git tar python3 mountpoint; do
+tools="fio git tar python3 mountpoint"
+[ "$BENCH_FRESH_FS" = 1 ] && tools+=" mkfs.ext4 losetup findmnt"
+for tool in $tools; do
     command -v "$tool" >/dev/null || {
-        echo "bench.sh: $tool is needed" >&2
+        echo "bench.sh: $tool is needed (mkfs.ext4, losetup and findmnt only with BENCH_FRESH_FS=1)" >&2
         exit 1
     }
 done
@@ -368,6 +377,15 @@ chmod 755 "$W"
 HELPER_PID=""
 CHILD_PID=""
 
+# Loop devices backed by images under $W.
+detach_loops() {
+    local dev
+    for dev in $(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null |
+        awk -v w="$W/" 'index($2, w) == 1 { print $1 }'); do
+        losetup --detach "$dev"
+    done
+}
+
 cleanup() {
     set +e
     [ -n "$CHILD_PID" ] && kill "$CHILD_PID" 2>/dev/null && wait "$CHILD_PID" 2>/dev/null
@@ -376,6 +394,7 @@ cleanup() {
     for m in $(awk -v w="$W/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r); do
         do_umount "$m"
     done
+    detach_loops
     if awk -v w="$W/" 'index($2, w) == 1 { found = 1 } END { exit !found }' /proc/mounts; then
         echo "bench.sh: mounts left under $W" >&2
         left=1
@@ -546,9 +565,30 @@ start_helper() {
     HELPER_PID=$!
 }
 
+# fresh_fs DIR: mounts a new ext4 filesystem on DIR, big enough for the writes of one run.
+fresh_fs() {
+    local dir=$1 img=$1.img dev mib
+    mib=$((2 * BENCH_WRITE_MB + 3 * BENCH_COPYUP_MB + 1024))
+    truncate -s "${mib}M" "$img"
+    # Inode tables and journal written now, so no background initialisation runs meanwhile.
+    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img"
+    dev=$(losetup --find --show --direct-io=on "$img")
+    mount "$dev" "$dir"
+}
+
+release_fs() {
+    local dir=$1 dev
+    dev=$(findmnt -n -o SOURCE --mountpoint "$dir") || return 0
+    umount "$dir" && losetup --detach "$dev"
+    rm -f "$dir.img"
+}
+
 run_peer() {
     local peer=$1 rep=$2 base=$W/run/$1.$2
     mkdir -p "$base"
+    if [ "$BENCH_FRESH_FS" = 1 ]; then
+        fresh_fs "$base"
+    fi
     local out=$base/result
     if [ "$peer" = um-rootless ]; then
         chown "$BENCH_USER:" "$base"
@@ -569,6 +609,9 @@ run_peer() {
     if [ -f "$out" ]; then
         awk -v p="$peer" -v r="$rep" 'NF == 2 { print p "," r "," $1 "," $2 }' "$out" >>"$SAMPLES"
     fi
+    if [ "$BENCH_FRESH_FS" = 1 ]; then
+        release_fs "$base"
+    fi
     rm -rf --one-file-system "$base"
 }
 
@@ -585,7 +628,7 @@ mkdir -p "$BENCH_OUT"
 cp "$SAMPLES" "$BENCH_OUT/samples.csv"
 sizes="files=$BENCH_FILES mb=$BENCH_MB write_mb=$BENCH_WRITE_MB copyup_mb=$BENCH_COPYUP_MB"
 sizes+=" entries=$BENCH_ENTRIES create=$BENCH_CREATE tar=$BENCH_TAR_FILES git=$BENCH_GIT_FILES"
-sizes+=" runtime=${BENCH_RUNTIME}s mounts=$BENCH_MOUNTS repeat=$REPEAT"
+sizes+=" runtime=${BENCH_RUNTIME}s mounts=$BENCH_MOUNTS repeat=$REPEAT fresh_fs=$BENCH_FRESH_FS"
 python3 "$script_dir/bench_report.py" "$BENCH_OUT/samples.csv" "$BENCH_OUT" \
     --peers "$BENCH_PEERS" --sizes "$sizes" | tee "$BENCH_OUT/table.txt"
 echo "total time: $(elapsed "$start") s; results in $BENCH_OUT/" >&2
