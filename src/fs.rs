@@ -17,6 +17,7 @@ use crate::attr::{SetAttr, XattrReply};
 use crate::dir::{Caller, Created, Make};
 use crate::file::IoMode;
 use crate::inode::Node;
+use crate::killpriv;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
 use crate::union::{ReaddirPlus, Union};
@@ -98,6 +99,57 @@ impl UnionFs {
         }
     }
 
+    /// Drops the set-ID bits that a change by the process `pid` takes from a regular file
+    /// with attributes `attr` (`chown_gid`: its group before a change of owner; None for a
+    /// change of data), and returns the attributes after. Truncation always needs this: the
+    /// kernel drops nothing for a truncating open, and for truncate(2) only set-group-ID with
+    /// group execute. With `killpriv` the kernel leaves all of it to the daemon.
+    fn drop_set_ids(
+        &self,
+        node: &Arc<Node>,
+        fh: Option<u64>,
+        pid: u32,
+        attr: FileAttr,
+        chown_gid: Option<u32>,
+    ) -> Result<FileAttr> {
+        if attr.kind != fuser::FileType::RegularFile || !killpriv::has_set_ids(attr.perm) {
+            return Ok(attr);
+        }
+        let caller = killpriv::Caller::of(pid);
+        let perm = match chown_gid {
+            Some(g) => killpriv::after_chown(attr.perm, g, caller.as_ref()),
+            None => killpriv::after_data_change(attr.perm, attr.gid, caller.as_ref()),
+        };
+        let Some(perm) = perm else {
+            return Ok(attr);
+        };
+        let req = SetAttr {
+            mode: Some(u32::from(perm)),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+            fh,
+        };
+        let after = self.u.setattr(node, req)?;
+        // The kernel keeps the mode it had; nothing in the reply tells it otherwise.
+        self.u.invalidate_attrs(node.ino);
+        Ok(after)
+    }
+
+    /// Before a change of data through handle `fh` by the process `pid`: drops the set-ID
+    /// bits it takes away, as the kernel would before letting the change happen.
+    fn drop_set_ids_before_data(&self, ino: INodeNo, fh: u64, pid: u32) -> Result<()> {
+        if !self.u.killpriv_active() {
+            return Ok(());
+        }
+        let node = self.node(ino)?;
+        let attr = self.u.getattr(&node, Some(fh))?;
+        self.drop_set_ids(&node, Some(fh), pid, attr, None)
+            .map(|_| ())
+    }
+
     fn created(&self, c: Result<Created>) -> Result<(Arc<Node>, FileAttr)> {
         let c = c?;
         self.entry_of(c.node, Some(c.st))
@@ -160,6 +212,12 @@ impl Filesystem for UnionFs {
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
                 .is_ok();
             self.u.set_writeback_active(ok);
+            // Every write reaches the daemon, so it can drop set-ID bits itself, and the kernel
+            // stops asking for security.capability before each write (see `killpriv`).
+            let ok = config
+                .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+                .is_ok();
+            self.u.set_killpriv_active(ok);
         }
         let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config.set_max_write(MAX_IO);
@@ -214,7 +272,7 @@ impl Filesystem for UnionFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -230,6 +288,9 @@ impl Filesystem for UnionFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let pid = req.pid();
+        let fh = fh.map(|f| f.0);
+        let chown = uid.is_some() || gid.is_some();
         let req = SetAttr {
             mode,
             uid,
@@ -237,9 +298,21 @@ impl Filesystem for UnionFs {
             size,
             atime,
             mtime,
-            fh: fh.map(|f| f.0),
+            fh,
         };
-        match self.node(ino).and_then(|n| self.u.setattr(&n, req)) {
+        let res = self.node(ino).and_then(|n| {
+            // A change of owner drops set-group-ID depending on the group it had.
+            let old_gid = match chown && self.u.killpriv_active() && !n.is_dir() {
+                true => Some(self.u.getattr(&n, fh)?.gid),
+                false => None,
+            };
+            let attr = self.u.setattr(&n, req)?;
+            if old_gid.is_some() || size.is_some() {
+                return self.drop_set_ids(&n, fh, pid, attr, old_gid);
+            }
+            Ok(attr)
+        });
+        match res {
             Ok(attr) => reply.attr(&self.ttl(), &attr),
             Err(e) => reply.error(log_unexpected("setattr", e)),
         }
@@ -356,10 +429,22 @@ impl Filesystem for UnionFs {
         self.reply_entry(res, reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let res = self
-            .node(ino)
-            .and_then(|n| self.u.open(&n, flags.0, &|fd| reply.open_backing(fd)));
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.node(ino).and_then(|n| {
+            let opened = self.u.open(&n, flags.0, &|fd| reply.open_backing(fd))?;
+            if flags.0 & libc::O_TRUNC != 0 {
+                // A truncating open is a change of data.
+                let dropped = self
+                    .u
+                    .getattr(&n, Some(opened.0))
+                    .and_then(|a| self.drop_set_ids(&n, Some(opened.0), req.pid(), a, None));
+                if let Err(e) = dropped {
+                    self.u.release(opened.0);
+                    return Err(e);
+                }
+            }
+            Ok(opened)
+        });
         match res {
             Ok((fh, IoMode::Passthrough(b))) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
@@ -394,17 +479,22 @@ impl Filesystem for UnionFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.u.write(fh.0, offset, data) {
+        // The kernel flags writes of callers without CAP_FSETID to files with set-ID bits.
+        let res = match write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            true => self.drop_set_ids_before_data(ino, fh.0, req.pid()),
+            false => Ok(()),
+        };
+        match res.and_then(|()| self.u.write(fh.0, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(log_unexpected("write", e)),
         }
@@ -699,15 +789,18 @@ impl Filesystem for UnionFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.u.fallocate(fh.0, offset, length, mode) {
+        let res = self
+            .drop_set_ids_before_data(ino, fh.0, req.pid())
+            .and_then(|()| self.u.fallocate(fh.0, offset, length, mode));
+        match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -737,21 +830,24 @@ impl Filesystem for UnionFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self
-            .u
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
-        {
+        let res = self
+            .drop_set_ids_before_data(ino_out, fh_out.0, req.pid())
+            .and_then(|()| {
+                self.u
+                    .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+            });
+        match res {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }

@@ -16,6 +16,7 @@ pub mod file;
 pub mod fs;
 pub mod idmap;
 pub mod inode;
+pub mod killpriv;
 pub mod layer;
 pub mod logger;
 pub mod lookup;

@@ -80,6 +80,8 @@ pub struct Union {
     passthrough: std::sync::atomic::AtomicBool,
     /// The kernel caches writes and sends them later (page-cached path only).
     writeback: std::sync::atomic::AtomicBool,
+    /// The kernel leaves dropping set-ID bits to the daemon (`killpriv`).
+    killpriv: std::sync::atomic::AtomicBool,
 }
 
 impl Union {
@@ -125,6 +127,7 @@ impl Union {
             mount_lock: Mutex::new(()),
             passthrough: std::sync::atomic::AtomicBool::new(false),
             writeback: std::sync::atomic::AtomicBool::new(false),
+            killpriv: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -177,6 +180,14 @@ impl Union {
 
     pub fn writeback_active(&self) -> bool {
         self.writeback.load(Ordering::Relaxed)
+    }
+
+    pub fn set_killpriv_active(&self, on: bool) {
+        self.killpriv.store(on, Ordering::Relaxed);
+    }
+
+    pub fn killpriv_active(&self) -> bool {
+        self.killpriv.load(Ordering::Relaxed)
     }
 
     pub fn invalidate_entry(&self, parent: u64, name: &std::ffi::OsStr) {

@@ -1827,3 +1827,69 @@ fn o_noatime_reaches_the_upper_file() {
         }
     }
 }
+
+/// Changes of data made as root: what a root process with CAP_FSETID writes or truncates
+/// keeps its set-ID bits; without that capability (`setpriv --bounding-set -fsetid`) a write,
+/// truncate, truncating open and fallocate drop set-user-ID and group-executable
+/// set-group-ID. The same as kernel overlayfs, on both I/O paths.
+#[test]
+fn set_id_bits_follow_cap_fsetid_as_kernel_overlayfs_does() {
+    const SCRIPT: &str = r#"
+import os, sys
+root, phase = sys.argv[1], sys.argv[2]
+def append(p):
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"x")
+    os.close(fd)
+if phase == "keep":
+    os.truncate(f"{root}/t_keep", 1)
+    append(f"{root}/w_keep")
+else:
+    os.truncate(f"{root}/t_drop", 1)
+    append(f"{root}/w_drop")
+    os.close(os.open(f"{root}/o_drop", os.O_WRONLY | os.O_TRUNC))
+    fd = os.open(f"{root}/f_drop", os.O_WRONLY)
+    os.posix_fallocate(fd, 0, 8192)
+    os.close(fd)
+"#;
+    let names = ["t_keep", "w_keep", "t_drop", "w_drop", "o_drop", "f_drop"];
+    let l = Layers::new(1);
+    for n in names {
+        l.lower(0).file(n, "data").chmod(n, 0o6755);
+    }
+    let k = l.mount_kernel("k");
+    let a = l.mount_with("a", &["--passthrough", "auto"]);
+    let b = l.mount_with("b", &["--passthrough", "off"]);
+    let modes = |m: &Mount| -> Vec<String> {
+        let root = m.merged.to_str().unwrap();
+        let run = |pre: &[&str], phase: &str| {
+            let out = Command::new(pre[0])
+                .args(&pre[1..])
+                .args(["python3", "-c", SCRIPT, root, phase])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{phase}: {out:?}");
+        };
+        run(&["env"], "keep");
+        run(&["setpriv", "--bounding-set", "-fsetid", "--"], "drop");
+        names
+            .iter()
+            .map(|n| format!("{n} {:o}", lstat(&m.path(n)).mode()))
+            .collect()
+    };
+    let want = modes(&k);
+    assert_eq!(
+        want,
+        [
+            "t_keep 106755",
+            "w_keep 106755",
+            "t_drop 100755",
+            "w_drop 100755",
+            "o_drop 100755",
+            "f_drop 100755"
+        ],
+        "kernel overlayfs"
+    );
+    assert_eq!(modes(&a), want, "unionmount, passthrough");
+    assert_eq!(modes(&b), want, "unionmount, page-cached path");
+}

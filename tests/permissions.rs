@@ -144,6 +144,15 @@ fn layout(ids: Ids) -> Vec<Entry> {
         f("w666t", 0o666, 0, 0),
         f("w644t", 0o644, 0, 0),
         f("suid", 0o6777, 0, 0),
+        // Set-ID bits dropped by truncate, a truncating open, fallocate and a change of group.
+        f("suid_tr", 0o6777, 0, 0),
+        f("suid_ot", 0o6777, 0, 0),
+        f("suid_fa", 0o6777, 0, 0),
+        f("sgid_nx", 0o2666, 0, 0),
+        f("sgid_nxg", 0o2666, 0, g),
+        f("sgid_xg", 0o2676, 0, g),
+        f("mine_sx", 0o6755, a, a),
+        f("mine_snx", 0o2745, a, a),
         x("x755.sh", 0o755, 0, 0),
         x("x644.sh", 0o644, 0, 0),
         x("x750g.sh", 0o750, 0, g),
@@ -226,6 +235,13 @@ def append(p):
     finally:
         os.close(fd)
 
+def fallocate(p):
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, 8192)
+    finally:
+        os.close(fd)
+
 def create(p, mode=0o644):
     os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     st = os.stat(p)
@@ -256,6 +272,13 @@ for P in ["lo", "up"]:
     for f in ["w666", "w664g", "w644", "theirs", "theirs_ro", "suid"]:
         r(f"{P} append {f}", lambda: append(f"{P}/{f}"))
     r(f"{P} mode suid after write", lambda: mode(f"{P}/suid"))
+    for f in ["suid_tr", "sgid_nx", "sgid_nxg"]:
+        r(f"{P} truncate {f}", lambda: (os.truncate(f"{P}/{f}", 1), mode(f"{P}/{f}"))[1])
+    r(f"{P} append sgid_xg", lambda: (append(f"{P}/sgid_xg"), mode(f"{P}/sgid_xg"))[1])
+    r(f"{P} open-trunc suid_ot", lambda: (os.close(os.open(f"{P}/suid_ot", os.O_WRONLY | os.O_TRUNC)), mode(f"{P}/suid_ot"))[1])
+    r(f"{P} fallocate suid_fa", lambda: (fallocate(f"{P}/suid_fa"), mode(f"{P}/suid_fa"))[1])
+    r(f"{P} chgrp mine_sx", lambda: (os.chown(f"{P}/mine_sx", -1, grp), mode(f"{P}/mine_sx"))[1])
+    r(f"{P} chgrp mine_snx", lambda: (os.chown(f"{P}/mine_snx", -1, grp), mode(f"{P}/mine_snx"))[1])
     r(f"{P} truncate w666t", lambda: os.truncate(f"{P}/w666t", 2))
     r(f"{P} truncate w644t", lambda: os.truncate(f"{P}/w644t", 2))
     r(f"{P} open-trunc w644t", lambda: os.close(os.open(f"{P}/w644t", os.O_WRONLY | os.O_TRUNC)))
@@ -349,6 +372,17 @@ fn chmod(p: &Path, mode: u32) {
 /// `-o allow_other,default_permissions`: identical transcripts and identical final trees.
 #[test]
 fn other_users_get_local_filesystem_access() {
+    local_filesystem_access(&[]);
+}
+
+/// The same on the page-cached path, where the daemon drops set-ID bits itself (the kernel
+/// leaves it to the daemon there).
+#[test]
+fn other_users_get_local_filesystem_access_page_cached() {
+    local_filesystem_access(&["--passthrough", "off"]);
+}
+
+fn local_filesystem_access(extra: &[&str]) {
     let ids = ids();
     let l = Layers::new(1);
     chmod(l.root(), 0o755);
@@ -369,7 +403,9 @@ fn other_users_get_local_filesystem_access() {
     fs::create_dir(&upper).unwrap();
     chmod(&upper, 0o755);
     build(&upper, "up", &entries);
-    let m = l.mount_with("u", &["-o", "allow_other,default_permissions"]);
+    let mut args = vec!["-o", "allow_other,default_permissions"];
+    args.extend_from_slice(extra);
+    let m = l.mount_with("u", &args);
     chmod(&m.merged, 0o755);
 
     let want = transcript(&plain, &script, ids);

@@ -1,0 +1,205 @@
+//! Dropping the set-user-ID and set-group-ID bits when a file's data or owner changes.
+//!
+//! FUSE mounts never get the kernel's "nothing to drop here" shortcut (`SB_NOSEC`), so before
+//! every write(2) the kernel asks the daemon for `security.capability`: one round trip per
+//! write. With `FUSE_HANDLE_KILLPRIV_V2` the kernel sets `SB_NOSEC`, skips that question once
+//! it has seen a file without set-ID bits or capabilities, and leaves clearing the bits on
+//! write, truncate, fallocate and chown to the daemon. The mount asks for it only when every
+//! write reaches the daemon (no passthrough: a passthrough write goes from the kernel to the
+//! backing file under the daemon's credentials, and its bits would stay).
+//!
+//! The rules are the kernel's own (`setattr_should_drop_suidgid`, `setattr_should_drop_sgid`),
+//! applied with the credentials of the process that made the change, read from /proc.
+
+use std::sync::OnceLock;
+
+const S_ISUID: u16 = 0o4000;
+const S_ISGID: u16 = 0o2000;
+const S_IXGRP: u16 = 0o0010;
+const CAP_FSETID: u32 = 4;
+
+/// What the bit rules need to know about the process behind a request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Caller {
+    /// CAP_FSETID in the daemon's user namespace.
+    pub fsetid: bool,
+    /// That capability counts for data changes too: the kernel asks `capable(CAP_FSETID)`
+    /// there, which only a process of the initial user namespace can pass.
+    pub initial_ns: bool,
+    pub fsgid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    /// The thread `pid` (as FUSE reports it, in the daemon's pid namespace), or None if /proc
+    /// cannot tell. The caller is blocked in the request being served, so the pid is its own.
+    pub fn of(pid: u32) -> Option<Caller> {
+        if pid == 0 || !proc_is_ours() {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let mut c = Caller::parse(&status)?;
+        if c.fsetid {
+            // Capabilities held in a user namespace of their own do not count here.
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+            let ours = std::fs::read_link("/proc/self/ns/user").ok();
+            c.fsetid = theirs.is_some() && theirs == ours;
+        }
+        c.initial_ns = c.fsetid && !crate::union::in_user_namespace();
+        Some(c)
+    }
+
+    /// The fields of a /proc/PID/status text.
+    fn parse(status: &str) -> Option<Caller> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+        };
+        let cap_eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
+        // Gid: real, effective, saved, filesystem.
+        let fsgid = field("Gid:")?.split_whitespace().nth(3)?.parse().ok()?;
+        let groups = field("Groups:")
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect();
+        Some(Caller {
+            fsetid: cap_eff & (1 << CAP_FSETID) != 0,
+            initial_ns: false,
+            fsgid,
+            groups,
+        })
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        self.fsgid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// /proc shows this daemon's pid namespace, so request pids name the right processes there.
+fn proc_is_ours() -> bool {
+    static OURS: OnceLock<bool> = OnceLock::new();
+    *OURS.get_or_init(|| {
+        std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str()?.parse::<u32>().ok())
+            == Some(std::process::id())
+    })
+}
+
+/// The set-group-ID bit goes where group execute is set, or where the caller is neither in
+/// the file's group `gid` nor has CAP_FSETID (`setattr_should_drop_sgid`).
+fn drops_sgid(perm: u16, gid: u32, caller: Option<&Caller>) -> bool {
+    perm & S_ISGID != 0
+        && (perm & S_IXGRP != 0 || caller.is_none_or(|c| !c.in_group(gid) && !c.fsetid))
+}
+
+/// The permission bits after a change of data (write, truncate, fallocate, copy_file_range)
+/// to a regular file with bits `perm` and group `gid`, or None if they stay. An unknown
+/// caller loses them.
+pub fn after_data_change(perm: u16, gid: u32, caller: Option<&Caller>) -> Option<u16> {
+    if caller.is_some_and(|c| c.fsetid && c.initial_ns) {
+        return None;
+    }
+    let mut p = perm & !S_ISUID;
+    if drops_sgid(perm, gid, caller) {
+        p &= !S_ISGID;
+    }
+    (p != perm).then_some(p)
+}
+
+/// The permission bits after a change of owner or group of a non-directory whose group was
+/// `old_gid`: set-user-ID always goes (`chown_common`).
+pub fn after_chown(perm: u16, old_gid: u32, caller: Option<&Caller>) -> Option<u16> {
+    let mut p = perm & !S_ISUID;
+    if drops_sgid(perm, old_gid, caller) {
+        p &= !S_ISGID;
+    }
+    (p != perm).then_some(p)
+}
+
+/// Whether `perm` has a bit either rule could drop (the cheap test before reading /proc).
+pub fn has_set_ids(perm: u16) -> bool {
+    perm & (S_ISUID | S_ISGID) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(fsetid: bool, initial_ns: bool, groups: &[u32]) -> Caller {
+        Caller {
+            fsetid,
+            initial_ns,
+            fsgid: 1000,
+            groups: groups.to_vec(),
+        }
+    }
+
+    #[test]
+    fn status_fields_are_read() {
+        let status = "Name:\tsh\nUid:\t1000\t1000\t1000\t1000\nGid:\t100\t101\t102\t103\n\
+                      Groups:\t5 27 \nCapInh:\t0\nCapEff:\t0000000000000010\n";
+        let c = Caller::parse(status).unwrap();
+        assert_eq!(
+            c,
+            Caller {
+                fsetid: true,
+                initial_ns: false,
+                fsgid: 103,
+                groups: vec![5, 27]
+            }
+        );
+        let c = Caller::parse(&status.replace("0000000000000010", "00000000000000ef")).unwrap();
+        assert!(!c.fsetid);
+        assert!(Caller::parse("Name:\tsh\n").is_none());
+    }
+
+    #[test]
+    fn data_changes_follow_the_kernel() {
+        let outsider = caller(false, false, &[]);
+        let member = caller(false, false, &[50]);
+        // Set-user-ID always goes; set-group-ID with group execute, or for an outsider.
+        assert_eq!(after_data_change(0o6755, 50, Some(&member)), Some(0o0755));
+        assert_eq!(after_data_change(0o6745, 50, Some(&member)), Some(0o2745));
+        assert_eq!(after_data_change(0o6745, 50, Some(&outsider)), Some(0o0745));
+        assert_eq!(after_data_change(0o2745, 50, Some(&member)), None);
+        assert_eq!(after_data_change(0o0755, 50, Some(&outsider)), None);
+        // CAP_FSETID keeps them, but only from the initial user namespace.
+        assert_eq!(
+            after_data_change(0o6755, 50, Some(&caller(true, true, &[]))),
+            None
+        );
+        assert_eq!(
+            after_data_change(0o6755, 50, Some(&caller(true, false, &[]))),
+            Some(0o0755)
+        );
+        // Nothing known about the caller: both go.
+        assert_eq!(after_data_change(0o6745, 50, None), Some(0o0745));
+    }
+
+    #[test]
+    fn owner_changes_follow_the_kernel() {
+        let root = caller(true, true, &[]);
+        // Set-user-ID goes even for a privileged caller; set-group-ID with group execute.
+        assert_eq!(after_chown(0o6755, 50, Some(&root)), Some(0o0755));
+        assert_eq!(after_chown(0o6745, 50, Some(&root)), Some(0o2745));
+        // Without group execute, only for a caller outside the group and without CAP_FSETID.
+        assert_eq!(
+            after_chown(0o2745, 50, Some(&caller(false, false, &[50]))),
+            None
+        );
+        assert_eq!(
+            after_chown(0o2745, 50, Some(&caller(false, false, &[]))),
+            Some(0o0745)
+        );
+        assert_eq!(
+            after_chown(0o2745, 50, Some(&caller(true, false, &[]))),
+            None
+        );
+        assert_eq!(after_chown(0o0644, 50, None), None);
+        assert!(has_set_ids(0o2000) && has_set_ids(0o4000) && !has_set_ids(0o1777));
+    }
+}
