@@ -11,7 +11,7 @@
 #   REPEAT=3              runs of every workload on every peer (the table shows medians)
 #   BENCH_FILES=50000     files in the tree walked cold (lstat walk, find)
 #   BENCH_MB=512          size of the file read by fio and by the shared-mount test
-#   BENCH_WRITE_MB=256    size written by the fio sequential write
+#   BENCH_WRITE_MB=256    size written by the fio sequential write, then rewritten at random
 #   BENCH_COPYUP_MB=256   size of the file copied up by a 1-byte append (and of the sparse one)
 #   BENCH_ENTRIES=10000   entries of the merged directory listed with `ls -l`
 #   BENCH_CREATE=5000     files created, then unlinked
@@ -71,7 +71,7 @@ drop_caches() {
 }
 
 # fio_metric FIELD ARGS...: one field of fio's terse output (7 read KiB/s, 8 read IOPS,
-# 48 write KiB/s).
+# 48 write KiB/s, 49 write IOPS).
 fio_metric() {
     local field=$1
     shift
@@ -274,6 +274,9 @@ run_workloads() {
         --numjobs=4 --group_reporting
     value seqwrite_mibs fio_metric 48 --name=sw --filename="$scratch/w.bin" --rw=write --bs=1M \
         --size="${BENCH_WRITE_MB}M" --end_fsync=1
+    # Rewrites of an existing file, 4 KiB at a time (a database's pattern).
+    value randwrite_iops fio_metric 49 --name=rw --filename="$scratch/w.bin" --rw=randwrite \
+        --bs=4k --size="${BENCH_WRITE_MB}M" --time_based --runtime="$BENCH_RUNTIME"
     rm -f "$scratch/w.bin"
 
     drop_caches

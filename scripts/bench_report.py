@@ -22,6 +22,7 @@ METRICS = [
     ("randread_1j_iops", "4k randread 1 job", "IOPS", True),
     ("randread_4j_iops", "4k randread 4 jobs", "IOPS", True),
     ("seqwrite_mibs", "seq write", "MiB/s", True),
+    ("randwrite_iops", "4k randwrite", "IOPS", True),
     ("walk_lstat_cold_s", "lstat walk cold", "s", False),
     ("find_cold_s", "find cold", "s", False),
     ("create_s", "create N files", "s", False),
