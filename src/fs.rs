@@ -212,8 +212,10 @@ impl Filesystem for UnionFs {
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
                 .is_ok();
             self.u.set_writeback_active(ok);
-            // Every write reaches the daemon, so it can drop set-ID bits itself, and the kernel
-            // stops asking for security.capability before each write (see `killpriv`).
+        }
+        if !self.u.layers.read_only() {
+            // The daemon drops set-ID bits itself, and the kernel stops asking for
+            // security.capability before each write (see `killpriv`).
             let ok = config
                 .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
                 .is_ok();
@@ -291,6 +293,15 @@ impl Filesystem for UnionFs {
         let pid = req.pid();
         let fh = fh.map(|f| f.0);
         let chown = uid.is_some() || gid.is_some();
+        // Nothing to set: the kernel asks for the set-ID bits a write or fallocate drops
+        // (it leaves them to the daemon with `killpriv`, and on the other path it keeps a
+        // set-group-ID bit without group execute that a non-member's write drops).
+        let bare = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
         let req = SetAttr {
             mode,
             uid,
@@ -307,7 +318,7 @@ impl Filesystem for UnionFs {
                 false => None,
             };
             let attr = self.u.setattr(&n, req)?;
-            if old_gid.is_some() || size.is_some() {
+            if old_gid.is_some() || size.is_some() || bare {
                 return self.drop_set_ids(&n, fh, pid, attr, old_gid);
             }
             Ok(attr)

@@ -3,10 +3,15 @@
 //! FUSE mounts never get the kernel's "nothing to drop here" shortcut (`SB_NOSEC`), so before
 //! every write(2) the kernel asks the daemon for `security.capability`: one round trip per
 //! write. With `FUSE_HANDLE_KILLPRIV_V2` the kernel sets `SB_NOSEC`, skips that question once
-//! it has seen a file without set-ID bits or capabilities, and leaves clearing the bits on
-//! write, truncate, fallocate and chown to the daemon. The mount asks for it only when every
-//! write reaches the daemon (no passthrough: a passthrough write goes from the kernel to the
-//! backing file under the daemon's credentials, and its bits would stay).
+//! it has seen a file without set-ID bits or capabilities, and leaves dropping the bits to the
+//! daemon. What reaches the daemon then:
+//! - truncate(2) and a truncating open, a change of owner, fallocate and copy_file_range:
+//!   the daemon sees the operation and drops the bits itself;
+//! - a write(2) to a file that has bits to drop: the kernel still works out that something
+//!   must go and asks with a SETATTR that sets nothing, from the writer, before the write
+//!   (also before a passthrough write, which goes from the kernel to the backing file under
+//!   the daemon's credentials and so would keep them); page-cached writes of such files
+//!   also come with `FUSE_WRITE_KILL_SUIDGID`.
 //!
 //! The rules are the kernel's own (`setattr_should_drop_suidgid`, `setattr_should_drop_sgid`),
 //! applied with the credentials of the process that made the change, read from /proc.

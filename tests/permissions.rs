@@ -151,6 +151,7 @@ fn layout(ids: Ids) -> Vec<Entry> {
         f("sgid_nx", 0o2666, 0, 0),
         f("sgid_nxg", 0o2666, 0, g),
         f("sgid_xg", 0o2676, 0, g),
+        f("sgid_nxa", 0o2666, 0, 0),
         f("mine_sx", 0o6755, a, a),
         f("mine_snx", 0o2745, a, a),
         x("x755.sh", 0o755, 0, 0),
@@ -275,6 +276,7 @@ for P in ["lo", "up"]:
     for f in ["suid_tr", "sgid_nx", "sgid_nxg"]:
         r(f"{P} truncate {f}", lambda: (os.truncate(f"{P}/{f}", 1), mode(f"{P}/{f}"))[1])
     r(f"{P} append sgid_xg", lambda: (append(f"{P}/sgid_xg"), mode(f"{P}/sgid_xg"))[1])
+    r(f"{P} append sgid_nxa", lambda: (append(f"{P}/sgid_nxa"), mode(f"{P}/sgid_nxa"))[1])
     r(f"{P} open-trunc suid_ot", lambda: (os.close(os.open(f"{P}/suid_ot", os.O_WRONLY | os.O_TRUNC)), mode(f"{P}/suid_ot"))[1])
     r(f"{P} fallocate suid_fa", lambda: (fallocate(f"{P}/suid_fa"), mode(f"{P}/suid_fa"))[1])
     r(f"{P} chgrp mine_sx", lambda: (os.chown(f"{P}/mine_sx", -1, grp), mode(f"{P}/mine_sx"))[1])
