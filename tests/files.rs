@@ -1893,3 +1893,52 @@ else:
     assert_eq!(modes(&a), want, "unionmount, passthrough");
     assert_eq!(modes(&b), want, "unionmount, page-cached path");
 }
+
+/// A write drops a file capability (`security.capability`), also one set through the mount
+/// after earlier writes (when the kernel had already stopped checking that file), on both
+/// I/O paths, as kernel overlayfs does.
+#[test]
+fn writes_drop_file_capabilities() {
+    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_BIND_SERVICE.
+    let cap: Vec<u8> = [0x0200_0001u32, 1 << 10, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("lower_cap", "data")
+        .xattr("lower_cap", "security.capability", &cap)
+        .file("later_cap", "data");
+    let k = l.mount_kernel("k");
+    let a = l.mount_with("a", &["--passthrough", "auto"]);
+    let b = l.mount_with("b", &["--passthrough", "off"]);
+    for (m, what) in [
+        (&k, "kernel overlayfs"),
+        (&a, "passthrough"),
+        (&b, "page-cached"),
+    ] {
+        let append = |name: &str| {
+            let mut f = OpenOptions::new().append(true).open(m.path(name)).unwrap();
+            f.write_all(b"+").unwrap();
+        };
+        assert_eq!(
+            get_xattr(&m.path("lower_cap"), "security.capability"),
+            Ok(cap.clone())
+        );
+        append("lower_cap");
+        assert_eq!(
+            get_xattr(&m.path("lower_cap"), "security.capability"),
+            Err(libc::ENODATA),
+            "{what}: the copied-up file kept its capability after a write"
+        );
+        append("later_cap");
+        set_xattr(&m.path("later_cap"), "security.capability", &cap);
+        append("later_cap");
+        assert_eq!(
+            get_xattr(&m.path("later_cap"), "security.capability"),
+            Err(libc::ENODATA),
+            "{what}: a capability set after a write survived the next write"
+        );
+        assert_eq!(m.read("later_cap"), "data++", "{what}");
+    }
+}
