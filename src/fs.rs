@@ -100,8 +100,8 @@ impl UnionFs {
     }
 
     /// Drops the set-ID bits that a change by the process `pid` takes from a regular file
-    /// with attributes `attr` (`chown_gid`: its group before a change of owner; None for a
-    /// change of data), and returns the attributes after. Truncation always needs this: the
+    /// with attributes `attr` (`chown_gid`: its group before a change of owner or group;
+    /// None for a change of data), and returns the attributes after. Truncation always needs this: the
     /// kernel drops nothing for a truncating open, and for truncate(2) only set-group-ID with
     /// group execute. With `killpriv` the kernel leaves all of it to the daemon.
     fn drop_set_ids(
@@ -318,6 +318,10 @@ impl Filesystem for UnionFs {
                 false => None,
             };
             let attr = self.u.setattr(&n, req)?;
+            if bare && killpriv::has_set_ids(attr.perm) && killpriv::in_chown(pid) {
+                // chown(f, -1, -1): the owner change rule, with the group it keeps.
+                return self.drop_set_ids(&n, fh, pid, attr, Some(attr.gid));
+            }
             if old_gid.is_some() || size.is_some() || bare {
                 return self.drop_set_ids(&n, fh, pid, attr, old_gid);
             }

@@ -83,6 +83,29 @@ impl Caller {
     }
 }
 
+/// Whether the thread `pid` is in chown(2) or a relative now. A SETATTR that sets nothing
+/// comes from a write that must drop set-ID bits or capabilities, or from a chown that keeps
+/// owner and group (-1, -1); the two drop different bits for a caller with CAP_FSETID. False
+/// if /proc cannot tell.
+pub fn in_chown(pid: u32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    const CHOWNS: &[libc::c_long] = &[
+        libc::SYS_chown,
+        libc::SYS_fchown,
+        libc::SYS_lchown,
+        libc::SYS_fchownat,
+    ];
+    #[cfg(not(target_arch = "x86_64"))]
+    const CHOWNS: &[libc::c_long] = &[libc::SYS_fchown, libc::SYS_fchownat];
+    if pid == 0 || !proc_is_ours() {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok())
+        .is_some_and(|nr| CHOWNS.contains(&nr))
+}
+
 /// /proc shows this daemon's pid namespace, so request pids name the right processes there.
 fn proc_is_ours() -> bool {
     static OURS: OnceLock<bool> = OnceLock::new();

@@ -1831,7 +1831,8 @@ fn o_noatime_reaches_the_upper_file() {
 /// Changes of data made as root: what a root process with CAP_FSETID writes or truncates
 /// keeps its set-ID bits; without that capability (`setpriv --bounding-set -fsetid`) a write,
 /// truncate, truncating open and fallocate drop set-user-ID and group-executable
-/// set-group-ID. The same as kernel overlayfs, on both I/O paths.
+/// set-group-ID. A chown to the same owner (-1, -1) drops them even with the capability. The
+/// same as kernel overlayfs, on both I/O paths.
 #[test]
 fn set_id_bits_follow_cap_fsetid_as_kernel_overlayfs_does() {
     const SCRIPT: &str = r#"
@@ -1844,6 +1845,7 @@ def append(p):
 if phase == "keep":
     os.truncate(f"{root}/t_keep", 1)
     append(f"{root}/w_keep")
+    os.chown(f"{root}/c_same", -1, -1)
 else:
     os.truncate(f"{root}/t_drop", 1)
     append(f"{root}/w_drop")
@@ -1852,7 +1854,9 @@ else:
     os.posix_fallocate(fd, 0, 8192)
     os.close(fd)
 "#;
-    let names = ["t_keep", "w_keep", "t_drop", "w_drop", "o_drop", "f_drop"];
+    let names = [
+        "t_keep", "w_keep", "c_same", "t_drop", "w_drop", "o_drop", "f_drop",
+    ];
     let l = Layers::new(1);
     for n in names {
         l.lower(0).file(n, "data").chmod(n, 0o6755);
@@ -1883,6 +1887,7 @@ else:
         [
             "t_keep 106755",
             "w_keep 106755",
+            "c_same 100755",
             "t_drop 100755",
             "w_drop 100755",
             "o_drop 100755",

@@ -154,6 +154,7 @@ fn layout(ids: Ids) -> Vec<Entry> {
         f("sgid_nxa", 0o2666, 0, 0),
         f("mine_sx", 0o6755, a, a),
         f("mine_snx", 0o2745, a, a),
+        f("mine_same", 0o6755, a, a),
         x("x755.sh", 0o755, 0, 0),
         x("x644.sh", 0o644, 0, 0),
         x("x750g.sh", 0o750, 0, g),
@@ -281,6 +282,7 @@ for P in ["lo", "up"]:
     r(f"{P} fallocate suid_fa", lambda: (fallocate(f"{P}/suid_fa"), mode(f"{P}/suid_fa"))[1])
     r(f"{P} chgrp mine_sx", lambda: (os.chown(f"{P}/mine_sx", -1, grp), mode(f"{P}/mine_sx"))[1])
     r(f"{P} chgrp mine_snx", lambda: (os.chown(f"{P}/mine_snx", -1, grp), mode(f"{P}/mine_snx"))[1])
+    r(f"{P} chown -1 -1 mine_same", lambda: (os.chown(f"{P}/mine_same", -1, -1), mode(f"{P}/mine_same"))[1])
     r(f"{P} truncate w666t", lambda: os.truncate(f"{P}/w666t", 2))
     r(f"{P} truncate w644t", lambda: os.truncate(f"{P}/w644t", 2))
     r(f"{P} open-trunc w644t", lambda: os.close(os.open(f"{P}/w644t", os.O_WRONLY | os.O_TRUNC)))
