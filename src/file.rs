@@ -125,6 +125,16 @@ impl Handles {
         })
     }
 
+    /// Whether some open handle of a node can write.
+    pub fn any_writable_file_of(&self, ino: u64) -> bool {
+        self.files.shards.iter().any(|s| {
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|h| h.node.ino == ino && h.writable)
+        })
+    }
+
     pub fn add_dir(&self, h: DirHandle) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.dirs.shard(fh).insert(fh, Arc::new(h));

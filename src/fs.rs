@@ -23,6 +23,16 @@ use crate::sys::{self, Result};
 use crate::union::{ReaddirPlus, Union};
 use crate::walkers::Walkers;
 
+/// How a change takes set-ID bits away (see `killpriv`).
+#[derive(Clone, Copy)]
+enum Change {
+    Data,
+    /// A change of owner or group; the group the file had decides set-group-ID.
+    Owner {
+        old_gid: u32,
+    },
+}
+
 /// Largest request the kernel may send us, and read-ahead.
 pub const MAX_IO: u32 = 1 << 20;
 
@@ -99,26 +109,26 @@ impl UnionFs {
         }
     }
 
-    /// Drops the set-ID bits that a change by the process `pid` takes from a regular file
-    /// with attributes `attr` (`chown_gid`: its group before a change of owner or group;
-    /// None for a change of data), and returns the attributes after. Truncation always needs this: the
+    /// Drops the set-ID bits that `change` by `caller` takes from a regular file with
+    /// attributes `attr`, and returns the attributes after. Truncation always needs this: the
     /// kernel drops nothing for a truncating open, and for truncate(2) only set-group-ID with
     /// group execute. With `killpriv` the kernel leaves all of it to the daemon.
+    /// `tell_kernel`: the reply will not carry the new mode, so the kernel is told to forget it.
     fn drop_set_ids(
         &self,
         node: &Arc<Node>,
         fh: Option<u64>,
-        pid: u32,
+        caller: Option<&killpriv::Caller>,
         attr: FileAttr,
-        chown_gid: Option<u32>,
+        change: Change,
+        tell_kernel: bool,
     ) -> Result<FileAttr> {
         if attr.kind != fuser::FileType::RegularFile || !killpriv::has_set_ids(attr.perm) {
             return Ok(attr);
         }
-        let caller = killpriv::Caller::of(pid);
-        let perm = match chown_gid {
-            Some(g) => killpriv::after_chown(attr.perm, g, caller.as_ref()),
-            None => killpriv::after_data_change(attr.perm, attr.gid, caller.as_ref()),
+        let perm = match change {
+            Change::Owner { old_gid } => killpriv::after_chown(attr.perm, old_gid, caller),
+            Change::Data => killpriv::after_data_change(attr.perm, attr.gid, caller),
         };
         let Some(perm) = perm else {
             return Ok(attr);
@@ -133,21 +143,75 @@ impl UnionFs {
             fh,
         };
         let after = self.u.setattr(node, req)?;
-        // The kernel keeps the mode it had; nothing in the reply tells it otherwise.
-        self.u.invalidate_attrs(node.ino);
+        if tell_kernel {
+            self.u.invalidate_attrs(node.ino);
+        }
         Ok(after)
     }
 
     /// Before a change of data through handle `fh` by the process `pid`: drops the set-ID
     /// bits it takes away, as the kernel would before letting the change happen.
-    fn drop_set_ids_before_data(&self, ino: INodeNo, fh: u64, pid: u32) -> Result<()> {
+    /// `unprivileged`: the kernel said the caller lacks CAP_FSETID.
+    fn drop_set_ids_before_data(
+        &self,
+        ino: INodeNo,
+        fh: u64,
+        pid: u32,
+        unprivileged: bool,
+    ) -> Result<()> {
         if !self.u.killpriv_active() {
             return Ok(());
         }
         let node = self.node(ino)?;
         let attr = self.u.getattr(&node, Some(fh))?;
-        self.drop_set_ids(&node, Some(fh), pid, attr, None)
+        if !killpriv::has_set_ids(attr.perm) {
+            return Ok(());
+        }
+        let mut caller = killpriv::Caller::of(pid);
+        if unprivileged {
+            caller = caller.map(killpriv::Caller::without_fsetid);
+        }
+        self.drop_set_ids(&node, Some(fh), caller.as_ref(), attr, Change::Data, true)
             .map(|_| ())
+    }
+
+    /// What a SETATTR from the process `pid` (filesystem uid `fsuid`) that sets `size`, an
+    /// owner (`chown`) or nothing at all (`bare`) takes from the set-ID bits of `node`, whose
+    /// attributes are `before`; EPERM for a chown(f, -1, -1) that would change the mode of a
+    /// file the caller may not chmod (ext4 refuses it so).
+    fn set_id_change(
+        &self,
+        node: &Node,
+        before: &FileAttr,
+        pid: u32,
+        fsuid: u32,
+        chown: bool,
+        bare: bool,
+    ) -> Result<Option<(Change, Option<killpriv::Caller>)>> {
+        if before.kind != fuser::FileType::RegularFile || !killpriv::has_set_ids(before.perm) {
+            return Ok(None);
+        }
+        let caller = killpriv::Caller::of(pid);
+        let owner = Change::Owner {
+            old_gid: before.gid,
+        };
+        if chown {
+            return Ok(Some((owner, caller)));
+        }
+        if !bare {
+            return Ok(Some((Change::Data, caller)));
+        }
+        // A change of data needs a file open for writing; a chown does not.
+        let is_chown = killpriv::in_chown(pid)
+            .unwrap_or_else(|| !self.u.handles.any_writable_file_of(node.ino));
+        if !is_chown {
+            return Ok(Some((Change::Data, caller)));
+        }
+        let drops = killpriv::after_chown(before.perm, before.gid, caller.as_ref()).is_some();
+        if drops && !caller.as_ref().is_some_and(|c| c.owns(fsuid, before.uid)) {
+            return Err(Errno::EPERM);
+        }
+        Ok(Some((owner, caller)))
     }
 
     fn created(&self, c: Result<Created>) -> Result<(Arc<Node>, FileAttr)> {
@@ -290,12 +354,12 @@ impl Filesystem for UnionFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let pid = req.pid();
+        let (pid, fsuid) = (req.pid(), req.uid());
         let fh = fh.map(|f| f.0);
         let chown = uid.is_some() || gid.is_some();
-        // Nothing to set: the kernel asks for the set-ID bits a write or fallocate drops
-        // (it leaves them to the daemon with `killpriv`, and on the other path it keeps a
-        // set-group-ID bit without group execute that a non-member's write drops).
+        // Nothing to set: the kernel asks for the set-ID bits that a write, fallocate or
+        // chown(f, -1, -1) drops (it leaves them to the daemon with `killpriv`; without it,
+        // it keeps a set-group-ID bit without group execute that a non-member's write drops).
         let bare = mode.is_none()
             && uid.is_none()
             && gid.is_none()
@@ -312,20 +376,21 @@ impl Filesystem for UnionFs {
             fh,
         };
         let res = self.node(ino).and_then(|n| {
-            // A change of owner drops set-group-ID depending on the group it had.
-            let old_gid = match chown && self.u.killpriv_active() && !n.is_dir() {
-                true => Some(self.u.getattr(&n, fh)?.gid),
-                false => None,
+            // Which set-ID bits go is decided on the attributes before the change.
+            let drop = match (chown && self.u.killpriv_active()) || size.is_some() || bare {
+                true if !n.is_dir() => {
+                    let before = self.u.getattr(&n, fh)?;
+                    self.set_id_change(&n, &before, pid, fsuid, chown, bare)?
+                }
+                _ => None,
             };
             let attr = self.u.setattr(&n, req)?;
-            if bare && killpriv::has_set_ids(attr.perm) && killpriv::in_chown(pid) {
-                // chown(f, -1, -1): the owner change rule, with the group it keeps.
-                return self.drop_set_ids(&n, fh, pid, attr, Some(attr.gid));
+            match drop {
+                Some((change, caller)) => {
+                    self.drop_set_ids(&n, fh, caller.as_ref(), attr, change, false)
+                }
+                None => Ok(attr),
             }
-            if old_gid.is_some() || size.is_some() || bare {
-                return self.drop_set_ids(&n, fh, pid, attr, old_gid);
-            }
-            Ok(attr)
         });
         match res {
             Ok(attr) => reply.attr(&self.ttl(), &attr),
@@ -449,10 +514,11 @@ impl Filesystem for UnionFs {
             let opened = self.u.open(&n, flags.0, &|fd| reply.open_backing(fd))?;
             if flags.0 & libc::O_TRUNC != 0 {
                 // A truncating open is a change of data.
-                let dropped = self
-                    .u
-                    .getattr(&n, Some(opened.0))
-                    .and_then(|a| self.drop_set_ids(&n, Some(opened.0), req.pid(), a, None));
+                let dropped = self.u.getattr(&n, Some(opened.0)).and_then(|a| {
+                    let caller = killpriv::Caller::of(req.pid());
+                    let (fh, caller) = (Some(opened.0), caller.as_ref());
+                    self.drop_set_ids(&n, fh, caller, a, Change::Data, true)
+                });
                 if let Err(e) = dropped {
                     self.u.release(opened.0);
                     return Err(e);
@@ -506,7 +572,7 @@ impl Filesystem for UnionFs {
     ) {
         // The kernel flags writes of callers without CAP_FSETID to files with set-ID bits.
         let res = match write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            true => self.drop_set_ids_before_data(ino, fh.0, req.pid()),
+            true => self.drop_set_ids_before_data(ino, fh.0, req.pid(), true),
             false => Ok(()),
         };
         match res.and_then(|()| self.u.write(fh.0, offset, data)) {
@@ -813,7 +879,7 @@ impl Filesystem for UnionFs {
         reply: ReplyEmpty,
     ) {
         let res = self
-            .drop_set_ids_before_data(ino, fh.0, req.pid())
+            .drop_set_ids_before_data(ino, fh.0, req.pid(), false)
             .and_then(|()| self.u.fallocate(fh.0, offset, length, mode));
         match res {
             Ok(()) => reply.ok(),
@@ -857,7 +923,7 @@ impl Filesystem for UnionFs {
         reply: ReplyWrite,
     ) {
         let res = self
-            .drop_set_ids_before_data(ino_out, fh_out.0, req.pid())
+            .drop_set_ids_before_data(ino_out, fh_out.0, req.pid(), false)
             .and_then(|()| {
                 self.u
                     .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

@@ -21,6 +21,7 @@ use std::sync::OnceLock;
 const S_ISUID: u16 = 0o4000;
 const S_ISGID: u16 = 0o2000;
 const S_IXGRP: u16 = 0o0010;
+const CAP_FOWNER: u32 = 3;
 const CAP_FSETID: u32 = 4;
 
 /// What the bit rules need to know about the process behind a request.
@@ -28,6 +29,8 @@ const CAP_FSETID: u32 = 4;
 pub struct Caller {
     /// CAP_FSETID in the daemon's user namespace.
     pub fsetid: bool,
+    /// CAP_FOWNER in the daemon's user namespace.
+    pub fowner: bool,
     /// That capability counts for data changes too: the kernel asks `capable(CAP_FSETID)`
     /// there, which only a process of the initial user namespace can pass.
     pub initial_ns: bool,
@@ -38,20 +41,31 @@ pub struct Caller {
 impl Caller {
     /// The thread `pid` (as FUSE reports it, in the daemon's pid namespace), or None if /proc
     /// cannot tell. The caller is blocked in the request being served, so the pid is its own.
+    /// /proc shows a thread's own credentials, not ones the kernel lends it for a call (as
+    /// nfsd's threads borrow their clients'), so kernel threads count as unknown.
     pub fn of(pid: u32) -> Option<Caller> {
         if pid == 0 || !proc_is_ours() {
             return None;
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let mut c = Caller::parse(&status)?;
-        if c.fsetid {
+        if c.fsetid || c.fowner {
             // Capabilities held in a user namespace of their own do not count here.
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
             let ours = std::fs::read_link("/proc/self/ns/user").ok();
-            c.fsetid = theirs.is_some() && theirs == ours;
+            let here = theirs.is_some() && theirs == ours;
+            c.fsetid &= here;
+            c.fowner &= here;
         }
         c.initial_ns = c.fsetid && !crate::union::in_user_namespace();
         Some(c)
+    }
+
+    /// The same caller, known to lack CAP_FSETID (the kernel said so).
+    pub fn without_fsetid(mut self) -> Caller {
+        self.fsetid = false;
+        self.initial_ns = false;
+        self
     }
 
     /// The fields of a /proc/PID/status text.
@@ -62,6 +76,9 @@ impl Caller {
                 .find_map(|l| l.strip_prefix(name))
                 .map(str::trim)
         };
+        if field("Kthread:") == Some("1") {
+            return None;
+        }
         let cap_eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
         // Gid: real, effective, saved, filesystem.
         let fsgid = field("Gid:")?.split_whitespace().nth(3)?.parse().ok()?;
@@ -72,22 +89,48 @@ impl Caller {
             .collect();
         Some(Caller {
             fsetid: cap_eff & (1 << CAP_FSETID) != 0,
+            fowner: cap_eff & (1 << CAP_FOWNER) != 0,
             initial_ns: false,
             fsgid,
             groups,
         })
     }
 
+    /// Membership of group `gid`; the overflow group (what an unmapped id reads as) is
+    /// nobody's.
     fn in_group(&self, gid: u32) -> bool {
-        self.fsgid == gid || self.groups.contains(&gid)
+        gid != overflow_gid() && (self.fsgid == gid || self.groups.contains(&gid))
+    }
+
+    /// Whether this caller, with filesystem uid `fsuid`, may change the mode of a file owned
+    /// by `owner` (`inode_owner_or_capable`).
+    pub fn owns(&self, fsuid: u32, owner: u32) -> bool {
+        (fsuid == owner && owner != overflow_uid()) || self.fowner
     }
 }
 
-/// Whether the thread `pid` is in chown(2) or a relative now. A SETATTR that sets nothing
-/// comes from a write that must drop set-ID bits or capabilities, or from a chown that keeps
-/// owner and group (-1, -1); the two drop different bits for a caller with CAP_FSETID. False
-/// if /proc cannot tell.
-pub fn in_chown(pid: u32) -> bool {
+fn overflow_id(file: &str) -> u32 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65534)
+}
+
+fn overflow_gid() -> u32 {
+    static G: OnceLock<u32> = OnceLock::new();
+    *G.get_or_init(|| overflow_id("/proc/sys/kernel/overflowgid"))
+}
+
+fn overflow_uid() -> u32 {
+    static U: OnceLock<u32> = OnceLock::new();
+    *U.get_or_init(|| overflow_id("/proc/sys/kernel/overflowuid"))
+}
+
+/// Whether the thread `pid` is in chown(2) or a relative now; None if /proc cannot tell
+/// (reading a process's current call needs the right to trace it). A SETATTR that sets
+/// nothing comes from a change of data that must drop set-ID bits or capabilities, or from a
+/// chown that keeps owner and group (-1, -1); the two follow different rules.
+pub fn in_chown(pid: u32) -> Option<bool> {
     #[cfg(target_arch = "x86_64")]
     const CHOWNS: &[libc::c_long] = &[
         libc::SYS_chown,
@@ -98,12 +141,12 @@ pub fn in_chown(pid: u32) -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     const CHOWNS: &[libc::c_long] = &[libc::SYS_fchown, libc::SYS_fchownat];
     if pid == 0 || !proc_is_ours() {
-        return false;
+        return None;
     }
     std::fs::read_to_string(format!("/proc/{pid}/syscall"))
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok())
-        .is_some_and(|nr| CHOWNS.contains(&nr))
+        .map(|nr| CHOWNS.contains(&nr))
 }
 
 /// /proc shows this daemon's pid namespace, so request pids name the right processes there.
@@ -160,6 +203,7 @@ mod tests {
     fn caller(fsetid: bool, initial_ns: bool, groups: &[u32]) -> Caller {
         Caller {
             fsetid,
+            fowner: false,
             initial_ns,
             fsgid: 1000,
             groups: groups.to_vec(),
@@ -175,14 +219,18 @@ mod tests {
             c,
             Caller {
                 fsetid: true,
+                fowner: false,
                 initial_ns: false,
                 fsgid: 103,
                 groups: vec![5, 27]
             }
         );
         let c = Caller::parse(&status.replace("0000000000000010", "00000000000000ef")).unwrap();
-        assert!(!c.fsetid);
+        assert!(!c.fsetid && c.fowner);
         assert!(Caller::parse("Name:\tsh\n").is_none());
+        // Kernel threads act with credentials /proc does not show.
+        assert!(Caller::parse(&format!("{status}Kthread:\t1\n")).is_none());
+        assert!(Caller::parse(&format!("{status}Kthread:\t0\n")).is_some());
     }
 
     #[test]
@@ -228,6 +276,11 @@ mod tests {
             None
         );
         assert_eq!(after_chown(0o0644, 50, None), None);
+        // The overflow group (an unmapped one) is nobody's.
+        let overflow = caller(false, false, &[65534]);
+        assert_eq!(after_chown(0o2745, 65534, Some(&overflow)), Some(0o0745));
+        assert!(overflow.owns(1000, 1000) && !overflow.owns(1000, 0));
+        assert!(!overflow.owns(65534, 65534));
         assert!(has_set_ids(0o2000) && has_set_ids(0o4000) && !has_set_ids(0o1777));
     }
 }

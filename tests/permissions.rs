@@ -155,6 +155,7 @@ fn layout(ids: Ids) -> Vec<Entry> {
         f("mine_sx", 0o6755, a, a),
         f("mine_snx", 0o2745, a, a),
         f("mine_same", 0o6755, a, a),
+        f("suid_ch", 0o4755, 0, 0),
         x("x755.sh", 0o755, 0, 0),
         x("x644.sh", 0o644, 0, 0),
         x("x750g.sh", 0o750, 0, g),
@@ -282,6 +283,7 @@ for P in ["lo", "up"]:
     r(f"{P} fallocate suid_fa", lambda: (fallocate(f"{P}/suid_fa"), mode(f"{P}/suid_fa"))[1])
     r(f"{P} chgrp mine_sx", lambda: (os.chown(f"{P}/mine_sx", -1, grp), mode(f"{P}/mine_sx"))[1])
     r(f"{P} chgrp mine_snx", lambda: (os.chown(f"{P}/mine_snx", -1, grp), mode(f"{P}/mine_snx"))[1])
+    r(f"{P} chown -1 -1 suid_ch", lambda: (os.chown(f"{P}/suid_ch", -1, -1), mode(f"{P}/suid_ch"))[1])
     r(f"{P} chown -1 -1 mine_same", lambda: (os.chown(f"{P}/mine_same", -1, -1), mode(f"{P}/mine_same"))[1])
     r(f"{P} truncate w666t", lambda: os.truncate(f"{P}/w666t", 2))
     r(f"{P} truncate w644t", lambda: os.truncate(f"{P}/w644t", 2))
@@ -443,7 +445,14 @@ fn local_filesystem_access(extra: &[&str]) {
     union.remove("");
     assert_same_tree(&local, &union, "final tree, local vs unionmount");
     // Failed or read-only accesses did not copy anything up.
-    for f in ["r640", "r604g", "x755.sh", "noread/f", "nosearch/f"] {
+    for f in [
+        "r640",
+        "r604g",
+        "x755.sh",
+        "noread/f",
+        "nosearch/f",
+        "suid_ch",
+    ] {
         assert!(
             !m.upper_path("lo").join(f).exists(),
             "lo/{f} was copied up by a read or a refused change"
