@@ -59,7 +59,8 @@ impl Union {
                 match st.links.first() {
                     Some(l) => l.parent.clone(),
                     None if cur.is_root() => break,
-                    None => return Err(Errno::ENOENT),
+                    // Deleted, or a split node whose name moved (ESTALE: look it up again).
+                    None => return Err(cur.nameless_error()),
                 }
             };
             if parent.state().upper.is_some() {
@@ -189,7 +190,7 @@ impl CopyUp<'_> {
         let fs = self.fs;
         let (parent, name) = {
             let st = self.node.state();
-            let l = st.links.first().ok_or(Errno::ENOENT)?;
+            let l = st.links.first().ok_or_else(|| self.node.nameless_error())?;
             (l.parent.clone(), l.name.clone())
         };
         let cname = sys::cstr(&name)?;
@@ -202,7 +203,7 @@ impl CopyUp<'_> {
             .first()
             .is_some_and(|l| l.parent.ino == parent.ino && l.name == name);
         if !still_there {
-            return Err(Errno::ENOENT);
+            return Err(self.node.nameless_error());
         }
         let dir = fs.dir_fd(&parent, Loc::Upper)?;
         // Linking the copy changes the parent's times; the parent's view must not change.
