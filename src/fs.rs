@@ -40,6 +40,9 @@ pub struct UnionFs {
     pub u: Arc<Union>,
     /// Who stats what it lists (`readdirplus=auto`).
     pub walkers: Walkers,
+    /// Mode changes of one inode, serialised: dropping set-ID bits reads the mode and writes
+    /// it back, which must not undo a chmod made in between.
+    mode_locks: [std::sync::Mutex<()>; 64],
 }
 
 impl UnionFs {
@@ -47,7 +50,14 @@ impl UnionFs {
         UnionFs {
             u,
             walkers: Walkers::default(),
+            mode_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
         }
+    }
+
+    fn mode_lock(&self, ino: u64) -> std::sync::MutexGuard<'_, ()> {
+        self.mode_locks[(ino % 64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -126,6 +136,8 @@ impl UnionFs {
         if attr.kind != fuser::FileType::RegularFile || !killpriv::has_set_ids(attr.perm) {
             return Ok(attr);
         }
+        let _mode = self.mode_lock(node.ino);
+        let attr = self.u.getattr(node, fh)?;
         let perm = match change {
             Change::Owner { old_gid } => killpriv::after_chown(attr.perm, old_gid, caller),
             Change::Data => killpriv::after_data_change(attr.perm, attr.gid, caller),
@@ -384,7 +396,10 @@ impl Filesystem for UnionFs {
                 }
                 _ => None,
             };
-            let attr = self.u.setattr(&n, req)?;
+            let attr = {
+                let _mode = req.mode.map(|_| self.mode_lock(n.ino));
+                self.u.setattr(&n, req)?
+            };
             match drop {
                 Some((change, caller)) => {
                     self.drop_set_ids(&n, fh, caller.as_ref(), attr, change, false)
