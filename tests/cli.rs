@@ -951,17 +951,8 @@ fn fifty_lower_layers_o_form() {
 fn unknown_o_option_warns_once_and_mounts() {
     let l = two_layers();
     let (upper, work, merged) = uwm(&l, "m");
-    let args: Vec<OsString> = vec![
-        os(&merged),
-        "-o".into(),
-        format!(
-            "lowerdir={},upperdir={},workdir={},frobnicate",
-            l.lowerdir_opt(),
-            s(&upper),
-            s(&work)
-        )
-        .into(),
-    ];
+    let mut args = overlay_args(None, &l.lower_paths(), Some(&upper), Some(&work), &merged);
+    args[2].push(",frobnicate");
     let (_m, out) = mount_ok(
         &mut um(&args),
         &merged,
@@ -1552,17 +1543,8 @@ fn generic_mount_flags_take_effect() {
     // Mounts with the given flags; returns the mount, its mount options and the mountpoint.
     let mount_flags = |name: &str, flags: &str| {
         let (upper, work, merged) = uwm(&l, name);
-        let args: Vec<OsString> = vec![
-            os(&merged),
-            "-o".into(),
-            format!(
-                "lowerdir={},upperdir={},workdir={},{flags}",
-                l.lowerdir_opt(),
-                s(&upper),
-                s(&work)
-            )
-            .into(),
-        ];
+        let mut args = overlay_args(None, &l.lower_paths(), Some(&upper), Some(&work), &merged);
+        args[2].push(format!(",{flags}"));
         let (m, out) = mount_ok(
             &mut um(&args),
             &merged,

@@ -204,12 +204,7 @@ fn times_under(root: &Path) -> Vec<(PathBuf, libc::timespec, libc::timespec)> {
             },
         ));
         if md.is_dir() {
-            let mut names: Vec<PathBuf> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            names.sort();
-            for n in names {
+            for n in children(p) {
                 go(&n, out);
             }
         }

@@ -640,12 +640,7 @@ fn walk(root: &Path, p: &Path, o: &TreeOpts, out: &mut BTreeMap<String, Obj>) {
         },
     );
     if kind == 'd' {
-        let mut names: Vec<_> = fs::read_dir(p)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        names.sort();
-        for n in names {
+        for n in children(p) {
             walk(root, &n, o, out);
         }
     }
@@ -691,9 +686,17 @@ pub fn ino(p: &Path) -> u64 {
 
 /// Names in a directory, sorted (read now, through a mount if there is one).
 pub fn names(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(p)
+    children(p)
+        .iter()
+        .map(|c| c.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The paths of a directory's entries, sorted.
+pub fn children(p: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(p)
         .unwrap_or_else(|e| panic!("readdir {}: {e}", p.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| e.unwrap().path())
         .collect();
     v.sort();
     v
@@ -846,12 +849,7 @@ pub fn disk_snapshot(root: &Path) -> BTreeMap<PathBuf, DiskEntry> {
             },
         );
         if kind == 'd' {
-            let mut names: Vec<PathBuf> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            names.sort();
-            for n in names {
+            for n in children(p) {
                 go(root, &n, out);
             }
         }
@@ -1071,8 +1069,7 @@ impl ForegroundDaemon {
     /// `kill -9` of the daemon, then the dead mount is detached.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: plain syscall on the pid of our own child, not yet reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.kill(); // SIGKILL
             let _ = c.wait();
         }
         lazy_unmount(&self.merged);
@@ -1118,8 +1115,7 @@ impl ForegroundDaemon {
                 );
             }
         }
-        // SAFETY: our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = c.kill(); // SIGKILL
         let _ = c.wait();
         Err(format!(
             "the daemon did not exit after its unmount (fusermount3 -u busy: {busy:?}); \
@@ -1143,8 +1139,7 @@ impl ForegroundDaemon {
 impl Drop for ForegroundDaemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.kill(); // SIGKILL
             let _ = c.wait();
         }
         lazy_unmount(&self.merged);
