@@ -138,6 +138,12 @@ impl Union {
     }
 
     pub fn setattr(&self, node: &Arc<Node>, req: SetAttr) -> Result<FileAttr> {
+        let _mode = req.mode.map(|_| self.mode_lock(node.ino));
+        self.set_attributes(node, req)
+    }
+
+    /// `setattr` for a caller that holds the node's mode lock when it changes the mode.
+    pub(crate) fn set_attributes(&self, node: &Arc<Node>, req: SetAttr) -> Result<FileAttr> {
         if self.layers.read_only() {
             return Err(Errno::EROFS);
         }

@@ -116,22 +116,21 @@ impl Handles {
 
     /// Any open handle of a node (for nodes that have lost their last name).
     pub fn any_file_of(&self, ino: u64) -> Option<Arc<FileHandle>> {
-        self.files.shards.iter().find_map(|s| {
-            s.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .find(|h| h.node.ino == ino)
-                .cloned()
-        })
+        self.file_of(ino, |_| true)
     }
 
     /// Whether some open handle of a node can write.
     pub fn any_writable_file_of(&self, ino: u64) -> bool {
-        self.files.shards.iter().any(|s| {
+        self.file_of(ino, |h| h.writable).is_some()
+    }
+
+    fn file_of(&self, ino: u64, want: impl Fn(&FileHandle) -> bool) -> Option<Arc<FileHandle>> {
+        self.files.shards.iter().find_map(|s| {
             s.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
-                .any(|h| h.node.ino == ino && h.writable)
+                .find(|h| h.node.ino == ino && want(h))
+                .cloned()
         })
     }
 

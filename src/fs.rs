@@ -17,21 +17,10 @@ use crate::attr::{SetAttr, XattrReply};
 use crate::dir::{Caller, Created, Make};
 use crate::file::IoMode;
 use crate::inode::Node;
-use crate::killpriv;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
 use crate::union::{ReaddirPlus, Union};
 use crate::walkers::Walkers;
-
-/// How a change takes set-ID bits away (see `killpriv`).
-#[derive(Clone, Copy)]
-enum Change {
-    Data,
-    /// A change of owner or group; the group the file had decides set-group-ID.
-    Owner {
-        old_gid: u32,
-    },
-}
 
 /// Largest request the kernel may send us, and read-ahead.
 pub const MAX_IO: u32 = 1 << 20;
@@ -40,9 +29,6 @@ pub struct UnionFs {
     pub u: Arc<Union>,
     /// Who stats what it lists (`readdirplus=auto`).
     pub walkers: Walkers,
-    /// Mode changes of one inode, serialised: dropping set-ID bits reads the mode and writes
-    /// it back, which must not undo a chmod made in between.
-    mode_locks: [std::sync::Mutex<()>; 64],
 }
 
 impl UnionFs {
@@ -50,14 +36,7 @@ impl UnionFs {
         UnionFs {
             u,
             walkers: Walkers::default(),
-            mode_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
         }
-    }
-
-    fn mode_lock(&self, ino: u64) -> std::sync::MutexGuard<'_, ()> {
-        self.mode_locks[(ino % 64) as usize]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -117,113 +96,6 @@ impl UnionFs {
                 Err(e)
             }
         }
-    }
-
-    /// Drops the set-ID bits that `change` by `caller` takes from a regular file with
-    /// attributes `attr`, and returns the attributes after. Truncation always needs this: the
-    /// kernel drops nothing for a truncating open, and for truncate(2) only set-group-ID with
-    /// group execute. With `killpriv` the kernel leaves all of it to the daemon.
-    /// `tell_kernel`: the reply will not carry the new mode, so the kernel is told to forget it.
-    fn drop_set_ids(
-        &self,
-        node: &Arc<Node>,
-        fh: Option<u64>,
-        caller: Option<&killpriv::Caller>,
-        attr: FileAttr,
-        change: Change,
-        tell_kernel: bool,
-    ) -> Result<FileAttr> {
-        if attr.kind != fuser::FileType::RegularFile || !killpriv::has_set_ids(attr.perm) {
-            return Ok(attr);
-        }
-        let _mode = self.mode_lock(node.ino);
-        let attr = self.u.getattr(node, fh)?;
-        let perm = match change {
-            Change::Owner { old_gid } => killpriv::after_chown(attr.perm, old_gid, caller),
-            Change::Data => killpriv::after_data_change(attr.perm, attr.gid, caller),
-        };
-        let Some(perm) = perm else {
-            return Ok(attr);
-        };
-        let req = SetAttr {
-            mode: Some(u32::from(perm)),
-            uid: None,
-            gid: None,
-            size: None,
-            atime: None,
-            mtime: None,
-            fh,
-        };
-        let after = self.u.setattr(node, req)?;
-        if tell_kernel {
-            self.u.invalidate_attrs(node.ino);
-        }
-        Ok(after)
-    }
-
-    /// Before a change of data through handle `fh` by the process `pid`: drops the set-ID
-    /// bits it takes away, as the kernel would before letting the change happen.
-    /// `unprivileged`: the kernel said the caller lacks CAP_FSETID.
-    fn drop_set_ids_before_data(
-        &self,
-        ino: INodeNo,
-        fh: u64,
-        pid: u32,
-        unprivileged: bool,
-    ) -> Result<()> {
-        if !self.u.killpriv_active() {
-            return Ok(());
-        }
-        let node = self.node(ino)?;
-        let attr = self.u.getattr(&node, Some(fh))?;
-        if !killpriv::has_set_ids(attr.perm) {
-            return Ok(());
-        }
-        let mut caller = killpriv::Caller::of(pid);
-        if unprivileged {
-            caller = caller.map(killpriv::Caller::without_fsetid);
-        }
-        self.drop_set_ids(&node, Some(fh), caller.as_ref(), attr, Change::Data, true)
-            .map(|_| ())
-    }
-
-    /// What a SETATTR from the process `pid` (filesystem uid `fsuid`) that sets `size`, an
-    /// owner (`chown`) or nothing at all (`bare`) takes from the set-ID bits of `node`, whose
-    /// attributes are `before`; EPERM for a chown(f, -1, -1) that would change the mode of a
-    /// file the caller may not chmod (ext4 refuses it so).
-    fn set_id_change(
-        &self,
-        node: &Node,
-        before: &FileAttr,
-        pid: u32,
-        fsuid: u32,
-        chown: bool,
-        bare: bool,
-    ) -> Result<Option<(Change, Option<killpriv::Caller>)>> {
-        if before.kind != fuser::FileType::RegularFile || !killpriv::has_set_ids(before.perm) {
-            return Ok(None);
-        }
-        let caller = killpriv::Caller::of(pid);
-        let owner = Change::Owner {
-            old_gid: before.gid,
-        };
-        if chown {
-            return Ok(Some((owner, caller)));
-        }
-        if !bare {
-            return Ok(Some((Change::Data, caller)));
-        }
-        // A change of data needs a file open for writing; a chown does not.
-        let is_chown = killpriv::in_chown(pid)
-            .unwrap_or_else(|| !self.u.handles.any_writable_file_of(node.ino));
-        if !is_chown {
-            return Ok(Some((Change::Data, caller)));
-        }
-        let drops = killpriv::after_chown(before.perm, before.gid, caller.as_ref()).is_some();
-        if drops && !caller.as_ref().is_some_and(|c| c.owns(fsuid, before.uid)) {
-            return Err(Errno::EPERM);
-        }
-        Ok(Some((owner, caller)))
     }
 
     fn created(&self, c: Result<Created>) -> Result<(Arc<Node>, FileAttr)> {
@@ -389,21 +261,16 @@ impl Filesystem for UnionFs {
         };
         let res = self.node(ino).and_then(|n| {
             // Which set-ID bits go is decided on the attributes before the change.
-            let drop = match (chown && self.u.killpriv_active()) || size.is_some() || bare {
+            let loss = match (chown && self.u.killpriv_active()) || size.is_some() || bare {
                 true if !n.is_dir() => {
                     let before = self.u.getattr(&n, fh)?;
-                    self.set_id_change(&n, &before, pid, fsuid, chown, bare)?
+                    self.u.set_id_loss(&n, &before, pid, fsuid, chown, bare)?
                 }
                 _ => None,
             };
-            let attr = {
-                let _mode = req.mode.map(|_| self.mode_lock(n.ino));
-                self.u.setattr(&n, req)?
-            };
-            match drop {
-                Some((change, caller)) => {
-                    self.drop_set_ids(&n, fh, caller.as_ref(), attr, change, false)
-                }
+            let attr = self.u.setattr(&n, req)?;
+            match loss {
+                Some(loss) => self.u.apply_set_id_loss(&n, fh, attr, loss),
                 None => Ok(attr),
             }
         });
@@ -528,12 +395,8 @@ impl Filesystem for UnionFs {
         let res = self.node(ino).and_then(|n| {
             let opened = self.u.open(&n, flags.0, &|fd| reply.open_backing(fd))?;
             if flags.0 & libc::O_TRUNC != 0 {
-                // A truncating open is a change of data.
-                let dropped = self.u.getattr(&n, Some(opened.0)).and_then(|a| {
-                    let caller = killpriv::Caller::of(req.pid());
-                    let (fh, caller) = (Some(opened.0), caller.as_ref());
-                    self.drop_set_ids(&n, fh, caller, a, Change::Data, true)
-                });
+                // A truncating open is a change of data; the kernel drops nothing for it.
+                let dropped = self.u.drop_set_ids_for_data(&n, opened.0, req.pid(), false);
                 if let Err(e) = dropped {
                     self.u.release(opened.0);
                     return Err(e);
@@ -587,7 +450,9 @@ impl Filesystem for UnionFs {
     ) {
         // The kernel flags writes of callers without CAP_FSETID to files with set-ID bits.
         let res = match write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            true => self.drop_set_ids_before_data(ino, fh.0, req.pid(), true),
+            true => self
+                .node(ino)
+                .and_then(|n| self.u.drop_set_ids_for_data(&n, fh.0, req.pid(), true)),
             false => Ok(()),
         };
         match res.and_then(|()| self.u.write(fh.0, offset, data)) {
@@ -885,18 +750,15 @@ impl Filesystem for UnionFs {
 
     fn fallocate(
         &self,
-        req: &Request,
-        ino: INodeNo,
+        _req: &Request,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let res = self
-            .drop_set_ids_before_data(ino, fh.0, req.pid(), false)
-            .and_then(|()| self.u.fallocate(fh.0, offset, length, mode));
-        match res {
+        match self.u.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -926,24 +788,21 @@ impl Filesystem for UnionFs {
 
     fn copy_file_range(
         &self,
-        req: &Request,
+        _req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        ino_out: INodeNo,
+        _ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let res = self
-            .drop_set_ids_before_data(ino_out, fh_out.0, req.pid(), false)
-            .and_then(|()| {
-                self.u
-                    .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
-            });
-        match res {
+        match self
+            .u
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }

@@ -5,18 +5,26 @@
 //! write. With `FUSE_HANDLE_KILLPRIV_V2` the kernel sets `SB_NOSEC`, skips that question once
 //! it has seen a file without set-ID bits or capabilities, and leaves dropping the bits to the
 //! daemon. What reaches the daemon then:
-//! - truncate(2) and a truncating open, a change of owner, fallocate and copy_file_range:
-//!   the daemon sees the operation and drops the bits itself;
-//! - a write(2) to a file that has bits to drop: the kernel still works out that something
-//!   must go and asks with a SETATTR that sets nothing, from the writer, before the write
-//!   (also before a passthrough write, which goes from the kernel to the backing file under
-//!   the daemon's credentials and so would keep them); page-cached writes of such files
-//!   also come with `FUSE_WRITE_KILL_SUIDGID`.
+//! - truncate(2), a truncating open and a change of owner: the daemon sees the operation and
+//!   drops the bits itself;
+//! - write(2), fallocate and copy_file_range to a file that has bits to drop: the kernel still
+//!   works out that something must go and asks with a SETATTR that sets nothing, from the
+//!   writer, before the change (also before a passthrough write, which goes from the kernel
+//!   to the backing file under the daemon's credentials and so would keep them); page-cached
+//!   writes of such files also come with `FUSE_WRITE_KILL_SUIDGID`. So does chown(f, -1, -1),
+//!   told apart by the call the process is in.
 //!
 //! The rules are the kernel's own (`setattr_should_drop_suidgid`, `setattr_should_drop_sgid`),
 //! applied with the credentials of the process that made the change, read from /proc.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use fuser::{FileAttr, FileType};
+
+use crate::attr::SetAttr;
+use crate::inode::Node;
+use crate::sys::{Errno, Result};
+use crate::union::Union;
 
 const S_ISUID: u16 = 0o4000;
 const S_ISGID: u16 = 0o2000;
@@ -194,6 +202,136 @@ pub fn after_chown(perm: u16, old_gid: u32, caller: Option<&Caller>) -> Option<u
 /// Whether `perm` has a bit either rule could drop (the cheap test before reading /proc).
 pub fn has_set_ids(perm: u16) -> bool {
     perm & (S_ISUID | S_ISGID) != 0
+}
+
+/// How a change takes set-ID bits away.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Change {
+    Data,
+    /// A change of owner or group; the group the file had decides set-group-ID.
+    Owner {
+        old_gid: u32,
+    },
+}
+
+/// The set-ID bits a SETATTR will take, decided on the attributes before it.
+pub struct Loss {
+    change: Change,
+    caller: Option<Caller>,
+}
+
+impl Union {
+    /// What a SETATTR from the process `pid` (filesystem uid `fsuid`) that sets an owner
+    /// (`chown`), a size or nothing at all (`bare`) takes from the set-ID bits of `node`,
+    /// whose attributes are `before`. EPERM for a chown(f, -1, -1) that would change the mode
+    /// of a file the caller may not chmod (ext4 refuses it so; with KILLPRIV_V2 the kernel
+    /// leaves out the mode change that makes it check).
+    pub fn set_id_loss(
+        &self,
+        node: &Node,
+        before: &FileAttr,
+        pid: u32,
+        fsuid: u32,
+        chown: bool,
+        bare: bool,
+    ) -> Result<Option<Loss>> {
+        if before.kind != FileType::RegularFile || !has_set_ids(before.perm) {
+            return Ok(None);
+        }
+        let caller = Caller::of(pid);
+        // A change of data needs a file open for writing; a chown does not.
+        let is_chown = chown
+            || bare
+                && in_chown(pid).unwrap_or_else(|| !self.handles.any_writable_file_of(node.ino));
+        if !is_chown {
+            return Ok(Some(Loss {
+                change: Change::Data,
+                caller,
+            }));
+        }
+        if !chown
+            && after_chown(before.perm, before.gid, caller.as_ref()).is_some()
+            && !caller.as_ref().is_some_and(|c| c.owns(fsuid, before.uid))
+        {
+            return Err(Errno::EPERM);
+        }
+        let change = Change::Owner {
+            old_gid: before.gid,
+        };
+        Ok(Some(Loss { change, caller }))
+    }
+
+    /// Applies `loss` to the node whose attributes after the SETATTR are `after`; returns the
+    /// attributes to reply with.
+    pub fn apply_set_id_loss(
+        &self,
+        node: &Arc<Node>,
+        fh: Option<u64>,
+        after: FileAttr,
+        loss: Loss,
+    ) -> Result<FileAttr> {
+        self.drop_set_ids(node, fh, loss.caller.as_ref(), after, loss.change)
+    }
+
+    /// A change of data by the process `pid` through handle `fh` (a write the kernel flagged,
+    /// `unprivileged`: from a caller without CAP_FSETID; or a truncating open): drops the
+    /// set-ID bits it takes away, and makes the kernel forget the mode it cached.
+    pub fn drop_set_ids_for_data(
+        &self,
+        node: &Arc<Node>,
+        fh: u64,
+        pid: u32,
+        unprivileged: bool,
+    ) -> Result<()> {
+        let attr = self.getattr(node, Some(fh))?;
+        if !has_set_ids(attr.perm) {
+            return Ok(());
+        }
+        let mut caller = Caller::of(pid);
+        if unprivileged {
+            caller = caller.map(Caller::without_fsetid);
+        }
+        let after = self.drop_set_ids(node, Some(fh), caller.as_ref(), attr, Change::Data)?;
+        if after.perm != attr.perm {
+            self.invalidate_attrs(node.ino);
+        }
+        Ok(())
+    }
+
+    /// Drops the set-ID bits that `change` by `caller` takes from a regular file with
+    /// attributes `attr`, and returns the attributes after. The mode is read again and
+    /// written under the node's mode lock, so that a chmod in between is not undone.
+    fn drop_set_ids(
+        &self,
+        node: &Arc<Node>,
+        fh: Option<u64>,
+        caller: Option<&Caller>,
+        attr: FileAttr,
+        change: Change,
+    ) -> Result<FileAttr> {
+        if attr.kind != FileType::RegularFile || !has_set_ids(attr.perm) {
+            return Ok(attr);
+        }
+        let _mode = self.mode_lock(node.ino);
+        let attr = self.getattr(node, fh)?;
+        let perm = match change {
+            Change::Owner { old_gid } => after_chown(attr.perm, old_gid, caller),
+            Change::Data => after_data_change(attr.perm, attr.gid, caller),
+        };
+        let Some(perm) = perm else {
+            return Ok(attr);
+        };
+        let req = SetAttr {
+            mode: Some(u32::from(perm)),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+            fh,
+        };
+        self.set_attributes(node, req)
+    }
 }
 
 #[cfg(test)]

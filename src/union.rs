@@ -82,6 +82,9 @@ pub struct Union {
     writeback: std::sync::atomic::AtomicBool,
     /// The kernel leaves dropping set-ID bits to the daemon (`killpriv`).
     killpriv: std::sync::atomic::AtomicBool,
+    /// Mode changes of one inode, serialised (64 stripes): dropping set-ID bits reads the
+    /// mode and writes it back, which must not undo a chmod made in between.
+    mode_locks: [Mutex<()>; 64],
 }
 
 impl Union {
@@ -128,6 +131,7 @@ impl Union {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             writeback: std::sync::atomic::AtomicBool::new(false),
             killpriv: std::sync::atomic::AtomicBool::new(false),
+            mode_locks: std::array::from_fn(|_| Mutex::new(())),
         })
     }
 
@@ -188,6 +192,12 @@ impl Union {
 
     pub fn killpriv_active(&self) -> bool {
         self.killpriv.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mode_lock(&self, ino: u64) -> std::sync::MutexGuard<'_, ()> {
+        self.mode_locks[(ino % 64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn invalidate_entry(&self, parent: u64, name: &std::ffi::OsStr) {
