@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
-use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -88,18 +87,21 @@ struct Key {
 }
 
 pub struct FdCache {
+    /// Unbounded maps that grow with use (a bounded `LruCache` allocates its full size at
+    /// once), each kept to `per_shard` entries.
     shards: Vec<Mutex<LruCache<Key, Arc<CachedDir>>>>,
+    per_shard: usize,
     hasher: RandomState,
 }
 
 impl FdCache {
     /// A cache holding at most `capacity` fds.
     pub fn new(capacity: usize) -> FdCache {
-        let per = NonZeroUsize::new((capacity / SHARDS).max(4)).expect("non-zero");
         FdCache {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(LruCache::new(per)))
+                .map(|_| Mutex::new(LruCache::unbounded()))
                 .collect(),
+            per_shard: (capacity / SHARDS).max(4),
             hasher: RandomState::new(),
         }
     }
@@ -124,7 +126,11 @@ impl FdCache {
 
     pub fn insert(&self, serial: u64, loc: Loc, fd: Arc<CachedDir>) {
         let key = Key { serial, loc };
-        self.shard(&key).put(key, fd);
+        let mut shard = self.shard(&key);
+        shard.put(key, fd);
+        if shard.len() > self.per_shard {
+            shard.pop_lru();
+        }
     }
 
     /// Drops the cached fd of one node in one layer.

@@ -254,7 +254,7 @@ impl Union {
     ) -> Result<IoMode> {
         let id = crate::inode::RealId::of(&sys::fstat(fd)?);
         let mut cur = node.backing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((bid, weak)) = cur.as_ref()
+        if let Some((bid, weak)) = cur.as_deref()
             && let Some(b) = weak.upgrade()
         {
             if *bid == id {
@@ -268,7 +268,7 @@ impl Union {
         match make_backing(fd) {
             Ok(b) => {
                 let b = Arc::new(b);
-                *cur = Some((id, Arc::downgrade(&b)));
+                *cur = Some(Box::new((id, Arc::downgrade(&b))));
                 Ok(IoMode::Passthrough(b))
             }
             Err(e) => {

@@ -63,6 +63,15 @@ pub struct State {
 }
 
 impl State {
+    /// Makes `l` the first name. A node's first name gets no spare room: nodes are many, and
+    /// most have one name (a push into an empty `Vec` makes room for four).
+    pub fn push_first_link(&mut self, l: Link) {
+        if self.links.is_empty() {
+            self.links.reserve_exact(1);
+        }
+        self.links.insert(0, l);
+    }
+
     pub fn is_unlinked(&self) -> bool {
         self.links.is_empty()
     }
@@ -81,6 +90,9 @@ impl State {
         self.upper.or(self.lowers.first().map(|(_, id)| *id))
     }
 }
+
+/// The real object a node's passthrough opens read from, and their shared backing id.
+pub type Backing = (RealId, std::sync::Weak<fuser::BackingId>);
 
 pub struct Node {
     pub ino: Ino,
@@ -109,7 +121,8 @@ pub struct Node {
     last_used: AtomicU64,
     /// The backing file the kernel serves passthrough opens of this node from, while any is
     /// open: the real object it is, and the shared backing id.
-    pub backing: Mutex<Option<(RealId, std::sync::Weak<fuser::BackingId>)>>,
+    /// Boxed: few nodes are open at a time, and every node pays for the field.
+    pub backing: Mutex<Option<Box<Backing>>>,
 }
 
 impl Node {
@@ -544,13 +557,10 @@ impl Table {
     /// copy-up installs a copy at (see `Node::touch_link`).
     pub fn link(&self, node: &Node, parent: &Arc<Node>, name: &OsStr) {
         self.pin(parent, 1);
-        node.state().links.insert(
-            0,
-            Link {
-                parent: parent.clone(),
-                name: name.to_owned(),
-            },
-        );
+        node.state().push_first_link(Link {
+            parent: parent.clone(),
+            name: name.to_owned(),
+        });
     }
 
     /// Removes the name (parent, name) from a node, unpinning the parent. Returns whether the

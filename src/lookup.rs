@@ -408,11 +408,15 @@ impl Union {
         let kind = found.kind();
         let id = found.top_id();
         let ids = vec![id];
+        // Nodes live long and are many: no spare capacity (a push into an empty Vec makes
+        // room for four).
+        let mut lowers = found.lowers;
+        lowers.shrink_to_fit();
         self.table
             .get_or_insert(id, kind, || State {
                 links: Vec::new(),
                 upper: found.upper,
-                lowers: found.lowers,
+                lowers,
                 subdirs: None,
                 ids,
             })
@@ -452,13 +456,10 @@ impl Union {
             } else {
                 Vec::new()
             };
-            st.links.insert(
-                0,
-                Link {
-                    parent: parent.clone(),
-                    name: name.to_owned(),
-                },
-            );
+            st.push_first_link(Link {
+                parent: parent.clone(),
+                name: name.to_owned(),
+            });
             old
         };
         for l in dropped {

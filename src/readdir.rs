@@ -51,8 +51,12 @@ struct ListingLru {
     entries: usize,
 }
 
-/// Entries kept in all cached listings together (about 100 bytes each).
-const MAX_CACHED_ENTRIES: usize = 64_000;
+/// Entries kept in all cached listings together (about 80 bytes each). The kernel keeps
+/// plain listings in its own cache (`FOPEN_CACHE_DIR`); this one serves listings with
+/// attributes, listings after the kernel dropped its copy, and lookups' merges.
+const MAX_CACHED_ENTRIES: usize = 24_000;
+/// The largest listing cached.
+const MAX_CACHED_LISTING: usize = 16_000;
 
 impl Default for ListingCache {
     fn default() -> Self {
@@ -79,7 +83,7 @@ impl ListingCache {
     }
 
     fn put(&self, serial: u64, version: u64, l: Arc<Listing>) {
-        if l.entries.len() > MAX_CACHED_ENTRIES / 4 {
+        if l.entries.len() > MAX_CACHED_LISTING {
             return;
         }
         let mut c = self.lock();

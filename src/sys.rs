@@ -626,8 +626,27 @@ pub struct RawDirent<'a> {
 }
 
 /// Calls `f` for every entry of the directory open as `fd` (read from its current position).
-pub fn for_each_dirent(fd: BorrowedFd<'_>, mut f: impl FnMut(RawDirent<'_>)) -> Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+pub fn for_each_dirent(fd: BorrowedFd<'_>, f: impl FnMut(RawDirent<'_>)) -> Result<()> {
+    thread_local! {
+        /// Each serving thread reuses one buffer: a fresh zeroed one per directory would be
+        /// 64 KiB written and freed on every listing.
+        static BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    // Taken out while in use, so a nested call (from `f`) makes its own.
+    let mut buf = BUF.take();
+    if buf.is_empty() {
+        buf = vec![0u8; 64 * 1024];
+    }
+    let res = read_dirents(fd, &mut buf, f);
+    BUF.set(buf);
+    res
+}
+
+fn read_dirents(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    mut f: impl FnMut(RawDirent<'_>),
+) -> Result<()> {
     loop {
         // SAFETY: `buf` is writable for its full length.
         let n = check_ssize(unsafe {
