@@ -398,6 +398,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let set = sys::block_term_signals();
     sys::raise_nofile_limit();
     sys::limit_malloc_arenas(2);
+    sys::fix_malloc_mmap_threshold(1 << 20);
     sys::ignore_sigpipe();
     let paths = crate::config::check_paths(&cfg)?;
     let (lowers, upper) = open_layers(&paths)?;
