@@ -40,6 +40,10 @@
 # as root), plain (the underlying filesystem, no union: the lower layer read directly, writes
 # to a scratch directory).
 #
+# The last row is the share of the CPUs' time the hypervisor took while each peer's workloads
+# ran (0 on bare metal): samples taken under a high share are slowed by the host, not by the
+# peer.
+#
 # Every repeat mounts each peer afresh on an empty upper layer, on a newly made ext4 filesystem
 # (BENCH_FRESH_FS): ext4 slows inode allocation right after many deletions (it scans the
 # inode table for recently freed inodes), so on a shared filesystem each run's create, untar
@@ -133,6 +137,15 @@ rss_kib() {
 }
 
 cached_kib() { awk '/^Cached:/ { print $2 }' /proc/meminfo; }
+
+# Clock ticks the hypervisor took from this machine's CPUs (all CPUs together).
+steal_ticks() { awk '/^cpu / { print $9 }' /proc/stat; }
+
+# steal_pct TICKS0 START: share of the CPUs' time stolen since then, in percent.
+steal_pct() {
+    awk -v t0="$1" -v s="$2" -v t1="$(steal_ticks)" -v e="$(now)" -v hz="$(getconf CLK_TCK)" \
+        -v n="$(nproc)" 'BEGIN { printf "%.1f", 100 * (t1 - t0) / hz / ((e - s) * n) }'
+}
 
 # do_mount PEER MNT UPPER WORK: UPPER empty for a read-only mount.
 do_mount() {
@@ -234,6 +247,11 @@ run_workloads() {
     RUN_PEER=$peer
     RUN_ERR=$base/stderr
     : >"$RUN_OUT"
+    # Time the hypervisor takes from this machine slows whatever runs meanwhile; the run's
+    # share is recorded so that a slow sample can be told from a slow peer.
+    local steal0 start0
+    steal0=$(steal_ticks)
+    start0=$(now)
     if [ -n "${BENCH_TRACE:-}" ]; then
         PS4='+ $EPOCHREALTIME '
         set -x
@@ -329,6 +347,7 @@ run_workloads() {
             value shared_cached_mib shared_cache_mib "${views[@]}"
         fi
     fi
+    value host_steal_pct steal_pct "$steal0" "$start0"
     run_cleanup
     trap - EXIT INT TERM
 }

@@ -35,7 +35,11 @@ METRICS = [
     ("shared_cached_mib", "page cache, N mounts", "MiB", False),
     ("rss_idle_kib", "daemon RSS idle", "KiB", False),
     ("rss_walk_kib", "daemon RSS after walk", "KiB", False),
+    ("host_steal_pct", "CPU stolen by host", "%", False),
 ]
+
+# Shown without a ratio: context for reading the other rows, not a result.
+NO_RATIO = {"host_steal_pct"}
 
 PEER_NAMES = {
     "kernel": "kernel ovl",
@@ -101,7 +105,8 @@ def main():
         cells = []
         for p in peers:
             v = med.get((p, metric))
-            cells.append((v, ratio(v, k), len(samples.get((p, metric), []))))
+            r = None if metric in NO_RATIO else ratio(v, k)
+            cells.append((v, r, len(samples.get((p, metric), []))))
         rows.append((metric, label, unit, higher, cells))
 
     # Table.
