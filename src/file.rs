@@ -4,10 +4,9 @@
 //! `data_gen` moves) and switches to the upper copy, so it sees writes made through other
 //! handles, as on a local filesystem (kernel overlayfs keeps showing the old lower data).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::copy_up::Data;
@@ -97,6 +96,7 @@ pub struct Handles {
     files: HandleMap<FileHandle>,
     dirs: HandleMap<DirHandle>,
     next: AtomicU64,
+    pub read_bufs: ReadBufs,
 }
 
 impl Handles {
@@ -149,8 +149,42 @@ impl Handles {
     }
 }
 
-thread_local! {
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+/// Buffers for the data of READ replies (the page-cached path), shared by the serving
+/// threads. They are dropped once reads stop, so a mount that once read a large file does
+/// not keep a megabyte per thread for the rest of its life.
+#[derive(Default)]
+pub struct ReadBufs {
+    free: Mutex<Vec<Vec<u8>>>,
+    /// Whether a read took a buffer since the last `release_idle`.
+    used: AtomicBool,
+}
+
+impl ReadBufs {
+    fn free(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.used.store(true, Ordering::Relaxed);
+        self.free().pop().unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        self.free().push(buf);
+    }
+
+    /// Frees the pooled buffers if no read needed one since the last call.
+    pub fn release_idle(&self) {
+        if !self.used.swap(false, Ordering::Relaxed) {
+            let idle = std::mem::take(&mut *self.free());
+            drop(idle);
+        }
+    }
+
+    #[cfg(test)]
+    fn pooled(&self) -> usize {
+        self.free().len()
+    }
 }
 
 /// Flags kept on the real fd; the rest are the kernel's business (O_APPEND included: writes
@@ -330,11 +364,11 @@ impl Union {
     pub fn read(&self, fh: u64, off: u64, size: u32, reply: impl FnOnce(&[u8])) -> Result<()> {
         let h = self.handle(fh)?;
         let fd = self.read_fd(&h);
-        READ_BUF.with(|b| {
-            let mut buf = b.borrow_mut();
-            if buf.len() < size as usize {
-                buf.resize(size as usize, 0);
-            }
+        let mut buf = self.handles.read_bufs.take();
+        if buf.len() < size as usize {
+            buf.resize(size as usize, 0);
+        }
+        let res = (|| {
             let mut n = 0;
             while n < size as usize {
                 let got = sys::pread(fd.as_fd(), &mut buf[n..size as usize], off + n as u64)?;
@@ -345,7 +379,9 @@ impl Union {
             }
             reply(&buf[..n]);
             Ok(())
-        })
+        })();
+        self.handles.read_bufs.give(buf);
+        res
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
@@ -420,5 +456,36 @@ impl Union {
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
         let n = sys::copy_file_range(fi.as_fd(), &mut oi, fo.as_fd(), &mut oo, len)?;
         Ok(n as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadBufs;
+
+    #[test]
+    fn read_buffers_are_reused_and_freed_once_reads_stop() {
+        let bufs = ReadBufs::default();
+        let mut a = bufs.take();
+        a.resize(1 << 20, 0);
+        let b = bufs.take();
+        bufs.give(b);
+        bufs.give(a);
+        assert_eq!(bufs.pooled(), 2);
+        // Reads happened since the last check: the buffers stay.
+        bufs.release_idle();
+        assert_eq!(bufs.pooled(), 2);
+        let a = bufs.take();
+        assert_eq!(
+            a.len(),
+            1 << 20,
+            "the last buffer given back is reused first"
+        );
+        bufs.give(a);
+        bufs.release_idle();
+        assert_eq!(bufs.pooled(), 2);
+        // A whole period without reads frees them.
+        bufs.release_idle();
+        assert_eq!(bufs.pooled(), 0);
     }
 }

@@ -76,6 +76,8 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
             loop {
                 std::thread::sleep(std::time::Duration::from_millis(500));
                 u.table.tick();
+                // Read buffers are freed half a second to a second after reads stop.
+                u.handles.read_bufs.release_idle();
                 // Directories the kernel has forgotten keep no fds open.
                 for (serial, locs) in u.table.take_dead_dirs() {
                     for loc in locs {
