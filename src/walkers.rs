@@ -8,6 +8,11 @@
 //! with the last directory it listed: if it looked names up there, it is given whole listings
 //! with attributes; otherwise the first batch holds a single entry, and the kernel reads the
 //! rest as a plain listing.
+//!
+//! A process's first directory gets a whole first batch, as the kernel's own heuristic would
+//! give it: most programs list one small directory (`ls -l DIR`, `stat *`), which then needs
+//! no lookups at all, and one that does not stat pays for one batch. What a process does is
+//! learned from its second directory on.
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
@@ -34,6 +39,8 @@ struct Walker {
     stats: bool,
     /// Directories listed since it was last probed.
     since_probe: u32,
+    /// Still in the first directory it listed, which gets a whole first batch.
+    first: bool,
 }
 
 pub struct Walkers {
@@ -54,15 +61,18 @@ impl Walkers {
     pub fn listing(&self, pid: u32, dir: u64) -> bool {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let w = map.get_or_insert_mut(pid, || Walker {
-            dir: 0,
+            dir,
             probing: false,
             looked_up: false,
             stats: false,
             since_probe: 0,
+            first: true,
         });
         if w.dir == dir {
-            return w.stats;
+            return w.stats || w.first;
         }
+        // Leaving its first directory (not a probe: the next one is).
+        w.first = false;
         if w.probing {
             w.stats = w.looked_up;
         }
@@ -92,10 +102,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_first_directory_gets_a_whole_batch_and_the_second_probes() {
+        let w = Walkers::default();
+        assert!(w.listing(7, 99), "unknown: a whole first batch");
+        assert!(w.listing(7, 99), "same directory, same answer");
+        w.lookup(7, 99);
+        assert!(!w.listing(7, 100), "the second directory probes");
+        assert!(!w.listing(7, 100), "same directory, same answer");
+    }
+
+    #[test]
     fn a_process_that_looks_up_what_it_lists_gets_whole_listings() {
         let w = Walkers::default();
-        assert!(!w.listing(7, 100), "unknown: one entry first");
-        assert!(!w.listing(7, 100), "same directory, same answer");
+        assert!(w.listing(7, 99));
+        assert!(!w.listing(7, 100), "probe");
         w.lookup(7, 100);
         assert!(w.listing(7, 101));
         // Given whole listings, it sends no lookups; that says nothing.
@@ -106,6 +126,7 @@ mod tests {
     #[test]
     fn a_process_that_only_lists_gets_single_entries() {
         let w = Walkers::default();
+        assert!(w.listing(9, 99));
         for d in 100..110 {
             assert!(!w.listing(9, d));
             // A lookup elsewhere does not count.
@@ -116,6 +137,7 @@ mod tests {
     #[test]
     fn whole_listings_are_rechecked() {
         let w = Walkers::default();
+        assert!(w.listing(7, 0));
         assert!(!w.listing(7, 1));
         w.lookup(7, 1);
         let mut probes = 0;
@@ -137,6 +159,8 @@ mod tests {
     #[test]
     fn processes_are_told_apart() {
         let w = Walkers::default();
+        w.listing(1, 9);
+        w.listing(2, 9);
         w.listing(1, 10);
         w.listing(2, 10);
         w.lookup(1, 10);

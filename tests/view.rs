@@ -401,6 +401,33 @@ fn getdents_names(fd: &std::fs::File) -> Vec<String> {
 /// reply; when that entry was removed after the listing was read, the reply must carry the
 /// next one, not come back empty (which reads as the end of the directory).
 #[test]
+fn a_first_listing_comes_whole_and_the_next_is_probed_with_one_entry() {
+    let l = Layers::new(1);
+    for d in ["d1", "d2"] {
+        l.lower(0).dir(d);
+        for n in ["a", "b", "c"] {
+            l.lower(0).file(&format!("{d}/{n}"), n);
+        }
+    }
+    let m = l.mount_with("u", &["-o", "readdirplus=auto"]);
+    // Requests carry the calling thread's id: this thread is a new process to the daemon.
+    let first = std::fs::File::open(m.path("d1")).unwrap();
+    let mut got = getdents_names(&first);
+    got.sort();
+    assert_eq!(
+        got,
+        [".", "..", "a", "b", "c"],
+        "first directory: one whole batch"
+    );
+    let second = std::fs::File::open(m.path("d2")).unwrap();
+    assert_eq!(
+        getdents_names(&second),
+        ["."],
+        "second directory: a single entry"
+    );
+}
+
+#[test]
 fn single_entry_listing_replies_skip_removed_names() {
     let l = Layers::new(1);
     l.lower(0).dir("d");
@@ -415,6 +442,8 @@ fn single_entry_listing_replies_skip_removed_names() {
     assert_eq!(order.len(), 5);
     let last = order[4].clone();
     let m = l.mount_with("u", &["-o", "readdirplus=auto"]);
+    // A process's first directory gets a whole batch; the next one is probed with one entry.
+    std::fs::read_dir(m.path("")).unwrap().for_each(drop);
     // A lookup in the directory makes the kernel ask for attributes in the next reply.
     let look = || std::fs::symlink_metadata(m.path(&format!("d/{last}"))).unwrap();
     let dir = std::fs::File::open(m.path("d")).unwrap();
