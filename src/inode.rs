@@ -16,8 +16,8 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::layer::LowerIdx;
 
@@ -204,6 +204,13 @@ pub struct Table {
     /// Directories forgotten since the last `take_dead_dirs`: their serial and layers (their
     /// cached fds are to be closed).
     dead_dirs: Mutex<Vec<(u64, Vec<crate::lookup::Loc>)>>,
+    /// Nodes in the table.
+    live: AtomicUsize,
+    /// The thread that trims the table, woken as soon as it holds more than `trim_above`
+    /// nodes (a fast walk adds tens of thousands between two of its ticks).
+    trimmer: OnceLock<(std::thread::Thread, usize)>,
+    /// A wake-up is pending: set when the table passes the bound, cleared by the trimmer.
+    trim_asked: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -233,6 +240,9 @@ impl Table {
             remaps: AtomicBool::new(false),
             clock: AtomicU64::new(1),
             dead_dirs: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(1),
+            trimmer: OnceLock::new(),
+            trim_asked: AtomicBool::new(false),
         };
         let root_ids = root_state.ids.clone();
         let root = Arc::new(Node {
@@ -439,7 +449,12 @@ impl Table {
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
         });
-        lock(self.node_shard(ino)).insert(ino, node.clone());
+        if lock(self.node_shard(ino))
+            .insert(ino, node.clone())
+            .is_none()
+        {
+            self.added_node();
+        }
         idsh.live.insert(
             id,
             IdEntry {
@@ -526,6 +541,7 @@ impl Table {
                     .is_some_and(|n| n.serial == node.serial)
                 {
                     shard.remove(&node.ino);
+                    self.removed_node();
                 }
                 node.removed.store(true, Ordering::Relaxed);
             }
@@ -589,7 +605,38 @@ impl Table {
     }
 
     pub fn len(&self) -> usize {
-        self.nodes.iter().map(|s| lock(s).len()).sum()
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Names the thread to wake once the table holds more than `above` nodes.
+    pub fn set_trimmer(&self, thread: std::thread::Thread, above: usize) {
+        let _ = self.trimmer.set((thread, above));
+    }
+
+    /// Called by the trimmer when it finds the table within the bound: the next pass over
+    /// it wakes the trimmer again.
+    pub fn trimmed(&self) {
+        self.trim_asked.store(false, Ordering::Relaxed);
+    }
+
+    fn removed_node(&self) {
+        let n = self.live.fetch_sub(1, Ordering::Relaxed) - 1;
+        // Back within the bound (the kernel forgot what the trimmer handed back): the next
+        // pass over it wakes the trimmer at once. Until then, entries handed back but not
+        // yet forgotten would only be handed back again.
+        if self.trimmer.get().is_some_and(|(_, above)| n == *above) {
+            self.trimmed();
+        }
+    }
+
+    fn added_node(&self) {
+        let n = self.live.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some((thread, above)) = self.trimmer.get()
+            && n > *above
+            && !self.trim_asked.swap(true, Ordering::Relaxed)
+        {
+            thread.unpark();
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -609,6 +656,30 @@ mod tests {
             subdirs: None,
             ids: Vec::new(),
         }
+    }
+
+    #[test]
+    fn passing_the_bound_wakes_the_trimmer_once_until_back_within_it() {
+        let t = Table::new(vec![7], empty());
+        t.set_trimmer(std::thread::current(), 3);
+        let nodes: Vec<_> = (10..14)
+            .map(|i| {
+                let id = RealId { dev: 7, ino: i };
+                t.get_or_insert(id, libc::S_IFREG, empty).0
+            })
+            .collect();
+        // The root and four nodes: past the bound of 3 twice, one wake-up asked.
+        assert_eq!(t.len(), 5);
+        assert!(t.trim_asked.load(Ordering::Relaxed));
+        // Handed back and forgotten down to the bound: armed again.
+        t.unpin(&nodes[0], 1);
+        assert!(
+            t.trim_asked.load(Ordering::Relaxed),
+            "4 nodes: still past the bound"
+        );
+        t.unpin(&nodes[1], 1);
+        assert_eq!(t.len(), 3);
+        assert!(!t.trim_asked.load(Ordering::Relaxed));
     }
 
     #[test]

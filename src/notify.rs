@@ -61,20 +61,22 @@ impl Invalidator {
 }
 
 /// Nodes kept before the least recently used are handed back to the kernel.
-pub const NODES_HIGH: usize = 40_000;
+pub const NODES_HIGH: usize = 56_000;
 /// What trimming brings the table down to.
-pub const NODES_LOW: usize = 30_000;
+pub const NODES_LOW: usize = 42_000;
 
 /// Keeps the inode table bounded. The kernel holds every inode it has looked up until memory
 /// runs short, and the table holds a node for each; past `NODES_HIGH` nodes, the names of the
 /// least recently used ones are invalidated, so the kernel drops the dentries nobody uses,
 /// evicts their inodes and forgets them.
 pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
-    std::thread::Builder::new()
+    let table = u.clone();
+    let thread = std::thread::Builder::new()
         .name("trimmer".into())
         .spawn(move || {
             loop {
-                std::thread::sleep(std::time::Duration::from_millis(500));
+                // Woken early when the table passes NODES_HIGH.
+                std::thread::park_timeout(std::time::Duration::from_millis(500));
                 u.table.tick();
                 // Read buffers are freed half a second to a second after reads stop.
                 u.handles.read_bufs.release_idle();
@@ -86,6 +88,7 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
                 }
                 let len = u.table.len();
                 if len <= NODES_HIGH {
+                    u.table.trimmed();
                     continue;
                 }
                 log::debug!("trimmer: {len} nodes, handing back the coldest");
@@ -96,4 +99,5 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
             }
         })
         .expect("spawn trimmer thread");
+    table.table.set_trimmer(thread.thread().clone(), NODES_HIGH);
 }
