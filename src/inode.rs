@@ -206,11 +206,20 @@ pub struct Table {
     dead_dirs: Mutex<Vec<(u64, Vec<crate::lookup::Loc>)>>,
     /// Nodes in the table.
     live: AtomicUsize,
-    /// The thread that trims the table, woken as soon as it holds more than `trim_above`
-    /// nodes (a fast walk adds tens of thousands between two of its ticks).
-    trimmer: OnceLock<(std::thread::Thread, usize)>,
-    /// A wake-up is pending: set when the table passes the bound, cleared by the trimmer.
+    /// The thread that trims the table, woken as soon as it holds more than the bound
+    /// (a fast walk adds tens of thousands of nodes between two of its ticks).
+    trimmer: OnceLock<Trimmer>,
+    /// A wake-up was sent: set when the table passes the bound, cleared once the kernel's
+    /// forgets bring it back down to the re-arm level (or the trimmer finds it within).
     trim_asked: AtomicBool,
+}
+
+struct Trimmer {
+    thread: std::thread::Thread,
+    /// Wake it when the table holds more nodes than this.
+    above: usize,
+    /// Wake it again only after the table came back down to this many.
+    rearm: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -608,9 +617,14 @@ impl Table {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Names the thread to wake once the table holds more than `above` nodes.
-    pub fn set_trimmer(&self, thread: std::thread::Thread, above: usize) {
-        let _ = self.trimmer.set((thread, above));
+    /// Names the thread to wake once the table holds more than `above` nodes; after a
+    /// wake-up, the next one waits until the table came back down to `rearm` nodes.
+    pub fn set_trimmer(&self, thread: std::thread::Thread, above: usize, rearm: usize) {
+        let _ = self.trimmer.set(Trimmer {
+            thread,
+            above,
+            rearm,
+        });
     }
 
     /// Called by the trimmer when it finds the table within the bound: the next pass over
@@ -621,21 +635,22 @@ impl Table {
 
     fn removed_node(&self) {
         let n = self.live.fetch_sub(1, Ordering::Relaxed) - 1;
-        // Back within the bound (the kernel forgot what the trimmer handed back): the next
-        // pass over it wakes the trimmer at once. Until then, entries handed back but not
-        // yet forgotten would only be handed back again.
-        if self.trimmer.get().is_some_and(|(_, above)| n == *above) {
+        // Most of what the trimmer handed back is forgotten: the next pass over the bound
+        // wakes it at once. Before that, entries handed back but not yet forgotten would only
+        // be handed back again (its regular tick still trims, as when the kernel holds on to
+        // them).
+        if self.trimmer.get().is_some_and(|t| n == t.rearm) {
             self.trimmed();
         }
     }
 
     fn added_node(&self) {
         let n = self.live.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some((thread, above)) = self.trimmer.get()
-            && n > *above
+        if let Some(t) = self.trimmer.get()
+            && n > t.above
             && !self.trim_asked.swap(true, Ordering::Relaxed)
         {
-            thread.unpark();
+            t.thread.unpark();
         }
     }
 
@@ -659,9 +674,9 @@ mod tests {
     }
 
     #[test]
-    fn passing_the_bound_wakes_the_trimmer_once_until_back_within_it() {
+    fn passing_the_bound_wakes_the_trimmer_once_until_back_down() {
         let t = Table::new(vec![7], empty());
-        t.set_trimmer(std::thread::current(), 3);
+        t.set_trimmer(std::thread::current(), 3, 2);
         let nodes: Vec<_> = (10..14)
             .map(|i| {
                 let id = RealId { dev: 7, ino: i };
@@ -671,14 +686,19 @@ mod tests {
         // The root and four nodes: past the bound of 3 twice, one wake-up asked.
         assert_eq!(t.len(), 5);
         assert!(t.trim_asked.load(Ordering::Relaxed));
-        // Handed back and forgotten down to the bound: armed again.
+        // Handed back and forgotten down to the re-arm level: armed again.
         t.unpin(&nodes[0], 1);
         assert!(
             t.trim_asked.load(Ordering::Relaxed),
-            "4 nodes: still past the bound"
+            "4 nodes: past the bound"
         );
         t.unpin(&nodes[1], 1);
-        assert_eq!(t.len(), 3);
+        assert!(
+            t.trim_asked.load(Ordering::Relaxed),
+            "3 nodes: not down yet"
+        );
+        t.unpin(&nodes[2], 1);
+        assert_eq!(t.len(), 2);
         assert!(!t.trim_asked.load(Ordering::Relaxed));
     }
 

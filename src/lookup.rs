@@ -408,17 +408,19 @@ impl Union {
         let kind = found.kind();
         let id = found.top_id();
         let ids = vec![id];
-        // Nodes live long and are many: no spare capacity (a push into an empty Vec makes
-        // room for four).
-        let mut lowers = found.lowers;
-        lowers.shrink_to_fit();
         self.table
-            .get_or_insert(id, kind, || State {
-                links: Vec::new(),
-                upper: found.upper,
-                lowers,
-                subdirs: None,
-                ids,
+            .get_or_insert(id, kind, || {
+                // Nodes live long and are many: no spare capacity (a push into an empty Vec
+                // makes room for four).
+                let mut lowers = found.lowers;
+                lowers.shrink_to_fit();
+                State {
+                    links: Vec::new(),
+                    upper: found.upper,
+                    lowers,
+                    subdirs: None,
+                    ids,
+                }
             })
             .0
     }

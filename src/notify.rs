@@ -70,20 +70,25 @@ pub const NODES_LOW: usize = 42_000;
 /// least recently used ones are invalidated, so the kernel drops the dentries nobody uses,
 /// evicts their inodes and forgets them.
 pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
-    let table = u.clone();
+    const TICK: std::time::Duration = std::time::Duration::from_millis(500);
+    let union = u.clone();
     let thread = std::thread::Builder::new()
         .name("trimmer".into())
         .spawn(move || {
+            let mut last_tick = std::time::Instant::now();
             loop {
                 // Woken early when the table passes NODES_HIGH.
-                std::thread::park_timeout(std::time::Duration::from_millis(500));
-                u.table.tick();
-                // Read buffers are freed half a second to a second after reads stop.
-                u.handles.read_bufs.release_idle();
-                // Directories the kernel has forgotten keep no fds open.
-                for (serial, locs) in u.table.take_dead_dirs() {
-                    for loc in locs {
-                        u.fds.remove(serial, loc);
+                std::thread::park_timeout(TICK.saturating_sub(last_tick.elapsed()));
+                if last_tick.elapsed() >= TICK {
+                    last_tick = std::time::Instant::now();
+                    u.table.tick();
+                    // Read buffers are freed half a second to a second after reads stop.
+                    u.handles.read_bufs.release_idle();
+                    // Directories the kernel has forgotten keep no fds open.
+                    for (serial, locs) in u.table.take_dead_dirs() {
+                        for loc in locs {
+                            u.fds.remove(serial, loc);
+                        }
                     }
                 }
                 let len = u.table.len();
@@ -99,5 +104,10 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
             }
         })
         .expect("spawn trimmer thread");
-    table.table.set_trimmer(thread.thread().clone(), NODES_HIGH);
+    // Woken again once the kernel forgot half of what a trim handed back.
+    union.table.set_trimmer(
+        thread.thread().clone(),
+        NODES_HIGH,
+        (NODES_HIGH + NODES_LOW) / 2,
+    );
 }
