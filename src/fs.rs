@@ -239,17 +239,6 @@ impl Filesystem for UnionFs {
         reply: ReplyAttr,
     ) {
         let (pid, fsuid) = (req.pid(), req.uid());
-        let fh = fh.map(|f| f.0);
-        let chown = uid.is_some() || gid.is_some();
-        // Nothing to set: the kernel asks for the set-ID bits that a write, fallocate or
-        // chown(f, -1, -1) drops (it leaves them to the daemon with `killpriv`; without it,
-        // it keeps a set-group-ID bit without group execute that a non-member's write drops).
-        let bare = mode.is_none()
-            && uid.is_none()
-            && gid.is_none()
-            && size.is_none()
-            && atime.is_none()
-            && mtime.is_none();
         let req = SetAttr {
             mode,
             uid,
@@ -257,23 +246,11 @@ impl Filesystem for UnionFs {
             size,
             atime,
             mtime,
-            fh,
+            fh: fh.map(|f| f.0),
         };
-        let res = self.node(ino).and_then(|n| {
-            // Which set-ID bits go is decided on the attributes before the change.
-            let loss = match (chown && self.u.killpriv_active()) || size.is_some() || bare {
-                true if !n.is_dir() => {
-                    let before = self.u.getattr(&n, fh)?;
-                    self.u.set_id_loss(&n, &before, pid, fsuid, chown, bare)?
-                }
-                _ => None,
-            };
-            let attr = self.u.setattr(&n, req)?;
-            match loss {
-                Some(loss) => self.u.apply_set_id_loss(&n, fh, attr, loss),
-                None => Ok(attr),
-            }
-        });
+        let res = self
+            .node(ino)
+            .and_then(|n| self.u.setattr_by(&n, req, pid, fsuid));
         match res {
             Ok(attr) => reply.attr(&self.ttl(), &attr),
             Err(e) => reply.error(log_unexpected("setattr", e)),

@@ -214,19 +214,60 @@ pub enum Change {
     },
 }
 
-/// The set-ID bits a SETATTR will take, decided on the attributes before it.
-pub struct Loss {
+/// The set-ID bits a SETATTR will take.
+struct Loss {
     change: Change,
     caller: Option<Caller>,
 }
 
 impl Union {
+    /// A SETATTR from the process `pid` (filesystem uid `fsuid`), with the set-ID bits it
+    /// takes away: a truncate's, a chown's (the kernel leaves them to the daemon with
+    /// killpriv), and those of a SETATTR that sets nothing, which the kernel sends before a
+    /// write, fallocate or chown(f, -1, -1) that drops them (without killpriv it still
+    /// keeps a set-group-ID bit without group execute that a non-member's write drops).
+    pub fn setattr_by(
+        &self,
+        node: &Arc<Node>,
+        req: SetAttr,
+        pid: u32,
+        fsuid: u32,
+    ) -> Result<FileAttr> {
+        let chown = req.uid.is_some() || req.gid.is_some();
+        let bare = req.mode.is_none()
+            && !chown
+            && req.size.is_none()
+            && req.atime.is_none()
+            && req.mtime.is_none();
+        let fh = req.fh;
+        let truncate_only = req.size.is_some() && !chown;
+        // A chown is judged on the group the file had, and a refusal comes before anything
+        // is copied up; a truncate alone changes neither mode nor group, so the attributes
+        // after it serve (no stat before).
+        let judged_before = chown && (self.killpriv_active() || req.size.is_some()) || bare;
+        let loss = if judged_before && !node.is_dir() {
+            let before = self.getattr(node, fh)?;
+            self.set_id_loss(node, &before, pid, fsuid, chown, bare)?
+        } else {
+            None
+        };
+        let attr = self.setattr(node, req)?;
+        let loss = match truncate_only {
+            true => self.set_id_loss(node, &attr, pid, fsuid, false, false)?,
+            false => loss,
+        };
+        match loss {
+            Some(l) => self.drop_set_ids(node, fh, l.caller.as_ref(), attr, l.change),
+            None => Ok(attr),
+        }
+    }
+
     /// What a SETATTR from the process `pid` (filesystem uid `fsuid`) that sets an owner
     /// (`chown`), a size or nothing at all (`bare`) takes from the set-ID bits of `node`,
     /// whose attributes are `before`. EPERM for a chown(f, -1, -1) that would change the mode
     /// of a file the caller may not chmod (ext4 refuses it so; with KILLPRIV_V2 the kernel
     /// leaves out the mode change that makes it check).
-    pub fn set_id_loss(
+    fn set_id_loss(
         &self,
         node: &Node,
         before: &FileAttr,
@@ -259,18 +300,6 @@ impl Union {
             old_gid: before.gid,
         };
         Ok(Some(Loss { change, caller }))
-    }
-
-    /// Applies `loss` to the node whose attributes after the SETATTR are `after`; returns the
-    /// attributes to reply with.
-    pub fn apply_set_id_loss(
-        &self,
-        node: &Arc<Node>,
-        fh: Option<u64>,
-        after: FileAttr,
-        loss: Loss,
-    ) -> Result<FileAttr> {
-        self.drop_set_ids(node, fh, loss.caller.as_ref(), after, loss.change)
     }
 
     /// A change of data by the process `pid` through handle `fh` (a write the kernel flagged,
