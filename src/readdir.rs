@@ -53,7 +53,8 @@ struct ListingLru {
 
 /// Entries kept in all cached listings together (about 80 bytes each). The kernel keeps
 /// plain listings in its own cache (`FOPEN_CACHE_DIR`); this one serves listings with
-/// attributes, listings after the kernel dropped its copy, and lookups' merges.
+/// attributes, listings after the kernel dropped its copy, directory link counts and the
+/// emptiness check of rmdir.
 const MAX_CACHED_ENTRIES: usize = 24_000;
 /// The largest listing cached.
 const MAX_CACHED_LISTING: usize = 16_000;
