@@ -608,6 +608,26 @@ release_fs() {
     rm -f "$dir.img"
 }
 
+# machine_line: the kernel, the CPUs and what an idle CPU does. A FUSE round trip wakes the
+# daemon and then the caller; when the woken side's CPU sleeps in a halt (a virtual machine
+# whose guest halt polling is off), each wake costs tens of microseconds, so the metadata rows
+# of the FUSE peers depend on these settings, where the kernel's rows do not.
+machine_line() {
+    local idle=/sys/devices/system/cpu/cpuidle line model qos
+    model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    line="Linux $(uname -r), $(nproc) CPUs${model:+ ($model)}"
+    if [ -r "$idle/current_driver" ]; then
+        line+=", cpuidle $(cat "$idle/current_driver")/$(cat "$idle/current_governor_ro")"
+    fi
+    if [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ]; then
+        line+=", guest_halt_poll_ns=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)"
+    fi
+    # The system-wide CPU latency limit (2000000000 when nobody asks for one).
+    qos=$(od -An -t d4 -N4 /dev/cpu_dma_latency 2>/dev/null | tr -d ' ') || true
+    line+="${qos:+, cpu_dma_latency=$qos us}"
+    echo "$line"
+}
+
 run_peer() {
     local peer=$1 rep=$2 base=$W/run/$1.$2
     mkdir -p "$base"
@@ -655,5 +675,5 @@ sizes="files=$BENCH_FILES mb=$BENCH_MB write_mb=$BENCH_WRITE_MB copyup_mb=$BENCH
 sizes+=" entries=$BENCH_ENTRIES create=$BENCH_CREATE tar=$BENCH_TAR_FILES git=$BENCH_GIT_FILES"
 sizes+=" runtime=${BENCH_RUNTIME}s mounts=$BENCH_MOUNTS repeat=$REPEAT fresh_fs=$BENCH_FRESH_FS"
 python3 "$script_dir/bench_report.py" "$BENCH_OUT/samples.csv" "$BENCH_OUT" \
-    --peers "$BENCH_PEERS" --sizes "$sizes" | tee "$BENCH_OUT/table.txt"
+    --peers "$BENCH_PEERS" --sizes "$sizes" --machine "$(machine_line)" | tee "$BENCH_OUT/table.txt"
 echo "total time: $(elapsed "$start") s; results in $BENCH_OUT/" >&2

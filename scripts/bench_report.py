@@ -91,6 +91,7 @@ def main():
     ap.add_argument("outdir")
     ap.add_argument("--peers", default="kernel um-root um-rootless fo2 fo1 plain")
     ap.add_argument("--sizes", default="")
+    ap.add_argument("--machine", default="", help="one line describing the machine")
     args = ap.parse_args()
     peers = args.peers.split()
     samples = load(args.samples)
@@ -130,6 +131,8 @@ def main():
         )
 
     print("medians; (ratio) = peer / kernel overlayfs" + (f"; sizes: {args.sizes}" if args.sizes else ""))
+    if args.machine:
+        print(f"machine: {args.machine}")
     print(show(head))
     print(show(["-" * w for w in widths]))
     for line in lines:
@@ -149,17 +152,17 @@ def main():
                 ])
 
     with open(os.path.join(args.outdir, "ratios.svg"), "w") as f:
-        f.write(svg(rows, peers, args.sizes))
+        f.write(svg(rows, peers, args.sizes, args.machine))
 
 
-def svg(rows, peers, sizes):
+def svg(rows, peers, sizes, machine=""):
     """Horizontal bars on a log scale around 1 (kernel overlayfs): right is better."""
     shown = [p for p in peers if p != "kernel"]
     rows = [r for r in rows if any(c[1] is not None for c in r[4])]
     lo, hi = -5.0, 3.0  # log2 of the axis ends: 1/32x .. 8x
     left, plot_w, bar_h, gap = 230, 560, 11, 10
     group_h = bar_h * len(shown) + gap
-    top = 70
+    top = 82
     height = top + group_h * len(rows) + 40 + 16 * len(shown)
     width = left + plot_w + 90
 
@@ -176,6 +179,8 @@ def svg(rows, peers, sizes):
     ]
     if sizes:
         out.append(f'<text x="{width / 2}" y="36" text-anchor="middle" fill="#555">{esc(sizes)}</text>')
+    if machine:
+        out.append(f'<text x="{width / 2}" y="50" text-anchor="middle" fill="#555">{esc(machine)}</text>')
     axis_bottom = top + group_h * len(rows)
     for e in range(int(lo), int(hi) + 1):
         x = x_of(2.0**e)
