@@ -26,6 +26,11 @@
 //!   number, and `deliberate_differences` checks unionmount's side.
 //! - "private names" (deliberate): `.wh.*` names are refused by unionmount, the kernel allows
 //!   them; the name pool holds none, and `deliberate_differences` checks unionmount's side.
+//! - "same file" (deliberate): the names of a lower hard link are one inode in unionmount, so
+//!   a rename or exchange between two of them does nothing, as rename(2) says; the kernel
+//!   gives each name an inode of its own, copies both up and renames (a plain rename removes
+//!   the old name). The generator never renames between two names of one file, and
+//!   `deliberate_differences` checks unionmount's side.
 //! - "directory nlink" (deliberate): merged directories report their real link count.
 //! - "whiteout in an unmerged directory" (kernel): the kernel lists a lower whiteout in readdir
 //!   when its directory comes from one layer only; lowers get whiteouts only in merged
@@ -440,6 +445,15 @@ fn some_path(rng: &mut Rng, snap: &Snap) -> String {
     }
 }
 
+/// Whether `a` and `b` are two names of one non-directory.
+fn same_file(snap: &Snap, a: &str, b: &str) -> bool {
+    a != b
+        && snap
+            .group_of
+            .get(a)
+            .is_some_and(|g| g.iter().any(|p| p == b))
+}
+
 /// A path for a new name: usually a pool name inside an existing directory.
 fn new_path(rng: &mut Rng, snap: &Snap) -> String {
     let dirs: Vec<&String> = snap
@@ -522,11 +536,18 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
                 2 => libc::RENAME_NOREPLACE,
                 _ => libc::RENAME_EXCHANGE,
             };
-            let to = if flags == libc::RENAME_EXCHANGE {
+            let mut to = if flags == libc::RENAME_EXCHANGE {
                 some_path(rng, snap)
             } else {
                 new_path(rng, snap)
             };
+            // Rule "same file".
+            if same_file(snap, &p, &to) {
+                to = pool_path(rng);
+                if same_file(snap, &p, &to) {
+                    to = p.clone();
+                }
+            }
             Op::Rename(p, to, flags)
         }
         85..=91 => Op::SetXattr(
@@ -1180,6 +1201,9 @@ fn differential_against_kernel_overlayfs() {
 fn deliberate_differences() {
     let layers = Layers::new(1);
     layers.lower(0).file("d/f", "x");
+    layers.lower(0).file("h/a", "linked");
+    layers.lower(0).hardlink("h/a", "h/b");
+    layers.lower(0).hardlink("h/a", "h/c");
     let k = layers.mount_kernel("kernel");
     let u = layers.mount("union");
 
@@ -1201,4 +1225,40 @@ fn deliberate_differences() {
     let private = Op::Create("d/.wh.q".into(), 0o644);
     assert_eq!(apply(&private, &u.merged), Err(libc::EPERM));
     assert_eq!(apply(&private, &k.merged), Ok(0));
+
+    // Rule "same file": renaming one name of a lower hard link onto another, or exchanging
+    // two, does nothing in unionmount (rename(2): both names refer to the same file) and
+    // copies nothing up; the kernel copies the names up and, for a plain rename, drops the old
+    // one.
+    let mut names: Vec<String> = fs::read_dir(u.path("h"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"]);
+    let ino = fs::symlink_metadata(u.path("h/a")).unwrap().ino();
+    for (op, expect) in [
+        (Op::Rename("h/a".into(), "h/b".into(), 0), Ok(0)),
+        (
+            Op::Rename("h/b".into(), "h/c".into(), libc::RENAME_EXCHANGE),
+            Ok(0),
+        ),
+        (
+            Op::Rename("h/c".into(), "h/a".into(), libc::RENAME_NOREPLACE),
+            Err(libc::EEXIST),
+        ),
+    ] {
+        assert_eq!(apply(&op, &u.merged), expect, "{op}");
+        for n in ["a", "b", "c"] {
+            let m = fs::symlink_metadata(u.path(&format!("h/{n}"))).unwrap();
+            assert_eq!((m.ino(), m.nlink()), (ino, 3), "h/{n} after {op}");
+            assert_eq!(fs::read(u.path(&format!("h/{n}"))).unwrap(), b"linked");
+        }
+    }
+    assert!(!u.upper_path("h").exists(), "nothing is copied up");
+    assert_eq!(
+        apply(&Op::Rename("h/a".into(), "h/b".into(), 0), &k.merged),
+        Ok(0)
+    );
+    assert!(!k.path("h/a").exists(), "the kernel drops the old name");
 }
