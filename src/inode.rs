@@ -114,6 +114,9 @@ pub struct Node {
     pub exec_opens: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
+    /// Directories: a listing was served since the kernel last dropped its cached copy (see
+    /// `Table::take_listed_dirs`).
+    pub listed: AtomicBool,
     /// Its name moved to a new node (passthrough copy-up, see `file::split_node`): requests
     /// that resolve it by name get ESTALE, so the kernel looks the name up again.
     pub split: AtomicBool,
@@ -267,6 +270,7 @@ impl Table {
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
             split: AtomicBool::new(false),
+            listed: AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
@@ -307,6 +311,23 @@ impl Table {
     /// Advances the clock that `get_used` stamps nodes with.
     pub fn tick(&self) {
         self.clock.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The directories whose listings the kernel may keep in its cache (a listing was served
+    /// since the last call), unmarked.
+    pub fn take_listed_dirs(&self) -> Vec<Ino> {
+        let mut out = Vec::new();
+        for shard in &self.nodes {
+            let shard = lock(shard);
+            out.extend(
+                shard
+                    .values()
+                    .filter(|n| n.listed.load(Ordering::Relaxed))
+                    .filter(|n| n.listed.swap(false, Ordering::Relaxed))
+                    .map(|n| n.ino),
+            );
+        }
+        out
     }
 
     /// The names of the `n` least recently used nodes (not the root), coldest first.
@@ -454,6 +475,7 @@ impl Table {
             data_gen: AtomicU64::new(0),
             exec_opens: AtomicU64::new(0),
             split: AtomicBool::new(false),
+            listed: AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),

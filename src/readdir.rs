@@ -295,6 +295,10 @@ impl Union {
             cur.clone().expect("filled above")
         };
         let node = &h.node;
+        // The kernel may keep what it gets (`FOPEN_CACHE_DIR`).
+        if !node.listed.load(Ordering::Relaxed) {
+            node.listed.store(true, Ordering::Relaxed);
+        }
         let parent_ino = node
             .state()
             .links

@@ -212,6 +212,19 @@ impl Union {
         }
     }
 
+    /// Numbers that listings already sent show changed (the names of a lower hard link that
+    /// keep the lower file when another name is copied up, or a name moved to a new node): the
+    /// kernel drops every listing it may have cached, before the current request's reply.
+    /// Which directories hold such a name is not known (some were only listed), but this
+    /// happens rarely, and only directories listed since the last time are affected.
+    pub fn forget_cached_listings(&self) {
+        if let Some(inv) = self.invalidator.get() {
+            for dir in self.table.take_listed_dirs() {
+                inv.listing_now(dir);
+            }
+        }
+    }
+
     /// The kernel's cached attributes of `ino` are wrong now (a copy-up changed them).
     pub fn invalidate_attrs(&self, ino: u64) {
         if let Some(inv) = self.invalidator.get() {

@@ -1790,6 +1790,61 @@ fn copy_up_of_a_lower_hard_link_through_either_name() {
     }
 }
 
+/// Breaking a lower hard link gives the names that keep the lower file a number of their own.
+/// Listings the kernel cached before show that number right after the change: those of
+/// names the mount looked up and of names it only ever listed (readdirplus off).
+#[test]
+fn listings_cached_before_a_hard_link_copy_up_show_the_new_numbers() {
+    // Reads the whole listing, so that the kernel keeps it.
+    let d_ino = |dir: &Path, name: &str| {
+        let all: Vec<fs::DirEntry> = fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+        all.iter()
+            .find(|e| e.file_name() == name)
+            .map(std::os::unix::fs::DirEntryExt::ino)
+            .unwrap()
+    };
+    for (opts, look_up) in [(&[][..], true), (&["-o", "readdirplus=off"][..], false)] {
+        let l = Layers::new(1);
+        l.lower(0)
+            .file("b/b", "shared")
+            .dir("d")
+            .dir("e")
+            .hardlink("b/b", "d/c")
+            .hardlink("b/b", "e/f");
+        let m = l.mount_with("u", opts);
+        // The kernel caches each listing.
+        let before = lstat(&m.path("b/b")).ino();
+        for (dir, name) in [("b", "b"), ("d", "c"), ("e", "f")] {
+            assert_eq!(
+                d_ino(&m.path(dir), name),
+                before,
+                "{opts:?}: {dir} listed before"
+            );
+        }
+        if look_up {
+            assert_eq!(lstat(&m.path("d/c")).ino(), before);
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(m.path("b/b"))
+            .unwrap()
+            .write_all(b"+more")
+            .unwrap();
+        assert_eq!(lstat(&m.path("b/b")).ino(), before, "stable across copy-up");
+        for (dir, name) in [("b", "b"), ("d", "c"), ("e", "f")] {
+            let listed = d_ino(&m.path(dir), name);
+            let stat = lstat(&m.path(&format!("{dir}/{name}"))).ino();
+            assert_eq!(
+                listed, stat,
+                "{opts:?}: d_ino of {dir}/{name} after the copy-up"
+            );
+        }
+        let others = lstat(&m.path("d/c")).ino();
+        assert_ne!(others, before);
+        assert_eq!(lstat(&m.path("e/f")).ino(), others);
+    }
+}
+
 /// A read through an `O_NOATIME` descriptor leaves the upper file's access time alone, on both
 /// I/O paths; an ordinary read updates it (relatime: the old atime is before the mtime). Each
 /// read runs on a fresh mount, so that it reaches the daemon rather than the page cache.

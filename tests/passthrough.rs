@@ -88,6 +88,16 @@ fn copy_up_of_an_open_file() {
     l.lower(0).file("f", "lower data\n");
     let lower_before = fs::read(l.lowers[0].join("f")).unwrap();
     let m = passthrough_mount(&l);
+    // The whole listing, which the kernel keeps.
+    let d_ino = || {
+        let all: Vec<fs::DirEntry> = fs::read_dir(&m.merged)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        std::os::unix::fs::DirEntryExt::ino(&all[0])
+    };
+    let ino = fs::symlink_metadata(m.path("f")).unwrap().ino();
+    assert_eq!(d_ino(), ino);
     let mut ro = File::open(m.path("f")).unwrap();
     let mut buf = String::new();
     ro.read_to_string(&mut buf).unwrap();
@@ -117,6 +127,10 @@ fn copy_up_of_an_open_file() {
     assert_eq!(m.read("f"), "lower data\nupper data\n");
     let st = fs::metadata(m.path("f")).unwrap();
     assert_eq!(st.len(), 22);
+    // The name moved to a new inode with a number of its own (README), and the listing the
+    // kernel cached before shows that number.
+    assert_ne!(st.ino(), ino);
+    assert_eq!(d_ino(), st.ino());
     drop(ro);
     drop(w);
     // Once every open is closed, the file is one file again: read and write both work.
