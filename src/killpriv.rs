@@ -139,23 +139,47 @@ fn overflow_uid() -> u32 {
 /// nothing comes from a change of data that must drop set-ID bits or capabilities, or from a
 /// chown that keeps owner and group (-1, -1); the two follow different rules.
 pub fn in_chown(pid: u32) -> Option<bool> {
-    #[cfg(target_arch = "x86_64")]
-    const CHOWNS: &[libc::c_long] = &[
-        libc::SYS_chown,
-        libc::SYS_fchown,
-        libc::SYS_lchown,
-        libc::SYS_fchownat,
-    ];
-    #[cfg(not(target_arch = "x86_64"))]
-    const CHOWNS: &[libc::c_long] = &[libc::SYS_fchown, libc::SYS_fchownat];
     if pid == 0 || !proc_is_ours() {
         return None;
     }
-    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok())
-        .map(|nr| CHOWNS.contains(&nr))
+    let line = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    let (nr, compat) = parse_syscall_line(&line)?;
+    // A 32-bit program's calls carry the numbers of its own system call table.
+    let chowns = if compat { COMPAT_CHOWNS? } else { CHOWNS };
+    Some(chowns.contains(&nr))
 }
+
+/// The call number in a line of `/proc/PID/syscall` ("NR ARG1 .. ARG6 SP PC") and whether
+/// the thread runs 32-bit code: its stack and program counter both lie below 4 GiB, which a
+/// 64-bit program's stack never does. None when the thread is not in a system call.
+fn parse_syscall_line(line: &str) -> Option<(i64, bool)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let [nr, _, _, _, _, _, _, sp, pc] = f[..] else {
+        return None;
+    };
+    let addr = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
+    let low = |s: &str| addr(s).map(|a| a >> 32 == 0);
+    Some((nr.parse().ok()?, low(sp)? && low(pc)?))
+}
+
+/// The chown(2) family in this architecture's system call table.
+#[cfg(target_arch = "x86_64")]
+const CHOWNS: &[i64] = &[
+    libc::SYS_chown,
+    libc::SYS_fchown,
+    libc::SYS_lchown,
+    libc::SYS_fchownat,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const CHOWNS: &[i64] = &[libc::SYS_fchown as i64, libc::SYS_fchownat as i64];
+
+/// The same family in the table of 32-bit programs (`arch/x86/entry/syscalls/syscall_32.tbl`:
+/// lchown, fchown and chown with 16-bit ids; lchown32, fchown32, chown32; fchownat). Elsewhere
+/// a 32-bit program's calls are not recognised, and the caller falls back to its guess.
+#[cfg(target_arch = "x86_64")]
+const COMPAT_CHOWNS: Option<&[i64]> = Some(&[16, 95, 182, 198, 207, 212, 298]);
+#[cfg(not(target_arch = "x86_64"))]
+const COMPAT_CHOWNS: Option<&[i64]> = None;
 
 /// /proc shows this daemon's pid namespace, so request pids name the right processes there.
 fn proc_is_ours() -> bool {
@@ -398,6 +422,41 @@ mod tests {
         // Kernel threads act with credentials /proc does not show.
         assert!(Caller::parse(&format!("{status}Kthread:\t1\n")).is_none());
         assert!(Caller::parse(&format!("{status}Kthread:\t0\n")).is_some());
+    }
+
+    #[test]
+    fn syscall_lines_are_read() {
+        // A 64-bit program in read(2), and in fchownat(2).
+        let read = "0 0x3 0x7f6bedb15000 0x20000 0x7f6bedba8b60 0xffffffff 0x0 0x7ffdd04992d8 \
+                    0x7f6bedc912ad\n";
+        assert_eq!(parse_syscall_line(read), Some((0, false)));
+        let at = read.replacen("0 ", "260 ", 1);
+        assert_eq!(parse_syscall_line(&at), Some((260, false)));
+        // A 32-bit program in chown32(2): stack and program counter below 4 GiB.
+        let chown32 = "212 0x804a000 0xffffffff 0xffffffff 0x0 0x0 0x0 0xffd3c5a0 0xf7f7b579\n";
+        assert_eq!(parse_syscall_line(chown32), Some((212, true)));
+        // A 64-bit program running from low addresses keeps its stack high.
+        let low_pc = "92 0x4a0000 0xffffffff 0xffffffff 0x0 0x0 0x0 0x7ffd00001000 0x401000";
+        assert_eq!(parse_syscall_line(low_pc), Some((92, false)));
+        // Not in a system call, or running.
+        assert_eq!(
+            parse_syscall_line("-1 0x7ffdd04992d8 0x7f6bedc912ad\n"),
+            None
+        );
+        assert_eq!(parse_syscall_line("running\n"), None);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn chown_calls_are_known_in_both_tables() {
+        for nr in [92, 93, 94, 260] {
+            assert!(CHOWNS.contains(&nr));
+        }
+        let compat = COMPAT_CHOWNS.unwrap();
+        // chown32, fchown32, lchown32 and fchownat are what a 32-bit libc calls.
+        for nr in [212, 207, 198, 298] {
+            assert!(compat.contains(&nr) && !CHOWNS.contains(&nr));
+        }
     }
 
     #[test]

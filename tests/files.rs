@@ -1954,6 +1954,77 @@ else:
     assert_eq!(modes(&b), want, "unionmount, page-cached path");
 }
 
+/// A 32-bit program's chown(f, -1, -1): the daemon reads the caller's call from /proc to tell
+/// a chown from a change of data, and a 32-bit program's calls carry the numbers of the i386
+/// table. As root (with CAP_FSETID) the chown drops set-user-ID and group-executable
+/// set-group-ID, where a write would keep them; the same as kernel overlayfs, on both I/O
+/// paths, for chown32, lchown32 and the 16-bit chown. While the file is open for writing, the
+/// daemon's fallback guess (no call known) would be a change of data.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_32_bit_programs_chown_is_told_from_a_write() {
+    use std::os::unix::fs::PermissionsExt;
+    // No C library: the call through `int $0x80`, the errno as the exit status.
+    const PROGRAM: &str = r#"
+static int sys3(int nr, int a, int b, int c)
+{
+    int r;
+    __asm__ volatile("int $0x80" : "=a"(r) : "a"(nr), "b"(a), "c"(b), "d"(c) : "memory");
+    return r;
+}
+void _start(void)
+{
+    int r = sys3(NR, (int)"f", -1, -1);
+    sys3(1, r < 0 ? -r : 0, 0, 0);
+    for (;;)
+        ;
+}
+"#;
+    let l = Layers::new(1);
+    l.lower(0).dir("d");
+    let src = l.tmp.path().join("chown.c");
+    fs::write(&src, PROGRAM).unwrap();
+    let calls = [("chown32", 212), ("lchown32", 198), ("chown16", 182)];
+    for (name, nr) in calls {
+        let out = Command::new("cc")
+            .args(["-m32", "-O2", "-static", "-nostdlib", "-fno-pic"])
+            .args(["-fno-stack-protector", &format!("-DNR={nr}"), "-o"])
+            .arg(l.tmp.path().join(name))
+            .arg(&src)
+            .output()
+            .expect("run cc");
+        assert!(
+            out.status.success(),
+            "cannot build the 32-bit test program (cc -m32): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let k = l.mount_kernel("k");
+    let a = l.mount("a");
+    let b = l.mount_with("b", &["--passthrough", "off"]);
+    for m in [&k, &a, &b] {
+        for (name, _) in calls {
+            let dir = m.path(&format!("d/{name}"));
+            fs::create_dir(&dir).unwrap();
+            fs::write(dir.join("f"), "data").unwrap();
+            fs::set_permissions(dir.join("f"), fs::Permissions::from_mode(0o6755)).unwrap();
+            let writer = OpenOptions::new().append(true).open(dir.join("f")).unwrap();
+            let st = Command::new(l.tmp.path().join(name))
+                .current_dir(&dir)
+                .status()
+                .unwrap();
+            drop(writer);
+            assert_eq!(st.code(), Some(0), "{name} in {}", dir.display());
+            assert_eq!(
+                lstat(&dir.join("f")).mode() & 0o7777,
+                0o0755,
+                "{name} on {}",
+                m.merged.display()
+            );
+        }
+    }
+}
+
 /// A write drops a file capability (`security.capability`), also one set through the mount
 /// after earlier writes (when the kernel had already stopped checking that file), on both
 /// I/O paths, as kernel overlayfs does.
