@@ -482,13 +482,19 @@ impl Filesystem for UnionFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             Ok(n) if n.is_dir() => {
-                let fh = self.u.handles.add_dir(DirHandle::new(n));
                 // The kernel may keep listings in its cache across opens: every change to a
                 // directory comes through the kernel, which drops the cache when it does one.
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-                );
+                // A listing whose numbers changed otherwise is dropped now, by this open.
+                let keep = if n
+                    .stale_listing
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
+                let fh = self.u.handles.add_dir(DirHandle::new(n));
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | keep);
             }
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),

@@ -114,9 +114,11 @@ pub struct Node {
     pub exec_opens: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
-    /// Directories: a listing was served since the kernel last dropped its cached copy (see
-    /// `Table::take_listed_dirs`).
+    /// Directories: a listing was served that the kernel may keep (see `Table::mark_listings_stale`).
     pub listed: AtomicBool,
+    /// Directories: the listing the kernel may keep shows numbers that changed since; the next
+    /// open drops it.
+    pub stale_listing: AtomicBool,
     /// Its name moved to a new node (passthrough copy-up, see `file::split_node`): requests
     /// that resolve it by name get ESTALE, so the kernel looks the name up again.
     pub split: AtomicBool,
@@ -271,6 +273,7 @@ impl Table {
             exec_opens: AtomicU64::new(0),
             split: AtomicBool::new(false),
             listed: AtomicBool::new(false),
+            stale_listing: AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
@@ -313,21 +316,16 @@ impl Table {
         self.clock.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The directories whose listings the kernel may keep in its cache (a listing was served
-    /// since the last call), unmarked.
-    pub fn take_listed_dirs(&self) -> Vec<Ino> {
-        let mut out = Vec::new();
+    /// Marks every directory whose listing the kernel may keep (one was served since the last
+    /// call) as stale: its next open drops that listing (`fs::opendir`).
+    pub fn mark_listings_stale(&self) {
         for shard in &self.nodes {
-            let shard = lock(shard);
-            out.extend(
-                shard
-                    .values()
-                    .filter(|n| n.listed.load(Ordering::Relaxed))
-                    .filter(|n| n.listed.swap(false, Ordering::Relaxed))
-                    .map(|n| n.ino),
-            );
+            for n in lock(shard).values() {
+                if n.listed.load(Ordering::SeqCst) && n.listed.swap(false, Ordering::SeqCst) {
+                    n.stale_listing.store(true, Ordering::SeqCst);
+                }
+            }
         }
-        out
     }
 
     /// The names of the `n` least recently used nodes (not the root), coldest first.
@@ -476,6 +474,7 @@ impl Table {
             exec_opens: AtomicU64::new(0),
             split: AtomicBool::new(false),
             listed: AtomicBool::new(false),
+            stale_listing: AtomicBool::new(false),
             version: AtomicU64::new(0),
             last_used: AtomicU64::new(0),
             backing: Mutex::new(None),
@@ -525,8 +524,14 @@ impl Table {
             idsh.live.remove(&id);
         }
         // The node keeps its number; the object leaving it gets one of its own now, so that
-        // readdir shows the number its next lookup will give.
-        if idsh.remembered.get(&id) == Some(&node.ino) {
+        // readdir shows the number its next lookup will give, also once the node is gone (a
+        // derived number would then come back to it, beside the node's remembered ones).
+        let current = idsh
+            .remembered
+            .get(&id)
+            .copied()
+            .or_else(|| self.derived(id));
+        if current == Some(node.ino) {
             let ino = self.alloc();
             idsh.remembered.insert(id, ino);
         }
@@ -764,6 +769,25 @@ mod tests {
         let (m, existed) = t.get_or_insert(lower, libc::S_IFREG, empty);
         assert!(!existed);
         assert_eq!(m.ino, listed, "lookup gives the number readdir showed");
+    }
+
+    #[test]
+    fn a_derived_number_leaving_a_node_stays_away_after_the_node_goes() {
+        let t = Table::new(vec![7], empty());
+        let lower = RealId { dev: 7, ino: 50 };
+        let upper = RealId { dev: 7, ino: 60 };
+        let (n, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        assert_eq!(n.ino, 50, "the lower object's own number");
+        // Copy-up of one name of a lower hard link, then the kernel forgets the copy.
+        t.add_id(&n, upper);
+        t.remove_id(&n, lower);
+        t.unpin(&n, 1);
+        assert!(t.get(50).is_none());
+        // The other names must not take the copy's number back: it stays the copy's.
+        let listed = t.ino_for(lower);
+        assert_ne!(listed, 50);
+        assert_eq!(t.get_or_insert(lower, libc::S_IFREG, empty).0.ino, listed);
+        assert_eq!(t.get_or_insert(upper, libc::S_IFREG, empty).0.ino, 50);
     }
 
     #[test]

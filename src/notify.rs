@@ -51,15 +51,6 @@ impl Invalidator {
         }
     }
 
-    /// Drops the kernel's cached listing (and attributes) of a directory now, before the reply
-    /// to the current request. Safe inside a handler: the pages of a directory hold only that
-    /// listing, and the kernel never keeps one locked while it waits for the daemon.
-    pub fn listing_now(&self, dir: u64) {
-        if let Err(e) = self.notifier.inval_inode(INodeNo(dir), 0, 0) {
-            log::debug!("listing invalidation failed: {e}");
-        }
-    }
-
     pub fn entry(&self, parent: u64, name: &std::ffi::OsStr) {
         let _ = self.tx.send(Msg::Entry(parent, name.to_owned()));
     }

@@ -295,9 +295,10 @@ impl Union {
             cur.clone().expect("filled above")
         };
         let node = &h.node;
-        // The kernel may keep what it gets (`FOPEN_CACHE_DIR`).
-        if !node.listed.load(Ordering::Relaxed) {
-            node.listed.store(true, Ordering::Relaxed);
+        // The kernel may keep what it gets (`FOPEN_CACHE_DIR`). Marked before the numbers are
+        // read, so that a change of numbers after this reads the mark.
+        if !node.listed.load(Ordering::SeqCst) {
+            node.listed.store(true, Ordering::SeqCst);
         }
         let parent_ino = node
             .state()
