@@ -142,24 +142,33 @@ pub fn in_chown(pid: u32) -> Option<bool> {
     if pid == 0 || !proc_is_ours() {
         return None;
     }
-    let line = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
-    let (nr, compat) = parse_syscall_line(&line)?;
-    // A 32-bit program's calls carry the numbers of its own system call table.
-    let chowns = if compat { COMPAT_CHOWNS? } else { CHOWNS };
-    Some(chowns.contains(&nr))
+    chown_in_syscall_line(&std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?)
 }
 
-/// The call number in a line of `/proc/PID/syscall` ("NR ARG1 .. ARG6 SP PC") and whether
-/// the thread runs 32-bit code: its stack and program counter both lie below 4 GiB, which a
-/// 64-bit program's stack never does. None when the thread is not in a system call.
-fn parse_syscall_line(line: &str) -> Option<(i64, bool)> {
+/// Whether a line of `/proc/PID/syscall` ("NR ARG1 .. ARG6 SP PC", "-1 SP PC" outside a
+/// call, "running") shows a call of the chown(2) family; None when it cannot tell.
+///
+/// A 32-bit program's calls carry the numbers of its own table. Its stack and program counter
+/// lie below 4 GiB, where a 64-bit program's seldom do; such a thread's call counts as a
+/// chown if it is one in either table. No call that sends the daemon a SETATTR that sets
+/// nothing (a write or the like) has a number that is a chown in the other table.
+fn chown_in_syscall_line(line: &str) -> Option<bool> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    let [nr, _, _, _, _, _, _, sp, pc] = f[..] else {
+    let nr: i64 = f.first()?.parse().ok()?;
+    if nr < 0 {
+        return Some(false);
+    }
+    let [_, _, _, _, _, _, _, sp, pc] = f[..] else {
         return None;
     };
     let addr = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
-    let low = |s: &str| addr(s).map(|a| a >> 32 == 0);
-    Some((nr.parse().ok()?, low(sp)? && low(pc)?))
+    let (sp, pc) = (addr(sp)?, addr(pc)?);
+    if sp == 0 && pc == 0 {
+        // An io_uring worker: the number shown is the one its creator was in.
+        return None;
+    }
+    let low = sp >> 32 == 0 && pc >> 32 == 0;
+    Some(CHOWNS.contains(&(nr & !X32_BIT)) || low && COMPAT_CHOWNS.contains(&nr))
 }
 
 /// The chown(2) family in this architecture's system call table.
@@ -175,11 +184,17 @@ const CHOWNS: &[i64] = &[libc::SYS_fchown as i64, libc::SYS_fchownat as i64];
 
 /// The same family in the table of 32-bit programs (`arch/x86/entry/syscalls/syscall_32.tbl`:
 /// lchown, fchown and chown with 16-bit ids; lchown32, fchown32, chown32; fchownat). Elsewhere
-/// a 32-bit program's calls are not recognised, and the caller falls back to its guess.
+/// a 32-bit program's calls are not recognised.
 #[cfg(target_arch = "x86_64")]
-const COMPAT_CHOWNS: Option<&[i64]> = Some(&[16, 95, 182, 198, 207, 212, 298]);
+const COMPAT_CHOWNS: &[i64] = &[16, 95, 182, 198, 207, 212, 298];
 #[cfg(not(target_arch = "x86_64"))]
-const COMPAT_CHOWNS: Option<&[i64]> = None;
+const COMPAT_CHOWNS: &[i64] = &[];
+
+/// x32 programs call the 64-bit table's numbers with this bit set.
+#[cfg(target_arch = "x86_64")]
+const X32_BIT: i64 = 0x4000_0000;
+#[cfg(not(target_arch = "x86_64"))]
+const X32_BIT: i64 = 0;
 
 /// /proc shows this daemon's pid namespace, so request pids name the right processes there.
 fn proc_is_ours() -> bool {
@@ -426,37 +441,50 @@ mod tests {
 
     #[test]
     fn syscall_lines_are_read() {
-        // A 64-bit program in read(2), and in fchownat(2).
-        let read = "0 0x3 0x7f6bedb15000 0x20000 0x7f6bedba8b60 0xffffffff 0x0 0x7ffdd04992d8 \
-                    0x7f6bedc912ad\n";
-        assert_eq!(parse_syscall_line(read), Some((0, false)));
-        let at = read.replacen("0 ", "260 ", 1);
-        assert_eq!(parse_syscall_line(&at), Some((260, false)));
-        // A 32-bit program in chown32(2): stack and program counter below 4 GiB.
-        let chown32 = "212 0x804a000 0xffffffff 0xffffffff 0x0 0x0 0x0 0xffd3c5a0 0xf7f7b579\n";
-        assert_eq!(parse_syscall_line(chown32), Some((212, true)));
-        // A 64-bit program running from low addresses keeps its stack high.
-        let low_pc = "92 0x4a0000 0xffffffff 0xffffffff 0x0 0x0 0x0 0x7ffd00001000 0x401000";
-        assert_eq!(parse_syscall_line(low_pc), Some((92, false)));
-        // Not in a system call, or running.
+        let line = |nr: i64, sp: u64, pc: u64| {
+            format!("{nr} 0x3 0x7f6bedb15000 0x20000 0x0 0xffffffff 0x0 {sp:#x} {pc:#x}\n")
+        };
+        let (high_sp, high_pc) = (0x7ffd_d049_92d8, 0x7f6b_edc9_12ad);
+        // A 64-bit program in read(2), and in chown(2) and fchownat(2).
         assert_eq!(
-            parse_syscall_line("-1 0x7ffdd04992d8 0x7f6bedc912ad\n"),
-            None
+            chown_in_syscall_line(&line(0, high_sp, high_pc)),
+            Some(false)
         );
-        assert_eq!(parse_syscall_line("running\n"), None);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn chown_calls_are_known_in_both_tables() {
-        for nr in [92, 93, 94, 260] {
-            assert!(CHOWNS.contains(&nr));
-        }
-        let compat = COMPAT_CHOWNS.unwrap();
-        // chown32, fchown32, lchown32 and fchownat are what a 32-bit libc calls.
-        for nr in [212, 207, 198, 298] {
-            assert!(compat.contains(&nr) && !CHOWNS.contains(&nr));
-        }
+        assert_eq!(
+            chown_in_syscall_line(&line(92, high_sp, high_pc)),
+            Some(true)
+        );
+        assert_eq!(
+            chown_in_syscall_line(&line(260, high_sp, high_pc)),
+            Some(true)
+        );
+        // Its ioctl(2) is the 32-bit lchown's number: not a chown from high addresses.
+        assert_eq!(
+            chown_in_syscall_line(&line(16, high_sp, high_pc)),
+            Some(false)
+        );
+        // A 32-bit program in chown32(2) and lchown(2); in write(2) (4).
+        let (low_sp, low_pc) = (0xffd3_c5a0, 0xf7f7_b579);
+        assert_eq!(
+            chown_in_syscall_line(&line(212, low_sp, low_pc)),
+            Some(true)
+        );
+        assert_eq!(chown_in_syscall_line(&line(16, low_sp, low_pc)), Some(true));
+        assert_eq!(chown_in_syscall_line(&line(4, low_sp, low_pc)), Some(false));
+        // A 64-bit program running from low addresses still has its chowns recognised, and
+        // an x32 program's (the 64-bit numbers with bit 30).
+        assert_eq!(
+            chown_in_syscall_line(&line(92, 0x80_0000, 0x40_1000)),
+            Some(true)
+        );
+        let x32 = line(0x4000_0000 + 260, low_sp, low_pc);
+        assert_eq!(chown_in_syscall_line(&x32), Some(true));
+        // An io_uring worker shows its creator's call with no stack: unknown.
+        assert_eq!(chown_in_syscall_line(&line(16, 0, 0)), None);
+        // Outside a system call, or running.
+        let outside = "-1 0x7ffdd04992d8 0x7f6bedc912ad\n";
+        assert_eq!(chown_in_syscall_line(outside), Some(false));
+        assert_eq!(chown_in_syscall_line("running\n"), None);
     }
 
     #[test]
