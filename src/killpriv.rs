@@ -441,46 +441,35 @@ mod tests {
 
     #[test]
     fn syscall_lines_are_read() {
-        let line = |nr: i64, sp: u64, pc: u64| {
-            format!("{nr} 0x3 0x7f6bedb15000 0x20000 0x0 0xffffffff 0x0 {sp:#x} {pc:#x}\n")
-        };
-        let (high_sp, high_pc) = (0x7ffd_d049_92d8, 0x7f6b_edc9_12ad);
-        // A 64-bit program in read(2), and in chown(2) and fchownat(2).
-        assert_eq!(
-            chown_in_syscall_line(&line(0, high_sp, high_pc)),
-            Some(false)
-        );
-        assert_eq!(
-            chown_in_syscall_line(&line(92, high_sp, high_pc)),
-            Some(true)
-        );
-        assert_eq!(
-            chown_in_syscall_line(&line(260, high_sp, high_pc)),
-            Some(true)
-        );
-        // Its ioctl(2) is the 32-bit lchown's number: not a chown from high addresses.
-        assert_eq!(
-            chown_in_syscall_line(&line(16, high_sp, high_pc)),
-            Some(false)
-        );
-        // A 32-bit program in chown32(2) and lchown(2); in write(2) (4).
-        let (low_sp, low_pc) = (0xffd3_c5a0, 0xf7f7_b579);
-        assert_eq!(
-            chown_in_syscall_line(&line(212, low_sp, low_pc)),
-            Some(true)
-        );
-        assert_eq!(chown_in_syscall_line(&line(16, low_sp, low_pc)), Some(true));
-        assert_eq!(chown_in_syscall_line(&line(4, low_sp, low_pc)), Some(false));
-        // A 64-bit program running from low addresses still has its chowns recognised, and
-        // an x32 program's (the 64-bit numbers with bit 30).
-        assert_eq!(
-            chown_in_syscall_line(&line(92, 0x80_0000, 0x40_1000)),
-            Some(true)
-        );
-        let x32 = line(0x4000_0000 + 260, low_sp, low_pc);
-        assert_eq!(chown_in_syscall_line(&x32), Some(true));
-        // An io_uring worker shows its creator's call with no stack: unknown.
-        assert_eq!(chown_in_syscall_line(&line(16, 0, 0)), None);
+        let high: (u64, u64) = (0x7ffd_d049_92d8, 0x7f6b_edc9_12ad);
+        let low: (u64, u64) = (0xffd3_c5a0, 0xf7f7_b579);
+        let cases = [
+            ("64-bit read(2)", 0_i64, high, Some(false)),
+            ("64-bit chown(2)", 92, high, Some(true)),
+            ("64-bit fchownat(2)", 260, high, Some(true)),
+            (
+                "64-bit ioctl(2), the i386 lchown's number",
+                16,
+                high,
+                Some(false),
+            ),
+            ("32-bit chown32(2)", 212, low, Some(true)),
+            ("32-bit lchown(2)", 16, low, Some(true)),
+            ("32-bit write(2)", 4, low, Some(false)),
+            (
+                "64-bit chown(2) from low addresses",
+                92,
+                (0x80_0000, 0x40_1000),
+                Some(true),
+            ),
+            ("x32 fchownat(2)", 0x4000_0000 + 260, low, Some(true)),
+            ("io_uring worker: its creator's call", 16, (0, 0), None),
+        ];
+        for (what, nr, (sp, pc), want) in cases {
+            let line =
+                format!("{nr} 0x3 0x7f6bedb15000 0x20000 0x0 0xffffffff 0x0 {sp:#x} {pc:#x}\n");
+            assert_eq!(chown_in_syscall_line(&line), want, "{what}");
+        }
         // Outside a system call, or running.
         let outside = "-1 0x7ffdd04992d8 0x7f6bedc912ad\n";
         assert_eq!(chown_in_syscall_line(outside), Some(false));
