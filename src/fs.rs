@@ -603,7 +603,9 @@ impl Filesystem for UnionFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.u.handles.remove_dir(fh.0);
+        if let Some(h) = self.u.handles.remove_dir(fh.0) {
+            self.u.recheck_listing(&h, false);
+        }
         reply.ok();
     }
 

@@ -211,6 +211,8 @@ pub struct Table {
     dead_dirs: Mutex<Vec<(u64, Vec<crate::lookup::Loc>)>>,
     /// Nodes in the table.
     live: AtomicUsize,
+    /// Bumped each time listings already sent may show numbers that changed.
+    listing_gen: AtomicU64,
     /// The thread that trims the table, woken as soon as it holds more than the bound
     /// (a fast walk adds tens of thousands of nodes between two of its ticks).
     trimmer: OnceLock<Trimmer>,
@@ -255,6 +257,7 @@ impl Table {
             clock: AtomicU64::new(1),
             dead_dirs: Mutex::new(Vec::new()),
             live: AtomicUsize::new(1),
+            listing_gen: AtomicU64::new(0),
             trimmer: OnceLock::new(),
             trim_asked: AtomicBool::new(false),
         };
@@ -316,9 +319,15 @@ impl Table {
         self.clock.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `mark_listings_stale` calls (see `Union::recheck_listing`).
+    pub fn listing_gen(&self) -> u64 {
+        self.listing_gen.load(Ordering::SeqCst)
+    }
+
     /// Marks every directory whose listing the kernel may keep (one was served since the last
     /// call) as stale: its next open drops that listing (`fs::opendir`).
     pub fn mark_listings_stale(&self) {
+        self.listing_gen.fetch_add(1, Ordering::SeqCst);
         for shard in &self.nodes {
             for n in lock(shard).values() {
                 if n.listed.load(Ordering::SeqCst) && n.listed.swap(false, Ordering::SeqCst) {

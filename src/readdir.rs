@@ -112,13 +112,19 @@ impl ListingCache {
 pub struct DirHandle {
     pub node: Arc<Node>,
     listing: Mutex<Option<Arc<Listing>>>,
+    /// The listing generation (`Table::listing_gen`) when this handle last sent numbers;
+    /// `NO_LISTING` before the first.
+    listing_gen: std::sync::atomic::AtomicU64,
 }
+
+const NO_LISTING: u64 = u64::MAX;
 
 impl DirHandle {
     pub fn new(node: Arc<Node>) -> DirHandle {
         DirHandle {
             node,
             listing: Mutex::new(None),
+            listing_gen: std::sync::atomic::AtomicU64::new(NO_LISTING),
         }
     }
 }
@@ -279,6 +285,23 @@ impl Union {
         Ok(self.listing(dir)?.entries.is_empty())
     }
 
+    /// At each READDIR of a handle (`reading`) and at its release: if numbers changed since
+    /// the handle last sent some, the kernel may have cached those after the change marked
+    /// the directory's listing stale and an open consumed the mark (it adds a reply's entries
+    /// to its cache after the daemon answered, but before the handle's next request). The
+    /// listing is marked stale again.
+    pub fn recheck_listing(&self, h: &DirHandle, reading: bool) {
+        let now = self.table.listing_gen();
+        let sent = if reading {
+            h.listing_gen.swap(now, Ordering::SeqCst)
+        } else {
+            h.listing_gen.load(Ordering::SeqCst)
+        };
+        if sent != NO_LISTING && sent != now {
+            h.node.stale_listing.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Sends the entries of an open directory from `offset` on (`.` and `..` first) to
     /// `add`, until it reports the reply full.
     pub fn read_dir(
@@ -295,6 +318,7 @@ impl Union {
             cur.clone().expect("filled above")
         };
         let node = &h.node;
+        self.recheck_listing(h, true);
         // The kernel may keep what it gets (`FOPEN_CACHE_DIR`). Marked before the numbers are
         // read, so that a change of numbers after this reads the mark.
         if !node.listed.load(Ordering::SeqCst) {
