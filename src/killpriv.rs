@@ -150,8 +150,10 @@ pub fn in_chown(pid: u32) -> Option<bool> {
 ///
 /// A 32-bit program's calls carry the numbers of its own table. Its stack and program counter
 /// lie below 4 GiB, where a 64-bit program's seldom do; such a thread's call counts as a
-/// chown if it is one in either table. No call that sends the daemon a SETATTR that sets
-/// nothing (a write or the like) has a number that is a chown in the other table.
+/// chown if it is one in either table. Of the calls that send the daemon a SETATTR that sets
+/// nothing (writes and the like), only one has a number that is a chown in the other table:
+/// the 64-bit ioctl(2), which can allocate space (FS_IOC_RESVSP), is the 32-bit lchown(2).
+/// From such a thread that number tells nothing.
 fn chown_in_syscall_line(line: &str) -> Option<bool> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let nr: i64 = f.first()?.parse().ok()?;
@@ -168,6 +170,9 @@ fn chown_in_syscall_line(line: &str) -> Option<bool> {
         return None;
     }
     let low = sp >> 32 == 0 && pc >> 32 == 0;
+    if low && nr == NATIVE_IOCTL_IS_COMPAT_LCHOWN {
+        return None;
+    }
     Some(CHOWNS.contains(&(nr & !X32_BIT)) || low && COMPAT_CHOWNS.contains(&nr))
 }
 
@@ -189,6 +194,12 @@ const CHOWNS: &[i64] = &[libc::SYS_fchown as i64, libc::SYS_fchownat as i64];
 const COMPAT_CHOWNS: &[i64] = &[16, 95, 182, 198, 207, 212, 298];
 #[cfg(not(target_arch = "x86_64"))]
 const COMPAT_CHOWNS: &[i64] = &[];
+
+/// The 64-bit ioctl(2), whose number is the 32-bit lchown(2)'s (-1 where none is).
+#[cfg(target_arch = "x86_64")]
+const NATIVE_IOCTL_IS_COMPAT_LCHOWN: i64 = libc::SYS_ioctl;
+#[cfg(not(target_arch = "x86_64"))]
+const NATIVE_IOCTL_IS_COMPAT_LCHOWN: i64 = -1;
 
 /// x32 programs call the 64-bit table's numbers with this bit set.
 #[cfg(target_arch = "x86_64")]
@@ -454,7 +465,13 @@ mod tests {
                 Some(false),
             ),
             ("32-bit chown32(2)", 212, low, Some(true)),
-            ("32-bit lchown(2)", 16, low, Some(true)),
+            ("32-bit lchown32(2)", 198, low, Some(true)),
+            (
+                "32-bit lchown(2) or 64-bit ioctl(2) from low addresses",
+                16,
+                low,
+                None,
+            ),
             ("32-bit write(2)", 4, low, Some(false)),
             (
                 "64-bit chown(2) from low addresses",
