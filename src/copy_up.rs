@@ -274,8 +274,6 @@ impl CopyUp<'_> {
                 }
                 fs.invalidate_entry(pino, &n);
             }
-            // Those names now have a number of their own, which listings sent before lack.
-            fs.forget_cached_listings();
         }
     }
 

@@ -339,8 +339,6 @@ impl Union {
         self.dir_changed(&parent);
         log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
         self.invalidate_entry(parent.ino, &name);
-        // The name's new node has a number of its own, which listings sent before lack.
-        self.forget_cached_listings();
         Errno::ESTALE
     }
 

@@ -114,7 +114,7 @@ pub struct Node {
     pub exec_opens: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
-    /// Directories: a listing was served that the kernel may keep (see `Table::mark_listings_stale`).
+    /// Directories: a listing was served that the kernel may keep (`Table::mark_listings_stale`).
     pub listed: AtomicBool,
     /// Directories: the listing the kernel may keep shows numbers that changed since; the next
     /// open drops it.
@@ -324,9 +324,17 @@ impl Table {
         self.listing_gen.load(Ordering::SeqCst)
     }
 
-    /// Marks every directory whose listing the kernel may keep (one was served since the last
-    /// call) as stale: its next open drops that listing (`fs::opendir`).
-    pub fn mark_listings_stale(&self) {
+    /// A number that listings already sent may show changed (`remove_id`: the names of a
+    /// lower hard link that keep the lower file when another name is copied up, or a name
+    /// moved to a new node). Which directories hold such a name is not known (some were only
+    /// listed), so every directory whose listing the kernel may keep (one was served since
+    /// the last call) is marked stale: its next open drops that listing (`fs::opendir`).
+    /// Rare, and only directories listed since the last time are marked.
+    ///
+    /// Not dropped at once with a notification: that would wait for the kernel's lock on a
+    /// cached listing page, which a reader holds while it copies entries out, through page
+    /// faults that can need this daemon.
+    fn mark_listings_stale(&self) {
         self.listing_gen.fetch_add(1, Ordering::SeqCst);
         for shard in &self.nodes {
             for n in lock(shard).values() {
@@ -540,12 +548,16 @@ impl Table {
             .get(&id)
             .copied()
             .or_else(|| self.derived(id));
-        if current == Some(node.ino) {
+        let renumbered = current == Some(node.ino);
+        if renumbered {
             let ino = self.alloc();
             idsh.remembered.insert(id, ino);
         }
         drop(idsh);
         node.state().ids.retain(|x| *x != id);
+        if renumbered {
+            self.mark_listings_stale();
+        }
     }
 
     /// Unregisters every identity of a node whose last name is gone, so that a new object
@@ -797,6 +809,26 @@ mod tests {
         assert_ne!(listed, 50);
         assert_eq!(t.get_or_insert(lower, libc::S_IFREG, empty).0.ino, listed);
         assert_eq!(t.get_or_insert(upper, libc::S_IFREG, empty).0.ino, 50);
+    }
+
+    #[test]
+    fn a_changed_number_marks_the_listings_the_kernel_may_keep() {
+        let t = Table::new(vec![7], empty());
+        let (dir, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, empty);
+        let (other, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFDIR, empty);
+        let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 50 }, libc::S_IFREG, empty);
+        dir.listed.store(true, Ordering::SeqCst);
+        // An identity leaving a node that keeps no number for it: nothing changes.
+        t.remove_id(&file, RealId { dev: 7, ino: 99 });
+        assert_eq!(t.listing_gen(), 0);
+        assert!(!dir.stale_listing.load(Ordering::SeqCst));
+        // The lower object of a copied-up hard link gets a new number.
+        t.add_id(&file, RealId { dev: 7, ino: 60 });
+        t.remove_id(&file, RealId { dev: 7, ino: 50 });
+        assert_eq!(t.listing_gen(), 1);
+        assert!(dir.stale_listing.load(Ordering::SeqCst), "listed: marked");
+        assert!(!dir.listed.load(Ordering::SeqCst));
+        assert!(!other.stale_listing.load(Ordering::SeqCst), "never listed");
     }
 
     #[test]

@@ -212,19 +212,6 @@ impl Union {
         }
     }
 
-    /// Numbers that listings already sent show changed (the names of a lower hard link that
-    /// keep the lower file when another name is copied up, or a name moved to a new node).
-    /// Which directories hold such a name is not known (some were only listed), so every
-    /// listing the kernel may keep is dropped at its directory's next open. Rare: only
-    /// directories listed since the last time are marked.
-    ///
-    /// Not dropped at once: a notification would wait for the kernel's lock on a cached
-    /// listing page, which a reader holds while it copies entries out, through page faults
-    /// that can need this daemon.
-    pub fn forget_cached_listings(&self) {
-        self.table.mark_listings_stale();
-    }
-
     /// The kernel's cached attributes of `ino` are wrong now (a copy-up changed them).
     pub fn invalidate_attrs(&self, ino: u64) {
         if let Some(inv) = self.invalidator.get() {
