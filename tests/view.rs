@@ -397,9 +397,8 @@ fn getdents_names(fd: &std::fs::File) -> Vec<String> {
     names
 }
 
-/// `readdirplus=auto` gives a process that has not shown it stats what it lists one entry per
-/// reply; when that entry was removed after the listing was read, the reply must carry the
-/// next one, not come back empty (which reads as the end of the directory).
+/// `readdirplus=auto` gives a process's first directory a whole first batch, as the kernel's
+/// own heuristic would, and probes its second with a single entry.
 #[test]
 fn a_first_listing_comes_whole_and_the_next_is_probed_with_one_entry() {
     let l = Layers::new(1);
@@ -427,6 +426,9 @@ fn a_first_listing_comes_whole_and_the_next_is_probed_with_one_entry() {
     );
 }
 
+/// `readdirplus=auto` gives a process that has not shown it stats what it lists one entry per
+/// reply; when that entry was removed after the listing was read, the reply must carry the
+/// next one, not come back empty (which reads as the end of the directory).
 #[test]
 fn single_entry_listing_replies_skip_removed_names() {
     let l = Layers::new(1);
