@@ -121,7 +121,7 @@ impl Union {
             mtime: system_time(st.st_mtime, st.st_mtime_nsec),
             ctime: system_time(st.st_ctime, st.st_ctime_nsec),
             crtime: UNIX_EPOCH,
-            kind: file_type(node.kind),
+            kind: file_type(node.kind()),
             perm: (st.st_mode & 0o7777) as u16,
             nlink,
             uid: map.uid_to_view(st.st_uid),
@@ -268,7 +268,7 @@ impl Union {
     }
 
     pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
-        if node.kind != libc::S_IFLNK {
+        if node.kind() != libc::S_IFLNK {
             return Err(Errno::EINVAL);
         }
         self.with_object(node, self.top_loc(node), sys::readlinkat)

@@ -76,7 +76,11 @@ impl Union {
     }
 
     fn copy_up_one(&self, node: &Arc<Node>, data: Data) -> Result<()> {
-        let _guard = node.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = node
+            .extra()
+            .copy_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let lower = {
             let st = node.state();
             if st.upper.is_some() {
@@ -191,17 +195,21 @@ impl CopyUp<'_> {
         let (parent, name) = {
             let st = self.node.state();
             let l = st.links.first().ok_or_else(|| self.node.nameless_error())?;
-            (l.parent.clone(), l.name.clone())
+            (l.parent.clone(), l.name.to_os_string())
         };
         let cname = sys::cstr(&name)?;
-        let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _dir = parent
+            .extra()
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         // Re-check under the directory lock: the node may have been unlinked or moved.
         let still_there = self
             .node
             .state()
             .links
             .first()
-            .is_some_and(|l| l.parent.ino == parent.ino && l.name == name);
+            .is_some_and(|l| l.parent.ino == parent.ino && *l.name == *name);
         if !still_there {
             return Err(self.node.nameless_error());
         }
@@ -243,7 +251,10 @@ impl CopyUp<'_> {
             st.upper = Some(id);
             if !self.node.is_dir() {
                 // The data now lives in the upper; the lower object is no longer this node's.
-                let lower_ids: Vec<RealId> = st.lowers.drain(..).map(|(_, id)| id).collect();
+                let lower_ids: Vec<RealId> = std::mem::take(&mut st.lowers)
+                    .iter()
+                    .map(|(_, id)| *id)
+                    .collect();
                 drop(st);
                 if hardlinked {
                     for lid in lower_ids {
@@ -254,7 +265,7 @@ impl CopyUp<'_> {
                 st.links
                     .iter()
                     .skip(1)
-                    .map(|l| (l.parent.ino, l.name.clone()))
+                    .map(|l| (l.parent.ino, l.name.to_os_string()))
                     .collect()
             } else {
                 Vec::new()
@@ -264,7 +275,7 @@ impl CopyUp<'_> {
         fs.dir_changed(parent);
         // The copy has its own ctime and blocks, and a broken hard link its own link count.
         fs.invalidate_attrs(self.node.ino);
-        self.node.data_gen.fetch_add(1, Ordering::SeqCst);
+        self.node.extra().data_gen.fetch_add(1, Ordering::SeqCst);
         // Other names of a lower hard link still show the lower file (copy-up breaks the
         // link, as in kernel overlayfs): drop them from this node and from the kernel cache.
         if hardlinked {

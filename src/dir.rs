@@ -451,7 +451,11 @@ impl Union {
         let cname = sys::cstr(name)?;
         // The kernel has just looked the name up and found nothing, and holds the directory
         // locked while it creates: only what the upper holds there needs checking.
-        let _lock = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = parent
+            .extra()
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let pst = sys::fstat(dir.as_fd())?;
         let slot = upper_slot(dir.as_fd(), &cname)?;
@@ -545,7 +549,11 @@ impl Union {
         self.copy_up(node)?;
         self.copy_up(newparent)?;
         let cname = sys::cstr(newname)?;
-        let _lock = newparent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = newparent
+            .extra()
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let src = self.open_in(node, Loc::Upper, libc::O_PATH)?;
         let src_path = sys::proc_fd_path(src.as_fd());
         let dir = self.dir_fd(newparent, Loc::Upper)?;
@@ -617,7 +625,11 @@ impl Union {
         }
         self.copy_up(parent)?;
         let cname = sys::cstr(name)?;
-        let _lock = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = parent
+            .extra()
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let needs_whiteout = self.lower_has(parent, &cname)?;
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let work = self.layers.work()?;
@@ -763,9 +775,18 @@ impl Union {
         } else {
             (newparent, parent)
         };
-        let _l1 = first.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let _l2 = (first.ino != second.ino)
-            .then(|| second.dir_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        let _l1 = first
+            .extra()
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let _l2 = (first.ino != second.ino).then(|| {
+            second
+                .extra()
+                .dir_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        });
         let old_dir = self.dir_fd(parent, Loc::Upper)?;
         let new_dir = self.dir_fd(newparent, Loc::Upper)?;
         let work = self.layers.work()?;

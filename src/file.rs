@@ -43,7 +43,7 @@ pub struct FileHandle {
 impl Drop for FileHandle {
     fn drop(&mut self) {
         if self.exec {
-            self.node.exec_opens.fetch_sub(1, Ordering::SeqCst);
+            self.node.extra().exec_opens.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -53,7 +53,7 @@ const FMODE_EXEC: i32 = 0x20;
 
 impl FileHandle {
     pub fn new(node: Arc<Node>, fd: OwnedFd, writable: bool) -> FileHandle {
-        let opened_gen = node.data_gen.load(Ordering::SeqCst);
+        let opened_gen = node.data_gen();
         FileHandle {
             node,
             fd: RwLock::new(Arc::new(fd)),
@@ -212,7 +212,7 @@ impl Union {
         // The kernel checks for a running program only after this open has truncated (it
         // lets the filesystem do O_TRUNC itself), so a truncating open of one is refused here,
         // before any data is lost.
-        if trunc && node.exec_opens.load(Ordering::SeqCst) > 0 {
+        if trunc && node.exec_opens() > 0 {
             return Err(Errno::ETXTBSY);
         }
         let fd = if writable || trunc {
@@ -271,7 +271,7 @@ impl Union {
             h.backing = Some(b.clone());
         }
         if flags & FMODE_EXEC != 0 {
-            node.exec_opens.fetch_add(1, Ordering::SeqCst);
+            node.extra().exec_opens.fetch_add(1, Ordering::SeqCst);
             h.exec = true;
         }
         Ok((self.handles.add_file(h), mode))
@@ -287,8 +287,12 @@ impl Union {
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
     ) -> Result<IoMode> {
         let id = crate::inode::RealId::of(&sys::fstat(fd)?);
-        let mut cur = node.backing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((bid, weak)) = cur.as_deref()
+        let mut cur = node
+            .extra()
+            .backing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((bid, weak)) = cur.as_ref()
             && let Some(b) = weak.upgrade()
         {
             if *bid == id {
@@ -302,7 +306,7 @@ impl Union {
         match make_backing(fd) {
             Ok(b) => {
                 let b = Arc::new(b);
-                *cur = Some(Box::new((id, Arc::downgrade(&b))));
+                *cur = Some((id, Arc::downgrade(&b)));
                 Ok(IoMode::Passthrough(b))
             }
             Err(e) => {
@@ -322,13 +326,17 @@ impl Union {
             .state()
             .links
             .first()
-            .map(|l| (l.parent.clone(), l.name.clone()))
+            .map(|l| (l.parent.clone(), l.name.to_os_string()))
         else {
             // A racing open split it first: the name is on the new node already.
             return node.nameless_error();
         };
         {
-            let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _dir = parent
+                .extra()
+                .dir_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             node.split.store(true, Ordering::SeqCst);
             self.tree_change(|| {
                 self.table.remove_id(node, id);
@@ -349,7 +357,7 @@ impl Union {
     /// The fd to read through, switching a read-only handle to the upper copy once the file
     /// has been copied up.
     fn read_fd(&self, h: &FileHandle) -> Arc<OwnedFd> {
-        let now = h.node.data_gen.load(Ordering::SeqCst);
+        let now = h.node.data_gen();
         if h.writable || h.opened_gen.load(Ordering::SeqCst) == now {
             return h.fd();
         }

@@ -485,10 +485,10 @@ impl Filesystem for UnionFs {
                 // The kernel may keep listings in its cache across opens: every change to a
                 // directory comes through the kernel, which drops the cache when it does one.
                 // A listing whose numbers changed otherwise is dropped now, by this open.
-                let keep = if n
-                    .stale_listing
-                    .swap(false, std::sync::atomic::Ordering::SeqCst)
-                {
+                let keep = if n.extra_if_made().is_some_and(|e| {
+                    e.stale_listing
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                }) {
                     FopenFlags::empty()
                 } else {
                     FopenFlags::FOPEN_KEEP_CACHE

@@ -14,11 +14,12 @@
 //! by following parents.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use crate::compact::{Few, Name};
 use crate::layer::LowerIdx;
 
 pub type Ino = u64;
@@ -44,31 +45,25 @@ impl RealId {
 #[derive(Clone)]
 pub struct Link {
     pub parent: Arc<Node>,
-    pub name: OsString,
+    pub name: Name,
 }
 
 pub struct State {
     /// Names of the node; the first is the one used to build paths. Empty for the root and for
     /// a node whose last name was removed.
-    pub links: Vec<Link>,
+    pub links: Few<Link>,
     /// The object in the upper layer, if there is one.
     pub upper: Option<RealId>,
     /// Directories: the lower directories merged below, top-most first. Other objects: the
     /// lower object that holds the data until copy-up (at most one).
-    pub lowers: Vec<(LowerIdx, RealId)>,
-    /// Directories: number of subdirectories in the merged view, once counted.
-    pub subdirs: Option<u64>,
+    pub lowers: Few<(LowerIdx, RealId)>,
     /// Identities registered for this node in the table.
-    pub ids: Vec<RealId>,
+    pub ids: Few<RealId>,
 }
 
 impl State {
-    /// Makes `l` the first name. A node's first name gets no spare room: nodes are many, and
-    /// most have one name (a push into an empty `Vec` makes room for four).
+    /// Makes `l` the first name.
     pub fn push_first_link(&mut self, l: Link) {
-        if self.links.is_empty() {
-            self.links.reserve_exact(1);
-        }
         self.links.insert(0, l);
     }
 
@@ -99,11 +94,24 @@ pub struct Node {
     /// Unique for the life of the mount, unlike `ino`.
     pub serial: u64,
     /// `S_IFMT` bits; a node never changes type.
-    pub kind: u32,
+    kind: u16,
+    /// Its name moved to a new node (passthrough copy-up, see `file::split_node`): requests
+    /// that resolve it by name get ESTALE, so the kernel looks the name up again.
+    pub split: AtomicBool,
+    removed: AtomicBool,
+    /// The table's clock when a request last used the node (see `Table::coldest`).
+    last_used: AtomicU32,
     /// Kernel lookups plus pins by children; the node leaves the table when it drops to 0.
     refs: AtomicU64,
-    removed: AtomicBool,
     state: Mutex<State>,
+    /// Made on first use (see `Extra`).
+    extra: OnceLock<Box<Extra>>,
+}
+
+/// What only directories and files that were opened or changed need. Most nodes are files
+/// that were only looked up, and every node would pay for these fields (64 bytes).
+#[derive(Default)]
+pub struct Extra {
     /// Serialises copy-up of this node.
     pub copy_lock: Mutex<()>,
     /// Directories: serialises changes to the entries.
@@ -114,23 +122,70 @@ pub struct Node {
     pub exec_opens: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
+    /// Directories: number of subdirectories in the merged view, once counted
+    /// (`NOT_COUNTED` before).
+    pub subdirs: AtomicU64,
     /// Directories: a listing was served that the kernel may keep (`Table::mark_listings_stale`).
     pub listed: AtomicBool,
     /// Directories: the listing the kernel may keep shows numbers that changed since; the next
     /// open drops it.
     pub stale_listing: AtomicBool,
-    /// Its name moved to a new node (passthrough copy-up, see `file::split_node`): requests
-    /// that resolve it by name get ESTALE, so the kernel looks the name up again.
-    pub split: AtomicBool,
-    /// The table's clock when a request last used the node (see `Table::coldest`).
-    last_used: AtomicU64,
     /// The backing file the kernel serves passthrough opens of this node from, while any is
     /// open: the real object it is, and the shared backing id.
-    /// Boxed: few nodes are open at a time, and every node pays for the field.
-    pub backing: Mutex<Option<Box<Backing>>>,
+    pub backing: Mutex<Option<Backing>>,
 }
 
+/// `Extra::subdirs` before the subdirectories were counted.
+pub const NOT_COUNTED: u64 = u64::MAX;
+
 impl Node {
+    fn new(ino: Ino, serial: u64, kind: u32, state: State) -> Node {
+        Node {
+            ino,
+            serial,
+            kind: kind as u16,
+            split: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            last_used: AtomicU32::new(0),
+            refs: AtomicU64::new(1),
+            state: Mutex::new(state),
+            extra: OnceLock::new(),
+        }
+    }
+
+    /// `S_IFMT` bits.
+    pub fn kind(&self) -> u32 {
+        u32::from(self.kind)
+    }
+
+    /// The node's rarely used fields, made now if they were not yet.
+    pub fn extra(&self) -> &Extra {
+        self.extra.get_or_init(|| {
+            Box::new(Extra {
+                subdirs: AtomicU64::new(NOT_COUNTED),
+                ..Extra::default()
+            })
+        })
+    }
+
+    /// The node's rarely used fields if they were made: for readers to whom a field's initial
+    /// value means the same as no `Extra` at all.
+    pub fn extra_if_made(&self) -> Option<&Extra> {
+        self.extra.get().map(|b| &**b)
+    }
+
+    /// See `Extra::data_gen` (0 until a copy-up).
+    pub fn data_gen(&self) -> u64 {
+        self.extra_if_made()
+            .map_or(0, |e| e.data_gen.load(Ordering::SeqCst))
+    }
+
+    /// See `Extra::exec_opens`.
+    pub fn exec_opens(&self) -> u64 {
+        self.extra_if_made()
+            .map_or(0, |e| e.exec_opens.load(Ordering::SeqCst))
+    }
+
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -165,7 +220,7 @@ impl Node {
     }
 
     pub fn is_dir(&self) -> bool {
-        self.kind == libc::S_IFDIR
+        self.kind() == libc::S_IFDIR
     }
 
     pub fn is_root(&self) -> bool {
@@ -205,7 +260,7 @@ pub struct Table {
     /// Set once any number was allocated or remembered: readdir must then ask the table.
     remaps: AtomicBool,
     /// Coarse clock for `last_used`.
-    clock: AtomicU64,
+    clock: AtomicU32,
     /// Directories forgotten since the last `take_dead_dirs`: their serial and layers (their
     /// cached fds are to be closed).
     dead_dirs: Mutex<Vec<(u64, Vec<crate::lookup::Loc>)>>,
@@ -254,7 +309,7 @@ impl Table {
             extra_devs: Mutex::new(Vec::new()),
             xino_bits,
             remaps: AtomicBool::new(false),
-            clock: AtomicU64::new(1),
+            clock: AtomicU32::new(1),
             dead_dirs: Mutex::new(Vec::new()),
             live: AtomicUsize::new(1),
             listing_gen: AtomicU64::new(0),
@@ -262,25 +317,8 @@ impl Table {
             trim_asked: AtomicBool::new(false),
         };
         let root_ids = root_state.ids.clone();
-        let root = Arc::new(Node {
-            ino: ROOT_INO,
-            serial: 0,
-            kind: libc::S_IFDIR,
-            // Never forgotten.
-            refs: AtomicU64::new(1),
-            removed: AtomicBool::new(false),
-            state: Mutex::new(root_state),
-            copy_lock: Mutex::new(()),
-            dir_lock: Mutex::new(()),
-            data_gen: AtomicU64::new(0),
-            exec_opens: AtomicU64::new(0),
-            split: AtomicBool::new(false),
-            listed: AtomicBool::new(false),
-            stale_listing: AtomicBool::new(false),
-            version: AtomicU64::new(0),
-            last_used: AtomicU64::new(0),
-            backing: Mutex::new(None),
-        });
+        // Never forgotten: its one reference is never dropped.
+        let root = Arc::new(Node::new(ROOT_INO, 0, libc::S_IFDIR, root_state));
         lock(t.node_shard(ROOT_INO)).insert(ROOT_INO, root);
         for id in root_ids {
             lock(t.id_shard(&id)).live.insert(
@@ -338,8 +376,11 @@ impl Table {
         self.listing_gen.fetch_add(1, Ordering::SeqCst);
         for shard in &self.nodes {
             for n in lock(shard).values() {
-                if n.listed.load(Ordering::SeqCst) && n.listed.swap(false, Ordering::SeqCst) {
-                    n.stale_listing.store(true, Ordering::SeqCst);
+                if let Some(e) = n.extra_if_made()
+                    && e.listed.load(Ordering::SeqCst)
+                    && e.listed.swap(false, Ordering::SeqCst)
+                {
+                    e.stale_listing.store(true, Ordering::SeqCst);
                 }
             }
         }
@@ -347,7 +388,7 @@ impl Table {
 
     /// The names of the `n` least recently used nodes (not the root), coldest first.
     pub fn coldest(&self, n: usize) -> Vec<(Ino, std::ffi::OsString)> {
-        let mut all: Vec<(u64, Arc<Node>)> = Vec::new();
+        let mut all: Vec<(u32, Arc<Node>)> = Vec::new();
         for shard in &self.nodes {
             let shard = lock(shard);
             all.extend(
@@ -365,7 +406,11 @@ impl Table {
         let mut out = Vec::with_capacity(all.len());
         for (_, node) in all {
             let st = node.state();
-            out.extend(st.links.iter().map(|l| (l.parent.ino, l.name.clone())));
+            out.extend(
+                st.links
+                    .iter()
+                    .map(|l| (l.parent.ino, l.name.to_os_string())),
+            );
         }
         out
     }
@@ -460,7 +505,7 @@ impl Table {
             let shard = lock(self.node_shard(e.ino));
             if let Some(node) = shard.get(&e.ino).cloned()
                 && node.serial == e.serial
-                && node.kind == kind
+                && node.kind() == kind
                 && !node.split.load(Ordering::SeqCst)
             {
                 node.refs.fetch_add(1, Ordering::Relaxed);
@@ -478,24 +523,8 @@ impl Table {
         if !state.ids.contains(&id) {
             state.ids.push(id);
         }
-        let node = Arc::new(Node {
-            ino,
-            serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
-            kind,
-            refs: AtomicU64::new(1),
-            removed: AtomicBool::new(false),
-            state: Mutex::new(state),
-            copy_lock: Mutex::new(()),
-            dir_lock: Mutex::new(()),
-            data_gen: AtomicU64::new(0),
-            exec_opens: AtomicU64::new(0),
-            split: AtomicBool::new(false),
-            listed: AtomicBool::new(false),
-            stale_listing: AtomicBool::new(false),
-            version: AtomicU64::new(0),
-            last_used: AtomicU64::new(0),
-            backing: Mutex::new(None),
-        });
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let node = Arc::new(Node::new(ino, serial, kind, state));
         if lock(self.node_shard(ino))
             .insert(ino, node.clone())
             .is_none()
@@ -632,7 +661,7 @@ impl Table {
         self.pin(parent, 1);
         node.state().push_first_link(Link {
             parent: parent.clone(),
-            name: name.to_owned(),
+            name: Name::new(name),
         });
     }
 
@@ -713,11 +742,10 @@ mod tests {
 
     fn empty() -> State {
         State {
-            links: Vec::new(),
+            links: Few::new(),
             upper: None,
-            lowers: Vec::new(),
-            subdirs: None,
-            ids: Vec::new(),
+            lowers: Few::new(),
+            ids: Few::new(),
         }
     }
 
@@ -817,18 +845,24 @@ mod tests {
         let (dir, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, empty);
         let (other, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFDIR, empty);
         let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 50 }, libc::S_IFREG, empty);
-        dir.listed.store(true, Ordering::SeqCst);
+        dir.extra().listed.store(true, Ordering::SeqCst);
         // An identity leaving a node that keeps no number for it: nothing changes.
         t.remove_id(&file, RealId { dev: 7, ino: 99 });
         assert_eq!(t.listing_gen(), 0);
-        assert!(!dir.stale_listing.load(Ordering::SeqCst));
+        assert!(!dir.extra().stale_listing.load(Ordering::SeqCst));
         // The lower object of a copied-up hard link gets a new number.
         t.add_id(&file, RealId { dev: 7, ino: 60 });
         t.remove_id(&file, RealId { dev: 7, ino: 50 });
         assert_eq!(t.listing_gen(), 1);
-        assert!(dir.stale_listing.load(Ordering::SeqCst), "listed: marked");
-        assert!(!dir.listed.load(Ordering::SeqCst));
-        assert!(!other.stale_listing.load(Ordering::SeqCst), "never listed");
+        assert!(
+            dir.extra().stale_listing.load(Ordering::SeqCst),
+            "listed: marked"
+        );
+        assert!(!dir.extra().listed.load(Ordering::SeqCst));
+        assert!(
+            !other.extra().stale_listing.load(Ordering::SeqCst),
+            "never listed"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod acl;
 pub mod attr;
+pub mod compact;
 pub mod config;
 pub mod copy_up;
 pub mod dir;

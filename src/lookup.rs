@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use crate::compact::{Few, Name};
 use crate::fdcache::CachedDir;
 use crate::inode::{Link, Node, RealId, State};
 use crate::layer::LowerIdx;
@@ -54,7 +55,7 @@ const LOOKUP_TRIES: usize = 4;
 /// device, socket or FIFO, that means its name was deleted or renamed meanwhile.
 fn stale_name_error(node: &Node, e: Errno) -> Errno {
     let can_be_enxio = matches!(
-        node.kind,
+        node.kind(),
         libc::S_IFCHR | libc::S_IFBLK | libc::S_IFSOCK | libc::S_IFIFO
     );
     if e.code() == libc::ENXIO && !can_be_enxio {
@@ -371,7 +372,11 @@ impl Union {
                 std::thread::yield_now();
             }
         }
-        let _dir = parent.dir_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _dir = parent
+            .extra()
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
         let st = found.st;
         Ok((self.node_for(parent, name, found), st))
@@ -407,20 +412,12 @@ impl Union {
     fn found_node(&self, found: Found) -> Arc<Node> {
         let kind = found.kind();
         let id = found.top_id();
-        let ids = vec![id];
         self.table
-            .get_or_insert(id, kind, || {
-                // Nodes live long and are many: no spare capacity (a push into an empty Vec
-                // makes room for four).
-                let mut lowers = found.lowers;
-                lowers.shrink_to_fit();
-                State {
-                    links: Vec::new(),
-                    upper: found.upper,
-                    lowers,
-                    subdirs: None,
-                    ids,
-                }
+            .get_or_insert(id, kind, || State {
+                links: Few::new(),
+                upper: found.upper,
+                lowers: Few::from(found.lowers),
+                ids: Few::One(id),
             })
             .0
     }
@@ -440,7 +437,7 @@ impl Union {
         }
         // The parent is pinned before the state is held (a new name holds a reference).
         self.table.pin(parent, 1);
-        let dropped: Vec<Link> = {
+        let dropped: Few<Link> = {
             let mut st = node.state();
             let has = st
                 .links
@@ -456,11 +453,11 @@ impl Union {
             let old = if node.is_dir() {
                 std::mem::take(&mut st.links)
             } else {
-                Vec::new()
+                Few::new()
             };
             st.push_first_link(Link {
                 parent: parent.clone(),
-                name: name.to_owned(),
+                name: Name::new(name),
             });
             old
         };

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
-use crate::inode::{Node, RealId};
+use crate::inode::{NOT_COUNTED, Node, RealId};
 use crate::lookup::Loc;
 use crate::sys::{self, Result};
 use crate::union::Union;
@@ -154,7 +154,7 @@ pub fn dtype_of_mode(mode: u32) -> u8 {
 impl Union {
     /// The merged listing of a directory, from the cache when it is current.
     pub fn listing(&self, dir: &Node) -> Result<Arc<Listing>> {
-        let version = dir.version.load(Ordering::SeqCst);
+        let version = dir.extra().version.load(Ordering::SeqCst);
         if let Some(l) = self.listings.get(dir.serial, version) {
             return Ok(l);
         }
@@ -162,7 +162,7 @@ impl Union {
         let subdirs = entries.iter().filter(|e| e.dtype == libc::DT_DIR).count() as u64;
         let l = Arc::new(Listing { entries, subdirs });
         // Cached only if the directory did not change while it was read.
-        if dir.version.load(Ordering::SeqCst) == version {
+        if dir.extra().version.load(Ordering::SeqCst) == version {
             self.listings.put(dir.serial, version, l.clone());
         }
         Ok(l)
@@ -170,7 +170,7 @@ impl Union {
 
     /// Records a change to the entries of `dir`: its cached listing is no longer current.
     pub fn dir_changed(&self, dir: &Node) {
-        dir.version.fetch_add(1, Ordering::SeqCst);
+        dir.extra().version.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The merged entries of a directory, without `.` and `..`, read from the layers.
@@ -264,19 +264,25 @@ impl Union {
 
     /// Number of subdirectories in the merged view (cached on the node).
     pub fn subdir_count(&self, dir: &Node) -> Result<u64> {
-        if let Some(n) = dir.state().subdirs {
+        let counted = &dir.extra().subdirs;
+        let n = counted.load(Ordering::SeqCst);
+        if n != NOT_COUNTED {
             return Ok(n);
         }
         let n = self.listing(dir)?.subdirs;
-        dir.state().subdirs = Some(n);
+        counted.store(n, Ordering::SeqCst);
         Ok(n)
     }
 
     /// Adjusts a directory's cached subdirectory count by `delta`.
     pub fn adjust_subdirs(&self, dir: &Node, delta: i64) {
-        let mut st = dir.state();
-        if let Some(n) = st.subdirs {
-            st.subdirs = Some(n.saturating_add_signed(delta));
+        // Not made yet: not counted yet.
+        if let Some(e) = dir.extra_if_made() {
+            let _ = e
+                .subdirs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n != NOT_COUNTED).then(|| n.saturating_add_signed(delta).min(NOT_COUNTED - 1))
+                });
         }
     }
 
@@ -298,7 +304,7 @@ impl Union {
             h.listing_gen.load(Ordering::SeqCst)
         };
         if sent != NO_LISTING && sent != now {
-            h.node.stale_listing.store(true, Ordering::SeqCst);
+            h.node.extra().stale_listing.store(true, Ordering::SeqCst);
         }
     }
 
@@ -321,8 +327,9 @@ impl Union {
         self.recheck_listing(h, true);
         // The kernel may keep what it gets (`FOPEN_CACHE_DIR`). Marked before the numbers are
         // read, so that a change of numbers after this reads the mark.
-        if !node.listed.load(Ordering::SeqCst) {
-            node.listed.store(true, Ordering::SeqCst);
+        let e = node.extra();
+        if !e.listed.load(Ordering::SeqCst) {
+            e.listed.store(true, Ordering::SeqCst);
         }
         let parent_ino = node
             .state()

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::compact::Few;
 use crate::fdcache::FdCache;
 use crate::file::Handles;
 use crate::idmap::IdMap;
@@ -97,11 +98,10 @@ impl Union {
         }
         // The root merges the upper root with every lower root.
         let mut root = State {
-            links: Vec::new(),
+            links: Few::new(),
             upper: None,
-            lowers: Vec::new(),
-            subdirs: None,
-            ids: Vec::new(),
+            lowers: Few::new(),
+            ids: Few::new(),
         };
         if let Some(u) = &layers.upper {
             let st = sys::fstat(u.root())?;
