@@ -239,6 +239,9 @@ struct IdEntry {
 
 #[derive(Default)]
 struct IdShard {
+    /// The node of each identity the table holds a node for, except a node at the identity's
+    /// derived number (most nodes): that one is found at that number, holding the identity in
+    /// its `ids` (see `Table::derived_node`), and needs no entry.
     live: HashMap<RealId, IdEntry>,
     /// Numbers kept for identities that no longer derive their own (copied-up objects and
     /// collisions), for the rest of the mount.
@@ -513,6 +516,8 @@ impl Table {
             }
             drop(shard);
             idsh.live.remove(&id);
+        } else if let Some(node) = self.derived_node(&idsh, id, kind) {
+            return (node, true);
         }
         let mut ino = self.ino_for_locked(&mut idsh, id);
         if lock(self.node_shard(ino)).contains_key(&ino) {
@@ -531,14 +536,48 @@ impl Table {
         {
             self.added_node();
         }
-        idsh.live.insert(
-            id,
-            IdEntry {
-                ino,
-                serial: node.serial,
-            },
-        );
+        if !self.at_derived(&idsh, id, ino) {
+            idsh.live.insert(
+                id,
+                IdEntry {
+                    ino,
+                    serial: node.serial,
+                },
+            );
+        }
         (node, false)
+    }
+
+    /// Whether `ino` is the number `id` derives and keeps (nothing remembered elsewhere): a
+    /// node there holding `id` is found without an entry in `live`.
+    fn at_derived(&self, idsh: &IdShard, id: RealId, ino: Ino) -> bool {
+        self.derived(id) == Some(ino) && idsh.remembered.get(&id).is_none_or(|&r| r == ino)
+    }
+
+    /// The node at `id`'s derived number, if it holds `id` and may serve it (same kind, not
+    /// split), with one lookup reference taken. Called with `id`'s shard held and no entry
+    /// for it in `live`: identities leave a node's `ids` only after their shard records the
+    /// change (`remove_id` remembers a new number first), or once the node left the table.
+    fn derived_node(&self, idsh: &IdShard, id: RealId, kind: u32) -> Option<Arc<Node>> {
+        let ino = self.derived(id)?;
+        if !self.at_derived(idsh, id, ino) {
+            return None;
+        }
+        let node = self.get(ino)?;
+        if node.kind() != kind
+            || node.split.load(Ordering::SeqCst)
+            || !node.state().ids.contains(&id)
+        {
+            return None;
+        }
+        // Taken only if the node is still in the table (the table's lock orders this against
+        // the last reference's release).
+        let shard = lock(self.node_shard(ino));
+        if !shard.get(&ino).is_some_and(|n| Arc::ptr_eq(n, &node)) {
+            return None;
+        }
+        node.refs.fetch_add(1, Ordering::Relaxed);
+        Some(node)
     }
 
     /// Registers one more identity for a node (the upper object after copy-up), and remembers
@@ -872,6 +911,43 @@ mod tests {
         let b = t.ino_for(RealId { dev: 9, ino: 5 });
         assert_ne!(a, b);
         assert!(a < ALLOC_BASE && b < ALLOC_BASE);
+    }
+
+    #[test]
+    fn a_node_at_its_derived_number_is_found_without_an_entry() {
+        let t = Table::new(vec![7], empty());
+        let id = RealId { dev: 7, ino: 50 };
+        let (n, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        assert!(!existed);
+        assert_eq!(n.ino, 50);
+        assert!(
+            lock(t.id_shard(&id)).live.is_empty(),
+            "no entry for a derived number"
+        );
+        let (again, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        assert!(existed && Arc::ptr_eq(&n, &again), "found at its number");
+        assert_eq!(n.refs.load(Ordering::Relaxed), 2);
+        // Another type at the same identity (a reused inode while the kernel still holds the
+        // node): a node of its own, at a number of its own, found through its entry.
+        let (dir, existed) = t.get_or_insert(id, libc::S_IFDIR, empty);
+        assert!(!existed && dir.ino != 50);
+        assert!(Arc::ptr_eq(
+            &t.get_or_insert(id, libc::S_IFDIR, empty).0,
+            &dir
+        ));
+        // A split node is not handed out again.
+        let other = RealId { dev: 7, ino: 51 };
+        let (s, _) = t.get_or_insert(other, libc::S_IFREG, empty);
+        s.split.store(true, Ordering::SeqCst);
+        let (fresh, existed) = t.get_or_insert(other, libc::S_IFREG, empty);
+        assert!(!existed && !Arc::ptr_eq(&s, &fresh));
+        // Gone from the table: a new node at the derived number again.
+        let third = RealId { dev: 7, ino: 52 };
+        let (g, _) = t.get_or_insert(third, libc::S_IFREG, empty);
+        t.unpin(&g, 1);
+        let (h, existed) = t.get_or_insert(third, libc::S_IFREG, empty);
+        assert!(!existed && !Arc::ptr_eq(&g, &h));
+        assert_eq!(h.ino, 52);
     }
 
     #[test]
