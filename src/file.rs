@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use crate::copy_up::Data;
-use crate::inode::Node;
+use crate::inode::{Node, RealId};
 use crate::lookup::Loc;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Errno, Result};
@@ -21,17 +21,75 @@ pub enum IoMode {
     /// Through the page cache, with reads and writes sent to the daemon.
     Cached,
     /// Straight from the backing file in the kernel.
-    Passthrough(Arc<fuser::BackingId>),
+    Passthrough(Arc<SharedBacking>),
     /// Every read and write sent to the daemon, no page cache: for an open whose object is
     /// not the one the kernel already passes other opens through to (a file copied up while
     /// a passthrough open of its lower file is still open).
     Direct,
 }
 
+/// The backing ids of the nodes that have passthrough opens, shared by those opens: the
+/// kernel passes every open of an inode through to one file. An entry lives while anything
+/// holds its backing id, so nodes that were opened once keep nothing.
+/// (Generic over the id for tests: a real one needs the kernel.)
+pub struct Backings<B = fuser::BackingId> {
+    shards: Vec<Mutex<HashMap<u64, Backing<B>>>>,
+}
+
+/// The real object a node's passthrough opens read from, and their shared backing id.
+type Backing<B> = (RealId, Weak<SharedBacking<B>>);
+
+/// A backing id shared by the passthrough opens of one node. Whoever drops the last hold on
+/// it (the last open's release, or a reply still being sent) takes its entry out of the table.
+pub struct SharedBacking<B = fuser::BackingId> {
+    pub id: B,
+    serial: u64,
+    table: Arc<Backings<B>>,
+}
+
+impl<B> Drop for SharedBacking<B> {
+    fn drop(&mut self) {
+        self.table.release(self.serial);
+    }
+}
+
+const BACKING_SHARDS: usize = 16;
+
+impl<B> Default for Backings<B> {
+    fn default() -> Backings<B> {
+        Backings {
+            shards: (0..BACKING_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+}
+
+impl<B> Backings<B> {
+    /// The entries of the shard of the node with this serial.
+    fn shard(&self, serial: u64) -> MutexGuard<'_, HashMap<u64, Backing<B>>> {
+        self.shards[serial as usize % BACKING_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the node's entry if nothing holds its backing id any more. Never called with the
+    /// shard held: `backing_for` lets go of it before a hold it took can be dropped.
+    fn release(&self, serial: u64) {
+        let mut shard = self.shard(serial);
+        if shard
+            .get(&serial)
+            .is_some_and(|(_, weak)| weak.strong_count() == 0)
+        {
+            shard.remove(&serial);
+        }
+    }
+}
+
 pub struct FileHandle {
     pub node: Arc<Node>,
     /// Keeps the shared backing id alive while this open uses it.
-    backing: Option<Arc<fuser::BackingId>>,
+    backing: Option<Arc<SharedBacking>>,
     fd: RwLock<Arc<OwnedFd>>,
     /// The node's `data_gen` when `fd` was opened.
     opened_gen: AtomicU64,
@@ -286,13 +344,9 @@ impl Union {
         fd: BorrowedFd<'_>,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
     ) -> Result<IoMode> {
-        let id = crate::inode::RealId::of(&sys::fstat(fd)?);
-        let mut cur = node
-            .extra()
-            .backing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((bid, weak)) = cur.as_ref()
+        let id = RealId::of(&sys::fstat(fd)?);
+        let mut backings = self.backings.shard(node.serial);
+        if let Some((bid, weak)) = backings.get(&node.serial)
             && let Some(b) = weak.upgrade()
         {
             if *bid == id {
@@ -300,13 +354,17 @@ impl Union {
             }
             // The kernel passes this inode's open files through to another file (the lower
             // one, before this open copied it up) and accepts no other kind of open on it.
-            drop(cur);
+            drop(backings);
             return Err(self.split_node(node, id));
         }
         match make_backing(fd) {
             Ok(b) => {
-                let b = Arc::new(b);
-                *cur = Some((id, Arc::downgrade(&b)));
+                let b = Arc::new(SharedBacking {
+                    id: b,
+                    serial: node.serial,
+                    table: self.backings.clone(),
+                });
+                backings.insert(node.serial, (id, Arc::downgrade(&b)));
                 Ok(IoMode::Passthrough(b))
             }
             Err(e) => {
@@ -321,7 +379,7 @@ impl Union {
     /// new inode for it, and returns ESTALE: the kernel then looks the name up again and retries
     /// the open once, on the new inode. The old inode keeps serving the files already open on
     /// it (with the data they had, as in kernel overlayfs).
-    fn split_node(&self, node: &Node, id: crate::inode::RealId) -> Errno {
+    fn split_node(&self, node: &Node, id: RealId) -> Errno {
         let Some((parent, name)) = node
             .state()
             .links
@@ -469,7 +527,37 @@ impl Union {
 
 #[cfg(test)]
 mod tests {
-    use super::ReadBufs;
+    use super::*;
+
+    #[test]
+    fn a_backing_entry_goes_with_the_last_hold_on_its_id() {
+        let table: Arc<Backings<u32>> = Arc::default();
+        let shared = |serial, id| {
+            Arc::new(SharedBacking {
+                id,
+                serial,
+                table: table.clone(),
+            })
+        };
+        let real = RealId { dev: 1, ino: 2 };
+        let first = shared(5, 7);
+        table.shard(5).insert(5, (real, Arc::downgrade(&first)));
+        let second = table.shard(5)[&5].1.upgrade().expect("shared while held");
+        assert_eq!(second.id, 7);
+        drop(first);
+        assert!(table.shard(5).contains_key(&5), "still held");
+        // Another node's id going leaves the entry alone.
+        drop(shared(21, 8));
+        assert!(table.shard(5).contains_key(&5));
+        drop(second);
+        assert!(table.shard(5).is_empty(), "the last hold took the entry");
+        // A newer entry for the node stays when an older id goes.
+        let old = shared(5, 9);
+        let new = shared(5, 10);
+        table.shard(5).insert(5, (real, Arc::downgrade(&new)));
+        drop(old);
+        assert_eq!(table.shard(5).len(), 1);
+    }
 
     #[test]
     fn read_buffers_are_reused_and_freed_once_reads_stop() {

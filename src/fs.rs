@@ -383,7 +383,7 @@ impl Filesystem for UnionFs {
         });
         match res {
             Ok((fh, IoMode::Passthrough(b))) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id)
             }
             Ok((fh, IoMode::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Ok((fh, IoMode::Cached)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
@@ -720,7 +720,7 @@ impl Filesystem for UnionFs {
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
-                &b,
+                &b.id,
             ),
             Ok((attr, fh, io)) => {
                 let flags = match io {

@@ -86,9 +86,6 @@ impl State {
     }
 }
 
-/// The real object a node's passthrough opens read from, and their shared backing id.
-pub type Backing = (RealId, std::sync::Weak<fuser::BackingId>);
-
 pub struct Node {
     pub ino: Ino,
     /// Unique for the life of the mount, unlike `ino`.
@@ -108,9 +105,8 @@ pub struct Node {
     extra: OnceLock<Box<Extra>>,
 }
 
-/// What only directories and files that were opened or changed need. Most nodes are files
-/// that were only looked up, and every node would pay for these fields (64 bytes).
-#[derive(Default)]
+/// What only directories and files that were changed or run need. Most nodes are files that
+/// were only looked up or read, and every node would pay for these fields (56 bytes).
 pub struct Extra {
     /// Serialises copy-up of this node.
     pub copy_lock: Mutex<()>,
@@ -130,9 +126,6 @@ pub struct Extra {
     /// Directories: the listing the kernel may keep shows numbers that changed since; the next
     /// open drops it.
     pub stale_listing: AtomicBool,
-    /// The backing file the kernel serves passthrough opens of this node from, while any is
-    /// open: the real object it is, and the shared backing id.
-    pub backing: Mutex<Option<Backing>>,
 }
 
 /// `Extra::subdirs` before the subdirectories were counted.
@@ -162,8 +155,14 @@ impl Node {
     pub fn extra(&self) -> &Extra {
         self.extra.get_or_init(|| {
             Box::new(Extra {
+                copy_lock: Mutex::new(()),
+                dir_lock: Mutex::new(()),
+                data_gen: AtomicU64::new(0),
+                exec_opens: AtomicU64::new(0),
+                version: AtomicU64::new(0),
                 subdirs: AtomicU64::new(NOT_COUNTED),
-                ..Extra::default()
+                listed: AtomicBool::new(false),
+                stale_listing: AtomicBool::new(false),
             })
         })
     }

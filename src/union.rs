@@ -3,12 +3,12 @@
 //! (`lookup`, `readdir`, `copy_up`, `dir`, `attr`, `file`); `fs` adapts it to fuser.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::compact::Few;
 use crate::fdcache::FdCache;
-use crate::file::Handles;
+use crate::file::{Backings, Handles};
 use crate::idmap::IdMap;
 use crate::inode::{RealId, State, Table};
 use crate::layer::Layers;
@@ -66,6 +66,8 @@ pub struct Union {
     pub table: Table,
     pub opts: Options,
     pub handles: Handles,
+    /// Backing ids of nodes with passthrough opens.
+    pub backings: Arc<Backings>,
     /// Directory fds per (node, layer).
     pub fds: FdCache,
     /// Merged directory listings.
@@ -122,6 +124,7 @@ impl Union {
             layers,
             opts,
             handles: Handles::default(),
+            backings: Arc::default(),
             fds: FdCache::new(FdCache::default_capacity()),
             listings: Default::default(),
             invalidator: OnceLock::new(),
