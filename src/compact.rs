@@ -28,13 +28,12 @@ impl<T> Few<T> {
         self.insert(n, x);
     }
 
-    /// Inserts `x` at `i`, shifting the items after it; panics if `i > len`, as `Vec` does.
+    /// Inserts `x` at `i`, shifting the items after it; panics if `i > len`, as `Vec` does
+    /// (before changing anything).
     pub fn insert(&mut self, i: usize, x: T) {
+        assert!(i <= self.len(), "insert index {i} past the end of the list");
         match std::mem::take(self) {
-            Few::Many(v) if v.is_empty() => {
-                assert!(i == 0, "insert index {i} past the end of an empty list");
-                *self = Few::One(x);
-            }
+            Few::Many(v) if v.is_empty() => *self = Few::One(x),
             Few::One(first) => {
                 let mut v = Vec::with_capacity(2);
                 v.push(first);
@@ -48,13 +47,12 @@ impl<T> Few<T> {
         }
     }
 
-    /// Removes and returns the item at `i`; panics if `i >= len`, as `Vec` does.
+    /// Removes and returns the item at `i`; panics if `i >= len`, as `Vec` does (before
+    /// changing anything).
     pub fn remove(&mut self, i: usize) -> T {
+        assert!(i < self.len(), "remove index {i} past the end of the list");
         match std::mem::take(self) {
-            Few::One(x) => {
-                assert!(i == 0, "remove index {i} past the end of a one-item list");
-                x
-            }
+            Few::One(x) => x,
             Few::Many(mut v) => {
                 let x = v.remove(i);
                 *self = Few::from(v);
@@ -63,10 +61,21 @@ impl<T> Few<T> {
         }
     }
 
-    pub fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
-        let mut v = Vec::from(std::mem::take(self));
-        v.retain(keep);
-        *self = Few::from(v);
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        match self {
+            Few::One(x) => {
+                if !keep(x) {
+                    *self = Few::new();
+                }
+            }
+            Few::Many(v) => {
+                let before = v.len();
+                v.retain(keep);
+                if v.len() != before {
+                    *self = Few::from(std::mem::take(v));
+                }
+            }
+        }
     }
 }
 
@@ -251,8 +260,18 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "past the end")]
-    fn an_insert_past_the_end_panics_as_a_vectors_does() {
-        Few::new().insert(1, 0u8);
+    fn a_bad_index_panics_as_a_vectors_does_and_changes_nothing() {
+        for (items, insert) in [(vec![], true), (vec![1], true), (vec![1], false)] {
+            let mut f = Few::from(items.clone());
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if insert {
+                    f.insert(2, 9);
+                } else {
+                    f.remove(1);
+                }
+            }));
+            assert!(caught.is_err());
+            assert_eq!(&f[..], &items[..], "unchanged after the panic");
+        }
     }
 }

@@ -210,8 +210,7 @@ impl Node {
             .position(|l| l.parent.ino == parent && l.name == name)
         {
             Some(i) => {
-                let l = st.links.remove(i);
-                st.links.insert(0, l);
+                st.links[..=i].rotate_right(1);
                 true
             }
             None => false,
@@ -555,8 +554,10 @@ impl Table {
 
     /// The node at `id`'s derived number, if it holds `id` and may serve it (same kind, not
     /// split), with one lookup reference taken. Called with `id`'s shard held and no entry
-    /// for it in `live`: identities leave a node's `ids` only after their shard records the
-    /// change (`remove_id` remembers a new number first), or once the node left the table.
+    /// for it in `live`. The node's `ids` decide: an identity that moves to another number
+    /// has that recorded in its shard first (`remove_id` remembers the new number, and
+    /// `at_derived` then fails), and one that merely leaves (`forget_ids`, for an object
+    /// whose last name went) is no longer in `ids`.
     fn derived_node(&self, idsh: &IdShard, id: RealId, kind: u32) -> Option<Arc<Node>> {
         let ino = self.derived(id)?;
         if !self.at_derived(idsh, id, ino) {
