@@ -2,9 +2,10 @@
 //!
 //! Read-only lower layers and an optional writable upper layer are merged into one tree and
 //! served through FUSE. The modules follow the concerns of kernel overlayfs: `layer` and
-//! `whiteout` (on-disk formats), `inode` (the inode table), `lookup` (resolution through the
-//! layers), `readdir`, `copy_up`, `dir` (namespace changes), `attr`, `file`; `fs` adapts the
-//! whole to fuser, `config` and `mount` take a command line to a live mount.
+//! `whiteout` (on-disk formats), `inode` (the inode table, with `compact` storage for its
+//! nodes), `lookup` (resolution through the layers), `readdir`, `copy_up`, `dir` (namespace
+//! changes), `attr`, `file`; `fs` adapts the whole to fuser, `config` and `mount` take a
+//! command line to a live mount.
 
 pub mod acl;
 pub mod attr;
