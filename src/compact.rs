@@ -127,9 +127,29 @@ impl<T> DerefMut for Few<T> {
 
 impl<T> IntoIterator for Few<T> {
     type Item = T;
-    type IntoIter = std::vec::IntoIter<T>;
-    fn into_iter(self) -> std::vec::IntoIter<T> {
-        Vec::from(self).into_iter()
+    type IntoIter = FewIntoIter<T>;
+    /// Without allocating (a forgotten node's one name goes through this).
+    fn into_iter(self) -> FewIntoIter<T> {
+        match self {
+            Few::One(x) => FewIntoIter::One(Some(x).into_iter()),
+            Few::Many(v) => FewIntoIter::Many(v.into_iter()),
+        }
+    }
+}
+
+/// The items of a [`Few`], by value.
+pub enum FewIntoIter<T> {
+    One(std::option::IntoIter<T>),
+    Many(std::vec::IntoIter<T>),
+}
+
+impl<T> Iterator for FewIntoIter<T> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        match self {
+            FewIntoIter::One(i) => i.next(),
+            FewIntoIter::Many(i) => i.next(),
+        }
     }
 }
 
@@ -246,6 +266,11 @@ mod tests {
         f[0] += 1;
         assert_eq!(f.first(), Some(&8));
         assert_eq!(f.into_iter().collect::<Vec<_>>(), vec![8]);
+        assert_eq!(
+            Few::from(vec![1, 2]).into_iter().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(Few::<u8>::new().into_iter().count(), 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use crate::acl;
+use crate::compact::Few;
 use crate::inode::{Node, RealId};
 use crate::lookup::{Found, Loc};
 use crate::sys::{self, Errno, Result, Stat};
@@ -524,7 +525,7 @@ impl Union {
         let found = Found {
             st,
             upper: Some(RealId::of(&st)),
-            lowers: Vec::new(),
+            lowers: Few::new(),
         };
         let node = self.node_for(parent, name, found);
         self.dir_changed(parent);
@@ -583,7 +584,7 @@ impl Union {
         let found = Found {
             st,
             upper: Some(RealId::of(&st)),
-            lowers: Vec::new(),
+            lowers: Few::new(),
         };
         let n = self.node_for(newparent, newname, found);
         self.dir_changed(newparent);

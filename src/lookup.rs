@@ -25,7 +25,7 @@ pub struct Found {
     /// Stat of the top-most object.
     pub st: Stat,
     pub upper: Option<RealId>,
-    pub lowers: Vec<(LowerIdx, RealId)>,
+    pub lowers: Few<(LowerIdx, RealId)>,
 }
 
 impl Found {
@@ -285,7 +285,7 @@ impl Union {
                     let mut f = Found {
                         st: shown,
                         upper: None,
-                        lowers: Vec::new(),
+                        lowers: Few::new(),
                     };
                     match loc {
                         Loc::Upper => f.upper = Some(id),
@@ -416,7 +416,7 @@ impl Union {
             .get_or_insert(id, kind, || State {
                 links: Few::new(),
                 upper: found.upper,
-                lowers: Few::from(found.lowers),
+                lowers: found.lowers,
                 ids: Few::One(id),
             })
             .0
