@@ -538,6 +538,13 @@ impl Filesystem for UnionFs {
             ReaddirPlus::Auto if !self.walkers.listing(req.pid(), ino.0) => 1,
             _ => usize::MAX,
         };
+        // The first batch for a process known to stat what it lists: the subdirectories are
+        // read ahead once it is sent (see `prefetch`).
+        let ahead = offset == 0
+            && quota == usize::MAX
+            && self.u.opts.readdirplus == ReaddirPlus::Auto
+            && self.walkers.stats_what_it_lists(req.pid());
+        let mut listed = None;
         let res = self.u.handles.dir(fh.0).ok_or(Errno::EBADF).and_then(|h| {
             if h.node.ino != ino.0 {
                 return Err(Errno::EBADF);
@@ -587,11 +594,16 @@ impl Filesystem for UnionFs {
                     quota -= 1;
                 }
                 full
-            })
+            })?;
+            listed = Some(dir);
+            Ok(())
         });
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(log_unexpected("readdirplus", e)),
+        }
+        if ahead && let Some(dir) = listed {
+            self.u.stat_ahead(&dir);
         }
     }
 

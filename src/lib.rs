@@ -25,6 +25,7 @@ pub mod lookup;
 pub mod mount;
 pub mod notify;
 pub mod override_stat;
+pub mod prefetch;
 pub mod readdir;
 pub mod sys;
 pub mod union;

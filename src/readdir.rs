@@ -262,6 +262,32 @@ impl Union {
         Ok(out)
     }
 
+    /// Has the subdirectories of `dir` read ahead in its layers (see `prefetch`), from its
+    /// cached listing (none for a directory too large to cache: the listing is not read again
+    /// for this).
+    pub fn stat_ahead(&self, dir: &Node) {
+        let version = dir.extra().version.load(Ordering::SeqCst);
+        let Some(listing) = self.listings.get(dir.serial, version) else {
+            return;
+        };
+        if listing.subdirs == 0 || !self.prefetch.fresh(dir.serial) {
+            return;
+        }
+        let names: Arc<[std::ffi::CString]> = listing
+            .entries
+            .iter()
+            .filter(|e| e.dtype == libc::DT_DIR)
+            .filter_map(|e| std::ffi::CString::new(e.name.as_encoded_bytes()).ok())
+            .take(crate::prefetch::SUBDIRS)
+            .collect();
+        let dirs = self
+            .dir_layers(dir)
+            .into_iter()
+            .filter_map(|loc| self.dir_fd(dir, loc).ok())
+            .collect();
+        self.prefetch.ahead(dirs, names);
+    }
+
     /// Number of subdirectories in the merged view (cached on the node).
     pub fn subdir_count(&self, dir: &Node) -> Result<u64> {
         let counted = &dir.extra().subdirs;

@@ -626,7 +626,20 @@ pub struct RawDirent<'a> {
 }
 
 /// Calls `f` for every entry of the directory open as `fd` (read from its current position).
-pub fn for_each_dirent(fd: BorrowedFd<'_>, f: impl FnMut(RawDirent<'_>)) -> Result<()> {
+pub fn for_each_dirent(fd: BorrowedFd<'_>, mut f: impl FnMut(RawDirent<'_>)) -> Result<()> {
+    for_each_dirent_while(fd, |d| {
+        f(d);
+        true
+    })
+}
+
+/// Calls `f` for the entries of the directory open as `fd` until it returns false (the rest of
+/// the batch read with it is skipped, and no more is read; the fd's position is then past
+/// that whole batch, so a later read of it would miss the skipped entries).
+pub fn for_each_dirent_while(
+    fd: BorrowedFd<'_>,
+    f: impl FnMut(RawDirent<'_>) -> bool,
+) -> Result<()> {
     thread_local! {
         /// Each serving thread reuses one buffer: a fresh zeroed one per directory would be
         /// 64 KiB written and freed on every listing.
@@ -645,7 +658,7 @@ pub fn for_each_dirent(fd: BorrowedFd<'_>, f: impl FnMut(RawDirent<'_>)) -> Resu
 fn read_dirents(
     fd: BorrowedFd<'_>,
     buf: &mut [u8],
-    mut f: impl FnMut(RawDirent<'_>),
+    mut f: impl FnMut(RawDirent<'_>) -> bool,
 ) -> Result<()> {
     loop {
         // SAFETY: `buf` is writable for its full length.
@@ -672,11 +685,13 @@ fn read_dirents(
                 .iter()
                 .position(|&b| b == 0)
                 .unwrap_or(name_area.len());
-            f(RawDirent {
+            if !f(RawDirent {
                 ino,
                 kind,
                 name: &name_area[..len],
-            });
+            }) {
+                return Ok(());
+            }
             if reclen == 0 {
                 break;
             }

@@ -72,6 +72,8 @@ pub struct Union {
     pub fds: FdCache,
     /// Merged directory listings.
     pub listings: crate::readdir::ListingCache,
+    /// Reads ahead the subdirectories of what statting walkers list.
+    pub prefetch: Arc<crate::prefetch::Prefetcher>,
     /// Sends cache invalidations to the kernel, once the session is up.
     pub invalidator: OnceLock<Invalidator>,
     /// Brackets changes that move or remove names in the upper (see `lookup::open_in`).
@@ -127,6 +129,7 @@ impl Union {
             backings: Arc::default(),
             fds: FdCache::new(FdCache::default_capacity()),
             listings: Default::default(),
+            prefetch: Arc::default(),
             invalidator: OnceLock::new(),
             tree_begun: AtomicU64::new(0),
             tree_ended: AtomicU64::new(0),

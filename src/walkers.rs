@@ -86,6 +86,13 @@ impl Walkers {
         !w.probing
     }
 
+    /// Whether process `pid` is known to stat what it lists: learned from the directories it
+    /// listed after its first (which gets whole listings before anything is known).
+    pub fn stats_what_it_lists(&self, pid: u32) -> bool {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.peek(&pid).is_some_and(|w| w.stats && !w.first)
+    }
+
     /// Process `pid` looks up a name other than a directory's in directory `parent`.
     pub fn lookup(&self, pid: u32, parent: u64) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -121,6 +128,19 @@ mod tests {
         // Given whole listings, it sends no lookups; that says nothing.
         assert!(w.listing(7, 102));
         assert!(w.listing(7, 103));
+    }
+
+    #[test]
+    fn only_a_process_that_showed_it_stats_counts_as_statting() {
+        let w = Walkers::default();
+        assert!(w.listing(7, 99));
+        assert!(!w.stats_what_it_lists(7), "a first directory says nothing");
+        assert!(!w.listing(7, 100));
+        assert!(!w.stats_what_it_lists(7), "probing");
+        w.lookup(7, 100);
+        assert!(w.listing(7, 101));
+        assert!(w.stats_what_it_lists(7));
+        assert!(!w.stats_what_it_lists(8), "unknown");
     }
 
     #[test]
