@@ -33,7 +33,7 @@ pub enum IoMode {
 /// holds its backing id, so nodes that were opened once keep nothing.
 /// (Generic over the id for tests: a real one needs the kernel.)
 pub struct Backings<B = fuser::BackingId> {
-    shards: Vec<Mutex<HashMap<u64, Backing<B>>>>,
+    by_serial: ShardedMap<Backing<B>>,
 }
 
 /// The real object a node's passthrough opens read from, and their shared backing id.
@@ -53,14 +53,10 @@ impl<B> Drop for SharedBacking<B> {
     }
 }
 
-const BACKING_SHARDS: usize = 16;
-
 impl<B> Default for Backings<B> {
     fn default() -> Backings<B> {
         Backings {
-            shards: (0..BACKING_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
+            by_serial: ShardedMap::default(),
         }
     }
 }
@@ -68,9 +64,7 @@ impl<B> Default for Backings<B> {
 impl<B> Backings<B> {
     /// The entries of the shard of the node with this serial.
     fn shard(&self, serial: u64) -> MutexGuard<'_, HashMap<u64, Backing<B>>> {
-        self.shards[serial as usize % BACKING_SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.by_serial.shard(serial)
     }
 
     /// Drops the node's entry if nothing holds its backing id any more. Never called with the
@@ -129,21 +123,23 @@ impl FileHandle {
 
 const SHARDS: usize = 16;
 
-struct HandleMap<T> {
-    shards: Vec<Mutex<HashMap<u64, Arc<T>>>>,
+/// A map from handle numbers or node serials, sharded so that requests on different keys
+/// rarely wait for each other.
+struct ShardedMap<V> {
+    shards: Vec<Mutex<HashMap<u64, V>>>,
 }
 
-impl<T> Default for HandleMap<T> {
+impl<V> Default for ShardedMap<V> {
     fn default() -> Self {
-        HandleMap {
+        ShardedMap {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 }
 
-impl<T> HandleMap<T> {
-    fn shard(&self, fh: u64) -> MutexGuard<'_, HashMap<u64, Arc<T>>> {
-        self.shards[fh as usize % SHARDS]
+impl<V> ShardedMap<V> {
+    fn shard(&self, key: u64) -> MutexGuard<'_, HashMap<u64, V>> {
+        self.shards[key as usize % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -151,8 +147,8 @@ impl<T> HandleMap<T> {
 
 #[derive(Default)]
 pub struct Handles {
-    files: HandleMap<FileHandle>,
-    dirs: HandleMap<DirHandle>,
+    files: ShardedMap<Arc<FileHandle>>,
+    dirs: ShardedMap<Arc<DirHandle>>,
     next: AtomicU64,
     pub read_bufs: ReadBufs,
 }
