@@ -4,7 +4,8 @@
 //! The copy is built complete in the work directory — data, owner, mode, xattrs, times — and
 //! only then renamed to its name in the upper, so a crash leaves either no copy or a whole one.
 //! Missing parent directories are copied first, each with its own lower metadata. Two racing
-//! copy-ups of one node are serialised on the node's `copy_lock` and produce one copy.
+//! copy-ups of one node are serialised on the node's copy lock (`Node::lock_copy`) and
+//! produce one copy.
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -76,11 +77,7 @@ impl Union {
     }
 
     fn copy_up_one(&self, node: &Arc<Node>, data: Data) -> Result<()> {
-        let _guard = node
-            .extra()
-            .copy_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _guard = node.lock_copy();
         let lower = {
             let st = node.state();
             if st.upper.is_some() {
@@ -198,11 +195,7 @@ impl CopyUp<'_> {
             (l.parent.clone(), l.name.to_os_string())
         };
         let cname = sys::cstr(&name)?;
-        let _dir = parent
-            .extra()
-            .dir_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _dir = parent.lock_dir();
         // Re-check under the directory lock: the node may have been unlinked or moved.
         let still_there = self
             .node

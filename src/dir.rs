@@ -452,11 +452,7 @@ impl Union {
         let cname = sys::cstr(name)?;
         // The kernel has just looked the name up and found nothing, and holds the directory
         // locked while it creates: only what the upper holds there needs checking.
-        let _lock = parent
-            .extra()
-            .dir_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _lock = parent.lock_dir();
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let pst = sys::fstat(dir.as_fd())?;
         let slot = upper_slot(dir.as_fd(), &cname)?;
@@ -550,11 +546,7 @@ impl Union {
         self.copy_up(node)?;
         self.copy_up(newparent)?;
         let cname = sys::cstr(newname)?;
-        let _lock = newparent
-            .extra()
-            .dir_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _lock = newparent.lock_dir();
         let src = self.open_in(node, Loc::Upper, libc::O_PATH)?;
         let src_path = sys::proc_fd_path(src.as_fd());
         let dir = self.dir_fd(newparent, Loc::Upper)?;
@@ -626,11 +618,7 @@ impl Union {
         }
         self.copy_up(parent)?;
         let cname = sys::cstr(name)?;
-        let _lock = parent
-            .extra()
-            .dir_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _lock = parent.lock_dir();
         let needs_whiteout = self.lower_has(parent, &cname)?;
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let work = self.layers.work()?;
@@ -776,18 +764,8 @@ impl Union {
         } else {
             (newparent, parent)
         };
-        let _l1 = first
-            .extra()
-            .dir_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let _l2 = (first.ino != second.ino).then(|| {
-            second
-                .extra()
-                .dir_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-        });
+        let _l1 = first.lock_dir();
+        let _l2 = (first.ino != second.ino).then(|| second.lock_dir());
         let old_dir = self.dir_fd(parent, Loc::Upper)?;
         let new_dir = self.dir_fd(newparent, Loc::Upper)?;
         let work = self.layers.work()?;

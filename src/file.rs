@@ -386,11 +386,7 @@ impl Union {
             return node.nameless_error();
         };
         {
-            let _dir = parent
-                .extra()
-                .dir_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let _dir = parent.lock_dir();
             node.split.store(true, Ordering::SeqCst);
             self.tree_change(|| {
                 self.table.remove_id(node, id);

@@ -108,10 +108,10 @@ pub struct Node {
 /// What only directories and files that were changed or run need. Most nodes are files that
 /// were only looked up or read, and every node would pay for these fields (56 bytes).
 pub struct Extra {
-    /// Serialises copy-up of this node.
-    pub copy_lock: Mutex<()>,
-    /// Directories: serialises changes to the entries.
-    pub dir_lock: Mutex<()>,
+    /// Serialises copy-up of this node (`Node::lock_copy`).
+    copy_lock: Mutex<()>,
+    /// Directories: serialises changes to the entries (`Node::lock_dir`).
+    dir_lock: Mutex<()>,
     /// Bumped by copy-up, so read-only handles opened on the lower object reopen the upper.
     pub data_gen: AtomicU64,
     /// Open handles of a running program (opened for exec).
@@ -171,6 +171,16 @@ impl Node {
     /// value means the same as no `Extra` at all.
     pub fn extra_if_made(&self) -> Option<&Extra> {
         self.extra.get().map(|b| &**b)
+    }
+
+    /// Holds `Extra::dir_lock` (changes to a directory's entries).
+    pub fn lock_dir(&self) -> MutexGuard<'_, ()> {
+        lock(&self.extra().dir_lock)
+    }
+
+    /// Holds `Extra::copy_lock` (copy-up of this node).
+    pub fn lock_copy(&self) -> MutexGuard<'_, ()> {
+        lock(&self.extra().copy_lock)
     }
 
     /// See `Extra::data_gen` (0 until a copy-up).

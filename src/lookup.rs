@@ -372,11 +372,7 @@ impl Union {
                 std::thread::yield_now();
             }
         }
-        let _dir = parent
-            .extra()
-            .dir_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _dir = parent.lock_dir();
         let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
         let st = found.st;
         Ok((self.node_for(parent, name, found), st))
