@@ -20,7 +20,7 @@ use crate::inode::Node;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
 use crate::union::{ReaddirPlus, Union};
-use crate::walkers::Walkers;
+use crate::walkers::{Decision, Walkers};
 
 /// Largest request the kernel may send us, and read-ahead.
 pub const MAX_IO: u32 = 1 << 20;
@@ -534,16 +534,17 @@ impl Filesystem for UnionFs {
     ) {
         // A process that does not look up what it lists gets one entry here; the kernel
         // (readdirplus=auto) reads the rest as a plain listing.
-        let mut quota = match self.u.opts.readdirplus {
-            ReaddirPlus::Auto if !self.walkers.listing(req.pid(), ino.0) => 1,
-            _ => usize::MAX,
+        let decision = match self.u.opts.readdirplus {
+            ReaddirPlus::Auto => self.walkers.decide(req.pid(), ino.0),
+            _ => Decision {
+                whole: true,
+                stats: false,
+            },
         };
+        let mut quota = if decision.whole { usize::MAX } else { 1 };
         // The first batch for a process known to stat what it lists: the subdirectories are
         // read ahead once it is sent (see `prefetch`).
-        let ahead = offset == 0
-            && quota == usize::MAX
-            && self.u.opts.readdirplus == ReaddirPlus::Auto
-            && self.walkers.stats_what_it_lists(req.pid());
+        let ahead = offset == 0 && decision.whole && decision.stats;
         let mut listed = None;
         let res = self.u.handles.dir(fh.0).ok_or(Errno::EBADF).and_then(|h| {
             if h.node.ino != ino.0 {

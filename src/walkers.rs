@@ -55,10 +55,27 @@ impl Default for Walkers {
     }
 }
 
+/// What to give a process reading a listing with attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The whole listing that way (else a single entry).
+    pub whole: bool,
+    /// The process is known to stat what it lists: learned from the directories it listed
+    /// after its first (which gets whole listings before anything is known).
+    pub stats: bool,
+}
+
 impl Walkers {
+    /// `decide(..).whole`, for the tests.
+    #[cfg(test)]
+    fn listing(&self, pid: u32, dir: u64) -> bool {
+        self.decide(pid, dir).whole
+    }
+
     /// Process `pid` reads the listing of directory `dir` with attributes: whether to give it
-    /// the whole listing that way (else a single entry).
-    pub fn listing(&self, pid: u32, dir: u64) -> bool {
+    /// the whole listing that way (else a single entry), and whether it is known to stat what
+    /// it lists.
+    pub fn decide(&self, pid: u32, dir: u64) -> Decision {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let w = map.get_or_insert_mut(pid, || Walker {
             dir,
@@ -69,7 +86,10 @@ impl Walkers {
             first: true,
         });
         if w.dir == dir {
-            return w.stats || w.first;
+            return Decision {
+                whole: w.stats || w.first,
+                stats: w.stats,
+            };
         }
         // Leaving its first directory (not a probe: the next one is).
         w.first = false;
@@ -83,14 +103,10 @@ impl Walkers {
         }
         w.dir = dir;
         w.looked_up = false;
-        !w.probing
-    }
-
-    /// Whether process `pid` is known to stat what it lists: learned from the directories it
-    /// listed after its first (which gets whole listings before anything is known).
-    pub fn stats_what_it_lists(&self, pid: u32) -> bool {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.peek(&pid).is_some_and(|w| w.stats && !w.first)
+        Decision {
+            whole: !w.probing,
+            stats: w.stats,
+        }
     }
 
     /// Process `pid` looks up a name other than a directory's in directory `parent`.
@@ -133,14 +149,17 @@ mod tests {
     #[test]
     fn only_a_process_that_showed_it_stats_counts_as_statting() {
         let w = Walkers::default();
-        assert!(w.listing(7, 99));
-        assert!(!w.stats_what_it_lists(7), "a first directory says nothing");
-        assert!(!w.listing(7, 100));
-        assert!(!w.stats_what_it_lists(7), "probing");
+        let d = w.decide(7, 99);
+        assert!(d.whole);
+        assert!(!d.stats, "a first directory says nothing");
+        let d = w.decide(7, 100);
+        assert!(!d.whole);
+        assert!(!d.stats, "probing");
         w.lookup(7, 100);
-        assert!(w.listing(7, 101));
-        assert!(w.stats_what_it_lists(7));
-        assert!(!w.stats_what_it_lists(8), "unknown");
+        let d = w.decide(7, 101);
+        assert!(d.whole);
+        assert!(d.stats);
+        assert!(!w.decide(8, 5).stats, "unknown");
     }
 
     #[test]
