@@ -28,7 +28,7 @@ use crate::sys;
 /// Directories whose subdirectories wait to be read.
 const JOBS: usize = 16;
 /// Subdirectories read per listed directory.
-pub const SUBDIRS: usize = 256;
+const SUBDIRS: usize = 256;
 /// Listed directories remembered as read ahead for.
 const RECENT: usize = 64;
 /// Entries statted per subdirectory.
@@ -70,9 +70,14 @@ impl Prefetcher {
         true
     }
 
-    /// Queues the subdirectories `subdirs` (at most `SUBDIRS` are read) of a directory whose
+    /// Queues the subdirectories `subdirs` (the first `SUBDIRS`) of a directory whose
     /// directories in the layers are `dirs`, to be read ahead.
-    pub fn ahead(self: &Arc<Self>, dirs: Vec<Arc<CachedDir>>, subdirs: Arc<[CString]>) {
+    pub fn ahead(
+        self: &Arc<Self>,
+        dirs: Vec<Arc<CachedDir>>,
+        subdirs: impl IntoIterator<Item = CString>,
+    ) {
+        let subdirs: Arc<[CString]> = subdirs.into_iter().take(SUBDIRS).collect();
         if subdirs.is_empty() || dirs.is_empty() {
             return;
         }
@@ -113,7 +118,7 @@ impl Prefetcher {
             };
             let mut budget = BUDGET;
             'job: for dir in &job.dirs {
-                for name in job.subdirs.iter().take(SUBDIRS) {
+                for name in job.subdirs.iter() {
                     if budget == 0 {
                         break 'job;
                     }
@@ -187,19 +192,14 @@ mod tests {
         std::os::unix::fs::symlink("a", base.join("link")).unwrap();
         let dir = Arc::new(CachedDir::new(open_dir(&base)));
         let p = Arc::new(Prefetcher::default());
-        let names: Arc<[CString]> = ["a", "gone", "file", "link", "b"]
-            .map(|n| CString::new(n).unwrap())
-            .into();
+        let names = ["a", "gone", "file", "link", "b"].map(|n| CString::new(n).unwrap());
         p.ahead(vec![dir.clone()], names);
         wait_for(&p, 2);
         // A second job after the first, over two layers: the thread keeps serving.
-        p.ahead(
-            vec![dir.clone(), dir.clone()],
-            [CString::new("a").unwrap()].into(),
-        );
+        p.ahead(vec![dir.clone(), dir.clone()], [CString::new("a").unwrap()]);
         wait_for(&p, 4);
         // Nothing queued, nothing read (the symlink to a directory is not followed).
-        p.ahead(vec![dir], Arc::new([]));
+        p.ahead(vec![dir], []);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(read(&p), 4);
         std::fs::remove_dir_all(&base).unwrap();

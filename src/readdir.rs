@@ -273,13 +273,11 @@ impl Union {
         if listing.subdirs == 0 || !self.prefetch.fresh(dir.serial) {
             return;
         }
-        let names: Arc<[std::ffi::CString]> = listing
+        let names = listing
             .entries
             .iter()
             .filter(|e| e.dtype == libc::DT_DIR)
-            .filter_map(|e| std::ffi::CString::new(e.name.as_encoded_bytes()).ok())
-            .take(crate::prefetch::SUBDIRS)
-            .collect();
+            .filter_map(|e| std::ffi::CString::new(e.name.as_encoded_bytes()).ok());
         let dirs = self
             .dir_layers(dir)
             .into_iter()
