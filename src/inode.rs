@@ -472,16 +472,23 @@ impl Table {
     /// derived one (allocating and remembering when the derived one is taken).
     pub fn ino_for(&self, id: RealId) -> Ino {
         if !self.remaps.load(Ordering::Relaxed)
-            && let Some(ino) = self.derived(id)
+            && let Some((ino, _)) = self.derived_slot(id)
         {
-            match self.get(ino) {
-                None => return ino,
-                Some(n) if n.state().ids.contains(&id) => return ino,
-                Some(_) => {}
-            }
+            return ino;
         }
         let mut shard = lock(self.id_shard(&id));
         self.ino_for_locked(&mut shard, id)
+    }
+
+    /// `id`'s derived number if it is free or its node holds `id` (with that node), else
+    /// `None` (no derived number, or another object's node has it).
+    fn derived_slot(&self, id: RealId) -> Option<(Ino, Option<Arc<Node>>)> {
+        let ino = self.derived(id)?;
+        match self.get(ino) {
+            None => Some((ino, None)),
+            Some(n) if n.state().ids.contains(&id) => Some((ino, Some(n))),
+            Some(_) => None,
+        }
     }
 
     fn ino_for_locked(&self, shard: &mut IdShard, id: RealId) -> Ino {
@@ -491,12 +498,8 @@ impl Table {
         if let Some(&ino) = shard.remembered.get(&id) {
             return ino;
         }
-        if let Some(ino) = self.derived(id) {
-            match self.get(ino) {
-                None => return ino,
-                Some(n) if n.state().ids.contains(&id) => return ino,
-                Some(_) => {}
-            }
+        if let Some((ino, _)) = self.derived_slot(id) {
+            return ino;
         }
         let ino = self.alloc();
         shard.remembered.insert(id, ino);
@@ -556,28 +559,25 @@ impl Table {
         (node, false)
     }
 
-    /// Whether `ino` is the number `id` derives and keeps (nothing remembered elsewhere): a
-    /// node there holding `id` is found without an entry in `live`.
+    /// Whether `ino` is the number `id` derives and keeps (none remembered for it): a node
+    /// there holding `id` is found without an entry in `live`.
     fn at_derived(&self, idsh: &IdShard, id: RealId, ino: Ino) -> bool {
-        self.derived(id) == Some(ino) && idsh.remembered.get(&id).is_none_or(|&r| r == ino)
+        self.derived(id) == Some(ino) && !idsh.remembered.contains_key(&id)
     }
 
     /// The node at `id`'s derived number, if it holds `id` and may serve it (same kind, not
     /// split), with one lookup reference taken. Called with `id`'s shard held and no entry
     /// for it in `live`. The node's `ids` decide: an identity that moves to another number
-    /// has that recorded in its shard first (`remove_id` remembers the new number, and
-    /// `at_derived` then fails), and one that merely leaves (`forget_ids`, for an object
-    /// whose last name went) is no longer in `ids`.
+    /// has that recorded in its shard first (`remove_id` remembers the new number, which
+    /// turns this off), and one that merely leaves (`forget_ids`, for an object whose last
+    /// name went) is no longer in `ids`.
     fn derived_node(&self, idsh: &IdShard, id: RealId, kind: u32) -> Option<Arc<Node>> {
-        let ino = self.derived(id)?;
-        if !self.at_derived(idsh, id, ino) {
+        if idsh.remembered.contains_key(&id) {
             return None;
         }
-        let node = self.get(ino)?;
-        if node.kind() != kind
-            || node.split.load(Ordering::SeqCst)
-            || !node.state().ids.contains(&id)
-        {
+        let (ino, node) = self.derived_slot(id)?;
+        let node = node?;
+        if node.kind() != kind || node.split.load(Ordering::SeqCst) {
             return None;
         }
         // Taken only if the node is still in the table (the table's lock orders this against
