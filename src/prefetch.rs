@@ -191,6 +191,17 @@ mod tests {
         std::fs::write(base.join("file"), "x").unwrap();
         std::os::unix::fs::symlink("a", base.join("link")).unwrap();
         let dir = Arc::new(CachedDir::new(open_dir(&base)));
+        // Directly, without the thread's timing: only real subdirectories are read.
+        let mut budget = 100;
+        for (name, read) in [
+            ("a", true),
+            ("link", false),
+            ("file", false),
+            ("gone", false),
+        ] {
+            let name = CString::new(name).unwrap();
+            assert_eq!(read_ahead(&dir, &name, &mut budget), read, "{name:?}");
+        }
         let p = Arc::new(Prefetcher::default());
         let names = ["a", "gone", "file", "link", "b"].map(|n| CString::new(n).unwrap());
         p.ahead(vec![dir.clone()], names);
