@@ -539,12 +539,13 @@ impl Filesystem for UnionFs {
             _ => Decision {
                 whole: true,
                 stats: false,
+                walking: false,
             },
         };
         let mut quota = if decision.whole { usize::MAX } else { 1 };
-        // The first batch for a process known to stat what it lists: the subdirectories are
-        // read ahead once it is sent (see `prefetch`).
-        let ahead = offset == 0 && decision.whole && decision.stats;
+        // The first batch for a process that lists one directory after another: the
+        // subdirectories are read ahead once it is sent (see `prefetch`).
+        let ahead = offset == 0 && decision.walking;
         let mut listed = None;
         let res = self.u.handles.dir(fh.0).ok_or(Errno::EBADF).and_then(|h| {
             if h.node.ino != ino.0 {
@@ -596,15 +597,15 @@ impl Filesystem for UnionFs {
                 }
                 full
             })?;
-            listed = Some(dir);
+            listed = Some(h);
             Ok(())
         });
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(log_unexpected("readdirplus", e)),
         }
-        if ahead && let Some(dir) = listed {
-            self.u.stat_ahead(&dir);
+        if ahead && let Some(h) = listed {
+            self.u.read_ahead(&h, decision.stats);
         }
     }
 

@@ -1,20 +1,21 @@
-//! Stat-ahead: while a program walks the merged tree statting what it lists (`find -printf`,
-//! `ls -lR`, `du`, rsync), a background thread reads the subdirectories of the directory it
-//! just listed, in the layers, and stats their entries, so that the real filesystem's inodes
-//! and directory blocks are in memory when the walk gets there.
+//! Reading ahead: while a program walks the merged tree, a background thread reads the
+//! subdirectories of the directory it just listed, in the layers, and for a program that stats
+//! what it lists (`find -printf`, `ls -lR`, `du`, rsync) also stats their entries, so that the
+//! real filesystem's directory blocks (and inodes) are in memory when the walk gets there.
 //!
-//! On a cold cache a walk waits on the disk in every directory: the daemon's stats run one
-//! directory at a time, as the program's requests come. Reading ahead overlaps that wait with
-//! the round trips of the directories before it. Nothing read ahead is kept here: the real
-//! filesystem's caches hold it, and the daemon reads it again as usual, so what a program
+//! On a cold cache a walk waits on the disk in every directory: the daemon reads and stats
+//! one directory at a time, as the program's requests come. Reading ahead overlaps that wait
+//! with the round trips of the directories before it. Nothing read ahead is kept here: the
+//! real filesystem's caches hold it, and the daemon reads it again as usual, so what a program
 //! sees never depends on this.
 //!
-//! The work is bounded: only listings for a program known to stat what it lists trigger it
-//! (`readdirplus=auto` learns that from the directories it listed after its first, so a single
-//! `ls -l DIR` reads nothing ahead), one level down, at most `SUBDIRS` subdirectories of a
-//! directory, `ENTRIES` entries of each and `BUDGET` of all (all layers together), at most
-//! `JOBS` directories waiting (a newer listing pushes out the oldest: the walk has moved on),
-//! and a directory read ahead for recently is not read ahead for again.
+//! The work is bounded: only a program's listings after its first trigger it
+//! (`readdirplus=auto` follows each process, so a single `ls -l DIR` reads nothing ahead), and
+//! only one that has shown it stats what it lists gets stats; one level down, at most
+//! `SUBDIRS` subdirectories of a directory, `ENTRIES` entries of each and `BUDGET` of all (all
+//! layers together), at most `JOBS` directories waiting (a newer listing pushes out the
+//! oldest: the walk has moved on), and a directory read ahead for recently is not read ahead
+//! for again.
 
 use std::collections::VecDeque;
 use std::ffi::CString;
@@ -27,13 +28,18 @@ use crate::sys;
 
 /// Directories whose subdirectories wait to be read.
 const JOBS: usize = 16;
+/// Threads reading ahead: a walk's own requests reach the disk one at a time, so reading
+/// ahead one at a time barely keeps ahead of a walk that does not stat (`find`). Statting is
+/// done by one of them at a time: a walk that stats leaves the reader time to keep ahead,
+/// and more of them would take the CPUs from it.
+const THREADS: usize = 4;
 /// Subdirectories read per listed directory.
 const SUBDIRS: usize = 256;
 /// Listed directories remembered as read ahead for.
 const RECENT: usize = 64;
-/// Entries statted per subdirectory.
+/// Entries read (and statted) per subdirectory.
 const ENTRIES: usize = 4096;
-/// Entries statted per listed directory, all its subdirectories together.
+/// Entries read (and statted) per listed directory, all its subdirectories together.
 const BUDGET: usize = 16384;
 
 /// One listed directory: its directories in the layers, and the names of its subdirectories
@@ -41,16 +47,39 @@ const BUDGET: usize = 16384;
 struct Job {
     dirs: Vec<Arc<CachedDir>>,
     subdirs: Arc<[CString]>,
+    /// Whether their entries are statted too (else only listed).
+    stats: bool,
+    /// The next subdirectory and layer to read, as `subdir * dirs.len() + layer`: one
+    /// subdirectory in every layer, then the next, in the order the walk goes.
+    next: usize,
+    /// Entries left to read, all subdirectories together.
+    budget: usize,
+}
+
+/// One subdirectory in one layer, taken from a job.
+struct Task {
+    dir: Arc<CachedDir>,
+    subdirs: Arc<[CString]>,
+    index: usize,
+    stats: bool,
+    want: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Whether a thread is statting (see `THREADS`).
+    statting: bool,
 }
 
 #[derive(Default)]
 pub struct Prefetcher {
-    queue: Mutex<VecDeque<Job>>,
+    queue: Mutex<Queue>,
     /// Serials of the directories read ahead for last.
     recent: Mutex<VecDeque<u64>>,
     wake: Condvar,
-    /// Whether the thread started (with the first job).
-    thread: OnceLock<bool>,
+    /// Whether the threads started (with the first job).
+    threads: OnceLock<bool>,
     /// Subdirectories read ahead so far.
     read: AtomicU64,
 }
@@ -71,85 +100,150 @@ impl Prefetcher {
     }
 
     /// Queues the subdirectories `subdirs` (the first `SUBDIRS`) of a directory whose
-    /// directories in the layers are `dirs`, to be read ahead.
+    /// directories in the layers are `dirs`, to be read ahead, their entries statted if
+    /// `stats`.
     pub fn ahead(
         self: &Arc<Self>,
         dirs: Vec<Arc<CachedDir>>,
         subdirs: impl IntoIterator<Item = CString>,
+        stats: bool,
     ) {
         let subdirs: Arc<[CString]> = subdirs.into_iter().take(SUBDIRS).collect();
         if subdirs.is_empty() || dirs.is_empty() {
             return;
         }
-        let started = *self.thread.get_or_init(|| {
-            let me = self.clone();
-            std::thread::Builder::new()
-                .name("stat-ahead".into())
-                .spawn(move || me.run())
-                .map_err(|e| log::debug!("stat-ahead thread not started: {e}"))
-                .is_ok()
+        let started = *self.threads.get_or_init(|| {
+            // Started together; if none starts, nothing is queued.
+            (0..THREADS)
+                .filter(|_| {
+                    let me = self.clone();
+                    std::thread::Builder::new()
+                        .name("read-ahead".into())
+                        .spawn(move || me.run())
+                        .map_err(|e| log::debug!("read-ahead thread not started: {e}"))
+                        .is_ok()
+                })
+                .count()
+                > 0
         });
         if !started {
             return;
         }
-        self.enqueue(Job { dirs, subdirs });
-        self.wake.notify_one();
+        self.enqueue(Job {
+            dirs,
+            subdirs,
+            stats,
+            next: 0,
+            budget: BUDGET,
+        });
+        // One thread stats at a time; listing takes them all.
+        if stats {
+            self.wake.notify_one();
+        } else {
+            self.wake.notify_all();
+        }
     }
 
     /// Queues a job, pushing out the oldest when `JOBS` wait.
     fn enqueue(&self, job: Job) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= JOBS {
-            q.pop_front();
+        if q.jobs.len() >= JOBS {
+            q.jobs.pop_front();
         }
-        q.push_back(job);
+        q.jobs.push_back(job);
+    }
+
+    /// The next subdirectory to read, from the oldest job; a job leaves the queue when all
+    /// its subdirectories are taken or its budget is spent. Entries are taken from the
+    /// budget before they are read (`give_back` returns what was not needed). None also when
+    /// the oldest job stats and another thread is statting.
+    fn take(q: &mut Queue) -> Option<Task> {
+        loop {
+            let job = q.jobs.front_mut()?;
+            let total = job.subdirs.len() * job.dirs.len();
+            if job.next >= total || job.budget == 0 {
+                q.jobs.pop_front();
+                continue;
+            }
+            if job.stats {
+                if q.statting {
+                    return None;
+                }
+                q.statting = true;
+            }
+            let want = ENTRIES.min(job.budget);
+            job.budget -= want;
+            let k = job.next;
+            job.next += 1;
+            return Some(Task {
+                dir: job.dirs[k % job.dirs.len()].clone(),
+                subdirs: job.subdirs.clone(),
+                index: k / job.dirs.len(),
+                stats: job.stats,
+                want,
+            });
+        }
+    }
+
+    /// Ends a task that read `seen` entries (None: the subdirectory could not be opened):
+    /// entries it took but did not read go back to its job's budget, if the job still waits
+    /// (found by its subdirectory names), and a statting task lets the next one start.
+    fn done(&self, task: &Task, seen: Option<usize>) {
+        if seen.is_some() {
+            self.read.fetch_add(1, Ordering::Relaxed);
+        }
+        let unused = task.want - seen.unwrap_or(0);
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if unused > 0
+            && let Some(job) = q
+                .jobs
+                .iter_mut()
+                .find(|j| Arc::ptr_eq(&j.subdirs, &task.subdirs))
+        {
+            job.budget += unused;
+        }
+        if task.stats {
+            q.statting = false;
+            drop(q);
+            self.wake.notify_all();
+        }
     }
 
     fn run(&self) {
         loop {
-            let job = {
+            let task = {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
-                    if let Some(j) = q.pop_front() {
-                        break j;
+                    if let Some(t) = Self::take(&mut q) {
+                        break t;
                     }
                     q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            let mut budget = BUDGET;
-            'job: for dir in &job.dirs {
-                for name in job.subdirs.iter() {
-                    if budget == 0 {
-                        break 'job;
-                    }
-                    if read_ahead(dir, name, &mut budget) {
-                        self.read.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+            let name = &task.subdirs[task.index];
+            let seen = read_ahead(&task.dir, name, task.want, task.stats);
+            self.done(&task, seen);
         }
     }
 }
 
-/// Lists the subdirectory `name` of `dir` and stats up to `ENTRIES` of its entries, taken
-/// from `budget`; false if it could not be opened (gone, or not a directory in this layer).
-fn read_ahead(dir: &CachedDir, name: &CString, budget: &mut usize) -> bool {
+/// Lists up to `want` entries of the subdirectory `name` of `dir` and stats them if
+/// `stats`: the number listed, or None if it could not be opened (gone, or not a directory
+/// in this layer).
+fn read_ahead(dir: &CachedDir, name: &CString, want: usize, stats: bool) -> Option<usize> {
     // `sys::openat` adds O_NOFOLLOW: a name that became a symlink is not followed.
-    let Ok(sub) = sys::open_dir_noatime(dir.as_fd(), name) else {
-        return false;
-    };
-    let want = ENTRIES.min(*budget);
+    let sub = sys::open_dir_noatime(dir.as_fd(), name).ok()?;
+    let mut seen = 0;
     let mut names = Vec::new();
     let _ = sys::for_each_dirent_while(sub.as_fd(), |d| {
-        if d.name != b"."
-            && d.name != b".."
-            && let Ok(n) = CString::new(d.name)
-        {
-            names.push(n);
+        if d.name != b"." && d.name != b".." {
+            seen += 1;
+            if stats && let Ok(n) = CString::new(d.name) {
+                names.push(n);
+            }
         }
-        names.len() < want
+        seen < want
     });
-    *budget -= names.len();
     for n in &names {
         // Listable but not searchable (a directory of another user, rootless): stop.
         if let Err(e) = sys::fstatat(sub.as_fd(), n, 0)
@@ -158,7 +252,7 @@ fn read_ahead(dir: &CachedDir, name: &CString, budget: &mut usize) -> bool {
             break;
         }
     }
-    true
+    Some(seen)
 }
 
 #[cfg(test)]
@@ -180,6 +274,16 @@ mod tests {
         }
     }
 
+    fn job(dirs: Vec<Arc<CachedDir>>, names: &[&str], stats: bool) -> Job {
+        Job {
+            dirs,
+            subdirs: names.iter().map(|n| CString::new(*n).unwrap()).collect(),
+            stats,
+            next: 0,
+            budget: BUDGET,
+        }
+    }
+
     #[test]
     fn subdirectories_are_read_in_the_background_and_the_rest_skipped() {
         let base = std::env::temp_dir().join(format!("um-prefetch-{}", std::process::id()));
@@ -191,33 +295,39 @@ mod tests {
         std::fs::write(base.join("file"), "x").unwrap();
         std::os::unix::fs::symlink("a", base.join("link")).unwrap();
         let dir = Arc::new(CachedDir::new(open_dir(&base)));
-        // Directly, without the thread's timing: only real subdirectories are read.
-        let mut budget = 100;
+        // Directly, without the threads' timing: only real subdirectories are read.
         for (name, read) in [
-            ("a", true),
-            ("link", false),
-            ("file", false),
-            ("gone", false),
+            ("a", Some(1)),
+            ("link", None),
+            ("file", None),
+            ("gone", None),
         ] {
             let name = CString::new(name).unwrap();
-            assert_eq!(read_ahead(&dir, &name, &mut budget), read, "{name:?}");
+            for stats in [true, false] {
+                assert_eq!(read_ahead(&dir, &name, 100, stats), read, "{name:?}");
+            }
         }
         let p = Arc::new(Prefetcher::default());
         let names = ["a", "gone", "file", "link", "b"].map(|n| CString::new(n).unwrap());
-        p.ahead(vec![dir.clone()], names);
+        p.ahead(vec![dir.clone()], names, true);
         wait_for(&p, 2);
-        // A second job after the first, over two layers: the thread keeps serving.
-        p.ahead(vec![dir.clone(), dir.clone()], [CString::new("a").unwrap()]);
+        // A second job after the first, over two layers, listing only: the threads keep
+        // serving.
+        p.ahead(
+            vec![dir.clone(), dir.clone()],
+            [CString::new("a").unwrap()],
+            false,
+        );
         wait_for(&p, 4);
         // Nothing queued, nothing read (the symlink to a directory is not followed).
-        p.ahead(vec![dir], []);
+        p.ahead(vec![dir], [], true);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(read(&p), 4);
         std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
-    fn a_subdirectory_takes_what_is_left_of_the_budget() {
+    fn a_subdirectory_is_read_up_to_what_is_wanted() {
         let base = std::env::temp_dir().join(format!("um-prefetch-b-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(base.join("s")).unwrap();
@@ -226,19 +336,75 @@ mod tests {
         }
         let dir = CachedDir::new(open_dir(&base));
         let s = CString::new("s").unwrap();
-        let mut budget = 3;
-        assert!(read_ahead(&dir, &s, &mut budget));
-        assert_eq!(budget, 0, "stopped at the budget");
-        let mut budget = 100;
-        assert!(read_ahead(&dir, &s, &mut budget));
-        assert_eq!(budget, 90, "all ten entries");
-        assert!(!read_ahead(
-            &dir,
-            &CString::new("none").unwrap(),
-            &mut budget
-        ));
-        assert_eq!(budget, 90);
+        // Listed only or statted too, entries count the same.
+        for stats in [true, false] {
+            assert_eq!(read_ahead(&dir, &s, 3, stats), Some(3), "stopped");
+            assert_eq!(
+                read_ahead(&dir, &s, 100, stats),
+                Some(10),
+                "all ten entries"
+            );
+            let none = CString::new("none").unwrap();
+            assert_eq!(read_ahead(&dir, &none, 100, stats), None);
+        }
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn tasks_go_subdirectory_by_subdirectory_within_the_budget() {
+        // No thread: only the queue is exercised.
+        let p = Prefetcher::default();
+        let (top, bottom) = (
+            Arc::new(CachedDir::new(open_dir(&std::env::temp_dir()))),
+            Arc::new(CachedDir::new(open_dir(&std::env::temp_dir()))),
+        );
+        let mut j = job(vec![top.clone(), bottom.clone()], &["x", "y"], false);
+        j.budget = ENTRIES + 5;
+        p.enqueue(j);
+        let mut q = p.queue.lock().unwrap();
+        let t = Prefetcher::take(&mut q).unwrap();
+        assert_eq!((t.index, t.want), (0, ENTRIES));
+        assert!(Arc::ptr_eq(&t.dir, &top), "x in every layer first");
+        let t2 = Prefetcher::take(&mut q).unwrap();
+        assert_eq!((t2.index, t2.want), (0, 5), "what is left of the budget");
+        assert!(Arc::ptr_eq(&t2.dir, &bottom));
+        assert!(
+            Prefetcher::take(&mut q).is_none(),
+            "budget spent: the job is done"
+        );
+        assert!(q.jobs.is_empty());
+        // Entries not needed go back to a job still waiting.
+        q.jobs.push_back(job(vec![top.clone()], &["x", "y"], false));
+        let t3 = Prefetcher::take(&mut q).unwrap();
+        drop(q);
+        p.done(&t3, Some(1));
+        let q = p.queue.lock().unwrap();
+        assert_eq!(q.jobs[0].budget, BUDGET - 1);
+        assert_eq!(q.jobs[0].next, 1);
+        drop(q);
+        assert_eq!(read(&p), 1);
+    }
+
+    #[test]
+    fn one_task_stats_at_a_time() {
+        let p = Prefetcher::default();
+        let dir = Arc::new(CachedDir::new(open_dir(&std::env::temp_dir())));
+        p.enqueue(job(vec![dir.clone()], &["x", "y"], true));
+        let mut q = p.queue.lock().unwrap();
+        let t = Prefetcher::take(&mut q).unwrap();
+        assert!(t.stats);
+        assert!(Prefetcher::take(&mut q).is_none(), "another thread stats");
+        drop(q);
+        p.done(&t, None);
+        let mut q = p.queue.lock().unwrap();
+        assert_eq!(q.jobs[0].budget, BUDGET, "nothing read: all given back");
+        assert_eq!(Prefetcher::take(&mut q).unwrap().index, 1);
+        // Listing tasks are not held back.
+        q.statting = true;
+        q.jobs.clear();
+        q.jobs.push_back(job(vec![dir], &["x", "y"], false));
+        assert!(Prefetcher::take(&mut q).is_some());
+        assert!(Prefetcher::take(&mut q).is_some());
     }
 
     #[test]
@@ -258,16 +424,13 @@ mod tests {
         let p = Prefetcher::default();
         let dir = Arc::new(CachedDir::new(open_dir(&std::env::temp_dir())));
         for i in 0..(JOBS + 3) {
-            p.enqueue(Job {
-                dirs: vec![dir.clone()],
-                subdirs: [CString::new(format!("d{i}")).unwrap()].into(),
-            });
+            p.enqueue(job(vec![dir.clone()], &[&format!("d{i}")], true));
         }
         let q = p.queue.lock().unwrap();
-        assert_eq!(q.len(), JOBS);
-        assert_eq!(q.front().unwrap().subdirs[0].to_str().unwrap(), "d3");
+        assert_eq!(q.jobs.len(), JOBS);
+        assert_eq!(q.jobs.front().unwrap().subdirs[0].to_str().unwrap(), "d3");
         assert_eq!(
-            q.back().unwrap().subdirs[0].to_str().unwrap(),
+            q.jobs.back().unwrap().subdirs[0].to_str().unwrap(),
             format!("d{}", JOBS + 2)
         );
     }

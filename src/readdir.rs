@@ -262,14 +262,13 @@ impl Union {
         Ok(out)
     }
 
-    /// Has the subdirectories of `dir` read ahead in its layers (see `prefetch`), from its
-    /// cached listing (none for a directory too large to cache: the listing is not read again
-    /// for this).
-    pub fn stat_ahead(&self, dir: &Node) {
-        let version = dir.extra().version.load(Ordering::SeqCst);
-        let Some(listing) = self.listings.get(dir.serial, version) else {
+    /// Has the subdirectories of the directory listed through `h` read ahead in its layers,
+    /// their entries statted if `stats` (see `prefetch`), from the listing `h` holds.
+    pub fn read_ahead(&self, h: &DirHandle, stats: bool) {
+        let Some(listing) = h.listing.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             return;
         };
+        let dir = &h.node;
         if listing.subdirs == 0 || !self.prefetch.fresh(dir.serial) {
             return;
         }
@@ -283,7 +282,7 @@ impl Union {
             .into_iter()
             .filter_map(|loc| self.dir_fd(dir, loc).ok())
             .collect();
-        self.prefetch.ahead(dirs, names);
+        self.prefetch.ahead(dirs, names, stats);
     }
 
     /// Number of subdirectories in the merged view (cached on the node).

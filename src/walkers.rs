@@ -63,6 +63,9 @@ pub struct Decision {
     /// The process is known to stat what it lists: learned from the directories it listed
     /// after its first (which gets whole listings before anything is known).
     pub stats: bool,
+    /// The process listed another directory before this one: it walks a tree, or lists
+    /// several directories.
+    pub walking: bool,
 }
 
 impl Walkers {
@@ -89,6 +92,7 @@ impl Walkers {
             return Decision {
                 whole: w.stats || w.first,
                 stats: w.stats,
+                walking: !w.first,
             };
         }
         // Leaving its first directory (not a probe: the next one is).
@@ -106,6 +110,7 @@ impl Walkers {
         Decision {
             whole: !w.probing,
             stats: w.stats,
+            walking: true,
         }
     }
 
@@ -152,14 +157,19 @@ mod tests {
         let d = w.decide(7, 99);
         assert!(d.whole);
         assert!(!d.stats, "a first directory says nothing");
+        assert!(!d.walking);
+        assert!(!w.decide(7, 99).walking, "still the first directory");
         let d = w.decide(7, 100);
         assert!(!d.whole);
         assert!(!d.stats, "probing");
+        assert!(d.walking, "a second directory");
         w.lookup(7, 100);
         let d = w.decide(7, 101);
         assert!(d.whole);
         assert!(d.stats);
-        assert!(!w.decide(8, 5).stats, "unknown");
+        assert!(d.walking);
+        let d = w.decide(8, 5);
+        assert!(!d.stats && !d.walking, "unknown");
     }
 
     #[test]
