@@ -314,8 +314,18 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
     ) -> Result<(u64, IoMode)> {
+        let mut fd = fd;
         let mode = if self.passthrough_active() {
-            self.backing_for(node, fd.as_fd(), make_backing)?
+            match self.backing_for(node, fd.as_fd(), make_backing)? {
+                Some(mode) => mode,
+                None => {
+                    // A read-only open that reached the lower file just before a copy-up of
+                    // the node finished: it opens the copy instead.
+                    fd = self.open_upper(node, real_flags(flags))?;
+                    self.backing_for(node, fd.as_fd(), make_backing)?
+                        .ok_or(Errno::ESTALE)?
+                }
+            }
         } else {
             IoMode::Cached
         };
@@ -332,21 +342,28 @@ impl Union {
     }
 
     /// The passthrough backing for an open of `node` on `fd`: the node's shared one if it is
-    /// the same file, a new one if the node has none, and direct I/O when the kernel already
-    /// passes other opens through to a different file (the lower one, before a copy-up).
+    /// the same file, a new one if the node has none (direct I/O if the kernel refuses it).
+    /// When the kernel already passes the node's open files through to another file: ESTALE
+    /// after moving the name to a new node if `fd` is the node's upper copy (the others read
+    /// the lower file, from before this open copied it up), None if `fd` is the lower file
+    /// and the node has been copied up since it was opened.
     fn backing_for(
         &self,
         node: &Node,
         fd: BorrowedFd<'_>,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
-    ) -> Result<IoMode> {
+    ) -> Result<Option<IoMode>> {
         let id = RealId::of(&sys::fstat(fd)?);
         let mut backings = self.backings.shard(node.serial);
         if let Some((bid, weak)) = backings.get(&node.serial)
             && let Some(b) = weak.upgrade()
         {
             if *bid == id {
-                return Ok(IoMode::Passthrough(b));
+                return Ok(Some(IoMode::Passthrough(b)));
+            }
+            let upper = node.state().upper;
+            if upper.is_some_and(|u| u != id) {
+                return Ok(None);
             }
             // The kernel passes this inode's open files through to another file (the lower
             // one, before this open copied it up) and accepts no other kind of open on it.
@@ -361,12 +378,12 @@ impl Union {
                     table: self.backings.clone(),
                 });
                 backings.insert(node.serial, (id, Arc::downgrade(&b)));
-                Ok(IoMode::Passthrough(b))
+                Ok(Some(IoMode::Passthrough(b)))
             }
             Err(e) => {
                 // Served by the daemon; direct I/O can share the inode with passthrough opens.
                 log::debug!("passthrough backing refused: {e}");
-                Ok(IoMode::Direct)
+                Ok(Some(IoMode::Direct))
             }
         }
     }
@@ -387,7 +404,10 @@ impl Union {
         };
         {
             let _dir = parent.lock_dir();
-            node.split.store(true, Ordering::SeqCst);
+            if node.split.swap(true, Ordering::SeqCst) {
+                // Two opens found the node to split at once; the other one did it.
+                return node.nameless_error();
+            }
             self.tree_change(|| {
                 self.table.remove_id(node, id);
                 self.table.unlink(node, &parent, &name);
