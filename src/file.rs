@@ -22,9 +22,8 @@ pub enum IoMode {
     Cached,
     /// Straight from the backing file in the kernel.
     Passthrough(Arc<SharedBacking>),
-    /// Every read and write sent to the daemon, no page cache: for an open whose object is
-    /// not the one the kernel already passes other opens through to (a file copied up while
-    /// a passthrough open of its lower file is still open).
+    /// Every read and write sent to the daemon, no page cache: for an open whose file the
+    /// kernel refused to take as a backing file.
     Direct,
 }
 
@@ -76,6 +75,34 @@ impl<B> Backings<B> {
             .is_some_and(|(_, weak)| weak.strong_count() == 0)
         {
             shard.remove(&serial);
+        }
+    }
+}
+
+/// What a passthrough open does, from the file the kernel already passes the node's opens
+/// through to (`shared`, if any), the file the open got (`fd`) and the node's upper copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Choice {
+    /// Use the shared backing: the same file.
+    Share,
+    /// Open the upper copy instead: `fd` is the lower file, opened just before a copy-up of
+    /// the node finished (read-only opens choose their file without the copy lock).
+    Reopen,
+    /// Move the name to a new node: `fd` is the upper copy and the kernel passes the node's
+    /// other opens through to the lower file (opened before the copy-up), and it accepts no
+    /// other kind of open on the inode.
+    Split,
+    /// Register `fd` as the node's backing.
+    New,
+}
+
+impl Choice {
+    fn of(shared: Option<RealId>, fd: RealId, upper: Option<RealId>) -> Choice {
+        match shared {
+            Some(s) if s == fd => Choice::Share,
+            _ if upper.is_some_and(|u| u != fd) => Choice::Reopen,
+            Some(_) => Choice::Split,
+            None => Choice::New,
         }
     }
 }
@@ -341,12 +368,9 @@ impl Union {
         Ok((self.handles.add_file(h), mode))
     }
 
-    /// The passthrough backing for an open of `node` on `fd`: the node's shared one if it is
-    /// the same file, a new one if the node has none (direct I/O if the kernel refuses it).
-    /// When the kernel already passes the node's open files through to another file: ESTALE
-    /// after moving the name to a new node if `fd` is the node's upper copy (the others read
-    /// the lower file, from before this open copied it up), None if `fd` is the lower file
-    /// and the node has been copied up since it was opened.
+    /// The passthrough backing for an open of `node` on `fd` (see `Choice`): the node's
+    /// shared one, a new one (direct I/O if the kernel refuses it), ESTALE after moving the
+    /// name to a new node, or None if `fd` is a lower file the node no longer shows.
     fn backing_for(
         &self,
         node: &Node,
@@ -355,36 +379,40 @@ impl Union {
     ) -> Result<Option<IoMode>> {
         let id = RealId::of(&sys::fstat(fd)?);
         let mut backings = self.backings.shard(node.serial);
-        if let Some((bid, weak)) = backings.get(&node.serial)
-            && let Some(b) = weak.upgrade()
-        {
-            if *bid == id {
-                return Ok(Some(IoMode::Passthrough(b)));
+        let shared = backings
+            .get(&node.serial)
+            .and_then(|(bid, weak)| Some((*bid, weak.upgrade()?)));
+        let upper = node.state().upper;
+        match Choice::of(shared.as_ref().map(|s| s.0), id, upper) {
+            Choice::Share => Ok(shared.map(|(_, b)| IoMode::Passthrough(b))),
+            Choice::Reopen => {
+                // The shard is let go before the hold on the shared id, whose drop may take it.
+                drop(backings);
+                drop(shared);
+                Ok(None)
             }
-            let upper = node.state().upper;
-            if upper.is_some_and(|u| u != id) {
-                return Ok(None);
+            Choice::Split => {
+                drop(backings);
+                drop(shared);
+                Err(self.split_node(node, id))
             }
-            // The kernel passes this inode's open files through to another file (the lower
-            // one, before this open copied it up) and accepts no other kind of open on it.
-            drop(backings);
-            return Err(self.split_node(node, id));
-        }
-        match make_backing(fd) {
-            Ok(b) => {
-                let b = Arc::new(SharedBacking {
-                    id: b,
-                    serial: node.serial,
-                    table: self.backings.clone(),
-                });
-                backings.insert(node.serial, (id, Arc::downgrade(&b)));
-                Ok(Some(IoMode::Passthrough(b)))
-            }
-            Err(e) => {
-                // Served by the daemon; direct I/O can share the inode with passthrough opens.
-                log::debug!("passthrough backing refused: {e}");
-                Ok(Some(IoMode::Direct))
-            }
+            Choice::New => match make_backing(fd) {
+                Ok(b) => {
+                    let b = Arc::new(SharedBacking {
+                        id: b,
+                        serial: node.serial,
+                        table: self.backings.clone(),
+                    });
+                    backings.insert(node.serial, (id, Arc::downgrade(&b)));
+                    Ok(Some(IoMode::Passthrough(b)))
+                }
+                Err(e) => {
+                    // Served by the daemon; direct I/O can share the inode with passthrough
+                    // opens.
+                    log::debug!("passthrough backing refused: {e}");
+                    Ok(Some(IoMode::Direct))
+                }
+            },
         }
     }
 
@@ -540,6 +568,31 @@ impl Union {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_passthrough_open_shares_reopens_splits_or_registers() {
+        let (lower, upper, other) = (
+            RealId { dev: 1, ino: 10 },
+            RealId { dev: 1, ino: 20 },
+            RealId { dev: 1, ino: 30 },
+        );
+        // Not copied up: the lower file is shared, or registered by the first open.
+        assert_eq!(Choice::of(Some(lower), lower, None), Choice::Share);
+        assert_eq!(Choice::of(None, lower, None), Choice::New);
+        // Copied up: opens of the copy share it, or register it.
+        assert_eq!(Choice::of(Some(upper), upper, Some(upper)), Choice::Share);
+        assert_eq!(Choice::of(None, upper, Some(upper)), Choice::New);
+        // The copy while the kernel passes opens through to the lower file: a new node.
+        assert_eq!(Choice::of(Some(lower), upper, Some(upper)), Choice::Split);
+        // The lower file, opened just before the copy-up finished: the copy instead, whether
+        // or not an open of the copy registered it yet.
+        assert_eq!(Choice::of(Some(upper), lower, Some(upper)), Choice::Reopen);
+        assert_eq!(Choice::of(None, lower, Some(upper)), Choice::Reopen);
+        // Readers of the lower file from before the copy-up keep sharing it.
+        assert_eq!(Choice::of(Some(lower), lower, Some(upper)), Choice::Share);
+        // A node already split (no upper any more) meets the copy it no longer shows.
+        assert_eq!(Choice::of(Some(lower), other, None), Choice::Split);
+    }
 
     #[test]
     fn a_backing_entry_goes_with_the_last_hold_on_its_id() {
