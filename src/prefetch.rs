@@ -1,4 +1,4 @@
-//! Reading ahead: while a program walks the merged tree, a background thread reads the
+//! Reading ahead: while a program walks the merged tree, background threads read the
 //! subdirectories of the directory it just listed, in the layers, and for a program that stats
 //! what it lists (`find -printf`, `ls -lR`, `du`, rsync) also stats their entries, so that the
 //! real filesystem's directory blocks (and inodes) are in memory when the walk gets there.
@@ -52,8 +52,16 @@ struct Job {
     /// The next subdirectory and layer to read, as `subdir * dirs.len() + layer`: one
     /// subdirectory in every layer, then the next, in the order the walk goes.
     next: usize,
-    /// Entries left to read, all subdirectories together.
+    /// Entries left to read, all subdirectories together: spent as they are read, so the
+    /// tasks running when it runs out may read up to `ENTRIES` more each.
     budget: usize,
+}
+
+impl Job {
+    /// Whether every subdirectory in every layer was taken, or the budget is spent.
+    fn finished(&self) -> bool {
+        self.next >= self.subdirs.len() * self.dirs.len() || self.budget == 0
+    }
 }
 
 /// One subdirectory in one layer, taken from a job.
@@ -129,6 +137,12 @@ impl Prefetcher {
         if !started {
             return;
         }
+        let tasks = if stats {
+            // One thread stats at a time.
+            1
+        } else {
+            (subdirs.len() * dirs.len()).min(THREADS)
+        };
         self.enqueue(Job {
             dirs,
             subdirs,
@@ -136,11 +150,8 @@ impl Prefetcher {
             next: 0,
             budget: BUDGET,
         });
-        // One thread stats at a time; listing takes them all.
-        if stats {
+        for _ in 0..tasks {
             self.wake.notify_one();
-        } else {
-            self.wake.notify_all();
         }
     }
 
@@ -153,59 +164,43 @@ impl Prefetcher {
         q.jobs.push_back(job);
     }
 
-    /// The next subdirectory to read, from the oldest job; a job leaves the queue when all
-    /// its subdirectories are taken or its budget is spent. Entries are taken from the
-    /// budget before they are read (`give_back` returns what was not needed). None also when
-    /// the oldest job stats and another thread is statting.
+    /// The next subdirectory to read, from the oldest job that may run (a job that stats
+    /// waits while another thread stats); finished jobs leave the queue.
     fn take(q: &mut Queue) -> Option<Task> {
-        loop {
-            let job = q.jobs.front_mut()?;
-            let total = job.subdirs.len() * job.dirs.len();
-            if job.next >= total || job.budget == 0 {
-                q.jobs.pop_front();
-                continue;
-            }
-            if job.stats {
-                if q.statting {
-                    return None;
-                }
-                q.statting = true;
-            }
-            let want = ENTRIES.min(job.budget);
-            job.budget -= want;
-            let k = job.next;
-            job.next += 1;
-            return Some(Task {
-                dir: job.dirs[k % job.dirs.len()].clone(),
-                subdirs: job.subdirs.clone(),
-                index: k / job.dirs.len(),
-                stats: job.stats,
-                want,
-            });
-        }
+        q.jobs.retain(|j| !j.finished());
+        let statting = q.statting;
+        let job = q.jobs.iter_mut().find(|j| !(j.stats && statting))?;
+        let k = job.next;
+        job.next += 1;
+        let task = Task {
+            dir: job.dirs[k % job.dirs.len()].clone(),
+            subdirs: job.subdirs.clone(),
+            index: k / job.dirs.len(),
+            stats: job.stats,
+            want: ENTRIES.min(job.budget),
+        };
+        q.statting |= task.stats;
+        Some(task)
     }
 
     /// Ends a task that read `seen` entries (None: the subdirectory could not be opened):
-    /// entries it took but did not read go back to its job's budget, if the job still waits
-    /// (found by its subdirectory names), and a statting task lets the next one start.
+    /// they are spent from its job's budget, if the job still waits (found by its
+    /// subdirectory names), and a statting task lets the next one start. The thread that
+    /// ends it takes the next task itself, so no other thread needs waking.
     fn done(&self, task: &Task, seen: Option<usize>) {
         if seen.is_some() {
             self.read.fetch_add(1, Ordering::Relaxed);
         }
-        let unused = task.want - seen.unwrap_or(0);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if unused > 0
-            && let Some(job) = q
-                .jobs
-                .iter_mut()
-                .find(|j| Arc::ptr_eq(&j.subdirs, &task.subdirs))
+        if let Some(job) = q
+            .jobs
+            .iter_mut()
+            .find(|j| Arc::ptr_eq(&j.subdirs, &task.subdirs))
         {
-            job.budget += unused;
+            job.budget = job.budget.saturating_sub(seen.unwrap_or(0));
         }
         if task.stats {
             q.statting = false;
-            drop(q);
-            self.wake.notify_all();
         }
     }
 
@@ -220,10 +215,28 @@ impl Prefetcher {
                     q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            let name = &task.subdirs[task.index];
-            let seen = read_ahead(&task.dir, name, task.want, task.stats);
-            self.done(&task, seen);
+            // Ended by the guard also if reading panics, so that statting resumes.
+            let mut running = Running {
+                p: self,
+                task,
+                seen: None,
+            };
+            let t = &running.task;
+            running.seen = read_ahead(&t.dir, &t.subdirs[t.index], t.want, t.stats);
         }
+    }
+}
+
+/// A task being read; ends it (`Prefetcher::done`) when dropped.
+struct Running<'a> {
+    p: &'a Prefetcher,
+    task: Task,
+    seen: Option<usize>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.p.done(&self.task, self.seen);
     }
 }
 
@@ -365,46 +378,74 @@ mod tests {
         let t = Prefetcher::take(&mut q).unwrap();
         assert_eq!((t.index, t.want), (0, ENTRIES));
         assert!(Arc::ptr_eq(&t.dir, &top), "x in every layer first");
+        // Running tasks reserve nothing: the next one may read as much.
         let t2 = Prefetcher::take(&mut q).unwrap();
-        assert_eq!((t2.index, t2.want), (0, 5), "what is left of the budget");
+        assert_eq!((t2.index, t2.want), (0, ENTRIES));
         assert!(Arc::ptr_eq(&t2.dir, &bottom));
+        drop(q);
+        // What was read is spent.
+        p.done(&t, Some(ENTRIES));
+        p.done(&t2, None);
+        let mut q = p.queue.lock().unwrap();
+        let t3 = Prefetcher::take(&mut q).unwrap();
+        assert_eq!((t3.index, t3.want), (1, 5), "what is left of the budget");
+        drop(q);
+        p.done(&t3, Some(5));
+        let mut q = p.queue.lock().unwrap();
         assert!(
             Prefetcher::take(&mut q).is_none(),
             "budget spent: the job is done"
         );
         assert!(q.jobs.is_empty());
-        // Entries not needed go back to a job still waiting.
-        q.jobs.push_back(job(vec![top.clone()], &["x", "y"], false));
-        let t3 = Prefetcher::take(&mut q).unwrap();
         drop(q);
-        p.done(&t3, Some(1));
-        let q = p.queue.lock().unwrap();
-        assert_eq!(q.jobs[0].budget, BUDGET - 1);
-        assert_eq!(q.jobs[0].next, 1);
-        drop(q);
-        assert_eq!(read(&p), 1);
+        assert_eq!(
+            read(&p),
+            2,
+            "the subdirectory that could not be opened is not counted"
+        );
     }
 
     #[test]
-    fn one_task_stats_at_a_time() {
+    fn one_task_stats_at_a_time_and_listing_goes_on() {
         let p = Prefetcher::default();
         let dir = Arc::new(CachedDir::new(open_dir(&std::env::temp_dir())));
         p.enqueue(job(vec![dir.clone()], &["x", "y"], true));
+        p.enqueue(job(vec![dir.clone()], &["a"], false));
+        p.enqueue(job(vec![dir.clone()], &["z"], true));
         let mut q = p.queue.lock().unwrap();
         let t = Prefetcher::take(&mut q).unwrap();
         assert!(t.stats);
-        assert!(Prefetcher::take(&mut q).is_none(), "another thread stats");
+        // Another thread passes the statting jobs by and lists.
+        let l = Prefetcher::take(&mut q).unwrap();
+        assert!(!l.stats);
+        assert_eq!(&*l.subdirs[l.index], c"a");
+        assert!(Prefetcher::take(&mut q).is_none(), "only statting left");
         drop(q);
-        p.done(&t, None);
+        p.done(&l, Some(1));
+        p.done(&t, Some(1));
         let mut q = p.queue.lock().unwrap();
-        assert_eq!(q.jobs[0].budget, BUDGET, "nothing read: all given back");
-        assert_eq!(Prefetcher::take(&mut q).unwrap().index, 1);
-        // Listing tasks are not held back.
-        q.statting = true;
-        q.jobs.clear();
-        q.jobs.push_back(job(vec![dir], &["x", "y"], false));
-        assert!(Prefetcher::take(&mut q).is_some());
-        assert!(Prefetcher::take(&mut q).is_some());
+        let t2 = Prefetcher::take(&mut q).unwrap();
+        assert!(t2.stats);
+        assert_eq!(&*t2.subdirs[t2.index], c"y", "the oldest job first");
+    }
+
+    #[test]
+    fn a_task_ended_by_a_panic_lets_statting_resume() {
+        let p = Prefetcher::default();
+        let dir = Arc::new(CachedDir::new(open_dir(&std::env::temp_dir())));
+        p.enqueue(job(vec![dir], &["x", "y"], true));
+        let task = Prefetcher::take(&mut p.queue.lock().unwrap()).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _running = Running {
+                p: &p,
+                task,
+                seen: None,
+            };
+            panic!("reading failed");
+        }));
+        assert!(r.is_err());
+        assert!(!p.queue.lock().unwrap().statting);
+        assert!(Prefetcher::take(&mut p.queue.lock().unwrap()).is_some());
     }
 
     #[test]

@@ -76,8 +76,8 @@ impl Walkers {
     }
 
     /// Process `pid` reads the listing of directory `dir` with attributes: whether to give it
-    /// the whole listing that way (else a single entry), and whether it is known to stat what
-    /// it lists.
+    /// the whole listing that way (else a single entry), whether it is known to stat what it
+    /// lists, and whether it listed another directory before.
     pub fn decide(&self, pid: u32, dir: u64) -> Decision {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let w = map.get_or_insert_mut(pid, || Walker {
