@@ -369,8 +369,18 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mut data_ahead = None;
         let res = self.node(ino).and_then(|n| {
             let opened = self.u.open(&n, flags.0, &|fd| reply.open_backing(fd))?;
+            // A process reading one file after another of a directory has the rest of its
+            // files read ahead once the reply is sent (see `prefetch`).
+            if self.u.opts.readdirplus == ReaddirPlus::Auto
+                && flags.0 & libc::O_ACCMODE == libc::O_RDONLY
+                && let Some(parent) = n.state().links.first().map(|l| l.parent.clone())
+                && self.walkers.opened(req.pid(), parent.ino)
+            {
+                data_ahead = Some(parent);
+            }
             if flags.0 & libc::O_TRUNC != 0 {
                 // A truncating open is a change of data; the kernel drops nothing for it.
                 let dropped = self.u.drop_set_ids_for_data(&n, opened.0, req.pid(), false);
@@ -388,6 +398,9 @@ impl Filesystem for UnionFs {
             Ok((fh, IoMode::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Ok((fh, IoMode::Cached)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(log_unexpected("open", e)),
+        }
+        if let Some(dir) = data_ahead {
+            self.u.data_ahead(&dir);
         }
     }
 

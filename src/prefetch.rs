@@ -41,14 +41,31 @@ const RECENT: usize = 64;
 const ENTRIES: usize = 4096;
 /// Entries read (and statted) per listed directory, all its subdirectories together.
 const BUDGET: usize = 16384;
+/// Reading files ahead, per directory and layer: at most this many files, only files up to
+/// `DATA_FILE_MAX` bytes, the first `DATA_READ` bytes of each, `DATA_BYTES` in all.
+const DATA_FILES: usize = 256;
+const DATA_FILE_MAX: u64 = 1 << 20;
+const DATA_READ: u64 = 128 << 10;
+const DATA_BYTES: u64 = 4 << 20;
+
+/// What a job reads ahead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The listings of subdirectories.
+    List,
+    /// The listings of subdirectories, and the attributes of their entries.
+    Stat,
+    /// The data of the directory's own files.
+    Data,
+}
 
 /// One listed directory: its directories in the layers, and the names of its subdirectories
 /// in the merged view (a name missing from a layer is skipped there).
 struct Job {
     dirs: Vec<Arc<CachedDir>>,
+    /// None for `Kind::Data`.
     subdirs: Arc<[CString]>,
-    /// Whether their entries are statted too (else only listed).
-    stats: bool,
+    kind: Kind,
     /// The next subdirectory and layer to read, as `subdir * dirs.len() + layer`: one
     /// subdirectory in every layer, then the next, in the order the walk goes.
     next: usize,
@@ -58,18 +75,26 @@ struct Job {
 }
 
 impl Job {
-    /// Whether every subdirectory in every layer was taken, or the budget is spent.
+    /// Tasks in all: one per subdirectory and layer, or one per layer for `Kind::Data`.
+    fn tasks(&self) -> usize {
+        match self.kind {
+            Kind::Data => self.dirs.len(),
+            _ => self.subdirs.len() * self.dirs.len(),
+        }
+    }
+
+    /// Whether every task was taken, or the budget is spent.
     fn finished(&self) -> bool {
-        self.next >= self.subdirs.len() * self.dirs.len() || self.budget == 0
+        self.next >= self.tasks() || self.budget == 0
     }
 }
 
-/// One subdirectory in one layer, taken from a job.
+/// One subdirectory in one layer (or one directory's files in one layer), taken from a job.
 struct Task {
     dir: Arc<CachedDir>,
     subdirs: Arc<[CString]>,
     index: usize,
-    stats: bool,
+    kind: Kind,
     want: usize,
 }
 
@@ -117,11 +142,44 @@ impl Prefetcher {
         stats: bool,
     ) {
         let subdirs: Arc<[CString]> = subdirs.into_iter().take(SUBDIRS).collect();
-        if subdirs.is_empty() || dirs.is_empty() {
+        if subdirs.is_empty() {
             return;
         }
-        let started = *self.threads.get_or_init(|| {
-            // Started together; if none starts, nothing is queued.
+        let kind = if stats { Kind::Stat } else { Kind::List };
+        self.submit(dirs, subdirs, kind);
+    }
+
+    /// Queues the files of a directory whose directories in the layers are `dirs`, to have
+    /// their first bytes read into the page cache.
+    pub fn data_ahead(self: &Arc<Self>, dirs: Vec<Arc<CachedDir>>) {
+        self.submit(dirs, Arc::new([]), Kind::Data);
+    }
+
+    fn submit(self: &Arc<Self>, dirs: Vec<Arc<CachedDir>>, subdirs: Arc<[CString]>, kind: Kind) {
+        if dirs.is_empty() || !self.started() {
+            return;
+        }
+        let job = Job {
+            dirs,
+            subdirs,
+            kind,
+            next: 0,
+            budget: BUDGET,
+        };
+        let tasks = match kind {
+            // One thread stats at a time.
+            Kind::Stat => 1,
+            _ => job.tasks().min(THREADS),
+        };
+        self.enqueue(job);
+        for _ in 0..tasks {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Starts the threads with the first job; false if none could be started.
+    fn started(self: &Arc<Self>) -> bool {
+        *self.threads.get_or_init(|| {
             (0..THREADS)
                 .filter(|_| {
                     let me = self.clone();
@@ -133,26 +191,7 @@ impl Prefetcher {
                 })
                 .count()
                 > 0
-        });
-        if !started {
-            return;
-        }
-        let tasks = if stats {
-            // One thread stats at a time.
-            1
-        } else {
-            (subdirs.len() * dirs.len()).min(THREADS)
-        };
-        self.enqueue(Job {
-            dirs,
-            subdirs,
-            stats,
-            next: 0,
-            budget: BUDGET,
-        });
-        for _ in 0..tasks {
-            self.wake.notify_one();
-        }
+        })
     }
 
     /// Queues a job, pushing out the oldest when `JOBS` wait.
@@ -169,17 +208,23 @@ impl Prefetcher {
     fn take(q: &mut Queue) -> Option<Task> {
         q.jobs.retain(|j| !j.finished());
         let statting = q.statting;
-        let job = q.jobs.iter_mut().find(|j| !(j.stats && statting))?;
+        let job = q
+            .jobs
+            .iter_mut()
+            .find(|j| !(j.kind == Kind::Stat && statting))?;
         let k = job.next;
         job.next += 1;
         let task = Task {
             dir: job.dirs[k % job.dirs.len()].clone(),
             subdirs: job.subdirs.clone(),
             index: k / job.dirs.len(),
-            stats: job.stats,
-            want: ENTRIES.min(job.budget),
+            kind: job.kind,
+            want: match job.kind {
+                Kind::Data => DATA_FILES,
+                _ => ENTRIES.min(job.budget),
+            },
         };
-        q.statting |= task.stats;
+        q.statting |= task.kind == Kind::Stat;
         Some(task)
     }
 
@@ -199,7 +244,7 @@ impl Prefetcher {
         {
             job.budget = job.budget.saturating_sub(seen.unwrap_or(0));
         }
-        if task.stats {
+        if task.kind == Kind::Stat {
             q.statting = false;
         }
     }
@@ -222,7 +267,10 @@ impl Prefetcher {
                 seen: None,
             };
             let t = &running.task;
-            running.seen = read_ahead(&t.dir, &t.subdirs[t.index], t.want, t.stats);
+            running.seen = match t.kind {
+                Kind::Data => Some(read_data_ahead(&t.dir, t.want)),
+                k => read_ahead(&t.dir, &t.subdirs[t.index], t.want, k == Kind::Stat),
+            };
         }
     }
 }
@@ -268,6 +316,47 @@ fn read_ahead(dir: &CachedDir, name: &CString, want: usize, stats: bool) -> Opti
     Some(seen)
 }
 
+/// Has the kernel read the first bytes of up to `want` small regular files of `dir` into
+/// the page cache (see `DATA_FILES`), without waiting for the data; the number of files.
+fn read_data_ahead(dir: &CachedDir, want: usize) -> usize {
+    let Ok(d) = sys::open_dir_noatime(dir.as_fd(), c".") else {
+        return 0;
+    };
+    let mut names = Vec::new();
+    let _ = sys::for_each_dirent_while(d.as_fd(), |e| {
+        if e.kind == libc::DT_REG
+            && let Ok(n) = CString::new(e.name)
+        {
+            names.push(n);
+        }
+        names.len() < want
+    });
+    let mut bytes = 0;
+    let mut files = 0;
+    for n in &names {
+        // Non-blocking and no symlinks: a name that became a FIFO or a link since the
+        // listing is not waited on or followed, and only a regular file is read.
+        let Ok(f) = sys::open_noatime(d.as_fd(), n, libc::O_NONBLOCK) else {
+            continue;
+        };
+        let Ok(st) = sys::fstat(f.as_fd()) else {
+            continue;
+        };
+        let size = st.st_size as u64;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || size == 0 || size > DATA_FILE_MAX {
+            continue;
+        }
+        let len = size.min(DATA_READ);
+        if bytes + len > DATA_BYTES {
+            break;
+        }
+        bytes += len;
+        files += 1;
+        let _ = sys::readahead(f.as_fd(), len);
+    }
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,7 +380,7 @@ mod tests {
         Job {
             dirs,
             subdirs: names.iter().map(|n| CString::new(*n).unwrap()).collect(),
-            stats,
+            kind: if stats { Kind::Stat } else { Kind::List },
             next: 0,
             budget: BUDGET,
         }
@@ -414,10 +503,10 @@ mod tests {
         p.enqueue(job(vec![dir.clone()], &["z"], true));
         let mut q = p.queue.lock().unwrap();
         let t = Prefetcher::take(&mut q).unwrap();
-        assert!(t.stats);
+        assert_eq!(t.kind, Kind::Stat);
         // Another thread passes the statting jobs by and lists.
         let l = Prefetcher::take(&mut q).unwrap();
-        assert!(!l.stats);
+        assert_eq!(l.kind, Kind::List);
         assert_eq!(&*l.subdirs[l.index], c"a");
         assert!(Prefetcher::take(&mut q).is_none(), "only statting left");
         drop(q);
@@ -425,7 +514,7 @@ mod tests {
         p.done(&t, Some(1));
         let mut q = p.queue.lock().unwrap();
         let t2 = Prefetcher::take(&mut q).unwrap();
-        assert!(t2.stats);
+        assert_eq!(t2.kind, Kind::Stat);
         assert_eq!(&*t2.subdirs[t2.index], c"y", "the oldest job first");
     }
 
@@ -446,6 +535,39 @@ mod tests {
         assert!(r.is_err());
         assert!(!p.queue.lock().unwrap().statting);
         assert!(Prefetcher::take(&mut p.queue.lock().unwrap()).is_some());
+    }
+
+    #[test]
+    fn small_regular_files_are_read_ahead() {
+        let base = std::env::temp_dir().join(format!("um-prefetch-d-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("sub")).unwrap();
+        for i in 0..5 {
+            std::fs::write(base.join(format!("f{i}")), "data").unwrap();
+        }
+        std::fs::write(base.join("empty"), "").unwrap();
+        let big = std::fs::File::create(base.join("big")).unwrap();
+        big.set_len(DATA_FILE_MAX + 1).unwrap();
+        std::os::unix::fs::symlink("f0", base.join("link")).unwrap();
+        let fifo = std::ffi::CString::new(base.join("fifo").into_os_string().into_encoded_bytes());
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.unwrap().as_ptr(), 0o600) }, 0);
+        let dir = CachedDir::new(open_dir(&base));
+        // The five small files; not the empty or large one, the link, the FIFO (which would
+        // block an open) or the directory.
+        assert_eq!(read_data_ahead(&dir, DATA_FILES), 5);
+        for i in 0..4 {
+            std::fs::write(base.join("sub").join(format!("g{i}")), "data").unwrap();
+        }
+        let sub = CachedDir::new(open_dir(&base.join("sub")));
+        assert_eq!(read_data_ahead(&sub, 2), 2, "bounded by the count wanted");
+        assert_eq!(read_data_ahead(&sub, DATA_FILES), 4);
+        // Through the queue: one task per layer.
+        let p = Arc::new(Prefetcher::default());
+        let dir = Arc::new(dir);
+        p.data_ahead(vec![dir.clone(), dir]);
+        wait_for(&p, 2);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

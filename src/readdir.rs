@@ -285,6 +285,21 @@ impl Union {
         self.prefetch.ahead(dirs, names, stats);
     }
 
+    /// Has the small files of `dir` read into the page cache in its layers (see `prefetch`),
+    /// unless that was done recently.
+    pub fn data_ahead(&self, dir: &Node) {
+        // Apart from the directory's listings read ahead (a serial is far below 2^63).
+        if !self.prefetch.fresh(dir.serial | 1 << 63) {
+            return;
+        }
+        let dirs = self
+            .dir_layers(dir)
+            .into_iter()
+            .filter_map(|loc| self.dir_fd(dir, loc).ok())
+            .collect();
+        self.prefetch.data_ahead(dirs);
+    }
+
     /// Number of subdirectories in the merged view (cached on the node).
     pub fn subdir_count(&self, dir: &Node) -> Result<u64> {
         let counted = &dir.extra().subdirs;

@@ -122,17 +122,22 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result
 /// (the layers' times are not ours to change); falls back to a plain open where `O_NOATIME`
 /// is not permitted (neither owner nor CAP_FOWNER).
 pub fn open_dir_noatime(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
-    match openat(
-        dir,
-        name,
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOATIME,
-        0,
-    ) {
-        Err(e) if e.code() == libc::EPERM => {
-            openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
-        }
+    open_noatime(dir, name, libc::O_DIRECTORY)
+}
+
+/// Opens `name` for reading with `flags` added, as `open_dir_noatime` does.
+pub fn open_noatime(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<OwnedFd> {
+    match openat(dir, name, libc::O_RDONLY | flags | libc::O_NOATIME, 0) {
+        Err(e) if e.code() == libc::EPERM => openat(dir, name, libc::O_RDONLY | flags, 0),
         r => r,
     }
+}
+
+/// Starts reading the first `len` bytes of the file `fd` into the page cache, without
+/// waiting for the data.
+pub fn readahead(fd: BorrowedFd<'_>, len: u64) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check_ssize(unsafe { libc::readahead(fd.as_raw_fd(), 0, len as usize) }).map(drop)
 }
 
 /// Opens a fresh description of the object `fd` refers to (typically an `O_PATH` fd) with new

@@ -26,6 +26,9 @@ const TRACKED: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 /// directories, in case it stopped looking names up.
 const RECHECK_EVERY: u32 = 64;
 
+/// No directory (no inode has number 0).
+const NO_DIR: u64 = 0;
+
 #[derive(Clone, Copy, Debug)]
 struct Walker {
     /// The directory it listed last.
@@ -41,6 +44,26 @@ struct Walker {
     since_probe: u32,
     /// Still in the first directory it listed, which gets a whole first batch.
     first: bool,
+    /// The directory of the last file it opened for reading, and how many it opened there in
+    /// a row.
+    opened_in: u64,
+    opens: u32,
+}
+
+impl Walker {
+    /// A process seen for the first time, listing `dir` (`NO_DIR`: none yet).
+    fn new(dir: u64) -> Walker {
+        Walker {
+            dir,
+            probing: false,
+            looked_up: false,
+            stats: false,
+            since_probe: 0,
+            first: true,
+            opened_in: NO_DIR,
+            opens: 0,
+        }
+    }
 }
 
 pub struct Walkers {
@@ -80,14 +103,11 @@ impl Walkers {
     /// lists, and whether it listed another directory before.
     pub fn decide(&self, pid: u32, dir: u64) -> Decision {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let w = map.get_or_insert_mut(pid, || Walker {
-            dir,
-            probing: false,
-            looked_up: false,
-            stats: false,
-            since_probe: 0,
-            first: true,
-        });
+        let w = map.get_or_insert_mut(pid, || Walker::new(dir));
+        if w.dir == NO_DIR {
+            // Seen opening files so far: this is its first directory.
+            w.dir = dir;
+        }
         if w.dir == dir {
             return Decision {
                 whole: w.stats || w.first,
@@ -112,6 +132,21 @@ impl Walkers {
             stats: w.stats,
             walking: true,
         }
+    }
+
+    /// Process `pid` opens a file of directory `dir` for reading: true when it is the second
+    /// in a row there, the sign of a program reading a directory's files (`git status`,
+    /// `grep -r`, a compiler's headers).
+    pub fn opened(&self, pid: u32, dir: u64) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let w = map.get_or_insert_mut(pid, || Walker::new(NO_DIR));
+        if w.opened_in == dir {
+            w.opens = w.opens.saturating_add(1);
+        } else {
+            w.opened_in = dir;
+            w.opens = 1;
+        }
+        w.opens == 2
     }
 
     /// Process `pid` looks up a name other than a directory's in directory `parent`.
@@ -186,7 +221,7 @@ mod tests {
     #[test]
     fn whole_listings_are_rechecked() {
         let w = Walkers::default();
-        assert!(w.listing(7, 0));
+        assert!(w.listing(7, 9999));
         assert!(!w.listing(7, 1));
         w.lookup(7, 1);
         let mut probes = 0;
@@ -203,6 +238,20 @@ mod tests {
             d += 1;
         }
         assert!(!w.listing(7, d + 1));
+    }
+
+    #[test]
+    fn the_second_file_opened_in_a_row_in_a_directory_counts() {
+        let w = Walkers::default();
+        assert!(!w.opened(7, 10));
+        assert!(w.opened(7, 10), "the second in a row");
+        assert!(!w.opened(7, 10), "once");
+        assert!(!w.opened(7, 11));
+        assert!(!w.opened(8, 11), "another process");
+        assert!(!w.opened(7, 10), "a new run after another directory");
+        assert!(w.opened(7, 10));
+        // Listing is followed apart from opening.
+        assert!(w.decide(7, 10).whole);
     }
 
     #[test]
