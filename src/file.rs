@@ -128,7 +128,7 @@ impl Drop for FileHandle {
 }
 
 /// The kernel's `__FMODE_EXEC`, set in the flags of the open that execve makes.
-const FMODE_EXEC: i32 = 0x20;
+pub const FMODE_EXEC: i32 = 0x20;
 
 impl FileHandle {
     pub fn new(node: Arc<Node>, fd: OwnedFd, writable: bool) -> FileHandle {

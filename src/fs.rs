@@ -373,13 +373,18 @@ impl Filesystem for UnionFs {
         let res = self.node(ino).and_then(|n| {
             let opened = self.u.open(&n, flags.0, &|fd| reply.open_backing(fd))?;
             // A process reading one file after another of a directory has the rest of its
-            // files read ahead once the reply is sent (see `prefetch`).
+            // files read ahead once the reply is sent (see `prefetch`); not for a program's
+            // own file (execve).
             if self.u.opts.readdirplus == ReaddirPlus::Auto
                 && flags.0 & libc::O_ACCMODE == libc::O_RDONLY
-                && let Some(parent) = n.state().links.first().map(|l| l.parent.clone())
-                && self.walkers.opened(req.pid(), parent.ino)
+                && flags.0 & crate::file::FMODE_EXEC == 0
             {
-                data_ahead = Some(parent);
+                let parent = n.state().links.first().map(|l| l.parent.clone());
+                if let Some(parent) = parent
+                    && self.walkers.opened(req.pid(), parent.ino, n.ino)
+                {
+                    data_ahead = Some((parent, self.u.top_loc(&n)));
+                }
             }
             if flags.0 & libc::O_TRUNC != 0 {
                 // A truncating open is a change of data; the kernel drops nothing for it.
@@ -399,8 +404,8 @@ impl Filesystem for UnionFs {
             Ok((fh, IoMode::Cached)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(log_unexpected("open", e)),
         }
-        if let Some(dir) = data_ahead {
-            self.u.data_ahead(&dir);
+        if let Some((dir, loc)) = data_ahead {
+            self.u.data_ahead(&dir, loc);
         }
     }
 

@@ -16,10 +16,18 @@
 //! layers together), at most `JOBS` directories waiting (a newer listing pushes out the
 //! oldest: the walk has moved on), and a directory read ahead for recently is not read ahead
 //! for again.
+//!
+//! Files too: a program reading the files of a directory one after another (`git status`,
+//! `grep -r`, a compiler's headers) waits on the disk for each file's data in turn. Once a
+//! process opened `walkers::OPENS_IN_A_ROW` different files of one directory in a row, the
+//! threads have the kernel read the first bytes of the directory's small files, in the layer
+//! those files came from, into the page cache (`readahead(2)`: queued together, waited for by
+//! nobody; bounds in `DATA_FILES`). Names are opened `O_PATH` first, refusing symlinks and
+//! mount points, and only regular files are opened for reading.
 
 use std::collections::VecDeque;
-use std::ffi::CString;
-use std::os::fd::AsFd;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
@@ -41,8 +49,9 @@ const RECENT: usize = 64;
 const ENTRIES: usize = 4096;
 /// Entries read (and statted) per listed directory, all its subdirectories together.
 const BUDGET: usize = 16384;
-/// Reading files ahead, per directory and layer: at most this many files, only files up to
-/// `DATA_FILE_MAX` bytes, the first `DATA_READ` bytes of each, `DATA_BYTES` in all.
+/// Reading files ahead, per directory: at most this many files among the first `ENTRIES`
+/// entries, only files of up to `DATA_FILE_MAX` bytes, the first `DATA_READ` bytes of each,
+/// `DATA_BYTES` in all.
 const DATA_FILES: usize = 256;
 const DATA_FILE_MAX: u64 = 1 << 20;
 const DATA_READ: u64 = 128 << 10;
@@ -60,10 +69,11 @@ enum Kind {
 }
 
 /// One listed directory: its directories in the layers, and the names of its subdirectories
-/// in the merged view (a name missing from a layer is skipped there).
+/// in the merged view (a name missing from a layer is skipped there); or, for `Kind::Data`,
+/// the directory of the layer whose files are read.
 struct Job {
     dirs: Vec<Arc<CachedDir>>,
-    /// None for `Kind::Data`.
+    /// Empty for `Kind::Data` (each job has its own: it finds the job again in `done`).
     subdirs: Arc<[CString]>,
     kind: Kind,
     /// The next subdirectory and layer to read, as `subdir * dirs.len() + layer`: one
@@ -108,20 +118,24 @@ struct Queue {
 #[derive(Default)]
 pub struct Prefetcher {
     queue: Mutex<Queue>,
-    /// Serials of the directories read ahead for last.
-    recent: Mutex<VecDeque<u64>>,
+    /// Serials of the directories whose subdirectories, and of those whose files, were read
+    /// ahead last.
+    recent: Mutex<[VecDeque<u64>; 2]>,
     wake: Condvar,
     /// Whether the threads started (with the first job).
     threads: OnceLock<bool>,
-    /// Subdirectories read ahead so far.
+    /// Subdirectories read ahead so far (for the tests).
     read: AtomicU64,
+    /// Files read ahead so far (for the tests).
+    files: AtomicU64,
 }
 
 impl Prefetcher {
-    /// Whether the directory with this serial was not read ahead for recently; it counts as
-    /// read ahead for from now on.
-    pub fn fresh(&self, serial: u64) -> bool {
+    /// Whether the subdirectories (or, if `files`, the files) of the directory with this
+    /// serial were not read ahead recently; they count as read ahead from now on.
+    pub fn fresh(&self, serial: u64, files: bool) -> bool {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = &mut recent[usize::from(files)];
         if recent.contains(&serial) {
             return false;
         }
@@ -149,10 +163,10 @@ impl Prefetcher {
         self.submit(dirs, subdirs, kind);
     }
 
-    /// Queues the files of a directory whose directories in the layers are `dirs`, to have
-    /// their first bytes read into the page cache.
-    pub fn data_ahead(self: &Arc<Self>, dirs: Vec<Arc<CachedDir>>) {
-        self.submit(dirs, Arc::new([]), Kind::Data);
+    /// Queues the files of the directory `dir` (in one layer), to have their first bytes
+    /// read into the page cache.
+    pub fn data_ahead(self: &Arc<Self>, dir: Arc<CachedDir>) {
+        self.submit(vec![dir], Arc::new([]), Kind::Data);
     }
 
     fn submit(self: &Arc<Self>, dirs: Vec<Arc<CachedDir>>, subdirs: Arc<[CString]>, kind: Kind) {
@@ -164,7 +178,10 @@ impl Prefetcher {
             subdirs,
             kind,
             next: 0,
-            budget: BUDGET,
+            budget: match kind {
+                Kind::Data => usize::MAX,
+                _ => BUDGET,
+            },
         };
         let tasks = match kind {
             // One thread stats at a time.
@@ -228,13 +245,19 @@ impl Prefetcher {
         Some(task)
     }
 
-    /// Ends a task that read `seen` entries (None: the subdirectory could not be opened):
-    /// they are spent from its job's budget, if the job still waits (found by its
+    /// Ends a task that read `seen` entries (None: the subdirectory could not be opened; a
+    /// `Kind::Data` task reports the files it read): they are spent from its job's budget, if the job still waits (found by its
     /// subdirectory names), and a statting task lets the next one start. The thread that
     /// ends it takes the next task itself, so no other thread needs waking.
     fn done(&self, task: &Task, seen: Option<usize>) {
-        if seen.is_some() {
-            self.read.fetch_add(1, Ordering::Relaxed);
+        match (task.kind, seen) {
+            (Kind::Data, Some(n)) => {
+                self.files.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            (_, Some(_)) => {
+                self.read.fetch_add(1, Ordering::Relaxed);
+            }
+            (_, None) => {}
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(job) = q
@@ -322,39 +345,51 @@ fn read_data_ahead(dir: &CachedDir, want: usize) -> usize {
     let Ok(d) = sys::open_dir_noatime(dir.as_fd(), c".") else {
         return 0;
     };
+    let mut seen = 0;
     let mut names = Vec::new();
     let _ = sys::for_each_dirent_while(d.as_fd(), |e| {
-        if e.kind == libc::DT_REG
+        seen += 1;
+        // A filesystem that does not give types (DT_UNKNOWN) is checked by `fstat` below.
+        if matches!(e.kind, libc::DT_REG | libc::DT_UNKNOWN)
             && let Ok(n) = CString::new(e.name)
         {
             names.push(n);
         }
-        names.len() < want
+        names.len() < want && seen < ENTRIES
     });
     let mut bytes = 0;
     let mut files = 0;
     for n in &names {
-        // Non-blocking and no symlinks: a name that became a FIFO or a link since the
-        // listing is not waited on or followed, and only a regular file is read.
-        let Ok(f) = sys::open_noatime(d.as_fd(), n, libc::O_NONBLOCK) else {
-            continue;
-        };
-        let Ok(st) = sys::fstat(f.as_fd()) else {
-            continue;
-        };
-        let size = st.st_size as u64;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG || size == 0 || size > DATA_FILE_MAX {
-            continue;
+        if let Some(len) = data_ahead_of(&d, n, DATA_BYTES - bytes) {
+            bytes += len;
+            files += 1;
         }
-        let len = size.min(DATA_READ);
-        if bytes + len > DATA_BYTES {
-            break;
-        }
-        bytes += len;
-        files += 1;
-        let _ = sys::readahead(f.as_fd(), len);
     }
     files
+}
+
+/// Has the kernel read the first bytes of the file `name` of `dir` (at most `DATA_READ`, and
+/// only if that fits in `room`): the number of bytes asked for, or None if it is not a
+/// regular file of at most `DATA_FILE_MAX` bytes in `dir`'s filesystem, or does not fit.
+fn data_ahead_of(dir: &OwnedFd, name: &CStr, room: u64) -> Option<u64> {
+    let path = sys::open_path_here(dir.as_fd(), name).ok()?;
+    let st = sys::fstat(path.as_fd()).ok()?;
+    let size = st.st_size as u64;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || size == 0 || size > DATA_FILE_MAX {
+        return None;
+    }
+    let len = size.min(DATA_READ);
+    if len > room {
+        return None;
+    }
+    // The same file: a regular file, so opening it has no effect of its own.
+    let f = sys::reopen(
+        path.as_fd(),
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+    )
+    .ok()?;
+    sys::readahead(f.as_fd(), len).ok()?;
+    Some(len)
 }
 
 #[cfg(test)]
@@ -549,36 +584,65 @@ mod tests {
         let big = std::fs::File::create(base.join("big")).unwrap();
         big.set_len(DATA_FILE_MAX + 1).unwrap();
         std::os::unix::fs::symlink("f0", base.join("link")).unwrap();
-        let fifo = std::ffi::CString::new(base.join("fifo").into_os_string().into_encoded_bytes());
-        // SAFETY: a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(fifo.unwrap().as_ptr(), 0o600) }, 0);
+        let c = |p: &std::path::Path| CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: NUL-terminated paths.
+        unsafe {
+            assert_eq!(libc::mkfifo(c(&base.join("fifo")).as_ptr(), 0o600), 0);
+            // /dev/null's numbers: an open would reach a driver.
+            let null = libc::makedev(1, 3);
+            assert_eq!(
+                libc::mknod(c(&base.join("dev")).as_ptr(), libc::S_IFCHR | 0o600, null),
+                0
+            );
+        }
         let dir = CachedDir::new(open_dir(&base));
-        // The five small files; not the empty or large one, the link, the FIFO (which would
-        // block an open) or the directory.
+        let fd = open_dir(&base);
+        // Each name directly: only small regular files are read, and their read is started.
+        for (name, read) in [
+            ("f0", Some(4)),
+            ("empty", None),
+            ("big", None),
+            ("link", None),
+            ("fifo", None),
+            ("dev", None),
+            ("sub", None),
+            ("gone", None),
+        ] {
+            let n = CString::new(name).unwrap();
+            assert_eq!(data_ahead_of(&fd, &n, DATA_BYTES), read, "{name}");
+        }
+        assert_eq!(data_ahead_of(&fd, c"f0", 3), None, "no room left");
+        // A whole directory: the five small files.
         assert_eq!(read_data_ahead(&dir, DATA_FILES), 5);
         for i in 0..4 {
             std::fs::write(base.join("sub").join(format!("g{i}")), "data").unwrap();
         }
-        let sub = CachedDir::new(open_dir(&base.join("sub")));
+        let sub = Arc::new(CachedDir::new(open_dir(&base.join("sub"))));
         assert_eq!(read_data_ahead(&sub, 2), 2, "bounded by the count wanted");
         assert_eq!(read_data_ahead(&sub, DATA_FILES), 4);
-        // Through the queue: one task per layer.
+        // Through the queue.
         let p = Arc::new(Prefetcher::default());
-        let dir = Arc::new(dir);
-        p.data_ahead(vec![dir.clone(), dir]);
-        wait_for(&p, 2);
+        p.data_ahead(sub);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.files.load(Ordering::Relaxed) < 4 {
+            assert!(Instant::now() < deadline, "files read ahead by the threads");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
     fn a_directory_is_read_ahead_for_once_while_recent() {
         let p = Prefetcher::default();
-        assert!(p.fresh(1));
-        assert!(!p.fresh(1));
+        assert!(p.fresh(1, false));
+        assert!(!p.fresh(1, false));
+        assert!(p.fresh(1, true), "its files apart from its subdirectories");
+        assert!(!p.fresh(1, true));
         for s in 2..(2 + RECENT as u64) {
-            assert!(p.fresh(s));
+            assert!(p.fresh(s, false));
         }
-        assert!(p.fresh(1), "forgotten after RECENT others");
+        assert!(p.fresh(1, false), "forgotten after RECENT others");
+        assert!(!p.fresh(1, true), "listings do not push out files");
     }
 
     #[test]

@@ -269,7 +269,7 @@ impl Union {
             return;
         };
         let dir = &h.node;
-        if listing.subdirs == 0 || !self.prefetch.fresh(dir.serial) {
+        if listing.subdirs == 0 || !self.prefetch.fresh(dir.serial, false) {
             return;
         }
         let names = listing
@@ -285,19 +285,15 @@ impl Union {
         self.prefetch.ahead(dirs, names, stats);
     }
 
-    /// Has the small files of `dir` read into the page cache in its layers (see `prefetch`),
-    /// unless that was done recently.
-    pub fn data_ahead(&self, dir: &Node) {
-        // Apart from the directory's listings read ahead (a serial is far below 2^63).
-        if !self.prefetch.fresh(dir.serial | 1 << 63) {
+    /// Has the small files of `dir` in the layer `loc` read into the page cache (see
+    /// `prefetch`), unless that was done recently.
+    pub fn data_ahead(&self, dir: &Node, loc: crate::lookup::Loc) {
+        if !self.prefetch.fresh(dir.serial, true) {
             return;
         }
-        let dirs = self
-            .dir_layers(dir)
-            .into_iter()
-            .filter_map(|loc| self.dir_fd(dir, loc).ok())
-            .collect();
-        self.prefetch.data_ahead(dirs);
+        if let Ok(fd) = self.dir_fd(dir, loc) {
+            self.prefetch.data_ahead(fd);
+        }
     }
 
     /// Number of subdirectories in the merged view (cached on the node).

@@ -69,13 +69,41 @@ const RESOLVE_NO_XDEV: u64 = 0x01;
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_NO_SYMLINKS: u64 = 0x04;
 const RESOLVE_BENEATH: u64 = 0x08;
-const _: u64 = RESOLVE_NO_XDEV;
 
 /// Opens `path` relative to `dir` without ever leaving `dir` and without following any symlink:
 /// a symlink as last component is opened itself with `O_PATH` and refused (ELOOP) otherwise.
 /// An empty path opens `dir` itself again.
 pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
     let path = if path.is_empty() { c"." } else { path };
+    openat2(
+        dir,
+        path,
+        flags,
+        mode,
+        RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// Opens the name `name` in `dir` as `O_PATH` only if it is neither a symlink (ELOOP) nor a
+/// mount point (EXDEV): the object itself is not opened (no device's or FIFO's open runs),
+/// and nothing of another filesystem is reached.
+pub fn open_path_here(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
+    openat2(
+        dir,
+        name,
+        libc::O_PATH,
+        0,
+        RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+    )
+}
+
+fn openat2(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> Result<OwnedFd> {
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
         // O_TMPFILE includes O_DIRECTORY's bit, so it is matched whole; a mode without a
@@ -85,7 +113,7 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> 
         } else {
             0
         },
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+        resolve,
     };
     retry(|| {
         // SAFETY: `how` is a valid open_how of the size passed; `path` is NUL-terminated.
@@ -122,13 +150,15 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result
 /// (the layers' times are not ours to change); falls back to a plain open where `O_NOATIME`
 /// is not permitted (neither owner nor CAP_FOWNER).
 pub fn open_dir_noatime(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
-    open_noatime(dir, name, libc::O_DIRECTORY)
-}
-
-/// Opens `name` for reading with `flags` added, as `open_dir_noatime` does.
-pub fn open_noatime(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<OwnedFd> {
-    match openat(dir, name, libc::O_RDONLY | flags | libc::O_NOATIME, 0) {
-        Err(e) if e.code() == libc::EPERM => openat(dir, name, libc::O_RDONLY | flags, 0),
+    match openat(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOATIME,
+        0,
+    ) {
+        Err(e) if e.code() == libc::EPERM => {
+            openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        }
         r => r,
     }
 }

@@ -26,9 +26,6 @@ const TRACKED: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 /// directories, in case it stopped looking names up.
 const RECHECK_EVERY: u32 = 64;
 
-/// No directory (no inode has number 0).
-const NO_DIR: u64 = 0;
-
 #[derive(Clone, Copy, Debug)]
 struct Walker {
     /// The directory it listed last.
@@ -44,36 +41,33 @@ struct Walker {
     since_probe: u32,
     /// Still in the first directory it listed, which gets a whole first batch.
     first: bool,
-    /// The directory of the last file it opened for reading, and how many it opened there in
-    /// a row.
-    opened_in: u64,
-    opens: u32,
 }
 
-impl Walker {
-    /// A process seen for the first time, listing `dir` (`NO_DIR`: none yet).
-    fn new(dir: u64) -> Walker {
-        Walker {
-            dir,
-            probing: false,
-            looked_up: false,
-            stats: false,
-            since_probe: 0,
-            first: true,
-            opened_in: NO_DIR,
-            opens: 0,
-        }
-    }
+/// Different files opened for reading in a row in one directory that show a process reading
+/// the directory's files (`git status`, `grep -r`): more than a program opening a couple of
+/// libraries or configuration files does.
+pub const OPENS_IN_A_ROW: u32 = 4;
+
+/// What a process opened for reading last.
+#[derive(Clone, Copy, Debug)]
+struct Opener {
+    dir: u64,
+    file: u64,
+    /// Different files opened in `dir` in a row.
+    files: u32,
 }
 
 pub struct Walkers {
     map: Mutex<LruCache<u32, Walker>>,
+    /// Followed apart, so that many processes opening files do not push out the walkers.
+    openers: Mutex<LruCache<u32, Opener>>,
 }
 
 impl Default for Walkers {
     fn default() -> Self {
         Walkers {
             map: Mutex::new(LruCache::new(TRACKED)),
+            openers: Mutex::new(LruCache::new(TRACKED)),
         }
     }
 }
@@ -103,11 +97,14 @@ impl Walkers {
     /// lists, and whether it listed another directory before.
     pub fn decide(&self, pid: u32, dir: u64) -> Decision {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let w = map.get_or_insert_mut(pid, || Walker::new(dir));
-        if w.dir == NO_DIR {
-            // Seen opening files so far: this is its first directory.
-            w.dir = dir;
-        }
+        let w = map.get_or_insert_mut(pid, || Walker {
+            dir,
+            probing: false,
+            looked_up: false,
+            stats: false,
+            since_probe: 0,
+            first: true,
+        });
         if w.dir == dir {
             return Decision {
                 whole: w.stats || w.first,
@@ -134,19 +131,26 @@ impl Walkers {
         }
     }
 
-    /// Process `pid` opens a file of directory `dir` for reading: true when it is the second
-    /// in a row there, the sign of a program reading a directory's files (`git status`,
-    /// `grep -r`, a compiler's headers).
-    pub fn opened(&self, pid: u32, dir: u64) -> bool {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let w = map.get_or_insert_mut(pid, || Walker::new(NO_DIR));
-        if w.opened_in == dir {
-            w.opens = w.opens.saturating_add(1);
-        } else {
-            w.opened_in = dir;
-            w.opens = 1;
+    /// Process `pid` opens the file `file` of directory `dir` for reading: true when it is
+    /// the `OPENS_IN_A_ROW`th different file in a row there.
+    pub fn opened(&self, pid: u32, dir: u64, file: u64) -> bool {
+        let mut map = self.openers.lock().unwrap_or_else(|p| p.into_inner());
+        let o = map.get_or_insert_mut(pid, || Opener {
+            dir,
+            file,
+            files: 0,
+        });
+        if o.dir != dir {
+            *o = Opener {
+                dir,
+                file,
+                files: 1,
+            };
+        } else if o.file != file || o.files == 0 {
+            o.file = file;
+            o.files = o.files.saturating_add(1);
         }
-        w.opens == 2
+        o.files == OPENS_IN_A_ROW
     }
 
     /// Process `pid` looks up a name other than a directory's in directory `parent`.
@@ -221,7 +225,7 @@ mod tests {
     #[test]
     fn whole_listings_are_rechecked() {
         let w = Walkers::default();
-        assert!(w.listing(7, 9999));
+        assert!(w.listing(7, 0));
         assert!(!w.listing(7, 1));
         w.lookup(7, 1);
         let mut probes = 0;
@@ -241,17 +245,29 @@ mod tests {
     }
 
     #[test]
-    fn the_second_file_opened_in_a_row_in_a_directory_counts() {
+    fn different_files_opened_in_a_row_in_a_directory_count() {
         let w = Walkers::default();
-        assert!(!w.opened(7, 10));
-        assert!(w.opened(7, 10), "the second in a row");
-        assert!(!w.opened(7, 10), "once");
-        assert!(!w.opened(7, 11));
-        assert!(!w.opened(8, 11), "another process");
-        assert!(!w.opened(7, 10), "a new run after another directory");
-        assert!(w.opened(7, 10));
-        // Listing is followed apart from opening.
+        let run = |pid, dir, files: std::ops::Range<u64>| {
+            files.map(|f| w.opened(pid, dir, f)).collect::<Vec<_>>()
+        };
+        let n = OPENS_IN_A_ROW as usize;
+        let mut want = vec![false; n + 2];
+        want[n - 1] = true;
+        assert_eq!(run(7, 10, 0..n as u64 + 2), want, "once, at the count");
+        // The same file again and again is one file.
+        assert!((0..2 * n).all(|_| !w.opened(8, 10, 1)));
+        assert!(!w.opened(8, 10, 2), "the second");
+        // Another directory starts a new run; other processes do not interfere.
+        assert!(!w.opened(7, 11, 0));
+        assert_eq!(run(9, 11, 0..n as u64), want[..n]);
+        assert_eq!(
+            run(7, 10, 0..n as u64),
+            want[..n],
+            "a new run after another directory"
+        );
+        // Listing is followed apart from opening: still a first directory.
         assert!(w.decide(7, 10).whole);
+        assert!(!w.decide(7, 10).walking);
     }
 
     #[test]
