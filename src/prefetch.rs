@@ -423,8 +423,7 @@ mod tests {
 
     #[test]
     fn subdirectories_are_read_in_the_background_and_the_rest_skipped() {
-        let base = std::env::temp_dir().join(format!("um-prefetch-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
+        let base = scratch("a");
         for d in ["a", "b"] {
             std::fs::create_dir_all(base.join(d)).unwrap();
             std::fs::write(base.join(d).join("f"), "x").unwrap();
@@ -465,8 +464,7 @@ mod tests {
 
     #[test]
     fn a_subdirectory_is_read_up_to_what_is_wanted() {
-        let base = std::env::temp_dir().join(format!("um-prefetch-b-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
+        let base = scratch("b");
         std::fs::create_dir_all(base.join("s")).unwrap();
         for i in 0..10 {
             std::fs::write(base.join("s").join(i.to_string()), "").unwrap();
@@ -574,8 +572,7 @@ mod tests {
 
     #[test]
     fn small_regular_files_are_read_ahead() {
-        let base = std::env::temp_dir().join(format!("um-prefetch-d-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
+        let base = scratch("d");
         std::fs::create_dir_all(base.join("sub")).unwrap();
         for i in 0..5 {
             std::fs::write(base.join(format!("f{i}")), "data").unwrap();
@@ -660,6 +657,14 @@ mod tests {
             q.jobs.back().unwrap().subdirs[0].to_str().unwrap(),
             format!("d{}", JOBS + 2)
         );
+    }
+
+    /// A new empty directory of this test process.
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let base = std::env::temp_dir().join(format!("um-prefetch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        base
     }
 
     fn open_dir(p: &std::path::Path) -> std::os::fd::OwnedFd {
