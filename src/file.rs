@@ -127,6 +127,9 @@ impl Drop for FileHandle {
     }
 }
 
+/// Attempts to read a node's name and lock its directory before its split gives up.
+const SPLIT_TRIES: usize = 8;
+
 /// The kernel's `__FMODE_EXEC`, set in the flags of the open that execve makes.
 pub const FMODE_EXEC: i32 = 0x20;
 
@@ -421,30 +424,44 @@ impl Union {
     /// the open once, on the new inode. The old inode keeps serving the files already open on
     /// it (with the data they had, as in kernel overlayfs).
     fn split_node(&self, node: &Node, id: RealId) -> Errno {
-        let Some((parent, name)) = node
-            .state()
-            .links
-            .first()
-            .map(|l| (l.parent.clone(), l.name.to_os_string()))
-        else {
-            // A racing open split it first: the name is on the new node already.
-            return node.nameless_error();
-        };
-        {
-            let _dir = parent.lock_dir();
-            if node.split.swap(true, Ordering::SeqCst) {
-                // Two opens found the node to split at once; the other one did it.
+        // The name is read, then its directory locked: a rename in between moves it, and the
+        // name is read again.
+        for _ in 0..SPLIT_TRIES {
+            let Some((parent, name)) = node
+                .state()
+                .links
+                .first()
+                .map(|l| (l.parent.clone(), l.name.to_os_string()))
+            else {
+                // A racing open split it first: the name is on the new node already.
                 return node.nameless_error();
+            };
+            {
+                let _dir = parent.lock_dir();
+                let named = node
+                    .state()
+                    .links
+                    .iter()
+                    .any(|l| l.parent.ino == parent.ino && l.name == name.as_os_str());
+                if !named {
+                    continue;
+                }
+                if node.split.swap(true, Ordering::SeqCst) {
+                    // Two opens found the node to split at once; the other one did it.
+                    return node.nameless_error();
+                }
+                self.tree_change(|| {
+                    self.table.remove_id(node, id);
+                    self.table.unlink(node, &parent, &name);
+                    node.state().upper = None;
+                });
             }
-            self.tree_change(|| {
-                self.table.remove_id(node, id);
-                self.table.unlink(node, &parent, &name);
-                node.state().upper = None;
-            });
+            self.dir_changed(&parent);
+            log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
+            self.invalidate_entry(parent.ino, &name);
+            return Errno::ESTALE;
         }
-        self.dir_changed(&parent);
-        log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
-        self.invalidate_entry(parent.ino, &name);
+        // Renamed again and again meanwhile: the kernel retries the open, which tries again.
         Errno::ESTALE
     }
 
