@@ -72,8 +72,10 @@ enum Kind {
 /// in the merged view (a name missing from a layer is skipped there); or, for `Kind::Data`,
 /// the directory of the layer whose files are read.
 struct Job {
+    /// Numbers jobs in the order they were queued (a task finds its job again by it).
+    id: u64,
     dirs: Vec<Arc<CachedDir>>,
-    /// Empty for `Kind::Data` (each job has its own: it finds the job again in `done`).
+    /// Empty for `Kind::Data`.
     subdirs: Arc<[CString]>,
     kind: Kind,
     /// The next subdirectory and layer to read, as `subdir * dirs.len() + layer`: one
@@ -101,6 +103,7 @@ impl Job {
 
 /// One subdirectory in one layer (or one directory's files in one layer), taken from a job.
 struct Task {
+    job: u64,
     dir: Arc<CachedDir>,
     subdirs: Arc<[CString]>,
     index: usize,
@@ -111,6 +114,8 @@ struct Task {
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<Job>,
+    /// The next job's `id`.
+    next_id: u64,
     /// Whether a thread is statting (see `THREADS`).
     statting: bool,
 }
@@ -174,6 +179,7 @@ impl Prefetcher {
             return;
         }
         let job = Job {
+            id: 0,
             dirs,
             subdirs,
             kind,
@@ -197,26 +203,29 @@ impl Prefetcher {
     /// Starts the threads with the first job; false if none could be started.
     fn started(self: &Arc<Self>) -> bool {
         *self.threads.get_or_init(|| {
-            (0..THREADS)
-                .filter(|_| {
-                    let me = self.clone();
-                    std::thread::Builder::new()
-                        .name("read-ahead".into())
-                        .spawn(move || me.run())
-                        .map_err(|e| log::debug!("read-ahead thread not started: {e}"))
-                        .is_ok()
-                })
-                .count()
-                > 0
+            let mut any = false;
+            for _ in 0..THREADS {
+                let me = self.clone();
+                match std::thread::Builder::new()
+                    .name("read-ahead".into())
+                    .spawn(move || me.run())
+                {
+                    Ok(_) => any = true,
+                    Err(e) => log::debug!("read-ahead thread not started: {e}"),
+                }
+            }
+            any
         })
     }
 
-    /// Queues a job, pushing out the oldest when `JOBS` wait.
-    fn enqueue(&self, job: Job) {
+    /// Queues a job (numbering it), pushing out the oldest when `JOBS` wait.
+    fn enqueue(&self, mut job: Job) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.jobs.len() >= JOBS {
             q.jobs.pop_front();
         }
+        job.id = q.next_id;
+        q.next_id += 1;
         q.jobs.push_back(job);
     }
 
@@ -232,6 +241,7 @@ impl Prefetcher {
         let k = job.next;
         job.next += 1;
         let task = Task {
+            job: job.id,
             dir: job.dirs[k % job.dirs.len()].clone(),
             subdirs: job.subdirs.clone(),
             index: k / job.dirs.len(),
@@ -246,9 +256,9 @@ impl Prefetcher {
     }
 
     /// Ends a task that read `seen` entries (None: the subdirectory could not be opened; a
-    /// `Kind::Data` task reports the files it read): they are spent from its job's budget, if the job still waits (found by its
-    /// subdirectory names), and a statting task lets the next one start. The thread that
-    /// ends it takes the next task itself, so no other thread needs waking.
+    /// `Kind::Data` task reports the files it read): they are spent from its job's budget, if
+    /// the job still waits, and a statting task lets the next one start. The thread that ends
+    /// it takes the next task itself, so no other thread needs waking.
     fn done(&self, task: &Task, seen: Option<usize>) {
         match (task.kind, seen) {
             (Kind::Data, Some(n)) => {
@@ -260,11 +270,7 @@ impl Prefetcher {
             (_, None) => {}
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(job) = q
-            .jobs
-            .iter_mut()
-            .find(|j| Arc::ptr_eq(&j.subdirs, &task.subdirs))
-        {
+        if let Some(job) = q.jobs.iter_mut().find(|j| j.id == task.job) {
             job.budget = job.budget.saturating_sub(seen.unwrap_or(0));
         }
         if task.kind == Kind::Stat {
@@ -413,6 +419,7 @@ mod tests {
 
     fn job(dirs: Vec<Arc<CachedDir>>, names: &[&str], stats: bool) -> Job {
         Job {
+            id: 0,
             dirs,
             subdirs: names.iter().map(|n| CString::new(*n).unwrap()).collect(),
             kind: if stats { Kind::Stat } else { Kind::List },
