@@ -375,13 +375,11 @@ impl Filesystem for UnionFs {
             // A process reading one file after another of a directory has the rest of its
             // files read ahead once the reply is sent (see `prefetch`); not for a program's
             // own file (execve).
-            if self.u.opts.readdirplus == ReaddirPlus::Auto
-                && flags.0 & libc::O_ACCMODE == libc::O_RDONLY
-                && flags.0 & crate::file::FMODE_EXEC == 0
+            if flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & crate::file::FMODE_EXEC == 0
             {
                 let parent = n.state().links.first().map(|l| l.parent.clone());
                 if let Some(parent) = parent
-                    && self.walkers.opened(req.pid(), parent.ino, n.ino)
+                    && self.u.prefetch.opened(req.pid(), parent.ino, n.ino)
                 {
                     data_ahead = Some((parent, self.u.top_loc(&n)));
                 }

@@ -19,7 +19,7 @@
 //!
 //! Files too: a program reading the files of a directory one after another (`git status`,
 //! `grep -r`, a compiler's headers) waits on the disk for each file's data in turn. Once a
-//! process opened `walkers::OPENS_IN_A_ROW` different files of one directory in a row, the
+//! process opened `OPENS_IN_A_ROW` different files of one directory in a row, the
 //! threads have the kernel read the first bytes of the directory's small files, in the layer
 //! those files came from, into the page cache (`readahead(2)`: queued together, waited for by
 //! nobody; bounds in `DATA_FILES`). Names are opened `O_PATH` first, refusing symlinks and
@@ -27,9 +27,12 @@
 
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use lru::LruCache;
 
 use crate::fdcache::CachedDir;
 use crate::sys;
@@ -56,6 +59,22 @@ const DATA_FILES: usize = 256;
 const DATA_FILE_MAX: u64 = 1 << 20;
 const DATA_READ: u64 = 128 << 10;
 const DATA_BYTES: u64 = 4 << 20;
+
+/// Different files opened for reading in a row in one directory that show a process reading
+/// the directory's files (`git status`, `grep -r`): more than a program opening a couple of
+/// libraries or configuration files does.
+pub const OPENS_IN_A_ROW: u32 = 4;
+/// Processes whose opens are followed at once (the least recently seen are forgotten).
+const OPENERS: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+
+/// What a process opened for reading last.
+#[derive(Clone, Copy, Debug)]
+struct Opener {
+    dir: u64,
+    file: u64,
+    /// Different files opened in `dir` in a row.
+    files: u32,
+}
 
 /// What a job reads ahead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,9 +139,10 @@ struct Queue {
     statting: bool,
 }
 
-#[derive(Default)]
 pub struct Prefetcher {
     queue: Mutex<Queue>,
+    /// What each process opened for reading last (see `opened`).
+    openers: Mutex<LruCache<u32, Opener>>,
     /// Serials of the directories whose subdirectories, and of those whose files, were read
     /// ahead last.
     recent: Mutex<[VecDeque<u64>; 2]>,
@@ -135,7 +155,43 @@ pub struct Prefetcher {
     files: AtomicU64,
 }
 
+impl Default for Prefetcher {
+    fn default() -> Self {
+        Prefetcher {
+            queue: Mutex::default(),
+            openers: Mutex::new(LruCache::new(OPENERS)),
+            recent: Mutex::default(),
+            wake: Condvar::new(),
+            threads: OnceLock::new(),
+            read: AtomicU64::new(0),
+            files: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Prefetcher {
+    /// Process `pid` opens the file `file` of directory `dir` for reading: true when it is
+    /// the `OPENS_IN_A_ROW`th different file in a row there.
+    pub fn opened(&self, pid: u32, dir: u64, file: u64) -> bool {
+        let mut map = self.openers.lock().unwrap_or_else(|p| p.into_inner());
+        let o = map.get_or_insert_mut(pid, || Opener {
+            dir,
+            file,
+            files: 0,
+        });
+        if o.dir != dir {
+            *o = Opener {
+                dir,
+                file,
+                files: 1,
+            };
+        } else if o.file != file || o.files == 0 {
+            o.file = file;
+            o.files = o.files.saturating_add(1);
+        }
+        o.files == OPENS_IN_A_ROW
+    }
+
     /// Whether the subdirectories (or, if `files`, the files) of the directory with this
     /// serial were not read ahead recently; they count as read ahead from now on.
     pub fn fresh(&self, serial: u64, files: bool) -> bool {
@@ -633,6 +689,29 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn different_files_opened_in_a_row_in_a_directory_count() {
+        let w = Prefetcher::default();
+        let run = |pid, dir, files: std::ops::Range<u64>| {
+            files.map(|f| w.opened(pid, dir, f)).collect::<Vec<_>>()
+        };
+        let n = OPENS_IN_A_ROW as usize;
+        let mut want = vec![false; n + 2];
+        want[n - 1] = true;
+        assert_eq!(run(7, 10, 0..n as u64 + 2), want, "once, at the count");
+        // The same file again and again is one file.
+        assert!((0..2 * n).all(|_| !w.opened(8, 10, 1)));
+        assert!(!w.opened(8, 10, 2), "the second");
+        // Another directory starts a new run; other processes do not interfere.
+        assert!(!w.opened(7, 11, 0));
+        assert_eq!(run(9, 11, 0..n as u64), want[..n]);
+        assert_eq!(
+            run(7, 10, 0..n as u64),
+            want[..n],
+            "a new run after another directory"
+        );
     }
 
     #[test]

@@ -43,31 +43,14 @@ struct Walker {
     first: bool,
 }
 
-/// Different files opened for reading in a row in one directory that show a process reading
-/// the directory's files (`git status`, `grep -r`): more than a program opening a couple of
-/// libraries or configuration files does.
-pub const OPENS_IN_A_ROW: u32 = 4;
-
-/// What a process opened for reading last.
-#[derive(Clone, Copy, Debug)]
-struct Opener {
-    dir: u64,
-    file: u64,
-    /// Different files opened in `dir` in a row.
-    files: u32,
-}
-
 pub struct Walkers {
     map: Mutex<LruCache<u32, Walker>>,
-    /// Followed apart, so that many processes opening files do not push out the walkers.
-    openers: Mutex<LruCache<u32, Opener>>,
 }
 
 impl Default for Walkers {
     fn default() -> Self {
         Walkers {
             map: Mutex::new(LruCache::new(TRACKED)),
-            openers: Mutex::new(LruCache::new(TRACKED)),
         }
     }
 }
@@ -129,28 +112,6 @@ impl Walkers {
             stats: w.stats,
             walking: true,
         }
-    }
-
-    /// Process `pid` opens the file `file` of directory `dir` for reading: true when it is
-    /// the `OPENS_IN_A_ROW`th different file in a row there.
-    pub fn opened(&self, pid: u32, dir: u64, file: u64) -> bool {
-        let mut map = self.openers.lock().unwrap_or_else(|p| p.into_inner());
-        let o = map.get_or_insert_mut(pid, || Opener {
-            dir,
-            file,
-            files: 0,
-        });
-        if o.dir != dir {
-            *o = Opener {
-                dir,
-                file,
-                files: 1,
-            };
-        } else if o.file != file || o.files == 0 {
-            o.file = file;
-            o.files = o.files.saturating_add(1);
-        }
-        o.files == OPENS_IN_A_ROW
     }
 
     /// Process `pid` looks up a name other than a directory's in directory `parent`.
@@ -242,32 +203,6 @@ mod tests {
             d += 1;
         }
         assert!(!w.listing(7, d + 1));
-    }
-
-    #[test]
-    fn different_files_opened_in_a_row_in_a_directory_count() {
-        let w = Walkers::default();
-        let run = |pid, dir, files: std::ops::Range<u64>| {
-            files.map(|f| w.opened(pid, dir, f)).collect::<Vec<_>>()
-        };
-        let n = OPENS_IN_A_ROW as usize;
-        let mut want = vec![false; n + 2];
-        want[n - 1] = true;
-        assert_eq!(run(7, 10, 0..n as u64 + 2), want, "once, at the count");
-        // The same file again and again is one file.
-        assert!((0..2 * n).all(|_| !w.opened(8, 10, 1)));
-        assert!(!w.opened(8, 10, 2), "the second");
-        // Another directory starts a new run; other processes do not interfere.
-        assert!(!w.opened(7, 11, 0));
-        assert_eq!(run(9, 11, 0..n as u64), want[..n]);
-        assert_eq!(
-            run(7, 10, 0..n as u64),
-            want[..n],
-            "a new run after another directory"
-        );
-        // Listing is followed apart from opening: still a first directory.
-        assert!(w.decide(7, 10).whole);
-        assert!(!w.decide(7, 10).walking);
     }
 
     #[test]
