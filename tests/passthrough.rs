@@ -43,12 +43,37 @@ fn daemon_pid(m: &Mount) -> i32 {
     panic!("no daemon for {want}");
 }
 
+/// Waits (bounded) until every thread of process `pid` is in the stopped state.
+fn wait_all_stopped(pid: i32) {
+    let stopped = || -> bool {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            state.is_some_and(|r| r.starts_with('T') || r.starts_with('t'))
+        })
+    };
+    for _ in 0..1000 {
+        if stopped() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("daemon {pid} did not stop");
+}
+
 /// Whether reads of an open file bypass the daemon: they complete while it is stopped.
 fn reads_bypass_daemon(m: &Mount, rel: &str) -> bool {
     let f = File::open(m.path(rel)).unwrap();
     let pid = daemon_pid(m);
     // SAFETY: signals to the daemon process found above; it is continued below.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // kill() returns before every thread has stopped; a worker still running could serve
+    // the read below. Wait until the whole process is stopped.
+    wait_all_stopped(pid);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut b = vec![0u8; 4096];
