@@ -69,8 +69,17 @@ fn wait_all_stopped(pid: i32) {
 fn reads_bypass_daemon(m: &Mount, rel: &str) -> bool {
     let f = File::open(m.path(rel)).unwrap();
     let pid = daemon_pid(m);
-    // SAFETY: signals to the daemon process found above; it is continued below.
+    /// Continues the stopped daemon when dropped, also if the test panics meanwhile.
+    struct Stopped(i32);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            // SAFETY: signals the daemon process this test stopped.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: signals the daemon process found above; `_stopped` continues it.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let _stopped = Stopped(pid);
     // kill() returns before every thread has stopped; a worker still running could serve
     // the read below. Wait until the whole process is stopped.
     wait_all_stopped(pid);
@@ -81,12 +90,8 @@ fn reads_bypass_daemon(m: &Mount, rel: &str) -> bool {
     });
     // A read through the daemon cannot finish until it is continued; give a passthrough
     // read ample time (this bounds a wait, it measures nothing).
-    let bypassed = rx
-        .recv_timeout(std::time::Duration::from_secs(5))
-        .unwrap_or(false);
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    bypassed
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .unwrap_or(false)
 }
 
 #[test]
