@@ -372,18 +372,8 @@ impl Filesystem for UnionFs {
         let mut data_ahead = None;
         let res = self.node(ino).and_then(|n| {
             let opened = self.u.open(&n, flags.0, &|fd| reply.open_backing(fd))?;
-            // A process reading one file after another of a directory has the rest of its
-            // files read ahead once the reply is sent (see `prefetch`); not for a program's
-            // own file (execve).
-            if flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & crate::file::FMODE_EXEC == 0
-            {
-                let parent = n.state().links.first().map(|l| l.parent.clone());
-                if let Some(parent) = parent
-                    && self.u.prefetch.opened(req.pid(), parent.ino, n.ino)
-                {
-                    data_ahead = Some((parent, self.u.top_loc(&n)));
-                }
-            }
+            // Read ahead once the reply is sent.
+            data_ahead = self.u.opened_for_data_ahead(&n, req.pid(), flags.0);
             if flags.0 & libc::O_TRUNC != 0 {
                 // A truncating open is a change of data; the kernel drops nothing for it.
                 let dropped = self.u.drop_set_ids_for_data(&n, opened.0, req.pid(), false);

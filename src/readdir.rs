@@ -285,9 +285,29 @@ impl Union {
         self.prefetch.ahead(dirs, names, stats);
     }
 
+    /// Notes that process `pid` opened `node` with `flags`. A process reading one file after
+    /// another of a directory has the rest of its files read ahead (see `prefetch`): for the
+    /// `OPENS_IN_A_ROW`th different file of one directory opened for reading in a row (not by
+    /// execve, for a program's own file), the directory and the layer the file came from, for
+    /// `data_ahead`.
+    pub fn opened_for_data_ahead(
+        &self,
+        node: &Node,
+        pid: u32,
+        flags: i32,
+    ) -> Option<(Arc<Node>, Loc)> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & crate::file::FMODE_EXEC != 0 {
+            return None;
+        }
+        let parent = node.state().links.first().map(|l| l.parent.clone())?;
+        self.prefetch
+            .opened(pid, parent.ino, node.ino)
+            .then(|| (parent, self.top_loc(node)))
+    }
+
     /// Has the small files of `dir` in the layer `loc` read into the page cache (see
     /// `prefetch`), unless that was done recently.
-    pub fn data_ahead(&self, dir: &Node, loc: crate::lookup::Loc) {
+    pub fn data_ahead(&self, dir: &Node, loc: Loc) {
         if !self.prefetch.fresh(dir.serial, true) {
             return;
         }
