@@ -2073,3 +2073,54 @@ fn writes_drop_file_capabilities() {
         assert_eq!(m.read("later_cap"), "data++", "{what}");
     }
 }
+
+/// Whether the first page of the file at `p` is in the page cache.
+fn first_page_cached(p: &Path) -> bool {
+    let f = File::open(p).unwrap();
+    // SAFETY: maps one page of an open file read-only (touching nothing), asks the kernel
+    // which of it is cached into a one-byte vector, and unmaps it.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "mmap {}", p.display());
+        let mut vec = 0u8;
+        let r = libc::mincore(at, 4096, &mut vec);
+        libc::munmap(at, 4096);
+        assert_eq!(r, 0, "mincore {}", p.display());
+        vec & 1 == 1
+    }
+}
+
+/// A process that opens one file after another of a directory for reading has the rest of
+/// the directory's small files read into the page cache, from the layer they came from: a
+/// lower file is dropped from the cache, four others are opened through the mount (nothing
+/// is read), and the dropped one comes back into the cache.
+#[test]
+fn opening_files_one_after_another_reads_the_rest_ahead() {
+    let l = Layers::new(1);
+    for i in 0..8 {
+        l.lower(0).file_bytes(&format!("d/f{i}"), &[7u8; 65536]);
+    }
+    let m = l.mount("u");
+    let last = l.lowers[0].join("d/f7");
+    let f = File::open(&last).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: a valid open fd; dropping clean cached pages changes no data.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert!(!first_page_cached(&last), "the lower file was dropped");
+    for i in 0..4 {
+        File::open(m.path(&format!("d/f{i}"))).unwrap();
+    }
+    // Read ahead in the background: wait for it (a bound, not a timing assertion).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !first_page_cached(&last) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(first_page_cached(&last), "the fifth file was read ahead");
+}
