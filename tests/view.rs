@@ -370,6 +370,49 @@ fn readdirplus_listings_match_lookups() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("readdirplus"));
 }
 
+/// `ls -l` of a large directory gets the attributes with every batch of the listing: `ls`
+/// stats each batch before reading the next (so the kernel asks for attributes again), and
+/// `readdirplus=auto` gives a process's first directory whole batches. The daemon then sees
+/// no LOOKUP of the listed names, where with `readdirplus=off` it sees one per name. (Read
+/// from the daemon's request log.)
+#[test]
+fn ls_l_of_a_large_directory_looks_up_no_names() {
+    const FILES: usize = 2000;
+    let l = Layers::new(1);
+    l.lower(0).dir("big");
+    for i in 0..FILES {
+        l.lower(0).file(&format!("big/f{i}"), "x");
+    }
+    let lookups = |mode: &str| -> usize {
+        let base = l.mkdir(&format!("m-{mode}"));
+        let opt = format!("readdirplus={mode}");
+        let mut d = ForegroundDaemon::start(&l, &base, &["--log-level", "debug", "-o", &opt]);
+        let out = std::process::Command::new("ls")
+            .arg("-l")
+            .arg(d.merged.join("big"))
+            .output()
+            .expect("run ls");
+        assert!(out.status.success(), "ls -l: {out:?}");
+        let listed = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .last()
+                    .is_some_and(|n| n.starts_with('f'))
+            })
+            .count();
+        assert_eq!(listed, FILES, "{mode}: ls -l lists every file");
+        d.unmount().unwrap();
+        d.log()
+            .lines()
+            .filter(|l| l.contains(" LOOKUP name \"f"))
+            .count()
+    };
+    assert_eq!(lookups("auto"), 0, "readdirplus=auto: names looked up");
+    let off = lookups("off");
+    assert!(off >= FILES, "readdirplus=off: {off} names looked up");
+}
+
 /// Names in one getdents64 call on `fd` (a large buffer: one FUSE reply per call).
 fn getdents_names(fd: &std::fs::File) -> Vec<String> {
     use std::os::fd::AsRawFd;
