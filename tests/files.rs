@@ -2118,9 +2118,8 @@ fn opening_files_one_after_another_reads_the_rest_ahead() {
         File::open(m.path(&format!("d/f{i}"))).unwrap();
     }
     // Read ahead in the background: wait for it (a bound, not a timing assertion).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !first_page_cached(&last) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(first_page_cached(&last), "the fifth file was read ahead");
+    assert!(
+        wait_until(Duration::from_secs(20), || first_page_cached(&last)),
+        "the fifth file was read ahead"
+    );
 }

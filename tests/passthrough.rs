@@ -56,13 +56,10 @@ fn wait_all_stopped(pid: i32) {
             state.is_some_and(|r| r.starts_with('T') || r.starts_with('t'))
         })
     };
-    for _ in 0..1000 {
-        if stopped() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    panic!("daemon {pid} did not stop");
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), stopped),
+        "daemon {pid} did not stop"
+    );
 }
 
 /// Whether reads of an open file bypass the daemon: they complete while it is stopped.
