@@ -257,12 +257,18 @@ impl ReadBufs {
         self.free().push(buf);
     }
 
-    /// Frees the pooled buffers if no read needed one since the last call.
-    pub fn release_idle(&self) {
+    /// Frees the pooled buffers if no read needed one since the last call. Returns whether
+    /// buffers are left in the pool.
+    pub fn release_idle(&self) -> bool {
         if !self.used.swap(false, Ordering::Relaxed) {
             let idle = std::mem::take(&mut *self.free());
             drop(idle);
         }
+        self.any_pooled()
+    }
+
+    pub fn any_pooled(&self) -> bool {
+        !self.free().is_empty()
     }
 
     #[cfg(test)]
@@ -504,6 +510,8 @@ impl Union {
             Ok(())
         })();
         self.handles.read_bufs.give(buf);
+        // The trimmer frees the pool once reads stop (and sleeps only while it is empty).
+        self.table.stir();
         res
     }
 

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::compact::{Few, Name};
@@ -237,6 +237,11 @@ impl Node {
 }
 
 const SHARDS: usize = 64;
+
+/// States of `Table::quiet`.
+const BUSY: u8 = 0;
+const QUIET: u8 = 1;
+const ASLEEP: u8 = 2;
 /// Allocated numbers live at and above this; real-derived numbers stay below.
 const ALLOC_BASE: u64 = 1 << 63;
 
@@ -272,6 +277,9 @@ pub struct Table {
     remaps: AtomicBool,
     /// Coarse clock for `last_used`.
     clock: AtomicU32,
+    /// Whether requests used the table since the trimmer's last tick (`BUSY`), not
+    /// (`QUIET`), or not since it went to sleep (`ASLEEP`; see `stir`, `doze`).
+    quiet: AtomicU8,
     /// Directories forgotten since the last `take_dead_dirs`: their serial and layers (their
     /// cached fds are to be closed).
     dead_dirs: Mutex<Vec<(u64, Vec<crate::lookup::Loc>)>>,
@@ -321,6 +329,7 @@ impl Table {
             xino_bits,
             remaps: AtomicBool::new(false),
             clock: AtomicU32::new(1),
+            quiet: AtomicU8::new(BUSY),
             dead_dirs: Mutex::new(Vec::new()),
             live: AtomicUsize::new(1),
             listing_gen: AtomicU64::new(0),
@@ -360,12 +369,38 @@ impl Table {
         let n = self.get(ino)?;
         n.last_used
             .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.stir();
         Some(n)
     }
 
-    /// Advances the clock that `get_used` stamps nodes with.
-    pub fn tick(&self) {
+    /// Notes that a request used the mount, waking the trimmer if it sleeps. Called by every
+    /// request that names a node (`get_used`) and by those that leave the trimmer work without
+    /// naming one (reads into pooled buffers, forgets of directories). Costs one load while
+    /// the mount is busy.
+    pub fn stir(&self) {
+        if self.quiet.load(Ordering::SeqCst) != BUSY
+            && self.quiet.swap(BUSY, Ordering::SeqCst) == ASLEEP
+            && let Some(t) = self.trimmer.get()
+        {
+            t.thread.unpark();
+        }
+    }
+
+    /// Advances the clock that `get_used` stamps nodes with. Returns whether no request used
+    /// the table since the last tick.
+    pub fn tick(&self) -> bool {
         self.clock.fetch_add(1, Ordering::Relaxed);
+        self.quiet.swap(QUIET, Ordering::SeqCst) == QUIET
+    }
+
+    /// Lets the trimmer sleep until the next `stir`: false if a request came since the last
+    /// tick. After a true answer the caller looks once more for work left to it (a request
+    /// that left some before this call either made it fail or is seen then; one after it
+    /// sees `ASLEEP` and wakes the trimmer).
+    pub fn doze(&self) -> bool {
+        self.quiet
+            .compare_exchange(QUIET, ASLEEP, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 
     /// Counts `mark_listings_stale` calls (see `Union::recheck_listing`).
@@ -691,6 +726,7 @@ impl Table {
                         .collect()
                 };
                 lock(&self.dead_dirs).push((node.serial, locs));
+                self.stir();
             }
             let links = std::mem::take(&mut node.state().links);
             for l in links {
@@ -702,6 +738,11 @@ impl Table {
     /// The directories forgotten since the last call (see `dead_dirs`).
     pub fn take_dead_dirs(&self) -> Vec<(u64, Vec<crate::lookup::Loc>)> {
         std::mem::take(&mut *lock(&self.dead_dirs))
+    }
+
+    /// Whether directories were forgotten since the last `take_dead_dirs`.
+    pub fn has_dead_dirs(&self) -> bool {
+        !lock(&self.dead_dirs).is_empty()
     }
 
     /// Adds a name to a node, pinning the parent. The newest name goes first: it is the one
@@ -988,5 +1029,30 @@ mod tests {
         t.unpin(&file, 1);
         assert!(t.get(11).is_none());
         assert!(t.get(10).is_none(), "released with its last child");
+    }
+
+    #[test]
+    fn the_trimmer_dozes_only_after_a_quiet_tick_and_the_next_use_wakes_it() {
+        let t = Table::new(vec![7], empty());
+        t.set_trimmer(std::thread::current(), usize::MAX, 0);
+        assert!(!t.tick(), "a new table counts as used");
+        assert!(t.tick(), "nothing used it since");
+        assert!(t.get_used(ROOT_INO).is_some());
+        assert!(!t.doze(), "used since the tick");
+        assert!(!t.tick());
+        assert!(t.tick());
+        assert!(t.doze());
+        assert_eq!(t.quiet.load(Ordering::SeqCst), ASLEEP);
+        // Clear a wake-up token left by an earlier unpark, then check that a use unparks.
+        std::thread::park_timeout(std::time::Duration::ZERO);
+        t.stir();
+        assert_eq!(t.quiet.load(Ordering::SeqCst), BUSY);
+        let start = std::time::Instant::now();
+        std::thread::park_timeout(std::time::Duration::from_secs(10));
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "the use did not unpark the sleeping trimmer"
+        );
+        assert!(!t.tick(), "the use counts for the next tick");
     }
 }

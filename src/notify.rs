@@ -69,6 +69,10 @@ pub const NODES_LOW: usize = 42_000;
 /// runs short, and the table holds a node for each; past `NODES_HIGH` nodes, the names of the
 /// least recently used ones are invalidated, so the kernel drops the dentries nobody uses,
 /// evicts their inodes and forgets them.
+///
+/// It also ticks the table's clock, frees idle read buffers and closes the fds of forgotten
+/// directories. Once a tick finds none of that to do and no request since the last one, it
+/// sleeps until a request comes (`Table::stir`): an idle mount wakes nobody.
 pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
     const TICK: std::time::Duration = std::time::Duration::from_millis(500);
     let union = u.clone();
@@ -76,18 +80,33 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
         .name("trimmer".into())
         .spawn(move || {
             let mut last_tick = std::time::Instant::now();
+            let mut asleep = false;
             loop {
-                // Woken early when the table passes NODES_HIGH.
-                std::thread::park_timeout(TICK.saturating_sub(last_tick.elapsed()));
+                if asleep {
+                    std::thread::park();
+                    asleep = false;
+                } else {
+                    // Woken early when the table passes NODES_HIGH.
+                    std::thread::park_timeout(TICK.saturating_sub(last_tick.elapsed()));
+                }
                 if last_tick.elapsed() >= TICK {
                     last_tick = std::time::Instant::now();
-                    u.table.tick();
+                    let quiet = u.table.tick();
                     // Read buffers are freed half a second to a second after reads stop.
-                    u.handles.read_bufs.release_idle();
+                    let pooled = u.handles.read_bufs.release_idle();
                     // Directories the kernel has forgotten keep no fds open.
-                    for (serial, locs) in u.table.take_dead_dirs() {
+                    let dead = u.table.take_dead_dirs();
+                    let forgotten = !dead.is_empty();
+                    for (serial, locs) in dead {
                         for loc in locs {
                             u.fds.remove(serial, loc);
+                        }
+                    }
+                    if quiet && !pooled && !forgotten && u.table.len() <= NODES_HIGH {
+                        asleep = u.table.doze();
+                        if asleep && (u.handles.read_bufs.any_pooled() || u.table.has_dead_dirs()) {
+                            u.table.stir();
+                            asleep = false;
                         }
                     }
                 }
@@ -96,6 +115,7 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
                     u.table.trimmed();
                     continue;
                 }
+                asleep = false;
                 log::debug!("trimmer: {len} nodes, handing back the coldest");
                 for (parent, name) in u.table.coldest(len - NODES_LOW) {
                     u.invalidate_entry(parent, &name);

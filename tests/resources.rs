@@ -255,6 +255,12 @@ fn fds_and_memory_stay_bounded_over_a_large_tree() {
         mib(rss0)
     );
     let fd_limit = fd0 + cache_bound + 64;
+    // The walk then starts with the daemon's housekeeping asleep: passing the table's bound
+    // must wake it.
+    assert!(
+        settles(pid, Duration::from_millis(1500), Duration::from_secs(20)),
+        "the daemon of an unused mount never stayed asleep"
+    );
 
     let mut after = Vec::new();
     for pass in 1..=2 {
@@ -328,4 +334,81 @@ fn fds_and_memory_stay_bounded_over_a_large_tree() {
         mib(rss1),
         mib(rss2)
     );
+}
+
+/// Context switches so far of every thread of a process: how often its threads woke up.
+fn wakeups(pid: i32) -> u64 {
+    let mut sum = 0;
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        sum += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    sum
+}
+
+/// Waits, for at most `bound`, until none of the process's threads wakes up for a whole
+/// `quiet` (the daemon's housekeeping ticks every half second while there is work).
+fn settles(pid: i32, quiet: Duration, bound: Duration) -> bool {
+    let end = Instant::now() + bound;
+    while Instant::now() < end {
+        let before = wakeups(pid);
+        std::thread::sleep(quiet);
+        if wakeups(pid) == before {
+            return true;
+        }
+    }
+    false
+}
+
+fn fd_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn an_idle_daemon_sleeps_and_still_does_the_work_requests_leave() {
+    let l = Layers::new(1);
+    let big = "x".repeat(300 * 1024);
+    for i in 0..20 {
+        l.lower(0).file(&format!("d{i:02}/f"), &big);
+    }
+    // The page-cached path: reads go through the daemon's pooled buffers.
+    let m = l.mount_with("m", &["--passthrough", "off"]);
+    let pid = daemon_pid(&m.merged);
+    let quiet = Duration::from_millis(1500);
+    let bound = Duration::from_secs(20);
+    assert!(
+        settles(pid, quiet, bound),
+        "a fresh mount's daemon never stayed asleep for {quiet:?}"
+    );
+    let fds0 = fd_count(pid);
+    for i in 0..20 {
+        assert_eq!(m.ls(&format!("d{i:02}")), ["f"]);
+        assert_eq!(m.read(&format!("d{i:02}/f")).len(), big.len());
+    }
+    let listed = fd_count(pid);
+    assert!(
+        listed >= fds0 + 20,
+        "listing 20 directories left {listed} fds open, from {fds0}: the test needs their fds cached"
+    );
+    assert!(
+        settles(pid, quiet, bound),
+        "after reads and listings the daemon never stayed asleep for {quiet:?}"
+    );
+    // Forgotten directories' fds are closed by the housekeeping thread, which sleeps now:
+    // the kernel's forgets must wake it.
+    drop_kernel_caches();
+    assert!(
+        wait_until(Duration::from_secs(10), || fd_count(pid) <= fds0 + 4),
+        "the daemon still holds {} fds after the kernel forgot the directories it listed ({fds0} before, {listed} after listing)",
+        fd_count(pid)
+    );
+    assert!(
+        settles(pid, quiet, bound),
+        "after the forgets the daemon never stayed asleep for {quiet:?}"
+    );
+    assert_eq!(m.read("d00/f").len(), big.len());
 }
