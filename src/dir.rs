@@ -202,21 +202,33 @@ impl Union {
         }
     }
 
-    /// Writes a whiteout for `name` directly into the upper directory `dir`.
+    /// Writes a whiteout for `name` into the upper directory `dir`. As in kernel overlayfs, it
+    /// is made in the work directory and moved into place, so that it takes nothing from
+    /// `dir`: not the group of a set-group-ID directory, not a default ACL.
     fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
-        match self.layers.format {
+        let work = self.layers.work()?;
+        let tmp = work.temp_name();
+        let (target, flags) = match self.layers.format {
             Format::Aufs => {
-                let wh = aufs_cname(name)?;
                 drop(sys::openat(
-                    dir,
-                    &wh,
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+                    work.fd(),
+                    &tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
                     0o600,
                 )?);
-                Ok(())
+                // A stale `.wh.NAME` left there is replaced.
+                (aufs_cname(name)?, 0)
             }
-            _ => sys::mknodat(dir, name, libc::S_IFCHR, 0),
+            _ => {
+                sys::mknodat(work.fd(), &tmp, libc::S_IFCHR, 0)?;
+                (name.to_owned(), libc::RENAME_NOREPLACE)
+            }
+        };
+        if let Err(e) = sys::renameat2(work.fd(), &tmp, dir, &target, flags) {
+            let _ = sys::unlinkat(work.fd(), &tmp, 0);
+            return Err(e);
         }
+        Ok(())
     }
 
     /// Marks an upper directory opaque in the upper's format.

@@ -186,18 +186,17 @@ fn view_xattr(name: &str) -> bool {
         .any(|s| name == format!("trusted.overlay.{s}") || name == format!("user.overlay.{s}"))
 }
 
-fn upper_tree(root: &Path) -> BTreeMap<String, (char, u64, Vec<String>)> {
+/// Each entry of an upper: kind, rdev, owner (uid, gid) and the overlay xattrs that define
+/// the view.
+type UpperEntry = (char, u64, (u32, u32), Vec<String>);
+
+fn upper_tree(root: &Path) -> BTreeMap<String, UpperEntry> {
     raw_tree(root)
         .into_iter()
         .map(|(k, (kind, rdev, xs))| {
-            (
-                k,
-                (
-                    kind,
-                    rdev,
-                    xs.into_iter().filter(|x| view_xattr(x)).collect(),
-                ),
-            )
+            let md = fs::symlink_metadata(root.join(&k)).unwrap();
+            let xs = xs.into_iter().filter(|x| view_xattr(x)).collect();
+            (k, (kind, rdev, (md.uid(), md.gid()), xs))
         })
         .collect()
 }
@@ -213,7 +212,7 @@ fn assert_same_upper(k: &Path, u: &Path, what: &str) {
     }
     assert!(
         diffs.is_empty(),
-        "{what}: uppers on disk differ (kind, rdev, overlay xattrs):\n{}",
+        "{what}: uppers on disk differ (kind, rdev, owner, overlay xattrs):\n{}",
         diffs.join("\n")
     );
 }
@@ -448,6 +447,26 @@ const METADATA_AND_LINKS: &[Op] = &[
     Chown("bottom", 4321, 4321),
     Link("bottom", "o/bottom"),
 ];
+
+/// A whiteout takes nothing from the directory it is put in: in a set-group-ID directory,
+/// one for a name only a lower layer has keeps the mounter's group (kernel overlayfs makes
+/// it in the work directory and moves it there), while the one a rename leaves
+/// (`RENAME_WHITEOUT`, made in place by the upper filesystem) takes the directory's group.
+const SET_GROUP_ID_DIR: &[Op] = &[
+    Chown("m", 0, 1000),
+    Chmod("m", 0o2777),
+    Unlink("m/c"),
+    Rename("m/a", "m/a2"),
+    Unlink("m/sub/deep"),
+    Rmdir("m/sub"),
+    Mkdir("m/new"),
+    Write("m/new/f", "f"),
+];
+
+#[test]
+fn whiteouts_in_a_set_group_id_directory() {
+    run_both(&layers(), SET_GROUP_ID_DIR, "set-group-ID directory");
+}
 
 #[test]
 fn metadata_changes_and_links() {
