@@ -257,16 +257,15 @@ impl ReadBufs {
         self.free().push(buf);
     }
 
-    /// Frees the pooled buffers if no read needed one since the last call. Returns whether
-    /// buffers are left in the pool.
-    pub fn release_idle(&self) -> bool {
+    /// Frees the pooled buffers if no read needed one since the last call.
+    pub fn release_idle(&self) {
         if !self.used.swap(false, Ordering::Relaxed) {
             let idle = std::mem::take(&mut *self.free());
             drop(idle);
         }
-        self.any_pooled()
     }
 
+    /// Whether buffers wait in the pool (to be freed once reads stop).
     pub fn any_pooled(&self) -> bool {
         !self.free().is_empty()
     }

@@ -93,20 +93,20 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
                     last_tick = std::time::Instant::now();
                     let quiet = u.table.tick();
                     // Read buffers are freed half a second to a second after reads stop.
-                    let pooled = u.handles.read_bufs.release_idle();
+                    u.handles.read_bufs.release_idle();
                     // Directories the kernel has forgotten keep no fds open.
-                    let dead = u.table.take_dead_dirs();
-                    let forgotten = !dead.is_empty();
-                    for (serial, locs) in dead {
+                    for (serial, locs) in u.table.take_dead_dirs() {
                         for loc in locs {
                             u.fds.remove(serial, loc);
                         }
                     }
-                    if quiet && !pooled && !forgotten && u.table.len() <= NODES_HIGH {
-                        asleep = u.table.doze();
-                        if asleep && (u.handles.read_bufs.any_pooled() || u.table.has_dead_dirs()) {
+                    if quiet && u.table.len() <= NODES_HIGH && u.table.doze() {
+                        // Work left just before the doze (whose request saw no `ASLEEP` to
+                        // wake) keeps it ticking.
+                        if u.handles.read_bufs.any_pooled() || u.table.has_dead_dirs() {
                             u.table.stir();
-                            asleep = false;
+                        } else {
+                            asleep = true;
                         }
                     }
                 }
