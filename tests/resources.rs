@@ -364,10 +364,6 @@ fn settles(pid: i32, quiet: Duration, bound: Duration) -> bool {
     false
 }
 
-fn fd_count(pid: i32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
 #[test]
 fn an_idle_daemon_sleeps_and_still_does_the_work_requests_leave() {
     let l = Layers::new(1);
@@ -384,12 +380,12 @@ fn an_idle_daemon_sleeps_and_still_does_the_work_requests_leave() {
         settles(pid, quiet, bound),
         "a fresh mount's daemon never stayed asleep for {quiet:?}"
     );
-    let fds0 = fd_count(pid);
+    let fds0 = measure(pid).0;
     for i in 0..20 {
         assert_eq!(m.ls(&format!("d{i:02}")), ["f"]);
         assert_eq!(m.read(&format!("d{i:02}/f")).len(), big.len());
     }
-    let listed = fd_count(pid);
+    let listed = measure(pid).0;
     assert!(
         listed >= fds0 + 20,
         "listing 20 directories left {listed} fds open, from {fds0}: the test needs their fds cached"
@@ -402,9 +398,9 @@ fn an_idle_daemon_sleeps_and_still_does_the_work_requests_leave() {
     // the kernel's forgets must wake it.
     drop_kernel_caches();
     assert!(
-        wait_until(Duration::from_secs(10), || fd_count(pid) <= fds0 + 4),
+        wait_until(Duration::from_secs(10), || measure(pid).0 <= fds0 + 4),
         "the daemon still holds {} fds after the kernel forgot the directories it listed ({fds0} before, {listed} after listing)",
-        fd_count(pid)
+        measure(pid).0
     );
     assert!(
         settles(pid, quiet, bound),
