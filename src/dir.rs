@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::acl;
 use crate::compact::Few;
 use crate::inode::{Node, RealId};
+use crate::layer::WorkDir;
 use crate::lookup::{Found, Loc};
 use crate::sys::{self, Errno, Result, Stat};
 use crate::union::Union;
@@ -207,28 +208,33 @@ impl Union {
     /// `dir`: not the group of a set-group-ID directory, not a default ACL.
     fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         let work = self.layers.work()?;
-        let tmp = work.temp_name();
+        let tmp = self.whiteout_in_work(work)?;
         let (target, flags) = match self.layers.format {
-            Format::Aufs => {
-                drop(sys::openat(
-                    work.fd(),
-                    &tmp,
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                    0o600,
-                )?);
-                // A stale `.wh.NAME` left there is replaced.
-                (aufs_cname(name)?, 0)
-            }
-            _ => {
-                sys::mknodat(work.fd(), &tmp, libc::S_IFCHR, 0)?;
-                (name.to_owned(), libc::RENAME_NOREPLACE)
-            }
+            // A stale `.wh.NAME` left there is replaced.
+            Format::Aufs => (aufs_cname(name)?, 0),
+            _ => (name.to_owned(), libc::RENAME_NOREPLACE),
         };
         if let Err(e) = sys::renameat2(work.fd(), &tmp, dir, &target, flags) {
             let _ = sys::unlinkat(work.fd(), &tmp, 0);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Makes a whiteout in the upper's format (a char 0/0 device, or the empty file an aufs
+    /// `.wh.NAME` is) under a fresh name in the work directory, and returns that name.
+    fn whiteout_in_work(&self, work: &WorkDir) -> Result<CString> {
+        let tmp = work.temp_name();
+        match self.layers.format {
+            Format::Aufs => drop(sys::openat(
+                work.fd(),
+                &tmp,
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                0o600,
+            )?),
+            _ => sys::mknodat(work.fd(), &tmp, libc::S_IFCHR, 0)?,
+        }
+        Ok(tmp)
     }
 
     /// Marks an upper directory opaque in the upper's format.
@@ -639,8 +645,7 @@ impl Union {
                 self.make_whiteout(dir.as_fd(), &cname)?;
             } else if needs_whiteout && self.layers.format != Format::Aufs {
                 // Swap the object for a whiteout in one step, then delete it in the work dir.
-                let tmp = work.temp_name();
-                sys::mknodat(work.fd(), &tmp, libc::S_IFCHR, 0)?;
+                let tmp = self.whiteout_in_work(work)?;
                 if let Err(e) =
                     sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE)
                 {
