@@ -845,9 +845,10 @@ impl Union {
                     &cnew,
                     libc::RENAME_EXCHANGE,
                 )?;
-            } else if matches!(dst_slot, UpperSlot::Whiteout) && src.is_dir() {
-                // A directory cannot replace a whiteout; exchanging leaves the whiteout at
-                // the old name, which is what is needed there if a lower layer has it.
+            } else if matches!(dst_slot, UpperSlot::Whiteout) && (src.is_dir() || src_lower_below) {
+                // Exchanging leaves the target's whiteout at the old name, which is what is
+                // needed there if a lower layer has it (the kernel's "switch whiteouts": the
+                // whiteout keeps its owner); a directory cannot replace a whiteout anyway.
                 sys::renameat2(
                     old_dir.as_fd(),
                     &cname,

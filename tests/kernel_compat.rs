@@ -144,6 +144,7 @@ fn layers() -> Layers {
         .file("shadow", "1 loses")
         .file("m/b", "b hidden")
         .file("m/c", "c")
+        .file("m/e", "e")
         .file("gone", "hidden")
         .file("o/y", "y hidden")
         .file("d1/f", "f")
@@ -448,15 +449,18 @@ const METADATA_AND_LINKS: &[Op] = &[
     Link("bottom", "o/bottom"),
 ];
 
-/// A whiteout takes nothing from the directory it is put in: in a set-group-ID directory,
-/// one for a name only a lower layer has keeps the mounter's group (kernel overlayfs makes
-/// it in the work directory and moves it there), while the one a rename leaves
-/// (`RENAME_WHITEOUT`, made in place by the upper filesystem) takes the directory's group.
+/// Whiteouts in a set-group-ID directory: one for a name only a lower layer has keeps the
+/// mounter's group (kernel overlayfs makes it in the work directory and moves it there), the
+/// one a rename leaves (`RENAME_WHITEOUT`, made in place by the upper filesystem) takes the
+/// directory's group, and a rename onto a whiteout swaps the two names, so the target's
+/// whiteout, with its owner, is what is left at the old name.
 const SET_GROUP_ID_DIR: &[Op] = &[
     Chown("m", 0, 1000),
     Chmod("m", 0o2777),
     Unlink("m/c"),
     Rename("m/a", "m/a2"),
+    Unlink("f1"),
+    Rename("m/e", "f1"),
     Unlink("m/sub/deep"),
     Rmdir("m/sub"),
     Mkdir("m/new"),
