@@ -4,11 +4,14 @@
 //! whiteouts, hard links, symlinks, FIFOs, devices, `user.*` xattrs, explicit times, assorted
 //! modes and owners). Kernel overlayfs and unionmount are mounted over the same lowers, each with
 //! its own upper and work directory, and one random sequence of operations (paths drawn from a
-//! small name pool so that they collide) is applied to both. After every step the results
-//! (value or errno) and the whole merged trees are compared; after the sequence both are
-//! unmounted, the two uppers are compared on disk, and both are mounted again and compared once
-//! more. A divergence is shrunk (delta debugging on the operation list, replayed on fresh layers
-//! and mounts) and reported with the seed, the step and the reduced operation list.
+//! small name pool so that they collide) is applied to both; a quarter of the operations are
+//! made by an unprivileged caller (uid and gid 1000 or 1001, the generated objects' other
+//! owners, sometimes with the other group as a supplementary one) instead of root. After every
+//! step the results (value or errno) and the whole merged trees are compared; after the
+//! sequence both are unmounted, the two uppers are compared on disk, and both are mounted
+//! again and compared once more. A divergence is shrunk (delta debugging on the operation
+//! list, replayed on fresh layers and mounts) and reported with the seed, the step and the
+//! reduced operation list.
 //!
 //! What is compared per entry: type, mode, owner, size and link count of non-directories,
 //! content, symlink target, device number, the sorted `user.*` xattrs, which paths share an
@@ -76,7 +79,7 @@ const OWNERS: [u32; 3] = [0, 1000, 1001];
 const FILE_MODES: [u32; 9] = [
     0o644, 0o600, 0o755, 0o700, 0o444, 0o4755, 0o2755, 0o1777, 0o000,
 ];
-const DIR_MODES: [u32; 5] = [0o755, 0o700, 0o777, 0o1777, 0o2755];
+const DIR_MODES: [u32; 6] = [0o755, 0o700, 0o777, 0o1777, 0o2755, 0o2777];
 /// Devices the generator may make: never 0/0 (rule "char 0/0"). They are never opened.
 const DEVICES: [(char, u32, u32); 3] = [('c', 1, 3), ('c', 1, 5), ('c', 4, 64)];
 
@@ -256,12 +259,14 @@ fn build_lowers(seed: u64) -> Layers {
 #[derive(Clone, Debug, PartialEq)]
 enum Op {
     Create(String, u32),
-    Write(String, u64, u64, u8),
+    /// path, offset, length, byte, open with O_TRUNC
+    Write(String, u64, u64, u8, bool),
     Truncate(String, u64),
     Chmod(String, u32),
     /// path, uid, gid, follow the last symlink
     Chown(String, u32, u32, bool),
-    /// path, atime (s, ns), mtime (s, ns); never follows the last symlink
+    /// path, atime (s, ns), mtime (s, ns) (both `UTIME_NOW` or neither); never follows the
+    /// last symlink
     Utimens(String, (i64, i64), (i64, i64)),
     Link(String, String),
     Symlink(String, String),
@@ -273,19 +278,57 @@ enum Op {
     RemoveXattr(String, String),
     /// path, 'p' / 'c' / 'b', mode bits, major, minor
     Mknod(String, char, u32, u32, u32),
+    /// An operation made by an unprivileged caller instead of root.
+    As(Caller, Box<Op>),
+}
+
+/// An unprivileged caller: its user, group and one supplementary group, if any. Its thread
+/// takes these ids, and so loses every capability, for the one operation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Caller {
+    uid: u32,
+    gid: u32,
+    also: Option<u32>,
+}
+
+impl Op {
+    /// The operation itself, whoever makes it.
+    fn inner(&self) -> &Op {
+        match self {
+            Op::As(_, op) => op.inner(),
+            op => op,
+        }
+    }
 }
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Op::Create(p, m) => write!(f, "open({p:?}, O_CREAT|O_EXCL|O_WRONLY, {m:#o})"),
-            Op::Write(p, o, l, b) => {
-                write!(f, "pwrite({p:?}, {l} x {:?}, offset {o})", *b as char)
+            Op::Write(p, o, l, b, trunc) => {
+                let how = if *trunc {
+                    "O_WRONLY|O_TRUNC"
+                } else {
+                    "O_WRONLY"
+                };
+                write!(
+                    f,
+                    "open({p:?}, {how}) and pwrite({l} x {:?}, offset {o})",
+                    *b as char
+                )
             }
             Op::Truncate(p, l) => write!(f, "truncate({p:?}, {l})"),
             Op::Chmod(p, m) => write!(f, "chmod({p:?}, {m:#o})"),
-            Op::Chown(p, u, g, true) => write!(f, "chown({p:?}, {u}, {g})"),
-            Op::Chown(p, u, g, false) => write!(f, "lchown({p:?}, {u}, {g})"),
+            Op::Chown(p, u, g, follow) => write!(
+                f,
+                "{}chown({p:?}, {}, {})",
+                if *follow { "" } else { "l" },
+                *u as i32,
+                *g as i32
+            ),
+            Op::Utimens(p, (_, libc::UTIME_NOW), _) => {
+                write!(f, "utimensat({p:?}, now, now, AT_SYMLINK_NOFOLLOW)")
+            }
             Op::Utimens(p, a, m) => write!(
                 f,
                 "utimensat({p:?}, atime {}.{:09}, mtime {}.{:09}, AT_SYMLINK_NOFOLLOW)",
@@ -314,6 +357,13 @@ impl fmt::Display for Op {
             }
             Op::RemoveXattr(p, n) => write!(f, "lremovexattr({p:?}, {n:?})"),
             Op::Mknod(p, k, m, ma, mi) => write!(f, "mknod({p:?}, S_IF{k} | {m:#o}, {ma}:{mi})"),
+            Op::As(c, op) => {
+                write!(f, "as {}:{}", c.uid, c.gid)?;
+                if let Some(g) = c.also {
+                    write!(f, " (also group {g})")?;
+                }
+                write!(f, ": {op}")
+            }
         }
     }
 }
@@ -337,6 +387,9 @@ fn check(r: i64) -> Res {
 
 /// Applies `op` below `root`, returning the value or the errno.
 fn apply(op: &Op, root: &Path) -> Res {
+    if let Op::As(caller, op) = op {
+        return std::thread::scope(|s| s.spawn(|| apply_as(*caller, op, root)).join().unwrap());
+    }
     let c = |p: &str| cpath(root, p);
     // SAFETY (all blocks below): plain syscalls on NUL-terminated paths and valid buffers.
     unsafe {
@@ -349,7 +402,7 @@ fn apply(op: &Op, root: &Path) -> Res {
                 ) as i64)?;
                 check(libc::close(fd as i32) as i64)
             }
-            Op::Write(p, off, len, b) => {
+            Op::Write(p, off, len, b, trunc) => {
                 // Only regular files are opened: a FIFO would block, and device nodes are not
                 // written to (the FUSE mount is also `nodev`, the kernel one is not).
                 let mut st: libc::stat = std::mem::zeroed();
@@ -359,7 +412,10 @@ fn apply(op: &Op, root: &Path) -> Res {
                 }
                 let fd = check(libc::open(
                     c(p).as_ptr(),
-                    libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                    libc::O_WRONLY
+                        | libc::O_NONBLOCK
+                        | libc::O_CLOEXEC
+                        | if *trunc { libc::O_TRUNC } else { 0 },
                 ) as i64)?;
                 let buf = vec![*b; *len as usize];
                 let r = check(
@@ -430,8 +486,39 @@ fn apply(op: &Op, root: &Path) -> Res {
                 };
                 check(libc::mknod(c(p).as_ptr(), t | *m, libc::makedev(*ma, *mi)) as i64)
             }
+            Op::As(..) => unreachable!("applied on a thread of the caller's above"),
         }
     }
+}
+
+/// Applies `op` as `caller` on a thread of its own, which drops root for good.
+fn apply_as(caller: Caller, op: &Op, root: &Path) -> Res {
+    let groups: Vec<libc::gid_t> = caller.also.into_iter().collect();
+    // SAFETY: raw syscalls change the credentials of this thread only (the libc wrappers would
+    // change every thread's); the buffer outlives the call.
+    let ok = unsafe {
+        libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
+            && libc::syscall(libc::SYS_setresgid, caller.gid, caller.gid, caller.gid) == 0
+            && libc::syscall(libc::SYS_setresuid, caller.uid, caller.uid, caller.uid) == 0
+    };
+    assert!(
+        ok,
+        "taking the ids of {caller:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    apply(op, root)
+}
+
+/// The caller of a generated operation: root for most, an owner of the generated objects for
+/// a quarter of them (drawn from a generator of its own, so a seed's operations stay the same).
+fn gen_caller(rng: &mut Rng, op: Op) -> Op {
+    if !rng.percent(25) {
+        return op;
+    }
+    let uid = *rng.pick(&OWNERS[1..]);
+    let gid = *rng.pick(&OWNERS[1..]);
+    let also = rng.percent(50).then(|| *rng.pick(&OWNERS[1..]));
+    Op::As(Caller { uid, gid, also }, Box::new(op))
 }
 
 /// A path for an operation: usually one that exists (so that operations act on something),
@@ -497,7 +584,8 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
             } else {
                 1 + rng.below(50)
             };
-            Op::Write(p, off, len, b'A' + rng.below(26) as u8)
+            let byte = b'A' + rng.below(26) as u8;
+            Op::Write(p, off, len, byte, rng.percent(15))
         }
         22..=26 => {
             let len = match rng.below(3) {
@@ -515,8 +603,24 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
             };
             Op::Chmod(p, m)
         }
-        33..=37 => Op::Chown(p, *rng.pick(&OWNERS), *rng.pick(&OWNERS), rng.percent(50)),
+        33..=37 => {
+            // -1 leaves an id as it is (chown(f, -1, -1) still drops set-ID bits).
+            let mut id = || {
+                if rng.percent(15) {
+                    u32::MAX
+                } else {
+                    *rng.pick(&OWNERS)
+                }
+            };
+            let (uid, gid) = (id(), id());
+            Op::Chown(p, uid, gid, rng.percent(50))
+        }
         38..=44 => {
+            if rng.percent(20) {
+                // Set to the current time: allowed to whoever may write the file.
+                let now = (0, libc::UTIME_NOW);
+                return Op::Utimens(p, now, now);
+            }
             let a = 1_200_000_000 + rng.below(100_000_000) as i64;
             let m = 1_200_000_000 + rng.below(100_000_000) as i64;
             Op::Utimens(
@@ -826,6 +930,7 @@ impl Pins {
 
     /// Updates the pins after `op` succeeded; `before` is the tree before it.
     fn update(&mut self, op: &Op, before: &Snap) {
+        let op = op.inner();
         let paths: Vec<&String> = match op {
             Op::Link(a, b) | Op::Rename(a, b, _) => vec![a, b],
             Op::Symlink(_, p) => vec![p],
@@ -841,6 +946,7 @@ impl Pins {
             | Op::SetXattr(p, ..)
             | Op::RemoveXattr(p, _)
             | Op::Mknod(p, ..) => vec![p],
+            Op::As(..) => unreachable!("inner() unwraps callers"),
         };
         let follows_last = matches!(
             op,
@@ -853,6 +959,10 @@ impl Pins {
             return;
         }
         match op {
+            Op::Utimens(p, (_, libc::UTIME_NOW), _) => {
+                // Each side took its own clock's time.
+                self.0.remove(p);
+            }
             Op::Utimens(p, ..) => {
                 self.0.insert(p.clone());
             }
@@ -875,6 +985,7 @@ impl Pins {
                 self.drop_subtree(p);
                 self.drop_parent(p);
             }
+            Op::As(..) => unreachable!("inner() unwraps callers"),
             Op::Rename(a, b, flags) => {
                 self.drop_parent(a);
                 self.drop_parent(b);
@@ -923,6 +1034,8 @@ struct Outcome {
     ops: Vec<Op>,
     /// How many operations succeeded (on both sides).
     succeeded: usize,
+    /// How many of the operations of unprivileged callers succeeded, and how many were made.
+    as_callers: (usize, usize),
     failure: Option<Failure>,
 }
 
@@ -979,9 +1092,11 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let mut u = layers.mount("union");
     let mut ops: Vec<Op> = Vec::new();
     let mut rng = seeded(seed);
+    let mut callers = seeded(seed ^ 0xca11_e125);
     let fail = |ops: Vec<Op>, step: usize, msg: String| Outcome {
         ops,
         succeeded: 0,
+        as_callers: (0, 0),
         failure: Some(Failure { step, msg }),
     };
 
@@ -992,6 +1107,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         Err(e) => return fail(ops, 0, format!("initial kernel snapshot: {e}")),
     };
     let mut succeeded = 0;
+    let mut as_callers = (0, 0);
     let mut pins = Pins(
         initial
             .entries
@@ -1011,7 +1127,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     };
     for step in 0..total {
         let op = match plan {
-            Plan::Generate(_) => gen_op(&mut rng, &snap),
+            Plan::Generate(_) => gen_caller(&mut callers, gen_op(&mut rng, &snap)),
             Plan::Replay(v) => v[step].clone(),
         };
         let kr = apply(&op, &k.merged);
@@ -1028,11 +1144,15 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
                 format!("{op}: kernel {} but unionmount {}", show(kr), show(ur)),
             );
         }
-        if let (Err(_), Op::Rename(a, b, _)) = (kr, &op) {
+        if let (Err(_), Op::Rename(a, b, _)) = (kr, op.inner()) {
             // Rule "failed rename" (kernel): a rename that fails late (ENOTEMPTY from the
             // upper) may already have changed the directories' mtimes in the kernel's upper.
             pins.drop_parent(a);
             pins.drop_parent(b);
+        }
+        if let Op::As(..) = op {
+            as_callers.1 += 1;
+            as_callers.0 += usize::from(kr.is_ok());
         }
         if kr.is_ok() {
             succeeded += 1;
@@ -1088,6 +1208,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     Outcome {
         ops,
         succeeded,
+        as_callers,
         failure: None,
     }
 }
@@ -1158,9 +1279,12 @@ fn differential_against_kernel_overlayfs() {
         let out = run(seed, Plan::Generate(steps));
         let Some(f) = out.failure else {
             eprintln!(
-                "differential: seed {seed}: same results and trees ({} of {} operations succeeded)",
+                "differential: seed {seed}: same results and trees ({} of {} operations \
+                 succeeded; of unprivileged callers' {}, {})",
                 out.succeeded,
-                out.ops.len()
+                out.ops.len(),
+                out.as_callers.1,
+                out.as_callers.0
             );
             continue;
         };
