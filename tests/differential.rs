@@ -6,12 +6,13 @@
 //! its own upper and work directory, and one random sequence of operations (paths drawn from a
 //! small name pool so that they collide) is applied to both; a quarter of the operations are
 //! made by an unprivileged caller (uid and gid 1000 or 1001, the generated objects' other
-//! owners, sometimes with the other group as a supplementary one) instead of root. After every
-//! step the results (value or errno) and the whole merged trees are compared; after the
-//! sequence both are unmounted, the two uppers are compared on disk, and both are mounted
-//! again and compared once more. A divergence is shrunk (delta debugging on the operation
-//! list, replayed on fresh layers and mounts) and reported with the seed, the step and the
-//! reduced operation list.
+//! owners, sometimes with the other group as a supplementary one) instead of root, and about
+//! one in seven is an operation on a file kept open across the others (pwrite, ftruncate,
+//! fchmod, fstat). After every step the results (value or errno) and the whole merged trees
+//! are compared; after the sequence both are unmounted, the two uppers are compared on disk,
+//! and both are mounted again and compared once more. A divergence is shrunk (delta debugging
+//! on the operation list, replayed on fresh layers and mounts) and reported with the seed, the
+//! step and the reduced operation list.
 //!
 //! What is compared per entry: type, mode, owner, size and link count of non-directories,
 //! content, symlink target, device number, the sorted `user.*` xattrs, which paths share an
@@ -280,6 +281,33 @@ enum Op {
     Mknod(String, char, u32, u32, u32),
     /// An operation made by an unprivileged caller instead of root.
     As(Caller, Box<Op>),
+    /// Opens a regular file read-write into one of the `SLOTS` (closing what it held) and
+    /// keeps it open across the operations that follow.
+    Open(usize, String),
+    /// slot, offset, length, byte
+    FdWrite(usize, u64, u64, u8),
+    FdTruncate(usize, u64),
+    FdChmod(usize, u32),
+    /// fstat of the slot's file: its size and link count.
+    FdStat(usize),
+    Close(usize),
+}
+
+/// How many files an operation sequence can keep open at once.
+const SLOTS: usize = 2;
+
+/// The files one side keeps open, closed when dropped (before its mount is unmounted).
+#[derive(Default)]
+struct Fds([Option<std::os::fd::OwnedFd>; SLOTS]);
+
+impl Fds {
+    fn raw(&self, slot: usize) -> Result<i32, i32> {
+        use std::os::fd::AsRawFd;
+        self.0[slot]
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .ok_or(libc::EBADF)
+    }
 }
 
 /// An unprivileged caller: its user, group and one supplementary group, if any. Its thread
@@ -357,6 +385,14 @@ impl fmt::Display for Op {
             }
             Op::RemoveXattr(p, n) => write!(f, "lremovexattr({p:?}, {n:?})"),
             Op::Mknod(p, k, m, ma, mi) => write!(f, "mknod({p:?}, S_IF{k} | {m:#o}, {ma}:{mi})"),
+            Op::Open(i, p) => write!(f, "fd{i} = open({p:?}, O_RDWR)"),
+            Op::FdWrite(i, o, l, b) => {
+                write!(f, "pwrite(fd{i}, {l} x {:?}, offset {o})", *b as char)
+            }
+            Op::FdTruncate(i, l) => write!(f, "ftruncate(fd{i}, {l})"),
+            Op::FdChmod(i, m) => write!(f, "fchmod(fd{i}, {m:#o})"),
+            Op::FdStat(i) => write!(f, "fstat(fd{i}) (size << 8 | nlink)"),
+            Op::Close(i) => write!(f, "close(fd{i})"),
             Op::As(c, op) => {
                 write!(f, "as {}:{}", c.uid, c.gid)?;
                 if let Some(g) = c.also {
@@ -385,10 +421,18 @@ fn check(r: i64) -> Res {
     }
 }
 
-/// Applies `op` below `root`, returning the value or the errno.
+/// Applies `op` below `root`, returning the value or the errno (for an operation that needs
+/// no open files).
 fn apply(op: &Op, root: &Path) -> Res {
+    apply_with(op, root, &mut Fds::default())
+}
+
+/// Applies `op` below `root` with the side's open files `fds`.
+fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
     if let Op::As(caller, op) = op {
-        return std::thread::scope(|s| s.spawn(|| apply_as(*caller, op, root)).join().unwrap());
+        return std::thread::scope(|s| {
+            s.spawn(|| apply_as(*caller, op, root, fds)).join().unwrap()
+        });
     }
     let c = |p: &str| cpath(root, p);
     // SAFETY (all blocks below): plain syscalls on NUL-terminated paths and valid buffers.
@@ -486,13 +530,45 @@ fn apply(op: &Op, root: &Path) -> Res {
                 };
                 check(libc::mknod(c(p).as_ptr(), t | *m, libc::makedev(*ma, *mi)) as i64)
             }
+            Op::Open(i, p) => {
+                fds.0[*i] = None;
+                let mut st: libc::stat = std::mem::zeroed();
+                check(libc::stat(c(p).as_ptr(), &mut st) as i64)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Ok(NOT_REGULAR);
+                }
+                let fd = check(libc::open(
+                    c(p).as_ptr(),
+                    libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                ) as i64)?;
+                fds.0[*i] = Some(std::os::fd::FromRawFd::from_raw_fd(fd as i32));
+                Ok(0)
+            }
+            Op::FdWrite(i, off, len, b) => {
+                let buf = vec![*b; *len as usize];
+                check(
+                    libc::pwrite(fds.raw(*i)?, buf.as_ptr().cast(), buf.len(), *off as i64) as i64,
+                )
+            }
+            Op::FdTruncate(i, l) => check(libc::ftruncate(fds.raw(*i)?, *l as i64) as i64),
+            Op::FdChmod(i, m) => check(libc::fchmod(fds.raw(*i)?, *m) as i64),
+            Op::FdStat(i) => {
+                let mut st: libc::stat = std::mem::zeroed();
+                check(libc::fstat(fds.raw(*i)?, &mut st) as i64)?;
+                Ok(st.st_size << 8 | st.st_nlink.min(255) as i64)
+            }
+            Op::Close(i) => {
+                fds.raw(*i)?;
+                fds.0[*i] = None;
+                Ok(0)
+            }
             Op::As(..) => unreachable!("applied on a thread of the caller's above"),
         }
     }
 }
 
 /// Applies `op` as `caller` on a thread of its own, which drops root for good.
-fn apply_as(caller: Caller, op: &Op, root: &Path) -> Res {
+fn apply_as(caller: Caller, op: &Op, root: &Path, fds: &mut Fds) -> Res {
     let groups: Vec<libc::gid_t> = caller.also.into_iter().collect();
     // SAFETY: raw syscalls change the credentials of this thread only (the libc wrappers would
     // change every thread's); the buffer outlives the call.
@@ -506,7 +582,48 @@ fn apply_as(caller: Caller, op: &Op, root: &Path) -> Res {
         "taking the ids of {caller:?}: {}",
         std::io::Error::last_os_error()
     );
-    apply(op, root)
+    apply_with(op, root, fds)
+}
+
+/// An operation on the files kept open, in place of a generated one for about one in seven
+/// (drawn from a generator of its own, like the callers).
+fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
+    if !rng.percent(15) {
+        return op;
+    }
+    // Mostly the first slot, so that what was opened is mostly what the next operations use.
+    let i = if rng.percent(75) {
+        0
+    } else {
+        rng.below(SLOTS as u64) as usize
+    };
+    match rng.below(12) {
+        0..=3 => {
+            let files: Vec<&String> = snap
+                .entries
+                .iter()
+                .filter(|(_, e)| e.kind == 'f')
+                .map(|(p, _)| p)
+                .collect();
+            if files.is_empty() || rng.percent(20) {
+                Op::Open(i, some_path(rng, snap))
+            } else {
+                Op::Open(i, (*rng.pick(&files)).clone())
+            }
+        }
+        4..=5 => {
+            let off = if rng.percent(50) {
+                rng.below(64)
+            } else {
+                rng.below(12_000)
+            };
+            Op::FdWrite(i, off, 1 + rng.below(3000), b'a' + rng.below(26) as u8)
+        }
+        6 => Op::FdTruncate(i, rng.below(9000)),
+        7 => Op::FdChmod(i, *rng.pick(&FILE_MODES)),
+        8..=9 => Op::FdStat(i),
+        _ => Op::Close(i),
+    }
 }
 
 /// The caller of a generated operation: root for most, an owner of the generated objects for
@@ -931,6 +1048,16 @@ impl Pins {
     /// Updates the pins after `op` succeeded; `before` is the tree before it.
     fn update(&mut self, op: &Op, before: &Snap) {
         let op = op.inner();
+        match op {
+            Op::FdWrite(..) | Op::FdTruncate(..) => {
+                // The model does not follow which name an open file has now.
+                self.0
+                    .retain(|p| before.entries.get(p).is_none_or(|e| e.kind != 'f'));
+                return;
+            }
+            Op::Open(..) | Op::FdChmod(..) | Op::FdStat(..) | Op::Close(..) => return,
+            _ => {}
+        }
         let paths: Vec<&String> = match op {
             Op::Link(a, b) | Op::Rename(a, b, _) => vec![a, b],
             Op::Symlink(_, p) => vec![p],
@@ -946,7 +1073,13 @@ impl Pins {
             | Op::SetXattr(p, ..)
             | Op::RemoveXattr(p, _)
             | Op::Mknod(p, ..) => vec![p],
-            Op::As(..) => unreachable!("inner() unwraps callers"),
+            Op::As(..)
+            | Op::Open(..)
+            | Op::FdWrite(..)
+            | Op::FdTruncate(..)
+            | Op::FdChmod(..)
+            | Op::FdStat(..)
+            | Op::Close(..) => unreachable!("handled above"),
         };
         let follows_last = matches!(
             op,
@@ -985,7 +1118,13 @@ impl Pins {
                 self.drop_subtree(p);
                 self.drop_parent(p);
             }
-            Op::As(..) => unreachable!("inner() unwraps callers"),
+            Op::As(..)
+            | Op::Open(..)
+            | Op::FdWrite(..)
+            | Op::FdTruncate(..)
+            | Op::FdChmod(..)
+            | Op::FdStat(..)
+            | Op::Close(..) => unreachable!("handled above"),
             Op::Rename(a, b, flags) => {
                 self.drop_parent(a);
                 self.drop_parent(b);
@@ -1036,6 +1175,8 @@ struct Outcome {
     succeeded: usize,
     /// How many of the operations of unprivileged callers succeeded, and how many were made.
     as_callers: (usize, usize),
+    /// The same for the operations on files kept open.
+    on_open_files: (usize, usize),
     failure: Option<Failure>,
 }
 
@@ -1090,13 +1231,18 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let layers = build_lowers(seed);
     let mut k = layers.mount_kernel("kernel");
     let mut u = layers.mount("union");
+    // Declared after the mounts, so that they are closed first also on an early return.
+    let mut k_fds = Fds::default();
+    let mut u_fds = Fds::default();
     let mut ops: Vec<Op> = Vec::new();
     let mut rng = seeded(seed);
     let mut callers = seeded(seed ^ 0xca11_e125);
+    let mut fd_ops = seeded(seed ^ 0xf11e_0be2);
     let fail = |ops: Vec<Op>, step: usize, msg: String| Outcome {
         ops,
         succeeded: 0,
         as_callers: (0, 0),
+        on_open_files: (0, 0),
         failure: Some(Failure { step, msg }),
     };
 
@@ -1108,6 +1254,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     };
     let mut succeeded = 0;
     let mut as_callers = (0, 0);
+    let mut on_open_files = (0, 0);
     let mut pins = Pins(
         initial
             .entries
@@ -1127,11 +1274,14 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     };
     for step in 0..total {
         let op = match plan {
-            Plan::Generate(_) => gen_caller(&mut callers, gen_op(&mut rng, &snap)),
+            Plan::Generate(_) => {
+                let op = gen_fd_op(&mut fd_ops, &snap, gen_op(&mut rng, &snap));
+                gen_caller(&mut callers, op)
+            }
             Plan::Replay(v) => v[step].clone(),
         };
-        let kr = apply(&op, &k.merged);
-        let ur = apply(&op, &u.merged);
+        let kr = apply_with(&op, &k.merged, &mut k_fds);
+        let ur = apply_with(&op, &u.merged, &mut u_fds);
         ops.push(op.clone());
         if kr != ur {
             let show = |r: Res| match r {
@@ -1154,6 +1304,11 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
             as_callers.1 += 1;
             as_callers.0 += usize::from(kr.is_ok());
         }
+        if let Op::FdWrite(..) | Op::FdTruncate(..) | Op::FdChmod(..) | Op::FdStat(..) = op.inner()
+        {
+            on_open_files.1 += 1;
+            on_open_files.0 += usize::from(kr.is_ok());
+        }
         if kr.is_ok() {
             succeeded += 1;
             pins.update(&op, &snap);
@@ -1166,6 +1321,8 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
 
     // The uppers on disk, then a fresh mount of each.
     let n = ops.len();
+    drop(k_fds);
+    drop(u_fds);
     k.unmount();
     u.unmount();
     let ku = k.upper.clone().unwrap();
@@ -1209,6 +1366,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         ops,
         succeeded,
         as_callers,
+        on_open_files,
         failure: None,
     }
 }
@@ -1280,11 +1438,13 @@ fn differential_against_kernel_overlayfs() {
         let Some(f) = out.failure else {
             eprintln!(
                 "differential: seed {seed}: same results and trees ({} of {} operations \
-                 succeeded; of unprivileged callers' {}, {})",
+                 succeeded; of unprivileged callers' {}, {}; of {} on open files, {})",
                 out.succeeded,
                 out.ops.len(),
                 out.as_callers.1,
-                out.as_callers.0
+                out.as_callers.0,
+                out.on_open_files.1,
+                out.on_open_files.0
             );
             continue;
         };
