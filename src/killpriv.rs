@@ -326,14 +326,18 @@ impl Union {
         chown: bool,
         bare: bool,
     ) -> Result<Option<Loss>> {
-        if before.kind != FileType::RegularFile || !has_set_ids(before.perm) {
+        // A chown takes the bits of every kind but directories (`chown_common`), a change of
+        // data those of regular files.
+        if before.kind == FileType::Directory || !has_set_ids(before.perm) {
             return Ok(None);
         }
         let caller = Caller::of(pid);
         // A change of data needs a file open for writing; a chown does not.
         let is_chown = chown
             || bare
-                && in_chown(pid).unwrap_or_else(|| !self.handles.any_writable_file_of(node.ino));
+                && (before.kind != FileType::RegularFile
+                    || in_chown(pid)
+                        .unwrap_or_else(|| !self.handles.any_writable_file_of(node.ino)));
         if !is_chown {
             return Ok(Some(Loss {
                 change: Change::Data,
@@ -377,7 +381,7 @@ impl Union {
         Ok(())
     }
 
-    /// Drops the set-ID bits that `change` by `caller` takes from a regular file with
+    /// Drops the set-ID bits that `change` by `caller` takes from a non-directory with
     /// attributes `attr`, and returns the attributes after. The mode is read again and
     /// written under the node's mode lock, so that a chmod in between is not undone.
     fn drop_set_ids(
@@ -388,7 +392,7 @@ impl Union {
         attr: FileAttr,
         change: Change,
     ) -> Result<FileAttr> {
-        if attr.kind != FileType::RegularFile || !has_set_ids(attr.perm) {
+        if attr.kind == FileType::Directory || !has_set_ids(attr.perm) {
             return Ok(attr);
         }
         let _mode = self.mode_lock(node.ino);

@@ -1954,6 +1954,80 @@ else:
     assert_eq!(modes(&b), want, "unionmount, page-cached path");
 }
 
+/// chown(f, -1, -1) of a FIFO or a device node with set-ID bits: the kernel takes them from
+/// every kind but directories (`chown_common`), so as root set-user-ID and group-executable
+/// set-group-ID go, and a caller that does not own the object, and so may not change its
+/// mode, gets EPERM and changes nothing. The same as kernel overlayfs, on both I/O paths.
+#[test]
+fn chown_to_the_same_ids_drops_set_ids_of_fifos_and_devices() {
+    const SCRIPT: &str = r#"
+import errno, os, sys
+try:
+    os.chown(sys.argv[1], -1, -1)
+    print("ok")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"#;
+    let l = Layers::new(1);
+    let lower = l.lower(0);
+    lower.fifo("p_root").fifo("p_other");
+    mknod(
+        &lower.path("c_root"),
+        libc::S_IFCHR | 0o644,
+        libc::makedev(1, 3),
+    );
+    mknod(
+        &lower.path("c_other"),
+        libc::S_IFCHR | 0o644,
+        libc::makedev(1, 3),
+    );
+    for n in ["p_root", "p_other", "c_root", "c_other"] {
+        lower.chmod(n, 0o6755);
+    }
+    let k = l.mount_kernel("k");
+    let a = l.mount("a");
+    let b = l.mount_with("b", &["--passthrough", "off"]);
+    let outcome = |m: &Mount| -> Vec<String> {
+        let mut v = Vec::new();
+        for (n, who) in [
+            ("p_root", &["env"][..]),
+            ("c_root", &["env"][..]),
+            (
+                "p_other",
+                &["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"][..],
+            ),
+            (
+                "c_other",
+                &["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"][..],
+            ),
+        ] {
+            let out = Command::new(who[0])
+                .args(&who[1..])
+                .args(["/usr/bin/python3", "-I", "-c", SCRIPT])
+                .arg(m.path(n))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{n}: {out:?}");
+            let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            v.push(format!("{n} {said} {:o}", lstat(&m.path(n)).mode()));
+        }
+        v
+    };
+    let want = outcome(&k);
+    assert_eq!(
+        want,
+        [
+            "p_root ok 10755",
+            "c_root ok 20755",
+            "p_other EPERM 16755",
+            "c_other EPERM 26755"
+        ],
+        "kernel overlayfs"
+    );
+    assert_eq!(outcome(&a), want, "unionmount, passthrough");
+    assert_eq!(outcome(&b), want, "unionmount, page-cached path");
+}
+
 /// A 32-bit program's chown(f, -1, -1): the daemon reads the caller's call from /proc to tell
 /// a chown from a change of data, and a 32-bit program's calls carry the numbers of the i386
 /// table. As root (with CAP_FSETID) the chown drops set-user-ID and group-executable
