@@ -62,6 +62,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fmt;
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileTypeExt, MetadataExt};
 use std::path::Path;
@@ -298,11 +299,10 @@ const SLOTS: usize = 2;
 
 /// The files one side keeps open, closed when dropped (before its mount is unmounted).
 #[derive(Default)]
-struct Fds([Option<std::os::fd::OwnedFd>; SLOTS]);
+struct Fds([Option<OwnedFd>; SLOTS]);
 
 impl Fds {
     fn raw(&self, slot: usize) -> Result<i32, i32> {
-        use std::os::fd::AsRawFd;
         self.0[slot]
             .as_ref()
             .map(|f| f.as_raw_fd())
@@ -421,6 +421,24 @@ fn check(r: i64) -> Res {
     }
 }
 
+/// Opens `path` with `flags` if it is a regular file (None for another kind): a FIFO would
+/// block, and device nodes are not written to (the FUSE mount is also `nodev`, the kernel one
+/// is not).
+fn open_regular(path: &CString, flags: i32) -> Result<Option<OwnedFd>, i32> {
+    // SAFETY: plain syscalls on a NUL-terminated path and a valid stat buffer; the fd returned
+    // by open is owned by nothing else.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        check(libc::stat(path.as_ptr(), &mut st) as i64)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(None);
+        }
+        let fd =
+            check(libc::open(path.as_ptr(), flags | libc::O_NONBLOCK | libc::O_CLOEXEC) as i64)?;
+        Ok(Some(OwnedFd::from_raw_fd(fd as i32)))
+    }
+}
+
 /// Applies `op` below `root`, returning the value or the errno (for an operation that needs
 /// no open files).
 fn apply(op: &Op, root: &Path) -> Res {
@@ -447,26 +465,15 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
                 check(libc::close(fd as i32) as i64)
             }
             Op::Write(p, off, len, b, trunc) => {
-                // Only regular files are opened: a FIFO would block, and device nodes are not
-                // written to (the FUSE mount is also `nodev`, the kernel one is not).
-                let mut st: libc::stat = std::mem::zeroed();
-                check(libc::stat(c(p).as_ptr(), &mut st) as i64)?;
-                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                let flags = libc::O_WRONLY | if *trunc { libc::O_TRUNC } else { 0 };
+                let Some(fd) = open_regular(&c(p), flags)? else {
                     return Ok(NOT_REGULAR);
-                }
-                let fd = check(libc::open(
-                    c(p).as_ptr(),
-                    libc::O_WRONLY
-                        | libc::O_NONBLOCK
-                        | libc::O_CLOEXEC
-                        | if *trunc { libc::O_TRUNC } else { 0 },
-                ) as i64)?;
+                };
                 let buf = vec![*b; *len as usize];
-                let r = check(
-                    libc::pwrite(fd as i32, buf.as_ptr().cast(), buf.len(), *off as i64) as i64,
-                );
-                libc::close(fd as i32);
-                r
+                check(
+                    libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), *off as i64)
+                        as i64,
+                )
             }
             Op::Truncate(p, l) => check(libc::truncate(c(p).as_ptr(), *l as i64) as i64),
             Op::Chmod(p, m) => check(libc::chmod(c(p).as_ptr(), *m) as i64),
@@ -532,16 +539,10 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
             }
             Op::Open(i, p) => {
                 fds.0[*i] = None;
-                let mut st: libc::stat = std::mem::zeroed();
-                check(libc::stat(c(p).as_ptr(), &mut st) as i64)?;
-                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                let Some(fd) = open_regular(&c(p), libc::O_RDWR)? else {
                     return Ok(NOT_REGULAR);
-                }
-                let fd = check(libc::open(
-                    c(p).as_ptr(),
-                    libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-                ) as i64)?;
-                fds.0[*i] = Some(std::os::fd::FromRawFd::from_raw_fd(fd as i32));
+                };
+                fds.0[*i] = Some(fd);
                 Ok(0)
             }
             Op::FdWrite(i, off, len, b) => {
@@ -1073,13 +1074,7 @@ impl Pins {
             | Op::SetXattr(p, ..)
             | Op::RemoveXattr(p, _)
             | Op::Mknod(p, ..) => vec![p],
-            Op::As(..)
-            | Op::Open(..)
-            | Op::FdWrite(..)
-            | Op::FdTruncate(..)
-            | Op::FdChmod(..)
-            | Op::FdStat(..)
-            | Op::Close(..) => unreachable!("handled above"),
+            _ => unreachable!("callers and open files are handled above"),
         };
         let follows_last = matches!(
             op,
@@ -1118,13 +1113,6 @@ impl Pins {
                 self.drop_subtree(p);
                 self.drop_parent(p);
             }
-            Op::As(..)
-            | Op::Open(..)
-            | Op::FdWrite(..)
-            | Op::FdTruncate(..)
-            | Op::FdChmod(..)
-            | Op::FdStat(..)
-            | Op::Close(..) => unreachable!("handled above"),
             Op::Rename(a, b, flags) => {
                 self.drop_parent(a);
                 self.drop_parent(b);
@@ -1155,6 +1143,7 @@ impl Pins {
                     self.0.remove(b);
                 }
             }
+            _ => unreachable!("callers and open files are handled above"),
         }
     }
 }

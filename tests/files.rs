@@ -1971,16 +1971,9 @@ except OSError as e:
     let l = Layers::new(1);
     let lower = l.lower(0);
     lower.fifo("p_root").fifo("p_other");
-    mknod(
-        &lower.path("c_root"),
-        libc::S_IFCHR | 0o644,
-        libc::makedev(1, 3),
-    );
-    mknod(
-        &lower.path("c_other"),
-        libc::S_IFCHR | 0o644,
-        libc::makedev(1, 3),
-    );
+    for n in ["c_root", "c_other"] {
+        mknod(&lower.path(n), libc::S_IFCHR | 0o644, libc::makedev(1, 3));
+    }
     for n in ["p_root", "p_other", "c_root", "c_other"] {
         lower.chmod(n, 0o6755);
     }
