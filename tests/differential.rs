@@ -1087,14 +1087,12 @@ impl Pins {
             return;
         }
         match op {
-            Op::Utimens(p, (_, libc::UTIME_NOW), _) => {
-                // Each side took its own clock's time.
-                self.0.remove(p);
-            }
-            Op::Utimens(p, ..) => {
+            Op::Utimens(p, (_, nsec), _) if *nsec != libc::UTIME_NOW => {
                 self.0.insert(p.clone());
             }
-            Op::Write(p, ..) | Op::Truncate(p, _) => {
+            // A change of data, or UTIME_NOW (each side took its own clock's time), changes
+            // the times of every name of the file.
+            Op::Utimens(p, ..) | Op::Write(p, ..) | Op::Truncate(p, _) => {
                 self.0.remove(p);
                 if let Some(g) = before.group_of.get(p) {
                     for q in g {
