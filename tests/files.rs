@@ -1916,9 +1916,6 @@ else:
     for n in names {
         l.lower(0).file(n, "data").chmod(n, 0o6755);
     }
-    let k = l.mount_kernel("k");
-    let a = l.mount_with("a", &["--passthrough", "auto"]);
-    let b = l.mount_with("b", &["--passthrough", "off"]);
     let modes = |m: &Mount| -> Vec<String> {
         let root = m.merged.to_str().unwrap();
         let run = |pre: &[&str], phase: &str| {
@@ -1936,22 +1933,32 @@ else:
             .map(|n| format!("{n} {:o}", lstat(&m.path(n)).mode()))
             .collect()
     };
-    let want = modes(&k);
-    assert_eq!(
-        want,
-        [
-            "t_keep 106755",
-            "w_keep 106755",
-            "c_same 100755",
-            "t_drop 100755",
-            "w_drop 100755",
-            "o_drop 100755",
-            "f_drop 100755"
-        ],
-        "kernel overlayfs"
-    );
-    assert_eq!(modes(&a), want, "unionmount, passthrough");
-    assert_eq!(modes(&b), want, "unionmount, page-cached path");
+    let kernel = [
+        "t_keep 106755",
+        "w_keep 106755",
+        "c_same 100755",
+        "t_drop 100755",
+        "w_drop 100755",
+        "o_drop 100755",
+        "f_drop 100755",
+    ];
+    same_as_kernel_on_both_paths(&l, &kernel, modes);
+}
+
+/// Runs `outcome` on kernel overlayfs over `l`, which must give `kernel`, then on unionmount
+/// over the same layers on each I/O path, which must give the same.
+fn same_as_kernel_on_both_paths(
+    l: &Layers,
+    kernel: &[&str],
+    outcome: impl Fn(&Mount) -> Vec<String>,
+) {
+    let k = l.mount_kernel("k");
+    let a = l.mount_with("a", &["--passthrough", "auto"]);
+    let b = l.mount_with("b", &["--passthrough", "off"]);
+    let want = outcome(&k);
+    assert_eq!(want, kernel, "kernel overlayfs");
+    assert_eq!(outcome(&a), want, "unionmount, passthrough");
+    assert_eq!(outcome(&b), want, "unionmount, page-cached path");
 }
 
 /// chown(f, -1, -1) of a FIFO or a device node with set-ID bits: the kernel takes them from
@@ -1977,9 +1984,6 @@ except OSError as e:
     for n in ["p_root", "p_other", "c_root", "c_other"] {
         lower.chmod(n, 0o6755);
     }
-    let k = l.mount_kernel("k");
-    let a = l.mount("a");
-    let b = l.mount_with("b", &["--passthrough", "off"]);
     let outcome = |m: &Mount| -> Vec<String> {
         let mut v = Vec::new();
         for (n, who) in [
@@ -2006,19 +2010,13 @@ except OSError as e:
         }
         v
     };
-    let want = outcome(&k);
-    assert_eq!(
-        want,
-        [
-            "p_root ok 10755",
-            "c_root ok 20755",
-            "p_other EPERM 16755",
-            "c_other EPERM 26755"
-        ],
-        "kernel overlayfs"
-    );
-    assert_eq!(outcome(&a), want, "unionmount, passthrough");
-    assert_eq!(outcome(&b), want, "unionmount, page-cached path");
+    let kernel = [
+        "p_root ok 10755",
+        "c_root ok 20755",
+        "p_other EPERM 16755",
+        "c_other EPERM 26755",
+    ];
+    same_as_kernel_on_both_paths(&l, &kernel, outcome);
 }
 
 /// A 32-bit program's chown(f, -1, -1): the daemon reads the caller's call from /proc to tell
