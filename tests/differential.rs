@@ -628,7 +628,8 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
 }
 
 /// The caller of a generated operation: root for most, an owner of the generated objects for
-/// a quarter of them (drawn from a generator of its own, so a seed's operations stay the same).
+/// a quarter of them (drawn from a generator of its own, so that callers do not change which
+/// operations a seed generates).
 fn gen_caller(rng: &mut Rng, op: Op) -> Op {
     if !rng.percent(25) {
         return op;
