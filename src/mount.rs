@@ -437,11 +437,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
             return Err(format!("cannot read the layer roots: {}", errno_str(e)));
         }
     };
-    // Root mounts are for everyone, as kernel overlayfs; permissions are the kernel's.
+    // Root mounts are for everyone, as kernel overlayfs; permissions are the kernel's. That
+    // includes the root of a user namespace, as a rootless container engine runs it: the
+    // container's other users must reach its files (and only processes of that namespace can).
+    // `-o allow_root` asks for the mount to be kept to root and its owner.
     let allow_other = cfg
         .flags
         .allow_other
-        .unwrap_or(sys::geteuid() == 0 && !crate::union::in_user_namespace());
+        .unwrap_or(sys::geteuid() == 0 && !cfg.flags.allow_root);
     let acl = if allow_other {
         SessionACL::All
     } else if cfg.flags.allow_root {

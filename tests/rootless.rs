@@ -90,6 +90,85 @@ fn unprivileged_upper_is_in_userxattr_format() {
     assert!(!listing.lines().any(|l| l.starts_with("gone ")));
 }
 
+/// The root of a user namespace mounts for every user of that namespace, as kernel overlayfs
+/// and fuse-overlayfs do: a rootless container's processes that run as another of its users
+/// reach its files, with the kernel checking their permissions; `-o allow_root` or an
+/// unprivileged mounter keeps the mount to its owner.
+#[test]
+fn namespace_root_mounts_for_the_namespace_s_users() {
+    let user = test_user();
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("open", "o")
+        .file("mine", "m")
+        .file("closed", "c")
+        .dir("home");
+    let base = l.mkdir("u");
+    for d in ["upper", "work", "merged"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    // Owned by the namespace's root (0) and its user 1000, mode 0600 for two of the files.
+    chown_tree(l.root(), NS_BASE);
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let lower = l.lower(0);
+    lower
+        .chmod("open", 0o644)
+        .chmod("mine", 0o600)
+        .chmod("closed", 0o600)
+        .chmod("home", 0o755)
+        .chown("mine", NS_BASE + 1000, NS_BASE + 1000)
+        .chown("home", NS_BASE + 1000, NS_BASE + 1000);
+    let as_1000 = "setpriv --reuid=1000 --regid=1000 --clear-groups";
+    let mut sh = Command::new("bash");
+    sh.arg("-euc").arg(format!(
+        r#"
+        b={b}
+        {bin} --lower {lowers} --upper $b/upper --work $b/work $b/merged
+        trap 'umount $b/merged' EXIT
+        {as_1000} cat $b/merged/open $b/merged/mine
+        echo
+        {as_1000} cat $b/merged/closed 2>&1 || true
+        {as_1000} sh -c "echo new > $b/merged/home/f"
+        grep -w $b/merged /proc/self/mounts | grep -o allow_other
+        umount $b/merged
+        {bin} --lower {lowers} --upper $b/upper --work $b/work -o allow_root $b/merged
+        {as_1000} cat $b/merged/open 2>&1 || true
+        "#,
+        b = base.display(),
+        bin = BIN,
+        lowers = l.lowerdir_opt(),
+    ));
+    let out = in_mapped_user_namespace(user, sh);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "om", "user 1000 reads what it may: {stdout}");
+    assert!(
+        lines[1].contains("closed: Permission denied"),
+        "and not what it may not: {stdout}"
+    );
+    assert_eq!(lines[2], "allow_other", "{stdout}");
+    assert!(
+        lines[3].contains("open: Permission denied"),
+        "allow_root keeps the mount to its owner: {stdout}"
+    );
+    let f = fs::symlink_metadata(base.join("upper/home/f")).unwrap();
+    assert_eq!(
+        (f.uid(), f.gid()),
+        (NS_BASE + 1000, NS_BASE + 1000),
+        "user 1000's new file"
+    );
+    assert_eq!(
+        fs::read_to_string(base.join("upper/home/f")).unwrap(),
+        "new\n"
+    );
+}
+
 /// `uidmapping`/`gidmapping` as fuse-overlayfs (man page example): files carry container
 /// ids on disk and the mount shows host ids; chown through the mount stores container ids.
 #[test]

@@ -338,6 +338,11 @@ impl Layers {
 
     /// Mounts kernel overlayfs over these lowers with upper `name/upper` and work `name/work`.
     pub fn mount_kernel(&self, name: &str) -> Mount {
+        self.mount_kernel_with(name, &[])
+    }
+
+    /// The same with mount options added (e.g. `userxattr`).
+    pub fn mount_kernel_with(&self, name: &str, extra: &[&str]) -> Mount {
         let base = self.mkdir(name);
         let upper = base.join("upper");
         let work = base.join("work");
@@ -345,7 +350,7 @@ impl Layers {
         for d in [&upper, &work, &merged] {
             fs::create_dir_all(d).unwrap();
         }
-        Mount::kernel(&self.lowerdir_opt(), &upper, &work, &merged, &[])
+        Mount::kernel(&self.lowerdir_opt(), &upper, &work, &merged, extra)
     }
 }
 
@@ -791,6 +796,92 @@ pub fn as_user_in_namespace(script: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The first host id of the user namespaces `in_mapped_user_namespace` makes.
+pub const NS_BASE: u32 = 200_000;
+
+/// Runs `cmd` as the root of a new user and mount namespace made by `user`, with ids 0-65535
+/// mapped to `NS_BASE`.. (written from here, as `newuidmap` would for a rootless container
+/// engine) and private mount propagation; returns its output.
+pub fn in_mapped_user_namespace(user: u32, mut cmd: Command) -> Output {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array it is given.
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors are new and owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+    let (ready_r, ready_w) = pipe();
+    let (go_r, go_w) = pipe();
+    let (ready, go, go_w_raw) = (ready_w.as_raw_fd(), go_r.as_raw_fd(), go_w.as_raw_fd());
+    // The child stops after unshare until the maps are written; spawning returns only once it
+    // has run the program, so the maps are written from a thread.
+    let mapper = std::thread::spawn(move || -> Result<(), String> {
+        let mut pid = [0u8; 4];
+        fs::File::from(ready_r)
+            .read_exact(&mut pid)
+            .map_err(|e| format!("no word from the child: {e}"))?;
+        let pid = i32::from_ne_bytes(pid);
+        for map in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{pid}/{map}"), format!("0 {NS_BASE} 65536\n"))
+                .map_err(|e| format!("writing {map} of {pid}: {e}"))?;
+        }
+        fs::File::from(go_w)
+            .write_all(b"g")
+            .map_err(|e| format!("waking the child: {e}"))
+    });
+    // SAFETY: between fork and exec the closure makes raw system calls only (no allocation,
+    // no locks) on descriptors the parent keeps open until the child has run the program.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            libc::close(go_w_raw);
+            if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, user, user, user) != 0
+                || libc::syscall(libc::SYS_setresuid, user, user, user) != 0
+                || libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) != 0
+            {
+                return fail();
+            }
+            let pid = libc::getpid().to_ne_bytes();
+            if libc::write(ready, pid.as_ptr().cast(), 4) != 4 {
+                return fail();
+            }
+            let mut b = 0u8;
+            if libc::read(go, (&raw mut b).cast(), 1) != 1 {
+                return Err(std::io::Error::other("the id maps were not written"));
+            }
+            if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+                || libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output();
+    // A child that failed before its word leaves the thread waiting on this end.
+    drop(ready_w);
+    let mapped = mapper.join().expect("the mapping thread");
+    let out = out.unwrap_or_else(|e| panic!("running {cmd:?} in a user namespace: {e}"));
+    if let Err(e) = mapped {
+        panic!("mapping the ids of the user namespace: {e}");
+    }
+    drop(go_r);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
