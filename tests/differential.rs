@@ -14,13 +14,21 @@
 //! on the operation list, replayed on fresh layers and mounts) and reported with the seed, the
 //! step and the reduced operation list.
 //!
+//! `differential_rootless_against_kernel_overlayfs` runs the same seeds again with both sides
+//! mounted by the root of a user namespace made by an unprivileged user (ids 0-65535 mapped),
+//! as a rootless container engine mounts them: unionmount on the page-cached path writing the
+//! `userxattr` format, kernel overlayfs with `-o userxattr`. There the lowers' opaque
+//! directories carry `user.overlay.opaque`, and FIFOs stand where the root run makes device
+//! nodes (which need CAP_MKNOD in the initial namespace; a generated mknod of a device fails
+//! with EPERM on both sides).
+//!
 //! What is compared per entry: type, mode, owner, size and link count of non-directories,
 //! content, symlink target, device number, the sorted `user.*` xattrs, which paths share an
 //! inode, mtime of entries whose times are known to be the same on both sides (they come from
 //! the shared lowers or from an explicit `utimensat`, and nothing has changed them since), and
 //! atime of such entries except directories (contents are read with `O_NOATIME`). On
 //! unionmount, `d_ino`/`d_type` from readdir must match `lstat`. Not compared: inode numbers, ctime, the size and link count
-//! of directories. In the uppers, of the private xattrs only `trusted.overlay.opaque` is
+//! of directories. In the uppers, of the private xattrs only the opaque one is
 //! compared (the kernel's origin/impure/... are not), and whiteouts' link counts are not (the
 //! kernel links all its whiteouts to one inode).
 //!
@@ -44,6 +52,15 @@
 //!   the opaque xattr is compared only where a lower has a directory.
 //! - "failed rename" (kernel): a rename that fails late may have changed the directories'
 //!   mtimes in the kernel's upper; their times are no longer compared.
+//! - "unstable st_ino" (kernel, `userxattr`): two names of one copied-up file can show two
+//!   inode numbers on the kernel's side, so in the rootless run the kernel's hard-link groups
+//!   are read from the layers' files instead (`regroup_by_real_files`).
+//! - "split inode" (kernel, `userxattr`): with no file handle in the origin xattr, a name of a
+//!   copied-up file that is looked up afresh gets an inode of its own, apart from the one the
+//!   copy-up made, and each keeps its own cached mode; the kernel then decides set-ID drops
+//!   on a stale mode (a root's chown of a mode-2755 file kept its set-group-ID bit through a
+//!   second name, after a chmod through the first). The rootless run makes no hard links
+//!   through the mount (it creates a file instead); the lowers still hold hard links.
 //!
 //! CI runs a fixed set of seeds. The long form is one command:
 //!
@@ -66,6 +83,36 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileTypeExt, MetadataExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+// ---------------------------------------------------------------------------------------------
+// Root or rootless
+
+/// Set in the process that runs the comparison inside a user namespace: both sides are then
+/// mounted as that namespace's root, kernel overlayfs with `userxattr`.
+static ROOTLESS: AtomicBool = AtomicBool::new(false);
+
+/// Tells the test binary, run again inside the user namespace, that it is there.
+const IN_USERNS: &str = "UNIONMOUNT_DIFF_IN_USERNS";
+
+/// What marks a directory opaque in the layers: the `trusted` xattr as root, the `user` one
+/// (overlayfs's `userxattr` format) in a user namespace, where `trusted.*` is out of reach.
+fn opaque_xattr() -> &'static str {
+    if ROOTLESS.load(Ordering::Relaxed) {
+        "user.overlay.opaque"
+    } else {
+        "trusted.overlay.opaque"
+    }
+}
+
+/// Kernel overlayfs's options besides the layers.
+fn kernel_options() -> &'static [&'static str] {
+    if ROOTLESS.load(Ordering::Relaxed) {
+        &["userxattr"]
+    } else {
+        &[]
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Randomness
@@ -193,7 +240,7 @@ fn build_lowers(seed: u64) -> Layers {
                 }
                 'd' => {
                     if !bottom && rng.percent(35) {
-                        l.opaque_xattr(&p, "trusted.overlay.opaque");
+                        l.opaque_xattr(&p, opaque_xattr());
                         have.insert(p.clone(), 'o');
                     } else {
                         l.dir(&p);
@@ -207,6 +254,11 @@ fn build_lowers(seed: u64) -> Layers {
                     l.hardlink(src, &p);
                 }
                 'p' => {
+                    l.fifo(&p);
+                }
+                'c' if ROOTLESS.load(Ordering::Relaxed) => {
+                    // A device node needs CAP_MKNOD in the initial user namespace.
+                    rng.pick(&DEVICES);
                     l.fifo(&p);
                 }
                 'c' => {
@@ -748,6 +800,8 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
                 (m, rng.below(1_000_000_000) as i64),
             )
         }
+        // Rule "split inode" (kernel, `userxattr`): no hard links made through the mount.
+        45..=50 if ROOTLESS.load(Ordering::Relaxed) => Op::Create(p, *rng.pick(&FILE_MODES)),
         45..=50 => Op::Link(some_path(rng, snap), p),
         51..=55 => Op::Symlink(pool_path(rng), p),
         56..=63 => Op::Mkdir(p, *rng.pick(&DIR_MODES)),
@@ -860,10 +914,19 @@ fn read_noatime(p: &Path) -> Result<Vec<u8>, String> {
     Ok(v)
 }
 
+/// The xattrs compared: `user.*`, and in a layer on disk the opaque marker but none of the
+/// kernel's other private xattrs (in the `userxattr` format these are `user.overlay.*`).
+/// Through the mount, a private xattr that shows is compared, so that it is a difference.
 fn xattrs_of(p: &Path, raw: bool) -> Vec<(String, Vec<u8>)> {
     common::list_xattrs(p)
         .into_iter()
-        .filter(|n| n.starts_with("user.") || (raw && n == "trusted.overlay.opaque"))
+        .filter(|n| {
+            if raw {
+                n == opaque_xattr() || (n.starts_with("user.") && !n.starts_with("user.overlay."))
+            } else {
+                n.starts_with("user.")
+            }
+        })
         .map(|n| {
             let v = common::get_xattr(p, &n).unwrap_or_default();
             (n, v)
@@ -1174,16 +1237,61 @@ enum Plan<'a> {
 }
 
 fn compare_mounts(
+    layers: &Layers,
     k: &Mount,
     u: &Mount,
     pins: &BTreeSet<String>,
     what: &str,
 ) -> Result<Snap, String> {
-    let ks = snapshot(&k.merged, pins, false, false).map_err(|e| format!("{what}: kernel: {e}"))?;
+    let mut ks =
+        snapshot(&k.merged, pins, false, false).map_err(|e| format!("{what}: kernel: {e}"))?;
+    if ROOTLESS.load(Ordering::Relaxed) {
+        let upper = k.upper.as_deref().expect("kernel mounts have an upper");
+        regroup_by_real_files(&mut ks, upper, &layers.lower_paths())
+            .map_err(|e| format!("{what}: kernel: {e}"))?;
+    }
     let us =
         snapshot(&u.merged, pins, false, true).map_err(|e| format!("{what}: unionmount: {e}"))?;
     diff(&ks, &us, what)?;
     Ok(ks)
+}
+
+/// Rule "unstable st_ino" (kernel, `userxattr`): without file handles in its origin xattr,
+/// kernel overlayfs shows a copied-up file under its lower inode number through names looked
+/// up before the copy-up and under its upper one through names looked up after (and after a
+/// remount), so two names of one file can show two numbers. Which names share a file is taken
+/// instead from the files themselves: the upper's where the upper has the name, else the
+/// first lower's (the view holds no redirects: a lower directory cannot be renamed).
+fn regroup_by_real_files(snap: &mut Snap, upper: &Path, lowers: &[&Path]) -> Result<(), String> {
+    let mut files: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
+    for (p, e) in &snap.entries {
+        if e.kind == 'd' {
+            continue;
+        }
+        let real = std::iter::once(upper)
+            .chain(lowers.iter().copied())
+            .find_map(|layer| {
+                fs::symlink_metadata(layer.join(p))
+                    .ok()
+                    .filter(|m| !(m.file_type().is_char_device() && m.rdev() == 0))
+            })
+            .ok_or_else(|| format!("{p:?} is in no layer"))?;
+        files
+            .entry((real.dev(), real.ino()))
+            .or_default()
+            .push(p.clone());
+    }
+    snap.links.clear();
+    snap.group_of.clear();
+    for (_, v) in files {
+        if v.len() > 1 {
+            for p in &v {
+                snap.group_of.insert(p.clone(), v.clone());
+            }
+            snap.links.insert(v);
+        }
+    }
+    Ok(())
 }
 
 /// The generated lowers, one line per object, for a reproduction.
@@ -1217,7 +1325,7 @@ fn describe_lowers(seed: u64) -> String {
 
 fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let layers = build_lowers(seed);
-    let mut k = layers.mount_kernel("kernel");
+    let mut k = layers.mount_kernel_with("kernel", kernel_options());
     let mut u = layers.mount("union");
     // Declared after the mounts, so that they are closed first also on an early return.
     let mut k_fds = Fds::default();
@@ -1251,7 +1359,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
             .cloned()
             .collect(),
     );
-    let mut snap = match compare_mounts(&k, &u, &pins.0, "initial view") {
+    let mut snap = match compare_mounts(&layers, &k, &u, &pins.0, "initial view") {
         Ok(s) => s,
         Err(e) => return fail(ops, 0, e),
     };
@@ -1301,7 +1409,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
             succeeded += 1;
             pins.update(&op, &snap);
         }
-        snap = match compare_mounts(&k, &u, &pins.0, &format!("after {op}")) {
+        snap = match compare_mounts(&layers, &k, &u, &pins.0, &format!("after {op}")) {
             Ok(s) => s,
             Err(e) => return fail(ops, step, e),
         };
@@ -1317,22 +1425,13 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let uu = u.upper.clone().unwrap();
     // Rule "opaque without effect": the kernel marks a directory opaque when it is about to be
     // renamed into a merged directory, even where no lower layer has that name and even when
-    // the rename then fails. The marker is compared only where a lower has a directory.
-    let mut lower_dirs = BTreeSet::new();
-    for l in &layers.lowers {
-        if let Ok(s) = snapshot(l, &BTreeSet::new(), true, false) {
-            lower_dirs.extend(
-                s.entries
-                    .iter()
-                    .filter(|(_, e)| e.kind == 'd')
-                    .map(|(p, _)| p.clone()),
-            );
-        }
-    }
+    // the rename then fails. The marker is compared only where it hides something: where a
+    // lower directory would show through.
+    let lower_dirs = lower_dirs_showing(&layers);
     let meaningful = |mut s: Snap| {
         for (p, e) in s.entries.iter_mut() {
             if e.kind == 'd' && !lower_dirs.contains(p) {
-                e.xattrs.retain(|(n, _)| n != "trusted.overlay.opaque");
+                e.xattrs.retain(|(n, _)| n != opaque_xattr());
             }
         }
         s
@@ -1345,9 +1444,9 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     }
     drop(k);
     drop(u);
-    let k = layers.mount_kernel("kernel");
+    let k = layers.mount_kernel_with("kernel", kernel_options());
     let u = layers.mount("union");
-    if let Err(e) = compare_mounts(&k, &u, &pins.0, "after remount") {
+    if let Err(e) = compare_mounts(&layers, &k, &u, &pins.0, "after remount") {
         return fail(ops, n, e);
     }
     Outcome {
@@ -1357,6 +1456,47 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         on_open_files,
         failure: None,
     }
+}
+
+/// The paths where a lower layer's directory would show through an upper directory that is
+/// not opaque: the first lower (top-down) with an entry there has a directory, and no lower
+/// above hides the path's ancestors (an opaque directory, a whiteout or a non-directory).
+fn lower_dirs_showing(layers: &Layers) -> BTreeSet<String> {
+    let mut showing = BTreeSet::new();
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut hidden_below: BTreeSet<String> = BTreeSet::new();
+    let hidden = |hb: &BTreeSet<String>, p: &str| {
+        let mut a = p;
+        while let Some((up, _)) = a.rsplit_once('/') {
+            if hb.contains(up) {
+                return true;
+            }
+            a = up;
+        }
+        false
+    };
+    for l in &layers.lowers {
+        let Ok(snap) = snapshot(l, &BTreeSet::new(), true, false) else {
+            continue;
+        };
+        let entries: Vec<(&String, &Entry)> = snap
+            .entries
+            .iter()
+            .filter(|(p, _)| !p.is_empty() && !seen.contains(*p) && !hidden(&hidden_below, p))
+            .collect();
+        for (p, e) in &entries {
+            let whiteout = e.kind == 'c' && e.rdev == (0, 0);
+            let opaque = e.xattrs.iter().any(|(n, _)| n == opaque_xattr());
+            if e.kind == 'd' {
+                showing.insert((*p).clone());
+            }
+            if e.kind != 'd' || whiteout || opaque {
+                hidden_below.insert((*p).clone());
+            }
+        }
+        seen.extend(entries.into_iter().map(|(p, _)| p.clone()));
+    }
+    showing
 }
 
 /// Delta debugging: the smallest operation list (found greedily) that still diverges.
@@ -1414,18 +1554,58 @@ fn parse_seeds(s: &str) -> Vec<u64> {
 
 #[test]
 fn differential_against_kernel_overlayfs() {
-    // SAFETY: umask only affects this process; the other test here does not depend on it.
+    check_seeds("");
+}
+
+/// The same comparison with both sides mounted by the root of a user namespace that an
+/// unprivileged user made (as a rootless container engine runs them): unionmount without
+/// passthrough, writing the `userxattr` format, and kernel overlayfs with `userxattr`. The
+/// namespace maps ids 0-65535 (the callers' 1000 and 1001 included) to 200000-265535. The
+/// test binary runs this test again in there, so its mounts go with that process's mount
+/// namespace.
+#[test]
+fn differential_rootless_against_kernel_overlayfs() {
+    if std::env::var_os(IN_USERNS).is_some() {
+        ROOTLESS.store(true, Ordering::Relaxed);
+        check_seeds("rootless ");
+        return;
+    }
+    let user = common::test_user();
+    let me = "differential_rootless_against_kernel_overlayfs";
+    let mut again = std::process::Command::new(std::env::current_exe().unwrap());
+    again
+        .args(["--exact", me, "--nocapture", "--test-threads=1"])
+        .env(IN_USERNS, "1");
+    let out = common::in_mapped_user_namespace(user, again);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "in a user namespace made by uid {user}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("differential: rootless seed"),
+        "the run in the user namespace compared nothing:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Compares kernel overlayfs and unionmount on the seeds and steps the environment names;
+/// `label` goes into every line printed.
+fn check_seeds(label: &str) {
+    // SAFETY: umask only affects this process; the other tests here do not depend on it.
     unsafe { libc::umask(0) };
     let seeds = parse_seeds(&env_or("UNIONMOUNT_DIFF_SEEDS", "1-10"));
     let steps: usize = env_or("UNIONMOUNT_DIFF_STEPS", "150")
         .parse()
         .expect("UNIONMOUNT_DIFF_STEPS is a number");
     for seed in seeds {
-        eprintln!("differential: seed {seed}, {steps} steps");
+        eprintln!("differential: {label}seed {seed}, {steps} steps");
         let out = run(seed, Plan::Generate(steps));
         let Some(f) = out.failure else {
             eprintln!(
-                "differential: seed {seed}: same results and trees ({} of {} operations \
+                "differential: {label}seed {seed}: same results and trees ({} of {} operations \
                  succeeded; of unprivileged callers' {}, {}; of {} on open files, {})",
                 out.succeeded,
                 out.ops.len(),
@@ -1442,7 +1622,7 @@ fn differential_against_kernel_overlayfs() {
             format!("at step {} of {steps}", f.step + 1)
         };
         eprintln!(
-            "differential: seed {seed} diverged {at}: {}\nshrinking {} operations...",
+            "differential: {label}seed {seed} diverged {at}: {}\nshrinking {} operations...",
             f.msg,
             (f.step + 1).min(out.ops.len())
         );
@@ -1457,7 +1637,7 @@ fn differential_against_kernel_overlayfs() {
             .map(|(i, o)| format!("  {:>3}. {o}", i + 1))
             .collect();
         panic!(
-            "kernel overlayfs and unionmount diverge: seed {seed}, {at} \
+            "kernel overlayfs and unionmount diverge: {label}seed {seed}, {at} \
              (rerun: UNIONMOUNT_DIFF_SEEDS={seed} UNIONMOUNT_DIFF_STEPS={steps})\n\
              shrunk to {} operations on the lowers of seed {seed}:\n{}\n{}\ndivergence: {msg}",
             small.len(),

@@ -872,16 +872,42 @@ pub fn in_mapped_user_namespace(user: u32, mut cmd: Command) -> Output {
             Ok(())
         });
     }
-    let out = cmd.output();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
     // A child that failed before its word leaves the thread waiting on this end.
     drop(ready_w);
     let mapped = mapper.join().expect("the mapping thread");
-    let out = out.unwrap_or_else(|e| panic!("running {cmd:?} in a user namespace: {e}"));
+    let mut child = child.unwrap_or_else(|e| panic!("running {cmd:?} in a user namespace: {e}"));
     if let Err(e) = mapped {
         panic!("mapping the ids of the user namespace: {e}");
     }
     drop(go_r);
-    out
+    // Its stderr is passed on line by line as it comes (a long run shows its progress), and
+    // kept.
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        stdout.read_to_end(&mut v).map(|_| v)
+    });
+    let mut stderr = Vec::new();
+    for line in
+        std::io::BufRead::split(std::io::BufReader::new(child.stderr.take().unwrap()), b'\n')
+    {
+        let line = line.expect("reading the child's stderr");
+        eprintln!("{}", String::from_utf8_lossy(&line));
+        stderr.extend_from_slice(&line);
+        stderr.push(b'\n');
+    }
+    let status = child.wait().expect("waiting for the child");
+    let stdout = reader.join().unwrap().expect("reading the child's stdout");
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
