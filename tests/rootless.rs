@@ -95,7 +95,7 @@ fn unprivileged_upper_is_in_userxattr_format() {
 /// reach its files, with the kernel checking their permissions; `-o allow_root` or an
 /// unprivileged mounter keeps the mount to its owner.
 #[test]
-fn namespace_root_mounts_for_the_namespace_s_users() {
+fn namespace_root_mounts_for_every_user_of_the_namespace() {
     let user = test_user();
     let l = Layers::new(1);
     l.lower(0)

@@ -854,7 +854,8 @@ pub fn in_mapped_user_namespace(user: u32, mut cmd: Command) -> Output {
             }
             let mut b = 0u8;
             if libc::read(go, (&raw mut b).cast(), 1) != 1 {
-                return Err(std::io::Error::other("the id maps were not written"));
+                // The maps were not written (no allocation here: EPIPE stands for that).
+                return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
             }
             if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
                 || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
