@@ -1,8 +1,9 @@
 //! Differential test against kernel overlayfs.
 //!
 //! For each seed, 2-3 lower layers are generated (shadowed files, merged and opaque directories,
-//! whiteouts, hard links, symlinks, FIFOs, devices, `user.*` xattrs, explicit times, assorted
-//! modes and owners). Kernel overlayfs and unionmount are mounted over the same lowers, each with
+//! whiteouts, hard links, symlinks, FIFOs, devices, `user.*` xattrs, POSIX ACLs (access and
+//! default, with named entries for the callers' ids), explicit times, assorted modes and
+//! owners). Kernel overlayfs and unionmount are mounted over the same lowers, each with
 //! its own upper and work directory, and one random sequence of operations (paths drawn from a
 //! small name pool so that they collide) is applied to both; a quarter of the operations are
 //! made by an unprivileged caller (uid and gid 1000 or 1001, the generated objects' other
@@ -23,7 +24,7 @@
 //! with EPERM on both sides).
 //!
 //! What is compared per entry: type, mode, owner, size and link count of non-directories,
-//! content, symlink target, device number, the sorted `user.*` xattrs, which paths share an
+//! content, symlink target, device number, the sorted `user.*` xattrs and ACLs, which paths share an
 //! inode, mtime of entries whose times are known to be the same on both sides (they come from
 //! the shared lowers or from an explicit `utimensat`, and nothing has changed them since), and
 //! atime of such entries except directories (contents are read with `O_NOATIME`). On
@@ -124,6 +125,8 @@ fn seeded(seed: u64) -> Rng {
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const XATTRS: [&str; 3] = ["user.x", "user.y", "user.z"];
+const ACL_PREFIX: &str = "system.posix_acl_";
+const ACLS: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
 const OWNERS: [u32; 3] = [0, 1000, 1001];
 const FILE_MODES: [u32; 9] = [
     0o644, 0o600, 0o755, 0o700, 0o444, 0o4755, 0o2755, 0o1777, 0o000,
@@ -290,6 +293,12 @@ fn build_lowers(seed: u64) -> Layers {
                 let name = *rng.pick(&XATTRS);
                 l.xattr(&p, name, format!("v{}", rng.below(100)).as_bytes());
             }
+            if matches!(kind, 'f' | 'd') && rng.percent(15) {
+                l.xattr(&p, ACLS[0], &gen_acl(&mut rng));
+            }
+            if kind == 'd' && rng.percent(20) {
+                l.xattr(&p, ACLS[1], &gen_acl(&mut rng));
+            }
             if rng.percent(50) {
                 let t = 1_000_000_000 + rng.below(100_000_000) as i64;
                 l.times(&p, t, t + rng.below(1000) as i64);
@@ -427,6 +436,9 @@ impl fmt::Display for Op {
                     _ => "?",
                 };
                 write!(f, "renameat2({a:?}, {b:?}, {name})")
+            }
+            Op::SetXattr(p, n, v) if n.starts_with(ACL_PREFIX) => {
+                write!(f, "lsetxattr({p:?}, {n:?}, {})", acl_text(v))
             }
             Op::SetXattr(p, n, v) => {
                 write!(
@@ -733,6 +745,66 @@ fn new_path(rng: &mut Rng, snap: &Snap) -> String {
     }
 }
 
+/// A POSIX ACL as its xattr value (version 2, then tag, permissions and id per entry, in the
+/// order the kernel requires): the owner, group and other entries, sometimes named entries for
+/// the callers' ids with the mask they then need.
+fn gen_acl(rng: &mut Rng) -> Vec<u8> {
+    const ANY: u32 = u32::MAX;
+    let mut entries: Vec<(u16, u16, u32)> = vec![(0x01, rng.below(8) as u16, ANY)];
+    let named = |rng: &mut Rng, entries: &mut Vec<(u16, u16, u32)>, tag: u16| {
+        for id in [1000, 1001] {
+            if rng.percent(35) {
+                entries.push((tag, rng.below(8) as u16, id));
+            }
+        }
+    };
+    named(rng, &mut entries, 0x02);
+    entries.push((0x04, rng.below(8) as u16, ANY));
+    named(rng, &mut entries, 0x08);
+    if entries.len() > 2 {
+        entries.push((0x10, rng.below(8) as u16, ANY));
+    }
+    entries.push((0x20, rng.below(8) as u16, ANY));
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// An ACL's xattr value in `getfacl`'s short form (`u::rw-,u:1000:r--,g::r--,m::r--,o::---`).
+fn acl_text(v: &[u8]) -> String {
+    let mut out = Vec::new();
+    for e in v.get(4..).unwrap_or_default().chunks(8) {
+        if e.len() < 8 {
+            out.push("?".to_string());
+            break;
+        }
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]);
+        let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        let who = match tag {
+            0x01 => "u:".to_string(),
+            0x02 => format!("u:{id}"),
+            0x04 => "g:".to_string(),
+            0x08 => format!("g:{id}"),
+            0x10 => "m:".to_string(),
+            0x20 => "o:".to_string(),
+            _ => format!("{tag:#x}:{id}"),
+        };
+        let bit = |b: u16, c: char| if perm & b != 0 { c } else { '-' };
+        out.push(format!(
+            "{who}:{}{}{}",
+            bit(4, 'r'),
+            bit(2, 'w'),
+            bit(1, 'x')
+        ));
+    }
+    out.join(",")
+}
+
 fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
     let which = rng.below(100);
     let creates = matches!(which, 0..=9 | 45..=63 | 96..=99);
@@ -827,11 +899,13 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
             }
             Op::Rename(p, to, flags)
         }
+        85..=91 if rng.percent(50) => Op::SetXattr(p, (*rng.pick(&ACLS)).to_string(), gen_acl(rng)),
         85..=91 => Op::SetXattr(
             p,
             (*rng.pick(&XATTRS)).to_string(),
             format!("w{}", rng.below(1000)).into_bytes(),
         ),
+        92..=95 if rng.percent(30) => Op::RemoveXattr(p, (*rng.pick(&ACLS)).to_string()),
         92..=95 => Op::RemoveXattr(p, (*rng.pick(&XATTRS)).to_string()),
         _ => {
             if rng.percent(60) {
@@ -921,11 +995,13 @@ fn xattrs_of(p: &Path, raw: bool) -> Vec<(String, Vec<u8>)> {
     common::list_xattrs(p)
         .into_iter()
         .filter(|n| {
-            if raw {
-                n == opaque_xattr() || (n.starts_with("user.") && !n.starts_with("user.overlay."))
-            } else {
-                n.starts_with("user.")
-            }
+            n.starts_with(ACL_PREFIX)
+                || if raw {
+                    n == opaque_xattr()
+                        || (n.starts_with("user.") && !n.starts_with("user.overlay."))
+                } else {
+                    n.starts_with("user.")
+                }
         })
         .map(|n| {
             let v = common::get_xattr(p, &n).unwrap_or_default();
@@ -1228,6 +1304,8 @@ struct Outcome {
     as_callers: (usize, usize),
     /// The same for the operations on files kept open.
     on_open_files: (usize, usize),
+    /// Of the ACL changes (set or removed), how many succeeded, and how many there were.
+    acl_changes: (usize, usize),
     failure: Option<Failure>,
 }
 
@@ -1314,9 +1392,24 @@ fn describe_lowers(seed: u64) -> String {
                 'c' | 'b' => format!(" {}:{}", e.rdev.0, e.rdev.1),
                 _ => String::new(),
             };
+            let xattrs: Vec<String> = e
+                .xattrs
+                .iter()
+                .map(|(n, v)| {
+                    if n.starts_with(ACL_PREFIX) {
+                        format!("{n}={}", acl_text(v))
+                    } else {
+                        format!("{n}={:?}", String::from_utf8_lossy(v))
+                    }
+                })
+                .collect();
             out.push_str(&format!(
-                "    {p} {} {:#o} {}:{}{extra} {:?}\n",
-                e.kind, e.mode.0, e.uid, e.gid, e.xattrs
+                "    {p} {} {:#o} {}:{}{extra} [{}]\n",
+                e.kind,
+                e.mode.0,
+                e.uid,
+                e.gid,
+                xattrs.join(", ")
             ));
         }
     }
@@ -1339,6 +1432,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         succeeded: 0,
         as_callers: (0, 0),
         on_open_files: (0, 0),
+        acl_changes: (0, 0),
         failure: Some(Failure { step, msg }),
     };
 
@@ -1351,6 +1445,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let mut succeeded = 0;
     let mut as_callers = (0, 0);
     let mut on_open_files = (0, 0);
+    let mut acl_changes = (0, 0);
     let mut pins = Pins(
         initial
             .entries
@@ -1405,6 +1500,12 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
             on_open_files.1 += 1;
             on_open_files.0 += usize::from(kr.is_ok());
         }
+        if let Op::SetXattr(_, n, _) | Op::RemoveXattr(_, n) = op.inner()
+            && n.starts_with(ACL_PREFIX)
+        {
+            acl_changes.1 += 1;
+            acl_changes.0 += usize::from(kr.is_ok());
+        }
         if kr.is_ok() {
             succeeded += 1;
             pins.update(&op, &snap);
@@ -1454,6 +1555,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         succeeded,
         as_callers,
         on_open_files,
+        acl_changes,
         failure: None,
     }
 }
@@ -1606,13 +1708,16 @@ fn check_seeds(label: &str) {
         let Some(f) = out.failure else {
             eprintln!(
                 "differential: {label}seed {seed}: same results and trees ({} of {} operations \
-                 succeeded; of unprivileged callers' {}, {}; of {} on open files, {})",
+                 succeeded; of unprivileged callers' {}, {}; of {} on open files, {}; of {} \
+                 ACL changes, {})",
                 out.succeeded,
                 out.ops.len(),
                 out.as_callers.1,
                 out.as_callers.0,
                 out.on_open_files.1,
-                out.on_open_files.0
+                out.on_open_files.0,
+                out.acl_changes.1,
+                out.acl_changes.0
             );
             continue;
         };
