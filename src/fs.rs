@@ -60,6 +60,16 @@ impl UnionFs {
         self.u.table.get_used(ino.0).ok_or(Errno::ESTALE)
     }
 
+    /// Before an access ACL is set or removed: the set-group-ID bit the caller loses by it.
+    fn acl_change_by(&self, req: &Request, node: &Arc<Node>, name: &OsStr) -> Result<()> {
+        if !self.u.opts.posix_acl
+            || std::os::unix::ffi::OsStrExt::as_bytes(name) != crate::acl::ACCESS.to_bytes()
+        {
+            return Ok(());
+        }
+        self.u.drop_set_ids_for_acl(node, req.pid())
+    }
+
     fn ttl(&self) -> Duration {
         self.u.opts.ttl
     }
@@ -661,7 +671,7 @@ impl Filesystem for UnionFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -669,10 +679,10 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self
-            .node(ino)
-            .and_then(|n| self.u.setxattr(&n, name, value, flags))
-        {
+        match self.node(ino).and_then(|n| {
+            self.acl_change_by(req, &n, name)?;
+            self.u.setxattr(&n, name, value, flags)
+        }) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -694,8 +704,11 @@ impl Filesystem for UnionFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.node(ino).and_then(|n| self.u.removexattr(&n, name)) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.node(ino).and_then(|n| {
+            self.acl_change_by(req, &n, name)?;
+            self.u.removexattr(&n, name)
+        }) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

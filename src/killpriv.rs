@@ -249,6 +249,15 @@ pub fn after_chown(perm: u16, old_gid: u32, caller: Option<&Caller>) -> Option<u
     (p != perm).then_some(p)
 }
 
+/// The permission bits after an access ACL of a file or directory with bits `perm` and group
+/// `gid` is set or removed: set-group-ID goes unless the caller is in the group or has
+/// CAP_FSETID (`posix_acl_update_mode`; kernel overlayfs applies it to removals too, in
+/// `ovl_set_or_remove_acl`).
+pub fn after_acl_change(perm: u16, gid: u32, caller: Option<&Caller>) -> Option<u16> {
+    (perm & S_ISGID != 0 && caller.is_none_or(|c| !c.in_group(gid) && !c.fsetid))
+        .then_some(perm & !S_ISGID)
+}
+
 /// Whether `perm` has a bit either rule could drop (the cheap test before reading /proc).
 pub fn has_set_ids(perm: u16) -> bool {
     perm & (S_ISUID | S_ISGID) != 0
@@ -262,6 +271,8 @@ pub enum Change {
     Owner {
         old_gid: u32,
     },
+    /// An access ACL set or removed (directories included).
+    Acl,
 }
 
 /// The set-ID bits a SETATTR will take.
@@ -356,6 +367,19 @@ impl Union {
         Ok(Some(Loss { change, caller }))
     }
 
+    /// An access ACL of `node` about to be set or removed by the process `pid`: drops the
+    /// set-group-ID bit that takes away, first, as kernel overlayfs does (the daemon's own
+    /// change of the ACL would keep it: the daemon has CAP_FSETID).
+    pub fn drop_set_ids_for_acl(&self, node: &Arc<Node>, pid: u32) -> Result<()> {
+        let attr = self.getattr(node, None)?;
+        if !has_set_ids(attr.perm) {
+            return Ok(());
+        }
+        let caller = Caller::of(pid);
+        self.drop_set_ids(node, None, caller.as_ref(), attr, Change::Acl)?;
+        Ok(())
+    }
+
     /// A change of data by the process `pid` through handle `fh` (a write the kernel flagged,
     /// `unprivileged`: from a caller without CAP_FSETID; or a truncating open): drops the
     /// set-ID bits it takes away, and makes the kernel forget the mode it cached.
@@ -381,9 +405,10 @@ impl Union {
         Ok(())
     }
 
-    /// Drops the set-ID bits that `change` by `caller` takes from a non-directory with
-    /// attributes `attr`, and returns the attributes after. The mode is read again and
-    /// written under the node's mode lock, so that a chmod in between is not undone.
+    /// Drops the set-ID bits that `change` by `caller` takes from an object with attributes
+    /// `attr` (a directory only for an ACL change), and returns the attributes after. The
+    /// mode is read again and written under the node's mode lock, so that a chmod in between
+    /// is not undone.
     fn drop_set_ids(
         &self,
         node: &Arc<Node>,
@@ -392,7 +417,7 @@ impl Union {
         attr: FileAttr,
         change: Change,
     ) -> Result<FileAttr> {
-        if attr.kind == FileType::Directory || !has_set_ids(attr.perm) {
+        if (attr.kind == FileType::Directory && change != Change::Acl) || !has_set_ids(attr.perm) {
             return Ok(attr);
         }
         let _mode = self.mode_lock(node.ino);
@@ -400,6 +425,7 @@ impl Union {
         let perm = match change {
             Change::Owner { old_gid } => after_chown(attr.perm, old_gid, caller),
             Change::Data => after_data_change(attr.perm, attr.gid, caller),
+            Change::Acl => after_acl_change(attr.perm, attr.gid, caller),
         };
         let Some(perm) = perm else {
             return Ok(attr);
@@ -546,5 +572,24 @@ mod tests {
         assert!(overflow.owns(1000, 1000) && !overflow.owns(1000, 0));
         assert!(!overflow.owns(65534, 65534));
         assert!(has_set_ids(0o2000) && has_set_ids(0o4000) && !has_set_ids(0o1777));
+    }
+
+    #[test]
+    fn acl_changes_follow_the_kernel() {
+        // Set-group-ID goes for a caller outside the group without CAP_FSETID, group execute
+        // or not; set-user-ID stays.
+        let outsider = caller(false, false, &[]);
+        assert_eq!(after_acl_change(0o6755, 50, Some(&outsider)), Some(0o4755));
+        assert_eq!(after_acl_change(0o2745, 50, Some(&outsider)), Some(0o0745));
+        assert_eq!(after_acl_change(0o2755, 50, None), Some(0o0755));
+        assert_eq!(
+            after_acl_change(0o2755, 50, Some(&caller(false, false, &[50]))),
+            None
+        );
+        assert_eq!(
+            after_acl_change(0o2755, 50, Some(&caller(true, false, &[]))),
+            None
+        );
+        assert_eq!(after_acl_change(0o4755, 50, Some(&outsider)), None);
     }
 }

@@ -2019,6 +2019,64 @@ except OSError as e:
     same_as_kernel_on_both_paths(&l, &kernel, outcome);
 }
 
+/// Setting or removing an access ACL takes set-group-ID from an owner outside the object's
+/// group and without CAP_FSETID (`posix_acl_update_mode`; kernel overlayfs also on a removal,
+/// which then finds the copied-up object and succeeds even where there was no ACL),
+/// directories included, and leaves it to a member of the group.
+/// The daemon changes the ACL with its own privileges, which keep the bit. The same as kernel
+/// overlayfs, on both I/O paths.
+#[test]
+fn acl_changes_drop_set_group_id_of_non_members() {
+    const SCRIPT: &str = r#"
+import errno, os, struct, sys
+acl = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 7), (4, 5), (0x20, 5)))
+name = "system.posix_acl_access"
+try:
+    if sys.argv[1] == "set":
+        os.setxattr(sys.argv[2], name, acl, follow_symlinks=False)
+    else:
+        os.removexattr(sys.argv[2], name, follow_symlinks=False)
+    print("ok")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"#;
+    let l = Layers::new(1);
+    let lower = l.lower(0);
+    lower.dir("d").dir("r").file("f", "f").file("g", "g");
+    for (n, mode, gid) in [
+        ("d", 0o2775, 0),
+        ("r", 0o2775, 0),
+        ("f", 0o2755, 0),
+        ("g", 0o2755, 1000),
+    ] {
+        // The owner first: root's chown takes set-group-ID from group-executable files.
+        lower.chown(n, 1000, gid).chmod(n, mode);
+    }
+    let outcome = |m: &Mount| -> Vec<String> {
+        let mut v = Vec::new();
+        for (op, n) in [("set", "d"), ("set", "f"), ("set", "g"), ("remove", "r")] {
+            let out = Command::new("setpriv")
+                .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
+                .args(["/usr/bin/python3", "-I", "-c", SCRIPT, op])
+                .arg(m.path(n))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{n}: {out:?}");
+            let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            v.push(format!("{op} {n} {said} {:o}", lstat(&m.path(n)).mode()));
+        }
+        v
+    };
+    let kernel = [
+        "set d ok 40755",
+        "set f ok 100755",
+        "set g ok 102755",
+        "remove r ok 40775",
+    ];
+    same_as_kernel_on_both_paths(&l, &kernel, outcome);
+}
+
 /// A 32-bit program's chown(f, -1, -1): the daemon reads the caller's call from /proc to tell
 /// a chown from a change of data, and a 32-bit program's calls carry the numbers of the i386
 /// table. As root (with CAP_FSETID) the chown drops set-user-ID and group-executable
