@@ -1945,6 +1945,19 @@ else:
     same_as_kernel_on_both_paths(&l, &kernel, modes);
 }
 
+/// What the Python `script`, run by the command prefix `who` (`env`, or `setpriv` with other
+/// ids) with `args`, prints, trimmed.
+fn python_says<S: AsRef<std::ffi::OsStr>>(who: &[&str], script: &str, args: &[S]) -> String {
+    let out = Command::new(who[0])
+        .args(&who[1..])
+        .args(["/usr/bin/python3", "-I", "-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{who:?} {script}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Runs `outcome` on kernel overlayfs over `l`, which must give `kernel`, then on unionmount
 /// over the same layers on each I/O path, which must give the same.
 fn same_as_kernel_on_both_paths(
@@ -1998,14 +2011,7 @@ except OSError as e:
                 &["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"][..],
             ),
         ] {
-            let out = Command::new(who[0])
-                .args(&who[1..])
-                .args(["/usr/bin/python3", "-I", "-c", SCRIPT])
-                .arg(m.path(n))
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{n}: {out:?}");
-            let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let said = python_says(who, SCRIPT, &[&m.path(n)]);
             v.push(format!("{n} {said} {:o}", lstat(&m.path(n)).mode()));
         }
         v
@@ -2055,15 +2061,9 @@ except OSError as e:
     }
     let outcome = |m: &Mount| -> Vec<String> {
         let mut v = Vec::new();
+        let user = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"];
         for (op, n) in [("set", "d"), ("set", "f"), ("set", "g"), ("remove", "r")] {
-            let out = Command::new("setpriv")
-                .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
-                .args(["/usr/bin/python3", "-I", "-c", SCRIPT, op])
-                .arg(m.path(n))
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{n}: {out:?}");
-            let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let said = python_says(&user, SCRIPT, &[op.as_ref(), m.path(n).as_os_str()]);
             v.push(format!("{op} {n} {said} {:o}", lstat(&m.path(n)).mode()));
         }
         v
