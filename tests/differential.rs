@@ -9,7 +9,7 @@
 //! made by an unprivileged caller (uid and gid 1000 or 1001, the generated objects' other
 //! owners, sometimes with the other group as a supplementary one) instead of root, and about
 //! one in seven is an operation on a file kept open across the others (pwrite, ftruncate,
-//! fchmod, fstat). After every step the results (value or errno) and the whole merged trees
+//! fallocate, fchmod, fstat). After every step the results (value or errno) and the whole merged trees
 //! are compared; after the sequence both are unmounted, the two uppers are compared on disk,
 //! and both are mounted again and compared once more. A divergence is shrunk (delta debugging
 //! on the operation list, replayed on fresh layers and mounts) and reported with the seed, the
@@ -349,6 +349,8 @@ enum Op {
     /// slot, offset, length, byte
     FdWrite(usize, u64, u64, u8),
     FdTruncate(usize, u64),
+    /// slot, mode (0, `FALLOC_FL_KEEP_SIZE` or a hole punched), offset, length
+    FdFallocate(usize, i32, u64, u64),
     FdChmod(usize, u32),
     /// fstat of the slot's file: its size and link count.
     FdStat(usize),
@@ -454,6 +456,14 @@ impl fmt::Display for Op {
                 write!(f, "pwrite(fd{i}, {l} x {:?}, offset {o})", *b as char)
             }
             Op::FdTruncate(i, l) => write!(f, "ftruncate(fd{i}, {l})"),
+            Op::FdFallocate(i, m, o, l) => {
+                let mode = match *m {
+                    0 => "0",
+                    libc::FALLOC_FL_KEEP_SIZE => "FALLOC_FL_KEEP_SIZE",
+                    _ => "FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE",
+                };
+                write!(f, "fallocate(fd{i}, {mode}, {o}, {l})")
+            }
             Op::FdChmod(i, m) => write!(f, "fchmod(fd{i}, {m:#o})"),
             Op::FdStat(i) => write!(f, "fstat(fd{i}) (size << 8 | nlink)"),
             Op::Close(i) => write!(f, "close(fd{i})"),
@@ -616,6 +626,9 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
                 )
             }
             Op::FdTruncate(i, l) => check(libc::ftruncate(fds.raw(*i)?, *l as i64) as i64),
+            Op::FdFallocate(i, m, o, l) => {
+                check(libc::fallocate(fds.raw(*i)?, *m, *o as i64, *l as i64) as i64)
+            }
             Op::FdChmod(i, m) => check(libc::fchmod(fds.raw(*i)?, *m) as i64),
             Op::FdStat(i) => {
                 let mut st: libc::stat = std::mem::zeroed();
@@ -662,7 +675,7 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
     } else {
         rng.below(SLOTS as u64) as usize
     };
-    match rng.below(12) {
+    match rng.below(13) {
         0..=3 => {
             let files: Vec<&String> = snap
                 .entries
@@ -687,6 +700,14 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
         6 => Op::FdTruncate(i, rng.below(9000)),
         7 => Op::FdChmod(i, *rng.pick(&FILE_MODES)),
         8..=9 => Op::FdStat(i),
+        10 => {
+            let mode = *rng.pick(&[
+                0,
+                libc::FALLOC_FL_KEEP_SIZE,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ]);
+            Op::FdFallocate(i, mode, rng.below(12_000), 1 + rng.below(9000))
+        }
         _ => Op::Close(i),
     }
 }
@@ -1190,7 +1211,7 @@ impl Pins {
     fn update(&mut self, op: &Op, before: &Snap) {
         let op = op.inner();
         match op {
-            Op::FdWrite(..) | Op::FdTruncate(..) => {
+            Op::FdWrite(..) | Op::FdTruncate(..) | Op::FdFallocate(..) => {
                 // The model does not follow which name an open file has now.
                 self.0
                     .retain(|p| before.entries.get(p).is_none_or(|e| e.kind != 'f'));
@@ -1495,7 +1516,11 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
             as_callers.1 += 1;
             as_callers.0 += usize::from(kr.is_ok());
         }
-        if let Op::FdWrite(..) | Op::FdTruncate(..) | Op::FdChmod(..) | Op::FdStat(..) = op.inner()
+        if let Op::FdWrite(..)
+        | Op::FdTruncate(..)
+        | Op::FdFallocate(..)
+        | Op::FdChmod(..)
+        | Op::FdStat(..) = op.inner()
         {
             on_open_files.1 += 1;
             on_open_files.0 += usize::from(kr.is_ok());
