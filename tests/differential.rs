@@ -9,9 +9,9 @@
 //! made by an unprivileged caller (uid and gid 1000 or 1001, the generated objects' other
 //! owners, sometimes with the other group as a supplementary one) instead of root, and about
 //! one in seven is an operation on a file kept open across the others (pwrite, ftruncate,
-//! fallocate, fchmod, fstat). After every step the results (value or errno) and the whole merged trees
-//! are compared; after the sequence both are unmounted, the two uppers are compared on disk,
-//! and both are mounted again and compared once more. A divergence is shrunk (delta debugging
+//! fallocate, fchmod, fstat). After every step the results (value or errno) and the whole
+//! merged trees are compared; after the sequence both are unmounted, the two uppers are
+//! compared on disk, and both are mounted again and compared once more. A divergence is shrunk (delta debugging
 //! on the operation list, replayed on fresh layers and mounts) and reported with the seed, the
 //! step and the reduced operation list.
 //!
@@ -24,12 +24,12 @@
 //! with EPERM on both sides).
 //!
 //! What is compared per entry: type, mode, owner, size and link count of non-directories,
-//! content, symlink target, device number, the sorted `user.*` xattrs and ACLs, which paths share an
-//! inode, mtime of entries whose times are known to be the same on both sides (they come from
-//! the shared lowers or from an explicit `utimensat`, and nothing has changed them since), and
-//! atime of such entries except directories (contents are read with `O_NOATIME`). On
-//! unionmount, `d_ino`/`d_type` from readdir must match `lstat`. Not compared: inode numbers, ctime, the size and link count
-//! of directories. In the uppers, of the private xattrs only the opaque one is
+//! content, symlink target, device number, the sorted `user.*` xattrs and ACLs, which paths
+//! share an inode, mtime of entries whose times are known to be the same on both sides (they
+//! come from the shared lowers or from an explicit `utimensat`, and nothing has changed them
+//! since), and atime of such entries except directories (contents are read with `O_NOATIME`).
+//! On unionmount, `d_ino`/`d_type` from readdir must match `lstat`. Not compared: inode
+//! numbers, ctime, the size and link count of directories. In the uppers, of the private xattrs only the opaque one is
 //! compared (the kernel's origin/impure/... are not), and whiteouts' link counts are not (the
 //! kernel links all its whiteouts to one inode).
 //!
