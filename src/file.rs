@@ -489,14 +489,24 @@ impl Union {
     }
 
     /// Reads up to `size` bytes at `off` and hands them to `reply`.
-    pub fn read(&self, fh: u64, off: u64, size: u32, reply: impl FnOnce(&[u8])) -> Result<()> {
+    /// `cached`: the kernel reads through its page cache (no passthrough, no `O_DIRECT`).
+    pub fn read(
+        &self,
+        fh: u64,
+        off: u64,
+        size: u32,
+        cached: bool,
+        reply: impl FnOnce(&[u8]),
+    ) -> Result<()> {
         let h = self.handle(fh)?;
+        // The data generation the fd belongs to, read before the fd (see `stream`).
+        let generation = h.node.data_gen();
         let fd = self.read_fd(&h);
         let mut buf = self.handles.read_bufs.take();
         if buf.len() < size as usize {
             buf.resize(size as usize, 0);
         }
-        let res = (|| {
+        let res: Result<usize> = (|| {
             let mut n = 0;
             while n < size as usize {
                 let got = sys::pread(fd.as_fd(), &mut buf[n..size as usize], off + n as u64)?;
@@ -506,12 +516,24 @@ impl Union {
                 n += got;
             }
             reply(&buf[..n]);
-            Ok(())
+            Ok(n)
         })();
         self.handles.read_bufs.give(buf);
         // The trimmer frees the pool once reads stop (and sleeps only while it is empty).
         self.table.stir();
-        res
+        let n = res?;
+        // Stream a lower file ahead of a sequential reader: only full reads of the lower data
+        // the handle was opened on, at the generation read before the fd.
+        if cached
+            && n == size as usize
+            && !h.writable
+            && h.opened_gen.load(Ordering::SeqCst) == generation
+            && matches!(self.top_loc(&h.node), Loc::Lower(_))
+            && !self.passthrough_active()
+        {
+            self.streams.read(&h.node, &fd, generation, off, n as u64);
+        }
+        Ok(())
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {

@@ -258,12 +258,20 @@ impl Filesystem for UnionFs {
             mtime,
             fh: fh.map(|f| f.0),
         };
+        let truncates = req.size.is_some();
         let res = self
             .node(ino)
             .and_then(|n| self.u.setattr_by(&n, req, pid, fsuid));
-        match res {
-            Ok(attr) => reply.attr(&self.ttl(), &attr),
+        let ttl = self.ttl();
+        let send = move || match res {
+            Ok(attr) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(log_unexpected("setattr", e)),
+        };
+        if truncates {
+            // The kernel cuts its cache after the reply: no page stored ahead may land later.
+            self.u.streams.after_stop(ino.0, Box::new(send));
+        } else {
+            send();
         }
     }
 
@@ -394,13 +402,21 @@ impl Filesystem for UnionFs {
             }
             Ok(opened)
         });
-        match res {
+        let send = move || match res {
             Ok((fh, IoMode::Passthrough(b))) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id)
             }
             Ok((fh, IoMode::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Ok((fh, IoMode::Cached)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(log_unexpected("open", e)),
+        };
+        let changes_data =
+            flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if changes_data {
+            // Writes may follow the reply: no page stored ahead of a reader may land after it.
+            self.u.streams.after_stop(ino.0, Box::new(send));
+        } else {
+            send();
         }
         if let Some((dir, loc)) = data_ahead {
             self.u.data_ahead(&dir, loc);
@@ -414,12 +430,13 @@ impl Filesystem for UnionFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         let mut reply = Some(reply);
-        let res = self.u.read(fh.0, offset, size, |data| {
+        let cached = flags.0 & libc::O_DIRECT == 0;
+        let res = self.u.read(fh.0, offset, size, cached, |data| {
             if let Some(r) = reply.take() {
                 r.data(data)
             }

@@ -27,6 +27,7 @@ pub mod notify;
 pub mod override_stat;
 pub mod prefetch;
 pub mod readdir;
+pub mod stream;
 pub mod sys;
 pub mod union;
 pub mod walkers;

@@ -464,6 +464,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
     fcfg.clone_fd = cfg.threads > 1;
     fcfg.acl = acl;
     let fs = UnionFs::new(union.clone());
+    // A second fd of the connection, for the notifications the daemon splices itself.
+    let dev_splice = sys::dup(dev.as_fd()).ok();
     let session = match Session::from_fd(fs, dev, acl, fcfg) {
         Ok(s) => s,
         Err(e) => {
@@ -504,6 +506,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let _ = union
         .invalidator
         .set(Invalidator::start(session.notifier()));
+    union.streams.start(session.notifier(), dev_splice);
     crate::notify::start_trimmer(union.clone());
     match session.run() {
         Ok(()) => Ok(()),

@@ -883,6 +883,37 @@ pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Sets a pipe's capacity (`F_SETPIPE_SZ`); returns the capacity it got.
+pub fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> Result<usize> {
+    // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
+    let got =
+        check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) })?;
+    Ok(got as usize)
+}
+
+/// splice(2) from `from` (at `*off`, advanced, when given) to `to`.
+pub fn splice(
+    from: BorrowedFd<'_>,
+    off: Option<&mut i64>,
+    to: BorrowedFd<'_>,
+    len: usize,
+) -> Result<usize> {
+    let off = off.map_or(std::ptr::null_mut(), |o| o as *mut i64);
+    retry(|| {
+        // SAFETY: `off` is null or points to an i64 we hold exclusively for the call.
+        check_ssize(unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                off,
+                to.as_raw_fd(),
+                std::ptr::null_mut(),
+                len,
+                0,
+            )
+        })
+    })
+}
+
 pub enum Fork {
     Parent(libc::pid_t),
     Child,

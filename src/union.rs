@@ -74,6 +74,8 @@ pub struct Union {
     pub listings: crate::readdir::ListingCache,
     /// Reads ahead the subdirectories of what statting walkers list.
     pub prefetch: Arc<crate::prefetch::Prefetcher>,
+    /// Streams lower files ahead of sequential readers (page-cached path).
+    pub streams: Arc<crate::stream::Streams>,
     /// Sends cache invalidations to the kernel, once the session is up.
     pub invalidator: OnceLock<Invalidator>,
     /// Brackets changes that move or remove names in the upper (see `lookup::open_in`).
@@ -130,6 +132,7 @@ impl Union {
             fds: FdCache::new(FdCache::default_capacity()),
             listings: Default::default(),
             prefetch: Arc::default(),
+            streams: Arc::default(),
             invalidator: OnceLock::new(),
             tree_begun: AtomicU64::new(0),
             tree_ended: AtomicU64::new(0),

@@ -2246,3 +2246,175 @@ fn opening_files_one_after_another_reads_the_rest_ahead() {
         "the fifth file was read ahead"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Streaming ahead of sequential readers (page-cached path)
+// ---------------------------------------------------------------------------------------
+
+/// Content of the streaming tests' files: differs in every page and at every offset in it.
+fn streamed_byte(i: u64) -> u8 {
+    ((i * 31 + i / 4096 * 7) % 251) as u8
+}
+
+fn streamed_content(len: u64) -> Vec<u8> {
+    (0..len).map(streamed_byte).collect()
+}
+
+/// Which of the pages of `f` in `[from, to)` the kernel's page cache holds.
+fn resident_pages(f: &File, len: u64, from: u64, to: u64) -> Vec<bool> {
+    // SAFETY: a read-only shared mapping of an open file, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    let mut vec = vec![0u8; len.div_ceil(4096) as usize];
+    // SAFETY: `vec` has a byte for every page of the mapping.
+    let r = unsafe { libc::mincore(p, len as usize, vec.as_mut_ptr()) };
+    // SAFETY: unmaps the mapping made above.
+    unsafe { libc::munmap(p, len as usize) };
+    assert_eq!(r, 0, "mincore");
+    vec[(from / 4096) as usize..(to / 4096) as usize]
+        .iter()
+        .map(|b| b & 1 == 1)
+        .collect()
+}
+
+/// On the page-cached path a lower file read in order is stored in the kernel's page cache
+/// ahead of the reader, 4 MiB windows at a time (the first page of each left for the reader
+/// to miss), and the reader sees exactly the file's data.
+#[test]
+fn a_lower_file_read_in_order_is_streamed_ahead_of_the_reader() {
+    const MIB: u64 = 1 << 20;
+    let len = 24 * MIB + 1000;
+    let want = streamed_content(len);
+    let l = Layers::new(1);
+    l.lower(0).file_bytes("big", &want);
+    let m = l.mount_with("u", &["--passthrough", "off"]);
+    let mut f = File::open(m.path("big")).unwrap();
+    let mut got = vec![0u8; 2 * MIB as usize];
+    for chunk in got.chunks_mut(128 << 10) {
+        f.read_exact(chunk).unwrap();
+    }
+    assert!(got == want[..2 * MIB as usize], "first 2 MiB");
+    // The reader stopped at 2 MiB (the kernel's own read-ahead, 1 MiB as root, reaches a
+    // little past it): what lies beyond 5 MiB can only have been stored by the daemon, up to
+    // two windows past the reader (at least 10 MiB), all but the page at 8 MiB.
+    const PAGES: usize = (MIB / 4096) as usize;
+    let stored = |r: &[bool]| {
+        r[PAGES..4 * PAGES]
+            .iter()
+            .chain(&r[4 * PAGES + 1..6 * PAGES])
+            .all(|x| *x)
+    };
+    let mut resident = Vec::new();
+    for _ in 0..100 {
+        resident = resident_pages(&f, len, 4 * MIB, 12 * MIB);
+        if stored(&resident) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stored(&resident),
+        "pages 5-10 MiB but 8 MiB stored ahead: {} of {} resident in 4-12 MiB",
+        resident.iter().filter(|r| **r).count(),
+        resident.len()
+    );
+    assert!(
+        !resident[4 * PAGES],
+        "the first page of a window is left for the reader"
+    );
+    assert!(
+        !resident_pages(&f, len, 12 * MIB, 16 * MIB)
+            .iter()
+            .any(|r| *r),
+        "nothing stored beyond two windows past the reader"
+    );
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len() as u64, len - 2 * MIB, "length read");
+    let first_bad = rest
+        .iter()
+        .zip(&want[2 * MIB as usize..])
+        .position(|(a, b)| a != b);
+    assert_eq!(first_bad, None, "data after 2 MiB (offset from 2 MiB)");
+    assert!(
+        fs::read(m.path("big")).unwrap() == want,
+        "whole file read again"
+    );
+    assert!(!m.upper_path("big").exists(), "reading copies nothing up");
+}
+
+/// Pages stored ahead of a reader never overwrite what is written after: a writable open or
+/// a truncation of the file waits for a store under way. Writers open the file while a
+/// reader streams it; every write and every truncation must show afterwards.
+#[test]
+fn writes_and_truncations_during_streaming_are_kept() {
+    const MIB: u64 = 1 << 20;
+    let len = 16 * MIB;
+    let content = streamed_content(len);
+    let l = Layers::new(1);
+    for i in 0..6 {
+        l.lower(0).file_bytes(&format!("f{i}"), &content);
+    }
+    let m = l.mount_with("u", &["--passthrough", "off"]);
+    for i in 0..6 {
+        let path = m.path(&format!("f{i}"));
+        let mut reader = File::open(&path).unwrap();
+        let mut buf = vec![0u8; 128 << 10];
+        // Read 1.125-1.75 MiB in order (the stream starts at 1 MiB), then change the file
+        // ahead of the reader, while the stream may still be storing.
+        for _ in 0..9 + i {
+            reader.read_exact(&mut buf).unwrap();
+        }
+        let mut want = content.clone();
+        if i % 2 == 0 {
+            let w = OpenOptions::new().write(true).open(&path).unwrap();
+            for k in 0..6u64 {
+                let off = 2 * MIB + k * 2 * MIB + 4096 * k + 100;
+                let mark = vec![b'A' + k as u8; 5000];
+                w.write_all_at(&mark, off).unwrap();
+                want[off as usize..off as usize + mark.len()].copy_from_slice(&mark);
+            }
+        } else {
+            let cut = 3 * MIB + 17;
+            fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(cut)
+                .unwrap();
+            want.truncate(cut as usize);
+            // Grown again: what lies past the cut must read back as zeros.
+            nix_truncate(&path, len);
+            want.resize(len as usize, 0);
+        }
+        // The reader goes on to the end; then everything is read again from the cache.
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let got = fs::read(&path).unwrap();
+        assert_eq!(got.len(), want.len(), "f{i}: size");
+        let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(first_bad, None, "f{i}: first byte that differs");
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            want.len() as u64,
+            "f{i}: size after the stream"
+        );
+    }
+}
+
+/// truncate(2) by path (no open file).
+fn nix_truncate(p: &Path, len: u64) {
+    // SAFETY: a valid C string path.
+    let r = unsafe { libc::truncate(cs(p).as_ptr(), len as i64) };
+    assert_eq!(r, 0, "truncate {p:?}: {}", std::io::Error::last_os_error());
+}

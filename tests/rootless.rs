@@ -169,6 +169,61 @@ fn namespace_root_mounts_for_every_user_of_the_namespace() {
     );
 }
 
+/// A rootless mount streams a lower file read in order ahead of its reader (the kernel gives
+/// an unprivileged FUSE mount 128 KiB of read-ahead): after 2 MiB read, the kernel's page
+/// cache holds the next windows too, and the file reads back exactly.
+#[test]
+fn rootless_reads_in_order_are_streamed_ahead() {
+    let user = test_user();
+    let l = Layers::new(1);
+    let data: Vec<u8> = (0..20u64 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    l.lower(0).file_bytes("big", &data);
+    let base = l.mkdir("u");
+    for d in ["upper", "work", "merged"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    chown_tree(l.root(), NS_BASE);
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut sh = Command::new("bash");
+    sh.arg("-euc").arg(format!(
+        r#"
+        b={b}
+        {bin} --lower {lowers} --upper $b/upper --work $b/work $b/merged
+        trap 'umount $b/merged' EXIT
+        dd if=$b/merged/big of=/dev/null bs=128k count=16 status=none
+        for i in $(seq 100); do
+            pages=$(fincore -n -o PAGES $b/merged/big)
+            [ "$pages" -ge 2048 ] && break
+            sleep 0.05
+        done
+        echo "resident $pages"
+        cmp $b/merged/big {lower}/big && echo same
+        "#,
+        b = base.display(),
+        bin = BIN,
+        lowers = l.lowerdir_opt(),
+        lower = l.lowers[0].display(),
+    ));
+    let out = in_mapped_user_namespace(user, sh);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let pages: u64 = lines[0]
+        .strip_prefix("resident ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        pages >= 2048,
+        "8 MiB or more cached after a 2 MiB read (the reader's own read-ahead reaches 2.25 MiB): {pages} pages"
+    );
+    assert_eq!(lines[1], "same", "{stdout}");
+}
+
 /// `uidmapping`/`gidmapping` as fuse-overlayfs (man page example): files carry container
 /// ids on disk and the mount shows host ids; chown through the mount stores container ids.
 #[test]
