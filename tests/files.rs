@@ -2305,12 +2305,14 @@ fn a_lower_file_read_in_order_is_streamed_ahead_of_the_reader() {
     assert!(got == want[..2 * MIB as usize], "first 2 MiB");
     // The reader stopped at 2 MiB (the kernel's own read-ahead, 1 MiB as root, reaches a
     // little past it): what lies beyond 5 MiB can only have been stored by the daemon, up to
-    // two windows past the reader (at least 10 MiB), all but the page at 8 MiB.
+    // two windows past the last READ. Streaming starts with a READ that ends past 1 MiB (a
+    // busy machine may serve the reader's later pages from the stream, with no READ), so
+    // that is at least 9 MiB, all but the page at 8 MiB.
     const PAGES: usize = (MIB / 4096) as usize;
     let stored = |r: &[bool]| {
         r[PAGES..4 * PAGES]
             .iter()
-            .chain(&r[4 * PAGES + 1..6 * PAGES])
+            .chain(&r[4 * PAGES + 1..5 * PAGES])
             .all(|x| *x)
     };
     let mut resident = Vec::new();
@@ -2323,7 +2325,7 @@ fn a_lower_file_read_in_order_is_streamed_ahead_of_the_reader() {
     }
     assert!(
         stored(&resident),
-        "pages 5-10 MiB but 8 MiB stored ahead: {} of {} resident in 4-12 MiB",
+        "pages 5-9 MiB but 8 MiB stored ahead: {} of {} resident in 4-12 MiB",
         resident.iter().filter(|r| **r).count(),
         resident.len()
     );
