@@ -134,8 +134,9 @@ const SPLIT_TRIES: usize = 8;
 pub const FMODE_EXEC: i32 = 0x20;
 
 impl FileHandle {
-    pub fn new(node: Arc<Node>, fd: OwnedFd, writable: bool) -> FileHandle {
-        let opened_gen = node.data_gen();
+    /// `opened_gen`: the node's `data_gen` read before `fd` was opened (a copy-up finishing
+    /// in between then moves the handle to the copy on its first read).
+    pub fn new(node: Arc<Node>, fd: OwnedFd, opened_gen: u64, writable: bool) -> FileHandle {
         FileHandle {
             node,
             fd: RwLock::new(Arc::new(fd)),
@@ -298,6 +299,8 @@ impl Union {
         let acc = flags & libc::O_ACCMODE;
         let trunc = flags & libc::O_TRUNC != 0;
         let writable = acc != libc::O_RDONLY;
+        // Read before the layer is chosen: a lower fd belongs to the data of this moment.
+        let mut generation = node.data_gen();
         // The kernel checks for a running program only after this open has truncated (it
         // lets the filesystem do O_TRUNC itself), so a truncating open of one is refused here,
         // before any data is lost.
@@ -309,6 +312,7 @@ impl Union {
                 return Err(Errno::EROFS);
             }
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
+            generation = node.data_gen();
             let real = real_flags(flags);
             if self.writeback_active() && acc == libc::O_WRONLY {
                 // With writeback caching the kernel reads back pages that a write covers
@@ -327,7 +331,7 @@ impl Union {
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
-        self.add_handle(node, fd, flags, make_backing)
+        self.add_handle_at(node, fd, generation, flags, make_backing)
     }
 
     /// Opens the node's upper object with `flags`, dropping an O_NOATIME the daemon may not
@@ -349,6 +353,18 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
     ) -> Result<(u64, IoMode)> {
+        self.add_handle_at(node, fd, node.data_gen(), flags, make_backing)
+    }
+
+    /// `add_handle` for an fd opened after the node's `data_gen` was `generation`.
+    fn add_handle_at(
+        &self,
+        node: &Arc<Node>,
+        fd: OwnedFd,
+        generation: u64,
+        flags: i32,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+    ) -> Result<(u64, IoMode)> {
         let mut fd = fd;
         let mode = if self.passthrough_active() {
             match self.backing_for(node, fd.as_fd(), make_backing)? {
@@ -365,7 +381,7 @@ impl Union {
             IoMode::Cached
         };
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let mut h = FileHandle::new(node.clone(), fd, writable);
+        let mut h = FileHandle::new(node.clone(), fd, generation, writable);
         if let IoMode::Passthrough(b) = &mode {
             h.backing = Some(b.clone());
         }
