@@ -138,14 +138,7 @@ fn namespace_root_mounts_for_every_user_of_the_namespace() {
         bin = BIN,
         lowers = l.lowerdir_opt(),
     ));
-    let out = in_mapped_user_namespace(user, sh);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&in_mapped_user_namespace(user, sh));
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "om", "user 1000 reads what it may: {stdout}");
     assert!(
@@ -204,14 +197,7 @@ fn rootless_reads_in_order_are_streamed_ahead() {
         lowers = l.lowerdir_opt(),
         lower = l.lowers[0].display(),
     ));
-    let out = in_mapped_user_namespace(user, sh);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&in_mapped_user_namespace(user, sh));
     let lines: Vec<&str> = stdout.lines().collect();
     let pages: u64 = lines[0]
         .strip_prefix("resident ")
@@ -451,4 +437,16 @@ fn acls_and_noacl() {
             .unwrap();
         assert_eq!(got.status.success(), readable, "{name}: {:?}", got);
     }
+}
+
+/// The standard output of a script that must have succeeded.
+fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
