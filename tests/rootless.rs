@@ -103,13 +103,8 @@ fn namespace_root_mounts_for_every_user_of_the_namespace() {
         .file("mine", "m")
         .file("closed", "c")
         .dir("home");
-    let base = l.mkdir("u");
-    for d in ["upper", "work", "merged"] {
-        fs::create_dir_all(base.join(d)).unwrap();
-    }
     // Owned by the namespace's root (0) and its user 1000, mode 0600 for two of the files.
-    chown_tree(l.root(), NS_BASE);
-    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let base = namespace_dirs(&l);
     let lower = l.lower(0);
     lower
         .chmod("open", 0o644)
@@ -119,12 +114,12 @@ fn namespace_root_mounts_for_every_user_of_the_namespace() {
         .chown("mine", NS_BASE + 1000, NS_BASE + 1000)
         .chown("home", NS_BASE + 1000, NS_BASE + 1000);
     let as_1000 = "setpriv --reuid=1000 --regid=1000 --clear-groups";
-    let mut sh = Command::new("bash");
-    sh.arg("-euc").arg(format!(
-        r#"
-        b={b}
-        {bin} --lower {lowers} --upper $b/upper --work $b/work $b/merged
-        trap 'umount $b/merged' EXIT
+    let stdout = run_on_mount(
+        user,
+        &l,
+        &base,
+        &format!(
+            r#"
         {as_1000} cat $b/merged/open $b/merged/mine
         echo
         {as_1000} cat $b/merged/closed 2>&1 || true
@@ -134,11 +129,10 @@ fn namespace_root_mounts_for_every_user_of_the_namespace() {
         {bin} --lower {lowers} --upper $b/upper --work $b/work -o allow_root $b/merged
         {as_1000} cat $b/merged/open 2>&1 || true
         "#,
-        b = base.display(),
-        bin = BIN,
-        lowers = l.lowerdir_opt(),
-    ));
-    let stdout = succeeded(&in_mapped_user_namespace(user, sh));
+            bin = BIN,
+            lowers = l.lowerdir_opt(),
+        ),
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "om", "user 1000 reads what it may: {stdout}");
     assert!(
@@ -171,18 +165,13 @@ fn rootless_reads_in_order_are_streamed_ahead() {
     let l = Layers::new(1);
     let data: Vec<u8> = (0..20u64 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
     l.lower(0).file_bytes("big", &data);
-    let base = l.mkdir("u");
-    for d in ["upper", "work", "merged"] {
-        fs::create_dir_all(base.join(d)).unwrap();
-    }
-    chown_tree(l.root(), NS_BASE);
-    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
-    let mut sh = Command::new("bash");
-    sh.arg("-euc").arg(format!(
-        r#"
-        b={b}
-        {bin} --lower {lowers} --upper $b/upper --work $b/work $b/merged
-        trap 'umount $b/merged' EXIT
+    let base = namespace_dirs(&l);
+    let stdout = run_on_mount(
+        user,
+        &l,
+        &base,
+        &format!(
+            r#"
         dd if=$b/merged/big of=/dev/null bs=128k count=16 status=none
         for i in $(seq 100); do
             pages=$(fincore -n -o PAGES $b/merged/big)
@@ -192,12 +181,9 @@ fn rootless_reads_in_order_are_streamed_ahead() {
         echo "resident $pages"
         cmp $b/merged/big {lower}/big && echo same
         "#,
-        b = base.display(),
-        bin = BIN,
-        lowers = l.lowerdir_opt(),
-        lower = l.lowers[0].display(),
-    ));
-    let stdout = succeeded(&in_mapped_user_namespace(user, sh));
+            lower = l.lowers[0].display(),
+        ),
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     let pages: u64 = lines[0]
         .strip_prefix("resident ")
@@ -449,4 +435,35 @@ fn succeeded(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// `u/upper`, `u/work` and `u/merged` beside the layers, all owned by the root of the
+/// namespace `in_mapped_user_namespace` makes; returns `u`.
+fn namespace_dirs(l: &Layers) -> std::path::PathBuf {
+    let base = l.mkdir("u");
+    for d in ["upper", "work", "merged"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    chown_tree(l.root(), NS_BASE);
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    base
+}
+
+/// Runs `body` in bash as the root of a user namespace made by `user`, with the layers
+/// mounted on `$b/merged` (`$b` is `base`, see `namespace_dirs`) and unmounted on exit;
+/// returns its output, which must be a success.
+fn run_on_mount(user: u32, l: &Layers, base: &std::path::Path, body: &str) -> String {
+    let mut sh = Command::new("bash");
+    sh.arg("-euc").arg(format!(
+        r#"
+        b={b}
+        {bin} --lower {lowers} --upper $b/upper --work $b/work $b/merged
+        trap 'umount $b/merged' EXIT
+        {body}
+        "#,
+        b = base.display(),
+        bin = BIN,
+        lowers = l.lowerdir_opt(),
+    ));
+    succeeded(&in_mapped_user_namespace(user, sh))
 }
