@@ -506,7 +506,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let _ = union
         .invalidator
         .set(Invalidator::start(session.notifier()));
-    union.streams.start(session.notifier(), dev_splice);
+    if let Some(dev) = dev_splice {
+        union.streams.start(dev);
+    }
     crate::notify::start_trimmer(union.clone());
     match session.run() {
         Ok(()) => Ok(()),

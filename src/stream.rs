@@ -25,8 +25,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use fuser::{INodeNo, Notifier};
-
 use crate::inode::Node;
 use crate::sys;
 
@@ -80,9 +78,8 @@ pub struct Streams {
     work: Condvar,
     /// Tracks in the map (read without the lock by the paths that would stop them).
     count: AtomicUsize,
-    notifier: OnceLock<Notifier>,
     /// The connection's /dev/fuse, for stores spliced from the layer file (no copy through
-    /// the daemon's memory).
+    /// the daemon's memory); no streaming without it.
     dev: OnceLock<OwnedFd>,
 }
 
@@ -95,7 +92,8 @@ const STORE_HEADER: usize = 40;
 const SPLICED: u64 = 512 << 10;
 const PIPE: usize = 1 << 20;
 
-/// A streaming thread's way of storing: through its pipe, or by copying when there is none.
+/// A streaming thread's pipe: none made yet, made, or none to be had (the thread stores
+/// nothing; copying through the daemon instead was measured to gain nothing).
 enum Splice {
     Untried,
     Ready(Pipe),
@@ -119,12 +117,9 @@ impl Pipe {
 }
 
 impl Streams {
-    /// Enables streaming; called once the session is up (its notifier sends the stores).
-    pub fn start(&self, notifier: Notifier, dev: Option<OwnedFd>) {
-        let _ = self.notifier.set(notifier);
-        if let Some(dev) = dev {
-            let _ = self.dev.set(dev);
-        }
+    /// Enables streaming; called once the session is up, with an fd of its /dev/fuse.
+    pub fn start(&self, dev: OwnedFd) {
+        let _ = self.dev.set(dev);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -141,22 +136,24 @@ impl Streams {
         off: u64,
         len: u64,
     ) {
-        if self.notifier.get().is_none() || len == 0 {
+        // A file is followed from a full read of its start, if it is large enough to gain;
+        // other READs take the lock only while some file is followed.
+        let first = off == 0 && len >= 64 << 10;
+        if self.dev.get().is_none() || !first && self.count.load(Ordering::SeqCst) == 0 {
             return;
         }
+        let size = match first.then(|| sys::fstat(fd.as_fd())) {
+            Some(Ok(st)) if st.st_size as u64 > START + WINDOW => Some(st.st_size as u64),
+            _ => None,
+        };
         let end = off + len;
         let mut g = self.lock();
         g.clock += 1;
         let now = g.clock;
         let mut spawn = false;
         if !g.tracks.contains_key(&node.ino) {
-            // Followed from a read of the start of a file large enough to gain.
-            if off != 0 || len < 64 << 10 {
+            let Some(size) = size else {
                 return;
-            }
-            let size = match sys::fstat(fd.as_fd()) {
-                Ok(st) if st.st_size as u64 > START + WINDOW => st.st_size as u64,
-                _ => return,
             };
             if g.tracks.len() >= TRACKED && !evict(&mut g.tracks) {
                 return;
@@ -265,7 +262,6 @@ impl Streams {
 
     /// The streaming thread: stores chunks of the streams that are behind their target.
     fn run(self: Arc<Self>) {
-        let mut buf: Vec<u8> = Vec::new();
         let mut pipe = Splice::Untried;
         let mut g = self.lock();
         loop {
@@ -276,8 +272,7 @@ impl Streams {
                 .max_by_key(|(_, t)| t.used)
                 .map(|(ino, _)| *ino);
             let Some(ino) = next else {
-                // Nothing to do: give the buffer back and sleep until a reader wakes us.
-                buf = Vec::new();
+                // Nothing to do: sleep until a reader wakes us.
                 g = self.work.wait(g).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
@@ -299,7 +294,7 @@ impl Streams {
             t.stored = to;
             let (fd, node) = (t.fd.clone(), t.node.clone());
             drop(g);
-            let ok = self.store(&mut buf, &mut pipe, &fd, &node, from, to);
+            let ok = self.store(&mut pipe, &fd, node.ino, from, to);
             g = self.lock();
             let Some(t) = g.tracks.get_mut(&ino) else {
                 continue;
@@ -321,75 +316,37 @@ impl Streams {
         }
     }
 
-    /// Reads `[from, to)` of `fd` and stores it in the kernel's cache of `node`, leaving out
-    /// a page that starts a window. False when streaming this node should stop.
-    fn store(
-        &self,
-        buf: &mut Vec<u8>,
-        pipe: &mut Splice,
-        fd: &OwnedFd,
-        node: &Node,
-        from: u64,
-        to: u64,
-    ) -> bool {
-        let Some(notifier) = self.notifier.get() else {
+    /// Stores `[from, to)` of `fd` in the kernel's cache of inode `ino`, leaving out a page
+    /// that starts a window. False when streaming this node should stop.
+    fn store(&self, pipe: &mut Splice, fd: &OwnedFd, ino: u64, from: u64, to: u64) -> bool {
+        let Some(dev) = self.dev.get() else {
             return false;
         };
-        let from = if from % WINDOW == 0 {
+        let mut from = if from % WINDOW == 0 {
             from + PAGE
         } else {
             from
         };
-        if from >= to {
-            return true;
+        if let Splice::Untried = pipe {
+            *pipe = Pipe::new().map_or(Splice::Off, Splice::Ready);
         }
-        let mut from = from;
-        if let Some(dev) = self.dev.get() {
-            if let Splice::Untried = pipe {
-                *pipe = Pipe::new().map_or(Splice::Off, Splice::Ready);
-            }
-            if let Splice::Ready(p) = pipe {
-                while from < to {
-                    let end = (from + SPLICED).min(to);
-                    match splice_store(p, dev, fd, node.ino, from, (end - from) as usize) {
-                        Ok(()) => from = end,
-                        // The kernel no longer has the inode: nothing to store ahead of.
-                        Err(sys::Errno::ENOENT) => return false,
-                        Err(e) => {
-                            // Whatever is left in the pipe goes with it; this thread copies
-                            // from now on.
-                            log::debug!("splicing ahead of a reader failed: {e:?}");
-                            *pipe = Splice::Off;
-                            break;
-                        }
-                    }
-                }
-                if from >= to {
-                    return true;
-                }
-            }
-        }
-        let len = (to - from) as usize;
-        if buf.len() < CHUNK {
-            buf.resize(CHUNK, 0);
-        }
-        let mut n = 0;
-        while n < len {
-            match sys::pread(fd.as_fd(), &mut buf[n..len], from + n as u64) {
-                Ok(0) | Err(_) => break,
-                Ok(got) => n += got,
-            }
-        }
-        if n == 0 {
+        let Splice::Ready(p) = pipe else {
             return false;
-        }
-        match notifier.store(INodeNo(node.ino), from, &buf[..n]) {
-            Ok(()) => n == len,
-            Err(e) => {
-                log::debug!("storing ahead of a reader failed: {e}");
-                false
+        };
+        while from < to {
+            let end = (from + SPLICED).min(to);
+            if let Err(e) = splice_store(p, dev, fd, ino, from, (end - from) as usize) {
+                // ENOENT: the kernel no longer has the inode. Otherwise whatever is left in
+                // the pipe goes with it, and the next chunk gets a new one.
+                if e != sys::Errno::ENOENT {
+                    log::debug!("storing ahead of a reader failed: {e:?}");
+                    *pipe = Splice::Untried;
+                }
+                return false;
             }
+            from = end;
         }
+        true
     }
 }
 
