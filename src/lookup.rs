@@ -266,7 +266,11 @@ impl Union {
             let st = match sys::fstatat(dir.as_fd(), &cname, 0) {
                 Ok(st) => st,
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
-                    if dir.has_aufs_whiteout(name.as_bytes(), loc != Loc::Upper)? {
+                    // A `.wh.NAME` hides the name in the layers below; in the last layer
+                    // there is nothing below to hide.
+                    if i + 1 < layers.len()
+                        && dir.has_aufs_whiteout(name.as_bytes(), loc != Loc::Upper)?
+                    {
                         break;
                     }
                     continue;
