@@ -473,10 +473,26 @@ impl Union {
         let _lock = parent.lock_dir();
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let pst = sys::fstat(dir.as_fd())?;
-        let slot = upper_slot(dir.as_fd(), &cname)?;
+        // Where no lower layer merges into the directory, a whiteout in it hides nothing: the
+        // object is made straight away, and the name is looked at only if it is taken (by
+        // an object, or by a whiteout left from an earlier stack of layers).
+        let mut made = None;
+        if !parent.state().has_lower() {
+            match self.make_at(dir.as_fd(), &cname, &what, caller, &pst) {
+                Err(e) if e.code() == libc::EEXIST => {}
+                r => made = Some(r?),
+            }
+        }
+        let slot = match made {
+            Some(_) => UpperSlot::Empty,
+            None => upper_slot(dir.as_fd(), &cname)?,
+        };
         let (st, fd) = match slot {
             UpperSlot::Object => return Err(Errno::EEXIST),
-            UpperSlot::Empty => self.make_at(dir.as_fd(), &cname, &what, caller, &pst)?,
+            UpperSlot::Empty => match made {
+                Some(made) => made,
+                None => self.make_at(dir.as_fd(), &cname, &what, caller, &pst)?,
+            },
             UpperSlot::AufsWhiteout | UpperSlot::Whiteout => {
                 // A directory made where a lower one was removed is opaque, so the old
                 // contents never come back. It is built whole in the work directory and

@@ -1337,3 +1337,44 @@ fn objects_made_over_a_whiteout_inherit_the_default_acl() {
     assert_eq!(getfacl(&upper), ours);
     assert!(fs::symlink_metadata(upper.join("d/f")).unwrap().is_file());
 }
+
+/// In a directory that lives in the upper layer alone, a name held by a whiteout left from an
+/// earlier stack of layers is free: files and directories are made there as on kernel
+/// overlayfs, a name held by an object stays taken, and unionmount also frees a name held
+/// by a `.wh.NAME` file (a form the kernel does not read).
+#[test]
+fn whiteouts_in_an_upper_only_directory_hold_no_name() {
+    let l = Layers::new(1);
+    l.lower(0).file("elsewhere", "0");
+    let seed = |name: &str| {
+        let d = l.mkdir(&format!("{name}/upper/d"));
+        mknod(&d.join("x"), libc::S_IFCHR, 0);
+        mknod(&d.join("dx"), libc::S_IFCHR, 0);
+        fs::write(d.join("taken"), "t").unwrap();
+        fs::write(d.join(".wh.y"), "").unwrap();
+    };
+    seed("u");
+    seed("k");
+    let run = |m: &Mount| {
+        fs::write(m.path("d/x"), "x").unwrap();
+        fs::create_dir(m.path("d/dx")).unwrap();
+        let taken = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(m.path("d/taken"));
+        (m.read("d/x"), m.path("d/dx").is_dir(), errno(taken))
+    };
+    let m = l.mount("u");
+    let k = l.mount_kernel("k");
+    let ours = run(&m);
+    assert_eq!(ours, ("x".to_string(), true, libc::EEXIST));
+    assert_eq!(ours, run(&k));
+    assert_eq!(m.ls("d"), strs(&["dx", "taken", "x"]));
+    fs::write(m.path("d/y"), "y").unwrap();
+    assert_eq!(m.read("d/y"), "y");
+    assert_eq!(m.ls("d"), strs(&["dx", "taken", "x", "y"]));
+    let upper = m.upper.clone().unwrap();
+    drop(m);
+    assert!(fs::symlink_metadata(upper.join("d/x")).unwrap().is_file());
+    assert!(fs::symlink_metadata(upper.join("d/dx")).unwrap().is_dir());
+}
