@@ -92,14 +92,6 @@ const STORE_HEADER: usize = 40;
 const SPLICED: u64 = 512 << 10;
 const PIPE: usize = 1 << 20;
 
-/// A streaming thread's pipe: none made yet, made, or none to be had (the thread stores
-/// nothing; copying through the daemon instead was measured to gain nothing).
-enum Splice {
-    Untried,
-    Ready(Pipe),
-    Off,
-}
-
 /// A pipe for splicing stores.
 struct Pipe {
     r: OwnedFd,
@@ -262,7 +254,8 @@ impl Streams {
 
     /// The streaming thread: stores chunks of the streams that are behind their target.
     fn run(self: Arc<Self>) {
-        let mut pipe = Splice::Untried;
+        // Made when first needed, and again after a failed store (what is left in it goes).
+        let mut pipe: Option<Pipe> = None;
         let mut g = self.lock();
         loop {
             let next = g
@@ -318,7 +311,9 @@ impl Streams {
 
     /// Stores `[from, to)` of `fd` in the kernel's cache of inode `ino`, leaving out a page
     /// that starts a window. False when streaming this node should stop.
-    fn store(&self, pipe: &mut Splice, fd: &OwnedFd, ino: u64, from: u64, to: u64) -> bool {
+    /// Without a pipe (none to be had) nothing is stored: copying through the daemon instead
+    /// was measured to gain nothing.
+    fn store(&self, pipe: &mut Option<Pipe>, fd: &OwnedFd, ino: u64, from: u64, to: u64) -> bool {
         let Some(dev) = self.dev.get() else {
             return false;
         };
@@ -327,21 +322,22 @@ impl Streams {
         } else {
             from
         };
-        if let Splice::Untried = pipe {
-            *pipe = Pipe::new().map_or(Splice::Off, Splice::Ready);
+        if pipe.is_none() {
+            *pipe = Pipe::new();
         }
-        let Splice::Ready(p) = pipe else {
+        let Some(p) = pipe else {
             return false;
         };
         while from < to {
             let end = (from + SPLICED).min(to);
             if let Err(e) = splice_store(p, dev, fd, ino, from, (end - from) as usize) {
-                // ENOENT: the kernel no longer has the inode. Otherwise whatever is left in
-                // the pipe goes with it, and the next chunk gets a new one.
+                // A header or data may be left in the pipe (a failed read of the layer file
+                // too can be ENOENT): it goes, and the next chunk gets a new one. ENOENT from
+                // /dev/fuse means the kernel no longer has the inode.
                 if e != sys::Errno::ENOENT {
                     log::debug!("storing ahead of a reader failed: {e:?}");
-                    *pipe = Splice::Untried;
                 }
+                *pipe = None;
                 return false;
             }
             from = end;
