@@ -621,6 +621,10 @@ machine_line() {
     fi
     if [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ]; then
         line+=", guest_halt_poll_ns=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)"
+        # A setting of the haltpoll governor, which no CPU uses without a cpuidle driver.
+        if [ "$(cat "$idle/current_driver" 2>/dev/null)" = none ]; then
+            line+=" (not applied: no cpuidle driver)"
+        fi
     fi
     # The system-wide CPU latency limit (2000000000 when nobody asks for one).
     qos=$(od -An -t d4 -N4 /dev/cpu_dma_latency 2>/dev/null | tr -d ' ') || true
