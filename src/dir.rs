@@ -476,81 +476,21 @@ impl Union {
         // Where no lower layer merges into the directory, a whiteout in it hides nothing: the
         // object is made straight away, and the name is looked at only if it is taken (by
         // an object, or by a whiteout left from an earlier stack of layers).
-        let mut made = None;
-        if !parent.state().has_lower() {
+        let made = if parent.state().has_lower() {
+            None
+        } else {
             match self.make_at(dir.as_fd(), &cname, &what, caller, &pst) {
-                Err(e) if e.code() == libc::EEXIST => {}
-                r => made = Some(r?),
+                Err(e) if e.code() == libc::EEXIST => None,
+                r => Some(r?),
             }
-        }
-        let slot = match made {
-            Some(_) => UpperSlot::Empty,
-            None => upper_slot(dir.as_fd(), &cname)?,
         };
-        let (st, fd) = match slot {
-            UpperSlot::Object => return Err(Errno::EEXIST),
-            UpperSlot::Empty => match made {
-                Some(made) => made,
-                None => self.make_at(dir.as_fd(), &cname, &what, caller, &pst)?,
+        let (st, fd) = match made {
+            Some(made) => made,
+            None => match upper_slot(dir.as_fd(), &cname)? {
+                UpperSlot::Object => return Err(Errno::EEXIST),
+                UpperSlot::Empty => self.make_at(dir.as_fd(), &cname, &what, caller, &pst)?,
+                slot => self.make_over_whiteout(dir.as_fd(), &cname, what, caller, &pst, slot)?,
             },
-            UpperSlot::AufsWhiteout | UpperSlot::Whiteout => {
-                // A directory made where a lower one was removed is opaque, so the old
-                // contents never come back. It is built whole in the work directory and
-                // swapped with the whiteout.
-                let work = self.layers.work()?;
-                let tmp = work.temp_name();
-                // Built away from its parent, the object misses the parent's default ACL:
-                // it is applied by hand, and then the umask is not (as for any creation
-                // under a default ACL).
-                let default_acl = self.default_acl(dir.as_fd(), &what)?;
-                let here = if default_acl.is_some() {
-                    what.without_umask()
-                } else {
-                    what
-                };
-                let (mut st, fd) = self.make_at(work.fd(), &tmp, &here, caller, &pst)?;
-                let placed = (|| {
-                    if let Some(default) = &default_acl {
-                        st = inherit_acl(work.fd(), &tmp, default, &what, &st)?;
-                    }
-                    if what.is_dir() {
-                        let d =
-                            sys::openat(work.fd(), &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-                        self.make_opaque(d.as_fd())?;
-                    }
-                    self.tree_change(|| -> Result<()> {
-                        if matches!(slot, UpperSlot::Whiteout) {
-                            if what.is_dir() {
-                                sys::renameat2(
-                                    work.fd(),
-                                    &tmp,
-                                    dir.as_fd(),
-                                    &cname,
-                                    libc::RENAME_EXCHANGE,
-                                )?;
-                                sys::unlinkat(work.fd(), &tmp, 0)?;
-                            } else {
-                                sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, 0)?;
-                            }
-                        } else {
-                            sys::renameat2(
-                                work.fd(),
-                                &tmp,
-                                dir.as_fd(),
-                                &cname,
-                                libc::RENAME_NOREPLACE,
-                            )?;
-                            sys::unlinkat(dir.as_fd(), &aufs_cname(&cname)?, 0)?;
-                        }
-                        Ok(())
-                    })
-                })();
-                if let Err(e) = placed {
-                    let _ = remove_tree(work.fd(), &tmp);
-                    return Err(e);
-                }
-                (st, fd)
-            }
         };
         let found = Found {
             st,
@@ -563,6 +503,60 @@ impl Union {
             self.adjust_subdirs(parent, 1);
         }
         Ok(Created { node, st, fd })
+    }
+
+    /// Makes `what` at `dir/name` where the upper holds a whiteout (`slot`): built whole in
+    /// the work directory and swapped with it. A directory made where a lower one was
+    /// removed is opaque, so the old contents never come back.
+    fn make_over_whiteout(
+        &self,
+        dir: BorrowedFd<'_>,
+        cname: &CStr,
+        what: Make<'_>,
+        caller: &Caller,
+        pst: &Stat,
+        slot: UpperSlot,
+    ) -> Result<(Stat, Option<OwnedFd>)> {
+        let work = self.layers.work()?;
+        let tmp = work.temp_name();
+        // Built away from its parent, the object misses the parent's default ACL:
+        // it is applied by hand, and then the umask is not (as for any creation
+        // under a default ACL).
+        let default_acl = self.default_acl(dir, &what)?;
+        let here = if default_acl.is_some() {
+            what.without_umask()
+        } else {
+            what
+        };
+        let (mut st, fd) = self.make_at(work.fd(), &tmp, &here, caller, pst)?;
+        let placed = (|| {
+            if let Some(default) = &default_acl {
+                st = inherit_acl(work.fd(), &tmp, default, &what, &st)?;
+            }
+            if what.is_dir() {
+                let d = sys::openat(work.fd(), &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                self.make_opaque(d.as_fd())?;
+            }
+            self.tree_change(|| -> Result<()> {
+                if matches!(slot, UpperSlot::Whiteout) {
+                    if what.is_dir() {
+                        sys::renameat2(work.fd(), &tmp, dir, cname, libc::RENAME_EXCHANGE)?;
+                        sys::unlinkat(work.fd(), &tmp, 0)?;
+                    } else {
+                        sys::renameat2(work.fd(), &tmp, dir, cname, 0)?;
+                    }
+                } else {
+                    sys::renameat2(work.fd(), &tmp, dir, cname, libc::RENAME_NOREPLACE)?;
+                    sys::unlinkat(dir, &aufs_cname(cname)?, 0)?;
+                }
+                Ok(())
+            })
+        })();
+        if let Err(e) = placed {
+            let _ = remove_tree(work.fd(), &tmp);
+            return Err(e);
+        }
+        Ok((st, fd))
     }
 
     /// link(2): a new name for `node` in `newparent`.
