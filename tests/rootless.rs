@@ -425,18 +425,6 @@ fn acls_and_noacl() {
     }
 }
 
-/// The standard output of a script that must have succeeded.
-fn succeeded(out: &std::process::Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 /// `u/upper`, `u/work` and `u/merged` beside the layers, all owned by the root of the
 /// namespace `in_mapped_user_namespace` makes; returns `u`.
 fn namespace_dirs(l: &Layers) -> std::path::PathBuf {
@@ -465,5 +453,13 @@ fn run_on_mount(user: u32, l: &Layers, base: &std::path::Path, body: &str) -> St
         bin = BIN,
         lowers = l.lowerdir_opt(),
     ));
-    succeeded(&in_mapped_user_namespace(user, sh))
+    let out = in_mapped_user_namespace(user, sh);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
