@@ -311,6 +311,7 @@ impl Streams {
 
     /// Stores `[from, to)` of `fd` in the kernel's cache of inode `ino`, leaving out a page
     /// that starts a window. False when streaming this node should stop.
+    ///
     /// Without a pipe (none to be had) nothing is stored: copying through the daemon instead
     /// was measured to gain nothing.
     fn store(&self, pipe: &mut Option<Pipe>, fd: &OwnedFd, ino: u64, from: u64, to: u64) -> bool {
