@@ -331,6 +331,54 @@ impl Union {
         self.with_object(node, Loc::Upper, |d, p| sys::removexattr_at(d, p, &cname))
     }
 
+    /// The inode-flag ioctls (`lsattr`, `chattr`: FS_IOC_GETFLAGS, FS_IOC_SETFLAGS,
+    /// FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR), which the kernel forwards for regular files and
+    /// directories. Flags are read from the object the view shows and set on its upper copy
+    /// (made first), where the upper's filesystem enforces them (an immutable file then
+    /// refuses changes through the view too). Any other ioctl is ENOTTY, as in kernel
+    /// overlayfs. Returns the bytes the ioctl hands back.
+    pub fn inode_flags_ioctl(&self, node: &Arc<Node>, cmd: u32, input: &[u8]) -> Result<Vec<u8>> {
+        match cmd {
+            sys::FS_IOC_GETFLAGS => {
+                let fd = self.open_for_ioctl(node, self.top_loc(node))?;
+                Ok(sys::get_inode_flags(fd.as_fd())?.to_ne_bytes().to_vec())
+            }
+            sys::FS_IOC_FSGETXATTR => {
+                let fd = self.open_for_ioctl(node, self.top_loc(node))?;
+                Ok(sys::get_fsxattr(fd.as_fd())?.to_vec())
+            }
+            sys::FS_IOC_SETFLAGS | sys::FS_IOC_FSSETXATTR => {
+                if self.layers.read_only() {
+                    return Err(Errno::EROFS);
+                }
+                self.copy_up(node)?;
+                let fd = self.open_for_ioctl(node, Loc::Upper)?;
+                if cmd == sys::FS_IOC_SETFLAGS {
+                    let flags = input.get(..4).ok_or(Errno::EINVAL)?;
+                    let flags = u32::from_ne_bytes(flags.try_into().map_err(|_| Errno::EINVAL)?);
+                    sys::set_inode_flags(fd.as_fd(), flags)?;
+                } else {
+                    let fsx = input.get(..sys::FSXATTR_SIZE).ok_or(Errno::EINVAL)?;
+                    sys::set_fsxattr(fd.as_fd(), fsx.try_into().map_err(|_| Errno::EINVAL)?)?;
+                }
+                // The change time moved.
+                self.invalidate_attrs(node.ino);
+                Ok(Vec::new())
+            }
+            _ => Err(Errno::ENOTTY),
+        }
+    }
+
+    /// An fd of a node's object in one layer that the flag ioctls accept (not O_PATH).
+    fn open_for_ioctl(&self, node: &Node, loc: Loc) -> Result<OwnedFd> {
+        let flags = if node.is_dir() {
+            libc::O_RDONLY | libc::O_DIRECTORY
+        } else {
+            libc::O_RDONLY | libc::O_NONBLOCK
+        };
+        self.open_in(node, loc, flags)
+    }
+
     pub fn statfs(&self) -> Result<libc::statvfs> {
         let root = match &self.layers.upper {
             Some(u) => u.root(),

@@ -116,7 +116,13 @@ impl CopyUp<'_> {
         let fd = match kind {
             libc::S_IFDIR => {
                 sys::mkdirat(work, &self.tmp, 0o700)?;
-                sys::openat(work, &self.tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?
+                let fd = sys::openat(work, &self.tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                // An unreadable lower directory keeps its flags to itself.
+                let dir = libc::O_RDONLY | libc::O_DIRECTORY;
+                if let Ok(src) = sys::openat(self.src.as_fd(), c".", dir, 0) {
+                    carry_inode_flags(src.as_fd(), fd.as_fd())?;
+                }
+                fd
             }
             libc::S_IFREG => {
                 let fd = sys::openat(
@@ -130,9 +136,18 @@ impl CopyUp<'_> {
                     Data::Nothing => 0,
                     Data::UpTo(n) => n.min(self.st.st_size as u64),
                 };
-                if len > 0 {
-                    let src = self.fs.open_lower_data(self.node)?;
-                    copy_data(src.as_fd(), fd.as_fd(), len)?;
+                let src = if len > 0 {
+                    Some(self.fs.open_lower_data(self.node)?)
+                } else {
+                    // Only for the flags: an unreadable lower file keeps them to itself.
+                    self.fs.open_lower_data(self.node).ok()
+                };
+                if let Some(src) = src {
+                    if len > 0 {
+                        copy_data(src.as_fd(), fd.as_fd(), len)?;
+                    }
+                    // After the data: synchronous updates would slow the copy down.
+                    carry_inode_flags(src.as_fd(), fd.as_fd())?;
                 }
                 fd
             }
@@ -309,6 +324,35 @@ impl Union {
 /// (see `file::split_node`) while the request was on its way. ESTALE makes the kernel look
 /// the name up again and retry once.
 const LAYERLESS: Errno = Errno::ESTALE;
+
+/// Inode flags a copy-up carries to the copy, as kernel overlayfs does: synchronous updates
+/// and no access times (FS_SYNC_FL, FS_NOATIME_FL). Append-only and immutable stay behind
+/// (the copy could not be put in place with them).
+const CARRIED_FLAGS: u32 = 0x0000_0008 | 0x0000_0080;
+
+/// Gives a copy the carried inode flags of its lower object. Where either filesystem has no
+/// inode flags (ENOTTY, EINVAL, EOPNOTSUPP) or the daemon may not set them (EPERM), the copy
+/// goes without.
+fn carry_inode_flags(src: BorrowedFd<'_>, copy: BorrowedFd<'_>) -> Result<()> {
+    let absent = |e: Errno| {
+        matches!(
+            e.code(),
+            libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM
+        )
+    };
+    let carried = match sys::get_inode_flags(src) {
+        Ok(flags) => flags & CARRIED_FLAGS,
+        Err(e) if absent(e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if carried == 0 {
+        return Ok(());
+    }
+    match sys::get_inode_flags(copy).and_then(|f| sys::set_inode_flags(copy, f | carried)) {
+        Err(e) if absent(e) => Ok(()),
+        r => r,
+    }
+}
 
 /// Rootless, chown to an unmapped owner fails; the copy keeps the daemon's owner then.
 fn ignore_rootless_chown(e: Errno) -> Result<()> {

@@ -846,14 +846,21 @@ impl Filesystem for UnionFs {
     fn ioctl(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(Errno::ENOTTY);
+        let res = self
+            .node(ino)
+            .and_then(|n| self.u.inode_flags_ioctl(&n, cmd, in_data));
+        match res {
+            Ok(out) if out.len() <= out_size as usize => reply.ioctl(0, &out),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(log_unexpected("ioctl", e)),
+        }
     }
 }

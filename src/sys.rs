@@ -825,6 +825,67 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
     check(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) }).map(drop)
 }
 
+// Inode flags (`lsattr`/`chattr`), as the ioctls name them.
+pub const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+pub const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+pub const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+/// Size of `struct fsxattr`, the argument of FS_IOC_FS[GS]ETXATTR.
+pub const FSXATTR_SIZE: usize = 28;
+
+/// An object's inode flags (FS_*_FL).
+pub fn get_inode_flags(fd: BorrowedFd<'_>) -> Result<u32> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which is valid.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_GETFLAGS as libc::c_ulong,
+            &mut flags as *mut libc::c_int,
+        )
+    })?;
+    Ok(flags as u32)
+}
+
+pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> Result<()> {
+    let flags = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer, which is valid.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_SETFLAGS as libc::c_ulong,
+            &flags as *const libc::c_int,
+        )
+    })
+    .map(drop)
+}
+
+/// An object's extended attributes of the XFS kind (`struct fsxattr`, as bytes).
+pub fn get_fsxattr(fd: BorrowedFd<'_>) -> Result<[u8; FSXATTR_SIZE]> {
+    let mut buf = [0u8; FSXATTR_SIZE];
+    // SAFETY: FS_IOC_FSGETXATTR writes a struct fsxattr (28 bytes) into the buffer.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_FSGETXATTR as libc::c_ulong,
+            buf.as_mut_ptr(),
+        )
+    })?;
+    Ok(buf)
+}
+
+pub fn set_fsxattr(fd: BorrowedFd<'_>, fsx: &[u8; FSXATTR_SIZE]) -> Result<()> {
+    // SAFETY: FS_IOC_FSSETXATTR reads a struct fsxattr (28 bytes) from the buffer.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_FSSETXATTR as libc::c_ulong,
+            fsx.as_ptr(),
+        )
+    })
+    .map(drop)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Process state
 

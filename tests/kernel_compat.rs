@@ -687,3 +687,161 @@ fn remount_shows_same_tree() {
     fs::write(u2.path("after"), "x").unwrap();
     assert_eq!(fs::read(u2.upper_path("after")).unwrap(), b"x");
 }
+
+// ---------------------------------------------------------------------------------------
+// Inode flags (lsattr/chattr)
+// ---------------------------------------------------------------------------------------
+
+/// What one mount shows of inode flags and what changing them does, as (what, result) rows.
+fn inode_flag_rows(m: &Mount) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let mut row = |what: &str, r: String| rows.push((what.to_string(), r));
+    for name in ["", "d", "d/noatime", "d/plain", "d/sub", "d/fifo"] {
+        row(
+            &format!("flags of {name:?}"),
+            format!("{:?}", get_flags(&m.path(name))),
+        );
+    }
+    row(
+        "xflags of d/noatime",
+        format!("{:?}", get_xflags(&m.path("d/noatime"))),
+    );
+    // Copy-ups carry FS_SYNC_FL and FS_NOATIME_FL, not FS_NODUMP_FL.
+    row(
+        "chmod d/noatime",
+        format!(
+            "{:?}",
+            io(fs::set_permissions(
+                m.path("d/noatime"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600)
+            ))
+        ),
+    );
+    row(
+        "copied file",
+        format!("{:?}", get_flags(&m.path("d/noatime"))),
+    );
+    row(
+        "create in d/sub",
+        format!("{:?}", io(fs::write(m.path("d/sub/new"), "n"))),
+    );
+    row(
+        "copied directory",
+        format!("{:?}", get_flags(&m.path("d/sub"))),
+    );
+    // Set through the view (the file is copied up first).
+    row(
+        "chattr +d d/plain",
+        format!("{:?}", add_flags(&m.path("d/plain"), FS_NODUMP_FL)),
+    );
+    row(
+        "flags of d/plain",
+        format!("{:?}", get_flags(&m.path("d/plain"))),
+    );
+    row(
+        "read d/plain",
+        format!(
+            "{:?}",
+            fs::read_to_string(m.path("d/plain")).map_err(|e| e.raw_os_error())
+        ),
+    );
+    // An immutable file refuses every change.
+    let frozen = m.path("d/frozen");
+    row(
+        "chattr +i d/frozen",
+        format!("{:?}", add_flags(&frozen, FS_IMMUTABLE_FL)),
+    );
+    row("flags of d/frozen", format!("{:?}", get_flags(&frozen)));
+    row(
+        "write d/frozen",
+        format!("{:?}", io(OpenOptions::new().append(true).open(&frozen))),
+    );
+    row(
+        "chmod d/frozen",
+        format!(
+            "{:?}",
+            io(fs::set_permissions(
+                &frozen,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600)
+            ))
+        ),
+    );
+    row(
+        "unlink d/frozen",
+        format!("{:?}", io(fs::remove_file(&frozen))),
+    );
+    row(
+        "rename d/frozen",
+        format!("{:?}", io(fs::rename(&frozen, m.path("d/thawed")))),
+    );
+    row(
+        "chattr -i d/frozen",
+        format!("{:?}", remove_flags(&frozen, FS_IMMUTABLE_FL)),
+    );
+    row(
+        "append d/frozen",
+        format!(
+            "{:?}",
+            io(OpenOptions::new()
+                .append(true)
+                .open(&frozen)
+                .and_then(|mut f| f.write_all(b"+")))
+        ),
+    );
+    row(
+        "read d/frozen",
+        format!(
+            "{:?}",
+            fs::read_to_string(&frozen).map_err(|e| e.raw_os_error())
+        ),
+    );
+    row(
+        "unlink d/frozen again",
+        format!("{:?}", io(fs::remove_file(&frozen))),
+    );
+    rows
+}
+
+/// lsattr/chattr through the view: the flags shown, what a copy-up carries, flags set on
+/// the upper copy, and an immutable file refusing changes, as kernel overlayfs.
+#[test]
+fn inode_flags_match_kernel_overlayfs() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("d/noatime", "a")
+        .file("d/plain", "p")
+        .file("d/frozen", "f")
+        .dir("d/sub")
+        .fifo("d/fifo");
+    let lower = l.lower(0);
+    add_flags(
+        &lower.path("d/noatime"),
+        FS_NOATIME_FL | FS_SYNC_FL | FS_NODUMP_FL,
+    )
+    .unwrap();
+    add_flags(&lower.path("d/sub"), FS_NOATIME_FL | FS_NODUMP_FL).unwrap();
+    let k = l.mount_kernel("k");
+    let want = inode_flag_rows(&k);
+    let u = l.mount("u");
+    let got = inode_flag_rows(&u);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
+    }
+    // The flags that are no protection flags land on the upper copies alike.
+    for name in ["d/noatime", "d/sub", "d/plain", "d/frozen"] {
+        let (kf, uf) = (
+            get_flags(&k.upper_path(name)),
+            get_flags(&u.upper_path(name)),
+        );
+        assert_eq!(kf, uf, "{name}: flags in the upper");
+    }
+    let copied = get_flags(&u.upper_path("d/noatime")).unwrap();
+    assert_eq!(
+        copied & (FS_NOATIME_FL | FS_SYNC_FL | FS_NODUMP_FL),
+        FS_NOATIME_FL | FS_SYNC_FL
+    );
+    assert_eq!(
+        get_flags(&u.upper_path("d/plain")).unwrap() & FS_NODUMP_FL,
+        FS_NODUMP_FL
+    );
+}

@@ -463,3 +463,64 @@ fn run_on_mount(user: u32, l: &Layers, base: &std::path::Path, body: &str) -> St
     );
     stdout
 }
+
+/// lsattr/chattr through an unprivileged mount: flags read, ordinary flags set on the upper
+/// copy and carried by a copy-up; the protection flags refused (EPERM), as for kernel
+/// overlayfs in a user namespace (they need CAP_LINUX_IMMUTABLE in the initial one).
+#[test]
+fn inode_flags_through_an_unprivileged_mount() {
+    test_user();
+    let l = Layers::new(1);
+    l.lower(0).file("noatime", "a").file("plain", "p");
+    add_flags(&l.lower(0).path("noatime"), FS_NOATIME_FL).unwrap();
+    let base = l.mkdir("u");
+    for d in ["upper", "work", "merged"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    chown_tree(l.root(), uid_of(TEST_USER).unwrap());
+    let out = as_user_in_namespace(&format!(
+        r#"
+        {bin} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
+        trap 'fusermount3 -u {b}/merged 2>/dev/null || umount -l {b}/merged' EXIT
+        /usr/bin/python3 - {b}/merged <<'PY'
+import errno, fcntl, os, struct, sys
+m = sys.argv[1]
+def flags(p):
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, 0x80086601, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+def setflags(p, f):
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, 0x40086602, struct.pack("i", f))
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    finally:
+        os.close(fd)
+print("noatime", flags(m + "/noatime") & 0xff)
+print("nodump", setflags(m + "/plain", flags(m + "/plain") | 0x40), flags(m + "/plain") & 0xff)
+print("immutable", setflags(m + "/plain", flags(m + "/plain") | 0x10), flags(m + "/plain") & 0xff)
+os.chmod(m + "/noatime", 0o600)
+print("copied", flags(m + "/noatime") & 0xff)
+PY
+        "#,
+        bin = BIN,
+        lowers = l.lowerdir_opt(),
+        b = base.display()
+    ));
+    assert_eq!(
+        out,
+        format!(
+            "noatime {FS_NOATIME_FL}\nnodump ok {FS_NODUMP_FL}\nimmutable EPERM {FS_NODUMP_FL}\ncopied {FS_NOATIME_FL}\n"
+        )
+    );
+    let upper = base.join("upper");
+    for (name, want) in [("plain", FS_NODUMP_FL), ("noatime", FS_NOATIME_FL)] {
+        let flags = get_flags(&upper.join(name)).unwrap();
+        assert_eq!(flags & 0xff, want, "{name} in the upper");
+    }
+}

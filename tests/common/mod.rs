@@ -1400,3 +1400,65 @@ pub fn processes(matches: impl Fn(Option<&Path>, &[String]) -> bool) -> Vec<i32>
     }
     out
 }
+
+// Inode flags (FS_IOC_GETFLAGS and friends: lsattr/chattr), errors as errnos.
+
+pub const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+pub const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+pub const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+pub const FS_SYNC_FL: u32 = 0x8;
+pub const FS_IMMUTABLE_FL: u32 = 0x10;
+pub const FS_NODUMP_FL: u32 = 0x40;
+pub const FS_NOATIME_FL: u32 = 0x80;
+
+pub fn open_for_flags(p: &Path) -> Result<fs::File, i32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(p)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+pub fn get_flags(p: &Path) -> Result<u32, i32> {
+    use std::os::fd::AsRawFd;
+    let f = open_for_flags(p)?;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through a valid pointer.
+    flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags) })?;
+    Ok(flags as u32)
+}
+
+pub fn set_flags(p: &Path, flags: u32) -> Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    let f = open_for_flags(p)?;
+    let flags = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads one int through a valid pointer.
+    flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_SETFLAGS, &flags) })
+}
+
+/// `fsx_xflags`, the first field of FS_IOC_FSGETXATTR's struct fsxattr.
+pub fn get_xflags(p: &Path) -> Result<u32, i32> {
+    use std::os::fd::AsRawFd;
+    let f = open_for_flags(p)?;
+    let mut fsx = [0u32; 7];
+    // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr into the buffer.
+    flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, fsx.as_mut_ptr()) })?;
+    Ok(fsx[0])
+}
+
+pub fn add_flags(p: &Path, add: u32) -> Result<(), i32> {
+    set_flags(p, get_flags(p)? | add)
+}
+
+pub fn remove_flags(p: &Path, remove: u32) -> Result<(), i32> {
+    set_flags(p, get_flags(p)? & !remove)
+}
+
+fn flag_rc(r: libc::c_int) -> Result<(), i32> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+    } else {
+        Ok(())
+    }
+}
