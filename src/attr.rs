@@ -274,11 +274,20 @@ impl Union {
         self.with_object(node, self.top_loc(node), sys::readlinkat)
     }
 
-    pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
+    /// The name a view's xattr is stored under (see `whiteout::escape_xattr`); ENOTSUP for a
+    /// name private to the daemon.
+    fn stored_xattr_name(&self, name: &OsStr) -> Result<std::ffi::CString> {
+        if let Some(real) = whiteout::escape_xattr(name.as_bytes()) {
+            return sys::cstr(OsStr::from_bytes(&real));
+        }
         if self.is_private_xattr(name.as_bytes()) {
             return Err(Errno::ENOTSUP);
         }
-        let cname = sys::cstr(name)?;
+        sys::cstr(name)
+    }
+
+    pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
+        let cname = self.stored_xattr_name(name)?;
         let value = self
             .with_object(node, self.top_loc(node), |d, p| {
                 sys::getxattr_vec_at(d, p, &cname)
@@ -291,7 +300,10 @@ impl Union {
         let names = self.with_object(node, self.top_loc(node), sys::listxattr_vec_at)?;
         let mut out = Vec::new();
         for n in names {
-            if !self.is_private_xattr(n.as_bytes()) {
+            if let Some(view) = whiteout::unescape_xattr(n.as_bytes()) {
+                out.extend_from_slice(&view);
+                out.push(0);
+            } else if !self.is_private_xattr(n.as_bytes()) {
                 out.extend_from_slice(n.as_bytes());
                 out.push(0);
             }
@@ -303,11 +315,8 @@ impl Union {
         if self.layers.read_only() {
             return Err(Errno::EROFS);
         }
-        if self.is_private_xattr(name.as_bytes()) {
-            return Err(Errno::ENOTSUP);
-        }
+        let cname = self.stored_xattr_name(name)?;
         self.copy_up(node)?;
-        let cname = sys::cstr(name)?;
         self.with_object(node, Loc::Upper, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)
         })
@@ -317,10 +326,7 @@ impl Union {
         if self.layers.read_only() {
             return Err(Errno::EROFS);
         }
-        if self.is_private_xattr(name.as_bytes()) {
-            return Err(Errno::ENOTSUP);
-        }
-        let cname = sys::cstr(name)?;
+        let cname = self.stored_xattr_name(name)?;
         if node.state().upper.is_none() {
             // Nothing to remove: no copy-up, as kernel overlayfs.
             self.with_object(node, self.top_loc(node), |d, p| {

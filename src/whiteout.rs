@@ -74,11 +74,44 @@ pub fn is_private_name(name: &[u8]) -> bool {
     name.starts_with(WH_PREFIX)
 }
 
-/// Xattrs private to overlay formats: hidden from listings, refused on set.
+/// Prefixes of overlayfs's own xattrs, in its two formats.
+const OVERLAY_XATTR_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+
+/// What an escaped overlay xattr name adds after the prefix (see `escape_xattr`).
+const ESCAPE: &[u8] = b"overlay.";
+
+/// Xattrs private to overlay formats: hidden from listings, refused on set. Escaped names
+/// (`trusted.overlay.overlay.*`) are not: they hold the view's own `trusted.overlay.*`.
 pub fn is_private_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.")
-        || name.starts_with(b"user.overlay.")
-        || name.starts_with(b"user.fuseoverlayfs.")
+    OVERLAY_XATTR_PREFIXES.iter().any(|p| {
+        name.strip_prefix(*p)
+            .is_some_and(|rest| !rest.starts_with(ESCAPE))
+    }) || name.starts_with(b"user.fuseoverlayfs.")
+}
+
+/// The name a view's xattr in overlayfs's namespace is stored under, as kernel overlayfs
+/// (Linux 6.7 and later) stores it so that an overlay can be nested in another:
+/// `trusted.overlay.NAME` as `trusted.overlay.overlay.NAME`, and likewise `user.overlay.`.
+/// None for any other name.
+pub fn escape_xattr(view: &[u8]) -> Option<Vec<u8>> {
+    let prefix = OVERLAY_XATTR_PREFIXES
+        .iter()
+        .find(|p| view.starts_with(p))?;
+    let mut real = prefix.to_vec();
+    real.extend_from_slice(ESCAPE);
+    real.extend_from_slice(&view[prefix.len()..]);
+    Some(real)
+}
+
+/// The view's name of a stored escaped xattr (the reverse of `escape_xattr`); None for any
+/// other name.
+pub fn unescape_xattr(real: &[u8]) -> Option<Vec<u8>> {
+    OVERLAY_XATTR_PREFIXES.iter().find_map(|p| {
+        let rest = real.strip_prefix(*p)?.strip_prefix(ESCAPE)?;
+        let mut view = p.to_vec();
+        view.extend_from_slice(rest);
+        Some(view)
+    })
 }
 
 /// `.wh.` + name.
@@ -141,5 +174,32 @@ mod tests {
         assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
         assert!(!is_private_xattr(b"user.overlayfoo"));
         assert!(!is_private_xattr(b"security.capability"));
+        assert!(!is_private_xattr(b"trusted.overlay.overlay.opaque"));
+        assert!(!is_private_xattr(b"user.overlay.overlay.x"));
+    }
+
+    #[test]
+    fn escaped_xattrs() {
+        let esc = |n: &[u8]| escape_xattr(n).map(|v| String::from_utf8(v).unwrap());
+        let unesc = |n: &[u8]| unescape_xattr(n).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            esc(b"trusted.overlay.opaque").as_deref(),
+            Some("trusted.overlay.overlay.opaque")
+        );
+        assert_eq!(
+            esc(b"user.overlay.overlay.x").as_deref(),
+            Some("user.overlay.overlay.overlay.x")
+        );
+        assert_eq!(esc(b"user.overlayx"), None);
+        assert_eq!(esc(b"user.fuseoverlayfs.opaque"), None);
+        assert_eq!(
+            unesc(b"trusted.overlay.overlay.opaque").as_deref(),
+            Some("trusted.overlay.opaque")
+        );
+        assert_eq!(unesc(b"trusted.overlay.opaque"), None);
+        assert_eq!(unesc(b"user.other"), None);
+        for n in [&b"trusted.overlay.a"[..], b"user.overlay.overlay.b"] {
+            assert_eq!(unescape_xattr(&escape_xattr(n).unwrap()).unwrap(), n);
+        }
     }
 }
