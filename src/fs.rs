@@ -565,8 +565,11 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        // A process that does not look up what it lists gets one entry here; the kernel
-        // (readdirplus=auto) reads the rest as a plain listing.
+        // A process that does not look up what it lists gets one entry here (after `.` and
+        // `..`, which cost nothing); the kernel (readdirplus=auto) reads the rest as a plain
+        // listing. One real entry it must get: some readers in the kernel take a single
+        // batch (overlayfs, checking that its upper layer reports file types, ignores `.` and
+        // `..` and refuses a layer whose first batch holds nothing else).
         let decision = match self.u.opts.readdirplus {
             ReaddirPlus::Auto => self.walkers.decide(req.pid(), ino.0),
             _ => Decision {
@@ -604,7 +607,6 @@ impl Filesystem for UnionFs {
                         &attr,
                         Generation(0),
                     );
-                    quota -= usize::from(!full);
                     return full;
                 }
                 // Every entry sent counts as a lookup; one that does not fit is given back,
