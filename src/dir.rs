@@ -704,7 +704,10 @@ impl Union {
         Ok(())
     }
 
-    /// rename(2)/renameat2(2) with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`.
+    /// rename(2)/renameat2(2) with `RENAME_NOREPLACE`, `RENAME_EXCHANGE` and
+    /// `RENAME_WHITEOUT`. The last leaves a character device 0/0 at the old name, as the view
+    /// shows devices (kernel overlayfs needs it of its upper layer, so it can be nested on
+    /// this mount); the device is made right after the rename, not in the same step.
     pub fn rename(
         &self,
         parent: &Arc<Node>,
@@ -712,13 +715,20 @@ impl Union {
         newparent: &Arc<Node>,
         newname: &OsStr,
         flags: u32,
+        caller: &Caller,
     ) -> Result<()> {
         self.check_writable()?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
-        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
-        {
+        let whiteout = flags & libc::RENAME_WHITEOUT != 0;
+        let known = libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE | libc::RENAME_WHITEOUT;
+        if flags & !known != 0 || (exchange && (noreplace || whiteout)) {
             return Err(Errno::EINVAL);
+        }
+        if whiteout && self.layers.format != Format::Trusted && self.override_xattr().is_none() {
+            // A daemon that may make no device but 0/0 (the layers' own whiteout) could not
+            // leave one the view shows.
+            return Err(Errno::EPERM);
         }
         check_new_name(newname)?;
         let src_found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
@@ -735,11 +745,23 @@ impl Union {
             exchange,
             noreplace,
         );
+        let same_file = dst.as_ref().is_some_and(|d| d.ino == src.ino);
         self.table.unpin(&src, 1);
         if let Some(d) = &dst {
             self.table.unpin(d, 1);
         }
-        res
+        res?;
+        if whiteout && !same_file {
+            let device = Make::Node {
+                mode: libc::S_IFCHR,
+                umask: 0,
+                rdev: 0,
+            };
+            // The kernel moved its entry to the new name and holds none for the device.
+            let made = self.create(parent, name, device, caller)?;
+            self.table.unpin(&made.node, 1);
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

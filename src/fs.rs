@@ -353,7 +353,7 @@ impl Filesystem for UnionFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -363,7 +363,8 @@ impl Filesystem for UnionFs {
     ) {
         let res = self.node(parent).and_then(|p| {
             let np = self.node(newparent)?;
-            self.u.rename(&p, name, &np, newname, flags.bits())
+            self.u
+                .rename(&p, name, &np, newname, flags.bits(), &caller(req))
         });
         match res {
             Ok(()) => reply.ok(),

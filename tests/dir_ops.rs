@@ -1378,3 +1378,117 @@ fn whiteouts_in_an_upper_only_directory_hold_no_name() {
     assert!(fs::symlink_metadata(upper.join("d/x")).unwrap().is_file());
     assert!(fs::symlink_metadata(upper.join("d/dx")).unwrap().is_dir());
 }
+
+const WHITEOUT_FLAG: u32 = libc::RENAME_WHITEOUT;
+
+/// renameat2(RENAME_WHITEOUT) leaves a character device 0/0 at the old name, as on ext4
+/// (kernel overlayfs refuses the flag with EINVAL: no comparison with it here).
+#[test]
+fn rename_whiteout_leaves_a_device_as_on_ext4() {
+    set_umask();
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("lf", "lower")
+        .file("lg", "lower g")
+        .file("lh", "lower h");
+    age_all(&l);
+    let ops = [
+        (Write("uf", "upper"), Ok(())),
+        (Rename2("uf", "ug", WHITEOUT_FLAG), Ok(())),
+        (Rename2("lf", "lf2", WHITEOUT_FLAG), Ok(())),
+        (Rename2("lg", "lh", WHITEOUT_FLAG), Ok(())),
+        (Mkdir("ud"), Ok(())),
+        (Write("ud/in", "i"), Ok(())),
+        (Rename2("ud", "ud2", WHITEOUT_FLAG), Ok(())),
+        (
+            Rename2("lh", "lf2", WHITEOUT_FLAG | EXCHANGE),
+            Err(libc::EINVAL),
+        ),
+        (Rename2("missing", "x", WHITEOUT_FLAG), Err(libc::ENOENT)),
+        (
+            Rename2("lh", "ug", WHITEOUT_FLAG | NOREPLACE),
+            Err(libc::EEXIST),
+        ),
+    ];
+    // The same on a plain ext4 directory holding what the view shows.
+    let plain = l.mkdir("plain");
+    for (f, c) in [("lf", "lower"), ("lg", "lower g"), ("lh", "lower h")] {
+        fs::write(plain.join(f), c).unwrap();
+    }
+    let on_ext4 = apply(&plain, &ops);
+    let expected: Vec<Result<(), i32>> = ops.iter().map(|(_, r)| *r).collect();
+    assert_eq!(on_ext4, expected, "ext4's results");
+    let m = run_union(&l, &ops);
+    let names = ["uf", "ug", "lf", "lf2", "lg", "lh", "ud", "ud2", "ud2/in"];
+    for n in names {
+        assert_eq!(
+            entry(&m.path(n)),
+            entry(&plain.join(n)),
+            "{n}: the view against ext4"
+        );
+    }
+    for n in ["ug", "lf2", "lh", "ud2/in"] {
+        assert_eq!(
+            fs::read_to_string(m.path(n)).unwrap(),
+            fs::read_to_string(plain.join(n)).unwrap(),
+            "{n}"
+        );
+    }
+    assert_eq!(m.ls(""), {
+        let mut v: Vec<String> = fs::read_dir(&plain)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    });
+    // In the upper, the devices are stand-ins, not whiteouts: nothing is hidden.
+    for n in ["uf", "lf", "lg", "ud"] {
+        assert_eq!(
+            entry(&m.upper_path(n)),
+            Some(('c', libc::makedev(0, 0xfffff))),
+            "upper {n}"
+        );
+    }
+}
+
+/// Kernel overlayfs mounted with its upper and work directories on unionmount (it needs
+/// RENAME_WHITEOUT, whiteout devices and its own `trusted.overlay.*` xattrs of its upper):
+/// deletes, an opaque directory and a copied-up rename work, and survive a remount.
+#[test]
+fn kernel_overlayfs_nests_on_the_mount() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("in/lo/b", "b")
+        .file("in/lo/c", "c\n")
+        .file("in/lo/dd/a", "a")
+        .dir("in/up")
+        .dir("in/wk")
+        .dir("in/mnt");
+    let m = l.mount("u");
+    let lower = m.path("in/lo").display().to_string();
+    let (up, wk, mnt) = (m.path("in/up"), m.path("in/wk"), m.path("in/mnt"));
+    let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
+    fs::remove_dir_all(n.path("dd")).unwrap();
+    fs::create_dir(n.path("dd")).unwrap();
+    fs::write(n.path("dd/n"), "n").unwrap();
+    fs::remove_file(n.path("b")).unwrap();
+    fs::rename(n.path("c"), n.path("c2")).unwrap();
+    n.append("c2", "more\n");
+    let check = |n: &Mount, what: &str| {
+        assert_eq!(n.ls(""), vec!["c2", "dd"], "{what}");
+        assert_eq!(n.ls("dd"), vec!["n"], "{what}");
+        assert_eq!(n.read("c2"), "c\nmore\n", "{what}");
+    };
+    check(&n, "nested view");
+    drop(n);
+    // What the nested upper holds, seen through unionmount: its whiteouts and marker.
+    assert_eq!(entry(&m.path("in/up/b")), WHITEOUT);
+    assert_eq!(entry(&m.path("in/up/c")), WHITEOUT);
+    assert_eq!(
+        get_xattr(&m.path("in/up/dd"), "trusted.overlay.opaque"),
+        Ok(b"y".to_vec())
+    );
+    let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
+    check(&n, "nested view after a remount");
+}
