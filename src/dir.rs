@@ -707,7 +707,9 @@ impl Union {
     /// rename(2)/renameat2(2) with `RENAME_NOREPLACE`, `RENAME_EXCHANGE` and
     /// `RENAME_WHITEOUT`. The last leaves a character device 0/0 at the old name, as the view
     /// shows devices (kernel overlayfs needs it of its upper layer, so it can be nested on
-    /// this mount); the device is made right after the rename, not in the same step.
+    /// this mount). The device is made in the work directory first, so that failing to make
+    /// it (no space, no right to make devices) refuses the rename, and is moved to the old
+    /// name right after the rename.
     pub fn rename(
         &self,
         parent: &Arc<Node>,
@@ -725,16 +727,27 @@ impl Union {
         if flags & !known != 0 || (exchange && (noreplace || whiteout)) {
             return Err(Errno::EINVAL);
         }
-        if whiteout && self.layers.format != Format::Trusted && self.override_xattr().is_none() {
-            // A daemon that may make no device but 0/0 (the layers' own whiteout) could not
-            // leave one the view shows.
-            return Err(Errno::EPERM);
-        }
         check_new_name(newname)?;
         let src_found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
         let dst_found = self.probe(newparent, newname)?;
         let src = self.node_for(parent, name, src_found);
         let dst = dst_found.map(|f| self.node_for(newparent, newname, f));
+        // Two names of one file: rename(2) does nothing, and leaves no device either.
+        let same_file = dst.as_ref().is_some_and(|d| d.ino == src.ino);
+        let device = if whiteout && !same_file {
+            match self.build_rename_whiteout(parent, caller) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.table.unpin(&src, 1);
+                    if let Some(d) = &dst {
+                        self.table.unpin(d, 1);
+                    }
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let res = self.rename_nodes(
             parent,
             name,
@@ -745,22 +758,74 @@ impl Union {
             exchange,
             noreplace,
         );
-        let same_file = dst.as_ref().is_some_and(|d| d.ino == src.ino);
         self.table.unpin(&src, 1);
         if let Some(d) = &dst {
             self.table.unpin(d, 1);
         }
-        res?;
-        if whiteout && !same_file {
-            let device = Make::Node {
-                mode: libc::S_IFCHR,
-                umask: 0,
-                rdev: 0,
-            };
-            // The kernel moved its entry to the new name and holds none for the device.
-            let made = self.create(parent, name, device, caller)?;
-            self.table.unpin(&made.node, 1);
+        let Some((tmp, st)) = device else {
+            return res;
+        };
+        let res = res.and_then(|()| self.place_rename_whiteout(parent, name, &tmp, st));
+        if res.is_err() {
+            let _ = sys::unlinkat(self.layers.work()?.fd(), &tmp, 0);
         }
+        res
+    }
+
+    /// For RENAME_WHITEOUT: the character device 0/0 (the stand-in on disk) to leave at the
+    /// old name in `parent`, made in the work directory with the caller as owner.
+    fn build_rename_whiteout(
+        &self,
+        parent: &Arc<Node>,
+        caller: &Caller,
+    ) -> Result<(CString, Stat)> {
+        self.copy_up(parent)?;
+        let dir = self.dir_fd(parent, Loc::Upper)?;
+        let pst = sys::fstat(dir.as_fd())?;
+        let work = self.layers.work()?;
+        let tmp = work.temp_name();
+        let device = Make::Node {
+            mode: libc::S_IFCHR,
+            umask: 0,
+            rdev: whiteout::DEVZERO_STANDIN,
+        };
+        let (st, _) = self.make_at(work.fd(), &tmp, &device, caller, &pst)?;
+        Ok((tmp, st))
+    }
+
+    /// Moves the device made by `build_rename_whiteout` to the old name, over the whiteout
+    /// the rename left there if the name was also in a lower layer.
+    fn place_rename_whiteout(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        tmp: &CStr,
+        st: Stat,
+    ) -> Result<()> {
+        let cname = sys::cstr(name)?;
+        let work = self.layers.work()?;
+        let _lock = parent.lock_dir();
+        let dir = self.dir_fd(parent, Loc::Upper)?;
+        let dir = dir.as_fd();
+        let slot = upper_slot(dir, &cname)?;
+        self.tree_change(|| match slot {
+            UpperSlot::Whiteout => sys::renameat2(work.fd(), tmp, dir, &cname, 0),
+            UpperSlot::Empty => sys::renameat2(work.fd(), tmp, dir, &cname, libc::RENAME_NOREPLACE),
+            UpperSlot::AufsWhiteout => {
+                sys::renameat2(work.fd(), tmp, dir, &cname, libc::RENAME_NOREPLACE)?;
+                sys::unlinkat(dir, &aufs_cname(&cname)?, 0)
+            }
+            UpperSlot::Object => Err(Errno::EEXIST),
+        })?;
+        let found = Found {
+            st,
+            upper: Some(RealId::of(&st)),
+            lowers: Few::new(),
+        };
+        // The kernel moved its entry to the new name and holds none for the device.
+        let node = self.node_for(parent, name, found);
+        self.table.unpin(&node, 1);
+        self.dir_changed(parent);
         Ok(())
     }
 

@@ -1381,6 +1381,11 @@ fn whiteouts_in_an_upper_only_directory_hold_no_name() {
 
 const WHITEOUT_FLAG: u32 = libc::RENAME_WHITEOUT;
 
+/// renameat2(pub/mine, pub/moved, RENAME_WHITEOUT) from the shell of an `As` step.
+const RENAME_WHITEOUT_PY: &str = "python3 -c 'import ctypes, sys; l = ctypes.CDLL(None, \
+    use_errno=True); sys.exit(0 if l.renameat2(-100, b\"pub/mine\", -100, b\"pub/moved\", 4) == 0 \
+    else 1)'";
+
 /// renameat2(RENAME_WHITEOUT) leaves a character device 0/0 at the old name, as on ext4
 /// (kernel overlayfs refuses the flag with EINVAL: no comparison with it here).
 #[test]
@@ -1390,11 +1395,17 @@ fn rename_whiteout_leaves_a_device_as_on_ext4() {
     l.lower(0)
         .file("lf", "lower")
         .file("lg", "lower g")
-        .file("lh", "lower h");
+        .file("lh", "lower h")
+        .dir("pub")
+        .chmod("pub", 0o777)
+        .file("pub/mine", "m")
+        .chown("pub/mine", USER, USER);
     age_all(&l);
     let ops = [
         (Write("uf", "upper"), Ok(())),
         (Rename2("uf", "ug", WHITEOUT_FLAG), Ok(())),
+        // An unprivileged caller may (Linux 5.8 and later); the device is the caller's.
+        (As(USER, RENAME_WHITEOUT_PY), Ok(())),
         (Rename2("lf", "lf2", WHITEOUT_FLAG), Ok(())),
         (Rename2("lg", "lh", WHITEOUT_FLAG), Ok(())),
         (Mkdir("ud"), Ok(())),
@@ -1415,11 +1426,28 @@ fn rename_whiteout_leaves_a_device_as_on_ext4() {
     for (f, c) in [("lf", "lower"), ("lg", "lower g"), ("lh", "lower h")] {
         fs::write(plain.join(f), c).unwrap();
     }
+    fs::create_dir(plain.join("pub")).unwrap();
+    let open = std::os::unix::fs::PermissionsExt::from_mode(0o777);
+    fs::set_permissions(plain.join("pub"), open).unwrap();
+    fs::write(plain.join("pub/mine"), "m").unwrap();
+    std::os::unix::fs::chown(plain.join("pub/mine"), Some(USER), Some(USER)).unwrap();
     let on_ext4 = apply(&plain, &ops);
     let expected: Vec<Result<(), i32>> = ops.iter().map(|(_, r)| *r).collect();
     assert_eq!(on_ext4, expected, "ext4's results");
     let m = run_union(&l, &ops);
-    let names = ["uf", "ug", "lf", "lf2", "lg", "lh", "ud", "ud2", "ud2/in"];
+    let names = [
+        "uf",
+        "ug",
+        "lf",
+        "lf2",
+        "lg",
+        "lh",
+        "ud",
+        "ud2",
+        "ud2/in",
+        "pub/mine",
+        "pub/moved",
+    ];
     for n in names {
         assert_eq!(
             entry(&m.path(n)),
@@ -1427,6 +1455,19 @@ fn rename_whiteout_leaves_a_device_as_on_ext4() {
             "{n}: the view against ext4"
         );
     }
+    // The devices' owners and modes (S_IFCHR with no permission bits).
+    for n in ["uf", "lf", "lg", "ud", "pub/mine"] {
+        let (v, e) = (
+            fs::symlink_metadata(m.path(n)).unwrap(),
+            fs::symlink_metadata(plain.join(n)).unwrap(),
+        );
+        assert_eq!(
+            (v.mode(), v.uid(), v.gid()),
+            (e.mode(), e.uid(), e.gid()),
+            "{n}: owner and mode"
+        );
+    }
+    assert_eq!(owner(&m.path("pub/mine")), (USER, USER, 0));
     for n in ["ug", "lf2", "lh", "ud2/in"] {
         assert_eq!(
             fs::read_to_string(m.path(n)).unwrap(),
