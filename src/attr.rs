@@ -278,6 +278,11 @@ impl Union {
     /// name private to the daemon.
     fn stored_xattr_name(&self, name: &OsStr) -> Result<std::ffi::CString> {
         if let Some(real) = whiteout::escape_xattr(name.as_bytes()) {
+            // A name the escape makes too long for the layers is refused, as kernel
+            // overlayfs refuses it (XATTR_NAME_MAX is 255).
+            if real.len() > 255 {
+                return Err(Errno::ENOTSUP);
+            }
             return sys::cstr(OsStr::from_bytes(&real));
         }
         if self.is_private_xattr(name.as_bytes()) {

@@ -713,6 +713,25 @@ fn overlay_xattrs_set_through_the_view_are_escaped() {
     // Removed through the view, the escaped xattr goes.
     assert_eq!(removex(&u.path("m"), "trusted.overlay.opaque"), Ok(()));
     assert!(get_xattr(&u.upper_path("m"), "trusted.overlay.overlay.opaque").is_err());
+    // A name the escape makes longer than 255 bytes is refused as by the kernel; one that
+    // stays within fits.
+    for m in [&k, &u] {
+        let fits = format!("trusted.overlay.{}", "a".repeat(231));
+        let long = format!("trusted.overlay.{}", "a".repeat(232));
+        let what = format!("{:?}", m.kind);
+        assert_eq!(setx(&m.path("m"), &fits, b"1", 0), Ok(()), "{what}");
+        assert_eq!(get_xattr(&m.path("m"), &fits), Ok(b"1".to_vec()), "{what}");
+        assert_eq!(
+            setx(&m.path("m"), &long, b"1", 0),
+            Err(libc::EOPNOTSUPP),
+            "{what}"
+        );
+        assert_eq!(
+            get_xattr(&m.path("m"), &long),
+            Err(libc::EOPNOTSUPP),
+            "{what}"
+        );
+    }
     // The daemon's own markers stay out of reach.
     assert_eq!(
         setx(&u.path("m"), "user.fuseoverlayfs.opaque", b"y", 0),
