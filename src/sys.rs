@@ -825,11 +825,12 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
     check(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) }).map(drop)
 }
 
-// Inode flags (`lsattr`/`chattr`), as the ioctls name them.
-pub const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
-pub const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
-pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
-pub const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+// Inode flags (`lsattr`/`chattr`), as the ioctls name them (FUSE passes the number as 32
+// bits).
+pub const FS_IOC_GETFLAGS: u32 = libc::FS_IOC_GETFLAGS as u32;
+pub const FS_IOC_SETFLAGS: u32 = libc::FS_IOC_SETFLAGS as u32;
+pub const FS_IOC_FSGETXATTR: u32 = libc::_IOR::<[u8; FSXATTR_SIZE]>(b'X' as u32, 31) as u32;
+pub const FS_IOC_FSSETXATTR: u32 = libc::_IOW::<[u8; FSXATTR_SIZE]>(b'X' as u32, 32) as u32;
 /// Size of `struct fsxattr`, the argument of FS_IOC_FS[GS]ETXATTR.
 pub const FSXATTR_SIZE: usize = 28;
 
@@ -840,7 +841,7 @@ pub fn get_inode_flags(fd: BorrowedFd<'_>) -> Result<u32> {
     check(unsafe {
         libc::ioctl(
             fd.as_raw_fd(),
-            FS_IOC_GETFLAGS as libc::c_ulong,
+            FS_IOC_GETFLAGS as libc::Ioctl,
             &mut flags as *mut libc::c_int,
         )
     })?;
@@ -853,7 +854,7 @@ pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> Result<()> {
     check(unsafe {
         libc::ioctl(
             fd.as_raw_fd(),
-            FS_IOC_SETFLAGS as libc::c_ulong,
+            FS_IOC_SETFLAGS as libc::Ioctl,
             &flags as *const libc::c_int,
         )
     })
@@ -867,7 +868,7 @@ pub fn get_fsxattr(fd: BorrowedFd<'_>) -> Result<[u8; FSXATTR_SIZE]> {
     check(unsafe {
         libc::ioctl(
             fd.as_raw_fd(),
-            FS_IOC_FSGETXATTR as libc::c_ulong,
+            FS_IOC_FSGETXATTR as libc::Ioctl,
             buf.as_mut_ptr(),
         )
     })?;
@@ -879,7 +880,7 @@ pub fn set_fsxattr(fd: BorrowedFd<'_>, fsx: &[u8; FSXATTR_SIZE]) -> Result<()> {
     check(unsafe {
         libc::ioctl(
             fd.as_raw_fd(),
-            FS_IOC_FSSETXATTR as libc::c_ulong,
+            FS_IOC_FSSETXATTR as libc::Ioctl,
             fsx.as_ptr(),
         )
     })

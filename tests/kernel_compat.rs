@@ -745,6 +745,15 @@ fn inode_flag_rows(m: &Mount) -> Vec<(String, String)> {
             fs::read_to_string(m.path("d/plain")).map_err(|e| e.raw_os_error())
         ),
     );
+    // The same through FS_IOC_FSSETXATTR.
+    row(
+        "fssetxattr nodump d/xflag",
+        format!("{:?}", add_xflags(&m.path("d/xflag"), FS_XFLAG_NODUMP)),
+    );
+    row(
+        "flags of d/xflag",
+        format!("{:?}", get_flags(&m.path("d/xflag"))),
+    );
     // An immutable file refuses every change.
     let frozen = m.path("d/frozen");
     row(
@@ -811,6 +820,7 @@ fn inode_flags_match_kernel_overlayfs() {
         .file("d/noatime", "a")
         .file("d/plain", "p")
         .file("d/frozen", "f")
+        .file("d/xflag", "x")
         .dir("d/sub")
         .fifo("d/fifo");
     let lower = l.lower(0);
@@ -828,7 +838,7 @@ fn inode_flags_match_kernel_overlayfs() {
         assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
     }
     // The flags that are no protection flags land on the upper copies alike.
-    for name in ["d/noatime", "d/sub", "d/plain", "d/frozen"] {
+    for name in ["d/noatime", "d/sub", "d/plain", "d/frozen", "d/xflag"] {
         let (kf, uf) = (
             get_flags(&k.upper_path(name)),
             get_flags(&u.upper_path(name)),
@@ -842,6 +852,10 @@ fn inode_flags_match_kernel_overlayfs() {
     );
     assert_eq!(
         get_flags(&u.upper_path("d/plain")).unwrap() & FS_NODUMP_FL,
+        FS_NODUMP_FL
+    );
+    assert_eq!(
+        get_flags(&u.upper_path("d/xflag")).unwrap() & FS_NODUMP_FL,
         FS_NODUMP_FL
     );
 }

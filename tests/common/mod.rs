@@ -1403,9 +1403,12 @@ pub fn processes(matches: impl Fn(Option<&Path>, &[String]) -> bool) -> Vec<i32>
 
 // Inode flags (FS_IOC_GETFLAGS and friends: lsattr/chattr), errors as errnos.
 
-pub const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
-pub const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
-pub const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+pub const FS_IOC_GETFLAGS: libc::Ioctl = libc::FS_IOC_GETFLAGS;
+pub const FS_IOC_SETFLAGS: libc::Ioctl = libc::FS_IOC_SETFLAGS;
+pub const FS_IOC_FSGETXATTR: libc::Ioctl = libc::_IOR::<[u32; 7]>(b'X' as u32, 31);
+pub const FS_IOC_FSSETXATTR: libc::Ioctl = libc::_IOW::<[u32; 7]>(b'X' as u32, 32);
+/// FS_XFLAG_NODUMP, the `fsx_xflags` form of FS_NODUMP_FL.
+pub const FS_XFLAG_NODUMP: u32 = 0x80;
 pub const FS_SYNC_FL: u32 = 0x8;
 pub const FS_IMMUTABLE_FL: u32 = 0x10;
 pub const FS_NODUMP_FL: u32 = 0x40;
@@ -1445,6 +1448,18 @@ pub fn get_xflags(p: &Path) -> Result<u32, i32> {
     // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr into the buffer.
     flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, fsx.as_mut_ptr()) })?;
     Ok(fsx[0])
+}
+
+/// Adds to `fsx_xflags` with FS_IOC_FSSETXATTR (read, changed, written back).
+pub fn add_xflags(p: &Path, add: u32) -> Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    let f = open_for_flags(p)?;
+    let mut fsx = [0u32; 7];
+    // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr into the buffer.
+    flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, fsx.as_mut_ptr()) })?;
+    fsx[0] |= add;
+    // SAFETY: FS_IOC_FSSETXATTR reads a 28-byte struct fsxattr from the buffer.
+    flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSSETXATTR, fsx.as_ptr()) })
 }
 
 pub fn add_flags(p: &Path, add: u32) -> Result<(), i32> {
