@@ -695,119 +695,75 @@ fn remount_shows_same_tree() {
 /// What one mount shows of inode flags and what changing them does, as (what, result) rows.
 fn inode_flag_rows(m: &Mount) -> Vec<(String, String)> {
     let mut rows = Vec::new();
-    let mut row = |what: &str, r: String| rows.push((what.to_string(), r));
+    let mut row =
+        |what: &str, r: &dyn std::fmt::Debug| rows.push((what.to_string(), format!("{r:?}")));
     for name in ["", "d", "d/noatime", "d/plain", "d/sub", "d/fifo"] {
-        row(
-            &format!("flags of {name:?}"),
-            format!("{:?}", get_flags(&m.path(name))),
-        );
+        row(&format!("flags of {name:?}"), &get_flags(&m.path(name)));
     }
-    row(
-        "xflags of d/noatime",
-        format!("{:?}", get_xflags(&m.path("d/noatime"))),
-    );
+    row("xflags of d/noatime", &get_xflags(&m.path("d/noatime")));
     // Copy-ups carry FS_SYNC_FL and FS_NOATIME_FL, not FS_NODUMP_FL.
     row(
         "chmod d/noatime",
-        format!(
-            "{:?}",
-            io(fs::set_permissions(
-                m.path("d/noatime"),
-                std::os::unix::fs::PermissionsExt::from_mode(0o600)
-            ))
-        ),
+        &io(fs::set_permissions(
+            m.path("d/noatime"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )),
     );
-    row(
-        "copied file",
-        format!("{:?}", get_flags(&m.path("d/noatime"))),
-    );
-    row(
-        "create in d/sub",
-        format!("{:?}", io(fs::write(m.path("d/sub/new"), "n"))),
-    );
-    row(
-        "copied directory",
-        format!("{:?}", get_flags(&m.path("d/sub"))),
-    );
+    row("copied file", &get_flags(&m.path("d/noatime")));
+    row("create in d/sub", &io(fs::write(m.path("d/sub/new"), "n")));
+    row("copied directory", &get_flags(&m.path("d/sub")));
     // Set through the view (the file is copied up first).
     row(
         "chattr +d d/plain",
-        format!("{:?}", add_flags(&m.path("d/plain"), FS_NODUMP_FL)),
+        &add_flags(&m.path("d/plain"), FS_NODUMP_FL),
     );
-    row(
-        "flags of d/plain",
-        format!("{:?}", get_flags(&m.path("d/plain"))),
-    );
+    row("flags of d/plain", &get_flags(&m.path("d/plain")));
     row(
         "read d/plain",
-        format!(
-            "{:?}",
-            fs::read_to_string(m.path("d/plain")).map_err(|e| e.raw_os_error())
-        ),
+        &fs::read_to_string(m.path("d/plain")).map_err(|e| e.raw_os_error()),
     );
     // The same through FS_IOC_FSSETXATTR.
     row(
         "fssetxattr nodump d/xflag",
-        format!("{:?}", add_xflags(&m.path("d/xflag"), FS_XFLAG_NODUMP)),
+        &add_xflags(&m.path("d/xflag"), FS_XFLAG_NODUMP),
     );
-    row(
-        "flags of d/xflag",
-        format!("{:?}", get_flags(&m.path("d/xflag"))),
-    );
+    row("flags of d/xflag", &get_flags(&m.path("d/xflag")));
     // An immutable file refuses every change.
     let frozen = m.path("d/frozen");
-    row(
-        "chattr +i d/frozen",
-        format!("{:?}", add_flags(&frozen, FS_IMMUTABLE_FL)),
-    );
-    row("flags of d/frozen", format!("{:?}", get_flags(&frozen)));
+    row("chattr +i d/frozen", &add_flags(&frozen, FS_IMMUTABLE_FL));
+    row("flags of d/frozen", &get_flags(&frozen));
     row(
         "write d/frozen",
-        format!("{:?}", io(OpenOptions::new().append(true).open(&frozen))),
+        &io(OpenOptions::new().append(true).open(&frozen)),
     );
     row(
         "chmod d/frozen",
-        format!(
-            "{:?}",
-            io(fs::set_permissions(
-                &frozen,
-                std::os::unix::fs::PermissionsExt::from_mode(0o600)
-            ))
-        ),
+        &io(fs::set_permissions(
+            &frozen,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )),
     );
-    row(
-        "unlink d/frozen",
-        format!("{:?}", io(fs::remove_file(&frozen))),
-    );
+    row("unlink d/frozen", &io(fs::remove_file(&frozen)));
     row(
         "rename d/frozen",
-        format!("{:?}", io(fs::rename(&frozen, m.path("d/thawed")))),
+        &io(fs::rename(&frozen, m.path("d/thawed"))),
     );
     row(
         "chattr -i d/frozen",
-        format!("{:?}", remove_flags(&frozen, FS_IMMUTABLE_FL)),
+        &remove_flags(&frozen, FS_IMMUTABLE_FL),
     );
     row(
         "append d/frozen",
-        format!(
-            "{:?}",
-            io(OpenOptions::new()
-                .append(true)
-                .open(&frozen)
-                .and_then(|mut f| f.write_all(b"+")))
-        ),
+        &io(OpenOptions::new()
+            .append(true)
+            .open(&frozen)
+            .and_then(|mut f| f.write_all(b"+"))),
     );
     row(
         "read d/frozen",
-        format!(
-            "{:?}",
-            fs::read_to_string(&frozen).map_err(|e| e.raw_os_error())
-        ),
+        &fs::read_to_string(&frozen).map_err(|e| e.raw_os_error()),
     );
-    row(
-        "unlink d/frozen again",
-        format!("{:?}", io(fs::remove_file(&frozen))),
-    );
+    row("unlink d/frozen again", &io(fs::remove_file(&frozen)));
     rows
 }
 
