@@ -1,4 +1,4 @@
-//! Attributes: getattr/setattr, readlink, xattrs and statfs of the merged view.
+//! Attributes: getattr/setattr, readlink, xattrs, inode flags and statfs of the merged view.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};

@@ -492,12 +492,7 @@ impl Union {
                 slot => self.make_over_whiteout(dir.as_fd(), &cname, what, caller, &pst, slot)?,
             },
         };
-        let found = Found {
-            st,
-            upper: Some(RealId::of(&st)),
-            lowers: Few::new(),
-        };
-        let node = self.node_for(parent, name, found);
+        let node = self.new_upper_node(parent, name, st);
         self.dir_changed(parent);
         if what.is_dir() {
             self.adjust_subdirs(parent, 1);
@@ -537,26 +532,50 @@ impl Union {
                 let d = sys::openat(work.fd(), &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
                 self.make_opaque(d.as_fd())?;
             }
-            self.tree_change(|| -> Result<()> {
-                if matches!(slot, UpperSlot::Whiteout) {
-                    if what.is_dir() {
-                        sys::renameat2(work.fd(), &tmp, dir, cname, libc::RENAME_EXCHANGE)?;
-                        sys::unlinkat(work.fd(), &tmp, 0)?;
-                    } else {
-                        sys::renameat2(work.fd(), &tmp, dir, cname, 0)?;
-                    }
-                } else {
-                    sys::renameat2(work.fd(), &tmp, dir, cname, libc::RENAME_NOREPLACE)?;
-                    sys::unlinkat(dir, &aufs_cname(cname)?, 0)?;
-                }
-                Ok(())
-            })
+            self.place_from_work(&tmp, dir, cname, slot, what.is_dir())
         })();
         if let Err(e) = placed {
             let _ = remove_tree(work.fd(), &tmp);
             return Err(e);
         }
         Ok((st, fd))
+    }
+
+    /// Moves an object built in the work directory (`tmp`) to `dir/name`, where the upper
+    /// holds `slot`: over a whiteout (a directory is exchanged with it, the whiteout then
+    /// removed), beside an AUFS whiteout (which then goes), or into an empty name.
+    fn place_from_work(
+        &self,
+        tmp: &CStr,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        slot: UpperSlot,
+        is_dir: bool,
+    ) -> Result<()> {
+        let work = self.layers.work()?.fd();
+        self.tree_change(|| match slot {
+            UpperSlot::Whiteout if is_dir => {
+                sys::renameat2(work, tmp, dir, name, libc::RENAME_EXCHANGE)?;
+                sys::unlinkat(work, tmp, 0)
+            }
+            UpperSlot::Whiteout => sys::renameat2(work, tmp, dir, name, 0),
+            UpperSlot::AufsWhiteout => {
+                sys::renameat2(work, tmp, dir, name, libc::RENAME_NOREPLACE)?;
+                sys::unlinkat(dir, &aufs_cname(name)?, 0)
+            }
+            UpperSlot::Empty => sys::renameat2(work, tmp, dir, name, libc::RENAME_NOREPLACE),
+            UpperSlot::Object => Err(Errno::EEXIST),
+        })
+    }
+
+    /// The node for an object just made in the upper at `parent/name` (in no lower layer).
+    fn new_upper_node(&self, parent: &Arc<Node>, name: &OsStr, st: Stat) -> Arc<Node> {
+        let found = Found {
+            st,
+            upper: Some(RealId::of(&st)),
+            lowers: Few::new(),
+        };
+        self.node_for(parent, name, found)
     }
 
     /// link(2): a new name for `node` in `newparent`.
@@ -592,21 +611,15 @@ impl Union {
                 let work = self.layers.work()?;
                 let tmp = work.temp_name();
                 sys::linkat(cwd, &src_path, work.fd(), &tmp, libc::AT_SYMLINK_FOLLOW)?;
-                if let Err(e) =
-                    self.tree_change(|| sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, 0))
-                {
+                let slot = UpperSlot::Whiteout;
+                if let Err(e) = self.place_from_work(&tmp, dir.as_fd(), &cname, slot, false) {
                     let _ = sys::unlinkat(work.fd(), &tmp, 0);
                     return Err(e);
                 }
             }
         }
         let st = sys::fstatat(dir.as_fd(), &cname, 0)?;
-        let found = Found {
-            st,
-            upper: Some(RealId::of(&st)),
-            lowers: Few::new(),
-        };
-        let n = self.node_for(newparent, newname, found);
+        let n = self.new_upper_node(newparent, newname, st);
         self.dir_changed(newparent);
         Ok(Created {
             node: n,
@@ -734,35 +747,25 @@ impl Union {
         let dst = dst_found.map(|f| self.node_for(newparent, newname, f));
         // Two names of one file: rename(2) does nothing, and leaves no device either.
         let same_file = dst.as_ref().is_some_and(|d| d.ino == src.ino);
-        let device = if whiteout && !same_file {
-            match self.build_rename_whiteout(parent, caller) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    self.table.unpin(&src, 1);
-                    if let Some(d) = &dst {
-                        self.table.unpin(d, 1);
-                    }
-                    return Err(e);
-                }
-            }
-        } else {
-            None
+        let device = (whiteout && !same_file).then(|| self.build_rename_whiteout(parent, caller));
+        let res = match &device {
+            Some(Err(e)) => Err(*e),
+            _ => self.rename_nodes(
+                parent,
+                name,
+                newparent,
+                newname,
+                &src,
+                dst.as_ref(),
+                exchange,
+                noreplace,
+            ),
         };
-        let res = self.rename_nodes(
-            parent,
-            name,
-            newparent,
-            newname,
-            &src,
-            dst.as_ref(),
-            exchange,
-            noreplace,
-        );
         self.table.unpin(&src, 1);
         if let Some(d) = &dst {
             self.table.unpin(d, 1);
         }
-        let Some((tmp, st)) = device else {
+        let Some(Ok((tmp, st))) = device else {
             return res;
         };
         let res = res.and_then(|()| self.place_rename_whiteout(parent, name, &tmp, st));
@@ -803,27 +806,12 @@ impl Union {
         st: Stat,
     ) -> Result<()> {
         let cname = sys::cstr(name)?;
-        let work = self.layers.work()?;
         let _lock = parent.lock_dir();
         let dir = self.dir_fd(parent, Loc::Upper)?;
-        let dir = dir.as_fd();
-        let slot = upper_slot(dir, &cname)?;
-        self.tree_change(|| match slot {
-            UpperSlot::Whiteout => sys::renameat2(work.fd(), tmp, dir, &cname, 0),
-            UpperSlot::Empty => sys::renameat2(work.fd(), tmp, dir, &cname, libc::RENAME_NOREPLACE),
-            UpperSlot::AufsWhiteout => {
-                sys::renameat2(work.fd(), tmp, dir, &cname, libc::RENAME_NOREPLACE)?;
-                sys::unlinkat(dir, &aufs_cname(&cname)?, 0)
-            }
-            UpperSlot::Object => Err(Errno::EEXIST),
-        })?;
-        let found = Found {
-            st,
-            upper: Some(RealId::of(&st)),
-            lowers: Few::new(),
-        };
+        let slot = upper_slot(dir.as_fd(), &cname)?;
+        self.place_from_work(tmp, dir.as_fd(), &cname, slot, false)?;
         // The kernel moved its entry to the new name and holds none for the device.
-        let node = self.node_for(parent, name, found);
+        let node = self.new_upper_node(parent, name, st);
         self.table.unpin(&node, 1);
         self.dir_changed(parent);
         Ok(())

@@ -1440,23 +1440,25 @@ pub fn set_flags(p: &Path, flags: u32) -> Result<(), i32> {
     flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_SETFLAGS, &flags) })
 }
 
-/// `fsx_xflags`, the first field of FS_IOC_FSGETXATTR's struct fsxattr.
-pub fn get_xflags(p: &Path) -> Result<u32, i32> {
+/// FS_IOC_FSGETXATTR's struct fsxattr, as seven 32-bit words (`fsx_xflags` first).
+fn get_fsxattr(f: &fs::File) -> Result<[u32; 7], i32> {
     use std::os::fd::AsRawFd;
-    let f = open_for_flags(p)?;
     let mut fsx = [0u32; 7];
     // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr into the buffer.
     flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, fsx.as_mut_ptr()) })?;
-    Ok(fsx[0])
+    Ok(fsx)
+}
+
+/// `fsx_xflags`, the first field of FS_IOC_FSGETXATTR's struct fsxattr.
+pub fn get_xflags(p: &Path) -> Result<u32, i32> {
+    Ok(get_fsxattr(&open_for_flags(p)?)?[0])
 }
 
 /// Adds to `fsx_xflags` with FS_IOC_FSSETXATTR (read, changed, written back).
 pub fn add_xflags(p: &Path, add: u32) -> Result<(), i32> {
     use std::os::fd::AsRawFd;
     let f = open_for_flags(p)?;
-    let mut fsx = [0u32; 7];
-    // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr into the buffer.
-    flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, fsx.as_mut_ptr()) })?;
+    let mut fsx = get_fsxattr(&f)?;
     fsx[0] |= add;
     // SAFETY: FS_IOC_FSSETXATTR reads a 28-byte struct fsxattr from the buffer.
     flag_rc(unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSSETXATTR, fsx.as_ptr()) })
