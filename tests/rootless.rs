@@ -24,12 +24,7 @@ fn unprivileged_upper_is_in_userxattr_format() {
         .dir("moveto")
         .file("moveto/k", "k");
     l.lower(1).file("merged/b", "b").file("keep", "keep");
-    let base = l.mkdir("u");
-    for d in ["upper", "work", "merged"] {
-        fs::create_dir_all(base.join(d)).unwrap();
-    }
-    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
-    chown_tree(l.root(), uid);
+    let base = user_dirs(&l, uid);
     let listing = as_user_in_namespace(&format!(
         r#"
         {bin} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
@@ -425,6 +420,18 @@ fn acls_and_noacl() {
     }
 }
 
+/// `u/upper`, `u/work` and `u/merged` beside the layers, the whole tree owned by `uid` (the
+/// test user, as `as_user_in_namespace` runs); returns `u`.
+fn user_dirs(l: &Layers, uid: u32) -> std::path::PathBuf {
+    let base = l.mkdir("u");
+    for d in ["upper", "work", "merged"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    chown_tree(l.root(), uid);
+    base
+}
+
 /// `u/upper`, `u/work` and `u/merged` beside the layers, all owned by the root of the
 /// namespace `in_mapped_user_namespace` makes; returns `u`.
 fn namespace_dirs(l: &Layers) -> std::path::PathBuf {
@@ -473,12 +480,7 @@ fn inode_flags_through_an_unprivileged_mount() {
     let l = Layers::new(1);
     l.lower(0).file("noatime", "a").file("plain", "p");
     add_flags(&l.lower(0).path("noatime"), FS_NOATIME_FL).unwrap();
-    let base = l.mkdir("u");
-    for d in ["upper", "work", "merged"] {
-        fs::create_dir_all(base.join(d)).unwrap();
-    }
-    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
-    chown_tree(l.root(), uid_of(TEST_USER).unwrap());
+    let base = user_dirs(&l, uid_of(TEST_USER).unwrap());
     let out = as_user_in_namespace(&format!(
         r#"
         {bin} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
