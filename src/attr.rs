@@ -165,21 +165,31 @@ impl Union {
             None => Data::All,
         };
         self.copy_up_with(node, data)?;
-        let fd: OwnedFd = match self.open_in(node, Loc::Upper, libc::O_PATH) {
-            Ok(fd) => fd,
-            Err(e) if e.code() == libc::ENOENT => {
-                // No name left: work through an open handle.
-                let h = req
-                    .fh
-                    .and_then(|fh| self.handles.file(fh))
-                    .or_else(|| self.handles.any_file_of(node.ino))
-                    .ok_or(e)?;
-                sys::dup(h.fd().as_fd())?
-            }
-            Err(e) => return Err(e),
+        // A file open for writing (tar, cp -p and install set owner, mode and times of the file
+        // they have just written, through its fd) is reached through its handle: no path walk,
+        // and the object is a regular file.
+        let handle = self.writable_handle(node, req.fh);
+        let fd: Arc<OwnedFd> = match &handle {
+            Some(h) => h.fd(),
+            None => Arc::new(match self.open_in(node, Loc::Upper, libc::O_PATH) {
+                Ok(fd) => fd,
+                Err(e) if e.code() == libc::ENOENT => {
+                    // No name left: work through an open handle.
+                    let h = req
+                        .fh
+                        .and_then(|fh| self.handles.file(fh))
+                        .or_else(|| self.handles.any_file_of(node.ino))
+                        .ok_or(e)?;
+                    sys::dup(h.fd().as_fd())?
+                }
+                Err(e) => return Err(e),
+            }),
         };
         let f = fd.as_fd();
-        let real_kind = sys::file_type(sys::fstat(f)?.st_mode);
+        let real_kind = match handle {
+            Some(_) => libc::S_IFREG,
+            None => sys::file_type(sys::fstat(f)?.st_mode),
+        };
         let overridden = self.override_xattr().is_some()
             && matches!(real_kind, libc::S_IFREG | libc::S_IFDIR)
             && (req.uid.is_some() || req.gid.is_some() || req.mode.is_some());
@@ -201,14 +211,13 @@ impl Union {
             }
         }
         if let (Some(mode), false) = (req.mode, overridden) {
-            sys::fchmod_path(f, mode & 0o7777)?;
+            match handle {
+                Some(_) => sys::fchmod(f, mode & 0o7777)?,
+                None => sys::fchmod_path(f, mode & 0o7777)?,
+            }
         }
         if let Some(size) = req.size {
-            let h = req
-                .fh
-                .and_then(|fh| self.handles.file(fh))
-                .filter(|h| h.writable);
-            match h {
+            match &handle {
                 Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
                 None => {
                     let w = sys::reopen(f, libc::O_WRONLY)?;

@@ -389,7 +389,25 @@ impl Union {
             node.extra().exec_opens.fetch_add(1, Ordering::SeqCst);
             h.exec = true;
         }
-        Ok((self.handles.add_file(h), mode))
+        let fh = self.handles.add_file(h);
+        if writable {
+            node.extra().writer.store(fh, Ordering::SeqCst);
+        }
+        Ok((fh, mode))
+    }
+
+    /// An open handle writing `node`'s upper object, which reaches it without a path walk:
+    /// the handle a request names, else the node's latest writable open while it is open.
+    pub fn writable_handle(&self, node: &Arc<Node>, fh: Option<u64>) -> Option<Arc<FileHandle>> {
+        let latest = node
+            .extra_if_made()
+            .map(|e| e.writer.load(Ordering::SeqCst))
+            .filter(|&fh| fh != 0);
+        [fh, latest]
+            .into_iter()
+            .flatten()
+            .filter_map(|fh| self.handles.file(fh))
+            .find(|h| h.writable && Arc::ptr_eq(&h.node, node))
     }
 
     /// The passthrough backing for an open of `node` on `fd` (see `Choice`): the node's

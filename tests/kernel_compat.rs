@@ -815,3 +815,77 @@ fn inode_flags_match_kernel_overlayfs() {
         FS_NODUMP_FL
     );
 }
+
+/// chown, chmod, times and truncate through the fd of a file open for writing (as tar, cp -p
+/// and install do), also once the file was renamed or unlinked while open, and with a lower
+/// hard link: each call's result and the file's stat afterwards, then the trees.
+fn fd_change_rows(root: &Path) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let mut rows = Vec::new();
+    for (name, before) in [
+        ("f1", None),
+        ("m/c", Some("rename")),
+        ("bottom", Some("unlink")),
+        ("h1", None),
+    ] {
+        let p = root.join(name);
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let reader = fs::File::open(&p).unwrap();
+        match before {
+            Some("rename") => fs::rename(&p, root.join("m/c2")).unwrap(),
+            Some("unlink") => fs::remove_file(&p).unwrap(),
+            _ => {}
+        }
+        let fd = f.as_raw_fd();
+        let times = [
+            libc::timespec {
+                tv_sec: OLD + 5,
+                tv_nsec: 0,
+            },
+            libc::timespec {
+                tv_sec: OLD + 7,
+                tv_nsec: 0,
+            },
+        ];
+        // SAFETY: plain syscalls on an open fd; `times` holds two timespecs.
+        let results = [
+            rc(unsafe { libc::fchmod(fd, 0o6751) }),
+            rc(unsafe { libc::fchown(fd, 1234, 5678) }),
+            rc(unsafe { libc::ftruncate(fd, 3) }),
+            rc(unsafe { libc::futimens(fd, times.as_ptr()) }),
+            rc(unsafe { libc::fchown(fd, u32::MAX, 42) }),
+            rc(unsafe { libc::fchmod(fd, 0o4750) }),
+        ];
+        for md in [f.metadata().unwrap(), reader.metadata().unwrap()] {
+            rows.push(format!(
+                "{name}: {results:?} mode {:o} owner {}:{} size {} atime {} mtime {}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.len(),
+                md.atime(),
+                md.mtime()
+            ));
+        }
+    }
+    rows
+}
+
+#[test]
+fn changes_through_a_file_open_for_writing() {
+    let l = layers();
+    let k = l.mount_kernel("k");
+    let u = l.mount("u");
+    let (want, got) = (fd_change_rows(&k.merged), fd_change_rows(&u.merged));
+    for (w, g) in want.iter().zip(&got) {
+        eprintln!("kernel: {w}");
+        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
+    }
+    let (tk, tu) = merged_trees(&k.merged, &u.merged);
+    assert_same_tree(&tk, &tu, "merged after changes through open files");
+    assert_same_upper(
+        &k.upper_path(""),
+        &u.upper_path(""),
+        "changes through open files",
+    );
+}
