@@ -70,17 +70,22 @@ pub struct Created {
 }
 
 thread_local! {
-    static OWN_FS: Cell<bool> = const { Cell::new(false) };
+    /// The calling worker's umask once it has its own (see `set_thread_umask`).
+    static OWN_UMASK: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
 /// Sets the calling worker's umask (each worker has its own, see `sys::unshare_fs`), so that a
 /// default ACL on the upper directory takes precedence over it as on a local filesystem.
+/// Only this function changes it, so a worker whose umask is already `mask` makes no call.
 fn set_thread_umask(mask: u32) -> Result<()> {
-    if !OWN_FS.with(|c| c.get()) {
-        sys::unshare_fs()?;
-        OWN_FS.with(|c| c.set(true));
+    let mask = mask & 0o777;
+    match OWN_UMASK.with(|c| c.get()) {
+        Some(cur) if cur == mask => return Ok(()),
+        Some(_) => {}
+        None => sys::unshare_fs()?,
     }
-    sys::umask(mask & 0o777);
+    sys::umask(mask);
+    OWN_UMASK.with(|c| c.set(Some(mask)));
     Ok(())
 }
 
