@@ -277,6 +277,9 @@ impl ReadBufs {
     }
 }
 
+/// Writes of at least this many bytes start the upper file's writeback (see `Union::write`).
+const START_WRITEBACK: usize = 512 * 1024;
+
 /// Flags kept on the real fd; the rest are the kernel's business (O_APPEND included: writes
 /// arrive with their offsets). O_NOATIME reaches the upper file (the kernel has checked that
 /// the caller may use it).
@@ -584,6 +587,12 @@ impl Union {
                 Err(e) if n == 0 => return Err(e),
                 Err(_) => break,
             }
+        }
+        // Large writes come from the kernel's writeback of its cache (or from O_DIRECT): the
+        // data is on its way to the disk, and the upper's writeback starts now instead of at
+        // the fsync or 30 seconds later, overlapping the disk with the copies.
+        if n >= START_WRITEBACK {
+            let _ = sys::start_writeback(fd.as_fd(), off, n as u64);
         }
         Ok(n as u32)
     }

@@ -752,6 +752,20 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
     })
 }
 
+/// Starts writing a range of a file's dirty pages to its disk, without waiting for them.
+pub fn start_writeback(fd: BorrowedFd<'_>, off: u64, len: u64) -> Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        libc::sync_file_range(
+            fd.as_raw_fd(),
+            off as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    })
+    .map(drop)
+}
+
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize> {
     retry(|| {
         // SAFETY: `buf` is readable for its full length.
