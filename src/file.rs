@@ -179,6 +179,8 @@ impl<V> ShardedMap<V> {
 #[derive(Default)]
 pub struct Handles {
     files: ShardedMap<Arc<FileHandle>>,
+    /// Node number -> the handle number of its latest writable open, while that is open.
+    writers: ShardedMap<u64>,
     dirs: ShardedMap<Arc<DirHandle>>,
     next: AtomicU64,
     pub read_bufs: ReadBufs,
@@ -187,7 +189,11 @@ pub struct Handles {
 impl Handles {
     pub fn add_file(&self, h: FileHandle) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let writer = h.writable.then_some(h.node.ino);
         self.files.shard(fh).insert(fh, Arc::new(h));
+        if let Some(ino) = writer {
+            self.writers.shard(ino).insert(ino, fh);
+        }
         fh
     }
 
@@ -196,8 +202,23 @@ impl Handles {
     }
 
     pub fn remove_file(&self, fh: u64) -> Option<Arc<FileHandle>> {
-        self.files.shard(fh).remove(&fh)
+        let h = self.files.shard(fh).remove(&fh)?;
+        if h.writable {
+            let ino = h.node.ino;
+            let mut w = self.writers.shard(ino);
+            if w.get(&ino) == Some(&fh) {
+                w.remove(&ino);
+            }
+        }
+        Some(h)
     }
+
+    /// The latest writable open of node `ino`, while it is open.
+    fn latest_writer(&self, ino: u64) -> Option<Arc<FileHandle>> {
+        let fh = *self.writers.shard(ino).get(&ino)?;
+        self.file(fh)
+    }
+
 
     /// Any open handle of a node (for nodes that have lost their last name).
     pub fn any_file_of(&self, ino: u64) -> Option<Arc<FileHandle>> {
@@ -392,26 +413,18 @@ impl Union {
             node.extra().exec_opens.fetch_add(1, Ordering::SeqCst);
             h.exec = true;
         }
-        let fh = self.handles.add_file(h);
-        if writable {
-            node.extra().writer.store(fh, Ordering::SeqCst);
-        }
-        Ok((fh, mode))
+        Ok((self.handles.add_file(h), mode))
     }
 
     /// An open handle writing `node`'s upper object, which reaches it without a path walk:
     /// the handle a request names, else the node's latest writable open while it is open.
     pub fn writable_handle(&self, node: &Arc<Node>, fh: Option<u64>) -> Option<Arc<FileHandle>> {
-        let latest = node
-            .extra_if_made()
-            .map(|e| e.writer.load(Ordering::SeqCst))
-            .filter(|&fh| fh != 0);
-        [fh, latest]
+        fh.and_then(|fh| self.handles.file(fh))
             .into_iter()
-            .flatten()
-            .filter_map(|fh| self.handles.file(fh))
+            .chain(self.handles.latest_writer(node.ino))
             .find(|h| h.writable && Arc::ptr_eq(&h.node, node))
     }
+
 
     /// The passthrough backing for an open of `node` on `fd` (see `Choice`): the node's
     /// shared one, a new one (direct I/O if the kernel refuses it), ESTALE after moving the
@@ -588,11 +601,14 @@ impl Union {
                 Err(_) => break,
             }
         }
-        // Large writes come from the kernel's writeback of its cache (or from O_DIRECT): the
+        // With the kernel's writeback cache, large writes are its writeback of that cache: the
         // data is on its way to the disk, and the upper's writeback starts now instead of at
-        // the fsync or 30 seconds later, overlapping the disk with the copies.
-        if n >= START_WRITEBACK {
-            let _ = sys::start_writeback(fd.as_fd(), off, n as u64);
+        // the fsync or 30 seconds later, overlapping the disk with the copies. Not with
+        // `fsync=0` (`volatile`), which asks for no more disk writes than the upper's own.
+        if n >= START_WRITEBACK && self.writeback_active() && self.opts.fsync {
+            if let Err(e) = sys::start_writeback(fd.as_fd(), off, n as u64) {
+                log::debug!("starting the upper's writeback: {e:?}");
+            }
         }
         Ok(n as u32)
     }

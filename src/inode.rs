@@ -116,8 +116,6 @@ pub struct Extra {
     pub data_gen: AtomicU64,
     /// Open handles of a running program (opened for exec).
     pub exec_opens: AtomicU64,
-    /// The handle number of the latest writable open (0: none), for `Union::writable_handle`.
-    pub writer: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
     /// Directories: number of subdirectories in the merged view, once counted
@@ -161,7 +159,6 @@ impl Node {
                 dir_lock: Mutex::new(()),
                 data_gen: AtomicU64::new(0),
                 exec_opens: AtomicU64::new(0),
-                writer: AtomicU64::new(0),
                 version: AtomicU64::new(0),
                 subdirs: AtomicU64::new(NOT_COUNTED),
                 listed: AtomicBool::new(false),

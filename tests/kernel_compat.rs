@@ -877,6 +877,7 @@ fn changes_through_a_file_open_for_writing() {
     let k = l.mount_kernel("k");
     let u = l.mount("u");
     let (want, got) = (fd_change_rows(&k.merged), fd_change_rows(&u.merged));
+    assert_eq!(want.len(), got.len());
     for (w, g) in want.iter().zip(&got) {
         eprintln!("kernel: {w}");
         assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
