@@ -86,11 +86,15 @@ impl Union {
             // No name left (deleted while open, or a split node whose name moved): its open
             // files answer; with none, ESTALE makes the kernel look a split node's name up again.
             Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
-                let h = fh
-                    .and_then(|fh| self.handles.file(fh))
-                    .or_else(|| self.handles.any_file_of(node.ino))
-                    .ok_or(e)?;
-                sys::fstat(h.fd().as_fd())
+                let fd = match self.upper_fd_of_open(node, fh) {
+                    Some(fd) => fd,
+                    None => fh
+                        .and_then(|fh| self.handles.file(fh))
+                        .or_else(|| self.handles.any_file_of(node.ino))
+                        .ok_or(e)?
+                        .fd(),
+                };
+                sys::fstat(fd.as_fd())
             }
             Err(e) => Err(e),
         }
@@ -171,19 +175,15 @@ impl Union {
         let handle = self.writable_handle(node, req.fh);
         let fd: Arc<OwnedFd> = match &handle {
             Some(h) => h.fd(),
-            None => Arc::new(match self.open_in(node, Loc::Upper, libc::O_PATH) {
-                Ok(fd) => fd,
+            None => match self.open_in(node, Loc::Upper, libc::O_PATH) {
+                Ok(fd) => Arc::new(fd),
+                // No name left: work through an open handle of the upper object (one still
+                // on the lower object it was copied from must not change that).
                 Err(e) if e.code() == libc::ENOENT => {
-                    // No name left: work through an open handle.
-                    let h = req
-                        .fh
-                        .and_then(|fh| self.handles.file(fh))
-                        .or_else(|| self.handles.any_file_of(node.ino))
-                        .ok_or(e)?;
-                    sys::dup(h.fd().as_fd())?
+                    self.upper_fd_of_open(node, req.fh).ok_or(e)?
                 }
                 Err(e) => return Err(e),
-            }),
+            },
         };
         let f = fd.as_fd();
         let real_kind = match handle {

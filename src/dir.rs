@@ -663,6 +663,9 @@ impl Union {
             return Err(Errno::ENOTEMPTY);
         }
         self.copy_up(parent)?;
+        if in_upper && !is_dir {
+            self.follow_copy_up(node);
+        }
         let cname = sys::cstr(name)?;
         let _lock = parent.lock_dir();
         let needs_whiteout = self.lower_has(parent, &cname)?;
@@ -863,6 +866,9 @@ impl Union {
         }
         self.copy_up(parent)?;
         self.copy_up(newparent)?;
+        if let (Some(d), false) = (dst, exchange) {
+            self.follow_copy_up(d);
+        }
         let cname = sys::cstr(name)?;
         let cnew = sys::cstr(newname)?;
         // Directory locks in node order, so two renames never wait on each other.

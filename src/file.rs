@@ -219,6 +219,21 @@ impl Handles {
         self.file(fh)
     }
 
+    /// Every open handle of node `ino`.
+    fn files_of(&self, ino: u64) -> Vec<Arc<FileHandle>> {
+        self.files
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .filter(|h| h.node.ino == ino)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
 
     /// Any open handle of a node (for nodes that have lost their last name).
     pub fn any_file_of(&self, ino: u64) -> Option<Arc<FileHandle>> {
@@ -425,6 +440,31 @@ impl Union {
             .find(|h| h.writable && Arc::ptr_eq(&h.node, node))
     }
 
+    /// An fd of `node`'s upper object held by one of its open handles (preferring `fh`),
+    /// for a node whose upper object has no name left. Never one of a lower object.
+    pub fn upper_fd_of_open(&self, node: &Node, fh: Option<u64>) -> Option<Arc<OwnedFd>> {
+        let upper = node.state().upper?;
+        let named = fh.and_then(|fh| self.handles.file(fh));
+        named
+            .into_iter()
+            .chain(self.handles.files_of(node.ino))
+            .filter(|h| h.node.ino == node.ino)
+            .map(|h| h.fd())
+            .find(|fd| sys::fstat(fd.as_fd()).is_ok_and(|st| RealId::of(&st) == upper))
+    }
+
+    /// Moves the read-only handles of `node` that still read the lower object it was copied
+    /// up from (see `read_fd`) to the upper copy, while a name reaches it: called before a
+    /// name of the copy goes, after which they could not follow it (kernel overlayfs keeps
+    /// its inode's upper object for them).
+    pub fn follow_copy_up(&self, node: &Node) {
+        if node.data_gen() == 0 {
+            return;
+        }
+        for h in self.handles.files_of(node.ino) {
+            self.read_fd(&h);
+        }
+    }
 
     /// The passthrough backing for an open of `node` on `fd` (see `Choice`): the node's
     /// shared one, a new one (direct I/O if the kernel refuses it), ESTALE after moving the

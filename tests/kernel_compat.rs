@@ -11,7 +11,7 @@ use std::ffi::{CString, OsString};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -889,4 +889,82 @@ fn changes_through_a_file_open_for_writing() {
         &u.upper_path(""),
         "changes through open files",
     );
+}
+
+/// A file opened read-only before its copy-up, whose copy then loses its name (unlinked, or
+/// renamed over): reading, fchmod and fstat through the old fd reach the copy, as in kernel
+/// overlayfs, and never the lower file.
+fn stale_reader_rows(root: &Path) -> Vec<String> {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsRawFd;
+    let mut rows = Vec::new();
+    for (name, how) in [("f1", "unlink"), ("m/c", "rename over")] {
+        let p = root.join(name);
+        let mut f = fs::File::open(&p).unwrap();
+        // Copy-up by a change of mode, then new data in the copy.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        fs::write(&p, "changed in the copy").unwrap();
+        match how {
+            "unlink" => fs::remove_file(&p).unwrap(),
+            _ => {
+                fs::write(root.join("other"), "other").unwrap();
+                fs::rename(root.join("other"), &p).unwrap();
+            }
+        }
+        let mut data = String::new();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        let read = f
+            .read_to_string(&mut data)
+            .map(drop)
+            .map_err(|e| e.raw_os_error());
+        // SAFETY: plain syscall on an open fd.
+        let chmod = rc(unsafe { libc::fchmod(f.as_raw_fd(), 0o604) });
+        let md = f.metadata().unwrap();
+        rows.push(format!(
+            "{name} ({how}): read {read:?} {data:?}, fchmod {chmod:?}, mode {:o}",
+            md.mode()
+        ));
+    }
+    rows
+}
+
+/// The lower files `stale_reader_rows` opens are untouched.
+fn assert_stale_readers_left_lower_alone(l: &Layers) {
+    for (name, content) in [("f1", "f1"), ("m/c", "c")] {
+        let p = l.lower(1).path(name);
+        assert_eq!(fs::read_to_string(&p).unwrap(), content, "{name}");
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o644, "{name}: lower mode");
+    }
+}
+
+#[test]
+fn a_reader_opened_before_copy_up_follows_the_copy() {
+    let l = layers();
+    let k = l.mount_kernel("k");
+    // The page-cached path follows as kernel overlayfs does.
+    let u = l.mount_with("u", &["--passthrough", "off"]);
+    let (want, got) = (stale_reader_rows(&k.merged), stale_reader_rows(&u.merged));
+    assert_eq!(want.len(), got.len());
+    for (w, g) in want.iter().zip(&got) {
+        eprintln!("kernel: {w}");
+        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
+    }
+    assert_stale_readers_left_lower_alone(&l);
+    let (tk, tu) = merged_trees(&k.merged, &u.merged);
+    assert_same_tree(&tk, &tu, "merged after the readers' changes");
+    assert_same_upper(&k.upper_path(""), &u.upper_path(""), "readers' changes");
+    drop(u);
+    // With passthrough the old descriptor stays on the lower file, as the README says (its
+    // inode lost its name to the copy's), and a change through it reaches nothing.
+    let p = l.mount_with("p", &["--passthrough", "on"]);
+    let rows = stale_reader_rows(&p.merged);
+    for (row, name) in rows.iter().zip(["f1", "m/c"]) {
+        let was = if name == "f1" { "f1" } else { "c" };
+        assert!(
+            row.contains(&format!("read Ok(()) \"{was}\"")) && row.contains("mode 100644"),
+            "{row}"
+        );
+    }
+    assert_stale_readers_left_lower_alone(&l);
 }
