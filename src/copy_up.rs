@@ -111,6 +111,10 @@ impl CopyUp<'_> {
 
     /// Builds the complete copy in the work directory; returns an fd of it.
     fn build(&mut self, data: Data) -> Result<OwnedFd> {
+        // The copy is made with the modes given here, not masked by the umask a caller's
+        // create left on this worker (an owner-masking one kept an unprivileged daemon from
+        // opening the directory it had just made); its own mode is set at the end.
+        crate::dir::set_thread_umask(0)?;
         let work = self.work();
         let kind = sys::file_type(self.st.st_mode);
         let fd = match kind {

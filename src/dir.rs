@@ -77,7 +77,7 @@ thread_local! {
 /// Sets the calling worker's umask (each worker has its own, see `sys::unshare_fs`), so that a
 /// default ACL on the upper directory takes precedence over it as on a local filesystem.
 /// Only this function changes it, so a worker whose umask is already `mask` makes no call.
-fn set_thread_umask(mask: u32) -> Result<()> {
+pub(crate) fn set_thread_umask(mask: u32) -> Result<()> {
     let mask = mask & 0o777;
     match OWN_UMASK.with(|c| c.get()) {
         Some(cur) if cur == mask => return Ok(()),
@@ -913,6 +913,8 @@ impl Union {
             && d.is_dir()
         {
             let tmp = work.temp_name();
+            // The daemon's own directory: not masked by the last caller's umask.
+            set_thread_umask(0)?;
             sys::mkdirat(work.fd(), &tmp, 0o700)?;
             let swapped = self.tree_change(|| {
                 sys::renameat2(

@@ -526,3 +526,51 @@ PY
         assert_eq!(flags & 0xff, want, "{name} in the upper");
     }
 }
+
+/// A daemon without privileges of any kind (no user namespace: fusermount3 mounts) copies up
+/// with the modes it chooses, whatever umask a caller's create left on its one worker: a
+/// umask that masks the owner's bits made the copy of a directory unopenable to it.
+#[test]
+fn copy_up_ignores_the_umask_a_create_left() {
+    let uid = test_user();
+    let l = Layers::new(1);
+    l.lower(0).file("d/f", "x");
+    let base = user_dirs(&l, uid);
+    let out = Command::new("setpriv")
+        .args(["--reuid", TEST_USER, "--regid", TEST_USER, "--clear-groups"])
+        .args(["--", "bash", "-euc"])
+        .arg(format!(
+            r#"
+            {bin} --threads 1 --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
+            trap 'cd /; fusermount3 -u {b}/merged' EXIT
+            cd {b}/merged
+            umask 0577
+            : > new
+            chmod 600 d/f && echo chmod ok
+            mkdir d/sub && echo mkdir ok
+            stat -c '%n %a' new d d/f d/sub
+            "#,
+            bin = BIN,
+            lowers = l.lowerdir_opt(),
+            b = base.display()
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "chmod ok\nmkdir ok\nnew 200\nd 755\nd/f 600\nd/sub 200\n"
+    );
+    let upper = base.join("upper");
+    let mode = |p: &str| fs::metadata(upper.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        (mode("d"), mode("d/f"), mode("d/sub")),
+        (0o755, 0o600, 0o200)
+    );
+}
