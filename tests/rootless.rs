@@ -322,6 +322,30 @@ fn xattr_permissions_override_stat() {
     let up = fs::symlink_metadata(m.upper_path("f")).unwrap();
     assert_eq!((up.uid(), up.gid()), (0, 0), "real owner unchanged");
     assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "data");
+    // The same through a descriptor open for writing (the daemon works on the open file).
+    {
+        use std::os::fd::AsRawFd;
+        let w = fs::OpenOptions::new()
+            .append(true)
+            .open(m.path("f"))
+            .unwrap();
+        // SAFETY: plain syscalls on an open fd.
+        let (chmod, chown) = unsafe {
+            (
+                libc::fchmod(w.as_raw_fd(), 0o604),
+                libc::fchown(w.as_raw_fd(), 7, 8),
+            )
+        };
+        assert_eq!((chmod, chown), (0, 0));
+        let md = w.metadata().unwrap();
+        assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (7, 8, 0o604));
+    }
+    assert_eq!(
+        get_xattr(&m.upper_path("f"), "user.containers.override_stat"),
+        Ok(b"7:8:604".to_vec())
+    );
+    let up = fs::symlink_metadata(m.upper_path("f")).unwrap();
+    assert_eq!((up.uid(), up.gid()), (0, 0), "real owner unchanged");
 
     // A device made through the mount is a regular file carrying its type.
     mknod(
