@@ -311,16 +311,19 @@ fn xattr_permissions_override_stat() {
 
     // chmod/chown through the mount are recorded in the override; the real file keeps the
     // daemon's owner.
+    let recorded = |want: &[u8]| {
+        assert_eq!(
+            get_xattr(&m.upper_path("f"), "user.containers.override_stat"),
+            Ok(want.to_vec())
+        );
+        let up = fs::symlink_metadata(m.upper_path("f")).unwrap();
+        assert_eq!((up.uid(), up.gid()), (0, 0), "real owner unchanged");
+    };
     fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::lchown(m.path("f"), Some(42), Some(43)).unwrap();
     let md = fs::symlink_metadata(m.path("f")).unwrap();
     assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (42, 43, 0o640));
-    assert_eq!(
-        get_xattr(&m.upper_path("f"), "user.containers.override_stat"),
-        Ok(b"42:43:640".to_vec())
-    );
-    let up = fs::symlink_metadata(m.upper_path("f")).unwrap();
-    assert_eq!((up.uid(), up.gid()), (0, 0), "real owner unchanged");
+    recorded(b"42:43:640");
     assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "data");
     // The same through a descriptor open for writing (the daemon works on the open file).
     {
@@ -340,12 +343,7 @@ fn xattr_permissions_override_stat() {
         let md = w.metadata().unwrap();
         assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (7, 8, 0o604));
     }
-    assert_eq!(
-        get_xattr(&m.upper_path("f"), "user.containers.override_stat"),
-        Ok(b"7:8:604".to_vec())
-    );
-    let up = fs::symlink_metadata(m.upper_path("f")).unwrap();
-    assert_eq!((up.uid(), up.gid()), (0, 0), "real owner unchanged");
+    recorded(b"7:8:604");
 
     // A device made through the mount is a regular file carrying its type.
     mknod(
@@ -484,7 +482,11 @@ fn run_on_mount(user: u32, l: &Layers, base: &std::path::Path, body: &str) -> St
         bin = BIN,
         lowers = l.lowerdir_opt(),
     ));
-    let out = in_mapped_user_namespace(user, sh);
+    succeeded(in_mapped_user_namespace(user, sh))
+}
+
+/// The stdout of a script that must have succeeded.
+fn succeeded(out: std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -580,13 +582,7 @@ fn copy_up_ignores_the_umask_a_create_left() {
         ))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(out);
     assert_eq!(
         stdout,
         "chmod ok\nmkdir ok\nnew 200\nd 755\nd/f 600\nd/sub 200\n"
