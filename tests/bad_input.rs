@@ -701,3 +701,61 @@ fn remount_refuses_a_filesystem_that_is_not_unionmount() {
     assert_eq!(err.lines().count(), 1, "{err:?}");
     assert!(err.contains(&s(&t)), "{err:?}");
 }
+
+/// Overlaps only a bind mount shows: a lower that is a bind mount of a directory inside the
+/// upper, a work directory that is a bind mount of the upper itself (its stale entries would
+/// be cleaned out of the upper), and a mountpoint inside a lower through such an alias.
+/// Kernel overlayfs refuses all three too.
+#[test]
+fn overlaps_through_bind_mounts() {
+    let f = Fixture::new();
+    let r = f.root().to_path_buf();
+    let lo = f.l.lower_paths();
+    let sub = f.l.mkdir("m/upper/sub");
+    let alias = f.l.mkdir("alias");
+    let bind = |from: &Path| {
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(&alias)
+            .status()
+            .unwrap();
+        assert!(st.success(), "bind mount of {}", from.display());
+        ScratchMount(alias.clone())
+    };
+    let mut fails = Vec::new();
+    {
+        let _b = bind(&sub);
+        fails.extend(f.both_forms(
+            "a lower that is a bind mount of a directory in the upper",
+            &[&alias, lo[1]],
+            Some(&f.upper),
+            Some(&f.work),
+            &f.merged,
+            &["inside", "upper", "bind mount"],
+        ));
+    }
+    {
+        let _b = bind(&f.upper);
+        fails.extend(f.both_forms(
+            "a work directory that is a bind mount of the upper",
+            &lo,
+            Some(&f.upper),
+            Some(&alias),
+            &f.merged,
+            &["same directory", "bind mount"],
+        ));
+    }
+    {
+        let _b = bind(lo[0]);
+        fails.extend(f.both_forms(
+            "a mountpoint inside a lower through a bind mount of it",
+            &lo,
+            Some(&f.upper),
+            Some(&f.work),
+            &r.join("alias/d"),
+            &["mountpoint", "inside", "bind mount"],
+        ));
+    }
+    assert_none(fails);
+}
