@@ -362,7 +362,16 @@ impl Union {
                     r => r?,
                 }
             } else {
-                self.open_upper(node, real)?
+                match self.open_upper(node, real) {
+                    // An append-only file (the flag set through the view) opens for writing
+                    // only with O_APPEND: the caller asked for appends, so its writes all land
+                    // at the end, where the kernel sends them. Not with writeback caching
+                    // above (its page writes must land where they are sent).
+                    Err(e) if e.code() == libc::EPERM && flags & libc::O_APPEND != 0 => {
+                        self.open_upper(node, real | libc::O_APPEND)?
+                    }
+                    r => r?,
+                }
             }
         } else {
             match self.top_loc(node) {

@@ -1411,6 +1411,7 @@ pub const FS_IOC_FSSETXATTR: libc::Ioctl = libc::_IOW::<[u32; 7]>(b'X' as u32, 3
 pub const FS_XFLAG_NODUMP: u32 = 0x80;
 pub const FS_SYNC_FL: u32 = 0x8;
 pub const FS_IMMUTABLE_FL: u32 = 0x10;
+pub const FS_APPEND_FL: u32 = 0x20;
 pub const FS_NODUMP_FL: u32 = 0x40;
 pub const FS_NOATIME_FL: u32 = 0x80;
 
