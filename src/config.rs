@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::idmap::{self, IdMap};
+use crate::mountinfo;
 use crate::union::Options;
 
 pub const MAX_LAYERS: usize = 500;
@@ -579,35 +580,12 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
         mountpoint.clone(),
     ));
 
-    // The same directory twice, or one inside another.
-    for i in 0..named.len() {
-        for j in 0..named.len() {
-            if i == j {
-                continue;
-            }
-            let (a, pa) = &named[i];
-            let (b, pb) = &named[j];
-            if pa == pb && i < j {
-                if b.starts_with("mountpoint") {
-                    return Err(format!("the {b} is itself a layer ({a})"));
-                }
-                return Err(format!("the same directory is given twice: {a} and {b}"));
-            }
-            if pa != pb && pa.starts_with(pb) {
-                return Err(format!(
-                    "{a} is inside {b}; layers, work directory and mountpoint must not overlap"
-                ));
-            }
-        }
-    }
+    check_overlaps(&named, &mountinfo::read())?;
     if let Some((w, true)) = &work
         && let Some(u) = &upper
         && w.starts_with(u)
     {
         return Err("the default work directory would be inside the upper layer".into());
-    }
-    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-        check_bind_overlaps(&named, &info)?;
     }
     Ok(Paths {
         lowers,
@@ -617,27 +595,47 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
     })
 }
 
-/// Overlaps the paths do not show: a directory reached through a bind mount of another one,
-/// or of a directory inside it (kernel overlayfs refuses these too). `info` is mountinfo.
-fn check_bind_overlaps(named: &[(String, PathBuf)], info: &str) -> Result<(), String> {
-    let mounts = parse_mountinfo(info);
-    let places: Vec<_> = named.iter().map(|(_, p)| place(&mounts, p)).collect();
-    for (i, (a, _)) in named.iter().enumerate() {
-        for (j, (b, _)) in named.iter().enumerate() {
-            let (Some((da, pa)), Some((db, pb))) = (&places[i], &places[j]) else {
-                continue;
-            };
-            if i == j || da != db {
+/// The same directory twice, or one inside another: by path, and by place in the filesystem
+/// (`mounts`), since a directory may also be reached through a bind mount of it or of one
+/// above it (kernel overlayfs refuses these too).
+fn check_overlaps(named: &[(String, PathBuf)], mounts: &[mountinfo::Mount]) -> Result<(), String> {
+    let places: Vec<_> = named
+        .iter()
+        .map(|(_, p)| mountinfo::place(mounts, p))
+        .collect();
+    for (i, (a, pa)) in named.iter().enumerate() {
+        for (j, (b, pb)) in named.iter().enumerate() {
+            if i == j {
                 continue;
             }
-            if pa == pb && i < j {
+            let (same_place, place_inside) = match (&places[i], &places[j]) {
+                (Some((da, qa)), Some((db, qb))) if da == db => {
+                    (qa == qb, qa != qb && qa.starts_with(qb))
+                }
+                _ => (false, false),
+            };
+            let path_inside = pa != pb && pa.starts_with(pb);
+            if (pa == pb || same_place) && i < j {
+                let bind = if pa == pb {
+                    ""
+                } else {
+                    " (one reached through a bind mount)"
+                };
+                if b.starts_with("mountpoint") {
+                    return Err(format!("the {b} is itself a layer ({a}){bind}"));
+                }
                 return Err(format!(
-                    "{a} and {b} are the same directory (one reached through a bind mount)"
+                    "the same directory is given twice: {a} and {b}{bind}"
                 ));
             }
-            if pa != pb && pa.starts_with(pb) {
+            if pa != pb && !same_place && (path_inside || place_inside) {
+                let bind = if path_inside {
+                    ""
+                } else {
+                    " (reached through a bind mount)"
+                };
                 return Err(format!(
-                    "{a} is inside {b} (reached through a bind mount); layers, work directory and mountpoint must not overlap"
+                    "{a} is inside {b}{bind}; layers, work directory and mountpoint must not overlap"
                 ));
             }
         }
@@ -645,98 +643,32 @@ fn check_bind_overlaps(named: &[(String, PathBuf)], info: &str) -> Result<(), St
     Ok(())
 }
 
-/// A mount as mountinfo lists it: device, the directory of its filesystem it shows, and
-/// where.
-struct MountEntry {
-    dev: String,
-    root: PathBuf,
-    at: PathBuf,
-}
-
-fn parse_mountinfo(info: &str) -> Vec<MountEntry> {
-    // Fields: id parent major:minor root mountpoint ...
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            Some(MountEntry {
-                dev: f.get(2)?.to_string(),
-                root: mountinfo_unescape(f.get(3)?),
-                at: mountinfo_unescape(f.get(4)?),
-            })
-        })
-        .collect()
-}
-
-/// A mountinfo path field (space, tab, newline and backslash are written `\ooo`).
-fn mountinfo_unescape(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(OsString::from_vec(out))
-}
-
-/// Where a directory (a canonical path) lies in its filesystem: the device and the path from
-/// that filesystem's root, through the newest mount with the longest mountpoint above it.
-fn place(mounts: &[MountEntry], p: &Path) -> Option<(String, PathBuf)> {
-    let m = mounts
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| p.starts_with(&m.at))
-        .max_by_key(|(i, m)| (m.at.components().count(), *i))?
-        .1;
-    let rest = p.strip_prefix(&m.at).ok()?;
-    Some((m.dev.clone(), m.root.join(rest)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn bind_mounts_are_placed_in_their_filesystem() {
-        let info = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
-                    30 22 8:1 /srv/upper/sub /mnt/alias rw - ext4 /dev/sda1 rw\n\
-                    31 22 0:40 / /tmp rw - tmpfs tmpfs rw\n\
-                    32 22 8:1 /a\\040b /mnt/sp rw - ext4 /dev/sda1 rw\n\
-                    33 22 0:41 / /tmp rw - tmpfs tmpfs rw\n";
-        let m = parse_mountinfo(info);
-        let at = |p: &str| place(&m, Path::new(p)).unwrap();
-        assert_eq!(
-            at("/mnt/alias/x"),
-            ("8:1".into(), "/srv/upper/sub/x".into())
+    fn overlaps_through_bind_mounts() {
+        let mounts = mountinfo::parse(
+            "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+             30 22 8:1 /srv/upper/sub /mnt/alias rw - ext4 /dev/sda1 rw\n\
+             31 22 0:40 / /tmp rw - tmpfs tmpfs rw\n",
         );
-        assert_eq!(at("/mnt/sp"), ("8:1".into(), "/a b".into()));
-        assert_eq!(at("/srv/lower"), ("8:1".into(), "/srv/lower".into()));
-        // The newest of two mounts at one place is the one seen.
-        assert_eq!(at("/tmp/y"), ("0:41".into(), "/y".into()));
         let named = |l: &str, u: &str| {
             vec![
                 ("lower".to_string(), PathBuf::from(l)),
                 ("upper".to_string(), PathBuf::from(u)),
             ]
         };
-        let e = check_bind_overlaps(&named("/mnt/alias", "/srv/upper"), info).unwrap_err();
+        let e = check_overlaps(&named("/mnt/alias", "/srv/upper"), &mounts).unwrap_err();
         assert!(e.contains("lower is inside upper"), "{e}");
-        let e = check_bind_overlaps(&named("/mnt/alias", "/srv/upper/sub"), info).unwrap_err();
+        let e = check_overlaps(&named("/mnt/alias", "/srv/upper/sub"), &mounts).unwrap_err();
         assert!(e.contains("same directory"), "{e}");
-        assert!(check_bind_overlaps(&named("/srv/lower", "/srv/upper"), info).is_ok());
-        assert!(check_bind_overlaps(&named("/tmp/srv/upper/sub", "/srv/upper"), info).is_ok());
+        assert!(check_overlaps(&named("/srv/lower", "/srv/upper"), &mounts).is_ok());
+        assert!(check_overlaps(&named("/tmp/srv/upper/sub", "/srv/upper"), &mounts).is_ok());
+        // Without mountinfo, paths alone.
+        let e = check_overlaps(&named("/srv/upper/x", "/srv/upper"), &[]).unwrap_err();
+        assert!(e.contains("lower is inside upper;"), "{e}");
     }
 
     fn args(s: &[&str]) -> Vec<OsString> {

@@ -23,6 +23,7 @@ pub mod layer;
 pub mod logger;
 pub mod lookup;
 pub mod mount;
+pub mod mountinfo;
 pub mod notify;
 pub mod override_stat;
 pub mod prefetch;

@@ -15,6 +15,7 @@ use crate::config::{Config, Paths};
 use crate::dir::remove_tree;
 use crate::fs::UnionFs;
 use crate::layer::{Layer, Layers, WorkDir};
+use crate::mountinfo;
 use crate::notify::Invalidator;
 use crate::sys;
 use crate::union::Union;
@@ -268,51 +269,18 @@ fn open_layers(paths: &Paths) -> Result<(Vec<Layer>, Option<Layer>), String> {
 /// root may; elsewhere this quietly does nothing. The device number comes from mountinfo: a
 /// stat of the mountpoint would wait for this very daemon.
 fn raise_readahead(mountpoint: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let want = mountpoint.to_string_lossy().replace(' ', "\\040");
-    // Fields: id parent major:minor root mountpoint ...; the last match is the newest mount.
-    let dev = info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f.get(4) == Some(&want.as_str())).then(|| f.get(2).map(|d| d.to_string()))?
-    });
-    if let Some(dev) = dev {
-        let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    let mounts = mountinfo::read();
+    if let Some(m) = mountinfo::newest_at(&mounts, mountpoint) {
+        let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
         if let Err(e) = std::fs::write(&path, "1024") {
             log::debug!("cannot raise readahead ({path}): {e}");
         }
     }
 }
 
-/// A path as mountinfo writes it (space, tab, newline and backslash octal-escaped).
-fn mountinfo_escape(p: &Path) -> String {
-    let mut out = String::new();
-    for c in p.to_string_lossy().chars() {
-        match c {
-            ' ' => out.push_str("\\040"),
-            '\t' => out.push_str("\\011"),
-            '\n' => out.push_str("\\012"),
-            '\\' => out.push_str("\\134"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// The filesystem type of the newest mount at `mountpoint` (a canonical path), from mountinfo.
 fn newest_mount_type(mountpoint: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mountinfo_escape(mountpoint);
-    // Fields: id parent major:minor root mountpoint options... - fstype source superoptions.
-    info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        if f.get(4) != Some(&want.as_str()) {
-            return None;
-        }
-        let sep = f.iter().position(|x| *x == "-")?;
-        f.get(sep + 1).map(|t| t.to_string())
-    })
+    mountinfo::newest_at(&mountinfo::read(), mountpoint).map(|m| m.fstype.clone())
 }
 
 /// Whether passthrough of open files can be offered: root in the initial namespace.
