@@ -173,7 +173,8 @@ impl Union {
         // they have just written, through its fd) is reached through its handle: no path walk,
         // and the object is a regular file.
         let handle = self.writable_handle(node, req.fh);
-        let fd: Arc<OwnedFd> = match &handle {
+        let via_handle = handle.is_some();
+        let fd: Arc<OwnedFd> = match handle {
             Some(h) => h.fd(),
             None => match self.open_in(node, Loc::Upper, libc::O_PATH) {
                 Ok(fd) => Arc::new(fd),
@@ -186,9 +187,10 @@ impl Union {
             },
         };
         let f = fd.as_fd();
-        let real_kind = match handle {
-            Some(_) => libc::S_IFREG,
-            None => sys::file_type(sys::fstat(f)?.st_mode),
+        let real_kind = if via_handle {
+            libc::S_IFREG
+        } else {
+            sys::file_type(sys::fstat(f)?.st_mode)
         };
         let overridden = self.override_xattr().is_some()
             && matches!(real_kind, libc::S_IFREG | libc::S_IFDIR)
@@ -211,18 +213,18 @@ impl Union {
             }
         }
         if let (Some(mode), false) = (req.mode, overridden) {
-            match handle {
-                Some(_) => sys::fchmod(f, mode & 0o7777)?,
-                None => sys::fchmod_path(f, mode & 0o7777)?,
+            if via_handle {
+                sys::fchmod(f, mode & 0o7777)?;
+            } else {
+                sys::fchmod_path(f, mode & 0o7777)?;
             }
         }
         if let Some(size) = req.size {
-            match &handle {
-                Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
-                None => {
-                    let w = sys::reopen(f, libc::O_WRONLY)?;
-                    sys::ftruncate(w.as_fd(), size)?;
-                }
+            if via_handle {
+                sys::ftruncate(f, size)?;
+            } else {
+                let w = sys::reopen(f, libc::O_WRONLY)?;
+                sys::ftruncate(w.as_fd(), size)?;
             }
         }
         if req.atime.is_some() || req.mtime.is_some() {

@@ -663,7 +663,7 @@ impl Union {
             return Err(Errno::ENOTEMPTY);
         }
         self.copy_up(parent)?;
-        if in_upper && !is_dir {
+        if in_upper {
             self.follow_copy_up(node);
         }
         let cname = sys::cstr(name)?;

@@ -467,7 +467,7 @@ impl Union {
     /// name of the copy goes, after which they could not follow it (kernel overlayfs keeps
     /// its inode's upper object for them).
     pub fn follow_copy_up(&self, node: &Node) {
-        if node.data_gen() == 0 {
+        if node.is_dir() || node.data_gen() == 0 {
             return;
         }
         for h in self.handles.files_of(node.ino) {
