@@ -250,8 +250,31 @@ impl Drop for Layers {
             eprintln!("LEAK: keeping {root}: a mount under it is still live");
             return;
         }
-        // SAFETY: dropped once, here, and never used again.
-        unsafe { std::mem::ManuallyDrop::drop(&mut self.tmp) };
+        // SAFETY: taken once, here, and never used again.
+        let tmp = unsafe { std::mem::ManuallyDrop::take(&mut self.tmp) };
+        let path = tmp.path().to_path_buf();
+        if tmp.close().is_err() {
+            // A test that failed with a file or directory immutable or append-only (chattr
+            // through the view sets it on the upper) leaves what nobody can delete: the flags
+            // go first.
+            clear_protection_flags(&path);
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// Clears FS_IMMUTABLE_FL and FS_APPEND_FL under `p` (not following symlinks).
+fn clear_protection_flags(p: &Path) {
+    let Ok(md) = fs::symlink_metadata(p) else {
+        return;
+    };
+    if md.is_file() || md.is_dir() {
+        let _ = remove_flags(p, FS_IMMUTABLE_FL | FS_APPEND_FL);
+    }
+    if md.is_dir() {
+        for e in fs::read_dir(p).into_iter().flatten().flatten() {
+            clear_protection_flags(&e.path());
+        }
     }
 }
 
