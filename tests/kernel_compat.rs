@@ -234,6 +234,15 @@ fn assert_same_results(ops: &[Op], k: &[Result<(), i32>], u: &[Result<(), i32>],
     );
 }
 
+/// Asserts that unionmount's rows (`got`) are kernel overlayfs's (`want`), row by row.
+fn assert_rows_match<T: PartialEq + std::fmt::Debug>(want: &[T], got: &[T]) {
+    assert_eq!(want.len(), got.len(), "as many rows");
+    for (w, g) in want.iter().zip(got) {
+        eprintln!("kernel: {w:?}");
+        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
+    }
+}
+
 /// Mounts both over the same lowers, applies `ops` to each, and compares results, merged
 /// trees and uppers.
 fn run_both(l: &Layers, ops: &[Op], what: &str) {
@@ -789,10 +798,7 @@ fn inode_flags_match_kernel_overlayfs() {
     let k = l.mount_kernel("k");
     let want = inode_flag_rows(&k);
     let u = l.mount("u");
-    let got = inode_flag_rows(&u);
-    for (w, g) in want.iter().zip(&got) {
-        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
-    }
+    assert_rows_match(&want, &inode_flag_rows(&u));
     // The flags that are no protection flags land on the upper copies alike.
     for name in ["d/noatime", "d/sub", "d/plain", "d/frozen", "d/xflag"] {
         let (kf, uf) = (
@@ -876,12 +882,7 @@ fn changes_through_a_file_open_for_writing() {
     let l = layers();
     let k = l.mount_kernel("k");
     let u = l.mount("u");
-    let (want, got) = (fd_change_rows(&k.merged), fd_change_rows(&u.merged));
-    assert_eq!(want.len(), got.len());
-    for (w, g) in want.iter().zip(&got) {
-        eprintln!("kernel: {w}");
-        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
-    }
+    assert_rows_match(&fd_change_rows(&k.merged), &fd_change_rows(&u.merged));
     let (tk, tu) = merged_trees(&k.merged, &u.merged);
     assert_same_tree(&tk, &tu, "merged after changes through open files");
     assert_same_upper(
@@ -944,12 +945,7 @@ fn a_reader_opened_before_copy_up_follows_the_copy() {
     let k = l.mount_kernel("k");
     // The page-cached path follows as kernel overlayfs does.
     let u = l.mount_with("u", &["--passthrough", "off"]);
-    let (want, got) = (stale_reader_rows(&k.merged), stale_reader_rows(&u.merged));
-    assert_eq!(want.len(), got.len());
-    for (w, g) in want.iter().zip(&got) {
-        eprintln!("kernel: {w}");
-        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
-    }
+    assert_rows_match(&stale_reader_rows(&k.merged), &stale_reader_rows(&u.merged));
     assert_stale_readers_left_lower_alone(&l);
     let (tk, tu) = merged_trees(&k.merged, &u.merged);
     assert_same_tree(&tk, &tu, "merged after the readers' changes");
@@ -1025,11 +1021,7 @@ fn append_only_file_takes_appends() {
     let k = l.mount_kernel("k");
     let want = append_only_rows(&k);
     let u = l.mount_with("u", &["--passthrough", "on"]);
-    let got = append_only_rows(&u);
-    assert_eq!(want.len(), got.len());
-    for (w, g) in want.iter().zip(&got) {
-        assert_eq!(w, g, "unionmount (right) against kernel overlayfs (left)");
-    }
+    assert_rows_match(&want, &append_only_rows(&u));
     drop(u);
     let c = l.mount_with("c", &["--passthrough", "off"]);
     let log = c.path("d/log");
