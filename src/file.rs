@@ -31,7 +31,7 @@ pub enum IoMode {
 /// kernel passes every open of an inode through to one file. An entry lives while anything
 /// holds its backing id, so nodes that were opened once keep nothing.
 /// (Generic over the id for tests: a real one needs the kernel.)
-pub struct Backings<B = fuser::BackingId> {
+pub struct Backings<B = crate::fuse::BackingId> {
     by_serial: ShardedMap<Backing<B>>,
 }
 
@@ -40,7 +40,7 @@ type Backing<B> = (RealId, Weak<SharedBacking<B>>);
 
 /// A backing id shared by the passthrough opens of one node. Whoever drops the last hold on
 /// it (the last open's release, or a reply still being sent) takes its entry out of the table.
-pub struct SharedBacking<B = fuser::BackingId> {
+pub struct SharedBacking<B = crate::fuse::BackingId> {
     pub id: B,
     serial: u64,
     table: Arc<Backings<B>>,
@@ -330,7 +330,7 @@ impl Union {
         &self,
         node: &Arc<Node>,
         flags: i32,
-        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
         if node.is_dir() {
             return Err(Errno::EISDIR);
@@ -399,7 +399,7 @@ impl Union {
         node: &Arc<Node>,
         fd: OwnedFd,
         flags: i32,
-        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
         self.add_handle_at(node, fd, node.data_gen(), flags, make_backing)
     }
@@ -411,7 +411,7 @@ impl Union {
         fd: OwnedFd,
         generation: u64,
         flags: i32,
-        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
         let mut fd = fd;
         let mode = if self.passthrough_active() {
@@ -482,7 +482,7 @@ impl Union {
         &self,
         node: &Node,
         fd: BorrowedFd<'_>,
-        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<fuser::BackingId>,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<Option<IoMode>> {
         let id = RealId::of(&sys::fstat(fd)?);
         let mut backings = self.backings.shard(node.serial);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use fuser::{Session, SessionACL};
+use crate::fuse::{Access, Session};
 
 use crate::config::{Config, Paths};
 use crate::dir::remove_tree;
@@ -414,11 +414,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .allow_other
         .unwrap_or(sys::geteuid() == 0 && !cfg.flags.allow_root);
     let acl = if allow_other {
-        SessionACL::All
+        Access::All
     } else if cfg.flags.allow_root {
-        SessionACL::RootAndOwner
+        Access::RootAndOwner
     } else {
-        SessionACL::Owner
+        Access::Owner
     };
     let dev = match mount_fuse(&cfg, &paths.mountpoint, allow_other || cfg.flags.allow_root) {
         Ok(d) => d,
@@ -427,14 +427,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
             return Err(e);
         }
     };
-    let mut fcfg = fuser::Config::default();
-    fcfg.n_threads = Some(cfg.threads);
-    fcfg.clone_fd = cfg.threads > 1;
-    fcfg.acl = acl;
     let fs = UnionFs::new(union.clone());
     // A second fd of the connection, for the notifications the daemon splices itself.
     let dev_splice = sys::dup(dev.as_fd()).ok();
-    let session = match Session::from_fd(fs, dev, acl, fcfg) {
+    let session = match Session::new(fs, dev, cfg.threads, acl) {
         Ok(s) => s,
         Err(e) => {
             unmount(&paths.mountpoint);

@@ -7,7 +7,7 @@
 use std::ffi::OsString;
 use std::sync::mpsc;
 
-use fuser::{INodeNo, Notifier};
+use crate::fuse::Notifier;
 
 enum Msg {
     Entry(u64, OsString),
@@ -27,11 +27,11 @@ impl Invalidator {
             .name("invalidator".into())
             .spawn(move || {
                 for msg in rx {
-                    // ENOENT (nothing cached) is already treated as success by fuser; other
+                    // ENOENT (nothing cached) is already treated as success; other
                     // failures only mean the kernel keeps a cache entry until it times out.
                     let res = match &msg {
-                        Msg::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), name),
-                        Msg::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                        Msg::Entry(parent, name) => notifier.inval_entry(*parent, name),
+                        Msg::Inode(ino) => notifier.inval_inode(*ino, 0, 0),
                     };
                     if let Err(e) = res {
                         log::debug!("invalidation failed: {e}");
@@ -46,7 +46,7 @@ impl Invalidator {
     /// request. Safe inside a handler: an attribute-only invalidation takes no inode, page or
     /// directory lock.
     pub fn attrs_now(&self, ino: u64) {
-        if let Err(e) = self.notifier.inval_inode(INodeNo(ino), -1, 0) {
+        if let Err(e) = self.notifier.inval_inode(ino, -1, 0) {
             log::debug!("attribute invalidation failed: {e}");
         }
     }

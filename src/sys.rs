@@ -1246,6 +1246,76 @@ pub fn fix_malloc_mmap_threshold(bytes: i32) {
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
 }
 
+// ---------------------------------------------------------------------------------------------
+// The FUSE device
+
+/// `FUSE_DEV_IOC_CLONE`, `FUSE_DEV_IOC_BACKING_OPEN` and `FUSE_DEV_IOC_BACKING_CLOSE`
+/// (`<linux/fuse.h>`: magic 229; the backing map is 16 bytes).
+const FUSE_DEV_IOC_CLONE: libc::c_ulong = libc::_IOR::<u32>(229, 0) as libc::c_ulong;
+const FUSE_DEV_IOC_BACKING_OPEN: libc::c_ulong = libc::_IOW::<[u8; 16]>(229, 1) as libc::c_ulong;
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = libc::_IOW::<u32>(229, 2) as libc::c_ulong;
+
+/// Reads one request from a FUSE device fd (blocking unless the fd is non-blocking).
+pub fn read_dev(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    check_ssize(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// Writes one message (a reply or a notification) to a FUSE device fd, in one call.
+pub fn writev(fd: BorrowedFd<'_>, bufs: &[std::io::IoSlice<'_>]) -> Result<usize> {
+    // SAFETY: IoSlice is ABI-compatible with iovec; the slices live across the call.
+    check_ssize(unsafe {
+        libc::writev(
+            fd.as_raw_fd(),
+            bufs.as_ptr().cast(),
+            bufs.len().min(libc::c_int::MAX as usize) as libc::c_int,
+        )
+    })
+}
+
+/// Waits until `fd` is readable (or hung up).
+pub fn wait_readable(fd: BorrowedFd<'_>) -> Result<()> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    retry(|| check(unsafe { libc::poll(&mut p, 1, -1) })).map(drop)
+}
+
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a valid fd.
+    let fl = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }).map(drop)
+}
+
+/// Attaches a fresh `/dev/fuse` fd to the connection of `of`, so it reads requests too.
+pub fn clone_dev_fuse(of: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let new = open_dev_fuse()?;
+    let mut src = of.as_raw_fd() as u32;
+    // SAFETY: the ioctl reads one u32 (the source fd).
+    check(unsafe { libc::ioctl(new.as_raw_fd(), FUSE_DEV_IOC_CLONE, &mut src) })?;
+    Ok(new)
+}
+
+/// Registers `file` as a passthrough backing file of the connection; returns its id.
+pub fn backing_open(dev: BorrowedFd<'_>, file: BorrowedFd<'_>) -> Result<u32> {
+    // struct fuse_backing_map { int32_t fd; uint32_t flags; uint64_t padding; }
+    let mut map = [0u8; 16];
+    map[..4].copy_from_slice(&file.as_raw_fd().to_ne_bytes());
+    // SAFETY: the ioctl reads 16 bytes from `map`.
+    let id =
+        check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN, map.as_ptr()) })?;
+    Ok(id as u32)
+}
+
+pub fn backing_close(dev: BorrowedFd<'_>, id: u32) -> Result<()> {
+    // SAFETY: the ioctl reads one u32.
+    check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE, &id) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

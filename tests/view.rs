@@ -405,7 +405,7 @@ fn ls_l_of_a_large_directory_looks_up_no_names() {
         d.unmount().unwrap();
         d.log()
             .lines()
-            .filter(|l| l.contains(" LOOKUP name \"f"))
+            .filter(|l| l.contains("Lookup { name: \"f"))
             .count()
     };
     assert_eq!(lookups("auto"), 0, "readdirplus=auto: names looked up");

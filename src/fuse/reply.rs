@@ -1,0 +1,370 @@
+//! Replies and notifications written to `/dev/fuse`.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, FileAttr, FileType, FopenFlags};
+
+use super::abi::{self, Out};
+use crate::sys;
+
+/// One fd of the connection. A reply goes to the fd its request was read from: each clone
+/// keeps its own list of requests being served.
+#[derive(Clone, Debug)]
+pub struct Channel(pub(crate) Arc<OwnedFd>);
+
+impl Channel {
+    pub fn new(fd: OwnedFd) -> Channel {
+        Channel(Arc::new(fd))
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// Sends one message: the out header (`error`, `unique`) followed by `parts`.
+    fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) -> sys::Result<()> {
+        let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut hdr = [0u8; abi::OUT_HEADER];
+        hdr[..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        hdr[4..8].copy_from_slice(&error.to_ne_bytes());
+        hdr[8..].copy_from_slice(&unique.to_ne_bytes());
+        let mut iov = Vec::with_capacity(parts.len() + 1);
+        iov.push(IoSlice::new(&hdr));
+        iov.extend(
+            parts
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| IoSlice::new(p)),
+        );
+        sys::writev(self.fd(), &iov).map(drop)
+    }
+
+    /// Registers an open fd as the backing file of passthrough opens.
+    pub fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        let id = sys::backing_open(self.fd(), fd)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
+        Ok(BackingId {
+            ch: self.clone(),
+            id,
+        })
+    }
+}
+
+/// A passthrough backing file registered with the kernel; dropped, it is unregistered.
+#[derive(Debug)]
+pub struct BackingId {
+    ch: Channel,
+    pub id: u32,
+}
+
+impl Drop for BackingId {
+    fn drop(&mut self) {
+        if let Err(e) = sys::backing_close(self.ch.fd(), self.id) {
+            log::debug!("closing backing id {}: {e:?}", self.id);
+        }
+    }
+}
+
+/// Cache invalidations, sent on any fd of the connection.
+#[derive(Clone)]
+pub struct Notifier(pub(crate) Channel);
+
+impl Notifier {
+    fn notify(&self, code: i32, body: &[&[u8]]) -> std::io::Result<()> {
+        match self.0.send(0, code, body) {
+            // Nothing cached: nothing to drop.
+            Err(e) if e.code() == libc::ENOENT => Ok(()),
+            r => r.map_err(|e| std::io::Error::from_raw_os_error(e.code())),
+        }
+    }
+
+    pub fn inval_entry(&self, parent: u64, name: &std::ffi::OsStr) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let name = name.as_bytes();
+        let mut o = Out::with_capacity(16);
+        o.u64(parent).u32(name.len() as u32).u32(0);
+        self.notify(abi::NOTIFY_INVAL_ENTRY, &[&o.buf, name, b"\0"])
+    }
+
+    pub fn inval_inode(&self, ino: u64, off: i64, len: i64) -> std::io::Result<()> {
+        let mut o = Out::with_capacity(24);
+        o.u64(ino).u64(off as u64).u64(len as u64);
+        self.notify(abi::NOTIFY_INVAL_INODE, &[&o.buf])
+    }
+}
+
+fn split(t: SystemTime) -> (u64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs(), d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let (s, n) = (d.as_secs() as i64, d.subsec_nanos());
+            if n == 0 {
+                ((-s) as u64, 0)
+            } else {
+                ((-s - 1) as u64, 1_000_000_000 - n)
+            }
+        }
+    }
+}
+
+fn type_bits(kind: FileType) -> u32 {
+    match kind {
+        FileType::NamedPipe => libc::S_IFIFO,
+        FileType::CharDevice => libc::S_IFCHR,
+        FileType::BlockDevice => libc::S_IFBLK,
+        FileType::Directory => libc::S_IFDIR,
+        FileType::RegularFile => libc::S_IFREG,
+        FileType::Symlink => libc::S_IFLNK,
+        FileType::Socket => libc::S_IFSOCK,
+    }
+}
+
+/// `fuse_attr`.
+fn put_attr(o: &mut Out, a: &FileAttr) {
+    let (at, atn) = split(a.atime);
+    let (mt, mtn) = split(a.mtime);
+    let (ct, ctn) = split(a.ctime);
+    o.u64(a.ino.0).u64(a.size).u64(a.blocks);
+    o.u64(at).u64(mt).u64(ct).u32(atn).u32(mtn).u32(ctn);
+    o.u32(type_bits(a.kind) | u32::from(a.perm));
+    o.u32(a.nlink)
+        .u32(a.uid)
+        .u32(a.gid)
+        .u32(a.rdev)
+        .u32(a.blksize)
+        .u32(0);
+}
+
+fn put_ttl_pair(o: &mut Out, entry: &Duration, attr: &Duration) {
+    o.u64(entry.as_secs()).u64(attr.as_secs());
+    o.u32(entry.subsec_nanos()).u32(attr.subsec_nanos());
+}
+
+/// `fuse_entry_out`; a zero inode number is a negative entry.
+fn put_entry(o: &mut Out, ttl: &Duration, a: &FileAttr) {
+    o.u64(a.ino.0).u64(0);
+    put_ttl_pair(o, ttl, ttl);
+    put_attr(o, a);
+}
+
+fn put_open(o: &mut Out, fh: u64, flags: FopenFlags, backing: Option<&BackingId>) {
+    let mut bits = flags.bits();
+    if backing.is_some() {
+        bits |= FopenFlags::FOPEN_PASSTHROUGH.bits();
+    }
+    o.u64(fh).u32(bits).u32(backing.map_or(0, |b| b.id));
+}
+
+/// The answer owed to one request. Dropped unanswered, it answers EIO, so the caller never
+/// hangs.
+pub struct Reply {
+    ch: Channel,
+    unique: u64,
+    done: bool,
+}
+
+impl Reply {
+    pub fn new(ch: Channel, unique: u64) -> Reply {
+        Reply {
+            ch,
+            unique,
+            done: false,
+        }
+    }
+
+    fn send(mut self, error: i32, parts: &[&[u8]]) {
+        self.done = true;
+        if let Err(e) = self.ch.send(self.unique, error, parts) {
+            // ENOENT: the request was interrupted and is gone.
+            if e.code() != libc::ENOENT {
+                log::debug!("reply to request {}: {e:?}", self.unique);
+            }
+        }
+    }
+
+    pub fn error(self, e: Errno) {
+        let code = e.code();
+        self.send(-code.abs(), &[]);
+    }
+
+    pub fn ok(self) {
+        self.send(0, &[]);
+    }
+
+    pub fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        self.ch.open_backing(fd)
+    }
+
+    pub fn entry(self, ttl: &Duration, attr: &FileAttr) {
+        let mut o = Out::with_capacity(abi::ENTRY_OUT);
+        put_entry(&mut o, ttl, attr);
+        self.send(0, &[&o.buf]);
+    }
+
+    pub fn attr(self, ttl: &Duration, attr: &FileAttr) {
+        let mut o = Out::with_capacity(16 + abi::ATTR);
+        o.u64(ttl.as_secs()).u32(ttl.subsec_nanos()).u32(0);
+        put_attr(&mut o, attr);
+        self.send(0, &[&o.buf]);
+    }
+
+    pub fn data(self, d: &[u8]) {
+        self.send(0, &[d]);
+    }
+
+    pub fn opened(self, fh: u64, flags: FopenFlags, backing: Option<&BackingId>) {
+        let mut o = Out::with_capacity(16);
+        put_open(&mut o, fh, flags, backing);
+        self.send(0, &[&o.buf]);
+    }
+
+    pub fn created(
+        self,
+        ttl: &Duration,
+        attr: &FileAttr,
+        fh: u64,
+        flags: FopenFlags,
+        backing: Option<&BackingId>,
+    ) {
+        let mut o = Out::with_capacity(abi::ENTRY_OUT + 16);
+        put_entry(&mut o, ttl, attr);
+        put_open(&mut o, fh, flags, backing);
+        self.send(0, &[&o.buf]);
+    }
+
+    pub fn written(self, n: u32) {
+        let mut o = Out::with_capacity(8);
+        o.u32(n).u32(0);
+        self.send(0, &[&o.buf]);
+    }
+
+    /// `fuse_getxattr_out`: the size a value or list needs.
+    pub fn size(self, n: u32) {
+        self.written(n);
+    }
+
+    pub fn offset(self, off: i64) {
+        self.send(0, &[&off.to_ne_bytes()]);
+    }
+
+    pub fn statfs(self, s: &libc::statvfs) {
+        let mut o = Out::with_capacity(80);
+        o.u64(s.f_blocks).u64(s.f_bfree).u64(s.f_bavail);
+        o.u64(s.f_files).u64(s.f_ffree);
+        o.u32(s.f_bsize as u32)
+            .u32(s.f_namemax as u32)
+            .u32(s.f_frsize as u32);
+        o.zeros(4 + 24);
+        self.send(0, &[&o.buf]);
+    }
+
+    pub fn ioctl(self, result: i32, data: &[u8]) {
+        let mut o = Out::with_capacity(16);
+        o.u32(result as u32).u32(0).u32(0).u32(0);
+        self.send(0, &[&o.buf, data]);
+    }
+
+    pub fn dir(self, d: DirBuf) {
+        self.send(0, &[&d.out.buf]);
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            let _ = self.ch.send(self.unique, -libc::EIO, &[]);
+        }
+    }
+}
+
+/// A listing reply being filled, up to the size the kernel asked for.
+pub struct DirBuf {
+    out: Out,
+    max: usize,
+}
+
+fn padded(n: usize) -> usize {
+    (n + 7) & !7
+}
+
+impl DirBuf {
+    pub fn new(max: u32) -> DirBuf {
+        let max = max as usize;
+        DirBuf {
+            out: Out::with_capacity(max.min(1 << 17)),
+            max,
+        }
+    }
+
+    /// Adds a plain entry; true when it did not fit (the listing is full).
+    pub fn add(&mut self, ino: u64, next: u64, kind: FileType, name: &std::ffi::OsStr) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let name = name.as_bytes();
+        let size = padded(abi::DIRENT + name.len());
+        if self.out.len() + size > self.max {
+            return true;
+        }
+        self.put_dirent(ino, next, kind, name, size);
+        false
+    }
+
+    /// Adds an entry with its attributes; true when it did not fit.
+    pub fn add_plus(
+        &mut self,
+        next: u64,
+        name: &std::ffi::OsStr,
+        ttl: &Duration,
+        attr: &FileAttr,
+    ) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let name = name.as_bytes();
+        let size = padded(abi::DIRENT + name.len());
+        if self.out.len() + abi::ENTRY_OUT + size > self.max {
+            return true;
+        }
+        put_entry(&mut self.out, ttl, attr);
+        self.put_dirent(attr.ino.0, next, attr.kind, name, size);
+        false
+    }
+
+    fn put_dirent(&mut self, ino: u64, next: u64, kind: FileType, name: &[u8], size: usize) {
+        let start = self.out.len();
+        self.out.u64(ino).u64(next).u32(name.len() as u32);
+        self.out.u32(type_bits(kind) >> 12).bytes(name);
+        self.out.zeros(size - (self.out.len() - start));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_before_the_epoch_split_as_the_kernel_reads_them() {
+        let t = UNIX_EPOCH - Duration::new(1, 250_000_000);
+        assert_eq!(split(t), ((-2i64) as u64, 750_000_000));
+        assert_eq!(
+            split(UNIX_EPOCH - Duration::from_secs(3)),
+            ((-3i64) as u64, 0)
+        );
+        assert_eq!(split(UNIX_EPOCH + Duration::new(5, 7)), (5, 7));
+    }
+
+    #[test]
+    fn dirents_are_padded_to_eight_bytes_and_stop_when_full() {
+        let mut d = DirBuf::new(64);
+        assert!(!d.add(7, 1, FileType::RegularFile, "abc".as_ref()));
+        assert_eq!(d.out.len(), 32);
+        assert_eq!(&d.out.buf[16..20], &3u32.to_ne_bytes());
+        assert_eq!(&d.out.buf[20..24], &(libc::DT_REG as u32).to_ne_bytes());
+        assert!(!d.add(8, 2, FileType::Directory, "0123456".as_ref()));
+        assert_eq!(d.out.len(), 64);
+        assert!(d.add(9, 3, FileType::Directory, "x".as_ref()));
+        assert_eq!(d.out.len(), 64);
+    }
+}
