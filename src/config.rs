@@ -75,6 +75,10 @@ struct Cli {
     /// Request-serving threads [default: twice the CPUs, at least 4]
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Microseconds the reading thread polls for the next request before it sleeps (0: never
+    /// polls; at most 10000)
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    spin_us: u64,
     /// Serve open files straight from the backing file in the kernel (needs root)
     #[arg(long, value_enum, default_value = "auto")]
     passthrough: Passthrough,
@@ -110,6 +114,8 @@ pub struct Config {
     pub fsname: String,
     pub foreground: bool,
     pub threads: usize,
+    /// How long the reading thread polls for the next request (zero: it never polls).
+    pub spin: std::time::Duration,
     pub passthrough: Passthrough,
     pub log_level: LogLevel,
     pub flags: MountFlags,
@@ -434,6 +440,12 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
     if threads == 0 || threads > 1024 {
         return Err(format!("--threads {threads}: must be between 1 and 1024"));
     }
+    if cli.spin_us > 10_000 {
+        return Err(format!(
+            "--spin-us {}: must be at most 10000 (10 ms)",
+            cli.spin_us
+        ));
+    }
     Ok(Parsed::Mount(Box::new(Config {
         lowers,
         upper,
@@ -442,6 +454,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
         fsname,
         foreground: cli.foreground,
         threads,
+        spin: std::time::Duration::from_micros(cli.spin_us),
         passthrough: cli.passthrough,
         log_level: cli.log_level,
         flags,

@@ -430,7 +430,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let fs = UnionFs::new(union.clone());
     // A second fd of the connection, for the notifications the daemon splices itself.
     let dev_splice = sys::dup(dev.as_fd()).ok();
-    let session = match Session::new(fs, dev, cfg.threads, acl) {
+    let session = match Session::new(fs, dev, cfg.threads, cfg.spin, acl) {
         Ok(s) => s,
         Err(e) => {
             unmount(&paths.mountpoint);

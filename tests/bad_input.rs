@@ -206,6 +206,8 @@ fn malformed_flags_and_layer_options() {
         ("--threads", "abc", "threads"),
         ("--threads", "-1", "-1"),
         ("--threads", "", "threads"),
+        ("--spin-us", "20000", "spin-us"),
+        ("--spin-us", "-5", "-5"),
     ] {
         let mut a = vec![os(flag), os(value)];
         a.extend(good.iter().cloned());

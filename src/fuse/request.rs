@@ -280,6 +280,7 @@ impl<'a> Op<'a> {
                 let mode = a.u32()?;
                 a.skip(4)?;
                 let (uid, gid) = (a.u32()?, a.u32()?);
+                a.skip(4)?;
                 let has = |bit| valid & bit != 0;
                 let at = |now, set, s, ns| {
                     if has(now) {
@@ -462,5 +463,79 @@ impl<'a> Op<'a> {
             }
             other => Op::Unknown(other),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_body_makes_decoding_panic() {
+        // Every opcode, every short length, bytes with and without NULs.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for opcode in 0..64 {
+            for len in 0..160 {
+                let body: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        if seed % 5 == 0 { 0 } else { seed as u8 }
+                    })
+                    .collect();
+                let _ = Op::parse(opcode, &body);
+                let _ = Header::parse(&body);
+            }
+        }
+    }
+
+    #[test]
+    fn setattr_takes_only_the_fields_marked_valid() {
+        let mut b = abi::Out::default();
+        b.u32(fattr::MODE | fattr::MTIME_NOW | fattr::ATIME | fattr::FH)
+            .u32(0);
+        b.u64(9).u64(4096).u64(0); // fh, size, lock owner
+        b.u64(100).u64(200).u64(300).u32(5).u32(6).u32(7); // times
+        b.u32(0o100644).u32(0).u32(1000).u32(1000).u32(0);
+        let Ok(Op::Setattr(s)) = Op::parse(op::SETATTR, &b.buf) else {
+            panic!("not a setattr");
+        };
+        assert_eq!(s.mode, Some(0o100644));
+        assert_eq!((s.uid, s.gid, s.size), (None, None, None));
+        assert_eq!(s.fh, Some(9));
+        assert_eq!(s.mtime, Some(TimeOrNow::Now));
+        assert_eq!(
+            s.atime,
+            Some(TimeOrNow::SpecificTime(UNIX_EPOCH + Duration::new(100, 5)))
+        );
+        // One byte short: EINVAL, not a guess.
+        assert!(Op::parse(op::SETATTR, &b.buf[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn rename2_reads_its_flags_and_both_names() {
+        let mut b = abi::Out::default();
+        b.u64(42)
+            .u32(libc::RENAME_NOREPLACE)
+            .u32(0)
+            .bytes(b"old\0new\0");
+        match Op::parse(op::RENAME2, &b.buf) {
+            Ok(Op::Rename {
+                name,
+                newdir,
+                newname,
+                flags,
+            }) => {
+                assert_eq!(
+                    (name, newdir, newname),
+                    ("old".as_ref(), 42, "new".as_ref())
+                );
+                assert_eq!(flags, libc::RENAME_NOREPLACE);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A name without its NUL is malformed.
+        assert!(Op::parse(op::LOOKUP, b"abc").is_err());
     }
 }

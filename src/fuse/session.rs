@@ -2,7 +2,8 @@
 //! fd of the connection and serve them.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use fuser::InitFlags;
 
@@ -48,6 +49,8 @@ pub struct Session {
     fs: Arc<UnionFs>,
     ch: Channel,
     threads: usize,
+    /// How long the reading thread polls for the next request before it sleeps.
+    spin: Option<Duration>,
     access: Access,
     owner: u32,
     /// Room for the largest request: a WRITE of `max_write` bytes and its headers.
@@ -64,12 +67,14 @@ impl Session {
         fs: UnionFs,
         dev: OwnedFd,
         threads: usize,
+        spin: Duration,
         access: Access,
     ) -> std::io::Result<Session> {
         let mut s = Session {
             fs: Arc::new(fs),
             ch: Channel::new(dev),
             threads: threads.max(1),
+            spin: (!spin.is_zero()).then_some(spin),
             access,
             owner: sys::geteuid(),
             buf_size: crate::fs::MAX_IO as usize + 4096,
@@ -169,10 +174,18 @@ impl Session {
             ));
         }
         let mut handles = Vec::with_capacity(channels.len());
+        let spin = self.spin;
+        let readers = spin.map(|_| Arc::new(Readers::default()));
         for (i, ch) in channels.into_iter().enumerate() {
+            if spin.is_some() {
+                sys::set_nonblocking(ch.fd()).map_err(io_err)?;
+            }
             let w = Worker {
+                me: i,
+                readers: readers.clone(),
                 fs: self.fs.clone(),
                 ch,
+                spin,
                 access: self.access,
                 owner: self.owner,
                 buf_size: self.buf_size,
@@ -199,9 +212,184 @@ impl Session {
     }
 }
 
+/// How long the reader may serve one request before another thread takes over reading.
+const TAKE_OVER: Duration = Duration::from_micros(500);
+/// Requests from different threads this close together are served in parallel.
+const PARALLEL: Duration = Duration::from_millis(1);
+/// After this long without requests, the watcher stops checking on the reader.
+const QUIET: Duration = Duration::from_millis(50);
+
+/// Which thread reads `/dev/fuse`. One thread at a time reads, and serves what it reads
+/// itself, spinning for the next request before it sleeps: a request then finds it awake,
+/// and no other thread is woken for it. The others sleep in user space, out of the kernel's
+/// wait queue, so that a request wakes nobody in vain. A request that moves data (READ,
+/// WRITE, FSYNC, ...) hands reading to another thread at once; any other request that keeps
+/// its reader longer than `TAKE_OVER` has reading taken over by the watcher, one waiting
+/// thread that checks on the reader at that interval while requests come (and sleeps once
+/// the mount is quiet). So slow requests are served in parallel, as with a reader per
+/// thread, and quick ones cost no wake-up.
+#[derive(Default)]
+struct Readers {
+    state: Mutex<ReadState>,
+    /// The waiting threads other than the watcher.
+    waiting: Condvar,
+    watcher: Condvar,
+}
+
+#[derive(Default)]
+struct ReadState {
+    /// The thread that reads (a worker index), if any.
+    reader: Option<usize>,
+    /// Since when the reader has been serving a request (None while it reads).
+    busy_since: Option<Instant>,
+    /// The reader sleeps in poll(2).
+    reader_sleeps: bool,
+    last_request: Option<Instant>,
+    /// The thread the last request came from (0: the kernel's own).
+    last_pid: u32,
+    has_watcher: bool,
+    watcher_parked: bool,
+    /// Threads waiting that are not the watcher.
+    waiters: usize,
+    ended: bool,
+}
+
+impl Readers {
+    fn lock(&self) -> MutexGuard<'_, ReadState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until thread `me` may read; false once the session has ended.
+    fn take(&self, me: usize) -> bool {
+        let mut s = self.lock();
+        let mut watching = false;
+        loop {
+            let stuck = s.busy_since.is_some_and(|t| t.elapsed() >= TAKE_OVER);
+            if s.ended || s.reader.is_none() || stuck {
+                if watching {
+                    s.has_watcher = false;
+                    if s.waiters > 0 {
+                        // Another waiting thread watches from now on.
+                        self.waiting.notify_one();
+                    }
+                }
+                if s.ended {
+                    return false;
+                }
+                s.reader = Some(me);
+                s.busy_since = None;
+                s.reader_sleeps = false;
+                return true;
+            }
+            if !watching && s.has_watcher {
+                s.waiters += 1;
+                s = self.waiting.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.waiters -= 1;
+                continue;
+            }
+            watching = true;
+            s.has_watcher = true;
+            let quiet = s.reader_sleeps && s.last_request.is_none_or(|t| t.elapsed() >= QUIET);
+            if quiet {
+                s.watcher_parked = true;
+                s = self.watcher.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.watcher_parked = false;
+            } else {
+                let wait = match s.busy_since {
+                    Some(t) => TAKE_OVER.saturating_sub(t.elapsed()),
+                    None => TAKE_OVER,
+                };
+                s = self
+                    .watcher
+                    .wait_timeout(s, wait.max(Duration::from_micros(50)))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    /// The reader goes to sleep in poll(2), or woke from it.
+    fn sleeps(&self, me: usize, sleeping: bool) {
+        let mut s = self.lock();
+        if s.reader == Some(me) {
+            s.reader_sleeps = sleeping;
+            if !sleeping && s.watcher_parked {
+                self.watcher.notify_one();
+            }
+        }
+    }
+
+    /// The reader got a request from thread `pid`. It either serves it and reads on
+    /// afterwards (true, unless reading is taken over meanwhile) or hands reading on now:
+    /// when `hand_on` or when requests come from more than one thread at once, since they
+    /// are then best served in parallel.
+    fn got(&self, me: usize, pid: u32, hand_on: bool) -> bool {
+        let mut s = self.lock();
+        let now = Instant::now();
+        let parallel = pid != 0
+            && s.last_pid != 0
+            && pid != s.last_pid
+            && s.last_request.is_some_and(|t| now - t < PARALLEL);
+        if pid != 0 {
+            s.last_pid = pid;
+        }
+        let hand_on = hand_on || parallel;
+        s.last_request = Some(now);
+        if s.reader != Some(me) {
+            return false;
+        }
+        if hand_on {
+            s.reader = None;
+            s.busy_since = None;
+            if s.waiters > 0 {
+                self.waiting.notify_one();
+            } else {
+                self.watcher.notify_one();
+            }
+            false
+        } else {
+            s.busy_since = Some(now);
+            true
+        }
+    }
+
+    /// The request is served: true if `me` is still the reader.
+    fn served(&self, me: usize) -> bool {
+        let mut s = self.lock();
+        if s.reader == Some(me) {
+            s.busy_since = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn end(&self) {
+        let mut s = self.lock();
+        s.ended = true;
+        self.waiting.notify_all();
+        self.watcher.notify_all();
+    }
+}
+
+/// Requests that move data, or wait for the disk by their nature: their reader hands
+/// reading on before serving them.
+fn moves_data(opcode: u32) -> bool {
+    matches!(
+        opcode,
+        op::READ | op::WRITE | op::FSYNC | op::FSYNCDIR | op::FALLOCATE | op::COPY_FILE_RANGE
+    )
+}
+
 struct Worker {
+    /// This thread's index, and the readers it belongs to (None: it reads by itself,
+    /// blocking).
+    me: usize,
+    readers: Option<Arc<Readers>>,
     fs: Arc<UnionFs>,
     ch: Channel,
+    /// Poll (non-blocking fd) this long after a request before sleeping in poll(2).
+    spin: Option<Duration>,
     access: Access,
     owner: u32,
     buf_size: usize,
@@ -209,22 +397,69 @@ struct Worker {
 
 impl Worker {
     fn serve(self) -> std::io::Result<()> {
+        let res = self.serve_requests();
+        if let Some(r) = &self.readers {
+            r.end();
+        }
+        res
+    }
+
+    fn serve_requests(&self) -> std::io::Result<()> {
         // Zeroed by the allocator: the pages stay untouched until a request needs them.
         let mut buf = vec![0u8; self.buf_size];
+        let mut last = Instant::now();
+        let mut reading = false;
         loop {
+            if let Some(r) = &self.readers
+                && !reading
+            {
+                if !r.take(self.me) {
+                    return Ok(());
+                }
+                reading = true;
+                last = Instant::now();
+            }
             let n = match sys::read_dev(self.ch.fd(), &mut buf) {
                 Ok(n) => n,
                 Err(e) => match e.code() {
+                    libc::EAGAIN => {
+                        if let Some(spin) = self.spin
+                            && last.elapsed() < spin
+                        {
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        if let Some(r) = &self.readers {
+                            r.sleeps(self.me, true);
+                        }
+                        let woke = sys::wait_readable(self.ch.fd());
+                        if let Some(r) = &self.readers {
+                            r.sleeps(self.me, false);
+                        }
+                        woke.map_err(io_err)?;
+                        last = Instant::now();
+                        continue;
+                    }
                     // Interrupted, or the request went away before it was read.
-                    libc::EINTR | libc::EAGAIN | libc::ENOENT => continue,
+                    libc::EINTR | libc::ENOENT => continue,
                     // The mount is gone.
                     libc::ENODEV | libc::ECONNABORTED => return Ok(()),
                     _ => return Err(io_err(e)),
                 },
             };
+            if let Some(r) = &self.readers {
+                let (opcode, pid) = Header::parse(&buf[..n]).map_or((0, 0), |h| (h.opcode, h.pid));
+                reading = r.got(self.me, pid, moves_data(opcode));
+            }
             if !self.handle(&buf[..n]) {
                 return Ok(());
             }
+            if let Some(r) = &self.readers
+                && reading
+            {
+                reading = r.served(self.me);
+            }
+            last = Instant::now();
         }
     }
 
@@ -298,5 +533,59 @@ impl Worker {
                     | op::RELEASE
                     | op::RELEASEDIR
             )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_serving_too_long_has_reading_taken_over() {
+        let r = Arc::new(Readers::default());
+        assert!(r.take(0));
+        // Thread 0 serves a quick request: it stays the reader.
+        assert!(r.got(0, 7, false));
+        assert!(r.served(0));
+        // Now one that keeps it busy: thread 1, watching, takes over.
+        assert!(r.got(0, 7, false));
+        let r1 = r.clone();
+        let t = std::thread::spawn(move || r1.take(1));
+        assert!(t.join().unwrap(), "thread 1 reads");
+        assert!(!r.served(0), "thread 0 no longer reads");
+        r.end();
+        assert!(!r.take(0), "nobody reads after the end");
+    }
+
+    #[test]
+    fn a_request_that_moves_data_hands_reading_on_at_once() {
+        let r = Arc::new(Readers::default());
+        assert!(r.take(0));
+        let r1 = r.clone();
+        let t = std::thread::spawn(move || r1.take(1));
+        // Thread 1 waits (watching) until thread 0 hands reading on.
+        assert!(!r.got(0, 7, true));
+        assert!(t.join().unwrap());
+        let s = r.lock();
+        assert_eq!(s.reader, Some(1));
+        assert!(!s.has_watcher);
+    }
+
+    #[test]
+    fn the_end_releases_every_waiting_thread() {
+        let r = Arc::new(Readers::default());
+        assert!(r.take(0));
+        r.sleeps(0, true);
+        let waiting: Vec<_> = (1..4)
+            .map(|i| {
+                let r = r.clone();
+                std::thread::spawn(move || r.take(i))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        r.end();
+        for t in waiting {
+            assert!(!t.join().unwrap());
+        }
     }
 }
