@@ -121,10 +121,10 @@ impl Session {
                 reply.data(&o.buf);
                 continue;
             }
-            if major < abi::MAJOR || minor < 36 {
+            if major < abi::MAJOR || minor < 23 {
                 reply.error(fuser::Errno::EPROTO);
                 return Err(std::io::Error::other(format!(
-                    "the kernel speaks FUSE {major}.{minor}; 7.36 or later is needed"
+                    "the kernel speaks FUSE {major}.{minor}; 7.23 (Linux 3.15) or later is needed"
                 )));
             }
             let capable = InitFlags::from_bits_retain(flags);
