@@ -16,7 +16,7 @@ use crate::union::Union;
 use crate::whiteout;
 
 /// A setattr request, already decoded.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct SetAttr {
     pub mode: Option<u32>,
     pub uid: Option<u32>,

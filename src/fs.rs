@@ -10,7 +10,7 @@ use fuser::{Errno, FileAttr, FopenFlags, INodeNo, InitFlags, WriteFlags};
 use crate::attr::{SetAttr, XattrReply};
 use crate::dir::{Caller, Created, Make};
 use crate::file::IoMode;
-use crate::fuse::{DirBuf, Header, InitConfig, Op, Reply, SetattrIn};
+use crate::fuse::{DirBuf, Header, InitConfig, Op, Reply};
 use crate::inode::Node;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
@@ -406,16 +406,7 @@ impl UnionFs {
         }
     }
 
-    fn setattr(&self, h: &Header, ino: INodeNo, s: SetattrIn, reply: Reply) {
-        let req = SetAttr {
-            mode: s.mode,
-            uid: s.uid,
-            gid: s.gid,
-            size: s.size,
-            atime: s.atime,
-            mtime: s.mtime,
-            fh: s.fh,
-        };
+    fn setattr(&self, h: &Header, ino: INodeNo, req: SetAttr, reply: Reply) {
         let truncates = req.size.is_some();
         let res = self
             .node(ino)

@@ -8,5 +8,5 @@ pub mod request;
 pub mod session;
 
 pub use reply::{BackingId, Channel, DirBuf, Notifier, Reply};
-pub use request::{Header, Op, SetattrIn};
+pub use request::{Header, Op};
 pub use session::{Access, InitConfig, Session};

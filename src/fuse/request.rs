@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, TimeOrNow};
 
 use super::abi::{self, Args, fattr, op};
+use crate::attr::SetAttr;
 
 /// `fuse_in_header`: who asks, about what.
 #[derive(Clone, Copy, Debug)]
@@ -36,18 +37,6 @@ impl Header {
     }
 }
 
-/// What a SETATTR asks to change.
-#[derive(Debug, Default)]
-pub struct SetattrIn {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub size: Option<u64>,
-    pub atime: Option<TimeOrNow>,
-    pub mtime: Option<TimeOrNow>,
-    pub fh: Option<u64>,
-}
-
 /// One operation, decoded. Inode numbers other than the header's are named in the variant.
 #[derive(Debug)]
 pub enum Op<'a> {
@@ -71,7 +60,7 @@ pub enum Op<'a> {
     Getattr {
         fh: Option<u64>,
     },
-    Setattr(SetattrIn),
+    Setattr(SetAttr),
     Readlink,
     Mknod {
         name: &'a OsStr,
@@ -291,7 +280,7 @@ impl<'a> Op<'a> {
                         None
                     }
                 };
-                Op::Setattr(SetattrIn {
+                Op::Setattr(SetAttr {
                     mode: has(fattr::MODE).then_some(mode),
                     uid: has(fattr::UID).then_some(uid),
                     gid: has(fattr::GID).then_some(gid),
