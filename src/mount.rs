@@ -416,7 +416,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let acl = if allow_other {
         Access::All
     } else if cfg.flags.allow_root {
-        Access::RootAndOwner
+        Access::RootAndOwner(sys::geteuid())
     } else {
         Access::Owner
     };
@@ -482,6 +482,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
             log::info!("the kernel ended the FUSE connection: {e}");
             Ok(())
         }
-        Err(e) => Err(format!("the FUSE session ended with an error: {e}")),
+        Err(e) => {
+            // A mount nobody serves would answer ENOTCONN to everything: take it away.
+            unmount(&paths.mountpoint);
+            Err(format!("the FUSE session ended with an error: {e}"))
+        }
     }
 }

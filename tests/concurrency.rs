@@ -970,3 +970,39 @@ fn stress_ng_short() {
     // SAFETY: valid path and a writable statfs buffer.
     assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0, "statfs");
 }
+
+/// A caller signalled while the daemon serves its request makes the kernel send INTERRUPT.
+/// The daemon does not interrupt requests, and says so (ENOSYS) on the fd that serves the
+/// request, so the kernel sends no more of them: two stopped callers, one INTERRUPT.
+#[test]
+fn a_signalled_caller_stops_the_kernel_sending_interrupts() {
+    let l = Layers::new(1);
+    let big = vec![7u8; 96 << 20];
+    l.lower(0).file_bytes("a", &big).file_bytes("b", &big);
+    let base = l.mkdir("m");
+    let mut d = ForegroundDaemon::start(&l, &base, &["--log-level", "debug"]);
+    for name in ["a", "b"] {
+        // chmod copies the file up (and fsyncs it): long enough to be stopped during it.
+        let mut c = Command::new("chmod")
+            .arg("600")
+            .arg(d.merged.join(name))
+            .spawn()
+            .expect("run chmod");
+        std::thread::sleep(Duration::from_millis(10));
+        let pid = c.id().to_string();
+        let stop = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let cont = Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        assert!(stop.success() && cont.success(), "signals sent");
+        assert!(c.wait().unwrap().success(), "chmod {name}");
+    }
+    d.unmount().unwrap();
+    let log = d.log();
+    let interrupts = log.lines().filter(|l| l.contains(": Interrupt")).count();
+    assert_eq!(
+        interrupts,
+        1,
+        "INTERRUPT requests; log:\n{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+}

@@ -103,9 +103,9 @@ fn split(t: SystemTime) -> (u64, u32) {
             let d = e.duration();
             let (s, n) = (d.as_secs() as i64, d.subsec_nanos());
             if n == 0 {
-                ((-s) as u64, 0)
+                (s.wrapping_neg() as u64, 0)
             } else {
-                ((-s - 1) as u64, 1_000_000_000 - n)
+                (s.wrapping_neg().wrapping_sub(1) as u64, 1_000_000_000 - n)
             }
         }
     }
@@ -184,6 +184,12 @@ impl Reply {
                 log::debug!("reply to request {}: {e:?}", self.unique);
             }
         }
+    }
+
+    /// Sends an error answer; false when the kernel does not know the request on this fd.
+    pub fn error_once(mut self, e: Errno) -> bool {
+        self.done = true;
+        !matches!(self.ch.send(self.unique, -e.code().abs(), &[]), Err(e) if e.code() == libc::ENOENT)
     }
 
     pub fn error(self, e: Errno) {

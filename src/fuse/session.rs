@@ -17,7 +17,8 @@ use crate::sys;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     All,
-    RootAndOwner,
+    /// Root and the given user (`-o allow_root`).
+    RootAndOwner(u32),
     Owner,
 }
 
@@ -52,7 +53,6 @@ pub struct Session {
     /// How long the reading thread polls for the next request before it sleeps.
     spin: Option<Duration>,
     access: Access,
-    owner: u32,
     /// Room for the largest request: a WRITE of `max_write` bytes and its headers.
     buf_size: usize,
 }
@@ -76,7 +76,6 @@ impl Session {
             threads: threads.max(1),
             spin: (!spin.is_zero()).then_some(spin),
             access,
-            owner: sys::geteuid(),
             buf_size: crate::fs::MAX_IO as usize + 4096,
         };
         s.handshake()?;
@@ -142,7 +141,7 @@ impl Session {
                 .expect("no thread runs before INIT")
                 .init(&mut cfg);
             let want = cfg.want & capable;
-            let page = 4096u32;
+            let page = sys::page_size() as u32;
             let max_pages = (cfg.max_write.max(cfg.max_readahead).div_ceil(page)) as u16;
             let bits = want.bits();
             let mut o = Out::with_capacity(64);
@@ -167,36 +166,51 @@ impl Session {
 
     /// Serves requests until the mount goes away.
     pub fn run(self) -> std::io::Result<()> {
+        // Every fd is made ready before any thread serves: a failure here leaves nothing
+        // running.
         let mut channels = vec![self.ch.clone()];
         for _ in 1..self.threads {
             channels.push(Channel::new(
                 sys::clone_dev_fuse(self.ch.fd()).map_err(io_err)?,
             ));
         }
-        let mut handles = Vec::with_capacity(channels.len());
         let spin = self.spin;
-        let readers = spin.map(|_| Arc::new(Readers::default()));
-        for (i, ch) in channels.into_iter().enumerate() {
-            if spin.is_some() {
+        if spin.is_some() {
+            for ch in &channels {
                 sys::set_nonblocking(ch.fd()).map_err(io_err)?;
             }
+        }
+        let all = Arc::new(channels.clone());
+        let readers = spin.map(|_| Arc::new(Readers::default()));
+        let mut handles = Vec::with_capacity(channels.len());
+        let mut res = Ok(());
+        for (i, ch) in channels.into_iter().enumerate() {
             let w = Worker {
                 me: i,
                 readers: readers.clone(),
                 fs: self.fs.clone(),
                 ch,
+                all: all.clone(),
                 spin,
                 access: self.access,
-                owner: self.owner,
                 buf_size: self.buf_size,
             };
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("fuse-{i}"))
-                    .spawn(move || w.serve())?,
-            );
+            match std::thread::Builder::new()
+                .name(format!("fuse-{i}"))
+                .spawn(move || w.serve())
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // The threads already serving keep the mount alive; it is served by
+                    // fewer threads than asked.
+                    log::warn!("started {i} of {} request threads: {e}", self.threads);
+                    if i == 0 {
+                        res = Err(e);
+                    }
+                    break;
+                }
+            }
         }
-        let mut res = Ok(());
         for h in handles {
             match h.join() {
                 Ok(Ok(())) => {}
@@ -388,10 +402,11 @@ struct Worker {
     readers: Option<Arc<Readers>>,
     fs: Arc<UnionFs>,
     ch: Channel,
+    /// Every fd of the connection (an answer to INTERRUPT goes where the request is).
+    all: Arc<Vec<Channel>>,
     /// Poll (non-blocking fd) this long after a request before sleeping in poll(2).
     spin: Option<Duration>,
     access: Access,
-    owner: u32,
     buf_size: usize,
 }
 
@@ -472,9 +487,21 @@ impl Worker {
         let body = &msg[abi::IN_HEADER..];
         // Requests that get no reply.
         match h.opcode {
-            op::FORGET | op::BATCH_FORGET | op::INTERRUPT => {
+            op::FORGET | op::BATCH_FORGET => {
                 if let Ok(op) = Op::parse(h.opcode, body) {
                     self.fs.dispatch(&h, op, None);
+                }
+                return true;
+            }
+            op::INTERRUPT => {
+                // Requests are not interrupted here: ENOSYS tells the kernel to stop sending
+                // INTERRUPT. The kernel takes it only on the fd serving the request (the
+                // others answer ENOENT).
+                log::debug!("request {}: Interrupt", h.unique);
+                for ch in self.all.iter() {
+                    if Reply::new(ch.clone(), h.unique).error_once(fuser::Errno::ENOSYS) {
+                        break;
+                    }
                 }
                 return true;
             }
@@ -512,13 +539,14 @@ impl Worker {
         true
     }
 
-    /// `-o allow_root` and a mount for its owner only: requests that carry a caller's
-    /// identity must come from root or the owner.
+    /// `-o allow_root`: requests that carry a caller's identity must come from root or the
+    /// owner. (A mount for its owner only is mounted without `allow_other`, so the kernel
+    /// itself refuses every other process, and the requests it makes on its own, such as
+    /// writing back a file's times from a kernel thread, must get through.)
     fn allowed(&self, h: &Header) -> bool {
         let ok_uid = match self.access {
-            Access::All => return true,
-            Access::RootAndOwner => h.uid == 0 || h.uid == self.owner,
-            Access::Owner => h.uid == self.owner,
+            Access::All | Access::Owner => return true,
+            Access::RootAndOwner(owner) => h.uid == 0 || h.uid == owner,
         };
         // The kernel may send these without the caller's identity.
         ok_uid
