@@ -86,17 +86,28 @@ impl Union {
             // No name left (deleted while open, or a split node whose name moved): its open
             // files answer; with none, ESTALE makes the kernel look a split node's name up again.
             Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
-                let fd = match self.upper_fd_of_open(node, fh) {
-                    Some(fd) => fd,
-                    None => fh
-                        .and_then(|fh| self.handles.file(fh))
-                        .or_else(|| self.handles.any_file_of(node.ino))
-                        .ok_or(e)?
-                        .fd(),
-                };
-                sys::fstat(fd.as_fd())
+                sys::fstat(self.fd_of_nameless(node, fh).ok_or(e)?.as_fd())
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// An open fd of a node that has no name left: the upper object's, else any.
+    fn fd_of_nameless(&self, node: &Node, fh: Option<u64>) -> Option<Arc<OwnedFd>> {
+        self.upper_fd_of_open(node, fh).or_else(|| {
+            fh.and_then(|fh| self.handles.file(fh))
+                .or_else(|| self.handles.any_file_of(node.ino))
+                .map(|h| h.fd())
+        })
+    }
+
+    /// The birth time of the object the view shows for `node`, where its layer records one.
+    pub fn btime(&self, node: &Node, fh: Option<u64>) -> Option<(i64, u32)> {
+        match self.with_object(node, self.top_loc(node), sys::btime_at) {
+            Ok(b) => b,
+            Err(_) => sys::btime_at(self.fd_of_nameless(node, fh)?.as_fd(), c"")
+                .ok()
+                .flatten(),
         }
     }
 

@@ -137,6 +137,16 @@ impl UnionFs {
         match op {
             Op::Lookup { name } => self.lookup(h, ino, name, reply),
             Op::Getattr { fh } => self.getattr(ino, fh, reply),
+            Op::Statx { fh } => {
+                let res = self.node(ino).and_then(|n| {
+                    let attr = self.u.getattr(&n, fh)?;
+                    Ok((attr, self.u.btime(&n, fh)))
+                });
+                match res {
+                    Ok((attr, btime)) => reply.statx(&self.ttl(), &attr, btime),
+                    Err(e) => reply.error(log_unexpected("statx", e)),
+                }
+            }
             Op::Setattr(s) => self.setattr(h, ino, s, reply),
             Op::Readlink => match self.node(ino).and_then(|n| self.u.readlink(&n)) {
                 Ok(t) => reply.data(&t),

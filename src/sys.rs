@@ -916,6 +916,32 @@ pub fn umask(mask: u32) -> u32 {
     unsafe { libc::umask(mask) }
 }
 
+/// The birth time of `name` in `dir` (`c""` for `dir` itself; links not followed), where the
+/// filesystem records one.
+pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(i64, u32)>> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: NUL-terminated name, `stx` is a valid out-pointer of the right type.
+    check(unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::STATX_BTIME,
+            stx.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: statx succeeded and filled the struct (it was zeroed before).
+    let stx = unsafe { stx.assume_init() };
+    Ok((stx.stx_mask & libc::STATX_BTIME != 0)
+        .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec)))
+}
+
 /// The size of a memory page.
 pub fn page_size() -> usize {
     // SAFETY: sysconf reads a constant of the system.

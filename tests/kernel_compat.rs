@@ -1034,3 +1034,44 @@ fn append_only_file_takes_appends() {
     assert_eq!(fs::read_to_string(&log).unwrap(), "l");
     remove_flags(&log, FS_APPEND_FL).unwrap();
 }
+
+/// `statx` reports a birth time as kernel overlayfs does: the one of the object the view shows
+/// (the lower object until a copy-up, the upper one from then on), for files, symlinks and
+/// directories.
+#[test]
+fn birth_times_are_those_of_the_objects_shown() {
+    use std::os::unix::fs::PermissionsExt;
+    let l = Layers::new(1);
+    l.lower(0)
+        .dir("d")
+        .file("d/f", "a")
+        .file("d/g", "b")
+        .symlink("d/s", "f");
+    let ours = l.mount("u");
+    let kernel = l.mount_kernel("k");
+    let born = |p: &Path| -> std::time::SystemTime {
+        fs::symlink_metadata(p)
+            .and_then(|m| m.created())
+            .unwrap_or_else(|e| panic!("birth time of {}: {e}", p.display()))
+    };
+    for m in [&ours, &kernel] {
+        for rel in ["d", "d/f", "d/s"] {
+            assert_eq!(
+                born(&m.path(rel)),
+                born(&l.lower(0).path(rel)),
+                "{rel}: the lower object's, through {}",
+                m.path("").display()
+            );
+        }
+        fs::write(m.path("new"), "n").unwrap();
+        fs::set_permissions(m.path("d/g"), fs::Permissions::from_mode(0o600)).unwrap();
+        for rel in ["new", "d/g"] {
+            assert_eq!(
+                born(&m.path(rel)),
+                born(&m.upper_path(rel)),
+                "{rel}: the upper object's, through {}",
+                m.path("").display()
+            );
+        }
+    }
+}

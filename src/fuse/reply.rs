@@ -218,6 +218,32 @@ impl Reply {
         self.send(0, &[&o.buf]);
     }
 
+    /// `fuse_statx_out`: the attributes, and the birth time when there is one.
+    pub fn statx(self, ttl: &Duration, a: &FileAttr, btime: Option<(i64, u32)>) {
+        // STATX_BASIC_STATS, and STATX_BTIME with a birth time.
+        let mask = libc::STATX_BASIC_STATS | btime.map_or(0, |_| libc::STATX_BTIME);
+        let dev = crate::sys::decode_dev_u32(a.rdev);
+        let mut o = Out::with_capacity(288);
+        o.u64(ttl.as_secs())
+            .u32(ttl.subsec_nanos())
+            .u32(0)
+            .zeros(16);
+        o.u32(mask).u32(a.blksize).u64(0);
+        o.u32(a.nlink).u32(a.uid).u32(a.gid);
+        o.u16((type_bits(a.kind) | u32::from(a.perm)) as u16).u16(0);
+        o.u64(a.ino.0).u64(a.size).u64(a.blocks).u64(0);
+        let mut time = |(s, n): (u64, u32)| {
+            o.u64(s).u32(n).u32(0);
+        };
+        time(split(a.atime));
+        time(btime.map_or((0, 0), |(s, n)| (s as u64, n)));
+        time(split(a.ctime));
+        time(split(a.mtime));
+        o.u32(crate::sys::major(dev)).u32(crate::sys::minor(dev));
+        o.u32(0).u32(0).zeros(14 * 8);
+        self.send(0, &[&o.buf]);
+    }
+
     pub fn data(self, d: &[u8]) {
         self.send(0, &[d]);
     }

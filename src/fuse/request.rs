@@ -60,6 +60,10 @@ pub enum Op<'a> {
     Getattr {
         fh: Option<u64>,
     },
+    /// GETATTR with the birth time (the kernel asks for basic stats and btime).
+    Statx {
+        fh: Option<u64>,
+    },
     Setattr(SetAttr),
     Readlink,
     Mknod {
@@ -289,6 +293,15 @@ impl<'a> Op<'a> {
                     mtime: at(fattr::MTIME_NOW, fattr::MTIME, mtime, mtimensec),
                     fh: has(fattr::FH).then_some(fh),
                 })
+            }
+            op::STATX => {
+                let flags = a.u32()?;
+                a.skip(4)?;
+                let fh = a.u64()?;
+                a.skip(8)?; // sx_flags, sx_mask
+                Op::Statx {
+                    fh: (flags & abi::GETATTR_FH != 0).then_some(fh),
+                }
             }
             op::READLINK => Op::Readlink,
             op::SYMLINK => {
