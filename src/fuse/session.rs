@@ -1,5 +1,6 @@
-//! The request loop: the INIT handshake, then threads that each read requests from their own
-//! fd of the connection and serve them.
+//! The request loop: the INIT handshake, then threads that each have their own fd of the
+//! connection and serve the requests they read from it. With polling on (`--spin-us`), one
+//! thread at a time reads (see `Readers`); with it off, every thread blocks in read(2).
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
