@@ -93,7 +93,7 @@ impl Union {
     }
 
     /// An open fd of a node that has no name left: the upper object's, else any.
-    fn fd_of_nameless(&self, node: &Node, fh: Option<u64>) -> Option<Arc<OwnedFd>> {
+    pub(crate) fn fd_of_nameless(&self, node: &Node, fh: Option<u64>) -> Option<Arc<OwnedFd>> {
         self.upper_fd_of_open(node, fh).or_else(|| {
             fh.and_then(|fh| self.handles.file(fh))
                 .or_else(|| self.handles.any_file_of(node.ino))
@@ -313,10 +313,36 @@ impl Union {
         sys::cstr(name)
     }
 
+    /// `with_object` for xattrs, also for a file with no name left (an unnamed temporary
+    /// file, one deleted while open): through an open fd, for a change only the upper
+    /// object's.
+    fn with_xattr_object<T>(
+        &self,
+        node: &Node,
+        loc: Loc,
+        change: bool,
+        mut f: impl FnMut(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> Result<T>,
+    ) -> Result<T> {
+        match self.with_object(node, loc, &mut f) {
+            Err(e)
+                if matches!(e.code(), libc::ENOENT | libc::ESTALE)
+                    && !node.is_dir()
+                    && node.state().links.is_empty() =>
+            {
+                let fd = match change {
+                    true => self.upper_fd_of_open(node, None),
+                    false => self.fd_of_nameless(node, None),
+                };
+                f(fd.ok_or(e)?.as_fd(), c"")
+            }
+            r => r,
+        }
+    }
+
     pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
         let cname = self.stored_xattr_name(name)?;
         let value = self
-            .with_object(node, self.top_loc(node), |d, p| {
+            .with_xattr_object(node, self.top_loc(node), false, |d, p| {
                 sys::getxattr_vec_at(d, p, &cname)
             })?
             .ok_or(Errno::ENODATA)?;
@@ -324,7 +350,8 @@ impl Union {
     }
 
     pub fn listxattr(&self, node: &Node, size: u32) -> Result<XattrReply> {
-        let names = self.with_object(node, self.top_loc(node), sys::listxattr_vec_at)?;
+        let names =
+            self.with_xattr_object(node, self.top_loc(node), false, sys::listxattr_vec_at)?;
         let mut out = Vec::new();
         for n in names {
             if let Some(view) = whiteout::unescape_xattr(n.as_bytes()) {
@@ -344,7 +371,7 @@ impl Union {
         }
         let cname = self.stored_xattr_name(name)?;
         self.copy_up(node)?;
-        self.with_object(node, Loc::Upper, |d, p| {
+        self.with_xattr_object(node, Loc::Upper, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)
         })
     }
@@ -356,12 +383,14 @@ impl Union {
         let cname = self.stored_xattr_name(name)?;
         if node.state().upper.is_none() {
             // Nothing to remove: no copy-up, as kernel overlayfs.
-            self.with_object(node, self.top_loc(node), |d, p| {
+            self.with_xattr_object(node, self.top_loc(node), false, |d, p| {
                 sys::getxattr_at(d, p, &cname, &mut [])
             })?;
         }
         self.copy_up(node)?;
-        self.with_object(node, Loc::Upper, |d, p| sys::removexattr_at(d, p, &cname))
+        self.with_xattr_object(node, Loc::Upper, true, |d, p| {
+            sys::removexattr_at(d, p, &cname)
+        })
     }
 
     /// The inode-flag ioctls (`lsattr`, `chattr`: FS_IOC_GETFLAGS, FS_IOC_SETFLAGS,

@@ -367,13 +367,23 @@ impl Union {
     ) -> Result<Stat> {
         let map = &self.opts.idmap;
         let uid = map.uid_to_disk(caller.uid).ok_or(Errno::EOVERFLOW)?;
+        // An empty name: `dir` is the object itself (an unnamed temporary file).
+        let here = if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+        let object = || match name.is_empty() {
+            true => sys::dup(dir),
+            false => sys::openat(dir, name, libc::O_PATH, 0),
+        };
         let setgid_parent = parent_st.st_mode & libc::S_ISGID != 0;
         let gid = if setgid_parent {
             parent_st.st_gid
         } else {
             map.gid_to_disk(caller.gid).ok_or(Errno::EOVERFLOW)?
         };
-        let st = sys::fstatat(dir, name, 0)?;
+        let st = sys::fstatat(dir, name, here)?;
         if let Some(xattr) = self.override_xattr()
             && matches!(sys::file_type(st.st_mode), libc::S_IFREG | libc::S_IFDIR)
         {
@@ -402,9 +412,9 @@ impl Union {
                 perm,
                 kind,
             };
-            let f = sys::openat(dir, name, libc::O_PATH, 0)?;
+            let f = object()?;
             sys::setxattr(f.as_fd(), xattr, o.format().as_bytes(), 0)?;
-            let mut shown = sys::fstatat(dir, name, 0)?;
+            let mut shown = sys::fstatat(dir, name, here)?;
             o.apply(&mut shown);
             return Ok(shown);
         }
@@ -421,7 +431,7 @@ impl Union {
         }
         let mut changed = false;
         if st.st_uid != uid || st.st_gid != gid {
-            match sys::fchownat(dir, name, uid, gid, 0) {
+            match sys::fchownat(dir, name, uid, gid, here) {
                 Ok(()) => changed = true,
                 // Rootless: owners the daemon cannot give are kept as they are.
                 Err(e)
@@ -432,14 +442,14 @@ impl Union {
         }
         let is_link = sys::file_type(st.st_mode) == libc::S_IFLNK;
         if !is_link && (changed || mode != st.st_mode & 0o7777) {
-            let cur = sys::fstatat(dir, name, 0)?;
+            let cur = sys::fstatat(dir, name, here)?;
             if cur.st_mode & 0o7777 != mode {
-                let f = sys::openat(dir, name, libc::O_PATH, 0)?;
+                let f = object()?;
                 sys::fchmod_path(f.as_fd(), mode)?;
             }
         }
         if changed || !is_link && mode != st.st_mode & 0o7777 {
-            sys::fstatat(dir, name, 0)
+            sys::fstatat(dir, name, here)
         } else {
             Ok(st)
         }
@@ -503,6 +513,50 @@ impl Union {
             self.adjust_subdirs(parent, 1);
         }
         Ok(Created { node, st, fd })
+    }
+
+    /// open(2) with O_TMPFILE in `parent`: an unnamed regular file in the upper directory,
+    /// owned as a created file is, which linkat(2) may give a name later.
+    pub fn tmpfile(
+        &self,
+        parent: &Arc<Node>,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: &Caller,
+    ) -> Result<Created> {
+        self.check_writable()?;
+        if !parent.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        self.copy_up(parent)?;
+        let dir = self.dir_fd(parent, Loc::Upper)?;
+        let pst = sys::fstat(dir.as_fd())?;
+        set_thread_umask(umask)?;
+        let mut acc = flags & libc::O_ACCMODE;
+        if acc == libc::O_WRONLY && self.writeback_active() {
+            // The kernel may read back pages it caches for writing (see file.rs).
+            acc = libc::O_RDWR;
+        }
+        let extra = flags & (libc::O_SYNC | libc::O_DSYNC);
+        let f = sys::openat(
+            dir.as_fd(),
+            c".",
+            libc::O_TMPFILE | acc | extra,
+            mode & 0o7777,
+        )?;
+        let what = Make::File { mode, umask, flags };
+        let st = self.own_new(f.as_fd(), c"", &what, caller, &pst, mode & 0o7777)?;
+        let node = self.found_node(Found {
+            st,
+            upper: Some(RealId::of(&st)),
+            lowers: Few::new(),
+        });
+        Ok(Created {
+            node,
+            st,
+            fd: Some(f),
+        })
     }
 
     /// Makes `what` at `dir/name` where the upper holds a whiteout (`slot`): built whole in
@@ -599,7 +653,13 @@ impl Union {
         self.copy_up(newparent)?;
         let cname = sys::cstr(newname)?;
         let _lock = newparent.lock_dir();
-        let src = self.open_in(node, Loc::Upper, libc::O_PATH)?;
+        // A file with no name (made with O_TMPFILE: the kernel lets no other nameless file
+        // be linked) is reached through its open fd.
+        let src = match self.open_in(node, Loc::Upper, libc::O_PATH) {
+            Ok(f) => Arc::new(f),
+            Err(e) if node.state().links.is_empty() => self.fd_of_nameless(node, None).ok_or(e)?,
+            Err(e) => return Err(e),
+        };
         let src_path = sys::proc_fd_path(src.as_fd());
         let dir = self.dir_fd(newparent, Loc::Upper)?;
         let cwd = sys::at_fdcwd();

@@ -269,7 +269,10 @@ impl UnionFs {
                 mode,
                 umask,
                 flags,
-            } => self.create(h, ino, name, mode, umask, flags, reply),
+            } => self.create(h, ino, Some(name), mode, umask, flags, reply),
+            Op::Tmpfile { mode, umask, flags } => {
+                self.create(h, ino, None, mode, umask, flags, reply)
+            }
             Op::Ioctl {
                 cmd,
                 in_data,
@@ -644,11 +647,12 @@ impl UnionFs {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// CREATE, or TMPFILE without a name.
     fn create(
         &self,
         h: &Header,
         parent: INodeNo,
-        name: &OsStr,
+        name: Option<&OsStr>,
         mode: u32,
         umask: u32,
         flags: i32,
@@ -656,7 +660,10 @@ impl UnionFs {
     ) {
         let what = Make::File { mode, umask, flags };
         let res = self.node(parent).and_then(|p| {
-            let c = self.u.create(&p, name, what, &caller(h))?;
+            let c = match name {
+                Some(name) => self.u.create(&p, name, what, &caller(h))?,
+                None => self.u.tmpfile(&p, mode, umask, flags, &caller(h))?,
+            };
             let fd = c.fd.ok_or(Errno::EIO)?;
             let node = c.node.clone();
             let done = self.u.attr(&node, &c.st).and_then(|attr| {

@@ -409,7 +409,7 @@ impl Union {
     }
 
     /// The node of a found object (made if new, without names), with one reference taken.
-    fn found_node(&self, found: Found) -> Arc<Node> {
+    pub(crate) fn found_node(&self, found: Found) -> Arc<Node> {
         let kind = found.kind();
         let id = found.top_id();
         self.table

@@ -1075,3 +1075,100 @@ fn birth_times_are_those_of_the_objects_shown() {
         }
     }
 }
+
+/// open(2) with O_TMPFILE in a lower directory (copied up first) makes an unnamed file in the
+/// upper that linkat(2) through /proc/self/fd names, as on kernel overlayfs; with O_EXCL it
+/// cannot be named (ENOENT), and one never named leaves nothing behind.
+#[test]
+fn unnamed_temporary_files_as_kernel_overlayfs_makes_them() {
+    use std::os::fd::AsRawFd;
+    let l = Layers::new(1);
+    l.lower(0).dir("d").file("d/old", "o");
+    let ours = l.mount("u");
+    let kernel = l.mount_kernel("k");
+    let run = |m: &Mount| -> Vec<String> {
+        let dir = m.path("d");
+        let tmp = |flags: i32| {
+            OpenOptions::new()
+                .read(flags & libc::O_ACCMODE == libc::O_RDWR)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE | (flags & !libc::O_ACCMODE))
+                .mode(0o640)
+                .open(&dir)
+                .expect("open O_TMPFILE")
+        };
+        let link = |f: &fs::File, name: &str| {
+            let src = cs(Path::new(&format!("/proc/self/fd/{}", f.as_raw_fd())));
+            let dst = cs(&dir.join(name));
+            // SAFETY: two NUL-terminated paths.
+            rc(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    src.as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })
+        };
+        let mut out = Vec::new();
+        let mut f = tmp(libc::O_RDWR);
+        f.write_all(b"tmp\n").unwrap();
+        out.push(format!("unnamed: nlink {}", f.metadata().unwrap().nlink()));
+        // SAFETY: an open fd, NUL-terminated name, a value of the given length.
+        let set = rc(unsafe {
+            libc::fsetxattr(
+                f.as_raw_fd(),
+                c"user.t".as_ptr(),
+                b"v".as_ptr().cast(),
+                1,
+                0,
+            )
+        });
+        out.push(format!("fsetxattr unnamed: {set:?}"));
+        out.push(format!("link: {:?}", link(&f, "named")));
+        out.push(format!(
+            "xattr named: {:?}",
+            get_xattr(&dir.join("named"), "user.t")
+        ));
+        let meta = f.metadata().unwrap();
+        out.push(format!(
+            "named: nlink {} mode {:o}",
+            meta.nlink(),
+            meta.mode()
+        ));
+        let named = fs::metadata(dir.join("named")).unwrap();
+        out.push(format!("same file: {}", named.ino() == meta.ino()));
+        drop(f);
+        out.push(format!(
+            "content: {:?}",
+            fs::read_to_string(dir.join("named"))
+        ));
+        let excl = tmp(libc::O_RDWR | libc::O_EXCL);
+        out.push(format!("O_EXCL link: {:?}", link(&excl, "x")));
+        drop(excl);
+        let mut gone = tmp(libc::O_WRONLY);
+        gone.write_all(b"gone").unwrap();
+        drop(gone);
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        out.push(format!("listing: {names:?}"));
+        let mut upper: Vec<_> = fs::read_dir(m.upper_path("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        upper.sort();
+        out.push(format!("upper: {upper:?}"));
+        out
+    };
+    let (got, want) = (run(&ours), run(&kernel));
+    assert_eq!(got, want, "unionmount against kernel overlayfs");
+    assert!(got.contains(&"link: Ok(())".to_string()), "{got:?}");
+    assert!(
+        got.contains(&format!("O_EXCL link: Err({})", libc::ENOENT)),
+        "{got:?}"
+    );
+}

@@ -154,6 +154,12 @@ pub enum Op<'a> {
         datasync: bool,
     },
     Access,
+    /// O_TMPFILE: an unnamed file in the directory (the name the kernel sends is "/").
+    Tmpfile {
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    },
     Create {
         name: &'a OsStr,
         mode: u32,
@@ -419,14 +425,18 @@ impl<'a> Op<'a> {
             op::REMOVEXATTR => Op::Removexattr { name: a.name()? },
             op::FLUSH => Op::Flush,
             op::ACCESS => Op::Access,
-            op::CREATE => {
+            op::CREATE | op::TMPFILE => {
                 let (flags, mode, umask) = (a.u32()? as i32, a.u32()?, a.u32()?);
                 a.skip(4)?;
-                Op::Create {
-                    name: a.name()?,
-                    mode,
-                    umask,
-                    flags,
+                let name = a.name()?;
+                match opcode {
+                    op::CREATE => Op::Create {
+                        name,
+                        mode,
+                        umask,
+                        flags,
+                    },
+                    _ => Op::Tmpfile { mode, umask, flags },
                 }
             }
             op::IOCTL => {
