@@ -653,11 +653,18 @@ impl Union {
         self.copy_up(newparent)?;
         let cname = sys::cstr(newname)?;
         let _lock = newparent.lock_dir();
-        // A file with no name (made with O_TMPFILE: the kernel lets no other nameless file
-        // be linked) is reached through its open fd.
+        // An unnamed temporary file (O_TMPFILE, never linked: no links at all) is reached
+        // through its upper object's open fd. A file deleted while open keeps its ENOENT: its
+        // number left the identity map with its last name.
         let src = match self.open_in(node, Loc::Upper, libc::O_PATH) {
             Ok(f) => Arc::new(f),
-            Err(e) if node.state().links.is_empty() => self.fd_of_nameless(node, None).ok_or(e)?,
+            Err(e) if node.state().links.is_empty() => {
+                let fd = self.upper_fd_of_open(node, None).ok_or(e)?;
+                if sys::fstat(fd.as_fd())?.st_nlink != 0 {
+                    return Err(e);
+                }
+                fd
+            }
             Err(e) => return Err(e),
         };
         let src_path = sys::proc_fd_path(src.as_fd());

@@ -389,6 +389,15 @@ impl Union {
             Err(e) if e.code() == libc::EPERM && flags & libc::O_NOATIME != 0 => {
                 self.open_in(node, Loc::Upper, flags & !libc::O_NOATIME)
             }
+            // No name (an unnamed temporary file, or one deleted while open, reopened through
+            // /proc/self/fd): through its upper object's open fd.
+            Err(e)
+                if matches!(e.code(), libc::ENOENT | libc::ESTALE)
+                    && node.state().links.is_empty() =>
+            {
+                let fd = self.upper_fd_of_open(node, None).ok_or(e)?;
+                sys::reopen(fd.as_fd(), flags & !libc::O_NOATIME)
+            }
             r => r,
         }
     }

@@ -678,16 +678,21 @@ impl UnionFs {
             done
         });
         let ttl = self.ttl();
+        // The kernel names an unnamed file's entry "/": it must never ask about it again.
+        let entry = match name {
+            Some(_) => ttl,
+            None => Duration::from_secs(u64::from(u32::MAX)),
+        };
         match res {
             Ok((attr, fh, IoMode::Passthrough(b))) => {
-                reply.created(&ttl, &attr, fh, FopenFlags::empty(), Some(&b.id))
+                reply.created(&entry, &ttl, &attr, fh, FopenFlags::empty(), Some(&b.id))
             }
             Ok((attr, fh, io)) => {
                 let flags = match io {
                     IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
                     _ => FopenFlags::FOPEN_KEEP_CACHE,
                 };
-                reply.created(&ttl, &attr, fh, flags, None)
+                reply.created(&entry, &ttl, &attr, fh, flags, None)
             }
             Err(e) => reply.error(log_unexpected("create", e)),
         }

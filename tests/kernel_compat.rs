@@ -1077,8 +1077,9 @@ fn birth_times_are_those_of_the_objects_shown() {
 }
 
 /// open(2) with O_TMPFILE in a lower directory (copied up first) makes an unnamed file in the
-/// upper that linkat(2) through /proc/self/fd names, as on kernel overlayfs; with O_EXCL it
-/// cannot be named (ENOENT), and one never named leaves nothing behind.
+/// upper that linkat(2) through /proc/self/fd names and open(2) through it reopens, as on
+/// kernel overlayfs; with O_EXCL it cannot be named (ENOENT), and one never named leaves
+/// nothing behind.
 #[test]
 fn unnamed_temporary_files_as_kernel_overlayfs_makes_them() {
     use std::os::fd::AsRawFd;
@@ -1126,6 +1127,8 @@ fn unnamed_temporary_files_as_kernel_overlayfs_makes_them() {
             )
         });
         out.push(format!("fsetxattr unnamed: {set:?}"));
+        let again = fs::read_to_string(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        out.push(format!("reopened unnamed: {again:?}"));
         out.push(format!("link: {:?}", link(&f, "named")));
         out.push(format!(
             "xattr named: {:?}",

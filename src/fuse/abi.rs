@@ -126,6 +126,16 @@ impl<'a> Args<'a> {
         Ok(std::ffi::OsStr::from_bytes(name))
     }
 
+    /// A name of one path component: one holding '/' is EINVAL (the kernel never sends one).
+    pub fn component(&mut self) -> Result<&'a std::ffi::OsStr, Short> {
+        use std::os::unix::ffi::OsStrExt;
+        let name = self.name()?;
+        if name.as_bytes().contains(&b'/') {
+            return Err(fuser::Errno::EINVAL);
+        }
+        Ok(name)
+    }
+
     pub fn rest(self) -> &'a [u8] {
         self.rest
     }

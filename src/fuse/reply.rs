@@ -145,9 +145,9 @@ fn put_ttl_pair(o: &mut Out, entry: &Duration, attr: &Duration) {
 }
 
 /// `fuse_entry_out`; a zero inode number is a negative entry.
-fn put_entry(o: &mut Out, ttl: &Duration, a: &FileAttr) {
+fn put_entry(o: &mut Out, entry: &Duration, attr: &Duration, a: &FileAttr) {
     o.u64(a.ino.0).u64(0);
-    put_ttl_pair(o, ttl, ttl);
+    put_ttl_pair(o, entry, attr);
     put_attr(o, a);
 }
 
@@ -207,7 +207,7 @@ impl Reply {
 
     pub fn entry(self, ttl: &Duration, attr: &FileAttr) {
         let mut o = Out::with_capacity(abi::ENTRY_OUT);
-        put_entry(&mut o, ttl, attr);
+        put_entry(&mut o, ttl, ttl, attr);
         self.send(0, &[&o.buf]);
     }
 
@@ -254,8 +254,11 @@ impl Reply {
         self.send(0, &[&o.buf]);
     }
 
+    /// CREATE's and TMPFILE's answer; `entry` is how long the kernel may keep the name.
+    #[allow(clippy::too_many_arguments)]
     pub fn created(
         self,
+        entry: &Duration,
         ttl: &Duration,
         attr: &FileAttr,
         fh: u64,
@@ -263,7 +266,7 @@ impl Reply {
         backing: Option<&BackingId>,
     ) {
         let mut o = Out::with_capacity(abi::ENTRY_OUT + 16);
-        put_entry(&mut o, ttl, attr);
+        put_entry(&mut o, entry, ttl, attr);
         put_open(&mut o, fh, flags, backing);
         self.send(0, &[&o.buf]);
     }
@@ -359,7 +362,7 @@ impl DirBuf {
         if self.out.len() + abi::ENTRY_OUT + size > self.max {
             return true;
         }
-        put_entry(&mut self.out, ttl, attr);
+        put_entry(&mut self.out, ttl, ttl, attr);
         self.put_dirent(attr.ino.0, next, attr.kind, name, size);
         false
     }

@@ -249,7 +249,9 @@ impl<'a> Op<'a> {
             }
             op::DESTROY => Op::Destroy,
             op::INTERRUPT => Op::Interrupt,
-            op::LOOKUP => Op::Lookup { name: a.name()? },
+            op::LOOKUP => Op::Lookup {
+                name: a.component()?,
+            },
             op::FORGET => Op::Forget { nlookup: a.u64()? },
             op::BATCH_FORGET => {
                 let count = a.u32()?;
@@ -311,7 +313,7 @@ impl<'a> Op<'a> {
             }
             op::READLINK => Op::Readlink,
             op::SYMLINK => {
-                let name = a.name()?;
+                let name = a.component()?;
                 Op::Symlink {
                     name,
                     target: a.name()?,
@@ -321,7 +323,7 @@ impl<'a> Op<'a> {
                 let (mode, rdev, umask) = (a.u32()?, a.u32()?, a.u32()?);
                 a.skip(4)?;
                 Op::Mknod {
-                    name: a.name()?,
+                    name: a.component()?,
                     mode,
                     umask,
                     rdev,
@@ -330,13 +332,17 @@ impl<'a> Op<'a> {
             op::MKDIR => {
                 let (mode, umask) = (a.u32()?, a.u32()?);
                 Op::Mkdir {
-                    name: a.name()?,
+                    name: a.component()?,
                     mode,
                     umask,
                 }
             }
-            op::UNLINK => Op::Unlink { name: a.name()? },
-            op::RMDIR => Op::Rmdir { name: a.name()? },
+            op::UNLINK => Op::Unlink {
+                name: a.component()?,
+            },
+            op::RMDIR => Op::Rmdir {
+                name: a.component()?,
+            },
             op::RENAME | op::RENAME2 => {
                 let newdir = a.u64()?;
                 let flags = if opcode == op::RENAME2 {
@@ -346,11 +352,11 @@ impl<'a> Op<'a> {
                 } else {
                     0
                 };
-                let name = a.name()?;
+                let name = a.component()?;
                 Op::Rename {
                     name,
                     newdir,
-                    newname: a.name()?,
+                    newname: a.component()?,
                     flags,
                 }
             }
@@ -358,7 +364,7 @@ impl<'a> Op<'a> {
                 let ino = a.u64()?;
                 Op::Link {
                     ino,
-                    newname: a.name()?,
+                    newname: a.component()?,
                 }
             }
             op::OPEN => Op::Open {
@@ -428,7 +434,11 @@ impl<'a> Op<'a> {
             op::CREATE | op::TMPFILE => {
                 let (flags, mode, umask) = (a.u32()? as i32, a.u32()?, a.u32()?);
                 a.skip(4)?;
-                let name = a.name()?;
+                // TMPFILE names no entry: the kernel sends "/".
+                let name = match opcode {
+                    op::CREATE => a.component()?,
+                    _ => a.name()?,
+                };
                 match opcode {
                     op::CREATE => Op::Create {
                         name,
@@ -547,7 +557,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // A name without its NUL is malformed.
+        // A name without its NUL is malformed, and so is one of more than one component.
         assert!(Op::parse(op::LOOKUP, b"abc").is_err());
+        assert!(Op::parse(op::LOOKUP, b"/\0").is_err());
+        assert!(Op::parse(op::UNLINK, b"a/b\0").is_err());
+        assert!(matches!(
+            Op::parse(op::TMPFILE, b"\0\0\0\0\xa4\x81\0\0\x12\0\0\0\0\0\0\0/\0"),
+            Ok(Op::Tmpfile { .. })
+        ));
     }
 }
