@@ -25,6 +25,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
+use crate::fuse::abi;
 use crate::inode::Node;
 use crate::sys;
 
@@ -83,10 +84,8 @@ pub struct Streams {
     dev: OnceLock<OwnedFd>,
 }
 
-/// `FUSE_NOTIFY_STORE` and the size of its headers (`fuse_out_header` and
-/// `fuse_notify_store_out`).
-const NOTIFY_STORE: i32 = 4;
-const STORE_HEADER: usize = 40;
+/// The size of a store's headers (`fuse_out_header` and `fuse_notify_store_out`).
+const STORE_HEADER: usize = abi::OUT_HEADER + 24;
 /// Bytes spliced per store: a pipe of 1 MiB (the unprivileged maximum by default) has room
 /// for this many pages and the header.
 const SPLICED: u64 = 512 << 10;
@@ -361,9 +360,7 @@ fn splice_store(
 ) -> sys::Result<()> {
     let total = STORE_HEADER + len;
     let mut hdr = [0u8; STORE_HEADER];
-    hdr[0..4].copy_from_slice(&(total as u32).to_ne_bytes());
-    hdr[4..8].copy_from_slice(&NOTIFY_STORE.to_ne_bytes());
-    // unique (8..16) stays 0: a notification.
+    hdr[..abi::OUT_HEADER].copy_from_slice(&abi::out_header(total, abi::NOTIFY_STORE, 0));
     hdr[16..24].copy_from_slice(&ino.to_ne_bytes());
     hdr[24..32].copy_from_slice(&off.to_ne_bytes());
     hdr[32..36].copy_from_slice(&(len as u32).to_ne_bytes());

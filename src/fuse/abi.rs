@@ -68,6 +68,7 @@ pub const GETATTR_FH: u32 = 1 << 0;
 /// Notification codes (in `fuse_out_header.error` of a message with `unique` 0).
 pub const NOTIFY_INVAL_INODE: i32 = 2;
 pub const NOTIFY_INVAL_ENTRY: i32 = 3;
+pub const NOTIFY_STORE: i32 = 4;
 
 pub const IN_HEADER: usize = 40;
 pub const OUT_HEADER: usize = 16;
@@ -75,6 +76,16 @@ pub const OUT_HEADER: usize = 16;
 pub const ATTR: usize = 88;
 pub const ENTRY_OUT: usize = 40 + ATTR;
 pub const DIRENT: usize = 24;
+
+/// `fuse_out_header` of a message of `len` bytes in all: a reply to request `unique`, or a
+/// notification (`unique` 0, its code in `error`).
+pub fn out_header(len: usize, error: i32, unique: u64) -> [u8; OUT_HEADER] {
+    let mut h = [0u8; OUT_HEADER];
+    h[..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    h[4..8].copy_from_slice(&error.to_ne_bytes());
+    h[8..].copy_from_slice(&unique.to_ne_bytes());
+    h
+}
 
 /// Reads the fields of a request body in order; running short is EINVAL (never a panic).
 pub struct Args<'a> {

@@ -27,19 +27,19 @@ impl Channel {
     /// Sends one message: the out header (`error`, `unique`) followed by `parts`.
     fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) -> sys::Result<()> {
         let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut hdr = [0u8; abi::OUT_HEADER];
-        hdr[..4].copy_from_slice(&(len as u32).to_ne_bytes());
-        hdr[4..8].copy_from_slice(&error.to_ne_bytes());
-        hdr[8..].copy_from_slice(&unique.to_ne_bytes());
-        let mut iov = Vec::with_capacity(parts.len() + 1);
-        iov.push(IoSlice::new(&hdr));
-        iov.extend(
-            parts
-                .iter()
-                .filter(|p| !p.is_empty())
-                .map(|p| IoSlice::new(p)),
-        );
-        sys::writev(self.fd(), &iov).map(drop)
+        let hdr = abi::out_header(len, error, unique);
+        // At most three parts (a name notification: body, name, NUL): no allocation.
+        let mut iov = [IoSlice::new(&[]); 4];
+        iov[0] = IoSlice::new(&hdr);
+        let mut n = 1;
+        for p in parts.iter().filter(|p| !p.is_empty()) {
+            if n == iov.len() {
+                return Err(fuser::Errno::EINVAL);
+            }
+            iov[n] = IoSlice::new(p);
+            n += 1;
+        }
+        sys::writev(self.fd(), &iov[..n]).map(drop)
     }
 
     /// Registers an open fd as the backing file of passthrough opens.

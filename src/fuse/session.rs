@@ -463,11 +463,15 @@ impl Worker {
                     _ => return Err(io_err(e)),
                 },
             };
+            let msg = &buf[..n];
+            let Some(h) = Header::parse(msg) else {
+                log::warn!("ignoring a malformed request of {n} bytes");
+                continue;
+            };
             if let Some(r) = &self.readers {
-                let (opcode, pid) = Header::parse(&buf[..n]).map_or((0, 0), |h| (h.opcode, h.pid));
-                reading = r.got(self.me, pid, moves_data(opcode));
+                reading = r.got(self.me, h.pid, moves_data(h.opcode));
             }
-            if !self.handle(&buf[..n]) {
+            if !self.handle(&h, &msg[abi::IN_HEADER..]) {
                 return Ok(());
             }
             if let Some(r) = &self.readers
@@ -480,17 +484,12 @@ impl Worker {
     }
 
     /// Serves one request; false after DESTROY.
-    fn handle(&self, msg: &[u8]) -> bool {
-        let Some(h) = Header::parse(msg) else {
-            log::warn!("ignoring a malformed request of {} bytes", msg.len());
-            return true;
-        };
-        let body = &msg[abi::IN_HEADER..];
+    fn handle(&self, h: &Header, body: &[u8]) -> bool {
         // Requests that get no reply.
         match h.opcode {
             op::FORGET | op::BATCH_FORGET => {
                 if let Ok(op) = Op::parse(h.opcode, body) {
-                    self.fs.dispatch(&h, op, None);
+                    self.fs.dispatch(h, op, None);
                 }
                 return true;
             }
@@ -513,7 +512,7 @@ impl Worker {
             reply.ok();
             return false;
         }
-        if !self.allowed(&h) {
+        if !self.allowed(h) {
             reply.error(fuser::Errno::EACCES);
             return true;
         }
@@ -530,7 +529,7 @@ impl Worker {
                         op.brief()
                     );
                 }
-                self.fs.dispatch(&h, op, Some(reply))
+                self.fs.dispatch(h, op, Some(reply))
             }
             Err(e) => {
                 log::debug!("request {}: opcode {} malformed", h.unique, h.opcode);
