@@ -101,14 +101,51 @@ impl Union {
         })
     }
 
+    /// After reaching `node`'s object by name failed with `e`: if the node has no name left
+    /// (an unnamed temporary file, or a file deleted while open), an open fd of it; for a
+    /// `change` only the upper object's, since a read-only handle may still be on a lower
+    /// file. Otherwise `e`.
+    pub(crate) fn nameless_fd(
+        &self,
+        node: &Node,
+        fh: Option<u64>,
+        change: bool,
+        e: Errno,
+    ) -> Result<Arc<OwnedFd>> {
+        if !matches!(e.code(), libc::ENOENT | libc::ESTALE)
+            || node.is_dir()
+            || !node.state().links.is_empty()
+        {
+            return Err(e);
+        }
+        match change {
+            true => self.upper_fd_of_open(node, fh),
+            false => self.fd_of_nameless(node, fh),
+        }
+        .ok_or(e)
+    }
+
+    /// `with_object`, also for a node with no name left: through `nameless_fd` (`f` then
+    /// gets the object's fd and an empty name).
+    fn with_object_or_fd<T>(
+        &self,
+        node: &Node,
+        loc: Loc,
+        fh: Option<u64>,
+        change: bool,
+        mut f: impl FnMut(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> Result<T>,
+    ) -> Result<T> {
+        match self.with_object(node, loc, &mut f) {
+            Err(e) => f(self.nameless_fd(node, fh, change, e)?.as_fd(), c""),
+            r => r,
+        }
+    }
+
     /// The birth time of the object the view shows for `node`, where its layer records one.
     pub fn btime(&self, node: &Node, fh: Option<u64>) -> Option<(i64, u32)> {
-        match self.with_object(node, self.top_loc(node), sys::btime_at) {
-            Ok(b) => b,
-            Err(_) => sys::btime_at(self.fd_of_nameless(node, fh)?.as_fd(), c"")
-                .ok()
-                .flatten(),
-        }
+        self.with_object_or_fd(node, self.top_loc(node), fh, false, sys::btime_at)
+            .ok()
+            .flatten()
     }
 
     /// The attributes the merged view reports for `node` whose object has stat `st`.
@@ -313,36 +350,10 @@ impl Union {
         sys::cstr(name)
     }
 
-    /// `with_object` for xattrs, also for a file with no name left (an unnamed temporary
-    /// file, one deleted while open): through an open fd, for a change only the upper
-    /// object's.
-    fn with_xattr_object<T>(
-        &self,
-        node: &Node,
-        loc: Loc,
-        change: bool,
-        mut f: impl FnMut(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> Result<T>,
-    ) -> Result<T> {
-        match self.with_object(node, loc, &mut f) {
-            Err(e)
-                if matches!(e.code(), libc::ENOENT | libc::ESTALE)
-                    && !node.is_dir()
-                    && node.state().links.is_empty() =>
-            {
-                let fd = match change {
-                    true => self.upper_fd_of_open(node, None),
-                    false => self.fd_of_nameless(node, None),
-                };
-                f(fd.ok_or(e)?.as_fd(), c"")
-            }
-            r => r,
-        }
-    }
-
     pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
         let cname = self.stored_xattr_name(name)?;
         let value = self
-            .with_xattr_object(node, self.top_loc(node), false, |d, p| {
+            .with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
                 sys::getxattr_vec_at(d, p, &cname)
             })?
             .ok_or(Errno::ENODATA)?;
@@ -351,7 +362,7 @@ impl Union {
 
     pub fn listxattr(&self, node: &Node, size: u32) -> Result<XattrReply> {
         let names =
-            self.with_xattr_object(node, self.top_loc(node), false, sys::listxattr_vec_at)?;
+            self.with_object_or_fd(node, self.top_loc(node), None, false, sys::listxattr_vec_at)?;
         let mut out = Vec::new();
         for n in names {
             if let Some(view) = whiteout::unescape_xattr(n.as_bytes()) {
@@ -371,7 +382,7 @@ impl Union {
         }
         let cname = self.stored_xattr_name(name)?;
         self.copy_up(node)?;
-        self.with_xattr_object(node, Loc::Upper, true, |d, p| {
+        self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)
         })
     }
@@ -383,12 +394,12 @@ impl Union {
         let cname = self.stored_xattr_name(name)?;
         if node.state().upper.is_none() {
             // Nothing to remove: no copy-up, as kernel overlayfs.
-            self.with_xattr_object(node, self.top_loc(node), false, |d, p| {
+            self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
                 sys::getxattr_at(d, p, &cname, &mut [])
             })?;
         }
         self.copy_up(node)?;
-        self.with_xattr_object(node, Loc::Upper, true, |d, p| {
+        self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::removexattr_at(d, p, &cname)
         })
     }

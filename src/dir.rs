@@ -658,14 +658,13 @@ impl Union {
         // number left the identity map with its last name.
         let src = match self.open_in(node, Loc::Upper, libc::O_PATH) {
             Ok(f) => Arc::new(f),
-            Err(e) if node.state().links.is_empty() => {
-                let fd = self.upper_fd_of_open(node, None).ok_or(e)?;
+            Err(e) => {
+                let fd = self.nameless_fd(node, None, true, e)?;
                 if sys::fstat(fd.as_fd())?.st_nlink != 0 {
                     return Err(e);
                 }
                 fd
             }
-            Err(e) => return Err(e),
         };
         let src_path = sys::proc_fd_path(src.as_fd());
         let dir = self.dir_fd(newparent, Loc::Upper)?;

@@ -391,11 +391,8 @@ impl Union {
             }
             // No name (an unnamed temporary file, or one deleted while open, reopened through
             // /proc/self/fd): through its upper object's open fd.
-            Err(e)
-                if matches!(e.code(), libc::ENOENT | libc::ESTALE)
-                    && node.state().links.is_empty() =>
-            {
-                let fd = self.upper_fd_of_open(node, None).ok_or(e)?;
+            Err(e) => {
+                let fd = self.nameless_fd(node, None, true, e)?;
                 sys::reopen(fd.as_fd(), flags & !libc::O_NOATIME)
             }
             r => r,
