@@ -413,12 +413,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .flags
         .allow_other
         .unwrap_or(sys::geteuid() == 0 && !cfg.flags.allow_root);
-    let acl = if allow_other {
-        Access::All
-    } else if cfg.flags.allow_root {
+    let acl = if !allow_other && cfg.flags.allow_root {
         Access::RootAndOwner(sys::geteuid())
     } else {
-        Access::Owner
+        Access::All
     };
     let dev = match mount_fuse(&cfg, &paths.mountpoint, allow_other || cfg.flags.allow_root) {
         Ok(d) => d,

@@ -14,13 +14,14 @@ use super::request::{Header, Op};
 use crate::fs::UnionFs;
 use crate::sys;
 
-/// Who may use the mount besides what the kernel already enforces.
+/// Whom the daemon serves, beyond what the kernel enforces. A mount without `allow_other`
+/// is kept to its owner by the kernel itself (which also makes requests of its own, such as
+/// writing back a file's times from a kernel thread, that must get through).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     All,
-    /// Root and the given user (`-o allow_root`).
+    /// Root and the given user (`-o allow_root`, mounted with `allow_other`).
     RootAndOwner(u32),
-    Owner,
 }
 
 /// What INIT settles: the kernel's offer and the daemon's choices.
@@ -540,12 +541,10 @@ impl Worker {
     }
 
     /// `-o allow_root`: requests that carry a caller's identity must come from root or the
-    /// owner. (A mount for its owner only is mounted without `allow_other`, so the kernel
-    /// itself refuses every other process, and the requests it makes on its own, such as
-    /// writing back a file's times from a kernel thread, must get through.)
+    /// owner.
     fn allowed(&self, h: &Header) -> bool {
         let ok_uid = match self.access {
-            Access::All | Access::Owner => return true,
+            Access::All => return true,
             Access::RootAndOwner(owner) => h.uid == 0 || h.uid == owner,
         };
         // The kernel may send these without the caller's identity.
