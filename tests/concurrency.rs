@@ -981,14 +981,20 @@ fn a_signalled_caller_stops_the_kernel_sending_interrupts() {
     l.lower(0).file_bytes("a", &big).file_bytes("b", &big);
     let base = l.mkdir("m");
     let mut d = ForegroundDaemon::start(&l, &base, &["--log-level", "debug"]);
+    let setattrs = |d: &ForegroundDaemon| d.log().matches(": Setattr(").count();
     for name in ["a", "b"] {
-        // chmod copies the file up (and fsyncs it): long enough to be stopped during it.
+        // chmod copies the file up (and fsyncs it): long enough to be stopped during it,
+        // once the daemon has its request.
+        let before = setattrs(&d);
         let mut c = Command::new("chmod")
             .arg("600")
             .arg(d.merged.join(name))
             .spawn()
             .expect("run chmod");
-        std::thread::sleep(Duration::from_millis(10));
+        let since = Instant::now();
+        while setattrs(&d) == before && since.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let pid = c.id().to_string();
         let stop = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
         std::thread::sleep(Duration::from_millis(20));
