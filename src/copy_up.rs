@@ -436,45 +436,62 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> Result<(
     sys::ftruncate(dst, len)
 }
 
+/// How `copy_range` moves data, best first: shared or copied within the filesystem
+/// (copy_file_range), copied by the kernel from one page cache to the other (sendfile,
+/// across filesystems), or read and written through a buffer.
+#[derive(Clone, Copy, PartialEq)]
+enum CopyBy {
+    CopyFileRange,
+    Sendfile,
+    Buffer,
+}
+
+/// Errors that mean "not this way", not "this copy failed".
+fn unsupported(e: Errno) -> bool {
+    matches!(
+        e.code(),
+        libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP
+    )
+}
+
 fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
     let mut done = 0u64;
-    let mut use_cfr = true;
+    let mut by = CopyBy::CopyFileRange;
     let mut buf = Vec::new();
     while done < len {
         let chunk = (len - done).min(1 << 30) as usize;
-        if use_cfr {
-            let mut oi = (start + done) as i64;
-            let mut oo = oi;
-            match sys::copy_file_range(src, &mut oi, dst, &mut oo, chunk) {
-                Ok(0) => return Err(Errno::EIO),
-                Ok(n) => {
-                    done += n as u64;
-                    continue;
-                }
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP
-                    ) =>
-                {
-                    use_cfr = false;
-                }
-                Err(e) => return Err(e),
+        let at = (start + done) as i64;
+        let res = match by {
+            CopyBy::CopyFileRange => {
+                let (mut oi, mut oo) = (at, at);
+                sys::copy_file_range(src, &mut oi, dst, &mut oo, chunk)
             }
+            CopyBy::Sendfile => {
+                let mut oi = at;
+                sys::lseek(dst, at, libc::SEEK_SET)
+                    .and_then(|_| sys::sendfile(dst, src, &mut oi, chunk))
+            }
+            CopyBy::Buffer => {
+                if buf.is_empty() {
+                    buf = vec![0u8; 1 << 20];
+                }
+                let want = chunk.min(buf.len());
+                let n = sys::pread(src, &mut buf[..want], at as u64)?;
+                let mut w = 0;
+                while w < n {
+                    w += sys::pwrite(dst, &buf[w..n], at as u64 + w as u64)?;
+                }
+                Ok(n)
+            }
+        };
+        match res {
+            // The source is shorter than it was: nothing more to copy is an error.
+            Ok(0) => return Err(Errno::EIO),
+            Ok(n) => done += n as u64,
+            Err(e) if unsupported(e) && by == CopyBy::CopyFileRange => by = CopyBy::Sendfile,
+            Err(e) if unsupported(e) && by == CopyBy::Sendfile => by = CopyBy::Buffer,
+            Err(e) => return Err(e),
         }
-        if buf.is_empty() {
-            buf = vec![0u8; 1 << 20];
-        }
-        let want = chunk.min(buf.len());
-        let n = sys::pread(src, &mut buf[..want], start + done)?;
-        if n == 0 {
-            return Err(Errno::EIO);
-        }
-        let mut w = 0;
-        while w < n {
-            w += sys::pwrite(dst, &buf[w..n], start + done + w as u64)?;
-        }
-        done += n as u64;
     }
     Ok(())
 }

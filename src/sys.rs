@@ -809,6 +809,26 @@ pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> Result<i64> {
     if ret < 0 { Err(last_errno()) } else { Ok(ret) }
 }
 
+/// sendfile(2) from `fd_in` at `*off_in` to `fd_out` at its file position.
+pub fn sendfile(
+    fd_out: BorrowedFd<'_>,
+    fd_in: BorrowedFd<'_>,
+    off_in: &mut i64,
+    len: usize,
+) -> Result<usize> {
+    retry(|| {
+        // SAFETY: `off_in` is a valid pointer to an i64 owned by the caller.
+        check_ssize(unsafe {
+            libc::sendfile(
+                fd_out.as_raw_fd(),
+                fd_in.as_raw_fd(),
+                off_in as *mut i64,
+                len,
+            )
+        })
+    })
+}
+
 pub fn copy_file_range(
     fd_in: BorrowedFd<'_>,
     off_in: &mut i64,

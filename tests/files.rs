@@ -957,6 +957,47 @@ fn seek_data_and_hole_on_sparse_files() {
     assert!(fs::read(m.path("sparse")).unwrap() == want);
 }
 
+/// A copy-up from a lower layer on another filesystem (where copy_file_range refuses to copy
+/// across) copies every byte at its place and keeps the holes.
+#[test]
+fn copy_up_from_another_filesystem_keeps_data_and_holes() {
+    let l = Layers::new(1);
+    let _t = Tmpfs::new(l.lowers[0].clone(), "64m");
+    make_sparse(&File::create(l.lower(0).path("sparse")).unwrap());
+    // Data that shows a misplaced or missing chunk: every 4-byte word holds its own offset.
+    let len = 5 * MIB as usize + 123;
+    let data: Vec<u8> = (0..len).map(|i| ((i / 4) >> ((i % 4) * 8)) as u8).collect();
+    l.lower(0).file_bytes("big", &data);
+    let m = l.mount("u");
+    assert_ne!(
+        fs::metadata(l.lower(0).path("big")).unwrap().dev(),
+        fs::metadata(m.upper_path("")).unwrap().dev(),
+        "test setup: lower and upper on different filesystems"
+    );
+    let mut f = OpenOptions::new().append(true).open(m.path("big")).unwrap();
+    f.write_all(b"!").unwrap();
+    drop(f);
+    let mut want = data.clone();
+    want.push(b'!');
+    let got = fs::read(m.upper_path("big")).unwrap();
+    assert_eq!(got.len(), want.len(), "length of the upper copy");
+    assert_eq!(
+        got.iter().zip(&want).position(|(a, b)| a != b),
+        None,
+        "first differing byte of the upper copy"
+    );
+    chmod(&m.path("sparse"), 0o600).unwrap();
+    assert_eq!(
+        seeks(&File::open(m.upper_path("sparse")).unwrap()),
+        sparse_expected(),
+        "holes of the upper copy"
+    );
+    let mut sparse = vec![0u8; 2 * MIB as usize];
+    sparse[..4096].fill(b'x');
+    sparse[MIB as usize..MIB as usize + 4096].fill(b'y');
+    assert!(fs::read(m.path("sparse")).unwrap() == sparse, "sparse data");
+}
+
 /// On the page-cached path (`--passthrough off`, rootless) the kernel answers SEEK_DATA and
 /// SEEK_HOLE itself from the file size, because FUSE asks the daemon without first writing back
 /// the data it caches: no holes are reported, and no data is ever reported as a hole. The upper
