@@ -857,6 +857,14 @@ fn make_sparse(f: &File) {
     f.set_len(2 * MIB as u64).unwrap();
 }
 
+/// The content of a `make_sparse` file.
+fn sparse_content() -> Vec<u8> {
+    let mut c = vec![0u8; 2 * MIB as usize];
+    c[..4096].fill(b'x');
+    c[MIB as usize..MIB as usize + 4096].fill(b'y');
+    c
+}
+
 fn seeks(f: &File) -> Vec<Result<i64, i32>> {
     vec![
         lseek(f, 0, libc::SEEK_DATA),
@@ -950,9 +958,7 @@ fn seek_data_and_hole_on_sparse_files() {
         sparse_expected(),
         "upper of a sparse file made in the mount"
     );
-    let mut want = vec![0u8; 2 * MIB as usize];
-    want[..4096].fill(b'x');
-    want[MIB as usize..MIB as usize + 4096].fill(b'y');
+    let want = sparse_content();
     assert!(fs::read(m.path("d/made")).unwrap() == want);
     assert!(fs::read(m.path("sparse")).unwrap() == want);
 }
@@ -992,10 +998,10 @@ fn copy_up_from_another_filesystem_keeps_data_and_holes() {
         sparse_expected(),
         "holes of the upper copy"
     );
-    let mut sparse = vec![0u8; 2 * MIB as usize];
-    sparse[..4096].fill(b'x');
-    sparse[MIB as usize..MIB as usize + 4096].fill(b'y');
-    assert!(fs::read(m.path("sparse")).unwrap() == sparse, "sparse data");
+    assert!(
+        fs::read(m.path("sparse")).unwrap() == sparse_content(),
+        "sparse data"
+    );
 }
 
 /// On the page-cached path (`--passthrough off`, rootless) the kernel answers SEEK_DATA and
