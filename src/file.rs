@@ -672,12 +672,32 @@ impl Union {
         self.handles.remove_file(fh);
     }
 
+    /// fsync(2) of an open file: of its upper object, as on kernel overlayfs, never of a lower
+    /// file (a read-only layer may refuse it: squashfs and erofs answer EINVAL). A read-only
+    /// open of a file copied up since syncs the copy.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.handle(fh)?;
         if !self.opts.fsync {
             return Ok(());
         }
-        sys::fsync(h.fd().as_fd(), datasync)
+        let Some(upper) = h.node.state().upper else {
+            return Ok(());
+        };
+        let fd = h.fd();
+        let fd = if sys::fstat(fd.as_fd()).is_ok_and(|st| RealId::of(&st) == upper) {
+            fd
+        } else {
+            match self.upper_fd_of_open(&h.node, None) {
+                Some(fd) => fd,
+                None => match self.open_in(&h.node, Loc::Upper, libc::O_RDONLY) {
+                    Ok(f) => Arc::new(f),
+                    // No name and no open fd reach the copy: nothing of it is left to sync.
+                    Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => return Ok(()),
+                    Err(e) => return Err(e),
+                },
+            }
+        };
+        sys::fsync(fd.as_fd(), datasync)
     }
 
     pub fn fsyncdir(&self, node: &Node, datasync: bool) -> Result<()> {

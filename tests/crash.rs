@@ -729,6 +729,7 @@ fn have_strace() -> bool {
 /// The fsync/fdatasync calls the daemon made on objects under `base`, as strace shows them.
 fn traced_fsyncs(l: &Layers, name: &str, extra: &[&str]) -> Vec<String> {
     l.lower(0).file_bytes("low", &bytes(1 << 20, 3));
+    l.lower(0).file("ro", "read only\n");
     let base = l.mkdir(name);
     let trace = base.join("strace.out");
     let trace_s = trace.to_string_lossy().into_owned();
@@ -753,6 +754,8 @@ fn traced_fsyncs(l: &Layers, name: &str, extra: &[&str]) -> Vec<String> {
     g.write_all_at(b"patch", 10).unwrap();
     g.sync_data().unwrap();
     File::open(&d.merged).unwrap().sync_all().unwrap();
+    // A read-only open of a lower file: nothing to sync.
+    File::open(d.merged.join("ro")).unwrap().sync_all().unwrap();
     drop((f, g));
     d.unmount().unwrap_or_else(|e| panic!("traced mount: {e}"));
     let root = l.root().to_string_lossy().into_owned();
@@ -798,6 +801,11 @@ fn daemon_calls_fsync_on_the_upper() {
             .iter()
             .any(|c| c.contains(&format!("{}/", work.display()))),
         "the copy-up was not fsync'd in the work dir before its rename: {calls:#?}"
+    );
+    let lower = format!("{}/", l.lowers[0].display());
+    assert!(
+        !calls.iter().any(|c| c.contains(&lower)),
+        "the daemon fsync'd a lower file: {calls:#?}"
     );
 
     let l = Layers::new(1);

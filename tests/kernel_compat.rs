@@ -1175,3 +1175,68 @@ fn unnamed_temporary_files_as_kernel_overlayfs_makes_them() {
         "{got:?}"
     );
 }
+
+/// fsync(2) and fdatasync(2) of a file opened read-only from a lower layer on squashfs (which
+/// refuses fsync with EINVAL) succeed, as on kernel overlayfs, which syncs only upper files;
+/// a file copied up syncs its copy.
+#[test]
+fn fsync_of_a_file_from_a_read_only_layer() {
+    use std::os::fd::AsRawFd;
+    let l = Layers::new(1);
+    let src = l.mkdir("squash-src");
+    fs::write(src.join("f"), "lower\n").unwrap();
+    fs::write(src.join("g"), "lower\n").unwrap();
+    let img = l.root().join("layer.squashfs");
+    let st = Command::new("mksquashfs")
+        .arg(&src)
+        .arg(&img)
+        .args(["-quiet", "-noappend"])
+        .status()
+        .expect("mksquashfs (Debian/Ubuntu: apt-get install squashfs-tools)");
+    assert!(st.success(), "mksquashfs");
+    let st = Command::new("mount")
+        .args(["-t", "squashfs", "-o", "loop,ro"])
+        .arg(&img)
+        .arg(&l.lowers[0])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount the squashfs lower");
+    let _lower = ScratchMount(l.lowers[0].clone());
+    let sync = |p: &Path| -> String {
+        let f = fs::File::open(p).unwrap();
+        // SAFETY: fsync and fdatasync of an open fd.
+        let r = (
+            rc(unsafe { libc::fsync(f.as_raw_fd()) }),
+            rc(unsafe { libc::fdatasync(f.as_raw_fd()) }),
+        );
+        format!("{r:?}")
+    };
+    assert_eq!(
+        sync(&l.lowers[0].join("f")),
+        format!(
+            "{:?}",
+            (Err::<(), i32>(libc::EINVAL), Err::<(), i32>(libc::EINVAL))
+        ),
+        "test setup: squashfs refuses fsync"
+    );
+    let run = |m: &Mount| -> Vec<String> {
+        let mut out = vec![format!("lower file: {}", sync(&m.path("f")))];
+        let mut w = OpenOptions::new().append(true).open(m.path("g")).unwrap();
+        w.write_all(b"upper\n").unwrap();
+        out.push(format!(
+            "copied up, writer: {:?}",
+            w.sync_all().map_err(|e| e.raw_os_error())
+        ));
+        drop(w);
+        out.push(format!("copied up, reader: {}", sync(&m.path("g"))));
+        out.push(format!(
+            "content: {:?}",
+            fs::read_to_string(m.path("g")).unwrap()
+        ));
+        out
+    };
+    let ours = run(&l.mount("u"));
+    let kernel = run(&l.mount_kernel("k"));
+    assert_eq!(ours, kernel);
+    assert!(ours[0].contains("Ok(()), Ok(())"), "{ours:?}");
+}
