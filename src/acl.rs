@@ -11,6 +11,11 @@ pub const ACCESS: &std::ffi::CStr = c"system.posix_acl_access";
 /// `system.posix_acl_default`.
 pub const DEFAULT: &std::ffi::CStr = c"system.posix_acl_default";
 
+/// Whether an xattr name is one of the two POSIX ACLs.
+pub fn is_acl_name(name: &std::ffi::CStr) -> bool {
+    name == ACCESS || name == DEFAULT
+}
+
 const VERSION: u32 = 2;
 const HEADER: usize = 4;
 const ENTRY: usize = 8;

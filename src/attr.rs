@@ -352,11 +352,16 @@ impl Union {
 
     pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
         let cname = self.stored_xattr_name(name)?;
-        let value = self
-            .with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
-                sys::getxattr_vec_at(d, p, &cname)
-            })?
-            .ok_or(Errno::ENODATA)?;
+        let value = match self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
+            sys::getxattr_vec_at(d, p, &cname)
+        }) {
+            // A layer without POSIX ACLs (squashfs) holds none: "not supported" there is "no
+            // ACL", as the kernel's own ACL code (and kernel overlayfs) takes it. Passed on,
+            // it would fail every permission check that consults the ACL.
+            Err(e) if e.code() == libc::EOPNOTSUPP && crate::acl::is_acl_name(&cname) => None,
+            r => r?,
+        }
+        .ok_or(Errno::ENODATA)?;
         xattr_reply(value, size)
     }
 
@@ -381,6 +386,18 @@ impl Union {
             return Err(Errno::EROFS);
         }
         let cname = self.stored_xattr_name(name)?;
+        if crate::acl::is_acl_name(&cname) && node.state().upper.is_none() {
+            // As kernel overlayfs: a file of a layer that holds no ACLs (squashfs) takes none,
+            // not even by being copied up.
+            let probe = self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
+                sys::getxattr_at(d, p, &cname, &mut [])
+            });
+            if let Err(e) = probe
+                && e.code() == libc::EOPNOTSUPP
+            {
+                return Err(e);
+            }
+        }
         self.copy_up(node)?;
         self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)

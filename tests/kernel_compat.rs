@@ -1176,21 +1176,32 @@ fn unnamed_temporary_files_as_kernel_overlayfs_makes_them() {
     );
 }
 
-/// fsync(2) and fdatasync(2) of a file opened read-only from a lower layer on squashfs (which
-/// refuses fsync with EINVAL) succeed, as on kernel overlayfs, which syncs only upper files;
-/// a file copied up syncs its copy.
+/// A lower layer on squashfs, a read-only filesystem without POSIX ACLs (as image layers
+/// often are), as on kernel overlayfs: fsync(2) and fdatasync(2) of a file opened read-only
+/// from it succeed (only upper files are synced; squashfs itself refuses fsync with EINVAL);
+/// its files have no ACL (ENODATA), so permission checks that consult one pass (squashfs
+/// answers EOPNOTSUPP); an ACL cannot be set on them (EOPNOTSUPP, before any copy-up); a
+/// file copied up syncs its copy.
 #[test]
-fn fsync_of_a_file_from_a_read_only_layer() {
+fn a_lower_layer_on_squashfs_as_kernel_overlayfs_shows_it() {
     use std::os::fd::AsRawFd;
     let l = Layers::new(1);
     let src = l.mkdir("squash-src");
     fs::write(src.join("f"), "lower\n").unwrap();
     fs::write(src.join("g"), "lower\n").unwrap();
+    // Owned by another user, group bits set: root's access goes through the ACL check.
+    fs::create_dir(src.join("d")).unwrap();
+    fs::write(src.join("d/x"), "x\n").unwrap();
+    for p in ["d", "d/x"] {
+        std::os::unix::fs::lchown(src.join(p), Some(1000), Some(1000)).unwrap();
+    }
+    fs::set_permissions(src.join("d"), fs::Permissions::from_mode(0o775)).unwrap();
+    fs::set_permissions(src.join("d/x"), fs::Permissions::from_mode(0o664)).unwrap();
     let img = l.root().join("layer.squashfs");
     let st = Command::new("mksquashfs")
         .arg(&src)
         .arg(&img)
-        .args(["-quiet", "-noappend"])
+        .args(["-quiet", "-noappend", "-no-progress"])
         .status()
         .expect("mksquashfs (Debian/Ubuntu: apt-get install squashfs-tools)");
     assert!(st.success(), "mksquashfs");
@@ -1211,16 +1222,58 @@ fn fsync_of_a_file_from_a_read_only_layer() {
         );
         format!("{r:?}")
     };
+    // The minimal ACL of mode 0644: owner rw, group r, other r.
+    let mut acl = 2u32.to_ne_bytes().to_vec();
+    for (tag, perm) in [(1u16, 6u16), (4, 4), (0x20, 4)] {
+        acl.extend(tag.to_ne_bytes());
+        acl.extend(perm.to_ne_bytes());
+        acl.extend(u32::MAX.to_ne_bytes());
+    }
+    let set_acl = |p: &Path| {
+        let c = cs(p);
+        // SAFETY: NUL-terminated path and name, a value of the given length.
+        rc(unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                acl.as_ptr().cast(),
+                acl.len(),
+                0,
+            )
+        })
+    };
+    let lower_f = l.lowers[0].join("f");
     assert_eq!(
-        sync(&l.lowers[0].join("f")),
-        format!(
-            "{:?}",
-            (Err::<(), i32>(libc::EINVAL), Err::<(), i32>(libc::EINVAL))
+        (
+            sync(&lower_f),
+            get_xattr(&lower_f, "system.posix_acl_access")
         ),
-        "test setup: squashfs refuses fsync"
+        (
+            format!(
+                "{:?}",
+                (Err::<(), i32>(libc::EINVAL), Err::<(), i32>(libc::EINVAL))
+            ),
+            Err(libc::EOPNOTSUPP)
+        ),
+        "test setup: squashfs refuses fsync and has no ACLs"
     );
     let run = |m: &Mount| -> Vec<String> {
         let mut out = vec![format!("lower file: {}", sync(&m.path("f")))];
+        let names = fs::read_dir(m.path("d")).map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        });
+        out.push(format!("list d: {:?}", names.map_err(|e| e.raw_os_error())));
+        out.push(format!(
+            "read d/x: {:?}",
+            fs::read_to_string(m.path("d/x")).map_err(|e| e.raw_os_error())
+        ));
+        out.push(format!(
+            "ACL of d/x: {:?}",
+            get_xattr(&m.path("d/x"), "system.posix_acl_access")
+        ));
+        out.push(format!("set an ACL on f: {:?}", set_acl(&m.path("f"))));
+        out.push(format!("f copied up: {}", m.upper_path("f").exists()));
         let mut w = OpenOptions::new().append(true).open(m.path("g")).unwrap();
         w.write_all(b"upper\n").unwrap();
         out.push(format!(
@@ -1229,6 +1282,7 @@ fn fsync_of_a_file_from_a_read_only_layer() {
         ));
         drop(w);
         out.push(format!("copied up, reader: {}", sync(&m.path("g"))));
+        out.push(format!("set an ACL on g: {:?}", set_acl(&m.path("g"))));
         out.push(format!(
             "content: {:?}",
             fs::read_to_string(m.path("g")).unwrap()
