@@ -53,15 +53,18 @@
 //!   the opaque xattr is compared only where a lower has a directory.
 //! - "failed rename" (kernel): a rename that fails late may have changed the directories'
 //!   mtimes in the kernel's upper; their times are no longer compared.
-//! - "unstable st_ino" (kernel, `userxattr`): two names of one copied-up file can show two
-//!   inode numbers on the kernel's side, so in the rootless run the kernel's hard-link groups
-//!   are read from the layers' files instead (`regroup_by_real_files`).
-//! - "split inode" (kernel, `userxattr`): with no file handle in the origin xattr, a name of a
-//!   copied-up file that is looked up afresh gets an inode of its own, apart from the one the
-//!   copy-up made, and each keeps its own cached mode; the kernel then decides set-ID drops
-//!   on a stale mode (a root's chown of a mode-2755 file kept its set-group-ID bit through a
-//!   second name, after a chmod through the first). The rootless run makes no hard links
-//!   through the mount (it creates a file instead); the lowers still hold hard links.
+//! - "unstable st_ino" (kernel, `userxattr`, or lowers on other filesystems, as in the
+//!   squashfs run): two names of one copied-up file can show two inode numbers
+//!   on the kernel's side, so in those runs the kernel's hard-link groups are read from the
+//!   layers' files instead (`regroup_by_real_files`).
+//! - "split inode" (kernel, `userxattr`, or lowers on other filesystems): with no file handle
+//!   in the origin xattr, a name of a copied-up file that is looked up afresh gets an inode of
+//!   its own, apart from the one the copy-up made, and each keeps its own cached mode; the
+//!   kernel then decides set-ID drops and permissions on a stale mode (a root's chown of a
+//!   mode-2755 file kept its set-group-ID bit through a second name, after a chmod through
+//!   the first; an open for writing through one name passed after a chmod to 0444 through
+//!   the other). Those runs make no hard links through the mount (they create a file
+//!   instead); the lowers still hold hard links.
 //!
 //! CI runs a fixed set of seeds. The long form is one command:
 //!
@@ -72,6 +75,7 @@
 //! `UNIONMOUNT_DIFF_SEEDS` takes ranges and lists (`1-100`, `7,9,20-30`; default `1-10`),
 //! `UNIONMOUNT_DIFF_STEPS` the operations per seed (default 150). `UNIONMOUNT_TEST_ARGS`
 //! (e.g. `--passthrough off`) adds daemon options, as for every integration test.
+//! A third run puts every lower layer on a squashfs of its own (needs `mksquashfs`).
 
 mod common;
 
@@ -95,6 +99,13 @@ static ROOTLESS: AtomicBool = AtomicBool::new(false);
 
 /// Tells the test binary, run again inside the user namespace, that it is there.
 const IN_USERNS: &str = "UNIONMOUNT_DIFF_IN_USERNS";
+
+/// Set in the process that runs the comparison with every lower layer on a squashfs of its
+/// own (see `squash_lowers`).
+static SQUASHFS: AtomicBool = AtomicBool::new(false);
+
+/// Tells the test binary, run again for the squashfs comparison, to run it.
+const IN_SQUASHFS: &str = "UNIONMOUNT_DIFF_IN_SQUASHFS";
 
 /// What marks a directory opaque in the layers: the `trusted` xattr as root, the `user` one
 /// (overlayfs's `userxattr` format) in a user namespace, where `trusted.*` is out of reach.
@@ -893,8 +904,11 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
                 (m, rng.below(1_000_000_000) as i64),
             )
         }
-        // Rule "split inode" (kernel, `userxattr`): no hard links made through the mount.
-        45..=50 if ROOTLESS.load(Ordering::Relaxed) => Op::Create(p, *rng.pick(&FILE_MODES)),
+        // Rule "split inode" (kernel, `userxattr` or lowers on other filesystems): no hard
+        // links made through the mount.
+        45..=50 if ROOTLESS.load(Ordering::Relaxed) || squashed() => {
+            Op::Create(p, *rng.pick(&FILE_MODES))
+        }
         45..=50 => Op::Link(some_path(rng, snap), p),
         51..=55 => Op::Symlink(pool_path(rng), p),
         56..=63 => Op::Mkdir(p, *rng.pick(&DIR_MODES)),
@@ -1040,7 +1054,9 @@ fn snapshot(
     check_dirents: bool,
 ) -> Result<Snap, String> {
     let mut snap = Snap::default();
-    let mut inos: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    // By device and number: kernel overlayfs shows the files of lowers on other filesystems
+    // under a device of each such filesystem.
+    let mut inos: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
         let p = if rel.is_empty() {
@@ -1095,7 +1111,9 @@ fn snapshot(
             continue;
         }
         if !dir {
-            inos.entry(m.ino()).or_default().push(rel.clone());
+            inos.entry((m.dev(), m.ino()))
+                .or_default()
+                .push(rel.clone());
             continue;
         }
         for e in fs::read_dir(&p).map_err(|e| format!("readdir {rel:?}: {e}"))? {
@@ -1344,7 +1362,8 @@ fn compare_mounts(
 ) -> Result<Snap, String> {
     let mut ks =
         snapshot(&k.merged, pins, false, false).map_err(|e| format!("{what}: kernel: {e}"))?;
-    if ROOTLESS.load(Ordering::Relaxed) {
+    // Lowers on squashfs: other filesystems than the upper's, the same rule applies.
+    if ROOTLESS.load(Ordering::Relaxed) || squashed() {
         let upper = k.upper.as_deref().expect("kernel mounts have an upper");
         regroup_by_real_files(&mut ks, upper, &layers.lower_paths())
             .map_err(|e| format!("{what}: kernel: {e}"))?;
@@ -1355,10 +1374,10 @@ fn compare_mounts(
     Ok(ks)
 }
 
-/// Rule "unstable st_ino" (kernel, `userxattr`): without file handles in its origin xattr,
-/// kernel overlayfs shows a copied-up file under its lower inode number through names looked
-/// up before the copy-up and under its upper one through names looked up after (and after a
-/// remount), so two names of one file can show two numbers. Which names share a file is taken
+/// Rule "unstable st_ino" (kernel, `userxattr` or lowers on other filesystems): without file
+/// handles in its origin xattr, kernel overlayfs shows a copied-up file under its lower inode
+/// number through names looked up before the copy-up and under its upper one through names
+/// looked up after (and after a remount), so two names of one file can show two numbers. Which names share a file is taken
 /// instead from the files themselves: the upper's where the upper has the name, else the
 /// first lower's (the view holds no redirects: a lower directory cannot be renamed).
 fn regroup_by_real_files(snap: &mut Snap, upper: &Path, lowers: &[&Path]) -> Result<(), String> {
@@ -1437,8 +1456,42 @@ fn describe_lowers(seed: u64) -> String {
     out
 }
 
+/// In the squashfs comparison, each lower layer is packed into a squashfs image and mounted
+/// (read-only) in its place: layers on a read-only filesystem of their own, without POSIX
+/// ACLs, as image layers often are. The guards unmount them.
+fn squashed() -> bool {
+    SQUASHFS.load(Ordering::Relaxed)
+}
+
+fn squash_lowers(layers: &Layers) -> Vec<common::ScratchMount> {
+    if !squashed() {
+        return Vec::new();
+    }
+    let mut guards = Vec::new();
+    for (i, dir) in layers.lowers.iter().enumerate() {
+        let img = layers.root().join(format!("lower{i}.squashfs"));
+        let st = std::process::Command::new("mksquashfs")
+            .arg(dir)
+            .arg(&img)
+            .args(["-quiet", "-noappend", "-no-progress"])
+            .status()
+            .expect("mksquashfs (Debian/Ubuntu: apt-get install squashfs-tools)");
+        assert!(st.success(), "mksquashfs {}", dir.display());
+        let st = std::process::Command::new("mount")
+            .args(["-t", "squashfs", "-o", "loop,ro"])
+            .arg(&img)
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {} on {}", img.display(), dir.display());
+        guards.push(common::ScratchMount(dir.clone()));
+    }
+    guards
+}
+
 fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let layers = build_lowers(seed);
+    let _squashed = squash_lowers(&layers);
     let mut k = layers.mount_kernel_with("kernel", kernel_options());
     let mut u = layers.mount("union");
     // Declared after the mounts, so that they are closed first also on an early return.
@@ -1715,6 +1768,36 @@ fn differential_rootless_against_kernel_overlayfs() {
         stderr.contains("differential: rootless seed"),
         "the run in the user namespace compared nothing:\n{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The same comparison with every lower layer on a squashfs of its own (mounted by root):
+/// layers on other filesystems than the upper's, read-only, and without ACLs (squashfs
+/// refuses fsync and answers EOPNOTSUPP for ACLs, where kernel overlayfs shows no ACL). The
+/// test binary runs this test again in a process of its own, which alone sets the flag.
+#[test]
+fn differential_with_lowers_on_squashfs_against_kernel_overlayfs() {
+    if std::env::var_os(IN_SQUASHFS).is_some() {
+        SQUASHFS.store(true, Ordering::Relaxed);
+        check_seeds("squashfs ");
+        return;
+    }
+    let me = "differential_with_lowers_on_squashfs_against_kernel_overlayfs";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", me, "--nocapture", "--test-threads=1"])
+        .env(IN_SQUASHFS, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "lowers on squashfs: {}\n{}\n{stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("differential: squashfs seed"),
+        "the squashfs run compared nothing:\n{stderr}"
     );
 }
 
