@@ -1751,23 +1751,12 @@ fn differential_rootless_against_kernel_overlayfs() {
         return;
     }
     let user = common::test_user();
-    let me = "differential_rootless_against_kernel_overlayfs";
-    let mut again = std::process::Command::new(std::env::current_exe().unwrap());
-    again
-        .args(["--exact", me, "--nocapture", "--test-threads=1"])
-        .env(IN_USERNS, "1");
+    let again = this_test_again("differential_rootless_against_kernel_overlayfs", IN_USERNS);
     let out = common::in_mapped_user_namespace(user, again);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "in a user namespace made by uid {user}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        stderr.contains("differential: rootless seed"),
-        "the run in the user namespace compared nothing:\n{}",
-        String::from_utf8_lossy(&out.stdout)
+    check_run_again(
+        &out,
+        &format!("in a user namespace made by uid {user}"),
+        "rootless ",
     );
 }
 
@@ -1782,22 +1771,35 @@ fn differential_with_lowers_on_squashfs_against_kernel_overlayfs() {
         check_seeds("squashfs ");
         return;
     }
-    let me = "differential_with_lowers_on_squashfs_against_kernel_overlayfs";
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut again = this_test_again(
+        "differential_with_lowers_on_squashfs_against_kernel_overlayfs",
+        IN_SQUASHFS,
+    );
+    let out = again.output().unwrap();
+    check_run_again(&out, "lowers on squashfs", "squashfs ");
+}
+
+/// The test binary, to run test `me` again alone, with `env` set to tell it so.
+fn this_test_again(me: &str, env: &str) -> std::process::Command {
+    let mut again = std::process::Command::new(std::env::current_exe().unwrap());
+    again
         .args(["--exact", me, "--nocapture", "--test-threads=1"])
-        .env(IN_SQUASHFS, "1")
-        .output()
-        .unwrap();
+        .env(env, "1");
+    again
+}
+
+/// That a run of `this_test_again` passed, and compared seeds (its lines carry `label`).
+fn check_run_again(out: &std::process::Output, what: &str, label: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "lowers on squashfs: {}\n{}\n{stderr}",
+        "{what}: {}\n{}\n{stderr}",
         out.status,
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(
-        stderr.contains("differential: squashfs seed"),
-        "the squashfs run compared nothing:\n{stderr}"
+        stderr.contains(&format!("differential: {label}seed")),
+        "{what}: the run compared nothing:\n{stderr}"
     );
 }
 
