@@ -381,23 +381,28 @@ impl Union {
         xattr_reply(out, size)
     }
 
+    /// As kernel overlayfs: a file of a layer that holds no ACLs (squashfs) takes none, not
+    /// even by being copied up. Checked before anything changes (set-ID bits included).
+    pub fn check_acl_settable(&self, node: &Node, name: &OsStr) -> Result<()> {
+        let cname = self.stored_xattr_name(name)?;
+        if !crate::acl::is_acl_name(&cname) || node.state().upper.is_some() {
+            return Ok(());
+        }
+        let probe = self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
+            sys::getxattr_at(d, p, &cname, &mut [])
+        });
+        match probe {
+            Err(e) if e.code() == libc::EOPNOTSUPP => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     pub fn setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         if self.layers.read_only() {
             return Err(Errno::EROFS);
         }
         let cname = self.stored_xattr_name(name)?;
-        if crate::acl::is_acl_name(&cname) && node.state().upper.is_none() {
-            // As kernel overlayfs: a file of a layer that holds no ACLs (squashfs) takes none,
-            // not even by being copied up.
-            let probe = self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
-                sys::getxattr_at(d, p, &cname, &mut [])
-            });
-            if let Err(e) = probe
-                && e.code() == libc::EOPNOTSUPP
-            {
-                return Err(e);
-            }
-        }
+        self.check_acl_settable(node, name)?;
         self.copy_up(node)?;
         self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)
