@@ -381,8 +381,9 @@ impl Union {
         xattr_reply(out, size)
     }
 
-    /// As kernel overlayfs: a file of a layer that holds no ACLs (squashfs) takes none, not
-    /// even by being copied up. Checked before anything changes (set-ID bits included).
+    /// As kernel overlayfs: a file of a layer that holds no ACLs (squashfs) takes none and
+    /// loses none, not even by being copied up (EOPNOTSUPP). The request handlers check this
+    /// before anything changes, set-ID bits included.
     pub fn check_acl_settable(&self, node: &Node, name: &OsStr) -> Result<()> {
         let cname = self.stored_xattr_name(name)?;
         if !crate::acl::is_acl_name(&cname) || node.state().upper.is_some() {
@@ -402,7 +403,6 @@ impl Union {
             return Err(Errno::EROFS);
         }
         let cname = self.stored_xattr_name(name)?;
-        self.check_acl_settable(node, name)?;
         self.copy_up(node)?;
         self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)

@@ -417,6 +417,8 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> Result<(
         return Ok(());
     }
     let mut off = 0u64;
+    // Found once per copy: the way that works for the first extent works for the others.
+    let mut by = CopyBy::CopyFileRange;
     while off < len {
         let data = match sys::lseek(src, off as i64, libc::SEEK_DATA) {
             Ok(d) => d as u64,
@@ -430,7 +432,7 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> Result<(
             Ok(h) => (h as u64).min(len),
             Err(_) => len,
         };
-        copy_range(src, dst, data, hole - data)?;
+        copy_range(src, dst, data, hole - data, &mut by)?;
         off = hole;
     }
     sys::ftruncate(dst, len)
@@ -454,14 +456,20 @@ fn unsupported(e: Errno) -> bool {
     )
 }
 
-fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+/// Copies `len` bytes at `start`, the way `by` says, or a lesser one (which `by` then keeps).
+fn copy_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+    by: &mut CopyBy,
+) -> Result<()> {
     let mut done = 0u64;
-    let mut by = CopyBy::CopyFileRange;
     let mut buf = Vec::new();
     while done < len {
         let chunk = (len - done).min(1 << 30) as usize;
         let at = (start + done) as i64;
-        let res = match by {
+        let res = match *by {
             CopyBy::CopyFileRange => {
                 let (mut oi, mut oo) = (at, at);
                 sys::copy_file_range(src, &mut oi, dst, &mut oo, chunk)
@@ -488,8 +496,8 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: u64, len: u64) ->
             // The source is shorter than it was: nothing more to copy is an error.
             Ok(0) => return Err(Errno::EIO),
             Ok(n) => done += n as u64,
-            Err(e) if unsupported(e) && by == CopyBy::CopyFileRange => by = CopyBy::Sendfile,
-            Err(e) if unsupported(e) && by == CopyBy::Sendfile => by = CopyBy::Buffer,
+            Err(e) if unsupported(e) && *by == CopyBy::CopyFileRange => *by = CopyBy::Sendfile,
+            Err(e) if unsupported(e) && *by == CopyBy::Sendfile => *by = CopyBy::Buffer,
             Err(e) => return Err(e),
         }
     }

@@ -256,6 +256,7 @@ impl UnionFs {
             }
             Op::Removexattr { name } => {
                 match self.node(ino).and_then(|n| {
+                    self.u.check_acl_settable(&n, name)?;
                     self.acl_change_by(h.pid, &n, name)?;
                     self.u.removexattr(&n, name)
                 }) {
