@@ -72,6 +72,7 @@ fn layers(lowers: &[&Path], upper: Option<&Path>) -> Layers {
         work: None,
         format: Format::Trusted,
         rename_whiteout: false,
+        upper_acls: true,
     }
 }
 

@@ -381,20 +381,24 @@ impl Union {
         xattr_reply(out, size)
     }
 
-    /// As kernel overlayfs: a file of a layer that holds no ACLs (squashfs) takes none and
-    /// loses none, not even by being copied up (EOPNOTSUPP). The request handlers check this
-    /// before anything changes, set-ID bits included.
+    /// As kernel overlayfs: an ACL is set or removed only where the upper holds ACLs and,
+    /// on a file not yet copied up, where its layer's filesystem can set one (squashfs and
+    /// erofs cannot, see `layer::takes_acls`); otherwise EOPNOTSUPP, before the file is copied
+    /// up. The request handlers check this before anything changes, set-ID bits included.
     pub fn check_acl_settable(&self, node: &Node, name: &OsStr) -> Result<()> {
         let cname = self.stored_xattr_name(name)?;
-        if !crate::acl::is_acl_name(&cname) || node.state().upper.is_some() {
+        if !crate::acl::is_acl_name(&cname) || self.layers.read_only() {
             return Ok(());
         }
-        let probe = self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
-            sys::getxattr_at(d, p, &cname, &mut [])
-        });
-        match probe {
-            Err(e) if e.code() == libc::EOPNOTSUPP => Err(e),
-            _ => Ok(()),
+        let settable = self.layers.upper_acls
+            && match self.top_loc(node) {
+                Loc::Lower(i) => self.layers.lower(i).takes_acls,
+                Loc::Upper => true,
+            };
+        if settable {
+            Ok(())
+        } else {
+            Err(Errno::EOPNOTSUPP)
         }
     }
 

@@ -21,6 +21,31 @@ pub struct Layer {
     pub root: OwnedFd,
     /// `st_dev` of the layer root.
     pub dev: u64,
+    /// Its filesystem can set POSIX ACLs (see `takes_acls`).
+    pub takes_acls: bool,
+}
+
+/// Whether files of a filesystem of type `magic` (statfs `f_type`) can be given a POSIX ACL.
+/// Kernel overlayfs refuses an ACL change (EOPNOTSUPP) on a file not yet copied up when its
+/// real inode has no `set_acl` operation, before copying it up. These are the filesystems
+/// without one that lower layers come on: read-only image formats (erofs can hold ACLs but
+/// not set them) and filesystems without ACLs. A filesystem merely mounted `noacl` has the
+/// operation: there the kernel copies the file up and sets the ACL on the copy.
+pub fn takes_acls(magic: u64) -> bool {
+    const NO_SET_ACL: [u64; 11] = [
+        0x7371_7368, // squashfs
+        0xe0f5_e1e2, // erofs
+        0x9660,      // iso9660
+        0x28cd_3d45, // cramfs
+        0x453d_cd28, // cramfs, other byte order
+        0x7275,      // romfs
+        0x4d44,      // vfat, msdos
+        0x2011_bab0, // exfat
+        0x1501_3346, // udf
+        0x4244,      // hfs
+        0x8584_58f6, // ramfs
+    ];
+    !NO_SET_ACL.contains(&magic)
 }
 
 impl Layer {
@@ -35,10 +60,12 @@ impl Layer {
         let root: OwnedFd = file.into();
         let st =
             sys::fstat(root.as_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
+        let takes_acls = sys::fs_type(root.as_fd()).map_or(true, takes_acls);
         Ok(Layer {
             path: path.to_path_buf(),
             root,
             dev: st.st_dev,
+            takes_acls,
         })
     }
 
@@ -85,6 +112,8 @@ pub struct Layers {
     pub format: Format,
     /// `renameat2(RENAME_WHITEOUT)` works in the upper (it needs CAP_MKNOD).
     pub rename_whiteout: bool,
+    /// The upper holds POSIX ACLs (not a filesystem mounted `noacl`, say).
+    pub upper_acls: bool,
 }
 
 impl Layers {

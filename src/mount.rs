@@ -47,11 +47,12 @@ fn errno_str(e: sys::Errno) -> String {
     std::io::Error::from_raw_os_error(e.code()).to_string()
 }
 
-/// Creates (if needed) and cleans `WORK/work`, and probes what the upper filesystem allows.
+/// Creates (if needed) and cleans `WORK/work`, and probes what the upper filesystem allows:
+/// the whiteout format, RENAME_WHITEOUT, POSIX ACLs.
 fn prepare_work(
     paths: &Paths,
     created: &mut Created,
-) -> Result<Option<(WorkDir, Format, bool)>, String> {
+) -> Result<Option<(WorkDir, Format, bool, bool)>, String> {
     let Some((work, create)) = &paths.work else {
         return Ok(None);
     };
@@ -112,7 +113,13 @@ fn prepare_work(
         let _ = sys::unlinkat(work.fd(), &b, 0);
         ok
     };
-    Ok(Some((work, format, rename_whiteout)))
+    // The work directory is on the upper's filesystem: one without POSIX ACLs answers
+    // EOPNOTSUPP for them.
+    let upper_acls = !matches!(
+        sys::getxattr_at(work.fd(), c"", crate::acl::ACCESS, &mut []),
+        Err(e) if e.code() == libc::EOPNOTSUPP
+    );
+    Ok(Some((work, format, rename_whiteout, upper_acls)))
 }
 
 fn mount_data(fd: i32, allow_other: bool) -> String {
@@ -378,9 +385,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
             return Err(e);
         }
     };
-    let (work, format, rename_whiteout) = match prepared {
-        Some((w, f, r)) => (Some(w), f, r),
-        None => (None, Format::Trusted, false),
+    let (work, format, rename_whiteout, upper_acls) = match prepared {
+        Some((w, f, r, a)) => (Some(w), f, r, a),
+        None => (None, Format::Trusted, false, false),
     };
     let layers = Layers {
         lowers,
@@ -388,6 +395,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         work,
         format,
         rename_whiteout,
+        upper_acls,
     };
     let mut opts = cfg.opts.clone();
     opts.passthrough = match cfg.passthrough {

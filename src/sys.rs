@@ -55,6 +55,15 @@ fn owned(fd: libc::c_int) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The type of the filesystem `fd` is on (statfs `f_type`, a magic number).
+pub fn fs_type(fd: BorrowedFd<'_>) -> Result<u64> {
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is a valid out-pointer of the right type.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatfs succeeded. The magic is an unsigned 32-bit number in a signed field.
+    Ok(unsafe { st.assume_init() }.f_type as u64 & 0xffff_ffff)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Opening beneath a layer root
 

@@ -1294,3 +1294,227 @@ fn a_lower_layer_on_squashfs_as_kernel_overlayfs_shows_it() {
     assert_eq!(ours, kernel);
     assert!(ours[0].contains("Ok(()), Ok(())"), "{ours:?}");
 }
+
+/// Sets (`set`) or removes the access or default ACL of `p`, as `user` if given (with its own
+/// group only); answers the result and the mode after it. The ACL set is
+/// `u::rw-,u:1000:r--,g::r--,m::r--,o::r--`.
+fn change_acl(p: &Path, default: bool, set: bool, user: Option<u32>) -> String {
+    const SCRIPT: &str = "import os, sys
+p, name, value = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    if value:
+        os.setxattr(p, name, bytes.fromhex(value), follow_symlinks=False)
+    else:
+        os.removexattr(p, name, follow_symlinks=False)
+    r = 'ok'
+except OSError as e:
+    r = e.strerror
+print(r, oct(os.lstat(p).st_mode))";
+    let mut value = String::new();
+    if set {
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (1u16, 6u16, u32::MAX),
+            (2, 4, 1000),
+            (4, 4, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 4, u32::MAX),
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        value = acl.iter().map(|b| format!("{b:02x}")).collect();
+    }
+    let name = if default {
+        "system.posix_acl_default"
+    } else {
+        "system.posix_acl_access"
+    };
+    let mut cmd = Command::new("setpriv");
+    if let Some(u) = user {
+        cmd.args([
+            format!("--reuid={u}"),
+            format!("--regid={u}"),
+            "--clear-groups".into(),
+        ]);
+    }
+    let out = cmd
+        .args(["--", "/usr/bin/python3", "-I", "-c", SCRIPT])
+        .arg(p)
+        .args([name, &value])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Mounts unionmount and kernel overlayfs over `lowers` (a `lowerdir` list), each with its
+/// upper and work directories in `ours` and `kernel` and its view at `ours/merged` and
+/// `kernel/merged`, and answers what `run` finds on each.
+fn on_both(lowers: &str, ours: &Path, kernel: &Path, run: impl Fn(&Mount) -> Vec<String>) {
+    let dirs = |base: &Path| {
+        let d: Vec<PathBuf> = ["upper", "work", "merged"]
+            .iter()
+            .map(|n| base.join(n))
+            .collect();
+        for p in &d {
+            fs::create_dir_all(p).unwrap();
+        }
+        d
+    };
+    let [u, w, m] = <[PathBuf; 3]>::try_from(dirs(ours)).unwrap();
+    let args: Vec<OsString> = vec![
+        "--lower".into(),
+        lowers.into(),
+        "--upper".into(),
+        u.clone().into(),
+        "--work".into(),
+        w.clone().into(),
+        m.clone().into(),
+    ];
+    let got = run(&Mount::union(&args, m, Some(u), Some(w)));
+    let [u, w, m] = <[PathBuf; 3]>::try_from(dirs(kernel)).unwrap();
+    let want = run(&Mount::kernel(lowers, &u, &w, &m, &[]));
+    assert_eq!(got, want, "unionmount against kernel overlayfs");
+}
+
+/// POSIX ACL changes follow the real filesystems, as on kernel overlayfs:
+/// - a lower layer on erofs shows the ACLs it holds, but none can be set on or removed from
+///   its files before they are copied up (EOPNOTSUPP, nothing copied up, the set-group-ID
+///   bit kept when the owner is outside the file's group);
+/// - a lower layer on ramfs (no ACLs at all) is treated as erofs;
+/// - a lower layer on a filesystem mounted `noacl` has files that take an ACL by copy-up;
+/// - an upper filesystem mounted `noacl` takes no ACL at all, and copies nothing up for one.
+#[test]
+fn acl_changes_follow_the_layers_filesystems_as_kernel_overlayfs() {
+    let user = test_user();
+    let l = Layers::new(1);
+    let src = l.mkdir("erofs-src");
+    for f in ["f", "a", "s"] {
+        fs::write(src.join(f), "lower\n").unwrap();
+    }
+    fs::create_dir(src.join("d")).unwrap();
+    assert_eq!(change_acl(&src.join("a"), false, true, None), "ok 0o100644");
+    assert_eq!(change_acl(&src.join("d"), true, true, None), "ok 0o40755");
+    std::os::unix::fs::lchown(src.join("s"), Some(user), Some(0)).unwrap();
+    fs::set_permissions(src.join("s"), fs::Permissions::from_mode(0o2775)).unwrap();
+    let img = l.root().join("layer.erofs");
+    let out = Command::new("mkfs.erofs")
+        .arg(&img)
+        .arg(&src)
+        .output()
+        .expect("mkfs.erofs (Debian/Ubuntu: apt-get install erofs-utils)");
+    assert!(out.status.success(), "mkfs.erofs: {out:?}");
+    let st = Command::new("mount")
+        .args(["-t", "erofs", "-o", "loop,ro"])
+        .arg(&img)
+        .arg(&l.lowers[0])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount the erofs lower");
+    let _erofs = ScratchMount(l.lowers[0].clone());
+    assert!(
+        get_xattr(&l.lowers[0].join("a"), "system.posix_acl_access").is_ok(),
+        "test setup: erofs holds the ACL"
+    );
+
+    // A filesystem mounted `noacl` for the second and third comparisons.
+    let img = l.root().join("noacl.btrfs");
+    fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
+    let out = Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg(&img)
+        .output()
+        .expect("mkfs.btrfs (Debian/Ubuntu: apt-get install btrfs-progs)");
+    assert!(out.status.success(), "mkfs.btrfs: {out:?}");
+    let noacl = l.mkdir("noacl");
+    let st = Command::new("mount")
+        .args(["-o", "loop,noacl"])
+        .arg(&img)
+        .arg(&noacl)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount the noacl btrfs");
+    let _noacl = ScratchMount(noacl.clone());
+
+    let copied = |m: &Mount, names: &[&str]| -> String {
+        let c: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| m.upper_path(n).exists())
+            .collect();
+        format!("copied up: {c:?}")
+    };
+    on_both(
+        &esc_layer(&l.lowers[0]),
+        &l.mkdir("u1"),
+        &l.mkdir("k1"),
+        |m| {
+            vec![
+                format!("{:?}", get_xattr(&m.path("a"), "system.posix_acl_access")),
+                format!("{:?}", get_xattr(&m.path("d"), "system.posix_acl_default")),
+                change_acl(&m.path("f"), false, true, None),
+                change_acl(&m.path("a"), false, false, None),
+                change_acl(&m.path("d"), true, false, None),
+                change_acl(&m.path("s"), false, true, Some(user)),
+                change_acl(&m.path("s"), false, false, Some(user)),
+                copied(m, &["f", "a", "d", "s"]),
+            ]
+        },
+    );
+
+    let lower = noacl.join("lower");
+    fs::create_dir(&lower).unwrap();
+    for f in ["f", "g"] {
+        fs::write(lower.join(f), "lower\n").unwrap();
+    }
+    on_both(&esc_layer(&lower), &l.mkdir("u2"), &l.mkdir("k2"), |m| {
+        vec![
+            format!("{:?}", get_xattr(&m.path("f"), "system.posix_acl_access")),
+            change_acl(&m.path("f"), false, true, None),
+            format!(
+                "{:?}",
+                get_xattr(&m.path("f"), "system.posix_acl_access").map(|v| v.len())
+            ),
+            change_acl(&m.path("g"), false, false, None),
+            copied(m, &["f", "g"]),
+        ]
+    });
+
+    let lower = l.mkdir("ramfs");
+    let st = Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&lower)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a ramfs lower");
+    let _ramfs = ScratchMount(lower.clone());
+    fs::write(lower.join("f"), "lower\n").unwrap();
+    on_both(&esc_layer(&lower), &l.mkdir("u4"), &l.mkdir("k4"), |m| {
+        vec![
+            format!("{:?}", get_xattr(&m.path("f"), "system.posix_acl_access")),
+            change_acl(&m.path("f"), false, true, None),
+            change_acl(&m.path("f"), false, false, None),
+            copied(m, &["f"]),
+        ]
+    });
+
+    let lower = l.mkdir("plain");
+    fs::write(lower.join("f"), "lower\n").unwrap();
+    on_both(
+        &esc_layer(&lower),
+        &noacl.join("u3"),
+        &noacl.join("k3"),
+        |m| {
+            fs::write(m.path("n"), "new\n").unwrap();
+            vec![
+                format!("{:?}", get_xattr(&m.path("f"), "system.posix_acl_access")),
+                change_acl(&m.path("f"), false, true, None),
+                change_acl(&m.path("f"), false, false, None),
+                change_acl(&m.path("n"), false, true, None),
+                copied(m, &["f"]),
+            ]
+        },
+    );
+}
