@@ -564,6 +564,7 @@ impl Union {
                     self.table.remove_id(node, id);
                     self.table.unlink(node, &parent, &name);
                     node.state().upper = None;
+                    node.set_moved_to(id);
                 });
             }
             self.dir_changed(&parent);
@@ -673,23 +674,33 @@ impl Union {
     }
 
     /// fsync(2) of an open file: of its upper object, as on kernel overlayfs, never of a lower
-    /// file (a read-only layer may refuse it: squashfs and erofs answer EINVAL). A read-only
-    /// open of a file copied up since syncs the copy.
+    /// file (a read-only layer may refuse it: squashfs and erofs answer EINVAL). Through the
+    /// handle if it is on the upper object, else through another open file of it, else by
+    /// name. A read-only open of a file copied up since syncs the copy, also when a
+    /// passthrough copy-up moved the name to a new node (a split node).
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.handle(fh)?;
         if !self.opts.fsync {
             return Ok(());
         }
-        let Some(upper) = h.node.state().upper else {
+        let node = if h.node.state().upper.is_some() {
+            Some(h.node.clone())
+        } else {
+            h.node.moved_to().and_then(|id| self.table.node_of(id))
+        };
+        let Some(node) = node else {
+            return Ok(());
+        };
+        let Some(upper) = node.state().upper else {
             return Ok(());
         };
         let fd = h.fd();
         let fd = if sys::fstat(fd.as_fd()).is_ok_and(|st| RealId::of(&st) == upper) {
             fd
         } else {
-            match self.upper_fd_of_open(&h.node, None) {
+            match self.upper_fd_of_open(&node, None) {
                 Some(fd) => fd,
-                None => match self.open_in(&h.node, Loc::Upper, libc::O_RDONLY) {
+                None => match self.open_in(&node, Loc::Upper, libc::O_RDONLY) {
                     Ok(f) => Arc::new(f),
                     // No name and no open fd reach the copy: nothing of it is left to sync.
                     Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => return Ok(()),

@@ -126,6 +126,8 @@ pub struct Extra {
     /// Directories: the listing the kernel may keep shows numbers that changed since; the next
     /// open drops it.
     pub stale_listing: AtomicBool,
+    /// A split node (see `Node::split`): the upper copy its name moved to.
+    moved_to: Mutex<Option<RealId>>,
 }
 
 /// `Extra::subdirs` before the subdirectories were counted.
@@ -163,6 +165,7 @@ impl Node {
                 subdirs: AtomicU64::new(NOT_COUNTED),
                 listed: AtomicBool::new(false),
                 stale_listing: AtomicBool::new(false),
+                moved_to: Mutex::new(None),
             })
         })
     }
@@ -171,6 +174,16 @@ impl Node {
     /// value means the same as no `Extra` at all.
     pub fn extra_if_made(&self) -> Option<&Extra> {
         self.extra.get().map(|b| &**b)
+    }
+
+    /// Records the upper copy a split node's name moved to.
+    pub fn set_moved_to(&self, id: RealId) {
+        *lock(&self.extra().moved_to) = Some(id);
+    }
+
+    /// The upper copy a split node's name moved to, if it is one.
+    pub fn moved_to(&self) -> Option<RealId> {
+        *lock(&self.extra_if_made()?.moved_to)
     }
 
     /// Holds `Extra::dir_lock` (changes to a directory's entries).
@@ -647,6 +660,20 @@ impl Table {
         }
     }
 
+    /// The node that holds the identity `id` now, if any (never a split one).
+    pub fn node_of(&self, id: RealId) -> Option<Arc<Node>> {
+        let idsh = lock(self.id_shard(&id));
+        let found = match idsh.live.get(&id) {
+            Some(e) => self.get(e.ino).filter(|n| n.serial == e.serial),
+            None => self
+                .derived(id)
+                .and_then(|ino| self.get(ino))
+                .filter(|n| n.state().ids.contains(&id)),
+        };
+        drop(idsh);
+        found.filter(|n| !n.split.load(Ordering::SeqCst))
+    }
+
     /// Unregisters an identity of a node (the object is gone, or no longer the node's).
     pub fn remove_id(&self, node: &Node, id: RealId) {
         let mut idsh = lock(self.id_shard(&id));
@@ -986,10 +1013,16 @@ mod tests {
             &t.get_or_insert(id, libc::S_IFDIR, empty).0,
             &dir
         ));
+        assert!(
+            Arc::ptr_eq(&t.node_of(id).unwrap(), &dir),
+            "found by its entry"
+        );
         // A split node is not handed out again.
         let other = RealId { dev: 7, ino: 51 };
         let (s, _) = t.get_or_insert(other, libc::S_IFREG, empty);
+        assert!(Arc::ptr_eq(&t.node_of(other).unwrap(), &s));
         s.split.store(true, Ordering::SeqCst);
+        assert!(t.node_of(other).is_none(), "a split node holds no identity");
         let (fresh, existed) = t.get_or_insert(other, libc::S_IFREG, empty);
         assert!(!existed && !Arc::ptr_eq(&s, &fresh));
         // Gone from the table: a new node at the derived number again.

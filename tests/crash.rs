@@ -730,6 +730,9 @@ fn have_strace() -> bool {
 fn traced_fsyncs(l: &Layers, name: &str, extra: &[&str]) -> Vec<String> {
     l.lower(0).file_bytes("low", &bytes(1 << 20, 3));
     l.lower(0).file("ro", "read only\n");
+    for f in ["early", "early2"] {
+        l.lower(0).file(f, "lower\n");
+    }
     let base = l.mkdir(name);
     let trace = base.join("strace.out");
     let trace_s = trace.to_string_lossy().into_owned();
@@ -756,6 +759,21 @@ fn traced_fsyncs(l: &Layers, name: &str, extra: &[&str]) -> Vec<String> {
     File::open(&d.merged).unwrap().sync_all().unwrap();
     // A read-only open of a lower file: nothing to sync.
     File::open(d.merged.join("ro")).unwrap().sync_all().unwrap();
+    // Read-only opens made before another open copies the file up sync the copy: through the
+    // writer's open file, and by name once it is closed. Only these syncs reach the copies.
+    let early = |name: &str, close_writer: bool| {
+        let r = File::open(d.merged.join(name)).unwrap();
+        let w = OpenOptions::new()
+            .write(true)
+            .open(d.merged.join(name))
+            .unwrap();
+        w.write_all_at(b"upper", 0).unwrap();
+        let w = (!close_writer).then_some(w);
+        r.sync_all().unwrap();
+        drop(w);
+    };
+    early("early", false);
+    early("early2", true);
     drop((f, g));
     d.unmount().unwrap_or_else(|e| panic!("traced mount: {e}"));
     let root = l.root().to_string_lossy().into_owned();
@@ -796,6 +814,12 @@ fn daemon_calls_fsync_on_the_upper() {
             .any(|c| c.contains(&format!("{}>", upper.display()))),
         "fsync of the mount's root did not reach the upper directory: {calls:#?}"
     );
+    for name in ["early", "early2"] {
+        assert!(
+            on(&upper, name),
+            "a read-only open made before the copy-up did not sync upper/{name}: {calls:#?}"
+        );
+    }
     assert!(
         calls
             .iter()
