@@ -54,7 +54,7 @@
 //! - "failed rename" (kernel): a rename that fails late may have changed the directories'
 //!   mtimes in the kernel's upper; their times are no longer compared.
 //! - "unstable st_ino" (kernel, `userxattr`, or lowers on other filesystems, as in the
-//!   squashfs run): two names of one copied-up file can show two inode numbers
+//!   squashfs and erofs runs): two names of one copied-up file can show two inode numbers
 //!   on the kernel's side, so in those runs the kernel's hard-link groups are read from the
 //!   layers' files instead (`regroup_by_real_files`).
 //! - "split inode" (kernel, `userxattr`, or lowers on other filesystems): with no file handle
@@ -75,7 +75,8 @@
 //! `UNIONMOUNT_DIFF_SEEDS` takes ranges and lists (`1-100`, `7,9,20-30`; default `1-10`),
 //! `UNIONMOUNT_DIFF_STEPS` the operations per seed (default 150). `UNIONMOUNT_TEST_ARGS`
 //! (e.g. `--passthrough off`) adds daemon options, as for every integration test.
-//! A third run puts every lower layer on a squashfs of its own (needs `mksquashfs`).
+//! Two more runs put every lower layer on a squashfs (needs `mksquashfs`) and on an erofs
+//! (needs `mkfs.erofs`) of its own.
 
 mod common;
 
@@ -100,12 +101,31 @@ static ROOTLESS: AtomicBool = AtomicBool::new(false);
 /// Tells the test binary, run again inside the user namespace, that it is there.
 const IN_USERNS: &str = "UNIONMOUNT_DIFF_IN_USERNS";
 
-/// Set in the process that runs the comparison with every lower layer on a squashfs of its
-/// own (see `squash_lowers`).
-static SQUASHFS: AtomicBool = AtomicBool::new(false);
+/// Set in the process that runs the comparison with every lower layer in an image of its own
+/// (see `pack_lowers`): the image's filesystem.
+static PACKED: std::sync::OnceLock<Image> = std::sync::OnceLock::new();
 
-/// Tells the test binary, run again for the squashfs comparison, to run it.
-const IN_SQUASHFS: &str = "UNIONMOUNT_DIFF_IN_SQUASHFS";
+/// Tells the test binary, run again for the comparison with packed lowers, to run it (with
+/// the filesystem's name as its value).
+const IN_IMAGES: &str = "UNIONMOUNT_DIFF_IN_IMAGES";
+
+/// A read-only image filesystem the lowers can be packed into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Image {
+    /// No POSIX ACLs, no fsync.
+    Squashfs,
+    /// ACLs held but not settable, no fsync.
+    Erofs,
+}
+
+impl Image {
+    fn name(self) -> &'static str {
+        match self {
+            Image::Squashfs => "squashfs",
+            Image::Erofs => "erofs",
+        }
+    }
+}
 
 /// What marks a directory opaque in the layers: the `trusted` xattr as root, the `user` one
 /// (overlayfs's `userxattr` format) in a user namespace, where `trusted.*` is out of reach.
@@ -906,7 +926,7 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
         }
         // Rule "split inode" (kernel, `userxattr` or lowers on other filesystems): no hard
         // links made through the mount.
-        45..=50 if ROOTLESS.load(Ordering::Relaxed) || squashed() => {
+        45..=50 if ROOTLESS.load(Ordering::Relaxed) || packed() => {
             Op::Create(p, *rng.pick(&FILE_MODES))
         }
         45..=50 => Op::Link(some_path(rng, snap), p),
@@ -1362,8 +1382,8 @@ fn compare_mounts(
 ) -> Result<Snap, String> {
     let mut ks =
         snapshot(&k.merged, pins, false, false).map_err(|e| format!("{what}: kernel: {e}"))?;
-    // Lowers on squashfs: other filesystems than the upper's, the same rule applies.
-    if ROOTLESS.load(Ordering::Relaxed) || squashed() {
+    // Lowers in images: other filesystems than the upper's, the same rule applies.
+    if ROOTLESS.load(Ordering::Relaxed) || packed() {
         let upper = k.upper.as_deref().expect("kernel mounts have an upper");
         regroup_by_real_files(&mut ks, upper, &layers.lower_paths())
             .map_err(|e| format!("{what}: kernel: {e}"))?;
@@ -1456,29 +1476,42 @@ fn describe_lowers(seed: u64) -> String {
     out
 }
 
-/// In the squashfs comparison, each lower layer is packed into a squashfs image and mounted
-/// (read-only) in its place: layers on a read-only filesystem of their own, without POSIX
-/// ACLs, as image layers often are. The guards unmount them.
-fn squashed() -> bool {
-    SQUASHFS.load(Ordering::Relaxed)
+/// In the comparisons with packed lowers, each lower layer is packed into an image (squashfs
+/// or erofs) and mounted (read-only) in its place: layers on a read-only filesystem of their
+/// own, as image layers often are. The guards unmount them.
+fn packed() -> bool {
+    PACKED.get().is_some()
 }
 
-fn squash_lowers(layers: &Layers) -> Vec<common::ScratchMount> {
-    if !squashed() {
+fn pack_lowers(layers: &Layers) -> Vec<common::ScratchMount> {
+    let Some(&image) = PACKED.get() else {
         return Vec::new();
-    }
+    };
     let mut guards = Vec::new();
     for (i, dir) in layers.lowers.iter().enumerate() {
-        let img = layers.root().join(format!("lower{i}.squashfs"));
-        let st = std::process::Command::new("mksquashfs")
-            .arg(dir)
-            .arg(&img)
-            .args(["-quiet", "-noappend", "-no-progress"])
-            .status()
-            .expect("mksquashfs (Debian/Ubuntu: apt-get install squashfs-tools)");
-        assert!(st.success(), "mksquashfs {}", dir.display());
+        let img = layers.root().join(format!("lower{i}.{}", image.name()));
+        let st = match image {
+            Image::Squashfs => std::process::Command::new("mksquashfs")
+                .arg(dir)
+                .arg(&img)
+                .args(["-quiet", "-noappend", "-no-progress"])
+                .status()
+                .expect("mksquashfs (Debian/Ubuntu: apt-get install squashfs-tools)"),
+            Image::Erofs => std::process::Command::new("mkfs.erofs")
+                .arg("--quiet")
+                .arg(&img)
+                .arg(dir)
+                .status()
+                .expect("mkfs.erofs (Debian/Ubuntu: apt-get install erofs-utils)"),
+        };
+        assert!(
+            st.success(),
+            "pack {} into {}",
+            dir.display(),
+            img.display()
+        );
         let st = std::process::Command::new("mount")
-            .args(["-t", "squashfs", "-o", "loop,ro"])
+            .args(["-t", image.name(), "-o", "loop,ro"])
             .arg(&img)
             .arg(dir)
             .status()
@@ -1491,7 +1524,7 @@ fn squash_lowers(layers: &Layers) -> Vec<common::ScratchMount> {
 
 fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let layers = build_lowers(seed);
-    let _squashed = squash_lowers(&layers);
+    let _packed = pack_lowers(&layers);
     let mut k = layers.mount_kernel_with("kernel", kernel_options());
     let mut u = layers.mount("union");
     // Declared after the mounts, so that they are closed first also on an early return.
@@ -1760,23 +1793,42 @@ fn differential_rootless_against_kernel_overlayfs() {
     );
 }
 
-/// The same comparison with every lower layer on a squashfs of its own (mounted by root):
-/// layers on other filesystems than the upper's, read-only, and without ACLs (squashfs
-/// refuses fsync and answers EOPNOTSUPP for ACLs, where kernel overlayfs shows no ACL). The
-/// test binary runs this test again in a process of its own, which alone sets the flag.
-#[test]
-fn differential_with_lowers_on_squashfs_against_kernel_overlayfs() {
-    if std::env::var_os(IN_SQUASHFS).is_some() {
-        SQUASHFS.store(true, Ordering::Relaxed);
-        check_seeds("squashfs ");
+/// The same comparison with every lower layer packed into an image of its own (mounted by
+/// root), in a process of its own (which alone sets `PACKED`): layers on other filesystems
+/// than the upper's, read-only, refusing fsync (EINVAL), and holding no ACLs or ACLs that
+/// cannot be set.
+fn check_packed_lowers(image: Image, me: &str) {
+    if let Some(v) = std::env::var_os(IN_IMAGES) {
+        assert_eq!(v, image.name(), "{IN_IMAGES}");
+        PACKED.set(image).expect("set once");
+        check_seeds(&format!("{} ", image.name()));
         return;
     }
-    let mut again = this_test_again(
-        "differential_with_lowers_on_squashfs_against_kernel_overlayfs",
-        IN_SQUASHFS,
+    let mut again = this_test_again(me, IN_IMAGES);
+    let out = again.env(IN_IMAGES, image.name()).output().unwrap();
+    check_run_again(
+        &out,
+        &format!("lowers on {}", image.name()),
+        &format!("{} ", image.name()),
     );
-    let out = again.output().unwrap();
-    check_run_again(&out, "lowers on squashfs", "squashfs ");
+}
+
+/// Squashfs answers EOPNOTSUPP for ACLs, where kernel overlayfs shows no ACL.
+#[test]
+fn differential_with_lowers_on_squashfs_against_kernel_overlayfs() {
+    check_packed_lowers(
+        Image::Squashfs,
+        "differential_with_lowers_on_squashfs_against_kernel_overlayfs",
+    );
+}
+
+/// Erofs shows the ACLs it holds, and kernel overlayfs refuses to change them before copy-up.
+#[test]
+fn differential_with_lowers_on_erofs_against_kernel_overlayfs() {
+    check_packed_lowers(
+        Image::Erofs,
+        "differential_with_lowers_on_erofs_against_kernel_overlayfs",
+    );
 }
 
 /// The test binary, to run test `me` again alone, with `env` set to tell it so.
