@@ -507,7 +507,7 @@ impl Union {
             Choice::Split => {
                 drop(backings);
                 drop(shared);
-                Err(self.split_node(node, id))
+                Err(self.split_node(node, id, fd))
             }
             Choice::New => match make_backing(fd) {
                 Ok(b) => {
@@ -533,7 +533,16 @@ impl Union {
     /// new inode for it, and returns ESTALE: the kernel then looks the name up again and retries
     /// the open once, on the new inode. The old inode keeps serving the files already open on
     /// it (with the data they had, as in kernel overlayfs).
-    fn split_node(&self, node: &Node, id: RealId) -> Errno {
+    fn split_node(&self, node: &Node, id: RealId, copy: BorrowedFd<'_>) -> Errno {
+        // The old inode's files sync the copy (as kernel overlayfs's do) through a file of
+        // the daemon's own: not the new open's, whose write errors that would report.
+        let copy = match sys::reopen(copy, libc::O_RDONLY) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                log::debug!("passthrough: no file to sync the copy through: {e:?}");
+                None
+            }
+        };
         // The name is read, then its directory locked: a rename in between moves it, and the
         // name is read again.
         for _ in 0..SPLIT_TRIES {
@@ -564,7 +573,9 @@ impl Union {
                     self.table.remove_id(node, id);
                     self.table.unlink(node, &parent, &name);
                     node.state().upper = None;
-                    node.set_moved_to(id);
+                    if let Some(copy) = copy.clone() {
+                        node.set_moved_to(copy);
+                    }
                 });
             }
             self.dir_changed(&parent);
@@ -675,32 +686,31 @@ impl Union {
 
     /// fsync(2) of an open file: of its upper object, as on kernel overlayfs, never of a lower
     /// file (a read-only layer may refuse it: squashfs and erofs answer EINVAL). Through the
-    /// handle if it is on the upper object, else through another open file of it, else by
-    /// name. A read-only open of a file copied up since syncs the copy, also when a
-    /// passthrough copy-up moved the name to a new node (a split node).
+    /// handle if it is on the upper object, else through a new open file of it (reopened from
+    /// another open file, or by name), so no other open's write error is reported here. A
+    /// read-only open of a file copied up since syncs the copy, also when a passthrough
+    /// copy-up moved the name to a new node (a split node).
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.handle(fh)?;
         if !self.opts.fsync {
             return Ok(());
         }
-        let node = if h.node.state().upper.is_some() {
-            Some(h.node.clone())
-        } else {
-            h.node.moved_to().and_then(|id| self.table.node_of(id))
-        };
-        let Some(node) = node else {
-            return Ok(());
-        };
-        let Some(upper) = node.state().upper else {
-            return Ok(());
+        let Some(upper) = h.node.state().upper else {
+            return match h.node.moved_to() {
+                Some(copy) => sys::fsync(copy.as_fd(), datasync),
+                None => Ok(()),
+            };
         };
         let fd = h.fd();
         let fd = if sys::fstat(fd.as_fd()).is_ok_and(|st| RealId::of(&st) == upper) {
             fd
         } else {
-            match self.upper_fd_of_open(&node, None) {
-                Some(fd) => fd,
-                None => match self.open_in(&node, Loc::Upper, libc::O_RDONLY) {
+            let other = self
+                .upper_fd_of_open(&h.node, None)
+                .and_then(|fd| sys::reopen(fd.as_fd(), libc::O_RDONLY).ok());
+            match other {
+                Some(f) => Arc::new(f),
+                None => match self.open_in(&h.node, Loc::Upper, libc::O_RDONLY) {
                     Ok(f) => Arc::new(f),
                     // No name and no open fd reach the copy: nothing of it is left to sync.
                     Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => return Ok(()),

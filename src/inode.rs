@@ -126,8 +126,9 @@ pub struct Extra {
     /// Directories: the listing the kernel may keep shows numbers that changed since; the next
     /// open drops it.
     pub stale_listing: AtomicBool,
-    /// A split node (see `Node::split`): the upper copy its name moved to.
-    moved_to: Mutex<Option<RealId>>,
+    /// A split node (see `Node::split`): the daemon's own open file of the upper copy its
+    /// name moved to, which its fsync syncs.
+    moved_to: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
 }
 
 /// `Extra::subdirs` before the subdirectories were counted.
@@ -176,14 +177,14 @@ impl Node {
         self.extra.get().map(|b| &**b)
     }
 
-    /// Records the upper copy a split node's name moved to.
-    pub fn set_moved_to(&self, id: RealId) {
-        *lock(&self.extra().moved_to) = Some(id);
+    /// Records an open file of the upper copy a split node's name moved to.
+    pub fn set_moved_to(&self, copy: Arc<std::os::fd::OwnedFd>) {
+        *lock(&self.extra().moved_to) = Some(copy);
     }
 
-    /// The upper copy a split node's name moved to, if it is one.
-    pub fn moved_to(&self) -> Option<RealId> {
-        *lock(&self.extra_if_made()?.moved_to)
+    /// An open file of the upper copy a split node's name moved to, if it is one.
+    pub fn moved_to(&self) -> Option<Arc<std::os::fd::OwnedFd>> {
+        lock(&self.extra_if_made()?.moved_to).clone()
     }
 
     /// Holds `Extra::dir_lock` (changes to a directory's entries).
@@ -660,20 +661,6 @@ impl Table {
         }
     }
 
-    /// The node that holds the identity `id` now, if any (never a split one).
-    pub fn node_of(&self, id: RealId) -> Option<Arc<Node>> {
-        let idsh = lock(self.id_shard(&id));
-        let found = match idsh.live.get(&id) {
-            Some(e) => self.get(e.ino).filter(|n| n.serial == e.serial),
-            None => self
-                .derived(id)
-                .and_then(|ino| self.get(ino))
-                .filter(|n| n.state().ids.contains(&id)),
-        };
-        drop(idsh);
-        found.filter(|n| !n.split.load(Ordering::SeqCst))
-    }
-
     /// Unregisters an identity of a node (the object is gone, or no longer the node's).
     pub fn remove_id(&self, node: &Node, id: RealId) {
         let mut idsh = lock(self.id_shard(&id));
@@ -1013,16 +1000,10 @@ mod tests {
             &t.get_or_insert(id, libc::S_IFDIR, empty).0,
             &dir
         ));
-        assert!(
-            Arc::ptr_eq(&t.node_of(id).unwrap(), &dir),
-            "found by its entry"
-        );
         // A split node is not handed out again.
         let other = RealId { dev: 7, ino: 51 };
         let (s, _) = t.get_or_insert(other, libc::S_IFREG, empty);
-        assert!(Arc::ptr_eq(&t.node_of(other).unwrap(), &s));
         s.split.store(true, Ordering::SeqCst);
-        assert!(t.node_of(other).is_none(), "a split node holds no identity");
         let (fresh, existed) = t.get_or_insert(other, libc::S_IFREG, empty);
         assert!(!existed && !Arc::ptr_eq(&s, &fresh));
         // Gone from the table: a new node at the derived number again.

@@ -25,14 +25,17 @@ pub struct Layer {
     pub takes_acls: bool,
 }
 
-/// Whether files of a filesystem of type `magic` (statfs `f_type`) can be given a POSIX ACL.
+/// Whether files of a filesystem of type `magic` (statfs `f_type`) can be given a POSIX ACL;
+/// `fstype` tells its mount's type (as mountinfo names it) where the magic number does not.
 /// Kernel overlayfs refuses an ACL change (EOPNOTSUPP) on a file not yet copied up when its
 /// real inode has no `set_acl` operation, before copying it up. These are the filesystems
 /// without one that lower layers come on: read-only image formats (erofs can hold ACLs but
-/// not set them) and filesystems without ACLs. A filesystem merely mounted `noacl` has the
-/// operation: there the kernel copies the file up and sets the ACL on the copy.
-pub fn takes_acls(magic: u64) -> bool {
-    const NO_SET_ACL: [u64; 11] = [
+/// not set them), filesystems without ACLs, and NFS version 4 (version 3 has the operation).
+/// A filesystem merely mounted `noacl` has the operation: there the kernel copies the file up
+/// and sets the ACL on the copy.
+pub fn takes_acls(magic: u64, fstype: impl FnOnce() -> Option<String>) -> bool {
+    const NFS: u64 = 0x6969;
+    const NO_SET_ACL: [u64; 12] = [
         0x7371_7368, // squashfs
         0xe0f5_e1e2, // erofs
         0x9660,      // iso9660
@@ -43,9 +46,23 @@ pub fn takes_acls(magic: u64) -> bool {
         0x2011_bab0, // exfat
         0x1501_3346, // udf
         0x4244,      // hfs
+        0x482b,      // hfsplus
         0x8584_58f6, // ramfs
     ];
-    !NO_SET_ACL.contains(&magic)
+    match magic {
+        NFS => fstype().is_none_or(|t| t != "nfs4"),
+        m => !NO_SET_ACL.contains(&m),
+    }
+}
+
+/// The type mountinfo gives the newest mount of device `dev`.
+fn mount_type(dev: u64) -> Option<String> {
+    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    crate::mountinfo::read()
+        .into_iter()
+        .rev()
+        .find(|m| m.dev == want)
+        .map(|m| m.fstype)
 }
 
 impl Layer {
@@ -60,7 +77,8 @@ impl Layer {
         let root: OwnedFd = file.into();
         let st =
             sys::fstat(root.as_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
-        let takes_acls = sys::fs_type(root.as_fd()).map_or(true, takes_acls);
+        let takes_acls = sys::fs_type(root.as_fd())
+            .map_or(true, |magic| takes_acls(magic, || mount_type(st.st_dev)));
         Ok(Layer {
             path: path.to_path_buf(),
             root,
@@ -131,5 +149,23 @@ impl Layers {
 
     pub fn read_only(&self) -> bool {
         self.upper.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acls_are_taken_where_the_filesystem_can_set_them() {
+        let none = || None::<String>;
+        assert!(takes_acls(0xef53, none), "ext4");
+        assert!(takes_acls(0x0102_1994, none), "tmpfs");
+        assert!(!takes_acls(0xe0f5_e1e2, none), "erofs");
+        assert!(!takes_acls(0x7371_7368, none), "squashfs");
+        assert!(!takes_acls(0x482b, none), "hfsplus");
+        assert!(takes_acls(0x6969, || Some("nfs".into())), "NFS 3");
+        assert!(!takes_acls(0x6969, || Some("nfs4".into())), "NFS 4");
+        assert!(takes_acls(0x6969, none), "NFS, version unknown");
     }
 }

@@ -759,8 +759,29 @@ fn traced_fsyncs(l: &Layers, name: &str, extra: &[&str]) -> Vec<String> {
     File::open(&d.merged).unwrap().sync_all().unwrap();
     // A read-only open of a lower file: nothing to sync.
     File::open(d.merged.join("ro")).unwrap().sync_all().unwrap();
-    // Read-only opens made before another open copies the file up sync the copy: through the
-    // writer's open file, and by name once it is closed. Only these syncs reach the copies.
+    // Read-only opens made before another open copies the file up sync the copy: with
+    // passthrough, through the file the daemon kept when the name moved to a new node; without,
+    // through a new file reopened from the writer's while it is open, and by name once the
+    // daemon has let the writer's file go (RELEASE comes in the background: waited for).
+    // Only these syncs reach the copies.
+    let daemon = fs::read_to_string(format!(
+        "/proc/{0}/task/{0}/children",
+        d.child.as_ref().expect("running").id()
+    ))
+    .unwrap()
+    .split_whitespace()
+    .next()
+    .expect("strace runs the daemon")
+    .to_string();
+    let upper = base.join("upper");
+    let daemon_files_of = |name: &str| {
+        let want = upper.join(name);
+        fs::read_dir(format!("/proc/{daemon}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == want))
+            .count()
+    };
     let early = |name: &str, close_writer: bool| {
         let r = File::open(d.merged.join(name)).unwrap();
         let w = OpenOptions::new()
@@ -768,7 +789,17 @@ fn traced_fsyncs(l: &Layers, name: &str, extra: &[&str]) -> Vec<String> {
             .open(d.merged.join(name))
             .unwrap();
         w.write_all_at(b"upper", 0).unwrap();
-        let w = (!close_writer).then_some(w);
+        let w = if close_writer {
+            let open = daemon_files_of(name);
+            drop(w);
+            assert!(
+                wait_until(Duration::from_secs(10), || daemon_files_of(name) < open),
+                "the daemon kept the writer's file of {name}"
+            );
+            None
+        } else {
+            Some(w)
+        };
         r.sync_all().unwrap();
         drop(w);
     };
