@@ -1510,14 +1510,11 @@ fn pack_lowers(layers: &Layers) -> Vec<common::ScratchMount> {
             dir.display(),
             img.display()
         );
-        let st = std::process::Command::new("mount")
-            .args(["-t", image.name(), "-o", "loop,ro"])
-            .arg(&img)
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount {} on {}", img.display(), dir.display());
-        guards.push(common::ScratchMount(dir.clone()));
+        guards.push(common::scratch_mount(
+            &["-t", image.name(), "-o", "loop,ro"],
+            &img,
+            dir,
+        ));
     }
     guards
 }

@@ -1205,14 +1205,7 @@ fn a_lower_layer_on_squashfs_as_kernel_overlayfs_shows_it() {
         .status()
         .expect("mksquashfs (Debian/Ubuntu: apt-get install squashfs-tools)");
     assert!(st.success(), "mksquashfs");
-    let st = Command::new("mount")
-        .args(["-t", "squashfs", "-o", "loop,ro"])
-        .arg(&img)
-        .arg(&l.lowers[0])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount the squashfs lower");
-    let _lower = ScratchMount(l.lowers[0].clone());
+    let _lower = scratch_mount(&["-t", "squashfs", "-o", "loop,ro"], &img, &l.lowers[0]);
     let sync = |p: &Path| -> String {
         let f = fs::File::open(p).unwrap();
         // SAFETY: fsync and fdatasync of an open fd.
@@ -1406,14 +1399,7 @@ fn acl_changes_follow_the_layers_filesystems_as_kernel_overlayfs() {
         .output()
         .expect("mkfs.erofs (Debian/Ubuntu: apt-get install erofs-utils)");
     assert!(out.status.success(), "mkfs.erofs: {out:?}");
-    let st = Command::new("mount")
-        .args(["-t", "erofs", "-o", "loop,ro"])
-        .arg(&img)
-        .arg(&l.lowers[0])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount the erofs lower");
-    let _erofs = ScratchMount(l.lowers[0].clone());
+    let _erofs = scratch_mount(&["-t", "erofs", "-o", "loop,ro"], &img, &l.lowers[0]);
     assert!(
         get_xattr(&l.lowers[0].join("a"), "system.posix_acl_access").is_ok(),
         "test setup: erofs holds the ACL"
@@ -1429,14 +1415,7 @@ fn acl_changes_follow_the_layers_filesystems_as_kernel_overlayfs() {
         .expect("mkfs.btrfs (Debian/Ubuntu: apt-get install btrfs-progs)");
     assert!(out.status.success(), "mkfs.btrfs: {out:?}");
     let noacl = l.mkdir("noacl");
-    let st = Command::new("mount")
-        .args(["-o", "loop,noacl"])
-        .arg(&img)
-        .arg(&noacl)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount the noacl btrfs");
-    let _noacl = ScratchMount(noacl.clone());
+    let _noacl = scratch_mount(&["-o", "loop,noacl"], &img, &noacl);
 
     let copied = |m: &Mount, names: &[&str]| -> String {
         let c: Vec<&str> = names
@@ -1483,13 +1462,7 @@ fn acl_changes_follow_the_layers_filesystems_as_kernel_overlayfs() {
     });
 
     let lower = l.mkdir("ramfs");
-    let st = Command::new("mount")
-        .args(["-t", "ramfs", "ramfs"])
-        .arg(&lower)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount a ramfs lower");
-    let _ramfs = ScratchMount(lower.clone());
+    let _ramfs = scratch_mount(&["-t", "ramfs"], "ramfs", &lower);
     fs::write(lower.join("f"), "lower\n").unwrap();
     on_both(&esc_layer(&lower), &l.mkdir("u4"), &l.mkdir("k4"), |m| {
         vec![

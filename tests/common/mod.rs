@@ -1290,6 +1290,24 @@ impl Drop for ForegroundDaemon {
 /// A mount a test made itself (a tmpfs, a bind mount), unmounted when dropped.
 pub struct ScratchMount(pub PathBuf);
 
+/// `mount ARGS SOURCE AT` (a loop image or a filesystem without a device), unmounted when
+/// the guard drops.
+pub fn scratch_mount(args: &[&str], source: impl AsRef<OsStr>, at: &Path) -> ScratchMount {
+    let st = Command::new("mount")
+        .args(args)
+        .arg(source.as_ref())
+        .arg(at)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mount {args:?} {:?} {}",
+        source.as_ref(),
+        at.display()
+    );
+    ScratchMount(at.to_path_buf())
+}
+
 impl Drop for ScratchMount {
     fn drop(&mut self) {
         if is_mounted(&self.0) {
