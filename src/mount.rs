@@ -47,12 +47,18 @@ fn errno_str(e: sys::Errno) -> String {
     std::io::Error::from_raw_os_error(e.code()).to_string()
 }
 
-/// Creates (if needed) and cleans `WORK/work`, and probes what the upper filesystem allows:
-/// the whiteout format, RENAME_WHITEOUT, POSIX ACLs.
+/// What the upper filesystem allows, as probed in the work directory.
+struct UpperCaps {
+    format: Format,
+    rename_whiteout: bool,
+    acls: bool,
+}
+
+/// Creates (if needed) and cleans `WORK/work`, and probes what the upper filesystem allows.
 fn prepare_work(
     paths: &Paths,
     created: &mut Created,
-) -> Result<Option<(WorkDir, Format, bool, bool)>, String> {
+) -> Result<Option<(WorkDir, UpperCaps)>, String> {
     let Some((work, create)) = &paths.work else {
         return Ok(None);
     };
@@ -115,11 +121,16 @@ fn prepare_work(
     };
     // The work directory is on the upper's filesystem: one without POSIX ACLs answers
     // EOPNOTSUPP for them.
-    let upper_acls = !matches!(
+    let acls = !matches!(
         sys::getxattr_at(work.fd(), c"", crate::acl::ACCESS, &mut []),
         Err(e) if e.code() == libc::EOPNOTSUPP
     );
-    Ok(Some((work, format, rename_whiteout, upper_acls)))
+    let caps = UpperCaps {
+        format,
+        rename_whiteout,
+        acls,
+    };
+    Ok(Some((work, caps)))
 }
 
 fn mount_data(fd: i32, allow_other: bool) -> String {
@@ -385,17 +396,24 @@ pub fn run(cfg: Config) -> Result<(), String> {
             return Err(e);
         }
     };
-    let (work, format, rename_whiteout, upper_acls) = match prepared {
-        Some((w, f, r, a)) => (Some(w), f, r, a),
-        None => (None, Format::Trusted, false, false),
+    let (work, caps) = match prepared {
+        Some((w, caps)) => (Some(w), caps),
+        None => (
+            None,
+            UpperCaps {
+                format: Format::Trusted,
+                rename_whiteout: false,
+                acls: false,
+            },
+        ),
     };
     let layers = Layers {
         lowers,
         upper,
         work,
-        format,
-        rename_whiteout,
-        upper_acls,
+        format: caps.format,
+        rename_whiteout: caps.rename_whiteout,
+        upper_acls: caps.acls,
     };
     let mut opts = cfg.opts.clone();
     opts.passthrough = match cfg.passthrough {

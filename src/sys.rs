@@ -55,15 +55,6 @@ fn owned(fd: libc::c_int) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The type of the filesystem `fd` is on (statfs `f_type`, a magic number).
-pub fn fs_type(fd: BorrowedFd<'_>) -> Result<u64> {
-    let mut st = MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `st` is a valid out-pointer of the right type.
-    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstatfs succeeded. The magic is an unsigned 32-bit number in a signed field.
-    Ok(unsafe { st.assume_init() }.f_type as u64 & 0xffff_ffff)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Opening beneath a layer root
 
@@ -225,6 +216,15 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<Stat> {
 
 pub fn fstat(fd: BorrowedFd<'_>) -> Result<Stat> {
     fstatat(fd, c"", libc::AT_EMPTY_PATH)
+}
+
+/// The type of the filesystem `fd` is on (statfs `f_type`, a magic number).
+pub fn fs_type(fd: BorrowedFd<'_>) -> Result<u64> {
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is a valid out-pointer of the right type.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatfs succeeded. The magic is an unsigned 32-bit number in a signed field.
+    Ok(unsafe { st.assume_init() }.f_type as u64 & 0xffff_ffff)
 }
 
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> Result<libc::statvfs> {
