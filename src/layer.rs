@@ -87,6 +87,23 @@ impl Layer {
         })
     }
 
+    /// Opens a lower layer's root: `open_root`, then, where the mount namespace allows it
+    /// (root, or the root of a user namespace that owns it), in a detached copy of its mount,
+    /// so that a filesystem mounted inside the layer hides nothing of it (kernel overlayfs
+    /// does not cross such mounts either). The upper and the work directory are left as
+    /// they are: renames between them need one mount.
+    pub fn open_lower(path: &Path) -> std::io::Result<Layer> {
+        let mut layer = Layer::open_root(path)?;
+        match sys::clone_mount(layer.root()) {
+            Ok(clone) => layer.root = clone,
+            Err(e) => log::debug!(
+                "lower layer {}: mounts inside it are crossed (no detached copy: {e:?})",
+                path.display()
+            ),
+        }
+        Ok(layer)
+    }
+
     pub fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }

@@ -273,7 +273,7 @@ pub fn unmount(mountpoint: &Path) {
 fn open_layers(paths: &Paths) -> Result<(Vec<Layer>, Option<Layer>), String> {
     let mut lowers = Vec::with_capacity(paths.lowers.len());
     for p in &paths.lowers {
-        lowers.push(Layer::open_root(p).map_err(|e| io_err("cannot open lower layer", p, e))?);
+        lowers.push(Layer::open_lower(p).map_err(|e| io_err("cannot open lower layer", p, e))?);
     }
     let upper = match &paths.upper {
         Some(p) => Some(Layer::open_root(p).map_err(|e| io_err("cannot open upper layer", p, e))?),

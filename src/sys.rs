@@ -84,6 +84,19 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> 
     )
 }
 
+/// A detached copy of the mount `dir` is on, rooted at `dir` and without the mounts beneath
+/// it (`open_tree(OPEN_TREE_CLONE)`, not recursive): resolving names from it reaches what
+/// other filesystems mounted inside `dir` cover, as kernel overlayfs's private clones of its
+/// layers do. Needs CAP_SYS_ADMIN over the mount namespace.
+pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: plain syscall on a valid fd with an empty NUL-terminated path.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, dir.as_raw_fd(), c"".as_ptr(), flags) };
+    owned(fd as libc::c_int)
+}
+
 /// Opens the name `name` in `dir` as `O_PATH` only if it is neither a symlink (ELOOP) nor a
 /// mount point (EXDEV): the object itself is not opened (no device's or FIFO's open runs),
 /// and nothing of another filesystem is reached.

@@ -1491,3 +1491,32 @@ fn acl_changes_follow_the_layers_filesystems_as_kernel_overlayfs() {
         },
     );
 }
+
+/// A filesystem mounted inside a lower layer is not part of the view, as on kernel overlayfs:
+/// the view shows the directory it covers, and a file there is copied up from it.
+#[test]
+fn mounts_inside_a_lower_layer_are_not_crossed_as_kernel_overlayfs() {
+    let l = Layers::new(1);
+    l.lower(0).file("m/under", "under\n").file("top", "top\n");
+    let _inside = scratch_mount(&["-t", "tmpfs"], "tmpfs", &l.lowers[0].join("m"));
+    fs::write(l.lowers[0].join("m/over"), "over\n").unwrap();
+    let run = |m: &Mount| -> Vec<String> {
+        let dev = |p: &str| fs::metadata(m.path(p)).map(|md| md.dev());
+        let mut out = vec![
+            format!("m: {:?}", m.ls("m")),
+            format!("same device: {}", dev("m").ok() == dev("").ok()),
+            format!(
+                "m/over: {:?}",
+                fs::read_to_string(m.path("m/over")).map_err(|e| e.raw_os_error())
+            ),
+        ];
+        m.append("m/under", "more\n");
+        out.push(m.read("m/under"));
+        out.push(fs::read_to_string(m.upper_path("m/under")).unwrap());
+        out
+    };
+    let ours = run(&l.mount("u"));
+    let kernel = run(&l.mount_kernel("k"));
+    assert_eq!(ours, kernel);
+    assert_eq!(ours[0], r#"m: ["under"]"#, "{ours:?}");
+}
