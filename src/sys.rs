@@ -94,7 +94,34 @@ pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
     // SAFETY: plain syscall on a valid fd with an empty NUL-terminated path.
     let fd = unsafe { libc::syscall(libc::SYS_open_tree, dir.as_raw_fd(), c"".as_ptr(), flags) };
-    owned(fd as libc::c_int)
+    let clone = owned(fd as libc::c_int)?;
+    // Private, as kernel overlayfs's clones are: no mount made later inside the layer reaches
+    // it (some kernels propagate mounts into detached copies). Best effort.
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let attr = MountAttr {
+        attr_set: 0,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: valid fd, empty NUL-terminated path, `attr` of the size passed.
+    let _ = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            clone.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    Ok(clone)
 }
 
 /// Opens the name `name` in `dir` as `O_PATH` only if it is neither a symlink (ELOOP) nor a
