@@ -1,4 +1,5 @@
-//! POSIX ACL inheritance for objects the daemon builds outside their parent.
+//! POSIX ACLs: which filesystems can be given one, and inheritance for objects the daemon
+//! builds outside their parent.
 //!
 //! An object created where a whiteout stands is made in the work directory and moved into
 //! place, so the filesystem never sees its real parent and cannot apply the parent's default
@@ -12,8 +13,38 @@ pub const ACCESS: &std::ffi::CStr = c"system.posix_acl_access";
 pub const DEFAULT: &std::ffi::CStr = c"system.posix_acl_default";
 
 /// Whether an xattr name is one of the two POSIX ACLs.
-pub fn is_acl_name(name: &std::ffi::CStr) -> bool {
-    name == ACCESS || name == DEFAULT
+pub fn is_acl_name(name: &[u8]) -> bool {
+    name == ACCESS.to_bytes() || name == DEFAULT.to_bytes()
+}
+
+/// Whether files of a filesystem of type `magic` (statfs `f_type`) can be given a POSIX ACL;
+/// `fstype` tells its mount's type (as mountinfo names it) where the magic number does not.
+/// Kernel overlayfs refuses an ACL change (EOPNOTSUPP) on a file not yet copied up when its
+/// real inode has no `set_acl` operation, before copying it up. These are the filesystems
+/// without one that lower layers come on: read-only image formats (erofs can hold ACLs but
+/// not set them), filesystems without ACLs, and NFS version 4 (version 3 has the operation).
+/// A filesystem merely mounted `noacl` has the operation: there the kernel copies the file up
+/// and sets the ACL on the copy.
+pub fn fs_takes_acls(magic: u64, fstype: impl FnOnce() -> Option<String>) -> bool {
+    const NFS: u64 = 0x6969;
+    const NO_SET_ACL: [u64; 12] = [
+        0x7371_7368, // squashfs
+        0xe0f5_e1e2, // erofs
+        0x9660,      // iso9660
+        0x28cd_3d45, // cramfs
+        0x453d_cd28, // cramfs, other byte order
+        0x7275,      // romfs
+        0x4d44,      // vfat, msdos
+        0x2011_bab0, // exfat
+        0x1501_3346, // udf
+        0x4244,      // hfs
+        0x482b,      // hfsplus
+        0x8584_58f6, // ramfs
+    ];
+    match magic {
+        NFS => fstype().is_none_or(|t| t != "nfs4"),
+        m => !NO_SET_ACL.contains(&m),
+    }
 }
 
 const VERSION: u32 = 2;
@@ -80,6 +111,19 @@ fn set_perm(acl: &mut [u8], at: usize, perm: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acls_are_taken_where_the_filesystem_can_set_them() {
+        let none = || None::<String>;
+        assert!(fs_takes_acls(0xef53, none), "ext4");
+        assert!(fs_takes_acls(0x0102_1994, none), "tmpfs");
+        assert!(!fs_takes_acls(0xe0f5_e1e2, none), "erofs");
+        assert!(!fs_takes_acls(0x7371_7368, none), "squashfs");
+        assert!(!fs_takes_acls(0x482b, none), "hfsplus");
+        assert!(fs_takes_acls(0x6969, || Some("nfs".into())), "NFS 3");
+        assert!(!fs_takes_acls(0x6969, || Some("nfs4".into())), "NFS 4");
+        assert!(fs_takes_acls(0x6969, none), "NFS, version unknown");
+    }
 
     fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
         let mut v = VERSION.to_le_bytes().to_vec();

@@ -358,7 +358,9 @@ impl Union {
             // A layer without POSIX ACLs (squashfs) holds none: "not supported" there is "no
             // ACL", as the kernel's own ACL code (and kernel overlayfs) takes it. Passed on,
             // it would fail every permission check that consults the ACL.
-            Err(e) if e.code() == libc::EOPNOTSUPP && crate::acl::is_acl_name(&cname) => None,
+            Err(e) if e.code() == libc::EOPNOTSUPP && crate::acl::is_acl_name(cname.to_bytes()) => {
+                None
+            }
             r => r?,
         }
         .ok_or(Errno::ENODATA)?;
@@ -383,11 +385,11 @@ impl Union {
 
     /// As kernel overlayfs: an ACL is set or removed only where the upper holds ACLs and,
     /// on a file not yet copied up, where its layer's filesystem can set one (squashfs and
-    /// erofs cannot, see `layer::takes_acls`); otherwise EOPNOTSUPP, before the file is copied
-    /// up. The request handlers check this before anything changes, set-ID bits included.
+    /// erofs cannot, see `acl::fs_takes_acls`); otherwise EOPNOTSUPP, before the file is
+    /// copied up. The request handlers check this before anything changes, set-ID bits
+    /// included. (ACL names are stored as they are: no escape applies to them.)
     pub fn check_acl_settable(&self, node: &Node, name: &OsStr) -> Result<()> {
-        let cname = self.stored_xattr_name(name)?;
-        if !crate::acl::is_acl_name(&cname) || self.layers.read_only() {
+        if !crate::acl::is_acl_name(name.as_bytes()) || self.layers.read_only() {
             return Ok(());
         }
         let settable = self.layers.upper_acls

@@ -702,7 +702,8 @@ impl Union {
             };
         };
         let fd = h.fd();
-        let fd = if sys::fstat(fd.as_fd()).is_ok_and(|st| RealId::of(&st) == upper) {
+        // A writable open is on the upper object (it was copied up first).
+        let fd = if h.writable || sys::fstat(fd.as_fd()).is_ok_and(|st| RealId::of(&st) == upper) {
             fd
         } else {
             let other = self

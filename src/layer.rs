@@ -21,48 +21,9 @@ pub struct Layer {
     pub root: OwnedFd,
     /// `st_dev` of the layer root.
     pub dev: u64,
-    /// Its filesystem can set POSIX ACLs (see `takes_acls`).
+    /// A lower layer's filesystem can set POSIX ACLs (`acl::fs_takes_acls`); true for the
+    /// others, which are not asked.
     pub takes_acls: bool,
-}
-
-/// Whether files of a filesystem of type `magic` (statfs `f_type`) can be given a POSIX ACL;
-/// `fstype` tells its mount's type (as mountinfo names it) where the magic number does not.
-/// Kernel overlayfs refuses an ACL change (EOPNOTSUPP) on a file not yet copied up when its
-/// real inode has no `set_acl` operation, before copying it up. These are the filesystems
-/// without one that lower layers come on: read-only image formats (erofs can hold ACLs but
-/// not set them), filesystems without ACLs, and NFS version 4 (version 3 has the operation).
-/// A filesystem merely mounted `noacl` has the operation: there the kernel copies the file up
-/// and sets the ACL on the copy.
-pub fn takes_acls(magic: u64, fstype: impl FnOnce() -> Option<String>) -> bool {
-    const NFS: u64 = 0x6969;
-    const NO_SET_ACL: [u64; 12] = [
-        0x7371_7368, // squashfs
-        0xe0f5_e1e2, // erofs
-        0x9660,      // iso9660
-        0x28cd_3d45, // cramfs
-        0x453d_cd28, // cramfs, other byte order
-        0x7275,      // romfs
-        0x4d44,      // vfat, msdos
-        0x2011_bab0, // exfat
-        0x1501_3346, // udf
-        0x4244,      // hfs
-        0x482b,      // hfsplus
-        0x8584_58f6, // ramfs
-    ];
-    match magic {
-        NFS => fstype().is_none_or(|t| t != "nfs4"),
-        m => !NO_SET_ACL.contains(&m),
-    }
-}
-
-/// The type mountinfo gives the newest mount of device `dev`.
-fn mount_type(dev: u64) -> Option<String> {
-    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
-    crate::mountinfo::read()
-        .into_iter()
-        .rev()
-        .find(|m| m.dev == want)
-        .map(|m| m.fstype)
 }
 
 impl Layer {
@@ -77,23 +38,26 @@ impl Layer {
         let root: OwnedFd = file.into();
         let st =
             sys::fstat(root.as_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
-        let takes_acls = sys::fs_type(root.as_fd())
-            .map_or(true, |magic| takes_acls(magic, || mount_type(st.st_dev)));
         Ok(Layer {
             path: path.to_path_buf(),
             root,
             dev: st.st_dev,
-            takes_acls,
+            takes_acls: true,
         })
     }
 
-    /// Opens a lower layer's root: `open_root`, then, where the mount namespace allows it
+    /// Opens a lower layer's root: `open_root`, with whether its filesystem takes ACLs, then,
+    /// where the mount namespace allows it
     /// (root, or the root of a user namespace that owns it), in a detached copy of its mount,
     /// so that a filesystem mounted inside the layer hides nothing of it (kernel overlayfs
     /// does not cross such mounts either). The upper and the work directory are left as
     /// they are: renames between them need one mount.
     pub fn open_lower(path: &Path) -> std::io::Result<Layer> {
         let mut layer = Layer::open_root(path)?;
+        let dev = layer.dev;
+        layer.takes_acls = sys::fs_type(layer.root()).map_or(true, |magic| {
+            crate::acl::fs_takes_acls(magic, || crate::mountinfo::type_of_dev(dev))
+        });
         match sys::clone_mount(layer.root()) {
             Ok(clone) => layer.root = clone,
             Err(e) => log::debug!(
@@ -166,23 +130,5 @@ impl Layers {
 
     pub fn read_only(&self) -> bool {
         self.upper.is_none()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acls_are_taken_where_the_filesystem_can_set_them() {
-        let none = || None::<String>;
-        assert!(takes_acls(0xef53, none), "ext4");
-        assert!(takes_acls(0x0102_1994, none), "tmpfs");
-        assert!(!takes_acls(0xe0f5_e1e2, none), "erofs");
-        assert!(!takes_acls(0x7371_7368, none), "squashfs");
-        assert!(!takes_acls(0x482b, none), "hfsplus");
-        assert!(takes_acls(0x6969, || Some("nfs".into())), "NFS 3");
-        assert!(!takes_acls(0x6969, || Some("nfs4".into())), "NFS 4");
-        assert!(takes_acls(0x6969, none), "NFS, version unknown");
     }
 }

@@ -38,6 +38,16 @@ pub fn parse(info: &str) -> Vec<Mount> {
         .collect()
 }
 
+/// The type of the newest mount of device `dev` (a `st_dev`) in the calling process's mounts.
+pub fn type_of_dev(dev: u64) -> Option<String> {
+    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    read()
+        .into_iter()
+        .rev()
+        .find(|m| m.dev == want)
+        .map(|m| m.fstype)
+}
+
 /// The newest mount at `at` (a canonical path): the one a lookup of it reaches.
 pub fn newest_at<'a>(mounts: &'a [Mount], at: &Path) -> Option<&'a Mount> {
     mounts.iter().rev().find(|m| m.at == at)
