@@ -1216,12 +1216,7 @@ fn a_lower_layer_on_squashfs_as_kernel_overlayfs_shows_it() {
         format!("{r:?}")
     };
     // The minimal ACL of mode 0644: owner rw, group r, other r.
-    let mut acl = 2u32.to_ne_bytes().to_vec();
-    for (tag, perm) in [(1u16, 6u16), (4, 4), (0x20, 4)] {
-        acl.extend(tag.to_ne_bytes());
-        acl.extend(perm.to_ne_bytes());
-        acl.extend(u32::MAX.to_ne_bytes());
-    }
+    let acl = acl_xattr(&[(1, 6, u32::MAX), (4, 4, u32::MAX), (0x20, 4, u32::MAX)]);
     let set_acl = |p: &Path| {
         let c = cs(p);
         // SAFETY: NUL-terminated path and name, a value of the given length.
@@ -1288,6 +1283,18 @@ fn a_lower_layer_on_squashfs_as_kernel_overlayfs_shows_it() {
     assert!(ours[0].contains("Ok(()), Ok(())"), "{ours:?}");
 }
 
+/// A POSIX ACL as its xattr value holds it: (tag, permission bits, id) per entry, in tag
+/// order; the id is `u32::MAX` for the entries without one.
+fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        acl.extend(tag.to_le_bytes());
+        acl.extend(perm.to_le_bytes());
+        acl.extend(id.to_le_bytes());
+    }
+    acl
+}
+
 /// Sets (`set`) or removes the access or default ACL of `p`, as `user` if given (with its own
 /// group only); answers the result and the mode after it. The ACL set is
 /// `u::rw-,u:1000:r--,g::r--,m::r--,o::r--`.
@@ -1305,18 +1312,13 @@ except OSError as e:
 print(r, oct(os.lstat(p).st_mode))";
     let mut value = String::new();
     if set {
-        let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [
-            (1u16, 6u16, u32::MAX),
+        let acl = acl_xattr(&[
+            (1, 6, u32::MAX),
             (2, 4, 1000),
             (4, 4, u32::MAX),
             (0x10, 4, u32::MAX),
             (0x20, 4, u32::MAX),
-        ] {
-            acl.extend(tag.to_le_bytes());
-            acl.extend(perm.to_le_bytes());
-            acl.extend(id.to_le_bytes());
-        }
+        ]);
         value = acl.iter().map(|b| format!("{b:02x}")).collect();
     }
     let name = if default {
