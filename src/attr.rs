@@ -4,6 +4,7 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
@@ -81,6 +82,9 @@ pub fn file_type(kind: u32) -> FileType {
 impl Union {
     /// Stat of a node's visible object (through an open handle when the node has no name).
     pub fn stat_node(&self, node: &Node, fh: Option<u64>) -> Result<Stat> {
+        if let Some(copy) = node.moved_to() {
+            return self.stat_split(node, &copy);
+        }
         match self.stat_in(node, self.top_loc(node)) {
             Ok(st) => Ok(st),
             // No name left (deleted while open, or a split node whose name moved): its open
@@ -90,6 +94,24 @@ impl Union {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Stat of a split node (see `Node::split`): its upper copy's, as on kernel overlayfs,
+    /// except for the size, which stays that of the lower file its open files read (the
+    /// kernel passes them through to it): a reader of one never finds less data than the
+    /// size it was told.
+    fn stat_split(&self, node: &Node, copy: &OwnedFd) -> Result<Stat> {
+        let mut st = sys::fstat(copy.as_fd())?;
+        if self.override_xattr().is_some() {
+            self.apply_override(copy.as_fd(), c"", &mut st);
+        }
+        if let Some(h) = self.handles.any_file_of(node.ino)
+            && let Ok(read) = sys::fstat(h.fd().as_fd())
+        {
+            st.st_size = read.st_size;
+            st.st_blocks = read.st_blocks;
+        }
+        Ok(st)
     }
 
     /// An open fd of a node that has no name left: the upper object's, else any.
@@ -226,9 +248,10 @@ impl Union {
             Some(h) => h.fd(),
             None => match self.open_in(node, Loc::Upper, libc::O_PATH) {
                 Ok(fd) => Arc::new(fd),
-                // No name left: work through an open handle of the upper object (one still
-                // on the lower object it was copied from must not change that).
-                Err(e) if e.code() == libc::ENOENT => {
+                // No name left (deleted while open, or a split node): work through an open
+                // file of the upper object (a handle still on the lower object it was copied
+                // from must not change that).
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
                     self.upper_fd_of_open(node, req.fh).ok_or(e)?
                 }
                 Err(e) => return Err(e),
@@ -282,6 +305,10 @@ impl Union {
                 req.mtime.as_ref().map(request_time).unwrap_or(omit),
             ];
             sys::utimensat(f, c"", &times, libc::AT_EMPTY_PATH)?;
+        }
+        if node.split.load(Ordering::SeqCst) {
+            self.changed_through_split(node);
+            return self.getattr(node, req.fh);
         }
         let mut st = sys::fstat(f)?;
         if self.override_xattr().is_some() {
@@ -412,7 +439,9 @@ impl Union {
         self.copy_up(node)?;
         self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)
-        })
+        })?;
+        self.changed_through_split(node);
+        Ok(())
     }
 
     pub fn removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
@@ -429,7 +458,9 @@ impl Union {
         self.copy_up(node)?;
         self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::removexattr_at(d, p, &cname)
-        })
+        })?;
+        self.changed_through_split(node);
+        Ok(())
     }
 
     /// The inode-flag ioctls (`lsattr`, `chattr`: FS_IOC_GETFLAGS, FS_IOC_SETFLAGS,

@@ -373,6 +373,11 @@ impl Union {
                     r => r?,
                 }
             }
+        } else if let Some(h) = self.split_file(node) {
+            // A split node's files pass through to the lower file, and the kernel takes no
+            // other kind of open on it while they last: a new read-only one (through
+            // /proc/PID/fd) shares it.
+            sys::reopen(h.fd().as_fd(), libc::O_RDONLY)?
         } else {
             match self.top_loc(node) {
                 Loc::Upper => self.open_upper(node, real_flags(flags))?,
@@ -459,6 +464,10 @@ impl Union {
     /// for a node whose upper object has no name left. Never one of a lower object.
     pub fn upper_fd_of_open(&self, node: &Node, fh: Option<u64>) -> Option<Arc<OwnedFd>> {
         let upper = node.state().upper?;
+        // A split node's handles are all on the lower file; the daemon holds the copy.
+        if let Some(copy) = node.moved_to() {
+            return Some(copy);
+        }
         let named = fh.and_then(|fh| self.handles.file(fh));
         named
             .into_iter()
@@ -504,6 +513,10 @@ impl Union {
                 drop(shared);
                 Ok(None)
             }
+            // A writable open of a node split already (through /proc/PID/fd of one of its
+            // files): the kernel takes no open on it but one passed through to the lower
+            // file while its others are open (a limit the README states).
+            Choice::Split if node.split.load(Ordering::SeqCst) => Err(Errno::ESTALE),
             Choice::Split => {
                 drop(backings);
                 drop(shared);
@@ -569,22 +582,49 @@ impl Union {
                     // Two opens found the node to split at once; the other one did it.
                     return node.nameless_error();
                 }
+                // The node keeps the copy as its upper object, reached through the daemon's
+                // file of it: its attributes and changes through its files are the copy's,
+                // as on kernel overlayfs (only its passthrough reads stay on the lower file).
                 self.tree_change(|| {
                     self.table.remove_id(node, id);
                     self.table.unlink(node, &parent, &name);
-                    node.state().upper = None;
                     if let Some(copy) = copy.clone() {
                         node.set_moved_to(copy);
                     }
                 });
             }
             self.dir_changed(&parent);
+            // Its attributes are the copy's from now on, and are never kept (see `attr_ttl`).
+            self.invalidate_attrs(node.ino);
             log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
             self.invalidate_entry(parent.ino, &name);
             return Errno::ESTALE;
         }
         // Renamed again and again meanwhile: the kernel retries the open, which tries again.
         Errno::ESTALE
+    }
+
+    /// An open file of `node` if it is a split node.
+    fn split_file(&self, node: &Arc<Node>) -> Option<Arc<FileHandle>> {
+        if !node.split.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.handles
+            .file_of(node.ino, |h| Arc::ptr_eq(&h.node, node))
+    }
+
+    /// After a change through a split node's files: the node its name moved to shows the
+    /// same object, and the kernel's attributes of it are out of date.
+    pub(crate) fn changed_through_split(&self, node: &Node) {
+        if !node.split.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(copy) = node.state().upper else {
+            return;
+        };
+        if let Some(ino) = self.table.ino_holding(copy) {
+            self.invalidate_attrs(ino);
+        }
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<FileHandle>> {
@@ -696,10 +736,7 @@ impl Union {
             return Ok(());
         }
         let Some(upper) = h.node.state().upper else {
-            return match h.node.moved_to() {
-                Some(copy) => sys::fsync(copy.as_fd(), datasync),
-                None => Ok(()),
-            };
+            return Ok(());
         };
         let fd = h.fd();
         // A writable open is on the upper object (it was copied up first).
@@ -792,8 +829,9 @@ mod tests {
         assert_eq!(Choice::of(None, lower, Some(upper)), Choice::Reopen);
         // Readers of the lower file from before the copy-up keep sharing it.
         assert_eq!(Choice::of(Some(lower), lower, Some(upper)), Choice::Share);
-        // A node already split (no upper any more) meets the copy it no longer shows.
-        assert_eq!(Choice::of(Some(lower), other, None), Choice::Split);
+        // Another copy while the kernel passes opens through to the lower file (a node
+        // split already, its copy replaced since): a new node too.
+        assert_eq!(Choice::of(Some(lower), other, Some(other)), Choice::Split);
     }
 
     #[test]

@@ -69,6 +69,16 @@ impl UnionFs {
         self.u.opts.ttl
     }
 
+    /// How long the kernel may keep a node's attributes. Never for a split node (see
+    /// `Node::split`): the object it shows changes through another node too.
+    fn attr_ttl(&self, node: &Node) -> Duration {
+        if node.split.load(std::sync::atomic::Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.ttl()
+        }
+    }
+
     /// How long the kernel may keep an entry. Names of a lower hard link are not cached: the
     /// kernel then looks each one up before every use, so the daemon knows which name a
     /// change that copies the file up comes through (FUSE requests carry only the inode).
@@ -140,10 +150,10 @@ impl UnionFs {
             Op::Statx { fh } => {
                 let res = self.node(ino).and_then(|n| {
                     let attr = self.u.getattr(&n, fh)?;
-                    Ok((attr, self.u.btime(&n, fh)))
+                    Ok((attr, self.u.btime(&n, fh), self.attr_ttl(&n)))
                 });
                 match res {
-                    Ok((attr, btime)) => reply.statx(&self.ttl(), &attr, btime),
+                    Ok((attr, btime, ttl)) => reply.statx(&ttl, &attr, btime),
                     Err(e) => reply.error(log_unexpected("statx", e)),
                 }
             }
@@ -415,8 +425,11 @@ impl UnionFs {
     }
 
     fn getattr(&self, ino: INodeNo, fh: Option<u64>, reply: Reply) {
-        match self.node(ino).and_then(|n| self.u.getattr(&n, fh)) {
-            Ok(attr) => reply.attr(&self.ttl(), &attr),
+        match self
+            .node(ino)
+            .and_then(|n| Ok((self.u.getattr(&n, fh)?, self.attr_ttl(&n))))
+        {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(log_unexpected("getattr", e)),
         }
     }
@@ -425,10 +438,9 @@ impl UnionFs {
         let truncates = req.size.is_some();
         let res = self
             .node(ino)
-            .and_then(|n| self.u.setattr_by(&n, req, h.pid, h.uid));
-        let ttl = self.ttl();
+            .and_then(|n| Ok((self.u.setattr_by(&n, req, h.pid, h.uid)?, self.attr_ttl(&n))));
         let send = move || match res {
-            Ok(attr) => reply.attr(&ttl, &attr),
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(log_unexpected("setattr", e)),
         };
         if truncates {

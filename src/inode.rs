@@ -639,6 +639,19 @@ impl Table {
         Some(node)
     }
 
+    /// The number of the live node that holds the identity `id`, if one does.
+    pub fn ino_holding(&self, id: RealId) -> Option<Ino> {
+        let idsh = lock(self.id_shard(&id));
+        if let Some(e) = idsh.live.get(&id) {
+            return Some(e.ino);
+        }
+        if idsh.remembered.contains_key(&id) {
+            return None;
+        }
+        let (ino, node) = self.derived_slot(id)?;
+        node.map(|_| ino)
+    }
+
     /// Registers one more identity for a node (the upper object after copy-up), and remembers
     /// the node's number for it for the rest of the mount.
     pub fn add_id(&self, node: &Node, id: RealId) {

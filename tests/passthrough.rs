@@ -171,6 +171,68 @@ fn copy_up_of_an_open_file() {
     assert_eq!(fs::read(l.lowers[0].join("f")).unwrap(), lower_before);
 }
 
+/// Owner, mode, times and xattrs changed through a descriptor opened before another open
+/// copied the file up land on the copy and show through the name, and the reverse (as on
+/// kernel overlayfs); its stat tells the size of the data it reads.
+#[test]
+fn changes_through_a_descriptor_opened_before_a_copy_up() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::io::AsRawFd;
+    let l = Layers::new(1);
+    l.lower(0).file("f", "lower data\n");
+    let lower_before = fs::metadata(l.lowers[0].join("f")).unwrap();
+    let m = passthrough_mount(&l);
+    let ro = File::open(m.path("f")).unwrap();
+    let mut w = OpenOptions::new().append(true).open(m.path("f")).unwrap();
+    w.write_all(b"upper data\n").unwrap();
+    // Its stat: the size of what it reads.
+    let mut read = Vec::new();
+    (&ro).seek(SeekFrom::Start(0)).unwrap();
+    (&ro).read_to_end(&mut read).unwrap();
+    assert_eq!(ro.metadata().unwrap().len(), read.len() as u64);
+    // The kernel holds the name's attributes before each change through the old descriptor.
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&m.path("f")), 0o644);
+    ro.set_permissions(fs::Permissions::from_mode(0o600))
+        .expect("fchmod through the old descriptor");
+    assert_eq!(mode(&m.path("f")), 0o600);
+    assert_eq!(mode(&m.upper_path("f")), 0o600);
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000);
+    ro.set_times(fs::FileTimes::new().set_modified(when))
+        .expect("futimens through the old descriptor");
+    assert_eq!(fs::metadata(m.path("f")).unwrap().mtime(), 2_000_000);
+    let name = c"user.k";
+    // SAFETY: a live fd, a NUL-terminated name and a 1-byte value.
+    let rc = unsafe { libc::fsetxattr(ro.as_raw_fd(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    assert_eq!(rc, 0, "fsetxattr: {}", std::io::Error::last_os_error());
+    assert_eq!(get_xattr(&m.path("f"), "user.k"), Ok(b"v".to_vec()));
+    assert_eq!(get_xattr(&m.upper_path("f"), "user.k"), Ok(b"v".to_vec()));
+    // Changes by name show in the old descriptor's stat.
+    let before = ro.metadata().unwrap().mode() & 0o7777;
+    assert_eq!(before, 0o600);
+    fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(ro.metadata().unwrap().mode() & 0o7777, 0o640);
+    ro.sync_all().unwrap();
+    // A read-only reopen through /proc reads what the old descriptor reads.
+    let again = fs::read(format!("/proc/self/fd/{}", ro.as_raw_fd())).unwrap();
+    assert_eq!(again, read);
+    drop(ro);
+    drop(w);
+    assert_eq!(
+        fs::read(l.lowers[0].join("f")).unwrap(),
+        b"lower data\n".to_vec()
+    );
+    let after = fs::metadata(l.lowers[0].join("f")).unwrap();
+    assert_eq!(
+        (after.mode(), after.mtime(), after.ctime()),
+        (
+            lower_before.mode(),
+            lower_before.mtime(),
+            lower_before.ctime()
+        )
+    );
+}
+
 #[test]
 fn many_readers_and_writers_of_one_file() {
     let l = Layers::new(1);
