@@ -87,7 +87,11 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> 
 /// A detached copy of the mount `dir` is on, rooted at `dir` and without the mounts beneath
 /// it (`open_tree(OPEN_TREE_CLONE)`, not recursive): resolving names from it reaches what
 /// other filesystems mounted inside `dir` cover, as kernel overlayfs's private clones of its
-/// layers do. Needs CAP_SYS_ADMIN over the mount namespace.
+/// layers do. Needs CAP_SYS_ADMIN over the mount namespace. Made read-only and `noatime`
+/// where the kernel allows it, as kernel overlayfs makes its lower layers' clones: nothing
+/// done through it changes the layer, not even the access times of the files the kernel
+/// reads for a passthrough open (it reads them through a file of its own, with the
+/// caller's open flags, so the daemon's `O_NOATIME` does not reach it).
 pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     let flags =
@@ -104,23 +108,46 @@ pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
         propagation: u64,
         userns_fd: u64,
     }
-    let attr = MountAttr {
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOATIME: u64 = 0x10;
+    const MOUNT_ATTR_ATIME: u64 = 0x70;
+    let set = |attr: MountAttr| {
+        // SAFETY: valid fd, empty NUL-terminated path, `attr` of the size passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                clone.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc != 0 {
+            log::debug!("mount_setattr on a layer's clone: {:?}", last_errno());
+        }
+    };
+    // One call each: a mount from a more privileged namespace has its atime flags locked,
+    // and still becomes private and read-only.
+    let none = MountAttr {
         attr_set: 0,
         attr_clr: 0,
-        propagation: libc::MS_PRIVATE,
+        propagation: 0,
         userns_fd: 0,
     };
-    // SAFETY: valid fd, empty NUL-terminated path, `attr` of the size passed.
-    let _ = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            clone.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
+    set(MountAttr {
+        propagation: libc::MS_PRIVATE,
+        ..none
+    });
+    set(MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        ..none
+    });
+    set(MountAttr {
+        attr_set: MOUNT_ATTR_NOATIME,
+        attr_clr: MOUNT_ATTR_ATIME,
+        ..none
+    });
     Ok(clone)
 }
 

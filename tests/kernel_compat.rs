@@ -965,6 +965,46 @@ fn a_reader_opened_before_copy_up_follows_the_copy() {
     assert_stale_readers_left_lower_alone(&l);
 }
 
+/// Reading a lower file through the view changes no time in the lower layer, and the view
+/// shows the lower file's atime, as on kernel overlayfs (which makes its lower layers'
+/// mounts read-only and noatime): with passthrough the kernel reads through a file of its
+/// own, opened with the reader's flags, and only the layer's mount can keep it from
+/// touching the atime.
+#[test]
+fn reading_a_lower_file_changes_no_time_in_its_layer() {
+    use std::io::Read;
+    let l = Layers::new(1);
+    // relatime updates an atime not later than the mtime, and one older than a day.
+    l.lower(0)
+        .file("f", "lower data")
+        .times("f", 1_262_304_000, 1_262_304_000);
+    let lower = l.lower(0).path("f");
+    let rows = |m: &Mount| {
+        let mut data = String::new();
+        fs::File::open(m.path("f"))
+            .unwrap()
+            .read_to_string(&mut data)
+            .unwrap();
+        let view = fs::metadata(m.path("f")).unwrap();
+        let below = fs::metadata(&lower).unwrap();
+        vec![
+            format!("read {data:?}"),
+            format!("view atime {} mtime {}", view.atime(), view.mtime()),
+            format!("lower atime {} mtime {}", below.atime(), below.mtime()),
+        ]
+    };
+    let k = l.mount_kernel("k");
+    let kernel = rows(&k);
+    let u = l.mount("u");
+    let ours = rows(&u);
+    assert_rows_match(&kernel, &ours);
+    assert_eq!(
+        fs::metadata(&lower).unwrap().atime(),
+        1_262_304_000,
+        "lower atime"
+    );
+}
+
 /// An append-only file (the flag set through the view) takes appends and nothing else.
 fn append_only_rows(m: &Mount) -> Vec<(String, String)> {
     let mut rows = Vec::new();
