@@ -385,11 +385,25 @@ enum Op {
     FdChmod(usize, u32),
     /// fstat of the slot's file: its size and link count.
     FdStat(usize),
+    /// The first 64 KiB of the slot's file, read through it: the length and a hash.
+    FdRead(usize),
     Close(usize),
 }
 
 /// How many files an operation sequence can keep open at once.
-const SLOTS: usize = 2;
+const SLOTS: usize = 3;
+
+/// The slot whose files are opened read-only (`O_NOATIME`, so reads leave the times alone):
+/// a reader from before a copy-up, rename or unlink of its file.
+const RO_SLOT: usize = 2;
+
+/// Whether the mount under test serves open files by passthrough: root, and not turned off.
+fn passthrough() -> bool {
+    let args = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
+    !ROOTLESS.load(Ordering::Relaxed)
+        && !args.contains("--passthrough off")
+        && !args.contains("--passthrough=off")
+}
 
 /// The files one side keeps open, closed when dropped (before its mount is unmounted).
 #[derive(Default)]
@@ -482,6 +496,9 @@ impl fmt::Display for Op {
             }
             Op::RemoveXattr(p, n) => write!(f, "lremovexattr({p:?}, {n:?})"),
             Op::Mknod(p, k, m, ma, mi) => write!(f, "mknod({p:?}, S_IF{k} | {m:#o}, {ma}:{mi})"),
+            Op::Open(i, p) if *i == RO_SLOT => {
+                write!(f, "fd{i} = open({p:?}, O_RDONLY | O_NOATIME)")
+            }
             Op::Open(i, p) => write!(f, "fd{i} = open({p:?}, O_RDWR)"),
             Op::FdWrite(i, o, l, b) => {
                 write!(f, "pwrite(fd{i}, {l} x {:?}, offset {o})", *b as char)
@@ -497,6 +514,7 @@ impl fmt::Display for Op {
             }
             Op::FdChmod(i, m) => write!(f, "fchmod(fd{i}, {m:#o})"),
             Op::FdStat(i) => write!(f, "fstat(fd{i}) (size << 8 | nlink)"),
+            Op::FdRead(i) => write!(f, "pread(fd{i}, 64 KiB, 0) (length << 24 | hash)"),
             Op::Close(i) => write!(f, "close(fd{i})"),
             Op::As(c, op) => {
                 write!(f, "as {}:{}", c.uid, c.gid)?;
@@ -644,7 +662,11 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
             }
             Op::Open(i, p) => {
                 fds.0[*i] = None;
-                let Some(fd) = open_regular(&c(p), libc::O_RDWR)? else {
+                let flags = match *i {
+                    RO_SLOT => libc::O_RDONLY | libc::O_NOATIME,
+                    _ => libc::O_RDWR,
+                };
+                let Some(fd) = open_regular(&c(p), flags)? else {
                     return Ok(NOT_REGULAR);
                 };
                 fds.0[*i] = Some(fd);
@@ -665,6 +687,12 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
                 let mut st: libc::stat = std::mem::zeroed();
                 check(libc::fstat(fds.raw(*i)?, &mut st) as i64)?;
                 Ok(st.st_size << 8 | st.st_nlink.min(255) as i64)
+            }
+            Op::FdRead(i) => {
+                let mut buf = vec![0u8; 64 << 10];
+                let n =
+                    check(libc::pread(fds.raw(*i)?, buf.as_mut_ptr().cast(), buf.len(), 0) as i64)?;
+                Ok(n << 24 | (fnv(&buf[..n as usize]) & 0xff_ffff) as i64)
             }
             Op::Close(i) => {
                 fds.raw(*i)?;
@@ -706,7 +734,7 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
     } else {
         rng.below(SLOTS as u64) as usize
     };
-    match rng.below(13) {
+    let op = match rng.below(14) {
         0..=3 => {
             let files: Vec<&String> = snap
                 .entries
@@ -731,6 +759,7 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
         6 => Op::FdTruncate(i, rng.below(9000)),
         7 => Op::FdChmod(i, *rng.pick(&FILE_MODES)),
         8..=9 => Op::FdStat(i),
+        13 => Op::FdRead(i),
         10 => {
             let mode = *rng.pick(&[
                 0,
@@ -740,6 +769,25 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
             Op::FdFallocate(i, mode, rng.below(12_000), 1 + rng.below(9000))
         }
         _ => Op::Close(i),
+    };
+    let op = match op {
+        // Writes through the read-only slot would only fail alike: a read instead. Reads
+        // only through it, whose `O_NOATIME` keeps the atime out of them: on the page-cached
+        // path a read the kernel serves from its cache updates none (README).
+        Op::FdWrite(RO_SLOT, ..)
+        | Op::FdTruncate(RO_SLOT, _)
+        | Op::FdFallocate(RO_SLOT, ..)
+        | Op::FdRead(_) => Op::FdRead(RO_SLOT),
+        op => op,
+    };
+    match op {
+        // With passthrough, a reader from before a copy-up made by another open keeps the
+        // lower file's data and size (README, "Open files and passthrough"): a change
+        // through it instead, which reaches the copy as on kernel overlayfs.
+        Op::FdRead(RO_SLOT) | Op::FdStat(RO_SLOT) if passthrough() => {
+            Op::FdChmod(RO_SLOT, *rng.pick(&FILE_MODES))
+        }
+        op => op,
     }
 }
 
@@ -1255,7 +1303,9 @@ impl Pins {
                     .retain(|p| before.entries.get(p).is_none_or(|e| e.kind != 'f'));
                 return;
             }
-            Op::Open(..) | Op::FdChmod(..) | Op::FdStat(..) | Op::Close(..) => return,
+            Op::Open(..) | Op::FdChmod(..) | Op::FdStat(..) | Op::FdRead(..) | Op::Close(..) => {
+                return;
+            }
             _ => {}
         }
         let paths: Vec<&String> = match op {
@@ -1603,7 +1653,8 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         | Op::FdTruncate(..)
         | Op::FdFallocate(..)
         | Op::FdChmod(..)
-        | Op::FdStat(..) = op.inner()
+        | Op::FdStat(..)
+        | Op::FdRead(..) = op.inner()
         {
             on_open_files.1 += 1;
             on_open_files.0 += usize::from(kr.is_ok());
