@@ -60,6 +60,12 @@ impl Union {
                 match st.links.first() {
                     Some(l) => l.parent.clone(),
                     None if cur.is_root() => break,
+                    // A file deleted while open on a lower layer: a change through an open
+                    // file of it fails with EEXIST, as on kernel overlayfs (whose copy-up
+                    // meets the whiteout at the name the file had).
+                    None if Arc::ptr_eq(&cur, node) && !node.split.load(Ordering::SeqCst) => {
+                        return Err(Errno::EEXIST);
+                    }
                     // Deleted, or a split node whose name moved (ESTALE: look it up again).
                     None => return Err(cur.nameless_error()),
                 }

@@ -929,6 +929,49 @@ fn stale_reader_rows(root: &Path) -> Vec<String> {
     rows
 }
 
+/// Changes through a file open on a lower file that was deleted since: kernel overlayfs
+/// refuses them with EEXIST (its copy-up meets the whiteout at the name), and the lower file
+/// stays as it was.
+fn deleted_reader_rows(root: &Path) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let p = root.join("m/e");
+    let f = fs::File::open(&p).unwrap();
+    fs::remove_file(&p).unwrap();
+    let fd = f.as_raw_fd();
+    let times = [libc::timespec {
+        tv_sec: 1_000_000,
+        tv_nsec: 0,
+    }; 2];
+    // SAFETY: plain syscalls on an open fd, with a valid times array and xattr name/value.
+    let rows = unsafe {
+        [
+            ("fchmod", rc(libc::fchmod(fd, 0o600))),
+            ("fchown", rc(libc::fchown(fd, 1, 1))),
+            ("futimens", rc(libc::futimens(fd, times.as_ptr()))),
+            (
+                "fsetxattr",
+                rc(libc::fsetxattr(fd, c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0)),
+            ),
+        ]
+    };
+    let md = f.metadata().unwrap();
+    let mut out: Vec<String> = rows.iter().map(|(op, r)| format!("{op}: {r:?}")).collect();
+    out.push(format!("fstat mode {:o} nlink {}", md.mode(), md.nlink()));
+    out
+}
+
+#[test]
+fn changes_through_a_file_of_a_deleted_lower_file_fail_as_on_kernel_overlayfs() {
+    let l = layers();
+    let k = l.mount_kernel("k");
+    let kernel = deleted_reader_rows(&k.merged);
+    let u = l.mount("u");
+    assert_rows_match(&kernel, &deleted_reader_rows(&u.merged));
+    let lower = fs::metadata(l.lower(1).path("m/e")).unwrap();
+    assert_eq!((lower.mode() & 0o7777, lower.mtime() != 1_000_000), (0o644, true));
+    assert_eq!(get_xattr(&l.lower(1).path("m/e"), "user.k"), Err(libc::ENODATA));
+}
+
 /// The lower files `stale_reader_rows` opens are untouched.
 fn assert_stale_readers_left_lower_alone(l: &Layers) {
     for (name, content) in [("f1", "f1"), ("m/c", "c")] {
