@@ -778,6 +778,12 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
         | Op::FdTruncate(RO_SLOT, _)
         | Op::FdFallocate(RO_SLOT, ..)
         | Op::FdRead(_) => Op::FdRead(RO_SLOT),
+        // Rule "shared inode": names of a lower hard link share one inode in the view
+        // (README, "Known limitations"), so a reader opened on one of them follows a copy-up
+        // made through another. No reader is opened on a file with more than one name.
+        Op::Open(RO_SLOT, p) if snap.entries.get(&p).is_some_and(|e| e.nlink > 1) => {
+            Op::FdRead(RO_SLOT)
+        }
         op => op,
     };
     match op {
