@@ -383,6 +383,8 @@ enum Op {
     /// slot, mode (0, `FALLOC_FL_KEEP_SIZE` or a hole punched), offset, length
     FdFallocate(usize, i32, u64, u64),
     FdChmod(usize, u32),
+    /// slot, name, value
+    FdSetXattr(usize, String, Vec<u8>),
     /// fstat of the slot's file: its size and link count.
     FdStat(usize),
     /// The first 64 KiB of the slot's file, read through it: the length and a hash.
@@ -513,6 +515,13 @@ impl fmt::Display for Op {
                 write!(f, "fallocate(fd{i}, {mode}, {o}, {l})")
             }
             Op::FdChmod(i, m) => write!(f, "fchmod(fd{i}, {m:#o})"),
+            Op::FdSetXattr(i, n, v) => {
+                write!(
+                    f,
+                    "fsetxattr(fd{i}, {n:?}, {:?})",
+                    String::from_utf8_lossy(v)
+                )
+            }
             Op::FdStat(i) => write!(f, "fstat(fd{i}) (size << 8 | nlink)"),
             Op::FdRead(i) => write!(f, "pread(fd{i}, 64 KiB, 0) (length << 24 | hash)"),
             Op::Close(i) => write!(f, "close(fd{i})"),
@@ -683,6 +692,12 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
                 check(libc::fallocate(fds.raw(*i)?, *m, *o as i64, *l as i64) as i64)
             }
             Op::FdChmod(i, m) => check(libc::fchmod(fds.raw(*i)?, *m) as i64),
+            Op::FdSetXattr(i, n, v) => {
+                let n = CString::new(n.as_str()).unwrap();
+                check(
+                    libc::fsetxattr(fds.raw(*i)?, n.as_ptr(), v.as_ptr().cast(), v.len(), 0) as i64,
+                )
+            }
             Op::FdStat(i) => {
                 let mut st: libc::stat = std::mem::zeroed();
                 check(libc::fstat(fds.raw(*i)?, &mut st) as i64)?;
@@ -757,6 +772,11 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
             Op::FdWrite(i, off, 1 + rng.below(3000), b'a' + rng.below(26) as u8)
         }
         6 => Op::FdTruncate(i, rng.below(9000)),
+        7 if rng.percent(50) => Op::FdSetXattr(
+            i,
+            (*rng.pick(&XATTRS)).to_string(),
+            format!("f{}", rng.below(1000)).into_bytes(),
+        ),
         7 => Op::FdChmod(i, *rng.pick(&FILE_MODES)),
         8..=9 => Op::FdStat(i),
         13 => Op::FdRead(i),
@@ -1309,7 +1329,12 @@ impl Pins {
                     .retain(|p| before.entries.get(p).is_none_or(|e| e.kind != 'f'));
                 return;
             }
-            Op::Open(..) | Op::FdChmod(..) | Op::FdStat(..) | Op::FdRead(..) | Op::Close(..) => {
+            Op::Open(..)
+            | Op::FdChmod(..)
+            | Op::FdSetXattr(..)
+            | Op::FdStat(..)
+            | Op::FdRead(..)
+            | Op::Close(..) => {
                 return;
             }
             _ => {}
@@ -1659,6 +1684,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         | Op::FdTruncate(..)
         | Op::FdFallocate(..)
         | Op::FdChmod(..)
+        | Op::FdSetXattr(..)
         | Op::FdStat(..)
         | Op::FdRead(..) = op.inner()
         {
@@ -1746,6 +1772,16 @@ fn lower_dirs_showing(layers: &Layers) -> BTreeSet<String> {
         let Ok(snap) = snapshot(l, &BTreeSet::new(), true, false) else {
             continue;
         };
+        // A directory shown from above merges with this layer's entry only if that is a
+        // directory too, and with the layers below only if that is not opaque.
+        for (p, e) in &snap.entries {
+            if seen.contains(p) && !hidden(&hidden_below, p) {
+                let opaque = e.xattrs.iter().any(|(n, _)| n == opaque_xattr());
+                if e.kind != 'd' || opaque {
+                    hidden_below.insert(p.clone());
+                }
+            }
+        }
         let entries: Vec<(&String, &Entry)> = snap
             .entries
             .iter()
