@@ -950,7 +950,13 @@ fn deleted_reader_rows(root: &Path) -> Vec<String> {
             ("futimens", rc(libc::futimens(fd, times.as_ptr()))),
             (
                 "fsetxattr",
-                rc(libc::fsetxattr(fd, c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0)),
+                rc(libc::fsetxattr(
+                    fd,
+                    c"user.k".as_ptr(),
+                    b"v".as_ptr().cast(),
+                    1,
+                    0,
+                )),
             ),
         ]
     };
@@ -968,8 +974,14 @@ fn changes_through_a_file_of_a_deleted_lower_file_fail_as_on_kernel_overlayfs() 
     let u = l.mount("u");
     assert_rows_match(&kernel, &deleted_reader_rows(&u.merged));
     let lower = fs::metadata(l.lower(1).path("m/e")).unwrap();
-    assert_eq!((lower.mode() & 0o7777, lower.mtime() != 1_000_000), (0o644, true));
-    assert_eq!(get_xattr(&l.lower(1).path("m/e"), "user.k"), Err(libc::ENODATA));
+    assert_eq!(
+        (lower.mode() & 0o7777, lower.mtime() != 1_000_000),
+        (0o644, true)
+    );
+    assert_eq!(
+        get_xattr(&l.lower(1).path("m/e"), "user.k"),
+        Err(libc::ENODATA)
+    );
 }
 
 /// The lower files `stale_reader_rows` opens are untouched.
