@@ -83,7 +83,7 @@ impl Union {
     /// Stat of a node's visible object (through an open handle when the node has no name).
     pub fn stat_node(&self, node: &Node, fh: Option<u64>) -> Result<Stat> {
         if let Some(copy) = node.moved_to() {
-            return self.stat_split(node, &copy);
+            return self.stat_split(node, fh, &copy);
         }
         match self.stat_in(node, self.top_loc(node)) {
             Ok(st) => Ok(st),
@@ -100,12 +100,15 @@ impl Union {
     /// except for the size, which stays that of the lower file its open files read (the
     /// kernel passes them through to it): a reader of one never finds less data than the
     /// size it was told.
-    fn stat_split(&self, node: &Node, copy: &OwnedFd) -> Result<Stat> {
+    fn stat_split(&self, node: &Node, fh: Option<u64>, copy: &OwnedFd) -> Result<Stat> {
         let mut st = sys::fstat(copy.as_fd())?;
         if self.override_xattr().is_some() {
             self.apply_override(copy.as_fd(), c"", &mut st);
         }
-        if let Some(h) = self.handles.any_file_of(node.ino)
+        let named = fh
+            .and_then(|fh| self.handles.file(fh))
+            .filter(|h| std::ptr::eq(&*h.node, node));
+        if let Some(h) = named.or_else(|| self.handles.any_file_of(node.ino))
             && let Ok(read) = sys::fstat(h.fd().as_fd())
         {
             st.st_size = read.st_size;
@@ -212,7 +215,7 @@ impl Union {
     }
 
     pub fn setattr(&self, node: &Arc<Node>, req: SetAttr) -> Result<FileAttr> {
-        let _mode = req.mode.map(|_| self.mode_lock(node.ino));
+        let _mode = req.mode.map(|_| self.mode_lock(node));
         self.set_attributes(node, req)
     }
 
@@ -258,6 +261,29 @@ impl Union {
             },
         };
         let f = fd.as_fd();
+        let changed = self.apply_changes(f, via_handle, &req);
+        if node.split.load(Ordering::SeqCst) {
+            // Also after a failure part way: an earlier change may have landed.
+            self.changed_through_split(node);
+            changed?;
+            return self.getattr(node, req.fh);
+        }
+        changed?;
+        let mut st = sys::fstat(f)?;
+        if self.override_xattr().is_some() {
+            self.apply_override(f, c"", &mut st);
+        }
+        self.attr(node, &st)
+    }
+
+    /// The changes `req` asks for, made on `f` (the node's upper object; a writable handle's
+    /// file when `via_handle`).
+    fn apply_changes(
+        &self,
+        f: std::os::fd::BorrowedFd<'_>,
+        via_handle: bool,
+        req: &SetAttr,
+    ) -> Result<()> {
         let real_kind = if via_handle {
             libc::S_IFREG
         } else {
@@ -267,7 +293,7 @@ impl Union {
             && matches!(real_kind, libc::S_IFREG | libc::S_IFDIR)
             && (req.uid.is_some() || req.gid.is_some() || req.mode.is_some());
         if overridden {
-            self.set_override(f, real_kind, &req)?;
+            self.set_override(f, real_kind, req)?;
         } else if req.uid.is_some() || req.gid.is_some() {
             let map = &self.opts.idmap;
             let uid = match req.uid {
@@ -306,15 +332,7 @@ impl Union {
             ];
             sys::utimensat(f, c"", &times, libc::AT_EMPTY_PATH)?;
         }
-        if node.split.load(Ordering::SeqCst) {
-            self.changed_through_split(node);
-            return self.getattr(node, req.fh);
-        }
-        let mut st = sys::fstat(f)?;
-        if self.override_xattr().is_some() {
-            self.apply_override(f, c"", &mut st);
-        }
-        self.attr(node, &st)
+        Ok(())
     }
 
     /// chown/chmod with `xattr_permissions`: the new owner and mode go into the override
@@ -508,7 +526,14 @@ impl Union {
         } else {
             libc::O_RDONLY | libc::O_NONBLOCK
         };
-        self.open_in(node, loc, flags)
+        match self.open_in(node, loc, flags) {
+            // No name left (deleted while open, or a split node): through an open file of it.
+            Err(e) => {
+                let fd = self.nameless_fd(node, None, loc == Loc::Upper, e)?;
+                sys::reopen(fd.as_fd(), flags)
+            }
+            r => r,
+        }
     }
 
     pub fn statfs(&self) -> Result<libc::statvfs> {

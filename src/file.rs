@@ -350,6 +350,13 @@ impl Union {
             if self.layers.read_only() {
                 return Err(Errno::EROFS);
             }
+            // A writable open of a node split already (through /proc/PID/fd of one of its
+            // files): the kernel takes no open on it but one passed through to the lower
+            // file while its others are open (a limit the README states). Refused before the
+            // copy is opened, which O_TRUNC would empty.
+            if self.split_file(node).is_some() {
+                return Err(Errno::ESTALE);
+            }
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
             generation = node.data_gen();
             let real = real_flags(flags);
@@ -513,9 +520,8 @@ impl Union {
                 drop(shared);
                 Ok(None)
             }
-            // A writable open of a node split already (through /proc/PID/fd of one of its
-            // files): the kernel takes no open on it but one passed through to the lower
-            // file while its others are open (a limit the README states).
+            // An open of a node split already, on the copy, while the kernel passes its
+            // other files through to the lower file (see `open`).
             Choice::Split if node.split.load(Ordering::SeqCst) => Err(Errno::ESTALE),
             Choice::Split => {
                 drop(backings);
@@ -615,6 +621,8 @@ impl Union {
 
     /// After a change through a split node's files: the node its name moved to shows the
     /// same object, and the kernel's attributes of it are out of date.
+    /// (A lookup making the new node that stats the copy before such a change and registers
+    /// the node after this ran lets the kernel keep the older attributes for the TTL.)
     pub(crate) fn changed_through_split(&self, node: &Node) {
         if !node.split.load(Ordering::SeqCst) {
             return;

@@ -420,7 +420,7 @@ impl Union {
         if (attr.kind == FileType::Directory && change != Change::Acl) || !has_set_ids(attr.perm) {
             return Ok(attr);
         }
-        let _mode = self.mode_lock(node.ino);
+        let _mode = self.mode_lock(node);
         let attr = self.getattr(node, fh)?;
         let perm = match change {
             Change::Owner { old_gid } => after_chown(attr.perm, old_gid, caller),

@@ -203,7 +203,16 @@ impl Union {
         self.killpriv.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn mode_lock(&self, ino: u64) -> std::sync::MutexGuard<'_, ()> {
+    /// Serializes the changes of a file's mode that read it first (set-ID drops). A split
+    /// node's object is the copy its name moved to, whose node's lock it takes.
+    pub(crate) fn mode_lock(&self, node: &crate::inode::Node) -> std::sync::MutexGuard<'_, ()> {
+        let mut ino = node.ino;
+        if node.split.load(Ordering::SeqCst)
+            && let Some(copy) = node.state().upper
+            && let Some(holder) = self.table.ino_holding(copy)
+        {
+            ino = holder;
+        }
         self.mode_locks[(ino % 64) as usize]
             .lock()
             .unwrap_or_else(|p| p.into_inner())

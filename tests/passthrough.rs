@@ -207,6 +207,17 @@ fn changes_through_a_descriptor_opened_before_a_copy_up() {
     assert_eq!(rc, 0, "fsetxattr: {}", std::io::Error::last_os_error());
     assert_eq!(get_xattr(&m.path("f"), "user.k"), Ok(b"v".to_vec()));
     assert_eq!(get_xattr(&m.upper_path("f"), "user.k"), Ok(b"v".to_vec()));
+    // Inode flags (lsattr) through it: the copy's.
+    let mut flags: libc::c_long = 0;
+    const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+    // SAFETY: a live fd and a buffer of the size the ioctl writes.
+    let rc = unsafe { libc::ioctl(ro.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags) };
+    assert_eq!(
+        rc,
+        0,
+        "FS_IOC_GETFLAGS: {}",
+        std::io::Error::last_os_error()
+    );
     // Changes by name show in the old descriptor's stat.
     let before = ro.metadata().unwrap().mode() & 0o7777;
     assert_eq!(before, 0o600);
@@ -216,6 +227,13 @@ fn changes_through_a_descriptor_opened_before_a_copy_up() {
     // A read-only reopen through /proc reads what the old descriptor reads.
     let again = fs::read(format!("/proc/self/fd/{}", ro.as_raw_fd())).unwrap();
     assert_eq!(again, read);
+    // A writable one is refused (README) and changes nothing, O_TRUNC included.
+    let reopen = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(format!("/proc/self/fd/{}", ro.as_raw_fd()));
+    assert_eq!(errno(reopen), libc::ESTALE);
+    assert_eq!(m.read("f"), "lower data\nupper data\n");
     drop(ro);
     drop(w);
     assert_eq!(
