@@ -60,12 +60,7 @@ impl Union {
                 match st.links.first() {
                     Some(l) => l.parent.clone(),
                     None if cur.is_root() => break,
-                    // A file deleted while open on a lower layer: a change through an open
-                    // file of it fails with EEXIST, as on kernel overlayfs (whose copy-up
-                    // meets the whiteout at the name the file had).
-                    None if Arc::ptr_eq(&cur, node) && !node.split.load(Ordering::SeqCst) => {
-                        return Err(Errno::EEXIST);
-                    }
+                    None if Arc::ptr_eq(&cur, node) => return Err(deleted_error(node)),
                     // Deleted, or a split node whose name moved (ESTALE: look it up again).
                     None => return Err(cur.nameless_error()),
                 }
@@ -216,7 +211,7 @@ impl CopyUp<'_> {
         let fs = self.fs;
         let (parent, name) = {
             let st = self.node.state();
-            let l = st.links.first().ok_or_else(|| self.node.nameless_error())?;
+            let l = st.links.first().ok_or_else(|| deleted_error(self.node))?;
             (l.parent.clone(), l.name.to_os_string())
         };
         let cname = sys::cstr(&name)?;
@@ -229,7 +224,7 @@ impl CopyUp<'_> {
             .first()
             .is_some_and(|l| l.parent.ino == parent.ino && *l.name == *name);
         if !still_there {
-            return Err(self.node.nameless_error());
+            return Err(deleted_error(self.node));
         }
         let dir = fs.dir_fd(&parent, Loc::Upper)?;
         // Linking the copy changes the parent's times; the parent's view must not change.
@@ -327,6 +322,19 @@ impl Union {
             }
             r => r,
         }
+    }
+}
+
+/// Copy-up of a node whose name is gone. A file deleted while open on a lower layer: a change
+/// through an open file of it fails with EEXIST, as on kernel overlayfs (whose copy-up links
+/// the copy over the whiteout at the name the file had). Otherwise `Node::nameless_error`
+/// (ESTALE for a split node, ENOENT for a deleted directory: the kernel's ENOTDIR there, from
+/// renaming a directory over the whiteout, is not copied).
+fn deleted_error(node: &Node) -> Errno {
+    if node.is_dir() || node.split.load(Ordering::SeqCst) {
+        node.nameless_error()
+    } else {
+        Errno::EEXIST
     }
 }
 

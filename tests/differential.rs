@@ -1774,11 +1774,15 @@ fn lower_dirs_showing(layers: &Layers) -> BTreeSet<String> {
         };
         // A directory shown from above merges with this layer's entry only if that is a
         // directory too, and with the layers below only if that is not opaque.
+        // (An opaque one's own entries here still show: it hides the layers below once this
+        // layer is done.)
+        let mut opaque_here = Vec::new();
         for (p, e) in &snap.entries {
             if seen.contains(p) && !hidden(&hidden_below, p) {
-                let opaque = e.xattrs.iter().any(|(n, _)| n == opaque_xattr());
-                if e.kind != 'd' || opaque {
+                if e.kind != 'd' {
                     hidden_below.insert(p.clone());
+                } else if e.xattrs.iter().any(|(n, _)| n == opaque_xattr()) {
+                    opaque_here.push(p.clone());
                 }
             }
         }
@@ -1798,6 +1802,7 @@ fn lower_dirs_showing(layers: &Layers) -> BTreeSet<String> {
             }
         }
         seen.extend(entries.into_iter().map(|(p, _)| p.clone()));
+        hidden_below.extend(opaque_here);
     }
     showing
 }
