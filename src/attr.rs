@@ -4,7 +4,6 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
@@ -262,7 +261,7 @@ impl Union {
         };
         let f = fd.as_fd();
         let changed = self.apply_changes(f, via_handle, &req);
-        if node.split.load(Ordering::SeqCst) {
+        if node.is_split() {
             // Also after a failure part way: an earlier change may have landed.
             self.changed_through_split(node);
             changed?;

@@ -331,7 +331,7 @@ impl Union {
 /// (ESTALE for a split node, ENOENT for a deleted directory: the kernel's ENOTDIR there, from
 /// renaming a directory over the whiteout, is not copied).
 fn deleted_error(node: &Node) -> Errno {
-    if node.is_dir() || node.split.load(Ordering::SeqCst) {
+    if node.is_dir() || node.is_split() {
         node.nameless_error()
     } else {
         Errno::EEXIST

@@ -520,9 +520,6 @@ impl Union {
                 drop(shared);
                 Ok(None)
             }
-            // An open of a node split already, on the copy, while the kernel passes its
-            // other files through to the lower file (see `open`).
-            Choice::Split if node.split.load(Ordering::SeqCst) => Err(Errno::ESTALE),
             Choice::Split => {
                 drop(backings);
                 drop(shared);
@@ -612,7 +609,7 @@ impl Union {
 
     /// An open file of `node` if it is a split node.
     fn split_file(&self, node: &Arc<Node>) -> Option<Arc<FileHandle>> {
-        if !node.split.load(Ordering::SeqCst) {
+        if !node.is_split() {
             return None;
         }
         self.handles
@@ -624,15 +621,18 @@ impl Union {
     /// (A lookup making the new node that stats the copy before such a change and registers
     /// the node after this ran lets the kernel keep the older attributes for the TTL.)
     pub(crate) fn changed_through_split(&self, node: &Node) {
-        if !node.split.load(Ordering::SeqCst) {
-            return;
-        }
-        let Some(copy) = node.state().upper else {
-            return;
-        };
-        if let Some(ino) = self.table.ino_holding(copy) {
+        if let Some(ino) = self.split_copy_ino(node) {
             self.invalidate_attrs(ino);
         }
+    }
+
+    /// For a split node: the number of the node its name moved to, which shows its copy.
+    pub(crate) fn split_copy_ino(&self, node: &Node) -> Option<u64> {
+        if !node.is_split() {
+            return None;
+        }
+        let copy = node.state().upper?;
+        self.table.ino_holding(copy)
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<FileHandle>> {

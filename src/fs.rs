@@ -72,7 +72,7 @@ impl UnionFs {
     /// How long the kernel may keep a node's attributes. Never for a split node (see
     /// `Node::split`): the object it shows changes through another node too.
     fn attr_ttl(&self, node: &Node) -> Duration {
-        if node.split.load(std::sync::atomic::Ordering::SeqCst) {
+        if node.is_split() {
             Duration::ZERO
         } else {
             self.ttl()

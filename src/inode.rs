@@ -213,10 +213,15 @@ impl Node {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether its name moved to a new node (see `split`).
+    pub fn is_split(&self) -> bool {
+        self.split.load(Ordering::SeqCst)
+    }
+
     /// The error for a request that needs the node's name when it has none: ESTALE once its
     /// name moved to a new node (the kernel then looks the name up again), else ENOENT.
     pub fn nameless_error(&self) -> crate::sys::Errno {
-        if self.split.load(Ordering::SeqCst) {
+        if self.is_split() {
             crate::sys::Errno::ESTALE
         } else {
             crate::sys::Errno::ENOENT
@@ -569,7 +574,7 @@ impl Table {
             if let Some(node) = shard.get(&e.ino).cloned()
                 && node.serial == e.serial
                 && node.kind() == kind
-                && !node.split.load(Ordering::SeqCst)
+                && !node.is_split()
             {
                 node.refs.fetch_add(1, Ordering::Relaxed);
                 return (node, true);
@@ -626,7 +631,7 @@ impl Table {
         }
         let (ino, node) = self.derived_slot(id)?;
         let node = node?;
-        if node.kind() != kind || node.split.load(Ordering::SeqCst) {
+        if node.kind() != kind || node.is_split() {
             return None;
         }
         // Taken only if the node is still in the table (the table's lock orders this against

@@ -111,7 +111,13 @@ pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
     const MOUNT_ATTR_RDONLY: u64 = 0x1;
     const MOUNT_ATTR_NOATIME: u64 = 0x10;
     const MOUNT_ATTR_ATIME: u64 = 0x70;
-    let set = |attr: MountAttr| {
+    let set = |attr_set: u64, attr_clr: u64, propagation: u64| {
+        let attr = MountAttr {
+            attr_set,
+            attr_clr,
+            propagation,
+            userns_fd: 0,
+        };
         // SAFETY: valid fd, empty NUL-terminated path, `attr` of the size passed.
         let rc = unsafe {
             libc::syscall(
@@ -129,25 +135,9 @@ pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
     };
     // One call each: a mount from a more privileged namespace has its atime flags locked,
     // and still becomes private and read-only.
-    let none = MountAttr {
-        attr_set: 0,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    set(MountAttr {
-        propagation: libc::MS_PRIVATE,
-        ..none
-    });
-    set(MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
-        ..none
-    });
-    set(MountAttr {
-        attr_set: MOUNT_ATTR_NOATIME,
-        attr_clr: MOUNT_ATTR_ATIME,
-        ..none
-    });
+    set(0, 0, libc::MS_PRIVATE);
+    set(MOUNT_ATTR_RDONLY, 0, 0);
+    set(MOUNT_ATTR_NOATIME, MOUNT_ATTR_ATIME, 0);
     Ok(clone)
 }
 

@@ -206,13 +206,7 @@ impl Union {
     /// Serializes the changes of a file's mode that read it first (set-ID drops). A split
     /// node's object is the copy its name moved to, whose node's lock it takes.
     pub(crate) fn mode_lock(&self, node: &crate::inode::Node) -> std::sync::MutexGuard<'_, ()> {
-        let mut ino = node.ino;
-        if node.split.load(Ordering::SeqCst)
-            && let Some(copy) = node.state().upper
-            && let Some(holder) = self.table.ino_holding(copy)
-        {
-            ino = holder;
-        }
+        let ino = self.split_copy_ino(node).unwrap_or(node.ino);
         self.mode_locks[(ino % 64) as usize]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
