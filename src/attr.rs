@@ -11,6 +11,7 @@ use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 use crate::copy_up::{Data, ts};
 use crate::inode::Node;
 use crate::lookup::Loc;
+use crate::protect;
 use crate::sys::{self, Errno, Result, Stat};
 use crate::union::Union;
 use crate::whiteout;
@@ -151,7 +152,7 @@ impl Union {
 
     /// `with_object`, also for a node with no name left: through `nameless_fd` (`f` then
     /// gets the object's fd and an empty name).
-    fn with_object_or_fd<T>(
+    pub(crate) fn with_object_or_fd<T>(
         &self,
         node: &Node,
         loc: Loc,
@@ -214,8 +215,40 @@ impl Union {
     }
 
     pub fn setattr(&self, node: &Arc<Node>, req: SetAttr) -> Result<FileAttr> {
+        self.check_setattr_prot(node, &req)?;
         let _mode = req.mode.map(|_| self.mode_lock(node));
         self.set_attributes(node, req)
+    }
+
+    /// What append-only and immutable flags refuse of a setattr (see `protect`): a change of
+    /// owner, mode, size or times, except both times to now (`touch`), which only an
+    /// immutable object refuses.
+    fn check_setattr_prot(&self, node: &Node, req: &SetAttr) -> Result<()> {
+        let now = |t: &Option<TimeOrNow>| matches!(t, Some(TimeOrNow::Now));
+        let times = req.atime.is_some() || req.mtime.is_some();
+        let others = req.mode.is_some() || req.uid.is_some() || req.gid.is_some();
+        if !times && !others && req.size.is_none() {
+            return Ok(());
+        }
+        // With writeback caching the kernel sends a touch's mtime as a time, not as "now",
+        // and flushes the mtime it kept of a file written through it with the file's handle
+        // (a caller's utimes never carries one): writes to an append-only file go on.
+        let touch = now(&req.atime)
+            && (now(&req.mtime) || (req.mtime.is_some() && self.writeback_active()));
+        let flush = req.fh.is_some()
+            && !others
+            && req.size.is_none()
+            && req.atime.is_none()
+            && matches!(req.mtime, Some(TimeOrNow::SpecificTime(_)));
+        if flush {
+            return Ok(());
+        }
+        let p = self.prot(node)?;
+        if others || req.size.is_some() || (times && !touch) {
+            protect::check_change(p)
+        } else {
+            protect::check_touch(p)
+        }
     }
 
     /// `setattr` for a caller that holds the node's mode lock when it changes the mode.
@@ -483,32 +516,64 @@ impl Union {
     /// The inode-flag ioctls (`lsattr`, `chattr`: FS_IOC_GETFLAGS, FS_IOC_SETFLAGS,
     /// FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR), which the kernel forwards for regular files and
     /// directories. Flags are read from the object the view shows and set on its upper copy
-    /// (made first), where the upper's filesystem enforces them (an immutable file then
-    /// refuses changes through the view too). Any other ioctl is ENOTTY, as in kernel
-    /// overlayfs. Returns the bytes the ioctl hands back.
+    /// (made first), except append-only and immutable: those are kept in the copy's
+    /// `overlay.protattr` and enforced by the daemon, as kernel overlayfs does (`protect`).
+    /// The kernel has checked that the caller may change them (CAP_LINUX_IMMUTABLE) against
+    /// the flags this reports. Any other ioctl is ENOTTY, as in kernel overlayfs. Returns the
+    /// bytes the ioctl hands back.
     pub fn inode_flags_ioctl(&self, node: &Arc<Node>, cmd: u32, input: &[u8]) -> Result<Vec<u8>> {
         match cmd {
             sys::FS_IOC_GETFLAGS => {
                 let fd = self.open_for_ioctl(node, self.top_loc(node))?;
-                Ok(sys::get_inode_flags(fd.as_fd())?.to_ne_bytes().to_vec())
+                let flags = sys::get_inode_flags(fd.as_fd())?;
+                let flags = flags | protect::to_inode_flags(self.prot(node)?);
+                Ok(flags.to_ne_bytes().to_vec())
             }
             sys::FS_IOC_FSGETXATTR => {
                 let fd = self.open_for_ioctl(node, self.top_loc(node))?;
-                Ok(sys::get_fsxattr(fd.as_fd())?.to_vec())
+                let mut fsx = sys::get_fsxattr(fd.as_fd())?;
+                let xflags = xflags_of(&fsx) | protect::to_xflags(self.prot(node)?);
+                fsx[..4].copy_from_slice(&xflags.to_ne_bytes());
+                Ok(fsx.to_vec())
             }
             sys::FS_IOC_SETFLAGS | sys::FS_IOC_FSSETXATTR => {
                 if self.layers.read_only() {
                     return Err(Errno::EROFS);
                 }
+                let fsx: Option<[u8; sys::FSXATTR_SIZE]> = if cmd == sys::FS_IOC_FSSETXATTR {
+                    let fsx = input.get(..sys::FSXATTR_SIZE).ok_or(Errno::EINVAL)?;
+                    Some(fsx.try_into().map_err(|_| Errno::EINVAL)?)
+                } else {
+                    None
+                };
+                let flags = match fsx {
+                    Some(_) => 0,
+                    None => {
+                        let flags = input.get(..4).ok_or(Errno::EINVAL)?;
+                        u32::from_ne_bytes(flags.try_into().map_err(|_| Errno::EINVAL)?)
+                    }
+                };
                 self.copy_up(node)?;
                 let fd = self.open_for_ioctl(node, Loc::Upper)?;
-                if cmd == sys::FS_IOC_SETFLAGS {
-                    let flags = input.get(..4).ok_or(Errno::EINVAL)?;
-                    let flags = u32::from_ne_bytes(flags.try_into().map_err(|_| Errno::EINVAL)?);
-                    sys::set_inode_flags(fd.as_fd(), flags)?;
-                } else {
-                    let fsx = input.get(..sys::FSXATTR_SIZE).ok_or(Errno::EINVAL)?;
-                    sys::set_fsxattr(fd.as_fd(), fsx.try_into().map_err(|_| Errno::EINVAL)?)?;
+                let f = fd.as_fd();
+                match fsx {
+                    None => {
+                        self.write_prot(node, f, protect::of_inode_flags(flags))?;
+                        // Real flags are set only where they change, so that protection
+                        // flags work on an upper filesystem without inode flags too.
+                        let real = protect::strip_inode_flags(flags);
+                        if sys::get_inode_flags(f).ok() != Some(real) {
+                            sys::set_inode_flags(f, real)?;
+                        }
+                    }
+                    Some(mut fsx) => {
+                        let xflags = xflags_of(&fsx);
+                        self.write_prot(node, f, protect::of_xflags(xflags))?;
+                        fsx[..4].copy_from_slice(&protect::strip_xflags(xflags).to_ne_bytes());
+                        if sys::get_fsxattr(f).ok() != Some(fsx) {
+                            sys::set_fsxattr(f, &fsx)?;
+                        }
+                    }
                 }
                 // The change time moved.
                 self.invalidate_attrs(node.ino);
@@ -519,7 +584,7 @@ impl Union {
     }
 
     /// An fd of a node's object in one layer that the flag ioctls accept (not O_PATH).
-    fn open_for_ioctl(&self, node: &Node, loc: Loc) -> Result<OwnedFd> {
+    pub(crate) fn open_for_ioctl(&self, node: &Node, loc: Loc) -> Result<OwnedFd> {
         let flags = if node.is_dir() {
             libc::O_RDONLY | libc::O_DIRECTORY
         } else {
@@ -542,6 +607,11 @@ impl Union {
         };
         sys::fstatvfs(root)
     }
+}
+
+/// `fsx_xflags` of a `struct fsxattr`.
+fn xflags_of(fsx: &[u8; sys::FSXATTR_SIZE]) -> u32 {
+    u32::from_ne_bytes([fsx[0], fsx[1], fsx[2], fsx[3]])
 }
 
 /// Attributes with nothing set (for negative entries and `.`/`..` in readdirplus).

@@ -118,6 +118,8 @@ impl CopyUp<'_> {
         crate::dir::set_thread_umask(0)?;
         let work = self.work();
         let kind = sys::file_type(self.st.st_mode);
+        // The lower object's append-only and immutable flags.
+        let mut prot = 0;
         let fd = match kind {
             libc::S_IFDIR => {
                 sys::mkdirat(work, &self.tmp, 0o700)?;
@@ -125,7 +127,7 @@ impl CopyUp<'_> {
                 // An unreadable lower directory keeps its flags to itself.
                 let dir = libc::O_RDONLY | libc::O_DIRECTORY;
                 if let Ok(src) = sys::openat(self.src.as_fd(), c".", dir, 0) {
-                    carry_inode_flags(src.as_fd(), fd.as_fd())?;
+                    prot = carry_inode_flags(src.as_fd(), fd.as_fd())?;
                 }
                 fd
             }
@@ -152,7 +154,7 @@ impl CopyUp<'_> {
                         copy_data(src.as_fd(), fd.as_fd(), len)?;
                     }
                     // After the data: synchronous updates would slow the copy down.
-                    carry_inode_flags(src.as_fd(), fd.as_fd())?;
+                    prot = carry_inode_flags(src.as_fd(), fd.as_fd())?;
                 }
                 fd
             }
@@ -175,6 +177,14 @@ impl CopyUp<'_> {
             sys::fchmod_path(fdb, self.st.st_mode & 0o7777)?;
         }
         copy_xattrs(self.src.as_fd(), fdb)?;
+        if prot != 0 {
+            // Kept in the xattr, as kernel overlayfs keeps them (see `protect`).
+            let name = self.fs.layers.format.protattr_xattr();
+            if let Err(e) = sys::setxattr(fdb, name, crate::protect::format(prot), 0) {
+                log::warn!("copy-up: cannot keep append-only or immutable flags: {e:?}");
+                self.node.set_prot(None);
+            }
+        }
         self.keep_owner_in_override(fdb, kind)?;
         let times = [
             ts(self.st.st_atime, self.st.st_atime_nsec),
@@ -344,31 +354,32 @@ fn deleted_error(node: &Node) -> Errno {
 const LAYERLESS: Errno = Errno::ESTALE;
 
 /// Inode flags a copy-up carries to the copy, as kernel overlayfs does: synchronous updates
-/// and no access times (FS_SYNC_FL, FS_NOATIME_FL). Append-only and immutable stay behind
-/// (the copy could not be put in place with them).
+/// and no access times (FS_SYNC_FL, FS_NOATIME_FL). Append-only and immutable go into the
+/// copy's `overlay.protattr` instead (the copy could not be put in place with them, nor
+/// take a copy-up into it or a whiteout; see `protect`).
 const CARRIED_FLAGS: u32 = 0x0000_0008 | 0x0000_0080;
 
-/// Gives a copy the carried inode flags of its lower object. Where either filesystem has no
-/// inode flags (ENOTTY, EINVAL, EOPNOTSUPP) or the daemon may not set them (EPERM), the copy
-/// goes without.
-fn carry_inode_flags(src: BorrowedFd<'_>, copy: BorrowedFd<'_>) -> Result<()> {
+/// Gives a copy the carried inode flags of its lower object, and returns the lower object's
+/// protection flags (`protect`). Where either filesystem has no inode flags (ENOTTY, EINVAL,
+/// EOPNOTSUPP) or the daemon may not set them (EPERM), the copy goes without.
+fn carry_inode_flags(src: BorrowedFd<'_>, copy: BorrowedFd<'_>) -> Result<u8> {
     let absent = |e: Errno| {
         matches!(
             e.code(),
             libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM
         )
     };
-    let carried = match sys::get_inode_flags(src) {
-        Ok(flags) => flags & CARRIED_FLAGS,
-        Err(e) if absent(e) => return Ok(()),
+    let (carried, prot) = match sys::get_inode_flags(src) {
+        Ok(flags) => (flags & CARRIED_FLAGS, crate::protect::of_inode_flags(flags)),
+        Err(e) if absent(e) => return Ok(0),
         Err(e) => return Err(e),
     };
     if carried == 0 {
-        return Ok(());
+        return Ok(prot);
     }
     match sys::get_inode_flags(copy).and_then(|f| sys::set_inode_flags(copy, f | carried)) {
-        Err(e) if absent(e) => Ok(()),
-        r => r,
+        Err(e) if absent(e) => Ok(prot),
+        r => r.map(|()| prot),
     }
 }
 

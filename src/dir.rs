@@ -16,6 +16,7 @@ use crate::compact::Few;
 use crate::inode::{Node, RealId};
 use crate::layer::WorkDir;
 use crate::lookup::{Found, Loc};
+use crate::protect;
 use crate::sys::{self, Errno, Result, Stat};
 use crate::union::Union;
 use crate::whiteout::{self, Format};
@@ -468,6 +469,7 @@ impl Union {
         if !parent.is_dir() {
             return Err(Errno::ENOTDIR);
         }
+        protect::check_add_entry(self.prot(parent)?)?;
         let mut what = what;
         if let Make::Node { mode, rdev, .. } = &mut what
             && sys::file_type(*mode) == libc::S_IFCHR
@@ -508,6 +510,8 @@ impl Union {
             },
         };
         let node = self.new_upper_node(parent, name, st);
+        // A new object has no protection flags: none to read before its first change.
+        node.set_prot(Some(0));
         self.dir_changed(parent);
         if what.is_dir() {
             self.adjust_subdirs(parent, 1);
@@ -529,6 +533,7 @@ impl Union {
         if !parent.is_dir() {
             return Err(Errno::ENOTDIR);
         }
+        protect::check_add_entry(self.prot(parent)?)?;
         self.copy_up(parent)?;
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let pst = sys::fstat(dir.as_fd())?;
@@ -649,6 +654,8 @@ impl Union {
         if node.is_dir() {
             return Err(Errno::EPERM);
         }
+        protect::check_add_entry(self.prot(newparent)?)?;
+        self.check_change_prot(node)?;
         self.copy_up(node)?;
         self.copy_up(newparent)?;
         let cname = sys::cstr(newname)?;
@@ -704,15 +711,19 @@ impl Union {
         self.check_writable()?;
         let found = self.probe(parent, name)?.ok_or(Errno::ENOENT)?;
         let is_dir = sys::is_dir(&found.st);
-        if want_dir && !is_dir {
-            return Err(Errno::ENOTDIR);
-        }
-        if !want_dir && is_dir {
-            return Err(Errno::EISDIR);
-        }
         let in_upper = found.upper.is_some();
         let node = self.node_for(parent, name, found);
-        let res = self.remove_node(parent, name, &node, is_dir, in_upper);
+        // In the kernel's order: protection flags before the type.
+        let res = (|| {
+            protect::check_remove_entry(self.prot(parent)?, self.prot(&node)?)?;
+            if want_dir && !is_dir {
+                return Err(Errno::ENOTDIR);
+            }
+            if !want_dir && is_dir {
+                return Err(Errno::EISDIR);
+            }
+            self.remove_node(parent, name, &node, is_dir, in_upper)
+        })();
         self.table.unpin(&node, 1);
         res
     }
@@ -910,15 +921,21 @@ impl Union {
         if exchange && dst.is_none() {
             return Err(Errno::ENOENT);
         }
+        if noreplace && dst.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        // The kernel's VFS checks protection flags before the filesystem is asked.
+        protect::check_remove_entry(self.prot(parent)?, self.prot(src)?)?;
+        match dst {
+            Some(d) => protect::check_remove_entry(self.prot(newparent)?, self.prot(d)?)?,
+            None => protect::check_add_entry(self.prot(newparent)?)?,
+        }
         // Directories that exist in a lower layer cannot move: mv falls back to copying.
         let lower_dir = |n: &Node| n.is_dir() && n.state().has_lower();
         if lower_dir(src) || (exchange && dst.is_some_and(|d| lower_dir(d))) {
             return Err(Errno::EXDEV);
         }
         if let (Some(d), false) = (dst, exchange) {
-            if noreplace {
-                return Err(Errno::EEXIST);
-            }
             match (src.is_dir(), d.is_dir()) {
                 (true, false) => return Err(Errno::ENOTDIR),
                 (false, true) => return Err(Errno::EISDIR),

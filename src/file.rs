@@ -350,6 +350,7 @@ impl Union {
             if self.layers.read_only() {
                 return Err(Errno::EROFS);
             }
+            crate::protect::check_open(self.prot(node)?, flags)?;
             // A writable open of a node split already (through /proc/PID/fd of one of its
             // files): the kernel takes no open on it but one passed through to the lower
             // file while its others are open (a limit the README states). Refused before the
@@ -780,6 +781,7 @@ impl Union {
         if !h.writable {
             return Err(Errno::EBADF);
         }
+        crate::protect::check_fallocate(self.prot(&h.node)?, mode)?;
         sys::fallocate(h.fd().as_fd(), mode, off, len)
     }
 

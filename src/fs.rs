@@ -246,6 +246,7 @@ impl UnionFs {
             },
             Op::Setxattr { name, value, flags } => {
                 match self.node(ino).and_then(|n| {
+                    self.u.check_change_prot(&n)?;
                     self.u.check_acl_settable(&n, name)?;
                     self.acl_change_by(h.pid, &n, name)?;
                     self.u.setxattr(&n, name, value, flags)
@@ -266,6 +267,7 @@ impl UnionFs {
             }
             Op::Removexattr { name } => {
                 match self.node(ino).and_then(|n| {
+                    self.u.check_change_prot(&n)?;
                     self.u.check_acl_settable(&n, name)?;
                     self.acl_change_by(h.pid, &n, name)?;
                     self.u.removexattr(&n, name)

@@ -95,7 +95,9 @@ pub struct Node {
     /// Its name moved to a new node (passthrough copy-up, see `file::split_node`): requests
     /// that resolve it by name get ESTALE, so the kernel looks the name up again.
     pub split: AtomicBool,
-    removed: AtomicBool,
+    /// `REMOVED`, and the node's protection flags once read (`PROT_KNOWN` and the flags
+    /// shifted by `PROT_SHIFT`; see `Union::prot`).
+    bits: AtomicU8,
     /// The table's clock when a request last used the node (see `Table::coldest`).
     last_used: AtomicU32,
     /// Kernel lookups plus pins by children; the node leaves the table when it drops to 0.
@@ -131,6 +133,12 @@ pub struct Extra {
     moved_to: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
 }
 
+/// `Node::bits`: the node left the table.
+const REMOVED: u8 = 1;
+/// `Node::bits`: the protection flags that follow were read.
+const PROT_KNOWN: u8 = 2;
+const PROT_SHIFT: u32 = 2;
+
 /// `Extra::subdirs` before the subdirectories were counted.
 pub const NOT_COUNTED: u64 = u64::MAX;
 
@@ -141,7 +149,7 @@ impl Node {
             serial,
             kind: kind as u16,
             split: AtomicBool::new(false),
-            removed: AtomicBool::new(false),
+            bits: AtomicU8::new(0),
             last_used: AtomicU32::new(0),
             refs: AtomicU64::new(1),
             state: Mutex::new(state),
@@ -211,6 +219,36 @@ impl Node {
 
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Its protection flags (`protect`) if they were read, else `Err` with what to hand
+    /// `cache_prot` once they are.
+    pub fn cached_prot(&self) -> std::result::Result<u8, u8> {
+        let bits = self.bits.load(Ordering::SeqCst);
+        if bits & PROT_KNOWN != 0 {
+            Ok(bits >> PROT_SHIFT)
+        } else {
+            Err(bits)
+        }
+    }
+
+    /// Records protection flags read after `cached_prot` gave `seen`, unless they were set
+    /// (or the node left the table) in between.
+    pub fn cache_prot(&self, seen: u8, prot: u8) {
+        let new = seen | PROT_KNOWN | (prot & crate::protect::BOTH) << PROT_SHIFT;
+        let _ = self
+            .bits
+            .compare_exchange(seen, new, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Records protection flags just set (`None`: to be read again).
+    pub fn set_prot(&self, prot: Option<u8>) {
+        let new = prot.map_or(0, |p| PROT_KNOWN | (p & crate::protect::BOTH) << PROT_SHIFT);
+        let _ = self
+            .bits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b & REMOVED | new)
+            });
     }
 
     /// Whether its name moved to a new node (see `split`).
@@ -735,7 +773,7 @@ impl Table {
                 let old = node.refs.load(Ordering::Relaxed);
                 let new = old.saturating_sub(n);
                 node.refs.store(new, Ordering::Relaxed);
-                if new > 0 || node.removed.load(Ordering::Relaxed) {
+                if new > 0 || node.bits.load(Ordering::Relaxed) & REMOVED != 0 {
                     continue;
                 }
                 if shard
@@ -745,7 +783,7 @@ impl Table {
                     shard.remove(&node.ino);
                     self.removed_node();
                 }
-                node.removed.store(true, Ordering::Relaxed);
+                node.bits.fetch_or(REMOVED, Ordering::Relaxed);
             }
             self.forget_ids(&node);
             if node.is_dir() {

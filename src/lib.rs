@@ -28,6 +28,7 @@ pub mod mountinfo;
 pub mod notify;
 pub mod override_stat;
 pub mod prefetch;
+pub mod protect;
 pub mod readdir;
 pub mod stream;
 pub mod sys;

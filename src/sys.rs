@@ -1028,6 +1028,23 @@ pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(i64, u32)>> 
         .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec)))
 }
 
+/// The attributes `statx` reports of `name` in `dir` (`c""` or `c"."` for `dir` itself; links
+/// not followed) that its filesystem supports (STATX_ATTR_*).
+pub fn statx_attributes_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<u64> {
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: NUL-terminated name, `stx` is a valid out-pointer of the right type.
+    check(unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, 0, stx.as_mut_ptr()) })?;
+    // SAFETY: statx succeeded and filled the struct (it was zeroed before).
+    let stx = unsafe { stx.assume_init() };
+    Ok(stx.stx_attributes & stx.stx_attributes_mask)
+}
+
 /// The size of a memory page.
 pub fn page_size() -> usize {
     // SAFETY: sysconf reads a constant of the system.

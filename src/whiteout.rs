@@ -19,6 +19,9 @@ pub const TRUSTED_OPAQUE: &CStr = c"trusted.overlay.opaque";
 pub const USER_OPAQUE: &CStr = c"user.overlay.opaque";
 pub const FUSEOVERLAYFS_OPAQUE: &CStr = c"user.fuseoverlayfs.opaque";
 
+pub const TRUSTED_PROTATTR: &CStr = c"trusted.overlay.protattr";
+pub const USER_PROTATTR: &CStr = c"user.overlay.protattr";
+
 /// How the upper layer records whiteouts and opaque directories.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -36,6 +39,14 @@ impl Format {
         match self {
             Format::Trusted => TRUSTED_OPAQUE,
             Format::UserXattr | Format::Aufs => USER_OPAQUE,
+        }
+    }
+
+    /// Where append-only and immutable flags set through the view are kept (`protect`).
+    pub fn protattr_xattr(self) -> &'static CStr {
+        match self {
+            Format::Trusted => TRUSTED_PROTATTR,
+            Format::UserXattr | Format::Aufs => USER_PROTATTR,
         }
     }
 }

@@ -182,7 +182,7 @@ fn merged_trees(a: &Path, b: &Path) -> (BTreeMap<String, Obj>, BTreeMap<String, 
 /// The overlay xattrs that define the view (kernel overlayfs also writes bookkeeping ones,
 /// origin/impure/uuid, which unionmount need not).
 fn view_xattr(name: &str) -> bool {
-    ["opaque", "redirect", "metacopy", "whiteout"]
+    ["opaque", "redirect", "metacopy", "whiteout", "protattr"]
         .iter()
         .any(|s| name == format!("trusted.overlay.{s}") || name == format!("user.overlay.{s}"))
 }
@@ -1104,30 +1104,346 @@ fn append_only_rows(m: &Mount) -> Vec<(String, String)> {
     rows
 }
 
-/// Appends to a file made append-only through the view work as on kernel overlayfs as root
-/// (passthrough); writes in place, truncation and unlinking are refused on both. On the
-/// page-cached path the appends are refused too (the README's known limitation): the
-/// kernel's write-back there writes whole pages where they lie, which the upper file takes
-/// only at its end.
+/// Appends to a file made append-only through the view work as on kernel overlayfs, on both
+/// paths; writes in place, truncation and unlinking are refused on both. (The flag is kept
+/// in `overlay.protattr`, so the real upper file takes the page writes of the page-cached
+/// path's write-back wherever they lie.)
 #[test]
 fn append_only_file_takes_appends() {
     let l = Layers::new(1);
     l.lower(0).file("d/log", "l");
     let k = l.mount_kernel("k");
     let want = append_only_rows(&k);
-    let u = l.mount_with("u", &["--passthrough", "on"]);
-    assert_rows_match(&want, &append_only_rows(&u));
-    drop(u);
-    let c = l.mount_with("c", &["--passthrough", "off"]);
-    let log = c.path("d/log");
-    add_flags(&log, FS_APPEND_FL).unwrap();
-    let append = OpenOptions::new().append(true).open(&log);
-    assert_eq!(
-        append.map(drop).map_err(|e| e.raw_os_error()),
-        Err(Some(libc::EPERM))
+    for (name, path) in [("u", "on"), ("c", "off")] {
+        let u = l.mount_with(name, &["--passthrough", path]);
+        assert_rows_match(&want, &append_only_rows(&u));
+    }
+}
+
+/// Takes the inode flags off paths when dropped (also when a test fails), so that their
+/// temporary directory can go.
+struct Unflag(Vec<PathBuf>);
+
+impl Drop for Unflag {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = remove_flags(p, FS_IMMUTABLE_FL | FS_APPEND_FL);
+        }
+    }
+}
+
+/// What append-only and immutable flags allow, set through the view on lower files and
+/// directories, or found on lower objects, as (what, result) rows.
+fn protection_rows(m: &Mount) -> Vec<(String, String)> {
+    use std::os::fd::AsRawFd;
+    let mut rows = Vec::new();
+    let mut row =
+        |what: &str, r: &dyn std::fmt::Debug| rows.push((what.to_string(), format!("{r:?}")));
+    let p = |rel: &str| m.path(rel);
+    let open = |rel: &str, o: &mut OpenOptions| io(o.open(p(rel)));
+    let write_at_end = |rel: &str, data: &[u8]| {
+        io(OpenOptions::new()
+            .append(true)
+            .open(p(rel))
+            .and_then(|mut f| f.write_all(data)))
+    };
+    let read = |rel: &str| fs::read_to_string(p(rel)).map_err(|e| e.raw_os_error());
+    let chmod =
+        |rel: &str, mode: u32| io(fs::set_permissions(p(rel), PermissionsExt::from_mode(mode)));
+    let utimes = |rel: &str, now: bool| {
+        let c = cs(&p(rel));
+        let t = if now {
+            [libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            }; 2]
+        } else {
+            [libc::timespec {
+                tv_sec: 1_000_000,
+                tv_nsec: 0,
+            }; 2]
+        };
+        // SAFETY: valid path and two timespecs.
+        rc(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), t.as_ptr(), 0) })
+    };
+    let setx = |rel: &str| {
+        let (c, n) = (cs(&p(rel)), CString::new("user.t").unwrap());
+        // SAFETY: valid strings and a one-byte value.
+        rc(unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) })
+    };
+    let fallocate = |rel: &str, mode: i32| {
+        io(OpenOptions::new().append(true).open(p(rel)).and_then(|f| {
+            // SAFETY: a valid fd.
+            match unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 4) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        }))
+    };
+
+    // Set through the view: the objects are copied up, the flags kept aside.
+    row("chattr +i d", &add_flags(&p("d"), FS_IMMUTABLE_FL));
+    row("chattr +a ad", &add_flags(&p("ad"), FS_APPEND_FL));
+    row("chattr +i fi", &add_flags(&p("fi"), FS_IMMUTABLE_FL));
+    row("chattr +a fa", &add_flags(&p("fa"), FS_APPEND_FL));
+    row(
+        "chattr +ai both",
+        &add_flags(&p("both"), FS_IMMUTABLE_FL | FS_APPEND_FL),
     );
-    assert_eq!(fs::read_to_string(&log).unwrap(), "l");
-    remove_flags(&log, FS_APPEND_FL).unwrap();
+    for n in ["d", "ad", "fi", "fa", "both", "li", "ld", "ld/c"] {
+        row(
+            &format!("flags of {n}"),
+            &get_flags(&p(n)).map(|f| f & (FS_IMMUTABLE_FL | FS_APPEND_FL)),
+        );
+    }
+    row("xflags of both", &get_xflags(&p("both")).map(|f| f & 0x18));
+    // Through FS_IOC_FSSETXATTR (FS_XFLAG_APPEND) as well.
+    row("fssetxattr append xa", &add_xflags(&p("xa"), 0x10));
+    row(
+        "flags of xa",
+        &get_flags(&p("xa")).map(|f| f & (FS_IMMUTABLE_FL | FS_APPEND_FL)),
+    );
+    row(
+        "open xa for writing",
+        &open("xa", OpenOptions::new().write(true)),
+    );
+
+    // An immutable directory: its entries stay, the files in it change.
+    row(
+        "create in d",
+        &open("d/new", OpenOptions::new().write(true).create(true)),
+    );
+    row("mkdir in d", &io(fs::create_dir(p("d/nd"))));
+    row(
+        "symlink in d",
+        &io(std::os::unix::fs::symlink("x", p("d/sl"))),
+    );
+    row("link into d", &io(fs::hard_link(p("plain"), p("d/hl"))));
+    row("unlink in d", &io(fs::remove_file(p("d/f"))));
+    row("rename in d", &io(fs::rename(p("d/f"), p("d/f2"))));
+    row("rename out of d", &io(fs::rename(p("d/g"), p("g"))));
+    row("rename into d", &io(fs::rename(p("plain"), p("d/plain"))));
+    row("rmdir d/sub", &io(fs::remove_dir(p("d/sub"))));
+    row("chmod d/f", &chmod("d/f", 0o600));
+    row("append to d/f", &write_at_end("d/f", b"+"));
+    row("read d/f", &read("d/f"));
+    row("chmod d", &chmod("d", 0o700));
+    row("rmdir d", &io(fs::remove_dir(p("d"))));
+
+    // An append-only directory: names come, none go.
+    row(
+        "create in ad",
+        &open("ad/new", OpenOptions::new().write(true).create(true)),
+    );
+    row("unlink in ad", &io(fs::remove_file(p("ad/f"))));
+    row("rename out of ad", &io(fs::rename(p("ad/new"), p("new"))));
+    row(
+        "rename over a name in ad",
+        &io(fs::rename(p("plain"), p("ad/f"))),
+    );
+    row("rename into ad", &io(fs::rename(p("plain"), p("ad/plain"))));
+    row("rmdir ad", &io(fs::remove_dir(p("ad"))));
+
+    // An immutable file: nothing changes.
+    row(
+        "open fi for writing",
+        &open("fi", OpenOptions::new().write(true)),
+    );
+    row(
+        "open fi O_RDONLY|O_TRUNC",
+        &open(
+            "fi",
+            OpenOptions::new().read(true).custom_flags(libc::O_TRUNC),
+        ),
+    );
+    row(
+        "truncate fi",
+        &io(OpenOptions::new().read(true).open(p("fi")).and_then(|_| {
+            let c = cs(&p("fi"));
+            // SAFETY: a valid path.
+            match unsafe { libc::truncate(c.as_ptr(), 0) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        })),
+    );
+    row("chmod fi", &chmod("fi", 0o600));
+    row(
+        "chown fi",
+        &io(std::os::unix::fs::lchown(p("fi"), Some(1), Some(1))),
+    );
+    row("touch fi", &utimes("fi", true));
+    row("utimes fi", &utimes("fi", false));
+    row("setxattr fi", &setx("fi"));
+    row("unlink fi", &io(fs::remove_file(p("fi"))));
+    // (rmdir of it answers ENOTDIR here: the FUSE kernel checks the type before asking.)
+    row("rename fi", &io(fs::rename(p("fi"), p("fi2"))));
+    row("link fi", &io(fs::hard_link(p("fi"), p("fi3"))));
+    row("read fi", &read("fi"));
+
+    // An append-only file: appends only.
+    row(
+        "open fa for writing",
+        &open("fa", OpenOptions::new().write(true)),
+    );
+    row("append to fa", &write_at_end("fa", b"+"));
+    row(
+        "open fa O_APPEND|O_TRUNC",
+        &open(
+            "fa",
+            OpenOptions::new().append(true).custom_flags(libc::O_TRUNC),
+        ),
+    );
+    row("chmod fa", &chmod("fa", 0o600));
+    row("touch fa", &utimes("fa", true));
+    row("utimes fa", &utimes("fa", false));
+    row("setxattr fa", &setx("fa"));
+    row(
+        "fallocate fa keep size",
+        &fallocate("fa", libc::FALLOC_FL_KEEP_SIZE),
+    );
+    row("fallocate fa", &fallocate("fa", 0));
+    row(
+        "punch a hole in fa",
+        &fallocate("fa", libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+    );
+    row("unlink fa", &io(fs::remove_file(p("fa"))));
+    row("link fa", &io(fs::hard_link(p("fa"), p("fa3"))));
+    row("read fa", &read("fa"));
+    row("append to both", &write_at_end("both", b"+"));
+    row("touch both", &utimes("both", true));
+
+    // Flags a lower object has for real: shown and kept, also by a copy-up of the directory.
+    row("append to li", &write_at_end("li", b"+"));
+    row("chmod li", &chmod("li", 0o600));
+    row("unlink li", &io(fs::remove_file(p("li"))));
+    row("chmod ld/c", &chmod("ld/c", 0o600));
+    row(
+        "flags of ld after its copy-up",
+        &get_flags(&p("ld")).map(|f| f & FS_IMMUTABLE_FL),
+    );
+    row(
+        "create in ld",
+        &open("ld/new", OpenOptions::new().write(true).create(true)),
+    );
+
+    // Taken off again, everything goes.
+    for (n, f) in [
+        ("d", FS_IMMUTABLE_FL),
+        ("ad", FS_APPEND_FL),
+        ("fi", FS_IMMUTABLE_FL),
+        ("fa", FS_APPEND_FL),
+        ("both", FS_IMMUTABLE_FL | FS_APPEND_FL),
+        ("li", FS_IMMUTABLE_FL),
+        ("ld", FS_IMMUTABLE_FL),
+        ("xa", FS_APPEND_FL),
+    ] {
+        row(&format!("chattr -{f:#x} {n}"), &remove_flags(&p(n), f));
+    }
+    row("append to li after", &write_at_end("li", b"+"));
+    row("unlink d/f after", &io(fs::remove_file(p("d/f"))));
+    row("unlink ad/f after", &io(fs::remove_file(p("ad/f"))));
+    row(
+        "open fa for writing after",
+        &open("fa", OpenOptions::new().write(true)),
+    );
+    row("unlink fi after", &io(fs::remove_file(p("fi"))));
+    rows
+}
+
+/// Append-only and immutable flags set through the view (on lower objects, so copied up
+/// first) and found on lower objects do what they do on kernel overlayfs: an immutable
+/// directory keeps its names while the files in it change (a copy-up into it), an
+/// append-only one gains names but loses none, and so on. Both keep them in the upper's
+/// `overlay.protattr` xattr, never as real flags, and an upper kernel overlayfs wrote with
+/// them shows and enforces them here too.
+#[test]
+fn protection_flags_as_kernel_overlayfs() {
+    let l = Layers::new(1);
+    let lower = l.lower(0);
+    lower
+        .file("d/f", "f")
+        .file("d/g", "g")
+        .dir("d/sub")
+        .file("ad/f", "f")
+        .file("fi", "i")
+        .file("fa", "a")
+        .file("both", "b")
+        .file("plain", "p")
+        .file("xa", "x")
+        .file("li", "l")
+        .file("ld/c", "c");
+    let _unflag = Unflag(vec![lower.path("li"), lower.path("ld")]);
+    add_flags(&lower.path("li"), FS_IMMUTABLE_FL).unwrap();
+    add_flags(&lower.path("ld"), FS_IMMUTABLE_FL).unwrap();
+    let k = l.mount_kernel("k");
+    let want = protection_rows(&k);
+    let u = l.mount("u");
+    assert_rows_match(&want, &protection_rows(&u));
+    let (tk, tu) = merged_trees(&k.merged, &u.merged);
+    assert_same_tree(&tk, &tu, "merged after the flag changes");
+    assert_same_upper(
+        &k.upper_path(""),
+        &u.upper_path(""),
+        "after the flag changes",
+    );
+
+    // On disk: the xattr as the kernel writes it, no real flag.
+    let probe = [
+        ("d", FS_IMMUTABLE_FL),
+        ("both", FS_IMMUTABLE_FL | FS_APPEND_FL),
+        ("ld", FS_IMMUTABLE_FL),
+    ];
+    let mut on_disk = Vec::new();
+    for m in [&k, &u] {
+        for (n, f) in probe {
+            add_flags(&m.path(n), f).unwrap();
+        }
+        on_disk.push(
+            probe
+                .iter()
+                .map(|(n, _)| {
+                    let up = m.upper_path(n);
+                    (
+                        get_xattr(&up, "trusted.overlay.protattr"),
+                        get_flags(&up).map(|f| f & (FS_IMMUTABLE_FL | FS_APPEND_FL)),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        on_disk[0], on_disk[1],
+        "protattr and real flags in the upper (kernel, unionmount)"
+    );
+    assert_eq!(on_disk[1][1], (Ok(b"ai".to_vec()), Ok(0)));
+
+    // The kernel's upper under unionmount: flags shown and enforced.
+    let ku = k.upper_path("");
+    drop(k);
+    let merged = l.root().join("k2/merged");
+    let here = union_at(&l, &ku, &l.root().join("k2/work"), &merged);
+    assert_eq!(
+        get_flags(&merged.join("both")).map(|f| f & 0x30),
+        Ok(FS_IMMUTABLE_FL | FS_APPEND_FL)
+    );
+    assert_eq!(errno(fs::write(merged.join("d/new"), "n")), libc::EPERM);
+    assert_eq!(
+        errno(OpenOptions::new().append(true).open(merged.join("both"))),
+        libc::EPERM
+    );
+    assert_eq!(errno(fs::remove_file(merged.join("ld/c"))), libc::EPERM);
+    remove_flags(&merged.join("d"), FS_IMMUTABLE_FL).unwrap();
+    fs::write(merged.join("d/new"), "n").unwrap();
+    assert_eq!(
+        get_xattr(&ku.join("d"), "trusted.overlay.protattr"),
+        Err(libc::ENODATA)
+    );
+    for (n, f) in probe {
+        let _ = remove_flags(&merged.join(n), f);
+        let _ = remove_flags(&u.path(n), f);
+    }
+    drop(here);
 }
 
 /// `statx` reports a birth time as kernel overlayfs does: the one of the object the view shows

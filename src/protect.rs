@@ -1,0 +1,287 @@
+//! Append-only and immutable flags (`chattr +a`, `chattr +i`), kept as kernel overlayfs keeps
+//! them: set through the view, they go into the upper object's `overlay.protattr` xattr ("a",
+//! "i" or "ai"), never onto the real object, which must stay changeable by the daemon (a copy-up
+//! into an immutable directory, a whiteout in an append-only one). A copy-up moves them from the
+//! lower object's real flags into the xattr in the same way.
+//!
+//! The kernel knows nothing of them on a FUSE inode, so the daemon refuses what they forbid,
+//! as the kernel's VFS does on an overlayfs inode: an immutable object takes no change at all
+//! (no new name in it, if a directory); an append-only one takes appends and new names in it,
+//! and nothing else.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use crate::inode::Node;
+use crate::lookup::Loc;
+use crate::sys::{self, Errno, Result};
+use crate::union::Union;
+
+/// Append-only, as a protection flag.
+pub const APPEND: u8 = 1;
+/// Immutable, as a protection flag.
+pub const IMMUTABLE: u8 = 2;
+/// Both.
+pub const BOTH: u8 = APPEND | IMMUTABLE;
+
+/// FS_APPEND_FL and FS_IMMUTABLE_FL (FS_IOC_GETFLAGS).
+const FL_APPEND: u32 = 0x20;
+const FL_IMMUTABLE: u32 = 0x10;
+/// FS_XFLAG_APPEND and FS_XFLAG_IMMUTABLE (FS_IOC_FSGETXATTR).
+const XFL_APPEND: u32 = 0x10;
+const XFL_IMMUTABLE: u32 = 0x08;
+/// STATX_ATTR_APPEND and STATX_ATTR_IMMUTABLE.
+const STATX_APPEND: u64 = 0x20;
+const STATX_IMMUTABLE: u64 = 0x10;
+
+/// The flags an `overlay.protattr` value records. Kernel overlayfs refuses a value with other
+/// letters; here they are skipped, so one bad byte takes no protection away.
+pub fn parse(value: &[u8]) -> u8 {
+    value.iter().fold(0, |p, c| match c {
+        b'a' => p | APPEND,
+        b'i' => p | IMMUTABLE,
+        _ => p,
+    })
+}
+
+/// The `overlay.protattr` value for `p` (empty: no xattr), as kernel overlayfs writes it.
+pub fn format(p: u8) -> &'static [u8] {
+    match p & BOTH {
+        APPEND => b"a",
+        IMMUTABLE => b"i",
+        BOTH => b"ai",
+        _ => b"",
+    }
+}
+
+/// The protection flags among inode flags (FS_*_FL).
+pub fn of_inode_flags(flags: u32) -> u8 {
+    u8::from(flags & FL_APPEND != 0) * APPEND + u8::from(flags & FL_IMMUTABLE != 0) * IMMUTABLE
+}
+
+/// Inode flags (FS_*_FL) for protection flags.
+pub fn to_inode_flags(p: u8) -> u32 {
+    u32::from(p & APPEND != 0) * FL_APPEND + u32::from(p & IMMUTABLE != 0) * FL_IMMUTABLE
+}
+
+/// Inode flags without the protection flags.
+pub fn strip_inode_flags(flags: u32) -> u32 {
+    flags & !(FL_APPEND | FL_IMMUTABLE)
+}
+
+/// The protection flags among XFS-style flags (FS_XFLAG_*).
+pub fn of_xflags(xflags: u32) -> u8 {
+    u8::from(xflags & XFL_APPEND != 0) * APPEND + u8::from(xflags & XFL_IMMUTABLE != 0) * IMMUTABLE
+}
+
+/// XFS-style flags (FS_XFLAG_*) for protection flags.
+pub fn to_xflags(p: u8) -> u32 {
+    u32::from(p & APPEND != 0) * XFL_APPEND + u32::from(p & IMMUTABLE != 0) * XFL_IMMUTABLE
+}
+
+/// XFS-style flags without the protection flags.
+pub fn strip_xflags(xflags: u32) -> u32 {
+    xflags & !(XFL_APPEND | XFL_IMMUTABLE)
+}
+
+/// The protection flags among `statx` attributes.
+pub fn of_statx_attributes(attrs: u64) -> u8 {
+    u8::from(attrs & STATX_APPEND != 0) * APPEND
+        + u8::from(attrs & STATX_IMMUTABLE != 0) * IMMUTABLE
+}
+
+fn refuse(forbidden: bool) -> Result<()> {
+    if forbidden { Err(Errno::EPERM) } else { Ok(()) }
+}
+
+/// A change of the object itself (owner, mode, explicit times, size, xattrs), or a new name
+/// for it (link): only an object with neither flag takes it.
+pub fn check_change(p: u8) -> Result<()> {
+    refuse(p & BOTH != 0)
+}
+
+/// Setting both times to now (`touch`): refused by an immutable object only.
+pub fn check_touch(p: u8) -> Result<()> {
+    refuse(p & IMMUTABLE != 0)
+}
+
+/// An open with `flags`: an immutable file opens for reading only, an append-only one for
+/// writing only with O_APPEND, and neither with O_TRUNC.
+pub fn check_open(p: u8, flags: i32) -> Result<()> {
+    let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+    let trunc = flags & libc::O_TRUNC != 0;
+    let append = flags & libc::O_APPEND != 0;
+    refuse(
+        (p & IMMUTABLE != 0 && (writes || trunc))
+            || (p & APPEND != 0 && ((writes && !append) || trunc)),
+    )
+}
+
+/// fallocate(2) with `mode`: an append-only file takes allocation only (no flag but
+/// FALLOC_FL_KEEP_SIZE: no hole punched, no range collapsed or zeroed).
+pub fn check_fallocate(p: u8, mode: i32) -> Result<()> {
+    refuse(p & IMMUTABLE != 0 || (p & APPEND != 0 && mode & !libc::FALLOC_FL_KEEP_SIZE != 0))
+}
+
+/// A new name in a directory (create, link or rename into it).
+pub fn check_add_entry(dir: u8) -> Result<()> {
+    refuse(dir & IMMUTABLE != 0)
+}
+
+/// A name taken from a directory (unlink, rmdir, rename out of it or over a name in it), and
+/// the object that loses it.
+pub fn check_remove_entry(dir: u8, victim: u8) -> Result<()> {
+    refuse(dir & BOTH != 0 || victim & BOTH != 0)
+}
+
+impl Union {
+    /// The protection flags of the object the view shows for `node`: those its upper object's
+    /// `overlay.protattr` records, or the real flags of its lower object (as kernel overlayfs
+    /// takes them from a lower inode). Read once per node: the daemon is the only writer of the
+    /// upper while it is mounted, and a copy-up carries the flags over unchanged.
+    pub fn prot(&self, node: &Node) -> Result<u8> {
+        if !matches!(node.kind(), libc::S_IFREG | libc::S_IFDIR) || self.layers.read_only() {
+            return Ok(0);
+        }
+        let seen = match node.cached_prot() {
+            Ok(p) => return Ok(p),
+            Err(seen) => seen,
+        };
+        let read = match self.top_loc(node) {
+            Loc::Upper => {
+                let name = self.layers.format.protattr_xattr();
+                self.with_object_or_fd(node, Loc::Upper, None, false, |d, p| {
+                    read_protattr(d, p, name)
+                })
+            }
+            // statx answers without an open, but some filesystems report every file
+            // immutable there (erofs, being read-only); the inode flags decide.
+            loc => match self.with_object(node, loc, sys::statx_attributes_at) {
+                Ok(attrs) if of_statx_attributes(attrs) == 0 => Ok(0),
+                Ok(_) => match self
+                    .open_for_ioctl(node, loc)
+                    .and_then(|f| sys::get_inode_flags(f.as_fd()))
+                {
+                    Ok(flags) => Ok(of_inode_flags(flags)),
+                    Err(e)
+                        if matches!(e.code(), libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) =>
+                    {
+                        Ok(0)
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
+        };
+        match read {
+            Ok(p) => {
+                node.cache_prot(seen, p);
+                Ok(p)
+            }
+            // No name left to read them through (deleted while open, or moved meanwhile),
+            // or none the daemon may read: the request goes on to meet the real answer.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    libc::ENOENT | libc::ESTALE | libc::EACCES | libc::EPERM
+                ) =>
+            {
+                log::debug!("protection flags of node {} unread: {e:?}", node.ino);
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Refuses a change of `node` itself (xattrs, a new name) that its protection flags forbid.
+    pub fn check_change_prot(&self, node: &Node) -> Result<()> {
+        check_change(self.prot(node)?)
+    }
+
+    /// Records protection flags `p` on the upper object `fd` (or removes the record), and on
+    /// `node`. As kernel overlayfs, EPERM where the upper cannot keep the xattr.
+    pub fn write_prot(&self, node: &Node, fd: BorrowedFd<'_>, p: u8) -> Result<()> {
+        let name = self.layers.format.protattr_xattr();
+        let res = match format(p) {
+            b"" => match sys::removexattr(fd, name) {
+                Err(e) if matches!(e.code(), libc::ENODATA | libc::EOPNOTSUPP) => Ok(()),
+                r => r,
+            },
+            value => match sys::setxattr(fd, name, value, 0) {
+                Err(e) if e.code() == libc::EOPNOTSUPP => Err(Errno::EPERM),
+                r => r,
+            },
+        };
+        node.set_prot(res.is_ok().then_some(p));
+        res
+    }
+}
+
+/// The protection flags an `overlay.protattr` xattr of `path` in `dir` records.
+fn read_protattr(dir: BorrowedFd<'_>, path: &CStr, name: &CStr) -> Result<u8> {
+    let mut buf = [0u8; 8];
+    match sys::getxattr_at(dir, path, name, &mut buf) {
+        Ok(n) => Ok(parse(&buf[..n])),
+        Err(e) if e.code() == libc::ERANGE => {
+            Ok(sys::getxattr_vec_at(dir, path, name)?.map_or(0, |v| parse(&v)))
+        }
+        Err(e) if matches!(e.code(), libc::ENODATA | libc::EOPNOTSUPP) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xattr_values_round_trip_as_the_kernel_writes_them() {
+        for p in [0, APPEND, IMMUTABLE, BOTH] {
+            assert_eq!(parse(format(p)), p);
+        }
+        assert_eq!(format(BOTH), b"ai");
+        assert_eq!(parse(b"ia"), BOTH);
+        assert_eq!(parse(b"x"), 0);
+        assert_eq!(parse(b"xi"), IMMUTABLE);
+    }
+
+    #[test]
+    fn flags_convert_both_ways() {
+        for p in [0, APPEND, IMMUTABLE, BOTH] {
+            assert_eq!(of_inode_flags(to_inode_flags(p) | 0x80), p);
+            assert_eq!(of_xflags(to_xflags(p) | 0x40), p);
+        }
+        assert_eq!(strip_inode_flags(0x80 | 0x20 | 0x10), 0x80);
+        assert_eq!(strip_xflags(0x40 | 0x10 | 0x08), 0x40);
+        assert_eq!(of_statx_attributes(0x30 | 0x04), BOTH);
+    }
+
+    #[test]
+    fn opens_follow_the_kernels_rules() {
+        let w = libc::O_WRONLY;
+        assert!(check_open(0, w | libc::O_TRUNC).is_ok());
+        assert!(check_open(IMMUTABLE, libc::O_RDONLY).is_ok());
+        assert!(check_open(IMMUTABLE, w | libc::O_APPEND).is_err());
+        assert!(check_open(IMMUTABLE, libc::O_RDONLY | libc::O_TRUNC).is_err());
+        assert!(check_open(APPEND, libc::O_RDONLY).is_ok());
+        assert!(check_open(APPEND, libc::O_RDWR | libc::O_APPEND).is_ok());
+        assert!(check_open(APPEND, w).is_err());
+        assert!(check_open(APPEND, w | libc::O_APPEND | libc::O_TRUNC).is_err());
+    }
+
+    #[test]
+    fn directories_and_changes() {
+        assert!(check_add_entry(APPEND).is_ok());
+        assert!(check_add_entry(IMMUTABLE).is_err());
+        assert!(check_remove_entry(APPEND, 0).is_err());
+        assert!(check_remove_entry(0, IMMUTABLE).is_err());
+        assert!(check_remove_entry(0, 0).is_ok());
+        assert!(check_touch(APPEND).is_ok());
+        assert!(check_change(APPEND).is_err());
+        assert!(check_fallocate(APPEND, libc::FALLOC_FL_KEEP_SIZE).is_ok());
+        assert!(check_fallocate(APPEND, 0).is_ok());
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert!(check_fallocate(APPEND, punch).is_err());
+        assert!(check_fallocate(IMMUTABLE, libc::FALLOC_FL_KEEP_SIZE).is_err());
+    }
+}
