@@ -337,14 +337,17 @@ impl Union {
 
 /// Copy-up of a node whose name is gone. A file deleted while open on a lower layer: a change
 /// through an open file of it fails with EEXIST, as on kernel overlayfs (whose copy-up links
-/// the copy over the whiteout at the name the file had). Otherwise `Node::nameless_error`
-/// (ESTALE for a split node, ENOENT for a deleted directory: the kernel's ENOTDIR there, from
-/// renaming a directory over the whiteout, is not copied).
+/// the copy over the whiteout at the name the file had), or ENOENT once the directory it was
+/// in is gone too (there is no directory left to link it into). Otherwise
+/// `Node::nameless_error` (ESTALE for a split node, ENOENT for a deleted directory: the
+/// kernel's ENOTDIR there, from renaming a directory over the whiteout, is not copied).
 fn deleted_error(node: &Node) -> Errno {
     if node.is_dir() || node.is_split() {
-        node.nameless_error()
-    } else {
-        Errno::EEXIST
+        return node.nameless_error();
+    }
+    match node.last_parent() {
+        Some(dir) if dir.is_root() || !dir.state().links.is_empty() => Errno::EEXIST,
+        _ => Errno::ENOENT,
     }
 }
 

@@ -131,6 +131,8 @@ pub struct Extra {
     /// A split node (see `Node::split`): the daemon's own open file of the upper copy its
     /// name moved to, which its fsync syncs.
     moved_to: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
+    /// The directory its last name was in, once it has none (see `copy_up::deleted_error`).
+    last_parent: Mutex<Option<Arc<Node>>>,
 }
 
 /// `Node::bits`: the node left the table.
@@ -175,6 +177,7 @@ impl Node {
                 listed: AtomicBool::new(false),
                 stale_listing: AtomicBool::new(false),
                 moved_to: Mutex::new(None),
+                last_parent: Mutex::new(None),
             })
         })
     }
@@ -193,6 +196,11 @@ impl Node {
     /// An open file of the upper copy a split node's name moved to, if it is one.
     pub fn moved_to(&self) -> Option<Arc<std::os::fd::OwnedFd>> {
         lock(&self.extra_if_made()?.moved_to).clone()
+    }
+
+    /// The directory its last name was in, if it has no name left.
+    pub fn last_parent(&self) -> Option<Arc<Node>> {
+        lock(&self.extra_if_made()?.last_parent).clone()
     }
 
     /// Holds `Extra::dir_lock` (changes to a directory's entries).
@@ -834,7 +842,11 @@ impl Table {
                 .links
                 .iter()
                 .position(|l| l.parent.ino == parent.ino && l.name == name);
-            pos.map(|i| st.links.remove(i))
+            let removed = pos.map(|i| st.links.remove(i));
+            if let (Some(l), true) = (&removed, st.links.is_empty()) {
+                *lock(&node.extra().last_parent) = Some(l.parent.clone());
+            }
+            removed
         };
         match removed {
             Some(l) => {

@@ -932,11 +932,14 @@ fn stale_reader_rows(root: &Path) -> Vec<String> {
 /// Changes through a file open on a lower file that was deleted since: kernel overlayfs
 /// refuses them with EEXIST (its copy-up meets the whiteout at the name), and the lower file
 /// stays as it was.
-fn deleted_reader_rows(root: &Path) -> Vec<String> {
+fn deleted_reader_rows(root: &Path, file: &str, then_rmdir: Option<&str>) -> Vec<String> {
     use std::os::fd::AsRawFd;
-    let p = root.join("m/e");
+    let p = root.join(file);
     let f = fs::File::open(&p).unwrap();
     fs::remove_file(&p).unwrap();
+    if let Some(d) = then_rmdir {
+        fs::remove_dir(root.join(d)).unwrap();
+    }
     let fd = f.as_raw_fd();
     let times = [libc::timespec {
         tv_sec: 1_000_000,
@@ -970,9 +973,12 @@ fn deleted_reader_rows(root: &Path) -> Vec<String> {
 fn changes_through_a_file_of_a_deleted_lower_file_fail_as_on_kernel_overlayfs() {
     let l = layers();
     let k = l.mount_kernel("k");
-    let kernel = deleted_reader_rows(&k.merged);
+    let kernel = deleted_reader_rows(&k.merged, "m/e", None);
     let u = l.mount("u");
-    assert_rows_match(&kernel, &deleted_reader_rows(&u.merged));
+    assert_rows_match(&kernel, &deleted_reader_rows(&u.merged, "m/e", None));
+    // With the directory it was in deleted too: nowhere to put a copy (ENOENT).
+    let kernel = deleted_reader_rows(&k.merged, "d1/f", Some("d1"));
+    assert_rows_match(&kernel, &deleted_reader_rows(&u.merged, "d1/f", Some("d1")));
     let lower = fs::metadata(l.lower(1).path("m/e")).unwrap();
     assert_eq!(
         (lower.mode() & 0o7777, lower.mtime() != 1_000_000),
