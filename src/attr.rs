@@ -25,6 +25,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<TimeOrNow>,
     pub mtime: Option<TimeOrNow>,
+    /// The change time the kernel sends along (writeback caching): the time of the change.
+    pub ctime: Option<SystemTime>,
     pub fh: Option<u64>,
 }
 
@@ -230,11 +232,16 @@ impl Union {
         if !times && !others && req.size.is_none() {
             return Ok(());
         }
-        // With writeback caching the kernel sends a touch's mtime as a time, not as "now",
-        // and flushes the mtime it kept of a file written through it with the file's handle
-        // (a caller's utimes never carries one): writes to an append-only file go on.
+        // With writeback caching the kernel sends a touch's mtime as a time, not as "now":
+        // the time of the change, which it sends as the ctime too. It also flushes the mtime
+        // it kept of a file written through it with the file's handle (a caller's utimes
+        // never carries one): writes to an append-only file go on.
         let touch = now(&req.atime)
-            && (now(&req.mtime) || (req.mtime.is_some() && self.writeback_active()));
+            && match (&req.mtime, req.ctime) {
+                (Some(TimeOrNow::Now), _) => true,
+                (Some(TimeOrNow::SpecificTime(m)), Some(c)) => *m == c,
+                _ => false,
+            };
         let flush = req.fh.is_some()
             && !others
             && req.size.is_none()

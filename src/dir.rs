@@ -713,7 +713,8 @@ impl Union {
         let is_dir = sys::is_dir(&found.st);
         let in_upper = found.upper.is_some();
         let node = self.node_for(parent, name, found);
-        // In the kernel's order: protection flags before the type.
+        // Protection flags before the type, as the kernel's VFS checks them on an overlayfs
+        // inode (on the FUSE inode, which has none, it has already checked the type).
         let res = (|| {
             protect::check_remove_entry(self.prot(parent)?, self.prot(&node)?)?;
             if want_dir && !is_dir {

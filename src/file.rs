@@ -117,6 +117,8 @@ pub struct FileHandle {
     pub writable: bool,
     /// Opened to run the program (counted in the node's `exec_opens` until released).
     exec: bool,
+    /// Opened for writing an append-only file (see `Union::open`).
+    append_only: bool,
 }
 
 impl Drop for FileHandle {
@@ -143,6 +145,7 @@ impl FileHandle {
             opened_gen: AtomicU64::new(opened_gen),
             writable,
             exec: false,
+            append_only: false,
             backing: None,
         }
     }
@@ -340,6 +343,13 @@ impl Union {
         let writable = acc != libc::O_RDONLY;
         // Read before the layer is chosen: a lower fd belongs to the data of this moment.
         let mut generation = node.data_gen();
+        // Append-only and immutable flags refuse the open first, as the kernel's may_open.
+        let mut append_only = false;
+        if (writable || trunc) && !self.layers.read_only() {
+            let prot = self.prot(node)?;
+            crate::protect::check_open(prot, flags)?;
+            append_only = writable && prot & crate::protect::APPEND != 0;
+        }
         // The kernel checks for a running program only after this open has truncated (it
         // lets the filesystem do O_TRUNC itself), so a truncating open of one is refused here,
         // before any data is lost.
@@ -350,7 +360,6 @@ impl Union {
             if self.layers.read_only() {
                 return Err(Errno::EROFS);
             }
-            crate::protect::check_open(self.prot(node)?, flags)?;
             // A writable open of a node split already (through /proc/PID/fd of one of its
             // files): the kernel takes no open on it but one passed through to the lower
             // file while its others are open (a limit the README states). Refused before the
@@ -361,7 +370,13 @@ impl Union {
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
             generation = node.data_gen();
             let real = real_flags(flags);
-            if self.writeback_active() && acc == libc::O_WRONLY {
+            if append_only {
+                // Every write lands at the end, whatever offset it comes with (after an
+                // fcntl that cleared O_APPEND, or with RWF_NOAPPEND): the file is served by the
+                // daemon (direct I/O), through an upper file open O_APPEND.
+                let fd = self.open_upper(node, real | libc::O_APPEND)?;
+                return self.add_handle_direct(node, fd, generation, flags);
+            } else if self.writeback_active() && acc == libc::O_WRONLY {
                 // With writeback caching the kernel reads back pages that a write covers
                 // only in part, through whichever writable handle it holds.
                 let rw = (real & !libc::O_ACCMODE) | libc::O_RDWR;
@@ -421,6 +436,24 @@ impl Union {
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
         self.add_handle_at(node, fd, node.data_gen(), flags, make_backing)
+    }
+
+    /// Registers a writable open of an append-only file, served by the daemon (direct I/O),
+    /// whose writes from the page cache (a shared mapping's) are refused (see `write`).
+    fn add_handle_direct(
+        &self,
+        node: &Arc<Node>,
+        fd: OwnedFd,
+        generation: u64,
+        flags: i32,
+    ) -> Result<(u64, IoMode)> {
+        let mut h = FileHandle::new(node.clone(), fd, generation, true);
+        h.append_only = true;
+        if flags & FMODE_EXEC != 0 {
+            node.extra().exec_opens.fetch_add(1, Ordering::SeqCst);
+            h.exec = true;
+        }
+        Ok((self.handles.add_file(h), IoMode::Direct))
     }
 
     /// `add_handle` for an fd opened after the node's `data_gen` was `generation`.
@@ -702,10 +735,21 @@ impl Union {
         Ok(())
     }
 
-    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+    /// A WRITE; `from_cache`: the kernel writes back pages it caches (FUSE_WRITE_CACHE).
+    pub fn write(&self, fh: u64, off: u64, data: &[u8], from_cache: bool) -> Result<u32> {
         let h = self.handle(fh)?;
         if !h.writable {
             return Err(Errno::EBADF);
+        }
+        // On an append-only file, pages come only from a shared mapping (the file is open for
+        // direct I/O), which would write them where they lie: kernel overlayfs refuses the
+        // mapping itself. The pages refused are dropped from the kernel's cache, so that
+        // readers see the file as it is.
+        if h.append_only && from_cache {
+            if let Some(inv) = self.invalidator.get() {
+                inv.inode(h.node.ino);
+            }
+            return Err(Errno::EPERM);
         }
         let fd = h.fd();
         let mut n = 0;

@@ -551,7 +551,9 @@ impl UnionFs {
                 .and_then(|n| self.u.drop_set_ids_for_data(&n, fh, h.pid, true)),
             false => Ok(()),
         };
-        match res.and_then(|()| self.u.write(fh, offset, data)) {
+        let from_cache =
+            WriteFlags::from_bits_retain(write_flags).contains(WriteFlags::FUSE_WRITE_CACHE);
+        match res.and_then(|()| self.u.write(fh, offset, data, from_cache)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(log_unexpected("write", e)),
         }

@@ -140,6 +140,10 @@ const REMOVED: u8 = 1;
 /// `Node::bits`: the protection flags that follow were read.
 const PROT_KNOWN: u8 = 2;
 const PROT_SHIFT: u32 = 2;
+/// `Node::bits`: a count of the times protection flags were set (`Node::set_prot`), so that a
+/// read from before one of them is never cached after it (`Node::cache_prot`).
+const PROT_GEN: u8 = 0x10;
+const PROT_GEN_MASK: u8 = 0xf0;
 
 /// `Extra::subdirs` before the subdirectories were counted.
 pub const NOT_COUNTED: u64 = u64::MAX;
@@ -234,7 +238,7 @@ impl Node {
     pub fn cached_prot(&self) -> std::result::Result<u8, u8> {
         let bits = self.bits.load(Ordering::SeqCst);
         if bits & PROT_KNOWN != 0 {
-            Ok(bits >> PROT_SHIFT)
+            Ok((bits >> PROT_SHIFT) & crate::protect::BOTH)
         } else {
             Err(bits)
         }
@@ -255,7 +259,8 @@ impl Node {
         let _ = self
             .bits
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
-                Some(b & REMOVED | new)
+                let generation = b.wrapping_add(PROT_GEN) & PROT_GEN_MASK;
+                Some(b & REMOVED | generation | new)
             });
     }
 

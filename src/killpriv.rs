@@ -437,6 +437,7 @@ impl Union {
             size: None,
             atime: None,
             mtime: None,
+            ctime: None,
             fh,
         };
         self.set_attributes(node, req)

@@ -143,17 +143,23 @@ impl Union {
         if !matches!(node.kind(), libc::S_IFREG | libc::S_IFDIR) || self.layers.read_only() {
             return Ok(0);
         }
+        let name = self.layers.format.protattr_xattr();
+        if node.is_split() {
+            // Its name moved to a new node (`file::split_node`) with the copy, whose flags
+            // these are: read from the copy every time (rare), never cached apart.
+            return match node.moved_to() {
+                Some(copy) => read_protattr(copy.as_fd(), c"", name),
+                None => Ok(0),
+            };
+        }
         let seen = match node.cached_prot() {
             Ok(p) => return Ok(p),
             Err(seen) => seen,
         };
         let read = match self.top_loc(node) {
-            Loc::Upper => {
-                let name = self.layers.format.protattr_xattr();
-                self.with_object_or_fd(node, Loc::Upper, None, false, |d, p| {
-                    read_protattr(d, p, name)
-                })
-            }
+            Loc::Upper => self.with_object_or_fd(node, Loc::Upper, None, false, |d, p| {
+                read_protattr(d, p, name)
+            }),
             // statx answers without an open, but some filesystems report every file
             // immutable there (erofs, being read-only); the inode flags decide.
             loc => match self.with_object(node, loc, sys::statx_attributes_at) {
@@ -213,6 +219,13 @@ impl Union {
             },
         };
         node.set_prot(res.is_ok().then_some(p));
+        // A split node's copy is another node's object: that one reads them again.
+        if let Some(n) = self
+            .split_copy_ino(node)
+            .and_then(|ino| self.table.get(ino))
+        {
+            n.set_prot(None);
+        }
         res
     }
 }

@@ -1126,6 +1126,71 @@ fn append_only_file_takes_appends() {
     }
 }
 
+/// What becomes of an append-only file's first bytes after writes that name an offset: a
+/// pwrite once fcntl cleared O_APPEND, a pwritev2 with RWF_NOAPPEND, and a store through a
+/// shared mapping (kernel overlayfs refuses the fcntl, the flag and the mapping).
+fn append_only_overwrites(m: &Mount) -> String {
+    use std::os::fd::AsRawFd;
+    let log = m.path("d/keep");
+    add_flags(&log, FS_APPEND_FL).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let fd = f.as_raw_fd();
+    let iov = libc::iovec {
+        iov_base: b"N".as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: plain syscalls on an open fd, with valid buffers; the mapping is one page,
+    // written once and unmapped.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFL, 0);
+        libc::pwrite(fd, b"Z".as_ptr().cast(), 1, 0);
+        libc::pwritev2(fd, &iov, 1, 0, libc::RWF_NOAPPEND);
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if map != libc::MAP_FAILED {
+            *(map as *mut u8) = b'M';
+            libc::msync(map, 4096, libc::MS_SYNC);
+            libc::munmap(map, 4096);
+        }
+    }
+    drop(f);
+    // Pages the daemon refused leave the kernel's cache right after (asynchronously).
+    let read = || fs::read_to_string(&log).unwrap();
+    wait_until(std::time::Duration::from_secs(2), || {
+        read().starts_with("hello")
+    });
+    let content = read();
+    remove_flags(&log, FS_APPEND_FL).unwrap();
+    content
+}
+
+/// An append-only file keeps every byte it has, whatever offset a write names, on both paths
+/// (a write that names one lands at the end or is refused) and on kernel overlayfs.
+#[test]
+fn append_only_file_keeps_its_bytes() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/keep", "hello");
+    let k = l.mount_kernel("k");
+    assert!(append_only_overwrites(&k).starts_with("hello"));
+    for (name, path) in [("u", "on"), ("c", "off")] {
+        let u = l.mount_with(name, &["--passthrough", path]);
+        let content = append_only_overwrites(&u);
+        assert!(content.starts_with("hello"), "{path}: {content:?}");
+        let on_disk = fs::read_to_string(u.upper_path("d/keep")).unwrap();
+        assert!(on_disk.starts_with("hello"), "{path}: upper {on_disk:?}");
+    }
+}
+
 /// Takes the inode flags off paths when dropped (also when a test fails), so that their
 /// temporary directory can go.
 struct Unflag(Vec<PathBuf>);
@@ -1156,22 +1221,18 @@ fn protection_rows(m: &Mount) -> Vec<(String, String)> {
     let read = |rel: &str| fs::read_to_string(p(rel)).map_err(|e| e.raw_os_error());
     let chmod =
         |rel: &str, mode: u32| io(fs::set_permissions(p(rel), PermissionsExt::from_mode(mode)));
-    let utimes = |rel: &str, now: bool| {
+    // Both times now (a touch), or both set, or the access time now and the other set.
+    let utimes_mixed = |rel: &str, now: (bool, bool)| {
         let c = cs(&p(rel));
-        let t = if now {
-            [libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_NOW,
-            }; 2]
-        } else {
-            [libc::timespec {
-                tv_sec: 1_000_000,
-                tv_nsec: 0,
-            }; 2]
+        let one = |now| libc::timespec {
+            tv_sec: 1_000_000,
+            tv_nsec: if now { libc::UTIME_NOW } else { 0 },
         };
+        let t = [one(now.0), one(now.1)];
         // SAFETY: valid path and two timespecs.
         rc(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), t.as_ptr(), 0) })
     };
+    let utimes = |rel: &str, now: bool| utimes_mixed(rel, (now, now));
     let setx = |rel: &str| {
         let (c, n) = (cs(&p(rel)), CString::new("user.t").unwrap());
         // SAFETY: valid strings and a one-byte value.
@@ -1303,6 +1364,10 @@ fn protection_rows(m: &Mount) -> Vec<(String, String)> {
     row("chmod fa", &chmod("fa", 0o600));
     row("touch fa", &utimes("fa", true));
     row("utimes fa", &utimes("fa", false));
+    row(
+        "utimes fa, access time now",
+        &utimes_mixed("fa", (true, false)),
+    );
     row("setxattr fa", &setx("fa"));
     row(
         "fallocate fa keep size",
@@ -1384,7 +1449,21 @@ fn protection_flags_as_kernel_overlayfs() {
     add_flags(&lower.path("ld"), FS_IMMUTABLE_FL).unwrap();
     let k = l.mount_kernel("k");
     let want = protection_rows(&k);
+    // The page-cached path too (its writeback caching sends times differently).
+    let c = l.mount_with("c", &["--passthrough", "off"]);
+    let _unflag_c = Unflag(
+        ["d", "ad", "fi", "fa", "both", "xa", "ld"]
+            .map(|n| c.upper_path(n))
+            .to_vec(),
+    );
+    assert_rows_match(&want, &protection_rows(&c));
+    drop(c);
     let u = l.mount("u");
+    let _unflag_u = Unflag(
+        ["d", "ad", "fi", "fa", "both", "xa", "ld"]
+            .map(|n| u.upper_path(n))
+            .to_vec(),
+    );
     assert_rows_match(&want, &protection_rows(&u));
     let (tk, tu) = merged_trees(&k.merged, &u.merged);
     assert_same_tree(&tk, &tu, "merged after the flag changes");

@@ -251,6 +251,77 @@ fn changes_through_a_descriptor_opened_before_a_copy_up() {
     );
 }
 
+/// Append-only and immutable flags of a file split by a copy-up (a descriptor opened before
+/// it): set through the old descriptor they hold for the name, set by name they hold for the
+/// old descriptor, as kernel overlayfs has one inode for both.
+#[test]
+fn protection_flags_of_a_file_split_by_a_copy_up() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::io::AsRawFd;
+    let l = Layers::new(1);
+    l.lower(0).file("f", "lower\n").file("g", "lower\n");
+    let m = passthrough_mount(&l);
+    let all_flags = |f: &File| -> Result<u32, i32> {
+        let mut flags: libc::c_int = 0;
+        // SAFETY: a live fd and a buffer of the size the ioctl writes.
+        match unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags) } {
+            0 => Ok(flags as u32),
+            _ => Err(std::io::Error::last_os_error().raw_os_error().unwrap()),
+        }
+    };
+    let flags_of = |f: &File| all_flags(f).map(|x| x & (FS_APPEND_FL | FS_IMMUTABLE_FL));
+    // As chattr does: the flags read, the protection flags replaced.
+    let set_flags_of = |f: &File, prot: u32| {
+        let flags =
+            (all_flags(f).unwrap() & !(FS_APPEND_FL | FS_IMMUTABLE_FL) | prot) as libc::c_int;
+        // SAFETY: a live fd and the int the ioctl reads.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_SETFLAGS, &flags) };
+        assert_eq!(
+            rc,
+            0,
+            "FS_IOC_SETFLAGS: {}",
+            std::io::Error::last_os_error()
+        );
+    };
+    let split = |name: &str| {
+        let ro = File::open(m.path(name)).unwrap();
+        OpenOptions::new().append(true).open(m.path(name)).unwrap();
+        ro
+    };
+    let chmod = |p: &std::path::Path| {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o600)).map_err(|e| e.raw_os_error())
+    };
+
+    // Set through the old descriptor: the name is append-only.
+    let f = split("f");
+    set_flags_of(&f, FS_APPEND_FL);
+    assert_eq!(get_flags(&m.path("f")).map(|x| x & 0x30), Ok(FS_APPEND_FL));
+    assert_eq!(chmod(&m.path("f")), Err(Some(libc::EPERM)));
+    assert_eq!(
+        errno(OpenOptions::new().write(true).open(m.path("f"))),
+        libc::EPERM
+    );
+    assert_eq!(errno(fs::remove_file(m.path("f"))), libc::EPERM);
+    set_flags_of(&f, 0);
+    assert_eq!(chmod(&m.path("f")), Ok(()));
+
+    // Set by name: the old descriptor sees it and changes nothing through it.
+    let g = split("g");
+    add_flags(&m.path("g"), FS_IMMUTABLE_FL).unwrap();
+    assert_eq!(flags_of(&g), Ok(FS_IMMUTABLE_FL));
+    assert_eq!(
+        errno(g.set_permissions(fs::Permissions::from_mode(0o600))),
+        libc::EPERM
+    );
+    let name = c"user.k";
+    // SAFETY: a live fd, a NUL-terminated name and a 1-byte value.
+    let rc = unsafe { libc::fsetxattr(g.as_raw_fd(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    let err = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!((rc, err), (-1, Some(libc::EPERM)));
+    remove_flags(&m.path("g"), FS_IMMUTABLE_FL).unwrap();
+    assert_eq!(flags_of(&g), Ok(0));
+}
+
 #[test]
 fn many_readers_and_writers_of_one_file() {
     let l = Layers::new(1);

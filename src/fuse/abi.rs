@@ -60,6 +60,7 @@ pub mod fattr {
     pub const FH: u32 = 1 << 6;
     pub const ATIME_NOW: u32 = 1 << 7;
     pub const MTIME_NOW: u32 = 1 << 8;
+    pub const CTIME: u32 = 1 << 10;
 }
 
 /// `fuse_getattr_in.getattr_flags`: the request names an open file.

@@ -276,8 +276,8 @@ impl<'a> Op<'a> {
                 let fh = a.u64()?;
                 let size = a.u64()?;
                 let _lock_owner = a.u64()?;
-                let (atime, mtime, _ctime) = (a.u64()?, a.u64()?, a.u64()?);
-                let (atimensec, mtimensec, _ctimensec) = (a.u32()?, a.u32()?, a.u32()?);
+                let (atime, mtime, ctime) = (a.u64()?, a.u64()?, a.u64()?);
+                let (atimensec, mtimensec, ctimensec) = (a.u32()?, a.u32()?, a.u32()?);
                 let mode = a.u32()?;
                 a.skip(4)?;
                 let (uid, gid) = (a.u32()?, a.u32()?);
@@ -299,6 +299,7 @@ impl<'a> Op<'a> {
                     size: has(fattr::SIZE).then_some(size),
                     atime: at(fattr::ATIME_NOW, fattr::ATIME, atime, atimensec),
                     mtime: at(fattr::MTIME_NOW, fattr::MTIME, mtime, mtimensec),
+                    ctime: has(fattr::CTIME).then(|| time(ctime, ctimensec)),
                     fh: has(fattr::FH).then_some(fh),
                 })
             }
