@@ -57,6 +57,13 @@
 //!   squashfs and erofs runs): two names of one copied-up file can show two inode numbers
 //!   on the kernel's side, so in those runs the kernel's hard-link groups are read from the
 //!   layers' files instead (`regroup_by_real_files`).
+//! - "protection checked late" (FUSE): once an append-only or immutable flag was set, a
+//!   request the kernel refuses with EPERM for it may get EACCES, ENOTDIR or EISDIR from
+//!   unionmount instead: the FUSE kernel checks permissions and types on its own inode, which
+//!   carries no flags, before unionmount sees the request, while the VFS checks the flags of an
+//!   overlayfs inode first (README, known limitations). For the same reason removing a
+//!   default ACL from a non-directory succeeds without asking unionmount (the VFS's answer
+//!   for a non-directory, which has none).
 //! - "split inode" (kernel, `userxattr`, or lowers on other filesystems): with no file handle
 //!   in the origin xattr, a name of a copied-up file that is looked up afresh gets an inode of
 //!   its own, apart from the one the copy-up made, and each keeps its own cached mode; the
@@ -158,6 +165,7 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const XATTRS: [&str; 3] = ["user.x", "user.y", "user.z"];
 const ACL_PREFIX: &str = "system.posix_acl_";
 const ACLS: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
+const ACL_DEFAULT: &str = "system.posix_acl_default";
 const OWNERS: [u32; 3] = [0, 1000, 1001];
 const FILE_MODES: [u32; 9] = [
     0o644, 0o600, 0o755, 0o700, 0o444, 0o4755, 0o2755, 0o1777, 0o000,
@@ -372,6 +380,10 @@ enum Op {
     RemoveXattr(String, String),
     /// path, 'p' / 'c' / 'b', mode bits, major, minor
     Mknod(String, char, u32, u32, u32),
+    /// Sets a regular file's or directory's append-only and immutable flags to exactly
+    /// these (FS_APPEND_FL, FS_IMMUTABLE_FL), keeping its other inode flags; answers the two
+    /// it had.
+    Chattr(String, u32),
     /// An operation made by an unprivileged caller instead of root.
     As(Caller, Box<Op>),
     /// Opens a regular file read-write into one of the `SLOTS` (closing what it held) and
@@ -498,6 +510,11 @@ impl fmt::Display for Op {
             }
             Op::RemoveXattr(p, n) => write!(f, "lremovexattr({p:?}, {n:?})"),
             Op::Mknod(p, k, m, ma, mi) => write!(f, "mknod({p:?}, S_IF{k} | {m:#o}, {ma}:{mi})"),
+            Op::Chattr(p, fl) => {
+                let a = if fl & FS_APPEND_FL != 0 { "a" } else { "" };
+                let i = if fl & FS_IMMUTABLE_FL != 0 { "i" } else { "" };
+                write!(f, "chattr ={a}{i} {p:?} (answers the flags it had)")
+            }
             Op::Open(i, p) if *i == RO_SLOT => {
                 write!(f, "fd{i} = open({p:?}, O_RDONLY | O_NOATIME)")
             }
@@ -544,6 +561,9 @@ type Res = Result<i64, i32>;
 
 /// What a write reports, without trying, for an object that is not a regular file.
 const NOT_REGULAR: i64 = -1;
+
+const FS_APPEND_FL: u32 = 0x20;
+const FS_IMMUTABLE_FL: u32 = 0x10;
 
 fn check(r: i64) -> Res {
     if r < 0 {
@@ -668,6 +688,25 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
                     _ => libc::S_IFBLK,
                 };
                 check(libc::mknod(c(p).as_ptr(), t | *m, libc::makedev(*ma, *mi)) as i64)
+            }
+            Op::Chattr(p, flags) => {
+                let path = c(p);
+                let mut st: libc::stat = std::mem::zeroed();
+                check(libc::lstat(path.as_ptr(), &mut st) as i64)?;
+                if !matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR) {
+                    return Ok(NOT_REGULAR);
+                }
+                let fd = check(libc::open(
+                    path.as_ptr(),
+                    libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                ) as i64)?;
+                let fd = OwnedFd::from_raw_fd(fd as i32);
+                let mut old: libc::c_int = 0;
+                check(libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut old) as i64)?;
+                let protection = (FS_APPEND_FL | FS_IMMUTABLE_FL) as libc::c_int;
+                let new = (old & !protection) | *flags as libc::c_int;
+                check(libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &new) as i64)?;
+                Ok(i64::from(old & protection))
             }
             Op::Open(i, p) => {
                 fds.0[*i] = None;
@@ -1034,6 +1073,16 @@ fn gen_op(rng: &mut Rng, snap: &Snap) -> Op {
             (*rng.pick(&XATTRS)).to_string(),
             format!("w{}", rng.below(1000)).into_bytes(),
         ),
+        92..=95 if rng.percent(50) => {
+            let flags = [
+                0,
+                0,
+                FS_APPEND_FL,
+                FS_IMMUTABLE_FL,
+                FS_APPEND_FL | FS_IMMUTABLE_FL,
+            ];
+            Op::Chattr(p, *rng.pick(&flags))
+        }
         92..=95 if rng.percent(30) => Op::RemoveXattr(p, (*rng.pick(&ACLS)).to_string()),
         92..=95 => Op::RemoveXattr(p, (*rng.pick(&XATTRS)).to_string()),
         _ => {
@@ -1353,6 +1402,7 @@ impl Pins {
             | Op::Unlink(p)
             | Op::SetXattr(p, ..)
             | Op::RemoveXattr(p, _)
+            | Op::Chattr(p, _)
             | Op::Mknod(p, ..) => vec![p],
             _ => unreachable!("callers and open files are handled above"),
         };
@@ -1380,7 +1430,11 @@ impl Pins {
                     }
                 }
             }
-            Op::Chmod(..) | Op::Chown(..) | Op::SetXattr(..) | Op::RemoveXattr(..) => {}
+            Op::Chmod(..)
+            | Op::Chown(..)
+            | Op::SetXattr(..)
+            | Op::RemoveXattr(..)
+            | Op::Chattr(..) => {}
             Op::Create(p, _)
             | Op::Mkdir(p, _)
             | Op::Mknod(p, ..)
@@ -1446,6 +1500,8 @@ struct Outcome {
     on_open_files: (usize, usize),
     /// Of the ACL changes (set or removed), how many succeeded, and how many there were.
     acl_changes: (usize, usize),
+    /// The same for the changes of append-only and immutable flags.
+    flag_changes: (usize, usize),
     failure: Option<Failure>,
 }
 
@@ -1618,6 +1674,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         as_callers: (0, 0),
         on_open_files: (0, 0),
         acl_changes: (0, 0),
+        flag_changes: (0, 0),
         failure: Some(Failure { step, msg }),
     };
 
@@ -1631,6 +1688,9 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let mut as_callers = (0, 0);
     let mut on_open_files = (0, 0);
     let mut acl_changes = (0, 0);
+    let mut flag_changes = (0, 0);
+    // A protection flag was set at some point (see rule "protection checked late").
+    let mut protected = false;
     let mut pins = Pins(
         initial
             .entries
@@ -1659,7 +1719,13 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         let kr = apply_with(&op, &k.merged, &mut k_fds);
         let ur = apply_with(&op, &u.merged, &mut u_fds);
         ops.push(op.clone());
-        if kr != ur {
+        // Rule "protection checked late" (FUSE): see the module's notes.
+        let late = protected
+            && kr == Err(libc::EPERM)
+            && (matches!(ur, Err(libc::EACCES | libc::ENOTDIR | libc::EISDIR))
+                || (ur == Ok(0)
+                    && matches!(op.inner(), Op::RemoveXattr(_, n) if n == ACL_DEFAULT)));
+        if kr != ur && !late {
             let show = |r: Res| match r {
                 Ok(v) => format!("Ok({v})"),
                 Err(e) => format!("Err({})", std::io::Error::from_raw_os_error(e)),
@@ -1696,6 +1762,11 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         {
             acl_changes.1 += 1;
             acl_changes.0 += usize::from(kr.is_ok());
+        }
+        if let Op::Chattr(_, flags) = op.inner() {
+            flag_changes.1 += 1;
+            flag_changes.0 += usize::from(kr.is_ok());
+            protected |= *flags != 0 && kr.is_ok();
         }
         if kr.is_ok() {
             succeeded += 1;
@@ -1747,6 +1818,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         as_callers,
         on_open_files,
         acl_changes,
+        flag_changes,
         failure: None,
     }
 }
@@ -1966,7 +2038,7 @@ fn check_seeds(label: &str) {
             eprintln!(
                 "differential: {label}seed {seed}: same results and trees ({} of {} operations \
                  succeeded; of unprivileged callers' {}, {}; of {} on open files, {}; of {} \
-                 ACL changes, {})",
+                 ACL changes, {}; of {} flag changes, {})",
                 out.succeeded,
                 out.ops.len(),
                 out.as_callers.1,
@@ -1974,7 +2046,9 @@ fn check_seeds(label: &str) {
                 out.on_open_files.1,
                 out.on_open_files.0,
                 out.acl_changes.1,
-                out.acl_changes.0
+                out.acl_changes.0,
+                out.flag_changes.1,
+                out.flag_changes.0
             );
             continue;
         };
