@@ -100,6 +100,12 @@ pub fn check_change(p: u8) -> Result<()> {
     refuse(p & BOTH != 0)
 }
 
+/// ftruncate(2) through a file open for writing: refused by an append-only file only (an
+/// immutable one was made so after the open, which kernel overlayfs lets write on).
+pub fn check_ftruncate(p: u8) -> Result<()> {
+    refuse(p & APPEND != 0)
+}
+
 /// Setting both times to now (`touch`): refused by an immutable object only.
 pub fn check_touch(p: u8) -> Result<()> {
     refuse(p & IMMUTABLE != 0)
@@ -290,6 +296,8 @@ mod tests {
         assert!(check_remove_entry(0, IMMUTABLE).is_err());
         assert!(check_remove_entry(0, 0).is_ok());
         assert!(check_touch(APPEND).is_ok());
+        assert!(check_ftruncate(IMMUTABLE).is_ok());
+        assert!(check_ftruncate(APPEND).is_err());
         assert!(check_change(APPEND).is_err());
         assert!(check_fallocate(APPEND, libc::FALLOC_FL_KEEP_SIZE).is_ok());
         assert!(check_fallocate(APPEND, 0).is_ok());

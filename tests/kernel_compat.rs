@@ -11,7 +11,7 @@ use std::ffi::{CString, OsString};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -1248,6 +1248,19 @@ fn protection_rows(m: &Mount) -> Vec<(String, String)> {
         }))
     };
 
+    // A file open for writing before it is made immutable keeps writing and truncating.
+    let pre = OpenOptions::new().write(true).open(p("pre")).unwrap();
+    row("chattr +i pre", &add_flags(&p("pre"), FS_IMMUTABLE_FL));
+    row("ftruncate pre", &io(pre.set_len(1)));
+    row("pwrite pre", &io(pre.write_at(b"w", 1)));
+    row("read pre", &read("pre"));
+    row(
+        "open pre for writing",
+        &open("pre", OpenOptions::new().write(true)),
+    );
+    drop(pre);
+    row("chattr -i pre", &remove_flags(&p("pre"), FS_IMMUTABLE_FL));
+
     // Set through the view: the objects are copied up, the flags kept aside.
     row("chattr +i d", &add_flags(&p("d"), FS_IMMUTABLE_FL));
     row("chattr +a ad", &add_flags(&p("ad"), FS_APPEND_FL));
@@ -1441,6 +1454,7 @@ fn protection_flags_as_kernel_overlayfs() {
         .file("fa", "a")
         .file("both", "b")
         .file("plain", "p")
+        .file("pre", "before")
         .file("xa", "x")
         .file("li", "l")
         .file("ld/c", "c");
