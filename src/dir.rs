@@ -788,6 +788,7 @@ impl Union {
             self.table.unlink(node, parent, name);
             if node.state().is_unlinked() {
                 self.table.forget_ids(node);
+                node.set_last_parent(parent);
             }
             Ok(())
         })?;
@@ -1070,6 +1071,7 @@ impl Union {
                     }
                     if d.state().is_unlinked() {
                         self.table.forget_ids(d);
+                        d.set_last_parent(newparent);
                     }
                 }
             }

@@ -370,11 +370,13 @@ impl Union {
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
             generation = node.data_gen();
             let real = real_flags(flags);
-            if append_only {
-                // Every write lands at the end, whatever offset it comes with (after an
-                // fcntl that cleared O_APPEND, or with RWF_NOAPPEND): the file is served by the
-                // daemon (direct I/O), through an upper file open O_APPEND.
-                let fd = self.open_upper(node, real | libc::O_APPEND)?;
+            if append_only && !self.passthrough_active() {
+                // The file is served by the daemon (direct I/O), which refuses writes below
+                // its end (after an fcntl cleared O_APPEND, or with RWF_NOAPPEND; see
+                // `write`). With passthrough the kernel opens the backing file with this
+                // open's flags, O_APPEND included, and writes through it (it takes no open
+                // of another kind on an inode open for passthrough).
+                let fd = self.open_upper(node, real)?;
                 return self.add_handle_direct(node, fd, generation, flags);
             } else if self.writeback_active() && acc == libc::O_WRONLY {
                 // With writeback caching the kernel reads back pages that a write covers
@@ -741,17 +743,35 @@ impl Union {
         if !h.writable {
             return Err(Errno::EBADF);
         }
-        // On an append-only file, pages come only from a shared mapping (the file is open for
-        // direct I/O), which would write them where they lie: kernel overlayfs refuses the
-        // mapping itself. The pages refused are dropped from the kernel's cache, so that
-        // readers see the file as it is.
-        if h.append_only && from_cache {
-            if let Some(inv) = self.invalidator.get() {
-                inv.inode(h.node.ino);
-            }
-            return Err(Errno::EPERM);
-        }
         let fd = h.fd();
+        if h.append_only && !from_cache {
+            // A write below the end of an append-only file (the kernel sends appends at the
+            // end it knows): refused, as kernel overlayfs refuses the fcntl or the
+            // RWF_NOAPPEND that lets one be made.
+            let appending = self.prot(&h.node)? & crate::protect::APPEND != 0;
+            if appending && off < sys::fstat(fd.as_fd())?.st_size as u64 {
+                return Err(Errno::EPERM);
+            }
+        }
+        if h.append_only && from_cache {
+            // The kernel writes pages back through any writable file of the inode. Pages of
+            // a file opened before the flag was set (which writes in place, as on kernel
+            // overlayfs), or written after it was cleared, go where they lie. Others come from
+            // a shared mapping of this file, which kernel overlayfs refuses: they are refused,
+            // and dropped from the kernel's cache so that readers see the file as it is.
+            let node = &h.node;
+            let in_place = self.prot(node)? & crate::protect::APPEND == 0
+                || self
+                    .handles
+                    .file_of(node.ino, |o| o.writable && !o.append_only)
+                    .is_some();
+            if !in_place {
+                if let Some(inv) = self.invalidator.get() {
+                    inv.inode(node.ino);
+                }
+                return Err(Errno::EPERM);
+            }
+        }
         let mut n = 0;
         while n < data.len() {
             match sys::pwrite(fd.as_fd(), &data[n..], off + n as u64) {

@@ -131,8 +131,9 @@ pub struct Extra {
     /// A split node (see `Node::split`): the daemon's own open file of the upper copy its
     /// name moved to, which its fsync syncs.
     moved_to: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
-    /// The directory its last name was in, once it has none (see `copy_up::deleted_error`).
-    last_parent: Mutex<Option<Arc<Node>>>,
+    /// The directory its last name was in, once it was deleted (see `copy_up::deleted_error`).
+    /// Weak: it keeps no directory alive.
+    last_parent: Mutex<Option<std::sync::Weak<Node>>>,
 }
 
 /// `Node::bits`: the node left the table.
@@ -202,9 +203,15 @@ impl Node {
         lock(&self.extra_if_made()?.moved_to).clone()
     }
 
-    /// The directory its last name was in, if it has no name left.
+    /// The directory its last name was in, if it was deleted and that directory is still in
+    /// the table.
     pub fn last_parent(&self) -> Option<Arc<Node>> {
-        lock(&self.extra_if_made()?.last_parent).clone()
+        lock(&self.extra_if_made()?.last_parent).as_ref()?.upgrade()
+    }
+
+    /// Records the directory its last name was deleted from.
+    pub fn set_last_parent(&self, dir: &Arc<Node>) {
+        *lock(&self.extra().last_parent) = Some(Arc::downgrade(dir));
     }
 
     /// Holds `Extra::dir_lock` (changes to a directory's entries).
@@ -847,11 +854,7 @@ impl Table {
                 .links
                 .iter()
                 .position(|l| l.parent.ino == parent.ino && l.name == name);
-            let removed = pos.map(|i| st.links.remove(i));
-            if let (Some(l), true) = (&removed, st.links.is_empty()) {
-                *lock(&node.extra().last_parent) = Some(l.parent.clone());
-            }
-            removed
+            pos.map(|i| st.links.remove(i))
         };
         match removed {
             Some(l) => {

@@ -1126,10 +1126,10 @@ fn append_only_file_takes_appends() {
     }
 }
 
-/// What becomes of an append-only file's first bytes after writes that name an offset: a
-/// pwrite once fcntl cleared O_APPEND, a pwritev2 with RWF_NOAPPEND, and a store through a
-/// shared mapping (kernel overlayfs refuses the fcntl, the flag and the mapping).
-fn append_only_overwrites(m: &Mount) -> String {
+/// What becomes of an append-only file after writes that name an offset: a pwrite once fcntl
+/// cleared O_APPEND, a pwritev2 with RWF_NOAPPEND, and (`mapping`) a store through a shared
+/// mapping (kernel overlayfs refuses the fcntl, the flag and the mapping).
+fn append_only_overwrites(m: &Mount, mapping: bool) -> String {
     use std::os::fd::AsRawFd;
     let log = m.path("d/keep");
     add_flags(&log, FS_APPEND_FL).unwrap();
@@ -1157,7 +1157,7 @@ fn append_only_overwrites(m: &Mount) -> String {
             fd,
             0,
         );
-        if map != libc::MAP_FAILED {
+        if mapping && map != libc::MAP_FAILED {
             *(map as *mut u8) = b'M';
             libc::msync(map, 4096, libc::MS_SYNC);
             libc::munmap(map, 4096);
@@ -1174,20 +1174,24 @@ fn append_only_overwrites(m: &Mount) -> String {
     content
 }
 
-/// An append-only file keeps every byte it has, whatever offset a write names, on both paths
-/// (a write that names one lands at the end or is refused) and on kernel overlayfs.
+/// An append-only file keeps every byte it has, whatever offset a write names: with
+/// passthrough such writes land at the end (the backing file is open O_APPEND); on the
+/// page-cached path they are refused, and so are a shared mapping's stores (with passthrough
+/// those reach the backing file, README). Kernel overlayfs refuses the fcntl that clears
+/// O_APPEND (so the pwrite after it appends), RWF_NOAPPEND and the mapping.
 #[test]
 fn append_only_file_keeps_its_bytes() {
     let l = Layers::new(1);
     l.lower(0).file("d/keep", "hello");
     let k = l.mount_kernel("k");
-    assert!(append_only_overwrites(&k).starts_with("hello"));
-    for (name, path) in [("u", "on"), ("c", "off")] {
+    assert_eq!(append_only_overwrites(&k, true), "helloZ");
+    for (name, path, mapping, want) in [("u", "on", false, "helloZN"), ("c", "off", true, "hello")]
+    {
         let u = l.mount_with(name, &["--passthrough", path]);
-        let content = append_only_overwrites(&u);
-        assert!(content.starts_with("hello"), "{path}: {content:?}");
+        let content = append_only_overwrites(&u, mapping);
+        assert_eq!(content, want, "{path}");
         let on_disk = fs::read_to_string(u.upper_path("d/keep")).unwrap();
-        assert!(on_disk.starts_with("hello"), "{path}: upper {on_disk:?}");
+        assert_eq!(on_disk, want, "{path}: upper");
     }
 }
 
@@ -1260,6 +1264,54 @@ fn protection_rows(m: &Mount) -> Vec<(String, String)> {
     );
     drop(pre);
     row("chattr -i pre", &remove_flags(&p("pre"), FS_IMMUTABLE_FL));
+
+    // A file open for reading when it is made append-only takes appends (with passthrough
+    // the reader's open holds the inode's backing file): one opened on the lower file (its
+    // name then moves to a new inode with the copy, README), one on the upper copy.
+    let reader = fs::File::open(p("rd")).unwrap();
+    row("chattr +a rd", &add_flags(&p("rd"), FS_APPEND_FL));
+    row("append to rd", &write_at_end("rd", b"+"));
+    row("read rd", &read("rd"));
+    drop(reader);
+    row("chmod rd2", &chmod("rd2", 0o644));
+    let reader = fs::File::open(p("rd2")).unwrap();
+    row("chattr +a rd2", &add_flags(&p("rd2"), FS_APPEND_FL));
+    row("append to rd2", &write_at_end("rd2", b"+"));
+    let mut seen = String::new();
+    row(
+        "read rd2 through the reader",
+        &io(std::io::Read::read_to_string(&mut &reader, &mut seen)),
+    );
+    row("what the reader read", &seen);
+    drop(reader);
+    // A file open for writing before it is made append-only writes in place, also while an
+    // appending file is open (the page-cached path writes back through the latest writable
+    // file of the inode).
+    let older = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p("wr"))
+        .unwrap();
+    row("chattr +a wr", &add_flags(&p("wr"), FS_APPEND_FL));
+    let appender = OpenOptions::new().append(true).open(p("wr")).unwrap();
+    row(
+        "pwrite wr through the older file",
+        &io(older.write_at(b"Y", 0)),
+    );
+    row("append to wr", &io((&appender).write_all(b"+")));
+    // SAFETY: closes the fd `older` owns, which is forgotten so it is not closed twice.
+    row(
+        "close the older file",
+        &rc(unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(older)) }),
+    );
+    drop(appender);
+    row("read wr", &read("wr"));
+    for n in ["rd", "rd2", "wr"] {
+        row(
+            &format!("chattr -a {n}"),
+            &remove_flags(&p(n), FS_APPEND_FL),
+        );
+    }
 
     // Set through the view: the objects are copied up, the flags kept aside.
     row("chattr +i d", &add_flags(&p("d"), FS_IMMUTABLE_FL));
@@ -1455,6 +1507,9 @@ fn protection_flags_as_kernel_overlayfs() {
         .file("both", "b")
         .file("plain", "p")
         .file("pre", "before")
+        .file("rd", "read")
+        .file("rd2", "read")
+        .file("wr", "write")
         .file("xa", "x")
         .file("li", "l")
         .file("ld/c", "c");
