@@ -451,6 +451,72 @@ impl Op {
     }
 }
 
+/// The paths an operation names (none for those on open files).
+fn op_paths(op: &Op) -> Vec<&String> {
+    match op.inner() {
+        Op::Link(a, b) | Op::Rename(a, b, _) => vec![a, b],
+        Op::Symlink(_, p)
+        | Op::Create(p, _)
+        | Op::Write(p, ..)
+        | Op::Truncate(p, _)
+        | Op::Chmod(p, _)
+        | Op::Chown(p, ..)
+        | Op::Utimens(p, ..)
+        | Op::Mkdir(p, _)
+        | Op::Rmdir(p)
+        | Op::Unlink(p)
+        | Op::SetXattr(p, ..)
+        | Op::RemoveXattr(p, _)
+        | Op::Mknod(p, ..)
+        | Op::Chattr(p, _)
+        | Op::Open(_, p) => vec![p],
+        _ => Vec::new(),
+    }
+}
+
+/// The slot of the open file an operation works on.
+fn op_slot(op: &Op) -> Option<usize> {
+    match op.inner() {
+        Op::FdWrite(i, ..)
+        | Op::FdTruncate(i, _)
+        | Op::FdFallocate(i, ..)
+        | Op::FdChmod(i, _)
+        | Op::FdSetXattr(i, ..)
+        | Op::FdStat(i)
+        | Op::FdRead(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// Whether `rel` below `root` (the root itself for an empty path), or what a symlink there
+/// leads to, is a regular file or directory with an append-only or immutable flag.
+fn protected_path(root: &Path, rel: &str) -> bool {
+    let path = CString::new(root.join(rel).as_os_str().as_bytes()).unwrap();
+    // SAFETY: plain syscalls on a NUL-terminated path and a valid out-pointer; the fd opened
+    // is owned by the OwnedFd.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::stat(path.as_ptr(), &mut st) != 0
+            || !matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR)
+        {
+            return false;
+        }
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        );
+        fd >= 0 && protected_fd(OwnedFd::from_raw_fd(fd).as_raw_fd())
+    }
+}
+
+/// Whether the file open as `fd` has an append-only or immutable flag.
+fn protected_fd(fd: i32) -> bool {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: an open fd and the int the ioctl writes.
+    let rc = unsafe { libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) };
+    rc == 0 && flags as u32 & (FS_APPEND_FL | FS_IMMUTABLE_FL) != 0
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -1719,9 +1785,17 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         let kr = apply_with(&op, &k.merged, &mut k_fds);
         let ur = apply_with(&op, &u.merged, &mut u_fds);
         ops.push(op.clone());
-        // Rule "protection checked late" (FUSE): see the module's notes.
+        // Rule "protection checked late" (FUSE): see the module's notes. Only where the
+        // kernel's side shows a protection flag on a path the operation names or its parent.
         let late = protected
             && kr == Err(libc::EPERM)
+            && (op_paths(&op).iter().any(|p| {
+                let parent = Path::new(p.as_str())
+                    .parent()
+                    .map(|q| q.to_string_lossy().into_owned());
+                protected_path(&k.merged, p)
+                    || parent.is_some_and(|q| protected_path(&k.merged, &q))
+            }) || op_slot(&op).is_some_and(|i| k_fds.raw(i).is_ok_and(protected_fd)))
             && (matches!(ur, Err(libc::EACCES | libc::ENOTDIR | libc::EISDIR))
                 || (ur == Ok(0)
                     && matches!(op.inner(), Op::RemoveXattr(_, n) if n == ACL_DEFAULT)));
