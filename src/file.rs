@@ -637,6 +637,24 @@ impl Union {
             self.invalidate_attrs(node.ino);
             log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
             self.invalidate_entry(parent.ino, &name);
+            // Its other names (links made since the copy-up) go too: looked up again, they
+            // find the new node, so that every name of the copy shows one inode.
+            let others: Vec<_> = node
+                .state()
+                .links
+                .iter()
+                .map(|l| (l.parent.clone(), l.name.to_os_string()))
+                .collect();
+            for (parent, name) in others {
+                {
+                    let _dir = parent.lock_dir();
+                    self.tree_change(|| {
+                        self.table.unlink(node, &parent, &name);
+                    });
+                }
+                self.dir_changed(&parent);
+                self.invalidate_entry(parent.ino, &name);
+            }
             return Errno::ESTALE;
         }
         // Renamed again and again meanwhile: the kernel retries the open, which tries again.

@@ -322,6 +322,26 @@ fn protection_flags_of_a_file_split_by_a_copy_up() {
     assert_eq!(flags_of(&g), Ok(0));
 }
 
+/// A file open read-only from a lower layer, hard-linked (which copies it up), then opened
+/// again: its names move to a new inode together, so both show one inode and two links, as
+/// on kernel overlayfs.
+#[test]
+fn names_of_a_file_split_by_a_copy_up_stay_one_inode() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "lower\n");
+    let m = passthrough_mount(&l);
+    let ro = File::open(m.path("f")).unwrap();
+    fs::hard_link(m.path("f"), m.path("g")).unwrap();
+    let again = File::open(m.path("g")).unwrap();
+    let (f, g) = (
+        fs::metadata(m.path("f")).unwrap(),
+        fs::metadata(m.path("g")).unwrap(),
+    );
+    assert_eq!((f.ino(), f.nlink()), (g.ino(), 2));
+    assert_eq!(g.nlink(), 2);
+    drop((ro, again));
+}
+
 #[test]
 fn many_readers_and_writers_of_one_file() {
     let l = Layers::new(1);
