@@ -64,6 +64,11 @@
 //!   overlayfs inode first (README, known limitations). For the same reason removing a
 //!   default ACL from a non-directory succeeds without asking unionmount (the VFS's answer
 //!   for a non-directory, which has none).
+//! - "split names" (passthrough): a file opened read-only from a lower layer before a copy-up
+//!   is served from the lower file by a node of its own, and its names move to a new node
+//!   (a new inode number, README) when the file is next opened; a snapshot taken meanwhile
+//!   may see one name of a hard link made since before the move and another after. The
+//!   generator makes no hard link to the file open in the read-only slot (a create instead).
 //! - "split inode" (kernel, `userxattr`, or lowers on other filesystems): with no file handle
 //!   in the origin xattr, a name of a copied-up file that is looked up afresh gets an inode of
 //!   its own, apart from the one the copy-up made, and each keeps its own cached mode; the
@@ -471,6 +476,21 @@ fn op_paths(op: &Op) -> Vec<&String> {
         | Op::Chattr(p, _)
         | Op::Open(_, p) => vec![p],
         _ => Vec::new(),
+    }
+}
+
+/// Whether `rel` below `root` is the file open in the read-only slot of `fds`.
+fn is_open_file(root: &Path, rel: &str, fds: &Fds) -> bool {
+    let Ok(fd) = fds.raw(RO_SLOT) else {
+        return false;
+    };
+    let path = CString::new(root.join(rel).as_os_str().as_bytes()).unwrap();
+    // SAFETY: plain syscalls on an open fd, a NUL-terminated path and valid out-pointers.
+    unsafe {
+        let (mut a, mut b): (libc::stat, libc::stat) = (std::mem::zeroed(), std::mem::zeroed());
+        libc::fstat(fd, &mut a) == 0
+            && libc::stat(path.as_ptr(), &mut b) == 0
+            && (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
     }
 }
 
@@ -1778,7 +1798,19 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         let op = match plan {
             Plan::Generate(_) => {
                 let op = gen_fd_op(&mut fd_ops, &snap, gen_op(&mut rng, &snap));
-                gen_caller(&mut callers, op)
+                let op = gen_caller(&mut callers, op);
+                // Rule "split names" (passthrough): no link to the file open in the
+                // read-only slot; a create at the new name instead.
+                match op.inner() {
+                    Op::Link(a, b) if passthrough() && is_open_file(&k.merged, a, &k_fds) => {
+                        let create = Op::Create(b.clone(), 0o644);
+                        match op {
+                            Op::As(c, _) => Op::As(c, Box::new(create)),
+                            _ => create,
+                        }
+                    }
+                    _ => op,
+                }
             }
             Plan::Replay(v) => v[step].clone(),
         };
