@@ -637,8 +637,9 @@ impl Union {
             self.invalidate_attrs(node.ino);
             log::debug!("passthrough: {name:?} moves to a new inode after copy-up");
             self.invalidate_entry(parent.ino, &name);
-            // Its other names (links made since the copy-up) go too: looked up again, they
-            // find the new node, so that every name of the copy shows one inode.
+            // Its other names that are the copy (links made since the copy-up) go too: looked
+            // up again, they find the new node, so that every name of the copy shows one
+            // inode. (Other names of a lower hard link still show the lower file.)
             let others: Vec<_> = node
                 .state()
                 .links
@@ -648,6 +649,14 @@ impl Union {
             for (parent, name) in others {
                 {
                     let _dir = parent.lock_dir();
+                    let is_copy = sys::cstr(&name).ok().is_some_and(|cname| {
+                        self.dir_fd(&parent, Loc::Upper)
+                            .and_then(|d| sys::fstatat(d.as_fd(), &cname, 0))
+                            .is_ok_and(|st| RealId::of(&st) == id)
+                    });
+                    if !is_copy {
+                        continue;
+                    }
                     self.tree_change(|| {
                         self.table.unlink(node, &parent, &name);
                     });
