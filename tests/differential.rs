@@ -1474,24 +1474,8 @@ impl Pins {
             }
             _ => {}
         }
-        let paths: Vec<&String> = match op {
-            Op::Link(a, b) | Op::Rename(a, b, _) => vec![a, b],
-            Op::Symlink(_, p) => vec![p],
-            Op::Create(p, _)
-            | Op::Write(p, ..)
-            | Op::Truncate(p, _)
-            | Op::Chmod(p, _)
-            | Op::Chown(p, ..)
-            | Op::Utimens(p, ..)
-            | Op::Mkdir(p, _)
-            | Op::Rmdir(p)
-            | Op::Unlink(p)
-            | Op::SetXattr(p, ..)
-            | Op::RemoveXattr(p, _)
-            | Op::Chattr(p, _)
-            | Op::Mknod(p, ..) => vec![p],
-            _ => unreachable!("callers and open files are handled above"),
-        };
+        // Callers and open files are handled above.
+        let paths = op_paths(op);
         let follows_last = matches!(
             op,
             Op::Write(..) | Op::Truncate(..) | Op::Chmod(..) | Op::Chown(_, _, _, true)
