@@ -539,13 +539,13 @@ impl Union {
             sys::FS_IOC_GETFLAGS => {
                 let fd = self.open_for_ioctl(node, self.top_loc(node))?;
                 let flags = sys::get_inode_flags(fd.as_fd())?;
-                let flags = flags | protect::to_inode_flags(self.prot(node)?);
+                let flags = flags | protect::INODE.to(self.prot(node)?);
                 Ok(flags.to_ne_bytes().to_vec())
             }
             sys::FS_IOC_FSGETXATTR => {
                 let fd = self.open_for_ioctl(node, self.top_loc(node))?;
                 let mut fsx = sys::get_fsxattr(fd.as_fd())?;
-                let xflags = xflags_of(&fsx) | protect::to_xflags(self.prot(node)?);
+                let xflags = xflags_of(&fsx) | protect::XFLAGS.to(self.prot(node)?);
                 fsx[..4].copy_from_slice(&xflags.to_ne_bytes());
                 Ok(fsx.to_vec())
             }
@@ -571,18 +571,18 @@ impl Union {
                 let f = fd.as_fd();
                 match fsx {
                     None => {
-                        self.write_prot(node, f, protect::of_inode_flags(flags))?;
+                        self.write_prot(node, f, protect::INODE.of(flags))?;
                         // Real flags are set only where they change, so that protection
                         // flags work on an upper filesystem without inode flags too.
-                        let real = protect::strip_inode_flags(flags);
+                        let real = protect::INODE.strip(flags);
                         if sys::get_inode_flags(f).ok() != Some(real) {
                             sys::set_inode_flags(f, real)?;
                         }
                     }
                     Some(mut fsx) => {
                         let xflags = xflags_of(&fsx);
-                        self.write_prot(node, f, protect::of_xflags(xflags))?;
-                        fsx[..4].copy_from_slice(&protect::strip_xflags(xflags).to_ne_bytes());
+                        self.write_prot(node, f, protect::XFLAGS.of(xflags))?;
+                        fsx[..4].copy_from_slice(&protect::XFLAGS.strip(xflags).to_ne_bytes());
                         if sys::get_fsxattr(f).ok() != Some(fsx) {
                             sys::set_fsxattr(f, &fsx)?;
                         }

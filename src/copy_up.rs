@@ -373,7 +373,7 @@ fn carry_inode_flags(src: BorrowedFd<'_>, copy: BorrowedFd<'_>) -> Result<u8> {
         )
     };
     let (carried, prot) = match sys::get_inode_flags(src) {
-        Ok(flags) => (flags & CARRIED_FLAGS, crate::protect::of_inode_flags(flags)),
+        Ok(flags) => (flags & CARRIED_FLAGS, crate::protect::INODE.of(flags)),
         Err(e) if absent(e) => return Ok(0),
         Err(e) => return Err(e),
     };

@@ -24,15 +24,45 @@ pub const IMMUTABLE: u8 = 2;
 /// Both.
 pub const BOTH: u8 = APPEND | IMMUTABLE;
 
-/// FS_APPEND_FL and FS_IMMUTABLE_FL (FS_IOC_GETFLAGS).
-const FL_APPEND: u32 = 0x20;
-const FL_IMMUTABLE: u32 = 0x10;
-/// FS_XFLAG_APPEND and FS_XFLAG_IMMUTABLE (FS_IOC_FSGETXATTR).
-const XFL_APPEND: u32 = 0x10;
-const XFL_IMMUTABLE: u32 = 0x08;
-/// STATX_ATTR_APPEND and STATX_ATTR_IMMUTABLE.
-const STATX_APPEND: u64 = 0x20;
-const STATX_IMMUTABLE: u64 = 0x10;
+/// Where a format of flags keeps append-only and immutable.
+pub struct Bits {
+    append: u32,
+    immutable: u32,
+}
+
+/// Inode flags (FS_IOC_GETFLAGS: FS_APPEND_FL, FS_IMMUTABLE_FL).
+pub const INODE: Bits = Bits {
+    append: 0x20,
+    immutable: 0x10,
+};
+/// XFS-style flags (FS_IOC_FSGETXATTR: FS_XFLAG_APPEND, FS_XFLAG_IMMUTABLE).
+pub const XFLAGS: Bits = Bits {
+    append: 0x10,
+    immutable: 0x08,
+};
+/// `statx` attributes (STATX_ATTR_APPEND, STATX_ATTR_IMMUTABLE; both in the low 32 bits).
+pub const STATX: Bits = Bits {
+    append: 0x20,
+    immutable: 0x10,
+};
+
+impl Bits {
+    /// The protection flags among `flags`.
+    pub fn of(&self, flags: u32) -> u8 {
+        u8::from(flags & self.append != 0) * APPEND
+            + u8::from(flags & self.immutable != 0) * IMMUTABLE
+    }
+
+    /// Flags of this format for protection flags `p`.
+    pub fn to(&self, p: u8) -> u32 {
+        u32::from(p & APPEND != 0) * self.append + u32::from(p & IMMUTABLE != 0) * self.immutable
+    }
+
+    /// `flags` without the protection flags.
+    pub fn strip(&self, flags: u32) -> u32 {
+        flags & !(self.append | self.immutable)
+    }
+}
 
 /// The flags an `overlay.protattr` value records. Kernel overlayfs refuses a value with other
 /// letters; here they are skipped, so one bad byte takes no protection away.
@@ -52,42 +82,6 @@ pub fn format(p: u8) -> &'static [u8] {
         BOTH => b"ai",
         _ => b"",
     }
-}
-
-/// The protection flags among inode flags (FS_*_FL).
-pub fn of_inode_flags(flags: u32) -> u8 {
-    u8::from(flags & FL_APPEND != 0) * APPEND + u8::from(flags & FL_IMMUTABLE != 0) * IMMUTABLE
-}
-
-/// Inode flags (FS_*_FL) for protection flags.
-pub fn to_inode_flags(p: u8) -> u32 {
-    u32::from(p & APPEND != 0) * FL_APPEND + u32::from(p & IMMUTABLE != 0) * FL_IMMUTABLE
-}
-
-/// Inode flags without the protection flags.
-pub fn strip_inode_flags(flags: u32) -> u32 {
-    flags & !(FL_APPEND | FL_IMMUTABLE)
-}
-
-/// The protection flags among XFS-style flags (FS_XFLAG_*).
-pub fn of_xflags(xflags: u32) -> u8 {
-    u8::from(xflags & XFL_APPEND != 0) * APPEND + u8::from(xflags & XFL_IMMUTABLE != 0) * IMMUTABLE
-}
-
-/// XFS-style flags (FS_XFLAG_*) for protection flags.
-pub fn to_xflags(p: u8) -> u32 {
-    u32::from(p & APPEND != 0) * XFL_APPEND + u32::from(p & IMMUTABLE != 0) * XFL_IMMUTABLE
-}
-
-/// XFS-style flags without the protection flags.
-pub fn strip_xflags(xflags: u32) -> u32 {
-    xflags & !(XFL_APPEND | XFL_IMMUTABLE)
-}
-
-/// The protection flags among `statx` attributes.
-pub fn of_statx_attributes(attrs: u64) -> u8 {
-    u8::from(attrs & STATX_APPEND != 0) * APPEND
-        + u8::from(attrs & STATX_IMMUTABLE != 0) * IMMUTABLE
 }
 
 fn refuse(forbidden: bool) -> Result<()> {
@@ -169,12 +163,12 @@ impl Union {
             // statx answers without an open, but some filesystems report every file
             // immutable there (erofs, being read-only); the inode flags decide.
             loc => match self.with_object(node, loc, sys::statx_attributes_at) {
-                Ok(attrs) if of_statx_attributes(attrs) == 0 => Ok(0),
+                Ok(attrs) if STATX.of(attrs as u32) == 0 => Ok(0),
                 Ok(_) => match self
                     .open_for_ioctl(node, loc)
                     .and_then(|f| sys::get_inode_flags(f.as_fd()))
                 {
-                    Ok(flags) => Ok(of_inode_flags(flags)),
+                    Ok(flags) => Ok(INODE.of(flags)),
                     Err(e)
                         if matches!(e.code(), libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) =>
                     {
@@ -267,12 +261,12 @@ mod tests {
     #[test]
     fn flags_convert_both_ways() {
         for p in [0, APPEND, IMMUTABLE, BOTH] {
-            assert_eq!(of_inode_flags(to_inode_flags(p) | 0x80), p);
-            assert_eq!(of_xflags(to_xflags(p) | 0x40), p);
+            assert_eq!(INODE.of(INODE.to(p) | 0x80), p);
+            assert_eq!(XFLAGS.of(XFLAGS.to(p) | 0x40), p);
         }
-        assert_eq!(strip_inode_flags(0x80 | 0x20 | 0x10), 0x80);
-        assert_eq!(strip_xflags(0x40 | 0x10 | 0x08), 0x40);
-        assert_eq!(of_statx_attributes(0x30 | 0x04), BOTH);
+        assert_eq!(INODE.strip(0x80 | 0x20 | 0x10), 0x80);
+        assert_eq!(XFLAGS.strip(0x40 | 0x10 | 0x08), 0x40);
+        assert_eq!(STATX.of(0x30 | 0x04), BOTH);
     }
 
     #[test]
