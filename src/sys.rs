@@ -1002,9 +1002,9 @@ pub fn umask(mask: u32) -> u32 {
     unsafe { libc::umask(mask) }
 }
 
-/// The birth time of `name` in `dir` (`c""` for `dir` itself; links not followed), where the
-/// filesystem records one.
-pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(i64, u32)>> {
+/// `statx` of `name` in `dir` (`c""` for `dir` itself; links not followed), asking for
+/// `mask`.
+fn statx_at(dir: BorrowedFd<'_>, name: &CStr, mask: u32) -> Result<libc::statx> {
     let mut stx = MaybeUninit::<libc::statx>::zeroed();
     let flags = libc::AT_SYMLINK_NOFOLLOW
         | if name.is_empty() {
@@ -1018,12 +1018,18 @@ pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(i64, u32)>> 
             dir.as_raw_fd(),
             name.as_ptr(),
             flags,
-            libc::STATX_BTIME,
+            mask,
             stx.as_mut_ptr(),
         )
     })?;
     // SAFETY: statx succeeded and filled the struct (it was zeroed before).
-    let stx = unsafe { stx.assume_init() };
+    Ok(unsafe { stx.assume_init() })
+}
+
+/// The birth time of `name` in `dir` (`c""` for `dir` itself; links not followed), where the
+/// filesystem records one.
+pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(i64, u32)>> {
+    let stx = statx_at(dir, name, libc::STATX_BTIME)?;
     Ok((stx.stx_mask & libc::STATX_BTIME != 0)
         .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec)))
 }
@@ -1031,17 +1037,7 @@ pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(i64, u32)>> 
 /// The attributes `statx` reports of `name` in `dir` (`c""` or `c"."` for `dir` itself; links
 /// not followed) that its filesystem supports (STATX_ATTR_*).
 pub fn statx_attributes_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<u64> {
-    let mut stx = MaybeUninit::<libc::statx>::zeroed();
-    let flags = libc::AT_SYMLINK_NOFOLLOW
-        | if name.is_empty() {
-            libc::AT_EMPTY_PATH
-        } else {
-            0
-        };
-    // SAFETY: NUL-terminated name, `stx` is a valid out-pointer of the right type.
-    check(unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, 0, stx.as_mut_ptr()) })?;
-    // SAFETY: statx succeeded and filled the struct (it was zeroed before).
-    let stx = unsafe { stx.assume_init() };
+    let stx = statx_at(dir, name, 0)?;
     Ok(stx.stx_attributes & stx.stx_attributes_mask)
 }
 
