@@ -344,11 +344,17 @@ impl Union {
         // Read before the layer is chosen: a lower fd belongs to the data of this moment.
         let mut generation = node.data_gen();
         // Append-only and immutable flags refuse the open first, as the kernel's may_open.
+        // A writable open of an append-only file on the page-cached path is served by the
+        // daemon (direct I/O), which refuses writes below its end (after an fcntl cleared
+        // O_APPEND, or with RWF_NOAPPEND; see `write`). With passthrough the kernel opens the
+        // backing file with this open's flags, O_APPEND included, and writes through it (it
+        // takes no open of another kind on an inode open for passthrough).
         let mut append_only = false;
         if (writable || trunc) && !self.layers.read_only() {
             let prot = self.prot(node)?;
             crate::protect::check_open(prot, flags)?;
-            append_only = writable && prot & crate::protect::APPEND != 0;
+            append_only =
+                writable && prot & crate::protect::APPEND != 0 && !self.passthrough_active();
         }
         // The kernel checks for a running program only after this open has truncated (it
         // lets the filesystem do O_TRUNC itself), so a truncating open of one is refused here,
@@ -370,14 +376,8 @@ impl Union {
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
             generation = node.data_gen();
             let real = real_flags(flags);
-            if append_only && !self.passthrough_active() {
-                // The file is served by the daemon (direct I/O), which refuses writes below
-                // its end (after an fcntl cleared O_APPEND, or with RWF_NOAPPEND; see
-                // `write`). With passthrough the kernel opens the backing file with this
-                // open's flags, O_APPEND included, and writes through it (it takes no open
-                // of another kind on an inode open for passthrough).
-                let fd = self.open_upper(node, real)?;
-                return self.add_handle_direct(node, fd, generation, flags);
+            if append_only {
+                self.open_upper(node, real)?
             } else if self.writeback_active() && acc == libc::O_WRONLY {
                 // With writeback caching the kernel reads back pages that a write covers
                 // only in part, through whichever writable handle it holds.
@@ -409,7 +409,7 @@ impl Union {
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
-        self.add_handle_at(node, fd, generation, flags, make_backing)
+        self.add_handle_at(node, fd, generation, flags, append_only, make_backing)
     }
 
     /// Opens the node's upper object with `flags`, dropping an O_NOATIME the daemon may not
@@ -437,38 +437,25 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
-        self.add_handle_at(node, fd, node.data_gen(), flags, make_backing)
+        self.add_handle_at(node, fd, node.data_gen(), flags, false, make_backing)
     }
 
-    /// Registers a writable open of an append-only file, served by the daemon (direct I/O),
-    /// whose writes from the page cache (a shared mapping's) are refused (see `write`).
-    fn add_handle_direct(
-        &self,
-        node: &Arc<Node>,
-        fd: OwnedFd,
-        generation: u64,
-        flags: i32,
-    ) -> Result<(u64, IoMode)> {
-        let mut h = FileHandle::new(node.clone(), fd, generation, true);
-        h.append_only = true;
-        if flags & FMODE_EXEC != 0 {
-            node.extra().exec_opens.fetch_add(1, Ordering::SeqCst);
-            h.exec = true;
-        }
-        Ok((self.handles.add_file(h), IoMode::Direct))
-    }
-
-    /// `add_handle` for an fd opened after the node's `data_gen` was `generation`.
+    /// `add_handle` for an fd opened after the node's `data_gen` was `generation`;
+    /// `append_only`: a writable open of an append-only file served by the daemon (see
+    /// `open`), whose writes from the page cache are checked (see `write`).
     fn add_handle_at(
         &self,
         node: &Arc<Node>,
         fd: OwnedFd,
         generation: u64,
         flags: i32,
+        append_only: bool,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
         let mut fd = fd;
-        let mode = if self.passthrough_active() {
+        let mode = if append_only {
+            IoMode::Direct
+        } else if self.passthrough_active() {
             match self.backing_for(node, fd.as_fd(), make_backing)? {
                 Some(mode) => mode,
                 None => {
@@ -484,6 +471,7 @@ impl Union {
         };
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut h = FileHandle::new(node.clone(), fd, generation, writable);
+        h.append_only = append_only;
         if let IoMode::Passthrough(b) = &mode {
             h.backing = Some(b.clone());
         }
