@@ -57,7 +57,8 @@
 //!   squashfs and erofs runs): two names of one copied-up file can show two inode numbers
 //!   on the kernel's side, so in those runs the kernel's hard-link groups are read from the
 //!   layers' files instead (`regroup_by_real_files`).
-//! - "protection checked late" (FUSE): once an append-only or immutable flag was set, a
+//! - "protection checked late" (FUSE): where the kernel's side shows an append-only or
+//!   immutable flag on a path a request names, its parent or the open file it uses, a
 //!   request the kernel refuses with EPERM for it may get EACCES, ENOTDIR or EISDIR from
 //!   unionmount instead: the FUSE kernel checks permissions and types on its own inode, which
 //!   carries no flags, before unionmount sees the request, while the VFS checks the flags of an
@@ -92,7 +93,7 @@
 
 mod common;
 
-use common::{Layers, Mount, Rng, kind_of};
+use common::{FS_APPEND_FL, FS_IMMUTABLE_FL, Layers, Mount, Rng, kind_of};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fmt;
@@ -647,9 +648,6 @@ type Res = Result<i64, i32>;
 
 /// What a write reports, without trying, for an object that is not a regular file.
 const NOT_REGULAR: i64 = -1;
-
-const FS_APPEND_FL: u32 = 0x20;
-const FS_IMMUTABLE_FL: u32 = 0x10;
 
 fn check(r: i64) -> Res {
     if r < 0 {
@@ -1759,8 +1757,6 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let mut on_open_files = (0, 0);
     let mut acl_changes = (0, 0);
     let mut flag_changes = (0, 0);
-    // A protection flag was set at some point (see rule "protection checked late").
-    let mut protected = false;
     let mut pins = Pins(
         initial
             .entries
@@ -1803,8 +1799,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         ops.push(op.clone());
         // Rule "protection checked late" (FUSE): see the module's notes. Only where the
         // kernel's side shows a protection flag on a path the operation names or its parent.
-        let late = protected
-            && kr == Err(libc::EPERM)
+        let late = kr == Err(libc::EPERM)
             && (op_paths(&op).iter().any(|p| {
                 let parent = Path::new(p.as_str())
                     .parent()
@@ -1853,10 +1848,9 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
             acl_changes.1 += 1;
             acl_changes.0 += usize::from(kr.is_ok());
         }
-        if let Op::Chattr(_, flags) = op.inner() {
+        if let Op::Chattr(..) = op.inner() {
             flag_changes.1 += 1;
             flag_changes.0 += usize::from(kr.is_ok());
-            protected |= *flags != 0 && kr.is_ok();
         }
         if kr.is_ok() {
             succeeded += 1;
