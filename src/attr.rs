@@ -92,7 +92,10 @@ impl Union {
             // No name left (deleted while open, or a split node whose name moved): its open
             // files answer; with none, ESTALE makes the kernel look a split node's name up again.
             Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
-                sys::fstat(self.fd_of_nameless(node, fh).ok_or(e)?.as_fd())
+                match self.fd_of_nameless(node, fh) {
+                    Some(fd) => sys::fstat(fd.as_fd()),
+                    None => node.held_stat().ok_or(e),
+                }
             }
             Err(e) => Err(e),
         }
@@ -119,17 +122,27 @@ impl Union {
         Ok(st)
     }
 
-    /// An open fd of a node that has no name left: the upper object's, else any.
+    /// An fd of a node that has no name left: an open file's of the upper object, else any
+    /// open file's, else the object it showed when its name went (`Node::held`).
     pub(crate) fn fd_of_nameless(&self, node: &Node, fh: Option<u64>) -> Option<Arc<OwnedFd>> {
-        self.upper_fd_of_open(node, fh).or_else(|| {
-            fh.and_then(|fh| self.handles.file(fh))
-                .or_else(|| self.handles.any_file_of(node.ino))
-                .map(|h| h.fd())
-        })
+        self.upper_fd_of_open(node, fh)
+            .or_else(|| {
+                fh.and_then(|fh| self.handles.file(fh))
+                    .or_else(|| self.handles.any_file_of(node.ino))
+                    .map(|h| h.fd())
+            })
+            .or_else(|| node.held())
+    }
+
+    /// The upper object a node with no name left was removed with, if it had one then.
+    fn held_upper(&self, node: &Node) -> Option<Arc<OwnedFd>> {
+        // A removed node is never copied up: an upper object now was the one held.
+        node.state().upper?;
+        node.held()
     }
 
     /// After reaching `node`'s object by name failed with `e`: if the node has no name left
-    /// (an unnamed temporary file, or a file deleted while open), an open fd of it; for a
+    /// (an unnamed temporary file, or an object deleted while in use), an fd of it; for a
     /// `change` only the upper object's, since a read-only handle may still be on a lower
     /// file. Otherwise `e`.
     pub(crate) fn nameless_fd(
@@ -139,15 +152,16 @@ impl Union {
         change: bool,
         e: Errno,
     ) -> Result<Arc<OwnedFd>> {
-        if !matches!(e.code(), libc::ENOENT | libc::ESTALE)
-            || node.is_dir()
-            || !node.state().links.is_empty()
-        {
+        if !matches!(e.code(), libc::ENOENT | libc::ESTALE) || !node.state().links.is_empty() {
             return Err(e);
         }
-        match change {
-            true => self.upper_fd_of_open(node, fh),
-            false => self.fd_of_nameless(node, fh),
+        match (node.is_dir(), change) {
+            (true, true) => self.held_upper(node),
+            (true, false) => node.held(),
+            (false, true) => self
+                .upper_fd_of_open(node, fh)
+                .or_else(|| self.held_upper(node)),
+            (false, false) => self.fd_of_nameless(node, fh),
         }
         .ok_or(e)
     }
@@ -182,9 +196,12 @@ impl Union {
             if self.opts.static_nlink {
                 nlink = 1;
             } else {
+                // A removed directory shows the link count of the object it was (0 for a
+                // removed upper directory, as on ext4).
                 let merged = {
                     let s = node.state();
                     s.lowers.len() + usize::from(s.upper.is_some()) > 1
+                        && (!s.is_unlinked() || node.is_root())
                 };
                 if merged {
                     nlink = 2 + self.subdir_count(node)? as u32;
@@ -296,12 +313,13 @@ impl Union {
             Some(h) => h.fd(),
             None => match self.open_in(node, Loc::Upper, libc::O_PATH) {
                 Ok(fd) => Arc::new(fd),
-                // No name left (deleted while open, or a split node): work through an open
+                // No name left (deleted while in use, or a split node): work through an open
                 // file of the upper object (a handle still on the lower object it was copied
-                // from must not change that).
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
-                    self.upper_fd_of_open(node, req.fh).ok_or(e)?
-                }
+                // from must not change that), or the upper object it was removed with.
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => self
+                    .upper_fd_of_open(node, req.fh)
+                    .or_else(|| self.held_upper(node))
+                    .ok_or(e)?,
                 Err(e) => return Err(e),
             },
         };
@@ -420,7 +438,7 @@ impl Union {
         if node.kind() != libc::S_IFLNK {
             return Err(Errno::EINVAL);
         }
-        self.with_object(node, self.top_loc(node), sys::readlinkat)
+        self.with_object_or_fd(node, self.top_loc(node), None, false, sys::readlinkat)
     }
 
     /// The name a view's xattr is stored under (see `whiteout::escape_xattr`); ENOTSUP for a

@@ -326,10 +326,13 @@ impl Union {
     /// A readable fd of the lower object holding a node's data.
     pub fn open_lower_data(&self, node: &Node) -> Result<OwnedFd> {
         let lower = node.state().top_lower().ok_or(LAYERLESS)?;
-        match self.open_in(node, Loc::Lower(lower), libc::O_RDONLY | libc::O_NOATIME) {
-            Err(e) if e.code() == libc::EPERM => {
-                self.open_in(node, Loc::Lower(lower), libc::O_RDONLY)
-            }
+        let open = |flags| match self.open_in(node, Loc::Lower(lower), flags) {
+            // Deleted, and reopened through /proc: the object held since (`Node::held`).
+            Err(e) => sys::reopen(self.nameless_fd(node, None, false, e)?.as_fd(), flags),
+            r => r,
+        };
+        match open(libc::O_RDONLY | libc::O_NOATIME) {
+            Err(e) if e.code() == libc::EPERM => open(libc::O_RDONLY),
             r => r,
         }
     }

@@ -809,7 +809,15 @@ impl Union {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.remove_file(fh);
+        // A deleted upper file keeps the attributes it has as its open files close (see
+        // `Node::held_stat`): they may have changed it since its last name went.
+        if let Some(h) = self.handles.remove_file(fh)
+            && h.node.held_stat().is_some()
+            && let Ok(st) = sys::fstat(h.fd().as_fd())
+            && h.node.state().upper == Some(RealId::of(&st))
+        {
+            h.node.set_held_stat(st);
+        }
     }
 
     /// fsync(2) of an open file: of its upper object, as on kernel overlayfs, never of a lower

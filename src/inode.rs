@@ -134,6 +134,18 @@ pub struct Extra {
     /// The directory its last name was in, once it was deleted (see `copy_up::deleted_error`).
     /// Weak: it keeps no directory alive.
     last_parent: Mutex<Option<std::sync::Weak<Node>>>,
+    /// What the node showed when its last name went (see `Union::hold_object`): the kernel
+    /// may still hold the node (a working directory, an `O_PATH` file, an open FIFO or
+    /// device) and ask about it.
+    held: Mutex<Option<Held>>,
+}
+
+/// `Extra::held`.
+enum Held {
+    /// An `O_PATH` fd of the object.
+    Object(Arc<std::os::fd::OwnedFd>),
+    /// Its attributes at the removal, for a deleted upper file (see `Union::hold_object`).
+    Stat(Box<crate::sys::Stat>),
 }
 
 /// `Node::bits`: the node left the table.
@@ -183,6 +195,7 @@ impl Node {
                 stale_listing: AtomicBool::new(false),
                 moved_to: Mutex::new(None),
                 last_parent: Mutex::new(None),
+                held: Mutex::new(None),
             })
         })
     }
@@ -212,6 +225,38 @@ impl Node {
     /// Records the directory its last name was deleted from.
     pub fn set_last_parent(&self, dir: &Arc<Node>) {
         *lock(&self.extra().last_parent) = Some(Arc::downgrade(dir));
+    }
+
+    /// Records the object the node showed when its last name went (see `Extra::held`).
+    pub fn set_held(&self, fd: std::os::fd::OwnedFd) {
+        *lock(&self.extra().held) = Some(Held::Object(Arc::new(fd)));
+    }
+
+    /// Records the attributes of a deleted upper file when its last name went.
+    pub fn set_held_stat(&self, st: crate::sys::Stat) {
+        *lock(&self.extra().held) = Some(Held::Stat(Box::new(st)));
+    }
+
+    /// The object held since the node's last name went (see `Extra::held`).
+    pub fn held(&self) -> Option<Arc<std::os::fd::OwnedFd>> {
+        match lock(&self.extra_if_made()?.held).as_ref()? {
+            Held::Object(fd) => Some(fd.clone()),
+            Held::Stat(_) => None,
+        }
+    }
+
+    /// The attributes a deleted upper file had when its last name went.
+    pub fn held_stat(&self) -> Option<crate::sys::Stat> {
+        match lock(&self.extra_if_made()?.held).as_ref()? {
+            Held::Stat(st) => Some(**st),
+            Held::Object(_) => None,
+        }
+    }
+
+    /// Whether the node's last name went while the daemon was running.
+    pub fn was_removed(&self) -> bool {
+        self.extra_if_made()
+            .is_some_and(|e| lock(&e.held).is_some() || lock(&e.last_parent).is_some())
     }
 
     /// Holds `Extra::dir_lock` (changes to a directory's entries).

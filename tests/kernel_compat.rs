@@ -2087,3 +2087,293 @@ fn mounts_inside_a_lower_layer_are_not_crossed_as_kernel_overlayfs() {
     assert_eq!(ours, kernel);
     assert_eq!(ours[0], r#"m: ["under"]"#, "{ours:?}");
 }
+
+/// What a walk or a call through an fd answers: the value, or the errno.
+fn fd_row<T: std::fmt::Debug>(r: Result<T, i32>) -> String {
+    match r {
+        Ok(v) => format!("{v:?}"),
+        Err(e) => format!("errno {e}"),
+    }
+}
+
+/// `r` of a syscall returning a length or -1.
+fn len_of(r: isize) -> Result<usize, i32> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Objects deleted, or replaced by a rename, while something still holds them: an `O_PATH`
+/// descriptor (as container runtimes keep), a walk from it (as from a working directory),
+/// and an open FIFO, none of them a file the daemon opened. Each is stat-ed, its xattrs and
+/// symlink target read, reopened through `/proc` and, if it was an upper object, changed
+/// there. Changes to a removed lower object are left out: kernel overlayfs copies it up over
+/// whatever is at its old name by then (a FIFO or a device comes back at its deleted name, a
+/// directory fails with ENOTDIR or replaces the directory renamed onto its name), where
+/// unionmount refuses them (EEXIST; ENOENT for directories). An upper regular file deleted
+/// by unlink is only stat-ed: unionmount keeps its attributes, not the file. So is the link count of a
+/// removed lower regular file: the FUSE kernel keeps the one it dropped itself on the
+/// page-cached path (0, as on ext4; the kernel shows the lower file's).
+fn held_rows(root: &Path) -> Vec<String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut out = Vec::new();
+    for origin in ["lo", "up"] {
+        for kind in ['f', 'd', 'p', 's', 'c'] {
+            for how in ["rm", "mv"] {
+                let name = format!("{origin}_{kind}_{how}");
+                let p = root.join(&name);
+                if origin == "up" {
+                    match kind {
+                        'f' => fs::write(&p, "upper").unwrap(),
+                        'd' => fs::create_dir(&p).unwrap(),
+                        'p' => mknod(&p, libc::S_IFIFO | 0o644, 0),
+                        's' => std::os::unix::fs::symlink("target-up", &p).unwrap(),
+                        _ => mknod(&p, libc::S_IFCHR | 0o600, libc::makedev(1, 3)),
+                    }
+                    if matches!(kind, 'f' | 'd') {
+                        set_xattr(&p, "user.v", b"up");
+                    }
+                }
+                let cp = cs(&p);
+                // SAFETY: plain syscall on a NUL-terminated path; the fd is owned below.
+                let raw = unsafe { libc::open(cp.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW) };
+                assert!(raw >= 0, "{name}: {}", std::io::Error::last_os_error());
+                // SAFETY: a fresh fd owned by nothing else.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let fifo = (kind == 'p')
+                    .then(|| OpenOptions::new().read(true).write(true).open(&p).unwrap());
+                if how == "rm" {
+                    if kind == 'd' {
+                        fs::remove_dir(&p).unwrap();
+                    } else {
+                        fs::remove_file(&p).unwrap();
+                    }
+                } else {
+                    let other = root.join(format!("other_{name}"));
+                    if kind == 'd' {
+                        fs::create_dir(&other).unwrap();
+                    } else {
+                        fs::write(&other, "other").unwrap();
+                    }
+                    fs::rename(&other, &p).unwrap();
+                }
+                let proc = PathBuf::from(format!("/proc/self/fd/{raw}"));
+                let stat = |what: &str, out: &mut Vec<String>| {
+                    let md = match fs::metadata(&proc) {
+                        Ok(md) => md,
+                        Err(e) => return out.push(format!("{name} {what}: {e}")),
+                    };
+                    let nlink = if origin == "lo" && kind == 'f' {
+                        "-".to_string()
+                    } else {
+                        md.nlink().to_string()
+                    };
+                    let size = if kind == 'd' { 0 } else { md.size() };
+                    out.push(format!(
+                        "{name} {what}: mode {:o} nlink {nlink} size {size} uid {} mtime {}",
+                        md.mode(),
+                        md.uid(),
+                        if md.mtime() < OLD { md.mtime() } else { 0 }
+                    ));
+                };
+                // fstat through the O_PATH descriptor (the magic link, followed).
+                stat("stat", &mut out);
+                // A deleted upper file is not held by unionmount (README): only its
+                // attributes answer.
+                if (origin, kind, how) == ("up", 'f', "rm") {
+                    continue;
+                }
+                if let Some(f) = &fifo {
+                    let got = f
+                        .metadata()
+                        .map(|md| format!("{:o} {}", md.mode(), md.nlink()))
+                        .map_err(|e| e.raw_os_error().unwrap());
+                    out.push(format!("{name} open fifo: {}", fd_row(got)));
+                }
+                if matches!(kind, 'f' | 'd') {
+                    let cproc = cs(&proc);
+                    let mut buf = [0u8; 256];
+                    // SAFETY: NUL-terminated strings and a writable buffer of its length.
+                    let got = len_of(unsafe {
+                        libc::getxattr(
+                            cproc.as_ptr(),
+                            c"user.v".as_ptr(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                        )
+                    })
+                    .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+                    out.push(format!("{name} getxattr: {}", fd_row(got)));
+                    // SAFETY: as above.
+                    let got = len_of(unsafe {
+                        libc::listxattr(cproc.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                    })
+                    .map(|n| {
+                        let mut v: Vec<String> = buf[..n]
+                            .split(|&b| b == 0)
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .filter(|s| s.starts_with("user."))
+                            .collect();
+                        v.sort();
+                        v
+                    });
+                    out.push(format!("{name} listxattr: {}", fd_row(got)));
+                }
+                if kind == 's' {
+                    let mut buf = [0u8; 256];
+                    // SAFETY: a valid fd, an empty NUL-terminated path and a writable buffer.
+                    let got = len_of(unsafe {
+                        libc::readlinkat(
+                            fd.as_raw_fd(),
+                            c"".as_ptr(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                        )
+                    })
+                    .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+                    out.push(format!("{name} readlink: {}", fd_row(got)));
+                }
+                if kind == 'f' {
+                    let got = io(fs::read_to_string(&proc).map(|s| out.push(s)));
+                    out.push(format!("{name} reopen: {}", fd_row(got)));
+                }
+                if kind == 'd' {
+                    // As from a working directory: `.` walked, stat-ed and listed.
+                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                    // SAFETY: a valid fd, a NUL-terminated path and a stat buffer.
+                    let got =
+                        rc(unsafe { libc::fstatat(fd.as_raw_fd(), c".".as_ptr(), &mut st, 0) })
+                            .map(|()| format!("{:o} {}", st.st_mode, st.st_nlink));
+                    out.push(format!("{name} stat .: {}", fd_row(got)));
+                    let got = fs::read_dir(&proc)
+                        .map(|d| d.count())
+                        .map_err(|e| e.raw_os_error().unwrap());
+                    out.push(format!("{name} list: {}", fd_row(got)));
+                }
+                if origin == "up" {
+                    let got = io(fs::set_permissions(
+                        &proc,
+                        fs::Permissions::from_mode(0o640),
+                    ));
+                    out.push(format!("{name} chmod: {}", fd_row(got)));
+                    let cproc = cs(&proc);
+                    let times = [libc::timespec {
+                        tv_sec: 5,
+                        tv_nsec: 0,
+                    }; 2];
+                    // SAFETY: NUL-terminated path and a valid times array.
+                    let got = rc(unsafe {
+                        libc::utimensat(libc::AT_FDCWD, cproc.as_ptr(), times.as_ptr(), 0)
+                    });
+                    out.push(format!("{name} utimes: {}", fd_row(got)));
+                    if matches!(kind, 'f' | 'd') {
+                        // SAFETY: NUL-terminated strings and a readable value.
+                        let got = rc(unsafe {
+                            libc::setxattr(
+                                cproc.as_ptr(),
+                                c"user.w".as_ptr(),
+                                b"2".as_ptr().cast(),
+                                1,
+                                0,
+                            )
+                        });
+                        out.push(format!("{name} setxattr: {}", fd_row(got)));
+                    }
+                    if kind == 'f' {
+                        let got = OpenOptions::new()
+                            .append(true)
+                            .open(&proc)
+                            .and_then(|mut f| f.write_all(b"+"));
+                        out.push(format!("{name} append: {}", fd_row(io(got))));
+                        let got = io(fs::read_to_string(&proc).map(|s| out.push(s)));
+                        out.push(format!("{name} read again: {}", fd_row(got)));
+                    }
+                    stat("after", &mut out);
+                }
+            }
+        }
+    }
+    // An upper file written through an open file after its last name went, which then
+    // closes: what an O_PATH descriptor of it shows follows.
+    let p = root.join("written");
+    fs::write(&p, "upper").unwrap();
+    let held = fs::File::options()
+        .custom_flags(libc::O_PATH)
+        .read(true)
+        .open(&p)
+        .unwrap();
+    let mut w = OpenOptions::new().append(true).open(&p).unwrap();
+    fs::remove_file(&p).unwrap();
+    w.write_all(b"+++").unwrap();
+    drop(w);
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held));
+    let got = fs::metadata(&proc)
+        .map(|md| format!("size {} nlink {}", md.size(), md.nlink()))
+        .map_err(|e| e.raw_os_error().unwrap());
+    out.push(format!("written after deletion: {}", fd_row(got)));
+    let mut names = names(root);
+    names.sort();
+    out.push(format!("merged: {names:?}"));
+    out
+}
+
+#[test]
+fn objects_deleted_while_held_answer_as_on_kernel_overlayfs() {
+    let l = Layers::new(1);
+    let lower = l.lower(0);
+    for how in ["rm", "mv"] {
+        lower
+            .file(&format!("lo_f_{how}"), "lower")
+            .xattr(&format!("lo_f_{how}"), "user.v", b"lo")
+            .dir(&format!("lo_d_{how}"))
+            .xattr(&format!("lo_d_{how}"), "user.v", b"lo")
+            .fifo(&format!("lo_p_{how}"))
+            .symlink(&format!("lo_s_{how}"), "target-lo");
+        mknod(
+            &lower.path(&format!("lo_c_{how}")),
+            libc::S_IFCHR | 0o600,
+            libc::makedev(1, 3),
+        );
+    }
+    age(&l.lowers[0]);
+    let k = l.mount_kernel("k");
+    let want = held_rows(&k.merged);
+    for (name, path) in [("u", "auto"), ("c", "off")] {
+        let u = l.mount_with(name, &["--passthrough", path]);
+        assert_rows_match(&want, &held_rows(&u.merged));
+    }
+    // unionmount's own answer to a change of a removed lower object: refused, and the name
+    // stays deleted (kernel overlayfs brings a FIFO or a device back at its old name).
+    let u = l.mount("r");
+    for (name, want) in [
+        ("lo_f_rm", libc::EEXIST),
+        ("lo_p_rm", libc::EEXIST),
+        ("lo_c_rm", libc::EEXIST),
+        ("lo_d_rm", libc::ENOENT),
+    ] {
+        let p = u.path(name);
+        let held = fs::File::options()
+            .custom_flags(libc::O_PATH)
+            .read(true)
+            .open(&p)
+            .unwrap();
+        if name == "lo_d_rm" {
+            fs::remove_dir(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held));
+        let got = io(fs::set_permissions(
+            &proc,
+            fs::Permissions::from_mode(0o640),
+        ));
+        assert_eq!(got, Err(want), "{name}");
+        assert!(!u.exists(name), "{name} stays deleted");
+    }
+    assert!(
+        names(&l.lowers[0]).len() == 10,
+        "the lower layer keeps its objects"
+    );
+}
