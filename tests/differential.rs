@@ -9,7 +9,8 @@
 //! made by an unprivileged caller (uid and gid 1000 or 1001, the generated objects' other
 //! owners, sometimes with the other group as a supplementary one) instead of root, and about
 //! one in seven is an operation on a file kept open across the others (pwrite, ftruncate,
-//! fallocate, fchmod, fstat). After every step the results (value or errno) and the whole
+//! fallocate, fchmod, fstat) or on an object held by an `O_PATH` descriptor (fstat, getxattr
+//! through `/proc`), kept across renames and deletions of its names. After every step the results (value or errno) and the whole
 //! merged trees are compared; after the sequence both are unmounted, the two uppers are
 //! compared on disk, and both are mounted again and compared once more. A divergence is shrunk (delta debugging
 //! on the operation list, replayed on fresh layers and mounts) and reported with the seed, the
@@ -408,10 +409,21 @@ enum Op {
     /// The first 64 KiB of the slot's file, read through it: the length and a hash.
     FdRead(usize),
     Close(usize),
+    /// Opens a path `O_PATH | O_NOFOLLOW` into `PATH_SLOT` (closing what it held): anything
+    /// but a file the daemon opens, held across the operations that follow, as a working
+    /// directory or a container runtime's descriptor is.
+    Hold(String),
+    /// fstat of the held object: type, mode, owner, group and (but for directories) size.
+    HeldStat,
+    /// getxattr of the held object, through `/proc/self/fd`: the length and a hash.
+    HeldGetXattr(String),
 }
 
 /// How many files an operation sequence can keep open at once.
 const SLOTS: usize = 3;
+
+/// The slot `Op::Hold` fills, beside the `SLOTS` of open files.
+const PATH_SLOT: usize = SLOTS;
 
 /// The slot whose files are opened read-only (`O_NOATIME`, so reads leave the times alone):
 /// a reader from before a copy-up, rename or unlink of its file.
@@ -427,7 +439,7 @@ fn passthrough() -> bool {
 
 /// The files one side keeps open, closed when dropped (before its mount is unmounted).
 #[derive(Default)]
-struct Fds([Option<OwnedFd>; SLOTS]);
+struct Fds([Option<OwnedFd>; SLOTS + 1]);
 
 impl Fds {
     fn raw(&self, slot: usize) -> Result<i32, i32> {
@@ -475,7 +487,8 @@ fn op_paths(op: &Op) -> Vec<&String> {
         | Op::RemoveXattr(p, _)
         | Op::Mknod(p, ..)
         | Op::Chattr(p, _)
-        | Op::Open(_, p) => vec![p],
+        | Op::Open(_, p)
+        | Op::Hold(p) => vec![p],
         _ => Vec::new(),
     }
 }
@@ -629,6 +642,15 @@ impl fmt::Display for Op {
             Op::FdStat(i) => write!(f, "fstat(fd{i}) (size << 8 | nlink)"),
             Op::FdRead(i) => write!(f, "pread(fd{i}, 64 KiB, 0) (length << 24 | hash)"),
             Op::Close(i) => write!(f, "close(fd{i})"),
+            Op::Hold(p) => write!(f, "fd{PATH_SLOT} = open({p:?}, O_PATH | O_NOFOLLOW)"),
+            Op::HeldStat => write!(
+                f,
+                "fstat(fd{PATH_SLOT}) (mode << 46 | uid << 35 | gid << 24 | size)"
+            ),
+            Op::HeldGetXattr(n) => write!(
+                f,
+                "getxattr(/proc/self/fd/{{fd{PATH_SLOT}}}, {n:?}) (length << 24 | hash)"
+            ),
             Op::As(c, op) => {
                 write!(f, "as {}:{}", c.uid, c.gid)?;
                 if let Some(g) = c.also {
@@ -837,6 +859,38 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
                 fds.0[*i] = None;
                 Ok(0)
             }
+            Op::Hold(p) => {
+                fds.0[PATH_SLOT] = None;
+                let fd = check(libc::open(
+                    c(p).as_ptr(),
+                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                ) as i64)?;
+                fds.0[PATH_SLOT] = Some(OwnedFd::from_raw_fd(fd as i32));
+                Ok(0)
+            }
+            Op::HeldStat => {
+                let mut st: libc::stat = std::mem::zeroed();
+                check(libc::fstat(fds.raw(PATH_SLOT)?, &mut st) as i64)?;
+                let size = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    0
+                } else {
+                    st.st_size.min(0xff_ffff)
+                };
+                let id = |i: u32| i64::from(i.min(0x7ff));
+                Ok(i64::from(st.st_mode) << 46 | id(st.st_uid) << 35 | id(st.st_gid) << 24 | size)
+            }
+            Op::HeldGetXattr(n) => {
+                let path = CString::new(format!("/proc/self/fd/{}", fds.raw(PATH_SLOT)?)).unwrap();
+                let n = CString::new(n.as_str()).unwrap();
+                let mut buf = vec![0u8; 4096];
+                let len = check(libc::getxattr(
+                    path.as_ptr(),
+                    n.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                ) as i64)?;
+                Ok(len << 24 | (fnv(&buf[..len as usize]) & 0xff_ffff) as i64)
+            }
             Op::As(..) => unreachable!("applied on a thread of the caller's above"),
         }
     }
@@ -872,7 +926,7 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
     } else {
         rng.below(SLOTS as u64) as usize
     };
-    let op = match rng.below(14) {
+    let op = match rng.below(17) {
         0..=3 => {
             let files: Vec<&String> = snap
                 .entries
@@ -903,6 +957,9 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
         7 => Op::FdChmod(i, *rng.pick(&FILE_MODES)),
         8..=9 => Op::FdStat(i),
         13 => Op::FdRead(i),
+        14 => Op::Hold(some_path(rng, snap)),
+        15 => Op::HeldStat,
+        16 => Op::HeldGetXattr((*rng.pick(&XATTRS)).to_string()),
         10 => {
             let mode = *rng.pick(&[
                 0,
@@ -926,6 +983,15 @@ fn gen_fd_op(rng: &mut Rng, snap: &Snap, op: Op) -> Op {
         // made through another. No reader is opened on a file with more than one name.
         Op::Open(RO_SLOT, p) if snap.entries.get(&p).is_some_and(|e| e.nlink > 1) => {
             Op::FdRead(RO_SLOT)
+        }
+        // The same for a held object: its stat would follow a copy-up through another name.
+        Op::Hold(p)
+            if snap
+                .entries
+                .get(&p)
+                .is_some_and(|e| e.kind != 'd' && e.nlink > 1) =>
+        {
+            Op::HeldStat
         }
         op => op,
     };
@@ -1467,7 +1533,10 @@ impl Pins {
             | Op::FdSetXattr(..)
             | Op::FdStat(..)
             | Op::FdRead(..)
-            | Op::Close(..) => {
+            | Op::Close(..)
+            | Op::Hold(_)
+            | Op::HeldStat
+            | Op::HeldGetXattr(_) => {
                 return;
             }
             _ => {}
@@ -1837,7 +1906,9 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         | Op::FdChmod(..)
         | Op::FdSetXattr(..)
         | Op::FdStat(..)
-        | Op::FdRead(..) = op.inner()
+        | Op::FdRead(..)
+        | Op::HeldStat
+        | Op::HeldGetXattr(_) = op.inner()
         {
             on_open_files.1 += 1;
             on_open_files.0 += usize::from(kr.is_ok());
