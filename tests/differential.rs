@@ -69,6 +69,9 @@
 //!   overlayfs inode first (README, known limitations). For the same reason removing a
 //!   default ACL from a non-directory succeeds without asking unionmount (the VFS's answer
 //!   for a non-directory, which has none).
+//! - "split size" (passthrough): the file open in the read-only slot keeps the size of the
+//!   lower file it reads once a copy-up moved its name (README); where the `O_PATH` slot holds
+//!   that file, its fstat may differ from the kernel's in the size alone.
 //! - "split names" (passthrough): a file opened read-only from a lower layer before a copy-up
 //!   is served from the lower file by a node of its own, and its names move to a new node
 //!   (a new inode number, README) when the file is next opened; a snapshot taken meanwhile
@@ -509,6 +512,19 @@ fn is_open_file(root: &Path, rel: &str, fds: &Fds) -> bool {
             && libc::stat(path.as_ptr(), &mut b) == 0
             && (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
     }
+}
+
+/// Whether two slots of `fds` hold one file.
+fn slots_hold_one_file(fds: &Fds, a: usize, b: usize) -> bool {
+    let id = |slot| {
+        let fd = fds.raw(slot).ok()?;
+        // SAFETY: plain syscall on an open fd and a valid out-pointer.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
+        }
+    };
+    id(a).is_some_and(|x| id(b) == Some(x))
 }
 
 /// Whether `fd` is a regular file with no name left.
@@ -1898,7 +1914,13 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         let unheld = matches!(op.inner(), Op::HeldGetXattr(_))
             && ur == Err(libc::ENOENT)
             && k_fds.raw(PATH_SLOT).is_ok_and(is_deleted_file);
-        if kr != ur && !late && !unheld {
+        // Rule "split size" (passthrough): held, the file open in the read-only slot shows
+        // the size of the lower file it reads once a copy-up split it (README).
+        let split_size = passthrough()
+            && matches!(op.inner(), Op::HeldStat)
+            && matches!((kr, ur), (Ok(a), Ok(b)) if a >> 24 == b >> 24)
+            && slots_hold_one_file(&k_fds, RO_SLOT, PATH_SLOT);
+        if kr != ur && !late && !unheld && !split_size {
             let show = |r: Res| match r {
                 Ok(v) => format!("Ok({v})"),
                 Err(e) => format!("Err({})", std::io::Error::from_raw_os_error(e)),
