@@ -93,7 +93,7 @@ impl Union {
             // files answer; with none, ESTALE makes the kernel look a split node's name up again.
             Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
                 match self.fd_of_nameless(node, fh) {
-                    Some(fd) => sys::fstat(fd.as_fd()),
+                    Some(fd) => self.stat_fd(fd.as_fd()),
                     None => node.held_stat().ok_or(e),
                 }
             }
@@ -118,6 +118,15 @@ impl Union {
         {
             st.st_size = read.st_size;
             st.st_blocks = read.st_blocks;
+        }
+        Ok(st)
+    }
+
+    /// Stat of an object by an fd of it, as the view shows it (`apply_override`).
+    pub(crate) fn stat_fd(&self, fd: std::os::fd::BorrowedFd<'_>) -> Result<Stat> {
+        let mut st = sys::fstat(fd)?;
+        if self.override_xattr().is_some() {
+            self.apply_override(fd, c"", &mut st);
         }
         Ok(st)
     }

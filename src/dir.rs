@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::acl;
 use crate::compact::Few;
-use crate::inode::{Node, RealId};
+use crate::inode::{Held, Node, RealId};
 use crate::layer::WorkDir;
 use crate::lookup::{Found, Loc};
 use crate::protect;
@@ -656,20 +656,21 @@ impl Union {
         }
         protect::check_add_entry(self.prot(newparent)?)?;
         self.check_change_prot(node)?;
+        // A file whose last name went is never linked again, as the VFS refuses it (it
+        // may not have seen the link count drop: a deleted lower file shows its lower one).
+        if node.was_removed() {
+            return Err(Errno::ENOENT);
+        }
         self.copy_up(node)?;
         self.copy_up(newparent)?;
         let cname = sys::cstr(newname)?;
         let _lock = newparent.lock_dir();
         // An unnamed temporary file (O_TMPFILE, never linked: no links at all) is reached
         // through its upper object's open fd. A file deleted while open keeps its ENOENT: its
-        // number left the identity map with its last name, and the object it was is
-        // never linked again (the VFS refuses it too).
+        // number left the identity map with its last name.
         let src = match self.open_in(node, Loc::Upper, libc::O_PATH) {
             Ok(f) => Arc::new(f),
             Err(e) => {
-                if node.was_removed() {
-                    return Err(e);
-                }
                 let fd = self.nameless_fd(node, None, true, e)?;
                 if sys::fstat(fd.as_fd())?.st_nlink != 0 {
                     return Err(e);
@@ -755,15 +756,7 @@ impl Union {
         let needs_whiteout = self.lower_has(parent, &cname)?;
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let work = self.layers.work()?;
-        // An upper file is not held: that would keep each deleted file's inode alive until
-        // the kernel forgets it (an open, an orphan entry and a close: about 3 us per unlink).
-        // Its open files, if any, stand for it; else its attributes as they were.
-        let upper_file = in_upper && sys::file_type(st.st_mode) == libc::S_IFREG;
-        let held = if upper_file {
-            None
-        } else {
-            self.hold_object(node)
-        };
+        let held = self.hold_object(node, (in_upper && !is_dir).then_some(st));
         self.tree_change(|| -> Result<()> {
             if !in_upper {
                 self.make_whiteout(dir.as_fd(), &cname)?;
@@ -804,12 +797,8 @@ impl Union {
             if node.state().is_unlinked() {
                 self.table.forget_ids(node);
                 node.set_last_parent(parent);
-                if let Some(fd) = held {
-                    node.set_held(fd);
-                } else if upper_file {
-                    let mut st = *st;
-                    st.st_nlink = 0;
-                    node.set_held_stat(st);
+                if let Some(h) = held {
+                    node.set_held(h);
                 }
             }
             Ok(())
@@ -818,22 +807,39 @@ impl Union {
         if is_dir {
             self.drop_dir_fd(node, Loc::Upper);
             self.adjust_subdirs(parent, -1);
-        } else if !node.state().is_unlinked() {
+        } else if !node.state().is_unlinked() || node.state().upper.is_none() {
             // The kernel drops its cached link count by one on unlink; a name whited out over
-            // a lower hard link leaves the lower object's count as it was, so have it asked.
+            // a lower object leaves that object's count as it was, so have it asked (kernel
+            // overlayfs shows a deleted lower file with its lower link count).
             self.invalidate_attrs(node.ino);
         }
         Ok(())
     }
 
-    /// Before a removal that may take `node`'s last name: an `O_PATH` fd of the object the
-    /// node shows, for `Extra::held` once the name is gone. What still holds the node in
-    /// the kernel (a working directory, an `O_PATH` file, an open FIFO or device: none of
-    /// them an open file of the daemon's) can then stat it, read its xattrs and reopen it
-    /// through `/proc`, as on ext4 and kernel overlayfs.
-    fn hold_object(&self, node: &Node) -> Option<OwnedFd> {
+    /// Before a removal that may take `node`'s last name: what to keep of the object it
+    /// shows (`Extra::held`) once the name is gone, for what still holds the node in the
+    /// kernel (a working directory, an `O_PATH` file, an open FIFO or device: none of them an
+    /// open file of the daemon's). An `O_PATH` fd of it, through which it can be stat-ed, its
+    /// xattrs read, reopened through `/proc` and, in the upper, changed, as on ext4 and
+    /// kernel overlayfs. But for an upper non-directory with no other link (`upper_st`, its
+    /// stat as the view shows it), which the removal frees, only its attributes: holding it would keep its inode
+    /// alive until the kernel forgets the node, an open, an ext4 orphan entry and a close
+    /// for every unlink (about 3 us each). Its open files, if any, stand for it meanwhile.
+    fn hold_object(&self, node: &Node, upper_st: Option<&Stat>) -> Option<Held> {
         if node.state().links.len() != 1 {
             return None;
+        }
+        if let Some(st) = upper_st
+            && st.st_nlink <= 1
+        {
+            let mut st = *st;
+            st.st_nlink = 0;
+            // The removal changes the inode (ext4 sets its ctime).
+            if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                st.st_ctime = now.as_secs() as i64;
+                st.st_ctime_nsec = i64::from(now.subsec_nanos());
+            }
+            return Some(Held::Stat(Box::new(st)));
         }
         let flags = if node.is_dir() {
             libc::O_PATH
@@ -843,6 +849,7 @@ impl Union {
         self.open_in(node, self.top_loc(node), flags)
             .inspect_err(|e| log::debug!("holding a removed object: {e:?}"))
             .ok()
+            .map(|fd| Held::Object(Arc::new(fd)))
     }
 
     /// rename(2)/renameat2(2) with `RENAME_NOREPLACE`, `RENAME_EXCHANGE` and
@@ -1010,7 +1017,16 @@ impl Union {
         let work = self.layers.work()?;
         let src_lower_below = self.lower_has(parent, &cname)?;
         let dst_slot = upper_slot(new_dir.as_fd(), &cnew)?;
-        let held = dst.filter(|_| !exchange).and_then(|d| self.hold_object(d));
+        let held = dst.filter(|_| !exchange).and_then(|d| {
+            let upper_st = (!d.is_dir() && d.state().upper.is_some())
+                .then(|| sys::fstatat(new_dir.as_fd(), &cnew, libc::AT_SYMLINK_NOFOLLOW).ok())
+                .flatten()
+                .map(|mut st| {
+                    self.apply_override(new_dir.as_fd(), &cnew, &mut st);
+                    st
+                });
+            self.hold_object(d, upper_st.as_ref())
+        });
 
         // A directory moved into a merged directory is made opaque, as kernel overlayfs
         // does, so nothing a lower layer has (or gets) under that name merges into it.
@@ -1114,8 +1130,8 @@ impl Union {
                     if d.state().is_unlinked() {
                         self.table.forget_ids(d);
                         d.set_last_parent(newparent);
-                        if let Some(fd) = held {
-                            d.set_held(fd);
+                        if let Some(h) = held {
+                            d.set_held(h);
                         }
                     }
                 }
@@ -1139,11 +1155,11 @@ impl Union {
         } else if !exchange && dst.is_some_and(|d| d.is_dir()) {
             self.adjust_subdirs(parent, -1);
         }
-        // As for unlink: a replaced name of a lower hard link leaves its link count as it was.
+        // As for unlink: a replaced name of a lower object leaves its link count as it was.
         if let Some(d) = dst
             && !exchange
             && !d.is_dir()
-            && !d.state().is_unlinked()
+            && (!d.state().is_unlinked() || d.state().upper.is_none())
         {
             self.invalidate_attrs(d.ino);
         }

@@ -813,10 +813,10 @@ impl Union {
         // `Node::held_stat`): they may have changed it since its last name went.
         if let Some(h) = self.handles.remove_file(fh)
             && h.node.held_stat().is_some()
-            && let Ok(st) = sys::fstat(h.fd().as_fd())
+            && let Ok(st) = self.stat_fd(h.fd().as_fd())
             && h.node.state().upper == Some(RealId::of(&st))
         {
-            h.node.set_held_stat(st);
+            h.node.update_held_stat(st);
         }
     }
 

@@ -141,10 +141,11 @@ pub struct Extra {
 }
 
 /// `Extra::held`.
-enum Held {
+pub enum Held {
     /// An `O_PATH` fd of the object.
     Object(Arc<std::os::fd::OwnedFd>),
-    /// Its attributes at the removal, for a deleted upper file (see `Union::hold_object`).
+    /// Its attributes as its last name went, for an upper object with no other link, which
+    /// the removal frees (see `Union::hold_object`).
     Stat(Box<crate::sys::Stat>),
 }
 
@@ -227,14 +228,19 @@ impl Node {
         *lock(&self.extra().last_parent) = Some(Arc::downgrade(dir));
     }
 
-    /// Records the object the node showed when its last name went (see `Extra::held`).
-    pub fn set_held(&self, fd: std::os::fd::OwnedFd) {
-        *lock(&self.extra().held) = Some(Held::Object(Arc::new(fd)));
+    /// Records what the node showed when its last name went (see `Extra::held`).
+    pub fn set_held(&self, held: Held) {
+        *lock(&self.extra().held) = Some(held);
     }
 
-    /// Records the attributes of a deleted upper file when its last name went.
-    pub fn set_held_stat(&self, st: crate::sys::Stat) {
-        *lock(&self.extra().held) = Some(Held::Stat(Box::new(st)));
+    /// Updates the attributes kept of a removed upper object (`Held::Stat`), if that is
+    /// what is kept.
+    pub fn update_held_stat(&self, st: crate::sys::Stat) {
+        if let Some(e) = self.extra_if_made()
+            && let Some(Held::Stat(kept)) = lock(&e.held).as_mut()
+        {
+            **kept = st;
+        }
     }
 
     /// The object held since the node's last name went (see `Extra::held`).

@@ -2112,10 +2112,9 @@ fn len_of(r: isize) -> Result<usize, i32> {
 /// there. Changes to a removed lower object are left out: kernel overlayfs copies it up over
 /// whatever is at its old name by then (a FIFO or a device comes back at its deleted name, a
 /// directory fails with ENOTDIR or replaces the directory renamed onto its name), where
-/// unionmount refuses them (EEXIST; ENOENT for directories). An upper regular file deleted
-/// by unlink is only stat-ed: unionmount keeps its attributes, not the file. So is the link count of a
-/// removed lower regular file: the FUSE kernel keeps the one it dropped itself on the
-/// page-cached path (0, as on ext4; the kernel shows the lower file's).
+/// unionmount refuses them (EEXIST; ENOENT for directories). A removed upper non-directory
+/// with no other link is only stat-ed: unionmount keeps its attributes, not the object.
+/// Linking a removed file again fails (ENOENT) on both.
 fn held_rows(root: &Path) -> Vec<String> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut out = Vec::new();
@@ -2165,11 +2164,7 @@ fn held_rows(root: &Path) -> Vec<String> {
                         Ok(md) => md,
                         Err(e) => return out.push(format!("{name} {what}: {e}")),
                     };
-                    let nlink = if origin == "lo" && kind == 'f' {
-                        "-".to_string()
-                    } else {
-                        md.nlink().to_string()
-                    };
+                    let nlink = md.nlink();
                     let size = if kind == 'd' { 0 } else { md.size() };
                     out.push(format!(
                         "{name} {what}: mode {:o} nlink {nlink} size {size} uid {} mtime {}",
@@ -2180,9 +2175,9 @@ fn held_rows(root: &Path) -> Vec<String> {
                 };
                 // fstat through the O_PATH descriptor (the magic link, followed).
                 stat("stat", &mut out);
-                // A deleted upper file is not held by unionmount (README): only its
-                // attributes answer.
-                if (origin, kind, how) == ("up", 'f', "rm") {
+                // A removed upper non-directory with no other link is not held by
+                // unionmount (README): only its attributes answer.
+                if origin == "up" && kind != 'd' {
                     continue;
                 }
                 if let Some(f) = &fifo {
@@ -2238,6 +2233,18 @@ fn held_rows(root: &Path) -> Vec<String> {
                 if kind == 'f' {
                     let got = io(fs::read_to_string(&proc).map(|s| out.push(s)));
                     out.push(format!("{name} reopen: {}", fd_row(got)));
+                    let to = cs(&root.join(format!("{name}.linked")));
+                    // SAFETY: a valid fd, NUL-terminated paths.
+                    let got = rc(unsafe {
+                        libc::linkat(
+                            fd.as_raw_fd(),
+                            c"".as_ptr(),
+                            libc::AT_FDCWD,
+                            to.as_ptr(),
+                            libc::AT_EMPTY_PATH,
+                        )
+                    });
+                    out.push(format!("{name} link: {}", fd_row(got)));
                 }
                 if kind == 'd' {
                     // As from a working directory: `.` walked, stat-ed and listed.
@@ -2295,6 +2302,35 @@ fn held_rows(root: &Path) -> Vec<String> {
             }
         }
     }
+    // An upper file with another name: one name deleted, the file changed through the other,
+    // and what an O_PATH descriptor of it shows follows.
+    let p = root.join("twice");
+    fs::write(&p, "upper").unwrap();
+    fs::hard_link(&p, root.join("twice2")).unwrap();
+    let held = fs::File::options()
+        .custom_flags(libc::O_PATH)
+        .read(true)
+        .open(&p)
+        .unwrap();
+    fs::remove_file(&p).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(root.join("twice2"))
+        .and_then(|mut f| f.write_all(b"+++"))
+        .unwrap();
+    fs::set_permissions(root.join("twice2"), fs::Permissions::from_mode(0o600)).unwrap();
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held));
+    let got = fs::metadata(&proc)
+        .map(|md| {
+            format!(
+                "mode {:o} size {} nlink {}",
+                md.mode(),
+                md.size(),
+                md.nlink()
+            )
+        })
+        .map_err(|e| e.raw_os_error().unwrap());
+    out.push(format!("other name changed: {}", fd_row(got)));
     // An upper file written through an open file after its last name went, which then
     // closes: what an O_PATH descriptor of it shows follows.
     let p = root.join("written");
@@ -2376,4 +2412,34 @@ fn objects_deleted_while_held_answer_as_on_kernel_overlayfs() {
         names(&l.lowers[0]).len() == 10,
         "the lower layer keeps its objects"
     );
+    drop(u);
+    // With `xattr_permissions`, a removed object shows the owner the view gave it.
+    let u = l.mount_with("x", &["-o", "xattr_permissions=2"]);
+    let mut rows = Vec::new();
+    for (name, how) in [("xd", "rmdir"), ("xf", "unlink"), ("xg", "rename over")] {
+        let p = u.path(name);
+        if name == "xd" {
+            fs::create_dir(&p).unwrap();
+        } else {
+            fs::write(&p, "x").unwrap();
+        }
+        std::os::unix::fs::lchown(&p, Some(1234), Some(1234)).unwrap();
+        let held = fs::File::options()
+            .custom_flags(libc::O_PATH)
+            .read(true)
+            .open(&p)
+            .unwrap();
+        match how {
+            "rmdir" => fs::remove_dir(&p).unwrap(),
+            "unlink" => fs::remove_file(&p).unwrap(),
+            _ => {
+                fs::write(u.path("other"), "y").unwrap();
+                fs::rename(u.path("other"), &p).unwrap();
+            }
+        }
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held));
+        let md = fs::metadata(&proc).unwrap();
+        rows.push(format!("{name}: {} {}", md.uid(), md.gid()));
+    }
+    assert_eq!(rows, ["xd: 1234 1234", "xf: 1234 1234", "xg: 1234 1234"]);
 }
