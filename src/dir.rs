@@ -807,10 +807,11 @@ impl Union {
         if is_dir {
             self.drop_dir_fd(node, Loc::Upper);
             self.adjust_subdirs(parent, -1);
-        } else if !node.state().is_unlinked() || node.state().upper.is_none() {
+        } else if !node.state().is_unlinked() || node.held().is_some() {
             // The kernel drops its cached link count by one on unlink; a name whited out over
             // a lower object leaves that object's count as it was, so have it asked (kernel
-            // overlayfs shows a deleted lower file with its lower link count).
+            // overlayfs shows a deleted lower file with its lower link count), as an object
+            // with other links does (it can change through them: see `Fs::attr_ttl`).
             self.invalidate_attrs(node.ino);
         }
         Ok(())
@@ -821,16 +822,18 @@ impl Union {
     /// kernel (a working directory, an `O_PATH` file, an open FIFO or device: none of them an
     /// open file of the daemon's). An `O_PATH` fd of it, through which it can be stat-ed, its
     /// xattrs read, reopened through `/proc` and, in the upper, changed, as on ext4 and
-    /// kernel overlayfs. But for an upper non-directory with no other link (`upper_st`, its
-    /// stat as the view shows it), which the removal frees, only its attributes: holding it would keep its inode
-    /// alive until the kernel forgets the node, an open, an ext4 orphan entry and a close
-    /// for every unlink (about 3 us each). Its open files, if any, stand for it meanwhile.
+    /// kernel overlayfs. But for an upper file or symlink with no other link (`upper_st`,
+    /// its stat as the view shows it), which the removal frees, only its attributes: holding
+    /// it would keep its inode alive until the kernel forgets the node, an open, an ext4
+    /// orphan entry and a close for every unlink (about 3 us each, on the paths trees are
+    /// removed by). Its open files, if any, stand for it meanwhile.
     fn hold_object(&self, node: &Node, upper_st: Option<&Stat>) -> Option<Held> {
         if node.state().links.len() != 1 {
             return None;
         }
         if let Some(st) = upper_st
             && st.st_nlink <= 1
+            && matches!(sys::file_type(st.st_mode), libc::S_IFREG | libc::S_IFLNK)
         {
             let mut st = *st;
             st.st_nlink = 0;
@@ -1159,7 +1162,7 @@ impl Union {
         if let Some(d) = dst
             && !exchange
             && !d.is_dir()
-            && (!d.state().is_unlinked() || d.state().upper.is_none())
+            && (!d.state().is_unlinked() || d.held().is_some())
         {
             self.invalidate_attrs(d.ino);
         }

@@ -70,9 +70,10 @@ impl UnionFs {
     }
 
     /// How long the kernel may keep a node's attributes. Never for a split node (see
-    /// `Node::split`): the object it shows changes through another node too.
+    /// `Node::split`), nor for a removed one holding an upper object (`Node::held`, one with
+    /// other links): the object it shows changes through another node too.
     fn attr_ttl(&self, node: &Node) -> Duration {
-        if node.is_split() {
+        if node.is_split() || node.held().is_some() && node.state().upper.is_some() {
             Duration::ZERO
         } else {
             self.ttl()

@@ -46,10 +46,10 @@
 //!   the old name). The generator never renames between two names of one file, and
 //!   `deliberate_differences` checks unionmount's side.
 //! - "directory nlink" (deliberate): merged directories report their real link count.
-//! - "deleted file not held" (deliberate): an upper non-directory removed with its last link
-//!   (unlink, or replaced by a rename) is not kept by unionmount, only its attributes
+//! - "deleted file not held" (deliberate): an upper file or symlink removed with its last
+//!   link (unlink, or replaced by a rename) is not kept by unionmount, only its attributes
 //!   (README); what holds it (an `O_PATH` descriptor) gets ENOENT for its xattrs, where the
-//!   kernel's side shows a non-directory with no links.
+//!   kernel's side shows a regular file or symlink with no links.
 //! - "whiteout in an unmerged directory" (kernel): the kernel lists a lower whiteout in readdir
 //!   when its directory comes from one layer only; lowers get whiteouts only in merged
 //!   directories.
@@ -528,13 +528,13 @@ fn slots_hold_one_file(fds: &Fds, a: usize, b: usize) -> bool {
     id(a).is_some_and(|x| id(b) == Some(x))
 }
 
-/// Whether `fd` is a non-directory with no name left.
+/// Whether `fd` is a regular file or symlink with no name left.
 fn is_deleted_file(fd: i32) -> bool {
     // SAFETY: plain syscall on an open fd and a valid out-pointer.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         libc::fstat(fd, &mut st) == 0
-            && st.st_mode & libc::S_IFMT != libc::S_IFDIR
+            && matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK)
             && st.st_nlink == 0
     }
 }
@@ -1910,7 +1910,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
             && (matches!(ur, Err(libc::EACCES | libc::ENOTDIR | libc::EISDIR))
                 || (ur == Ok(0)
                     && matches!(op.inner(), Op::RemoveXattr(_, n) if n == ACL_DEFAULT)));
-        // Rule "deleted file not held" (deliberate): an upper non-directory removed with its
+        // Rule "deleted file not held" (deliberate): an upper file or symlink removed with its
         // last link answers only its attributes to what holds it (README), ENOENT to getxattr.
         let unheld = matches!(op.inner(), Op::HeldGetXattr(_))
             && ur == Err(libc::ENOENT)
