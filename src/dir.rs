@@ -97,13 +97,14 @@ enum UpperSlot {
     AufsWhiteout,
     /// A character device 0/0.
     Whiteout,
-    Object,
+    /// Anything else: its stat.
+    Object(Stat),
 }
 
 fn upper_slot(dir: BorrowedFd<'_>, name: &CStr) -> Result<UpperSlot> {
     match sys::fstatat(dir, name, 0) {
         Ok(st) if whiteout::is_whiteout(&st) => Ok(UpperSlot::Whiteout),
-        Ok(_) => Ok(UpperSlot::Object),
+        Ok(st) => Ok(UpperSlot::Object(st)),
         Err(e) if e.code() == libc::ENOENT => {
             let wh = aufs_cname(name)?;
             match sys::fstatat(dir, &wh, 0) {
@@ -504,7 +505,7 @@ impl Union {
         let (st, fd) = match made {
             Some(made) => made,
             None => match upper_slot(dir.as_fd(), &cname)? {
-                UpperSlot::Object => return Err(Errno::EEXIST),
+                UpperSlot::Object(_) => return Err(Errno::EEXIST),
                 UpperSlot::Empty => self.make_at(dir.as_fd(), &cname, &what, caller, &pst)?,
                 slot => self.make_over_whiteout(dir.as_fd(), &cname, what, caller, &pst, slot)?,
             },
@@ -628,7 +629,7 @@ impl Union {
                 sys::unlinkat(dir, &aufs_cname(name)?, 0)
             }
             UpperSlot::Empty => sys::renameat2(work, tmp, dir, name, libc::RENAME_NOREPLACE),
-            UpperSlot::Object => Err(Errno::EEXIST),
+            UpperSlot::Object(_) => Err(Errno::EEXIST),
         })
     }
 
@@ -682,7 +683,7 @@ impl Union {
         let dir = self.dir_fd(newparent, Loc::Upper)?;
         let cwd = sys::at_fdcwd();
         match upper_slot(dir.as_fd(), &cname)? {
-            UpperSlot::Object => return Err(Errno::EEXIST),
+            UpperSlot::Object(_) => return Err(Errno::EEXIST),
             UpperSlot::Empty => {
                 sys::linkat(cwd, &src_path, dir.as_fd(), &cname, libc::AT_SYMLINK_FOLLOW)?
             }
@@ -1020,14 +1021,16 @@ impl Union {
         let work = self.layers.work()?;
         let src_lower_below = self.lower_has(parent, &cname)?;
         let dst_slot = upper_slot(new_dir.as_fd(), &cnew)?;
+        // A target that exists in the upper is the replaced node's upper object.
         let held = dst.filter(|_| !exchange).and_then(|d| {
-            let upper_st = (!d.is_dir() && d.state().upper.is_some())
-                .then(|| sys::fstatat(new_dir.as_fd(), &cnew, libc::AT_SYMLINK_NOFOLLOW).ok())
-                .flatten()
-                .map(|mut st| {
+            let upper_st = match &dst_slot {
+                UpperSlot::Object(st) if !d.is_dir() => {
+                    let mut st = *st;
                     self.apply_override(new_dir.as_fd(), &cnew, &mut st);
-                    st
-                });
+                    Some(st)
+                }
+                _ => None,
+            };
             self.hold_object(d, upper_st.as_ref())
         });
 
@@ -1055,7 +1058,7 @@ impl Union {
         // A directory being replaced may still hold whiteouts, which the real rename refuses:
         // swap it for an empty one first, then delete it in the work directory.
         if !exchange
-            && let (Some(d), UpperSlot::Object) = (dst, &dst_slot)
+            && let (Some(d), UpperSlot::Object(_)) = (dst, &dst_slot)
             && d.is_dir()
         {
             let tmp = work.temp_name();
