@@ -106,10 +106,7 @@ impl Union {
     /// kernel passes them through to it): a reader of one never finds less data than the
     /// size it was told.
     fn stat_split(&self, node: &Node, fh: Option<u64>, copy: &OwnedFd) -> Result<Stat> {
-        let mut st = sys::fstat(copy.as_fd())?;
-        if self.override_xattr().is_some() {
-            self.apply_override(copy.as_fd(), c"", &mut st);
-        }
+        let mut st = self.stat_fd(copy.as_fd())?;
         let named = fh
             .and_then(|fh| self.handles.file(fh))
             .filter(|h| std::ptr::eq(&*h.node, node));
@@ -144,10 +141,11 @@ impl Union {
     }
 
     /// The upper object a node with no name left was removed with, if it had one then.
-    fn held_upper(&self, node: &Node) -> Option<Arc<OwnedFd>> {
+    pub(crate) fn held_upper(&self, node: &Node) -> Option<Arc<OwnedFd>> {
+        let held = node.held()?;
         // A removed node is never copied up: an upper object now was the one held.
         node.state().upper?;
-        node.held()
+        Some(held)
     }
 
     /// After reaching `node`'s object by name failed with `e`: if the node has no name left
@@ -341,11 +339,7 @@ impl Union {
             return self.getattr(node, req.fh);
         }
         changed?;
-        let mut st = sys::fstat(f)?;
-        if self.override_xattr().is_some() {
-            self.apply_override(f, c"", &mut st);
-        }
-        self.attr(node, &st)
+        self.attr(node, &self.stat_fd(f)?)
     }
 
     /// The changes `req` asks for, made on `f` (the node's upper object; a writable handle's

@@ -73,7 +73,7 @@ impl UnionFs {
     /// `Node::split`), nor for a removed one holding an upper object (`Node::held`, one with
     /// other links): the object it shows changes through another node too.
     fn attr_ttl(&self, node: &Node) -> Duration {
-        if node.is_split() || node.held().is_some() && node.state().upper.is_some() {
+        if node.is_split() || self.u.held_upper(node).is_some() {
             Duration::ZERO
         } else {
             self.ttl()

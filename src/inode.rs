@@ -131,8 +131,8 @@ pub struct Extra {
     /// A split node (see `Node::split`): the daemon's own open file of the upper copy its
     /// name moved to, which its fsync syncs.
     moved_to: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
-    /// The directory its last name was in, once it was deleted (see `copy_up::deleted_error`).
-    /// Weak: it keeps no directory alive.
+    /// The directory its last name was in, once it was deleted (see `copy_up::deleted_error`);
+    /// set for every removed node (`Node::was_removed`). Weak: it keeps no directory alive.
     last_parent: Mutex<Option<std::sync::Weak<Node>>>,
     /// What the node showed when its last name went (see `Union::hold_object`): the kernel
     /// may still hold the node (a working directory, an `O_PATH` file, an open FIFO or
@@ -259,10 +259,11 @@ impl Node {
         }
     }
 
-    /// Whether the node's last name went while the daemon was running.
+    /// Whether the node's last name went while the daemon was running (its last directory
+    /// is recorded then, whatever else is kept).
     pub fn was_removed(&self) -> bool {
         self.extra_if_made()
-            .is_some_and(|e| lock(&e.held).is_some() || lock(&e.last_parent).is_some())
+            .is_some_and(|e| lock(&e.last_parent).is_some())
     }
 
     /// Holds `Extra::dir_lock` (changes to a directory's entries).
