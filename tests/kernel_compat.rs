@@ -243,6 +243,19 @@ fn assert_rows_match<T: PartialEq + std::fmt::Debug>(want: &[T], got: &[T]) {
     }
 }
 
+/// unionmount over `l` with passthrough and on the page-cached path, each mount's `rows`
+/// against `want` (kernel overlayfs's).
+fn assert_both_paths_match<T: PartialEq + std::fmt::Debug>(
+    l: &Layers,
+    want: &[T],
+    rows: impl Fn(&Mount) -> Vec<T>,
+) {
+    for (name, path) in [("u", "on"), ("c", "off")] {
+        let u = l.mount_with(name, &["--passthrough", path]);
+        assert_rows_match(want, &rows(&u));
+    }
+}
+
 /// Mounts both over the same lowers, applies `ops` to each, and compares results, merged
 /// trees and uppers.
 fn run_both(l: &Layers, ops: &[Op], what: &str) {
@@ -1119,11 +1132,7 @@ fn append_only_file_takes_appends() {
     let l = Layers::new(1);
     l.lower(0).file("d/log", "l");
     let k = l.mount_kernel("k");
-    let want = append_only_rows(&k);
-    for (name, path) in [("u", "on"), ("c", "off")] {
-        let u = l.mount_with(name, &["--passthrough", path]);
-        assert_rows_match(&want, &append_only_rows(&u));
-    }
+    assert_both_paths_match(&l, &append_only_rows(&k), append_only_rows);
 }
 
 /// What becomes of an append-only file after writes that name an offset: a pwrite once fcntl
@@ -2376,11 +2385,7 @@ fn objects_deleted_while_held_answer_as_on_kernel_overlayfs() {
     }
     age(&l.lowers[0]);
     let k = l.mount_kernel("k");
-    let want = held_rows(&k.merged);
-    for (name, path) in [("u", "auto"), ("c", "off")] {
-        let u = l.mount_with(name, &["--passthrough", path]);
-        assert_rows_match(&want, &held_rows(&u.merged));
-    }
+    assert_both_paths_match(&l, &held_rows(&k.merged), |u| held_rows(&u.merged));
     // unionmount's own answer to a change of a removed lower object: refused, and the name
     // stays deleted (kernel overlayfs brings a FIFO or a device back at its old name).
     let u = l.mount("r");
