@@ -101,7 +101,7 @@
 
 mod common;
 
-use common::{FS_APPEND_FL, FS_IMMUTABLE_FL, Layers, Mount, Rng, kind_of};
+use common::{FS_APPEND_FL, FS_IMMUTABLE_FL, Layers, Mount, Rng, kind_of, parse_seeds};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fmt;
@@ -2113,20 +2113,6 @@ fn shrink(seed: u64, ops: Vec<Op>, budget: &mut usize) -> (Vec<Op>, String) {
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn parse_seeds(s: &str) -> Vec<u64> {
-    let mut v = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if let Some((a, b)) = part.split_once('-') {
-            let a: u64 = a.trim().parse().expect("seed range start");
-            let b: u64 = b.trim().parse().expect("seed range end");
-            v.extend(a..=b);
-        } else {
-            v.push(part.parse().expect("seed"));
-        }
-    }
-    v
 }
 
 #[test]

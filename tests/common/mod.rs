@@ -1374,6 +1374,21 @@ pub fn overlay_args(
     a
 }
 
+/// Seeds from `1-100`, `7,9,20-30` and the like (the seed lists of the generated tests).
+pub fn parse_seeds(s: &str) -> Vec<u64> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: u64 = a.trim().parse().expect("seed range start");
+            let b: u64 = b.trim().parse().expect("seed range end");
+            v.extend(a..=b);
+        } else {
+            v.push(part.parse().expect("seed"));
+        }
+    }
+    v
+}
+
 /// splitmix64: small and seedable, for generated test cases (a seed replays its case).
 pub struct Rng(pub u64);
 
