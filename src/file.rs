@@ -466,6 +466,14 @@ impl Union {
                         .ok_or(Errno::ESTALE)?
                 }
             }
+        } else if flags & libc::O_ACCMODE != libc::O_RDONLY
+            && self.writeback_active()
+            && self.short_of_room()
+        {
+            // The kernel's write-back cache would take writes the upper has no room for,
+            // and report them only at fsync or close: with little room left, writes go to
+            // the upper at once and fail there (ENOSPC), as on ext4.
+            IoMode::Direct
         } else {
             IoMode::Cached
         };
@@ -792,8 +800,16 @@ impl Union {
             match sys::pwrite(fd.as_fd(), &data[n..], off + n as u64) {
                 Ok(0) => break,
                 Ok(w) => n += w,
-                Err(e) if n == 0 => return Err(e),
-                Err(_) => break,
+                Err(e) => {
+                    if from_cache && e.code() == libc::ENOSPC {
+                        let end = off + data.len() as u64;
+                        self.cached_write_failed(&h, off + n as u64, end, e.code());
+                    }
+                    if n == 0 {
+                        return Err(e);
+                    }
+                    break;
+                }
             }
         }
         // With the kernel's writeback cache, large writes are its writeback of that cache: the
@@ -806,6 +822,95 @@ impl Union {
             }
         }
         Ok(n as u32)
+    }
+
+    /// The kernel's write-back of cached bytes `from..end` of `h`'s file failed with `errno`
+    /// (ENOSPC): the caller's write(2) succeeded long ago, and only an fsync or close will
+    /// report it, so a program writing on and on would never learn. From here on, writes to
+    /// the file through the cache are refused while the upper is short of room
+    /// (`cached_write_refusal`): the kernel asks for the file's attributes before it caches a
+    /// write, and that question is made to come at once. The kernel's cache drops the bytes
+    /// (readers see what the upper holds), and the upper's file takes the size the kernel
+    /// keeps for it (its own, under write-back caching), with a hole where the bytes failed.
+    fn cached_write_failed(&self, h: &FileHandle, from: u64, end: u64, errno: i32) {
+        let node = &h.node;
+        if node.write_error() == 0 {
+            let e = std::io::Error::from_raw_os_error(errno);
+            log::warn!("writing back cached data of inode {}: {e}", node.ino);
+        }
+        node.set_write_error(errno);
+        if let Some(inv) = self.invalidator.get() {
+            inv.attrs_now(node.ino);
+            inv.pages(node.ino, from, end - from);
+        }
+        let fd = h.fd();
+        if sys::fstat(fd.as_fd()).is_ok_and(|st| (st.st_size as u64) < end)
+            && let Err(e) = sys::ftruncate(fd.as_fd(), end)
+        {
+            log::debug!("cannot give the upper file the cached size: {e:?}");
+        }
+    }
+
+    /// Answers the error of a failed write-back (see `cached_write_failed`) to the kernel's
+    /// question for the attributes of `node` through its open file `fh` before it caches a
+    /// write (also asked before a read past the end it knows, or a seek from the end), while
+    /// the upper is short of room. Read-only files are never refused; once there is room
+    /// again, nothing is.
+    pub fn cached_write_refusal(&self, node: &Node, fh: u64) -> Result<()> {
+        let errno = node.write_error();
+        if errno == 0 || !self.handles.file(fh).is_some_and(|h| h.writable) {
+            return Ok(());
+        }
+        if !self.short_of_room() {
+            node.set_write_error(0);
+            return Ok(());
+        }
+        Err(Errno::from_i32(errno))
+    }
+
+    /// Whether the upper has less room than the kernel may cache for this mount's files
+    /// before it writes them back (twice `cache_window`, for writes already on their way).
+    pub fn short_of_room(&self) -> bool {
+        let Some(upper) = &self.layers.upper else {
+            return false;
+        };
+        match sys::fstatvfs(upper.root()) {
+            Ok(st) => {
+                let room = st.f_bavail.saturating_mul(st.f_frsize);
+                room < 2 * self.cache_window()
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// How many bytes of written data the kernel may hold in its cache for this mount: the
+    /// dirty-page limit of its backing device info (FUSE mounts get 1% of the system's), read
+    /// once; else that 1% worked out from the memory size and `vm.dirty_*`.
+    fn cache_window(&self) -> u64 {
+        *self.cache_window.get_or_init(|| {
+            let read = |p: &str| std::fs::read_to_string(p).ok();
+            let num = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok());
+            if let Some(dev) = self.bdi.get()
+                && let Some(v) = num(read(&format!("/sys/class/bdi/{dev}/max_bytes")))
+                && v > 0
+            {
+                return v;
+            }
+            let dirty = match num(read("/proc/sys/vm/dirty_bytes")) {
+                Some(b) if b > 0 => b,
+                _ => {
+                    let total = read("/proc/meminfo")
+                        .and_then(|m| {
+                            let l = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+                            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+                        })
+                        .map_or(8 << 30, |kib| kib * 1024);
+                    let ratio = num(read("/proc/sys/vm/dirty_ratio")).unwrap_or(20);
+                    total / 100 * ratio
+                }
+            };
+            (dirty / 100).max(16 << 20)
+        })
     }
 
     pub fn release(&self, fh: u64) {

@@ -73,7 +73,9 @@ impl UnionFs {
     /// `Node::split`), nor for a removed one holding an upper object (`Node::held`, one with
     /// other links): the object it shows changes through another node too.
     fn attr_ttl(&self, node: &Node) -> Duration {
-        if node.is_split() || self.u.held_upper(node).is_some() {
+        // A file whose cached writes are refused (`Union::cached_write_refusal`): the kernel
+        // must ask again before each write.
+        if node.is_split() || node.write_error() != 0 || self.u.held_upper(node).is_some() {
             Duration::ZERO
         } else {
             self.ttl()
@@ -428,10 +430,12 @@ impl UnionFs {
     }
 
     fn getattr(&self, ino: INodeNo, fh: Option<u64>, reply: Reply) {
-        match self
-            .node(ino)
-            .and_then(|n| Ok((self.u.getattr(&n, fh)?, self.attr_ttl(&n))))
-        {
+        match self.node(ino).and_then(|n| {
+            if let Some(fh) = fh {
+                self.u.cached_write_refusal(&n, fh)?;
+            }
+            Ok((self.u.getattr(&n, fh)?, self.attr_ttl(&n)))
+        }) {
             Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(log_unexpected("getattr", e)),
         }

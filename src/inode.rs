@@ -16,7 +16,9 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::compact::{Few, Name};
@@ -138,6 +140,10 @@ pub struct Extra {
     /// may still hold the node (a working directory, an `O_PATH` file, an open FIFO or
     /// device) and ask about it.
     held: Mutex<Option<Held>>,
+    /// The errno (ENOSPC) the upper gave the kernel's write-back of this file's cached data,
+    /// while writes through the kernel's cache are refused (see `Union::cached_write_refusal`);
+    /// 0 if none.
+    write_error: AtomicI32,
 }
 
 /// `Extra::held`.
@@ -197,6 +203,7 @@ impl Node {
                 moved_to: Mutex::new(None),
                 last_parent: Mutex::new(None),
                 held: Mutex::new(None),
+                write_error: AtomicI32::new(0),
             })
         })
     }
@@ -274,6 +281,17 @@ impl Node {
     /// Holds `Extra::copy_lock` (copy-up of this node).
     pub fn lock_copy(&self) -> MutexGuard<'_, ()> {
         lock(&self.extra().copy_lock)
+    }
+
+    /// See `Extra::write_error`.
+    pub fn write_error(&self) -> i32 {
+        self.extra
+            .get()
+            .map_or(0, |x| x.write_error.load(Ordering::Relaxed))
+    }
+
+    pub fn set_write_error(&self, errno: i32) {
+        self.extra().write_error.store(errno, Ordering::Relaxed);
     }
 
     /// See `Extra::data_gen` (0 until a copy-up).

@@ -284,16 +284,16 @@ fn open_layers(paths: &Paths) -> Result<(Vec<Layer>, Option<Layer>), String> {
 
 /// Raises the readahead of the new mount's backing device info to 1 MiB (the kernel gives
 /// FUSE its 128 KiB default), so page-cached reads reach the daemon in large requests. Only
-/// root may; elsewhere this quietly does nothing. The device number comes from mountinfo: a
-/// stat of the mountpoint would wait for this very daemon.
-fn raise_readahead(mountpoint: &Path) {
+/// root may; elsewhere this quietly does nothing. Returns the mount's device number, which
+/// comes from mountinfo: a stat of the mountpoint would wait for this very daemon.
+fn raise_readahead(mountpoint: &Path) -> Option<String> {
     let mounts = mountinfo::read();
-    if let Some(m) = mountinfo::newest_at(&mounts, mountpoint) {
-        let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
-        if let Err(e) = std::fs::write(&path, "1024") {
-            log::debug!("cannot raise readahead ({path}): {e}");
-        }
+    let m = mountinfo::newest_at(&mounts, mountpoint)?;
+    let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
+    if let Err(e) = std::fs::write(&path, "1024") {
+        log::debug!("cannot raise readahead ({path}): {e}");
     }
+    Some(m.dev.clone())
 }
 
 /// The filesystem type of the newest mount at `mountpoint` (a canonical path), from mountinfo.
@@ -463,7 +463,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     };
     // The mount is live. From here on nothing is undone.
-    raise_readahead(&paths.mountpoint);
+    if let Some(dev) = raise_readahead(&paths.mountpoint) {
+        let _ = union.bdi.set(dev);
+    }
     if !cfg.foreground {
         match sys::fork() {
             Ok(sys::Fork::Parent(_)) => {

@@ -12,6 +12,7 @@ use crate::fuse::Notifier;
 enum Msg {
     Entry(u64, OsString),
     Inode(u64),
+    Pages(u64, i64, i64),
 }
 
 pub struct Invalidator {
@@ -32,6 +33,7 @@ impl Invalidator {
                     let res = match &msg {
                         Msg::Entry(parent, name) => notifier.inval_entry(*parent, name),
                         Msg::Inode(ino) => notifier.inval_inode(*ino, 0, 0),
+                        Msg::Pages(ino, off, len) => notifier.inval_inode(*ino, *off, *len),
                     };
                     if let Err(e) = res {
                         log::debug!("invalidation failed: {e}");
@@ -57,6 +59,12 @@ impl Invalidator {
 
     pub fn inode(&self, ino: u64) {
         let _ = self.tx.send(Msg::Inode(ino));
+    }
+
+    /// Drops the kernel's cached pages of `len` bytes at `off` of an inode (and its
+    /// attributes).
+    pub fn pages(&self, ino: u64, off: u64, len: u64) {
+        let _ = self.tx.send(Msg::Pages(ino, off as i64, len as i64));
     }
 }
 

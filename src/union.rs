@@ -78,6 +78,11 @@ pub struct Union {
     pub streams: Arc<crate::stream::Streams>,
     /// Sends cache invalidations to the kernel, once the session is up.
     pub invalidator: OnceLock<Invalidator>,
+    /// The mount's device (`major:minor`), which names its write-back settings in
+    /// `/sys/class/bdi`; set once mounted.
+    pub bdi: OnceLock<String>,
+    /// See `Union::cache_window`.
+    pub cache_window: OnceLock<u64>,
     /// Brackets changes that move or remove names in the upper (see `lookup::open_in`).
     tree_begun: AtomicU64,
     tree_ended: AtomicU64,
@@ -134,6 +139,8 @@ impl Union {
             prefetch: Arc::default(),
             streams: Arc::default(),
             invalidator: OnceLock::new(),
+            bdi: OnceLock::new(),
+            cache_window: OnceLock::new(),
             tree_begun: AtomicU64::new(0),
             tree_ended: AtomicU64::new(0),
             mount_lock: Mutex::new(()),

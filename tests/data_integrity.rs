@@ -804,3 +804,163 @@ fn two_writers_at_once_on_the_page_cached_path() {
 fn two_writers_at_once_on_kernel_overlayfs() {
     check_seeds(Target::Kernel, run_concurrent);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A full upper
+
+/// A tmpfs of `mib` MiB mounted at `at`, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: std::path::PathBuf, mib: u64) -> Tmpfs {
+        fs::create_dir_all(&at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", at.display());
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // A daemon keeps the upper open for a moment after its unmount.
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            c.args(lazy.then_some("-l")).arg(&self.0);
+            c.stderr(std::process::Stdio::null());
+            c.status().is_ok_and(|s| s.success())
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !umount(false) {
+            if std::time::Instant::now() > deadline {
+                umount(true);
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// The kernel's write-back cache limit of this mount: set to `bytes` (a FUSE mount's
+/// backing device info, before the daemon first reads it), as a machine with less memory
+/// would have it.
+fn set_cache_limit(m: &Mount, bytes: u64) {
+    let dev = fs::metadata(&m.merged).unwrap().dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/max_bytes",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    fs::write(&path, bytes.to_string()).unwrap_or_else(|e| panic!("{path}: {e}"));
+}
+
+/// Writes 1 MiB at a time to a new file `name` until a write fails or `cap` bytes went in;
+/// answers the bytes written and the error.
+fn fill(m: &Mount, name: &str, cap: u64) -> (File, u64, Option<std::io::Error>) {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path(name))
+        .unwrap();
+    let chunk = vec![b'y'; 1 << 20];
+    let mut n = 0;
+    while n < cap {
+        match std::io::Write::write(&mut f, &chunk) {
+            Ok(w) => n += w as u64,
+            Err(e) => return (f, n, Some(e)),
+        }
+    }
+    (f, n, None)
+}
+
+/// Writing to an upper that runs out of room fails with ENOSPC at write(2), as on ext4 and
+/// kernel overlayfs, also on the page-cached path, where the kernel caches writes and the
+/// daemon sees them only as it writes them back: a program writing on and on learns it and
+/// stops (it used to write forever, every byte accepted and lost). There, bytes within the
+/// kernel's cache limit of the end of the room may be accepted and fail at write-back
+/// (README): fsync or close says so, the view then shows what the upper holds, and once there
+/// is room again writes succeed again. With little room left at open, page-cached writes go
+/// to the upper at once and fail at the exact byte.
+#[test]
+fn a_full_upper_fails_writes() {
+    const MIB: u64 = 1 << 20;
+    const LIMIT: u64 = 8 * MIB;
+    for target in [PAGE_CACHED, PASSTHROUGH, Target::Kernel] {
+        let l = Layers::new(1);
+        l.lower(0).file("lower", "x");
+        // Room for the ballast and eight cache limits: writes start through the cache.
+        let _room = Tmpfs::mount(l.root().join("m"), 88);
+        let (m, label) = target.mount(&l);
+        let cached = label == "page-cached";
+        if matches!(target, Target::Union(_)) {
+            set_cache_limit(&m, LIMIT);
+        }
+        let ballast = vec![b'b'; (3 * LIMIT) as usize];
+        fs::write(m.path("ballast"), &ballast).unwrap();
+        File::open(m.path("ballast")).unwrap().sync_all().unwrap();
+
+        let (f, n, err) = fill(&m, "big", 200 * MIB);
+        let err = err.unwrap_or_else(|| panic!("{label}: 200 MiB written to an 88 MiB upper"));
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{label}: {err}");
+        assert!(n <= 88 * MIB + 3 * LIMIT, "{label}: {n} bytes accepted");
+        assert!(n >= 60 * MIB, "{label}: only {n} bytes accepted");
+        let synced = f.sync_all();
+        if !cached {
+            synced.unwrap_or_else(|e| panic!("{label}: fsync: {e}"));
+        }
+        drop(f);
+        // What the view shows is what the upper holds: the accepted bytes, less those that
+        // failed at write-back (zeros, only on the page-cached path).
+        let seen = fs::read(m.path("big")).unwrap();
+        assert_eq!(seen.len() as u64, n, "{label}: size of the written file");
+        let lost = seen.iter().filter(|&&b| b == 0).count() as u64;
+        assert!(
+            seen.iter().all(|&b| b == b'y' || b == 0),
+            "{label}: bytes not written"
+        );
+        match cached {
+            true => assert!(lost <= 3 * LIMIT, "{label}: {lost} bytes lost"),
+            false => assert_eq!(lost, 0, "{label}: bytes lost"),
+        }
+        assert_eq!(
+            fs::read(m.upper_path("big")).unwrap(),
+            seen,
+            "{label}: the upper"
+        );
+
+        // With little room left, a new file fails at the exact byte, through the cache too.
+        let (_g, small, err) = fill(&m, "small", 200 * MIB);
+        assert_eq!(
+            err.and_then(|e| e.raw_os_error()),
+            Some(libc::ENOSPC),
+            "{label}: a new file"
+        );
+        assert_eq!(
+            fs::read(m.upper_path("small")).unwrap().len() as u64,
+            small,
+            "{label}: the new file's accepted bytes are on the upper"
+        );
+
+        // Room again: the file opened before takes writes again.
+        fs::remove_file(m.path("ballast")).unwrap();
+        let mut f = OpenOptions::new().append(true).open(m.path("big")).unwrap();
+        std::io::Write::write_all(&mut f, &vec![b'z'; (2 * MIB) as usize])
+            .unwrap_or_else(|e| panic!("{label}: a write once there is room again: {e}"));
+        f.sync_all()
+            .unwrap_or_else(|e| panic!("{label}: fsync once there is room again: {e}"));
+        drop(f);
+        let upper = fs::read(m.upper_path("big")).unwrap();
+        assert_eq!(
+            upper.len() as u64,
+            n + 2 * MIB,
+            "{label}: size after the append"
+        );
+        assert!(upper[n as usize..].iter().all(|&b| b == b'z'), "{label}");
+        drop(m);
+    }
+}
