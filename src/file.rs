@@ -839,8 +839,9 @@ impl Union {
             log::warn!("writing back cached data of inode {}: {e}", node.ino);
         }
         node.set_write_error(errno);
+        // The invalidation (of the pages and the attributes) goes through the queue: the
+        // kernel waits for this reply, and nothing here may wait for the kernel.
         if let Some(inv) = self.invalidator.get() {
-            inv.attrs_now(node.ino);
             inv.pages(node.ino, from, end - from);
         }
         let fd = h.fd();
