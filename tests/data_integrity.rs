@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{Layers, Mount, Rng, parse_seeds};
+use common::{Layers, Mount, Rng, Tmpfs, parse_seeds};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -808,42 +808,6 @@ fn two_writers_at_once_on_kernel_overlayfs() {
 // ---------------------------------------------------------------------------------------------
 // A full upper
 
-/// A tmpfs of `mib` MiB mounted at `at`, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: std::path::PathBuf, mib: u64) -> Tmpfs {
-        fs::create_dir_all(&at).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(&at)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs on {}", at.display());
-        Tmpfs(at)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // A daemon keeps the upper open for a moment after its unmount.
-        let umount = |lazy: bool| {
-            let mut c = std::process::Command::new("umount");
-            c.args(lazy.then_some("-l")).arg(&self.0);
-            c.stderr(std::process::Stdio::null());
-            c.status().is_ok_and(|s| s.success())
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !umount(false) {
-            if std::time::Instant::now() > deadline {
-                umount(true);
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
-
 /// The kernel's write-back cache limit of this mount: set to `bytes` (a FUSE mount's
 /// backing device info, before the daemon first reads it), as a machine with less memory
 /// would have it.
@@ -894,7 +858,7 @@ fn a_full_upper_fails_writes() {
         let l = Layers::new(1);
         l.lower(0).file("lower", "x");
         // Room for the ballast and eight cache limits: writes start through the cache.
-        let _room = Tmpfs::mount(l.root().join("m"), 88);
+        let _room = Tmpfs::new(l.root().join("m"), "88m");
         let (m, label) = target.mount(&l);
         let cached = label == "page-cached";
         if matches!(target, Target::Union(_)) {

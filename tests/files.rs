@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -189,35 +189,6 @@ fn rw(p: &Path) -> File {
         .write(true)
         .open(p)
         .unwrap_or_else(|e| panic!("open rw {}: {e}", p.display()))
-}
-
-/// A tmpfs mounted on a directory for the life of the guard.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn new(dir: PathBuf, size: &str) -> Tmpfs {
-        fs::create_dir_all(&dir).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs on {}", dir.display());
-        Tmpfs(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .map(|s| !s.success())
-            .unwrap_or(true)
-        {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1389,6 +1389,44 @@ pub fn parse_seeds(s: &str) -> Vec<u64> {
     v
 }
 
+/// A tmpfs of `size` (as `mount -o size=` takes it) mounted on a directory for the life of
+/// the guard.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn new(dir: PathBuf, size: &str) -> Tmpfs {
+        fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // A daemon with a layer on it keeps that open for a moment after its unmount.
+        let umount = |lazy: bool| {
+            let mut c = Command::new("umount");
+            c.args(lazy.then_some("-l"))
+                .arg(&self.0)
+                .stderr(Stdio::null());
+            c.status().is_ok_and(|s| s.success())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !umount(false) {
+            if Instant::now() > deadline {
+                umount(true);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// splitmix64: small and seedable, for generated test cases (a seed replays its case).
 pub struct Rng(pub u64);
 
