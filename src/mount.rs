@@ -282,18 +282,21 @@ fn open_layers(paths: &Paths) -> Result<(Vec<Layer>, Option<Layer>), String> {
     Ok((lowers, upper))
 }
 
-/// Raises the readahead of the new mount's backing device info to 1 MiB (the kernel gives
-/// FUSE its 128 KiB default), so page-cached reads reach the daemon in large requests. Only
-/// root may; elsewhere this quietly does nothing. Returns the mount's device number, which
-/// comes from mountinfo: a stat of the mountpoint would wait for this very daemon.
-fn raise_readahead(mountpoint: &Path) -> Option<String> {
-    let mounts = mountinfo::read();
-    let m = mountinfo::newest_at(&mounts, mountpoint)?;
-    let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
+/// The new mount's device number (`major:minor`), which names its backing device info in
+/// `/sys/class/bdi`. It comes from mountinfo: a stat of the mountpoint would wait for this
+/// very daemon.
+fn mount_dev(mountpoint: &Path) -> Option<String> {
+    mountinfo::newest_at(&mountinfo::read(), mountpoint).map(|m| m.dev.clone())
+}
+
+/// Raises the readahead of the mount's backing device info (`dev`) to 1 MiB (the kernel
+/// gives FUSE its 128 KiB default), so page-cached reads reach the daemon in large
+/// requests. Only root may; elsewhere this quietly does nothing.
+fn raise_readahead(dev: &str) {
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, "1024") {
         log::debug!("cannot raise readahead ({path}): {e}");
     }
-    Some(m.dev.clone())
 }
 
 /// The filesystem type of the newest mount at `mountpoint` (a canonical path), from mountinfo.
@@ -463,7 +466,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     };
     // The mount is live. From here on nothing is undone.
-    if let Some(dev) = raise_readahead(&paths.mountpoint) {
+    if let Some(dev) = mount_dev(&paths.mountpoint) {
+        raise_readahead(&dev);
         let _ = union.bdi.set(dev);
     }
     if !cfg.foreground {
