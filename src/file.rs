@@ -796,21 +796,32 @@ impl Union {
             }
         }
         let mut n = 0;
-        while n < data.len() {
-            match sys::pwrite(fd.as_fd(), &data[n..], off + n as u64) {
-                Ok(0) => break,
-                Ok(w) => n += w,
-                Err(e) => {
-                    if from_cache && e.code() == libc::ENOSPC {
-                        let end = off + data.len() as u64;
-                        self.cached_write_failed(&h, off + n as u64, end, e.code());
+        let mut failed = None;
+        {
+            // See `Union::cached_writes`.
+            let _writing =
+                from_cache.then(|| self.cached_writes.read().unwrap_or_else(|p| p.into_inner()));
+            while n < data.len() {
+                match sys::pwrite(fd.as_fd(), &data[n..], off + n as u64) {
+                    Ok(0) => break,
+                    Ok(w) => n += w,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
                     }
-                    if n == 0 {
-                        return Err(e);
-                    }
-                    break;
                 }
             }
+        }
+        if let Some(e) = failed {
+            if !from_cache && n > 0 {
+                // The caller learns of the rest from its next write.
+                return Ok(n as u32);
+            }
+            // The kernel takes no count of a write-back: a part written is an error.
+            if from_cache && e.code() == libc::ENOSPC {
+                self.cached_write_failed(&h, off + n as u64, off + data.len() as u64, e.code());
+            }
+            return Err(e);
         }
         // With the kernel's writeback cache, large writes are its writeback of that cache: the
         // data is on its way to the disk, and the upper's writeback starts now instead of at
@@ -844,6 +855,11 @@ impl Union {
         if let Some(inv) = self.invalidator.get() {
             inv.pages(node.ino, from, end - from);
         }
+        // No write-back is under way meanwhile: one past `end` could end up cut off.
+        let _alone = self
+            .cached_writes
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         let fd = h.fd();
         if sys::fstat(fd.as_fd()).is_ok_and(|st| (st.st_size as u64) < end)
             && let Err(e) = sys::ftruncate(fd.as_fd(), end)
@@ -863,7 +879,8 @@ impl Union {
             return Ok(());
         }
         if !self.short_of_room() {
-            node.set_write_error(0);
+            // Unless another write-back failed since.
+            node.clear_write_error(errno);
             return Ok(());
         }
         Err(Errno::from_i32(errno))
@@ -876,6 +893,9 @@ impl Union {
             return false;
         };
         match sys::fstatvfs(upper.root()) {
+            // A filesystem that gives no size (tmpfs with `size=0`, ramfs, some network
+            // and FUSE ones): its room is not known, so it is not taken to be short.
+            Ok(st) if st.f_blocks == 0 => false,
             Ok(st) => {
                 let room = st.f_bavail.saturating_mul(st.f_frsize);
                 room < 2 * self.cache_window()

@@ -294,6 +294,15 @@ impl Node {
         self.extra().write_error.store(errno, Ordering::Relaxed);
     }
 
+    /// Clears `Extra::write_error` if it is still `errno`.
+    pub fn clear_write_error(&self, errno: i32) {
+        if let Some(x) = self.extra.get() {
+            let _ = x
+                .write_error
+                .compare_exchange(errno, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
     /// See `Extra::data_gen` (0 until a copy-up).
     pub fn data_gen(&self) -> u64 {
         self.extra_if_made()

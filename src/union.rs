@@ -83,6 +83,10 @@ pub struct Union {
     pub bdi: OnceLock<String>,
     /// See `Union::cache_window`.
     pub cache_window: OnceLock<u64>,
+    /// Held shared by every write-back of cached data while it writes, and alone by
+    /// `cached_write_failed` while it extends a file, so that it never cuts off bytes a
+    /// write-back of a later range stored in the meantime.
+    pub cached_writes: std::sync::RwLock<()>,
     /// Brackets changes that move or remove names in the upper (see `lookup::open_in`).
     tree_begun: AtomicU64,
     tree_ended: AtomicU64,
@@ -141,6 +145,7 @@ impl Union {
             invalidator: OnceLock::new(),
             bdi: OnceLock::new(),
             cache_window: OnceLock::new(),
+            cached_writes: std::sync::RwLock::new(()),
             tree_begun: AtomicU64::new(0),
             tree_ended: AtomicU64::new(0),
             mount_lock: Mutex::new(()),
