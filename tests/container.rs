@@ -12,7 +12,6 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use common::*;
 
@@ -55,41 +54,6 @@ fn user_binary(dir: &Path) -> PathBuf {
 fn give_to_user(l: &Layers, uid: u32) {
     fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
     chown_tree(l.root(), uid);
-}
-
-/// PIDs of unionmount daemons (under either name) whose command line mentions `root`.
-fn daemons_under(root: &Path) -> Vec<i32> {
-    let needle = root.to_string_lossy().into_owned();
-    processes(|_, args| {
-        let name = args
-            .first()
-            .map(|a| a.rsplit('/').next().unwrap_or(""))
-            .unwrap_or_default();
-        (name == "unionmount" || name == "fuse-overlayfs")
-            && args.iter().any(|a| a.contains(&needle))
-    })
-}
-
-/// Every daemon started for `root` has exited (they exit once unmounted).
-fn assert_no_daemons(root: &Path, when: &str) {
-    assert!(
-        wait_until(Duration::from_secs(10), || daemons_under(root).is_empty()),
-        "{when}: daemons still running: {:?}",
-        daemons_under(root)
-    );
-}
-
-/// Kills, on drop, any daemon this test started that is still running (a failed test inside a
-/// namespace must not leave one behind). Declare it after the `Layers` so it runs first.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in daemons_under(&self.0) {
-            // SAFETY: plain syscall; the pid is a daemon whose arguments name our temp dir.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 fn is_whiteout(p: &Path) -> bool {

@@ -1495,6 +1495,41 @@ pub fn processes(matches: impl Fn(Option<&Path>, &[String]) -> bool) -> Vec<i32>
     out
 }
 
+/// PIDs of unionmount daemons (under either name) whose command line mentions `root`.
+pub fn daemons_under(root: &Path) -> Vec<i32> {
+    let needle = root.to_string_lossy().into_owned();
+    processes(|_, args| {
+        let name = args
+            .first()
+            .map(|a| a.rsplit('/').next().unwrap_or(""))
+            .unwrap_or_default();
+        (name == "unionmount" || name == "fuse-overlayfs")
+            && args.iter().any(|a| a.contains(&needle))
+    })
+}
+
+/// Every daemon started for `root` has exited (they exit once unmounted).
+pub fn assert_no_daemons(root: &Path, when: &str) {
+    assert!(
+        wait_until(Duration::from_secs(10), || daemons_under(root).is_empty()),
+        "{when}: daemons still running: {:?}",
+        daemons_under(root)
+    );
+}
+
+/// Kills, on drop, any daemon this test started that is still running (a failed test inside a
+/// namespace must not leave one behind). Declare it after the `Layers` so it runs first.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in daemons_under(&self.0) {
+            // SAFETY: plain syscall; the pid is a daemon whose arguments name our temp dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 // Inode flags (FS_IOC_GETFLAGS and friends: lsattr/chattr), errors as errnos.
 
 pub const FS_IOC_GETFLAGS: libc::Ioctl = libc::FS_IOC_GETFLAGS;
