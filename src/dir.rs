@@ -702,7 +702,8 @@ impl Union {
                 }
             }
         }
-        let st = sys::fstatat(dir.as_fd(), &cname, 0)?;
+        let mut st = sys::fstatat(dir.as_fd(), &cname, 0)?;
+        self.apply_override(dir.as_fd(), &cname, &mut st);
         let n = self.new_upper_node(newparent, newname, st);
         self.dir_changed(newparent);
         Ok(Created {

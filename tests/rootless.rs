@@ -344,6 +344,13 @@ fn xattr_permissions_override_stat() {
         assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (7, 8, 0o604));
     }
     recorded(b"7:8:604");
+    // A new name of it shows the same (the link's reply too: the kernel caches it).
+    fs::hard_link(m.path("f"), m.path("f2")).unwrap();
+    let md = fs::symlink_metadata(m.path("f2")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777, md.nlink()),
+        (7, 8, 0o604, 2)
+    );
 
     // A device made through the mount is a regular file carrying its type.
     mknod(
@@ -376,6 +383,7 @@ fn xattr_permissions_override_stat() {
             ("d".to_string(), false, false, false),
             ("dev".to_string(), true, false, false),
             ("f".to_string(), false, false, true),
+            ("f2".to_string(), false, false, true),
             ("newdev".to_string(), false, true, false),
         ]
     );
