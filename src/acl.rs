@@ -1,5 +1,6 @@
-//! POSIX ACLs: which filesystems can be given one, and inheritance for objects the daemon
-//! builds outside their parent.
+//! POSIX ACLs: which filesystems can be given one, inheritance for objects the daemon
+//! builds outside their parent, and the mode an access ACL gives (for modes the daemon keeps
+//! itself, `xattr_permissions`).
 //!
 //! An object created where a whiteout stands is made in the work directory and moved into
 //! place, so the filesystem never sees its real parent and cannot apply the parent's default
@@ -104,6 +105,74 @@ pub fn inherit(default: &[u8], mode: u32) -> Option<(u32, Option<Vec<u8>>)> {
     Some((mode & 0o777, (!equivalent).then_some(acl)))
 }
 
+/// The permission bits an access ACL (its xattr value) gives its object, as the kernel's
+/// `posix_acl_equiv_mode` computes them (owner, mask or else owning group, others), and
+/// whether the bits say all it says (no named entry, no mask): a filesystem stores no such
+/// ACL, only the bits. `None` for a value the kernel would refuse (EINVAL): entries out of
+/// order, an entry missing or repeated, named entries without a mask.
+pub fn access_mode(acl: &[u8]) -> Option<(u32, bool)> {
+    if acl.len() < HEADER || (acl.len() - HEADER) % ENTRY != 0 {
+        return None;
+    }
+    if u32::from_le_bytes(acl[..HEADER].try_into().ok()?) != VERSION {
+        return None;
+    }
+    let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
+    let mut named = false;
+    let mut last = 0;
+    for at in (HEADER..acl.len()).step_by(ENTRY) {
+        let tag = u16::from_le_bytes([acl[at], acl[at + 1]]);
+        let perm = u32::from(u16::from_le_bytes([acl[at + 2], acl[at + 3]]));
+        if tag < last || perm & !7 != 0 {
+            return None;
+        }
+        last = tag;
+        let once = |slot: &mut Option<u32>| slot.replace(perm).is_none();
+        let ok = match tag {
+            USER_OBJ => once(&mut user),
+            GROUP_OBJ => once(&mut group),
+            MASK => once(&mut mask),
+            OTHER => once(&mut other),
+            USER | GROUP => {
+                named = true;
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            return None;
+        }
+    }
+    if named && mask.is_none() {
+        return None;
+    }
+    let bits = user? << 6 | mask.or(group)? << 3 | other?;
+    Some((bits, mask.is_none()))
+}
+
+/// Gives an access ACL (its xattr value) the permission bits `mode`, as the kernel's
+/// `posix_acl_chmod` does on a chmod: the owner's, the mask's (or else the owning group's)
+/// and the others' entries.
+pub fn set_mode(acl: &mut [u8], mode: u32) {
+    if acl.len() < HEADER || (acl.len() - HEADER) % ENTRY != 0 {
+        return;
+    }
+    let mut group_obj = None;
+    let mut mask = None;
+    for at in (HEADER..acl.len()).step_by(ENTRY) {
+        match u16::from_le_bytes([acl[at], acl[at + 1]]) {
+            USER_OBJ => set_perm(acl, at, mode >> 6),
+            GROUP_OBJ => group_obj = Some(at),
+            MASK => mask = Some(at),
+            OTHER => set_perm(acl, at, mode),
+            _ => {}
+        }
+    }
+    if let Some(at) = mask.or(group_obj) {
+        set_perm(acl, at, mode >> 3);
+    }
+}
+
 fn set_perm(acl: &mut [u8], at: usize, perm: u32) {
     acl[at + 2..at + 4].copy_from_slice(&(perm as u16 & 7).to_le_bytes());
 }
@@ -161,6 +230,86 @@ mod tests {
             (OTHER, 4, 0),
         ]);
         assert_eq!(access, Some(want));
+    }
+
+    #[test]
+    fn an_access_acl_gives_its_mode() {
+        let minimal = acl(&[(USER_OBJ, 6, 0), (GROUP_OBJ, 4, 0), (OTHER, 4, 0)]);
+        assert_eq!(access_mode(&minimal), Some((0o644, true)));
+        let named = acl(&[
+            (USER_OBJ, 7, 0),
+            (USER, 7, 1000),
+            (GROUP_OBJ, 5, 0),
+            (MASK, 3, 0),
+            (OTHER, 0, 0),
+        ]);
+        assert_eq!(access_mode(&named), Some((0o730, false)));
+        // A mask alone makes an ACL the bits cannot express.
+        let masked = acl(&[
+            (USER_OBJ, 7, 0),
+            (GROUP_OBJ, 7, 0),
+            (MASK, 5, 0),
+            (OTHER, 0, 0),
+        ]);
+        assert_eq!(access_mode(&masked), Some((0o750, false)));
+    }
+
+    #[test]
+    fn access_acls_the_kernel_refuses_are_refused() {
+        let bad: [&[(u16, u16, u32)]; 6] = [
+            &[(USER_OBJ, 6, 0), (OTHER, 4, 0)],
+            &[(GROUP_OBJ, 4, 0), (USER_OBJ, 6, 0), (OTHER, 4, 0)],
+            &[
+                (USER_OBJ, 6, 0),
+                (USER_OBJ, 6, 0),
+                (GROUP_OBJ, 4, 0),
+                (OTHER, 4, 0),
+            ],
+            &[
+                (USER_OBJ, 6, 0),
+                (USER, 6, 7),
+                (GROUP_OBJ, 4, 0),
+                (OTHER, 4, 0),
+            ],
+            &[(USER_OBJ, 8, 0), (GROUP_OBJ, 4, 0), (OTHER, 4, 0)],
+            &[
+                (USER_OBJ, 6, 0),
+                (GROUP_OBJ, 4, 0),
+                (OTHER, 4, 0),
+                (0x40, 4, 0),
+            ],
+        ];
+        for entries in bad {
+            assert_eq!(access_mode(&acl(entries)), None, "{entries:?}");
+        }
+        assert_eq!(access_mode(&[2, 0, 0, 0, 1]), None);
+        assert_eq!(access_mode(&[]), None);
+    }
+
+    #[test]
+    fn a_mode_goes_into_the_owner_mask_and_other_entries() {
+        let mut a = acl(&[
+            (USER_OBJ, 7, 0),
+            (USER, 7, 1000),
+            (GROUP_OBJ, 5, 0),
+            (MASK, 7, 0),
+            (OTHER, 5, 0),
+        ]);
+        set_mode(&mut a, 0o640);
+        let want = acl(&[
+            (USER_OBJ, 6, 0),
+            (USER, 7, 1000),
+            (GROUP_OBJ, 5, 0),
+            (MASK, 4, 0),
+            (OTHER, 0, 0),
+        ]);
+        assert_eq!(a, want);
+        let mut m = acl(&[(USER_OBJ, 7, 0), (GROUP_OBJ, 5, 0), (OTHER, 5, 0)]);
+        set_mode(&mut m, 0o604);
+        assert_eq!(
+            m,
+            acl(&[(USER_OBJ, 6, 0), (GROUP_OBJ, 0, 0), (OTHER, 4, 0)])
+        );
     }
 
     #[test]

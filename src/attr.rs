@@ -318,17 +318,7 @@ impl Union {
         let via_handle = handle.is_some();
         let fd: Arc<OwnedFd> = match handle {
             Some(h) => h.fd(),
-            None => match self.open_in(node, Loc::Upper, libc::O_PATH) {
-                Ok(fd) => Arc::new(fd),
-                // No name left (deleted while in use, or a split node): work through an open
-                // file of the upper object (a handle still on the lower object it was copied
-                // from must not change that), or the upper object it was removed with.
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => self
-                    .upper_fd_of_open(node, req.fh)
-                    .or_else(|| self.held_upper(node))
-                    .ok_or(e)?,
-                Err(e) => return Err(e),
-            },
+            None => self.upper_object(node, req.fh)?,
         };
         let f = fd.as_fd();
         let changed = self.apply_changes(f, via_handle, &req);
@@ -340,6 +330,21 @@ impl Union {
         }
         changed?;
         self.attr(node, &self.stat_fd(f)?)
+    }
+
+    /// The node's upper object (copied up), as an `O_PATH` fd. With no name left (deleted
+    /// while in use, or a split node): an open file of the upper object (a handle still on
+    /// the lower object it was copied from must not change that), or the upper object it was
+    /// removed with.
+    fn upper_object(&self, node: &Arc<Node>, fh: Option<u64>) -> Result<Arc<OwnedFd>> {
+        match self.open_in(node, Loc::Upper, libc::O_PATH) {
+            Ok(fd) => Ok(Arc::new(fd)),
+            Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => self
+                .upper_fd_of_open(node, fh)
+                .or_else(|| self.held_upper(node))
+                .ok_or(e),
+            Err(e) => Err(e),
+        }
     }
 
     /// The changes `req` asks for, made on `f` (the node's upper object; a writable handle's
@@ -409,15 +414,8 @@ impl Union {
         real_kind: u32,
         req: &SetAttr,
     ) -> Result<()> {
-        use crate::override_stat::Override;
         let xattr = self.override_xattr().ok_or(Errno::EIO)?;
-        let mut view = sys::fstat(f)?;
-        let current = sys::getxattr_vec(f, xattr)?.and_then(|v| Override::parse(&v));
-        if let Some(o) = current {
-            o.apply(&mut view);
-        }
-        let mut o = Override::of(&view);
-        o.kind = current.and_then(|c| c.kind);
+        let mut o = self.current_override(f, xattr)?;
         let map = &self.opts.idmap;
         if let Some(u) = req.uid {
             o.uid = map.uid_to_disk(u).ok_or(Errno::EINVAL)?;
@@ -427,14 +425,63 @@ impl Union {
         }
         if let Some(mode) = req.mode {
             o.perm = mode & 0o7777;
-            let owner = if real_kind == libc::S_IFDIR {
-                0o700
-            } else {
-                0o600
-            };
-            sys::fchmod_path(f, (mode & 0o777) | owner)?;
+            real_chmod_under_override(f, real_kind, mode)?;
         }
         sys::setxattr(f, xattr, o.format().as_bytes(), 0)
+    }
+
+    /// The override of the real object `f` that shows what it shows now (its stat with the
+    /// override xattr `xattr` applied, if it has one).
+    fn current_override(
+        &self,
+        f: std::os::fd::BorrowedFd<'_>,
+        xattr: &std::ffi::CStr,
+    ) -> Result<crate::override_stat::Override> {
+        use crate::override_stat::Override;
+        let mut view = sys::fstat(f)?;
+        let current = sys::getxattr_vec(f, xattr)?.and_then(|v| Override::parse(&v));
+        if let Some(o) = current {
+            o.apply(&mut view);
+        }
+        let mut o = Override::of(&view);
+        o.kind = current.and_then(|c| c.kind);
+        Ok(o)
+    }
+
+    /// An access ACL set with `xattr_permissions`, where the mode shown is the override's: the
+    /// permission bits the ACL gives go there, as a filesystem's `posix_acl_update_mode` puts
+    /// them in the inode's mode (`cp -a` and `cp -p` set a file's mode this way), keeping the
+    /// set-ID and sticky bits. An ACL that the bits say all of is not stored, as on ext4.
+    fn set_access_acl_under_override(
+        &self,
+        node: &Arc<Node>,
+        xattr: &std::ffi::CStr,
+        value: &[u8],
+    ) -> Result<()> {
+        let (bits, bits_say_all) = crate::acl::access_mode(value).ok_or(Errno::EINVAL)?;
+        self.copy_up(node)?;
+        let _mode = self.mode_lock(node);
+        let fd = self.upper_object(node, None)?;
+        let f = fd.as_fd();
+        let real_kind = sys::file_type(sys::fstat(f)?.st_mode);
+        if !matches!(real_kind, libc::S_IFREG | libc::S_IFDIR) {
+            // The real object's own mode is the one shown (see `apply_changes`).
+            return sys::setxattr(f, crate::acl::ACCESS, value, 0);
+        }
+        let mut o = self.current_override(f, xattr)?;
+        o.perm = (o.perm & 0o7000) | bits;
+        if bits_say_all {
+            match sys::removexattr(f, crate::acl::ACCESS) {
+                Err(e) if e.code() == libc::ENODATA => {}
+                r => r?,
+            }
+        } else {
+            sys::setxattr(f, crate::acl::ACCESS, value, 0)?;
+        }
+        real_chmod_under_override(f, real_kind, bits)?;
+        sys::setxattr(f, xattr, o.format().as_bytes(), 0)?;
+        self.changed_through_split(node);
+        Ok(())
     }
 
     pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
@@ -463,8 +510,24 @@ impl Union {
 
     pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
         let cname = self.stored_xattr_name(name)?;
+        // With `xattr_permissions` the mode shown is the override's, and an access ACL shows
+        // it, as a chmod puts it into the ACL (`acl::set_mode`).
+        let shown_mode = self
+            .override_xattr()
+            .filter(|_| *cname == *crate::acl::ACCESS);
         let value = match self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
-            sys::getxattr_vec_at(d, p, &cname)
+            let value = sys::getxattr_vec_at(d, p, &cname)?;
+            match (value, shown_mode) {
+                (Some(mut acl), Some(xattr)) => {
+                    let o = sys::getxattr_vec_at(d, p, xattr)?
+                        .and_then(|v| crate::override_stat::Override::parse(&v));
+                    if let Some(o) = o {
+                        crate::acl::set_mode(&mut acl, o.perm);
+                    }
+                    Ok(Some(acl))
+                }
+                (v, _) => Ok(v),
+            }
         }) {
             // A layer without POSIX ACLs (squashfs) holds none: "not supported" there is "no
             // ACL", as the kernel's own ACL code (and kernel overlayfs) takes it. Passed on,
@@ -520,6 +583,12 @@ impl Union {
             return Err(Errno::EROFS);
         }
         let cname = self.stored_xattr_name(name)?;
+        if let Some(xattr) = self.override_xattr()
+            && *cname == *crate::acl::ACCESS
+        {
+            // (The kernel's own ACL code takes no XATTR_CREATE or XATTR_REPLACE either.)
+            return self.set_access_acl_under_override(node, xattr, value);
+        }
         self.copy_up(node)?;
         self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)
@@ -680,4 +749,20 @@ pub fn kind_of_dtype(dtype: u8) -> u32 {
         libc::DT_SOCK => libc::S_IFSOCK,
         _ => libc::S_IFREG,
     }
+}
+
+/// The real mode of an object whose shown mode is kept in the override xattr: the permission
+/// bits asked for, with the owner's read and write (and search, for a directory) added, so
+/// that the daemon can still use it.
+fn real_chmod_under_override(
+    f: std::os::fd::BorrowedFd<'_>,
+    real_kind: u32,
+    mode: u32,
+) -> Result<()> {
+    let owner = if real_kind == libc::S_IFDIR {
+        0o700
+    } else {
+        0o600
+    };
+    sys::fchmod_path(f, (mode & 0o777) | owner)
 }

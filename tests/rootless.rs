@@ -6,6 +6,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -399,6 +400,78 @@ fn xattr_permissions_override_stat() {
     assert_eq!(
         get_xattr(&plain.path("f"), "user.containers.override_stat"),
         Ok(b"1000:2000:0751".to_vec())
+    );
+}
+
+/// `xattr_permissions=2`: setting an access ACL sets the mode shown, as on ext4 (`cp -a` and
+/// `cp -p` set a copy's mode by setting an ACL with the bits alone), and an ACL read back
+/// shows the mode; ext4 in a plain directory beside the mount is the oracle.
+#[test]
+fn xattr_permissions_acls_set_the_mode() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("src", "data")
+        .chmod("src", 0o644)
+        .file("suid", "x")
+        .xattr("suid", "user.containers.override_stat", b"0:0:04751")
+        .dir("dir")
+        .xattr("dir", "user.containers.override_stat", b"0:0:01777");
+    let m = l.mount_with("u", &["-o", "xattr_permissions=2"]);
+    let plain = l.mkdir("plain");
+    for (name, mode) in [("src", 0o644), ("suid", 0o4751), ("dir", 0o1777)] {
+        let p = plain.join(name);
+        if name == "dir" {
+            fs::create_dir(&p).unwrap();
+        } else {
+            fs::write(&p, if name == "src" { "data" } else { "x" }).unwrap();
+        }
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let state = |dir: &Path| -> String {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("for f in $(find . -mindepth 1 | sort); do stat -c '%n %a' $f; getfacl -n -p -c $f; done")
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let steps = [
+        "cp -a src copy",
+        "cp -p src copy2 && chmod 600 src && cp -a src copy3",
+        "setfacl -m u:1000:rwx,m::r-x copy",
+        "chmod 604 copy",
+        "setfacl -b copy",
+        "setfacl -m u::r,g::r,o::r suid",
+        "setfacl -m u:7:rwx dir",
+        "chmod 1750 dir",
+        "setfacl -k dir && setfacl -m g:9:r dir && setfacl -x g:9 dir",
+        // New objects under a default ACL, and an ACL set through a descriptor.
+        "mkdir dd && setfacl -d -m u::rwx,g::r-x,o::---,u:7:rwx dd && touch dd/new && mkdir dd/sub",
+        "cp -a dd/new dd/copy && cp -a dd/sub dd/subcopy",
+    ];
+    for step in steps {
+        for dir in [&plain, &m.merged] {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(step)
+                .current_dir(dir)
+                .status()
+                .unwrap();
+            assert!(st.success(), "{step} in {}", dir.display());
+        }
+        assert_eq!(state(&m.merged), state(&plain), "after `{step}`");
+    }
+    // The mode shown is in the override; an ACL the bits say all of is not stored.
+    assert_eq!(
+        get_xattr(&m.upper_path("copy3"), "user.containers.override_stat"),
+        Ok(b"0:0:600".to_vec())
+    );
+    assert!(get_xattr(&m.upper_path("copy3"), "system.posix_acl_access").is_err());
+    assert_eq!(
+        get_xattr(&m.upper_path("suid"), "user.containers.override_stat"),
+        Ok(b"0:0:4444".to_vec())
     );
 }
 
