@@ -432,7 +432,7 @@ impl Union {
 
     /// The override of the real object `f` that shows what it shows now (its stat with the
     /// override xattr `xattr` applied, if it has one).
-    fn current_override(
+    pub(crate) fn current_override(
         &self,
         f: std::os::fd::BorrowedFd<'_>,
         xattr: &std::ffi::CStr,

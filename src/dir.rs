@@ -282,10 +282,7 @@ impl Union {
 
     /// The default ACL of the upper directory `dir`, if a new `what` there would inherit it.
     fn default_acl(&self, dir: BorrowedFd<'_>, what: &Make<'_>) -> Result<Option<Vec<u8>>> {
-        if !self.opts.posix_acl
-            || self.override_xattr().is_some()
-            || matches!(what, Make::Symlink { .. })
-        {
+        if !self.opts.posix_acl || matches!(what, Make::Symlink { .. }) {
             return Ok(None);
         }
         match sys::getxattr_vec(dir, acl::DEFAULT) {
@@ -296,8 +293,8 @@ impl Union {
     }
 
     /// Creates `what` at `dir/name` owned by the caller, and returns its stat (and an open fd
-    /// for a file). `parent_st` is the stat of the real parent it will live in (set-group-ID
-    /// directories pass their group down).
+    /// for a file). `parent_st` is the stat of the parent it will live in, as the view shows
+    /// it (set-group-ID directories pass their group down).
     fn make_at(
         &self,
         dir: BorrowedFd<'_>,
@@ -490,7 +487,9 @@ impl Union {
         // locked while it creates: only what the upper holds there needs checking.
         let _lock = parent.lock_dir();
         let dir = self.dir_fd(parent, Loc::Upper)?;
-        let pst = sys::fstat(dir.as_fd())?;
+        // As the view shows it: with xattr_permissions a set-group-ID bit and group are in
+        // the parent's override.
+        let pst = self.stat_fd(dir.as_fd())?;
         // Where no lower layer merges into the directory, a whiteout in it hides nothing: the
         // object is made straight away, and the name is looked at only if it is taken (by
         // an object, or by a whiteout left from an earlier stack of layers).
@@ -537,7 +536,7 @@ impl Union {
         protect::check_add_entry(self.prot(parent)?)?;
         self.copy_up(parent)?;
         let dir = self.dir_fd(parent, Loc::Upper)?;
-        let pst = sys::fstat(dir.as_fd())?;
+        let pst = self.stat_fd(dir.as_fd())?;
         set_thread_umask(umask)?;
         let mut acc = flags & libc::O_ACCMODE;
         if acc == libc::O_WRONLY && self.writeback_active() {
@@ -592,6 +591,9 @@ impl Union {
         let placed = (|| {
             if let Some(default) = &default_acl {
                 st = inherit_acl(work.fd(), &tmp, default, &what, &st)?;
+                if let Some(xattr) = self.override_xattr() {
+                    st = self.inherited_under_override(work.fd(), &tmp, xattr)?;
+                }
             }
             if what.is_dir() {
                 let d = sys::openat(work.fd(), &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
@@ -604,6 +606,28 @@ impl Union {
             return Err(e);
         }
         Ok((st, fd))
+    }
+
+    /// With `xattr_permissions`: the permission bits a default ACL left on `work/name` (see
+    /// `inherit_acl`) go into its override, as the filesystem puts them in the mode where it
+    /// applies the ACL itself; returns the stat the view shows.
+    fn inherited_under_override(
+        &self,
+        work: BorrowedFd<'_>,
+        name: &CStr,
+        xattr: &CStr,
+    ) -> Result<Stat> {
+        let f = sys::openat(work, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let real = sys::fstat(f.as_fd())?;
+        if !matches!(sys::file_type(real.st_mode), libc::S_IFREG | libc::S_IFDIR) {
+            return Ok(real);
+        }
+        let mut o = self.current_override(f.as_fd(), xattr)?;
+        o.perm = (o.perm & 0o7000) | (real.st_mode & 0o777);
+        sys::setxattr(f.as_fd(), xattr, o.format().as_bytes(), 0)?;
+        let mut shown = real;
+        o.apply(&mut shown);
+        Ok(shown)
     }
 
     /// Moves an object built in the work directory (`tmp`) to `dir/name`, where the upper

@@ -415,9 +415,12 @@ fn xattr_permissions_acls_set_the_mode() {
         .file("suid", "x")
         .xattr("suid", "user.containers.override_stat", b"0:0:04751")
         .dir("dir")
-        .xattr("dir", "user.containers.override_stat", b"0:0:01777");
+        .xattr("dir", "user.containers.override_stat", b"0:0:01777")
+        .file("m/old", "o");
     let m = l.mount_with("u", &["-o", "xattr_permissions=2"]);
     let plain = l.mkdir("plain");
+    fs::create_dir(plain.join("m")).unwrap();
+    fs::write(plain.join("m/old"), "o").unwrap();
     for (name, mode) in [("src", 0o644), ("suid", 0o4751), ("dir", 0o1777)] {
         let p = plain.join(name);
         if name == "dir" {
@@ -430,7 +433,7 @@ fn xattr_permissions_acls_set_the_mode() {
     let state = |dir: &Path| -> String {
         let out = Command::new("sh")
             .arg("-c")
-            .arg("for f in $(find . -mindepth 1 | sort); do stat -c '%n %a' $f; getfacl -n -p -c $f; done")
+            .arg("for f in $(find . -mindepth 1 | sort); do stat -c '%n %a %u:%g' $f; getfacl -n -p -c $f; done")
             .current_dir(dir)
             .output()
             .unwrap();
@@ -450,6 +453,12 @@ fn xattr_permissions_acls_set_the_mode() {
         // New objects under a default ACL, and an ACL set through a descriptor.
         "mkdir dd && setfacl -d -m u::rwx,g::r-x,o::---,u:7:rwx dd && touch dd/new && mkdir dd/sub",
         "cp -a dd/new dd/copy && cp -a dd/sub dd/subcopy",
+        // A set-group-ID directory (its bit and group are in the override) passes them on.
+        "mkdir sg && chgrp 1000 sg && chmod 2775 sg && mkdir sg/sub && touch sg/f",
+        // Objects made where a whiteout stands (built in the work directory) under a default
+        // ACL of a merged directory.
+        "setfacl -d -m u::rwx,g::r-x,o::---,u:7:rw m && rm m/old && mkdir m/old && touch m/old/f",
+        "rm -r m/old && touch m/old",
     ];
     for step in steps {
         for dir in [&plain, &m.merged] {
