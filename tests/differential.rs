@@ -122,6 +122,22 @@ static ROOTLESS: AtomicBool = AtomicBool::new(false);
 /// Tells the test binary, run again inside the user namespace, that it is there.
 const IN_USERNS: &str = "UNIONMOUNT_DIFF_IN_USERNS";
 
+/// Set in the process that runs the comparison with unionmount keeping owners and modes in
+/// an xattr (`xattr_permissions=2`).
+static OVERRIDE: AtomicBool = AtomicBool::new(false);
+
+/// Tells the test binary, run again for the comparison with `xattr_permissions=2`, to run it.
+const IN_OVERRIDE: &str = "UNIONMOUNT_DIFF_WITH_OVERRIDE";
+
+/// unionmount's options for this process's comparison.
+fn union_options() -> &'static [&'static str] {
+    if OVERRIDE.load(Ordering::Relaxed) {
+        &["-o", "xattr_permissions=2"]
+    } else {
+        &[]
+    }
+}
+
 /// Set in the process that runs the comparison with every lower layer in an image of its own
 /// (see `pack_lowers`): the image's filesystem.
 static PACKED: std::sync::OnceLock<Image> = std::sync::OnceLock::new();
@@ -1828,7 +1844,7 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
     let layers = build_lowers(seed);
     let _packed = pack_lowers(&layers);
     let mut k = layers.mount_kernel_with("kernel", kernel_options());
-    let mut u = layers.mount("union");
+    let mut u = layers.mount_with("union", union_options());
     // Declared after the mounts, so that they are closed first also on an early return.
     let mut k_fds = Fds::default();
     let mut u_fds = Fds::default();
@@ -1996,16 +2012,20 @@ fn run(seed: u64, plan: Plan<'_>) -> Outcome {
         }
         s
     };
-    let uppers = snapshot(&ku, &pins.0, true, false)
-        .and_then(|ks| snapshot(&uu, &pins.0, true, false).map(|us| (ks, us)))
-        .and_then(|(ks, us)| diff(&meaningful(ks), &meaningful(us), "uppers on disk"));
-    if let Err(e) = uppers {
-        return fail(ops, n, e);
+    // With xattr_permissions the upper keeps owners, modes and types in an xattr by design:
+    // only the views are compared, also after the remount.
+    if !OVERRIDE.load(Ordering::Relaxed) {
+        let uppers = snapshot(&ku, &pins.0, true, false)
+            .and_then(|ks| snapshot(&uu, &pins.0, true, false).map(|us| (ks, us)))
+            .and_then(|(ks, us)| diff(&meaningful(ks), &meaningful(us), "uppers on disk"));
+        if let Err(e) = uppers {
+            return fail(ops, n, e);
+        }
     }
     drop(k);
     drop(u);
     let k = layers.mount_kernel_with("kernel", kernel_options());
-    let u = layers.mount("union");
+    let u = layers.mount_with("union", union_options());
     if let Err(e) = compare_mounts(&layers, &k, &u, &pins.0, "after remount") {
         return fail(ops, n, e);
     }
@@ -2141,6 +2161,22 @@ fn differential_rootless_against_kernel_overlayfs() {
         &format!("in a user namespace made by uid {user}"),
         "rootless ",
     );
+}
+
+/// The same comparison with unionmount keeping owners and modes in an xattr
+/// (`xattr_permissions=2`, what containers-storage's `force_mask` asks for): the views must
+/// be the same at every step and after a remount (the uppers on disk differ by design). Run
+/// in a process of its own, which alone sets `OVERRIDE`.
+#[test]
+fn differential_with_xattr_permissions_against_kernel_overlayfs() {
+    if std::env::var_os(IN_OVERRIDE).is_some() {
+        OVERRIDE.store(true, Ordering::Relaxed);
+        check_seeds("xattr_permissions ");
+        return;
+    }
+    let me = "differential_with_xattr_permissions_against_kernel_overlayfs";
+    let out = this_test_again(me, IN_OVERRIDE).output().unwrap();
+    check_run_again(&out, "with xattr_permissions=2", "xattr_permissions ");
 }
 
 /// The same comparison with every lower layer packed into an image of its own (mounted by
