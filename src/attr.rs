@@ -211,7 +211,13 @@ impl Union {
                         && (!s.is_unlinked() || node.is_root())
                 };
                 if merged {
-                    nlink = 2 + self.subdir_count(node)? as u32;
+                    nlink = match self.subdir_count(node) {
+                        Ok(n) => 2 + n as u32,
+                        // A lower directory the daemon may not read (without privileges, see
+                        // `copy_up::place_granting_access`): the object's own count.
+                        Err(e) if e.code() == libc::EACCES => nlink,
+                        Err(e) => return Err(e),
+                    };
                 }
             }
         }
@@ -321,6 +327,9 @@ impl Union {
             None => self.upper_object(node, req.fh)?,
         };
         let f = fd.as_fd();
+        // A copy-up into this directory may grant its owner access for a moment (see
+        // `copy_up::place_granting_access`): the directory lock keeps the two apart.
+        let _dir = (req.mode.is_some() && node.is_dir()).then(|| node.lock_dir());
         let changed = self.apply_changes(f, via_handle, &req);
         if node.is_split() {
             // Also after a failure part way: an earlier change may have landed.
@@ -425,7 +434,7 @@ impl Union {
         }
         if let Some(mode) = req.mode {
             o.perm = mode & 0o7777;
-            real_chmod_under_override(f, real_kind, mode)?;
+            crate::override_stat::chmod_real(f, real_kind, mode)?;
         }
         sys::setxattr(f, xattr, o.format().as_bytes(), 0)
     }
@@ -461,6 +470,7 @@ impl Union {
         let (bits, bits_say_all) = crate::acl::access_mode(value).ok_or(Errno::EINVAL)?;
         self.copy_up(node)?;
         let _mode = self.mode_lock(node);
+        let _dir = node.is_dir().then(|| node.lock_dir());
         let fd = self.upper_object(node, None)?;
         let f = fd.as_fd();
         let real_kind = sys::file_type(sys::fstat(f)?.st_mode);
@@ -478,7 +488,7 @@ impl Union {
         } else {
             sys::setxattr(f, crate::acl::ACCESS, value, 0)?;
         }
-        real_chmod_under_override(f, real_kind, bits)?;
+        crate::override_stat::chmod_real(f, real_kind, bits)?;
         sys::setxattr(f, xattr, o.format().as_bytes(), 0)?;
         self.changed_through_split(node);
         Ok(())
@@ -590,6 +600,8 @@ impl Union {
             return self.set_access_acl_under_override(node, xattr, value);
         }
         self.copy_up(node)?;
+        // An access ACL sets the mode (see `set_attributes`).
+        let _dir = (node.is_dir() && *cname == *crate::acl::ACCESS).then(|| node.lock_dir());
         self.with_object_or_fd(node, Loc::Upper, None, true, |d, p| {
             sys::setxattr_at(d, p, &cname, value, flags)
         })?;
@@ -749,20 +761,4 @@ pub fn kind_of_dtype(dtype: u8) -> u32 {
         libc::DT_SOCK => libc::S_IFSOCK,
         _ => libc::S_IFREG,
     }
-}
-
-/// The real mode of an object whose shown mode is kept in the override xattr: the permission
-/// bits asked for, with the owner's read and write (and search, for a directory) added, so
-/// that the daemon can still use it.
-fn real_chmod_under_override(
-    f: std::os::fd::BorrowedFd<'_>,
-    real_kind: u32,
-    mode: u32,
-) -> Result<()> {
-    let owner = if real_kind == libc::S_IFDIR {
-        0o700
-    } else {
-        0o600
-    };
-    sys::fchmod_path(f, (mode & 0o777) | owner)
 }

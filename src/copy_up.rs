@@ -7,7 +7,7 @@
 //! copy-ups of one node are serialised on the node's copy lock (`Node::lock_copy`) and
 //! produce one copy.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -169,13 +169,11 @@ impl CopyUp<'_> {
                 sys::openat(work, &self.tmp, libc::O_PATH, 0)?
             }
         };
-        // Owner before mode (chown clears set-id bits), xattrs after chown (it clears
-        // security.capability), times last (everything before touches them).
+        // Owner first (chown clears set-ID bits and security.capability), then xattrs, then
+        // the mode (a read-only mode would keep a daemon without CAP_DAC_OVERRIDE from
+        // setting xattrs), times last (everything before touches them).
         let fdb = fd.as_fd();
         sys::fchown(fdb, self.st.st_uid, self.st.st_gid).or_else(ignore_rootless_chown)?;
-        if kind != libc::S_IFLNK {
-            sys::fchmod_path(fdb, self.st.st_mode & 0o7777)?;
-        }
         copy_xattrs(self.src.as_fd(), fdb)?;
         if prot != 0 {
             // Kept in the xattr, as kernel overlayfs keeps them (see `protect`).
@@ -185,7 +183,11 @@ impl CopyUp<'_> {
                 self.node.set_prot(None);
             }
         }
-        self.keep_owner_in_override(fdb, kind)?;
+        let mode = self.real_mode(kind);
+        self.keep_owner_in_override(fdb, kind, mode)?;
+        if kind != libc::S_IFLNK {
+            sys::fchmod_path(fdb, mode)?;
+        }
         let times = [
             ts(self.st.st_atime, self.st.st_atime_nsec),
             ts(self.st.st_mtime, self.st.st_mtime_nsec),
@@ -197,9 +199,25 @@ impl CopyUp<'_> {
         Ok(fd)
     }
 
+    /// The mode the copy gets: the lower one, but with `xattr_permissions` never without the
+    /// owner's bits (see `override_stat::owner_bits`; the override then keeps the mode).
+    fn real_mode(&self, kind: u32) -> u32 {
+        let mode = self.st.st_mode & 0o7777;
+        let owner = crate::override_stat::owner_bits(kind);
+        if self.fs.override_xattr().is_some()
+            && matches!(kind, libc::S_IFREG | libc::S_IFDIR)
+            && mode & owner != owner
+        {
+            (mode & 0o777) | owner
+        } else {
+            mode
+        }
+    }
+
     /// With `xattr_permissions`, a copy the daemon could not give the lower owner or mode
-    /// records them in the override xattr (unless the lower object already carried one).
-    fn keep_owner_in_override(&self, copy: BorrowedFd<'_>, kind: u32) -> Result<()> {
+    /// (`real_mode`, about to be set) records them in the override xattr (unless the lower
+    /// object already carried one).
+    fn keep_owner_in_override(&self, copy: BorrowedFd<'_>, kind: u32, mode: u32) -> Result<()> {
         let Some(xattr) = self.fs.override_xattr() else {
             return Ok(());
         };
@@ -208,9 +226,10 @@ impl CopyUp<'_> {
         {
             return Ok(());
         }
-        let now = sys::fstat(copy)?;
+        let mut now = crate::override_stat::Override::of(&sys::fstat(copy)?);
+        now.perm = mode;
         let lower = crate::override_stat::Override::of(&self.st);
-        if crate::override_stat::Override::of(&now) == lower {
+        if now == lower {
             return Ok(());
         }
         sys::setxattr(copy, xattr, lower.format().as_bytes(), 0)
@@ -239,13 +258,18 @@ impl CopyUp<'_> {
         let dir = fs.dir_fd(&parent, Loc::Upper)?;
         // Linking the copy changes the parent's times; the parent's view must not change.
         let pst = sys::fstat(dir.as_fd())?;
-        sys::renameat2(
+        match sys::renameat2(
             self.work(),
             &self.tmp,
             dir.as_fd(),
             &cname,
             libc::RENAME_NOREPLACE,
-        )?;
+        ) {
+            Err(e) if e.code() == libc::EACCES => {
+                self.place_granting_access(made, dir.as_fd(), &pst, &cname)?
+            }
+            r => r?,
+        }
         let ptimes = [
             ts(pst.st_atime, pst.st_atime_nsec),
             ts(pst.st_mtime, pst.st_mtime_nsec),
@@ -263,6 +287,44 @@ impl CopyUp<'_> {
             self.record(id, false, &parent);
         }
         Ok(())
+    }
+
+    /// The move of the copy to `dir/name` when the daemon itself is refused it, as a daemon
+    /// without CAP_DAC_OVERRIDE (an ordinary user's mount, no user namespace) is: a directory
+    /// without its owner's write bit cannot change parent, and a parent without its owner's
+    /// write or search bit takes no new name. The caller may make the change (ext4 and kernel
+    /// overlayfs let it), so the move is made with those bits granted for the moment; `pst`
+    /// is the parent's stat. The caller holds the parent's directory lock, which a change of
+    /// a directory's mode through the view takes too (see `attr::set_attributes`).
+    fn place_granting_access(
+        &self,
+        made: BorrowedFd<'_>,
+        dir: BorrowedFd<'_>,
+        pst: &Stat,
+        name: &CStr,
+    ) -> Result<()> {
+        let copy = sys::fstat(made)?.st_mode;
+        let grant_copy = sys::file_type(copy) == libc::S_IFDIR && copy & 0o200 == 0;
+        let grant_parent = pst.st_mode & 0o300 != 0o300;
+        if !grant_copy && !grant_parent {
+            return Err(Errno::EACCES);
+        }
+        if grant_copy {
+            sys::fchmod_path(made, (copy & 0o7777) | 0o200).map_err(|_| Errno::EACCES)?;
+        }
+        let granted = grant_parent && sys::fchmod_path(dir, (pst.st_mode & 0o7777) | 0o300).is_ok();
+        let moved = if grant_parent && !granted {
+            Err(Errno::EACCES)
+        } else {
+            sys::renameat2(self.work(), &self.tmp, dir, name, libc::RENAME_NOREPLACE)
+        };
+        if granted && let Err(e) = sys::fchmod_path(dir, pst.st_mode & 0o7777) {
+            log::warn!("copy-up: cannot restore the mode of a parent directory: {e:?}");
+        }
+        if grant_copy {
+            sys::fchmod_path(made, copy & 0o7777)?;
+        }
+        moved
     }
 
     /// Records the installed copy `id` on the node; the other names of a lower hard link

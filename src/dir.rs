@@ -412,6 +412,13 @@ impl Union {
                 kind,
             };
             let f = object()?;
+            let real_kind = sys::file_type(st.st_mode);
+            let owner = crate::override_stat::owner_bits(real_kind);
+            if st.st_mode & owner != owner {
+                // Made read-only (by the mode asked for, the umask or a default ACL): the
+                // daemon keeps its own access, or could not write the override.
+                crate::override_stat::chmod_real(f.as_fd(), real_kind, st.st_mode)?;
+            }
             sys::setxattr(f.as_fd(), xattr, o.format().as_bytes(), 0)?;
             let mut shown = sys::fstatat(dir, name, here)?;
             o.apply(&mut shown);
@@ -619,13 +626,20 @@ impl Union {
     ) -> Result<Stat> {
         let f = sys::openat(work, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let real = sys::fstat(f.as_fd())?;
-        if !matches!(sys::file_type(real.st_mode), libc::S_IFREG | libc::S_IFDIR) {
+        let real_kind = sys::file_type(real.st_mode);
+        if !matches!(real_kind, libc::S_IFREG | libc::S_IFDIR) {
             return Ok(real);
         }
+        let bits = real.st_mode & 0o777;
+        let owner = crate::override_stat::owner_bits(real_kind);
+        if bits & owner != owner {
+            // As in `own_new`: the daemon keeps its access to the real object.
+            crate::override_stat::chmod_real(f.as_fd(), real_kind, bits)?;
+        }
         let mut o = self.current_override(f.as_fd(), xattr)?;
-        o.perm = (o.perm & 0o7000) | (real.st_mode & 0o777);
+        o.perm = (o.perm & 0o7000) | bits;
         sys::setxattr(f.as_fd(), xattr, o.format().as_bytes(), 0)?;
-        let mut shown = real;
+        let mut shown = sys::fstat(f.as_fd())?;
         o.apply(&mut shown);
         Ok(shown)
     }

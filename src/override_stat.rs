@@ -87,6 +87,23 @@ impl Override {
     }
 }
 
+/// The owner's bits the real object of an override keeps, whatever mode is shown: read and
+/// write (and search, for a directory), so that a daemon without CAP_DAC_OVERRIDE can still
+/// read and write it, its override included.
+pub fn owner_bits(real_kind: u32) -> u32 {
+    if real_kind == libc::S_IFDIR {
+        0o700
+    } else {
+        0o600
+    }
+}
+
+/// Sets the real mode of an object whose shown mode is in its override: the permission bits
+/// of `mode` with `owner_bits` added.
+pub fn chmod_real(f: std::os::fd::BorrowedFd<'_>, real_kind: u32, mode: u32) -> sys::Result<()> {
+    sys::fchmod_path(f, (mode & 0o777) | owner_bits(real_kind))
+}
+
 fn parse_type(t: &str) -> Option<(u32, u64)> {
     let dev = |rest: &str| -> Option<u64> {
         let (ma, mi) = rest.split_once(':')?;

@@ -484,6 +484,104 @@ fn xattr_permissions_acls_set_the_mode() {
     );
 }
 
+/// `xattr_permissions=2` with a daemon without privileges of any kind (no user namespace:
+/// fusermount3 mounts, no CAP_DAC_OVERRIDE): objects made or left read-only (by the mode
+/// asked for, the umask or a default ACL) stay writable for the daemon for real, which must
+/// still write their override; the view matches ext4 in a plain directory beside the mount.
+#[test]
+fn xattr_permissions_without_privileges() {
+    let uid = test_user();
+    let l = Layers::new(1);
+    let plain = l.mkdir("plain");
+    // The same starting tree in the lower layer and in the plain directory.
+    let setup = "mkdir rodir m && echo f > rodir/f && echo r > rofile && echo o > m/old \
+                 && chmod 444 rodir/f && chmod 555 rodir && chmod 400 rofile \
+                 && setfacl -d -m u::r-x,g::r-x,o::--- m";
+    for dir in [l.lower(0).path(""), plain.clone()] {
+        let st = Command::new("sh")
+            .arg("-euc")
+            .arg(setup)
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "setup in {}", dir.display());
+    }
+    let base = user_dirs(&l, uid);
+    let steps = [
+        "umask 0222 && : > ro && mkdir -m 555 rd && ! (echo x >> ro) 2>/dev/null",
+        "umask 0277 && : > only-w && mkdir nothing",
+        "chmod 644 rofile && echo x >> rofile",
+        "chmod 755 rodir && chmod 644 rodir/f && echo y >> rodir/f && : > rodir/new \
+         && chmod 555 rodir",
+        "mkdir ld && setfacl -d -m u::r-x,g::r-x,o::--- ld && mkdir ld/x && : > ld/y",
+        // Built in the work directory: a whiteout stands at the name.
+        "rm m/old && mkdir m/old && rmdir m/old && : > m/old",
+        "setfacl -m u::---,g::---,o::--- ro && chmod 640 ro && echo z > ro",
+        "chmod 000 rd && chmod 755 rd && touch rd/z && chmod 500 rd",
+    ];
+    let state = "for f in $(find . -mindepth 1 | sort); do \
+                 stat -c '%n %F %a %u:%g %s' $f; getfacl -n -p -c $f; done";
+    let mut script = String::new();
+    for (i, step) in steps.iter().enumerate() {
+        for d in ["plain", "merged"] {
+            script.push_str(&format!(
+                "cd $b/{d}; ( {step} ) || {{ echo 'step {i} failed in {d}' >&2; exit 1; }}\n"
+            ));
+        }
+        for d in ["plain", "merged"] {
+            script.push_str(&format!("echo '@@ {i} {d}'; cd $b/{d}; {state}\n"));
+        }
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid", TEST_USER, "--regid", TEST_USER, "--clear-groups"])
+        .args(["--", "bash", "-euc"])
+        .arg(format!(
+            r#"
+            b={root}
+            {bin} -o xattr_permissions=2 --lower {lowers} --upper {u}/upper --work {u}/work {u}/merged
+            ln -s {u}/merged $b/merged
+            trap 'cd /; fusermount3 -u {u}/merged' EXIT
+            {script}
+            "#,
+            root = l.root().display(),
+            bin = BIN,
+            lowers = l.lowerdir_opt(),
+            u = base.display(),
+        ))
+        .output()
+        .unwrap();
+    let stdout = succeeded(out);
+    let mut shown = std::collections::BTreeMap::new();
+    for part in stdout.split("@@ ").skip(1) {
+        let (head, body) = part.split_once('\n').unwrap();
+        let (i, d) = head.split_once(' ').unwrap();
+        shown.insert(
+            (i.parse::<usize>().unwrap(), d.to_string()),
+            body.to_string(),
+        );
+    }
+    for (i, step) in steps.iter().enumerate() {
+        let view = &shown[&(i, "merged".to_string())];
+        assert_eq!(view, &shown[&(i, "plain".to_string())], "after `{step}`");
+        assert!(view.contains("./rodir/f"), "{view}");
+    }
+    // The real objects stay the daemon's to write; the modes shown are in the overrides.
+    let upper = base.join("upper");
+    for (name, owner) in [
+        ("ro", 0o600),
+        ("rd", 0o700),
+        ("nothing", 0o700),
+        ("ld/x", 0o700),
+    ] {
+        let mode = fs::symlink_metadata(upper.join(name)).unwrap().mode();
+        assert_eq!(mode & owner, owner, "{name}: {mode:o}");
+    }
+    assert_eq!(
+        get_xattr(&upper.join("rd"), "user.containers.override_stat"),
+        Ok(format!("{uid}:{uid}:500").into_bytes())
+    );
+}
+
 /// `static_nlink`: directories report a link count of 1 instead of counting subdirectories.
 #[test]
 fn static_nlink() {
@@ -682,5 +780,68 @@ fn copy_up_ignores_the_umask_a_create_left() {
     assert_eq!(
         (mode("d"), mode("d/f"), mode("d/sub")),
         (0o755, 0o600, 0o200)
+    );
+}
+
+/// A daemon without privileges of any kind copies up into directories whose owner may not
+/// write (a Go module cache, a tree unpacked read-only): the caller may change a writable
+/// file there, or chmod its own, as on ext4, and the copies keep the lower modes and xattrs.
+/// The lower layers stay read with the daemon's own permissions.
+#[test]
+fn unprivileged_copy_up_into_read_only_directories() {
+    let uid = test_user();
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("ro/sub/f", "f")
+        .chmod("ro/sub/f", 0o666)
+        .file("ro/g", "g")
+        .xattr("ro/g", "user.kept", b"yes")
+        .chmod("ro/g", 0o444)
+        .chmod("ro/sub", 0o555)
+        .chmod("ro", 0o555)
+        .file("closed/x", "x")
+        .chmod("closed", 0);
+    let base = user_dirs(&l, uid);
+    let out = Command::new("setpriv")
+        .args(["--reuid", TEST_USER, "--regid", TEST_USER, "--clear-groups"])
+        .args(["--", "bash", "-euc"])
+        .arg(format!(
+            r#"
+            {bin} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
+            trap 'cd /; fusermount3 -u {b}/merged' EXIT
+            cd {b}/merged
+            echo more >> ro/sub/f
+            chmod 640 ro/g
+            ! : > ro/new 2>/dev/null
+            getfattr --only-values -n user.kept ro/g; echo
+            stat -c '%n %a' ro ro/sub ro/sub/f ro/g
+            # A lower directory the daemon may not read: its chmod lands, its listing stays
+            # refused (README).
+            chmod 755 closed && stat -c '%n %a' closed
+            ! ls closed 2>/dev/null
+            "#,
+            bin = BIN,
+            lowers = l.lowerdir_opt(),
+            b = base.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        succeeded(out),
+        "yes\nro 555\nro/sub 555\nro/sub/f 666\nro/g 640\nclosed 755\n"
+    );
+    let upper = base.join("upper");
+    let mode = |p: &str| fs::metadata(upper.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        (mode("ro"), mode("ro/sub"), mode("ro/sub/f"), mode("ro/g")),
+        (0o555, 0o555, 0o666, 0o640)
+    );
+    assert_eq!(
+        fs::read_to_string(upper.join("ro/sub/f")).unwrap(),
+        "fmore\n"
+    );
+    assert_eq!(
+        get_xattr(&upper.join("ro/g"), "user.kept"),
+        Ok(b"yes".to_vec())
     );
 }
