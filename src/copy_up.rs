@@ -7,7 +7,7 @@
 //! copy-ups of one node are serialised on the node's copy lock (`Node::lock_copy`) and
 //! produce one copy.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -258,17 +258,18 @@ impl CopyUp<'_> {
         let dir = fs.dir_fd(&parent, Loc::Upper)?;
         // Linking the copy changes the parent's times; the parent's view must not change.
         let pst = sys::fstat(dir.as_fd())?;
-        match sys::renameat2(
-            self.work(),
-            &self.tmp,
-            dir.as_fd(),
-            &cname,
-            libc::RENAME_NOREPLACE,
-        ) {
-            Err(e) if e.code() == libc::EACCES => {
-                self.place_granting_access(made, dir.as_fd(), &pst, &cname)?
-            }
-            r => r?,
+        // A daemon without privileges may need its owner's bits: a directory changes parent
+        // only with write access to it, a parent takes a name only with write and search.
+        let place = || {
+            let dir = dir.as_fd();
+            let tmp = &self.tmp;
+            let rename = || sys::renameat2(self.work(), tmp, dir, &cname, libc::RENAME_NOREPLACE);
+            granting_owner_bits(dir, 0o300, rename)
+        };
+        if self.node.is_dir() {
+            granting_owner_bits(made, 0o200, place)?;
+        } else {
+            place()?;
         }
         let ptimes = [
             ts(pst.st_atime, pst.st_atime_nsec),
@@ -287,44 +288,6 @@ impl CopyUp<'_> {
             self.record(id, false, &parent);
         }
         Ok(())
-    }
-
-    /// The move of the copy to `dir/name` when the daemon itself is refused it, as a daemon
-    /// without CAP_DAC_OVERRIDE (an ordinary user's mount, no user namespace) is: a directory
-    /// without its owner's write bit cannot change parent, and a parent without its owner's
-    /// write or search bit takes no new name. The caller may make the change (ext4 and kernel
-    /// overlayfs let it), so the move is made with those bits granted for the moment; `pst`
-    /// is the parent's stat. The caller holds the parent's directory lock, which a change of
-    /// a directory's mode through the view takes too (see `attr::set_attributes`).
-    fn place_granting_access(
-        &self,
-        made: BorrowedFd<'_>,
-        dir: BorrowedFd<'_>,
-        pst: &Stat,
-        name: &CStr,
-    ) -> Result<()> {
-        let copy = sys::fstat(made)?.st_mode;
-        let grant_copy = sys::file_type(copy) == libc::S_IFDIR && copy & 0o200 == 0;
-        let grant_parent = pst.st_mode & 0o300 != 0o300;
-        if !grant_copy && !grant_parent {
-            return Err(Errno::EACCES);
-        }
-        if grant_copy {
-            sys::fchmod_path(made, (copy & 0o7777) | 0o200).map_err(|_| Errno::EACCES)?;
-        }
-        let granted = grant_parent && sys::fchmod_path(dir, (pst.st_mode & 0o7777) | 0o300).is_ok();
-        let moved = if grant_parent && !granted {
-            Err(Errno::EACCES)
-        } else {
-            sys::renameat2(self.work(), &self.tmp, dir, name, libc::RENAME_NOREPLACE)
-        };
-        if granted && let Err(e) = sys::fchmod_path(dir, pst.st_mode & 0o7777) {
-            log::warn!("copy-up: cannot restore the mode of a parent directory: {e:?}");
-        }
-        if grant_copy {
-            sys::fchmod_path(made, copy & 0o7777)?;
-        }
-        moved
     }
 
     /// Records the installed copy `id` on the node; the other names of a lower hard link
@@ -471,6 +434,33 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
 }
 
 /// Copies every non-private xattr of `src` to `dst`.
+/// Runs `op`; if the daemon is refused it (EACCES) for want of its owner's `bits` on `obj`, as
+/// a daemon without CAP_DAC_OVERRIDE (an ordinary user's mount, no user namespace) may be
+/// where the caller is allowed (ext4 and kernel overlayfs let the caller's change through),
+/// runs it again with those bits granted for the moment, then restores the mode. Callers
+/// hold the directory lock of a directory `obj` where they can: a change of a directory's
+/// mode through the view takes it (see `attr::set_attributes`).
+pub(crate) fn granting_owner_bits<T>(
+    obj: BorrowedFd<'_>,
+    bits: u32,
+    op: impl Fn() -> Result<T>,
+) -> Result<T> {
+    match op() {
+        Err(e) if e.code() == libc::EACCES => {}
+        r => return r,
+    }
+    let mode = sys::fstat(obj)?.st_mode & 0o7777;
+    if mode & bits == bits {
+        return Err(Errno::EACCES);
+    }
+    sys::fchmod_path(obj, mode | bits).map_err(|_| Errno::EACCES)?;
+    let r = op();
+    if let Err(e) = sys::fchmod_path(obj, mode) {
+        log::warn!("cannot restore a mode granted for a moment: {e:?}");
+    }
+    r
+}
+
 pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
     let names = match sys::listxattr_vec(src) {
         Ok(n) => n,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::acl;
 use crate::compact::Few;
+use crate::copy_up::granting_owner_bits;
 use crate::inode::{Held, Node, RealId};
 use crate::layer::WorkDir;
 use crate::lookup::{Found, Loc};
@@ -91,6 +92,7 @@ pub(crate) fn set_thread_umask(mask: u32) -> Result<()> {
 }
 
 /// What the upper directory holds at a name.
+#[derive(Clone, Copy)]
 enum UpperSlot {
     Empty,
     /// Empty, but `.wh.NAME` is there.
@@ -176,6 +178,18 @@ fn inherit_acl(
     sys::fstat(f.as_fd())
 }
 
+/// Runs `op`, which moves the directory `dir/name` to another parent; a daemon without
+/// privileges needs write access to the directory for that (see `granting_owner_bits`).
+fn moving_dir<T>(dir: BorrowedFd<'_>, name: &CStr, op: impl Fn() -> Result<T>) -> Result<T> {
+    match op() {
+        Err(e) if e.code() == libc::EACCES => {
+            let d = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+            granting_owner_bits(d.as_fd(), 0o200, op)
+        }
+        r => r,
+    }
+}
+
 /// Removes what the work directory holds at `name`, whatever it is (a directory moved there
 /// to be deleted contains only whiteouts and markers, but is emptied without assuming so).
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
@@ -185,7 +199,26 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         Err(e) if e.code() == libc::EISDIR || e.code() == libc::EPERM => {}
         Err(e) => return Err(e),
     }
-    let sub = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    // An empty directory goes at once, whether or not the daemon may read it.
+    match sys::unlinkat(dir, name, libc::AT_REMOVEDIR) {
+        Err(e) if e.code() == libc::ENOTEMPTY || e.code() == libc::EEXIST => {}
+        Err(e) if e.code() == libc::ENOENT => return Ok(()),
+        r => return r,
+    }
+    // The daemon's own directory, to be deleted: a daemon without privileges gives itself
+    // the access it needs to empty it.
+    let open = || sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0);
+    let sub = match open() {
+        Err(e) if e.code() == libc::EACCES => {
+            let p = sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            sys::fchmod_path(p.as_fd(), 0o700)?;
+            open()?
+        }
+        r => r?,
+    };
+    if sys::fstat(sub.as_fd())?.st_mode & 0o700 != 0o700 {
+        sys::fchmod_path(sub.as_fd(), 0o700)?;
+    }
     let mut names = Vec::new();
     sys::for_each_dirent(sub.as_fd(), |d| {
         if d.name != b"." && d.name != b".." {
@@ -245,15 +278,18 @@ impl Union {
     }
 
     /// Marks an upper directory opaque in the upper's format.
+    /// A directory the caller may move needs no write access for it, its daemon does: see
+    /// `granting_owner_bits`. (A renamed directory's own lock is not taken, as renames lock
+    /// parents only; a chmod of it through the view at that moment could be undone.)
     fn make_opaque(&self, dir: BorrowedFd<'_>) -> Result<()> {
-        sys::setxattr(dir, self.layers.format.opaque_xattr(), b"y", 0)?;
+        let name = self.layers.format.opaque_xattr();
+        granting_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0))?;
         if self.layers.format == Format::Aufs {
-            drop(sys::openat(
-                dir,
-                whiteout::OPAQUE_MARKER,
-                libc::O_CREAT | libc::O_WRONLY,
-                0o600,
-            )?);
+            let marker = || {
+                let flags = libc::O_CREAT | libc::O_WRONLY;
+                sys::openat(dir, whiteout::OPAQUE_MARKER, flags, 0o600)
+            };
+            drop(granting_owner_bits(dir, 0o300, marker)?);
         }
         Ok(())
     }
@@ -602,11 +638,16 @@ impl Union {
                     st = self.inherited_under_override(work.fd(), &tmp, xattr)?;
                 }
             }
-            if what.is_dir() {
-                let d = sys::openat(work.fd(), &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-                self.make_opaque(d.as_fd())?;
+            if !what.is_dir() {
+                return self.place_from_work(&tmp, dir, cname, slot, false);
             }
-            self.place_from_work(&tmp, dir, cname, slot, what.is_dir())
+            let d = sys::openat(work.fd(), &tmp, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            self.make_opaque(d.as_fd())?;
+            // A directory changes parent only with write access to it (see
+            // `granting_owner_bits`); it is not in the tree yet, no lock is needed.
+            granting_owner_bits(d.as_fd(), 0o200, || {
+                self.place_from_work(&tmp, dir, cname, slot, true)
+            })
         })();
         if let Err(e) = placed {
             let _ = remove_tree(work.fd(), &tmp);
@@ -803,9 +844,13 @@ impl Union {
             } else if needs_whiteout && self.layers.format != Format::Aufs {
                 // Swap the object for a whiteout in one step, then delete it in the work dir.
                 let tmp = self.whiteout_in_work(work)?;
-                if let Err(e) =
-                    sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE)
-                {
+                let exchange =
+                    || sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE);
+                let exchanged = match is_dir {
+                    true => moving_dir(dir.as_fd(), &cname, exchange),
+                    false => exchange(),
+                };
+                if let Err(e) = exchanged {
                     let _ = sys::unlinkat(work.fd(), &tmp, 0);
                     return Err(e);
                 }
@@ -822,7 +867,9 @@ impl Union {
                         Ok(()) => {}
                         Err(e) if e.code() == libc::ENOTEMPTY => {
                             let tmp = work.temp_name();
-                            sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0)?;
+                            moving_dir(dir.as_fd(), &cname, || {
+                                sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0)
+                            })?;
                             if let Err(e) = remove_tree(work.fd(), &tmp) {
                                 log::warn!("cleaning the work directory: {e:?}");
                             }
@@ -1077,21 +1124,11 @@ impl Union {
         // does, so nothing a lower layer has (or gets) under that name merges into it.
         let merged = |n: &Node| n.state().has_lower();
         if src.is_dir() && merged(newparent) {
-            let d = sys::openat(
-                old_dir.as_fd(),
-                &cname,
-                libc::O_RDONLY | libc::O_DIRECTORY,
-                0,
-            )?;
+            let d = sys::openat(old_dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             self.make_opaque(d.as_fd())?;
         }
         if exchange && dst.is_some_and(|d| d.is_dir()) && merged(parent) {
-            let d = sys::openat(
-                new_dir.as_fd(),
-                &cnew,
-                libc::O_RDONLY | libc::O_DIRECTORY,
-                0,
-            )?;
+            let d = sys::openat(new_dir.as_fd(), &cnew, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             self.make_opaque(d.as_fd())?;
         }
         // A directory being replaced may still hold whiteouts, which the real rename refuses:
@@ -1105,13 +1142,15 @@ impl Union {
             set_thread_umask(0)?;
             sys::mkdirat(work.fd(), &tmp, 0o700)?;
             let swapped = self.tree_change(|| {
-                sys::renameat2(
-                    work.fd(),
-                    &tmp,
-                    new_dir.as_fd(),
-                    &cnew,
-                    libc::RENAME_EXCHANGE,
-                )
+                moving_dir(new_dir.as_fd(), &cnew, || {
+                    sys::renameat2(
+                        work.fd(),
+                        &tmp,
+                        new_dir.as_fd(),
+                        &cnew,
+                        libc::RENAME_EXCHANGE,
+                    )
+                })
             });
             if let Err(e) = swapped {
                 let _ = sys::unlinkat(work.fd(), &tmp, libc::AT_REMOVEDIR);

@@ -492,21 +492,10 @@ fn xattr_permissions_acls_set_the_mode() {
 fn xattr_permissions_without_privileges() {
     let uid = test_user();
     let l = Layers::new(1);
-    let plain = l.mkdir("plain");
     // The same starting tree in the lower layer and in the plain directory.
     let setup = "mkdir rodir m && echo f > rodir/f && echo r > rofile && echo o > m/old \
                  && chmod 444 rodir/f && chmod 555 rodir && chmod 400 rofile \
                  && setfacl -d -m u::r-x,g::r-x,o::--- m";
-    for dir in [l.lower(0).path(""), plain.clone()] {
-        let st = Command::new("sh")
-            .arg("-euc")
-            .arg(setup)
-            .current_dir(&dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "setup in {}", dir.display());
-    }
-    let base = user_dirs(&l, uid);
     let steps = [
         "umask 0222 && : > ro && mkdir -m 555 rd && ! (echo x >> ro) 2>/dev/null",
         "umask 0277 && : > only-w && mkdir nothing",
@@ -519,8 +508,77 @@ fn xattr_permissions_without_privileges() {
         "setfacl -m u::---,g::---,o::--- ro && chmod 640 ro && echo z > ro",
         "chmod 000 rd && chmod 755 rd && touch rd/z && chmod 500 rd",
     ];
+    let base = unprivileged_steps_against_ext4(&l, setup, "-o xattr_permissions=2", &steps);
+    // The real objects stay the daemon's to write; the modes shown are in the overrides.
+    let upper = base.join("upper");
+    for (name, owner) in [
+        ("ro", 0o600),
+        ("rd", 0o700),
+        ("nothing", 0o700),
+        ("ld/x", 0o700),
+    ] {
+        let mode = fs::symlink_metadata(upper.join(name)).unwrap().mode();
+        assert_eq!(mode & owner, owner, "{name}: {mode:o}");
+    }
+    assert_eq!(
+        get_xattr(&upper.join("rd"), "user.containers.override_stat"),
+        Ok(format!("{uid}:{uid}:500").into_bytes())
+    );
+}
+
+/// A daemon without privileges in directories whose owner may not write (a Go module cache, a
+/// tree unpacked read-only), with and without `xattr_permissions`: what the caller may do
+/// there on ext4 works (copy-up into them, a move over a deleted lower directory, which makes
+/// the moved directory opaque, rmdir of one holding whiteouts, a move over one), as ext4 in a
+/// plain directory shows it.
+#[test]
+fn unprivileged_daemon_in_read_only_directories() {
+    let setup = "mkdir ro x v w y && echo f > ro/f && chmod 666 ro/f && mkdir ro/sub \
+                 && echo g > ro/sub/g && setfattr -n user.kept -v yes ro/sub/g \
+                 && chmod 444 ro/sub/g && chmod 555 ro/sub ro \
+                 && for d in x v w y; do echo s > $d/old; done";
+    let steps = [
+        "echo more >> ro/f",
+        "chmod 640 ro/sub/g && echo g >> ro/sub/g",
+        "mkdir -m 555 a && rm -r x && mv a x",
+        "mkdir -m 111 a2 && mv a2 x2",
+        "rm -r w && mkdir -m 111 w",
+        "rm y/old && chmod 555 y && rmdir y",
+        "rm v/old && chmod 555 v && mkdir -m 555 z && mv -T z v",
+        "chmod 755 ro && mkdir -m 500 ro/new && chmod 555 ro",
+    ];
+    for opts in ["", "-o xattr_permissions=2"] {
+        test_user();
+        let l = Layers::new(1);
+        unprivileged_steps_against_ext4(&l, setup, opts, &steps);
+    }
+}
+
+/// Runs `setup` in the lower layer of `l` and in a plain directory beside it, mounts the layers
+/// as the test user without a user namespace (fusermount3 mounts) with `opts`, then runs each
+/// of `steps` as that user in the plain directory and in the mount, comparing after each what
+/// the two show (type, mode, owner, size, ACL, user xattrs). Returns the mount's base
+/// directory (`upper`, `work`, `merged`).
+fn unprivileged_steps_against_ext4(
+    l: &Layers,
+    setup: &str,
+    opts: &str,
+    steps: &[&str],
+) -> std::path::PathBuf {
+    let plain = l.mkdir("plain");
+    for dir in [l.lower(0).path(""), plain.clone()] {
+        let st = Command::new("sh")
+            .arg("-euc")
+            .arg(setup)
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "setup in {}", dir.display());
+    }
+    let base = user_dirs(l, uid_of(TEST_USER).unwrap());
     let state = "for f in $(find . -mindepth 1 | sort); do \
-                 stat -c '%n %F %a %u:%g %s' $f; getfacl -n -p -c $f; done";
+                 stat -c '%n %F %a %u:%g %s' $f; getfacl -n -p -c $f; \
+                 getfattr -h -d -m '^user\\.' $f 2>/dev/null; done";
     let mut script = String::new();
     for (i, step) in steps.iter().enumerate() {
         for d in ["plain", "merged"] {
@@ -538,7 +596,7 @@ fn xattr_permissions_without_privileges() {
         .arg(format!(
             r#"
             b={root}
-            {bin} -o xattr_permissions=2 --lower {lowers} --upper {u}/upper --work {u}/work {u}/merged
+            {bin} {opts} --lower {lowers} --upper {u}/upper --work {u}/work {u}/merged
             ln -s {u}/merged $b/merged
             trap 'cd /; fusermount3 -u {u}/merged' EXIT
             {script}
@@ -560,26 +618,16 @@ fn xattr_permissions_without_privileges() {
             body.to_string(),
         );
     }
+    assert_eq!(shown.len(), 2 * steps.len(), "{stdout}");
     for (i, step) in steps.iter().enumerate() {
         let view = &shown[&(i, "merged".to_string())];
-        assert_eq!(view, &shown[&(i, "plain".to_string())], "after `{step}`");
-        assert!(view.contains("./rodir/f"), "{view}");
+        assert_eq!(
+            view,
+            &shown[&(i, "plain".to_string())],
+            "{opts}: after `{step}`"
+        );
     }
-    // The real objects stay the daemon's to write; the modes shown are in the overrides.
-    let upper = base.join("upper");
-    for (name, owner) in [
-        ("ro", 0o600),
-        ("rd", 0o700),
-        ("nothing", 0o700),
-        ("ld/x", 0o700),
-    ] {
-        let mode = fs::symlink_metadata(upper.join(name)).unwrap().mode();
-        assert_eq!(mode & owner, owner, "{name}: {mode:o}");
-    }
-    assert_eq!(
-        get_xattr(&upper.join("rd"), "user.containers.override_stat"),
-        Ok(format!("{uid}:{uid}:500").into_bytes())
-    );
+    base
 }
 
 /// `static_nlink`: directories report a link count of 1 instead of counting subdirectories.
