@@ -15,10 +15,20 @@
 # unionmount: mount(8) runs the mount helper with a fixed PATH, and the EROFS tests remount
 # the filesystem read-only with `mount -o remount,ro`, which goes through that helper.
 #
+# With ROOTLESS=1 it runs instead as the root of a rootless container's user namespace: the
+# test user (TEST_USER, default umtest, created with subordinate ids if missing) maps itself
+# to root and its subordinate ids to 1-65535, as podman does; the daemon mounts in that
+# namespace (the page-cached path: passthrough needs the initial namespace's privileges).
+# pjdfstest runs once on a fresh mount and once on a plain directory of the same filesystem
+# in the same namespace, the oracle. A test that fails here and passes there counts as a
+# failure, with one exception, reported apart: a char 0/0 node refused with EPERM (kernel
+# overlayfs refuses those everywhere, as they are whiteouts; unionmount stores them as a
+# stand-in device as root, which a user namespace may not make; see README).
+#
 # Environment: UNIONMOUNT (binary, default: a release build of this checkout), PJDFSTEST
 # (default: pjdfstest from PATH or ~/.cargo/bin), NAPTIME (seconds, default 0.05),
 # VERBOSE=1 to show every test, UNIONMOUNT_ARGS for more daemon options (e.g.
-# "--passthrough off" for the page-cached path).
+# "--passthrough off" for the page-cached path), ROOTLESS=1, TEST_USER.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -121,7 +131,66 @@ run_one() {
     return $ok
 }
 
+# The rootless run (ROOTLESS=1, see the top).
+run_rootless() {
+    local user=${TEST_USER:-umtest} d=$work/rootless verbose=()
+    if [[ ${VERBOSE:-0} == 1 ]]; then verbose=(-v); fi
+    id "$user" >/dev/null 2>&1 || useradd -M -s /usr/sbin/nologin "$user"
+    grep -q "^$user:" /etc/subuid || usermod --add-subuids 300000-365535 "$user"
+    grep -q "^$user:" /etc/subgid || usermod --add-subgids 300000-365535 "$user"
+    mkdir -p "$d"/{out,lower1,lower2,upper,work,secondary,plain}
+    local mnt
+    mnt=$(pad_dir "$d/m")
+    mkdir -p "$mnt"
+    chown -R "$user:" "$d"
+    cp "$UNIONMOUNT" "$d/unionmount"   # reachable by the user wherever the build is
+    cp "$pjd" "$d/pjdfstest"
+    chmod 755 "$d/unionmount" "$d/pjdfstest"
+    setpriv --reuid="$user" --regid="$user" --clear-groups -- \
+        unshare --user --map-root-user --map-auto --mount --propagation private -- bash -euc '
+            d=$1; mnt=$2; args=$3; shift 3
+            "$d/unionmount" $args --lower "$d/lower1:$d/lower2" --upper "$d/upper" \
+                --work "$d/work" "$mnt"
+            trap "cd /; umount \"$mnt\"" EXIT
+            cd "$mnt"
+            "$d/pjdfstest" -c "$d/../main.toml" -p "$mnt" -s "$d/secondary" "$@" \
+                >"$d/out/unionmount.out" 2>&1 || true
+            cd "$d/plain"
+            "$d/pjdfstest" -c "$d/../main.toml" -p "$d/plain" -s "$d/secondary" "$@" \
+                >"$d/out/ext4.out" 2>&1 || true
+        ' run "$d" "$mnt" "${UNIONMOUNT_ARGS:-}" "${verbose[@]}"
+    local part summary ok=0
+    for part in unionmount ext4; do
+        summary=$(grep -E '^Summary:' "$d/out/$part.out" || echo "Summary: pjdfstest did not finish")
+        [[ ${VERBOSE:-0} == 1 ]] && cat "$d/out/$part.out"
+        echo "rootless ($part): $summary"
+        [[ $summary == "Summary: pjdfstest did not finish" ]] && ok=1
+        grep -E 'FAILED$' "$d/out/$part.out" | awk '{print $1}' | sort >"$d/out/$part.failed" || true
+    done
+    # Each test that fails here and passes on the plain directory, with its failure.
+    local t why char0=() worse=()
+    while read -r t; do
+        why=$(grep -E "^$t +FAILED$" -A1 "$d/out/unionmount.out" | tail -n1)
+        if [[ $t == *::char && $why == *"Err\` value: EPERM"* ]]; then
+            char0+=("$t")
+        else
+            worse+=("$t: $why")
+        fi
+    done < <(comm -23 "$d/out/unionmount.failed" "$d/out/ext4.failed")
+    echo "rootless: ${#char0[@]} failed on char 0/0 nodes (EPERM, as kernel overlayfs answers)"
+    for t in "${char0[@]}"; do echo "  char 0/0: $t"; done
+    echo "rootless: ${#worse[@]} other tests failed here and passed on the plain directory"
+    for t in "${worse[@]}"; do echo "  FAILED: $t"; done
+    [[ ${#worse[@]} -eq 0 ]] || ok=1
+    return $ok
+}
+
 status=0
+if [[ ${ROOTLESS:-0} == 1 ]]; then
+    sed 's/ALLOW_REMOUNT/false/' "$work/pjdfstest.in" >"$work/main.toml"
+    run_rootless || status=1
+    exit $status
+fi
 run_one empty-lower empty || status=1
 run_one merged-dir merged || status=1
 exit $status

@@ -2,6 +2,10 @@
 //! both on an empty lower layer and inside a directory merged from two lower layers, with
 //! open files passed through to the kernel (the root default) and through the page cache
 //! with writeback caching (`--passthrough off`, the rootless path).
+//! As the root of a rootless container's user namespace (the test user mapping itself to
+//! root and its subordinate ids below), it must fail nothing that passes on a plain directory
+//! in the same namespace, but for char 0/0 nodes without `xattr_permissions` (see
+//! scripts/pjdfstest.sh).
 //! scripts/pjdfstest.sh does the runs; this test fails if pjdfstest is missing.
 
 mod common;
@@ -16,6 +20,58 @@ fn pjdfstest_finds_no_failure_with_passthrough() {
 #[test]
 fn pjdfstest_finds_no_failure_through_the_page_cache() {
     run("--passthrough off");
+}
+
+#[test]
+fn pjdfstest_rootless_fails_only_where_ext4_does() {
+    // Char 0/0 nodes: a user namespace may not make the stand-in device (kernel overlayfs
+    // refuses them everywhere).
+    rootless("", 298, 41);
+}
+
+#[test]
+fn pjdfstest_rootless_with_xattr_permissions_fails_only_where_ext4_does() {
+    // Devices are regular files carrying their type: char 0/0 nodes too.
+    rootless("-o xattr_permissions=2", 339, 0);
+}
+
+/// One rootless run with daemon options `args`: `passed` tests must pass, and `char0` fail
+/// only as char 0/0 nodes; the script fails the run if anything else fails that passes on
+/// the plain directory.
+fn rootless(args: &str, passed: u32, char0: u32) {
+    common::test_user();
+    common::ensure_subids(common::TEST_USER);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pjdfstest.sh");
+    let out = Command::new(script)
+        .env("UNIONMOUNT", common::BIN)
+        .env("UNIONMOUNT_ARGS", args)
+        .env("ROOTLESS", "1")
+        .env("TEST_USER", common::TEST_USER)
+        .output()
+        .expect("run scripts/pjdfstest.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "pjdfstest reported failures (or could not run):\n{stdout}\n{stderr}"
+    );
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("rootless (unionmount): Summary:"))
+        .unwrap_or_else(|| panic!("no summary:\n{stdout}"));
+    assert!(
+        summary.contains(&format!(", {passed} passed,")),
+        "{summary}"
+    );
+    assert!(
+        stdout.contains(&format!("rootless: {char0} failed on char 0/0 nodes")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("rootless: 0 other tests failed here"),
+        "{stdout}"
+    );
 }
 
 fn run(args: &str) {

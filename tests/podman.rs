@@ -459,28 +459,3 @@ fn without_special_bits(s: &Seen) -> Seen {
         built_after: strip(&s.built_after),
     }
 }
-
-/// Gives `user` subordinate uid and gid ranges for a rootless podman when it has none
-/// (useradd gives them on most systems).
-fn ensure_subids(user: &str) {
-    let has = |f: &str| {
-        fs::read_to_string(f)
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.starts_with(&format!("{user}:")))
-    };
-    if has("/etc/subuid") && has("/etc/subgid") {
-        return;
-    }
-    account_tool(
-        "usermod",
-        &[
-            "--add-subuids",
-            "300000-365535",
-            "--add-subgids",
-            "300000-365535",
-            user,
-        ],
-        || has("/etc/subuid") && has("/etc/subgid"),
-    );
-}

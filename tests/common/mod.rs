@@ -1609,3 +1609,28 @@ fn flag_rc(r: libc::c_int) -> Result<(), i32> {
         Ok(())
     }
 }
+
+/// Gives `user` subordinate uid and gid ranges for a rootless container's user namespace when
+/// it has none (useradd gives them on most systems).
+pub fn ensure_subids(user: &str) {
+    let has = |f: &str| {
+        fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("{user}:")))
+    };
+    if has("/etc/subuid") && has("/etc/subgid") {
+        return;
+    }
+    account_tool(
+        "usermod",
+        &[
+            "--add-subuids",
+            "300000-365535",
+            "--add-subgids",
+            "300000-365535",
+            user,
+        ],
+        || has("/etc/subuid") && has("/etc/subgid"),
+    );
+}
