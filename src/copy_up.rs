@@ -264,10 +264,10 @@ impl CopyUp<'_> {
             let dir = dir.as_fd();
             let tmp = &self.tmp;
             let rename = || sys::renameat2(self.work(), tmp, dir, &cname, libc::RENAME_NOREPLACE);
-            granting_owner_bits(dir, 0o300, rename)
+            granting_owner_bits(dir, 0o300, rename, || fs.invalidate_attrs(parent.ino))
         };
         if self.node.is_dir() {
-            granting_owner_bits(made, 0o200, place)?;
+            granting_owner_bits(made, 0o200, place, || fs.invalidate_attrs(self.node.ino))?;
         } else {
             place()?;
         }
@@ -437,13 +437,15 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
 /// Runs `op`; if the daemon is refused it (EACCES) for want of its owner's `bits` on `obj`, as
 /// a daemon without CAP_DAC_OVERRIDE (an ordinary user's mount, no user namespace) may be
 /// where the caller is allowed (ext4 and kernel overlayfs let the caller's change through),
-/// runs it again with those bits granted for the moment, then restores the mode. Callers
-/// hold the directory lock of a directory `obj` where they can: a change of a directory's
-/// mode through the view takes it (see `attr::set_attributes`).
+/// runs it again with those bits granted for the moment, then restores the mode and calls
+/// `granted` (to drop the kernel's cached attributes of `obj`: a stat meanwhile saw the
+/// bits). Callers hold the directory lock of a directory `obj` where they can: a change of a
+/// directory's mode through the view takes it (see `attr::set_attributes`).
 pub(crate) fn granting_owner_bits<T>(
     obj: BorrowedFd<'_>,
     bits: u32,
     op: impl Fn() -> Result<T>,
+    granted: impl FnOnce(),
 ) -> Result<T> {
     match op() {
         Err(e) if e.code() == libc::EACCES => {}
@@ -458,6 +460,7 @@ pub(crate) fn granting_owner_bits<T>(
     if let Err(e) = sys::fchmod_path(obj, mode) {
         log::warn!("cannot restore a mode granted for a moment: {e:?}");
     }
+    granted();
     r
 }
 

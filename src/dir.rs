@@ -180,11 +180,16 @@ fn inherit_acl(
 
 /// Runs `op`, which moves the directory `dir/name` to another parent; a daemon without
 /// privileges needs write access to the directory for that (see `granting_owner_bits`).
-fn moving_dir<T>(dir: BorrowedFd<'_>, name: &CStr, op: impl Fn() -> Result<T>) -> Result<T> {
+fn moving_dir<T>(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    op: impl Fn() -> Result<T>,
+    granted: impl FnOnce(),
+) -> Result<T> {
     match op() {
         Err(e) if e.code() == libc::EACCES => {
             let d = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-            granting_owner_bits(d.as_fd(), 0o200, op)
+            granting_owner_bits(d.as_fd(), 0o200, op, granted)
         }
         r => r,
     }
@@ -281,15 +286,17 @@ impl Union {
     /// A directory the caller may move needs no write access for it, its daemon does: see
     /// `granting_owner_bits`. (A renamed directory's own lock is not taken, as renames lock
     /// parents only; a chmod of it through the view at that moment could be undone.)
-    fn make_opaque(&self, dir: BorrowedFd<'_>) -> Result<()> {
+    /// `ino`: its node, if it is in the view.
+    fn make_opaque(&self, dir: BorrowedFd<'_>, ino: Option<u64>) -> Result<()> {
         let name = self.layers.format.opaque_xattr();
-        granting_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0))?;
+        let granted = || ino.map_or((), |i| self.invalidate_attrs(i));
+        granting_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0), granted)?;
         if self.layers.format == Format::Aufs {
             let marker = || {
                 let flags = libc::O_CREAT | libc::O_WRONLY;
                 sys::openat(dir, whiteout::OPAQUE_MARKER, flags, 0o600)
             };
-            drop(granting_owner_bits(dir, 0o300, marker)?);
+            drop(granting_owner_bits(dir, 0o300, marker, granted)?);
         }
         Ok(())
     }
@@ -642,12 +649,11 @@ impl Union {
                 return self.place_from_work(&tmp, dir, cname, slot, false);
             }
             let d = sys::openat(work.fd(), &tmp, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            self.make_opaque(d.as_fd())?;
+            self.make_opaque(d.as_fd(), None)?;
             // A directory changes parent only with write access to it (see
             // `granting_owner_bits`); it is not in the tree yet, no lock is needed.
-            granting_owner_bits(d.as_fd(), 0o200, || {
-                self.place_from_work(&tmp, dir, cname, slot, true)
-            })
+            let place = || self.place_from_work(&tmp, dir, cname, slot, true);
+            granting_owner_bits(d.as_fd(), 0o200, place, || {})
         })();
         if let Err(e) = placed {
             let _ = remove_tree(work.fd(), &tmp);
@@ -847,7 +853,9 @@ impl Union {
                 let exchange =
                     || sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE);
                 let exchanged = match is_dir {
-                    true => moving_dir(dir.as_fd(), &cname, exchange),
+                    true => moving_dir(dir.as_fd(), &cname, exchange, || {
+                        self.invalidate_attrs(node.ino)
+                    }),
                     false => exchange(),
                 };
                 if let Err(e) = exchanged {
@@ -867,8 +875,9 @@ impl Union {
                         Ok(()) => {}
                         Err(e) if e.code() == libc::ENOTEMPTY => {
                             let tmp = work.temp_name();
-                            moving_dir(dir.as_fd(), &cname, || {
-                                sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0)
+                            let out = || sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0);
+                            moving_dir(dir.as_fd(), &cname, out, || {
+                                self.invalidate_attrs(node.ino)
                             })?;
                             if let Err(e) = remove_tree(work.fd(), &tmp) {
                                 log::warn!("cleaning the work directory: {e:?}");
@@ -1125,11 +1134,11 @@ impl Union {
         let merged = |n: &Node| n.state().has_lower();
         if src.is_dir() && merged(newparent) {
             let d = sys::openat(old_dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            self.make_opaque(d.as_fd())?;
+            self.make_opaque(d.as_fd(), Some(src.ino))?;
         }
         if exchange && dst.is_some_and(|d| d.is_dir()) && merged(parent) {
             let d = sys::openat(new_dir.as_fd(), &cnew, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            self.make_opaque(d.as_fd())?;
+            self.make_opaque(d.as_fd(), dst.map(|d| d.ino))?;
         }
         // A directory being replaced may still hold whiteouts, which the real rename refuses:
         // swap it for an empty one first, then delete it in the work directory.
@@ -1142,14 +1151,12 @@ impl Union {
             set_thread_umask(0)?;
             sys::mkdirat(work.fd(), &tmp, 0o700)?;
             let swapped = self.tree_change(|| {
-                moving_dir(new_dir.as_fd(), &cnew, || {
-                    sys::renameat2(
-                        work.fd(),
-                        &tmp,
-                        new_dir.as_fd(),
-                        &cnew,
-                        libc::RENAME_EXCHANGE,
-                    )
+                let exchange = || {
+                    let flags = libc::RENAME_EXCHANGE;
+                    sys::renameat2(work.fd(), &tmp, new_dir.as_fd(), &cnew, flags)
+                };
+                moving_dir(new_dir.as_fd(), &cnew, exchange, || {
+                    self.invalidate_attrs(d.ino)
                 })
             });
             if let Err(e) = swapped {
