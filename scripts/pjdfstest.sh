@@ -19,8 +19,8 @@
 # test user (TEST_USER, default umtest, created with subordinate ids if missing) maps itself
 # to root and its subordinate ids to 1-65535, as podman does; the daemon mounts in that
 # namespace (the page-cached path: passthrough needs the initial namespace's privileges).
-# pjdfstest runs once on a fresh mount and once on a plain directory of the same filesystem
-# in the same namespace, the oracle. A test that fails here and passes there counts as a
+# pjdfstest runs on the two mounts above and, as the oracle, on a plain directory of the same
+# filesystem in the same namespace (no EROFS pass: it remounts). A test that fails here and passes there counts as a
 # failure, with one exception, reported apart: a char 0/0 node refused with EPERM (kernel
 # overlayfs refuses those everywhere, as they are whiteouts; unionmount stores them as a
 # stand-in device as root, which a user namespace may not make; see README).
@@ -133,55 +133,74 @@ run_one() {
 
 # The rootless run (ROOTLESS=1, see the top).
 run_rootless() {
-    local user=${TEST_USER:-umtest} d=$work/rootless verbose=()
+    local user=${TEST_USER:-umtest} d=$work verbose=()
     if [[ ${VERBOSE:-0} == 1 ]]; then verbose=(-v); fi
     id "$user" >/dev/null 2>&1 || useradd -M -s /usr/sbin/nologin "$user"
     grep -q "^$user:" /etc/subuid || usermod --add-subuids 300000-365535 "$user"
     grep -q "^$user:" /etc/subgid || usermod --add-subgids 300000-365535 "$user"
-    mkdir -p "$d"/{out,lower1,lower2,upper,work,secondary,plain}
-    local mnt
-    mnt=$(pad_dir "$d/m")
-    mkdir -p "$mnt"
+    # Two mounts, as for root: empty lower layers, and a directory merged from both.
+    mkdir -p "$d"/{out,secondary,plain}
+    local name mnt targets=()
+    for name in empty-lower merged-dir; do
+        mkdir -p "$d/$name"/{lower1,lower2,upper,work}
+        mnt=$(pad_dir "$d/$name/m")
+        mkdir -p "$mnt"
+        if [[ $name == merged-dir ]]; then
+            local target sub
+            target=$(pad_dir "$mnt/tests")
+            sub=${target#"$mnt"/}
+            mkdir -p "$d/$name/lower1/$sub" "$d/$name/lower2/$sub/sub"
+            echo lower1 >"$d/$name/lower1/$sub/from-lower1"
+            echo lower2 >"$d/$name/lower2/$sub/sub/from-lower2"
+            targets+=("$mnt" "$target")
+        else
+            targets+=("$mnt" "$mnt")
+        fi
+    done
     chown -R "$user:" "$d"
     cp "$UNIONMOUNT" "$d/unionmount"   # reachable by the user wherever the build is
     cp "$pjd" "$d/pjdfstest"
     chmod 755 "$d/unionmount" "$d/pjdfstest"
     setpriv --reuid="$user" --regid="$user" --clear-groups -- \
         unshare --user --map-root-user --map-auto --mount --propagation private -- bash -euc '
-            d=$1; mnt=$2; args=$3; shift 3
-            "$d/unionmount" $args --lower "$d/lower1:$d/lower2" --upper "$d/upper" \
-                --work "$d/work" "$mnt"
-            trap "cd /; umount \"$mnt\"" EXIT
-            cd "$mnt"
-            "$d/pjdfstest" -c "$d/../main.toml" -p "$mnt" -s "$d/secondary" "$@" \
-                >"$d/out/unionmount.out" 2>&1 || true
-            cd "$d/plain"
-            "$d/pjdfstest" -c "$d/../main.toml" -p "$d/plain" -s "$d/secondary" "$@" \
-                >"$d/out/ext4.out" 2>&1 || true
-        ' run "$d" "$mnt" "${UNIONMOUNT_ARGS:-}" "${verbose[@]}"
+            d=$1; args=$2; shift 2
+            declare -A mnt=([empty-lower]=$1 [merged-dir]=$3) target=([empty-lower]=$2 [merged-dir]=$4)
+            shift 4
+            pjd() { "$d/pjdfstest" -c "$d/main.toml" -p "$1" -s "$d/secondary" "${@:3}" >"$d/out/$2.out" 2>&1 || true; }
+            for name in empty-lower merged-dir; do
+                "$d/unionmount" $args --lower "$d/$name/lower1:$d/$name/lower2" \
+                    --upper "$d/$name/upper" --work "$d/$name/work" "${mnt[$name]}"
+                (cd "${target[$name]}" && pjd "${target[$name]}" "$name" "$@")
+                umount "${mnt[$name]}"
+            done
+            cd "$d/plain" && pjd "$d/plain" ext4 "$@"
+        ' run "$d" "${UNIONMOUNT_ARGS:-}" "${targets[@]}" "${verbose[@]}"
     local part summary ok=0
-    for part in unionmount ext4; do
+    for part in empty-lower merged-dir ext4; do
         summary=$(grep -E '^Summary:' "$d/out/$part.out" || echo "Summary: pjdfstest did not finish")
         [[ ${VERBOSE:-0} == 1 ]] && cat "$d/out/$part.out"
-        echo "rootless ($part): $summary"
+        echo "rootless $part: $summary"
         [[ $summary == "Summary: pjdfstest did not finish" ]] && ok=1
         grep -E 'FAILED$' "$d/out/$part.out" | awk '{print $1}' | sort >"$d/out/$part.failed" || true
     done
-    # Each test that fails here and passes on the plain directory, with its failure.
-    local t why char0=() worse=()
-    while read -r t; do
-        why=$(grep -E "^$t +FAILED$" -A1 "$d/out/unionmount.out" | tail -n1)
-        if [[ $t == *::char && $why == *"Err\` value: EPERM"* ]]; then
-            char0+=("$t")
-        else
-            worse+=("$t: $why")
-        fi
-    done < <(comm -23 "$d/out/unionmount.failed" "$d/out/ext4.failed")
-    echo "rootless: ${#char0[@]} failed on char 0/0 nodes (EPERM, as kernel overlayfs answers)"
-    for t in "${char0[@]}"; do echo "  char 0/0: $t"; done
-    echo "rootless: ${#worse[@]} other tests failed here and passed on the plain directory"
-    for t in "${worse[@]}"; do echo "  FAILED: $t"; done
-    [[ ${#worse[@]} -eq 0 ]] || ok=1
+    # Each test that fails on a mount and passes on the plain directory, with its failure.
+    local t why char0 worse
+    for part in empty-lower merged-dir; do
+        char0=() worse=()
+        while read -r t; do
+            why=$(grep -E "^$t +FAILED$" -A1 "$d/out/$part.out" | tail -n1)
+            if [[ $t == *::char && $why == *"Err\` value: EPERM"* ]]; then
+                char0+=("$t")
+            else
+                worse+=("$t: $why")
+            fi
+        done < <(comm -23 "$d/out/$part.failed" "$d/out/ext4.failed")
+        echo "rootless $part: ${#char0[@]} failed on char 0/0 nodes (EPERM, as kernel overlayfs answers)"
+        for t in "${char0[@]}"; do echo "  char 0/0: $t"; done
+        echo "rootless $part: ${#worse[@]} other tests failed here and passed on the plain directory"
+        for t in "${worse[@]}"; do echo "  FAILED: $t"; done
+        [[ ${#worse[@]} -eq 0 ]] || ok=1
+    done
     return $ok
 }
 
