@@ -42,21 +42,7 @@ fn pjdfstest_rootless_with_xattr_permissions_fails_only_where_ext4_does() {
 fn rootless(args: &str, passed: u32, char0: u32) {
     common::test_user();
     common::ensure_subids(common::TEST_USER);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pjdfstest.sh");
-    let out = Command::new(script)
-        .env("UNIONMOUNT", common::BIN)
-        .env("UNIONMOUNT_ARGS", args)
-        .env("ROOTLESS", "1")
-        .env("TEST_USER", common::TEST_USER)
-        .output()
-        .expect("run scripts/pjdfstest.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "pjdfstest reported failures (or could not run):\n{stdout}\n{stderr}"
-    );
+    let stdout = script(args, &[("ROOTLESS", "1"), ("TEST_USER", common::TEST_USER)]);
     for run in ["empty-lower", "merged-dir"] {
         let summary = stdout
             .lines()
@@ -76,19 +62,7 @@ fn rootless(args: &str, passed: u32, char0: u32) {
 }
 
 fn run(args: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pjdfstest.sh");
-    let out = Command::new(script)
-        .env("UNIONMOUNT", common::BIN)
-        .env("UNIONMOUNT_ARGS", args)
-        .output()
-        .expect("run scripts/pjdfstest.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "pjdfstest reported failures (or could not run):\n{stdout}\n{stderr}"
-    );
+    let stdout = script(args, &[]);
     let summaries: Vec<&str> = stdout.lines().filter(|l| l.contains("Summary:")).collect();
     assert_eq!(summaries.len(), 4, "two runs of two passes each:\n{stdout}");
     for s in &summaries {
@@ -116,4 +90,24 @@ fn run(args: &str) {
             "{run}: tests that ran"
         );
     }
+}
+
+/// Runs scripts/pjdfstest.sh on the test build with daemon options `args` and more
+/// environment `env`; returns its output, which must report success.
+fn script(args: &str, env: &[(&str, &str)]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pjdfstest.sh");
+    let out = Command::new(script)
+        .env("UNIONMOUNT", common::BIN)
+        .env("UNIONMOUNT_ARGS", args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run scripts/pjdfstest.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "pjdfstest reported failures (or could not run):\n{stdout}\n{stderr}"
+    );
+    stdout
 }

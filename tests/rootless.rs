@@ -590,25 +590,9 @@ fn unprivileged_steps_against_ext4(
             script.push_str(&format!("echo '@@ {i} {d}'; cd $b/{d}; {state}\n"));
         }
     }
-    let out = Command::new("setpriv")
-        .args(["--reuid", TEST_USER, "--regid", TEST_USER, "--clear-groups"])
-        .args(["--", "bash", "-euc"])
-        .arg(format!(
-            r#"
-            b={root}
-            {bin} {opts} --lower {lowers} --upper {u}/upper --work {u}/work {u}/merged
-            ln -s {u}/merged $b/merged
-            trap 'cd /; fusermount3 -u {u}/merged' EXIT
-            {script}
-            "#,
-            root = l.root().display(),
-            bin = BIN,
-            lowers = l.lowerdir_opt(),
-            u = base.display(),
-        ))
-        .output()
-        .unwrap();
-    let stdout = succeeded(out);
+    let root = l.root().display();
+    let body = format!("b={root}; ln -s $PWD $b/merged\n{script}");
+    let stdout = on_unprivileged_mount(l, &base, opts, &body);
     let mut shown = std::collections::BTreeMap::new();
     for part in stdout.split("@@ ").skip(1) {
         let (head, body) = part.split_once('\n').unwrap();
@@ -721,6 +705,42 @@ fn run_on_mount(user: u32, l: &Layers, base: &std::path::Path, body: &str) -> St
     succeeded(in_mapped_user_namespace(user, sh))
 }
 
+/// Runs `body` with bash as the test user, with no user namespace, in the layers of `l`
+/// mounted with `opts` on `base/merged` (see `user_dirs`; fusermount3 mounts, the daemon has
+/// no privileges) and unmounted afterwards; returns its output, which must be a success.
+fn on_unprivileged_mount(l: &Layers, base: &Path, opts: &str, body: &str) -> String {
+    as_user_without_namespace(&format!(
+        r#"
+        {bin} {opts} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
+        trap 'cd /; fusermount3 -u {b}/merged' EXIT
+        cd {b}/merged
+        {body}
+        "#,
+        bin = BIN,
+        lowers = l.lowerdir_opt(),
+        b = base.display()
+    ))
+}
+
+/// The permission bits of `paths` in the upper of a mount made in `base` (see `user_dirs`).
+fn upper_modes(base: &Path, paths: &[&str]) -> Vec<u32> {
+    let upper = base.join("upper");
+    let mode = |p: &&str| fs::metadata(upper.join(p)).unwrap().permissions().mode() & 0o7777;
+    paths.iter().map(mode).collect()
+}
+
+/// Runs `script` with bash as the test user, with no user namespace (so a mount it makes
+/// goes through fusermount3 and its daemon has no privileges); returns its output, which must
+/// be a success.
+fn as_user_without_namespace(script: &str) -> String {
+    let out = Command::new("setpriv")
+        .args(["--reuid", TEST_USER, "--regid", TEST_USER, "--clear-groups"])
+        .args(["--", "bash", "-euc", script])
+        .output()
+        .unwrap();
+    succeeded(out)
+}
+
 /// The stdout of a script that must have succeeded.
 fn succeeded(out: std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -798,36 +818,23 @@ fn copy_up_ignores_the_umask_a_create_left() {
     let l = Layers::new(1);
     l.lower(0).file("d/f", "x");
     let base = user_dirs(&l, uid);
-    let out = Command::new("setpriv")
-        .args(["--reuid", TEST_USER, "--regid", TEST_USER, "--clear-groups"])
-        .args(["--", "bash", "-euc"])
-        .arg(format!(
-            r#"
-            {bin} --threads 1 --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
-            trap 'cd /; fusermount3 -u {b}/merged' EXIT
-            cd {b}/merged
-            umask 0577
-            : > new
-            chmod 600 d/f && echo chmod ok
-            mkdir d/sub && echo mkdir ok
-            stat -c '%n %a' new d d/f d/sub
-            "#,
-            bin = BIN,
-            lowers = l.lowerdir_opt(),
-            b = base.display()
-        ))
-        .output()
-        .unwrap();
-    let stdout = succeeded(out);
+    let out = on_unprivileged_mount(
+        &l,
+        &base,
+        "--threads 1",
+        "umask 0577
+        : > new
+        chmod 600 d/f && echo chmod ok
+        mkdir d/sub && echo mkdir ok
+        stat -c '%n %a' new d d/f d/sub",
+    );
     assert_eq!(
-        stdout,
+        out,
         "chmod ok\nmkdir ok\nnew 200\nd 755\nd/f 600\nd/sub 200\n"
     );
-    let upper = base.join("upper");
-    let mode = |p: &str| fs::metadata(upper.join(p)).unwrap().permissions().mode() & 0o7777;
     assert_eq!(
-        (mode("d"), mode("d/f"), mode("d/sub")),
-        (0o755, 0o600, 0o200)
+        upper_modes(&base, &["d", "d/f", "d/sub"]),
+        [0o755, 0o600, 0o200]
     );
 }
 
@@ -850,40 +857,29 @@ fn unprivileged_copy_up_into_read_only_directories() {
         .file("closed/x", "x")
         .chmod("closed", 0);
     let base = user_dirs(&l, uid);
-    let out = Command::new("setpriv")
-        .args(["--reuid", TEST_USER, "--regid", TEST_USER, "--clear-groups"])
-        .args(["--", "bash", "-euc"])
-        .arg(format!(
-            r#"
-            {bin} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
-            trap 'cd /; fusermount3 -u {b}/merged' EXIT
-            cd {b}/merged
-            echo more >> ro/sub/f
-            chmod 640 ro/g
-            ! : > ro/new 2>/dev/null
-            getfattr --only-values -n user.kept ro/g; echo
-            stat -c '%n %a' ro ro/sub ro/sub/f ro/g
-            # A lower directory the daemon may not read: its chmod lands, its listing stays
-            # refused (README).
-            chmod 755 closed && stat -c '%n %a' closed
-            ! ls closed 2>/dev/null
-            "#,
-            bin = BIN,
-            lowers = l.lowerdir_opt(),
-            b = base.display()
-        ))
-        .output()
-        .unwrap();
+    let out = on_unprivileged_mount(
+        &l,
+        &base,
+        "",
+        "echo more >> ro/sub/f
+        chmod 640 ro/g
+        ! : > ro/new 2>/dev/null
+        getfattr --only-values -n user.kept ro/g; echo
+        stat -c '%n %a' ro ro/sub ro/sub/f ro/g
+        # A lower directory the daemon may not read: its chmod lands, its listing stays
+        # refused (README).
+        chmod 755 closed && stat -c '%n %a' closed
+        ! ls closed 2>/dev/null",
+    );
     assert_eq!(
-        succeeded(out),
+        out,
         "yes\nro 555\nro/sub 555\nro/sub/f 666\nro/g 640\nclosed 755\n"
     );
-    let upper = base.join("upper");
-    let mode = |p: &str| fs::metadata(upper.join(p)).unwrap().permissions().mode() & 0o7777;
     assert_eq!(
-        (mode("ro"), mode("ro/sub"), mode("ro/sub/f"), mode("ro/g")),
-        (0o555, 0o555, 0o666, 0o640)
+        upper_modes(&base, &["ro", "ro/sub", "ro/sub/f", "ro/g"]),
+        [0o555, 0o555, 0o666, 0o640]
     );
+    let upper = base.join("upper");
     assert_eq!(
         fs::read_to_string(upper.join("ro/sub/f")).unwrap(),
         "fmore\n"
