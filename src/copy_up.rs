@@ -451,8 +451,10 @@ pub(crate) fn granting_owner_bits<T>(
         Err(e) if e.code() == libc::EACCES => {}
         r => return r,
     }
-    let mode = sys::fstat(obj)?.st_mode & 0o7777;
-    if mode & bits == bits {
+    let st = sys::fstat(obj)?;
+    let mode = st.st_mode & 0o7777;
+    // A chmod by a non-member drops the set-group-ID bit, and could not set it back.
+    if mode & bits == bits || mode & libc::S_ISGID != 0 && !sys::in_group(st.st_gid) {
         return Err(Errno::EACCES);
     }
     sys::fchmod_path(obj, mode | bits).map_err(|_| Errno::EACCES)?;

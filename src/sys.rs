@@ -1058,6 +1058,23 @@ pub fn getegid() -> u32 {
     unsafe { libc::getegid() }
 }
 
+/// Whether this process is a member of group `gid` (its effective group or a supplementary
+/// one).
+pub fn in_group(gid: u32) -> bool {
+    if getegid() == gid {
+        return true;
+    }
+    // SAFETY: a size query: no buffer is written.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    if n <= 0 {
+        return false;
+    }
+    let mut groups = vec![0 as libc::gid_t; n as usize];
+    // SAFETY: `groups` holds `n` gid_t.
+    let m = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+    m > 0 && groups[..m as usize].contains(&gid)
+}
+
 /// The soft limit on open files.
 pub fn nofile_limit() -> u64 {
     let mut lim = MaybeUninit::<libc::rlimit>::uninit();
