@@ -214,7 +214,7 @@ impl Union {
                     nlink = match self.subdir_count(node) {
                         Ok(n) => 2 + n as u32,
                         // A lower directory the daemon may not read (without privileges, see
-                        // `copy_up::place_granting_access`): the object's own count.
+                        // `copy_up::granting_owner_bits`): the object's own count.
                         Err(e) if e.code() == libc::EACCES => nlink,
                         Err(e) => return Err(e),
                     };
@@ -328,7 +328,7 @@ impl Union {
         };
         let f = fd.as_fd();
         // A copy-up into this directory may grant its owner access for a moment (see
-        // `copy_up::place_granting_access`): the directory lock keeps the two apart.
+        // `copy_up::granting_owner_bits`): the directory lock keeps the two apart.
         let _dir = (req.mode.is_some() && node.is_dir()).then(|| node.lock_dir());
         let changed = self.apply_changes(f, via_handle, &req);
         if node.is_split() {

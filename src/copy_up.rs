@@ -433,7 +433,6 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
     }
 }
 
-/// Copies every non-private xattr of `src` to `dst`.
 /// Runs `op`; if the daemon is refused it (EACCES) for want of its owner's `bits` on `obj`, as
 /// a daemon without CAP_DAC_OVERRIDE (an ordinary user's mount, no user namespace) may be
 /// where the caller is allowed (ext4 and kernel overlayfs let the caller's change through),
@@ -466,6 +465,7 @@ pub(crate) fn granting_owner_bits<T>(
     r
 }
 
+/// Copies every non-private xattr of `src` to `dst`.
 pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
     let names = match sys::listxattr_vec(src) {
         Ok(n) => n,
