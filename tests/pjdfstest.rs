@@ -36,6 +36,15 @@ fn pjdfstest_rootless_with_xattr_permissions_fails_only_where_ext4_does() {
     rootless("-o xattr_permissions=2", 339, 0);
 }
 
+#[test]
+fn pjdfstest_rootless_with_uid_mapping_fails_only_where_ext4_does() {
+    // As podman's `--userns=keep-id` maps ids for user 1000: a file of container id 1000 on
+    // disk shows as the namespace's root, ids 0-999 as 1-1000 (so the mount's root directory
+    // belongs to another user than the caller, which makes every path walk slower: README).
+    let map = "0:1:1000:1000:0:1:1001:1001:64535";
+    rootless(&format!("-o uidmapping={map},gidmapping={map}"), 298, 41);
+}
+
 /// One rootless run with daemon options `args`: `passed` tests must pass, and `char0` fail
 /// only as char 0/0 nodes; the script fails the run if anything else fails that passes on
 /// the plain directory.
