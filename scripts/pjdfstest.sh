@@ -167,6 +167,9 @@ run_rootless() {
             declare -A mnt=([empty-lower]=$1 [merged-dir]=$3) target=([empty-lower]=$2 [merged-dir]=$4)
             shift 4
             pjd() { "$d/pjdfstest" -c "$d/main.toml" -p "$1" -s "$d/secondary" "${@:3}" >"$d/out/$2.out" 2>&1 || true; }
+            # Whatever fails, no mount (and so no daemon) outlives the namespace.
+            unmount() { umount "$1" 2>/dev/null || umount -l "$1" 2>/dev/null || true; }
+            trap "cd /; unmount \"\${mnt[empty-lower]}\"; unmount \"\${mnt[merged-dir]}\"" EXIT
             for name in empty-lower merged-dir; do
                 "$d/unionmount" $args --lower "$d/$name/lower1:$d/$name/lower2" \
                     --upper "$d/$name/upper" --work "$d/$name/work" "${mnt[$name]}"

@@ -459,7 +459,10 @@ pub(crate) fn granting_owner_bits<T>(
     sys::fchmod_path(obj, mode | bits).map_err(|_| Errno::EACCES)?;
     let r = op();
     if let Err(e) = sys::fchmod_path(obj, mode) {
-        log::warn!("cannot restore a mode granted for a moment: {e:?}");
+        log::error!(
+            "cannot restore a mode granted for a moment (it stays {:o}): {e:?}",
+            mode | bits
+        );
     }
     granted();
     r
