@@ -198,6 +198,19 @@ impl Union {
 
     /// The attributes the merged view reports for `node` whose object has stat `st`.
     pub fn attr(&self, node: &Node, st: &Stat) -> Result<FileAttr> {
+        let granted = node.extra_if_made().map_or(0, |e| {
+            e.shown_mode.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        let shown;
+        let st = if granted & crate::copy_up::GRANTED != 0 {
+            // Owner bits granted for a moment: the view shows the mode from before.
+            let mut s = *st;
+            s.st_mode = (s.st_mode & libc::S_IFMT) | (granted & 0o7777);
+            shown = s;
+            &shown
+        } else {
+            st
+        };
         let mut nlink = st.st_nlink as u32;
         if node.is_dir() {
             if self.opts.static_nlink {

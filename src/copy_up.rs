@@ -264,10 +264,10 @@ impl CopyUp<'_> {
             let dir = dir.as_fd();
             let tmp = &self.tmp;
             let rename = || sys::renameat2(self.work(), tmp, dir, &cname, libc::RENAME_NOREPLACE);
-            granting_owner_bits(dir, 0o300, rename, || fs.invalidate_attrs(parent.ino))
+            granting_owner_bits(dir, 0o300, rename, Some((fs, &parent)))
         };
         if self.node.is_dir() {
-            granting_owner_bits(made, 0o200, place, || fs.invalidate_attrs(self.node.ino))?;
+            granting_owner_bits(made, 0o200, place, Some((fs, self.node)))?;
         } else {
             place()?;
         }
@@ -433,18 +433,22 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
     }
 }
 
+/// `Extra::shown_mode`: a grant is under way.
+pub(crate) const GRANTED: u32 = 1 << 31;
+
 /// Runs `op`; if the daemon is refused it (EACCES) for want of its owner's `bits` on `obj`, as
 /// a daemon without CAP_DAC_OVERRIDE (an ordinary user's mount, no user namespace) may be
 /// where the caller is allowed (ext4 and kernel overlayfs let the caller's change through),
-/// runs it again with those bits granted for the moment, then restores the mode and calls
-/// `granted` (to drop the kernel's cached attributes of `obj`: a stat meanwhile saw the
-/// bits). Callers hold the directory lock of a directory `obj` where they can: a change of a
-/// directory's mode through the view takes it (see `attr::set_attributes`).
+/// runs it again with those bits granted for the moment, then restores the mode. `shown`:
+/// the node of `obj`, if the view shows it, which keeps showing the mode from before
+/// (`Extra::shown_mode`) and whose cached attributes the kernel drops afterwards. Callers
+/// hold the directory lock of a directory `obj` where they can: a change of a directory's
+/// mode through the view takes it (see `attr::set_attributes`).
 pub(crate) fn granting_owner_bits<T>(
     obj: BorrowedFd<'_>,
     bits: u32,
     op: impl Fn() -> Result<T>,
-    granted: impl FnOnce(),
+    shown: Option<(&Union, &Node)>,
 ) -> Result<T> {
     match op() {
         Err(e) if e.code() == libc::EACCES => {}
@@ -456,15 +460,28 @@ pub(crate) fn granting_owner_bits<T>(
     if mode & bits == bits || mode & libc::S_ISGID != 0 && !sys::in_group(st.st_gid) {
         return Err(Errno::EACCES);
     }
-    sys::fchmod_path(obj, mode | bits).map_err(|_| Errno::EACCES)?;
-    let r = op();
-    if let Err(e) = sys::fchmod_path(obj, mode) {
-        log::error!(
-            "cannot restore a mode granted for a moment (it stays {:o}): {e:?}",
-            mode | bits
-        );
+    if let Some((_, node)) = shown {
+        node.extra()
+            .shown_mode
+            .store(GRANTED | mode, Ordering::SeqCst);
     }
-    granted();
+    let r = match sys::fchmod_path(obj, mode | bits) {
+        Ok(()) => {
+            let r = op();
+            if let Err(e) = sys::fchmod_path(obj, mode) {
+                let kept = mode | bits;
+                log::error!(
+                    "cannot restore a mode granted for a moment (it stays {kept:o}): {e:?}"
+                );
+            }
+            r
+        }
+        Err(_) => Err(Errno::EACCES),
+    };
+    if let Some((fs, node)) = shown {
+        node.extra().shown_mode.store(0, Ordering::SeqCst);
+        fs.invalidate_attrs(node.ino);
+    }
     r
 }
 

@@ -184,12 +184,12 @@ fn moving_dir<T>(
     dir: BorrowedFd<'_>,
     name: &CStr,
     op: impl Fn() -> Result<T>,
-    granted: impl FnOnce(),
+    shown: Option<(&Union, &Node)>,
 ) -> Result<T> {
     match op() {
         Err(e) if e.code() == libc::EACCES => {
             let d = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-            granting_owner_bits(d.as_fd(), 0o200, op, granted)
+            granting_owner_bits(d.as_fd(), 0o200, op, shown)
         }
         r => r,
     }
@@ -286,17 +286,17 @@ impl Union {
     /// A directory the caller may move needs no write access for it, its daemon does: see
     /// `granting_owner_bits`. (A renamed directory's own lock is not taken, as renames lock
     /// parents only; a chmod of it through the view at that moment could be undone.)
-    /// `ino`: its node, if it is in the view.
-    fn make_opaque(&self, dir: BorrowedFd<'_>, ino: Option<u64>) -> Result<()> {
+    /// `node`: its node, if it is in the view.
+    fn make_opaque(&self, dir: BorrowedFd<'_>, node: Option<&Node>) -> Result<()> {
         let name = self.layers.format.opaque_xattr();
-        let granted = || ino.map_or((), |i| self.invalidate_attrs(i));
-        granting_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0), granted)?;
+        let shown = node.map(|n| (self, n));
+        granting_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0), shown)?;
         if self.layers.format == Format::Aufs {
             let marker = || {
                 let flags = libc::O_CREAT | libc::O_WRONLY;
                 sys::openat(dir, whiteout::OPAQUE_MARKER, flags, 0o600)
             };
-            drop(granting_owner_bits(dir, 0o300, marker, granted)?);
+            drop(granting_owner_bits(dir, 0o300, marker, shown)?);
         }
         Ok(())
     }
@@ -653,7 +653,7 @@ impl Union {
             // A directory changes parent only with write access to it (see
             // `granting_owner_bits`); it is not in the tree yet, no lock is needed.
             let place = || self.place_from_work(&tmp, dir, cname, slot, true);
-            granting_owner_bits(d.as_fd(), 0o200, place, || {})
+            granting_owner_bits(d.as_fd(), 0o200, place, None)
         })();
         if let Err(e) = placed {
             let _ = remove_tree(work.fd(), &tmp);
@@ -853,9 +853,7 @@ impl Union {
                 let exchange =
                     || sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE);
                 let exchanged = match is_dir {
-                    true => moving_dir(dir.as_fd(), &cname, exchange, || {
-                        self.invalidate_attrs(node.ino)
-                    }),
+                    true => moving_dir(dir.as_fd(), &cname, exchange, Some((self, node))),
                     false => exchange(),
                 };
                 if let Err(e) = exchanged {
@@ -876,9 +874,7 @@ impl Union {
                         Err(e) if e.code() == libc::ENOTEMPTY => {
                             let tmp = work.temp_name();
                             let out = || sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0);
-                            moving_dir(dir.as_fd(), &cname, out, || {
-                                self.invalidate_attrs(node.ino)
-                            })?;
+                            moving_dir(dir.as_fd(), &cname, out, Some((self, node)))?;
                             if let Err(e) = remove_tree(work.fd(), &tmp) {
                                 log::warn!("cleaning the work directory: {e:?}");
                             }
@@ -1134,11 +1130,11 @@ impl Union {
         let merged = |n: &Node| n.state().has_lower();
         if src.is_dir() && merged(newparent) {
             let d = sys::openat(old_dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            self.make_opaque(d.as_fd(), Some(src.ino))?;
+            self.make_opaque(d.as_fd(), Some(src))?;
         }
         if exchange && dst.is_some_and(|d| d.is_dir()) && merged(parent) {
             let d = sys::openat(new_dir.as_fd(), &cnew, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            self.make_opaque(d.as_fd(), dst.map(|d| d.ino))?;
+            self.make_opaque(d.as_fd(), dst.map(|d| &**d))?;
         }
         // A directory being replaced may still hold whiteouts, which the real rename refuses:
         // swap it for an empty one first, then delete it in the work directory.
@@ -1155,9 +1151,7 @@ impl Union {
                     let flags = libc::RENAME_EXCHANGE;
                     sys::renameat2(work.fd(), &tmp, new_dir.as_fd(), &cnew, flags)
                 };
-                moving_dir(new_dir.as_fd(), &cnew, exchange, || {
-                    self.invalidate_attrs(d.ino)
-                })
+                moving_dir(new_dir.as_fd(), &cnew, exchange, Some((self, d)))
             });
             if let Err(e) = swapped {
                 let _ = sys::unlinkat(work.fd(), &tmp, libc::AT_REMOVEDIR);

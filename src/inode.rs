@@ -140,6 +140,10 @@ pub struct Extra {
     /// may still hold the node (a working directory, an `O_PATH` file, an open FIFO or
     /// device) and ask about it.
     held: Mutex<Option<Held>>,
+    /// Directories: while the daemon has granted itself its owner's bits on the real object
+    /// for a moment (`copy_up::granting_owner_bits`), `GRANTED` and the mode from before,
+    /// which the view keeps showing; 0 otherwise.
+    pub shown_mode: AtomicU32,
     /// The errno (ENOSPC) the upper gave the kernel's write-back of this file's cached data,
     /// while writes through the kernel's cache are refused (see `Union::cached_write_refusal`);
     /// 0 if none.
@@ -203,6 +207,7 @@ impl Node {
                 moved_to: Mutex::new(None),
                 last_parent: Mutex::new(None),
                 held: Mutex::new(None),
+                shown_mode: AtomicU32::new(0),
                 write_error: AtomicI32::new(0),
             })
         })

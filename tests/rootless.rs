@@ -889,3 +889,35 @@ fn unprivileged_copy_up_into_read_only_directories() {
         Ok(b"yes".to_vec())
     );
 }
+
+/// While a daemon without privileges grants itself its owner's bits on a read-only directory
+/// for a moment (a copy-up into it), the view keeps showing the directory's own mode: a
+/// program that reads the mode and sets it again (`chmod g+w`) must not make the granted bits
+/// permanent. Writers copy up files into a 0555 directory while its group write bit is
+/// turned on and off; it must end at 0555.
+#[test]
+fn unprivileged_grants_stay_out_of_sight() {
+    let uid = test_user();
+    let l = Layers::new(1);
+    for i in 0..400 {
+        l.lower(0)
+            .file(&format!("ro/f{i}"), "")
+            .chmod(&format!("ro/f{i}"), 0o666);
+    }
+    l.lower(0).chmod("ro", 0o555);
+    let base = user_dirs(&l, uid);
+    let out = on_unprivileged_mount(
+        &l,
+        &base,
+        "",
+        "for w in 0 1 2 3; do
+            ( for i in $(seq $((w * 100)) $((w * 100 + 99))); do echo x >> ro/f$i; done ) &
+        done
+        ( for k in $(seq 200); do chmod g+w ro; chmod g-w ro; done ) &
+        wait
+        stat -c %a ro",
+    );
+    assert_eq!(out, "555\n");
+    assert_eq!(upper_modes(&base, &["ro"]), [0o555]);
+    assert_eq!(fs::read_dir(base.join("upper/ro")).unwrap().count(), 400);
+}
