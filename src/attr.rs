@@ -198,19 +198,12 @@ impl Union {
 
     /// The attributes the merged view reports for `node` whose object has stat `st`.
     pub fn attr(&self, node: &Node, st: &Stat) -> Result<FileAttr> {
-        let granted = node.extra_if_made().map_or(0, |e| {
-            e.shown_mode.load(std::sync::atomic::Ordering::SeqCst)
-        });
-        let shown;
-        let st = if granted & crate::copy_up::GRANTED != 0 {
-            // Owner bits granted for a moment: the view shows the mode from before.
-            let mut s = *st;
-            s.st_mode = (s.st_mode & libc::S_IFMT) | (granted & 0o7777);
-            shown = s;
-            &shown
-        } else {
-            st
-        };
+        // Owner bits granted for a moment (`grant`): the view shows the mode from before.
+        let mut shown = *st;
+        if let Some(mode) = node.shown_mode() {
+            shown.st_mode = (st.st_mode & libc::S_IFMT) | mode;
+        }
+        let st = &shown;
         let mut nlink = st.st_nlink as u32;
         if node.is_dir() {
             if self.opts.static_nlink {
@@ -227,7 +220,7 @@ impl Union {
                     nlink = match self.subdir_count(node) {
                         Ok(n) => 2 + n as u32,
                         // A lower directory the daemon may not read (without privileges, see
-                        // `copy_up::granting_owner_bits`): the object's own count.
+                        // `grant`): the object's own count.
                         Err(e) if e.code() == libc::EACCES => nlink,
                         Err(e) => return Err(e),
                     };
@@ -341,7 +334,7 @@ impl Union {
         };
         let f = fd.as_fd();
         // A copy-up into this directory may grant its owner access for a moment (see
-        // `copy_up::granting_owner_bits`): the directory lock keeps the two apart.
+        // `grant`): the directory lock keeps the two apart.
         let _dir = (req.mode.is_some() && node.is_dir()).then(|| node.lock_dir());
         let changed = self.apply_changes(f, via_handle, &req);
         if node.is_split() {

@@ -264,10 +264,10 @@ impl CopyUp<'_> {
             let dir = dir.as_fd();
             let tmp = &self.tmp;
             let rename = || sys::renameat2(self.work(), tmp, dir, &cname, libc::RENAME_NOREPLACE);
-            granting_owner_bits(dir, 0o300, rename, Some((fs, &parent)))
+            crate::grant::with_owner_bits(dir, 0o300, rename, Some((fs, &parent)))
         };
         if self.node.is_dir() {
-            granting_owner_bits(made, 0o200, place, Some((fs, self.node)))?;
+            crate::grant::with_owner_bits(made, 0o200, place, Some((fs, self.node)))?;
         } else {
             place()?;
         }
@@ -431,58 +431,6 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
         tv_sec: sec,
         tv_nsec: nsec,
     }
-}
-
-/// `Extra::shown_mode`: a grant is under way.
-pub(crate) const GRANTED: u32 = 1 << 31;
-
-/// Runs `op`; if the daemon is refused it (EACCES) for want of its owner's `bits` on `obj`, as
-/// a daemon without CAP_DAC_OVERRIDE (an ordinary user's mount, no user namespace) may be
-/// where the caller is allowed (ext4 and kernel overlayfs let the caller's change through),
-/// runs it again with those bits granted for the moment, then restores the mode. `shown`:
-/// the node of `obj`, if the view shows it, which keeps showing the mode from before
-/// (`Extra::shown_mode`) and whose cached attributes the kernel drops afterwards. Callers
-/// hold the directory lock of a directory `obj` where they can: a change of a directory's
-/// mode through the view takes it (see `attr::set_attributes`).
-pub(crate) fn granting_owner_bits<T>(
-    obj: BorrowedFd<'_>,
-    bits: u32,
-    op: impl Fn() -> Result<T>,
-    shown: Option<(&Union, &Node)>,
-) -> Result<T> {
-    match op() {
-        Err(e) if e.code() == libc::EACCES => {}
-        r => return r,
-    }
-    let st = sys::fstat(obj)?;
-    let mode = st.st_mode & 0o7777;
-    // A chmod by a non-member drops the set-group-ID bit, and could not set it back.
-    if mode & bits == bits || mode & libc::S_ISGID != 0 && !sys::in_group(st.st_gid) {
-        return Err(Errno::EACCES);
-    }
-    if let Some((_, node)) = shown {
-        node.extra()
-            .shown_mode
-            .store(GRANTED | mode, Ordering::SeqCst);
-    }
-    let r = match sys::fchmod_path(obj, mode | bits) {
-        Ok(()) => {
-            let r = op();
-            if let Err(e) = sys::fchmod_path(obj, mode) {
-                let kept = mode | bits;
-                log::error!(
-                    "cannot restore a mode granted for a moment (it stays {kept:o}): {e:?}"
-                );
-            }
-            r
-        }
-        Err(_) => Err(Errno::EACCES),
-    };
-    if let Some((fs, node)) = shown {
-        node.extra().shown_mode.store(0, Ordering::SeqCst);
-        fs.invalidate_attrs(node.ino);
-    }
-    r
 }
 
 /// Copies every non-private xattr of `src` to `dst`.

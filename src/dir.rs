@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::acl;
 use crate::compact::Few;
-use crate::copy_up::granting_owner_bits;
+use crate::grant::{moving_dir, with_owner_bits};
 use crate::inode::{Held, Node, RealId};
 use crate::layer::WorkDir;
 use crate::lookup::{Found, Loc};
@@ -178,23 +178,6 @@ fn inherit_acl(
     sys::fstat(f.as_fd())
 }
 
-/// Runs `op`, which moves the directory `dir/name` to another parent; a daemon without
-/// privileges needs write access to the directory for that (see `granting_owner_bits`).
-fn moving_dir<T>(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    op: impl Fn() -> Result<T>,
-    shown: Option<(&Union, &Node)>,
-) -> Result<T> {
-    match op() {
-        Err(e) if e.code() == libc::EACCES => {
-            let d = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-            granting_owner_bits(d.as_fd(), 0o200, op, shown)
-        }
-        r => r,
-    }
-}
-
 /// Removes what the work directory holds at `name`, whatever it is (a directory moved there
 /// to be deleted contains only whiteouts and markers, but is emptied without assuming so).
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
@@ -284,19 +267,19 @@ impl Union {
 
     /// Marks an upper directory opaque in the upper's format.
     /// A directory the caller may move needs no write access for it, its daemon does: see
-    /// `granting_owner_bits`. (A renamed directory's own lock is not taken, as renames lock
+    /// `grant`. (A renamed directory's own lock is not taken, as renames lock
     /// parents only; a chmod of it through the view at that moment could be undone.)
     /// `node`: its node, if it is in the view.
     fn make_opaque(&self, dir: BorrowedFd<'_>, node: Option<&Node>) -> Result<()> {
         let name = self.layers.format.opaque_xattr();
         let shown = node.map(|n| (self, n));
-        granting_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0), shown)?;
+        with_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0), shown)?;
         if self.layers.format == Format::Aufs {
             let marker = || {
                 let flags = libc::O_CREAT | libc::O_WRONLY;
                 sys::openat(dir, whiteout::OPAQUE_MARKER, flags, 0o600)
             };
-            drop(granting_owner_bits(dir, 0o300, marker, shown)?);
+            drop(with_owner_bits(dir, 0o300, marker, shown)?);
         }
         Ok(())
     }
@@ -651,9 +634,9 @@ impl Union {
             let d = sys::openat(work.fd(), &tmp, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             self.make_opaque(d.as_fd(), None)?;
             // A directory changes parent only with write access to it (see
-            // `granting_owner_bits`); it is not in the tree yet, no lock is needed.
+            // `grant`); it is not in the tree yet, no lock is needed.
             let place = || self.place_from_work(&tmp, dir, cname, slot, true);
-            granting_owner_bits(d.as_fd(), 0o200, place, None)
+            with_owner_bits(d.as_fd(), 0o200, place, None)
         })();
         if let Err(e) = placed {
             let _ = remove_tree(work.fd(), &tmp);

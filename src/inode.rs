@@ -109,6 +109,9 @@ pub struct Node {
     extra: OnceLock<Box<Extra>>,
 }
 
+/// `Extra::shown_mode`: a mode is recorded.
+const SHOWN: u32 = 1 << 31;
+
 /// What only directories and files that were changed or run need. Most nodes are files that
 /// were only looked up or read, and every node would pay for these fields (56 bytes).
 pub struct Extra {
@@ -140,10 +143,8 @@ pub struct Extra {
     /// may still hold the node (a working directory, an `O_PATH` file, an open FIFO or
     /// device) and ask about it.
     held: Mutex<Option<Held>>,
-    /// Directories: while the daemon has granted itself its owner's bits on the real object
-    /// for a moment (`copy_up::granting_owner_bits`), `GRANTED` and the mode from before,
-    /// which the view keeps showing; 0 otherwise.
-    pub shown_mode: AtomicU32,
+    /// See `Node::shown_mode`: `SHOWN` and the mode, or 0.
+    shown_mode: AtomicU32,
     /// The errno (ENOSPC) the upper gave the kernel's write-back of this file's cached data,
     /// while writes through the kernel's cache are refused (see `Union::cached_write_refusal`);
     /// 0 if none.
@@ -217,6 +218,19 @@ impl Node {
     /// value means the same as no `Extra` at all.
     pub fn extra_if_made(&self) -> Option<&Extra> {
         self.extra.get().map(|b| &**b)
+    }
+
+    /// While the daemon has granted itself its owner's bits on the real object for a moment
+    /// (see `grant`): the mode from before, which the view keeps showing.
+    pub fn shown_mode(&self) -> Option<u32> {
+        let m = self.extra_if_made()?.shown_mode.load(Ordering::SeqCst);
+        (m & SHOWN != 0).then_some(m & 0o7777)
+    }
+
+    /// See `shown_mode`.
+    pub fn set_shown_mode(&self, mode: Option<u32>) {
+        let m = mode.map_or(0, |m| SHOWN | (m & 0o7777));
+        self.extra().shown_mode.store(m, Ordering::SeqCst);
     }
 
     /// Records an open file of the upper copy a split node's name moved to.

@@ -4,7 +4,7 @@
 //! served through FUSE. The modules follow the concerns of kernel overlayfs: `layer` and
 //! `whiteout` (on-disk formats), `inode` (the inode table, with `compact` storage for its
 //! nodes), `lookup` (resolution through the layers), `readdir`, `copy_up`, `dir` (namespace
-//! changes), `attr`, `file`; `fuse` speaks the FUSE protocol and `fs` adapts the whole to it, `config` and `mount` take a
+//! changes, with `grant` for a daemon without privileges), `attr`, `file`; `fuse` speaks the FUSE protocol and `fs` adapts the whole to it, `config` and `mount` take a
 //! command line to a live mount.
 
 pub mod acl;
@@ -17,6 +17,7 @@ pub mod fdcache;
 pub mod file;
 pub mod fs;
 pub mod fuse;
+pub mod grant;
 pub mod idmap;
 pub mod inode;
 pub mod killpriv;
