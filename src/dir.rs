@@ -187,14 +187,8 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         Err(e) if e.code() == libc::EISDIR || e.code() == libc::EPERM => {}
         Err(e) => return Err(e),
     }
-    // An empty directory goes at once, whether or not the daemon may read it.
-    match sys::unlinkat(dir, name, libc::AT_REMOVEDIR) {
-        Err(e) if e.code() == libc::ENOTEMPTY || e.code() == libc::EEXIST => {}
-        Err(e) if e.code() == libc::ENOENT => return Ok(()),
-        r => return r,
-    }
-    // The daemon's own directory, to be deleted: a daemon without privileges gives itself
-    // the access it needs to empty it.
+    // The daemon's own directory, to be deleted: a daemon without privileges (see `grant`)
+    // gives itself the access it needs to empty it when refused.
     let open = || sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0);
     let sub = match open() {
         Err(e) if e.code() == libc::EACCES => {
@@ -204,9 +198,6 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         }
         r => r?,
     };
-    if sys::fstat(sub.as_fd())?.st_mode & 0o700 != 0o700 {
-        sys::fchmod_path(sub.as_fd(), 0o700)?;
-    }
     let mut names = Vec::new();
     sys::for_each_dirent(sub.as_fd(), |d| {
         if d.name != b"." && d.name != b".." {
@@ -214,7 +205,13 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         }
     })?;
     for n in names {
-        remove_tree(sub.as_fd(), &n)?;
+        match remove_tree(sub.as_fd(), &n) {
+            Err(e) if e.code() == libc::EACCES => {
+                sys::fchmod_path(sub.as_fd(), 0o700)?;
+                remove_tree(sub.as_fd(), &n)?;
+            }
+            r => r?,
+        }
     }
     match sys::unlinkat(dir, name, libc::AT_REMOVEDIR) {
         Err(e) if e.code() == libc::ENOENT => Ok(()),
