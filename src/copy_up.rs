@@ -200,15 +200,11 @@ impl CopyUp<'_> {
     }
 
     /// The mode the copy gets: the lower one, but with `xattr_permissions` never without the
-    /// owner's bits (see `override_stat::owner_bits`; the override then keeps the mode).
+    /// owner's bits (see `override_stat::real_mode`; the override then keeps the mode).
     fn real_mode(&self, kind: u32) -> u32 {
         let mode = self.st.st_mode & 0o7777;
-        let owner = crate::override_stat::owner_bits(kind);
-        if self.fs.override_xattr().is_some()
-            && matches!(kind, libc::S_IFREG | libc::S_IFDIR)
-            && mode & owner != owner
-        {
-            (mode & 0o777) | owner
+        if self.fs.override_xattr().is_some() && matches!(kind, libc::S_IFREG | libc::S_IFDIR) {
+            crate::override_stat::real_mode(kind, mode)
         } else {
             mode
         }

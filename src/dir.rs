@@ -436,12 +436,7 @@ impl Union {
             };
             let f = object()?;
             let real_kind = sys::file_type(st.st_mode);
-            let owner = crate::override_stat::owner_bits(real_kind);
-            if st.st_mode & owner != owner {
-                // Made read-only (by the mode asked for, the umask or a default ACL): the
-                // daemon keeps its own access, or could not write the override.
-                crate::override_stat::chmod_real(f.as_fd(), real_kind, st.st_mode)?;
-            }
+            crate::override_stat::keep_owner_bits(f.as_fd(), real_kind, st.st_mode)?;
             sys::setxattr(f.as_fd(), xattr, o.format().as_bytes(), 0)?;
             let mut shown = sys::fstatat(dir, name, here)?;
             o.apply(&mut shown);
@@ -658,11 +653,7 @@ impl Union {
             return Ok(real);
         }
         let bits = real.st_mode & 0o777;
-        let owner = crate::override_stat::owner_bits(real_kind);
-        if bits & owner != owner {
-            // As in `own_new`: the daemon keeps its access to the real object.
-            crate::override_stat::chmod_real(f.as_fd(), real_kind, bits)?;
-        }
+        crate::override_stat::keep_owner_bits(f.as_fd(), real_kind, real.st_mode)?;
         let mut o = self.current_override(f.as_fd(), xattr)?;
         o.perm = (o.perm & 0o7000) | bits;
         sys::setxattr(f.as_fd(), xattr, o.format().as_bytes(), 0)?;

@@ -104,6 +104,31 @@ pub fn chmod_real(f: std::os::fd::BorrowedFd<'_>, real_kind: u32, mode: u32) -> 
     sys::fchmod_path(f, (mode & 0o777) | owner_bits(real_kind))
 }
 
+/// The real mode an object made or copied with mode `mode` gets under an override: `mode`
+/// itself when it has `owner_bits`, else what `chmod_real` sets.
+pub fn real_mode(real_kind: u32, mode: u32) -> u32 {
+    let owner = owner_bits(real_kind);
+    if mode & owner == owner {
+        mode & 0o7777
+    } else {
+        (mode & 0o777) | owner
+    }
+}
+
+/// Gives the real object `f`, of mode `mode`, the mode `real_mode` says (made read-only by
+/// the mode asked for, the umask or a default ACL, the daemon keeps its own access: without
+/// CAP_DAC_OVERRIDE it could not even write the override).
+pub fn keep_owner_bits(
+    f: std::os::fd::BorrowedFd<'_>,
+    real_kind: u32,
+    mode: u32,
+) -> sys::Result<()> {
+    match real_mode(real_kind, mode) {
+        m if m == mode & 0o7777 => Ok(()),
+        m => sys::fchmod_path(f, m),
+    }
+}
+
 fn parse_type(t: &str) -> Option<(u32, u64)> {
     let dev = |rest: &str| -> Option<u64> {
         let (ma, mi) = rest.split_once(':')?;
@@ -131,6 +156,17 @@ fn parse_type(t: &str) -> Option<(u32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn real_modes_keep_the_owners_access() {
+        assert_eq!(real_mode(libc::S_IFREG, 0o644), 0o644);
+        assert_eq!(real_mode(libc::S_IFREG, 0o4755), 0o4755);
+        assert_eq!(real_mode(libc::S_IFREG, 0o444), 0o644);
+        // Added bits drop the set-ID ones, as `chmod_real` does.
+        assert_eq!(real_mode(libc::S_IFREG, 0o4511), 0o711);
+        assert_eq!(real_mode(libc::S_IFDIR, 0o555), 0o755);
+        assert_eq!(real_mode(libc::S_IFDIR, 0o1733), 0o1733);
+    }
 
     fn stat(mode: u32) -> Stat {
         // SAFETY: an all-zero stat is a valid value of the plain C struct.
