@@ -707,12 +707,13 @@ fn run_on_mount(user: u32, l: &Layers, base: &std::path::Path, body: &str) -> St
 
 /// Runs `body` with bash as the test user, with no user namespace, in the layers of `l`
 /// mounted with `opts` on `base/merged` (see `user_dirs`; fusermount3 mounts, the daemon has
-/// no privileges) and unmounted afterwards; returns its output, which must be a success.
+/// no privileges) and unmounted afterwards (lazily if it is still busy, so that a failing
+/// test leaves no mount behind); returns its output, which must be a success.
 fn on_unprivileged_mount(l: &Layers, base: &Path, opts: &str, body: &str) -> String {
     as_user_without_namespace(&format!(
         r#"
         {bin} {opts} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
-        trap 'cd /; fusermount3 -u {b}/merged' EXIT
+        trap 'cd /; fusermount3 -u {b}/merged || fusermount3 -uz {b}/merged' EXIT
         cd {b}/merged
         {body}
         "#,
