@@ -248,7 +248,20 @@ impl Union {
     }
 
     pub fn getattr(&self, node: &Node, fh: Option<u64>) -> Result<FileAttr> {
-        let st = self.stat_node(node, fh)?;
+        self.attr_outside_grants(node, || self.stat_node(node, fh))
+    }
+
+    /// The attributes of `node` from `stat`, made outside any grant of owner bits on it
+    /// (`Node::read_outside_grants`).
+    fn attr_outside_grants(
+        &self,
+        node: &Node,
+        stat: impl Fn() -> Result<Stat>,
+    ) -> Result<FileAttr> {
+        let (mut st, shown) = node.read_outside_grants(stat)?;
+        if let Some(mode) = shown {
+            st.st_mode = (st.st_mode & libc::S_IFMT) | mode;
+        }
         self.attr(node, &st)
     }
 
@@ -344,7 +357,7 @@ impl Union {
             return self.getattr(node, req.fh);
         }
         changed?;
-        self.attr(node, &self.stat_fd(f)?)
+        self.attr_outside_grants(node, || self.stat_fd(f))
     }
 
     /// The node's upper object (copied up), as an `O_PATH` fd. With no name left (deleted
@@ -531,20 +544,37 @@ impl Union {
         let shown_mode = self
             .override_xattr()
             .filter(|_| *cname == *crate::acl::ACCESS);
-        let value = match self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
-            let value = sys::getxattr_vec_at(d, p, &cname)?;
-            match (value, shown_mode) {
-                (Some(mut acl), Some(xattr)) => {
-                    let o = sys::getxattr_vec_at(d, p, xattr)?
-                        .and_then(|v| crate::override_stat::Override::parse(&v));
-                    if let Some(o) = o {
-                        crate::acl::set_mode(&mut acl, o.perm);
+        let read = || {
+            self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
+                let value = sys::getxattr_vec_at(d, p, &cname)?;
+                match (value, shown_mode) {
+                    (Some(mut acl), Some(xattr)) => {
+                        let o = sys::getxattr_vec_at(d, p, xattr)?
+                            .and_then(|v| crate::override_stat::Override::parse(&v));
+                        if let Some(o) = o {
+                            crate::acl::set_mode(&mut acl, o.perm);
+                        }
+                        Ok(Some(acl))
                     }
+                    (v, _) => Ok(v),
+                }
+            })
+        };
+        // Owner bits granted for a moment (`grant`) show in the access ACL's owner entry
+        // too: the view shows the mode from before there as well.
+        let read = || {
+            if *cname != *crate::acl::ACCESS || shown_mode.is_some() {
+                return read();
+            }
+            match node.read_outside_grants(read)? {
+                (Some(mut acl), Some(mode)) => {
+                    crate::acl::set_mode(&mut acl, mode);
                     Ok(Some(acl))
                 }
                 (v, _) => Ok(v),
             }
-        }) {
+        };
+        let value = match read() {
             // A layer without POSIX ACLs (squashfs) holds none: "not supported" there is "no
             // ACL", as the kernel's own ACL code (and kernel overlayfs) takes it. Passed on,
             // it would fail every permission check that consults the ACL.

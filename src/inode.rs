@@ -109,8 +109,11 @@ pub struct Node {
     extra: OnceLock<Box<Extra>>,
 }
 
-/// `Extra::shown_mode`: a mode is recorded.
+/// `Extra::shown_mode`: a mode is recorded (in the low 12 bits).
 const SHOWN: u32 = 1 << 31;
+/// `Extra::shown_mode`: each grant's start and end add this (the bits between the mode's
+/// and `SHOWN` count grants), so a read can tell that a grant began or ended meanwhile.
+const GRANT_STEP: u32 = 1 << 12;
 
 /// What only directories and files that were changed or run need. Most nodes are files that
 /// were only looked up or read, and every node would pay for these fields (56 bytes).
@@ -143,7 +146,8 @@ pub struct Extra {
     /// may still hold the node (a working directory, an `O_PATH` file, an open FIFO or
     /// device) and ask about it.
     held: Mutex<Option<Held>>,
-    /// See `Node::shown_mode`: `SHOWN` and the mode, or 0.
+    /// See `Node::shown_mode`: `SHOWN` and the mode while a grant is under way, and a count
+    /// of grant starts and ends (`GRANT_STEP`).
     shown_mode: AtomicU32,
     /// The errno (ENOSPC) the upper gave the kernel's write-back of this file's cached data,
     /// while writes through the kernel's cache are refused (see `Union::cached_write_refusal`);
@@ -223,14 +227,47 @@ impl Node {
     /// While the daemon has granted itself its owner's bits on the real object for a moment
     /// (see `grant`): the mode from before, which the view keeps showing.
     pub fn shown_mode(&self) -> Option<u32> {
-        let m = self.extra_if_made()?.shown_mode.load(Ordering::SeqCst);
+        let m = self.grant_record();
         (m & SHOWN != 0).then_some(m & 0o7777)
     }
 
-    /// See `shown_mode`.
+    /// See `shown_mode`; `None` at the end of the grant.
     pub fn set_shown_mode(&self, mode: Option<u32>) {
-        let m = mode.map_or(0, |m| SHOWN | (m & 0o7777));
-        self.extra().shown_mode.store(m, Ordering::SeqCst);
+        let shown = mode.map_or(0, |m| SHOWN | (m & 0o7777));
+        let step = |r: u32| {
+            let count = (r & !(SHOWN | 0o7777)).wrapping_add(GRANT_STEP) & !SHOWN;
+            Some(count | shown)
+        };
+        let record = &self.extra().shown_mode;
+        let _ = record.fetch_update(Ordering::SeqCst, Ordering::SeqCst, step);
+    }
+
+    fn grant_record(&self) -> u32 {
+        self.extra_if_made()
+            .map_or(0, |e| e.shown_mode.load(Ordering::SeqCst))
+    }
+
+    /// Runs `read` (of the real object's mode, by a stat or its access ACL) and returns what
+    /// it read, with the mode the view shows if a grant is under way (`shown_mode`). A read
+    /// made while a grant began and ended is made again (it may hold the granted bits), up
+    /// to four reads in all.
+    pub fn read_outside_grants<T>(
+        &self,
+        read: impl Fn() -> crate::sys::Result<T>,
+    ) -> crate::sys::Result<(T, Option<u32>)> {
+        let mut tries = 0;
+        loop {
+            let before = self.grant_record();
+            let r = read()?;
+            let after = self.grant_record();
+            if after & SHOWN != 0 {
+                return Ok((r, Some(after & 0o7777)));
+            }
+            tries += 1;
+            if after == before || tries == 4 {
+                return Ok((r, None));
+            }
+        }
     }
 
     /// Records an open file of the upper copy a split node's name moved to.

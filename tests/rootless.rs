@@ -895,7 +895,8 @@ fn unprivileged_copy_up_into_read_only_directories() {
 /// for a moment (a copy-up into it), the view keeps showing the directory's own mode: a
 /// program that reads the mode and sets it again (`chmod g+w`) must not make the granted bits
 /// permanent. Writers copy up files into a 0555 directory while its group write bit is
-/// turned on and off; it must end at 0555.
+/// turned on and off; it must end at 0555, and neither `stat` nor the owner entry of its
+/// access ACL may show the owner's write bit meanwhile.
 #[test]
 fn unprivileged_grants_stay_out_of_sight() {
     let uid = test_user();
@@ -907,6 +908,13 @@ fn unprivileged_grants_stay_out_of_sight() {
     }
     l.lower(0).chmod("ro", 0o555);
     let base = user_dirs(&l, uid);
+    // A real access ACL: its owner entry is the mode's owner bits (`chmod` changes both).
+    let acl = Command::new("setfacl")
+        .args(["-m", "u:65534:rx"])
+        .arg(l.lower(0).path("ro"))
+        .status()
+        .unwrap();
+    assert!(acl.success(), "setfacl");
     let out = on_unprivileged_mount(
         &l,
         &base,
@@ -915,10 +923,24 @@ fn unprivileged_grants_stay_out_of_sight() {
             ( for i in $(seq $((w * 100)) $((w * 100 + 99))); do echo x >> ro/f$i; done ) &
         done
         ( for k in $(seq 200); do chmod g+w ro; chmod g-w ro; done ) &
+        ( for k in $(seq 400); do getfacl -c ro | grep '^user::'; done | sort -u > ../owner ) &
+        ( for k in $(seq 400); do stat -c %a ro; done | sort -u > ../modes ) &
         wait
-        stat -c %a ro",
+        stat -c %a ro; echo --; cat ../owner; echo --; cat ../modes",
     );
-    assert_eq!(out, "555\n");
+    let parts: Vec<&str> = out.split("--\n").collect();
+    assert_eq!(parts.len(), 3, "{out}");
+    assert_eq!(parts[0], "555\n", "the mode at the end");
+    assert_eq!(
+        parts[1], "user::r-x\n",
+        "every owner entry the ACL showed meanwhile"
+    );
+    for mode in parts[2].lines() {
+        assert!(
+            ["555", "575"].contains(&mode),
+            "a mode shown meanwhile: {mode}"
+        );
+    }
     assert_eq!(upper_modes(&base, &["ro"]), [0o555]);
     assert_eq!(fs::read_dir(base.join("upper/ro")).unwrap().count(), 400);
 }
