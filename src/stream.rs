@@ -35,6 +35,9 @@ pub const START: u64 = 1 << 20;
 pub const WINDOW: u64 = 4 << 20;
 /// Bytes read and stored at a time.
 const CHUNK: usize = 1 << 20;
+/// How far apart READs of one reader may be handled and still count as in order
+/// (`Follow::note_read`).
+const SLACK: u64 = 4 << 20;
 /// Streaming threads: a store costs the kernel a copy of the data, so two chunks in flight
 /// keep ahead of a reader where one would not.
 const THREADS: usize = 2;
@@ -50,6 +53,19 @@ struct Track {
     /// The lower file's data, and the node's `data_gen` it belongs to.
     fd: Arc<OwnedFd>,
     generation: u64,
+    /// The reader followed, and what is stored ahead of it.
+    f: Follow,
+    /// Chunks being read or stored; `waiting` run once none is.
+    busy: usize,
+    stopped: bool,
+    waiting: Vec<Deferred>,
+    /// Order of last use, for dropping the stalest when full.
+    used: u64,
+}
+
+/// A reader followed through a file of `size` bytes, and the stream ahead of it.
+#[derive(Debug, Default)]
+struct Follow {
     size: u64,
     /// End of the last READ in order, and how many bytes were read in order up to it.
     read_end: u64,
@@ -58,12 +74,50 @@ struct Track {
     streaming: bool,
     stored: u64,
     target: u64,
-    /// Chunks being read or stored; `waiting` run once none is.
-    busy: usize,
-    stopped: bool,
-    waiting: Vec<Deferred>,
-    /// Order of last use, for dropping the stalest when full.
-    used: u64,
+}
+
+impl Follow {
+    /// Notes a READ of `[off, end)`: follows the reader while it reads in order, and sets
+    /// what to store ahead of it once it has read `START` bytes so. True when there is
+    /// something to store.
+    fn note_read(&mut self, off: u64, end: u64) -> bool {
+        // READs of one reader arrive out of order: the kernel keeps its read-ahead in flight
+        // (up to two windows of up to 1 MiB READs past the reader) and request threads take
+        // them in any order, so the READ that starts the file may come after ones 2.75 MiB
+        // on (seen on a loaded machine). While streaming, the reader's next READ is the miss
+        // at a window's first page, which may be as far ahead as what is stored.
+        let ahead = if self.streaming {
+            self.stored.max(self.read_end)
+        } else {
+            self.read_end
+        };
+        if off <= ahead + SLACK && end + SLACK >= self.read_end {
+            if end > self.read_end {
+                self.run += end - self.read_end.max(off);
+                self.read_end = end;
+            }
+        } else {
+            // Not in order: whoever reads now is not the reader being streamed for (or it
+            // went elsewhere). Streaming stops until it has read `START` in order again,
+            // rather than storing windows ahead of each random READ.
+            self.run = 0;
+            self.read_end = end;
+            self.streaming = false;
+            self.target = 0;
+            return false;
+        }
+        if !self.streaming && self.run >= START {
+            self.streaming = true;
+            self.stored = end;
+        }
+        if !self.streaming {
+            return false;
+        }
+        // A reader past what is stored has overtaken the stream: go on from where it is.
+        self.stored = self.stored.max(end);
+        self.target = self.target.max((end + 2 * WINDOW).min(self.size));
+        self.stored < self.target
+    }
 }
 
 #[derive(Default)]
@@ -155,12 +209,10 @@ impl Streams {
                     node: node.clone(),
                     fd: fd.clone(),
                     generation,
-                    size,
-                    read_end: 0,
-                    run: 0,
-                    streaming: false,
-                    stored: 0,
-                    target: 0,
+                    f: Follow {
+                        size,
+                        ..Follow::default()
+                    },
                     busy: 0,
                     stopped: false,
                     waiting: Vec::new(),
@@ -174,45 +226,12 @@ impl Streams {
             return;
         }
         t.used = now;
-        // READs of one reader may arrive a little out of order (several request threads);
-        // while streaming, its next READ is the miss at a window's first page, which may be
-        // as far ahead as what is stored.
-        let slack = 2 * CHUNK as u64;
-        let ahead = if t.streaming {
-            t.stored.max(t.read_end)
-        } else {
-            t.read_end
-        };
-        if off <= ahead + slack && end + slack >= t.read_end {
-            if end > t.read_end {
-                t.run += end - t.read_end.max(off);
-                t.read_end = end;
+        if t.f.note_read(off, end) {
+            if g.threads < THREADS {
+                g.threads += 1;
+                spawn = true;
             }
-        } else {
-            // Not in order: whoever reads now is not the reader being streamed for (or it
-            // went elsewhere). Streaming stops until it has read `START` in order again,
-            // rather than storing windows ahead of each random READ.
-            t.run = 0;
-            t.read_end = end;
-            t.streaming = false;
-            t.target = 0;
-            return;
-        }
-        if !t.streaming && t.run >= START {
-            t.streaming = true;
-            t.stored = end;
-        }
-        if t.streaming {
-            // A reader past what is stored has overtaken the stream: go on from where it is.
-            t.stored = t.stored.max(end);
-            t.target = t.target.max((end + 2 * WINDOW).min(t.size));
-            if t.stored < t.target {
-                if g.threads < THREADS {
-                    g.threads += 1;
-                    spawn = true;
-                }
-                self.work.notify_all();
-            }
+            self.work.notify_all();
         }
         drop(g);
         if spawn {
@@ -260,7 +279,7 @@ impl Streams {
             let next = g
                 .tracks
                 .iter()
-                .filter(|(_, t)| t.streaming && !t.stopped && t.stored < t.target)
+                .filter(|(_, t)| t.f.streaming && !t.stopped && t.f.stored < t.f.target)
                 .max_by_key(|(_, t)| t.used)
                 .map(|(ino, _)| *ino);
             let Some(ino) = next else {
@@ -279,11 +298,11 @@ impl Streams {
                 continue;
             }
             // One chunk, not across a window's first page (left for the reader to miss).
-            let from = t.stored;
+            let from = t.f.stored;
             let next_window = (from / WINDOW + 1) * WINDOW;
-            let to = (from + CHUNK as u64).min(next_window).min(t.target);
+            let to = (from + CHUNK as u64).min(next_window).min(t.f.target);
             t.busy += 1;
-            t.stored = to;
+            t.f.stored = to;
             let (fd, node) = (t.fd.clone(), t.node.clone());
             drop(g);
             let ok = self.store(&mut pipe, &fd, node.ino, from, to);
@@ -295,7 +314,7 @@ impl Streams {
             if !ok {
                 t.stopped = true;
             }
-            let done = t.stopped || (t.stored >= t.size && t.streaming);
+            let done = t.stopped || (t.f.stored >= t.f.size && t.f.streaming);
             if done && t.busy == 0 {
                 let t = g.tracks.remove(&ino).expect("present");
                 self.count.store(g.tracks.len(), Ordering::SeqCst);
@@ -389,5 +408,83 @@ fn evict(tracks: &mut HashMap<u64, Track>) -> bool {
     match stalest {
         Some(ino) => tracks.remove(&ino).is_some(),
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const K: u64 = 1 << 10;
+
+    fn reader(size: u64) -> Follow {
+        Follow {
+            size,
+            ..Follow::default()
+        }
+    }
+
+    /// READs as `(offset, length)`; what `note_read` answered for each.
+    fn reads(f: &mut Follow, reads: &[(u64, u64)]) -> Vec<bool> {
+        reads.iter().map(|&(o, l)| f.note_read(o, o + l)).collect()
+    }
+
+    #[test]
+    fn a_reader_in_order_is_streamed_two_windows_ahead() {
+        let mut f = reader(24 * MIB);
+        let r = reads(&mut f, &[(0, 256 * K), (256 * K, 512 * K), (768 * K, MIB)]);
+        assert_eq!(r, [false, false, true]);
+        assert!(f.streaming);
+        assert_eq!((f.stored, f.target), (1792 * K, 1792 * K + 2 * WINDOW));
+    }
+
+    /// Seen on a loaded machine: the request threads took the kernel's read-ahead READs up
+    /// to 2.75 MiB before the one at 0 (those came before the file was followed), then the
+    /// READ at 2.75 MiB. The reader is still in order.
+    #[test]
+    fn read_ahead_handled_out_of_order_is_still_in_order() {
+        let mut f = reader(24 * MIB);
+        let r = reads(&mut f, &[(0, 256 * K), (2816 * K, MIB)]);
+        assert_eq!(r, [false, true]);
+        assert_eq!(f.target, 3840 * K + 2 * WINDOW);
+        // The READs between, handled last, change nothing.
+        let r = reads(
+            &mut f,
+            &[(256 * K, 512 * K), (768 * K, MIB), (1792 * K, MIB)],
+        );
+        assert_eq!(r, [true, true, true]);
+        assert!(f.streaming);
+        assert_eq!(f.target, 3840 * K + 2 * WINDOW);
+    }
+
+    #[test]
+    fn a_read_far_away_stops_the_stream() {
+        let mut f = reader(64 * MIB);
+        reads(&mut f, &[(0, MIB), (MIB, MIB)]);
+        assert!(f.streaming);
+        // Within what is stored (a window's first page) the reader is still followed.
+        f.stored = f.target;
+        assert!(f.note_read(2 * WINDOW, 2 * WINDOW + 4 * K));
+        // Far past what is stored, or far behind the reader: someone else.
+        assert!(!f.note_read(40 * MIB, 40 * MIB + 4 * K));
+        assert!(!f.streaming);
+        assert_eq!((f.run, f.target), (0, 0));
+        reads(&mut f, &[(40 * MIB + 4 * K, MIB)]);
+        assert!(!f.note_read(MIB, MIB + 4 * K));
+        assert!(!f.streaming);
+    }
+
+    #[test]
+    fn random_reads_never_start_a_stream() {
+        let mut f = reader(1 << 30);
+        let mut x: u64 = 12345;
+        for _ in 0..10_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let off = ((x >> 33) % (1 << 30)) & !4095;
+            assert!(!f.note_read(off, off + 4 * K), "at {off:#x}");
+        }
     }
 }
