@@ -570,6 +570,15 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
                     w.display()
                 ));
             }
+            let parent = w.parent().unwrap_or(Path::new("/"));
+            let at = if create { parent } else { w.as_path() };
+            if !same_mount(u, at) {
+                return Err(format!(
+                    "the upper layer {} is the root of a mount, so the default work directory {} would be on another mount (give --work under the upper's mount)",
+                    u.display(),
+                    w.display()
+                ));
+            }
             if !create {
                 named.push((format!("work directory {}", w.display()), w.clone()));
             }
@@ -582,6 +591,13 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
         if ud != wd {
             return Err(format!(
                 "work directory {} is on another filesystem than the upper layer {} (it must be on the same one)",
+                w.display(),
+                u.display()
+            ));
+        }
+        if !same_mount(u, w) {
+            return Err(format!(
+                "work directory {} is on another mount than the upper layer {} (a bind mount; it must be under the upper's mount, where a rename from one to the other works)",
                 w.display(),
                 u.display()
             ));
@@ -606,6 +622,16 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
         work,
         mountpoint,
     })
+}
+
+/// Whether `a` and `b` are under the same mount: a rename between two mounts of one
+/// filesystem fails (EXDEV), so copy-up from the work directory would. True where the kernel
+/// does not say.
+fn same_mount(a: &Path, b: &Path) -> bool {
+    match (crate::sys::mount_id(a), crate::sys::mount_id(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    }
 }
 
 /// The same directory twice, or one inside another: by path, and by place in the filesystem

@@ -639,6 +639,39 @@ fn upper_at_a_filesystem_root_or_read_only() {
     assert_none(fails);
 }
 
+/// A work directory under another mount of the upper's filesystem (a bind mount): renaming
+/// a copy-up from one into the other fails (EXDEV), so the mount is refused, as kernel
+/// overlayfs refuses it. So is an upper at the root of a bind mount without --work: the
+/// default work directory would be under the parent's mount.
+#[test]
+fn work_under_another_mount_of_the_upper_filesystem() {
+    let f = Fixture::new();
+    let lo = f.l.lower_paths();
+    let src = f.l.mkdir("bind-src");
+    fs::create_dir(src.join("work")).unwrap();
+    fs::create_dir(src.join("upper")).unwrap();
+    let b = f.l.mkdir("bind");
+    let _b = scratch_mount(&["--bind"], &src, &b);
+    let mut fails = f.both_forms(
+        "work through a bind mount",
+        &lo,
+        Some(&f.upper),
+        Some(&b.join("work")),
+        &f.merged,
+        &["work", "another mount"],
+    );
+    let ub = f.l.mkdir("upper-bind");
+    let _u = scratch_mount(&["--bind"], src.join("upper"), &ub);
+    fails.extend(refused(
+        f.root(),
+        "upper at the root of a bind mount, no --work",
+        &native_args(&lo, Some(&ub), None, &f.merged),
+        &f.merged,
+        &["upper", "mount", "--work"],
+    ));
+    assert_none(fails);
+}
+
 /// A path with a newline is still reported on one line (the message quotes or escapes it).
 #[test]
 fn a_path_with_a_newline_is_reported_on_one_line() {
