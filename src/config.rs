@@ -56,7 +56,7 @@ impl LogLevel {
     after_help = "Without --upper the mount is read-only. Without --work, the work directory is .NAME.work next to the upper directory NAME (created if missing). \
 Options for -o: lowerdir=, upperdir=, workdir=, uidmapping=C:H:N[:C:H:N...], gidmapping=, squash_to_root, squash_to_uid=N, squash_to_gid=N, \
 xattr_permissions=0|1|2, static_nlink, readdirplus=off|auto|on, timeout=SECONDS, threaded=0|1, fsync=0|1, volatile, noacl, ro, rw, allow_other, allow_root, \
-default_permissions, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, context=\"...\". Unknown options are warned about and ignored.\n\
+default_permissions, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, nodiratime, context=\"...\". Unknown options are warned about and ignored.\n\
 Unmount with: fusermount3 -u MERGED (or umount MERGED)."
 )]
 struct Cli {
@@ -100,6 +100,7 @@ pub struct MountFlags {
     pub suid: bool,
     pub noexec: bool,
     pub noatime: bool,
+    pub nodiratime: bool,
     /// `Some` when given explicitly; root mounts default to allowing other users.
     pub allow_other: Option<bool>,
     pub allow_root: bool,
@@ -278,22 +279,61 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                     .filter(|v| !v.is_empty())
                     .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))
             };
+            const FLAGS: &[&str] = &[
+                "squash_to_root",
+                "static_nlink",
+                "volatile",
+                "noacl",
+                "ro",
+                "rw",
+                "remount",
+                "allow_other",
+                "allow_root",
+                "default_permissions",
+                "dev",
+                "nodev",
+                "suid",
+                "nosuid",
+                "exec",
+                "noexec",
+                "atime",
+                "relatime",
+                "strictatime",
+                "noatime",
+                "diratime",
+                "nodiratime",
+            ];
+            if let Some(v) = &value
+                && FLAGS.contains(&key.as_str())
+            {
+                return Err(format!("option {key} takes no value (got {key}={v})"));
+            }
+            let twice = |what: &str, opt: &str, flag: &str, from_flag: bool| {
+                if from_flag {
+                    format!("{what} given twice ({flag} and {opt}=)")
+                } else {
+                    format!("{what} given twice ({opt}= more than once)")
+                }
+            };
             match key.as_str() {
                 "lowerdir" => {
-                    if lower.is_some() {
-                        return Err("lower layers given twice (--lower and lowerdir=)".into());
+                    if let Some((_, from)) = &lower {
+                        let cli = *from == "--lower";
+                        return Err(twice("lower layers", "lowerdir", "--lower", cli));
                     }
                     lower = Some((need(&value)?, "lowerdir="));
                 }
                 "upperdir" => {
                     if upper.is_some() {
-                        return Err("upper layer given twice (--upper and upperdir=)".into());
+                        let cli = cli.upper.is_some();
+                        return Err(twice("upper layer", "upperdir", "--upper", cli));
                     }
                     upper = Some(PathBuf::from(unescape(&need(&value)?)));
                 }
                 "workdir" => {
                     if work.is_some() {
-                        return Err("work directory given twice (--work and workdir=)".into());
+                        let cli = cli.work.is_some();
+                        return Err(twice("work directory", "workdir", "--work", cli));
                     }
                     work = Some(PathBuf::from(unescape(&need(&value)?)));
                 }
@@ -371,7 +411,9 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                 "nosuid" => flags.suid = false,
                 "exec" => flags.noexec = false,
                 "noexec" => flags.noexec = true,
-                "atime" | "relatime" | "strictatime" | "nodiratime" => flags.noatime = false,
+                "atime" | "relatime" | "strictatime" => flags.noatime = false,
+                "diratime" => flags.nodiratime = false,
+                "nodiratime" => flags.nodiratime = true,
                 "noatime" => flags.noatime = true,
                 "fsname" => fsname = Some(need(&value)?),
                 // SELinux labels: nothing to do without an LSM that labels FUSE mounts.
@@ -595,13 +637,6 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
                 u.display()
             ));
         }
-        if !same_mount(u, w) {
-            return Err(format!(
-                "work directory {} is on another mount than the upper layer {} (a bind mount; it must be under the upper's mount, where a rename from one to the other works)",
-                w.display(),
-                u.display()
-            ));
-        }
     }
     let mountpoint = existing_dir("mountpoint", &cfg.mountpoint, libc::X_OK)?;
     named.push((
@@ -610,6 +645,15 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
     ));
 
     check_overlaps(&named, &mountinfo::read())?;
+    if let (Some(u), Some((w, false))) = (&upper, &work)
+        && !same_mount(u, w)
+    {
+        return Err(format!(
+            "work directory {} is on another mount than the upper layer {} (a bind mount; it must be under the upper's mount, where a rename from one to the other works)",
+            w.display(),
+            u.display()
+        ));
+    }
     if let Some((w, true)) = &work
         && let Some(u) = &upper
         && w.starts_with(u)
@@ -742,6 +786,52 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("accepted {s:?}"),
         }
+    }
+
+    #[test]
+    fn flag_options_take_no_value() {
+        let base = "lowerdir=/l,upperdir=/u,workdir=/w";
+        for flag in [
+            "ro=0",
+            "static_nlink=0",
+            "noacl=yes",
+            "volatile=1",
+            "nodev=1",
+            "atime=0",
+        ] {
+            let e = err(&["/m", "-o", &format!("{base},{flag}")]);
+            let key = flag.split('=').next().unwrap();
+            assert!(
+                e.contains(&format!("option {key} takes no value")),
+                "{flag}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn nodiratime_keeps_noatime() {
+        let c = cfg(&["/m", "-o", "lowerdir=/l,noatime,nodiratime"]);
+        assert!(c.flags.noatime && c.flags.nodiratime);
+        let c = cfg(&["/m", "-o", "lowerdir=/l,nodiratime,atime"]);
+        assert!(!c.flags.noatime && c.flags.nodiratime);
+    }
+
+    #[test]
+    fn a_layer_option_given_twice_names_how() {
+        let e = err(&["/m", "-o", "lowerdir=/a", "-o", "lowerdir=/b"]);
+        assert!(e.contains("lowerdir= more than once"), "{e}");
+        let e = err(&["--lower", "/a", "/m", "-o", "lowerdir=/b"]);
+        assert!(e.contains("--lower and lowerdir="), "{e}");
+        let e = err(&["/m", "-o", "lowerdir=/a,upperdir=/u,upperdir=/v"]);
+        assert!(e.contains("upperdir= more than once"), "{e}");
+        let e = err(&[
+            "--work",
+            "/w",
+            "/m",
+            "-o",
+            "lowerdir=/a,upperdir=/u,workdir=/v",
+        ]);
+        assert!(e.contains("--work and workdir="), "{e}");
     }
 
     #[test]

@@ -163,6 +163,9 @@ fn mount_flags(cfg: &Config) -> u64 {
     if f.noatime {
         flags |= libc::MS_NOATIME;
     }
+    if f.nodiratime {
+        flags |= libc::MS_NODIRATIME;
+    }
     flags
 }
 
@@ -215,6 +218,9 @@ fn mount_with_fusermount(
     }
     if f.noatime {
         opts.push("noatime".into());
+    }
+    if f.nodiratime {
+        opts.push("nodiratime".into());
     }
     if allow_other {
         opts.push("allow_other".into());
