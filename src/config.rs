@@ -475,6 +475,13 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
             "the source name {fsname:?} may not contain ',' or a newline"
         ));
     }
+    // mount(2) takes a source of at most a page (and fusermount3 its options string).
+    if fsname.len() >= 4096 {
+        return Err(format!(
+            "the source name is {} bytes long; at most 4095 are allowed",
+            fsname.len()
+        ));
+    }
     if upper.is_none() {
         flags.read_only = true;
     }
@@ -806,6 +813,19 @@ mod tests {
                 "{flag}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn a_source_name_longer_than_a_page_is_refused() {
+        let long = "s".repeat(5000);
+        let e = err(&[&long, "/m", "-o", "lowerdir=/l"]);
+        assert!(e.contains("source name is 5000 bytes"), "{e}");
+        assert_eq!(
+            cfg(&[&long[..4095], "/m", "-o", "lowerdir=/l"])
+                .fsname
+                .len(),
+            4095
+        );
     }
 
     #[test]

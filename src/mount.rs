@@ -396,6 +396,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     sys::fix_malloc_mmap_threshold(1 << 20);
     sys::ignore_sigpipe();
     let paths = crate::config::check_paths(&cfg)?;
+    // Before anything on disk is touched (the work directory is prepared next).
+    if cfg.passthrough == crate::config::Passthrough::On && !passthrough_possible() {
+        return Err("--passthrough on needs root in the initial user namespace".into());
+    }
     let (lowers, upper) = open_layers(&paths)?;
     let mut created = Created::default();
     let prepared = match prepare_work(&paths, &mut created) {
@@ -429,10 +433,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
         crate::config::Passthrough::Off => false,
         _ => passthrough_possible(),
     };
-    if cfg.passthrough == crate::config::Passthrough::On && !opts.passthrough {
-        created.undo();
-        return Err("--passthrough on needs root in the initial user namespace".into());
-    }
     let union = match Union::new(layers, opts) {
         Ok(u) => Arc::new(u),
         Err(e) => {
