@@ -106,6 +106,47 @@ pub struct MountFlags {
     pub allow_root: bool,
 }
 
+impl MountFlags {
+    /// Applies the generic mount flag `key` (`nodev`, `exec`, `noatime`, ...).
+    fn set(&mut self, key: &str) {
+        match key {
+            "dev" => self.dev = true,
+            "nodev" => self.dev = false,
+            "suid" => self.suid = true,
+            "nosuid" => self.suid = false,
+            "exec" => self.noexec = false,
+            "noexec" => self.noexec = true,
+            "atime" | "relatime" | "strictatime" => self.noatime = false,
+            "noatime" => self.noatime = true,
+            "diratime" => self.nodiratime = false,
+            "nodiratime" => self.nodiratime = true,
+            _ => {}
+        }
+    }
+
+    /// The `MS_*` flags the generic mount flag `key` sets (true) or clears (false), for a
+    /// remount.
+    fn ms_changes(key: &str) -> Vec<(u64, bool)> {
+        let (noatime, relatime, strict) =
+            (libc::MS_NOATIME, libc::MS_RELATIME, libc::MS_STRICTATIME);
+        match key {
+            "dev" => vec![(libc::MS_NODEV, false)],
+            "nodev" => vec![(libc::MS_NODEV, true)],
+            "suid" => vec![(libc::MS_NOSUID, false)],
+            "nosuid" => vec![(libc::MS_NOSUID, true)],
+            "exec" => vec![(libc::MS_NOEXEC, false)],
+            "noexec" => vec![(libc::MS_NOEXEC, true)],
+            "atime" => vec![(noatime, false)],
+            "relatime" => vec![(noatime, false), (strict, false), (relatime, true)],
+            "strictatime" => vec![(noatime, false), (relatime, false), (strict, true)],
+            "noatime" => vec![(noatime, true)],
+            "diratime" => vec![(libc::MS_NODIRATIME, false)],
+            "nodiratime" => vec![(libc::MS_NODIRATIME, true)],
+            _ => vec![],
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub lowers: Vec<PathBuf>,
@@ -132,6 +173,9 @@ pub struct Remount {
     pub mountpoint: PathBuf,
     /// `Some(true)` for ro, `Some(false)` for rw, `None` to keep.
     pub read_only: Option<bool>,
+    /// The other mount flags asked for (`nosuid`, `exec`, `noatime`, ...), in order: the
+    /// `MS_*` flag, and whether it is set or cleared.
+    pub changes: Vec<(u64, bool)>,
 }
 
 /// What parsing asks the caller to do.
@@ -267,6 +311,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
     let mut idmap = IdMap::default();
     let mut remount = false;
     let mut ro_given = None;
+    let mut changes: Vec<(u64, bool)> = Vec::new();
 
     for group in &cli.options {
         for opt in split_options(group) {
@@ -405,16 +450,11 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                 "allow_other" => flags.allow_other = Some(true),
                 "allow_root" => flags.allow_root = true,
                 "default_permissions" => {}
-                "dev" => flags.dev = true,
-                "nodev" => flags.dev = false,
-                "suid" => flags.suid = true,
-                "nosuid" => flags.suid = false,
-                "exec" => flags.noexec = false,
-                "noexec" => flags.noexec = true,
-                "atime" | "relatime" | "strictatime" => flags.noatime = false,
-                "diratime" => flags.nodiratime = false,
-                "nodiratime" => flags.nodiratime = true,
-                "noatime" => flags.noatime = true,
+                "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "relatime"
+                | "strictatime" | "noatime" | "diratime" | "nodiratime" => {
+                    flags.set(&key);
+                    changes.extend(MountFlags::ms_changes(&key));
+                }
                 "fsname" => fsname = Some(need(&value)?),
                 // SELinux labels: nothing to do without an LSM that labels FUSE mounts.
                 "context" | "fscontext" | "defcontext" | "rootcontext" | "subtype" => {}
@@ -437,6 +477,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
         return Ok(Parsed::Remount(Remount {
             mountpoint,
             read_only: ro_given,
+            changes,
         }));
     }
 

@@ -315,7 +315,8 @@ fn passthrough_possible() -> bool {
     sys::geteuid() == 0 && !crate::union::in_user_namespace()
 }
 
-/// `-o remount,ro|rw`: changes the read-only flag of a live mount, keeping its other flags.
+/// `-o remount,...`: changes the read-only flag and the generic flags asked for (`noexec`,
+/// `nosuid`, `noatime`, ...) of a live mount, keeping its other flags.
 pub fn remount(r: &crate::config::Remount) -> Result<(), String> {
     let target = CString::new(r.mountpoint.as_os_str().as_bytes()).map_err(|_| "bad path")?;
     let real = std::fs::canonicalize(&r.mountpoint)
@@ -352,6 +353,13 @@ pub fn remount(r: &crate::config::Remount) -> Result<(), String> {
     for (st, ms) in keep {
         if cur.f_flag & st != 0 {
             flags |= ms;
+        }
+    }
+    for &(ms, on) in &r.changes {
+        if on {
+            flags |= ms;
+        } else {
+            flags &= !ms;
         }
     }
     let ro = r.read_only.unwrap_or(cur.f_flag & libc::ST_RDONLY != 0);

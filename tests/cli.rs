@@ -262,6 +262,57 @@ fn native_form_with_work_dir() {
     );
 }
 
+/// `-o remount,...` (as `mount -o remount` runs it) changes what it names, read-only and
+/// the generic flags, and keeps the rest; `noatime,nodiratime` at mount keeps both.
+#[test]
+fn remount_changes_the_flags_it_names() {
+    let l = two_layers();
+    let (upper, work, merged) = uwm(&l, "m");
+    let mut args = native_args(
+        &[&l.lowers[0], &l.lowers[1]],
+        Some(&upper),
+        Some(&work),
+        &merged,
+    );
+    args.extend([OsString::from("-o"), OsString::from("noatime,nodiratime")]);
+    let (_m, _) = mount_ok(
+        &mut um(&args),
+        &merged,
+        Some(&upper),
+        Some(&work),
+        TWO_LAYER_ROOT,
+    );
+    let has = |flags: &[&str], not: &[&str]| {
+        let opts = mount_entry(&merged).expect("mounted").opts;
+        for f in flags {
+            assert!(opts.iter().any(|o| o == f), "{f} missing: {opts:?}");
+        }
+        for f in not {
+            assert!(!opts.iter().any(|o| o == f), "{f} present: {opts:?}");
+        }
+    };
+    has(&["rw", "noatime", "nodiratime"], &["noexec", "relatime"]);
+    let remount = |opts: &str| {
+        let out = um(&[os(Path::new("src")), os(&merged), "-o".into(), opts.into()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "remount {opts}: {}", stderr_of(&out));
+    };
+    remount("remount,noexec");
+    has(&["rw", "noexec", "noatime", "nodiratime"], &[]);
+    remount("remount,ro,exec,relatime,diratime");
+    has(&["ro", "relatime"], &["noexec", "noatime", "nodiratime"]);
+    let e = fs::write(merged.join("new"), "x").unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EROFS),
+        "write after remount,ro"
+    );
+    remount("remount,rw");
+    has(&["rw", "relatime"], &["noexec"]);
+    fs::write(merged.join("new"), "x").unwrap();
+}
+
 #[test]
 fn native_form_default_work_dir_is_created_beside_upper() {
     let l = two_layers();
