@@ -2,8 +2,10 @@
 //! rootless, a file cannot be given to another user or made a device — are kept in an xattr
 //! of the real object instead, in containers-storage's and fuse-overlayfs's format
 //! `uid:gid:mode[:type]`: mode in octal (permission bits), type one of `file`, `dir`,
-//! `symlink`, `pipe`, `socket`, `charMAJ:MIN`, `blockMAJ:MIN`. The ids are on-disk ids, so
-//! uid/gid mapping applies on top as for real owners.
+//! `symlink`, `pipe`, `socket`, `char-MAJ-MIN`, `block-MAJ-MIN` (containers-storage's form;
+//! `charMAJ:MIN`, as fuse-overlayfs 2.0 and earlier versions of unionmount write it, and
+//! `charMAJ-MIN` are read too). The ids are on-disk ids, so uid/gid mapping applies on top as
+//! for real owners.
 
 use std::ffi::CStr;
 
@@ -62,8 +64,8 @@ impl Override {
                 libc::S_IFLNK => "symlink".to_string(),
                 libc::S_IFIFO => "pipe".to_string(),
                 libc::S_IFSOCK => "socket".to_string(),
-                libc::S_IFCHR => format!("char{ma}:{mi}"),
-                libc::S_IFBLK => format!("block{ma}:{mi}"),
+                libc::S_IFCHR => format!("char-{ma}-{mi}"),
+                libc::S_IFBLK => format!("block-{ma}-{mi}"),
                 _ => "file".to_string(),
             };
             s.push(':');
@@ -130,8 +132,10 @@ pub fn keep_owner_bits(
 }
 
 fn parse_type(t: &str) -> Option<(u32, u64)> {
+    // `-MAJ-MIN`, `MAJ:MIN` or `MAJ-MIN`.
     let dev = |rest: &str| -> Option<u64> {
-        let (ma, mi) = rest.split_once(':')?;
+        let rest = rest.strip_prefix('-').unwrap_or(rest);
+        let (ma, mi) = rest.split_once([':', '-'])?;
         Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
     };
     Some(if t.starts_with("dir") {
@@ -187,6 +191,25 @@ mod tests {
         assert_eq!(o.format(), "1000:1000:755");
     }
 
+    /// containers-storage writes `char-MAJ-MIN` (and `%04o` modes); fuse-overlayfs 2.0
+    /// `charMAJ:MIN`; fuse-overlayfs 1.x reads `charMAJ-MIN` too.
+    #[test]
+    fn every_device_form_is_read() {
+        for v in [
+            &b"0:6:0660:char-1-3"[..],
+            b"0:6:660:char1:3",
+            b"0:6:660:char1-3",
+        ] {
+            let o = Override::parse(v).unwrap();
+            assert_eq!((o.uid, o.gid, o.perm), (0, 6, 0o660), "{v:?}");
+            assert_eq!(o.kind, Some((libc::S_IFCHR, libc::makedev(1, 3))), "{v:?}");
+        }
+        let o = Override::parse(b"0:6:0660:block-8-16").unwrap();
+        assert_eq!(o.kind, Some((libc::S_IFBLK, libc::makedev(8, 16))));
+        assert_eq!(o.format(), "0:6:660:block-8-16");
+        assert_eq!(Override::parse(b"0:0:660:char-1"), None);
+    }
+
     #[test]
     fn devices_and_types() {
         let o = Override::parse(b"0:6:660:block8:0").unwrap();
@@ -194,14 +217,14 @@ mod tests {
         o.apply(&mut st);
         assert_eq!(st.st_mode, libc::S_IFBLK | 0o660);
         assert_eq!((sys::major(st.st_rdev), sys::minor(st.st_rdev)), (8, 0));
-        assert_eq!(o.format(), "0:6:660:block8:0");
+        assert_eq!(o.format(), "0:6:660:block-8-0");
         assert_eq!(
             Override::parse(b"0:0:755:dir").unwrap().kind,
             Some((libc::S_IFDIR, 0))
         );
         assert_eq!(
             Override::parse(b"0:0:666:char0:0").unwrap().format(),
-            "0:0:666:char0:0"
+            "0:0:666:char-0-0"
         );
         // containers-storage writes the whole mode, type bits included.
         assert_eq!(Override::parse(b"0:0:0100755").unwrap().perm, 0o755);

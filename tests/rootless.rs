@@ -288,7 +288,7 @@ fn xattr_permissions_override_stat() {
     l.lower(0)
         .xattr("f", "user.containers.override_stat", b"1000:2000:0751")
         .xattr("d", "user.containers.override_stat", b"5:6:0700:dir")
-        .xattr("dev", "user.containers.override_stat", b"0:0:660:char1:3");
+        .xattr("dev", "user.containers.override_stat", b"0:0:0660:char-1-3");
     let m = l.mount_with("u", &["-o", "xattr_permissions=2"]);
     let md = fs::symlink_metadata(m.path("f")).unwrap();
     assert_eq!(
@@ -390,7 +390,7 @@ fn xattr_permissions_override_stat() {
     );
     assert_eq!(
         get_xattr(&m.upper_path("newdev"), "user.containers.override_stat"),
-        Ok(b"0:0:600:block7:9".to_vec())
+        Ok(b"0:0:600:block-7-9".to_vec())
     );
     // Without the option, the attribute is an ordinary one.
     drop(m);
