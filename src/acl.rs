@@ -173,6 +173,32 @@ pub fn set_mode(acl: &mut [u8], mode: u32) {
     }
 }
 
+/// Translates the ids of an ACL's (its xattr value's) named-user and named-group entries
+/// with `user` and `group`. False if the value is malformed or an id has no translation;
+/// the value may then be partly translated.
+pub fn map_ids(
+    acl: &mut [u8],
+    user: impl Fn(u32) -> Option<u32>,
+    group: impl Fn(u32) -> Option<u32>,
+) -> bool {
+    if acl.len() < HEADER || (acl.len() - HEADER) % ENTRY != 0 {
+        return false;
+    }
+    for at in (HEADER..acl.len()).step_by(ENTRY) {
+        let map = match u16::from_le_bytes([acl[at], acl[at + 1]]) {
+            USER => &user as &dyn Fn(u32) -> Option<u32>,
+            GROUP => &group,
+            _ => continue,
+        };
+        let id = u32::from_le_bytes([acl[at + 4], acl[at + 5], acl[at + 6], acl[at + 7]]);
+        let Some(id) = map(id) else {
+            return false;
+        };
+        acl[at + 4..at + 8].copy_from_slice(&id.to_le_bytes());
+    }
+    true
+}
+
 fn set_perm(acl: &mut [u8], at: usize, perm: u32) {
     acl[at + 2..at + 4].copy_from_slice(&(perm as u16 & 7).to_le_bytes());
 }
@@ -309,6 +335,34 @@ mod tests {
         assert_eq!(
             m,
             acl(&[(USER_OBJ, 6, 0), (GROUP_OBJ, 0, 0), (OTHER, 4, 0)])
+        );
+    }
+
+    #[test]
+    fn named_entries_ids_are_translated() {
+        let mut a = acl(&[
+            (USER_OBJ, 6, 0),
+            (USER, 4, 1000),
+            (GROUP_OBJ, 4, 0),
+            (GROUP, 5, 50),
+            (MASK, 5, 0),
+            (OTHER, 0, 0),
+        ]);
+        let plus = |d: u32| move |id: u32| Some(id + d);
+        assert!(map_ids(&mut a, plus(1), plus(2)));
+        let want = acl(&[
+            (USER_OBJ, 6, 0),
+            (USER, 4, 1001),
+            (GROUP_OBJ, 4, 0),
+            (GROUP, 5, 52),
+            (MASK, 5, 0),
+            (OTHER, 0, 0),
+        ]);
+        assert_eq!(a, want);
+        assert!(!map_ids(&mut a, |_| None, plus(0)), "an unmapped user");
+        assert!(
+            !map_ids(&mut [2, 0, 0, 0, 1], plus(0), plus(0)),
+            "malformed"
         );
     }
 

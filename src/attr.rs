@@ -1,6 +1,7 @@
 //! Attributes: getattr/setattr, readlink, xattrs, inode flags and statfs of the merged view.
 
-use std::ffi::OsStr;
+use std::borrow::Cow;
+use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -584,7 +585,36 @@ impl Union {
             r => r?,
         }
         .ok_or(Errno::ENODATA)?;
+        let value = self.acl_ids_to_view(&cname, value);
         xattr_reply(value, size)
+    }
+
+    /// With `uidmapping`/`gidmapping`, the ids an ACL names are shown as the view's ids, as
+    /// owners are (an id without a mapping as the overflow id).
+    fn acl_ids_to_view(&self, name: &CStr, mut value: Vec<u8>) -> Vec<u8> {
+        let map = &self.opts.idmap;
+        if map.maps_ranges() && crate::acl::is_acl_name(name.to_bytes()) {
+            let user = |id| Some(map.acl_uid_to_view(id));
+            let group = |id| Some(map.acl_gid_to_view(id));
+            crate::acl::map_ids(&mut value, user, group);
+        }
+        value
+    }
+
+    /// The ACL `value` set through the view, with the ids it names stored as on-disk ids;
+    /// EINVAL for an id without a mapping (as for a chown to one).
+    fn acl_ids_to_disk<'a>(&self, name: &CStr, value: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+        let map = &self.opts.idmap;
+        if !map.maps_ranges() || !crate::acl::is_acl_name(name.to_bytes()) {
+            return Ok(Cow::Borrowed(value));
+        }
+        let mut v = value.to_vec();
+        let user = |id| map.uid_to_disk(id);
+        let group = |id| map.gid_to_disk(id);
+        match crate::acl::map_ids(&mut v, user, group) {
+            true => Ok(Cow::Owned(v)),
+            false => Err(Errno::EINVAL),
+        }
     }
 
     pub fn listxattr(&self, node: &Node, size: u32) -> Result<XattrReply> {
@@ -629,6 +659,7 @@ impl Union {
             return Err(Errno::EROFS);
         }
         let cname = self.stored_xattr_name(name)?;
+        let value = &*self.acl_ids_to_disk(&cname, value)?;
         if let Some(xattr) = self.override_xattr()
             && *cname == *crate::acl::ACCESS
         {

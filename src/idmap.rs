@@ -61,6 +61,21 @@ impl IdMap {
         self.squash_gid.unwrap_or_else(|| to_view(&self.gids, disk))
     }
 
+    /// Whether ids are translated by ranges (`uidmapping`/`gidmapping`).
+    pub fn maps_ranges(&self) -> bool {
+        !self.uids.is_empty() || !self.gids.is_empty()
+    }
+
+    /// A uid named in an ACL entry, as the view shows it: by the ranges only (a squash is
+    /// about owners; the entries keep naming the users they name).
+    pub fn acl_uid_to_view(&self, disk: u32) -> u32 {
+        to_view(&self.uids, disk)
+    }
+
+    pub fn acl_gid_to_view(&self, disk: u32) -> u32 {
+        to_view(&self.gids, disk)
+    }
+
     /// The on-disk uid for a view uid; `None` when it has no mapping (EINVAL to the caller).
     pub fn uid_to_disk(&self, view: u32) -> Option<u32> {
         to_disk(&self.uids, view)

@@ -192,6 +192,87 @@ fn rootless_reads_in_order_are_streamed_ahead() {
     assert_eq!(lines[1], "same", "{stdout}");
 }
 
+/// With `uidmapping`/`gidmapping`, the users and groups an ACL names are translated as
+/// owners are: shown as host ids (so the kernel's permission checks match the right users),
+/// stored as container ids, and a host id without a mapping is refused (EINVAL).
+#[test]
+fn acl_ids_follow_the_mapping() {
+    let l = Layers::new(1);
+    l.lower(0).file("secret", "s").chmod("secret", 0o600);
+    let lower = l.lower(0).path("secret");
+    let set = Command::new("setfacl")
+        .args(["-m", "u:5:r,g:7:r"])
+        .arg(&lower)
+        .status()
+        .unwrap();
+    assert!(set.success(), "setfacl on the lower file");
+    let map = "uidmapping=0:1000:1:1:110000:65536,gidmapping=0:1000:1:1:110000:65536";
+    let m = l.mount_with("u", &["-o", map]);
+    let entries = |p: &Path| {
+        let out = Command::new("getfacl")
+            .args(["-n", "-c"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "getfacl {}", p.display());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let named = |acl: &str| -> Vec<String> {
+        acl.lines()
+            .filter(|l| {
+                l.starts_with("user:") && !l.starts_with("user::")
+                    || l.starts_with("group:") && !l.starts_with("group::")
+            })
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(
+        named(&entries(&m.path("secret"))),
+        ["user:110004:r--", "group:110006:r--"]
+    );
+    let read_as = |uid: &str| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                "--regid=110000",
+                "--clear-groups",
+                "cat",
+            ])
+            .arg(m.path("secret"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        read_as("110004"),
+        "the user the ACL names (container 5) reads"
+    );
+    assert!(!read_as("5"), "host uid 5 is not the user the ACL names");
+    let set = Command::new("setfacl")
+        .args(["-m", "u:110009:rw"])
+        .arg(m.path("secret"))
+        .status()
+        .unwrap();
+    assert!(set.success(), "setfacl through the mount");
+    assert_eq!(
+        named(&entries(&m.upper_path("secret"))),
+        ["user:5:r--", "user:10:rw-", "group:7:r--"],
+        "container ids on disk"
+    );
+    let unmapped = Command::new("setfacl")
+        .args(["-m", "u:5:r"])
+        .arg(m.path("secret"))
+        .output()
+        .unwrap();
+    assert!(
+        !unmapped.status.success(),
+        "an ACL naming an unmapped host id"
+    );
+    let err = String::from_utf8_lossy(&unmapped.stderr);
+    assert!(err.contains("Invalid argument"), "{err}");
+}
+
 /// `uidmapping`/`gidmapping` as fuse-overlayfs (man page example): files carry container
 /// ids on disk and the mount shows host ids; chown through the mount stores container ids.
 #[test]
