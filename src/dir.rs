@@ -291,7 +291,11 @@ impl Union {
                 Err(e) => return Err(e),
             };
             match sys::fstatat(dir.as_fd(), name, 0) {
-                Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
+                Ok(st) => {
+                    let xwhiteout =
+                        dir.has_xwhiteouts() && whiteout::is_xwhiteout(dir.as_fd(), name, &st);
+                    return Ok(!whiteout::is_whiteout(&st) && !xwhiteout);
+                }
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
                     if dir.has_aufs_whiteout(name.to_bytes(), true)? {
                         return Ok(false);

@@ -26,6 +26,8 @@ pub struct CachedDir {
     /// Lower layers only (they never change): the names `NAME` for which the directory holds
     /// `.wh.NAME`, once scanned; `None` when the directory is too large to scan.
     aufs_whiteouts: OnceLock<Option<HashSet<Box<[u8]>>>>,
+    /// Lower layers only: whether the directory may hold xattr whiteouts, once asked.
+    xwhiteouts: OnceLock<bool>,
 }
 
 impl AsFd for CachedDir {
@@ -39,7 +41,16 @@ impl CachedDir {
         CachedDir {
             fd,
             aufs_whiteouts: OnceLock::new(),
+            xwhiteouts: OnceLock::new(),
         }
+    }
+
+    /// Whether this lower directory may hold xattr whiteouts (`whiteout::has_xwhiteouts`),
+    /// asked once.
+    pub fn has_xwhiteouts(&self) -> bool {
+        *self
+            .xwhiteouts
+            .get_or_init(|| whiteout::has_xwhiteouts(self.fd.as_fd()))
     }
 
     /// Whether the directory holds `.wh.NAME`. In a lower layer one scan of the directory

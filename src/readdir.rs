@@ -182,10 +182,10 @@ impl Union {
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         for (i, &loc) in layers.iter().enumerate() {
             let last = i + 1 == layers.len();
-            let fd = match self
-                .dir_fd(dir, loc)
-                .and_then(|d| sys::open_dir_noatime(d.as_fd(), c"."))
-            {
+            let fd = match self.dir_fd(dir, loc).and_then(|d| {
+                let fd = sys::open_dir_noatime(d.as_fd(), c".")?;
+                Ok((fd, loc != Loc::Upper && d.has_xwhiteouts()))
+            }) {
                 Ok(fd) => fd,
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) && i > 0 => break,
                 Err(e) => return Err(e),
@@ -196,6 +196,8 @@ impl Union {
             };
             // `.wh.NAME` hides NAME in the layers below, not in its own.
             let mut hidden_below: Vec<Vec<u8>> = Vec::new();
+            // Regular files here may be xattr whiteouts (see `whiteout`).
+            let (fd, xwhiteouts) = fd;
             let mut err = None;
             sys::for_each_dirent(fd.as_fd(), |d| {
                 if err.is_some() || d.name == b"." || d.name == b".." {
@@ -234,6 +236,17 @@ impl Union {
                             return;
                         }
                     }
+                }
+                if xwhiteouts
+                    && dtype == libc::DT_REG
+                    && let Ok(cname) = std::ffi::CString::new(d.name)
+                    && let Ok(st) = sys::fstatat(fd.as_fd(), &cname, 0)
+                    && whiteout::is_xwhiteout(fd.as_fd(), &cname, &st)
+                {
+                    if !single {
+                        seen.insert(d.name.to_vec());
+                    }
+                    return;
                 }
                 if dtype == libc::DT_REG
                     && let Some(xattr) = self.override_xattr()

@@ -3,7 +3,10 @@
 //!
 //! Read, in every layer: a whiteout is a character device 0/0 or an empty `.wh.NAME`; a directory
 //! is opaque with `trusted.overlay.opaque=y`, `user.overlay.opaque=y`,
-//! `user.fuseoverlayfs.opaque=y`, or a `.wh..wh..opq` entry inside it.
+//! `user.fuseoverlayfs.opaque=y`, or a `.wh..wh..opq` entry inside it. In a lower layer, as
+//! kernel overlayfs reads them since Linux 6.7, an empty regular file with
+//! `trusted.overlay.whiteout` or `user.overlay.whiteout` is a whiteout too, in a directory whose
+//! `overlay.opaque` is `x` ("xattr whiteouts", which composefs-style layers use).
 //! Written, in the upper: see [`Format`].
 
 use std::ffi::{CStr, OsStr};
@@ -18,6 +21,9 @@ pub const OPAQUE_MARKER: &CStr = c".wh..wh..opq";
 pub const TRUSTED_OPAQUE: &CStr = c"trusted.overlay.opaque";
 pub const USER_OPAQUE: &CStr = c"user.overlay.opaque";
 pub const FUSEOVERLAYFS_OPAQUE: &CStr = c"user.fuseoverlayfs.opaque";
+
+pub const TRUSTED_XWHITEOUT: &CStr = c"trusted.overlay.whiteout";
+pub const USER_XWHITEOUT: &CStr = c"user.overlay.whiteout";
 
 pub const TRUSTED_PROTATTR: &CStr = c"trusted.overlay.protattr";
 pub const USER_PROTATTR: &CStr = c"user.overlay.protattr";
@@ -152,6 +158,25 @@ pub fn is_opaque_dir(dir: BorrowedFd<'_>) -> Result<bool> {
         Err(e) if e.code() == libc::ENOENT => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Whether a lower directory may hold xattr whiteouts: its `overlay.opaque` is `x` (such a
+/// directory is not opaque).
+pub fn has_xwhiteouts(dir: BorrowedFd<'_>) -> bool {
+    [TRUSTED_OPAQUE, USER_OPAQUE].iter().any(|name| {
+        let mut buf = [0u8; 2];
+        matches!(sys::getxattr(dir, name, &mut buf), Ok(1) if buf[0] == b'x')
+    })
+}
+
+/// Whether the entry `name` of a directory that may hold xattr whiteouts, of stat `st`, is
+/// one: an empty regular file with `overlay.whiteout`.
+pub fn is_xwhiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
+        && st.st_size == 0
+        && [TRUSTED_XWHITEOUT, USER_XWHITEOUT]
+            .iter()
+            .any(|x| sys::getxattr_at(dir, name, x, &mut []).is_ok())
 }
 
 #[cfg(test)]

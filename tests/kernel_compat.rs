@@ -432,6 +432,68 @@ const DIR_RECREATE: &[Op] = &[
     Mkdir("d2/sub"),
 ];
 
+/// Lowers with kernel overlayfs's xattr whiteouts (Linux 6.7 and later, as composefs-style
+/// layers carry them): in a directory whose `overlay.opaque` is `x`, an empty regular file
+/// with `overlay.whiteout` hides its name below.
+fn xwhiteout_layers() -> Layers {
+    let l = Layers::new(2);
+    l.lower(0)
+        .dir("x")
+        .xattr("x", "trusted.overlay.opaque", b"x")
+        .file("x/gone", "")
+        .xattr("x/gone", "trusted.overlay.whiteout", b"")
+        .file("x/sub", "")
+        .xattr("x/sub", "trusted.overlay.whiteout", b"")
+        .file("x/empty", "")
+        .file("x/kept", "k");
+    l.lower(1)
+        .file("x/gone", "hidden")
+        .file("x/sub/deep", "hidden")
+        .file("x/below", "b");
+    for lower in &l.lowers {
+        age(lower);
+    }
+    l
+}
+
+const XWHITEOUT_OPS: &[Op] = &[
+    Unlink("x/gone"),
+    Mkdir("x/sub"),
+    Write("x/sub/new", "n"),
+    Write("x/gone", "again"),
+    Unlink("x/empty"),
+    Rename("x/kept", "x/kept2"),
+    Unlink("x/below"),
+    Unlink("x/gone"),
+    Unlink("x/sub/new"),
+    Rmdir("x/sub"),
+    Rename("x/kept2", "x/sub"),
+    Rmdir("x"),
+];
+
+#[test]
+fn xattr_whiteouts_hide_as_on_kernel_overlayfs() {
+    run_both(&xwhiteout_layers(), XWHITEOUT_OPS, "xattr whiteouts");
+}
+
+/// Outside a directory marked `x`, a file with `overlay.whiteout` is a file, in the listing
+/// and to `lstat` alike. (Kernel overlayfs lists it there but answers ENOENT to a lookup once
+/// any directory of its layer is marked: it checks the xattr layer-wide on lookup and only in
+/// marked directories on readdir.)
+#[test]
+fn a_whiteout_xattr_outside_a_marked_directory_is_a_file() {
+    let l = xwhiteout_layers();
+    l.lower(0)
+        .file("y/notwh", "")
+        .xattr("y/notwh", "trusted.overlay.whiteout", b"");
+    l.lower(1).file("y/notwh", "below").file("y/other", "o");
+    let m = l.mount("u");
+    assert_eq!(names(&m.path("y")), ["notwh", "other"]);
+    let md = fs::symlink_metadata(m.path("y/notwh")).unwrap();
+    assert!(md.is_file() && md.len() == 0, "{md:?}");
+    assert_eq!(names(&m.path("x")), ["below", "empty", "kept"]);
+}
+
 #[test]
 fn directory_deleted_and_recreated_is_opaque() {
     run_both(&layers(), DIR_RECREATE, "dir recreate");
