@@ -1034,31 +1034,20 @@ pub fn btime_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(i64, u32)>> 
         .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec)))
 }
 
-/// The attributes `statx` reports of `name` in `dir` (`c""` or `c"."` for `dir` itself; links
-/// not followed) that its filesystem supports (STATX_ATTR_*).
 /// The id of the mount `path` is on (`STATX_MNT_ID`; symlinks followed), if the kernel says.
 pub fn mount_id(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut stx = MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: NUL-terminated path, `stx` is a valid out-pointer of the right type.
-    let r = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            0,
-            libc::STATX_MNT_ID,
-            stx.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: statx succeeded and filled the struct (it was zeroed before).
-    let stx = unsafe { stx.assume_init() };
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .ok()?;
+    let stx = statx_at(f.as_fd(), c"", libc::STATX_MNT_ID).ok()?;
     (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
 }
 
+/// The attributes `statx` reports of `name` in `dir` (`c""` or `c"."` for `dir` itself; links
+/// not followed) that its filesystem supports (STATX_ATTR_*).
 pub fn statx_attributes_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<u64> {
     let stx = statx_at(dir, name, 0)?;
     Ok(stx.stx_attributes & stx.stx_attributes_mask)
