@@ -292,9 +292,7 @@ impl Union {
             };
             match sys::fstatat(dir.as_fd(), name, 0) {
                 Ok(st) => {
-                    let xwhiteout =
-                        dir.has_xwhiteouts() && whiteout::is_xwhiteout(dir.as_fd(), name, &st);
-                    return Ok(!whiteout::is_whiteout(&st) && !xwhiteout);
+                    return Ok(!whiteout::is_whiteout(&st) && !dir.is_xwhiteout(name, &st));
                 }
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
                     if dir.has_aufs_whiteout(name.to_bytes(), true)? {

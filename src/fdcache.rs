@@ -6,6 +6,7 @@
 //! that threads do not meet on one lock; each shard is an LRU.
 
 use std::collections::HashSet;
+use std::ffi::CStr;
 use std::hash::{BuildHasher, RandomState};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -51,6 +52,14 @@ impl CachedDir {
         *self
             .xwhiteouts
             .get_or_init(|| whiteout::has_xwhiteouts(self.fd.as_fd()))
+    }
+
+    /// Whether `name`, of stat `st`, in this lower directory is an xattr whiteout. Costs
+    /// nothing but for an empty regular file, and then the directory's mark is asked once.
+    pub fn is_xwhiteout(&self, name: &CStr, st: &sys::Stat) -> bool {
+        whiteout::may_be_xwhiteout(st)
+            && self.has_xwhiteouts()
+            && whiteout::is_xwhiteout(self.fd.as_fd(), name, st)
     }
 
     /// Whether the directory holds `.wh.NAME`. In a lower layer one scan of the directory

@@ -280,13 +280,7 @@ impl Union {
             if whiteout::is_whiteout(&st) {
                 break;
             }
-            // An xattr whiteout: only empty regular files of lower layers need the two looks.
-            if loc != Loc::Upper
-                && st.st_size == 0
-                && st.st_mode & libc::S_IFMT == libc::S_IFREG
-                && dir.has_xwhiteouts()
-                && whiteout::is_xwhiteout(dir.as_fd(), &cname, &st)
-            {
+            if loc != Loc::Upper && dir.is_xwhiteout(&cname, &st) {
                 break;
             }
             let id = RealId::of(&st);

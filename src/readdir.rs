@@ -182,11 +182,12 @@ impl Union {
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         for (i, &loc) in layers.iter().enumerate() {
             let last = i + 1 == layers.len();
-            let fd = match self.dir_fd(dir, loc).and_then(|d| {
+            // Regular files of a marked lower directory may be xattr whiteouts (`whiteout`).
+            let (fd, xwhiteouts) = match self.dir_fd(dir, loc).and_then(|d| {
                 let fd = sys::open_dir_noatime(d.as_fd(), c".")?;
                 Ok((fd, loc != Loc::Upper && d.has_xwhiteouts()))
             }) {
-                Ok(fd) => fd,
+                Ok(v) => v,
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) && i > 0 => break,
                 Err(e) => return Err(e),
             };
@@ -196,8 +197,6 @@ impl Union {
             };
             // `.wh.NAME` hides NAME in the layers below, not in its own.
             let mut hidden_below: Vec<Vec<u8>> = Vec::new();
-            // Regular files here may be xattr whiteouts (see `whiteout`).
-            let (fd, xwhiteouts) = fd;
             let mut err = None;
             sys::for_each_dirent(fd.as_fd(), |d| {
                 if err.is_some() || d.name == b"." || d.name == b".." {

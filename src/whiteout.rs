@@ -169,14 +169,19 @@ pub fn has_xwhiteouts(dir: BorrowedFd<'_>) -> bool {
     })
 }
 
-/// Whether the entry `name` of a directory that may hold xattr whiteouts, of stat `st`, is
-/// one: an empty regular file with `overlay.whiteout`.
+/// Whether the entry `name` of a directory that may hold xattr whiteouts (`has_xwhiteouts`),
+/// of stat `st`, is one: an empty regular file with `overlay.whiteout`. The xattrs are read
+/// only for an empty regular file.
 pub fn is_xwhiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool {
-    st.st_mode & libc::S_IFMT == libc::S_IFREG
-        && st.st_size == 0
+    may_be_xwhiteout(st)
         && [TRUSTED_XWHITEOUT, USER_XWHITEOUT]
             .iter()
             .any(|x| sys::getxattr_at(dir, name, x, &mut []).is_ok())
+}
+
+/// Whether an object of stat `st` can be an xattr whiteout at all: an empty regular file.
+pub fn may_be_xwhiteout(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0
 }
 
 #[cfg(test)]
