@@ -324,35 +324,13 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                     .filter(|v| !v.is_empty())
                     .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))
             };
-            const FLAGS: &[&str] = &[
-                "squash_to_root",
-                "static_nlink",
-                "volatile",
-                "noacl",
-                "ro",
-                "rw",
-                "remount",
-                "allow_other",
-                "allow_root",
-                "default_permissions",
-                "dev",
-                "nodev",
-                "suid",
-                "nosuid",
-                "exec",
-                "noexec",
-                "atime",
-                "relatime",
-                "strictatime",
-                "noatime",
-                "diratime",
-                "nodiratime",
-            ];
-            if let Some(v) = &value
-                && FLAGS.contains(&key.as_str())
-            {
-                return Err(format!("option {key} takes no value (got {key}={v})"));
-            }
+            // A flag: `ro=0` must not mount read-only.
+            let flag = |v: &Option<String>| -> Result<(), String> {
+                match v {
+                    Some(v) => Err(format!("option {key} takes no value (got {key}={v})")),
+                    None => Ok(()),
+                }
+            };
             let twice = |what: &str, opt: &str, flag: &str, from_flag: bool| {
                 if from_flag {
                     format!("{what} given twice ({flag} and {opt}=)")
@@ -390,7 +368,10 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                     idmap.gids = idmap::parse_ranges(&need(&value)?)
                         .map_err(|e| format!("option gidmapping: {e}"))?
                 }
-                "squash_to_root" => squash_root = true,
+                "squash_to_root" => {
+                    flag(&value)?;
+                    squash_root = true;
+                }
                 "squash_to_uid" => idmap.squash_uid = Some(parse_num(&key, &need(&value)?)?),
                 "squash_to_gid" => idmap.squash_gid = Some(parse_num(&key, &need(&value)?)?),
                 "xattr_permissions" => {
@@ -406,7 +387,10 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                         }
                     }
                 }
-                "static_nlink" => opts.static_nlink = true,
+                "static_nlink" => {
+                    flag(&value)?;
+                    opts.static_nlink = true;
+                }
                 "timeout" => {
                     let v = need(&value)?;
                     let secs: f64 = v
@@ -424,8 +408,14 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                     }
                 }
                 "fsync" => opts.fsync = parse_bool01(&key, &need(&value)?)?,
-                "volatile" => opts.fsync = false,
-                "noacl" => opts.posix_acl = false,
+                "volatile" => {
+                    flag(&value)?;
+                    opts.fsync = false;
+                }
+                "noacl" => {
+                    flag(&value)?;
+                    opts.posix_acl = false;
+                }
                 "readdirplus" => {
                     opts.readdirplus = match need(&value)?.as_str() {
                         "off" => crate::union::ReaddirPlus::Off,
@@ -438,20 +428,27 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                         }
                     }
                 }
-                "ro" => {
-                    flags.read_only = true;
-                    ro_given = Some(true);
+                "ro" | "rw" => {
+                    flag(&value)?;
+                    flags.read_only = key == "ro";
+                    ro_given = Some(flags.read_only);
                 }
-                "rw" => {
-                    flags.read_only = false;
-                    ro_given = Some(false);
+                "remount" => {
+                    flag(&value)?;
+                    remount = true;
                 }
-                "remount" => remount = true,
-                "allow_other" => flags.allow_other = Some(true),
-                "allow_root" => flags.allow_root = true,
-                "default_permissions" => {}
+                "allow_other" => {
+                    flag(&value)?;
+                    flags.allow_other = Some(true);
+                }
+                "allow_root" => {
+                    flag(&value)?;
+                    flags.allow_root = true;
+                }
+                "default_permissions" => flag(&value)?,
                 "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "relatime"
                 | "strictatime" | "noatime" | "diratime" | "nodiratime" => {
+                    flag(&value)?;
                     flags.set(&key);
                     changes.extend(MountFlags::ms_changes(&key));
                 }
@@ -846,6 +843,22 @@ mod tests {
             "volatile=1",
             "nodev=1",
             "atime=0",
+            "squash_to_root=1",
+            "rw=1",
+            "remount=1",
+            "allow_other=0",
+            "allow_root=1",
+            "default_permissions=0",
+            "dev=0",
+            "suid=0",
+            "nosuid=0",
+            "exec=0",
+            "noexec=0",
+            "relatime=1",
+            "strictatime=1",
+            "noatime=0",
+            "diratime=1",
+            "nodiratime=0",
         ] {
             let e = err(&["/m", "-o", &format!("{base},{flag}")]);
             let key = flag.split('=').next().unwrap();
