@@ -540,15 +540,14 @@ impl Union {
 
     pub fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<XattrReply> {
         let cname = self.stored_xattr_name(name)?;
+        let access_acl = *cname == *crate::acl::ACCESS;
         // With `xattr_permissions` the mode shown is the override's, and an access ACL shows
         // it, as a chmod puts it into the ACL (`acl::set_mode`).
-        let shown_mode = self
-            .override_xattr()
-            .filter(|_| *cname == *crate::acl::ACCESS);
+        let override_xattr = self.override_xattr().filter(|_| access_acl);
         let read = || {
             self.with_object_or_fd(node, self.top_loc(node), None, false, |d, p| {
                 let value = sys::getxattr_vec_at(d, p, &cname)?;
-                match (value, shown_mode) {
+                match (value, override_xattr) {
                     (Some(mut acl), Some(xattr)) => {
                         let o = sys::getxattr_vec_at(d, p, xattr)?
                             .and_then(|v| crate::override_stat::Override::parse(&v));
@@ -561,21 +560,20 @@ impl Union {
                 }
             })
         };
-        // Owner bits granted for a moment (`grant`) show in the access ACL's owner entry
-        // too: the view shows the mode from before there as well.
-        let read = || {
-            if *cname != *crate::acl::ACCESS || shown_mode.is_some() {
-                return read();
-            }
-            match node.read_outside_grants(read)? {
+        // Otherwise owner bits granted for a moment (`grant`) would show in the access ACL's
+        // owner entry: it shows the mode from before, as a stat does.
+        let value = if access_acl && override_xattr.is_none() {
+            node.read_outside_grants(read).map(|read| match read {
                 (Some(mut acl), Some(mode)) => {
                     crate::acl::set_mode(&mut acl, mode);
-                    Ok(Some(acl))
+                    Some(acl)
                 }
-                (v, _) => Ok(v),
-            }
+                (v, _) => v,
+            })
+        } else {
+            read()
         };
-        let value = match read() {
+        let value = match value {
             // A layer without POSIX ACLs (squashfs) holds none: "not supported" there is "no
             // ACL", as the kernel's own ACL code (and kernel overlayfs) takes it. Passed on,
             // it would fail every permission check that consults the ACL.
