@@ -176,27 +176,6 @@ fn run_union(l: &Layers, ops: &[(Op, Result<(), i32>)]) -> Mount {
 // Comparison with kernel overlayfs
 // ---------------------------------------------------------------------------------------
 
-/// Timestamp given to every lower object; anything newer was set while the test ran.
-const OLD: i64 = 1_500_000_000;
-
-/// Sets atime/mtime of every non-directory under `root` to OLD.
-fn age(root: &Path) {
-    for e in fs::read_dir(root).unwrap() {
-        let p = e.unwrap().path();
-        if fs::symlink_metadata(&p).unwrap().is_dir() {
-            age(&p);
-        } else {
-            set_times(&p, OLD, OLD);
-        }
-    }
-}
-
-fn age_all(l: &Layers) {
-    for lower in &l.lowers {
-        age(lower);
-    }
-}
-
 /// The overlay xattrs that define the view (kernel overlayfs also writes bookkeeping ones —
 /// origin, impure, uuid — that unionmount need not).
 fn view_xattr(name: &str) -> bool {

@@ -105,22 +105,6 @@ fn apply(root: &Path, ops: &[Op]) -> Vec<Result<(), i32>> {
 // Layers and comparison
 // ---------------------------------------------------------------------------------------
 
-/// Timestamp given to every lower object; anything newer was set while the test ran.
-const OLD: i64 = 1_500_000_000;
-
-/// Sets atime/mtime of every non-directory under `root` to OLD.
-fn age(root: &Path) {
-    for e in fs::read_dir(root).unwrap() {
-        let p = e.unwrap().path();
-        let md = fs::symlink_metadata(&p).unwrap();
-        if md.is_dir() {
-            age(&p);
-        } else {
-            set_times(&p, OLD, OLD);
-        }
-    }
-}
-
 /// Lowers in formats kernel overlayfs reads (char 0/0 whiteouts, trusted.overlay.opaque):
 /// shadowed files, merged directories, an opaque directory, whiteouts, a hard link, a
 /// symlink, a fifo and user xattrs.
@@ -156,9 +140,7 @@ fn layers() -> Layers {
         .file("m/sub/deep", "2")
         .file("bottom", "2")
         .file("ld/z", "z");
-    for lower in &l.lowers {
-        age(lower);
-    }
+    age_all(&l);
     l
 }
 
@@ -450,9 +432,7 @@ fn xwhiteout_layers() -> Layers {
         .file("x/gone", "hidden")
         .file("x/sub/deep", "hidden")
         .file("x/below", "b");
-    for lower in &l.lowers {
-        age(lower);
-    }
+    age_all(&l);
     l
 }
 

@@ -4,9 +4,8 @@
 //! with writeback caching (`--passthrough off`, the rootless path).
 //! As the root of a rootless container's user namespace (the test user mapping itself to
 //! root and its subordinate ids below), on both kinds of mount, it must fail nothing that
-//! passes on a plain directory
-//! in the same namespace, but for char 0/0 nodes without `xattr_permissions` (see
-//! scripts/pjdfstest.sh).
+//! passes on a plain directory in the same namespace, but for char 0/0 nodes without
+//! `xattr_permissions` (see scripts/pjdfstest.sh).
 //! scripts/pjdfstest.sh does the runs; this test fails if pjdfstest is missing.
 
 mod common;

@@ -224,6 +224,28 @@ pub fn set_times(p: &Path, atime: i64, mtime: i64) {
     );
 }
 
+/// Timestamp `age` gives to lower objects; anything newer was set while a test ran.
+pub const OLD: i64 = 1_500_000_000;
+
+/// Sets atime/mtime of every non-directory under `root` to `OLD`.
+pub fn age(root: &Path) {
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            age(&p);
+        } else {
+            set_times(&p, OLD, OLD);
+        }
+    }
+}
+
+/// `age` for every lower layer of `l`.
+pub fn age_all(l: &Layers) {
+    for lower in &l.lowers {
+        age(lower);
+    }
+}
+
 /// The errno of a failed `std::io` call.
 pub fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     match r {
