@@ -51,6 +51,11 @@ const MAX_RETRIES: usize = 16;
 /// Optimistic probes of a lookup before it takes the directory's lock.
 const LOOKUP_TRIES: usize = 4;
 
+/// The parent of the node's first name (none for the root or a node without names).
+fn first_parent(node: &Node) -> Option<Arc<Node>> {
+    node.state().links.first().map(|l| l.parent.clone())
+}
+
 /// Opening a whiteout (a 0/0 character device) fails with ENXIO: for a node that is no
 /// device, socket or FIFO, that means its name was deleted or renamed meanwhile.
 fn stale_name_error(node: &Node, e: Errno) -> Errno {
@@ -125,6 +130,29 @@ impl Union {
         }
         if !node.is_dir() {
             return Err(Errno::ENOTDIR);
+        }
+        // Ancestors whose fds are not cached either are opened first, top-down, so that each
+        // open below finds its parent's fd cached: a directory thousands of levels deep (a
+        // layer's content, or made through the view) must not cost a stack frame per level.
+        let mut missing = Vec::new();
+        let mut up = first_parent(node);
+        while let Some(p) = up {
+            if p.is_root() || self.fds.get(p.serial, loc).is_some() {
+                break;
+            }
+            up = first_parent(&p);
+            missing.push(p);
+        }
+        for p in missing.iter().rev() {
+            self.open_dir_fd(p, loc)?;
+        }
+        self.open_dir_fd(node, loc)
+    }
+
+    /// `dir_fd` of a node whose parent's fd is (normally) cached.
+    fn open_dir_fd(&self, node: &Node, loc: Loc) -> Result<Arc<CachedDir>> {
+        if let Some(fd) = self.fds.get(node.serial, loc) {
+            return Ok(fd);
         }
         let fd = if node.is_root() {
             let layer = match loc {

@@ -408,3 +408,92 @@ fn an_idle_daemon_sleeps_and_still_does_the_work_requests_leave() {
     );
     assert_eq!(m.read("d00/f").len(), big.len());
 }
+
+/// Makes `depth` nested directories `d` under `top` with `*at` calls (the paths outgrow
+/// PATH_MAX) and returns an fd of the bottom one.
+fn deep_chain(top: &Path, depth: usize) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    fs::create_dir(top).unwrap();
+    let mut fd = OwnedFd::from(fs::File::open(top).unwrap());
+    for level in 0..depth {
+        // SAFETY: fd is open, the name is a NUL-terminated literal.
+        let made = unsafe { libc::mkdirat(fd.as_raw_fd(), c"d".as_ptr(), 0o755) };
+        assert_eq!(
+            made,
+            0,
+            "mkdir at level {level}: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: as above; the result is checked before it is owned.
+        let next = unsafe {
+            libc::openat(
+                fd.as_raw_fd(),
+                c"d".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )
+        };
+        assert!(
+            next >= 0,
+            "open at level {level}: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a fresh fd nobody else owns.
+        fd = unsafe { OwnedFd::from_raw_fd(next) };
+    }
+    fd
+}
+
+/// The daemon reopens the directory fds its cache dropped from the top down, not by one
+/// nested call per level: a lookup and a create at the bottom of a chain of thousands of
+/// directories, made after a walk down another chain evicted the first one's fds, used to
+/// overflow the serving thread's stack and abort the daemon (the whole mount gone). Layer
+/// content may nest that deep, and so may anyone who can write to the mount.
+#[test]
+fn a_request_below_thousands_of_evicted_directories_is_served() {
+    use std::os::fd::AsRawFd;
+    let l = Layers::new(1);
+    let m = l.mount("m");
+    let pid = daemon_pid(&m.merged);
+    let depth = fd_cache_bound(pid) * 3 / 2;
+    let a = deep_chain(&m.path("a"), depth);
+    let b = deep_chain(&m.path("b"), depth);
+    drop(b);
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a is an open directory fd, st is a valid out-buffer.
+    let r = unsafe { libc::fstatat(a.as_raw_fd(), c"missing".as_ptr(), &mut st, 0) };
+    let e = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!(
+        (r, e),
+        (-1, Some(libc::ENOENT)),
+        "lookup at the bottom of {depth} levels"
+    );
+    // SAFETY: as above; the result is checked.
+    let f = unsafe {
+        libc::openat(
+            a.as_raw_fd(),
+            c"f".as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        )
+    };
+    assert!(
+        f >= 0,
+        "create at the bottom: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: f was just opened by us.
+    unsafe { libc::close(f) };
+    assert!(m.path("").metadata().is_ok(), "the mount still answers");
+    drop(a);
+    let upper = m.upper.clone().unwrap();
+    drop(m);
+    // Deleting this deep a tree needs rm (std's remove_dir_all recurses per level).
+    for top in ["a", "b"] {
+        let ok = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(upper.join(top))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
