@@ -74,16 +74,31 @@ impl Override {
         s
     }
 
+    /// The type (and device number) shown for a real object of type `real`, when not its
+    /// own: only a regular file stands in for another type, a device, FIFO or socket its
+    /// writer could not make. Layers are untrusted: a directory recorded as a socket, or a
+    /// file recorded as a directory or a symlink, shows as what it is.
+    pub fn shown_kind(&self, real: u32) -> Option<(u32, u64)> {
+        self.kind.filter(|(kind, _)| {
+            real == libc::S_IFREG
+                && matches!(
+                    *kind,
+                    libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO | libc::S_IFSOCK
+                )
+        })
+    }
+
     /// Shows the override in a stat of the real object.
     pub fn apply(&self, st: &mut Stat) {
         st.st_uid = self.uid;
         st.st_gid = self.gid;
-        let kind = match self.kind {
+        let real = st.st_mode & libc::S_IFMT;
+        let kind = match self.shown_kind(real) {
             Some((kind, rdev)) => {
                 st.st_rdev = rdev;
                 kind
             }
-            None => st.st_mode & libc::S_IFMT,
+            None => real,
         };
         st.st_mode = kind | self.perm;
     }
@@ -228,6 +243,29 @@ mod tests {
         );
         // containers-storage writes the whole mode, type bits included.
         assert_eq!(Override::parse(b"0:0:0100755").unwrap().perm, 0o755);
+    }
+
+    /// Only a regular file shows another type, and only one it can stand in for.
+    #[test]
+    fn a_recorded_type_changes_only_a_regular_file() {
+        let shown = |v: &[u8], real: u32| {
+            let mut st = stat(real | 0o700);
+            Override::parse(v).unwrap().apply(&mut st);
+            st.st_mode & libc::S_IFMT
+        };
+        assert_eq!(shown(b"0:0:755:socket", libc::S_IFDIR), libc::S_IFDIR);
+        assert_eq!(shown(b"0:0:755:char-1-3", libc::S_IFDIR), libc::S_IFDIR);
+        assert_eq!(shown(b"0:0:755:dir", libc::S_IFREG), libc::S_IFREG);
+        assert_eq!(shown(b"0:0:755:symlink", libc::S_IFREG), libc::S_IFREG);
+        assert_eq!(shown(b"0:0:755:char-1-3", libc::S_IFLNK), libc::S_IFLNK);
+        for (v, kind) in [
+            (&b"0:0:644:pipe"[..], libc::S_IFIFO),
+            (b"0:0:644:socket", libc::S_IFSOCK),
+            (b"0:0:644:char-1-3", libc::S_IFCHR),
+            (b"0:0:644:block-8-0", libc::S_IFBLK),
+        ] {
+            assert_eq!(shown(v, libc::S_IFREG), kind, "{v:?}");
+        }
     }
 
     #[test]

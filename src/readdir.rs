@@ -251,8 +251,8 @@ impl Union {
                     && let Some(xattr) = self.override_xattr()
                     && let Ok(cname) = std::ffi::CString::new(d.name)
                     && let Ok(Some(v)) = sys::getxattr_vec_at(fd.as_fd(), &cname, xattr)
-                    && let Some((kind, _)) =
-                        crate::override_stat::Override::parse(&v).and_then(|o| o.kind)
+                    && let Some((kind, _)) = crate::override_stat::Override::parse(&v)
+                        .and_then(|o| o.shown_kind(libc::S_IFREG))
                 {
                     // xattr_permissions: a regular file standing in for a device or a fifo.
                     dtype = dtype_of_mode(kind);

@@ -487,6 +487,44 @@ fn xattr_permissions_override_stat() {
 /// `xattr_permissions=2`: setting an access ACL sets the mode shown, as on ext4 (`cp -a` and
 /// `cp -p` set a copy's mode by setting an ACL with the bits alone), and an ACL read back
 /// shows the mode; ext4 in a plain directory beside the mount is the oracle.
+/// `xattr_permissions=2` over untrusted layers: only a regular file shows the type its
+/// override records (a device, FIFO or socket stored as a file). A directory recorded as a
+/// socket used to show as one, and a rename then copied up the "socket" alone: its contents
+/// were gone from the view.
+#[test]
+fn xattr_permissions_types_change_only_regular_files() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("sockdir/in", "kept")
+        .file("dirfile", "plain")
+        .xattr(
+            "sockdir",
+            "user.containers.override_stat",
+            b"0:0:0755:socket",
+        )
+        .xattr("dirfile", "user.containers.override_stat", b"0:0:0644:dir");
+    let m = l.mount_with("u", &["-o", "xattr_permissions=2"]);
+    let md = fs::symlink_metadata(m.path("sockdir")).unwrap();
+    assert!(md.is_dir(), "a directory recorded as a socket: {md:?}");
+    assert!(fs::symlink_metadata(m.path("dirfile")).unwrap().is_file());
+    let types: Vec<_> = fs::read_dir(m.path(""))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() == "sockdir" || e.file_name() == "dirfile")
+        .map(|e| (e.file_name(), e.file_type().unwrap().is_dir()))
+        .collect();
+    assert_eq!(types.len(), 2);
+    for (name, is_dir) in types {
+        assert_eq!(is_dir, name == "sockdir", "listing's type of {name:?}");
+    }
+    // A lower directory cannot be renamed (EXDEV), and its contents stay.
+    assert_eq!(
+        errno(fs::rename(m.path("sockdir"), m.path("sockdir2"))),
+        libc::EXDEV
+    );
+    assert_eq!(m.read("sockdir/in"), "kept");
+}
+
 #[test]
 fn xattr_permissions_acls_set_the_mode() {
     let l = Layers::new(1);
