@@ -615,18 +615,32 @@ impl Union {
         }
     }
 
-    pub fn listxattr(&self, node: &Node, size: u32) -> Result<XattrReply> {
+    /// The names of a node's xattrs, less the private ones. `trusted.*` names are listed
+    /// only when `may_list_trusted` says the caller has CAP_SYS_ADMIN (asked only when there
+    /// is one), as ext4 and kernel overlayfs list them: the daemon itself reads them all.
+    pub fn listxattr(
+        &self,
+        node: &Node,
+        size: u32,
+        may_list_trusted: impl FnOnce() -> bool,
+    ) -> Result<XattrReply> {
         let names =
             self.with_object_or_fd(node, self.top_loc(node), None, false, sys::listxattr_vec_at)?;
-        let mut out = Vec::new();
-        for n in names {
+        let mut shown = Vec::new();
+        for n in &names {
             if let Some(view) = whiteout::unescape_xattr(n.as_bytes()) {
-                out.extend_from_slice(&view);
-                out.push(0);
+                shown.push(std::borrow::Cow::Owned(view));
             } else if !self.is_private_xattr(n.as_bytes()) {
-                out.extend_from_slice(n.as_bytes());
-                out.push(0);
+                shown.push(std::borrow::Cow::Borrowed(n.as_bytes()));
             }
+        }
+        if shown.iter().any(|n| n.starts_with(b"trusted.")) && !may_list_trusted() {
+            shown.retain(|n| !n.starts_with(b"trusted."));
+        }
+        let mut out = Vec::new();
+        for n in shown {
+            out.extend_from_slice(&n);
+            out.push(0);
         }
         xattr_reply(out, size)
     }

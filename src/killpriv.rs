@@ -31,6 +31,7 @@ const S_ISGID: u16 = 0o2000;
 const S_IXGRP: u16 = 0o0010;
 const CAP_FOWNER: u32 = 3;
 const CAP_FSETID: u32 = 4;
+const CAP_SYS_ADMIN: u32 = 21;
 
 /// What the bit rules need to know about the process behind a request.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -42,6 +43,8 @@ pub struct Caller {
     /// That capability counts for data changes too: the kernel asks `capable(CAP_FSETID)`
     /// there, which only a process of the initial user namespace can pass.
     pub initial_ns: bool,
+    /// CAP_SYS_ADMIN in the initial user namespace (what `trusted.*` xattrs need).
+    pub sys_admin: bool,
     pub fsgid: u32,
     pub groups: Vec<u32>,
 }
@@ -57,15 +60,18 @@ impl Caller {
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let mut c = Caller::parse(&status)?;
-        if c.fsetid || c.fowner {
+        if c.fsetid || c.fowner || c.sys_admin {
             // Capabilities held in a user namespace of their own do not count here.
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
             let ours = std::fs::read_link("/proc/self/ns/user").ok();
             let here = theirs.is_some() && theirs == ours;
             c.fsetid &= here;
             c.fowner &= here;
+            c.sys_admin &= here;
         }
-        c.initial_ns = c.fsetid && !crate::union::in_user_namespace();
+        let initial = !crate::union::in_user_namespace();
+        c.initial_ns = c.fsetid && initial;
+        c.sys_admin &= initial;
         Some(c)
     }
 
@@ -99,6 +105,7 @@ impl Caller {
             fsetid: cap_eff & (1 << CAP_FSETID) != 0,
             fowner: cap_eff & (1 << CAP_FOWNER) != 0,
             initial_ns: false,
+            sys_admin: cap_eff & (1 << CAP_SYS_ADMIN) != 0,
             fsgid,
             groups,
         })
@@ -453,6 +460,7 @@ mod tests {
             fsetid,
             fowner: false,
             initial_ns,
+            sys_admin: false,
             fsgid: 1000,
             groups: groups.to_vec(),
         }
@@ -469,12 +477,15 @@ mod tests {
                 fsetid: true,
                 fowner: false,
                 initial_ns: false,
+                sys_admin: false,
                 fsgid: 103,
                 groups: vec![5, 27]
             }
         );
         let c = Caller::parse(&status.replace("0000000000000010", "00000000000000ef")).unwrap();
-        assert!(!c.fsetid && c.fowner);
+        assert!(!c.fsetid && c.fowner && !c.sys_admin);
+        let c = Caller::parse(&status.replace("0000000000000010", "0000000000200000")).unwrap();
+        assert!(c.sys_admin && !c.fsetid);
         assert!(Caller::parse("Name:\tsh\n").is_none());
         // Kernel threads act with credentials /proc does not show.
         assert!(Caller::parse(&format!("{status}Kthread:\t1\n")).is_none());

@@ -2538,3 +2538,54 @@ fn objects_deleted_while_held_answer_as_on_kernel_overlayfs() {
     }
     assert_eq!(rows, ["xd: 1234 1234", "xf: 1234 1234", "xg: 1234 1234"]);
 }
+
+/// The xattr names `path` lists to `user` (None: root), one per line, sorted.
+fn listed_xattrs(path: &Path, user: Option<&str>) -> String {
+    let script = "import os, sys; print(sorted(os.listxattr(sys.argv[1], follow_symlinks=False)))";
+    let mut cmd = match user {
+        Some(u) => {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", u, "--regid", u, "--clear-groups", "--"]);
+            c.arg("/usr/bin/python3");
+            c
+        }
+        None => Command::new("/usr/bin/python3"),
+    };
+    let out = cmd.args(["-I", "-c", script]).arg(path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "listxattr {} as {user:?}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `trusted.*` xattr names are listed only to callers with CAP_SYS_ADMIN, as ext4 and kernel
+/// overlayfs list them; the daemon reads them all, and used to list them to everybody.
+#[test]
+fn trusted_xattr_names_are_listed_only_to_the_privileged() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("f", "x")
+        .xattr("f", "trusted.secret", b"s")
+        .xattr("f", "user.public", b"p")
+        .dir("d")
+        .xattr("d", "trusted.secret", b"s");
+    fs::set_permissions(l.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let k = l.mount_kernel("k");
+    let u = l.mount("u");
+    for (rel, root_sees, nobody_sees) in [
+        ("f", "['trusted.secret', 'user.public']", "['user.public']"),
+        ("d", "['trusted.secret']", "[]"),
+    ] {
+        for (user, want) in [(None, root_sees), (Some("65534"), nobody_sees)] {
+            assert_eq!(
+                listed_xattrs(&k.path(rel), user),
+                want,
+                "kernel: {rel} as {user:?}"
+            );
+            assert_eq!(listed_xattrs(&u.path(rel), user), want, "{rel} as {user:?}");
+        }
+    }
+}
