@@ -8,9 +8,9 @@
 //!
 //! Listings are kept in a bounded cache shared by readdir, the link count of merged
 //! directories and rmdir's emptiness check; every change to a directory bumps its version and
-//! so retires its cached listing. An open directory keeps the listing it read at offset 0, so
-//! offsets stay valid while the directory changes; reading from offset 0 again (rewinddir)
-//! takes a fresh one.
+//! so retires its cached listing. An open directory keeps the listing it read at offset 0;
+//! reading from offset 0 again (rewinddir) takes a fresh one. Offsets come from the names (see
+//! `Listing`), so they keep their place in any listing of the directory.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -33,9 +33,17 @@ pub struct Entry {
     pub dtype: u8,
     /// The real object the name shows (its number comes from the table).
     pub id: RealId,
+    /// The entry's directory offset (see `Listing`).
+    pub pos: u64,
 }
 
-/// The merged entries of one directory (without `.` and `..`).
+/// The merged entries of one directory (without `.` and `..`), in the order of their
+/// offsets. An entry's offset comes from its name (a keyed hash, as ext4's come from its
+/// hashed names), not from its place in one listing: the kernel keeps listings in its cache
+/// across opens and continues a directory stream read from its cache with the daemon when the
+/// cache is dropped (another open lists the directory after a change), so an offset must
+/// mean the same place in any listing of the directory. Entries not removed or added
+/// meanwhile are then read exactly once, whatever changed around them.
 pub struct Listing {
     pub entries: Vec<Entry>,
     pub subdirs: u64,
@@ -138,6 +146,32 @@ pub struct DirEntry<'a> {
     pub next: u64,
 }
 
+/// Offsets 0 and 1 are `.` and `..`; reading from 2 starts at the first entry.
+const FIRST_ENTRY: u64 = 2;
+
+/// The offset of an entry named `name`: a hash keyed per daemon (so a layer's names cannot
+/// be made to collide), above `FIRST_ENTRY`, and below 2^62 + 3 so that the next offset
+/// (`pos + 1`) and any made unique after a collision stay positive as an `off_t`.
+fn name_offset(name: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    let h = KEY.get_or_init(std::hash::RandomState::new).hash_one(name);
+    FIRST_ENTRY + 1 + (h >> 2)
+}
+
+/// Sorts entries by offset and makes offsets unique (two names with one hash: the later
+/// name, by bytes, takes the next free offset).
+fn order_by_offset(entries: &mut [Entry]) {
+    entries.sort_unstable_by(|a, b| {
+        (a.pos, a.name.as_encoded_bytes()).cmp(&(b.pos, b.name.as_encoded_bytes()))
+    });
+    for i in 1..entries.len() {
+        if entries[i].pos <= entries[i - 1].pos {
+            entries[i].pos = entries[i - 1].pos + 1;
+        }
+    }
+}
+
 pub fn dtype_of_mode(mode: u32) -> u8 {
     match sys::file_type(mode) {
         libc::S_IFDIR => libc::DT_DIR,
@@ -158,7 +192,8 @@ impl Union {
         if let Some(l) = self.listings.get(dir.serial, version) {
             return Ok(l);
         }
-        let entries = self.merged_entries(dir)?;
+        let mut entries = self.merged_entries(dir)?;
+        order_by_offset(&mut entries);
         let subdirs = entries.iter().filter(|e| e.dtype == libc::DT_DIR).count() as u64;
         let l = Arc::new(Listing { entries, subdirs });
         // Cached only if the directory did not change while it was read.
@@ -261,6 +296,7 @@ impl Union {
                     seen.insert(d.name.to_vec());
                 }
                 out.push(Entry {
+                    pos: name_offset(d.name),
                     name: OsString::from_vec(d.name.to_vec()),
                     dtype,
                     id: RealId { dev, ino },
@@ -403,21 +439,28 @@ impl Union {
             .first()
             .map(|l| l.parent.ino)
             .unwrap_or(node.ino);
-        let total = listing.entries.len() as u64 + 2;
-        for i in offset..total {
-            let (name, dtype, ino) = match i {
-                0 => (std::ffi::OsStr::new("."), libc::DT_DIR, node.ino),
-                1 => (std::ffi::OsStr::new(".."), libc::DT_DIR, parent_ino),
-                _ => {
-                    let e = &listing.entries[(i - 2) as usize];
-                    (e.name.as_os_str(), e.dtype, self.table.ino_for(e.id))
-                }
-            };
+        let dots = [
+            (std::ffi::OsStr::new("."), node.ino),
+            (std::ffi::OsStr::new(".."), parent_ino),
+        ];
+        for (i, (name, ino)) in dots.into_iter().enumerate().skip(offset as usize) {
+            let next = i as u64 + 1;
             if add(DirEntry {
                 name,
-                dtype,
+                dtype: libc::DT_DIR,
                 ino,
-                next: i + 1,
+                next,
+            }) {
+                return Ok(());
+            }
+        }
+        let first = listing.entries.partition_point(|e| e.pos < offset);
+        for e in &listing.entries[first..] {
+            if add(DirEntry {
+                name: e.name.as_os_str(),
+                dtype: e.dtype,
+                ino: self.table.ino_for(e.id),
+                next: e.pos + 1,
             }) {
                 break;
             }

@@ -255,6 +255,66 @@ fn telldir_seekdir_are_stable() {
     assert!(names.contains(&"zz_new".to_string()) && !names.contains(&"f199".to_string()));
 }
 
+/// Deletes every entry of `dir` while reading it with one stream, after a full listing (which
+/// the kernel keeps in its cache); after 1,000 deletions another stream reads a few entries,
+/// as an `ls` elsewhere would. Returns the number deleted and the number left.
+fn delete_while_reading(dir: &std::path::Path) -> (usize, usize) {
+    let _ = fs::read_dir(dir).unwrap().count();
+    let d = CString::new(dir.as_os_str().as_bytes()).unwrap();
+    let mut deleted = 0;
+    // SAFETY: directory stream calls on streams we open and close.
+    unsafe {
+        let dp = libc::opendir(d.as_ptr());
+        assert!(!dp.is_null());
+        loop {
+            let e = libc::readdir(dp);
+            if e.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            if name == "." || name == ".." {
+                continue;
+            }
+            fs::remove_file(dir.join(&name)).unwrap();
+            deleted += 1;
+            if deleted == 1000 {
+                let other = libc::opendir(d.as_ptr());
+                assert!(!other.is_null());
+                for _ in 0..10 {
+                    assert!(!libc::readdir(other).is_null());
+                }
+                libc::closedir(other);
+            }
+        }
+        libc::closedir(dp);
+    }
+    (deleted, fs::read_dir(dir).unwrap().count())
+}
+
+/// A stream the kernel served from its listing cache goes on with the daemon when another
+/// open finds the directory changed and drops that cache: its offset must keep its place in
+/// the daemon's new listing. Offsets used to be places in one listing, so the stream skipped
+/// as many entries as had been deleted (1,022 files of 5,000 left behind by a
+/// delete-while-reading loop, `rm -r` style); kernel overlayfs leaves none.
+#[test]
+fn a_stream_continued_after_another_open_misses_nothing() {
+    let l = Layers::new(2);
+    for i in 0..3000 {
+        l.lower(i % 2).file(&format!("d/f{i:04}"), "");
+    }
+    let k = l.mount_kernel("k");
+    let m = l.mount("u");
+    assert_eq!(
+        delete_while_reading(&k.path("d")),
+        (3000, 0),
+        "kernel overlayfs"
+    );
+    assert_eq!(delete_while_reading(&m.path("d")), (3000, 0));
+    fs::remove_dir(m.path("d")).unwrap();
+}
+
 /// A layer that deleted a directory and made a new one of the same name holds both `.wh.d`
 /// and `d`: the new directory shows only its own entries, none of the deleted one's below.
 #[test]
@@ -484,14 +544,23 @@ fn single_entry_listing_replies_skip_removed_names() {
     for n in ["a", "b", "c", "d", "e"] {
         l.lower(0).file(&format!("d/{n}"), n);
     }
-    // The merged listing of a one-layer directory keeps the layer's order.
-    let order: Vec<String> = std::fs::read_dir(l.lower(0).path("d"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(order.len(), 5);
-    let last = order[4].clone();
     let m = l.mount_with("u", &["-o", "readdirplus=auto"]);
+    // The listing's order (the daemon's offsets), read by another process; a name made and
+    // removed then has the kernel drop the listing it cached meanwhile.
+    let out = std::process::Command::new("ls")
+        .arg("-f")
+        .arg(m.path("d"))
+        .output()
+        .unwrap();
+    let order: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| *n != "." && *n != "..")
+        .map(str::to_string)
+        .collect();
+    assert_eq!(order.len(), 5, "{order:?}");
+    std::fs::write(m.path("d/tmp"), "").unwrap();
+    std::fs::remove_file(m.path("d/tmp")).unwrap();
+    let last = order[4].clone();
     // A process's first directory gets a whole batch; the next one is probed with one entry.
     std::fs::read_dir(m.path("")).unwrap().for_each(drop);
     // A lookup in the directory makes the kernel ask for attributes in the next reply.
