@@ -935,10 +935,18 @@ impl Union {
     }
 
     pub fn release(&self, fh: u64) {
+        let Some(h) = self.handles.remove_file(fh) else {
+            return;
+        };
+        if h.writable && h.backing.is_some() {
+            // Writes through a shared mapping of a passthrough file change its times without
+            // the kernel's FUSE inode knowing (a write(2) drops its cached attributes; a
+            // mapping's page faults do not). Its last user is gone now: a stat asks again.
+            self.invalidate_attrs(h.node.ino);
+        }
         // A deleted upper file keeps the attributes it has as its open files close (see
         // `Node::held_stat`): they may have changed it since its last name went.
-        if let Some(h) = self.handles.remove_file(fh)
-            && h.node.held_stat().is_some()
+        if h.node.held_stat().is_some()
             && let Ok(st) = self.stat_fd(h.fd().as_fd())
             && h.node.state().upper == Some(RealId::of(&st))
         {
