@@ -198,6 +198,20 @@ impl Union {
     }
 
     /// The attributes the merged view reports for `node` whose object has stat `st`.
+    /// The block count shown for a node whose object has `blocks`, `writer`: it has a
+    /// writable open. With the write-back cache, data the kernel holds for a file open for
+    /// writing is on no disk yet, and programs take a file of no blocks at all for one hole
+    /// (GNU tar --sparse archived such a file as zeros). ext4 counts the blocks it reserved
+    /// for cached data; the daemon cannot see that data, so it shows one block until the
+    /// data is written.
+    pub fn blocks_shown(&self, node: &Node, blocks: u64, writer: bool) -> u64 {
+        if blocks == 0 && writer && self.writeback_active() && node.kind() == libc::S_IFREG {
+            1
+        } else {
+            blocks
+        }
+    }
+
     pub fn attr(&self, node: &Node, st: &Stat) -> Result<FileAttr> {
         // Owner bits granted for a moment (`grant`): the view shows the mode from before.
         let mut shown = *st;
@@ -228,11 +242,13 @@ impl Union {
                 }
             }
         }
+        let blocks =
+            self.blocks_shown(node, st.st_blocks as u64, self.handles.has_writer(node.ino));
         let map = &self.opts.idmap;
         Ok(FileAttr {
             ino: INodeNo(node.ino),
             size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
+            blocks,
             atime: system_time(st.st_atime, st.st_atime_nsec),
             mtime: system_time(st.st_mtime, st.st_mtime_nsec),
             ctime: system_time(st.st_ctime, st.st_ctime_nsec),

@@ -216,6 +216,11 @@ impl Handles {
         Some(h)
     }
 
+    /// Whether node `ino` has a writable open.
+    pub fn has_writer(&self, ino: u64) -> bool {
+        self.writers.shard(ino).contains_key(&ino)
+    }
+
     /// The latest writable open of node `ino`, while it is open.
     fn latest_writer(&self, ino: u64) -> Option<Arc<FileHandle>> {
         let fh = *self.writers.shard(ino).get(&ino)?;

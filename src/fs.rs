@@ -693,10 +693,12 @@ impl UnionFs {
             };
             let fd = c.fd.ok_or(Errno::EIO)?;
             let node = c.node.clone();
-            let done = self.u.attr(&node, &c.st).and_then(|attr| {
+            let done = self.u.attr(&node, &c.st).and_then(|mut attr| {
                 let (fh, io) = self
                     .u
                     .add_handle(&node, fd, flags, &|fd| reply.open_backing(fd))?;
+                let writer = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                attr.blocks = self.u.blocks_shown(&node, attr.blocks, writer);
                 Ok((attr, fh, io))
             });
             if done.is_err() {

@@ -975,6 +975,62 @@ fn copy_up_from_another_filesystem_keeps_data_and_holes() {
     );
 }
 
+/// On the page-cached path, a file being written shows blocks while its data is still only in
+/// the kernel's cache: GNU tar --sparse takes a file of size > 0 and no blocks for one hole and
+/// archived such files as zeros (ext4 counts the blocks it reserved). Once written back, the
+/// real count shows.
+#[test]
+fn a_file_being_written_shows_blocks_on_the_page_cached_path() {
+    let l = Layers::new(1);
+    l.lower(0).file("old", "lower data");
+    let m = l.mount_with("u", &["--passthrough", "off"]);
+    let data = b"important data\n".repeat(10_000);
+    let mut made = File::create(m.path("made")).unwrap();
+    made.write_all(&data).unwrap();
+    let mut trunc = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("old"))
+        .unwrap();
+    trunc.write_all(&data).unwrap();
+    for (name, f) in [("made", &made), ("old", &trunc)] {
+        let md = f.metadata().unwrap();
+        assert_eq!(md.len(), data.len() as u64, "{name}");
+        assert!(
+            md.blocks() > 0,
+            "{name} while written: {} blocks",
+            md.blocks()
+        );
+        assert!(
+            fs::metadata(m.path(name)).unwrap().blocks() > 0,
+            "{name} by name"
+        );
+    }
+    drop(made);
+    drop(trunc);
+    for name in ["made", "old"] {
+        let want = fs::metadata(m.upper_path(name)).unwrap().blocks();
+        assert!(
+            want >= (data.len() / 512) as u64,
+            "{name} written back: {want}"
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || fs::metadata(m.path(name))
+                .unwrap()
+                .blocks()
+                == want),
+            "{name} after close: {} blocks, upper {want}",
+            fs::metadata(m.path(name)).unwrap().blocks()
+        );
+    }
+    File::create(m.path("empty")).unwrap();
+    assert_eq!(
+        fs::metadata(m.path("empty")).unwrap().blocks(),
+        0,
+        "an empty file, closed"
+    );
+}
+
 /// On the page-cached path (`--passthrough off`, rootless) the kernel answers SEEK_DATA and
 /// SEEK_HOLE itself from the file size, because FUSE asks the daemon without first writing back
 /// the data it caches: no holes are reported, and no data is ever reported as a hole. The upper
