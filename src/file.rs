@@ -967,6 +967,11 @@ impl Union {
     /// copy-up moved the name to a new node (a split node).
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.handle(fh)?;
+        if h.writable && self.writeback_active() {
+            // The kernel wrote back its cached data before this request: the block count it
+            // keeps from before is stale, and would stay so until the file is closed.
+            self.invalidate_attrs(h.node.ino);
+        }
         if !self.opts.fsync {
             return Ok(());
         }

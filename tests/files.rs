@@ -1006,6 +1006,14 @@ fn a_file_being_written_shows_blocks_on_the_page_cached_path() {
             "{name} by name"
         );
     }
+    // After an fsync the data is in the upper file, and its count shows (a log kept open).
+    made.write_all(&data).unwrap();
+    made.sync_all().unwrap();
+    assert_eq!(
+        made.metadata().unwrap().blocks(),
+        fs::metadata(m.upper_path("made")).unwrap().blocks(),
+        "made after fsync, still open"
+    );
     drop(made);
     drop(trunc);
     for name in ["made", "old"] {
