@@ -119,12 +119,20 @@ pub struct FileHandle {
     exec: bool,
     /// Opened for writing an append-only file (see `Union::open`).
     append_only: bool,
+    /// Served by the daemon on a passthrough mount (counted in the node's `direct_opens`).
+    direct: bool,
 }
 
 impl Drop for FileHandle {
     fn drop(&mut self) {
         if self.exec {
             self.node.extra().exec_opens.fetch_sub(1, Ordering::SeqCst);
+        }
+        if self.direct {
+            self.node
+                .extra()
+                .direct_opens
+                .fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -146,6 +154,7 @@ impl FileHandle {
             writable,
             exec: false,
             append_only: false,
+            direct: false,
             backing: None,
         }
     }
@@ -492,6 +501,10 @@ impl Union {
             node.extra().exec_opens.fetch_add(1, Ordering::SeqCst);
             h.exec = true;
         }
+        if matches!(mode, IoMode::Direct) && self.passthrough_active() {
+            node.extra().direct_opens.fetch_add(1, Ordering::SeqCst);
+            h.direct = true;
+        }
         Ok((self.handles.add_file(h), mode))
     }
 
@@ -561,6 +574,17 @@ impl Union {
                 drop(backings);
                 drop(shared);
                 Err(self.split_node(node, id, fd))
+            }
+            // The kernel refuses passthrough on an inode whose direct-I/O file was mapped
+            // (the open fails with EIO), and a mapping of one while passthrough opens exist
+            // (ENODEV): while the daemon serves an open of the node (its lower file could not
+            // be a backing file, say), it serves the new ones too.
+            Choice::New
+                if node
+                    .extra_if_made()
+                    .is_some_and(|e| e.direct_opens.load(Ordering::SeqCst) > 0) =>
+            {
+                Ok(Some(IoMode::Direct))
             }
             Choice::New => match make_backing(fd) {
                 Ok(b) => {

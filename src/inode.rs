@@ -126,6 +126,9 @@ pub struct Extra {
     pub data_gen: AtomicU64,
     /// Open handles of a running program (opened for exec).
     pub exec_opens: AtomicU64,
+    /// Passthrough mounts: open handles served by the daemon (direct I/O), which keep new
+    /// opens of the node off passthrough (see `Union::backing_for`).
+    pub direct_opens: AtomicU32,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
     /// Directories: number of subdirectories in the merged view, once counted
@@ -205,6 +208,7 @@ impl Node {
                 dir_lock: Mutex::new(()),
                 data_gen: AtomicU64::new(0),
                 exec_opens: AtomicU64::new(0),
+                direct_opens: AtomicU32::new(0),
                 version: AtomicU64::new(0),
                 subdirs: AtomicU64::new(NOT_COUNTED),
                 listed: AtomicBool::new(false),

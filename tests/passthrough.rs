@@ -421,3 +421,89 @@ fn shared_mmap_write() {
         time(&upper)
     );
 }
+
+/// A lower layer whose files cannot back passthrough opens (itself on overlayfs: stacking
+/// too deep) beside an upper whose files can: a lower file opened and mapped by a reader is
+/// served by the daemon, and a writer's open copies it up. The kernel refuses passthrough on
+/// an inode whose direct-I/O file is mapped, and a mapping while passthrough opens exist, so
+/// the writer's open failed with EIO (and every open after it, until the reader unmapped), and
+/// a mapping through a descriptor opened before the copy-up with ENODEV; kernel overlayfs
+/// allows all of them. While the daemon serves an open of a file, it serves the new ones too.
+#[test]
+fn opens_beside_a_mapped_file_the_daemon_serves() {
+    use std::os::fd::AsRawFd;
+    let l = Layers::new(1);
+    l.lower(0)
+        .file_bytes("f", &[b'A'; 10000])
+        .file_bytes("g", &[b'A'; 10000]);
+    let base = l.mkdir("stack");
+    let (ou, ow, stacked) = (base.join("ou"), base.join("ow"), base.join("lower"));
+    let (upper, work, merged) = (base.join("u"), base.join("w"), base.join("m"));
+    for d in [&ou, &ow, &stacked, &upper, &work, &merged] {
+        fs::create_dir(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        l.lowers[0].display(),
+        ou.display(),
+        ow.display()
+    );
+    let _lower_fs = scratch_mount(&["-t", "overlay", "-o", &opts], "overlay", &stacked);
+    let args: Vec<std::ffi::OsString> = vec![
+        "--lower".into(),
+        stacked.clone().into(),
+        "--upper".into(),
+        upper.clone().into(),
+        "--work".into(),
+        work.clone().into(),
+        "--passthrough".into(),
+        "auto".into(),
+        merged.clone().into(),
+    ];
+    let m = Mount::union(&args, merged, Some(upper), Some(work));
+    let map = |f: &File| {
+        // SAFETY: a read-only shared mapping of an open file, checked, unmapped by the caller.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                10000,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        p
+    };
+    let reader = File::open(m.path("f")).unwrap();
+    let mapped = map(&reader);
+    let w = OpenOptions::new().write(true).open(m.path("f"));
+    let w = w.expect("a write open beside a mapped reader");
+    w.write_all_at(b"BB", 0).unwrap();
+    drop(w);
+    assert_eq!(&fs::read(m.path("f")).unwrap()[..3], b"BBA");
+    // SAFETY: the mapping made above, of 10000 bytes.
+    unsafe { libc::munmap(mapped, 10000) };
+    drop(reader);
+
+    let older = File::open(m.path("g")).unwrap();
+    let w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("g"))
+        .unwrap();
+    w.write_all_at(b"CC", 0).unwrap();
+    let mapped = map(&older);
+    // SAFETY: the mapping made above, of 10000 bytes, read and unmapped.
+    let head = unsafe {
+        let head = std::slice::from_raw_parts(mapped as *const u8, 3).to_vec();
+        libc::munmap(mapped, 10000);
+        head
+    };
+    assert_eq!(
+        head, b"CCA",
+        "a mapping through a descriptor opened before the copy-up"
+    );
+    assert_eq!(&fs::read(l.lowers[0].join("f")).unwrap()[..2], b"AA");
+}
