@@ -103,6 +103,9 @@ impl Union {
                 .and_then(|dir| f(dir.as_fd(), &name))
                 .map_err(|e| stale_name_error(node, e));
             if loc != Loc::Upper || self.tree_unchanged_since(snap) {
+                if matches!(&res, Err(e) if e.code() == libc::ENOENT) && !node.is_dir() {
+                    return self.at_another_name(node, loc, &mut f).unwrap_or(res);
+                }
                 return res;
             }
             match res {
@@ -121,6 +124,46 @@ impl Union {
             }
         }
         Err(last)
+    }
+
+    /// For a lower object: runs `f` on another name that reaches it, in any lower layer. One
+    /// inode may sit in several lower layers (layers made with hard links, `cp -al`, or a pull
+    /// that links files it already has), and its node then has names from each, while `loc`
+    /// is the layer of the name that made it. A candidate is checked to be the object before
+    /// `f` runs. None if no name reaches it. (An upper object that is also a lower file is
+    /// not looked for by its lower names: a change through one must copy it up, not write
+    /// the shared inode.)
+    fn at_another_name<T>(
+        &self,
+        node: &Node,
+        loc: Loc,
+        f: &mut impl FnMut(BorrowedFd<'_>, &CStr) -> Result<T>,
+    ) -> Option<Result<T>> {
+        if loc == Loc::Upper {
+            return None;
+        }
+        let want = self.id_in(node, loc)?;
+        let links: Vec<(Arc<Node>, std::ffi::CString)> = node
+            .state()
+            .links
+            .iter()
+            .filter_map(|l| Some((l.parent.clone(), sys::cstr(&l.name).ok()?)))
+            .collect();
+        for (parent, name) in links {
+            for place in self.dir_layers(&parent) {
+                if place == Loc::Upper {
+                    continue;
+                }
+                let Ok(dir) = self.dir_fd(&parent, place) else {
+                    continue;
+                };
+                let here = sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW);
+                if here.is_ok_and(|st| RealId::of(&st) == want) {
+                    return Some(f(dir.as_fd(), &name));
+                }
+            }
+        }
+        None
     }
 
     /// The cached `O_PATH` fd of a directory node in one layer.

@@ -2589,3 +2589,27 @@ fn trusted_xattr_names_are_listed_only_to_the_privileged() {
         }
     }
 }
+
+/// One inode in two lower layers (layers made with hard links: `cp -al`, or a pull that links
+/// files it already has): every name reads, and changes copy each name up, as on kernel
+/// overlayfs. The node of such an inode has names from both layers; the second name used to
+/// answer ENOENT (its object was looked for in the first name's layer).
+#[test]
+fn one_inode_in_two_lower_layers() {
+    let l = Layers::new(2);
+    l.lower(0).file("x", "shared").file("d/w", "deep");
+    l.lower(1).dir("d").dir("e");
+    fs::hard_link(l.lower(0).path("x"), l.lower(1).path("y")).unwrap();
+    fs::hard_link(l.lower(0).path("d/w"), l.lower(1).path("e/v")).unwrap();
+    let ops = [
+        Append("y", "+y"),
+        Append("e/v", "+v"),
+        Chmod("x", 0o600),
+        Append("x", "+x"),
+        Link("d/w", "d/w2"),
+        Unlink("y"),
+    ];
+    run_both(&l, &ops, "one inode in two lower layers");
+    assert_eq!(fs::read_to_string(l.lower(0).path("x")).unwrap(), "shared");
+    assert_eq!(fs::read_to_string(l.lower(1).path("e/v")).unwrap(), "deep");
+}
