@@ -57,6 +57,9 @@ pub struct ListingCache {
 struct ListingLru {
     map: LruCache<u64, (u64, Arc<Listing>)>,
     entries: usize,
+    /// Listings too large to cache, while open directories hold them: every stream of a
+    /// large directory shares one (each used to build its own, 26 MiB for 100,000 long names).
+    large: std::collections::HashMap<u64, (u64, std::sync::Weak<Listing>)>,
 }
 
 /// Entries kept in all cached listings together (about 80 bytes each). The kernel keeps
@@ -73,6 +76,7 @@ impl Default for ListingCache {
             inner: Mutex::new(ListingLru {
                 map: LruCache::unbounded(),
                 entries: 0,
+                large: std::collections::HashMap::new(),
             }),
         }
     }
@@ -85,14 +89,24 @@ impl ListingCache {
 
     fn get(&self, serial: u64, version: u64) -> Option<Arc<Listing>> {
         let mut c = self.lock();
-        match c.map.get(&serial) {
-            Some((v, l)) if *v == version => Some(l.clone()),
+        if let Some((v, l)) = c.map.get(&serial)
+            && *v == version
+        {
+            return Some(l.clone());
+        }
+        match c.large.get(&serial) {
+            Some((v, l)) if *v == version => l.upgrade(),
             _ => None,
         }
     }
 
     fn put(&self, serial: u64, version: u64, l: Arc<Listing>) {
         if l.entries.len() > MAX_CACHED_LISTING {
+            let mut c = self.lock();
+            if c.large.len() >= 64 {
+                c.large.retain(|_, (_, w)| w.strong_count() > 0);
+            }
+            c.large.insert(serial, (version, Arc::downgrade(&l)));
             return;
         }
         let mut c = self.lock();

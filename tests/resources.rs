@@ -497,3 +497,48 @@ fn a_request_below_thousands_of_evicted_directories_is_served() {
         assert!(ok.success());
     }
 }
+
+/// Every open stream of a directory too large for the listing cache shares one listing: each
+/// used to build and keep its own, so a user holding many streams of a large directory
+/// could make the daemon's memory grow without bound (100 streams of 100,000 long names: 2.6
+/// GB).
+#[test]
+fn streams_of_a_large_directory_share_one_listing() {
+    use std::os::fd::AsRawFd;
+    let l = Layers::new(1);
+    let big = l.lower(0).path("big");
+    fs::create_dir(&big).unwrap();
+    let long = "n".repeat(100);
+    for i in 0..20_000 {
+        fs::File::create(big.join(format!("{long}{i:06}"))).unwrap();
+    }
+    let m = l.mount("m");
+    let pid = daemon_pid(&m.merged);
+    let stream = || {
+        let d = fs::File::open(m.path("big")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: one getdents64 into a buffer we own, on a directory fd we hold.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                d.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        assert!(n > 0, "getdents: {}", std::io::Error::last_os_error());
+        d
+    };
+    let mut held = vec![stream()];
+    let (_, one) = measure(pid);
+    for _ in 0..40 {
+        held.push(stream());
+    }
+    let (_, all) = measure(pid);
+    eprintln!("resources: RSS with 1 stream {one} KiB, with 41: {all} KiB");
+    assert!(
+        all < one + 24 * 1024,
+        "41 streams of a 20,000-entry directory took {} KiB more than one",
+        all - one
+    );
+}
