@@ -137,6 +137,18 @@ impl Drop for FileHandle {
     }
 }
 
+/// Logs the first metadata-only copy opened (see `whiteout::METACOPY`), once per daemon.
+fn warn_metacopy() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "a file made by kernel overlayfs with metacopy=on (data in another layer) was \
+             opened; such files are refused (EPERM), as kernel overlayfs refuses them without \
+             that option"
+        );
+    }
+}
+
 /// Attempts to read a node's name and lock its directory before its split gives up.
 const SPLIT_TRIES: usize = 8;
 
@@ -423,6 +435,13 @@ impl Union {
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
+        if crate::whiteout::is_metacopy(fd.as_fd()) {
+            // Its data is in a lower file that kernel overlayfs (with `metacopy=on`) finds
+            // through an origin or redirect this daemon does not follow: refused, as kernel
+            // overlayfs refuses it without that option (it would read as zeros).
+            warn_metacopy();
+            return Err(Errno::EPERM);
+        }
         self.add_handle_at(node, fd, generation, flags, append_only, make_backing)
     }
 

@@ -179,6 +179,19 @@ pub fn is_xwhiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool {
             .any(|x| sys::getxattr_at(dir, name, x, &mut []).is_ok())
 }
 
+/// Kernel overlayfs's mark of a metadata-only copy-up (`metacopy=on`): the file holds no data;
+/// its data is in a lower file the kernel finds through its origin or redirect.
+pub const METACOPY: [&CStr; 2] = [c"trusted.overlay.metacopy", c"user.overlay.metacopy"];
+
+/// Whether the open regular file `f` is a metadata-only copy (see `METACOPY`). The xattrs are
+/// read only for a file with a size: an empty one has no data to miss.
+pub fn is_metacopy(f: BorrowedFd<'_>) -> bool {
+    sys::fstat(f).is_ok_and(|st| st.st_size > 0)
+        && METACOPY
+            .iter()
+            .any(|x| sys::getxattr_at(f, c"", x, &mut []).is_ok())
+}
+
 /// Whether an object of stat `st` can be an xattr whiteout at all: an empty regular file.
 pub fn may_be_xwhiteout(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0

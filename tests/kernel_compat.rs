@@ -2613,3 +2613,34 @@ fn one_inode_in_two_lower_layers() {
     assert_eq!(fs::read_to_string(l.lower(0).path("x")).unwrap(), "shared");
     assert_eq!(fs::read_to_string(l.lower(1).path("e/v")).unwrap(), "deep");
 }
+
+/// An upper written by kernel overlayfs with `metacopy=on`: a chmod copies up the metadata
+/// only, and the file's data stays in the lower file, which the kernel finds through its
+/// origin. unionmount does not follow it: opening such a file is refused (EPERM, as kernel
+/// overlayfs refuses the file without `metacopy=on`); it used to read as zeros.
+#[test]
+fn a_metadata_only_copy_is_refused_not_read_as_zeros() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "lower data").file("g", "other");
+    let base = l.mkdir("x");
+    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let mut k = Mount::kernel(&l.lowerdir_opt(), &upper, &work, &merged, &["metacopy=on"]);
+    fs::set_permissions(k.path("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::read_to_string(k.path("f")).unwrap(), "lower data");
+    k.unmount();
+    assert_eq!(fs::metadata(upper.join("f")).unwrap().len(), 10);
+    let u = union_at(&l, &upper, &base.join("uwork"), &base.join("umerged"));
+    assert_eq!(errno(fs::read(u.path("f"))), libc::EPERM);
+    assert_eq!(
+        errno(OpenOptions::new().append(true).open(u.path("f"))),
+        libc::EPERM
+    );
+    assert_eq!(fs::read_to_string(u.path("g")).unwrap(), "other");
+    assert_eq!(
+        fs::read_to_string(l.lower(0).path("f")).unwrap(),
+        "lower data"
+    );
+}
