@@ -270,13 +270,8 @@ fn fd_names(fd: OwnedFd) -> Vec<String> {
         let d = libc::fdopendir(raw);
         assert!(!d.is_null(), "fdopendir: {}", last_errno());
         let mut v = Vec::new();
-        loop {
-            let e = libc::readdir(d);
-            if e.is_null() {
-                break;
-            }
-            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr());
-            v.push(name.to_string_lossy().into_owned());
+        while let Some((name, _, _)) = next_entry(d) {
+            v.push(name);
         }
         libc::closedir(d);
         v.sort();

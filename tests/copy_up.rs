@@ -96,15 +96,8 @@ fn dirents(p: &Path) -> BTreeMap<String, u64> {
     unsafe {
         let dp = libc::opendir(c.as_ptr());
         assert!(!dp.is_null(), "opendir {}", p.display());
-        loop {
-            let e = libc::readdir(dp);
-            if e.is_null() {
-                break;
-            }
-            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
-                .to_string_lossy()
-                .into_owned();
-            out.insert(name, (*e).d_ino);
+        while let Some((name, ino, _)) = next_entry(dp) {
+            out.insert(name, ino);
         }
         libc::closedir(dp);
     }

@@ -117,15 +117,8 @@ fn dirent_ino_and_type_match_stat() {
             let dp = libc::opendir(d.as_ptr());
             assert!(!dp.is_null());
             let mut v = Vec::new();
-            loop {
-                let e = libc::readdir(dp);
-                if e.is_null() {
-                    break;
-                }
-                let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
-                    .to_string_lossy()
-                    .into_owned();
-                v.push((name, (*e).d_ino, (*e).d_type));
+            while let Some(e) = next_entry(dp) {
+                v.push(e);
             }
             libc::closedir(dp);
             v
@@ -222,13 +215,9 @@ fn telldir_seekdir_are_stable() {
         let mut marks = Vec::new();
         loop {
             let pos = libc::telldir(dp);
-            let e = libc::readdir(dp);
-            if e.is_null() {
+            let Some((name, _, _)) = next_entry(dp) else {
                 break;
-            }
-            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+            };
             marks.push((pos, name.clone()));
             seen.insert(name, ());
             if marks.len() == 50 {
@@ -242,11 +231,7 @@ fn telldir_seekdir_are_stable() {
         // told position must still name the entry it named.
         for (pos, name) in marks.iter().skip(1).step_by(37) {
             libc::seekdir(dp, *pos);
-            let e = libc::readdir(dp);
-            assert!(!e.is_null());
-            let got = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+            let got = next_entry(dp).expect("an entry at a told position").0;
             assert_eq!(&got, name, "seekdir to a told position");
         }
         libc::closedir(dp);
@@ -266,14 +251,7 @@ fn delete_while_reading(dir: &std::path::Path) -> (usize, usize) {
     unsafe {
         let dp = libc::opendir(d.as_ptr());
         assert!(!dp.is_null());
-        loop {
-            let e = libc::readdir(dp);
-            if e.is_null() {
-                break;
-            }
-            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+        while let Some((name, _, _)) = next_entry(dp) {
             if name == "." || name == ".." {
                 continue;
             }
@@ -283,7 +261,7 @@ fn delete_while_reading(dir: &std::path::Path) -> (usize, usize) {
                 let other = libc::opendir(d.as_ptr());
                 assert!(!other.is_null());
                 for _ in 0..10 {
-                    assert!(!libc::readdir(other).is_null());
+                    assert!(next_entry(other).is_some());
                 }
                 libc::closedir(other);
             }

@@ -1656,3 +1656,21 @@ pub fn ensure_subids(user: &str) {
         || has("/etc/subuid") && has("/etc/subgid"),
     );
 }
+
+/// The next entry of an open directory stream: name, `d_ino` and `d_type`; None at its end.
+///
+/// # Safety
+/// `dp` must be a stream from `opendir`/`fdopendir` that is not closed yet.
+pub unsafe fn next_entry(dp: *mut libc::DIR) -> Option<(String, u64, u8)> {
+    // SAFETY: the caller passes an open stream; the entry is copied before the next call.
+    unsafe {
+        let e = libc::readdir(dp);
+        if e.is_null() {
+            return None;
+        }
+        let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        Some((name, (*e).d_ino, (*e).d_type))
+    }
+}
