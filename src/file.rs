@@ -137,7 +137,21 @@ impl Drop for FileHandle {
     }
 }
 
-/// Logs the first metadata-only copy opened (see `whiteout::METACOPY`), once per daemon.
+impl Union {
+    /// EPERM for a metadata-only copy made by kernel overlayfs (`whiteout::is_metacopy`):
+    /// its data is in a lower file found through an origin or redirect this daemon does not
+    /// follow, so it is refused, as kernel overlayfs refuses it without `metacopy=on`, rather
+    /// than read as zeros.
+    pub fn refuse_metacopy(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> Result<()> {
+        if crate::whiteout::is_metacopy(dir, name, self.layers.format.metacopy_xattr()) {
+            warn_metacopy();
+            return Err(Errno::EPERM);
+        }
+        Ok(())
+    }
+}
+
+/// Logs the first metadata-only copy met, once per daemon.
 fn warn_metacopy() {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !WARNED.swap(true, Ordering::Relaxed) {
@@ -392,6 +406,12 @@ impl Union {
             if self.layers.read_only() {
                 return Err(Errno::EROFS);
             }
+            // A metadata-only copy in the upper: writing it (truncated or not) would leave a
+            // file whose mark still refuses it, or data around zeros. (One in a lower layer
+            // is refused by the copy-up.)
+            if self.top_loc(node) == Loc::Upper {
+                self.with_object(node, Loc::Upper, |d, name| self.refuse_metacopy(d, name))?;
+            }
             // A writable open of a node split already (through /proc/PID/fd of one of its
             // files): the kernel takes no open on it but one passed through to the lower
             // file while its others are open (a limit the README states). Refused before the
@@ -435,12 +455,8 @@ impl Union {
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
-        if crate::whiteout::is_metacopy(fd.as_fd()) {
-            // Its data is in a lower file that kernel overlayfs (with `metacopy=on`) finds
-            // through an origin or redirect this daemon does not follow: refused, as kernel
-            // overlayfs refuses it without that option (it would read as zeros).
-            warn_metacopy();
-            return Err(Errno::EPERM);
+        if !writable && !trunc {
+            self.refuse_metacopy(fd.as_fd(), c"")?;
         }
         self.add_handle_at(node, fd, generation, flags, append_only, make_backing)
     }

@@ -48,6 +48,15 @@ impl Format {
         }
     }
 
+    /// The mark of a metadata-only copy (see `is_metacopy`): kernel overlayfs reads only
+    /// the `trusted.` one as root, and a `user.overlay.` xattr is a layer's own there.
+    pub fn metacopy_xattr(self) -> &'static CStr {
+        match self {
+            Format::Trusted => c"trusted.overlay.metacopy",
+            Format::UserXattr | Format::Aufs => c"user.overlay.metacopy",
+        }
+    }
+
     /// Where append-only and immutable flags set through the view are kept (`protect`).
     pub fn protattr_xattr(self) -> &'static CStr {
         match self {
@@ -179,17 +188,18 @@ pub fn is_xwhiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool {
             .any(|x| sys::getxattr_at(dir, name, x, &mut []).is_ok())
 }
 
-/// Kernel overlayfs's mark of a metadata-only copy-up (`metacopy=on`): the file holds no data;
-/// its data is in a lower file the kernel finds through its origin or redirect.
-pub const METACOPY: [&CStr; 2] = [c"trusted.overlay.metacopy", c"user.overlay.metacopy"];
-
-/// Whether the open regular file `f` is a metadata-only copy (see `METACOPY`). The xattrs are
-/// read only for a file with a size: an empty one has no data to miss.
-pub fn is_metacopy(f: BorrowedFd<'_>) -> bool {
-    sys::fstat(f).is_ok_and(|st| st.st_size > 0)
-        && METACOPY
-            .iter()
-            .any(|x| sys::getxattr_at(f, c"", x, &mut []).is_ok())
+/// Whether the open regular file `f` is a metadata-only copy made by kernel overlayfs with
+/// `metacopy=on`: it holds no data, which is in a lower file the kernel finds through its
+/// origin or redirect. `xattr` is the mark in the mount's format (`Format::metacopy_xattr`).
+/// Read only for a file with a size: an empty one has no data to miss. `dir` and `name` as
+/// for the `*at` calls (`c""` for `dir` itself).
+pub fn is_metacopy(dir: BorrowedFd<'_>, name: &CStr, xattr: &CStr) -> bool {
+    let empty = if name.is_empty() {
+        sys::fstat(dir)
+    } else {
+        sys::fstatat(dir, name, 0)
+    };
+    empty.is_ok_and(|st| st.st_size > 0) && sys::getxattr_at(dir, name, xattr, &mut []).is_ok()
 }
 
 /// Whether an object of stat `st` can be an xattr whiteout at all: an empty regular file.

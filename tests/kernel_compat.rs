@@ -2616,12 +2616,18 @@ fn one_inode_in_two_lower_layers() {
 
 /// An upper written by kernel overlayfs with `metacopy=on`: a chmod copies up the metadata
 /// only, and the file's data stays in the lower file, which the kernel finds through its
-/// origin. unionmount does not follow it: opening such a file is refused (EPERM, as kernel
-/// overlayfs refuses the file without `metacopy=on`); it used to read as zeros.
+/// origin. unionmount does not follow it: opening such a file, writing it (truncating or
+/// not) and copying it up from a lower layer are refused (EPERM, as kernel overlayfs refuses
+/// the file without `metacopy=on`); it used to read as zeros, also after a chmod copied it up.
+/// A `user.overlay.metacopy` on a root mount is a layer's own xattr, as for the kernel.
 #[test]
 fn a_metadata_only_copy_is_refused_not_read_as_zeros() {
     let l = Layers::new(1);
-    l.lower(0).file("f", "lower data").file("g", "other");
+    l.lower(0)
+        .file("f", "lower data")
+        .file("g", "other")
+        .file("h", "own xattr")
+        .xattr("h", "user.overlay.metacopy", b"");
     let base = l.mkdir("x");
     let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
     for d in [&upper, &work, &merged] {
@@ -2632,13 +2638,40 @@ fn a_metadata_only_copy_is_refused_not_read_as_zeros() {
     assert_eq!(fs::read_to_string(k.path("f")).unwrap(), "lower data");
     k.unmount();
     assert_eq!(fs::metadata(upper.join("f")).unwrap().len(), 10);
-    let u = union_at(&l, &upper, &base.join("uwork"), &base.join("umerged"));
-    assert_eq!(errno(fs::read(u.path("f"))), libc::EPERM);
-    assert_eq!(
-        errno(OpenOptions::new().append(true).open(u.path("f"))),
-        libc::EPERM
+    {
+        // The kernel's upper as unionmount's upper.
+        let u = union_at(&l, &upper, &base.join("uwork"), &base.join("umerged"));
+        assert_eq!(errno(fs::read(u.path("f"))), libc::EPERM);
+        let append = OpenOptions::new().append(true).open(u.path("f"));
+        assert_eq!(errno(append), libc::EPERM);
+        assert_eq!(errno(fs::write(u.path("f"), "new")), libc::EPERM);
+        assert_eq!(fs::read_to_string(u.path("g")).unwrap(), "other");
+        assert_eq!(fs::read_to_string(u.path("h")).unwrap(), "own xattr");
+    }
+    // The kernel's upper as a lower layer: a change copies it up, which is refused.
+    let (upper2, work2, merged2) = (
+        base.join("upper2"),
+        base.join("work2"),
+        base.join("merged2"),
     );
-    assert_eq!(fs::read_to_string(u.path("g")).unwrap(), "other");
+    for d in [&upper2, &work2, &merged2] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let lowers = format!("{}:{}", upper.display(), l.lowerdir_opt());
+    let args: Vec<OsString> = vec![
+        "--lower".into(),
+        lowers.into(),
+        "--upper".into(),
+        upper2.clone().into(),
+        "--work".into(),
+        work2.clone().into(),
+        merged2.clone().into(),
+    ];
+    let u = Mount::union(&args, merged2, Some(upper2), Some(work2));
+    let chmod = fs::set_permissions(u.path("f"), fs::Permissions::from_mode(0o644));
+    assert_eq!(errno(chmod), libc::EPERM);
+    assert_eq!(errno(fs::read(u.path("f"))), libc::EPERM);
+    assert!(!u.upper_path("f").exists());
     assert_eq!(
         fs::read_to_string(l.lower(0).path("f")).unwrap(),
         "lower data"
