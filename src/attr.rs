@@ -242,8 +242,14 @@ impl Union {
                 }
             }
         }
-        let blocks =
-            self.blocks_shown(node, st.st_blocks as u64, self.handles.has_writer(node.ino));
+        let extra = node.extra_if_made();
+        let writer =
+            extra.is_some_and(|e| e.writable_opens.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        let blocks = self.blocks_shown(node, st.st_blocks as u64, writer);
+        if let Some(e) = extra {
+            let t = sys::time_key(st.st_mtime, st.st_mtime_nsec);
+            e.sent_mtime.store(t, std::sync::atomic::Ordering::Relaxed);
+        }
         let map = &self.opts.idmap;
         Ok(FileAttr {
             ino: INodeNo(node.ino),

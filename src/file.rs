@@ -134,6 +134,10 @@ impl Drop for FileHandle {
                 .direct_opens
                 .fetch_sub(1, Ordering::SeqCst);
         }
+        if self.writable {
+            let e = self.node.extra();
+            e.writable_opens.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -173,6 +177,9 @@ impl FileHandle {
     /// `opened_gen`: the node's `data_gen` read before `fd` was opened (a copy-up finishing
     /// in between then moves the handle to the copy on its first read).
     pub fn new(node: Arc<Node>, fd: OwnedFd, opened_gen: u64, writable: bool) -> FileHandle {
+        if writable {
+            node.extra().writable_opens.fetch_add(1, Ordering::SeqCst);
+        }
         FileHandle {
             node,
             fd: RwLock::new(Arc::new(fd)),
@@ -249,11 +256,6 @@ impl Handles {
             }
         }
         Some(h)
-    }
-
-    /// Whether node `ino` has a writable open.
-    pub fn has_writer(&self, ino: u64) -> bool {
-        self.writers.shard(ino).contains_key(&ino)
     }
 
     /// The latest writable open of node `ino`, while it is open.
@@ -1005,8 +1007,14 @@ impl Union {
         if h.writable && h.backing.is_some() {
             // Writes through a shared mapping of a passthrough file change its times without
             // the kernel's FUSE inode knowing (a write(2) drops its cached attributes; a
-            // mapping's page faults do not). Its last user is gone now: a stat asks again.
-            self.invalidate_attrs(h.node.ino);
+            // mapping's page faults do not). Its last user is gone now: if its time is not
+            // the one last sent, a stat must ask again.
+            let sent = h.node.extra().sent_mtime.load(Ordering::Relaxed);
+            let now =
+                sys::fstat(h.fd().as_fd()).map(|st| sys::time_key(st.st_mtime, st.st_mtime_nsec));
+            if !now.is_ok_and(|t| t == sent) {
+                self.invalidate_attrs(h.node.ino);
+            }
         }
         // A deleted upper file keeps the attributes it has as its open files close (see
         // `Node::held_stat`): they may have changed it since its last name went.

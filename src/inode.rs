@@ -129,6 +129,10 @@ pub struct Extra {
     /// Passthrough mounts: open handles served by the daemon (direct I/O), which keep new
     /// opens of the node off passthrough (see `Union::backing_for`).
     pub direct_opens: AtomicU32,
+    /// Open handles that may write.
+    pub writable_opens: AtomicU32,
+    /// The modification time in the attributes last sent for the node (`sys::time_key`).
+    pub sent_mtime: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
     /// Directories: number of subdirectories in the merged view, once counted
@@ -209,6 +213,8 @@ impl Node {
                 data_gen: AtomicU64::new(0),
                 exec_opens: AtomicU64::new(0),
                 direct_opens: AtomicU32::new(0),
+                writable_opens: AtomicU32::new(0),
+                sent_mtime: AtomicU64::new(0),
                 version: AtomicU64::new(0),
                 subdirs: AtomicU64::new(NOT_COUNTED),
                 listed: AtomicBool::new(false),

@@ -1031,6 +1031,15 @@ fn a_file_being_written_shows_blocks_on_the_page_cached_path() {
             fs::metadata(m.path(name)).unwrap().blocks()
         );
     }
+    // With two writers, the other's close leaves the count shown.
+    let mut w1 = File::create(m.path("two")).unwrap();
+    drop(OpenOptions::new().write(true).open(m.path("two")).unwrap());
+    w1.write_all(&data).unwrap();
+    assert!(
+        fs::metadata(m.path("two")).unwrap().blocks() > 0,
+        "two writers, one closed"
+    );
+    drop(w1);
     File::create(m.path("empty")).unwrap();
     assert_eq!(
         fs::metadata(m.path("empty")).unwrap().blocks(),
