@@ -52,7 +52,7 @@ const MAX_RETRIES: usize = 16;
 const LOOKUP_TRIES: usize = 4;
 
 /// The parent of the node's first name (none for the root or a node without names).
-fn first_parent(node: &Node) -> Option<Arc<Node>> {
+pub(crate) fn first_parent(node: &Node) -> Option<Arc<Node>> {
     node.state().links.first().map(|l| l.parent.clone())
 }
 

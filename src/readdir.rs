@@ -361,7 +361,7 @@ impl Union {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & crate::file::FMODE_EXEC != 0 {
             return None;
         }
-        let parent = node.state().links.first().map(|l| l.parent.clone())?;
+        let parent = crate::lookup::first_parent(node)?;
         self.prefetch
             .opened(pid, parent.ino, node.ino)
             .then(|| (parent, self.top_loc(node)))
