@@ -198,20 +198,6 @@ impl Union {
     }
 
     /// The attributes the merged view reports for `node` whose object has stat `st`.
-    /// The block count shown for a node whose object has `blocks`, `writer`: it has a
-    /// writable open. With the write-back cache, data the kernel holds for a file open for
-    /// writing is on no disk yet, and programs take a file of no blocks at all for one hole
-    /// (GNU tar --sparse archived such a file as zeros). ext4 counts the blocks it reserved
-    /// for cached data; the daemon cannot see that data, so it shows one block until the
-    /// data is written.
-    pub fn blocks_shown(&self, node: &Node, blocks: u64, writer: bool) -> u64 {
-        if blocks == 0 && writer && self.writeback_active() && node.kind() == libc::S_IFREG {
-            1
-        } else {
-            blocks
-        }
-    }
-
     pub fn attr(&self, node: &Node, st: &Stat) -> Result<FileAttr> {
         // Owner bits granted for a moment (`grant`): the view shows the mode from before.
         let mut shown = *st;
@@ -242,13 +228,20 @@ impl Union {
                 }
             }
         }
-        let extra = node.extra_if_made();
-        let writer =
-            extra.is_some_and(|e| e.writable_opens.load(std::sync::atomic::Ordering::Relaxed) > 0);
-        let blocks = self.blocks_shown(node, st.st_blocks as u64, writer);
-        if let Some(e) = extra {
-            let t = sys::time_key(st.st_mtime, st.st_mtime_nsec);
-            e.sent_mtime.store(t, std::sync::atomic::Ordering::Relaxed);
+        let mut blocks = st.st_blocks as u64;
+        if let Some(e) = node.extra_if_made() {
+            // With the write-back cache, data the kernel holds for a file open for writing is
+            // on no disk yet, and programs take a file of no blocks at all for one hole (GNU
+            // tar --sparse archived such a file as zeros). ext4 counts the blocks it reserved
+            // for cached data; the daemon cannot see that data, so it shows one block.
+            if blocks == 0
+                && self.writeback_active()
+                && node.kind() == libc::S_IFREG
+                && e.has_writable_opens()
+            {
+                blocks = 1;
+            }
+            e.note_sent_mtime(st);
         }
         let map = &self.opts.idmap;
         Ok(FileAttr {
@@ -648,20 +641,21 @@ impl Union {
     ) -> Result<XattrReply> {
         let names =
             self.with_object_or_fd(node, self.top_loc(node), None, false, sys::listxattr_vec_at)?;
-        let mut shown = Vec::new();
-        for n in &names {
-            if let Some(view) = whiteout::unescape_xattr(n.as_bytes()) {
-                shown.push(std::borrow::Cow::Owned(view));
-            } else if !self.is_private_xattr(n.as_bytes()) {
-                shown.push(std::borrow::Cow::Borrowed(n.as_bytes()));
-            }
-        }
-        if shown.iter().any(|n| n.starts_with(b"trusted.")) && !may_list_trusted() {
-            shown.retain(|n| !n.starts_with(b"trusted."));
-        }
+        let mut may_list_trusted = Some(may_list_trusted);
+        let mut trusted = None;
         let mut out = Vec::new();
-        for n in shown {
-            out.extend_from_slice(&n);
+        for n in names {
+            let view = match whiteout::unescape_xattr(n.as_bytes()) {
+                Some(view) => view,
+                None if self.is_private_xattr(n.as_bytes()) => continue,
+                None => n.into_encoded_bytes(),
+            };
+            if view.starts_with(b"trusted.")
+                && !*trusted.get_or_insert_with(|| may_list_trusted.take().is_some_and(|f| f()))
+            {
+                continue;
+            }
+            out.extend_from_slice(&view);
             out.push(0);
         }
         xattr_reply(out, size)

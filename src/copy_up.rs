@@ -151,7 +151,7 @@ impl CopyUp<'_> {
                 };
                 if let Some(src) = src {
                     if len > 0 {
-                        self.fs.refuse_metacopy(src.as_fd(), c"")?;
+                        whiteout::refuse_metacopy(src.as_fd(), c"", self.fs.layers.format)?;
                         copy_data(src.as_fd(), fd.as_fd(), len)?;
                     }
                     // After the data: synchronous updates would slow the copy down.

@@ -135,35 +135,11 @@ impl Drop for FileHandle {
                 .fetch_sub(1, Ordering::SeqCst);
         }
         if self.writable {
-            let e = self.node.extra();
-            e.writable_opens.fetch_sub(1, Ordering::SeqCst);
+            self.node
+                .extra()
+                .writable_opens
+                .fetch_sub(1, Ordering::SeqCst);
         }
-    }
-}
-
-impl Union {
-    /// EPERM for a metadata-only copy made by kernel overlayfs (`whiteout::is_metacopy`):
-    /// its data is in a lower file found through an origin or redirect this daemon does not
-    /// follow, so it is refused, as kernel overlayfs refuses it without `metacopy=on`, rather
-    /// than read as zeros.
-    pub fn refuse_metacopy(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> Result<()> {
-        if crate::whiteout::is_metacopy(dir, name, self.layers.format.metacopy_xattr()) {
-            warn_metacopy();
-            return Err(Errno::EPERM);
-        }
-        Ok(())
-    }
-}
-
-/// Logs the first metadata-only copy met, once per daemon.
-fn warn_metacopy() {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, Ordering::Relaxed) {
-        log::warn!(
-            "a file made by kernel overlayfs with metacopy=on (data in another layer) was \
-             opened; such files are refused (EPERM), as kernel overlayfs refuses them without \
-             that option"
-        );
     }
 }
 
@@ -412,7 +388,10 @@ impl Union {
             // file whose mark still refuses it, or data around zeros. (One in a lower layer
             // is refused by the copy-up.)
             if self.top_loc(node) == Loc::Upper {
-                self.with_object(node, Loc::Upper, |d, name| self.refuse_metacopy(d, name))?;
+                let format = self.layers.format;
+                self.with_object(node, Loc::Upper, |d, name| {
+                    crate::whiteout::refuse_metacopy(d, name, format)
+                })?;
             }
             // A writable open of a node split already (through /proc/PID/fd of one of its
             // files): the kernel takes no open on it but one passed through to the lower
@@ -458,7 +437,7 @@ impl Union {
             }
         };
         if !writable && !trunc {
-            self.refuse_metacopy(fd.as_fd(), c"")?;
+            crate::whiteout::refuse_metacopy(fd.as_fd(), c"", self.layers.format)?;
         }
         self.add_handle_at(node, fd, generation, flags, append_only, make_backing)
     }
@@ -1009,10 +988,8 @@ impl Union {
             // the kernel's FUSE inode knowing (a write(2) drops its cached attributes; a
             // mapping's page faults do not). Its last user is gone now: if its time is not
             // the one last sent, a stat must ask again.
-            let sent = h.node.extra().sent_mtime.load(Ordering::Relaxed);
-            let now =
-                sys::fstat(h.fd().as_fd()).map(|st| sys::time_key(st.st_mtime, st.st_mtime_nsec));
-            if !now.is_ok_and(|t| t == sent) {
+            let e = h.node.extra();
+            if !sys::fstat(h.fd().as_fd()).is_ok_and(|st| e.sent_mtime_is(&st)) {
                 self.invalidate_attrs(h.node.ino);
             }
         }

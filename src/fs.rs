@@ -693,14 +693,17 @@ impl UnionFs {
             };
             let fd = c.fd.ok_or(Errno::EIO)?;
             let node = c.node.clone();
-            let done = self.u.attr(&node, &c.st).and_then(|mut attr| {
-                let (fh, io) = self
-                    .u
-                    .add_handle(&node, fd, flags, &|fd| reply.open_backing(fd))?;
-                let writer = flags & libc::O_ACCMODE != libc::O_RDONLY;
-                attr.blocks = self.u.blocks_shown(&node, attr.blocks, writer);
-                Ok((attr, fh, io))
-            });
+            // The handle first: the attributes count its writable open (`Union::attr`).
+            let done = self
+                .u
+                .add_handle(&node, fd, flags, &|fd| reply.open_backing(fd))
+                .and_then(|(fh, io)| match self.u.attr(&node, &c.st) {
+                    Ok(attr) => Ok((attr, fh, io)),
+                    Err(e) => {
+                        self.u.release(fh);
+                        Err(e)
+                    }
+                });
             if done.is_err() {
                 self.u.table.unpin(&node, 1);
             }

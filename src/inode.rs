@@ -131,8 +131,8 @@ pub struct Extra {
     pub direct_opens: AtomicU32,
     /// Open handles that may write.
     pub writable_opens: AtomicU32,
-    /// The modification time in the attributes last sent for the node (`sys::time_key`).
-    pub sent_mtime: AtomicU64,
+    /// The modification time in the attributes last sent for the node (`time_key`).
+    sent_mtime: AtomicU64,
     /// Directories: bumped by every change to the entries (retires cached listings).
     pub version: AtomicU64,
     /// Directories: number of subdirectories in the merged view, once counted
@@ -183,6 +183,27 @@ const PROT_GEN_MASK: u8 = 0xf0;
 
 /// `Extra::subdirs` before the subdirectories were counted.
 pub const NOT_COUNTED: u64 = u64::MAX;
+
+/// A time (seconds, nanoseconds) as one number, to compare in an atomic.
+fn time_key(st: &crate::sys::Stat) -> u64 {
+    ((st.st_mtime as u64) << 30) ^ (st.st_mtime_nsec as u64)
+}
+
+impl Extra {
+    pub fn has_writable_opens(&self) -> bool {
+        self.writable_opens.load(Ordering::Relaxed) > 0
+    }
+
+    /// Records the modification time of attributes sent for the node.
+    pub fn note_sent_mtime(&self, st: &crate::sys::Stat) {
+        self.sent_mtime.store(time_key(st), Ordering::Relaxed);
+    }
+
+    /// Whether `st` has the modification time last sent.
+    pub fn sent_mtime_is(&self, st: &crate::sys::Stat) -> bool {
+        self.sent_mtime.load(Ordering::Relaxed) == time_key(st)
+    }
+}
 
 impl Node {
     fn new(ino: Ino, serial: u64, kind: u32, state: State) -> Node {

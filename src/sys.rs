@@ -1336,11 +1336,6 @@ pub fn is_dir(st: &Stat) -> bool {
     file_type(st.st_mode) == libc::S_IFDIR
 }
 
-/// A time (seconds, nanoseconds) as one number, for comparing times kept in an atomic.
-pub fn time_key(sec: i64, nsec: i64) -> u64 {
-    ((sec as u64) << 30) ^ (nsec as u64)
-}
-
 pub fn major(dev: u64) -> u32 {
     libc::major(dev)
 }

@@ -48,7 +48,7 @@ impl Format {
         }
     }
 
-    /// The mark of a metadata-only copy (see `is_metacopy`): kernel overlayfs reads only
+    /// The mark of a metadata-only copy (see `refuse_metacopy`): kernel overlayfs reads only
     /// the `trusted.` one as root, and a `user.overlay.` xattr is a layer's own there.
     pub fn metacopy_xattr(self) -> &'static CStr {
         match self {
@@ -188,18 +188,24 @@ pub fn is_xwhiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool {
             .any(|x| sys::getxattr_at(dir, name, x, &mut []).is_ok())
 }
 
-/// Whether the open regular file `f` is a metadata-only copy made by kernel overlayfs with
-/// `metacopy=on`: it holds no data, which is in a lower file the kernel finds through its
-/// origin or redirect. `xattr` is the mark in the mount's format (`Format::metacopy_xattr`).
-/// Read only for a file with a size: an empty one has no data to miss. `dir` and `name` as
-/// for the `*at` calls (`c""` for `dir` itself).
-pub fn is_metacopy(dir: BorrowedFd<'_>, name: &CStr, xattr: &CStr) -> bool {
-    let empty = if name.is_empty() {
-        sys::fstat(dir)
-    } else {
-        sys::fstatat(dir, name, 0)
-    };
-    empty.is_ok_and(|st| st.st_size > 0) && sys::getxattr_at(dir, name, xattr, &mut []).is_ok()
+/// EPERM for a metadata-only copy made by kernel overlayfs with `metacopy=on` (`name` in
+/// `dir`, as for the `*at` calls; `c""` for `dir` itself): it holds no data, which is in a
+/// lower file the kernel finds through an origin or redirect this daemon does not follow. It
+/// is refused, as kernel overlayfs refuses it without that option, rather than read as zeros.
+/// One getxattr of the mark in the mount's format; the first one met is logged.
+pub fn refuse_metacopy(dir: BorrowedFd<'_>, name: &CStr, format: Format) -> Result<()> {
+    if sys::getxattr_at(dir, name, format.metacopy_xattr(), &mut []).is_err() {
+        return Ok(());
+    }
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::warn!(
+            "a file made by kernel overlayfs with metacopy=on (data in another layer) was \
+             met; such files are refused (EPERM), as kernel overlayfs refuses them without \
+             that option"
+        );
+    }
+    Err(crate::sys::Errno::EPERM)
 }
 
 /// Whether an object of stat `st` can be an xattr whiteout at all: an empty regular file.
