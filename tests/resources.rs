@@ -452,12 +452,15 @@ fn deep_chain(top: &Path, depth: usize) -> std::os::fd::OwnedFd {
 fn a_request_below_thousands_of_evicted_directories_is_served() {
     use std::os::fd::AsRawFd;
     let l = Layers::new(1);
+    // Declared before the mount, so dropped after it, also when an assertion fails.
+    let trees = DeepTrees(vec![l.root().join("m/upper/a"), l.root().join("m/upper/b")]);
     let m = l.mount("m");
     let pid = daemon_pid(&m.merged);
     let depth = fd_cache_bound(pid) * 3 / 2;
     let a = deep_chain(&m.path("a"), depth);
     let b = deep_chain(&m.path("b"), depth);
     drop(b);
+    // SAFETY: a stat buffer is plain data; all zeros is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: a is an open directory fd, st is a valid out-buffer.
     let r = unsafe { libc::fstatat(a.as_raw_fd(), c"missing".as_ptr(), &mut st, 0) };
@@ -485,16 +488,29 @@ fn a_request_below_thousands_of_evicted_directories_is_served() {
     unsafe { libc::close(f) };
     assert!(m.path("").metadata().is_ok(), "the mount still answers");
     drop(a);
-    let upper = m.upper.clone().unwrap();
     drop(m);
-    // Deleting this deep a tree needs rm (std's remove_dir_all recurses per level).
-    for top in ["a", "b"] {
-        let ok = std::process::Command::new("rm")
-            .arg("-rf")
-            .arg(upper.join(top))
-            .status()
-            .unwrap();
-        assert!(ok.success());
+    assert!(trees.remove(), "rm -rf of the deep trees");
+}
+
+/// Trees too deep for the temporary directory's removal (std's `remove_dir_all` recurses per
+/// level), removed with `rm -rf` when dropped (once the mount over them is gone).
+struct DeepTrees(Vec<PathBuf>);
+
+impl DeepTrees {
+    fn remove(&self) -> bool {
+        self.0.iter().all(|t| {
+            std::process::Command::new("rm")
+                .arg("-rf")
+                .arg(t)
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    }
+}
+
+impl Drop for DeepTrees {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
