@@ -483,9 +483,13 @@ impl Union {
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
         let mut fd = fd;
+        let passthrough = self.passthrough_active();
         let mode = if append_only {
+            if passthrough {
+                node.extra().direct_opens.fetch_add(1, Ordering::SeqCst);
+            }
             IoMode::Direct
-        } else if self.passthrough_active() {
+        } else if passthrough {
             match self.backing_for(node, fd.as_fd(), make_backing)? {
                 Some(mode) => mode,
                 None => {
@@ -517,10 +521,9 @@ impl Union {
             node.extra().exec_opens.fetch_add(1, Ordering::SeqCst);
             h.exec = true;
         }
-        if matches!(mode, IoMode::Direct) && self.passthrough_active() {
-            node.extra().direct_opens.fetch_add(1, Ordering::SeqCst);
-            h.direct = true;
-        }
+        // Counted in the node's `direct_opens` already (by `backing_for`, under the lock
+        // that orders it against a new backing).
+        h.direct = matches!(mode, IoMode::Direct) && passthrough;
         Ok((self.handles.add_file(h), mode))
     }
 
@@ -565,7 +568,9 @@ impl Union {
 
     /// The passthrough backing for an open of `node` on `fd` (see `Choice`): the node's
     /// shared one, a new one (direct I/O if the kernel refuses it), ESTALE after moving the
-    /// name to a new node, or None if `fd` is a lower file the node no longer shows.
+    /// name to a new node, or None if `fd` is a lower file the node no longer shows. A direct
+    /// I/O answer is counted in the node's `direct_opens` before the backings' lock is let
+    /// go, so that an open racing with it cannot make a backing for the node meanwhile.
     fn backing_for(
         &self,
         node: &Node,
@@ -600,6 +605,7 @@ impl Union {
                     .extra_if_made()
                     .is_some_and(|e| e.direct_opens.load(Ordering::SeqCst) > 0) =>
             {
+                node.extra().direct_opens.fetch_add(1, Ordering::SeqCst);
                 Ok(Some(IoMode::Direct))
             }
             Choice::New => match make_backing(fd) {
@@ -616,6 +622,7 @@ impl Union {
                     // Served by the daemon; direct I/O can share the inode with passthrough
                     // opens.
                     log::debug!("passthrough backing refused: {e}");
+                    node.extra().direct_opens.fetch_add(1, Ordering::SeqCst);
                     Ok(Some(IoMode::Direct))
                 }
             },
