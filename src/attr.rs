@@ -539,7 +539,7 @@ impl Union {
     /// The name a view's xattr is stored under (see `whiteout::escape_xattr`); ENOTSUP for a
     /// name private to the daemon.
     fn stored_xattr_name(&self, name: &OsStr) -> Result<std::ffi::CString> {
-        if let Some(real) = whiteout::escape_xattr(name.as_bytes()) {
+        if let Some(real) = whiteout::escape_xattr(name.as_bytes(), self.layers.format) {
             // A name the escape makes too long for the layers is refused, as kernel
             // overlayfs refuses it (XATTR_NAME_MAX is 255).
             if real.len() > 255 {
@@ -645,7 +645,7 @@ impl Union {
         let mut trusted = None;
         let mut out = Vec::new();
         for n in names {
-            let view = match whiteout::unescape_xattr(n.as_bytes()) {
+            let view = match whiteout::unescape_xattr(n.as_bytes(), self.layers.format) {
                 Some(view) => view,
                 None if self.is_private_xattr(n.as_bytes()) => continue,
                 None => n.into_encoded_bytes(),

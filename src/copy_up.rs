@@ -175,7 +175,7 @@ impl CopyUp<'_> {
         // setting xattrs), times last (everything before touches them).
         let fdb = fd.as_fd();
         sys::fchown(fdb, self.st.st_uid, self.st.st_gid).or_else(ignore_rootless_chown)?;
-        copy_xattrs(self.src.as_fd(), fdb)?;
+        copy_xattrs(self.src.as_fd(), fdb, self.fs.layers.format)?;
         if prot != 0 {
             // Kept in the xattr, as kernel overlayfs keeps them (see `protect`).
             let name = self.fs.layers.format.protattr_xattr();
@@ -431,7 +431,11 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
 }
 
 /// Copies every non-private xattr of `src` to `dst`.
-pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
+pub fn copy_xattrs(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    format: whiteout::Format,
+) -> Result<()> {
     let names = match sys::listxattr_vec(src) {
         Ok(n) => n,
         Err(e) if matches!(e.code(), libc::ENOTSUP | libc::EPERM | libc::EACCES) => return Ok(()),
@@ -439,7 +443,7 @@ pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
     };
     for name in names {
         use std::os::unix::ffi::OsStrExt;
-        if whiteout::is_private_xattr(name.as_bytes()) {
+        if whiteout::is_private_xattr(name.as_bytes(), format) {
             continue;
         }
         let cname = sys::cstr(&name)?;

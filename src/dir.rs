@@ -583,6 +583,7 @@ impl Union {
             st,
             upper: Some(RealId::of(&st)),
             lowers: Few::new(),
+            redirects: None,
         });
         Ok(Created {
             node,
@@ -697,6 +698,7 @@ impl Union {
             st,
             upper: Some(RealId::of(&st)),
             lowers: Few::new(),
+            redirects: None,
         };
         self.node_for(parent, name, found)
     }

@@ -61,6 +61,19 @@ pub struct State {
     pub lowers: Few<(LowerIdx, RealId)>,
     /// Identities registered for this node in the table.
     pub ids: Few<RealId>,
+    /// Directories: the lower layers whose directory a layer above redirects (kernel
+    /// overlayfs's `overlay.redirect`), and how each is reached. None for almost all.
+    pub redirects: Option<Box<[(LowerIdx, Redirect)]>>,
+}
+
+/// How a directory's object in a lower layer is reached when a layer above it redirects the
+/// directory (a rename made by kernel overlayfs with `redirect_dir=on`).
+#[derive(Clone)]
+pub enum Redirect {
+    /// By this name in the parent's directory in that layer.
+    Name(Name),
+    /// By this path from the layer's root.
+    Path(Box<[Name]>),
 }
 
 impl State {
@@ -85,6 +98,16 @@ impl State {
 
     pub fn top_id(&self) -> Option<RealId> {
         self.upper.or(self.lowers.first().map(|(_, id)| *id))
+    }
+
+    /// How the directory's object in lower layer `l` is reached, if a layer above redirects
+    /// it (else by its name in its parent's directory there).
+    pub fn redirect(&self, l: LowerIdx) -> Option<&Redirect> {
+        self.redirects
+            .as_ref()?
+            .iter()
+            .find(|(x, _)| *x == l)
+            .map(|(_, r)| r)
     }
 }
 
@@ -1092,6 +1115,7 @@ mod tests {
             upper: None,
             lowers: Few::new(),
             ids: Few::new(),
+            redirects: None,
         }
     }
 

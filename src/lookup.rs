@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::compact::{Few, Name};
 use crate::fdcache::CachedDir;
-use crate::inode::{Link, Node, RealId, State};
+use crate::inode::{Link, Node, RealId, Redirect, State};
 use crate::layer::LowerIdx;
 use crate::sys::{self, Errno, Result, Stat};
 use crate::union::Union;
@@ -26,6 +26,16 @@ pub struct Found {
     pub st: Stat,
     pub upper: Option<RealId>,
     pub lowers: Few<(LowerIdx, RealId)>,
+    /// Lower layers reached through a redirect (see `State::redirects`).
+    pub redirects: Option<Box<[(LowerIdx, Redirect)]>>,
+}
+
+/// Where a redirect's path leads in one layer (`Union::walk_redirect`).
+enum Walked {
+    /// To this directory and the name of the path's last component in it.
+    To(Arc<CachedDir>, std::ffi::CString),
+    Absent,
+    Stop,
 }
 
 impl Found {
@@ -178,12 +188,12 @@ impl Union {
         // open below finds its parent's fd cached: a directory thousands of levels deep (a
         // layer's content, or made through the view) must not cost a stack frame per level.
         let mut missing = Vec::new();
-        let mut up = first_parent(node);
+        let mut up = self.reached_through_parent(node, loc);
         while let Some(p) = up {
             if p.is_root() || self.fds.get(p.serial, loc).is_some() {
                 break;
             }
-            up = first_parent(&p);
+            up = self.reached_through_parent(&p, loc);
             missing.push(p);
         }
         for p in missing.iter().rev() {
@@ -192,12 +202,30 @@ impl Union {
         self.open_dir_fd(node, loc)
     }
 
+    /// The parent through whose directory in `loc` the node's directory there is opened: its
+    /// first parent, unless a redirect's path leads there from the layer's root.
+    fn reached_through_parent(&self, node: &Node, loc: Loc) -> Option<Arc<Node>> {
+        let st = node.state();
+        if let Loc::Lower(l) = loc
+            && let Some(Redirect::Path(_)) = st.redirect(l)
+        {
+            return None;
+        }
+        st.links.first().map(|l| l.parent.clone())
+    }
+
     /// `dir_fd` of a node whose parent's fd is (normally) cached.
     fn open_dir_fd(&self, node: &Node, loc: Loc) -> Result<Arc<CachedDir>> {
         if let Some(fd) = self.fds.get(node.serial, loc) {
             return Ok(fd);
         }
-        let fd = if node.is_root() {
+        let redirect = match loc {
+            Loc::Lower(l) => node.state().redirect(l).cloned(),
+            Loc::Upper => None,
+        };
+        let fd = if let (Some(r), Loc::Lower(l)) = (redirect, loc) {
+            self.open_redirected(node, l, &r)?
+        } else if node.is_root() {
             let layer = match loc {
                 Loc::Upper => self.layers.upper()?,
                 Loc::Lower(i) => self.layers.lower(i),
@@ -214,6 +242,22 @@ impl Union {
         let fd = Arc::new(CachedDir::new(fd));
         self.fds.insert(node.serial, loc, fd.clone());
         Ok(fd)
+    }
+
+    /// Opens a directory node's directory in lower layer `l`, which a layer above redirects.
+    fn open_redirected(&self, node: &Node, l: LowerIdx, r: &Redirect) -> Result<OwnedFd> {
+        let flags = libc::O_PATH | libc::O_DIRECTORY;
+        match r {
+            Redirect::Name(name) => {
+                let parent = first_parent(node).ok_or_else(|| node.nameless_error())?;
+                let dir = self.dir_fd(&parent, Loc::Lower(l))?;
+                sys::openat(dir.as_fd(), &sys::cstr(name)?, flags, 0)
+            }
+            Redirect::Path(parts) => match self.walk_redirect(l, parts)? {
+                Walked::To(dir, last) => sys::openat(dir.as_fd(), &last, flags, 0),
+                Walked::Absent | Walked::Stop => Err(Errno::ENOENT),
+            },
+        }
     }
 
     /// Forgets the cached directory fd of a node in one layer (its directory there was
@@ -320,28 +364,55 @@ impl Union {
 
     /// Resolves `name` in the directory `parent` through its layers. `None` when the merged
     /// view has no such name (absent or whited out).
+    ///
+    /// A directory found may redirect the layers below it (kernel overlayfs's
+    /// `overlay.redirect`, left by a rename with `redirect_dir=on`, which kernel overlayfs
+    /// follows by default): a name redirects to another name in the parent's directories
+    /// below, a path to that path from the root of every layer below.
     pub fn probe(&self, parent: &Node, name: &OsStr) -> Result<Option<Found>> {
         if whiteout::is_private_name(name.as_bytes()) {
             return Ok(None);
         }
         let cname = sys::cstr(name)?;
-        let layers = self.dir_layers(parent);
+        let mut layers = self.dir_layers(parent);
         let mut found: Option<Found> = None;
-        for (i, &loc) in layers.iter().enumerate() {
-            let dir = match self.dir_fd(parent, loc) {
-                Ok(fd) => fd,
-                // The parent vanished from this layer (a concurrent removal): nothing below.
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => break,
-                Err(e) => return Err(e),
+        // The redirect in force for the layers below the current one, and the lower layers
+        // reached through one.
+        let mut redirect: Option<Redirect> = None;
+        let mut redirects: Vec<(LowerIdx, Redirect)> = Vec::new();
+        let mut i = 0;
+        while i < layers.len() {
+            let loc = layers[i];
+            i += 1;
+            let (dir, here) = match (&redirect, loc) {
+                (Some(Redirect::Path(parts)), Loc::Lower(l)) => {
+                    match self.walk_redirect(l, parts)? {
+                        Walked::To(dir, last) => (dir, last),
+                        Walked::Absent => continue,
+                        Walked::Stop => break,
+                    }
+                }
+                _ => {
+                    let here = match &redirect {
+                        Some(Redirect::Name(n)) => sys::cstr(n)?,
+                        _ => cname.clone(),
+                    };
+                    match self.dir_fd(parent, loc) {
+                        Ok(fd) => (fd, here),
+                        // The parent vanished from this layer (a concurrent removal): nothing
+                        // below.
+                        Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => break,
+                        Err(e) => return Err(e),
+                    }
+                }
             };
-            let st = match sys::fstatat(dir.as_fd(), &cname, 0) {
+            let hname = here.to_bytes();
+            let st = match sys::fstatat(dir.as_fd(), &here, 0) {
                 Ok(st) => st,
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
                     // A `.wh.NAME` hides the name in the layers below; in the last layer
                     // there is nothing below to hide.
-                    if i + 1 < layers.len()
-                        && dir.has_aufs_whiteout(name.as_bytes(), loc != Loc::Upper)?
-                    {
+                    if i < layers.len() && dir.has_aufs_whiteout(hname, loc != Loc::Upper)? {
                         break;
                     }
                     continue;
@@ -351,7 +422,7 @@ impl Union {
             if whiteout::is_whiteout(&st) {
                 break;
             }
-            if loc != Loc::Upper && dir.is_xwhiteout(&cname, &st) {
+            if loc != Loc::Upper && dir.is_xwhiteout(&here, &st) {
                 break;
             }
             let id = RealId::of(&st);
@@ -359,11 +430,12 @@ impl Union {
             match &mut found {
                 None => {
                     let mut shown = st;
-                    self.apply_override(dir.as_fd(), &cname, &mut shown);
+                    self.apply_override(dir.as_fd(), &here, &mut shown);
                     let mut f = Found {
                         st: shown,
                         upper: None,
                         lowers: Few::new(),
+                        redirects: None,
                     };
                     match loc {
                         Loc::Upper => f.upper = Some(id),
@@ -384,30 +456,128 @@ impl Union {
                     }
                 }
             }
-            // An opaque directory hides what lies below it (no need to ask the bottom layer),
-            // and so does a `.wh.NAME` beside the directory NAME in the same lower layer (an
-            // image layer that deleted a directory and made a new one in its place; answered
-            // from the layer's cached `.wh.` names). In the upper, a directory made over a
-            // whiteout is opaque itself.
-            if i + 1 < layers.len() {
-                if is_dir && loc != Loc::Upper && dir.has_aufs_whiteout(name.as_bytes(), true)? {
+            if let (Some(r), Loc::Lower(l)) = (&redirect, loc) {
+                redirects.push((l, r.clone()));
+            }
+            // Only directories go on. An opaque directory hides what lies below it (no need to
+            // ask the bottom layer), and so does a `.wh.NAME` beside the directory NAME in the
+            // same lower layer (an image layer that deleted a directory and made a new one in
+            // its place; answered from the layer's cached `.wh.` names). In the upper, a
+            // directory made over a whiteout is opaque itself.
+            let below = match loc {
+                Loc::Upper => self.layers.lowers.len(),
+                Loc::Lower(l) => self.layers.lowers.len() - usize::from(l) - 1,
+            };
+            if below == 0 {
+                break;
+            }
+            let child = if i < layers.len() {
+                if loc != Loc::Upper && dir.has_aufs_whiteout(hname, true)? {
                     break;
                 }
                 // A readable fd answers xattr reads directly; an O_PATH one (when the daemon
                 // may not read the directory) only through /proc.
                 let child =
-                    match sys::openat(dir.as_fd(), &cname, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                    match sys::openat(dir.as_fd(), &here, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
                         Err(e) if e.code() == libc::EACCES => {
-                            sys::openat(dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0)?
+                            sys::openat(dir.as_fd(), &here, libc::O_PATH | libc::O_DIRECTORY, 0)?
                         }
                         r => r?,
                     };
                 if whiteout::is_opaque_dir(child.as_fd())? {
                     break;
                 }
-            }
+                Some(child)
+            } else {
+                None
+            };
+            // A redirect may reach layers the parent does not merge (a path), so it is asked
+            // wherever any layer lies below.
+            let value = match &child {
+                Some(c) => sys::getxattr_vec(c.as_fd(), self.layers.format.redirect_xattr()),
+                None => {
+                    sys::getxattr_vec_at(dir.as_fd(), &here, self.layers.format.redirect_xattr())
+                }
+            };
+            let value = match value {
+                Ok(v) => v,
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        libc::ENODATA | libc::ENOTSUP | libc::EPERM | libc::EACCES
+                    ) =>
+                {
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(value) = value else {
+                continue;
+            };
+            let (absolute, parts) = whiteout::parse_redirect(&value)?;
+            let parts = parts.into_iter().map(|p| Name::new(OsStr::from_bytes(p)));
+            redirect = Some(if absolute {
+                // From the root of every lower layer below this one.
+                let first = match loc {
+                    Loc::Upper => 0,
+                    Loc::Lower(l) => l + 1,
+                };
+                layers.truncate(i);
+                layers.extend((first..self.layers.lowers.len() as LowerIdx).map(Loc::Lower));
+                Redirect::Path(parts.collect())
+            } else {
+                let name = parts.into_iter().next().ok_or(Errno::EINVAL)?;
+                match redirect.take() {
+                    // Relative to a path: its last component is replaced.
+                    Some(Redirect::Path(p)) => {
+                        let mut p = p.into_vec();
+                        p.pop();
+                        p.push(name);
+                        Redirect::Path(p.into())
+                    }
+                    _ => Redirect::Name(name),
+                }
+            });
+        }
+        if let Some(f) = &mut found
+            && !redirects.is_empty()
+        {
+            f.redirects = Some(redirects.into());
         }
         Ok(found)
+    }
+
+    /// Walks a redirect's path from the root of lower layer `l`: to the directory that should
+    /// hold its last component, `Absent` if a component is missing there, `Stop` if one is
+    /// not a directory, a whiteout or an opaque directory (nothing below it either).
+    fn walk_redirect(&self, l: LowerIdx, parts: &[Name]) -> Result<Walked> {
+        let Some((last, path)) = parts.split_last() else {
+            return Ok(Walked::Absent);
+        };
+        let mut dir = sys::dup(self.layers.lower(l).root())?;
+        for part in path {
+            let c = sys::cstr(part)?;
+            let st = match sys::fstatat(dir.as_fd(), &c, 0) {
+                Ok(st) => st,
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
+                    return Ok(Walked::Absent);
+                }
+                Err(e) => return Err(e),
+            };
+            if !sys::is_dir(&st) {
+                return Ok(Walked::Stop);
+            }
+            dir = match sys::openat(dir.as_fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                Err(e) if e.code() == libc::EACCES => {
+                    sys::openat(dir.as_fd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0)?
+                }
+                r => r?,
+            };
+            if whiteout::is_opaque_dir(dir.as_fd())? {
+                return Ok(Walked::Stop);
+            }
+        }
+        Ok(Walked::To(Arc::new(CachedDir::new(dir)), sys::cstr(last)?))
     }
 
     /// Looks `name` up in `parent` and returns its node with one more kernel reference.
@@ -492,6 +662,7 @@ impl Union {
                 upper: found.upper,
                 lowers: found.lowers,
                 ids: Few::One(id),
+                redirects: found.redirects,
             })
             .0
     }

@@ -117,6 +117,7 @@ impl Union {
             upper: None,
             lowers: Few::new(),
             ids: Few::new(),
+            redirects: None,
         };
         if let Some(u) = &layers.upper {
             let st = sys::fstat(u.root())?;
@@ -187,7 +188,7 @@ impl Union {
 
     /// Whether an xattr name is the daemon's own (hidden, and not settable through the view).
     pub fn is_private_xattr(&self, name: &[u8]) -> bool {
-        crate::whiteout::is_private_xattr(name)
+        crate::whiteout::is_private_xattr(name, self.layers.format)
             || self.override_xattr().is_some_and(|x| x.to_bytes() == name)
     }
 

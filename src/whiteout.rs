@@ -57,6 +57,15 @@ impl Format {
         }
     }
 
+    /// Where kernel overlayfs records the path a renamed directory's lower directories have
+    /// (`redirect_dir=on`); read in every layer (see `parse_redirect`).
+    pub fn redirect_xattr(self) -> &'static CStr {
+        match self {
+            Format::Trusted => c"trusted.overlay.redirect",
+            Format::UserXattr | Format::Aufs => c"user.overlay.redirect",
+        }
+    }
+
     /// Where append-only and immutable flags set through the view are kept (`protect`).
     pub fn protattr_xattr(self) -> &'static CStr {
         match self {
@@ -100,44 +109,62 @@ pub fn is_private_name(name: &[u8]) -> bool {
     name.starts_with(WH_PREFIX)
 }
 
-/// Prefixes of overlayfs's own xattrs, in its two formats.
-const OVERLAY_XATTR_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+/// The markers read in every layer whatever the mount's format (opaque directories and xattr
+/// whiteouts, in both of kernel overlayfs's namespaces): never shown, never copied up.
+const MARKER_XATTRS: [&[u8]; 4] = [
+    b"trusted.overlay.opaque",
+    b"user.overlay.opaque",
+    b"trusted.overlay.whiteout",
+    b"user.overlay.whiteout",
+];
 
 /// What an escaped overlay xattr name adds after the prefix (see `escape_xattr`).
 const ESCAPE: &[u8] = b"overlay.";
 
-/// Xattrs private to overlay formats: hidden from listings, refused on set. Escaped names
-/// (`trusted.overlay.overlay.*`) are not: they hold the view's own `trusted.overlay.*`.
-pub fn is_private_xattr(name: &[u8]) -> bool {
-    OVERLAY_XATTR_PREFIXES.iter().any(|p| {
-        name.strip_prefix(*p)
-            .is_some_and(|rest| !rest.starts_with(ESCAPE))
-    }) || name.starts_with(b"user.fuseoverlayfs.")
+impl Format {
+    /// The prefix of overlayfs's own xattrs in this format, as kernel overlayfs takes it:
+    /// `trusted.overlay.` as root, `user.overlay.` with `userxattr`. The other namespace's
+    /// `overlay.` names are ordinary xattrs there.
+    fn own_prefix(self) -> &'static [u8] {
+        match self {
+            Format::Trusted => b"trusted.overlay.",
+            Format::UserXattr | Format::Aufs => b"user.overlay.",
+        }
+    }
+}
+
+/// Xattrs private to the overlay format: hidden from listings, refused on set, not copied up.
+/// Those are the format's own `overlay.` names (not escaped ones, `trusted.overlay.overlay.*`,
+/// which hold the view's own `trusted.overlay.*`), the markers read in every layer, and
+/// fuse-overlayfs's.
+pub fn is_private_xattr(name: &[u8], format: Format) -> bool {
+    name.strip_prefix(format.own_prefix())
+        .is_some_and(|rest| !rest.starts_with(ESCAPE))
+        || MARKER_XATTRS.contains(&name)
+        || name.starts_with(b"user.fuseoverlayfs.")
 }
 
 /// The name a view's xattr in overlayfs's namespace is stored under, as kernel overlayfs
 /// (Linux 6.7 and later) stores it so that an overlay can be nested in another:
-/// `trusted.overlay.NAME` as `trusted.overlay.overlay.NAME`, and likewise `user.overlay.`.
-/// None for any other name.
-pub fn escape_xattr(view: &[u8]) -> Option<Vec<u8>> {
-    let prefix = OVERLAY_XATTR_PREFIXES
-        .iter()
-        .find(|p| view.starts_with(p))?;
+/// `trusted.overlay.NAME` as `trusted.overlay.overlay.NAME` as root, `user.overlay.NAME` as
+/// `user.overlay.overlay.NAME` with `userxattr`. None for any other name.
+pub fn escape_xattr(view: &[u8], format: Format) -> Option<Vec<u8>> {
+    let prefix = format.own_prefix();
+    let rest = view.strip_prefix(prefix)?;
     let mut real = prefix.to_vec();
     real.extend_from_slice(ESCAPE);
-    real.extend_from_slice(&view[prefix.len()..]);
+    real.extend_from_slice(rest);
     Some(real)
 }
 
 /// The view's name of a stored escaped xattr (the reverse of `escape_xattr`); None for any
 /// other name.
-pub fn unescape_xattr(real: &[u8]) -> Option<Vec<u8>> {
-    OVERLAY_XATTR_PREFIXES.iter().find_map(|p| {
-        let rest = real.strip_prefix(*p)?.strip_prefix(ESCAPE)?;
-        let mut view = p.to_vec();
-        view.extend_from_slice(rest);
-        Some(view)
-    })
+pub fn unescape_xattr(real: &[u8], format: Format) -> Option<Vec<u8>> {
+    let prefix = format.own_prefix();
+    let rest = real.strip_prefix(prefix)?.strip_prefix(ESCAPE)?;
+    let mut view = prefix.to_vec();
+    view.extend_from_slice(rest);
+    Some(view)
 }
 
 /// `.wh.` + name.
@@ -190,7 +217,7 @@ pub fn is_xwhiteout(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> bool {
 
 /// EPERM for a metadata-only copy made by kernel overlayfs with `metacopy=on` (`name` in
 /// `dir`, as for the `*at` calls; `c""` for `dir` itself): it holds no data, which is in a
-/// lower file the kernel finds through an origin or redirect this daemon does not follow. It
+/// lower file the kernel finds through an origin this daemon does not follow. It
 /// is refused, as kernel overlayfs refuses it without that option, rather than read as zeros.
 /// One getxattr of the mark in the mount's format; the first one met is logged.
 pub fn refuse_metacopy(dir: BorrowedFd<'_>, name: &CStr, format: Format) -> Result<()> {
@@ -206,6 +233,27 @@ pub fn refuse_metacopy(dir: BorrowedFd<'_>, name: &CStr, format: Format) -> Resu
         );
     }
     Err(crate::sys::Errno::EPERM)
+}
+
+/// A directory's redirect, as kernel overlayfs reads it: `/a/b` is a path from the root of
+/// each layer below, `name` a name in the parent's directories below. The value ends at its
+/// first NUL. EINVAL for what the kernel takes as invalid (empty, an empty component, a `/`
+/// in a relative one), EACCES for a `.` or `..` component (the kernel's lookup refuses
+/// them), so that a redirect never leaves the layer.
+pub fn parse_redirect(value: &[u8]) -> Result<(bool, Vec<&[u8]>)> {
+    let value = value.split(|&b| b == 0).next().unwrap_or_default();
+    let (absolute, parts): (bool, Vec<&[u8]>) = match value.strip_prefix(b"/") {
+        Some(rest) => (true, rest.split(|&b| b == b'/').collect()),
+        None if value.contains(&b'/') => return Err(crate::sys::Errno::EINVAL),
+        None => (false, vec![value]),
+    };
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(crate::sys::Errno::EINVAL);
+    }
+    if parts.iter().any(|p| *p == b"." || *p == b"..") {
+        return Err(crate::sys::Errno::EACCES);
+    }
+    Ok((absolute, parts))
 }
 
 /// Whether an object of stat `st` can be an xattr whiteout at all: an empty regular file.
@@ -238,38 +286,73 @@ mod tests {
     }
 
     #[test]
+    fn redirects() {
+        fn ok(v: &[u8]) -> std::result::Result<(bool, Vec<&[u8]>), i32> {
+            parse_redirect(v).map_err(|e| e.code())
+        }
+        assert_eq!(ok(b"/a/b"), Ok((true, vec![&b"a"[..], b"b"])));
+        assert_eq!(ok(b"x"), Ok((false, vec![&b"x"[..]])));
+        assert_eq!(ok(b"x\0junk"), Ok((false, vec![&b"x"[..]])));
+        for bad in [&b""[..], b"/", b"//a", b"/a/", b"/a//b", b"a/b", b"\0/a"] {
+            assert_eq!(ok(bad), Err(libc::EINVAL), "{bad:?}");
+        }
+        for up in [&b".."[..], b".", b"/a/../b", b"/.."] {
+            assert_eq!(ok(up), Err(libc::EACCES), "{up:?}");
+        }
+    }
+
+    #[test]
     fn private_xattrs() {
-        assert!(is_private_xattr(b"trusted.overlay.opaque"));
-        assert!(is_private_xattr(b"user.overlay.origin"));
-        assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
-        assert!(!is_private_xattr(b"user.overlayfoo"));
-        assert!(!is_private_xattr(b"security.capability"));
-        assert!(!is_private_xattr(b"trusted.overlay.overlay.opaque"));
-        assert!(!is_private_xattr(b"user.overlay.overlay.x"));
+        let t = Format::Trusted;
+        let u = Format::UserXattr;
+        assert!(is_private_xattr(b"trusted.overlay.origin", t));
+        assert!(is_private_xattr(b"user.overlay.origin", u));
+        // As root, kernel overlayfs takes `user.overlay.` names as ordinary xattrs (but for
+        // the markers read in every layer), and the reverse with `userxattr`.
+        assert!(!is_private_xattr(b"user.overlay.origin", t));
+        assert!(!is_private_xattr(b"user.overlay.note", t));
+        assert!(!is_private_xattr(b"trusted.overlay.note", u));
+        for f in [t, u, Format::Aufs] {
+            assert!(is_private_xattr(b"trusted.overlay.opaque", f));
+            assert!(is_private_xattr(b"user.overlay.opaque", f));
+            assert!(is_private_xattr(b"user.overlay.whiteout", f));
+            assert!(is_private_xattr(b"user.fuseoverlayfs.opaque", f));
+            assert!(!is_private_xattr(b"user.overlayfoo", f));
+            assert!(!is_private_xattr(b"security.capability", f));
+        }
+        assert!(!is_private_xattr(b"trusted.overlay.overlay.opaque", t));
+        assert!(!is_private_xattr(b"user.overlay.overlay.x", u));
     }
 
     #[test]
     fn escaped_xattrs() {
-        let esc = |n: &[u8]| escape_xattr(n).map(|v| String::from_utf8(v).unwrap());
-        let unesc = |n: &[u8]| unescape_xattr(n).map(|v| String::from_utf8(v).unwrap());
+        let (t, u) = (Format::Trusted, Format::UserXattr);
+        let esc = |n: &[u8], f| escape_xattr(n, f).map(|v| String::from_utf8(v).unwrap());
+        let unesc = |n: &[u8], f| unescape_xattr(n, f).map(|v| String::from_utf8(v).unwrap());
         assert_eq!(
-            esc(b"trusted.overlay.opaque").as_deref(),
+            esc(b"trusted.overlay.opaque", t).as_deref(),
             Some("trusted.overlay.overlay.opaque")
         );
         assert_eq!(
-            esc(b"user.overlay.overlay.x").as_deref(),
+            esc(b"user.overlay.overlay.x", u).as_deref(),
             Some("user.overlay.overlay.overlay.x")
         );
-        assert_eq!(esc(b"user.overlayx"), None);
-        assert_eq!(esc(b"user.fuseoverlayfs.opaque"), None);
+        assert_eq!(esc(b"user.overlay.x", t), None);
+        assert_eq!(esc(b"trusted.overlay.x", u), None);
+        assert_eq!(esc(b"user.overlayx", u), None);
+        assert_eq!(esc(b"user.fuseoverlayfs.opaque", u), None);
         assert_eq!(
-            unesc(b"trusted.overlay.overlay.opaque").as_deref(),
+            unesc(b"trusted.overlay.overlay.opaque", t).as_deref(),
             Some("trusted.overlay.opaque")
         );
-        assert_eq!(unesc(b"trusted.overlay.opaque"), None);
-        assert_eq!(unesc(b"user.other"), None);
-        for n in [&b"trusted.overlay.a"[..], b"user.overlay.overlay.b"] {
-            assert_eq!(unescape_xattr(&escape_xattr(n).unwrap()).unwrap(), n);
+        assert_eq!(unesc(b"user.overlay.overlay.x", t), None);
+        assert_eq!(unesc(b"trusted.overlay.opaque", t), None);
+        assert_eq!(unesc(b"user.other", u), None);
+        for (n, f) in [
+            (&b"trusted.overlay.a"[..], t),
+            (b"user.overlay.overlay.b", u),
+        ] {
+            assert_eq!(unescape_xattr(&escape_xattr(n, f).unwrap(), f).unwrap(), n);
         }
     }
 }

@@ -2677,3 +2677,110 @@ fn a_metadata_only_copy_is_refused_not_read_as_zeros() {
         "lower data"
     );
 }
+
+/// Directories renamed by kernel overlayfs with `redirect_dir=on` carry `overlay.redirect`
+/// (a name in the same parent, or a path from the layer roots after a move to another
+/// parent), which the kernel follows by default. unionmount follows it too: the renamed
+/// directories show their lower contents, which can be read, changed and deleted, and the
+/// kernel shows the result the same way.
+#[test]
+fn directories_renamed_with_redirects_keep_their_lower_contents() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("a/f", "a0")
+        .file("a/sub/g", "g0")
+        .file("b/x", "x0")
+        .file("c/deep/y", "y0");
+    l.lower(1)
+        .file("a/lowest", "l1")
+        .file("b/under", "u1")
+        .file("c/deep/z", "z1");
+    age_all(&l);
+    let base = l.mkdir("x");
+    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let mut k = Mount::kernel(
+        &l.lowerdir_opt(),
+        &upper,
+        &work,
+        &merged,
+        &["redirect_dir=on"],
+    );
+    fs::rename(k.path("a"), k.path("a2")).unwrap();
+    fs::create_dir(k.path("new")).unwrap();
+    fs::rename(k.path("b"), k.path("new/b2")).unwrap();
+    fs::rename(k.path("c/deep"), k.path("new/deep2")).unwrap();
+    fs::remove_file(k.path("a2/sub/g")).unwrap();
+    fs::write(k.path("a2/added"), "new").unwrap();
+    let o = TreeOpts::default();
+    let seen = tree(&k.merged, &o);
+    k.unmount();
+    let redirect = |p: &str| get_xattr(&upper.join(p), "trusted.overlay.redirect");
+    assert_eq!(redirect("a2").as_deref(), Ok(&b"a"[..]));
+    assert_eq!(redirect("new/b2").as_deref(), Ok(&b"/b"[..]));
+    assert_eq!(redirect("new/deep2").as_deref(), Ok(&b"/c/deep"[..]));
+    assert!(seen.contains_key("new/b2/under") && !seen.contains_key("a"));
+
+    let mut u = union_at(&l, &upper, &base.join("uwork"), &base.join("umerged"));
+    assert_same_tree(&seen, &tree(&u.merged, &o), "redirected directories");
+    assert_no_private_xattrs(&u.merged);
+    assert_eq!(fs::read_to_string(u.path("new/b2/under")).unwrap(), "u1");
+    assert_eq!(fs::read_to_string(u.path("a2/lowest")).unwrap(), "l1");
+    // A copy-up into a redirected directory, a deletion there (a whiteout: the lower file
+    // is reached through the redirect), and the rename of a merged directory (EXDEV).
+    fs::write(u.path("new/deep2/y"), "changed").unwrap();
+    assert_eq!(
+        fs::read_to_string(u.upper_path("new/deep2/y")).unwrap(),
+        "changed"
+    );
+    fs::remove_file(u.path("a2/f")).unwrap();
+    fs::remove_file(u.path("new/b2/under")).unwrap();
+    assert_eq!(errno(fs::rename(u.path("a2"), u.path("a3"))), libc::EXDEV);
+    let changed = tree(&u.merged, &o);
+    assert!(!changed.contains_key("a2/f") && changed.contains_key("new/b2/x"));
+    u.unmount();
+    assert_eq!(
+        fs::read_to_string(l.lower(0).path("c/deep/y")).unwrap(),
+        "y0"
+    );
+
+    let k = kernel_at(&l, &upper, &base.join("kwork"), &base.join("kmerged"));
+    assert_same_tree(
+        &changed,
+        &tree(&k.merged, &o),
+        "unionmount's changes under kernel",
+    );
+}
+
+/// As root, kernel overlayfs's own xattrs are `trusted.overlay.*`: a layer's `user.overlay.*`
+/// names (but the opaque and whiteout markers, read in every layer) are ordinary xattrs,
+/// listed, copied up and settable as on kernel overlayfs. They used to be hidden and lost at
+/// copy-up.
+#[test]
+fn user_overlay_xattrs_are_ordinary_as_root() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("f", "x")
+        .xattr("f", "user.overlay.note", b"hello")
+        .xattr("f", "user.other", b"1")
+        .file("g", "y");
+    age_all(&l);
+    let ops = [
+        Chmod("f", 0o600),
+        SetXattr("g", "user.overlay.mine", "v"),
+        SetXattr("g", "user.overlay.overlay.nested", "n"),
+    ];
+    run_both(&l, &ops, "user.overlay xattrs as root");
+    let u = l.mount("u2");
+    assert_eq!(
+        listed_xattrs(&u.path("f"), None),
+        "['user.other', 'user.overlay.note']"
+    );
+    fs::set_permissions(u.path("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        get_xattr(&u.upper_path("f"), "user.overlay.note").as_deref(),
+        Ok(&b"hello"[..])
+    );
+}
