@@ -73,6 +73,7 @@ fn layers(lowers: &[&Path], upper: Option<&Path>) -> Layers {
         format: Format::Trusted,
         rename_whiteout: false,
         upper_acls: true,
+        upper_noatime: None,
     }
 }
 

@@ -464,6 +464,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
         idmap.squash_gid.get_or_insert(0);
     }
     opts.idmap = idmap;
+    opts.noatime = flags.noatime;
 
     if remount {
         let mountpoint = cli

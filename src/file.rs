@@ -345,6 +345,18 @@ fn real_flags(flags: i32) -> i32 {
 }
 
 impl Union {
+    /// `real_flags` for an open of an upper file, with O_NOATIME on a `noatime` mount: the
+    /// upper's own mount would otherwise time the reads the kernel sends (`open_upper` drops
+    /// it where the daemon may not use it).
+    fn upper_flags(&self, flags: i32) -> i32 {
+        real_flags(flags)
+            | if self.opts.noatime {
+                libc::O_NOATIME
+            } else {
+                0
+            }
+    }
+
     /// Opens a file; returns the handle id and how the kernel is to do its I/O.
     /// `make_backing` registers an fd as a passthrough backing file with the kernel.
     pub fn open(
@@ -402,13 +414,15 @@ impl Union {
             }
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
             generation = node.data_gen();
-            let real = real_flags(flags);
+            let real = self.upper_flags(flags);
             if append_only {
                 self.open_upper(node, real)?
             } else if self.writeback_active() && acc == libc::O_WRONLY {
                 // With writeback caching the kernel reads back pages that a write covers
-                // only in part, through whichever writable handle it holds.
-                let rw = (real & !libc::O_ACCMODE) | libc::O_RDWR;
+                // only in part, through whichever writable handle it holds. Those reads are
+                // no access by the caller, who cannot read: they leave the access time alone,
+                // as the write does on a local filesystem.
+                let rw = (real & !libc::O_ACCMODE) | libc::O_RDWR | libc::O_NOATIME;
                 match self.open_upper(node, rw) {
                     Err(e) if e.code() == libc::EACCES => self.open_upper(node, real)?,
                     r => r?,
@@ -432,7 +446,7 @@ impl Union {
             sys::reopen(h.fd().as_fd(), libc::O_RDONLY)?
         } else {
             match self.top_loc(node) {
-                Loc::Upper => self.open_upper(node, real_flags(flags))?,
+                Loc::Upper => self.open_upper(node, self.upper_flags(flags))?,
                 Loc::Lower(_) => self.open_lower_data(node)?,
             }
         };
@@ -495,7 +509,7 @@ impl Union {
                 None => {
                     // A read-only open that reached the lower file just before a copy-up of
                     // the node finished: it opens the copy instead.
-                    fd = self.open_upper(node, real_flags(flags))?;
+                    fd = self.open_upper(node, self.upper_flags(flags))?;
                     self.backing_for(node, fd.as_fd(), make_backing)?
                         .ok_or(Errno::ESTALE)?
                 }
@@ -608,7 +622,7 @@ impl Union {
                 node.extra().direct_opens.fetch_add(1, Ordering::SeqCst);
                 Ok(Some(IoMode::Direct))
             }
-            Choice::New => match make_backing(fd) {
+            Choice::New => match self.backing_file(fd, upper == Some(id), make_backing) {
                 Ok(b) => {
                     let b = Arc::new(SharedBacking {
                         id: b,
@@ -627,6 +641,26 @@ impl Union {
                 }
             },
         }
+    }
+
+    /// Registers `fd` as a backing file; on a `noatime` mount, an upper file is registered
+    /// as opened on the copy of the upper's mount that times no access (as the lower layers'
+    /// copies do), where the kernel can open it so.
+    fn backing_file(
+        &self,
+        fd: BorrowedFd<'_>,
+        is_upper: bool,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
+    ) -> std::io::Result<crate::fuse::BackingId> {
+        if is_upper && let Some(mount) = &self.layers.upper_noatime {
+            // The backing file's own flags do not matter (the kernel opens it again with the
+            // open's flags), only its mount.
+            match sys::reopen_on_mount(fd, mount.as_fd(), libc::O_RDONLY) {
+                Ok(f) => return make_backing(f.as_fd()),
+                Err(e) => log::debug!("noatime: upper file not reopened on its copy: {e:?}"),
+            }
+        }
+        make_backing(fd)
     }
 
     /// Moves the name of `node` to a fresh node for the object `id`, so that the kernel gets a
@@ -757,7 +791,7 @@ impl Union {
         if h.writable || h.opened_gen.load(Ordering::SeqCst) == now {
             return h.fd();
         }
-        if let Ok(fd) = self.open_in(&h.node, Loc::Upper, libc::O_RDONLY) {
+        if let Ok(fd) = self.open_upper(&h.node, self.upper_flags(libc::O_RDONLY)) {
             *h.fd.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fd);
             h.opened_gen.store(now, Ordering::SeqCst);
         }

@@ -58,7 +58,7 @@ impl Layer {
         layer.takes_acls = sys::fs_type(layer.root()).map_or(true, |magic| {
             crate::acl::fs_takes_acls(magic, || crate::mountinfo::type_of_dev(dev))
         });
-        match sys::clone_mount(layer.root()) {
+        match sys::clone_mount(layer.root(), true) {
             Ok(clone) => layer.root = clone,
             Err(e) => log::debug!(
                 "lower layer {}: mounts inside it are crossed (no detached copy: {e:?})",
@@ -113,6 +113,10 @@ pub struct Layers {
     pub rename_whiteout: bool,
     /// The upper holds POSIX ACLs (not a filesystem mounted `noacl`, say).
     pub upper_acls: bool,
+    /// A `noatime` mount: a detached copy of the upper's mount that times no access, where
+    /// passthrough backing files of upper files are opened (the kernel times reads of a
+    /// backing file by its mount, not by the daemon's open flags).
+    pub upper_noatime: Option<OwnedFd>,
 }
 
 impl Layers {

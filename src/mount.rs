@@ -428,6 +428,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
             },
         ),
     };
+    let upper_noatime = match &upper {
+        Some(u)
+            if cfg.opts.noatime
+                && cfg.passthrough != crate::config::Passthrough::Off
+                && passthrough_possible() =>
+        {
+            // Opened (not `O_PATH`): open_by_handle_at takes no `O_PATH` fd.
+            sys::clone_mount(u.root(), false)
+                .and_then(|c| sys::openat(c.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0))
+                .map_err(|e| log::debug!("noatime: no copy of the upper's mount: {e:?}"))
+                .ok()
+        }
+        _ => None,
+    };
     let layers = Layers {
         lowers,
         upper,
@@ -435,6 +449,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         format: caps.format,
         rename_whiteout: caps.rename_whiteout,
         upper_acls: caps.acls,
+        upper_noatime,
     };
     let mut opts = cfg.opts.clone();
     opts.passthrough = match cfg.passthrough {

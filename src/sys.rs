@@ -92,7 +92,7 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: i32, mode: u32) -> 
 /// done through it changes the layer, not even the access times of the files the kernel
 /// reads for a passthrough open (it reads them through a file of its own, with the
 /// caller's open flags, so the daemon's `O_NOATIME` does not reach it).
-pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
+pub fn clone_mount(dir: BorrowedFd<'_>, read_only: bool) -> Result<OwnedFd> {
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     let flags =
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
@@ -136,9 +136,51 @@ pub fn clone_mount(dir: BorrowedFd<'_>) -> Result<OwnedFd> {
     // One call each: a mount from a more privileged namespace has its atime flags locked,
     // and still becomes private and read-only.
     set(0, 0, libc::MS_PRIVATE);
-    set(MOUNT_ATTR_RDONLY, 0, 0);
+    if read_only {
+        set(MOUNT_ATTR_RDONLY, 0, 0);
+    }
     set(MOUNT_ATTR_NOATIME, MOUNT_ATTR_ATIME, 0);
     Ok(clone)
+}
+
+/// Opens the object of `fd` again, with `flags`, on the mount of `mount` (a copy of its
+/// mount, say), through its file handle. Needs CAP_DAC_READ_SEARCH, and a filesystem that
+/// gives handles.
+pub fn reopen_on_mount(fd: BorrowedFd<'_>, mount: BorrowedFd<'_>, flags: i32) -> Result<OwnedFd> {
+    const MAX_HANDLE_SZ: usize = 128;
+    #[repr(C)]
+    struct Handle {
+        bytes: libc::c_uint,
+        kind: libc::c_int,
+        data: [u8; MAX_HANDLE_SZ],
+    }
+    let mut h = Handle {
+        bytes: MAX_HANDLE_SZ as libc::c_uint,
+        kind: 0,
+        data: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: valid fd, empty NUL-terminated path, a handle buffer of the size it states and
+    // an int out-pointer.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut h as *mut Handle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        ) as libc::c_int
+    })?;
+    // SAFETY: valid fd and the handle just filled.
+    owned(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            &mut h as *mut Handle,
+            flags | libc::O_CLOEXEC,
+        ) as libc::c_int
+    })
 }
 
 /// Opens the name `name` in `dir` as `O_PATH` only if it is neither a symlink (ELOOP) nor a

@@ -32,6 +32,10 @@ pub struct Options {
     pub posix_acl: bool,
     /// Whether listings carry every entry's attributes (see `ReaddirPlus`).
     pub readdirplus: ReaddirPlus,
+    /// `noatime`: reads through the view leave the upper files' access times alone (the
+    /// kernel keeps no times of FUSE files itself; the lower layers are read without them
+    /// whatever the option).
+    pub noatime: bool,
 }
 
 /// `readdirplus=`: listings with every entry's attributes save a lookup per entry for
@@ -57,6 +61,7 @@ impl Default for Options {
             xattr_permissions: 0,
             posix_acl: true,
             readdirplus: ReaddirPlus::Auto,
+            noatime: false,
         }
     }
 }

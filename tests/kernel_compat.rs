@@ -2784,3 +2784,55 @@ fn user_overlay_xattrs_are_ordinary_as_root() {
         Ok(&b"hello"[..])
     );
 }
+
+/// Access times of upper files, as kernel overlayfs keeps them: a read times the upper file
+/// (relatime) unless the mount is `noatime` (which unionmount used to show in the mount's
+/// options without effect), and an append through a descriptor that cannot read leaves it,
+/// also on the page-cached path, where the kernel reads back the page a write covers in part
+/// (the daemon's read used to time the file).
+#[test]
+fn access_times_of_upper_files_as_kernel_overlayfs() {
+    let l = Layers::new(1);
+    l.lower(0).file("lower", "l");
+    let cases: [(&str, bool, &[&str]); 6] = [
+        ("kernel", true, &[]),
+        ("kernel-noatime", true, &["noatime"]),
+        ("union", false, &[]),
+        ("union-noatime", false, &["-o", "noatime"]),
+        ("cached", false, &["--passthrough", "off"]),
+        (
+            "cached-noatime",
+            false,
+            &["--passthrough", "off", "-o", "noatime"],
+        ),
+    ];
+    for (name, kernel, extra) in cases {
+        let upper = l.mkdir(&format!("{name}/upper"));
+        for f in ["read", "append"] {
+            fs::write(upper.join(f), f).unwrap();
+            set_times(&upper.join(f), 1000, 2000);
+        }
+        let m = if kernel {
+            l.mount_kernel_with(name, extra)
+        } else {
+            l.mount_with(name, extra)
+        };
+        assert_eq!(fs::read(m.path("read")).unwrap(), b"read");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(m.path("append"))
+            .unwrap();
+        f.write_all(b"+").unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let timed = |f: &str| fs::metadata(upper.join(f)).unwrap().atime() != 1000;
+        let noatime = name.ends_with("noatime");
+        let row = (name, timed("read"), timed("append"));
+        assert_eq!(
+            row,
+            (name, !noatime, false),
+            "(mount, read timed, append timed)"
+        );
+        assert_eq!(fs::read(upper.join("append")).unwrap(), b"append+");
+    }
+}
