@@ -447,6 +447,17 @@ impl Union {
             ];
             sys::utimensat(f, c"", &times, libc::AT_EMPTY_PATH)?;
         }
+        let nothing = req.uid.is_none()
+            && req.gid.is_none()
+            && req.mode.is_none()
+            && req.size.is_none()
+            && req.atime.is_none()
+            && req.mtime.is_none();
+        if nothing {
+            // chown(2) to -1, -1, which the kernel sends as nothing to change: the change time
+            // still moves, as on ext4 and kernel overlayfs.
+            sys::fchown(f, u32::MAX, u32::MAX)?;
+        }
         Ok(())
     }
 

@@ -2836,3 +2836,46 @@ fn access_times_of_upper_files_as_kernel_overlayfs() {
         assert_eq!(fs::read(upper.join("append")).unwrap(), b"append+");
     }
 }
+
+/// chown(2) to -1, -1 changes nothing but the change time, which moves on ext4 and on kernel
+/// overlayfs (after a copy-up); the kernel sends it to FUSE as a setattr of nothing, which
+/// used to change no time at all.
+#[test]
+fn a_chown_to_no_owner_moves_the_change_time() {
+    let l = Layers::new(1);
+    l.lower(0).file("lower", "l").dir("ldir");
+    age_all(&l);
+    let lchown = |p: &Path| {
+        // SAFETY: a valid NUL-terminated path.
+        rc(unsafe { libc::lchown(cs(p).as_ptr(), u32::MAX, u32::MAX) })
+    };
+    let kinds: [(&str, bool, &[&str]); 3] = [
+        ("kernel", true, &[]),
+        ("union", false, &[]),
+        ("cached", false, &["--passthrough", "off"]),
+    ];
+    for (name, kernel, extra) in kinds {
+        let m = if kernel {
+            l.mount_kernel_with(name, extra)
+        } else {
+            l.mount_with(name, extra)
+        };
+        fs::write(m.path("file"), "f").unwrap();
+        fs::create_dir(m.path("dir")).unwrap();
+        for p in ["file", "dir", "lower", "ldir"] {
+            let before = fs::symlink_metadata(m.path(p)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(lchown(&m.path(p)), Ok(()), "{name}: {p}");
+            let after = fs::symlink_metadata(m.path(p)).unwrap();
+            let moved =
+                (after.ctime(), after.ctime_nsec()) != (before.ctime(), before.ctime_nsec());
+            assert!(moved, "{name}: {p}: the change time did not move");
+            assert_eq!(
+                (after.uid(), after.gid(), after.mode()),
+                (before.uid(), before.gid(), before.mode()),
+                "{name}: {p}"
+            );
+        }
+        assert!(m.upper_path("lower").exists(), "{name}: copied up");
+    }
+}
