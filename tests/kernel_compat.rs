@@ -2879,3 +2879,63 @@ fn a_chown_to_no_owner_moves_the_change_time() {
         assert!(m.upper_path("lower").exists(), "{name}: copied up");
     }
 }
+
+/// Truncates set mtime and ctime, also to a file's own size (ext4 and kernel overlayfs set
+/// them for truncate(2) and ftruncate(2) alike), and a lower file keeps its mtime through
+/// the copy-up of a truncate to its size only where the kernel does. On the page-cached path
+/// the kernel keeps the times of a file it caches and moves them only for a new size (README,
+/// Known limitations), so that path is not compared.
+#[test]
+fn truncates_set_times_as_on_kernel_overlayfs() {
+    let l = Layers::new(1);
+    l.lower(0).file("lower", "0123");
+    age_all(&l);
+    let kinds: [(&str, bool, &[&str]); 2] = [("kernel", true, &[]), ("union", false, &[])];
+    let mut all = Vec::new();
+    for (name, kernel, extra) in kinds {
+        let m = if kernel {
+            l.mount_kernel_with(name, extra)
+        } else {
+            l.mount_with(name, extra)
+        };
+        let mut rows = Vec::new();
+        for (f, how, len) in [
+            ("a", "truncate", 4),
+            ("b", "truncate", 2),
+            ("c", "ftruncate", 4),
+            ("lower", "truncate", 4),
+        ] {
+            if f != "lower" {
+                fs::write(m.path(f), "0123").unwrap();
+                set_times(&m.path(f), 1000, 2000);
+            }
+            let before = fs::symlink_metadata(m.path(f)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if how == "truncate" {
+                // SAFETY: a valid NUL-terminated path.
+                rc(unsafe { libc::truncate(cs(&m.path(f)).as_ptr(), len) }).unwrap();
+            } else {
+                let h = OpenOptions::new().write(true).open(m.path(f)).unwrap();
+                h.set_len(len as u64).unwrap();
+            }
+            let after = fs::symlink_metadata(m.path(f)).unwrap();
+            let moved = |a: (i64, i64), b: (i64, i64)| a != b;
+            rows.push(format!(
+                "{f} {how} to {len}: size {}, mtime moved {}, ctime moved {}",
+                after.len(),
+                moved(
+                    (after.mtime(), after.mtime_nsec()),
+                    (before.mtime(), before.mtime_nsec())
+                ),
+                moved(
+                    (after.ctime(), after.ctime_nsec()),
+                    (before.ctime(), before.ctime_nsec())
+                ),
+            ));
+        }
+        all.push((name, rows));
+    }
+    for (name, rows) in &all[1..] {
+        assert_eq!(rows, &all[0].1, "{name} against kernel overlayfs");
+    }
+}
