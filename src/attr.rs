@@ -545,6 +545,7 @@ impl Union {
             return Err(Errno::EINVAL);
         }
         self.with_object_or_fd(node, self.top_loc(node), None, false, sys::readlinkat)
+            .map_err(|e| crate::lookup::stale_if_removed(node, e))
     }
 
     /// The name a view's xattr is stored under (see `whiteout::escape_xattr`); ENOTSUP for a

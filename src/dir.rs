@@ -818,7 +818,7 @@ impl Union {
         let needs_whiteout = self.lower_has(parent, &cname)?;
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let work = self.layers.work()?;
-        let held = self.hold_object(node, (in_upper && !is_dir).then_some(st));
+        let held = self.hold_object(node, (in_upper && !is_dir).then_some(st), false);
         self.tree_change(|| -> Result<()> {
             if !in_upper {
                 self.make_whiteout(dir.as_fd(), &cname)?;
@@ -893,12 +893,16 @@ impl Union {
     /// its stat as the view shows it), which the removal frees, only its attributes: holding
     /// it would keep its inode alive until the kernel forgets the node, an open, an ext4
     /// orphan entry and a close for every unlink (about 3 us each, on the paths trees are
-    /// removed by). Its open files, if any, stand for it meanwhile.
-    fn hold_object(&self, node: &Node, upper_st: Option<&Stat>) -> Option<Held> {
+    /// removed by). Its open files, if any, stand for it meanwhile. A file replaced by a
+    /// rename (`replaced`) is held all the same: an atomic replace (written beside, renamed
+    /// over) must leave the old file openable by a reader whose path walk reached it just
+    /// before, as on ext4, and such a reader's open arrives after the rename.
+    fn hold_object(&self, node: &Node, upper_st: Option<&Stat>, replaced: bool) -> Option<Held> {
         if node.state().links.len() != 1 {
             return None;
         }
         if let Some(st) = upper_st
+            && !replaced
             && st.st_nlink <= 1
             && matches!(sys::file_type(st.st_mode), libc::S_IFREG | libc::S_IFLNK)
         {
@@ -1097,7 +1101,7 @@ impl Union {
                 }
                 _ => None,
             };
-            self.hold_object(d, upper_st.as_ref())
+            self.hold_object(d, upper_st.as_ref(), true)
         });
 
         // A directory moved into a merged directory is made opaque, as kernel overlayfs

@@ -365,6 +365,16 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
+        self.open_file(node, flags, make_backing)
+            .map_err(|e| crate::lookup::stale_if_removed(node, e))
+    }
+
+    fn open_file(
+        &self,
+        node: &Arc<Node>,
+        flags: i32,
+        make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
+    ) -> Result<(u64, IoMode)> {
         if node.is_dir() {
             return Err(Errno::EISDIR);
         }

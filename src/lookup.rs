@@ -58,12 +58,28 @@ impl Found {
 
 const MAX_RETRIES: usize = 16;
 
+/// How long a request waits for a node left nameless by a rename in progress.
+const NAMELESS_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Optimistic probes of a lookup before it takes the directory's lock.
 const LOOKUP_TRIES: usize = 4;
 
 /// The parent of the node's first name (none for the root or a node without names).
 pub(crate) fn first_parent(node: &Node) -> Option<Arc<Node>> {
     node.state().links.first().map(|l| l.parent.clone())
+}
+
+/// ESTALE for a request on a file or symlink whose last name went (unlinked, or replaced by a
+/// rename) between the kernel's path walk and the request, where it found nothing: the kernel
+/// then walks the path again (`LOOKUP_REVAL`) and reaches what the name holds now, as an open
+/// on a local filesystem reaches the old file or the new one and never fails. Directories
+/// keep ENOENT (a removed working directory is not walked to again).
+pub(crate) fn stale_if_removed(node: &Node, e: Errno) -> Errno {
+    if e.code() == libc::ENOENT && !node.is_dir() && node.state().is_unlinked() {
+        Errno::ESTALE
+    } else {
+        e
+    }
 }
 
 /// Opening a whiteout (a 0/0 character device) fails with ENXIO: for a node that is no
@@ -101,12 +117,38 @@ impl Union {
         id_of: impl Fn(&T) -> Result<Option<RealId>>,
     ) -> Result<T> {
         let mut last = Errno::ENOENT;
+        let mut waiting = None;
         for attempt in 0..MAX_RETRIES {
             let snap = self.tree_snapshot();
-            let (parent, name) = {
+            let link = {
                 let st = node.state();
-                let l = st.links.first().ok_or_else(|| node.nameless_error())?;
-                (l.parent.clone(), sys::cstr(&l.name)?)
+                match st.links.first() {
+                    Some(l) => Some((l.parent.clone(), sys::cstr(&l.name)?)),
+                    None => None,
+                }
+            };
+            let Some((parent, name)) = link else {
+                // A rename in progress (an exchange unlinks, then links each node again) may
+                // be what left it nameless for the moment: wait for the changes in progress
+                // to end (a rename holds them for microseconds; its thread may be preempted).
+                // A node whose last name went (`was_removed`) or that waited already answers
+                // at once.
+                let since = *waiting.get_or_insert_with(std::time::Instant::now);
+                if loc != Loc::Upper
+                    || self.tree_unchanged_since(snap)
+                    || node.was_removed()
+                    || since.elapsed() >= NAMELESS_WAIT
+                {
+                    return Err(node.nameless_error());
+                }
+                last = node.nameless_error();
+                while node.state().links.is_empty()
+                    && self.tree_snapshot().is_none()
+                    && since.elapsed() < NAMELESS_WAIT
+                {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+                continue;
             };
             let res = self
                 .dir_fd(&parent, loc)
@@ -122,7 +164,15 @@ impl Union {
                 Ok(v) => {
                     let want = self.id_in(node, loc);
                     match (want, id_of(&v)?) {
-                        (Some(w), Some(got)) if w != got => last = Errno::ENOENT,
+                        // The name holds another object now: for a file, the kernel is to
+                        // walk the path again (see `stale_if_removed`).
+                        (Some(w), Some(got)) if w != got => {
+                            last = if node.is_dir() {
+                                Errno::ENOENT
+                            } else {
+                                Errno::ESTALE
+                            }
+                        }
                         _ => return Ok(v),
                     }
                 }
