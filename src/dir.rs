@@ -810,6 +810,20 @@ impl Union {
             return Err(Errno::ENOTEMPTY);
         }
         self.copy_up(parent)?;
+        // A copy-up of the object in progress ends first (it holds the node's copy lock, then
+        // the directory's, as this does): the removal then takes the copy away with a
+        // whiteout, as kernel overlayfs's unlink waits for it, instead of finding the name
+        // taken when it whites the lower object out (EEXIST).
+        let _copy = node.lock_copy();
+        let copied = !in_upper && node.state().upper.is_some();
+        let in_upper = in_upper || copied;
+        let upper_st;
+        let st = if copied {
+            upper_st = self.stat_in(node, Loc::Upper)?;
+            &upper_st
+        } else {
+            st
+        };
         if in_upper {
             self.follow_copy_up(node);
         }

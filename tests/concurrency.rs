@@ -1125,3 +1125,53 @@ fn opens_during_atomic_replaces_never_fail() {
         );
     }
 }
+
+/// unlink(2) racing a copy-up of the same lower file (another process opens it for writing):
+/// the unlink waits for the copy-up and removes the copy, as kernel overlayfs's does. It used
+/// to decide that the file was lower-only before the copy-up ended, then fail to put its
+/// whiteout where the copy now stood: EEXIST, which unlink never returns, and the file stayed.
+#[test]
+fn unlink_racing_a_copy_up_removes_the_file() {
+    // The unlink starts at a sweep of delays after the open, three times over.
+    const FILES: usize = 240;
+    let l = Layers::new(1);
+    for i in 0..FILES {
+        l.lower(0)
+            .file_bytes(&format!("big/b{i}"), &noise(i as u64, 512 << 10));
+    }
+    let m = l.mount("u");
+    let root = m.merged.clone();
+    let (failed, left) = guarded("unlink racing copy-up", &m, move || {
+        let barrier = Arc::new(Barrier::new(2));
+        let opener = {
+            let (root, barrier) = (root.clone(), barrier.clone());
+            thread::spawn(move || {
+                for i in 0..FILES {
+                    barrier.wait();
+                    // Fails once the unlink came first.
+                    let _ = OpenOptions::new()
+                        .write(true)
+                        .open(root.join(format!("big/b{i}")));
+                }
+            })
+        };
+        let mut failed = Vec::new();
+        for i in 0..FILES {
+            barrier.wait();
+            thread::sleep(Duration::from_micros(25 * (i % 80) as u64));
+            if let Err(e) = fs::remove_file(root.join(format!("big/b{i}"))) {
+                failed.push(format!("b{i}: {e}"));
+            }
+        }
+        opener.join().unwrap();
+        let left: Vec<String> = (0..FILES)
+            .map(|i| format!("big/b{i}"))
+            .filter(|p| root.join(p).symlink_metadata().is_ok())
+            .collect();
+        (failed, left)
+    });
+    assert!(failed.is_empty(), "unlinks failed: {failed:?}");
+    assert!(left.is_empty(), "still there after their unlink: {left:?}");
+    assert!(m.ls("big").is_empty());
+    assert!(work_leftovers(&m).is_empty(), "{:?}", work_leftovers(&m));
+}
