@@ -199,6 +199,31 @@ pub fn map_ids(
     true
 }
 
+/// The ACL `acl` without its named entries whose id has no mapping in the daemon's user
+/// namespace (the kernel shows such an id as -1), if it has any: FUSE takes no ACL naming -1
+/// (every request that reads it would fail with EINVAL), and a daemon in a user namespace
+/// can set none. Such an entry matches no process that can reach the view, so no permission
+/// check changes; the mask entry stays.
+pub fn without_unmapped(acl: &[u8]) -> Option<Vec<u8>> {
+    if acl.len() < HEADER || (acl.len() - HEADER) % ENTRY != 0 {
+        return None;
+    }
+    let unmapped = |at: usize| {
+        matches!(u16::from_le_bytes([acl[at], acl[at + 1]]), USER | GROUP)
+            && acl[at + 4..at + 8] == u32::MAX.to_le_bytes()
+    };
+    if !(HEADER..acl.len()).step_by(ENTRY).any(unmapped) {
+        return None;
+    }
+    let mut out = acl[..HEADER].to_vec();
+    for at in (HEADER..acl.len()).step_by(ENTRY) {
+        if !unmapped(at) {
+            out.extend_from_slice(&acl[at..at + ENTRY]);
+        }
+    }
+    Some(out)
+}
+
 fn set_perm(acl: &mut [u8], at: usize, perm: u32) {
     acl[at + 2..at + 4].copy_from_slice(&(perm as u16 & 7).to_le_bytes());
 }
@@ -206,6 +231,54 @@ fn set_perm(acl: &mut [u8], at: usize, perm: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unmapped_named_entries_are_dropped() {
+        let entry = |tag: u16, perm: u16, id: u32| {
+            let mut e = tag.to_le_bytes().to_vec();
+            e.extend_from_slice(&perm.to_le_bytes());
+            e.extend_from_slice(&id.to_le_bytes());
+            e
+        };
+        let acl = |entries: &[Vec<u8>]| {
+            let mut v = 2u32.to_le_bytes().to_vec();
+            for e in entries {
+                v.extend_from_slice(e);
+            }
+            v
+        };
+        let (uo, go, mask, other) = (
+            entry(1, 7, u32::MAX),
+            entry(4, 5, u32::MAX),
+            entry(0x10, 7, u32::MAX),
+            entry(0x20, 5, u32::MAX),
+        );
+        let named = entry(2, 7, 1000);
+        let lost_user = entry(2, 7, u32::MAX);
+        let lost_group = entry(8, 5, u32::MAX);
+        let full = acl(&[
+            uo.clone(),
+            named.clone(),
+            lost_user,
+            go.clone(),
+            lost_group,
+            mask.clone(),
+            other.clone(),
+        ]);
+        assert_eq!(
+            without_unmapped(&full),
+            Some(acl(&[
+                uo.clone(),
+                named.clone(),
+                go.clone(),
+                mask.clone(),
+                other.clone()
+            ]))
+        );
+        // The owner, group and other entries carry -1 as their id: they stay.
+        assert_eq!(without_unmapped(&acl(&[uo, named, go, mask, other])), None);
+        assert_eq!(without_unmapped(b"short"), None);
+    }
 
     #[test]
     fn acls_are_taken_where_the_filesystem_can_set_them() {

@@ -453,6 +453,18 @@ pub fn copy_xattrs(
             Err(e) if matches!(e.code(), libc::ENOTSUP | libc::EPERM | libc::EACCES) => continue,
             Err(e) => return Err(e),
         };
+        // A daemon in a user namespace can set no ACL entry for an id it cannot map (the
+        // kernel shows it as -1): the copy keeps the others (README).
+        let value = match crate::acl::is_acl_name(cname.to_bytes()) {
+            true => match crate::acl::without_unmapped(&value) {
+                Some(v) => {
+                    log::info!("copy-up: ACL entries of ids outside the namespace left out");
+                    v
+                }
+                None => value,
+            },
+            false => value,
+        };
         match sys::setxattr(dst, &cname, &value, 0) {
             Ok(()) => {}
             // What the upper cannot hold (trusted.* rootless, say) is left behind, as kernel

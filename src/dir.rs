@@ -311,7 +311,7 @@ impl Union {
             return Ok(None);
         }
         match sys::getxattr_vec(dir, acl::DEFAULT) {
-            Ok(v) => Ok(v),
+            Ok(v) => Ok(v.map(|v| acl::without_unmapped(&v).unwrap_or(v))),
             Err(e) if matches!(e.code(), libc::EOPNOTSUPP | libc::ENODATA) => Ok(None),
             Err(e) => Err(e),
         }

@@ -1063,3 +1063,69 @@ fn unprivileged_grants_stay_out_of_sight() {
     assert_eq!(upper_modes(&base, &["ro"]), [0o555]);
     assert_eq!(fs::read_dir(base.join("upper/ro")).unwrap().count(), 400);
 }
+
+/// Lower objects whose ACLs name an id without a mapping in the daemon's user namespace (the
+/// kernel shows it as -1; kernel overlayfs shows `user:4294967295`): FUSE takes no ACL naming
+/// -1, so reading the ACL, reading the file as another user, a chmod (copy-up), listing a
+/// directory and creating in one with such a default ACL all failed with EINVAL. The entries
+/// for such ids are left out (no process in the namespace can match them), the copy keeps the
+/// others, and everything works as on kernel overlayfs.
+#[test]
+fn acls_naming_ids_outside_the_namespace() {
+    let user = test_user();
+    let l = Layers::new(1);
+    l.lower(0).file("f", "secret").dir("d");
+    let base = namespace_dirs(&l);
+    l.lower(0).chmod("f", 0o640).chmod("d", 0o755);
+    let lower = l.lower(0);
+    // Namespace user 1000 is NS_BASE + 1000 on the host; host uid 7 has no mapping.
+    for (args, p) in [
+        (
+            format!("-m u:{}:r,u:7:rw,g:7:r", NS_BASE + 1000),
+            lower.path("f"),
+        ),
+        (
+            format!("-m u:7:rx,d:u:7:rwx,d:u:{}:rx", NS_BASE + 1000),
+            lower.path("d"),
+        ),
+    ] {
+        let st = Command::new("setfacl")
+            .args(args.split(' '))
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(st.success(), "setfacl {args} {}", p.display());
+    }
+    let as_1000 = "setpriv --reuid=1000 --regid=1000 --clear-groups";
+    let stdout = run_on_mount(
+        user,
+        &l,
+        &base,
+        &format!(
+            r#"
+        m=$b/merged
+        echo "acl: $(getfacl -cn $m/f | grep -v '::' | xargs)"
+        echo "read as 1000: $({as_1000} cat $m/f)"
+        ls $m/d >/dev/null && echo listed
+        touch $m/d/new && mkdir $m/d/sub && echo made
+        echo "inherited: $(getfacl -cn $m/d/new | grep -v '::' | xargs)"
+        chmod 600 $m/f && echo chmod
+        echo "copy: $(getfacl -cn $b/upper/f | grep -v '::' | xargs)"
+        "#
+        ),
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "acl: user:1000:r--",
+            "read as 1000: secret",
+            "listed",
+            "made",
+            "inherited: user:1000:r-x #effective:r--",
+            "chmod",
+            "copy: user:1000:r-- #effective:---",
+        ],
+        "{stdout}"
+    );
+}
