@@ -302,7 +302,12 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
         .map(|l| (l.to_string_lossy().into_owned(), "--lower"));
     let mut upper = cli.upper.clone();
     let mut work = cli.work.clone();
-    let mut flags = MountFlags::default();
+    // Set-user-ID programs run from a root mount (as on kernel overlayfs, and as fuse-overlayfs
+    // mounts as root: containers' sudo, su and passwd need it); `nosuid` turns it off.
+    let mut flags = MountFlags {
+        suid: crate::sys::geteuid() == 0,
+        ..MountFlags::default()
+    };
     let mut opts = Options::default();
     let mut warnings = Vec::new();
     let mut threads = cli.threads;

@@ -1583,8 +1583,8 @@ fn refuses_an_unreadable_layer_for_an_unprivileged_user() {
 }
 
 /// The generic mount flags reach the mount and act: nosuid, noexec (a script cannot run),
-/// nodev, noatime, and allow_root/allow_other/default_permissions are accepted; without them
-/// a root mount is suid/exec/dev and open to other users.
+/// nodev, noatime, and allow_root/allow_other/default_permissions are accepted; a root mount
+/// is suid and nodev by default, and open to other users.
 #[test]
 fn generic_mount_flags_take_effect() {
     let l = Layers::new(1);
@@ -1627,6 +1627,13 @@ fn generic_mount_flags_take_effect() {
         Some(Some(libc::EACCES)),
         "noexec"
     );
+    drop(m);
+
+    // By default a root mount runs set-user-ID programs (kernel overlayfs does, and
+    // fuse-overlayfs mounts `suid` as root) and opens no devices (`nodev`, as fuse-overlayfs).
+    let (m, opts, _) = mount_flags("default", "atime");
+    assert!(!opts.contains(&"nosuid".to_string()), "{opts:?}");
+    assert!(opts.contains(&"nodev".to_string()), "{opts:?}");
     drop(m);
 
     let (_m, opts, merged) = mount_flags("plain", "exec,suid,dev,atime");
