@@ -152,7 +152,15 @@ impl CopyUp<'_> {
                 if let Some(src) = src {
                     if len > 0 {
                         whiteout::refuse_metacopy(src.as_fd(), c"", self.fs.layers.format)?;
-                        copy_data(src.as_fd(), fd.as_fd(), len)?;
+                        // A large copy keeps its request thread: another one is made free
+                        // to serve meanwhile.
+                        if len >= LONG_COPY {
+                            crate::fuse::session::long_work(|| {
+                                copy_data(src.as_fd(), fd.as_fd(), len)
+                            })?;
+                        } else {
+                            copy_data(src.as_fd(), fd.as_fd(), len)?;
+                        }
                     }
                     // After the data: synchronous updates would slow the copy down.
                     prot = carry_inode_flags(src.as_fd(), fd.as_fd())?;
@@ -422,6 +430,9 @@ fn ignore_rootless_chown(e: Errno) -> Result<()> {
     }
     Err(e)
 }
+
+/// Copies of at least this many bytes may take long (see `session::long_work`).
+const LONG_COPY: u64 = 8 << 20;
 
 pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
     libc::timespec {

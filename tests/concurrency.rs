@@ -1175,3 +1175,57 @@ fn unlink_racing_a_copy_up_removes_the_file() {
     assert!(m.ls("big").is_empty());
     assert!(work_leftovers(&m).is_empty(), "{:?}", work_leftovers(&m));
 }
+
+/// A copy-up of a large file holds its request thread until the copy ends; other requests
+/// must not wait for it (kernel overlayfs copies in the caller's context). With one request
+/// thread, a lookup made while a copy-up is in progress (its temporary copy in the work
+/// directory) is answered while the copy is still there: an extra thread serves meanwhile.
+/// It used to wait for the copy (with the default threads, as many large copy-ups as threads
+/// held every other request of the mount, for seconds).
+#[test]
+fn requests_are_served_during_a_long_copy_up() {
+    let l = Layers::new(1);
+    l.lower(0).file("small", "s");
+    let big = l.lower(0).path("big");
+    let f = fs::File::create(&big).unwrap();
+    let chunk = noise(7, 1 << 20);
+    for _ in 0..256 {
+        (&f).write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let m = l.mount_with("u", &["--threads", "1"]);
+    let root = m.merged.clone();
+    let seen = guarded("lookup during a copy-up", &m, {
+        let work = m.work.clone().unwrap();
+        move || {
+            let copier = {
+                let big = root.join("big");
+                thread::spawn(move || fs::set_permissions(big, fs::Permissions::from_mode(0o600)))
+            };
+            let temps = || {
+                raw_tree(&work)
+                    .into_iter()
+                    .filter(|(_, (kind, _, _))| *kind == 'f')
+                    .count()
+            };
+            // The copy has begun once its temporary file is there.
+            let begun = Instant::now();
+            while temps() == 0 && begun.elapsed() < Duration::from_secs(30) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            let before = temps();
+            let st = fs::metadata(root.join("small")).map(|m| m.len());
+            let after = temps();
+            copier.join().unwrap().unwrap();
+            (before, st.ok(), after)
+        }
+    });
+    assert_eq!(seen.0, 1, "the copy-up's temporary file never showed");
+    assert_eq!(seen.1, Some(1), "stat of another file");
+    assert_eq!(
+        seen.2, 1,
+        "the lookup was answered only after the copy-up ended"
+    );
+    assert_eq!(fs::read(m.upper_path("big")).unwrap().len(), 256 << 20);
+    assert!(work_leftovers(&m).is_empty());
+}

@@ -3,7 +3,8 @@
 //! thread at a time reads (see `Readers`); with it off, every thread blocks in read(2).
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use fuser::InitFlags;
@@ -22,6 +23,58 @@ pub enum Access {
     All,
     /// Root and the given user (`-o allow_root`, mounted with `allow_other`).
     RootAndOwner(u32),
+}
+
+/// Workers started while long requests hold the others (see `long_work`).
+struct Spares {
+    /// Workers that serve for the life of the session.
+    base: usize,
+    /// Requests in long work now.
+    long: AtomicUsize,
+    /// Extra workers serving now.
+    extra: AtomicUsize,
+    /// Starts one extra worker; false if it could not.
+    start: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// The session's spares (one session per process).
+static SPARES: OnceLock<Spares> = OnceLock::new();
+
+/// Most extra workers at once.
+const MAX_EXTRA: usize = 64;
+
+/// Runs `f`, the long part of a request (the copy of a large file at copy-up), making sure
+/// that a worker stays free to serve other requests meanwhile: as many such requests as
+/// there are workers would otherwise hold the whole mount until one of them ends (kernel
+/// overlayfs copies in the caller's own context). An extra worker is started when none would
+/// be left free, and ends once it finds itself idle with one free beside it.
+pub fn long_work<T>(f: impl FnOnce() -> T) -> T {
+    let Some(s) = SPARES.get() else {
+        return f();
+    };
+    let long = s.long.fetch_add(1, Ordering::SeqCst) + 1;
+    let extra = s.extra.load(Ordering::SeqCst);
+    if long >= s.base + extra && extra < MAX_EXTRA {
+        s.extra.fetch_add(1, Ordering::SeqCst);
+        if !(s.start)() {
+            s.extra.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let r = f();
+    s.long.fetch_sub(1, Ordering::SeqCst);
+    r
+}
+
+impl Spares {
+    /// Whether an extra worker may end now (counted out if so): the others leave one free.
+    fn leave(&self) -> bool {
+        self.extra
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |extra| {
+                (extra > 0 && self.base + extra - 1 > self.long.load(Ordering::SeqCst))
+                    .then(|| extra - 1)
+            })
+            .is_ok()
+    }
 }
 
 /// What INIT settles: the kernel's offer and the daemon's choices.
@@ -186,6 +239,55 @@ impl Session {
         let readers = spin.map(|_| Arc::new(Readers::default()));
         let mut handles = Vec::with_capacity(channels.len());
         let mut res = Ok(());
+        {
+            // Extra workers: a fd of their own each, detached (they end by themselves, or
+            // with the mount).
+            let (fs, base_ch, readers, all) = (
+                self.fs.clone(),
+                self.ch.clone(),
+                readers.clone(),
+                all.clone(),
+            );
+            let (access, buf_size) = (self.access, self.buf_size);
+            let next = AtomicUsize::new(self.threads);
+            let start = move || {
+                let ch = match sys::clone_dev_fuse(base_ch.fd()) {
+                    Ok(fd) => Channel::new(fd),
+                    Err(e) => {
+                        log::warn!("no fd for an extra request thread: {e:?}");
+                        return false;
+                    }
+                };
+                if spin.is_some() && sys::set_nonblocking(ch.fd()).is_err() {
+                    return false;
+                }
+                let me = next.fetch_add(1, Ordering::Relaxed);
+                let w = Worker {
+                    me,
+                    readers: readers.clone(),
+                    fs: fs.clone(),
+                    ch,
+                    all: all.clone(),
+                    spin,
+                    access,
+                    buf_size,
+                    extra: true,
+                };
+                let spawned = std::thread::Builder::new()
+                    .name(format!("fuse-{me}"))
+                    .spawn(move || w.serve());
+                if let Err(e) = &spawned {
+                    log::warn!("no extra request thread: {e}");
+                }
+                spawned.is_ok()
+            };
+            let _ = SPARES.set(Spares {
+                base: self.threads,
+                long: AtomicUsize::new(0),
+                extra: AtomicUsize::new(0),
+                start: Box::new(start),
+            });
+        }
         for (i, ch) in channels.into_iter().enumerate() {
             let w = Worker {
                 me: i,
@@ -196,6 +298,7 @@ impl Session {
                 spin,
                 access: self.access,
                 buf_size: self.buf_size,
+                extra: false,
             };
             match std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
@@ -410,28 +513,40 @@ struct Worker {
     spin: Option<Duration>,
     access: Access,
     buf_size: usize,
+    /// Started for a long request (see `long_work`): it ends once not needed.
+    extra: bool,
 }
 
 impl Worker {
     fn serve(self) -> std::io::Result<()> {
         let res = self.serve_requests();
+        if matches!(res, Ok(true)) {
+            // An extra worker that is not needed any more: the others serve on.
+            return Ok(());
+        }
         if let Some(r) = &self.readers {
             r.end();
         }
-        res
+        res.map(drop)
     }
 
-    fn serve_requests(&self) -> std::io::Result<()> {
+    /// Serves requests until the mount goes away (false) or, for an extra worker, until it
+    /// is not needed (true).
+    fn serve_requests(&self) -> std::io::Result<bool> {
         // Zeroed by the allocator: the pages stay untouched until a request needs them.
         let mut buf = vec![0u8; self.buf_size];
         let mut last = Instant::now();
         let mut reading = false;
         loop {
+            // Only between requests, and never as the reader.
+            if self.extra && !reading && SPARES.get().is_some_and(|s| s.leave()) {
+                return Ok(true);
+            }
             if let Some(r) = &self.readers
                 && !reading
             {
                 if !r.take(self.me) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 reading = true;
                 last = Instant::now();
@@ -460,7 +575,7 @@ impl Worker {
                     // Interrupted, or the request went away before it was read.
                     libc::EINTR | libc::ENOENT => continue,
                     // The mount is gone.
-                    libc::ENODEV | libc::ECONNABORTED => return Ok(()),
+                    libc::ENODEV | libc::ECONNABORTED => return Ok(false),
                     _ => return Err(io_err(e)),
                 },
             };
@@ -473,7 +588,7 @@ impl Worker {
                 reading = r.got(self.me, h.pid, moves_data(h.opcode));
             }
             if !self.handle(&h, &msg[abi::IN_HEADER..]) {
-                return Ok(());
+                return Ok(false);
             }
             if let Some(r) = &self.readers
                 && reading
