@@ -155,11 +155,11 @@ impl CopyUp<'_> {
                         // A large copy keeps its request thread: another one is made free
                         // to serve meanwhile.
                         if len >= LONG_COPY {
-                            crate::fuse::session::long_work(|| {
-                                copy_data(src.as_fd(), fd.as_fd(), len)
+                            crate::fuse::session::long_work(|cancelled| {
+                                copy_data(src.as_fd(), fd.as_fd(), len, cancelled)
                             })?;
                         } else {
-                            copy_data(src.as_fd(), fd.as_fd(), len)?;
+                            copy_data(src.as_fd(), fd.as_fd(), len, &|| false)?;
                         }
                     }
                     // After the data: synchronous updates would slow the copy down.
@@ -431,6 +431,9 @@ fn ignore_rootless_chown(e: Errno) -> Result<()> {
     Err(e)
 }
 
+/// The most a copy-up moves in one call (a killed caller's copy stops between two).
+const CHUNK: u64 = 64 << 20;
+
 /// Copies of at least this many bytes may take long (see `session::long_work`).
 const LONG_COPY: u64 = 8 << 20;
 
@@ -491,7 +494,14 @@ pub fn copy_xattrs(
 
 /// Copies the first `len` bytes of `src` into the empty `dst`, sharing extents where the
 /// filesystem can and keeping holes otherwise.
-pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> Result<()> {
+/// `cancelled` is asked between chunks: the copy stops with EINTR once it says so (its
+/// caller was killed).
+pub fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    len: u64,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
     let src_len = sys::fstat(src)?.st_size as u64;
     if len >= src_len && sys::ficlone(dst, src).is_ok() {
         return Ok(());
@@ -512,7 +522,7 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> Result<(
             Ok(h) => (h as u64).min(len),
             Err(_) => len,
         };
-        copy_range(src, dst, data, hole - data, &mut by)?;
+        copy_range(src, dst, data, hole - data, &mut by, cancelled)?;
         off = hole;
     }
     sys::ftruncate(dst, len)
@@ -543,11 +553,15 @@ fn copy_range(
     start: u64,
     len: u64,
     by: &mut CopyBy,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<()> {
     let mut done = 0u64;
     let mut buf = Vec::new();
     while done < len {
-        let chunk = (len - done).min(1 << 30) as usize;
+        if cancelled() {
+            return Err(Errno::EINTR);
+        }
+        let chunk = (len - done).min(CHUNK) as usize;
         let at = (start + done) as i64;
         let res = match *by {
             CopyBy::CopyFileRange => {

@@ -1229,3 +1229,78 @@ fn requests_are_served_during_a_long_copy_up() {
     assert_eq!(fs::read(m.upper_path("big")).unwrap().len(), 256 << 20);
     assert!(work_leftovers(&m).is_empty());
 }
+
+/// A caller killed during the copy-up of a large file: its copy stops (the daemon learns of
+/// the kill from the kernel's INTERRUPT), the caller is gone at once, nothing of the copy is
+/// left, and a new change copies the file up whole. It used to wait for the copy to end (and
+/// on the page-cached path a killed setxattr then left an I/O error for the file's next
+/// close). Signals the caller handles do not stop a copy-up.
+#[test]
+fn a_killed_callers_copy_up_stops() {
+    let l = Layers::new(1);
+    let big = l.lower(0).path("big");
+    let f = fs::File::create(&big).unwrap();
+    let chunk = noise(9, 1 << 20);
+    for _ in 0..512 {
+        (&f).write_all(&chunk).unwrap();
+    }
+    drop(f);
+    l.lower(0).file_bytes("big2", &noise(10, 64 << 20));
+    let m = l.mount("u");
+    let work = m.work.clone().unwrap();
+    let temps = move || {
+        raw_tree(&work)
+            .into_iter()
+            .filter(|(_, (kind, _, _))| *kind == 'f')
+            .count()
+    };
+    let mut chmod = Command::new("chmod")
+        .arg("600")
+        .arg(m.path("big"))
+        .spawn()
+        .unwrap();
+    let begun = Instant::now();
+    while temps() == 0 && begun.elapsed() < Duration::from_secs(30) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(temps(), 1, "the copy-up's temporary file never showed");
+    chmod.kill().unwrap();
+    chmod.wait().unwrap();
+    assert!(
+        !m.upper_path("big").exists(),
+        "the killed caller was let go only after its copy-up ended"
+    );
+    // The copy is removed by its thread once it stops.
+    let stopped = Instant::now();
+    while temps() > 0 && stopped.elapsed() < Duration::from_secs(30) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        temps(),
+        0,
+        "the stopped copy was left in the work directory"
+    );
+    fs::set_permissions(m.path("big"), fs::Permissions::from_mode(0o600)).unwrap();
+    let (copy, lower) = (
+        fs::read(m.upper_path("big")).unwrap(),
+        fs::read(&big).unwrap(),
+    );
+    assert!(copy == lower, "the copy made after is not whole");
+    // A caller that handles a stream of signals gets its copy-up all the same.
+    let script = "import os, signal, sys\n\
+        signal.signal(signal.SIGALRM, lambda *a: None)\n\
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)\n\
+        os.chmod(sys.argv[1], 0o600)\n\
+        signal.setitimer(signal.ITIMER_REAL, 0)\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(m.path("big2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::metadata(m.upper_path("big2")).unwrap().len(), 64 << 20);
+}

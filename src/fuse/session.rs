@@ -3,7 +3,7 @@
 //! thread at a time reads (see `Readers`); with it off, every thread blocks in read(2).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -43,12 +43,76 @@ static SPARES: OnceLock<Spares> = OnceLock::new();
 /// Most extra workers at once.
 const MAX_EXTRA: usize = 64;
 
+thread_local! {
+    /// The request this thread serves: its unique id and the caller's thread id.
+    static CURRENT: std::cell::Cell<(u64, u32)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// The requests in long work now (see `long_work`): unique id, caller's thread id, and the
+/// flag an INTERRUPT of a killed caller sets.
+static LONG: Mutex<Vec<(u64, u32, Arc<AtomicBool>)>> = Mutex::new(Vec::new());
+
+/// An INTERRUPT of request `unique`: a request in long work is cancelled if its caller is
+/// being killed (SIGKILL pending), as kernel overlayfs's copy-up stops for a fatal signal
+/// only. Any other INTERRUPT is ignored (FUSE lets a filesystem ignore them); a caller with
+/// a signal it handles waits for its request, whose answer comes as usual.
+fn interrupt(unique: u64) {
+    let target = LONG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(u, _, _)| *u == unique)
+        .map(|(_, pid, flag)| (*pid, flag.clone()));
+    if let Some((pid, flag)) = target
+        && killed(pid)
+    {
+        log::debug!("request {unique}: caller {pid} killed, its long work cancelled");
+        flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Whether thread `tid` has SIGKILL pending (it is being killed), or is gone.
+fn killed(tid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return true;
+    };
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        let mask = l
+            .strip_prefix("SigPnd:")
+            .or_else(|| l.strip_prefix("ShdPnd:"));
+        mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & SIGKILL_BIT != 0)
+    })
+}
+
 /// Runs `f`, the long part of a request (the copy of a large file at copy-up), making sure
 /// that a worker stays free to serve other requests meanwhile: as many such requests as
 /// there are workers would otherwise hold the whole mount until one of them ends (kernel
 /// overlayfs copies in the caller's own context). An extra worker is started when none would
-/// be left free, and ends once it finds itself idle with one free beside it.
-pub fn long_work<T>(f: impl FnOnce() -> T) -> T {
+/// be left free, and ends once it finds itself idle with one free beside it. `f` gets a
+/// check that says whether the caller was killed meanwhile (see `interrupt`): it is to stop
+/// then, as the answer goes nowhere.
+pub fn long_work<T>(f: impl FnOnce(&dyn Fn() -> bool) -> T) -> T {
+    let (unique, pid) = CURRENT.with(|c| c.get());
+    let flag = Arc::new(AtomicBool::new(false));
+    if unique != 0 {
+        LONG.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((unique, pid, flag.clone()));
+    }
+    let cancelled = || flag.load(Ordering::SeqCst);
+    let r = spared(|| f(&cancelled));
+    if unique != 0 {
+        LONG.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(u, _, _)| *u != unique);
+    }
+    r
+}
+
+/// `long_work`'s part that keeps a worker free.
+fn spared<T>(f: impl FnOnce() -> T) -> T {
     let Some(s) = SPARES.get() else {
         return f();
     };
@@ -235,19 +299,13 @@ impl Session {
                 sys::set_nonblocking(ch.fd()).map_err(io_err)?;
             }
         }
-        let all = Arc::new(channels.clone());
         let readers = spin.map(|_| Arc::new(Readers::default()));
         let mut handles = Vec::with_capacity(channels.len());
         let mut res = Ok(());
         {
             // Extra workers: a fd of their own each, detached (they end by themselves, or
             // with the mount).
-            let (fs, base_ch, readers, all) = (
-                self.fs.clone(),
-                self.ch.clone(),
-                readers.clone(),
-                all.clone(),
-            );
+            let (fs, base_ch, readers) = (self.fs.clone(), self.ch.clone(), readers.clone());
             let (access, buf_size) = (self.access, self.buf_size);
             let next = AtomicUsize::new(self.threads);
             let start = move || {
@@ -267,7 +325,6 @@ impl Session {
                     readers: readers.clone(),
                     fs: fs.clone(),
                     ch,
-                    all: all.clone(),
                     spin,
                     access,
                     buf_size,
@@ -294,7 +351,6 @@ impl Session {
                 readers: readers.clone(),
                 fs: self.fs.clone(),
                 ch,
-                all: all.clone(),
                 spin,
                 access: self.access,
                 buf_size: self.buf_size,
@@ -507,8 +563,6 @@ struct Worker {
     readers: Option<Arc<Readers>>,
     fs: Arc<UnionFs>,
     ch: Channel,
-    /// Every fd of the connection (an answer to INTERRUPT goes where the request is).
-    all: Arc<Vec<Channel>>,
     /// Poll (non-blocking fd) this long after a request before sleeping in poll(2).
     spin: Option<Duration>,
     access: Access,
@@ -610,19 +664,19 @@ impl Worker {
                 return true;
             }
             op::INTERRUPT => {
-                // Requests are not interrupted here: ENOSYS tells the kernel to stop sending
-                // INTERRUPT. The kernel takes it only on the fd serving the request (the
-                // others answer ENOENT).
-                log::debug!("request {}: Interrupt", h.unique);
-                for ch in self.all.iter() {
-                    if Reply::new(ch.clone(), h.unique).error_once(fuser::Errno::ENOSYS) {
-                        break;
-                    }
+                // No answer (see `interrupt`): the interrupted request answers for itself.
+                let unique = body
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                log::debug!("request {}: Interrupt of {unique:?}", h.unique);
+                if let Some(unique) = unique {
+                    interrupt(unique);
                 }
                 return true;
             }
             _ => {}
         }
+        CURRENT.with(|c| c.set((h.unique, h.pid)));
         let reply = Reply::new(self.ch.clone(), h.unique);
         if h.opcode == op::DESTROY {
             reply.ok();
