@@ -37,6 +37,10 @@ struct CopyUp<'a> {
     st: Stat,
     /// Temporary name in the work directory.
     tmp: CString,
+    /// The name the copy goes to: the node's first when the copy-up began. Another name of a
+    /// lower hard link looked up meanwhile (an unlink of it waiting for this copy) becomes the
+    /// first, and the copy must not land there.
+    target: Option<(Arc<Node>, std::ffi::OsString)>,
 }
 
 impl Union {
@@ -86,6 +90,11 @@ impl Union {
             }
             st.top_lower().ok_or(LAYERLESS)?
         };
+        let target = node
+            .state()
+            .links
+            .first()
+            .map(|l| (l.parent.clone(), l.name.to_os_string()));
         let src = self.open_in(node, Loc::Lower(lower), libc::O_PATH)?;
         let st = sys::fstat(src.as_fd())?;
         let work = self.layers.work()?;
@@ -95,6 +104,7 @@ impl Union {
             src,
             st,
             tmp: work.temp_name(),
+            target,
         };
         let made = c.build(data);
         let res = made.and_then(|fd| c.install(fd.as_fd()));
@@ -243,13 +253,26 @@ impl CopyUp<'_> {
     /// Moves the copy to its name in the upper and records it on the node.
     fn install(&self, made: BorrowedFd<'_>) -> Result<()> {
         let fs = self.fs;
+        // The name the copy-up began with, if the node still has it (made its first name
+        // again under its directory's lock); else its first name now.
         let (parent, name) = {
             let st = self.node.state();
-            let l = st.links.first().ok_or_else(|| deleted_error(self.node))?;
-            (l.parent.clone(), l.name.to_os_string())
+            let has = |p: &Node, n: &std::ffi::OsStr| {
+                st.links
+                    .iter()
+                    .any(|l| l.parent.ino == p.ino && l.name == n)
+            };
+            match &self.target {
+                Some((p, n)) if has(p, n) => (p.clone(), n.clone()),
+                _ => {
+                    let l = st.links.first().ok_or_else(|| deleted_error(self.node))?;
+                    (l.parent.clone(), l.name.to_os_string())
+                }
+            }
         };
         let cname = sys::cstr(&name)?;
         let _dir = parent.lock_dir();
+        self.node.touch_link(parent.ino, &name);
         // Re-check under the directory lock: the node may have been unlinked or moved.
         let still_there = self
             .node

@@ -815,7 +815,14 @@ impl Union {
         // whiteout, as kernel overlayfs's unlink waits for it, instead of finding the name
         // taken when it whites the lower object out (EEXIST).
         let _copy = node.lock_copy();
-        let copied = !in_upper && node.state().upper.is_some();
+        // Copied up at this name, that is (another name of a lower hard link may have taken
+        // the copy, and this one then still shows the lower file).
+        let copied_to = node.state().upper.filter(|_| !in_upper);
+        let copied = copied_to.is_some_and(|up| {
+            let here = sys::cstr(name)
+                .and_then(|c| sys::fstatat(self.dir_fd(parent, Loc::Upper)?.as_fd(), &c, 0));
+            here.is_ok_and(|st| RealId::of(&st) == up)
+        });
         let in_upper = in_upper || copied;
         let upper_st;
         let st = if copied {

@@ -1317,3 +1317,49 @@ fn a_killed_callers_copy_up_stops() {
     );
     assert_eq!(fs::metadata(m.upper_path("big2")).unwrap().len(), 64 << 20);
 }
+
+/// One name of a lower hard link removed while a write through another name copies the file
+/// up: the unlink waits for the copy-up, whose copy goes to the name it began with (not to
+/// the other name, which the unlink's lookup made the node's first), so the write lands in
+/// the file that stays and the removed name gets its whiteout, as on kernel overlayfs. The
+/// copy used to land on the removed name and go with it, and the write was lost.
+#[test]
+fn unlink_of_a_hard_link_during_a_copy_up_keeps_the_write() {
+    let l = Layers::new(1);
+    let big = l.lower(0).path("big");
+    let f = fs::File::create(&big).unwrap();
+    let chunk = noise(11, 1 << 20);
+    for _ in 0..256 {
+        (&f).write_all(&chunk).unwrap();
+    }
+    drop(f);
+    fs::hard_link(&big, l.lower(0).path("big2")).unwrap();
+    let m = l.mount("u");
+    assert_eq!(fs::metadata(m.path("big2")).unwrap().nlink(), 2);
+    let work = m.work.clone().unwrap();
+    let writer = {
+        let p = m.path("big");
+        thread::spawn(move || {
+            let f = OpenOptions::new().write(true).open(p)?;
+            f.write_at(b"HELLO", 0)?;
+            f.sync_all()
+        })
+    };
+    let begun = Instant::now();
+    while raw_tree(&work).values().all(|(kind, _, _)| *kind != 'f')
+        && begun.elapsed() < Duration::from_secs(30)
+    {
+        thread::sleep(Duration::from_millis(1));
+    }
+    fs::remove_file(m.path("big2")).unwrap();
+    writer.join().unwrap().unwrap();
+    let mut head = [0u8; 5];
+    fs::File::open(m.path("big"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"HELLO", "the write was lost");
+    assert!(m.path("big2").symlink_metadata().is_err());
+    assert_eq!(m.ls(""), ["big"]);
+    assert_eq!(fs::read(m.upper_path("big")).unwrap()[..5], *b"HELLO");
+}
