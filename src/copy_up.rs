@@ -82,7 +82,7 @@ impl Union {
     }
 
     fn copy_up_one(&self, node: &Arc<Node>, data: Data) -> Result<()> {
-        let _guard = node.lock_copy();
+        let _guard = wait_copy_lock(node);
         let lower = {
             let st = node.state();
             if st.upper.is_some() {
@@ -452,6 +452,16 @@ fn ignore_rootless_chown(e: Errno) -> Result<()> {
         return Ok(());
     }
     Err(e)
+}
+
+/// The node's copy lock. Waiting for it (another request copies the node up, maybe a
+/// large file) counts as long work: other requests are served meanwhile (see
+/// `session::long_work`).
+pub(crate) fn wait_copy_lock(node: &Node) -> std::sync::MutexGuard<'_, ()> {
+    match node.try_lock_copy() {
+        Some(g) => g,
+        None => crate::fuse::session::long_work(|_| node.lock_copy()),
+    }
 }
 
 /// The most a copy-up moves in one call (a killed caller's copy stops between two).

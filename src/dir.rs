@@ -814,7 +814,7 @@ impl Union {
         // the directory's, as this does): the removal then takes the copy away with a
         // whiteout, as kernel overlayfs's unlink waits for it, instead of finding the name
         // taken when it whites the lower object out (EEXIST).
-        let _copy = node.lock_copy();
+        let _copy = crate::copy_up::wait_copy_lock(node);
         // Copied up at this name, that is (another name of a lower hard link may have taken
         // the copy, and this one then still shows the lower file).
         let copied_to = node.state().upper.filter(|_| !in_upper);

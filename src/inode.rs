@@ -393,6 +393,15 @@ impl Node {
         lock(&self.extra().copy_lock)
     }
 
+    /// `lock_copy` if nobody holds it now.
+    pub fn try_lock_copy(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.extra().copy_lock.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// See `Extra::write_error`.
     pub fn write_error(&self) -> i32 {
         self.extra

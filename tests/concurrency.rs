@@ -1192,55 +1192,76 @@ fn unlink_racing_a_copy_up_removes_the_file() {
 /// A copy-up of a large file holds its request thread until the copy ends; other requests
 /// must not wait for it (kernel overlayfs copies in the caller's context). With one request
 /// thread, a lookup made while a copy-up is in progress (its temporary copy in the work
-/// directory) is answered while the copy is still there: an extra thread serves meanwhile.
-/// It used to wait for the copy (with the default threads, as many large copy-ups as threads
-/// held every other request of the mount, for seconds).
+/// directory) is answered while the copy is still there: an extra thread serves meanwhile,
+/// also when the others wait for that copy. It used to wait for the copy (with the default
+/// threads, as many large copy-ups, or requests waiting for one, as threads held every other
+/// request of the mount, for seconds).
 #[test]
 fn requests_are_served_during_a_long_copy_up() {
     let l = Layers::new(1);
     l.lower(0).file("small", "s");
-    let big = l.lower(0).path("big");
-    let f = fs::File::create(&big).unwrap();
     let chunk = noise(7, 1 << 20);
-    for _ in 0..256 {
-        (&f).write_all(&chunk).unwrap();
-    }
-    drop(f);
-    let m = l.mount_with("u", &["--threads", "1"]);
-    let root = m.merged.clone();
-    let seen = guarded("lookup during a copy-up", &m, {
-        let work = m.work.clone().unwrap();
-        move || {
-            let copier = {
-                let big = root.join("big");
-                thread::spawn(move || fs::set_permissions(big, fs::Permissions::from_mode(0o600)))
-            };
-            let temps = || {
-                raw_tree(&work)
-                    .into_iter()
-                    .filter(|(_, (kind, _, _))| *kind == 'f')
-                    .count()
-            };
-            // The copy has begun once its temporary file is there.
-            let begun = Instant::now();
-            while temps() == 0 && begun.elapsed() < Duration::from_secs(30) {
-                thread::sleep(Duration::from_millis(1));
-            }
-            let before = temps();
-            let st = fs::metadata(root.join("small")).map(|m| m.len());
-            let after = temps();
-            copier.join().unwrap().unwrap();
-            (before, st.ok(), after)
+    for name in ["big1", "big2"] {
+        let f = fs::File::create(l.lower(0).path(name)).unwrap();
+        for _ in 0..256 {
+            (&f).write_all(&chunk).unwrap();
         }
-    });
-    assert_eq!(seen.0, 1, "the copy-up's temporary file never showed");
-    assert_eq!(seen.1, Some(1), "stat of another file");
-    assert_eq!(
-        seen.2, 1,
-        "the lookup was answered only after the copy-up ended"
-    );
-    assert_eq!(fs::read(m.upper_path("big")).unwrap().len(), 256 << 20);
-    assert!(work_leftovers(&m).is_empty());
+    }
+    // One thread and one copy-up; then two threads, one copying and the other waiting for
+    // that copy (a write-open of the same file), which used to hold its thread as well.
+    for (case, threads) in [(1, "1"), (2, "2")] {
+        let m = l.mount_with(&format!("u{case}"), &["--threads", threads]);
+        let root = m.merged.clone();
+        let name = format!("big{case}");
+        let seen = guarded("lookup during a copy-up", &m, {
+            let (work, name) = (m.work.clone().unwrap(), name.clone());
+            move || {
+                let big = root.join(&name);
+                let copier = {
+                    let big = big.clone();
+                    thread::spawn(move || {
+                        fs::set_permissions(big, fs::Permissions::from_mode(0o600))
+                    })
+                };
+                let temps = || {
+                    raw_tree(&work)
+                        .into_iter()
+                        .filter(|(_, (kind, _, _))| *kind == 'f')
+                        .count()
+                };
+                // The copy has begun once its temporary file is there.
+                let begun = Instant::now();
+                while temps() == 0 && begun.elapsed() < Duration::from_secs(30) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                let waiter = (case == 2).then(|| {
+                    let w =
+                        thread::spawn(move || OpenOptions::new().write(true).open(big).map(drop));
+                    thread::sleep(Duration::from_millis(50));
+                    w
+                });
+                let before = temps();
+                let st = fs::metadata(root.join("small")).map(|m| m.len());
+                let after = temps();
+                copier.join().unwrap().unwrap();
+                if let Some(w) = waiter {
+                    w.join().unwrap().unwrap();
+                }
+                (before, st.ok(), after)
+            }
+        });
+        assert_eq!(
+            seen.0, 1,
+            "{name}: the copy-up's temporary file never showed"
+        );
+        assert_eq!(seen.1, Some(1), "{name}: stat of another file");
+        assert_eq!(
+            seen.2, 1,
+            "{name}: the lookup was answered only after the copy-up ended"
+        );
+        assert_eq!(fs::read(m.upper_path(&name)).unwrap().len(), 256 << 20);
+        assert!(work_leftovers(&m).is_empty());
+    }
 }
 
 /// A caller killed during the copy-up of a large file: its copy stops (the daemon learns of
