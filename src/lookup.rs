@@ -459,7 +459,9 @@ impl Union {
             let hname = here.to_bytes();
             let st = match sys::fstatat(dir.as_fd(), &here, 0) {
                 Ok(st) => st,
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
+                // (A name too long comes only from a redirect: not found, as the kernel takes
+                // it.)
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG) => {
                     // A `.wh.NAME` hides the name in the layers below; in the last layer
                     // there is nothing below to hide.
                     if i < layers.len() && dir.has_aufs_whiteout(hname, loc != Loc::Upper)? {
@@ -609,7 +611,7 @@ impl Union {
             let c = sys::cstr(part)?;
             let st = match sys::fstatat(dir.as_fd(), &c, 0) {
                 Ok(st) => st,
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG) => {
                     return Ok(Walked::Absent);
                 }
                 Err(e) => return Err(e),

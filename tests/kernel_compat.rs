@@ -2939,3 +2939,54 @@ fn truncates_set_times_as_on_kernel_overlayfs() {
         assert_eq!(rows, &all[0].1, "{name} against kernel overlayfs");
     }
 }
+
+/// Redirects that lead nowhere or that the kernel refuses, written into an upper by hand:
+/// each directory answers as on kernel overlayfs (a component too long is "not found", so
+/// the directory shows its upper contents; `..` is refused with EACCES, an empty component
+/// with EINVAL).
+#[test]
+fn odd_redirects_answer_as_on_kernel_overlayfs() {
+    let l = Layers::new(1);
+    l.lower(0).file("x/lower", "l");
+    let long = format!("/x/{}", "n".repeat(300));
+    let cases: [(&str, &[u8]); 5] = [
+        ("long", long.as_bytes()),
+        ("dotdot", b"/x/../x"),
+        ("empty", b"/x//y"),
+        ("missing", b"/nowhere"),
+        ("slash", b"a/b"),
+    ];
+    let base = l.mkdir("x");
+    let mut rows = Vec::new();
+    for kernel in [true, false] {
+        let side = if kernel { "k" } else { "u" };
+        let upper = base.join(format!("{side}upper"));
+        for (d, value) in cases {
+            fs::create_dir_all(upper.join(d)).unwrap();
+            fs::write(upper.join(d).join("u"), "u").unwrap();
+            set_xattr(&upper.join(d), "trusted.overlay.redirect", value);
+        }
+        let (work, merged) = (
+            base.join(format!("{side}work")),
+            base.join(format!("{side}m")),
+        );
+        let m = if kernel {
+            kernel_at(&l, &upper, &work, &merged)
+        } else {
+            union_at(&l, &upper, &work, &merged)
+        };
+        let mut seen = Vec::new();
+        for (d, _) in cases {
+            let listed = fs::read_dir(m.path(d)).map(|r| {
+                let mut names: Vec<String> = r
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                names
+            });
+            seen.push(format!("{d}: {:?}", listed.map_err(|e| e.raw_os_error())));
+        }
+        rows.push(seen);
+    }
+    assert_eq!(rows[1], rows[0], "unionmount against kernel overlayfs");
+}
