@@ -257,6 +257,33 @@ fn work_leftovers(m: &Mount) -> Vec<String> {
         .collect()
 }
 
+/// A lower file of `mib` MiB of noise (copy-ups of it take a while).
+fn big_lower_file(l: &Layers, name: &str, mib: usize, seed: u64) -> std::path::PathBuf {
+    let p = l.lower(0).path(name);
+    let f = fs::File::create(&p).unwrap();
+    let chunk = noise(seed, 1 << 20);
+    for _ in 0..mib {
+        (&f).write_all(&chunk).unwrap();
+    }
+    p
+}
+
+/// The temporary files in a work directory (copies being made).
+fn temp_files(work: &Path) -> usize {
+    raw_tree(work)
+        .into_iter()
+        .filter(|(_, (kind, _, _))| *kind == 'f')
+        .count()
+}
+
+/// Waits (at most 30 s) until a copy-up has begun: its temporary file is in `work`.
+fn wait_for_a_copy(work: &Path) {
+    let begun = Instant::now();
+    while temp_files(work) == 0 && begun.elapsed() < Duration::from_secs(30) {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn assert_no_errors(errs: &[String], what: &str) {
     assert!(
         errs.is_empty(),
@@ -1200,12 +1227,8 @@ fn unlink_racing_a_copy_up_removes_the_file() {
 fn requests_are_served_during_a_long_copy_up() {
     let l = Layers::new(1);
     l.lower(0).file("small", "s");
-    let chunk = noise(7, 1 << 20);
     for name in ["big1", "big2"] {
-        let f = fs::File::create(l.lower(0).path(name)).unwrap();
-        for _ in 0..256 {
-            (&f).write_all(&chunk).unwrap();
-        }
+        big_lower_file(&l, name, 256, 7);
     }
     // One thread and one copy-up; then two threads, one copying and the other waiting for
     // that copy (a write-open of the same file), which used to hold its thread as well.
@@ -1223,17 +1246,8 @@ fn requests_are_served_during_a_long_copy_up() {
                         fs::set_permissions(big, fs::Permissions::from_mode(0o600))
                     })
                 };
-                let temps = || {
-                    raw_tree(&work)
-                        .into_iter()
-                        .filter(|(_, (kind, _, _))| *kind == 'f')
-                        .count()
-                };
-                // The copy has begun once its temporary file is there.
-                let begun = Instant::now();
-                while temps() == 0 && begun.elapsed() < Duration::from_secs(30) {
-                    thread::sleep(Duration::from_millis(1));
-                }
+                let temps = || temp_files(&work);
+                wait_for_a_copy(&work);
                 let waiter = (case == 2).then(|| {
                     let w =
                         thread::spawn(move || OpenOptions::new().write(true).open(big).map(drop));
@@ -1272,31 +1286,17 @@ fn requests_are_served_during_a_long_copy_up() {
 #[test]
 fn a_killed_callers_copy_up_stops() {
     let l = Layers::new(1);
-    let big = l.lower(0).path("big");
-    let f = fs::File::create(&big).unwrap();
-    let chunk = noise(9, 1 << 20);
-    for _ in 0..512 {
-        (&f).write_all(&chunk).unwrap();
-    }
-    drop(f);
-    l.lower(0).file_bytes("big2", &noise(10, 64 << 20));
+    let big = big_lower_file(&l, "big", 512, 9);
+    big_lower_file(&l, "big2", 64, 10);
     let m = l.mount("u");
     let work = m.work.clone().unwrap();
-    let temps = move || {
-        raw_tree(&work)
-            .into_iter()
-            .filter(|(_, (kind, _, _))| *kind == 'f')
-            .count()
-    };
+    let temps = || temp_files(&work);
     let mut chmod = Command::new("chmod")
         .arg("600")
         .arg(m.path("big"))
         .spawn()
         .unwrap();
-    let begun = Instant::now();
-    while temps() == 0 && begun.elapsed() < Duration::from_secs(30) {
-        thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_a_copy(&work);
     assert_eq!(temps(), 1, "the copy-up's temporary file never showed");
     chmod.kill().unwrap();
     chmod.wait().unwrap();
@@ -1347,13 +1347,7 @@ fn a_killed_callers_copy_up_stops() {
 #[test]
 fn unlink_of_a_hard_link_during_a_copy_up_keeps_the_write() {
     let l = Layers::new(1);
-    let big = l.lower(0).path("big");
-    let f = fs::File::create(&big).unwrap();
-    let chunk = noise(11, 1 << 20);
-    for _ in 0..256 {
-        (&f).write_all(&chunk).unwrap();
-    }
-    drop(f);
+    let big = big_lower_file(&l, "big", 256, 11);
     fs::hard_link(&big, l.lower(0).path("big2")).unwrap();
     let m = l.mount("u");
     assert_eq!(fs::metadata(m.path("big2")).unwrap().nlink(), 2);
@@ -1366,12 +1360,7 @@ fn unlink_of_a_hard_link_during_a_copy_up_keeps_the_write() {
             f.sync_all()
         })
     };
-    let begun = Instant::now();
-    while raw_tree(&work).values().all(|(kind, _, _)| *kind != 'f')
-        && begun.elapsed() < Duration::from_secs(30)
-    {
-        thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_a_copy(&work);
     fs::remove_file(m.path("big2")).unwrap();
     writer.join().unwrap().unwrap();
     let mut head = [0u8; 5];
