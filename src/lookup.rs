@@ -459,9 +459,12 @@ impl Union {
             let hname = here.to_bytes();
             let st = match sys::fstatat(dir.as_fd(), &here, 0) {
                 Ok(st) => st,
-                // (A name too long comes only from a redirect: not found, as the kernel takes
-                // it.)
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG) => {
+                // A redirect's name too long is not found, as the kernel takes it (the
+                // name looked up itself answers ENAMETOOLONG, as on ext4).
+                Err(e)
+                    if matches!(e.code(), libc::ENOENT | libc::ENOTDIR)
+                        || (e.code() == libc::ENAMETOOLONG && redirect.is_some()) =>
+                {
                     // A `.wh.NAME` hides the name in the layers below; in the last layer
                     // there is nothing below to hide.
                     if i < layers.len() && dir.has_aufs_whiteout(hname, loc != Loc::Upper)? {
