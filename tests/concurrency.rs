@@ -1005,8 +1005,9 @@ fn stress_ng_short() {
 #[test]
 fn signalled_callers_get_their_copy_ups() {
     let l = Layers::new(1);
-    let big = vec![7u8; 96 << 20];
-    l.lower(0).file_bytes("a", &big).file_bytes("b", &big);
+    // Large enough that each stop lands during its copy-up.
+    big_lower_file(&l, "a", 256, 12);
+    big_lower_file(&l, "b", 256, 13);
     let base = l.mkdir("m");
     let mut d = ForegroundDaemon::start(&l, &base, &["--log-level", "debug"]);
     let setattrs = |d: &ForegroundDaemon| d.log().matches(": Setattr(").count();
