@@ -141,7 +141,7 @@ fn caller_in_group(caller: &Caller, gid: u32) -> bool {
     if caller.gid == gid {
         return true;
     }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", caller.pid)) else {
+    let Some(status) = crate::killpriv::thread_status(caller.pid) else {
         return false;
     };
     status

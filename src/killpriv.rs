@@ -55,10 +55,7 @@ impl Caller {
     /// /proc shows a thread's own credentials, not ones the kernel lends it for a call (as
     /// nfsd's threads borrow their clients'), so kernel threads count as unknown.
     pub fn of(pid: u32) -> Option<Caller> {
-        if pid == 0 || !proc_is_ours() {
-            return None;
-        }
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let status = thread_status(pid)?;
         let mut c = Caller::parse(&status)?;
         if c.fsetid || c.fowner || c.sys_admin {
             // Capabilities held in a user namespace of their own do not count here.
@@ -215,6 +212,16 @@ const X32_BIT: i64 = 0x4000_0000;
 const X32_BIT: i64 = 0;
 
 /// /proc shows this daemon's pid namespace, so request pids name the right processes there.
+/// `/proc/PID/status` of the thread `pid` of a request (as FUSE reports it, in the daemon's
+/// pid namespace); None for the kernel's own requests (pid 0), where /proc is another pid
+/// namespace's, or once the thread is gone.
+pub(crate) fn thread_status(pid: u32) -> Option<String> {
+    if pid == 0 || !proc_is_ours() {
+        return None;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
 fn proc_is_ours() -> bool {
     static OURS: OnceLock<bool> = OnceLock::new();
     *OURS.get_or_init(|| {

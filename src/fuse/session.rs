@@ -71,10 +71,11 @@ fn interrupt(unique: u64) {
     }
 }
 
-/// Whether thread `tid` has SIGKILL pending (it is being killed), or is gone.
+/// Whether thread `tid` has SIGKILL pending (it is being killed). Not when /proc cannot
+/// tell (a kernel request, another pid namespace's /proc): its copy goes on.
 fn killed(tid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
-        return true;
+    let Some(status) = crate::killpriv::thread_status(tid) else {
+        return false;
     };
     const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
     status.lines().any(|l| {
