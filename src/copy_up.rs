@@ -165,7 +165,7 @@ impl CopyUp<'_> {
                         // A large copy keeps its request thread: another one is made free
                         // to serve meanwhile.
                         if len >= LONG_COPY {
-                            crate::fuse::session::long_work(|cancelled| {
+                            crate::fuse::longwork::long_work(|cancelled| {
                                 copy_data(src.as_fd(), fd.as_fd(), len, cancelled)
                             })?;
                         } else {
@@ -456,18 +456,18 @@ fn ignore_rootless_chown(e: Errno) -> Result<()> {
 
 /// The node's copy lock. Waiting for it (another request copies the node up, maybe a
 /// large file) counts as long work: other requests are served meanwhile (see
-/// `session::long_work`).
+/// `longwork::long_work`).
 pub(crate) fn wait_copy_lock(node: &Node) -> std::sync::MutexGuard<'_, ()> {
     match node.try_lock_copy() {
         Some(g) => g,
-        None => crate::fuse::session::long_work(|_| node.lock_copy()),
+        None => crate::fuse::longwork::long_work(|_| node.lock_copy()),
     }
 }
 
 /// The most a copy-up moves in one call (a killed caller's copy stops between two).
 const CHUNK: u64 = 64 << 20;
 
-/// Copies of at least this many bytes may take long (see `session::long_work`).
+/// Copies of at least this many bytes may take long (see `longwork::long_work`).
 const LONG_COPY: u64 = 8 << 20;
 
 pub fn ts(sec: i64, nsec: i64) -> libc::timespec {

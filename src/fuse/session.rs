@@ -3,13 +3,14 @@
 //! thread at a time reads (see `Readers`); with it off, every thread blocks in read(2).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fuser::InitFlags;
 
 use super::abi::{self, Out, op};
+use super::longwork;
 use super::reply::{Channel, Notifier, Reply};
 use super::request::{Header, Op};
 use crate::fs::UnionFs;
@@ -23,123 +24,6 @@ pub enum Access {
     All,
     /// Root and the given user (`-o allow_root`, mounted with `allow_other`).
     RootAndOwner(u32),
-}
-
-/// Workers started while long requests hold the others (see `long_work`).
-struct Spares {
-    /// Workers that serve for the life of the session.
-    base: usize,
-    /// Requests in long work now.
-    long: AtomicUsize,
-    /// Extra workers serving now.
-    extra: AtomicUsize,
-    /// Starts one extra worker; false if it could not.
-    start: Box<dyn Fn() -> bool + Send + Sync>,
-}
-
-/// The session's spares (one session per process).
-static SPARES: OnceLock<Spares> = OnceLock::new();
-
-/// Most extra workers at once.
-const MAX_EXTRA: usize = 64;
-
-thread_local! {
-    /// The request this thread serves: its unique id and the caller's thread id.
-    static CURRENT: std::cell::Cell<(u64, u32)> = const { std::cell::Cell::new((0, 0)) };
-}
-
-/// The requests in long work now (see `long_work`): unique id, caller's thread id, and the
-/// flag an INTERRUPT of a killed caller sets.
-static LONG: Mutex<Vec<(u64, u32, Arc<AtomicBool>)>> = Mutex::new(Vec::new());
-
-/// An INTERRUPT of request `unique`: a request in long work is cancelled if its caller is
-/// being killed (SIGKILL pending), as kernel overlayfs's copy-up stops for a fatal signal
-/// only. Any other INTERRUPT is ignored (FUSE lets a filesystem ignore them); a caller with
-/// a signal it handles waits for its request, whose answer comes as usual.
-fn interrupt(unique: u64) {
-    let target = LONG
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .find(|(u, _, _)| *u == unique)
-        .map(|(_, pid, flag)| (*pid, flag.clone()));
-    if let Some((pid, flag)) = target
-        && killed(pid)
-    {
-        log::debug!("request {unique}: caller {pid} killed, its long work cancelled");
-        flag.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Whether thread `tid` has SIGKILL pending (it is being killed). Not when /proc cannot
-/// tell (a kernel request, another pid namespace's /proc): its copy goes on.
-fn killed(tid: u32) -> bool {
-    let Some(status) = crate::killpriv::thread_status(tid) else {
-        return false;
-    };
-    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    status.lines().any(|l| {
-        let mask = l
-            .strip_prefix("SigPnd:")
-            .or_else(|| l.strip_prefix("ShdPnd:"));
-        mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-            .is_some_and(|m| m & SIGKILL_BIT != 0)
-    })
-}
-
-/// Runs `f`, the long part of a request (the copy of a large file at copy-up), making sure
-/// that a worker stays free to serve other requests meanwhile: as many such requests as
-/// there are workers would otherwise hold the whole mount until one of them ends (kernel
-/// overlayfs copies in the caller's own context). An extra worker is started when none would
-/// be left free, and ends once it finds itself idle with one free beside it. `f` gets a
-/// check that says whether the caller was killed meanwhile (see `interrupt`): it is to stop
-/// then, as the answer goes nowhere.
-pub fn long_work<T>(f: impl FnOnce(&dyn Fn() -> bool) -> T) -> T {
-    let (unique, pid) = CURRENT.with(|c| c.get());
-    let flag = Arc::new(AtomicBool::new(false));
-    if unique != 0 {
-        LONG.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((unique, pid, flag.clone()));
-    }
-    let cancelled = || flag.load(Ordering::SeqCst);
-    let r = spared(|| f(&cancelled));
-    if unique != 0 {
-        LONG.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(u, _, _)| *u != unique);
-    }
-    r
-}
-
-/// `long_work`'s part that keeps a worker free.
-fn spared<T>(f: impl FnOnce() -> T) -> T {
-    let Some(s) = SPARES.get() else {
-        return f();
-    };
-    let long = s.long.fetch_add(1, Ordering::SeqCst) + 1;
-    let extra = s.extra.load(Ordering::SeqCst);
-    if long >= s.base + extra && extra < MAX_EXTRA {
-        s.extra.fetch_add(1, Ordering::SeqCst);
-        if !(s.start)() {
-            s.extra.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    let r = f();
-    s.long.fetch_sub(1, Ordering::SeqCst);
-    r
-}
-
-impl Spares {
-    /// Whether an extra worker may end now (counted out if so): the others leave one free.
-    fn leave(&self) -> bool {
-        self.extra
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |extra| {
-                (extra > 0 && self.base + extra - 1 > self.long.load(Ordering::SeqCst))
-                    .then(|| extra - 1)
-            })
-            .is_ok()
-    }
 }
 
 /// What INIT settles: the kernel's offer and the daemon's choices.
@@ -339,12 +223,7 @@ impl Session {
                 }
                 spawned.is_ok()
             };
-            let _ = SPARES.set(Spares {
-                base: self.threads,
-                long: AtomicUsize::new(0),
-                extra: AtomicUsize::new(0),
-                start: Box::new(start),
-            });
+            longwork::set_spares(self.threads, Box::new(start));
         }
         for (i, ch) in channels.into_iter().enumerate() {
             let w = Worker {
@@ -594,7 +473,7 @@ impl Worker {
         let mut reading = false;
         loop {
             // Only between requests, and never as the reader.
-            if self.extra && !reading && SPARES.get().is_some_and(|s| s.leave()) {
+            if self.extra && !reading && longwork::extra_may_leave() {
                 return Ok(true);
             }
             if let Some(r) = &self.readers
@@ -671,13 +550,13 @@ impl Worker {
                     .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
                 log::debug!("request {}: Interrupt of {unique:?}", h.unique);
                 if let Some(unique) = unique {
-                    interrupt(unique);
+                    longwork::interrupt(unique);
                 }
                 return true;
             }
             _ => {}
         }
-        CURRENT.with(|c| c.set((h.unique, h.pid)));
+        longwork::serving(h.unique, h.pid);
         let reply = Reply::new(self.ch.clone(), h.unique);
         if h.opcode == op::DESTROY {
             reply.ok();
