@@ -82,6 +82,38 @@ pub(crate) fn stale_if_removed(node: &Node, e: Errno) -> Errno {
     }
 }
 
+/// A directory opened for reading its xattrs: readable, or `O_PATH` where the daemon may not
+/// read it (xattrs then go through /proc).
+fn open_for_xattrs(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
+    match sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+        Err(e) if e.code() == libc::EACCES => {
+            sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)
+        }
+        r => r,
+    }
+}
+
+/// The redirect in force below a directory whose redirect xattr is `value`, where `current`
+/// was in force above it: an absolute one is a path from the layers' roots; a relative one
+/// replaces the name looked up (the last component of a path in force).
+fn next_redirect(current: Option<Redirect>, value: &[u8]) -> Result<Redirect> {
+    let (absolute, parts) = whiteout::parse_redirect(value)?;
+    let mut parts = parts.into_iter().map(|p| Name::new(OsStr::from_bytes(p)));
+    if absolute {
+        return Ok(Redirect::Path(parts.collect()));
+    }
+    let name = parts.next().ok_or(Errno::EINVAL)?;
+    Ok(match current {
+        Some(Redirect::Path(p)) => {
+            let mut p = p.into_vec();
+            p.pop();
+            p.push(name);
+            Redirect::Path(p.into())
+        }
+        _ => Redirect::Name(name),
+    })
+}
+
 /// Opening a whiteout (a 0/0 character device) fails with ENXIO: for a node that is no
 /// device, socket or FIFO, that means its name was deleted or renamed meanwhile.
 fn stale_name_error(node: &Node, e: Errno) -> Errno {
@@ -530,15 +562,7 @@ impl Union {
                 if loc != Loc::Upper && dir.has_aufs_whiteout(hname, true)? {
                     break;
                 }
-                // A readable fd answers xattr reads directly; an O_PATH one (when the daemon
-                // may not read the directory) only through /proc.
-                let child =
-                    match sys::openat(dir.as_fd(), &here, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
-                        Err(e) if e.code() == libc::EACCES => {
-                            sys::openat(dir.as_fd(), &here, libc::O_PATH | libc::O_DIRECTORY, 0)?
-                        }
-                        r => r?,
-                    };
+                let child = open_for_xattrs(dir.as_fd(), &here)?;
                 if whiteout::is_opaque_dir(child.as_fd())? {
                     break;
                 }
@@ -548,30 +572,11 @@ impl Union {
             };
             // A redirect may reach layers the parent does not merge (a path), so it is asked
             // wherever any layer lies below.
-            let value = match &child {
-                Some(c) => sys::getxattr_vec(c.as_fd(), self.layers.format.redirect_xattr()),
-                None => {
-                    sys::getxattr_vec_at(dir.as_fd(), &here, self.layers.format.redirect_xattr())
-                }
-            };
-            let value = match value {
-                Ok(v) => v,
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        libc::ENODATA | libc::ENOTSUP | libc::EPERM | libc::EACCES
-                    ) =>
-                {
-                    None
-                }
-                Err(e) => return Err(e),
-            };
-            let Some(value) = value else {
+            let Some(value) = self.redirect_of(child.as_ref(), dir.as_fd(), &here)? else {
                 continue;
             };
-            let (absolute, parts) = whiteout::parse_redirect(&value)?;
-            let parts = parts.into_iter().map(|p| Name::new(OsStr::from_bytes(p)));
-            redirect = Some(if absolute {
+            let next = next_redirect(redirect.take(), &value)?;
+            if let Redirect::Path(_) = next {
                 // From the root of every lower layer below this one.
                 let first = match loc {
                     Loc::Upper => 0,
@@ -579,20 +584,8 @@ impl Union {
                 };
                 layers.truncate(i);
                 layers.extend((first..self.layers.lowers.len() as LowerIdx).map(Loc::Lower));
-                Redirect::Path(parts.collect())
-            } else {
-                let name = parts.into_iter().next().ok_or(Errno::EINVAL)?;
-                match redirect.take() {
-                    // Relative to a path: its last component is replaced.
-                    Some(Redirect::Path(p)) => {
-                        let mut p = p.into_vec();
-                        p.pop();
-                        p.push(name);
-                        Redirect::Path(p.into())
-                    }
-                    _ => Redirect::Name(name),
-                }
-            });
+            }
+            redirect = Some(next);
         }
         if let Some(f) = &mut found
             && !redirects.is_empty()
@@ -600,6 +593,32 @@ impl Union {
             f.redirects = Some(redirects.into());
         }
         Ok(found)
+    }
+
+    /// The redirect of the directory `here` in `dir` (through `child`, its fd, when open), if
+    /// it has one.
+    fn redirect_of(
+        &self,
+        child: Option<&OwnedFd>,
+        dir: BorrowedFd<'_>,
+        here: &CStr,
+    ) -> Result<Option<Vec<u8>>> {
+        let name = self.layers.format.redirect_xattr();
+        let value = match child {
+            Some(c) => sys::getxattr_vec(c.as_fd(), name),
+            None => sys::getxattr_vec_at(dir, here, name),
+        };
+        match value {
+            Err(e)
+                if matches!(
+                    e.code(),
+                    libc::ENODATA | libc::ENOTSUP | libc::EPERM | libc::EACCES
+                ) =>
+            {
+                Ok(None)
+            }
+            r => r,
+        }
     }
 
     /// Walks a redirect's path from the root of lower layer `l`: to the directory that should
@@ -622,12 +641,7 @@ impl Union {
             if !sys::is_dir(&st) {
                 return Ok(Walked::Stop);
             }
-            dir = match sys::openat(dir.as_fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
-                Err(e) if e.code() == libc::EACCES => {
-                    sys::openat(dir.as_fd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0)?
-                }
-                r => r?,
-            };
+            dir = open_for_xattrs(dir.as_fd(), &c)?;
             if whiteout::is_opaque_dir(dir.as_fd())? {
                 return Ok(Walked::Stop);
             }
@@ -765,5 +779,36 @@ impl Union {
             self.table.unpin(&l.parent, 1);
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(r: &Redirect) -> Vec<String> {
+        match r {
+            Redirect::Name(n) => vec![n.to_string_lossy().into_owned()],
+            Redirect::Path(p) => p
+                .iter()
+                .map(|n| format!("/{}", n.to_string_lossy()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn redirects_in_force_below() {
+        let abs = next_redirect(None, b"/a/b").unwrap();
+        assert_eq!(names(&abs), ["/a", "/b"]);
+        // A relative redirect below a path replaces its last component.
+        assert_eq!(
+            names(&next_redirect(Some(abs), b"c").unwrap()),
+            ["/a", "/c"]
+        );
+        let rel = next_redirect(None, b"x").unwrap();
+        assert_eq!(names(&rel), ["x"]);
+        assert_eq!(names(&next_redirect(Some(rel), b"y").unwrap()), ["y"]);
+        assert_eq!(next_redirect(None, b"a/b").err(), Some(Errno::EINVAL));
+        assert_eq!(next_redirect(None, b"..").err(), Some(Errno::EACCES));
     }
 }
