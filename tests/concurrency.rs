@@ -1300,9 +1300,12 @@ fn a_killed_callers_copy_up_stops() {
         .spawn()
         .unwrap();
     wait_for_a_copy(&work);
-    assert_eq!(temps(), 1, "the copy-up's temporary file never showed");
+    let showed = temps();
+    // Killed (and reaped) before any assertion, so that a failing one leaves no caller on
+    // the mount.
     chmod.kill().unwrap();
     chmod.wait().unwrap();
+    assert_eq!(showed, 1, "the copy-up's temporary file never showed");
     assert!(
         !m.upper_path("big").exists(),
         "the killed caller was let go only after its copy-up ended"
