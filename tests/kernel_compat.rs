@@ -281,10 +281,25 @@ fn union_at(l: &Layers, upper: &Path, work: &Path, merged: &Path) -> Mount {
 
 /// Kernel overlayfs on explicit upper/work.
 fn kernel_at(l: &Layers, upper: &Path, work: &Path, merged: &Path) -> Mount {
+    kernel_at_with(l, upper, work, merged, &[])
+}
+
+/// `kernel_at` with mount options (`metacopy=on`, `redirect_dir=on`).
+fn kernel_at_with(l: &Layers, upper: &Path, work: &Path, merged: &Path, opts: &[&str]) -> Mount {
     for d in [upper, work, merged] {
         fs::create_dir_all(d).unwrap();
     }
-    Mount::kernel(&l.lowerdir_opt(), upper, work, merged, &[])
+    Mount::kernel(&l.lowerdir_opt(), upper, work, merged, opts)
+}
+
+/// Kernel overlayfs (`kernel`) or unionmount over `l`, with options `extra` of the one
+/// mounted, for the tests that run one sequence on both.
+fn mount_either(l: &Layers, name: &str, kernel: bool, extra: &[&str]) -> Mount {
+    if kernel {
+        l.mount_kernel_with(name, extra)
+    } else {
+        l.mount_with(name, extra)
+    }
 }
 
 fn assert_no_private_xattrs(root: &Path) {
@@ -2630,10 +2645,7 @@ fn a_metadata_only_copy_is_refused_not_read_as_zeros() {
         .xattr("h", "user.overlay.metacopy", b"");
     let base = l.mkdir("x");
     let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
-    for d in [&upper, &work, &merged] {
-        fs::create_dir_all(d).unwrap();
-    }
-    let mut k = Mount::kernel(&l.lowerdir_opt(), &upper, &work, &merged, &["metacopy=on"]);
+    let mut k = kernel_at_with(&l, &upper, &work, &merged, &["metacopy=on"]);
     fs::set_permissions(k.path("f"), fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(fs::read_to_string(k.path("f")).unwrap(), "lower data");
     k.unmount();
@@ -2698,16 +2710,7 @@ fn directories_renamed_with_redirects_keep_their_lower_contents() {
     age_all(&l);
     let base = l.mkdir("x");
     let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
-    for d in [&upper, &work, &merged] {
-        fs::create_dir_all(d).unwrap();
-    }
-    let mut k = Mount::kernel(
-        &l.lowerdir_opt(),
-        &upper,
-        &work,
-        &merged,
-        &["redirect_dir=on"],
-    );
+    let mut k = kernel_at_with(&l, &upper, &work, &merged, &["redirect_dir=on"]);
     fs::rename(k.path("a"), k.path("a2")).unwrap();
     fs::create_dir(k.path("new")).unwrap();
     fs::rename(k.path("b"), k.path("new/b2")).unwrap();
@@ -2812,11 +2815,7 @@ fn access_times_of_upper_files_as_kernel_overlayfs() {
             fs::write(upper.join(f), f).unwrap();
             set_times(&upper.join(f), 1000, 2000);
         }
-        let m = if kernel {
-            l.mount_kernel_with(name, extra)
-        } else {
-            l.mount_with(name, extra)
-        };
+        let m = mount_either(&l, name, kernel, extra);
         assert_eq!(fs::read(m.path("read")).unwrap(), b"read");
         let mut f = OpenOptions::new()
             .append(true)
@@ -2855,11 +2854,7 @@ fn a_chown_to_no_owner_moves_the_change_time() {
         ("cached", false, &["--passthrough", "off"]),
     ];
     for (name, kernel, extra) in kinds {
-        let m = if kernel {
-            l.mount_kernel_with(name, extra)
-        } else {
-            l.mount_with(name, extra)
-        };
+        let m = mount_either(&l, name, kernel, extra);
         fs::write(m.path("file"), "f").unwrap();
         fs::create_dir(m.path("dir")).unwrap();
         for p in ["file", "dir", "lower", "ldir"] {
@@ -2893,11 +2888,7 @@ fn truncates_set_times_as_on_kernel_overlayfs() {
     let kinds: [(&str, bool, &[&str]); 2] = [("kernel", true, &[]), ("union", false, &[])];
     let mut all = Vec::new();
     for (name, kernel, extra) in kinds {
-        let m = if kernel {
-            l.mount_kernel_with(name, extra)
-        } else {
-            l.mount_with(name, extra)
-        };
+        let m = mount_either(&l, name, kernel, extra);
         let mut rows = Vec::new();
         for (f, how, len) in [
             ("a", "truncate", 4),
