@@ -81,6 +81,11 @@ pub fn long_work<T>(f: impl FnOnce(&dyn Fn() -> bool) -> T) -> T {
         LONG.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((unique, pid, flag.clone()));
+        // An INTERRUPT that came before the registration found nothing to stop (the kernel
+        // sends one per request): a kill it told of shows in the caller's status now.
+        if killed(pid) {
+            flag.store(true, Ordering::SeqCst);
+        }
     }
     let cancelled = || flag.load(Ordering::SeqCst);
     let r = spared(|| f(&cancelled));
