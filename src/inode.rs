@@ -962,13 +962,21 @@ impl Table {
     }
 
     /// Unregisters every identity of a node whose last name is gone, so that a new object
-    /// reusing a real inode number gets a node of its own.
+    /// reusing a real inode number gets a node of its own. The number remembered for its
+    /// upper object goes too: a new upper object reusing that real inode derives its own, as
+    /// it will after a remount. (Its lower ones stay: a lower object may have other names.)
     pub fn forget_ids(&self, node: &Node) {
-        let ids = std::mem::take(&mut node.state().ids);
+        let (ids, upper) = {
+            let mut st = node.state();
+            (std::mem::take(&mut st.ids), st.upper)
+        };
         for id in ids {
             let mut idsh = lock(self.id_shard(&id));
             if idsh.live.get(&id).is_some_and(|e| e.serial == node.serial) {
                 idsh.live.remove(&id);
+            }
+            if Some(id) == upper && idsh.remembered.get(&id) == Some(&node.ino) {
+                idsh.remembered.remove(&id);
             }
         }
     }

@@ -47,6 +47,25 @@ impl Found {
         RealId::of(&self.st)
     }
 
+    /// The identity a node of this object is keyed and numbered by: the top-most object's,
+    /// except for an upper directory that merges a lower one found at its own name (a
+    /// copied-up directory: neither opaque nor redirected), which takes that lower
+    /// directory's, as kernel overlayfs numbers merged directories by their origin. Its
+    /// number then survives a remount; readdir gives the same (`Union::merged_entries`).
+    pub fn key_id(&self) -> RealId {
+        if self.upper.is_some()
+            && self.kind() == libc::S_IFDIR
+            && let Some((l, id)) = self.lowers.first()
+            && !self
+                .redirects
+                .as_ref()
+                .is_some_and(|r| r.iter().any(|(rl, _)| rl == l))
+        {
+            return *id;
+        }
+        self.top_id()
+    }
+
     pub fn top_loc(&self) -> Loc {
         match (self.upper, self.lowers.first()) {
             (Some(_), _) => Loc::Upper,
@@ -595,6 +614,14 @@ impl Union {
         Ok(found)
     }
 
+    /// Whether the upper directory `name` in `dir` merges what the lower layers hold at its
+    /// own name: it is neither opaque nor redirected (see `Found::key_id`).
+    pub(crate) fn merges_at_own_name(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<bool> {
+        let child = open_for_xattrs(dir, name)?;
+        Ok(!whiteout::is_opaque_dir(child.as_fd())?
+            && self.redirect_of(Some(&child), dir, name)?.is_none())
+    }
+
     /// The redirect of the directory `here` in `dir` (through `child`, its fd, when open), if
     /// it has one.
     fn redirect_of(
@@ -724,7 +751,7 @@ impl Union {
     /// The node of a found object (made if new, without names), with one reference taken.
     pub(crate) fn found_node(&self, found: Found) -> Arc<Node> {
         let kind = found.kind();
-        let id = found.top_id();
+        let id = found.key_id();
         self.table
             .get_or_insert(id, kind, || State {
                 links: Few::new(),

@@ -12,7 +12,7 @@
 //! reading from offset 0 again (rewinddir) takes a fresh one. Offsets come from the names (see
 //! `Listing`), so they keep their place in any listing of the directory.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
@@ -229,6 +229,11 @@ impl Union {
         let mut out = Vec::new();
         // Names decided by a higher layer (present or whited out).
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        // Upper directories (their places in `out`) whose name no lower layer has shown yet,
+        // and those a lower directory of the same name is first below: a copied-up directory
+        // is numbered by its lower one, as its lookup does (`Found::key_id`).
+        let mut upper_dirs: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut over_lower_dirs: Vec<(usize, RealId)> = Vec::new();
         for (i, &loc) in layers.iter().enumerate() {
             let last = i + 1 == layers.len();
             // Regular files of a marked lower directory may be xattr whiteouts (`whiteout`).
@@ -258,6 +263,19 @@ impl Union {
                     return;
                 }
                 if !single && seen.contains(d.name) {
+                    if let Some(at) = upper_dirs.remove(d.name) {
+                        let is_dir = match d.kind {
+                            libc::DT_DIR => true,
+                            libc::DT_UNKNOWN => std::ffi::CString::new(d.name)
+                                .ok()
+                                .and_then(|c| sys::fstatat(fd.as_fd(), &c, 0).ok())
+                                .is_some_and(|st| sys::is_dir(&st)),
+                            _ => false,
+                        };
+                        if is_dir {
+                            over_lower_dirs.push((at, RealId { dev, ino: d.ino }));
+                        }
+                    }
                     return;
                 }
                 let mut dtype = d.kind;
@@ -308,6 +326,9 @@ impl Union {
                 }
                 if !single {
                     seen.insert(d.name.to_vec());
+                    if loc == Loc::Upper && dtype == libc::DT_DIR {
+                        upper_dirs.insert(d.name.to_vec(), out.len());
+                    }
                 }
                 out.push(Entry {
                     pos: name_offset(d.name),
@@ -319,7 +340,25 @@ impl Union {
             if let Some(e) = err {
                 return Err(e);
             }
+            for n in &hidden_below {
+                upper_dirs.remove(n);
+            }
             seen.extend(hidden_below);
+        }
+        if !over_lower_dirs.is_empty() {
+            let upper = self.dir_fd(dir, Loc::Upper)?;
+            for (at, lower) in over_lower_dirs {
+                let e = &mut out[at];
+                let Ok(name) = std::ffi::CString::new(e.name.as_encoded_bytes()) else {
+                    continue;
+                };
+                if self
+                    .merges_at_own_name(upper.as_fd(), &name)
+                    .unwrap_or(false)
+                {
+                    e.id = lower;
+                }
+            }
         }
         Ok(out)
     }

@@ -1040,6 +1040,83 @@ fn st_ino_is_kept_across_copy_up() {
     assert_lowers_unchanged(&l, &before);
 }
 
+/// SPEC "Inode numbers" (aim: numbers that survive a remount). A copied-up directory is
+/// numbered by the lower directory it merges, as on kernel overlayfs: stat and readdir give
+/// the same numbers after a remount, also when readdir comes first; a directory made opaque
+/// by a delete and mkdir keeps its own (upper) number.
+#[test]
+fn merged_directory_numbers_survive_a_remount() {
+    let l = Layers::new(2);
+    l.lower(0)
+        .file("a/b/c/f", "x")
+        .file("m/f", "x")
+        .dir("m/sub")
+        .file("gone/f", "x")
+        .dir("keep");
+    l.lower(1).file("m/g", "y").dir("m/sub").file("deep/x", "y");
+    let dirs = [
+        "a", "a/b", "a/b/c", "m", "m/sub", "gone", "keep", "deep", "fresh",
+    ];
+    let merged = ["a", "a/b", "a/b/c", "m", "m/sub", "keep", "deep"];
+    let change = |root: &Path| {
+        fs::write(root.join("a/b/c/new"), "n").unwrap();
+        fs::write(root.join("m/sub/new"), "n").unwrap();
+        fs::write(root.join("deep/new"), "n").unwrap();
+        fs::remove_dir_all(root.join("gone")).unwrap();
+        fs::create_dir(root.join("gone")).unwrap();
+        fs::create_dir(root.join("fresh")).unwrap();
+    };
+    let numbers = |root: &Path| -> BTreeMap<&str, u64> {
+        dirs.iter().map(|d| (*d, ino(&root.join(d)))).collect()
+    };
+    // d_ino of every directory above, by readdir of its parent.
+    let listed = |root: &Path| -> BTreeMap<&str, u64> {
+        dirs.iter()
+            .map(|d| {
+                let p = root.join(d);
+                let ents = dirents(p.parent().unwrap());
+                let name = p.file_name().unwrap().to_str().unwrap();
+                (*d, ents[name])
+            })
+            .collect()
+    };
+
+    let mut m = l.mount("u");
+    change(&m.merged);
+    let before = numbers(&m.merged);
+    assert_eq!(
+        listed(&m.merged),
+        before,
+        "d_ino against st_ino before the remount"
+    );
+    m.unmount();
+    let m = l.mount("u");
+    assert!(
+        m.upper_path("m/sub/new").exists(),
+        "remounted on the same upper"
+    );
+    assert_eq!(
+        listed(&m.merged),
+        before,
+        "d_ino after the remount, readdir first"
+    );
+    assert_eq!(numbers(&m.merged), before, "st_ino after the remount");
+
+    let mut k = l.mount_kernel("k");
+    change(&k.merged);
+    k.unmount();
+    let k = l.mount_kernel("k");
+    let kernel = numbers(&k.merged);
+    for d in merged {
+        assert_eq!(before[d], kernel[d], "{d}: numbered as on kernel overlayfs");
+    }
+    assert_ne!(
+        before["gone"],
+        ino(&l.lower(0).path("gone")),
+        "an opaque directory is not numbered by the lower one it hides"
+    );
+}
+
 /// Rule (SPEC §3 "Operations": files "behave as on a local filesystem"; POSIX read-after-
 /// write coherence): once a write() has returned, a read() of that file returns the new
 /// data, through any descriptor — also one opened read-only before the write copied the file
