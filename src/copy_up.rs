@@ -194,6 +194,9 @@ impl CopyUp<'_> {
         let fdb = fd.as_fd();
         sys::fchown(fdb, self.st.st_uid, self.st.st_gid).or_else(ignore_rootless_chown)?;
         copy_xattrs(self.src.as_fd(), fdb, self.fs.layers.format)?;
+        if kind != libc::S_IFDIR {
+            self.record_origin(fdb);
+        }
         if prot != 0 {
             // Kept in the xattr, as kernel overlayfs keeps them (see `protect`).
             let name = self.fs.layers.format.protattr_xattr();
@@ -216,6 +219,20 @@ impl CopyUp<'_> {
             sys::fsync(fdb, false)?;
         }
         Ok(fd)
+    }
+
+    /// Gives the copy kernel overlayfs's `overlay.origin` (the lower object's file handle),
+    /// which keeps its number across a remount (`Union::origin_below`), here and on kernel
+    /// overlayfs. Left out where the lower filesystem gives no handles or the copy cannot
+    /// carry it (user xattrs on a symlink or a device).
+    fn record_origin(&self, copy: BorrowedFd<'_>) {
+        let r = sys::file_handle(self.src.as_fd(), c"").and_then(|(kind, fid)| {
+            let v = whiteout::origin_value(kind, &fid).ok_or(Errno::EOVERFLOW)?;
+            sys::setxattr(copy, self.fs.layers.format.origin_xattr(), &v, 0)
+        });
+        if let Err(e) = r {
+            log::debug!("copy-up: no origin recorded: {e:?}");
+        }
     }
 
     /// The mode the copy gets: the lower one, but with `xattr_permissions` never without the

@@ -584,6 +584,7 @@ impl Union {
             upper: Some(RealId::of(&st)),
             lowers: Few::new(),
             redirects: None,
+            origin: None,
         });
         Ok(Created {
             node,
@@ -699,6 +700,7 @@ impl Union {
             upper: Some(RealId::of(&st)),
             lowers: Few::new(),
             redirects: None,
+            origin: None,
         };
         self.node_for(parent, name, found)
     }

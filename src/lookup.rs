@@ -28,6 +28,8 @@ pub struct Found {
     pub lowers: Few<(LowerIdx, RealId)>,
     /// Lower layers reached through a redirect (see `State::redirects`).
     pub redirects: Option<Box<[(LowerIdx, Redirect)]>>,
+    /// An upper non-directory's: the lower file it is a copy of (`Union::origin_below`).
+    pub origin: Option<RealId>,
 }
 
 /// Where a redirect's path leads in one layer (`Union::walk_redirect`).
@@ -48,11 +50,15 @@ impl Found {
     }
 
     /// The identity a node of this object is keyed and numbered by: the top-most object's,
-    /// except for an upper directory that merges a lower one found at its own name (a
-    /// copied-up directory: neither opaque nor redirected), which takes that lower
-    /// directory's, as kernel overlayfs numbers merged directories by their origin. Its
-    /// number then survives a remount; readdir gives the same (`Union::merged_entries`).
+    /// except for a copy. An upper directory that merges a lower one found at its own name
+    /// (a copied-up directory: neither opaque nor redirected) takes that lower directory's,
+    /// as kernel overlayfs numbers merged directories by their origin; an upper file, its
+    /// verified origin's (`origin`). Its number then survives a remount; readdir gives the
+    /// same (`Union::merged_entries`).
     pub fn key_id(&self) -> RealId {
+        if let Some(origin) = self.origin {
+            return origin;
+        }
         if self.upper.is_some()
             && self.kind() == libc::S_IFDIR
             && let Some((l, id)) = self.lowers.first()
@@ -542,15 +548,20 @@ impl Union {
                         upper: None,
                         lowers: Few::new(),
                         redirects: None,
+                        origin: None,
                     };
                     match loc {
                         Loc::Upper => f.upper = Some(id),
                         Loc::Lower(l) => f.lowers.push((l, id)),
                     }
-                    found = Some(f);
                     if !is_dir {
+                        if loc == Loc::Upper && i < layers.len() {
+                            f.origin = self.origin_below(parent, &layers[i..], &dir, &here, &st);
+                        }
+                        found = Some(f);
                         break;
                     }
+                    found = Some(f);
                 }
                 Some(f) => {
                     // Below a directory, only directories merge; anything else ends the stack.
@@ -612,6 +623,53 @@ impl Union {
             f.redirects = Some(redirects.into());
         }
         Ok(found)
+    }
+
+    /// The lower file the upper non-directory `name` in `dir` (of stat `st`) is a copy of:
+    /// the first object at its own name in the layers `below`, if the copy carries kernel
+    /// overlayfs's `overlay.origin` naming it (its file handle). Neither may have other
+    /// names: a copy of a lower hard link, or a copy linked since, keeps its own number (as on
+    /// kernel overlayfs without `index`), so that no two objects claim one lower file. A
+    /// copy renamed away from its lower file's name keeps its own number too (the lower file
+    /// is found by name only). One getxattr for an upper file without an origin.
+    pub(crate) fn origin_below(
+        &self,
+        parent: &Node,
+        below: &[Loc],
+        dir: &CachedDir,
+        name: &CStr,
+        st: &Stat,
+    ) -> Option<RealId> {
+        if st.st_nlink != 1 || sys::is_dir(st) {
+            return None;
+        }
+        let mut buf = [0u8; 256];
+        let xattr = self.layers.format.origin_xattr();
+        let n = sys::getxattr_at(dir.as_fd(), name, xattr, &mut buf).ok()?;
+        let (kind, fid) = whiteout::parse_origin(&buf[..n])?;
+        for (i, &loc) in below.iter().enumerate() {
+            let ldir = self.dir_fd(parent, loc).ok()?;
+            match sys::fstatat(ldir.as_fd(), name, 0) {
+                Ok(lst) => {
+                    if whiteout::is_whiteout(&lst)
+                        || sys::is_dir(&lst)
+                        || lst.st_nlink != 1
+                        || ldir.is_xwhiteout(name, &lst)
+                    {
+                        return None;
+                    }
+                    let (k, f) = sys::file_handle(ldir.as_fd(), name).ok()?;
+                    return (k == kind && f == fid).then(|| RealId::of(&lst));
+                }
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
+                    if i + 1 < below.len() && ldir.has_aufs_whiteout(name.to_bytes(), true).ok()? {
+                        return None;
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// Whether the upper directory `name` in `dir` merges what the lower layers hold at its
@@ -752,7 +810,9 @@ impl Union {
     pub(crate) fn found_node(&self, found: Found) -> Arc<Node> {
         let kind = found.kind();
         let id = found.key_id();
-        self.table
+        let top = found.top_id();
+        let node = self
+            .table
             .get_or_insert(id, kind, || State {
                 links: Few::new(),
                 upper: found.upper,
@@ -760,7 +820,13 @@ impl Union {
                 ids: Few::One(id),
                 redirects: found.redirects,
             })
-            .0
+            .0;
+        // A copy numbered by its origin is found by its own identity too, as after a
+        // copy-up in this mount (a split node's copy is: `split_copy_ino`).
+        if found.origin.is_some() && !node.state().ids.contains(&top) {
+            self.table.add_id(&node, top);
+        }
+        node
     }
 
     /// Makes `parent/name` the node's first name. A name it lacks is added only if `fresh()`

@@ -226,14 +226,15 @@ impl Union {
     fn merged_entries(&self, dir: &Node) -> Result<Vec<Entry>> {
         let layers = self.dir_layers(dir);
         let single = layers.len() == 1;
-        let mut out = Vec::new();
+        let mut out: Vec<Entry> = Vec::new();
         // Names decided by a higher layer (present or whited out).
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
-        // Upper directories (their places in `out`) whose name no lower layer has shown yet,
-        // and those a lower directory of the same name is first below: a copied-up directory
-        // is numbered by its lower one, as its lookup does (`Found::key_id`).
-        let mut upper_dirs: HashMap<Vec<u8>, usize> = HashMap::new();
+        // Upper objects (their places in `out`) whose name no lower layer has shown yet, and
+        // those a lower object of the same name is first below: a copied-up object is
+        // numbered by its lower one, as its lookup does (`Found::key_id`).
+        let mut upper_names: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut over_lower_dirs: Vec<(usize, RealId)> = Vec::new();
+        let mut over_lower_files: Vec<usize> = Vec::new();
         for (i, &loc) in layers.iter().enumerate() {
             let last = i + 1 == layers.len();
             // Regular files of a marked lower directory may be xattr whiteouts (`whiteout`).
@@ -263,7 +264,11 @@ impl Union {
                     return;
                 }
                 if !single && seen.contains(d.name) {
-                    if let Some(at) = upper_dirs.remove(d.name) {
+                    if let Some(at) = upper_names.remove(d.name) {
+                        if out[at].dtype != libc::DT_DIR {
+                            over_lower_files.push(at);
+                            return;
+                        }
                         let is_dir = match d.kind {
                             libc::DT_DIR => true,
                             libc::DT_UNKNOWN => std::ffi::CString::new(d.name)
@@ -326,8 +331,8 @@ impl Union {
                 }
                 if !single {
                     seen.insert(d.name.to_vec());
-                    if loc == Loc::Upper && dtype == libc::DT_DIR {
-                        upper_dirs.insert(d.name.to_vec(), out.len());
+                    if loc == Loc::Upper {
+                        upper_names.insert(d.name.to_vec(), out.len());
                     }
                 }
                 out.push(Entry {
@@ -341,9 +346,23 @@ impl Union {
                 return Err(e);
             }
             for n in &hidden_below {
-                upper_dirs.remove(n);
+                upper_names.remove(n);
             }
             seen.extend(hidden_below);
+        }
+        if !over_lower_files.is_empty() {
+            let upper = self.dir_fd(dir, Loc::Upper)?;
+            for at in over_lower_files {
+                let e = &mut out[at];
+                let Ok(name) = std::ffi::CString::new(e.name.as_encoded_bytes()) else {
+                    continue;
+                };
+                if let Ok(st) = sys::fstatat(upper.as_fd(), &name, 0)
+                    && let Some(origin) = self.origin_below(dir, &layers[1..], &upper, &name, &st)
+                {
+                    e.id = origin;
+                }
+            }
         }
         if !over_lower_dirs.is_empty() {
             let upper = self.dir_fd(dir, Loc::Upper)?;

@@ -143,35 +143,57 @@ pub fn clone_mount(dir: BorrowedFd<'_>, read_only: bool) -> Result<OwnedFd> {
     Ok(clone)
 }
 
-/// Opens the object of `fd` again, with `flags`, on the mount of `mount` (a copy of its
-/// mount, say), through its file handle. Needs CAP_DAC_READ_SEARCH, and a filesystem that
-/// gives handles.
-pub fn reopen_on_mount(fd: BorrowedFd<'_>, mount: BorrowedFd<'_>, flags: i32) -> Result<OwnedFd> {
-    const MAX_HANDLE_SZ: usize = 128;
-    #[repr(C)]
-    struct Handle {
-        bytes: libc::c_uint,
-        kind: libc::c_int,
-        data: [u8; MAX_HANDLE_SZ],
-    }
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for any handle.
+#[repr(C)]
+struct Handle {
+    bytes: libc::c_uint,
+    kind: libc::c_int,
+    data: [u8; MAX_HANDLE_SZ],
+}
+
+/// The file handle of `path` in `dir` (of `dir`'s object itself when `path` is empty); a
+/// symlink is not followed.
+fn handle_at(dir: BorrowedFd<'_>, path: &CStr) -> Result<Handle> {
     let mut h = Handle {
         bytes: MAX_HANDLE_SZ as libc::c_uint,
         kind: 0,
         data: [0; MAX_HANDLE_SZ],
     };
+    let flags = if path.is_empty() {
+        libc::AT_EMPTY_PATH
+    } else {
+        0
+    };
     let mut mount_id: libc::c_int = 0;
-    // SAFETY: valid fd, empty NUL-terminated path, a handle buffer of the size it states and
-    // an int out-pointer.
+    // SAFETY: valid fd, NUL-terminated path, a handle buffer of the size it states and an
+    // int out-pointer.
     check(unsafe {
         libc::syscall(
             libc::SYS_name_to_handle_at,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
+            dir.as_raw_fd(),
+            path.as_ptr(),
             &mut h as *mut Handle,
             &mut mount_id as *mut libc::c_int,
-            libc::AT_EMPTY_PATH,
+            flags,
         ) as libc::c_int
     })?;
+    Ok(h)
+}
+
+/// The type and bytes of the file handle of `path` in `dir` (see `handle_at`).
+pub fn file_handle(dir: BorrowedFd<'_>, path: &CStr) -> Result<(i32, Vec<u8>)> {
+    let h = handle_at(dir, path)?;
+    let len = (h.bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((h.kind, h.data[..len].to_vec()))
+}
+
+/// Opens the object of `fd` again, with `flags`, on the mount of `mount` (a copy of its
+/// mount, say), through its file handle. Needs CAP_DAC_READ_SEARCH, and a filesystem that
+/// gives handles.
+pub fn reopen_on_mount(fd: BorrowedFd<'_>, mount: BorrowedFd<'_>, flags: i32) -> Result<OwnedFd> {
+    let mut h = handle_at(fd, c"")?;
     // SAFETY: valid fd and the handle just filled.
     owned(unsafe {
         libc::syscall(

@@ -66,6 +66,15 @@ impl Format {
         }
     }
 
+    /// Where kernel overlayfs records the lower object a copy was made from (its file
+    /// handle, see `origin_value`).
+    pub fn origin_xattr(self) -> &'static CStr {
+        match self {
+            Format::Trusted => c"trusted.overlay.origin",
+            Format::UserXattr | Format::Aufs => c"user.overlay.origin",
+        }
+    }
+
     /// Where append-only and immutable flags set through the view are kept (`protect`).
     pub fn protattr_xattr(self) -> &'static CStr {
         match self {
@@ -165,6 +174,34 @@ pub fn unescape_xattr(real: &[u8], format: Format) -> Option<Vec<u8>> {
     let mut view = prefix.to_vec();
     view.extend_from_slice(rest);
     Some(view)
+}
+
+/// Length of kernel overlayfs's `struct ovl_fb` header: version, magic, length, flags,
+/// handle type, filesystem UUID.
+const OVL_FB_HEADER: usize = 21;
+const OVL_FB_MAGIC: u8 = 0xfb;
+
+/// The `overlay.origin` value kernel overlayfs writes for a lower object whose file handle is
+/// (`kind`, `fid`): an `ovl_fb` header (the filesystem UUID left null, as kernel overlayfs
+/// leaves it without `index`) and the handle. None for a handle it cannot hold.
+pub fn origin_value(kind: i32, fid: &[u8]) -> Option<Vec<u8>> {
+    let kind = u8::try_from(kind).ok()?;
+    let len = u8::try_from(OVL_FB_HEADER + fid.len()).ok()?;
+    // Byte order of the handle: OVL_FH_FLAG_BIG_ENDIAN on a big-endian machine.
+    let flags = u8::from(cfg!(target_endian = "big"));
+    let mut v = vec![0, OVL_FB_MAGIC, len, flags, kind];
+    v.extend_from_slice(&[0; 16]);
+    v.extend_from_slice(fid);
+    Some(v)
+}
+
+/// The file handle (type, bytes) an `overlay.origin` value names; None if it is not one.
+pub fn parse_origin(v: &[u8]) -> Option<(i32, &[u8])> {
+    let ok = v.len() > OVL_FB_HEADER
+        && v[0] == 0
+        && v[1] == OVL_FB_MAGIC
+        && usize::from(v[2]) == v.len();
+    ok.then(|| (i32::from(v[4]), &v[OVL_FB_HEADER..]))
 }
 
 /// `.wh.` + name.
@@ -273,6 +310,24 @@ mod tests {
         assert_eq!(whited_out_name(b"foo"), None);
         assert!(is_private_name(b".wh..wh..opq"));
         assert!(!is_private_name(b".whx"));
+    }
+
+    #[test]
+    fn origin_as_kernel_overlayfs_writes_it() {
+        // What kernel overlayfs (6.x, no `index`) wrote at a copy-up from ext4 (an
+        // ino32+generation handle).
+        let fid = [0x26, 0x40, 0x9a, 0x00, 0xfe, 0x71, 0xa4, 0xfb];
+        let mut kernel = vec![0x00, 0xfb, 0x1d, 0x00, 0x01];
+        kernel.extend_from_slice(&[0; 16]);
+        kernel.extend_from_slice(&fid);
+        if cfg!(target_endian = "little") {
+            assert_eq!(origin_value(1, &fid).as_deref(), Some(&kernel[..]));
+        }
+        assert_eq!(parse_origin(&kernel), Some((1, &fid[..])));
+        assert_eq!(parse_origin(&kernel[..kernel.len() - 1]), None);
+        assert_eq!(parse_origin(&kernel[..OVL_FB_HEADER]), None);
+        assert_eq!(origin_value(256, &fid), None);
+        assert_eq!(origin_value(1, &[0; 235]), None);
     }
 
     #[test]

@@ -36,12 +36,28 @@ fn unprivileged_upper_is_in_userxattr_format() {
         mkdir fresh && mv fresh moveto/fresh
         echo more >> keep
         find . -printf '%P %y %s\n' | sort
+        before=$(stat -c %i keep)
+        cd / && fusermount3 -u {b}/merged
+        {bin} --lower {lowers} --upper {b}/upper --work {b}/work {b}/merged
+        echo "keep $before $(stat -c %i {b}/merged/keep)"
         "#,
         bin = BIN,
         lowers = l.lowerdir_opt(),
         b = base.display()
     ));
+    let (listing, numbers) = listing.trim_end().rsplit_once('\n').unwrap();
+    let listing = format!("{listing}\n");
+    let numbers: Vec<&str> = numbers.split(' ').collect();
+    assert_eq!(
+        numbers[1], numbers[2],
+        "a copied-up file keeps its number across a remount"
+    );
     let upper = base.join("upper");
+    assert_eq!(
+        get_xattr(&upper.join("keep"), "user.overlay.origin").map(|v| v[..2].to_vec()),
+        Ok(vec![0, 0xfb]),
+        "the copy records its origin as kernel overlayfs does"
+    );
     let gone = fs::symlink_metadata(upper.join("gone")).unwrap();
     assert!(
         gone.file_type().is_char_device() && gone.rdev() == 0,
