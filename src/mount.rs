@@ -3,7 +3,7 @@
 //! INIT, then detach into the background and serve until unmounted.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,6 +26,8 @@ use crate::whiteout::Format;
 struct Created {
     work_root: Option<PathBuf>,
     work_sub: Option<PathBuf>,
+    /// The upper and work directories marked as this daemon's (`claim`), for its life.
+    claims: Vec<OwnedFd>,
 }
 
 impl Created {
@@ -45,6 +47,44 @@ fn io_err(what: &str, p: &Path, e: impl std::fmt::Display) -> String {
 
 fn errno_str(e: sys::Errno) -> String {
     std::io::Error::from_raw_os_error(e.code()).to_string()
+}
+
+/// How long a mount waits for an upper or work directory another daemon holds: one whose
+/// mount was just unmounted lets go as it exits.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Marks `dir` (the upper or the work directory, `what`) as this daemon's for its life, with
+/// an exclusive `flock` on a descriptor it keeps: a second mount on the same directory would
+/// clean the work directory under the first one's copy-ups and change its upper behind its
+/// caches. Kernel overlayfs refuses that too (`index=on`; otherwise it warns). A directory
+/// the daemon may not open for reading is left unmarked.
+fn claim(dir: BorrowedFd<'_>, path: &Path, what: &str) -> Result<Option<OwnedFd>, String> {
+    let fd = match sys::openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::debug!("{what} {} not marked in use: {e:?}", path.display());
+            return Ok(None);
+        }
+    };
+    let deadline = std::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        match sys::flock(fd.as_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => return Ok(Some(fd)),
+            Err(e) if e.code() == libc::EWOULDBLOCK && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) if e.code() == libc::EWOULDBLOCK => {
+                return Err(format!(
+                    "{what} {} is in use by another unionmount mount",
+                    path.display()
+                ));
+            }
+            Err(e) => {
+                log::debug!("{what} {} not marked in use: {e:?}", path.display());
+                return Ok(None);
+            }
+        }
+    }
 }
 
 /// What the upper filesystem allows, as probed in the work directory.
@@ -76,6 +116,10 @@ fn prepare_work(
         }
     }
     let root = Layer::open_root(work).map_err(|e| io_err("cannot open work directory", work, e))?;
+    // Before anything in it is cleaned.
+    created
+        .claims
+        .extend(claim(root.root(), work, "work directory")?);
     let fd = sys::openat(root.root(), c"work", libc::O_RDONLY | libc::O_DIRECTORY, 0)
         .map_err(|e| io_err("cannot open", &sub, errno_str(e)))?;
     // Stale entries of an earlier mount that was killed: half-built copies and objects
@@ -410,6 +454,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     let (lowers, upper) = open_layers(&paths)?;
     let mut created = Created::default();
+    if let (Some(u), Some(p)) = (&upper, &paths.upper) {
+        created
+            .claims
+            .extend(claim(u.root(), p, "upper directory")?);
+    }
     let prepared = match prepare_work(&paths, &mut created) {
         Ok(p) => p,
         Err(e) => {

@@ -311,6 +311,12 @@ pub fn at_fdcwd() -> BorrowedFd<'static> {
     unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
 }
 
+/// flock(2): `op` is `LOCK_EX`, `LOCK_SH` or `LOCK_UN`, with `LOCK_NB` or not.
+pub fn flock(fd: BorrowedFd<'_>, op: i32) -> Result<()> {
+    // SAFETY: flock on a valid fd; no memory is passed.
+    retry(|| check(unsafe { libc::flock(fd.as_raw_fd(), op) })).map(drop)
+}
+
 pub fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
     fd.try_clone_to_owned().map_err(Errno::from)
 }

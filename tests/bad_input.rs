@@ -794,3 +794,50 @@ fn overlaps_through_bind_mounts() {
     }
     assert_none(fails);
 }
+
+/// A second mount on the upper or the work directory of a live one is refused (it would
+/// clean the work directory under the first one's copy-ups), as kernel overlayfs refuses a
+/// directory in use (`index=on`). Once the first is unmounted, the same directories mount at
+/// once (its daemon lets go as it exits).
+#[test]
+fn upper_and_work_of_a_live_mount_are_refused() {
+    let f = Fixture::new();
+    let lo = f.l.lower_paths();
+    let first = Mount::union(
+        &native_args(&lo, Some(&f.upper), Some(&f.work), &f.merged),
+        f.merged.clone(),
+        Some(f.upper.clone()),
+        Some(f.work.clone()),
+    );
+    let other_upper = f.l.mkdir("m2/upper");
+    let other_work = f.l.mkdir("m2/work");
+    let other_merged = f.l.mkdir("m2/merged");
+    let mut fails = refused(
+        f.root(),
+        "the upper of a live mount",
+        &native_args(&lo, Some(&f.upper), Some(&other_work), &other_merged),
+        &other_merged,
+        &["upper", &s(&f.upper), "in use"],
+    );
+    fails.extend(refused(
+        f.root(),
+        "the work directory of a live mount",
+        &native_args(&lo, Some(&other_upper), Some(&f.work), &other_merged),
+        &other_merged,
+        &["work", &s(&f.work), "in use"],
+    ));
+    assert_none(fails);
+    assert_eq!(
+        fs::read_to_string(first.path("u")).unwrap(),
+        "upper file",
+        "the first mount still serves"
+    );
+    drop(first);
+    let again = Mount::union(
+        &native_args(&lo, Some(&f.upper), Some(&f.work), &f.merged),
+        f.merged.clone(),
+        Some(f.upper.clone()),
+        Some(f.work.clone()),
+    );
+    assert_eq!(fs::read_to_string(again.path("a")).unwrap(), "from lower0");
+}
