@@ -885,7 +885,7 @@ impl Union {
             }
             self.table.unlink(node, parent, name);
             if node.state().is_unlinked() {
-                self.table.forget_ids(node);
+                self.table.forget_ids(node, true);
                 node.set_last_parent(parent);
                 if let Some(h) = held {
                     node.set_held(h);
@@ -1215,7 +1215,7 @@ impl Union {
                         self.drop_dir_fd(d, Loc::Upper);
                     }
                     if d.state().is_unlinked() {
-                        self.table.forget_ids(d);
+                        self.table.forget_ids(d, true);
                         d.set_last_parent(newparent);
                         if let Some(h) = held {
                             d.set_held(h);

@@ -961,11 +961,13 @@ impl Table {
         }
     }
 
-    /// Unregisters every identity of a node whose last name is gone, so that a new object
-    /// reusing a real inode number gets a node of its own. The number remembered for its
-    /// upper object goes too: a new upper object reusing that real inode derives its own, as
-    /// it will after a remount. (Its lower ones stay: a lower object may have other names.)
-    pub fn forget_ids(&self, node: &Node) {
+    /// Unregisters every identity of a node that leaves the table or whose last name is gone
+    /// (`removed`), so that a new object reusing a real inode number gets a node of its own.
+    /// For a removed object, the number remembered for its upper object goes too: a new upper
+    /// object reusing that real inode derives its own, as it will after a remount. (Its lower
+    /// ones stay: a lower object may have other names. A node that merely leaves the table
+    /// keeps every remembered number: its object's next node takes it again.)
+    pub fn forget_ids(&self, node: &Node, removed: bool) {
         let (ids, upper) = {
             let mut st = node.state();
             (std::mem::take(&mut st.ids), st.upper)
@@ -975,7 +977,7 @@ impl Table {
             if idsh.live.get(&id).is_some_and(|e| e.serial == node.serial) {
                 idsh.live.remove(&id);
             }
-            if Some(id) == upper && idsh.remembered.get(&id) == Some(&node.ino) {
+            if removed && Some(id) == upper && idsh.remembered.get(&id) == Some(&node.ino) {
                 idsh.remembered.remove(&id);
             }
         }
@@ -1011,7 +1013,7 @@ impl Table {
                 }
                 node.bits.fetch_or(REMOVED, Ordering::Relaxed);
             }
-            self.forget_ids(&node);
+            self.forget_ids(&node, false);
             if node.is_dir() {
                 let locs = {
                     let st = node.state();
@@ -1193,7 +1195,7 @@ mod tests {
         let lower = RealId { dev: 7, ino: 50 };
         // A node with an allocated, remembered number (its real one was taken).
         let (old, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
-        t.forget_ids(&old);
+        t.forget_ids(&old, true);
         let (n, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
         assert!(n.ino >= ALLOC_BASE);
         // Copy-up of one name of a lower hard link: the node becomes the upper copy, and the
@@ -1305,7 +1307,7 @@ mod tests {
         let (n, _) = t.get_or_insert(id, libc::S_IFREG, empty);
         // The object is deleted but the kernel still holds the node; a new object reuses the
         // real number and must get a number of its own.
-        t.forget_ids(&n);
+        t.forget_ids(&n, true);
         let (m, existed) = t.get_or_insert(id, libc::S_IFDIR, empty);
         assert!(!existed);
         assert_ne!(m.ino, n.ino);

@@ -1040,6 +1040,53 @@ fn st_ino_is_kept_across_copy_up() {
     assert_lowers_unchanged(&l, &before);
 }
 
+/// SPEC "Inode numbers": a copy keeps its number for the life of the mount also once the
+/// kernel forgot its inode and looks it up afresh: a copy of a lower hard link, a copy
+/// renamed away from its lower name, a copied-up file and directory. stat and readdir agree.
+#[test]
+fn copies_keep_their_numbers_when_the_kernel_forgets_them() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("d/h", "h")
+        .hardlink("d/h", "d/h2")
+        .file("d/r", "r")
+        .file("d/f", "f")
+        .file("d/sub/x", "x");
+    let names = ["h", "h2", "r2", "f", "sub"];
+    let numbers = |root: &Path| -> BTreeMap<&str, u64> {
+        names
+            .iter()
+            .map(|n| (*n, ino(&root.join("d").join(n))))
+            .collect()
+    };
+    let m = l.mount("u");
+    let first = ino(&m.path("d/h"));
+    m.append("d/h", "+");
+    m.append("d/r", "+");
+    m.append("d/f", "+");
+    fs::write(m.path("d/sub/y"), "y").unwrap();
+    fs::rename(m.path("d/r"), m.path("d/r2")).unwrap();
+    let before = numbers(&m.merged);
+    assert_eq!(
+        before["h"], first,
+        "the written name of a hard link keeps its number"
+    );
+    for round in 0..2 {
+        fs::write("/proc/sys/vm/drop_caches", "2").expect("drop the kernel's caches");
+        let ents = dirents(&m.path("d"));
+        let listed: BTreeMap<&str, u64> = names.iter().map(|n| (*n, ents[*n])).collect();
+        assert_eq!(
+            listed, before,
+            "round {round}: d_ino after the kernel forgot them"
+        );
+        assert_eq!(
+            numbers(&m.merged),
+            before,
+            "round {round}: st_ino after the kernel forgot them"
+        );
+    }
+}
+
 /// SPEC "Inode numbers" (aim: numbers that survive a remount). A copied-up directory is
 /// numbered by the lower directory it merges, as on kernel overlayfs: stat and readdir give
 /// the same numbers after a remount, also when readdir comes first; a directory made opaque
