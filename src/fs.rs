@@ -95,7 +95,7 @@ impl UnionFs {
 
     fn reply_entry(&self, res: Result<(Arc<Node>, FileAttr)>, reply: Reply) {
         match res {
-            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr),
+            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr, n.generation()),
             Err(e) => reply.error(e),
         }
     }
@@ -416,12 +416,12 @@ impl UnionFs {
             self.walkers.lookup(h.pid, parent.0);
         }
         match res {
-            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr),
+            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr, n.generation()),
             // A negative entry the kernel may cache: every change comes through us.
             Err(e) if e.code() == libc::ENOENT => {
                 let mut attr = crate::attr::empty_attr();
                 attr.ino = INodeNo(0);
-                reply.entry(&self.ttl(), &attr);
+                reply.entry(&self.ttl(), &attr, 0);
             }
             Err(e) => reply.error(e),
         }
@@ -643,7 +643,7 @@ impl UnionFs {
                     let mut attr = crate::attr::empty_attr();
                     attr.ino = INodeNo(e.ino);
                     attr.kind = fuser::FileType::Directory;
-                    return buf.add_plus(e.next, e.name, &Duration::ZERO, &attr);
+                    return buf.add_plus(e.next, e.name, &Duration::ZERO, &attr, 0);
                 }
                 // Every entry sent counts as a lookup; one that does not fit is given back,
                 // one that vanished since the listing was read is left out.
@@ -653,7 +653,13 @@ impl UnionFs {
                 let Ok((node, attr)) = self.entry_of(node, Some(st)) else {
                     return false;
                 };
-                let full = buf.add_plus(e.next, e.name, &self.entry_ttl(&node, &attr), &attr);
+                let full = buf.add_plus(
+                    e.next,
+                    e.name,
+                    &self.entry_ttl(&node, &attr),
+                    &attr,
+                    node.generation(),
+                );
                 if full {
                     self.u.table.unpin(&node, 1);
                 } else {
@@ -698,7 +704,7 @@ impl UnionFs {
                 .u
                 .add_handle(&node, fd, flags, &|fd| reply.open_backing(fd))
                 .and_then(|(fh, io)| match self.u.attr(&node, &c.st) {
-                    Ok(attr) => Ok((attr, fh, io)),
+                    Ok(attr) => Ok((attr, node.generation(), fh, io)),
                     Err(e) => {
                         self.u.release(fh);
                         Err(e)
@@ -716,15 +722,16 @@ impl UnionFs {
             None => Duration::from_secs(u64::from(u32::MAX)),
         };
         match res {
-            Ok((attr, fh, IoMode::Passthrough(b))) => {
-                reply.created(&entry, &ttl, &attr, fh, FopenFlags::empty(), Some(&b.id))
+            Ok((attr, generation, fh, IoMode::Passthrough(b))) => {
+                let flags = FopenFlags::empty();
+                reply.created(&entry, &ttl, &attr, generation, fh, flags, Some(&b.id))
             }
-            Ok((attr, fh, io)) => {
+            Ok((attr, generation, fh, io)) => {
                 let flags = match io {
                     IoMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
                     _ => FopenFlags::FOPEN_KEEP_CACHE,
                 };
-                reply.created(&entry, &ttl, &attr, fh, flags, None)
+                reply.created(&entry, &ttl, &attr, generation, fh, flags, None)
             }
             Err(e) => reply.error(log_unexpected("create", e)),
         }

@@ -509,6 +509,18 @@ impl Node {
     pub fn is_root(&self) -> bool {
         self.ino == ROOT_INO
     }
+
+    /// The generation the kernel gets with the node's number: its serial (the kernel keeps
+    /// 32 bits), 0 for the root (the kernel makes the root inode with 0). A number that comes
+    /// back on a new node after the old one was forgotten comes with another generation, so
+    /// a file handle of the old object answers ESTALE instead of opening the new one.
+    pub fn generation(&self) -> u64 {
+        if self.is_root() {
+            0
+        } else {
+            self.serial & 0xffff_ffff
+        }
+    }
 }
 
 const SHARDS: usize = 64;

@@ -2590,3 +2590,94 @@ fn nix_truncate(p: &Path, len: u64) {
     let r = unsafe { libc::truncate(cs(p).as_ptr(), len as i64) };
     assert_eq!(r, 0, "truncate {p:?}: {}", std::io::Error::last_os_error());
 }
+
+/// `struct file_handle` with room for any handle.
+#[repr(C)]
+struct Handle {
+    bytes: libc::c_uint,
+    kind: libc::c_int,
+    data: [u8; 128],
+}
+
+fn handle_of(p: &Path) -> Handle {
+    let mut h = Handle {
+        bytes: 128,
+        kind: 0,
+        data: [0; 128],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: a valid C string path, a handle buffer of the size it states, an int out-pointer.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            cs(p).as_ptr(),
+            &mut h as *mut Handle,
+            &mut mount_id as *mut libc::c_int,
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "name_to_handle_at {p:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    h
+}
+
+/// Reads the file a handle opens (through `dir`'s mount), or the errno.
+fn read_by_handle(dir: &File, h: &mut Handle) -> Result<String, i32> {
+    // SAFETY: a valid directory fd and a handle filled by name_to_handle_at.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            dir.as_raw_fd(),
+            h as *mut Handle,
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    // SAFETY: open_by_handle_at returned a new fd that nothing else owns.
+    let mut f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    Ok(s)
+}
+
+/// A file handle of a deleted file never opens another file that got its inode number, as
+/// on ext4 (ESTALE): the number comes back with another generation. A live file's handle
+/// opens it.
+#[test]
+fn a_deleted_files_handle_does_not_open_its_successor() {
+    let l = Layers::new(1);
+    l.lower(0).dir("d");
+    let m = l.mount("u");
+    let d = m.path("d");
+    fs::write(d.join("victim"), "victim").unwrap();
+    let number = ino(&d.join("victim"));
+    let mut old = handle_of(&d.join("victim"));
+    fs::remove_file(d.join("victim")).unwrap();
+    // ext4 gives the freed inode to the next file made in the directory's group.
+    let successor = (0..200)
+        .map(|i| d.join(format!("new{i}")))
+        .find(|p| {
+            fs::write(p, p.file_name().unwrap().as_bytes()).unwrap();
+            ino(p) == number
+        })
+        .expect("the upper filesystem reused the deleted file's inode number");
+    let dir = File::open(&d).unwrap();
+    assert_eq!(
+        read_by_handle(&dir, &mut old),
+        Err(libc::ESTALE),
+        "the deleted file's handle, now that {successor:?} has its number"
+    );
+    let mut live = handle_of(&successor);
+    assert_eq!(
+        read_by_handle(&dir, &mut live).as_deref(),
+        Ok(successor.file_name().unwrap().to_str().unwrap()),
+        "a live file's handle"
+    );
+}

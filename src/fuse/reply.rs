@@ -145,8 +145,8 @@ fn put_ttl_pair(o: &mut Out, entry: &Duration, attr: &Duration) {
 }
 
 /// `fuse_entry_out`; a zero inode number is a negative entry.
-fn put_entry(o: &mut Out, entry: &Duration, attr: &Duration, a: &FileAttr) {
-    o.u64(a.ino.0).u64(0);
+fn put_entry(o: &mut Out, entry: &Duration, attr: &Duration, a: &FileAttr, generation: u64) {
+    o.u64(a.ino.0).u64(generation);
     put_ttl_pair(o, entry, attr);
     put_attr(o, a);
 }
@@ -205,9 +205,10 @@ impl Reply {
         self.ch.open_backing(fd)
     }
 
-    pub fn entry(self, ttl: &Duration, attr: &FileAttr) {
+    /// `generation`: see `Node::generation`.
+    pub fn entry(self, ttl: &Duration, attr: &FileAttr, generation: u64) {
         let mut o = Out::with_capacity(abi::ENTRY_OUT);
-        put_entry(&mut o, ttl, ttl, attr);
+        put_entry(&mut o, ttl, ttl, attr, generation);
         self.send(0, &[&o.buf]);
     }
 
@@ -261,12 +262,13 @@ impl Reply {
         entry: &Duration,
         ttl: &Duration,
         attr: &FileAttr,
+        generation: u64,
         fh: u64,
         flags: FopenFlags,
         backing: Option<&BackingId>,
     ) {
         let mut o = Out::with_capacity(abi::ENTRY_OUT + 16);
-        put_entry(&mut o, entry, ttl, attr);
+        put_entry(&mut o, entry, ttl, attr, generation);
         put_open(&mut o, fh, flags, backing);
         self.send(0, &[&o.buf]);
     }
@@ -355,6 +357,7 @@ impl DirBuf {
         name: &std::ffi::OsStr,
         ttl: &Duration,
         attr: &FileAttr,
+        generation: u64,
     ) -> bool {
         use std::os::unix::ffi::OsStrExt;
         let name = name.as_bytes();
@@ -362,7 +365,7 @@ impl DirBuf {
         if self.out.len() + abi::ENTRY_OUT + size > self.max {
             return true;
         }
-        put_entry(&mut self.out, ttl, ttl, attr);
+        put_entry(&mut self.out, ttl, ttl, attr, generation);
         self.put_dirent(attr.ino.0, next, attr.kind, name, size);
         false
     }
