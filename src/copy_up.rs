@@ -366,6 +366,9 @@ impl CopyUp<'_> {
         };
         fs.table.add_id(self.node, id);
         fs.dir_changed(parent);
+        // The parent's times are put back, but its change time (and on some filesystems its
+        // size) moved with the new entry, as on kernel overlayfs.
+        fs.invalidate_attrs(parent.ino);
         // The copy has its own ctime and blocks, and a broken hard link its own link count.
         fs.invalidate_attrs(self.node.ino);
         self.node.extra().data_gen.fetch_add(1, Ordering::SeqCst);

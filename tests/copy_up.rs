@@ -731,6 +731,47 @@ fn fifo_metadata_changes() {
 // Parents, holes, inode numbers, open descriptors, the work directory
 // ---------------------------------------------------------------------------------------
 
+/// A copy-up into a directory already in the upper moves the directory's change time (its
+/// mtime is put back), and the view shows it at once, as kernel overlayfs does.
+#[test]
+fn a_copy_up_moves_its_parents_change_time() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/f", "f").file("d/g", "g");
+    let ctime = |p: &Path| {
+        let md = lstat(p);
+        (md.ctime(), md.ctime_nsec(), md.mtime(), md.mtime_nsec())
+    };
+    for kernel in [true, false] {
+        let m = if kernel {
+            l.mount_kernel("k")
+        } else {
+            l.mount("u")
+        };
+        let what = if kernel {
+            "kernel overlayfs"
+        } else {
+            "unionmount"
+        };
+        assert_eq!(apply(&m.merged, "d/g", Trig::Chmod(0o600)), Ok(()));
+        let before = ctime(&m.path("d"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(apply(&m.merged, "d/f", Trig::Chmod(0o600)), Ok(()));
+        let after = ctime(&m.path("d"));
+        assert_ne!(
+            (before.0, before.1),
+            (after.0, after.1),
+            "{what}: ctime of d"
+        );
+        assert_eq!(
+            (before.2, before.3),
+            (after.2, after.3),
+            "{what}: mtime of d"
+        );
+        let upper = ctime(&m.upper_path("d"));
+        assert_eq!(after, upper, "{what}: the view shows the upper's times");
+    }
+}
+
 /// a/b/c/f changed: a, a/b and a/b/c are copied first, each with its own mode, owner,
 /// times and xattrs; no parent's mtime in the view moves. With `merged`, a and a/b are also
 /// in the second lower layer (merged directories).
