@@ -87,6 +87,47 @@ fn claim(dir: BorrowedFd<'_>, path: &Path, what: &str) -> Result<Option<OwnedFd>
     }
 }
 
+/// Keeps the claims on the upper and work directories (`claim`) while the mount of device
+/// `dev` is in this daemon's mount namespace. Once it is unmounted here, they go: copies of it
+/// that other mount namespaces took while it was mounted (a container started meanwhile, say)
+/// keep the daemon serving, and must not keep a new mount on the same directories waiting.
+fn hold_claims(claims: Vec<OwnedFd>, dev: String) {
+    if claims.is_empty() {
+        return;
+    }
+    let watch = move || {
+        let mounted = || {
+            mountinfo::read()
+                .iter()
+                .any(|m| m.dev == dev && m.fstype.starts_with("fuse"))
+        };
+        match std::fs::File::open("/proc/self/mountinfo") {
+            Ok(table) => {
+                while mounted() {
+                    if let Err(e) = sys::wait_priority(table.as_fd()) {
+                        log::debug!("cannot watch the mount table: {e:?}");
+                        std::mem::forget(claims);
+                        return;
+                    }
+                }
+                log::debug!("unmounted here: upper and work directories released");
+                drop(claims);
+            }
+            Err(e) => {
+                log::debug!("cannot watch the mount table: {e}");
+                std::mem::forget(claims);
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("claims".into())
+        .spawn(watch)
+    {
+        // The closure, and with it the claims, is gone: the directories are free.
+        log::warn!("cannot start the mount table watcher: {e}");
+    }
+}
+
 /// What the upper filesystem allows, as probed in the work directory.
 struct UpperCaps {
     format: Format,
@@ -544,10 +585,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     };
     // The mount is live. From here on nothing is undone.
-    if let Some(dev) = mount_dev(&paths.mountpoint) {
-        raise_readahead(&dev);
-        let _ = union.bdi.set(dev);
+    let dev = mount_dev(&paths.mountpoint);
+    if let Some(dev) = &dev {
+        raise_readahead(dev);
+        let _ = union.bdi.set(dev.clone());
     }
+    let claims = std::mem::take(&mut created.claims);
     if !cfg.foreground {
         match sys::fork() {
             Ok(sys::Fork::Parent(_)) => {
@@ -565,6 +608,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 return Err(format!("cannot fork into the background: {}", errno_str(e)));
             }
         }
+    }
+    // Threads of the daemon itself (after the fork).
+    match dev {
+        Some(dev) => hold_claims(claims, dev),
+        None => std::mem::forget(claims),
     }
     let mp = paths.mountpoint.clone();
     std::thread::Builder::new()

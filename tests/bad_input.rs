@@ -798,7 +798,8 @@ fn overlaps_through_bind_mounts() {
 /// A second mount on the upper or the work directory of a live one is refused (it would
 /// clean the work directory under the first one's copy-ups), as kernel overlayfs refuses a
 /// directory in use (`index=on`). Once the first is unmounted, the same directories mount at
-/// once (its daemon lets go as it exits).
+/// once: its daemon lets go as it exits, or, while a copy of its mount that another mount
+/// namespace took keeps it serving, as soon as its mount is gone from its own namespace.
 #[test]
 fn upper_and_work_of_a_live_mount_are_refused() {
     let f = Fixture::new();
@@ -832,6 +833,32 @@ fn upper_and_work_of_a_live_mount_are_refused() {
         "upper file",
         "the first mount still serves"
     );
+    // A mount namespace made now holds a copy of the first mount (until the process in it
+    // is killed, also when an assertion fails).
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let copy = Holder(
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sleep", "60"])
+            .spawn()
+            .unwrap(),
+    );
+    let merged = s(&f.merged);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !fs::read_to_string(format!("/proc/{}/mountinfo", copy.0.id()))
+        .is_ok_and(|m| m.contains(&merged))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the namespace copy never showed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     drop(first);
     let again = Mount::union(
         &native_args(&lo, Some(&f.upper), Some(&f.work), &f.merged),
@@ -840,4 +867,6 @@ fn upper_and_work_of_a_live_mount_are_refused() {
         Some(f.work.clone()),
     );
     assert_eq!(fs::read_to_string(again.path("a")).unwrap(), "from lower0");
+    drop(again);
+    drop(copy);
 }
