@@ -128,6 +128,24 @@ fn hold_claims(claims: Vec<OwnedFd>, dev: String) {
     }
 }
 
+/// Whether a work directory entry is a temporary object of a daemon still running (its
+/// name is `#um<pid>.<n>`, see `WorkDir::temp_name`): one serving a copy of its mount that
+/// another mount namespace holds after it was unmounted here (see `hold_claims`).
+fn of_a_live_daemon(name: &[u8]) -> bool {
+    let pid = name
+        .strip_prefix(b"#um")
+        .and_then(|r| r.split(|&b| b == b'.').next())
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(|h| u32::from_str_radix(h, 16).ok());
+    let me = std::fs::read("/proc/self/comm");
+    pid.is_some_and(|p| {
+        p != std::process::id()
+            && me
+                .as_ref()
+                .is_ok_and(|me| std::fs::read(format!("/proc/{p}/comm")).is_ok_and(|c| c == *me))
+    })
+}
+
 /// What the upper filesystem allows, as probed in the work directory.
 struct UpperCaps {
     format: Format,
@@ -167,7 +185,7 @@ fn prepare_work(
     // waiting to be deleted. None of them is visible in the view.
     let mut stale = Vec::new();
     let _ = sys::for_each_dirent(fd.as_fd(), |d| {
-        if d.name != b"." && d.name != b".." {
+        if d.name != b"." && d.name != b".." && !of_a_live_daemon(d.name) {
             stale.push(CString::new(d.name).expect("no NUL in a dirent"));
         }
     });

@@ -859,7 +859,19 @@ fn upper_and_work_of_a_live_mount_are_refused() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    let old_daemon = daemons_under(f.root());
+    assert_eq!(
+        old_daemon.len(),
+        1,
+        "the first mount's daemon: {old_daemon:?}"
+    );
     drop(first);
+    // Its temporary objects are not stale while it serves the namespace's copy; a dead
+    // daemon's are.
+    let live = f.work.join(format!("work/#um{:x}.7", old_daemon[0]));
+    let dead = f.work.join(format!("work/#um{:x}.7", u32::MAX >> 1));
+    fs::write(&live, "").unwrap();
+    fs::write(&dead, "").unwrap();
     let again = Mount::union(
         &native_args(&lo, Some(&f.upper), Some(&f.work), &f.merged),
         f.merged.clone(),
@@ -867,6 +879,11 @@ fn upper_and_work_of_a_live_mount_are_refused() {
         Some(f.work.clone()),
     );
     assert_eq!(fs::read_to_string(again.path("a")).unwrap(), "from lower0");
+    assert!(
+        live.exists(),
+        "a live daemon's temporary object was cleaned"
+    );
+    assert!(!dead.exists(), "a dead daemon's temporary object was kept");
     drop(again);
     drop(copy);
 }
