@@ -28,6 +28,8 @@ struct Created {
     work_sub: Option<PathBuf>,
     /// The upper and work directories marked as this daemon's (`claim`), for its life.
     claims: Vec<OwnedFd>,
+    /// Another daemon holds the upper (warned of).
+    upper_busy: bool,
 }
 
 impl Created {
@@ -49,88 +51,66 @@ fn errno_str(e: sys::Errno) -> String {
     std::io::Error::from_raw_os_error(e.code()).to_string()
 }
 
-/// How long a mount waits for an upper or work directory another daemon holds: one whose
-/// mount was just unmounted lets go as it exits.
+/// How long a mount waits for an upper or work directory another daemon holds before it
+/// warns: one whose mount was just unmounted lets go as it exits.
 const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Marks `dir` (the upper or the work directory, `what`) as this daemon's for its life, with
-/// an exclusive `flock` on a descriptor it keeps: a second mount on the same directory would
-/// clean the work directory under the first one's copy-ups and change its upper behind its
-/// caches. Kernel overlayfs refuses that too (`index=on`; otherwise it warns). A directory
-/// the daemon may not open for reading is left unmarked.
-fn claim(dir: BorrowedFd<'_>, path: &Path, what: &str) -> Result<Option<OwnedFd>, String> {
+/// an exclusive `flock` on a descriptor it keeps. Where another daemon holds it, that mount
+/// is still live (or its daemon still serves a copy of it another mount namespace took):
+/// the mount goes ahead, with a warning, as kernel overlayfs does without `index` (changes
+/// through both can conflict; the start-up cleaning leaves the other daemon's temporary
+/// objects, see `of_a_live_daemon`). A directory the daemon may not open for reading is
+/// left unmarked.
+/// `quiet`: one warning was given already (for the upper): no wait, no second warning.
+fn claim(dir: BorrowedFd<'_>, path: &Path, what: &str, quiet: bool) -> Claim {
     let fd = match sys::openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0) {
         Ok(fd) => fd,
         Err(e) => {
             log::debug!("{what} {} not marked in use: {e:?}", path.display());
-            return Ok(None);
+            return Claim::Unmarked;
         }
     };
     let deadline = std::time::Instant::now() + CLAIM_WAIT;
     loop {
         match sys::flock(fd.as_fd(), libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) => return Ok(Some(fd)),
-            Err(e) if e.code() == libc::EWOULDBLOCK && std::time::Instant::now() < deadline => {
+            Ok(()) => return Claim::Held(fd),
+            Err(e)
+                if e.code() == libc::EWOULDBLOCK
+                    && !quiet
+                    && std::time::Instant::now() < deadline =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) if e.code() == libc::EWOULDBLOCK => {
-                return Err(format!(
-                    "{what} {} is in use by another unionmount mount",
-                    path.display()
-                ));
+                if !quiet {
+                    eprintln!(
+                        "unionmount: warning: {what} {} is in use by another unionmount mount \
+                         (changes through both can conflict)",
+                        path.display()
+                    );
+                }
+                return Claim::Busy;
             }
             Err(e) => {
                 log::debug!("{what} {} not marked in use: {e:?}", path.display());
-                return Ok(None);
+                return Claim::Unmarked;
             }
         }
     }
 }
 
-/// Keeps the claims on the upper and work directories (`claim`) while the mount of device
-/// `dev` is in this daemon's mount namespace. Once it is unmounted here, they go: copies of it
-/// that other mount namespaces took while it was mounted (a container started meanwhile, say)
-/// keep the daemon serving, and must not keep a new mount on the same directories waiting.
-fn hold_claims(claims: Vec<OwnedFd>, dev: String) {
-    if claims.is_empty() {
-        return;
-    }
-    let watch = move || {
-        let mounted = || {
-            mountinfo::read()
-                .iter()
-                .any(|m| m.dev == dev && m.fstype.starts_with("fuse"))
-        };
-        match std::fs::File::open("/proc/self/mountinfo") {
-            Ok(table) => {
-                while mounted() {
-                    if let Err(e) = sys::wait_priority(table.as_fd()) {
-                        log::debug!("cannot watch the mount table: {e:?}");
-                        std::mem::forget(claims);
-                        return;
-                    }
-                }
-                log::debug!("unmounted here: upper and work directories released");
-                drop(claims);
-            }
-            Err(e) => {
-                log::debug!("cannot watch the mount table: {e}");
-                std::mem::forget(claims);
-            }
-        }
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("claims".into())
-        .spawn(watch)
-    {
-        // The closure, and with it the claims, is gone: the directories are free.
-        log::warn!("cannot start the mount table watcher: {e}");
-    }
+enum Claim {
+    Held(OwnedFd),
+    /// Another daemon holds it.
+    Busy,
+    Unmarked,
 }
 
 /// Whether a work directory entry is a temporary object of a daemon still running (its
 /// name is `#um<pid>.<n>`, see `WorkDir::temp_name`): one serving a copy of its mount that
-/// another mount namespace holds after it was unmounted here (see `hold_claims`).
+/// another mount namespace holds after it was unmounted here, or a second mount on the
+/// same directories (see `claim`).
 fn of_a_live_daemon(name: &[u8]) -> bool {
     let pid = name
         .strip_prefix(b"#um")
@@ -176,9 +156,9 @@ fn prepare_work(
     }
     let root = Layer::open_root(work).map_err(|e| io_err("cannot open work directory", work, e))?;
     // Before anything in it is cleaned.
-    created
-        .claims
-        .extend(claim(root.root(), work, "work directory")?);
+    if let Claim::Held(fd) = claim(root.root(), work, "work directory", created.upper_busy) {
+        created.claims.push(fd);
+    }
     let fd = sys::openat(root.root(), c"work", libc::O_RDONLY | libc::O_DIRECTORY, 0)
         .map_err(|e| io_err("cannot open", &sub, errno_str(e)))?;
     // Stale entries of an earlier mount that was killed: half-built copies and objects
@@ -514,9 +494,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let (lowers, upper) = open_layers(&paths)?;
     let mut created = Created::default();
     if let (Some(u), Some(p)) = (&upper, &paths.upper) {
-        created
-            .claims
-            .extend(claim(u.root(), p, "upper directory")?);
+        match claim(u.root(), p, "upper directory", false) {
+            Claim::Held(fd) => created.claims.push(fd),
+            Claim::Busy => created.upper_busy = true,
+            Claim::Unmarked => {}
+        }
     }
     let prepared = match prepare_work(&paths, &mut created) {
         Ok(p) => p,
@@ -603,12 +585,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     };
     // The mount is live. From here on nothing is undone.
-    let dev = mount_dev(&paths.mountpoint);
-    if let Some(dev) = &dev {
-        raise_readahead(dev);
-        let _ = union.bdi.set(dev.clone());
+    if let Some(dev) = mount_dev(&paths.mountpoint) {
+        raise_readahead(&dev);
+        let _ = union.bdi.set(dev);
     }
-    let claims = std::mem::take(&mut created.claims);
     if !cfg.foreground {
         match sys::fork() {
             Ok(sys::Fork::Parent(_)) => {
@@ -626,11 +606,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 return Err(format!("cannot fork into the background: {}", errno_str(e)));
             }
         }
-    }
-    // Threads of the daemon itself (after the fork).
-    match dev {
-        Some(dev) => hold_claims(claims, dev),
-        None => std::mem::forget(claims),
     }
     let mp = paths.mountpoint.clone();
     std::thread::Builder::new()

@@ -1515,18 +1515,6 @@ pub fn wait_readable(fd: BorrowedFd<'_>) -> Result<()> {
     retry(|| check(unsafe { libc::poll(&mut p, 1, -1) })).map(drop)
 }
 
-/// Waits for a priority event on `fd` (a change of the mount table, for a
-/// `/proc/self/mountinfo` fd).
-pub fn wait_priority(fd: BorrowedFd<'_>) -> Result<()> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLPRI,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    retry(|| check(unsafe { libc::poll(&mut p, 1, -1) })).map(drop)
-}
-
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<()> {
     // SAFETY: F_GETFL/F_SETFL on a valid fd.
     let fl = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
