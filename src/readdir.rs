@@ -70,6 +70,12 @@ const MAX_CACHED_ENTRIES: usize = 24_000;
 /// The largest listing cached.
 const MAX_CACHED_LISTING: usize = 16_000;
 
+/// What a listing counts against `MAX_CACHED_ENTRIES`: its entries, and one for itself, so
+/// that listings of empty directories (every `rmdir` asks for one) are bounded too.
+fn weight(l: &Listing) -> usize {
+    l.entries.len() + 1
+}
+
 impl Default for ListingCache {
     fn default() -> Self {
         ListingCache {
@@ -110,13 +116,13 @@ impl ListingCache {
             return;
         }
         let mut c = self.lock();
-        c.entries += l.entries.len();
+        c.entries += weight(&l);
         if let Some((_, old)) = c.map.put(serial, (version, l)) {
-            c.entries -= old.entries.len();
+            c.entries -= weight(&old);
         }
         while c.entries > MAX_CACHED_ENTRIES {
             match c.map.pop_lru() {
-                Some((_, (_, old))) => c.entries -= old.entries.len(),
+                Some((_, (_, old))) => c.entries -= weight(&old),
                 None => break,
             }
         }
@@ -538,5 +544,29 @@ impl Union {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_listings_are_bounded() {
+        let cache = ListingCache::default();
+        for serial in 0..100_000 {
+            let empty = Listing {
+                entries: Vec::new(),
+                subdirs: 0,
+            };
+            cache.put(serial, 1, Arc::new(empty));
+        }
+        assert!(
+            cache.len() <= MAX_CACHED_ENTRIES,
+            "{} listings kept",
+            cache.len()
+        );
+        assert!(cache.get(99_999, 1).is_some(), "the newest is kept");
+        assert!(cache.get(0, 1).is_none(), "the oldest went");
     }
 }
