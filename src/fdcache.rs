@@ -121,15 +121,16 @@ impl FdCache {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(LruCache::unbounded()))
                 .collect(),
-            per_shard: (capacity / SHARDS).max(4),
+            per_shard: (capacity / SHARDS).max(2),
             hasher: RandomState::new(),
         }
     }
 
-    /// A size that leaves most of the process's fd limit to open files.
+    /// A size that leaves most of the process's fd limit to open files, also under a low
+    /// hard limit (a floor of 256 filled a limit of 256 with directories alone).
     pub fn default_capacity() -> usize {
         let limit = crate::sys::nofile_limit();
-        (limit / 4).clamp(256, 16384) as usize
+        (limit / 4).clamp(32, 16384) as usize
     }
 
     /// The shard of one (directory, layer): the layers of one directory spread over all

@@ -6,7 +6,7 @@
 //! process serving the test's mount. The bounds:
 //!
 //! * open fds after the work <= fds at start + the directory-fd cache (`fdcache`: a quarter of
-//!   the daemon's soft `RLIMIT_NOFILE`, clamped to 256..16384, in 16 LRU shards) + a small
+//!   the daemon's soft `RLIMIT_NOFILE`, clamped to 32..16384, in 16 LRU shards) + a small
 //!   slack for releases the kernel has not sent yet;
 //! * VmRSS < 64 MiB (`UNIONMOUNT_RES_RSS_MIB` changes it), and the second pass ends at most
 //!   8 MiB above the first;
@@ -557,4 +557,56 @@ fn streams_of_a_large_directory_share_one_listing() {
         "41 streams of a 20,000-entry directory took {} KiB more than one",
         all - one
     );
+}
+
+/// Under a low hard open-file limit the daemon's directory-fd cache leaves room for the files
+/// its callers open: a walk that opens every directory and file of a tree wider than the
+/// limit gets no EMFILE (with a cache floor of 256, a limit of 256 failed hundreds of opens).
+#[test]
+fn a_low_open_file_limit_leaves_room_for_callers() {
+    let l = Layers::new(1);
+    for i in 0..400 {
+        l.lower(0).file(&format!("d{i:03}/f"), "x");
+    }
+    for limit in ["128", "256"] {
+        let base = l.mkdir(&format!("m{limit}"));
+        let (upper, work, merged) = (base.join("u"), base.join("w"), base.join("m"));
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let out = std::process::Command::new("prlimit")
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg(BIN)
+            .arg("--lower")
+            .arg(l.lowerdir_opt())
+            .arg("--upper")
+            .arg(&upper)
+            .arg("--work")
+            .arg(&work)
+            .arg(&merged)
+            .output()
+            .unwrap();
+        let _m = is_mounted(&merged).then(|| Mount::adopt(merged.clone(), None, None, Kind::Union));
+        assert!(
+            out.status.success(),
+            "mount under a limit of {limit}: {out:?}"
+        );
+        let mut failed = Vec::new();
+        for i in 0..400 {
+            let d = merged.join(format!("d{i:03}"));
+            match fs::read_dir(&d).map(|r| r.count()) {
+                Ok(1) => {}
+                other => failed.push(format!("{}: {other:?}", d.display())),
+            }
+            if let Err(e) = fs::read_to_string(d.join("f")) {
+                failed.push(format!("{}/f: {e}", d.display()));
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "limit {limit}: {} failures: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+    }
 }
