@@ -798,7 +798,10 @@ impl Union {
     /// has been copied up.
     fn read_fd(&self, h: &FileHandle) -> Arc<OwnedFd> {
         let now = h.node.data_gen();
-        if h.writable || h.opened_gen.load(Ordering::SeqCst) == now {
+        // A passthrough open stays on its backing file, which the kernel reads: what the
+        // daemon answers for it (seeks for data and holes, copies from it, its size) comes
+        // from the same file.
+        if h.writable || h.backing.is_some() || h.opened_gen.load(Ordering::SeqCst) == now {
             return h.fd();
         }
         if let Ok(fd) = self.open_upper(&h.node, self.upper_flags(libc::O_RDONLY)) {

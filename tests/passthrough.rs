@@ -171,6 +171,68 @@ fn copy_up_of_an_open_file() {
     assert_eq!(fs::read(l.lowers[0].join("f")).unwrap(), lower_before);
 }
 
+/// A descriptor opened before a copy-up keeps reading the lower file (README), and what the
+/// daemon answers for it agrees: seeks for data and holes, copies from it and its size are
+/// the lower file's, also after the copy was cut and regrown into one hole.
+#[test]
+fn seeks_and_copies_through_a_descriptor_opened_before_a_copy_up() {
+    let l = Layers::new(1);
+    let data = "abcdefghij".repeat(10_000);
+    l.lower(0).file("f", &data);
+    let m = passthrough_mount(&l);
+    let old = File::open(m.path("f")).unwrap();
+    let w = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    w.set_len(0).unwrap();
+    w.set_len(300_000).unwrap();
+    drop(w);
+    let seek = |whence| {
+        // SAFETY: lseek on an open descriptor.
+        let r = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&old), 0, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    assert_eq!(old.metadata().unwrap().len(), 100_000);
+    assert_eq!(
+        seek(libc::SEEK_DATA),
+        Ok(0),
+        "SEEK_DATA: the lower file's data"
+    );
+    assert_eq!(
+        old.metadata().unwrap().len(),
+        100_000,
+        "size after the seek"
+    );
+    let mut buf = [0u8; 10];
+    assert_eq!(old.read_at(&mut buf, 50_000).unwrap(), 10);
+    assert_eq!(&buf, b"abcdefghij");
+    let out = File::create(m.path("copied")).unwrap();
+    let mut off_in: i64 = 0;
+    // SAFETY: copy_file_range between two open descriptors, with an offset of our own.
+    let n = unsafe {
+        libc::copy_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(&old),
+            &mut off_in,
+            std::os::fd::AsRawFd::as_raw_fd(&out),
+            std::ptr::null_mut(),
+            20,
+            0,
+        )
+    };
+    assert_eq!(
+        n,
+        20,
+        "copy_file_range: {}",
+        std::io::Error::last_os_error()
+    );
+    drop(out);
+    assert_eq!(fs::read(m.path("copied")).unwrap(), &data.as_bytes()[..20]);
+    // New opens see the copy: one hole.
+    assert_eq!(fs::metadata(m.path("f")).unwrap().len(), 300_000);
+}
+
 /// Owner, mode, times and xattrs changed through a descriptor opened before another open
 /// copied the file up land on the copy and show through the name, and the reverse (as on
 /// kernel overlayfs); its stat tells the size of the data it reads.
