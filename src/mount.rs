@@ -481,6 +481,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // Termination signals wait from before the mount exists until the signal thread takes
     // them, so one that arrives in between unmounts cleanly instead of killing the daemon
     // and leaving a dead mount behind (the mask is inherited by the forked daemon).
+    // Whatever the caller left open (a lock it holds, a pipe it reads to its end): the
+    // daemon in the background lets go of it.
+    let inherited = sys::open_fds_above_stdio();
     let set = sys::block_term_signals();
     sys::raise_nofile_limit();
     sys::limit_malloc_arenas(2);
@@ -599,6 +602,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 sys::setsid();
                 let _ = std::env::set_current_dir("/");
                 sys::detach_stdio();
+                sys::close_fds(&inherited);
                 crate::logger::to_syslog();
             }
             Err(e) => {

@@ -1243,6 +1243,40 @@ pub fn setsid() {
 }
 
 /// Points stdin, stdout and stderr at /dev/null.
+/// The descriptors above the standard ones this process has now (for the daemon: those it
+/// inherited from whoever started it).
+pub fn open_fds_above_stdio() -> Vec<i32> {
+    let Ok(dir) = openat(
+        at_fdcwd(),
+        c"/proc/self/fd",
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    ) else {
+        return Vec::new();
+    };
+    let own = dir.as_raw_fd();
+    let mut fds = Vec::new();
+    let _ = for_each_dirent(dir.as_fd(), |d| {
+        if let Some(fd) = std::str::from_utf8(d.name)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            && fd > 2
+            && fd != own
+        {
+            fds.push(fd);
+        }
+    });
+    fds
+}
+
+/// Closes descriptors the process does not own (see `open_fds_above_stdio`).
+pub fn close_fds(fds: &[i32]) {
+    for &fd in fds {
+        // SAFETY: closing a descriptor the caller listed as not used by this program.
+        unsafe { libc::close(fd) };
+    }
+}
+
 pub fn detach_stdio() {
     // SAFETY: opening /dev/null and dup2 onto the standard descriptors is always sound.
     unsafe {

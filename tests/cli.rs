@@ -1644,3 +1644,58 @@ fn generic_mount_flags_take_effect() {
     let run = Command::new(merged.join("run.sh")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&run.stdout), "ran\n");
 }
+
+/// The daemon in the background keeps nothing its caller left open: a pipe whose write end
+/// the mount command inherited reaches its end once the caller closes its own copy (a script
+/// reading the command's output to its end, or a lock it holds on a descriptor, is not held
+/// up for the life of the mount).
+#[test]
+fn the_daemon_lets_go_of_inherited_descriptors() {
+    let l = two_layers();
+    let base = l.mkdir("m");
+    let (upper, work, merged) = (base.join("u"), base.join("w"), base.join("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the two-element array. Close-on-exec, so that only the mount
+    // command below inherits the write end (not what other tests start meanwhile).
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let mut cmd = um(&native_args(
+        &l.lower_paths(),
+        Some(&upper),
+        Some(&work),
+        &merged,
+    ));
+    let write_end = fds[1];
+    // SAFETY: only fcntl, async-signal-safe, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::fcntl(write_end, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let (_m, _) = mount_ok(
+        &mut cmd,
+        &merged,
+        Some(&upper),
+        Some(&work),
+        &["a", "b", "d"],
+    );
+    // SAFETY: closing our own write end, then a non-blocking read of our read end into a
+    // buffer we own.
+    let got = unsafe {
+        libc::close(fds[1]);
+        libc::fcntl(fds[0], libc::F_SETFL, libc::O_NONBLOCK);
+        let mut b = [0u8; 1];
+        let n = libc::read(fds[0], b.as_mut_ptr().cast(), 1);
+        let e = std::io::Error::last_os_error().raw_os_error();
+        libc::close(fds[0]);
+        (n, if n < 0 { e } else { None })
+    };
+    assert_eq!(
+        got,
+        (0, None),
+        "the pipe's end (EAGAIN: the daemon holds its write end)"
+    );
+}
