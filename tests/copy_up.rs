@@ -1128,6 +1128,24 @@ fn copies_keep_their_numbers_when_the_kernel_forgets_them() {
     }
 }
 
+/// The numbers of `m` by stat (`numbers`), checked against readdir's (`listed`); then `m`
+/// is unmounted and its upper (`u`) mounted again.
+fn numbered_then_remounted<'a>(
+    l: &Layers,
+    mut m: Mount,
+    numbers: impl Fn(&Path) -> BTreeMap<&'a str, u64>,
+    listed: impl Fn(&Path) -> BTreeMap<&'a str, u64>,
+) -> (BTreeMap<&'a str, u64>, Mount) {
+    let before = numbers(&m.merged);
+    assert_eq!(
+        listed(&m.merged),
+        before,
+        "d_ino against st_ino before the remount"
+    );
+    m.unmount();
+    (before, l.mount("u"))
+}
+
 /// SPEC "Inode numbers" (aim: numbers that survive a remount). A copied-up directory is
 /// numbered by the lower directory it merges, as on kernel overlayfs: stat and readdir give
 /// the same numbers after a remount, also when readdir comes first; a directory made opaque
@@ -1169,16 +1187,9 @@ fn merged_directory_numbers_survive_a_remount() {
             .collect()
     };
 
-    let mut m = l.mount("u");
-    change(&m.merged);
-    let before = numbers(&m.merged);
-    assert_eq!(
-        listed(&m.merged),
-        before,
-        "d_ino against st_ino before the remount"
-    );
-    m.unmount();
     let m = l.mount("u");
+    change(&m.merged);
+    let (before, m) = numbered_then_remounted(&l, m, numbers, listed);
     assert!(
         m.upper_path("m/sub/new").exists(),
         "remounted on the same upper"
@@ -1236,7 +1247,7 @@ fn copied_up_file_numbers_survive_a_remount() {
         names.iter().map(|n| (*n, ents[*n])).collect()
     };
 
-    let mut m = l.mount("u");
+    let m = l.mount("u");
     let d = m.path("d");
     for f in ["f", "h", "deep", "same"] {
         m.append(&format!("d/{f}"), "+");
@@ -1248,15 +1259,7 @@ fn copied_up_file_numbers_survive_a_remount() {
     fs::remove_file(d.join("re")).unwrap();
     fs::write(d.join("re"), "made again").unwrap();
     fs::write(d.join("new"), "new").unwrap();
-    let before = numbers(&m.merged);
-    assert_eq!(
-        listed(&m.merged),
-        before,
-        "d_ino against st_ino before the remount"
-    );
-    m.unmount();
-
-    let m = l.mount("u");
+    let (before, m) = numbered_then_remounted(&l, m, numbers, listed);
     let after = listed(&m.merged);
     assert_eq!(
         numbers(&m.merged),

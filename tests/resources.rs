@@ -577,13 +577,12 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
         let out = std::process::Command::new("prlimit")
             .arg(format!("--nofile={limit}:{limit}"))
             .arg(BIN)
-            .arg("--lower")
-            .arg(l.lowerdir_opt())
-            .arg("--upper")
-            .arg(&upper)
-            .arg("--work")
-            .arg(&work)
-            .arg(&merged)
+            .args(native_args(
+                &l.lower_paths(),
+                Some(&upper),
+                Some(&work),
+                &merged,
+            ))
             .output()
             .unwrap();
         let _m = is_mounted(&merged).then(|| Mount::adopt(merged.clone(), None, None, Kind::Union));
