@@ -584,7 +584,7 @@ impl Union {
             upper: Some(RealId::of(&st)),
             lowers: Few::new(),
             redirects: None,
-            origin: None,
+            origin: crate::lookup::Origin::None,
         });
         Ok(Created {
             node,
@@ -700,7 +700,7 @@ impl Union {
             upper: Some(RealId::of(&st)),
             lowers: Few::new(),
             redirects: None,
-            origin: None,
+            origin: crate::lookup::Origin::None,
         };
         self.node_for(parent, name, found)
     }

@@ -925,6 +925,31 @@ impl Table {
         node.map(|_| ino)
     }
 
+    /// Whether `id` has a number in this mount already: a live node holds it, or one was
+    /// remembered for it.
+    pub fn numbered(&self, id: RealId) -> bool {
+        let idsh = lock(self.id_shard(&id));
+        idsh.live.contains_key(&id)
+            || idsh.remembered.contains_key(&id)
+            || self.derived_slot(id).is_some_and(|(_, n)| n.is_some())
+    }
+
+    /// Makes `id`, one of `node`'s identities, keep the node's number for the rest of the
+    /// mount (also once the node is gone: see `numbered`).
+    pub fn keep_number(&self, node: &Node, id: RealId) {
+        let mut idsh = lock(self.id_shard(&id));
+        idsh.live.insert(
+            id,
+            IdEntry {
+                ino: node.ino,
+                serial: node.serial,
+            },
+        );
+        if idsh.remembered.insert(id, node.ino).is_none() {
+            self.remaps.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Registers one more identity for a node (the upper object after copy-up), and remembers
     /// the node's number for it for the rest of the mount.
     pub fn add_id(&self, node: &Node, id: RealId) {

@@ -28,8 +28,20 @@ pub struct Found {
     pub lowers: Few<(LowerIdx, RealId)>,
     /// Lower layers reached through a redirect (see `State::redirects`).
     pub redirects: Option<Box<[(LowerIdx, Redirect)]>>,
-    /// An upper non-directory's: the lower file it is a copy of (`Union::origin_below`).
-    pub origin: Option<RealId>,
+    /// An upper non-directory's: what its `overlay.origin` says (`Union::origin_below`).
+    pub origin: Origin,
+}
+
+/// What an upper non-directory's `overlay.origin` tells of its number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// It has none (it was made in the upper).
+    None,
+    /// It names a lower file, which is not the one below it at its name, or one of them has
+    /// other names: the copy keeps its own number.
+    Elsewhere,
+    /// It is a copy of this lower file, below it at its name, neither with other names.
+    Here(RealId),
 }
 
 /// Where a redirect's path leads in one layer (`Union::walk_redirect`).
@@ -50,15 +62,12 @@ impl Found {
     }
 
     /// The identity a node of this object is keyed and numbered by: the top-most object's,
-    /// except for a copy. An upper directory that merges a lower one found at its own name
-    /// (a copied-up directory: neither opaque nor redirected) takes that lower directory's,
-    /// as kernel overlayfs numbers merged directories by their origin; an upper file, its
-    /// verified origin's (`origin`). Its number then survives a remount; readdir gives the
-    /// same (`Union::merged_entries`).
+    /// except for a copied-up directory. An upper directory that merges a lower one found at
+    /// its own name (neither opaque nor redirected) takes that lower directory's, as kernel
+    /// overlayfs numbers merged directories by their origin: its number then survives a
+    /// remount; readdir gives the same (`Union::merged_entries`). (A copied-up file's origin
+    /// is weighed against the numbers the mount gave already: `Union::found_node`.)
     pub fn key_id(&self) -> RealId {
-        if let Some(origin) = self.origin {
-            return origin;
-        }
         if self.upper.is_some()
             && self.kind() == libc::S_IFDIR
             && let Some((l, id)) = self.lowers.first()
@@ -548,7 +557,7 @@ impl Union {
                         upper: None,
                         lowers: Few::new(),
                         redirects: None,
-                        origin: None,
+                        origin: Origin::None,
                     };
                     match loc {
                         Loc::Upper => f.upper = Some(id),
@@ -625,12 +634,12 @@ impl Union {
         Ok(found)
     }
 
-    /// The lower file the upper non-directory `name` in `dir` (of stat `st`) is a copy of:
-    /// the first object at its own name in the layers `below`, if the copy carries kernel
-    /// overlayfs's `overlay.origin` naming it (its file handle). Neither may have other
-    /// names: a copy of a lower hard link, or a copy linked since, keeps its own number (as on
-    /// kernel overlayfs without `index`), so that no two objects claim one lower file. A
-    /// copy renamed away from its lower file's name keeps its own number too (the lower file
+    /// What the upper non-directory `name` in `dir` (of stat `st`) is a copy of: the first
+    /// object at its own name in the layers `below` (`Origin::Here`), if the copy carries
+    /// kernel overlayfs's `overlay.origin` naming it (its file handle). Neither may have
+    /// other names: a copy of a lower hard link, or a copy linked since, keeps its own number
+    /// (as on kernel overlayfs without `index`), so that no two objects claim one lower file.
+    /// A copy renamed away from its lower file's name keeps its own number too (the lower file
     /// is found by name only). One getxattr for an upper file without an origin.
     pub(crate) fn origin_below(
         &self,
@@ -639,14 +648,36 @@ impl Union {
         dir: &CachedDir,
         name: &CStr,
         st: &Stat,
-    ) -> Option<RealId> {
-        if st.st_nlink != 1 || sys::is_dir(st) {
-            return None;
+    ) -> Origin {
+        if sys::is_dir(st) {
+            return Origin::None;
         }
         let mut buf = [0u8; 256];
         let xattr = self.layers.format.origin_xattr();
-        let n = sys::getxattr_at(dir.as_fd(), name, xattr, &mut buf).ok()?;
-        let (kind, fid) = whiteout::parse_origin(&buf[..n])?;
+        let Ok(n) = sys::getxattr_at(dir.as_fd(), name, xattr, &mut buf) else {
+            return Origin::None;
+        };
+        match whiteout::parse_origin(&buf[..n]) {
+            Some((kind, fid)) if st.st_nlink == 1 => {
+                match self.lower_at_name(parent, below, name, kind, fid) {
+                    Some(id) => Origin::Here(id),
+                    None => Origin::Elsewhere,
+                }
+            }
+            _ => Origin::Elsewhere,
+        }
+    }
+
+    /// The first object at `name` in the layers `below`, if it is a one-link non-directory
+    /// whose file handle is (`kind`, `fid`).
+    fn lower_at_name(
+        &self,
+        parent: &Node,
+        below: &[Loc],
+        name: &CStr,
+        kind: i32,
+        fid: &[u8],
+    ) -> Option<RealId> {
         for (i, &loc) in below.iter().enumerate() {
             let ldir = self.dir_fd(parent, loc).ok()?;
             match sys::fstatat(ldir.as_fd(), name, 0) {
@@ -670,6 +701,17 @@ impl Union {
             }
         }
         None
+    }
+
+    /// The identity a copied-up file with origin `origin` is numbered by, `top` being its
+    /// upper object's: its lower file's (`Origin::Here`), unless the mount numbered the copy
+    /// by its upper object already (looked up while renamed away or linked, say), which it
+    /// then keeps, so that one object never gets two nodes or two numbers in a mount.
+    pub(crate) fn copy_key(&self, origin: Origin, top: RealId) -> RealId {
+        match origin {
+            Origin::Here(lower) if !self.table.numbered(top) => lower,
+            _ => top,
+        }
     }
 
     /// Whether the upper directory `name` in `dir` merges what the lower layers hold at its
@@ -809,8 +851,11 @@ impl Union {
     /// The node of a found object (made if new, without names), with one reference taken.
     pub(crate) fn found_node(&self, found: Found) -> Arc<Node> {
         let kind = found.kind();
-        let id = found.key_id();
         let top = found.top_id();
+        let id = match found.origin {
+            Origin::None => found.key_id(),
+            origin => self.copy_key(origin, top),
+        };
         let node = self
             .table
             .get_or_insert(id, kind, || State {
@@ -822,9 +867,12 @@ impl Union {
             })
             .0;
         // A copy numbered by its origin is found by its own identity too, as after a
-        // copy-up in this mount (a split node's copy is: `split_copy_ino`).
-        if found.origin.is_some() && !node.state().ids.contains(&top) {
+        // copy-up in this mount (a split node's copy is: `split_copy_ino`); one numbered by
+        // its upper object keeps that number for the rest of the mount (`copy_key`).
+        if found.origin != Origin::None && !node.state().ids.contains(&top) {
             self.table.add_id(&node, top);
+        } else if found.origin != Origin::None {
+            self.table.keep_number(&node, top);
         }
         node
     }

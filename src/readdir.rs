@@ -363,10 +363,9 @@ impl Union {
                 let Ok(name) = std::ffi::CString::new(e.name.as_encoded_bytes()) else {
                     continue;
                 };
-                if let Ok(st) = sys::fstatat(upper.as_fd(), &name, 0)
-                    && let Some(origin) = self.origin_below(dir, &layers[1..], &upper, &name, &st)
-                {
-                    e.id = origin;
+                if let Ok(st) = sys::fstatat(upper.as_fd(), &name, 0) {
+                    let origin = self.origin_below(dir, &layers[1..], &upper, &name, &st);
+                    e.id = self.copy_key(origin, e.id);
                 }
             }
         }

@@ -1146,6 +1146,54 @@ fn numbered_then_remounted<'a>(
     (before, l.mount("u"))
 }
 
+/// One copy, one number, for the life of the mount: a copy first looked up while its origin
+/// did not apply (renamed away from its lower name, or with a second link) keeps its number
+/// and its inode once the origin applies again (renamed back, link removed), also after the
+/// kernel forgot it in between; a descriptor opened before sees the same inode.
+#[test]
+fn a_copy_keeps_its_number_when_its_origin_applies_again() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/f", "f").file("d/h", "h");
+    let m = l.mount_with("u", &["--passthrough", "off"]);
+    let forget = || fs::write("/proc/sys/vm/drop_caches", "2").expect("drop caches");
+    let d = m.path("d");
+    let number = |n: &str| (ino(&d.join(n)), dirents(&d)[n]);
+
+    // Renamed away and back.
+    m.append("d/f", "+");
+    let first = ino(&d.join("f"));
+    fs::rename(d.join("f"), d.join("g")).unwrap();
+    forget();
+    assert_eq!(number("g"), (first, first), "renamed away");
+    let held = File::open(d.join("g")).unwrap();
+    fs::rename(d.join("g"), d.join("f")).unwrap();
+    assert_eq!(number("f"), (first, first), "renamed back");
+    assert_eq!(
+        held.metadata().unwrap().ino(),
+        first,
+        "the descriptor's inode"
+    );
+    drop(held);
+    forget();
+    assert_eq!(number("f"), (first, first), "renamed back, forgotten");
+
+    // A second link, then removed.
+    m.append("d/h", "+");
+    let first = ino(&d.join("h"));
+    fs::hard_link(d.join("h"), d.join("h2")).unwrap();
+    forget();
+    assert_eq!(number("h"), (first, first), "linked");
+    let held = File::open(d.join("h")).unwrap();
+    fs::remove_file(d.join("h2")).unwrap();
+    forget();
+    assert_eq!(number("h"), (first, first), "link removed");
+    assert_eq!(
+        held.metadata().unwrap().ino(),
+        first,
+        "the descriptor's inode"
+    );
+}
+
 /// SPEC "Inode numbers" (aim: numbers that survive a remount). A copied-up directory is
 /// numbered by the lower directory it merges, as on kernel overlayfs: stat and readdir give
 /// the same numbers after a remount, also when readdir comes first; a directory made opaque
