@@ -110,7 +110,8 @@ enum Claim {
 /// Whether a work directory entry is a temporary object of a daemon still running (its
 /// name is `#um<pid>.<n>`, see `WorkDir::temp_name`): one serving a copy of its mount that
 /// another mount namespace holds after it was unmounted here, or a second mount on the
-/// same directories (see `claim`).
+/// same directories (see `claim`). Asked only when another daemon holds the work directory
+/// (or it cannot be marked): otherwise nothing in it is live.
 fn of_a_live_daemon(name: &[u8]) -> bool {
     let pid = name
         .strip_prefix(b"#um")
@@ -118,11 +119,20 @@ fn of_a_live_daemon(name: &[u8]) -> bool {
         .and_then(|h| std::str::from_utf8(h).ok())
         .and_then(|h| u32::from_str_radix(h, 16).ok());
     let me = std::fs::read("/proc/self/comm");
+    // Running: its state (after the parenthesised name in `stat`) is not Z (a daemon that
+    // exited and was not reaped yet).
+    let running = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+            st.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+    };
     pid.is_some_and(|p| {
         p != std::process::id()
             && me
                 .as_ref()
                 .is_ok_and(|me| std::fs::read(format!("/proc/{p}/comm")).is_ok_and(|c| c == *me))
+            && running(p)
     })
 }
 
@@ -156,16 +166,21 @@ fn prepare_work(
     }
     let root = Layer::open_root(work).map_err(|e| io_err("cannot open work directory", work, e))?;
     // Before anything in it is cleaned.
-    if let Claim::Held(fd) = claim(root.root(), work, "work directory", created.upper_busy) {
-        created.claims.push(fd);
-    }
+    // Held, no other daemon uses the work directory: everything in it is stale.
+    let shared = match claim(root.root(), work, "work directory", created.upper_busy) {
+        Claim::Held(fd) => {
+            created.claims.push(fd);
+            false
+        }
+        Claim::Busy | Claim::Unmarked => true,
+    };
     let fd = sys::openat(root.root(), c"work", libc::O_RDONLY | libc::O_DIRECTORY, 0)
         .map_err(|e| io_err("cannot open", &sub, errno_str(e)))?;
     // Stale entries of an earlier mount that was killed: half-built copies and objects
     // waiting to be deleted. None of them is visible in the view.
     let mut stale = Vec::new();
     let _ = sys::for_each_dirent(fd.as_fd(), |d| {
-        if d.name != b"." && d.name != b".." && !of_a_live_daemon(d.name) {
+        if d.name != b"." && d.name != b".." && !(shared && of_a_live_daemon(d.name)) {
             stale.push(CString::new(d.name).expect("no NUL in a dirent"));
         }
     });

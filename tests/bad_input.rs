@@ -816,8 +816,24 @@ fn a_second_mount_on_a_live_upper_is_warned_of() {
     assert_eq!(daemon.len(), 1, "the first mount's daemon: {daemon:?}");
     let live = f.work.join(format!("work/#um{:x}.7", daemon[0]));
     let dead = f.work.join(format!("work/#um{:x}.7", u32::MAX >> 1));
-    fs::write(&live, "").unwrap();
-    fs::write(&dead, "").unwrap();
+    // A daemon that exited and was not reaped yet (a zombie of the same program).
+    let mut zombie = Command::new(BIN)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let zombie_entry = f.work.join(format!("work/#um{:x}.7", zombie.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !fs::read_to_string(format!("/proc/{}/stat", zombie.id())).is_ok_and(|st| {
+        st.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    }) {
+        assert!(std::time::Instant::now() < deadline, "no zombie");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for p in [&live, &dead, &zombie_entry] {
+        fs::write(p, "").unwrap();
+    }
 
     let other = f.l.mkdir("m2/merged");
     let out = run_unionmount(&args(&other));
@@ -837,6 +853,11 @@ fn a_second_mount_on_a_live_upper_is_warned_of() {
         "a live daemon's temporary object was cleaned"
     );
     assert!(!dead.exists(), "a dead daemon's temporary object was kept");
+    assert!(
+        !zombie_entry.exists(),
+        "an unreaped daemon's temporary object was kept"
+    );
+    zombie.wait().unwrap();
     for m in [&f.merged, &other] {
         assert_eq!(fs::read_to_string(m.join("u")).unwrap(), "upper file");
     }
