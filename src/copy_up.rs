@@ -221,13 +221,19 @@ impl CopyUp<'_> {
         Ok(fd)
     }
 
-    /// Gives the copy kernel overlayfs's `overlay.origin` (the lower object's file handle),
-    /// which keeps its number across a remount (`Union::origin_below`), here and on kernel
-    /// overlayfs. Left out where the lower filesystem gives no handles or the copy cannot
-    /// carry it (user xattrs on a symlink or a device).
+    /// Gives the copy kernel overlayfs's `overlay.origin` (the lower object's file handle and
+    /// its filesystem's UUID), which keeps its number across a remount
+    /// (`Union::origin_below`), here and on kernel overlayfs. Left out where the lower
+    /// filesystem gives no handles or the copy cannot carry it (user xattrs on a symlink or
+    /// a device).
     fn record_origin(&self, copy: BorrowedFd<'_>) {
+        let layers = &self.fs.layers.lowers;
+        let uuid = layers
+            .iter()
+            .find(|l| l.dev == self.st.st_dev)
+            .map_or([0; 16], |l| l.uuid);
         let r = sys::file_handle(self.src.as_fd(), c"").and_then(|(kind, fid)| {
-            let v = whiteout::origin_value(kind, &fid).ok_or(Errno::EOVERFLOW)?;
+            let v = whiteout::origin_value(kind, &fid, &uuid).ok_or(Errno::EOVERFLOW)?;
             sys::setxattr(copy, self.fs.layers.format.origin_xattr(), &v, 0)
         });
         if let Err(e) = r {

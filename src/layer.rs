@@ -24,6 +24,9 @@ pub struct Layer {
     /// A lower layer's filesystem can set POSIX ACLs (`acl::fs_takes_acls`); true for the
     /// others, which are not asked.
     pub takes_acls: bool,
+    /// A lower layer's filesystem UUID, as the kernel has it (null where it has none):
+    /// kernel overlayfs checks it in a copy's `overlay.origin`.
+    pub uuid: [u8; 16],
 }
 
 impl Layer {
@@ -43,6 +46,7 @@ impl Layer {
             root,
             dev: st.st_dev,
             takes_acls: true,
+            uuid: [0; 16],
         })
     }
 
@@ -58,6 +62,10 @@ impl Layer {
         layer.takes_acls = sys::fs_type(layer.root()).map_or(true, |magic| {
             crate::acl::fs_takes_acls(magic, || crate::mountinfo::type_of_dev(dev))
         });
+        layer.uuid = sys::openat(layer.root(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .ok()
+            .and_then(|d| sys::fs_uuid(d.as_fd()))
+            .unwrap_or_default();
         match sys::clone_mount(layer.root(), true) {
             Ok(clone) => layer.root = clone,
             Err(e) => log::debug!(

@@ -311,6 +311,25 @@ pub fn at_fdcwd() -> BorrowedFd<'static> {
     unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
 }
 
+/// The UUID of the filesystem of `fd` (an fd that may take ioctls, not `O_PATH`), as the
+/// kernel has it (`FS_IOC_GETFSUUID`, Linux 6.5 and later); None where it gives none.
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> Option<[u8; 16]> {
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    // _IOR(0x15, 0, struct fsuuid2)
+    const FS_IOC_GETFSUUID: libc::Ioctl = 0x8011_1500;
+    let mut u = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // SAFETY: the ioctl fills a `struct fsuuid2` we own, of the size its number states.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETFSUUID, &mut u as *mut FsUuid2) };
+    (r == 0 && u.len == 16).then_some(u.uuid)
+}
+
 /// flock(2): `op` is `LOCK_EX`, `LOCK_SH` or `LOCK_UN`, with `LOCK_NB` or not.
 pub fn flock(fd: BorrowedFd<'_>, op: i32) -> Result<()> {
     // SAFETY: flock on a valid fd; no memory is passed.

@@ -182,15 +182,15 @@ const OVL_FB_HEADER: usize = 21;
 const OVL_FB_MAGIC: u8 = 0xfb;
 
 /// The `overlay.origin` value kernel overlayfs writes for a lower object whose file handle is
-/// (`kind`, `fid`): an `ovl_fb` header (the filesystem UUID left null, as kernel overlayfs
-/// leaves it without `index`) and the handle. None for a handle it cannot hold.
-pub fn origin_value(kind: i32, fid: &[u8]) -> Option<Vec<u8>> {
+/// (`kind`, `fid`) on a filesystem of UUID `uuid`: an `ovl_fb` header and the handle. None
+/// for a handle it cannot hold.
+pub fn origin_value(kind: i32, fid: &[u8], uuid: &[u8; 16]) -> Option<Vec<u8>> {
     let kind = u8::try_from(kind).ok()?;
     let len = u8::try_from(OVL_FB_HEADER + fid.len()).ok()?;
     // Byte order of the handle: OVL_FH_FLAG_BIG_ENDIAN on a big-endian machine.
     let flags = u8::from(cfg!(target_endian = "big"));
     let mut v = vec![0, OVL_FB_MAGIC, len, flags, kind];
-    v.extend_from_slice(&[0; 16]);
+    v.extend_from_slice(uuid);
     v.extend_from_slice(fid);
     Some(v)
 }
@@ -321,13 +321,16 @@ mod tests {
         kernel.extend_from_slice(&[0; 16]);
         kernel.extend_from_slice(&fid);
         if cfg!(target_endian = "little") {
-            assert_eq!(origin_value(1, &fid).as_deref(), Some(&kernel[..]));
+            assert_eq!(
+                origin_value(1, &fid, &[0; 16]).as_deref(),
+                Some(&kernel[..])
+            );
         }
         assert_eq!(parse_origin(&kernel), Some((1, &fid[..])));
         assert_eq!(parse_origin(&kernel[..kernel.len() - 1]), None);
         assert_eq!(parse_origin(&kernel[..OVL_FB_HEADER]), None);
-        assert_eq!(origin_value(256, &fid), None);
-        assert_eq!(origin_value(1, &[0; 235]), None);
+        assert_eq!(origin_value(256, &fid, &[0; 16]), None);
+        assert_eq!(origin_value(1, &[0; 235], &[0; 16]), None);
     }
 
     #[test]

@@ -1339,6 +1339,49 @@ fn copied_up_file_numbers_survive_a_remount() {
     }
 }
 
+/// Kernel overlayfs reads the origins unionmount writes also where the lower filesystem has
+/// a UUID (a tmpfs): it checks the UUID in `overlay.origin`, and then shows a copied-up file
+/// under its lower file's number, as it shows the lower file itself.
+#[test]
+fn kernel_overlayfs_reads_origins_on_a_lower_with_a_uuid() {
+    let l = Layers::new(1);
+    let lower = l.root().join("tmpfs-lower");
+    let _t = Tmpfs::new(lower.clone(), "4m");
+    fs::write(lower.join("f"), "f").unwrap();
+    let lowers = [lower.as_path()];
+    let base = l.mkdir("u");
+    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let mut m = Mount::union(
+        &native_args(&lowers, Some(&upper), Some(&work), &merged),
+        merged.clone(),
+        Some(upper.clone()),
+        Some(work.clone()),
+    );
+    m.append("f", "+");
+    m.unmount();
+    let kernel_at = |name: &str, upper: &Path| {
+        let b = l.mkdir(name);
+        let (w, km) = (b.join("work"), b.join("merged"));
+        for d in [upper, &w, &km] {
+            fs::create_dir_all(d).unwrap();
+        }
+        Mount::kernel(&lower.to_string_lossy(), upper, &w, &km, &[])
+    };
+    let plain = kernel_at("k1", &l.root().join("k1/upper"));
+    let lower_number = ino(&plain.path("f"));
+    drop(plain);
+    let k = kernel_at("k2", &upper);
+    assert_eq!(k.read("f"), "f+");
+    assert_eq!(
+        ino(&k.path("f")),
+        lower_number,
+        "the copy under its lower file's number"
+    );
+}
+
 /// Rule (SPEC §3 "Operations": files "behave as on a local filesystem"; POSIX read-after-
 /// write coherence): once a write() has returned, a read() of that file returns the new
 /// data, through any descriptor — also one opened read-only before the write copied the file
