@@ -950,6 +950,27 @@ impl Table {
         }
     }
 
+    /// Registers one more identity for a live node, for the node's life only (a copy
+    /// numbered by its origin: its number comes back from the origin without a remembered
+    /// one, which would cost memory for every copy a walk looks up).
+    pub fn add_live_id(&self, node: &Node, id: RealId) {
+        let mut idsh = lock(self.id_shard(&id));
+        idsh.live.insert(
+            id,
+            IdEntry {
+                ino: node.ino,
+                serial: node.serial,
+            },
+        );
+        // Readdir's numbers take the slow path, which reads `live`.
+        self.remaps.store(true, Ordering::Relaxed);
+        drop(idsh);
+        let mut st = node.state();
+        if !st.ids.contains(&id) {
+            st.ids.push(id);
+        }
+    }
+
     /// Registers one more identity for a node (the upper object after copy-up), and remembers
     /// the node's number for it for the rest of the mount.
     pub fn add_id(&self, node: &Node, id: RealId) {

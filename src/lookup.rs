@@ -869,10 +869,12 @@ impl Union {
         // A copy numbered by its origin is found by its own identity too, as after a
         // copy-up in this mount (a split node's copy is: `split_copy_ino`); one numbered by
         // its upper object keeps that number for the rest of the mount (`copy_key`).
-        if found.origin != Origin::None && !node.state().ids.contains(&top) {
-            self.table.add_id(&node, top);
-        } else if found.origin != Origin::None {
-            self.table.keep_number(&node, top);
+        if found.origin != Origin::None {
+            if id == top {
+                self.table.keep_number(&node, top);
+            } else if !node.state().ids.contains(&top) {
+                self.table.add_live_id(&node, top);
+            }
         }
         node
     }
