@@ -2654,6 +2654,17 @@ fn read_by_handle(dir: &File, h: &mut Handle) -> Result<String, i32> {
 fn a_deleted_files_handle_does_not_open_its_successor() {
     let l = Layers::new(1);
     l.lower(0).dir("d");
+    // The upper on an ext4 of its own: no other test takes the freed inode meanwhile.
+    let image = l.root().join("upper.img");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image)
+        .arg("8M")
+        .output()
+        .expect("mkfs.ext4 (Debian/Ubuntu: apt-get install e2fsprogs)");
+    assert!(out.status.success(), "mkfs.ext4: {out:?}");
+    let fs_root = l.mkdir("u");
+    let _ext4 = scratch_mount(&["-o", "loop"], &image, &fs_root);
     let m = l.mount("u");
     let d = m.path("d");
     fs::write(d.join("victim"), "victim").unwrap();
