@@ -2666,19 +2666,40 @@ fn a_deleted_files_handle_does_not_open_its_successor() {
     let fs_root = l.mkdir("u");
     let _ext4 = scratch_mount(&["-o", "loop"], &image, &fs_root);
     let m = l.mount("u");
-    let d = m.path("d");
-    fs::write(d.join("victim"), "victim").unwrap();
+    let d = m.path("e");
+    fs::create_dir(&d).unwrap();
+    // Made in the upper itself: no open of it through the mount, whose release (sent to
+    // the daemon after the close returns) could keep the inode in use past the unlink.
+    fs::write(m.upper_path("e/victim"), "victim").unwrap();
+    let upper_number = fs::metadata(m.upper_path("e/victim")).unwrap().ino();
     let number = ino(&d.join("victim"));
     let mut old = handle_of(&d.join("victim"));
     fs::remove_file(d.join("victim")).unwrap();
-    // ext4 gives the freed inode to the next file made in the directory's group.
-    let successor = (0..200)
-        .map(|i| d.join(format!("new{i}")))
-        .find(|p| {
-            fs::write(p, p.file_name().unwrap().as_bytes()).unwrap();
-            ino(p) == number
-        })
-        .expect("the upper filesystem reused the deleted file's inode number");
+    // ext4 gives the freed inode to the next file made. Its number is the deleted file's
+    // once the daemon has also forgotten the deleted file's node (the kernel tells it a
+    // moment later); a file made before that gets a number of its own and is removed again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut successor = None;
+    for i in 0.. {
+        let p = d.join(format!("new{i}"));
+        fs::write(&p, p.file_name().unwrap().as_bytes()).unwrap();
+        if ino(&p) == number {
+            successor = Some(p);
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        if fs::symlink_metadata(m.upper_path(&format!("e/new{i}")))
+            .unwrap()
+            .ino()
+            == upper_number
+        {
+            fs::remove_file(&p).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let successor = successor.expect("a new file got the deleted file's number");
     let dir = File::open(&d).unwrap();
     assert_eq!(
         read_by_handle(&dir, &mut old),
