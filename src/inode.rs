@@ -27,6 +27,15 @@ use crate::layer::LowerIdx;
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
 
+/// Whether a registered identity's number is remembered beyond its node's life.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Remember {
+    Never,
+    /// Where the identity would not derive the node's number by itself.
+    UnlessDerived,
+    Always,
+}
+
 /// Real identity of an object in a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RealId {
@@ -937,43 +946,25 @@ impl Table {
     /// Makes `id`, one of `node`'s identities, keep the node's number for the rest of the
     /// mount (also once the node is gone: see `numbered`).
     pub fn keep_number(&self, node: &Node, id: RealId) {
-        let mut idsh = lock(self.id_shard(&id));
-        idsh.live.insert(
-            id,
-            IdEntry {
-                ino: node.ino,
-                serial: node.serial,
-            },
-        );
-        if idsh.remembered.insert(id, node.ino).is_none() {
-            self.remaps.store(true, Ordering::Relaxed);
-        }
+        self.register(node, id, Remember::Always);
     }
 
     /// Registers one more identity for a live node, for the node's life only (a copy
     /// numbered by its origin: its number comes back from the origin without a remembered
     /// one, which would cost memory for every copy a walk looks up).
     pub fn add_live_id(&self, node: &Node, id: RealId) {
-        let mut idsh = lock(self.id_shard(&id));
-        idsh.live.insert(
-            id,
-            IdEntry {
-                ino: node.ino,
-                serial: node.serial,
-            },
-        );
-        // Readdir's numbers take the slow path, which reads `live`.
-        self.remaps.store(true, Ordering::Relaxed);
-        drop(idsh);
-        let mut st = node.state();
-        if !st.ids.contains(&id) {
-            st.ids.push(id);
-        }
+        self.register(node, id, Remember::Never);
     }
 
     /// Registers one more identity for a node (the upper object after copy-up), and remembers
     /// the node's number for it for the rest of the mount.
     pub fn add_id(&self, node: &Node, id: RealId) {
+        self.register(node, id, Remember::UnlessDerived);
+    }
+
+    /// Registers `id` as one of `node`'s identities, remembering its number as `remember`
+    /// says.
+    fn register(&self, node: &Node, id: RealId, remember: Remember) {
         let mut idsh = lock(self.id_shard(&id));
         idsh.live.insert(
             id,
@@ -982,8 +973,17 @@ impl Table {
                 serial: node.serial,
             },
         );
-        if self.derived(id) != Some(node.ino) {
+        let remembered = match remember {
+            Remember::Never => false,
+            Remember::UnlessDerived => self.derived(id) != Some(node.ino),
+            Remember::Always => true,
+        };
+        if remembered {
             idsh.remembered.insert(id, node.ino);
+        }
+        // A live identity whose number is not the derived one sends readdir's numbers down
+        // the slow path, which reads `live` and `remembered`.
+        if remembered || remember == Remember::Never {
             self.remaps.store(true, Ordering::Relaxed);
         }
         drop(idsh);
