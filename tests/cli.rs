@@ -1652,11 +1652,7 @@ fn generic_mount_flags_take_effect() {
 #[test]
 fn the_daemon_lets_go_of_inherited_descriptors() {
     let l = two_layers();
-    let base = l.mkdir("m");
-    let (upper, work, merged) = (base.join("u"), base.join("w"), base.join("merged"));
-    for d in [&upper, &work, &merged] {
-        fs::create_dir_all(d).unwrap();
-    }
+    let (upper, work, merged) = l.mount_dirs("m");
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the two-element array. Close-on-exec, so that only the mount
     // command below inherits the write end (not what other tests start meanwhile).

@@ -1332,15 +1332,11 @@ fn a_killed_callers_copy_up_stops() {
         signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)\n\
         os.chmod(sys.argv[1], 0o600)\n\
         signal.setitimer(signal.ITIMER_REAL, 0)\n";
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(m.path("big2"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(m.path("big2")),
+        "chmod under a 1 ms SIGALRM",
     );
     assert_eq!(fs::metadata(m.upper_path("big2")).unwrap().len(), 64 << 20);
 }

@@ -88,6 +88,11 @@ fn seed_of(rel: &str) -> u64 {
         .fold(7u64, |a, b| a.wrapping_mul(131).wrapping_add(b as u64))
 }
 
+/// st_ino of each of `names` in `dir`.
+fn numbers_in<'a>(dir: &Path, names: &[&'a str]) -> BTreeMap<&'a str, u64> {
+    names.iter().map(|n| (*n, ino(&dir.join(n)))).collect()
+}
+
 /// (d_name, d_ino) of every entry of a directory, by readdir(3).
 fn dirents(p: &Path) -> BTreeMap<String, u64> {
     let c = cs(p);
@@ -1094,12 +1099,7 @@ fn copies_keep_their_numbers_when_the_kernel_forgets_them() {
         .file("d/f", "f")
         .file("d/sub/x", "x");
     let names = ["h", "h2", "r2", "f", "sub"];
-    let numbers = |root: &Path| -> BTreeMap<&str, u64> {
-        names
-            .iter()
-            .map(|n| (*n, ino(&root.join("d").join(n))))
-            .collect()
-    };
+    let numbers = |root: &Path| numbers_in(&root.join("d"), &names);
     let m = l.mount("u");
     let first = ino(&m.path("d/h"));
     m.append("d/h", "+");
@@ -1220,9 +1220,7 @@ fn merged_directory_numbers_survive_a_remount() {
         fs::create_dir(root.join("gone")).unwrap();
         fs::create_dir(root.join("fresh")).unwrap();
     };
-    let numbers = |root: &Path| -> BTreeMap<&str, u64> {
-        dirs.iter().map(|d| (*d, ino(&root.join(d)))).collect()
-    };
+    let numbers = |root: &Path| numbers_in(root, &dirs);
     // d_ino of every directory above, by readdir of its parent.
     let listed = |root: &Path| -> BTreeMap<&str, u64> {
         dirs.iter()
@@ -1284,12 +1282,7 @@ fn copied_up_file_numbers_survive_a_remount() {
     l.lower(1).file("d/deep", "deep").file("d/same", "1");
     let names = ["f", "s", "p", "h", "h2", "r2", "re", "deep", "same", "new"];
     let kept = ["f", "s", "p", "deep", "same"];
-    let numbers = |root: &Path| -> BTreeMap<&str, u64> {
-        names
-            .iter()
-            .map(|n| (*n, ino(&root.join("d").join(n))))
-            .collect()
-    };
+    let numbers = |root: &Path| numbers_in(&root.join("d"), &names);
     let listed = |root: &Path| -> BTreeMap<&str, u64> {
         let ents = dirents(&root.join("d"));
         names.iter().map(|n| (*n, ents[*n])).collect()
@@ -1349,11 +1342,7 @@ fn kernel_overlayfs_reads_origins_on_a_lower_with_a_uuid() {
     let _t = Tmpfs::new(lower.clone(), "4m");
     fs::write(lower.join("f"), "f").unwrap();
     let lowers = [lower.as_path()];
-    let base = l.mkdir("u");
-    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
-    for d in [&upper, &work, &merged] {
-        fs::create_dir_all(d).unwrap();
-    }
+    let (upper, work, merged) = l.mount_dirs("u");
     let mut m = Mount::union(
         &native_args(&lowers, Some(&upper), Some(&work), &merged),
         merged.clone(),

@@ -1261,15 +1261,11 @@ fn objects_made_over_a_whiteout_inherit_the_default_acl() {
         .dir("d/sub")
         .file("plain", "z");
     let getfacl = |root: &Path| -> String {
-        let out = Command::new("getfacl")
-            .args(["-n", "d/f", "d/p", "d/sub", "d/new"])
-            .current_dir(root)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new("getfacl")
+                .args(["-n", "d/f", "d/p", "d/sub", "d/new"])
+                .current_dir(root),
+            "getfacl",
         );
         String::from_utf8(out.stdout).unwrap()
     };

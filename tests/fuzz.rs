@@ -1231,15 +1231,9 @@ fn fuzz_one_mount(extra: &[&str], what: &str, ops_per_thread: u64, threads: u64)
         "{what} (seed {seed}): readdir of the root fails"
     );
     // A clean unmount ends the daemon with status 0.
-    let out = Command::new("fusermount3")
-        .arg("-u")
-        .arg(&merged)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fusermount3 -u: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("fusermount3").arg("-u").arg(&merged),
+        "fusermount3 -u",
     );
     let st = d.child.wait().unwrap();
     let log = d.log_text();

@@ -514,6 +514,16 @@ impl Drop for DeepTrees {
     }
 }
 
+/// A lower directory `big` of `n` empty files with 106-byte names.
+fn big_lower_dir(l: &Layers, n: usize) {
+    let big = l.lower(0).path("big");
+    fs::create_dir(&big).unwrap();
+    let long = "n".repeat(100);
+    for i in 0..n {
+        fs::File::create(big.join(format!("{long}{i:06}"))).unwrap();
+    }
+}
+
 /// Every open stream of a directory too large for the listing cache shares one listing: each
 /// used to build and keep its own, so a user holding many streams of a large directory
 /// could make the daemon's memory grow without bound (100 streams of 100,000 long names: 2.6
@@ -522,12 +532,7 @@ impl Drop for DeepTrees {
 fn streams_of_a_large_directory_share_one_listing() {
     use std::os::fd::AsRawFd;
     let l = Layers::new(1);
-    let big = l.lower(0).path("big");
-    fs::create_dir(&big).unwrap();
-    let long = "n".repeat(100);
-    for i in 0..20_000 {
-        fs::File::create(big.join(format!("{long}{i:06}"))).unwrap();
-    }
+    big_lower_dir(&l, 20_000);
     let m = l.mount("m");
     let pid = daemon_pid(&m.merged);
     let stream = || {
@@ -569,11 +574,7 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
         l.lower(0).file(&format!("d{i:03}/f"), "x");
     }
     for limit in ["128", "256"] {
-        let base = l.mkdir(&format!("m{limit}"));
-        let (upper, work, merged) = (base.join("u"), base.join("w"), base.join("m"));
-        for d in [&upper, &work, &merged] {
-            fs::create_dir_all(d).unwrap();
-        }
+        let (upper, work, merged) = l.mount_dirs(&format!("m{limit}"));
         let out = std::process::Command::new("prlimit")
             .arg(format!("--nofile={limit}:{limit}"))
             .arg(BIN)
@@ -617,12 +618,7 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
 #[test]
 fn an_idle_daemon_gives_back_what_it_freed() {
     let l = Layers::new(1);
-    let big = l.lower(0).path("big");
-    fs::create_dir(&big).unwrap();
-    let long = "n".repeat(100);
-    for i in 0..30_000 {
-        fs::File::create(big.join(format!("{long}{i:06}"))).unwrap();
-    }
+    big_lower_dir(&l, 30_000);
     let m = l.mount("m");
     let pid = daemon_pid(&m.merged);
     let mut held = Vec::new();

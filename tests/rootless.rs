@@ -11,6 +11,9 @@ use std::process::Command;
 
 use common::*;
 
+/// Runs what follows as the namespace's user 1000.
+const AS_1000: &str = "setpriv --reuid=1000 --regid=1000 --clear-groups";
+
 /// A mount as an unprivileged user writes kernel overlayfs's `userxattr` format: char 0/0
 /// whiteouts (mknod 0/0 is allowed unprivileged) and `user.overlay.opaque=y`, never
 /// `trusted.*`; kernel overlayfs with `userxattr` then shows the same tree.
@@ -125,21 +128,20 @@ fn namespace_root_mounts_for_every_user_of_the_namespace() {
         .chmod("home", 0o755)
         .chown("mine", NS_BASE + 1000, NS_BASE + 1000)
         .chown("home", NS_BASE + 1000, NS_BASE + 1000);
-    let as_1000 = "setpriv --reuid=1000 --regid=1000 --clear-groups";
     let stdout = run_on_mount(
         user,
         &l,
         &base,
         &format!(
             r#"
-        {as_1000} cat $b/merged/open $b/merged/mine
+        {AS_1000} cat $b/merged/open $b/merged/mine
         echo
-        {as_1000} cat $b/merged/closed 2>&1 || true
-        {as_1000} sh -c "echo new > $b/merged/home/f"
+        {AS_1000} cat $b/merged/closed 2>&1 || true
+        {AS_1000} sh -c "echo new > $b/merged/home/f"
         grep -w $b/merged /proc/self/mounts | grep -o allow_other
         umount $b/merged
         {bin} --lower {lowers} --upper $b/upper --work $b/work -o allow_root $b/merged
-        {as_1000} cat $b/merged/open 2>&1 || true
+        {AS_1000} cat $b/merged/open 2>&1 || true
         "#,
             bin = BIN,
             lowers = l.lowerdir_opt(),
@@ -1112,7 +1114,6 @@ fn acls_naming_ids_outside_the_namespace() {
             .unwrap();
         assert!(st.success(), "setfacl {args} {}", p.display());
     }
-    let as_1000 = "setpriv --reuid=1000 --regid=1000 --clear-groups";
     let stdout = run_on_mount(
         user,
         &l,
@@ -1121,7 +1122,7 @@ fn acls_naming_ids_outside_the_namespace() {
             r#"
         m=$b/merged
         echo "acl: $(getfacl -cn $m/f | grep -v '::' | xargs)"
-        echo "read as 1000: $({as_1000} cat $m/f)"
+        echo "read as 1000: $({AS_1000} cat $m/f)"
         ls $m/d >/dev/null && echo listed
         touch $m/d/new && mkdir $m/d/sub && echo made
         echo "inherited: $(getfacl -cn $m/d/new | grep -v '::' | xargs)"

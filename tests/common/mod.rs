@@ -349,14 +349,18 @@ impl Layers {
         self.mount_with(name, &[])
     }
 
-    pub fn mount_with(&self, name: &str, extra: &[&str]) -> Mount {
+    /// `name/upper`, `name/work` and `name/merged`, made (if missing) for a mount.
+    pub fn mount_dirs(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
         let base = self.mkdir(name);
-        let upper = base.join("upper");
-        let work = base.join("work");
-        let merged = base.join("merged");
-        for d in [&upper, &work, &merged] {
+        let dirs = (base.join("upper"), base.join("work"), base.join("merged"));
+        for d in [&dirs.0, &dirs.1, &dirs.2] {
             fs::create_dir_all(d).unwrap();
         }
+        dirs
+    }
+
+    pub fn mount_with(&self, name: &str, extra: &[&str]) -> Mount {
+        let (upper, work, merged) = self.mount_dirs(name);
         let mut args: Vec<OsString> = vec![
             "--lower".into(),
             self.lowerdir_opt().into(),
@@ -440,6 +444,17 @@ pub fn env_args<S: AsRef<OsStr>>(explicit: &[S]) -> Vec<String> {
     out
 }
 
+/// Runs `cmd` and asserts that it succeeded (`what` and its stderr tell otherwise).
+pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs unionmount with `args` (and `env_args`); returns its output (it exits once the mount
 /// is live).
 pub fn run_unionmount<S: AsRef<OsStr>>(args: &[S]) -> Output {
@@ -513,15 +528,11 @@ impl Mount {
             opts.push(',');
             opts.push_str(e);
         }
-        let out = Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", &opts])
-            .arg(merged)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kernel overlay mount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &opts])
+                .arg(merged),
+            "kernel overlay mount",
         );
         Mount {
             merged: merged.to_path_buf(),
