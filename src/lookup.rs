@@ -856,22 +856,22 @@ impl Union {
             Origin::None => found.key_id(),
             origin => self.copy_key(origin, top),
         };
-        let node = self
-            .table
-            .get_or_insert(id, kind, || State {
-                links: Few::new(),
-                upper: found.upper,
-                lowers: found.lowers,
-                ids: Few::One(id),
-                redirects: found.redirects,
-            })
-            .0;
+        let (node, existed) = self.table.get_or_insert(id, kind, || State {
+            links: Few::new(),
+            upper: found.upper,
+            lowers: found.lowers,
+            ids: Few::One(id),
+            redirects: found.redirects,
+        });
         // A copy numbered by its origin is found by its own identity too, as after a
-        // copy-up in this mount (a split node's copy is: `split_copy_ino`); one numbered by
-        // its upper object keeps that number for the rest of the mount (`copy_key`).
+        // copy-up in this mount (a split node's copy is: `split_copy_ino`); a new node of one
+        // numbered by its upper object keeps that number for the rest of the mount
+        // (`copy_key`).
         if found.origin != Origin::None {
             if id == top {
-                self.table.keep_number(&node, top);
+                if !existed {
+                    self.table.keep_number(&node, top);
+                }
             } else if !node.state().ids.contains(&top) {
                 self.table.add_live_id(&node, top);
             }

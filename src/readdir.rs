@@ -360,6 +360,11 @@ impl Union {
             let upper = self.dir_fd(dir, Loc::Upper)?;
             for at in over_lower_files {
                 let e = &mut out[at];
+                // A copy the mount numbered already keeps that number (`copy_key`): no need
+                // to read its origin.
+                if self.table.numbered(e.id) {
+                    continue;
+                }
                 let Ok(name) = std::ffi::CString::new(e.name.as_encoded_bytes()) else {
                     continue;
                 };
