@@ -109,6 +109,12 @@ impl WorkDir {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         CString::new(format!("#um{:x}.{n:x}", std::process::id())).expect("no NUL")
     }
+
+    /// The pid of the daemon that made the temporary object `name` (see `temp_name`).
+    pub fn owner_of(name: &[u8]) -> Option<u32> {
+        let hex = name.strip_prefix(b"#um")?.split(|&b| b == b'.').next()?;
+        u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    }
 }
 
 pub struct Layers {

@@ -112,28 +112,21 @@ enum Claim {
 /// another mount namespace holds after it was unmounted here, or a second mount on the
 /// same directories (see `claim`). Asked only when another daemon holds the work directory
 /// (or it cannot be marked): otherwise nothing in it is live.
-fn of_a_live_daemon(name: &[u8]) -> bool {
-    let pid = name
-        .strip_prefix(b"#um")
-        .and_then(|r| r.split(|&b| b == b'.').next())
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .and_then(|h| u32::from_str_radix(h, 16).ok());
-    let me = std::fs::read("/proc/self/comm");
-    // Running: its state (after the parenthesised name in `stat`) is not Z (a daemon that
-    // exited and was not reaped yet).
-    let running = |p: u32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
-            st.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
+fn of_a_live_daemon(name: &[u8], me: Option<&str>) -> bool {
+    let (Some(pid), Some(me)) = (WorkDir::owner_of(name), me) else {
+        return false;
     };
-    pid.is_some_and(|p| {
-        p != std::process::id()
-            && me
-                .as_ref()
-                .is_ok_and(|me| std::fs::read(format!("/proc/{p}/comm")).is_ok_and(|c| c == *me))
-            && running(p)
-    })
+    pid != std::process::id()
+        && running_program(pid).is_some_and(|(comm, zombie)| comm == me && !zombie)
+}
+
+/// The program name of process `pid` and whether it exited without being reaped (state Z),
+/// from `/proc/PID/stat` ("pid (comm) state ...").
+fn running_program(pid: u32) -> Option<(String, bool)> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = st.rsplit_once(')')?;
+    let (_, comm) = head.split_once('(')?;
+    Some((comm.to_string(), rest.trim_start().starts_with('Z')))
 }
 
 /// What the upper filesystem allows, as probed in the work directory.
@@ -179,8 +172,14 @@ fn prepare_work(
     // Stale entries of an earlier mount that was killed: half-built copies and objects
     // waiting to be deleted. None of them is visible in the view.
     let mut stale = Vec::new();
+    // This program's name, to tell its running daemons (`of_a_live_daemon`); none asked
+    // where the work directory is this daemon's alone.
+    let me = shared
+        .then(|| running_program(std::process::id()).map(|(comm, _)| comm))
+        .flatten();
+    let me = me.as_deref();
     let _ = sys::for_each_dirent(fd.as_fd(), |d| {
-        if d.name != b"." && d.name != b".." && !(shared && of_a_live_daemon(d.name)) {
+        if d.name != b"." && d.name != b".." && !of_a_live_daemon(d.name, me) {
             stale.push(CString::new(d.name).expect("no NUL in a dirent"));
         }
     });
