@@ -284,25 +284,8 @@ impl Union {
     /// Whether some lower layer of `parent` would show `name` if the upper had nothing there.
     pub fn lower_has(&self, parent: &Node, name: &CStr) -> Result<bool> {
         let lowers: Vec<_> = parent.state().lowers.iter().map(|(l, _)| *l).collect();
-        for l in lowers {
-            let dir = match self.dir_fd(parent, Loc::Lower(l)) {
-                Ok(d) => d,
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            match sys::fstatat(dir.as_fd(), name, 0) {
-                Ok(st) => {
-                    return Ok(!whiteout::is_whiteout(&st) && !dir.is_xwhiteout(name, &st));
-                }
-                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
-                    if dir.has_aufs_whiteout(name.to_bytes(), true)? {
-                        return Ok(false);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(false)
+        let below = self.first_below(parent, lowers.into_iter().map(Loc::Lower), name)?;
+        Ok(below.is_some())
     }
 
     /// The default ACL of the upper directory `dir`, if a new `what` there would inherit it.

@@ -678,29 +678,44 @@ impl Union {
         kind: i32,
         fid: &[u8],
     ) -> Option<RealId> {
-        for (i, &loc) in below.iter().enumerate() {
-            let ldir = self.dir_fd(parent, loc).ok()?;
-            match sys::fstatat(ldir.as_fd(), name, 0) {
-                Ok(lst) => {
-                    if whiteout::is_whiteout(&lst)
-                        || sys::is_dir(&lst)
-                        || lst.st_nlink != 1
-                        || ldir.is_xwhiteout(name, &lst)
-                    {
-                        return None;
-                    }
-                    let (k, f) = sys::file_handle(ldir.as_fd(), name).ok()?;
-                    return (k == kind && f == fid).then(|| RealId::of(&lst));
+        let (ldir, lst) = self
+            .first_below(parent, below.iter().copied(), name)
+            .ok()??;
+        if sys::is_dir(&lst) || lst.st_nlink != 1 {
+            return None;
+        }
+        let (k, f) = sys::file_handle(ldir.as_fd(), name).ok()?;
+        (k == kind && f == fid).then(|| RealId::of(&lst))
+    }
+
+    /// The first object the layers `locs` of `parent` show at `name`, top-most first, with
+    /// its directory there: None if no layer has it or a whiteout (of any form) hides it.
+    pub(crate) fn first_below(
+        &self,
+        parent: &Node,
+        locs: impl IntoIterator<Item = Loc>,
+        name: &CStr,
+    ) -> Result<Option<(Arc<CachedDir>, Stat)>> {
+        for loc in locs {
+            let dir = match self.dir_fd(parent, loc) {
+                Ok(d) => d,
+                Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            match sys::fstatat(dir.as_fd(), name, 0) {
+                Ok(st) if whiteout::is_whiteout(&st) || dir.is_xwhiteout(name, &st) => {
+                    return Ok(None);
                 }
+                Ok(st) => return Ok(Some((dir, st))),
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => {
-                    if i + 1 < below.len() && ldir.has_aufs_whiteout(name.to_bytes(), true).ok()? {
-                        return None;
+                    if dir.has_aufs_whiteout(name.to_bytes(), true)? {
+                        return Ok(None);
                     }
                 }
-                Err(_) => return None,
+                Err(e) => return Err(e),
             }
         }
-        None
+        Ok(None)
     }
 
     /// The identity a copied-up file with origin `origin` is numbered by, `top` being its
