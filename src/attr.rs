@@ -617,13 +617,14 @@ impl Union {
     /// With `uidmapping`/`gidmapping`, the ids an ACL names are shown as the view's ids, as
     /// owners are (an id without a mapping as the overflow id).
     fn acl_ids_to_view(&self, name: &CStr, mut value: Vec<u8>) -> Vec<u8> {
-        if crate::acl::is_acl_name(name.to_bytes())
-            && let Some(v) = crate::acl::without_unmapped(&value)
-        {
+        if !crate::acl::is_acl_name(name.to_bytes()) {
+            return value;
+        }
+        if let Some(v) = crate::acl::without_unmapped(&value) {
             value = v;
         }
         let map = &self.opts.idmap;
-        if map.maps_ranges() && crate::acl::is_acl_name(name.to_bytes()) {
+        if map.maps_ranges() {
             let user = |id| Some(map.acl_uid_to_view(id));
             let group = |id| Some(map.acl_gid_to_view(id));
             crate::acl::map_ids(&mut value, user, group);

@@ -144,9 +144,7 @@ fn caller_in_group(caller: &Caller, gid: u32) -> bool {
     let Some(status) = crate::killpriv::thread_status(caller.pid) else {
         return false;
     };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
+    crate::killpriv::status_field(&status, "Groups:")
         .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
 }
 

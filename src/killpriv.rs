@@ -81,12 +81,7 @@ impl Caller {
 
     /// The fields of a /proc/PID/status text.
     fn parse(status: &str) -> Option<Caller> {
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(str::trim)
-        };
+        let field = |name: &str| status_field(status, name);
         if field("Kthread:") == Some("1") {
             return None;
         }
@@ -119,6 +114,14 @@ impl Caller {
     pub fn owns(&self, fsuid: u32, owner: u32) -> bool {
         (fsuid == owner && owner != overflow_uid()) || self.fowner
     }
+}
+
+/// The value of field `name` (with its colon) of a /proc/PID/status text.
+pub(crate) fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
 }
 
 fn overflow_id(file: &str) -> u32 {

@@ -58,11 +58,9 @@ fn killed(tid: u32) -> bool {
         return false;
     };
     const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    status.lines().any(|l| {
-        let mask = l
-            .strip_prefix("SigPnd:")
-            .or_else(|| l.strip_prefix("ShdPnd:"));
-        mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+    ["SigPnd:", "ShdPnd:"].iter().any(|f| {
+        crate::killpriv::status_field(&status, f)
+            .and_then(|m| u64::from_str_radix(m, 16).ok())
             .is_some_and(|m| m & SIGKILL_BIT != 0)
     })
 }
