@@ -172,17 +172,13 @@ impl Session {
     pub fn run(self) -> std::io::Result<()> {
         // Every fd is made ready before any thread serves: a failure here leaves nothing
         // running.
-        let mut channels = vec![self.ch.clone()];
-        for _ in 1..self.threads {
-            channels.push(Channel::new(
-                sys::clone_dev_fuse(self.ch.fd()).map_err(io_err)?,
-            ));
-        }
         let spin = self.spin;
         if spin.is_some() {
-            for ch in &channels {
-                sys::set_nonblocking(ch.fd()).map_err(io_err)?;
-            }
+            sys::set_nonblocking(self.ch.fd()).map_err(io_err)?;
+        }
+        let mut channels = vec![self.ch.clone()];
+        for _ in 1..self.threads {
+            channels.push(clone_channel(&self.ch, spin.is_some())?);
         }
         let readers = spin.map(|_| Arc::new(Readers::default()));
         let mut handles = Vec::with_capacity(channels.len());
@@ -194,16 +190,13 @@ impl Session {
             let (access, buf_size) = (self.access, self.buf_size);
             let next = AtomicUsize::new(self.threads);
             let start = move || {
-                let ch = match sys::clone_dev_fuse(base_ch.fd()) {
-                    Ok(fd) => Channel::new(fd),
+                let ch = match clone_channel(&base_ch, spin.is_some()) {
+                    Ok(ch) => ch,
                     Err(e) => {
-                        log::warn!("no fd for an extra request thread: {e:?}");
+                        log::warn!("no fd for an extra request thread: {e}");
                         return false;
                     }
                 };
-                if spin.is_some() && sys::set_nonblocking(ch.fd()).is_err() {
-                    return false;
-                }
                 let me = next.fetch_add(1, Ordering::Relaxed);
                 let w = Worker {
                     me,
@@ -215,9 +208,7 @@ impl Session {
                     buf_size,
                     extra: true,
                 };
-                let spawned = std::thread::Builder::new()
-                    .name(format!("fuse-{me}"))
-                    .spawn(move || w.serve());
+                let spawned = w.spawn();
                 if let Err(e) = &spawned {
                     log::warn!("no extra request thread: {e}");
                 }
@@ -236,10 +227,7 @@ impl Session {
                 buf_size: self.buf_size,
                 extra: false,
             };
-            match std::thread::Builder::new()
-                .name(format!("fuse-{i}"))
-                .spawn(move || w.serve())
-            {
+            match w.spawn() {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     // The threads already serving keep the mount alive; it is served by
@@ -436,6 +424,16 @@ fn moves_data(opcode: u32) -> bool {
     )
 }
 
+/// A `/dev/fuse` fd of its own for one more worker (a clone of `base`), non-blocking for a
+/// worker that spins.
+fn clone_channel(base: &Channel, nonblocking: bool) -> std::io::Result<Channel> {
+    let ch = Channel::new(sys::clone_dev_fuse(base.fd()).map_err(io_err)?);
+    if nonblocking {
+        sys::set_nonblocking(ch.fd()).map_err(io_err)?;
+    }
+    Ok(ch)
+}
+
 struct Worker {
     /// This thread's index, and the readers it belongs to (None: it reads by itself,
     /// blocking).
@@ -452,6 +450,13 @@ struct Worker {
 }
 
 impl Worker {
+    /// Starts the worker on a thread of its own.
+    fn spawn(self) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
+        std::thread::Builder::new()
+            .name(format!("fuse-{}", self.me))
+            .spawn(move || self.serve())
+    }
+
     fn serve(self) -> std::io::Result<()> {
         let res = self.serve_requests();
         if matches!(res, Ok(true)) {
