@@ -9,7 +9,7 @@
 //! made by an unprivileged caller (uid and gid 1000 or 1001, the generated objects' other
 //! owners, sometimes with the other group as a supplementary one) instead of root, and about
 //! one in seven is an operation on a file kept open across the others (pwrite, ftruncate,
-//! fallocate, fchmod, fstat) or on an object held by an `O_PATH` descriptor (fstat, getxattr
+//! fallocate, fchmod, fstat; one of the slots opens `O_APPEND`) or on an object held by an `O_PATH` descriptor (fstat, getxattr
 //! through `/proc`), kept across renames and deletions of its names. After every step the results (value or errno) and the whole
 //! merged trees are compared; after the sequence both are unmounted, the two uppers are
 //! compared on disk, and both are mounted again and compared once more. A divergence is shrunk (delta debugging
@@ -452,6 +452,10 @@ const PATH_SLOT: usize = SLOTS;
 /// a reader from before a copy-up, rename or unlink of its file.
 const RO_SLOT: usize = 2;
 
+/// The slot whose files are opened `O_APPEND` (every write lands at the end, whatever its
+/// offset), as logs and shell `>>` redirections are.
+const APPEND_SLOT: usize = 1;
+
 /// Whether the mount under test serves open files by passthrough: root, and not turned off.
 fn passthrough() -> bool {
     let args = std::env::var("UNIONMOUNT_TEST_ARGS").unwrap_or_default();
@@ -665,6 +669,9 @@ impl fmt::Display for Op {
             Op::Open(i, p) if *i == RO_SLOT => {
                 write!(f, "fd{i} = open({p:?}, O_RDONLY | O_NOATIME)")
             }
+            Op::Open(i, p) if *i == APPEND_SLOT => {
+                write!(f, "fd{i} = open({p:?}, O_RDWR | O_APPEND)")
+            }
             Op::Open(i, p) => write!(f, "fd{i} = open({p:?}, O_RDWR)"),
             Op::FdWrite(i, o, l, b) => {
                 write!(f, "pwrite(fd{i}, {l} x {:?}, offset {o})", *b as char)
@@ -865,6 +872,7 @@ fn apply_with(op: &Op, root: &Path, fds: &mut Fds) -> Res {
                 fds.0[*i] = None;
                 let flags = match *i {
                     RO_SLOT => libc::O_RDONLY | libc::O_NOATIME,
+                    APPEND_SLOT => libc::O_RDWR | libc::O_APPEND,
                     _ => libc::O_RDWR,
                 };
                 let Some(fd) = open_regular(&c(p), flags)? else {
