@@ -47,26 +47,27 @@ fn xattr_reply(data: Vec<u8>, size: u32) -> Result<XattrReply> {
     }
 }
 
+/// A layer's time (a stat's seconds and nanoseconds). Nanoseconds outside 0..1e9, which a
+/// filesystem image can hold (btrfs passes its on-disk ones on), are clamped into it.
 pub fn system_time(sec: i64, nsec: i64) -> SystemTime {
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    let nsec = Duration::from_nanos(nsec.clamp(0, 999_999_999) as u64);
+    let t = if sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(sec as u64))
     } else {
-        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
-    }
+        UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))
+    };
+    // Every i64 second with nanoseconds below 1e9 is a SystemTime: the fallback is not reached.
+    t.and_then(|t| t.checked_add(nsec)).unwrap_or(UNIX_EPOCH)
 }
 
-/// A time from a setattr request. fuser builds pre-1970 times as `EPOCH - (secs, nsecs)` from
-/// the kernel's (-secs, nsecs); this reads them back the same way.
+/// A time from a setattr request, as the kernel gave it.
 fn request_time(t: &TimeOrNow) -> libc::timespec {
     match t {
         TimeOrNow::Now => ts(0, sys::UTIME_NOW),
-        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => ts(d.as_secs() as i64, d.subsec_nanos() as i64),
-            Err(e) => {
-                let d = e.duration();
-                ts(-(d.as_secs() as i64), d.subsec_nanos() as i64)
-            }
-        },
+        TimeOrNow::SpecificTime(t) => {
+            let (sec, nsec) = crate::fuse::reply::unix_time(*t);
+            ts(sec, i64::from(nsec))
+        }
     }
 }
 
@@ -873,5 +874,43 @@ pub fn kind_of_dtype(dtype: u8) -> u32 {
         libc::DT_FIFO => libc::S_IFIFO,
         libc::DT_SOCK => libc::S_IFSOCK,
         _ => libc::S_IFREG,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuse::reply::unix_time;
+
+    #[test]
+    fn layer_times_round_trip_and_never_panic() {
+        for (sec, nsec) in [
+            (0, 0),
+            (5, 7),
+            (-1, 500_000_000),
+            (-5, 3),
+            (i64::MAX, 999_999_999),
+            (i64::MIN, 0),
+            (i64::MIN, 999_999_999),
+        ] {
+            assert_eq!(unix_time(system_time(sec, nsec)), (sec, nsec as u32));
+        }
+        // Nanoseconds a crafted image holds out of range are clamped.
+        assert_eq!(
+            unix_time(system_time(i64::MAX, 2_000_000_000)),
+            (i64::MAX, 999_999_999)
+        );
+        assert_eq!(unix_time(system_time(-3, -1)), (-3, 0));
+    }
+
+    #[test]
+    fn setattr_times_before_1970_keep_their_nanoseconds() {
+        let before = UNIX_EPOCH - Duration::from_millis(500);
+        let t = request_time(&TimeOrNow::SpecificTime(before));
+        assert_eq!((t.tv_sec, t.tv_nsec), (-1, 500_000_000));
+        let t = request_time(&TimeOrNow::SpecificTime(
+            UNIX_EPOCH - Duration::from_secs(4),
+        ));
+        assert_eq!((t.tv_sec, t.tv_nsec), (-4, 0));
     }
 }

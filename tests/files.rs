@@ -335,6 +335,33 @@ fn chown_lower_and_upper() {
 }
 
 #[test]
+fn times_before_1970_keep_their_nanoseconds() {
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "x");
+    let mut m = l.mount("u");
+    fs::write(m.path("up"), "y").unwrap();
+    // 1969-12-31 23:59:59.5 and 23:59:55.000000003, as `touch -d` or `tar -x` set them.
+    let t = [ts(-1, 500_000_000), ts(-5, 3)];
+    let times = |md: &fs::Metadata| (md.atime(), md.atime_nsec(), md.mtime(), md.mtime_nsec());
+    let want = (-1, 500_000_000, -5, 3);
+    for name in ["lo", "up"] {
+        utimens(&m.path(name), Some(t)).unwrap();
+        assert_eq!(times(&lstat(&m.path(name))), want, "{name} in the view");
+        assert_eq!(
+            times(&lstat(&m.upper_path(name))),
+            want,
+            "{name} in the upper"
+        );
+    }
+    // Read back from the upper by a new mount.
+    m.unmount();
+    let m = l.mount("u");
+    for name in ["lo", "up"] {
+        assert_eq!(times(&lstat(&m.path(name))), want, "{name} after a remount");
+    }
+}
+
+#[test]
 fn utimensat_explicit_and_now() {
     let l = Layers::new(1);
     l.lower(0)

@@ -96,19 +96,26 @@ impl Notifier {
     }
 }
 
-fn split(t: SystemTime) -> (u64, u32) {
+/// A time as the kernel's (seconds, nanoseconds) since the epoch, the nanoseconds always
+/// 0..1e9 (1969-12-31 23:59:59.5 is (-1, 500,000,000)).
+pub(crate) fn unix_time(t: SystemTime) -> (i64, u32) {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (d.as_secs(), d.subsec_nanos()),
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
         Err(e) => {
             let d = e.duration();
-            let (s, n) = (d.as_secs() as i64, d.subsec_nanos());
+            let (s, n) = ((d.as_secs() as i64).wrapping_neg(), d.subsec_nanos());
             if n == 0 {
-                (s.wrapping_neg() as u64, 0)
+                (s, 0)
             } else {
-                (s.wrapping_neg().wrapping_sub(1) as u64, 1_000_000_000 - n)
+                (s.wrapping_sub(1), 1_000_000_000 - n)
             }
         }
     }
+}
+
+fn split(t: SystemTime) -> (u64, u32) {
+    let (s, n) = unix_time(t);
+    (s as u64, n)
 }
 
 fn type_bits(kind: FileType) -> u32 {
