@@ -38,9 +38,15 @@ impl Log for Logger {
 
 static LOGGER: Logger = Logger;
 
+/// Sets the logger up, and has panics (bugs) logged as errors, so that they reach syslog once
+/// the daemon is in the background (stderr is gone then).
 pub fn init(level: LevelFilter) {
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        log::error!("panic in thread {}: {info}", thread.name().unwrap_or("?"));
+    }));
 }
 
 /// Sends further messages to syslog (stderr is gone once the daemon detaches).

@@ -923,3 +923,38 @@ fn kill9_of_background_daemon() {
     assert_eq!(fs::read(m2.path("low")).unwrap(), want);
     assert!(names(&l.root().join("bg/work/work")).is_empty());
 }
+
+/// A bug that panics fails the one request it hit (EIO) and is logged; the daemon serves on
+/// with all its threads. Debug builds answer a getxattr of a test name with a panic.
+#[cfg(debug_assertions)]
+#[test]
+fn a_panic_fails_one_request_and_the_mount_serves_on() {
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "x");
+    let base = l.mkdir("m");
+    // Two threads: without recovery, the third panic would leave none.
+    let mut d = ForegroundDaemon::start(&l, &base, &["--threads", "2"]);
+    for _ in 0..10 {
+        assert_eq!(
+            get_xattr(&d.merged.join("lo"), "user.unionmount.test.panic"),
+            Err(libc::EIO)
+        );
+    }
+    assert_eq!(fs::read_to_string(d.merged.join("lo")).unwrap(), "x");
+    fs::write(d.merged.join("lo"), "y").unwrap();
+    fs::write(d.merged.join("new"), "z").unwrap();
+    assert_eq!(fs::read_to_string(base.join("upper/lo")).unwrap(), "y");
+    assert_eq!(fs::read_to_string(base.join("upper/new")).unwrap(), "z");
+    let log = d.log();
+    assert_eq!(
+        log.matches("failed with a panic; answered EIO").count(),
+        10,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("a panic asked for by a test").count(),
+        10,
+        "{log}"
+    );
+    d.unmount().unwrap();
+}

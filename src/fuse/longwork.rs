@@ -85,14 +85,20 @@ pub fn long_work<T>(f: impl FnOnce(&dyn Fn() -> bool) -> T) -> T {
             flag.store(true, Ordering::SeqCst);
         }
     }
-    let cancelled = || flag.load(Ordering::SeqCst);
-    let r = spared(|| f(&cancelled));
-    if unique != 0 {
-        LONG.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(u, _, _)| *u != unique);
+    // Unregistered when done, also when `f` panics (see `Worker::dispatch`).
+    struct Registered(u64);
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            if self.0 != 0 {
+                LONG.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|(u, _, _)| *u != self.0);
+            }
+        }
     }
-    r
+    let _registered = Registered(unique);
+    let cancelled = || flag.load(Ordering::SeqCst);
+    spared(|| f(&cancelled))
 }
 
 /// `long_work`'s part that keeps a worker free.
@@ -108,9 +114,15 @@ fn spared<T>(f: impl FnOnce() -> T) -> T {
             s.extra.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    let r = f();
-    s.long.fetch_sub(1, Ordering::SeqCst);
-    r
+    // No longer long when done, also when `f` panics.
+    struct Done<'a>(&'a AtomicUsize);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _done = Done(&s.long);
+    f()
 }
 
 impl Spares {

@@ -544,7 +544,7 @@ impl Worker {
         match h.opcode {
             op::FORGET | op::BATCH_FORGET => {
                 if let Ok(op) = Op::parse(h.opcode, body) {
-                    self.fs.dispatch(h, op, None);
+                    self.dispatch(h, op, None);
                 }
                 return true;
             }
@@ -552,7 +552,7 @@ impl Worker {
                 // No answer (see `interrupt`): the interrupted request answers for itself.
                 let unique = body
                     .get(..8)
-                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                    .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")));
                 log::debug!("request {}: Interrupt of {unique:?}", h.unique);
                 if let Some(unique) = unique {
                     longwork::interrupt(unique);
@@ -584,7 +584,7 @@ impl Worker {
                         op.brief()
                     );
                 }
-                self.fs.dispatch(h, op, Some(reply))
+                self.dispatch(h, op, Some(reply))
             }
             Err(e) => {
                 log::debug!("request {}: opcode {} malformed", h.unique, h.opcode);
@@ -592,6 +592,24 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Has the filesystem serve one request. A panic (a bug) fails that request alone: its
+    /// reply, dropped as the panic unwinds, answers EIO, the panic is logged (see
+    /// `logger::init`), and this thread serves on.
+    fn dispatch(&self, h: &Header, op: Op<'_>, reply: Option<Reply>) {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(debug_assertions)]
+            panic_for_tests(&op);
+            self.fs.dispatch(h, op, reply)
+        }));
+        if served.is_err() {
+            log::error!(
+                "request {} (opcode {}) failed with a panic; answered EIO",
+                h.unique,
+                h.opcode
+            );
+        }
     }
 
     /// `-o allow_root`: requests that carry a caller's identity must come from root or the
@@ -614,6 +632,17 @@ impl Worker {
                     | op::RELEASE
                     | op::RELEASEDIR
             )
+    }
+}
+
+/// Debug builds only: a getxattr of this name panics, so that the tests can check that a
+/// panic fails one request and nothing else.
+#[cfg(debug_assertions)]
+fn panic_for_tests(op: &Op<'_>) {
+    if let Op::Getxattr { name, .. } = op
+        && name.as_encoded_bytes() == b"user.unionmount.test.panic"
+    {
+        panic!("a panic asked for by a test");
     }
 }
 
