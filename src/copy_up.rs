@@ -568,23 +568,39 @@ pub fn copy_data(
     let mut off = 0u64;
     // Found once per copy: the way that works for the first extent works for the others.
     let mut by = CopyBy::CopyFileRange;
-    while off < len {
-        let data = match sys::lseek(src, off as i64, libc::SEEK_DATA) {
-            Ok(d) => d as u64,
-            Err(e) if e.code() == libc::ENXIO => break,
-            Err(_) => off,
-        };
-        if data >= len {
-            break;
-        }
-        let hole = match sys::lseek(src, data as i64, libc::SEEK_HOLE) {
-            Ok(h) => (h as u64).min(len),
-            Err(_) => len,
-        };
+    let seek = |at: u64, whence| sys::lseek(src, at as i64, whence).map(|v| v as u64);
+    while let Some((data, hole)) = next_extent(off, len, seek) {
         copy_range(src, dst, data, hole - data, &mut by, cancelled)?;
         off = hole;
     }
     sys::ftruncate(dst, len)
+}
+
+/// The next extent of data at or after `off` and before `len`, as (start, end), found with
+/// `seek` (lseek's SEEK_DATA and SEEK_HOLE); None when only a hole is left. Always past `off`:
+/// where the filesystem's answers do not move forward (a FUSE or network lower layer
+/// answering wrong), the rest is data.
+fn next_extent(
+    off: u64,
+    len: u64,
+    seek: impl Fn(u64, libc::c_int) -> Result<u64>,
+) -> Option<(u64, u64)> {
+    if off >= len {
+        return None;
+    }
+    let data = match seek(off, libc::SEEK_DATA) {
+        Ok(d) if d >= off => d,
+        Err(e) if e.code() == libc::ENXIO => return None,
+        _ => off,
+    };
+    if data >= len {
+        return None;
+    }
+    let hole = match seek(data, libc::SEEK_HOLE) {
+        Ok(h) if h > data => h.min(len),
+        _ => len,
+    };
+    Some((data, hole))
 }
 
 /// How `copy_range` moves data, best first: shared or copied within the filesystem
@@ -640,7 +656,10 @@ fn copy_range(
                 let n = sys::pread(src, &mut buf[..want], at as u64)?;
                 let mut w = 0;
                 while w < n {
-                    w += sys::pwrite(dst, &buf[w..n], at as u64 + w as u64)?;
+                    match sys::pwrite(dst, &buf[w..n], at as u64 + w as u64)? {
+                        0 => return Err(Errno::EIO),
+                        k => w += k,
+                    }
                 }
                 Ok(n)
             }
@@ -655,4 +674,57 @@ fn copy_range(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The extents `next_extent` walks for a file of `len` bytes whose lseek answers `seek`.
+    fn extents(len: u64, seek: impl Fn(u64, libc::c_int) -> Result<u64> + Copy) -> Vec<(u64, u64)> {
+        let (mut off, mut out) = (0, Vec::new());
+        while let Some((data, hole)) = next_extent(off, len, seek) {
+            assert!(
+                hole > off && hole > data,
+                "no progress at {off}: {data}..{hole}"
+            );
+            out.push((data, hole));
+            off = hole;
+            assert!(out.len() < 100, "endless: {out:?}");
+        }
+        out
+    }
+
+    #[test]
+    fn extents_follow_holes_and_always_move_forward() {
+        // Data at 0..10 and 20..30 of 40 bytes.
+        let sparse = |at: u64, whence| match whence {
+            libc::SEEK_DATA if at < 10 => Ok(at),
+            libc::SEEK_DATA if at < 30 => Ok(at.max(20)),
+            libc::SEEK_DATA => Err(Errno::ENXIO),
+            _ if at < 10 => Ok(10),
+            _ if at < 30 => Ok(30),
+            _ => Ok(40),
+        };
+        assert_eq!(extents(40, sparse), [(0, 10), (20, 30)]);
+        // Answers that never move forward, go backwards or put the hole before the data:
+        // the rest is copied whole.
+        assert_eq!(extents(40, |_, _| Ok(0)), [(0, 40)]);
+        let backwards = |at: u64, whence| match whence {
+            libc::SEEK_DATA => Ok(at.saturating_sub(5)),
+            _ => Ok(at + 10),
+        };
+        assert_eq!(
+            extents(40, backwards),
+            [(0, 10), (10, 20), (20, 30), (30, 40)]
+        );
+        let hole_first = |at: u64, whence| match whence {
+            libc::SEEK_DATA => Ok(at + 5),
+            _ => Ok(at),
+        };
+        assert_eq!(extents(40, hole_first), [(5, 40)]);
+        // No SEEK_DATA at all: one extent.
+        assert_eq!(extents(40, |_, _| Err(Errno::EINVAL)), [(0, 40)]);
+        assert_eq!(extents(0, |_, _| Ok(0)), []);
+    }
 }
