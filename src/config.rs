@@ -6,7 +6,8 @@
 //! unionmount [SOURCE] MERGED -o lowerdir=L1:L2,upperdir=U,workdir=W[,more]
 //! ```
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -215,22 +216,25 @@ pub fn split_options(s: &str) -> Vec<String> {
 }
 
 /// Splits a layer list on ':' where `\:` (and any `\X`) stands for the character itself.
-pub fn split_layers(s: &str) -> Vec<PathBuf> {
+pub fn split_layers(s: &OsStr) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let path = |b: Vec<u8>| PathBuf::from(OsString::from_vec(b));
     let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
+    let mut cur = Vec::new();
+    // Bytes, not characters: a path need not be UTF-8 (`\\` and `:` are ASCII either way).
+    let mut bytes = s.as_bytes().iter();
+    while let Some(&c) = bytes.next() {
         match c {
-            '\\' => {
-                if let Some(n) = chars.next() {
+            b'\\' => {
+                if let Some(&n) = bytes.next() {
                     cur.push(n);
                 }
             }
-            ':' => out.push(PathBuf::from(std::mem::take(&mut cur))),
+            b':' => out.push(path(std::mem::take(&mut cur))),
             _ => cur.push(c),
         }
     }
-    out.push(PathBuf::from(cur));
+    out.push(path(cur));
     out
 }
 
@@ -297,9 +301,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
             return Err(format!("{first} (see unionmount --help)"));
         }
     };
-    let mut lower = cli
-        .lower
-        .map(|l| (l.to_string_lossy().into_owned(), "--lower"));
+    let mut lower = cli.lower.map(|l| (l, "--lower"));
     let mut upper = cli.upper.clone();
     let mut work = cli.work.clone();
     // Set-user-ID programs run from a root mount (as on kernel overlayfs, and as fuse-overlayfs
@@ -349,7 +351,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                         let cli = *from == "--lower";
                         return Err(twice("lower layers", "lowerdir", "--lower", cli));
                     }
-                    lower = Some((need(&value)?, "lowerdir="));
+                    lower = Some((need(&value)?.into(), "lowerdir="));
                 }
                 "upperdir" => {
                     if upper.is_some() {
@@ -949,9 +951,26 @@ mod tests {
             vec!["a=1", "context=\"x,y\"", r"lowerdir=/a\,b:/c"]
         );
         assert_eq!(
-            split_layers(r"/a\:b:/c\,d"),
+            split_layers(r"/a\:b:/c\,d".as_ref()),
             vec![PathBuf::from("/a:b"), PathBuf::from("/c,d")]
         );
+    }
+
+    #[test]
+    fn lower_paths_need_not_be_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let lower = OsString::from_vec(b"/l\xff:/m\\:\xfe".to_vec());
+        let args = [
+            "unionmount".into(),
+            "--lower".into(),
+            lower,
+            "/merged".into(),
+        ];
+        let Ok(Parsed::Mount(c)) = parse(args) else {
+            panic!("refused");
+        };
+        let want = [b"/l\xff".to_vec(), b"/m:\xfe".to_vec()];
+        assert_eq!(c.lowers, want.map(|b| PathBuf::from(OsString::from_vec(b))));
     }
 
     #[test]

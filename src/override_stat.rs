@@ -151,7 +151,10 @@ fn parse_type(t: &str) -> Option<(u32, u64)> {
     let dev = |rest: &str| -> Option<u64> {
         let rest = rest.strip_prefix('-').unwrap_or(rest);
         let (ma, mi) = rest.split_once([':', '-'])?;
-        Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
+        let (ma, mi): (u32, u32) = (ma.parse().ok()?, mi.parse().ok()?);
+        // What FUSE's 32-bit device number carries (12 bits of major, 20 of minor); a larger
+        // one would show as another device.
+        (ma < 1 << 12 && mi < 1 << 20).then(|| libc::makedev(ma, mi))
     };
     Some(if t.starts_with("dir") {
         (libc::S_IFDIR, 0)
@@ -223,6 +226,10 @@ mod tests {
         assert_eq!(o.kind, Some((libc::S_IFBLK, libc::makedev(8, 16))));
         assert_eq!(o.format(), "0:6:660:block-8-16");
         assert_eq!(Override::parse(b"0:0:660:char-1"), None);
+        // Beyond what FUSE carries: refused rather than shown as another device.
+        assert!(Override::parse(b"0:0:660:char-4095-1048575").is_some());
+        assert_eq!(Override::parse(b"0:0:660:char-5000-1"), None);
+        assert_eq!(Override::parse(b"0:0:660:block-1-1048576"), None);
     }
 
     #[test]

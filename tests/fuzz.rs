@@ -489,7 +489,7 @@ fn option_parser_never_panics() {
         let s = rand_o(&mut r, &paths);
         let res = catch_unwind(|| {
             let opts = config::split_options(&s);
-            let layers = config::split_layers(&s);
+            let layers = config::split_layers(s.as_ref());
             (opts, layers)
         });
         let (opts, layers) = res.unwrap_or_else(|p| {
@@ -507,7 +507,7 @@ fn option_parser_never_panics() {
             .map(|p| p.replace('\\', "\\\\").replace(':', "\\:"))
             .collect::<Vec<_>>()
             .join(":");
-        let got: Vec<PathBuf> = config::split_layers(&joined);
+        let got: Vec<PathBuf> = config::split_layers(joined.as_ref());
         let want: Vec<PathBuf> = want.iter().map(PathBuf::from).collect();
         assert_eq!(got, want, "split_layers({joined:?})");
     }
