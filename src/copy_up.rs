@@ -97,6 +97,14 @@ impl Union {
             .map(|l| (l.parent.clone(), l.name.to_os_string()));
         let src = self.open_in(node, Loc::Lower(lower), libc::O_PATH)?;
         let st = sys::fstat(src.as_fd())?;
+        // The lower object must still be of the kind the view shows (a regular file stands in
+        // for another kind under `xattr_permissions`): one put at its name behind the daemon's
+        // back, say a device in place of a file, is not copied.
+        let on_disk = sys::file_type(st.st_mode);
+        if on_disk != node.kind() && !(on_disk == libc::S_IFREG && self.override_xattr().is_some())
+        {
+            return Err(Errno::ESTALE);
+        }
         let work = self.layers.work()?;
         let mut c = CopyUp {
             fs: self,

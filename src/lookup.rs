@@ -382,7 +382,9 @@ impl Union {
         self.fds.remove(node.serial, loc);
     }
 
-    /// Opens a node's object in one layer with `flags` (never following a symlink).
+    /// Opens a node's object in one layer with `flags` (never following a symlink). Other
+    /// than `O_PATH`, a non-directory is opened only if it is a regular file
+    /// (`sys::open_regular`): the only ones the daemon opens for their data.
     pub fn open_in(&self, node: &Node, loc: Loc, flags: i32) -> Result<OwnedFd> {
         if node.is_dir() {
             let dir = self.dir_fd(node, loc)?;
@@ -394,7 +396,10 @@ impl Union {
         self.at_parent(
             node,
             loc,
-            |dir, name| sys::openat(dir, name, flags, 0),
+            |dir, name| match flags & libc::O_PATH {
+                0 => sys::open_regular(dir, name, flags),
+                _ => sys::openat(dir, name, flags, 0),
+            },
             |fd| Ok(Some(RealId::of(&sys::fstat(fd.as_fd())?))),
         )
     }

@@ -1575,6 +1575,28 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<()> {
     check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }).map(drop)
 }
 
+/// Sets the status flags of an open file (`O_APPEND`, `O_NONBLOCK`, `O_NOATIME`, ...) to
+/// those in `flags`; the others in `flags` are ignored.
+pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> Result<()> {
+    // SAFETY: F_SETFL takes an int and changes only the fd's status flags.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) }).map(drop)
+}
+
+/// Opens `name` in `dir` for its data, if it is a regular file: never a device, fifo or
+/// socket put at that name behind the daemon's back (opening a fifo would block, a device
+/// would be read or written). O_NONBLOCK keeps the open itself from blocking, and is then
+/// taken off again (unless asked for). ESTALE for anything but a regular file.
+pub fn open_regular(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<OwnedFd> {
+    let fd = openat(dir, name, flags | libc::O_NONBLOCK, 0)?;
+    if file_type(fstat(fd.as_fd())?.st_mode) != libc::S_IFREG {
+        return Err(Errno::ESTALE);
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        set_status_flags(fd.as_fd(), flags)?;
+    }
+    Ok(fd)
+}
+
 /// Attaches a fresh `/dev/fuse` fd to the connection of `of`, so it reads requests too.
 pub fn clone_dev_fuse(of: BorrowedFd<'_>) -> Result<OwnedFd> {
     let new = open_dev_fuse()?;

@@ -836,3 +836,58 @@ fn stale_work_entries_are_removed_without_following_links() {
         "a work/work symlink was accepted as the work directory"
     );
 }
+
+/// Files replaced under the live mount, after the kernel looked them up, by a device node or
+/// a fifo are never opened by the daemon for their data: a device is not read through the
+/// view (the mount is `nodev`: the view shows the device node, which may not be opened),
+/// and a fifo does not block a request thread in its open.
+#[test]
+fn files_replaced_by_devices_or_fifos_are_not_opened() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("dev", "lower data")
+        .file("fifo", "lower data")
+        .file("up", "x");
+    let m = l.mount_with("m", &["-o", "nodev"]);
+    fs::write(m.path("up"), "upper data").unwrap();
+    for name in ["dev", "fifo", "up"] {
+        fs::metadata(m.path(name)).unwrap();
+    }
+    // /dev/zero's numbers in place of a lower file and of an upper one.
+    for p in [l.lower(0).path("dev"), m.upper_path("up")] {
+        fs::remove_file(&p).unwrap();
+        mknod(&p, libc::S_IFCHR | 0o666, libc::makedev(1, 5));
+    }
+    for name in ["dev", "up"] {
+        let p = m.path(name);
+        let got = bounded(name, move || {
+            let mut buf = [7u8; 16];
+            let n = File::open(&p).and_then(|mut f| f.read(&mut buf));
+            n.map(|n| buf[..n].to_vec()).map_err(|e| e.raw_os_error())
+        });
+        assert_eq!(
+            got,
+            Err(Some(libc::EACCES)),
+            "{name}: read through the view"
+        );
+    }
+    let fifo = l.lower(0).path("fifo");
+    fs::remove_file(&fifo).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let p = m.path("fifo");
+    let kind = bounded("fifo", move || {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p);
+        f.and_then(|f| f.metadata())
+            .map(|md| md.file_type().is_fifo())
+    });
+    assert!(kind.unwrap(), "the view shows the fifo");
+}
