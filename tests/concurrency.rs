@@ -1346,6 +1346,59 @@ fn a_killed_callers_copy_up_stops() {
 /// the other name, which the unlink's lookup made the node's first), so the write lands in
 /// the file that stays and the removed name gets its whiteout, as on kernel overlayfs. The
 /// copy used to land on the removed name and go with it, and the write was lost.
+/// A burst of writers of one large lower file, more than the request threads and the 64
+/// extra ones there once were at most, each waits for its one copy-up as a request of its
+/// own: another request is answered meanwhile (it used to wait for the copy to end).
+#[test]
+fn a_burst_of_writers_of_one_file_leaves_the_mount_served() {
+    let l = Layers::new(1);
+    l.lower(0).file("small", "s");
+    let big = big_lower_file(&l, "big", 1024, 9);
+    // Read from the disk, not the page cache: the copy takes long enough to watch.
+    let f = fs::File::open(&big).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: plain syscall on an open fd.
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    let m = l.mount_with("u", &["--threads", "1"]);
+    let root = m.merged.clone();
+    let seen = guarded("lookup while 80 writers wait for a copy-up", &m, {
+        let work = m.work.clone().unwrap();
+        move || {
+            let big = root.join("big");
+            let writers: Vec<_> = (0..80)
+                .map(|_| {
+                    let big = big.clone();
+                    thread::spawn(move || OpenOptions::new().write(true).open(big).map(drop))
+                })
+                .collect();
+            wait_for_a_copy(&work);
+            thread::sleep(Duration::from_millis(100));
+            let before = temp_files(&work);
+            let st = fs::metadata(root.join("small")).map(|m| m.len());
+            let after = temp_files(&work);
+            for w in writers {
+                w.join().unwrap().unwrap();
+            }
+            (before, st.ok(), after)
+        }
+    });
+    assert_eq!(seen.0, 1, "the copy-up ended before the lookup was made");
+    assert_eq!(seen.1, Some(1), "stat of another file");
+    assert_eq!(
+        seen.2, 1,
+        "the lookup was answered only after the copy-up ended"
+    );
+    assert_eq!(fs::read(m.upper_path("big")).unwrap().len(), 1 << 30);
+    assert!(work_leftovers(&m).is_empty());
+}
+
 #[test]
 fn unlink_of_a_hard_link_during_a_copy_up_keeps_the_write() {
     let l = Layers::new(1);

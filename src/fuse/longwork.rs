@@ -15,13 +15,20 @@ struct Spares {
     extra: AtomicUsize,
     /// Starts one extra worker; false if it could not.
     start: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Most extra workers at once (`max_extra`).
+    max_extra: usize,
 }
 
 /// The session's spares (one session per process).
 static SPARES: OnceLock<Spares> = OnceLock::new();
 
-/// Most extra workers at once.
-const MAX_EXTRA: usize = 64;
+/// Most extra workers at once: one per long request (a large copy-up, or a wait for one:
+/// a burst of writers of one large lower file waits as one request each, as its callers do
+/// on kernel overlayfs), bounded by a sixteenth of the open-file limit, as each holds a
+/// `/dev/fuse` fd of its own, and by 1024 threads.
+fn max_extra() -> usize {
+    (crate::sys::nofile_limit() / 16).clamp(64, 1024) as usize
+}
 
 thread_local! {
     /// The request this thread serves: its unique id and the caller's thread id.
@@ -108,7 +115,7 @@ fn spared<T>(f: impl FnOnce() -> T) -> T {
     };
     let long = s.long.fetch_add(1, Ordering::SeqCst) + 1;
     let extra = s.extra.load(Ordering::SeqCst);
-    if long >= s.base + extra && extra < MAX_EXTRA {
+    if long >= s.base + extra && extra < s.max_extra {
         s.extra.fetch_add(1, Ordering::SeqCst);
         if !(s.start)() {
             s.extra.fetch_sub(1, Ordering::SeqCst);
@@ -144,6 +151,7 @@ pub(super) fn set_spares(base: usize, start: Box<dyn Fn() -> bool + Send + Sync>
         long: AtomicUsize::new(0),
         extra: AtomicUsize::new(0),
         start,
+        max_extra: max_extra(),
     });
 }
 
