@@ -9,8 +9,8 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::inode::{Node, RealId};
 use crate::lookup::Loc;
@@ -174,6 +174,7 @@ impl CopyUp<'_> {
                         // to serve meanwhile.
                         if len >= LONG_COPY {
                             crate::fuse::longwork::long_work(|cancelled| {
+                                let _slot = LARGE_COPIES.enter(cancelled)?;
                                 copy_data(src.as_fd(), fd.as_fd(), len, cancelled)
                             })?;
                         } else {
@@ -224,7 +225,12 @@ impl CopyUp<'_> {
         ];
         sys::utimensat(fdb, c"", &times, libc::AT_EMPTY_PATH)?;
         if kind == libc::S_IFREG && self.fs.opts.fsync {
-            sys::fsync(fdb, false)?;
+            // Writing a large copy out takes as long as copying it: long work too.
+            if self.st.st_size as u64 >= LONG_COPY {
+                crate::fuse::longwork::long_work(|_| sys::fsync(fdb, false))?;
+            } else {
+                sys::fsync(fdb, false)?;
+            }
         }
         Ok(fd)
     }
@@ -504,6 +510,54 @@ const CHUNK: u64 = 64 << 20;
 /// Copies of at least this many bytes may take long (see `longwork::long_work`).
 const LONG_COPY: u64 = 8 << 20;
 
+/// The large copies under way at once (`LONG_COPY` or more), at most twice the CPUs; the
+/// others wait their turn asleep. A burst of copy-ups, each of a thread kept busy copying,
+/// would otherwise leave the threads that serve other requests one runnable thread among
+/// dozens (a lookup waited seconds for its turn on the CPUs); together they copy no faster.
+static LARGE_COPIES: Slots = Slots {
+    used: Mutex::new(0),
+    freed: Condvar::new(),
+};
+
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A place taken in `Slots`, given back when dropped.
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn max() -> usize {
+        static MAX: OnceLock<usize> = OnceLock::new();
+        *MAX.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
+    }
+
+    /// Waits for a free place; EINTR once `cancelled` says so.
+    fn enter(&self, cancelled: &dyn Fn() -> bool) -> Result<Slot<'_>> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used >= Self::max() {
+            if cancelled() {
+                return Err(Errno::EINTR);
+            }
+            used = self
+                .freed
+                .wait_timeout(used, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *used += 1;
+        Ok(Slot(self))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.used.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
     libc::timespec {
         tv_sec: sec,
@@ -701,6 +755,37 @@ mod tests {
             assert!(out.len() < 100, "endless: {out:?}");
         }
         out
+    }
+
+    #[test]
+    fn large_copies_take_turns_and_waiting_ones_can_be_cancelled() {
+        use std::sync::atomic::AtomicUsize;
+        let slots = Slots {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        };
+        let (inside, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..Slots::max() * 3 {
+                s.spawn(|| {
+                    let _slot = slots.enter(&|| false).unwrap();
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let most = most.load(Ordering::SeqCst);
+        assert!(most > 0 && most <= Slots::max(), "{most} copies at once");
+        assert_eq!(*slots.used.lock().unwrap(), 0);
+        // All taken: a cancelled copy stops waiting.
+        let held: Vec<_> = (0..Slots::max())
+            .map(|_| slots.enter(&|| false).unwrap())
+            .collect();
+        assert_eq!(slots.enter(&|| true).err(), Some(Errno::EINTR));
+        drop(held);
+        assert!(slots.enter(&|| true).is_ok());
     }
 
     #[test]
