@@ -625,22 +625,31 @@ pub fn run(cfg: Config) -> Result<(), String> {
             }
         }
     }
-    let mp = paths.mountpoint.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let sig = sys::sigwait(&set);
-            log::info!("signal {sig}: unmounting {}", mp.display());
-            unmount(&mp);
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-    let _ = union
-        .invalidator
-        .set(Invalidator::start(session.notifier()));
+    // The mount is live: a helper thread that cannot start (a thread limit) takes it away
+    // again, as a mount nobody serves would answer ENOTCONN.
+    let helpers = || -> Result<(), String> {
+        let mp = paths.mountpoint.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = sys::sigwait(&set);
+                log::info!("signal {sig}: unmounting {}", mp.display());
+                unmount(&mp);
+            })
+            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        let invalidator = Invalidator::start(session.notifier())
+            .map_err(|e| format!("cannot start the invalidation thread: {e}"))?;
+        let _ = union.invalidator.set(invalidator);
+        crate::notify::start_trimmer(union.clone())
+            .map_err(|e| format!("cannot start the housekeeping thread: {e}"))
+    };
+    if let Err(e) = helpers() {
+        unmount(&paths.mountpoint);
+        return Err(e);
+    }
     if let Some(dev) = dev_splice {
         union.streams.start(dev);
     }
-    crate::notify::start_trimmer(union.clone());
     match session.run() {
         Ok(()) => Ok(()),
         // The kernel ended the connection as the mount went away while requests were still

@@ -21,7 +21,7 @@ pub struct Invalidator {
 }
 
 impl Invalidator {
-    pub fn start(notifier: Notifier) -> Invalidator {
+    pub fn start(notifier: Notifier) -> std::io::Result<Invalidator> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let own = notifier.clone();
         std::thread::Builder::new()
@@ -39,9 +39,8 @@ impl Invalidator {
                         log::debug!("invalidation failed: {e}");
                     }
                 }
-            })
-            .expect("spawn invalidator thread");
-        Invalidator { tx, notifier: own }
+            })?;
+        Ok(Invalidator { tx, notifier: own })
     }
 
     /// Drops the kernel's cached attributes of an inode now, before the reply to the current
@@ -81,7 +80,7 @@ pub const NODES_LOW: usize = 42_000;
 /// It also ticks the table's clock, frees idle read buffers and closes the fds of forgotten
 /// directories. Once a tick finds none of that to do and no request since the last one, it
 /// sleeps until a request comes (`Table::stir`): an idle mount wakes nobody.
-pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
+pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) -> std::io::Result<()> {
     const TICK: std::time::Duration = std::time::Duration::from_millis(500);
     let union = u.clone();
     let thread = std::thread::Builder::new()
@@ -134,12 +133,12 @@ pub fn start_trimmer(u: std::sync::Arc<crate::union::Union>) {
                 }
                 crate::sys::malloc_trim();
             }
-        })
-        .expect("spawn trimmer thread");
+        })?;
     // Woken again once the kernel forgot half of what a trim handed back.
     union.table.set_trimmer(
         thread.thread().clone(),
         NODES_HIGH,
         (NODES_HIGH + NODES_LOW) / 2,
     );
+    Ok(())
 }
