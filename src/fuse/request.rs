@@ -35,6 +35,15 @@ impl Header {
         };
         (h.len as usize == msg.len() && msg.len() >= abi::IN_HEADER).then_some(h)
     }
+
+    /// For a malformed message: the request id to answer, if it has one that takes an
+    /// answer (its caller would otherwise wait for good).
+    pub fn unique_to_answer(msg: &[u8]) -> Option<u64> {
+        let mut a = Args::new(msg);
+        let (_len, opcode, unique) = (a.u32().ok()?, a.u32().ok()?, a.u64().ok()?);
+        let no_answer = [op::FORGET, op::BATCH_FORGET, op::INTERRUPT];
+        (unique != 0 && !no_answer.contains(&opcode)).then_some(unique)
+    }
 }
 
 /// One operation, decoded. Inode numbers other than the header's are named in the variant.
@@ -492,6 +501,24 @@ impl<'a> Op<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn malformed_requests_are_answered_when_they_take_an_answer() {
+        let msg = |len: u32, opcode: u32, unique: u64| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&len.to_ne_bytes());
+            m.extend_from_slice(&opcode.to_ne_bytes());
+            m.extend_from_slice(&unique.to_ne_bytes());
+            m
+        };
+        // A length that does not match what was read.
+        let getattr = msg(999, 3, 42);
+        assert!(Header::parse(&getattr).is_none());
+        assert_eq!(Header::unique_to_answer(&getattr), Some(42));
+        assert_eq!(Header::unique_to_answer(&msg(999, op::FORGET, 42)), None);
+        assert_eq!(Header::unique_to_answer(&msg(999, op::INTERRUPT, 42)), None);
+        assert_eq!(Header::unique_to_answer(&getattr[..12]), None);
+    }
 
     #[test]
     fn no_body_makes_decoding_panic() {

@@ -520,7 +520,10 @@ impl Worker {
             };
             let msg = &buf[..n];
             let Some(h) = Header::parse(msg) else {
-                log::warn!("ignoring a malformed request of {n} bytes");
+                log::warn!("a malformed request of {n} bytes: answered EIO");
+                if let Some(unique) = Header::unique_to_answer(msg) {
+                    Reply::new(self.ch.clone(), unique).error(fuser::Errno::EIO);
+                }
                 continue;
             };
             if let Some(r) = &self.readers {
