@@ -1587,7 +1587,20 @@ pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> Result<()> {
 /// would be read or written). O_NONBLOCK keeps the open itself from blocking, and is then
 /// taken off again (unless asked for). ESTALE for anything but a regular file.
 pub fn open_regular(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<OwnedFd> {
-    let fd = openat(dir, name, flags | libc::O_NONBLOCK, 0)?;
+    let fd = match openat(dir, name, flags | libc::O_NONBLOCK, 0) {
+        // EAGAIN: a lease another process holds on the file, whose break O_NONBLOCK does
+        // not wait for (an open waits). ENXIO: a fifo without a reader, or a socket. The
+        // object is looked at through O_PATH (which opens nothing), then, if it is a
+        // regular file, opened for real.
+        Err(e) if matches!(e.code(), libc::EAGAIN | libc::ENXIO) => {
+            let path = openat(dir, name, libc::O_PATH, 0)?;
+            if file_type(fstat(path.as_fd())?.st_mode) != libc::S_IFREG {
+                return Err(Errno::ESTALE);
+            }
+            return reopen(path.as_fd(), flags);
+        }
+        r => r?,
+    };
     if file_type(fstat(fd.as_fd())?.st_mode) != libc::S_IFREG {
         return Err(Errno::ESTALE);
     }

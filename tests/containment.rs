@@ -890,4 +890,70 @@ fn files_replaced_by_devices_or_fifos_are_not_opened() {
             .map(|md| md.file_type().is_fifo())
     });
     assert!(kind.unwrap(), "the view shows the fifo");
+    // Opened for writing, with no reader: the daemon's open fails (ENXIO), and the view
+    // shows the fifo all the same, whose open answers as a fifo's does.
+    fs::write(m.path("wfifo"), "upper").unwrap();
+    let upper = m.upper_path("wfifo");
+    fs::remove_file(&upper).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&upper)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let p = m.path("wfifo");
+    let opened = bounded("wfifo", move || {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p);
+        f.map(drop).map_err(|e| e.raw_os_error())
+    });
+    assert_eq!(opened, Err(Some(libc::ENXIO)), "write-open of the fifo");
+    assert!(fs::metadata(m.path("wfifo")).unwrap().file_type().is_fifo());
+}
+
+/// An open through the view waits for the break of a lease another process holds on the
+/// layer file, as an open does (and as kernel overlayfs's does): the daemon's first,
+/// non-blocking open does not wait, and must not answer EAGAIN for it.
+#[test]
+fn opens_wait_for_the_break_of_a_lease_on_the_layer_file() {
+    use std::io::BufRead;
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "lower");
+    let m = l.mount("m");
+    fs::write(m.path("up"), "upper").unwrap();
+    // Takes a write lease and gives it up when asked to (SIGIO).
+    let holder = r#"
+import fcntl, os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+signal.signal(signal.SIGIO, lambda s, f: fcntl.fcntl(fd, 1024, fcntl.F_UNLCK))
+fcntl.fcntl(fd, 1024, fcntl.F_WRLCK)
+print("held", flush=True)
+time.sleep(30)
+"#;
+    for (name, on_disk, content) in [
+        ("up", m.upper_path("up"), "upper"),
+        ("lo", l.lower(0).path("lo"), "lower"),
+    ] {
+        let mut h = Command::new("python3")
+            .args(["-c", holder])
+            .arg(&on_disk)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(h.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "held", "{name}: the lease was not taken");
+        let p = m.path(name);
+        let got = bounded(name, move || {
+            fs::read_to_string(p).map_err(|e| e.raw_os_error())
+        });
+        let _ = h.kill();
+        let _ = h.wait();
+        assert_eq!(got.as_deref(), Ok(content), "{name}: read through the view");
+    }
 }
