@@ -87,7 +87,7 @@ struct Cli {
     log_level: LogLevel,
     /// Mount options, comma-separated; may repeat
     #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
-    options: Vec<String>,
+    options: Vec<OsString>,
     /// [SOURCE] MERGED: the mountpoint, optionally preceded by a source name for /proc/mounts
     #[arg(value_name = "MERGED", num_args = 0..)]
     paths: Vec<PathBuf>,
@@ -190,23 +190,31 @@ pub enum Parsed {
 /// Splits an option string on commas outside double quotes; a backslash keeps the next
 /// character (escapes survive for the layer-list splitter).
 pub fn split_options(s: &str) -> Vec<String> {
+    split_option_bytes(s.as_bytes())
+        .into_iter()
+        .map(|o| String::from_utf8(o).expect("split at ASCII bytes only"))
+        .collect()
+}
+
+/// `split_options` of bytes: an option's value may be a path, which need not be UTF-8.
+fn split_option_bytes(s: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let mut cur = String::new();
+    let mut cur = Vec::new();
     let mut quoted = false;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
+    let mut bytes = s.iter();
+    while let Some(&c) = bytes.next() {
         match c {
-            '\\' => {
+            b'\\' => {
                 cur.push(c);
-                if let Some(n) = chars.next() {
+                if let Some(&n) = bytes.next() {
                     cur.push(n);
                 }
             }
-            '"' => {
+            b'"' => {
                 quoted = !quoted;
                 cur.push(c);
             }
-            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            b',' if !quoted => out.push(std::mem::take(&mut cur)),
             _ => cur.push(c),
         }
     }
@@ -238,19 +246,21 @@ pub fn split_layers(s: &OsStr) -> Vec<PathBuf> {
     out
 }
 
-fn unescape(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(n) = chars.next() {
+/// A path given in an option, where `\X` stands for X.
+fn unescape(s: &OsStr) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::new();
+    let mut bytes = s.as_bytes().iter();
+    while let Some(&c) = bytes.next() {
+        if c == b'\\' {
+            if let Some(&n) = bytes.next() {
                 out.push(n);
             }
         } else {
             out.push(c);
         }
     }
-    out
+    PathBuf::from(OsString::from_vec(out))
 }
 
 fn parse_num(opt: &str, v: &str) -> Result<u32, String> {
@@ -321,20 +331,31 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
     let mut changes: Vec<(u64, bool)> = Vec::new();
 
     for group in &cli.options {
-        for opt in split_options(group) {
-            let (key, value) = match opt.split_once('=') {
-                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                None => (opt.clone(), None),
+        for opt in split_option_bytes(group.as_bytes()) {
+            use std::os::unix::ffi::OsStringExt;
+            let (key, value) = match opt.iter().position(|&b| b == b'=') {
+                Some(at) => (&opt[..at], Some(OsString::from_vec(opt[at + 1..].to_vec()))),
+                None => (&opt[..], None),
             };
-            let need = |v: &Option<String>| -> Result<String, String> {
+            let key = String::from_utf8_lossy(key).into_owned();
+            // A path (any bytes).
+            let need_path = |v: &Option<OsString>| -> Result<OsString, String> {
                 v.clone()
                     .filter(|v| !v.is_empty())
                     .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))
             };
+            let need = |v: &Option<OsString>| -> Result<String, String> {
+                need_path(v)?
+                    .into_string()
+                    .map_err(|v| format!("option {key} has a value that is not UTF-8: {v:?}"))
+            };
             // A flag: `ro=0` must not mount read-only.
-            let flag = |v: &Option<String>| -> Result<(), String> {
+            let flag = |v: &Option<OsString>| -> Result<(), String> {
                 match v {
-                    Some(v) => Err(format!("option {key} takes no value (got {key}={v})")),
+                    Some(v) => Err(format!(
+                        "option {key} takes no value (got {key}={})",
+                        v.to_string_lossy()
+                    )),
                     None => Ok(()),
                 }
             };
@@ -351,21 +372,21 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                         let cli = *from == "--lower";
                         return Err(twice("lower layers", "lowerdir", "--lower", cli));
                     }
-                    lower = Some((need(&value)?.into(), "lowerdir="));
+                    lower = Some((need_path(&value)?, "lowerdir="));
                 }
                 "upperdir" => {
                     if upper.is_some() {
                         let cli = cli.upper.is_some();
                         return Err(twice("upper layer", "upperdir", "--upper", cli));
                     }
-                    upper = Some(PathBuf::from(unescape(&need(&value)?)));
+                    upper = Some(unescape(&need_path(&value)?));
                 }
                 "workdir" => {
                     if work.is_some() {
                         let cli = cli.work.is_some();
                         return Err(twice("work directory", "workdir", "--work", cli));
                     }
-                    work = Some(PathBuf::from(unescape(&need(&value)?)));
+                    work = Some(unescape(&need_path(&value)?));
                 }
                 "uidmapping" => {
                     idmap.uids = idmap::parse_ranges(&need(&value)?)
@@ -462,7 +483,10 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                 "fsname" => fsname = Some(need(&value)?),
                 // SELinux labels: nothing to do without an LSM that labels FUSE mounts.
                 "context" | "fscontext" | "defcontext" | "rootcontext" | "subtype" => {}
-                _ => warnings.push(format!("unknown option {opt:?} ignored")),
+                _ => warnings.push(format!(
+                    "unknown option {:?} ignored",
+                    String::from_utf8_lossy(&opt)
+                )),
             }
         }
     }
@@ -969,8 +993,28 @@ mod tests {
         let Ok(Parsed::Mount(c)) = parse(args) else {
             panic!("refused");
         };
-        let want = [b"/l\xff".to_vec(), b"/m:\xfe".to_vec()];
-        assert_eq!(c.lowers, want.map(|b| PathBuf::from(OsString::from_vec(b))));
+        let want =
+            [b"/l\xff".to_vec(), b"/m:\xfe".to_vec()].map(|b| PathBuf::from(OsString::from_vec(b)));
+        assert_eq!(c.lowers, want);
+        // The same through -o, with upper and work directories, as mount(8) passes them.
+        let o = b"lowerdir=/l\xff:/m\\:\xfe,upperdir=/u\xfd\\,x,workdir=/w\xfc".to_vec();
+        let args = [
+            "unionmount".into(),
+            "/merged".into(),
+            "-o".into(),
+            OsString::from_vec(o),
+        ];
+        let Ok(Parsed::Mount(c)) = parse(args) else {
+            panic!("refused");
+        };
+        assert_eq!(c.lowers, want);
+        let path = |b: &[u8]| Some(PathBuf::from(OsString::from_vec(b.to_vec())));
+        assert_eq!(c.upper, path(b"/u\xfd,x"));
+        assert_eq!(c.work, path(b"/w\xfc"));
+        // A value that is no path must be UTF-8: one clear line.
+        let o = OsString::from_vec(b"lowerdir=/l,uidmapping=\xff".to_vec());
+        let e = parse(["unionmount".into(), "/m".into(), "-o".into(), o]).err();
+        assert!(e.is_some_and(|e| e.contains("uidmapping has a value that is not UTF-8")));
     }
 
     #[test]
