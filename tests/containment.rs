@@ -871,45 +871,34 @@ fn files_replaced_by_devices_or_fifos_are_not_opened() {
             "{name}: read through the view"
         );
     }
-    let fifo = l.lower(0).path("fifo");
-    fs::remove_file(&fifo).unwrap();
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let p = m.path("fifo");
-    let kind = bounded("fifo", move || {
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&p);
-        f.and_then(|f| f.metadata())
-            .map(|md| md.file_type().is_fifo())
-    });
-    assert!(kind.unwrap(), "the view shows the fifo");
+    // A fifo in place of `on_disk`; the view's `name` opened O_NONBLOCK, for writing or not.
+    let swap_and_open = |on_disk: std::path::PathBuf, name: &str, write: bool| {
+        fs::remove_file(&on_disk).unwrap();
+        assert!(
+            Command::new("mkfifo")
+                .arg(&on_disk)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let p = m.path(name);
+        bounded(name, move || {
+            let f = fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&p);
+            f.and_then(|f| f.metadata())
+                .map(|md| md.file_type().is_fifo())
+                .map_err(|e| e.raw_os_error())
+        })
+    };
+    let kind = swap_and_open(l.lower(0).path("fifo"), "fifo", false);
+    assert_eq!(kind, Ok(true), "the view shows the fifo");
     // Opened for writing, with no reader: the daemon's open fails (ENXIO), and the view
     // shows the fifo all the same, whose open answers as a fifo's does.
     fs::write(m.path("wfifo"), "upper").unwrap();
-    let upper = m.upper_path("wfifo");
-    fs::remove_file(&upper).unwrap();
-    assert!(
-        Command::new("mkfifo")
-            .arg(&upper)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let p = m.path("wfifo");
-    let opened = bounded("wfifo", move || {
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&p);
-        f.map(drop).map_err(|e| e.raw_os_error())
-    });
+    let opened = swap_and_open(m.upper_path("wfifo"), "wfifo", true);
     assert_eq!(opened, Err(Some(libc::ENXIO)), "write-open of the fifo");
     assert!(fs::metadata(m.path("wfifo")).unwrap().file_type().is_fifo());
 }
