@@ -926,14 +926,24 @@ time.sleep(30)
         ("up", m.upper_path("up"), "upper"),
         ("lo", l.lower(0).path("lo"), "lower"),
     ] {
-        let mut h = Command::new("python3")
-            .args(["-c", holder])
-            .arg(&on_disk)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        // Ended when dropped, also when an assertion fails first.
+        struct Holder(std::process::Child);
+        impl Drop for Holder {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut h = Holder(
+            Command::new("python3")
+                .args(["-c", holder])
+                .arg(&on_disk)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let mut line = String::new();
-        std::io::BufReader::new(h.stdout.take().unwrap())
+        std::io::BufReader::new(h.0.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "held", "{name}: the lease was not taken");
@@ -941,8 +951,7 @@ time.sleep(30)
         let got = bounded(name, move || {
             fs::read_to_string(p).map_err(|e| e.raw_os_error())
         });
-        let _ = h.kill();
-        let _ = h.wait();
+        drop(h);
         assert_eq!(got.as_deref(), Ok(content), "{name}: read through the view");
     }
 }
