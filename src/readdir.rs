@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use lru::LruCache;
 
 use crate::inode::{NOT_COUNTED, Node, RealId};
-use crate::lookup::Loc;
+use crate::lookup::{Loc, Origin};
 use crate::sys::{self, Result};
 use crate::union::Union;
 use crate::whiteout;
@@ -369,8 +369,12 @@ impl Union {
                     continue;
                 };
                 if let Ok(st) = sys::fstatat(upper.as_fd(), &name, 0) {
-                    let origin = self.origin_below(dir, &layers[1..], &upper, &name, &st);
-                    e.id = self.copy_key(origin, e.id);
+                    // Not numbered (checked above): the origin decides (`copy_key`).
+                    if let Origin::Here(lower) =
+                        self.origin_below(dir, &layers[1..], &upper, &name, &st)
+                    {
+                        e.id = lower;
+                    }
                 }
             }
         }
