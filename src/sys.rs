@@ -1261,7 +1261,6 @@ pub fn setsid() {
     unsafe { libc::setsid() };
 }
 
-/// Points stdin, stdout and stderr at /dev/null.
 /// The descriptors above the standard ones this process has now (for the daemon: those it
 /// inherited from whoever started it).
 pub fn open_fds_above_stdio() -> Vec<i32> {
@@ -1296,6 +1295,7 @@ pub fn close_fds(fds: &[i32]) {
     }
 }
 
+/// Points stdin, stdout and stderr at /dev/null.
 pub fn detach_stdio() {
     // SAFETY: opening /dev/null and dup2 onto the standard descriptors is always sound.
     unsafe {
@@ -1569,10 +1569,9 @@ pub fn wait_readable(fd: BorrowedFd<'_>) -> Result<()> {
 }
 
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on a valid fd.
+    // SAFETY: F_GETFL on a valid fd.
     let fl = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }).map(drop)
+    set_status_flags(fd, fl | libc::O_NONBLOCK)
 }
 
 /// Sets the status flags of an open file (`O_APPEND`, `O_NONBLOCK`, `O_NOATIME`, ...) to
