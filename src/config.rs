@@ -225,42 +225,35 @@ fn split_option_bytes(s: &[u8]) -> Vec<Vec<u8>> {
 
 /// Splits a layer list on ':' where `\:` (and any `\X`) stands for the character itself.
 pub fn split_layers(s: &OsStr) -> Vec<PathBuf> {
-    use std::os::unix::ffi::OsStringExt;
-    let path = |b: Vec<u8>| PathBuf::from(OsString::from_vec(b));
-    let mut out = Vec::new();
-    let mut cur = Vec::new();
-    // Bytes, not characters: a path need not be UTF-8 (`\\` and `:` are ASCII either way).
-    let mut bytes = s.as_bytes().iter();
-    while let Some(&c) = bytes.next() {
-        match c {
-            b'\\' => {
-                if let Some(&n) = bytes.next() {
-                    cur.push(n);
-                }
-            }
-            b':' => out.push(path(std::mem::take(&mut cur))),
-            _ => cur.push(c),
-        }
-    }
-    out.push(path(cur));
-    out
+    unescaped_paths(s, Some(b':'))
 }
 
 /// A path given in an option, where `\X` stands for X.
 fn unescape(s: &OsStr) -> PathBuf {
+    unescaped_paths(s, None).pop().unwrap_or_default()
+}
+
+/// The paths of `s` split at `sep` (one path without it), where `\X` stands for X. Bytes,
+/// not characters: a path need not be UTF-8 (`\\` and `:` are ASCII either way).
+fn unescaped_paths(s: &OsStr, sep: Option<u8>) -> Vec<PathBuf> {
     use std::os::unix::ffi::OsStringExt;
+    let path = |b: Vec<u8>| PathBuf::from(OsString::from_vec(b));
     let mut out = Vec::new();
+    let mut cur = Vec::new();
     let mut bytes = s.as_bytes().iter();
     while let Some(&c) = bytes.next() {
         if c == b'\\' {
             if let Some(&n) = bytes.next() {
-                out.push(n);
+                cur.push(n);
             }
+        } else if Some(c) == sep {
+            out.push(path(std::mem::take(&mut cur)));
         } else {
-            out.push(c);
+            cur.push(c);
         }
     }
-    PathBuf::from(OsString::from_vec(out))
+    out.push(path(cur));
+    out
 }
 
 fn parse_num(opt: &str, v: &str) -> Result<u32, String> {
