@@ -32,8 +32,9 @@ pub enum Data {
 struct CopyUp<'a> {
     fs: &'a Union,
     node: &'a Arc<Node>,
-    /// The lower object, `O_PATH`.
+    /// The lower object, `O_PATH`, and its layer.
     src: OwnedFd,
+    lower: crate::layer::LowerIdx,
     st: Stat,
     /// Temporary name in the work directory.
     tmp: CString,
@@ -110,6 +111,7 @@ impl Union {
             fs: self,
             node,
             src,
+            lower,
             st,
             tmp: work.temp_name(),
             target,
@@ -241,11 +243,7 @@ impl CopyUp<'_> {
     /// filesystem gives no handles or the copy cannot carry it (user xattrs on a symlink or
     /// a device).
     fn record_origin(&self, copy: BorrowedFd<'_>) {
-        let layers = &self.fs.layers.lowers;
-        let uuid = layers
-            .iter()
-            .find(|l| l.dev == self.st.st_dev)
-            .map_or([0; 16], |l| l.uuid);
+        let uuid = self.fs.layers.lower(self.lower).uuid;
         let r = sys::file_handle(self.src.as_fd(), c"").and_then(|(kind, fid)| {
             let v = whiteout::origin_value(kind, &fid, &uuid).ok_or(Errno::EOVERFLOW)?;
             sys::setxattr(copy, self.fs.layers.format.origin_xattr(), &v, 0)
