@@ -199,6 +199,20 @@ impl AsRef<OsStr> for Name {
     }
 }
 
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Name {}
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (**self).hash(h)
+    }
+}
+
 impl PartialEq<OsStr> for Name {
     fn eq(&self, other: &OsStr) -> bool {
         **self == *other

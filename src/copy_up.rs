@@ -292,11 +292,7 @@ impl CopyUp<'_> {
         // again under its directory's lock); else its first name now.
         let (parent, name) = {
             let st = self.node.state();
-            let has = |p: &Node, n: &std::ffi::OsStr| {
-                st.links
-                    .iter()
-                    .any(|l| l.parent.ino == p.ino && l.name == n)
-            };
+            let has = |p: &Node, n: &std::ffi::OsStr| st.links.contains(p.ino, n);
             match &self.target {
                 Some((p, n)) if has(p, n) => (p.clone(), n.clone()),
                 _ => {

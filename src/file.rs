@@ -701,11 +701,7 @@ impl Union {
             };
             {
                 let _dir = parent.lock_dir();
-                let named = node
-                    .state()
-                    .links
-                    .iter()
-                    .any(|l| l.parent.ino == parent.ino && l.name == name.as_os_str());
+                let named = node.state().links.contains(parent.ino, &name);
                 if !named {
                     continue;
                 }

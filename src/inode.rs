@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::compact::{Few, Name};
 use crate::layer::LowerIdx;
+pub use crate::links::{Link, Links};
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
@@ -52,17 +53,10 @@ impl RealId {
     }
 }
 
-/// One name of a node in the merged tree.
-#[derive(Clone)]
-pub struct Link {
-    pub parent: Arc<Node>,
-    pub name: Name,
-}
-
 pub struct State {
     /// Names of the node; the first is the one used to build paths. Empty for the root and for
     /// a node whose last name was removed.
-    pub links: Few<Link>,
+    pub links: Links,
     /// The object in the upper layer, if there is one.
     pub upper: Option<RealId>,
     /// Directories: the lower directories merged below, top-most first. Other objects: the
@@ -86,11 +80,6 @@ pub enum Redirect {
 }
 
 impl State {
-    /// Makes `l` the first name.
-    pub fn push_first_link(&mut self, l: Link) {
-        self.links.insert(0, l);
-    }
-
     pub fn is_unlinked(&self) -> bool {
         self.links.is_empty()
     }
@@ -135,7 +124,7 @@ pub struct Node {
     /// The table's clock when a request last used the node (see `Table::coldest`).
     last_used: AtomicU32,
     /// Kernel lookups plus pins by children; the node leaves the table when it drops to 0.
-    refs: AtomicU64,
+    pub(crate) refs: AtomicU64,
     state: Mutex<State>,
     /// Made on first use (see `Extra`).
     extra: OnceLock<Box<Extra>>,
@@ -497,18 +486,7 @@ impl Node {
     /// one a change that follows is most likely made through (FUSE requests carry only the
     /// inode, and copy-up installs the copy at the first name).
     pub fn touch_link(&self, parent: u64, name: &OsStr) -> bool {
-        let mut st = self.state();
-        match st
-            .links
-            .iter()
-            .position(|l| l.parent.ino == parent && l.name == name)
-        {
-            Some(i) => {
-                st.links[..=i].rotate_right(1);
-                true
-            }
-            None => false,
-        }
+        self.state().links.touch(parent, name)
     }
 
     pub fn is_dir(&self) -> bool {
@@ -1105,23 +1083,19 @@ impl Table {
     /// copy-up installs a copy at (see `Node::touch_link`).
     pub fn link(&self, node: &Node, parent: &Arc<Node>, name: &OsStr) {
         self.pin(parent, 1);
-        node.state().push_first_link(Link {
+        let twice = node.state().links.push_first(Link {
             parent: parent.clone(),
             name: Name::new(name),
         });
+        if let Some(l) = twice {
+            self.unpin(&l.parent, 1);
+        }
     }
 
     /// Removes the name (parent, name) from a node, unpinning the parent. Returns whether the
     /// node had that name.
     pub fn unlink(&self, node: &Node, parent: &Node, name: &OsStr) -> bool {
-        let removed = {
-            let mut st = node.state();
-            let pos = st
-                .links
-                .iter()
-                .position(|l| l.parent.ino == parent.ino && l.name == name);
-            pos.map(|i| st.links.remove(i))
-        };
+        let removed = node.state().links.remove(parent.ino, name);
         match removed {
             Some(l) => {
                 self.unpin(&l.parent, 1);
@@ -1188,7 +1162,7 @@ mod tests {
 
     fn empty() -> State {
         State {
-            links: Few::new(),
+            links: Links::new(),
             upper: None,
             lowers: Few::new(),
             ids: Few::new(),

@@ -22,6 +22,7 @@ pub mod idmap;
 pub mod inode;
 pub mod killpriv;
 pub mod layer;
+pub mod links;
 pub mod logger;
 pub mod lookup;
 pub mod mount;

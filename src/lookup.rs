@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::compact::{Few, Name};
 use crate::fdcache::CachedDir;
-use crate::inode::{Link, Node, RealId, Redirect, State};
+use crate::inode::{Link, Links, Node, RealId, Redirect, State};
 use crate::layer::LowerIdx;
 use crate::sys::{self, Errno, Result, Stat};
 use crate::union::Union;
@@ -877,7 +877,7 @@ impl Union {
             origin => self.copy_key(origin, top),
         };
         let (node, existed) = self.table.get_or_insert(id, kind, || State {
-            links: Few::new(),
+            links: Links::new(),
             upper: found.upper,
             lowers: found.lowers,
             ids: Few::One(id),
@@ -914,12 +914,9 @@ impl Union {
         }
         // The parent is pinned before the state is held (a new name holds a reference).
         self.table.pin(parent, 1);
-        let dropped: Few<Link> = {
+        let dropped: Links = {
             let mut st = node.state();
-            let has = st
-                .links
-                .iter()
-                .any(|l| l.parent.ino == parent.ino && l.name == name);
+            let has = st.links.contains(parent.ino, name);
             if has || !fresh() {
                 // A concurrent lookup of the same name added it, or the name is stale.
                 drop(st);
@@ -930,12 +927,13 @@ impl Union {
             let old = if node.is_dir() {
                 std::mem::take(&mut st.links)
             } else {
-                Few::new()
+                Links::new()
             };
-            st.push_first_link(Link {
+            let twice = st.links.push_first(Link {
                 parent: parent.clone(),
                 name: Name::new(name),
             });
+            debug_assert!(twice.is_none(), "checked above under the same lock");
             old
         };
         for l in dropped {

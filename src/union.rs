@@ -118,7 +118,7 @@ impl Union {
         }
         // The root merges the upper root with every lower root.
         let mut root = State {
-            links: Few::new(),
+            links: crate::inode::Links::new(),
             upper: None,
             lowers: Few::new(),
             ids: Few::new(),

@@ -1967,6 +1967,55 @@ fn copy_up_of_a_lower_hard_link_through_either_name() {
     }
 }
 
+/// A lower file with many names (more than a node keeps in a plain list) behaves as one with
+/// two: each name is looked up, written through and removed on its own, as on kernel overlayfs.
+#[test]
+fn a_lower_file_with_many_names() {
+    let l = Layers::new(1);
+    let lower = l.lower(0);
+    lower.file("d/f0", "shared").dir("e");
+    for i in 1..120 {
+        let dir = if i % 3 == 0 { "e" } else { "d" };
+        lower.hardlink("d/f0", &format!("{dir}/f{i}"));
+    }
+    let name = |i: usize| format!("{}/f{i}", if i % 3 == 0 && i > 0 { "e" } else { "d" });
+    let m = l.mount("u");
+    let k = l.mount_kernel("k");
+    for mnt in [&m, &k] {
+        let ino0 = lstat(&mnt.path(&name(0))).ino();
+        for i in 0..120 {
+            let st = lstat(&mnt.path(&name(i)));
+            assert_eq!((st.ino(), st.nlink()), (ino0, 120), "{}", name(i));
+        }
+        // Through a name in the middle, looked up again first, as the kernel does.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(mnt.path(&name(61)))
+            .unwrap();
+        f.write_all(b"+61").unwrap();
+        drop(f);
+        for i in (0..120).filter(|i| i % 4 != 1) {
+            fs::remove_file(mnt.path(&name(i))).unwrap();
+        }
+    }
+    for mnt in [&m, &k] {
+        assert_eq!(mnt.read(&name(61)), "shared+61");
+        assert!(mnt.upper_path(&name(61)).exists());
+        for i in (0..120).filter(|i| i % 4 == 1 && *i != 61) {
+            assert_eq!(mnt.read(&name(i)), "shared", "{}", name(i));
+            assert!(!mnt.upper_path(&name(i)).exists(), "{} copied up", name(i));
+        }
+        for i in (0..120).filter(|i| i % 4 != 1) {
+            assert!(!mnt.path(&name(i)).exists(), "{} still there", name(i));
+        }
+    }
+    let o = TreeOpts {
+        mtime: false,
+        ..TreeOpts::default()
+    };
+    assert_eq!(tree(&m.merged, &o), tree(&k.merged, &o));
+}
+
 /// Breaking a lower hard link gives the names that keep the lower file a number of their own.
 /// Listings the kernel cached before show that number right after the change: those of
 /// names the mount looked up and of names it only ever listed (readdirplus off).
