@@ -275,9 +275,13 @@ pub fn refuse_metacopy(dir: BorrowedFd<'_>, name: &CStr, format: Format) -> Resu
 /// A directory's redirect, as kernel overlayfs reads it: `/a/b` is a path from the root of
 /// each layer below, `name` a name in the parent's directories below. The value ends at its
 /// first NUL. EINVAL for what the kernel takes as invalid (empty, an empty component, a `/`
-/// in a relative one), EACCES for a `.` or `..` component (the kernel's lookup refuses
-/// them), so that a redirect never leaves the layer.
+/// in a relative one), EACCES for a `.` or `..` component or an empty name (a value that
+/// starts with NUL: the kernel's lookup refuses them), so that a redirect never leaves the
+/// layer.
 pub fn parse_redirect(value: &[u8]) -> Result<(bool, Vec<&[u8]>)> {
+    if value.first() == Some(&0) {
+        return Err(crate::sys::Errno::EACCES);
+    }
     let value = value.split(|&b| b == 0).next().unwrap_or_default();
     let (absolute, parts): (bool, Vec<&[u8]>) = match value.strip_prefix(b"/") {
         Some(rest) => (true, rest.split(|&b| b == b'/').collect()),
@@ -351,10 +355,12 @@ mod tests {
         assert_eq!(ok(b"/a/b"), Ok((true, vec![&b"a"[..], b"b"])));
         assert_eq!(ok(b"x"), Ok((false, vec![&b"x"[..]])));
         assert_eq!(ok(b"x\0junk"), Ok((false, vec![&b"x"[..]])));
-        for bad in [&b""[..], b"/", b"//a", b"/a/", b"/a//b", b"a/b", b"\0/a"] {
+        for bad in [&b""[..], b"/", b"//a", b"/a/", b"/a//b", b"a/b", b"/\0"] {
             assert_eq!(ok(bad), Err(libc::EINVAL), "{bad:?}");
         }
-        for up in [&b".."[..], b".", b"/a/../b", b"/.."] {
+        // As kernel overlayfs answers (checked on 6.18): a value that starts with NUL is an
+        // empty name, which its lookup refuses.
+        for up in [&b".."[..], b".", b"/a/../b", b"/..", b"\0", b"\0/a"] {
             assert_eq!(ok(up), Err(libc::EACCES), "{up:?}");
         }
     }

@@ -2933,19 +2933,21 @@ fn truncates_set_times_as_on_kernel_overlayfs() {
 
 /// Redirects that lead nowhere or that the kernel refuses, written into an upper by hand:
 /// each directory answers as on kernel overlayfs (a component too long is "not found", so
-/// the directory shows its upper contents; `..` is refused with EACCES, an empty component
-/// with EINVAL).
+/// the directory shows its upper contents; `..` and a value that starts with NUL, an empty
+/// name, are refused with EACCES, an empty component with EINVAL).
 #[test]
 fn odd_redirects_answer_as_on_kernel_overlayfs() {
     let l = Layers::new(1);
     l.lower(0).file("x/lower", "l");
     let long = format!("/x/{}", "n".repeat(300));
-    let cases: [(&str, &[u8]); 5] = [
+    let cases: [(&str, &[u8]); 7] = [
         ("long", long.as_bytes()),
         ("dotdot", b"/x/../x"),
         ("empty", b"/x//y"),
         ("missing", b"/nowhere"),
         ("slash", b"a/b"),
+        ("nul", b"\0"),
+        ("nulpath", b"\0/x"),
     ];
     let base = l.mkdir("x");
     let mut rows = Vec::new();
