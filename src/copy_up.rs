@@ -42,6 +42,9 @@ struct CopyUp<'a> {
     /// lower hard link looked up meanwhile (an unlink of it waiting for this copy) becomes the
     /// first, and the copy must not land there.
     target: Option<(Arc<Node>, std::ffi::OsString)>,
+    /// Set once the copy is at its name: until then, dropping the state (an error, or a
+    /// panic unwinding) removes the half-built copy.
+    installed: bool,
 }
 
 impl Union {
@@ -115,12 +118,11 @@ impl Union {
             st,
             tmp: work.temp_name(),
             target,
+            installed: false,
         };
         let made = c.build(data);
         let res = made.and_then(|fd| c.install(fd.as_fd()));
-        if res.is_err() {
-            c.discard();
-        }
+        c.installed = res.is_ok();
         res
     }
 }
@@ -397,9 +399,14 @@ impl CopyUp<'_> {
             }
         }
     }
+}
 
+impl Drop for CopyUp<'_> {
     /// Removes a half-built copy.
-    fn discard(&self) {
+    fn drop(&mut self) {
+        if self.installed {
+            return;
+        }
         let flags = if sys::file_type(self.st.st_mode) == libc::S_IFDIR {
             libc::AT_REMOVEDIR
         } else {
@@ -572,6 +579,8 @@ pub fn copy_xattrs(
     };
     for name in names {
         use std::os::unix::ffi::OsStrExt;
+        #[cfg(debug_assertions)]
+        crate::fuse::session::panic_for_tests(name.as_bytes());
         if whiteout::is_private_xattr(name.as_bytes(), format) {
             continue;
         }

@@ -958,3 +958,28 @@ fn a_panic_fails_one_request_and_the_mount_serves_on() {
     );
     d.unmount().unwrap();
 }
+
+/// A panic in the middle of a copy-up leaves no half-built copy in the work directory. Debug
+/// builds panic copying up a file with the test's xattr.
+#[cfg(debug_assertions)]
+#[test]
+fn a_panic_in_a_copy_up_leaves_no_temporary_copy() {
+    let l = Layers::new(1);
+    l.lower(0).file("lo", "x").file("other", "o");
+    set_xattr(&l.lower(0).path("lo"), "user.unionmount.test.panic", b"");
+    let base = l.mkdir("m");
+    let mut d = ForegroundDaemon::start(&l, &base, &[]);
+    for _ in 0..3 {
+        let err = fs::set_permissions(d.merged.join("lo"), fs::Permissions::from_mode(0o600));
+        assert_eq!(err.unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(names(&base.join("work/work")), Vec::<String>::new());
+    }
+    assert!(!base.join("upper/lo").exists());
+    assert_eq!(fs::read_to_string(d.merged.join("lo")).unwrap(), "x");
+    fs::write(d.merged.join("other"), "changed").unwrap();
+    assert_eq!(
+        fs::read_to_string(base.join("upper/other")).unwrap(),
+        "changed"
+    );
+    d.unmount().unwrap();
+}

@@ -603,7 +603,7 @@ impl Worker {
     fn dispatch(&self, h: &Header, op: Op<'_>, reply: Option<Reply>) {
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             #[cfg(debug_assertions)]
-            panic_for_tests(&op);
+            panic_for_test_getxattr(&op);
             self.fs.dispatch(h, op, reply)
         }));
         if served.is_err() {
@@ -641,10 +641,17 @@ impl Worker {
 /// Debug builds only: a getxattr of this name panics, so that the tests can check that a
 /// panic fails one request and nothing else.
 #[cfg(debug_assertions)]
-fn panic_for_tests(op: &Op<'_>) {
-    if let Op::Getxattr { name, .. } = op
-        && name.as_encoded_bytes() == b"user.unionmount.test.panic"
-    {
+fn panic_for_test_getxattr(op: &Op<'_>) {
+    if let Op::Getxattr { name, .. } = op {
+        panic_for_tests(name.as_encoded_bytes());
+    }
+}
+
+/// Debug builds only: panics for the xattr name the tests use to ask for a panic (a getxattr
+/// of it, or a copy-up of a file that has it).
+#[cfg(debug_assertions)]
+pub fn panic_for_tests(xattr: &[u8]) {
+    if xattr == b"user.unionmount.test.panic" {
         panic!("a panic asked for by a test");
     }
 }
