@@ -143,6 +143,8 @@ pub struct Extra {
     copy_lock: Mutex<()>,
     /// Directories: serialises changes to the entries (`Node::lock_dir`).
     dir_lock: Mutex<()>,
+    /// Directories: serialises building the merged listing (`Node::lock_listing`).
+    listing_lock: Mutex<()>,
     /// Bumped by copy-up, so read-only handles opened on the lower object reopen the upper.
     pub data_gen: AtomicU64,
     /// Open handles of a running program (opened for exec).
@@ -252,6 +254,7 @@ impl Node {
             Box::new(Extra {
                 copy_lock: Mutex::new(()),
                 dir_lock: Mutex::new(()),
+                listing_lock: Mutex::new(()),
                 data_gen: AtomicU64::new(0),
                 exec_opens: AtomicU64::new(0),
                 direct_opens: AtomicU32::new(0),
@@ -384,6 +387,12 @@ impl Node {
     /// Holds `Extra::dir_lock` (changes to a directory's entries).
     pub fn lock_dir(&self) -> MutexGuard<'_, ()> {
         lock(&self.extra().dir_lock)
+    }
+
+    /// Holds `Extra::listing_lock` (building a directory's merged listing). Nothing is
+    /// locked while it is held but the caches' own short locks.
+    pub fn lock_listing(&self) -> MutexGuard<'_, ()> {
+        lock(&self.extra().listing_lock)
     }
 
     /// Holds `Extra::copy_lock` (copy-up of this node).

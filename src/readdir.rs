@@ -212,7 +212,15 @@ impl Union {
         if let Some(l) = self.listings.get(dir.serial, version) {
             return Ok(l);
         }
+        // One build at a time: listings asked for at the same moment (four `ls` of one
+        // large directory, say) share the first one built, while it is current.
+        let _building = dir.lock_listing();
+        let version = dir.extra().version.load(Ordering::SeqCst);
+        if let Some(l) = self.listings.get(dir.serial, version) {
+            return Ok(l);
+        }
         let mut entries = self.merged_entries(dir)?;
+        log::debug!("listing of {} built: {} entries", dir.ino, entries.len());
         order_by_offset(&mut entries);
         let subdirs = entries.iter().filter(|e| e.dtype == libc::DT_DIR).count() as u64;
         let l = Arc::new(Listing { entries, subdirs });
