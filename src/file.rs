@@ -890,6 +890,15 @@ impl Union {
                 return Err(Errno::EPERM);
             }
         }
+        // A write-back of cached pages is no write(2): what a write(2) drops (set-ID bits,
+        // capabilities) the kernel had dropped when it took the write, and a store through a
+        // shared mapping drops nothing, as on ext4. The upper's own write path would drop them
+        // all the same: they are put back.
+        let kept = if from_cache {
+            crate::killpriv::Kept::of(fd.as_fd())
+        } else {
+            None
+        };
         let mut n = 0;
         let mut failed = None;
         {
@@ -906,6 +915,9 @@ impl Union {
                     }
                 }
             }
+        }
+        if let Some(k) = kept {
+            k.restore(fd.as_fd());
         }
         if let Some(e) = failed {
             if !from_cache && n > 0 {

@@ -26,6 +26,46 @@ use crate::inode::Node;
 use crate::sys::{Errno, Result};
 use crate::union::Union;
 
+/// What the upper's own write path drops from a file (its capabilities always, its set-ID
+/// bits unless the daemon has CAP_FSETID over it), which a write-back of cached pages must
+/// leave in place (see `Union::write`): read before such a write, put back after it.
+pub struct Kept {
+    set_ids: u32,
+    capability: Option<Vec<u8>>,
+}
+
+const CAPABILITY: &std::ffi::CStr = c"security.capability";
+
+impl Kept {
+    /// What the file of `fd` has to lose, if anything.
+    pub fn of(fd: std::os::fd::BorrowedFd<'_>) -> Option<Kept> {
+        let set_ids = crate::sys::fstat(fd).ok()?.st_mode & (libc::S_ISUID | libc::S_ISGID);
+        let capability = crate::sys::getxattr_vec(fd, CAPABILITY).ok().flatten();
+        (set_ids != 0 || capability.is_some()).then_some(Kept {
+            set_ids,
+            capability,
+        })
+    }
+
+    /// Puts back what the write took. Only what went missing is set: the rest of the mode is
+    /// the file's own now (a grant of owner bits may be under way; see `grant`).
+    pub fn restore(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        if self.set_ids != 0
+            && let Ok(st) = crate::sys::fstat(fd)
+            && st.st_mode & self.set_ids != self.set_ids
+            && let Err(e) = crate::sys::fchmod(fd, (st.st_mode & 0o7777) | self.set_ids)
+        {
+            log::warn!("set-ID bits dropped by a write-back could not be set again: {e:?}");
+        }
+        if let Some(cap) = &self.capability
+            && matches!(crate::sys::getxattr_vec(fd, CAPABILITY), Ok(None))
+            && let Err(e) = crate::sys::setxattr(fd, CAPABILITY, cap, libc::XATTR_CREATE)
+        {
+            log::warn!("capabilities dropped by a write-back could not be set again: {e:?}");
+        }
+    }
+}
+
 const S_ISUID: u16 = 0o4000;
 const S_ISGID: u16 = 0o2000;
 const S_IXGRP: u16 = 0o0010;

@@ -210,6 +210,55 @@ fn rootless_reads_in_order_are_streamed_ahead() {
     assert_eq!(lines[1], "same", "{stdout}");
 }
 
+/// A rootless daemon puts back the set-ID bits and capability its upper's write path drops
+/// when the kernel writes back pages stored through a shared mapping, which drop nothing on
+/// ext4 or kernel overlayfs.
+#[test]
+fn rootless_write_backs_keep_set_id_bits_and_capabilities() {
+    let user = test_user();
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("suid", "data")
+        .file("sgid", "data")
+        .file("cap", "data");
+    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_RAW.
+    let cap = "0x0100000200200000000000000000000000000000";
+    let base = namespace_dirs(&l);
+    // After the layers' change of owner, which drops them.
+    for (name, mode) in [("suid", 0o4777), ("sgid", 0o2777)] {
+        let p = l.lower(0).path(name);
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let stdout = run_on_mount(
+        user,
+        &l,
+        &base,
+        &format!(
+            r#"
+        setfattr -n security.capability -v {cap} $b/merged/cap
+        for f in suid sgid cap; do
+            /usr/bin/python3 -c "
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 4)
+m[0:1] = b'Q'
+m.flush()
+m.close()
+os.close(fd)" $b/merged/$f
+        done
+        stat -c %a $b/merged/suid $b/merged/sgid
+        getfattr -e hex --only-values -n security.capability $b/merged/cap | od -An -tx1 | tr -d ' \n'
+        echo
+        head -c 4 $b/merged/cap
+        "#
+        ),
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..2], ["4777", "2777"], "{stdout}");
+    assert_eq!(format!("0x{}", lines[2]), cap, "{stdout}");
+    assert_eq!(lines[3], "Qata", "{stdout}");
+}
+
 /// With `uidmapping`/`gidmapping`, the users and groups an ACL names are translated as
 /// owners are: shown as host ids (so the kernel's permission checks match the right users),
 /// stored as container ids, and a host id without a mapping is refused (EINVAL).
