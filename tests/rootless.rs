@@ -210,6 +210,50 @@ fn rootless_reads_in_order_are_streamed_ahead() {
     assert_eq!(lines[1], "same", "{stdout}");
 }
 
+/// Deliberate difference: an xattr the namespace may not set (a `security.*` one set by the
+/// host's root) is left out of a rootless copy-up, which goes on; kernel overlayfs with
+/// `userxattr` refuses the change (EPERM), so such a file could not be changed at all.
+#[test]
+fn rootless_copy_up_leaves_out_xattrs_the_namespace_may_not_set() {
+    let user = test_user();
+    let l = Layers::new(1);
+    l.lower(0).file("labelled", "data").file("other", "o");
+    let base = namespace_dirs(&l);
+    set_xattr(
+        &l.lower(0).path("labelled"),
+        "security.unionmount-test",
+        b"x",
+    );
+    let stdout = run_on_mount(
+        user,
+        &l,
+        &base,
+        &format!(
+            r#"
+        mkdir $b/kupper $b/kwork $b/kmerged
+        mount -t overlay overlay -o userxattr,lowerdir={lower},upperdir=$b/kupper,workdir=$b/kwork $b/kmerged
+        chmod 600 $b/kmerged/other
+        chmod 600 $b/kmerged/labelled 2>/dev/null && echo "kernel: changed" || echo "kernel: refused"
+        umount $b/kmerged
+        chmod 600 $b/merged/labelled && echo "unionmount: changed"
+        getfattr -n security.unionmount-test $b/upper/labelled >/dev/null 2>&1 && echo "copied" || echo "left out"
+        stat -c %a $b/merged/labelled
+        cat $b/merged/labelled
+        "#,
+            lower = l.lowers[0].display(),
+        ),
+    );
+    assert_eq!(
+        stdout, "kernel: refused\nunionmount: changed\nleft out\n600\ndata",
+        "{stdout}"
+    );
+    assert_eq!(
+        get_xattr(&l.lower(0).path("labelled"), "security.unionmount-test"),
+        Ok(b"x".to_vec()),
+        "the lower file keeps it"
+    );
+}
+
 /// A rootless daemon puts back the set-ID bits and capability its upper's write path drops
 /// when the kernel writes back pages stored through a shared mapping, which drop nothing on
 /// ext4 or kernel overlayfs.
