@@ -95,7 +95,12 @@ impl UnionFs {
 
     fn reply_entry(&self, res: Result<(Arc<Node>, FileAttr)>, reply: Reply) {
         match res {
-            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr, n.generation()),
+            Ok((n, attr)) => reply.entry(
+                &self.entry_ttl(&n, &attr),
+                &self.attr_ttl(&n),
+                &attr,
+                n.generation(),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -416,12 +421,12 @@ impl UnionFs {
             self.walkers.lookup(h.pid, parent.0);
         }
         match res {
-            Ok((n, attr)) => reply.entry(&self.entry_ttl(&n, &attr), &attr, n.generation()),
+            Ok(found) => self.reply_entry(Ok(found), reply),
             // A negative entry the kernel may cache: every change comes through us.
             Err(e) if e.code() == libc::ENOENT => {
                 let mut attr = crate::attr::empty_attr();
                 attr.ino = INodeNo(0);
-                reply.entry(&self.ttl(), &attr, 0);
+                reply.entry(&self.ttl(), &self.ttl(), &attr, 0);
             }
             Err(e) => reply.error(e),
         }
@@ -643,7 +648,8 @@ impl UnionFs {
                     let mut attr = crate::attr::empty_attr();
                     attr.ino = INodeNo(e.ino);
                     attr.kind = fuser::FileType::Directory;
-                    return buf.add_plus(e.next, e.name, &Duration::ZERO, &attr, 0);
+                    let ttls = (&Duration::ZERO, &Duration::ZERO);
+                    return buf.add_plus(e.next, e.name, ttls, &attr, 0);
                 }
                 // Every entry sent counts as a lookup; one that does not fit is given back,
                 // one that vanished since the listing was read is left out.
@@ -653,13 +659,8 @@ impl UnionFs {
                 let Ok((node, attr)) = self.entry_of(node, Some(st)) else {
                     return false;
                 };
-                let full = buf.add_plus(
-                    e.next,
-                    e.name,
-                    &self.entry_ttl(&node, &attr),
-                    &attr,
-                    node.generation(),
-                );
+                let ttls = (&self.entry_ttl(&node, &attr), &self.attr_ttl(&node));
+                let full = buf.add_plus(e.next, e.name, ttls, &attr, node.generation());
                 if full {
                     self.u.table.unpin(&node, 1);
                 } else {

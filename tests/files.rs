@@ -2016,6 +2016,35 @@ fn a_lower_file_with_many_names() {
     assert_eq!(tree(&m.merged, &o), tree(&k.merged, &o));
 }
 
+/// The names of a lower hard link are looked up at each use (the daemon must know which
+/// name a change comes through), but its attributes are kept as any file's: a `stat` asks
+/// for the name only, not for the attributes again.
+#[test]
+fn a_lower_hard_link_keeps_its_attributes_cached() {
+    let l = Layers::new(1);
+    l.lower(0).file("a", "shared").hardlink("a", "b");
+    let base = l.mkdir("fg");
+    let mut d = ForegroundDaemon::start(&l, &base, &["--log-level", "debug"]);
+    for _ in 0..5 {
+        for name in ["a", "b"] {
+            assert_eq!(lstat(&d.merged.join(name)).nlink(), 2);
+        }
+    }
+    let log = d.log();
+    let lookups = log.matches("Lookup { name: \"a\" }").count();
+    assert!(lookups >= 5, "{log}");
+    // The first statx asks for the birth time too, which a lookup does not bring.
+    let attrs = log
+        .lines()
+        .filter(|l| !l.contains(" ino 1 ") && (l.contains(": Getattr") || l.contains(": Statx")))
+        .count();
+    assert!(
+        attrs <= 1,
+        "the file's attributes asked for {attrs} times\n{log}"
+    );
+    d.unmount().unwrap();
+}
+
 /// Breaking a lower hard link gives the names that keep the lower file a number of their own.
 /// Listings the kernel cached before show that number right after the change: those of
 /// names the mount looked up and of names it only ever listed (readdirplus off).

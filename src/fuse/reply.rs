@@ -212,10 +212,11 @@ impl Reply {
         self.ch.open_backing(fd)
     }
 
-    /// `generation`: see `Node::generation`.
-    pub fn entry(self, ttl: &Duration, attr: &FileAttr, generation: u64) {
+    /// `entry`: how long the kernel may keep the name, `ttl` the attributes; `generation`:
+    /// see `Node::generation`.
+    pub fn entry(self, entry: &Duration, ttl: &Duration, attr: &FileAttr, generation: u64) {
         let mut o = Out::with_capacity(abi::ENTRY_OUT);
-        put_entry(&mut o, ttl, ttl, attr, generation);
+        put_entry(&mut o, entry, ttl, attr, generation);
         self.send(0, &[&o.buf]);
     }
 
@@ -357,12 +358,13 @@ impl DirBuf {
         false
     }
 
-    /// Adds an entry with its attributes; true when it did not fit.
+    /// Adds an entry with its attributes (the name kept for `entry`, the attributes for
+    /// `ttl`); true when it did not fit.
     pub fn add_plus(
         &mut self,
         next: u64,
         name: &std::ffi::OsStr,
-        ttl: &Duration,
+        (entry, ttl): (&Duration, &Duration),
         attr: &FileAttr,
         generation: u64,
     ) -> bool {
@@ -372,7 +374,7 @@ impl DirBuf {
         if self.out.len() + abi::ENTRY_OUT + size > self.max {
             return true;
         }
-        put_entry(&mut self.out, ttl, ttl, attr, generation);
+        put_entry(&mut self.out, entry, ttl, attr, generation);
         self.put_dirent(attr.ino.0, next, attr.kind, name, size);
         false
     }
