@@ -701,8 +701,13 @@ fn check_paths_inner(cfg: &Config) -> Result<Paths, String> {
         let ud = std::fs::metadata(u).map(|m| m.dev()).unwrap_or(0);
         let wd = std::fs::metadata(w).map(|m| m.dev()).unwrap_or(1);
         if ud != wd {
+            // One mount, two devices: a btrfs subvolume, which renames do not leave either.
+            let place = match crate::sys::mount_id(u).zip(crate::sys::mount_id(w)) {
+                Some((a, b)) if a == b => "btrfs subvolume",
+                _ => "filesystem",
+            };
             return Err(format!(
-                "work directory {} is on another filesystem than the upper layer {} (it must be on the same one)",
+                "work directory {} is on another {place} than the upper layer {} (it must be on the same one)",
                 w.display(),
                 u.display()
             ));

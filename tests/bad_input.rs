@@ -672,6 +672,41 @@ fn work_under_another_mount_of_the_upper_filesystem() {
     assert_none(fails);
 }
 
+/// A work directory on another btrfs subvolume than the upper (one mount, two devices:
+/// renames between them fail with EXDEV) is refused, and the message names the subvolume.
+#[test]
+fn work_on_another_btrfs_subvolume() {
+    let f = Fixture::new();
+    let lo = f.l.lower_paths();
+    let img = f.root().join("subvolumes.btrfs");
+    fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
+    let out = Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg(&img)
+        .output()
+        .expect("mkfs.btrfs (Debian/Ubuntu: apt-get install btrfs-progs)");
+    assert!(out.status.success(), "mkfs.btrfs: {out:?}");
+    let b = f.l.mkdir("btrfs");
+    let _b = scratch_mount(&["-o", "loop"], &img, &b);
+    let out = Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(b.join("sub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "btrfs subvolume create: {out:?}");
+    fs::create_dir(b.join("upper")).unwrap();
+    fs::create_dir(b.join("sub/work")).unwrap();
+    let fails = f.both_forms(
+        "work on another btrfs subvolume",
+        &lo,
+        Some(&b.join("upper")),
+        Some(&b.join("sub/work")),
+        &f.merged,
+        &["work", "btrfs subvolume", "upper"],
+    );
+    assert_none(fails);
+}
+
 /// A path with a newline is still reported on one line (the message quotes or escapes it).
 #[test]
 fn a_path_with_a_newline_is_reported_on_one_line() {
