@@ -893,11 +893,23 @@ impl Union {
         // A write-back of cached pages is no write(2): what a write(2) drops (set-ID bits,
         // capabilities) the kernel had dropped when it took the write, and a store through a
         // shared mapping drops nothing, as on ext4. The upper's own write path would drop them
-        // all the same: they are put back.
-        let kept = if from_cache {
-            crate::killpriv::Kept::of(fd.as_fd())
-        } else {
-            None
+        // all the same: they are put back, with the file's privileges lock held alone from
+        // before the write to after, so that no other write sees them missing meanwhile and
+        // no change through the view (a removexattr, a chmod, a write(2) that drops them) is
+        // undone. Other writes hold it shared.
+        let mut shared = Some(self.privs_kept(&h.node));
+        let mut alone = None;
+        let kept = match from_cache {
+            true => crate::killpriv::Kept::of(fd.as_fd()),
+            false => None,
+        };
+        let kept = match kept {
+            Some(_) => {
+                shared = None;
+                alone = self.privs_changing(&h.node);
+                crate::killpriv::Kept::of(fd.as_fd())
+            }
+            None => None,
         };
         let mut n = 0;
         let mut failed = None;
@@ -919,6 +931,7 @@ impl Union {
         if let Some(k) = kept {
             k.restore(fd.as_fd());
         }
+        drop((shared, alone));
         if let Some(e) = failed {
             if !from_cache && n > 0 {
                 // The caller learns of the rest from its next write.
@@ -1119,6 +1132,7 @@ impl Union {
             return Err(Errno::EBADF);
         }
         crate::protect::check_fallocate(self.prot(&h.node)?, mode)?;
+        let _data = self.privs_kept(&h.node);
         sys::fallocate(h.fd().as_fd(), mode, off, len)
     }
 
@@ -1146,6 +1160,7 @@ impl Union {
         let mut oi = off_in as i64;
         let mut oo = off_out as i64;
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        let _data = self.privs_kept(&ho.node);
         let n = sys::copy_file_range(fi.as_fd(), &mut oi, fo.as_fd(), &mut oo, len)?;
         Ok(n as u32)
     }

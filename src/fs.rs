@@ -254,6 +254,7 @@ impl UnionFs {
             },
             Op::Setxattr { name, value, flags } => {
                 match self.node(ino).and_then(|n| {
+                    let _privs = self.u.privs_changing(&n);
                     self.u.check_change_prot(&n)?;
                     self.u.check_acl_settable(&n, name)?;
                     self.acl_change_by(h.pid, &n, name)?;
@@ -279,6 +280,7 @@ impl UnionFs {
             }
             Op::Removexattr { name } => {
                 match self.node(ino).and_then(|n| {
+                    let _privs = self.u.privs_changing(&n);
                     self.u.check_change_prot(&n)?;
                     self.u.check_acl_settable(&n, name)?;
                     self.acl_change_by(h.pid, &n, name)?;
@@ -452,9 +454,16 @@ impl UnionFs {
 
     fn setattr(&self, h: &Header, ino: INodeNo, req: SetAttr, reply: Reply) {
         let truncates = req.size.is_some();
-        let res = self
-            .node(ino)
-            .and_then(|n| Ok((self.u.setattr_by(&n, req, h.pid, h.uid)?, self.attr_ttl(&n))));
+        // Times alone change no set-ID bit or capability.
+        let privs = req.mode.is_some()
+            || req.uid.is_some()
+            || req.gid.is_some()
+            || req.size.is_some()
+            || (req.atime.is_none() && req.mtime.is_none());
+        let res = self.node(ino).and_then(|n| {
+            let _privs = privs.then(|| self.u.privs_changing(&n));
+            Ok((self.u.setattr_by(&n, req, h.pid, h.uid)?, self.attr_ttl(&n)))
+        });
         let send = move || match res {
             Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(log_unexpected("setattr", e)),
@@ -501,6 +510,8 @@ impl UnionFs {
     fn open(&self, h: &Header, ino: INodeNo, flags: i32, reply: Reply) {
         let mut data_ahead = None;
         let res = self.node(ino).and_then(|n| {
+            // A truncating open drops set-ID bits and capabilities (see `privs_lock`).
+            let _privs = (flags & libc::O_TRUNC != 0).then(|| self.u.privs_changing(&n));
             let opened = self.u.open(&n, flags, &|fd| reply.open_backing(fd))?;
             // Read ahead once the reply is sent.
             data_ahead = self.u.opened_for_data_ahead(&n, h.pid, flags);
@@ -560,9 +571,10 @@ impl UnionFs {
         let kill =
             WriteFlags::from_bits_retain(write_flags).contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let res = match kill {
-            true => self
-                .node(ino)
-                .and_then(|n| self.u.drop_set_ids_for_data(&n, fh, h.pid, true)),
+            true => self.node(ino).and_then(|n| {
+                let _privs = self.u.privs_changing(&n);
+                self.u.drop_set_ids_for_data(&n, fh, h.pid, true)
+            }),
             false => Ok(()),
         };
         let from_cache =

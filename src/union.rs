@@ -106,6 +106,11 @@ pub struct Union {
     /// Mode changes of one inode, serialised (64 stripes): dropping set-ID bits reads the
     /// mode and writes it back, which must not undo a chmod made in between.
     mode_locks: [Mutex<()>; 64],
+    /// A file's set-ID bits and capability against the upper's own dropping of them (64
+    /// stripes): data changes hold it shared, and a write-back of cached pages that must put
+    /// back what its write drops (`killpriv::Kept`) holds it alone, as does every change that
+    /// drops or sets them through the view (`privs_lock`).
+    privs_locks: [std::sync::RwLock<()>; 64],
 }
 
 impl Union {
@@ -159,6 +164,7 @@ impl Union {
             writeback: std::sync::atomic::AtomicBool::new(false),
             killpriv: std::sync::atomic::AtomicBool::new(false),
             mode_locks: std::array::from_fn(|_| Mutex::new(())),
+            privs_locks: std::array::from_fn(|_| std::sync::RwLock::new(())),
         })
     }
 
@@ -227,6 +233,36 @@ impl Union {
         let ino = self.split_copy_ino(node).unwrap_or(node.ino);
         self.mode_locks[(ino % 64) as usize]
             .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// See `privs_locks`: shared for a change of data, alone for a change of set-ID bits or
+    /// capability (chmod, chown, truncate, xattrs, the drops of killpriv) and for a
+    /// write-back that must put back what its write drops.
+    pub(crate) fn privs_lock(&self, node: &crate::inode::Node) -> &std::sync::RwLock<()> {
+        let ino = self.split_copy_ino(node).unwrap_or(node.ino);
+        &self.privs_locks[(ino % 64) as usize]
+    }
+
+    /// `privs_lock` held alone, for a regular file (write-backs are of regular files only).
+    pub(crate) fn privs_changing(
+        &self,
+        node: &crate::inode::Node,
+    ) -> Option<std::sync::RwLockWriteGuard<'_, ()>> {
+        (node.kind() == libc::S_IFREG).then(|| {
+            self.privs_lock(node)
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+        })
+    }
+
+    /// `privs_lock` held shared (a change of data, which drops what the upper's rules drop).
+    pub(crate) fn privs_kept(
+        &self,
+        node: &crate::inode::Node,
+    ) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.privs_lock(node)
+            .read()
             .unwrap_or_else(|p| p.into_inner())
     }
 

@@ -2452,24 +2452,27 @@ fn writes_drop_file_capabilities() {
     }
 }
 
-/// Changes the first byte of the file at `p` through a shared mapping.
-fn store_through_a_mapping(p: &Path) {
+/// Changes the first byte of each page of the first `len` bytes of the file at `p` through a
+/// shared mapping, and syncs them.
+fn store_through_a_mapping(p: &Path, len: usize) {
     let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
-    // SAFETY: maps one page of an open file shared, stores one byte in it (the file is not
-    // empty), syncs the page and unmaps it.
+    // SAFETY: maps `len` bytes of an open file at least that long, shared, stores one byte
+    // in each page, syncs the pages and unmaps them.
     unsafe {
         let at = libc::mmap(
             std::ptr::null_mut(),
-            4096,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             f.as_raw_fd(),
             0,
         );
         assert_ne!(at, libc::MAP_FAILED, "mmap {}", p.display());
-        *(at as *mut u8) = b'Q';
-        let r = libc::msync(at, 4096, libc::MS_SYNC);
-        libc::munmap(at, 4096);
+        for page in (0..len).step_by(4096) {
+            *(at as *mut u8).add(page) = b'Q';
+        }
+        let r = libc::msync(at, len, libc::MS_SYNC);
+        libc::munmap(at, len);
         assert_eq!(r, 0, "msync {}", p.display());
     }
 }
@@ -2491,7 +2494,8 @@ fn write_backs_keep_capabilities_and_set_id_bits() {
         .file("suid", "data")
         .chmod("suid", 0o4755)
         .file("sgid", "data")
-        .chmod("sgid", 0o2775);
+        .chmod("sgid", 0o2775)
+        .file_bytes("big", &vec![b'b'; 8 << 20]);
     let k = l.mount_kernel("k");
     let a = l.mount_with("a", &["--passthrough", "auto"]);
     let b = l.mount_with("b", &["--passthrough", "off"]);
@@ -2501,7 +2505,18 @@ fn write_backs_keep_capabilities_and_set_id_bits() {
         (&b, "page-cached"),
     ] {
         for name in ["cap", "suid", "sgid"] {
-            store_through_a_mapping(&m.path(name));
+            store_through_a_mapping(&m.path(name), 4);
+        }
+        // Written back in several requests at once, each of which must leave the capability
+        // for the others to find.
+        for round in 0..10 {
+            set_xattr(&m.path("big"), "security.capability", &cap);
+            store_through_a_mapping(&m.path("big"), 8 << 20);
+            assert_eq!(
+                get_xattr(&m.path("big"), "security.capability"),
+                Ok(cap.clone()),
+                "{what}: round {round} of 8 MiB stores"
+            );
         }
         let mut f = File::create(m.path("later")).unwrap();
         f.write_all(&[7u8; 10000]).unwrap();
