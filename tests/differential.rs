@@ -373,6 +373,30 @@ fn build_lowers(seed: u64) -> Layers {
                 l.times(&p, t, t + rng.below(1000) as i64);
             }
         }
+        // One seed in eight gives a bottom file many names (more than a node keeps in a plain
+        // list), spread over the layer's directories, without drawing from `rng`.
+        if bottom && seed % 8 == 5 {
+            let src = have
+                .iter()
+                .find(|(_, k)| **k == 'f')
+                .map(|(p, _)| p.clone());
+            let dirs: Vec<String> = std::iter::once(String::new())
+                .chain(
+                    have.iter()
+                        .filter(|(_, k)| matches!(**k, 'd' | 'o'))
+                        .map(|(p, _)| p.clone()),
+                )
+                .collect();
+            for i in 0..40 {
+                let Some(src) = &src else { break };
+                let p = match &dirs[i % dirs.len()] {
+                    d if d.is_empty() => format!("many{i}"),
+                    d => format!("{d}/many{i}"),
+                };
+                l.hardlink(src, &p);
+                have.insert(p, 'f');
+            }
+        }
         below = have.clone();
         // Directory times last: filling a directory changed them.
         for (p, k) in have.iter().rev() {
