@@ -197,7 +197,7 @@ impl CopyUp<'_> {
                 sys::openat(work, &self.tmp, libc::O_PATH, 0)?
             }
             _ => {
-                sys::mknodat(work, &self.tmp, kind | 0o600, self.st.st_rdev)?;
+                whiteout::mknod_at(work, &self.tmp, kind | 0o600, self.st.st_rdev)?;
                 sys::openat(work, &self.tmp, libc::O_PATH, 0)?
             }
         };

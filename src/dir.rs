@@ -340,7 +340,7 @@ impl Union {
                     // A device the daemon may not make: a regular file carries its type.
                     sys::mknodat(dir, name, libc::S_IFREG | (mode & 0o7777), 0)?;
                 } else {
-                    sys::mknodat(dir, name, *mode, *rdev)?;
+                    whiteout::mknod_at(dir, name, *mode, *rdev)?;
                 }
                 *mode & 0o7777
             }
@@ -398,7 +398,7 @@ impl Union {
                 Make::Node { mode, rdev, .. }
                     if matches!(sys::file_type(*mode), libc::S_IFCHR | libc::S_IFBLK) =>
                 {
-                    let stand_in = if *rdev == whiteout::DEVZERO_STANDIN {
+                    let stand_in = if whiteout::is_devzero_standin(*rdev) {
                         0
                     } else {
                         *rdev
@@ -482,7 +482,7 @@ impl Union {
         {
             // 0/0 would read back as a whiteout: it is stored as a stand-in, which is therefore
             // the one device number that cannot be created as itself.
-            if *rdev == whiteout::DEVZERO_STANDIN {
+            if whiteout::is_devzero_standin(*rdev) {
                 return Err(Errno::EPERM);
             }
             if *rdev == 0 {

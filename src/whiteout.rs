@@ -89,9 +89,33 @@ impl Format {
 /// leaves unused, and shown as 0/0 again.
 pub const DEVZERO_STANDIN: u64 = (0xfffff & 0xff) | ((0xfffff & !0xff) << 12);
 
+/// The stand-in on an upper whose device numbers are narrower (xfs takes minors below 2^18
+/// only), where `DEVZERO_STANDIN` cannot be made.
+pub const DEVZERO_STANDIN_NARROW: u64 = (0x3ffff & 0xff) | ((0x3ffff & !0xff) << 12);
+
+/// Whether `rdev` is one of the stand-ins of 0/0 (which are read as 0/0 in every layer).
+pub fn is_devzero_standin(rdev: u64) -> bool {
+    rdev == DEVZERO_STANDIN || rdev == DEVZERO_STANDIN_NARROW
+}
+
+/// mknodat(2), making a stand-in of 0/0 as the narrow one where the filesystem refuses the
+/// other (EINVAL).
+pub fn mknod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> Result<()> {
+    match sys::mknodat(dir, name, mode, rdev) {
+        Err(e)
+            if e.code() == libc::EINVAL
+                && sys::file_type(mode) == libc::S_IFCHR
+                && is_devzero_standin(rdev) =>
+        {
+            sys::mknodat(dir, name, mode, DEVZERO_STANDIN_NARROW)
+        }
+        r => r,
+    }
+}
+
 /// The device number the merged view shows for a real object's `st_rdev`.
 pub fn view_rdev(st: &Stat) -> u64 {
-    if sys::file_type(st.st_mode) == libc::S_IFCHR && st.st_rdev == DEVZERO_STANDIN {
+    if sys::file_type(st.st_mode) == libc::S_IFCHR && is_devzero_standin(st.st_rdev) {
         0
     } else {
         st.st_rdev
@@ -341,6 +365,11 @@ mod tests {
     fn devzero_standin_is_major_zero() {
         assert_eq!(libc::major(DEVZERO_STANDIN), 0);
         assert_eq!(libc::minor(DEVZERO_STANDIN), 0xfffff);
+        // xfs takes minors below 2^18.
+        assert_eq!(libc::major(DEVZERO_STANDIN_NARROW), 0);
+        assert_eq!(libc::minor(DEVZERO_STANDIN_NARROW), (1 << 18) - 1);
+        assert!(is_devzero_standin(DEVZERO_STANDIN) && is_devzero_standin(DEVZERO_STANDIN_NARROW));
+        assert!(!is_devzero_standin(0) && !is_devzero_standin(libc::makedev(1, 3)));
         assert_eq!(
             sys::decode_dev_u32(sys::encode_dev_u32(DEVZERO_STANDIN)),
             DEVZERO_STANDIN

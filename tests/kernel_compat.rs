@@ -2983,3 +2983,57 @@ fn odd_redirects_answer_as_on_kernel_overlayfs() {
     }
     assert_eq!(rows[1], rows[0], "unionmount against kernel overlayfs");
 }
+
+/// On an xfs upper, which takes no device minor of 2^18 or more, a character device 0/0 made
+/// through the view is stored as the narrow stand-in (0:262143) and reads back as 0/0, also
+/// after a remount; RENAME_WHITEOUT, which leaves such a device, works, so kernel overlayfs
+/// nests on the mount (it refuses an upper without RENAME_WHITEOUT).
+#[test]
+fn an_xfs_upper_holds_device_0_0_and_nested_overlays() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("in/lo/b", "b")
+        .file("in/lo/c", "c")
+        .dir("in/up")
+        .dir("in/wk")
+        .dir("in/mnt");
+    let img = l.root().join("upper.xfs");
+    fs::File::create(&img).unwrap().set_len(300 << 20).unwrap();
+    let out = Command::new("mkfs.xfs")
+        .args(["-q", "-f"])
+        .arg(&img)
+        .output()
+        .expect("mkfs.xfs (Debian/Ubuntu: apt-get install xfsprogs)");
+    assert!(out.status.success(), "mkfs.xfs: {out:?}");
+    let x = l.mkdir("xfs");
+    let _x = scratch_mount(&["-o", "loop"], &img, &x);
+    let (upper, work, merged) = (x.join("upper"), x.join("work"), l.root().join("merged"));
+    let m = union_at(&l, &upper, &work, &merged);
+    mknod(&m.path("z"), libc::S_IFCHR | 0o600, 0);
+    let st = fs::symlink_metadata(m.path("z")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &st.file_type()
+    ));
+    assert_eq!(st.rdev(), 0);
+    let stored = fs::symlink_metadata(upper.join("z")).unwrap().rdev();
+    assert_eq!((libc::major(stored), libc::minor(stored)), (0, 0x3ffff));
+    {
+        let lower = m.path("in/lo").display().to_string();
+        let (up, wk, mnt) = (m.path("in/up"), m.path("in/wk"), m.path("in/mnt"));
+        let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
+        fs::remove_file(n.path("b")).unwrap();
+        fs::rename(n.path("c"), n.path("c2")).unwrap();
+        assert_eq!(n.ls(""), vec!["c2"]);
+        assert_eq!(n.read("c2"), "c");
+    }
+    drop(m);
+    let m = union_at(&l, &upper, &work, &merged);
+    assert_eq!(fs::symlink_metadata(m.path("z")).unwrap().rdev(), 0);
+    assert!(
+        !m.path("in/up/b")
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_file()
+    );
+}
