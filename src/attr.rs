@@ -381,7 +381,7 @@ impl Union {
     /// while in use, or a split node): an open file of the upper object (a handle still on
     /// the lower object it was copied from must not change that), or the upper object it was
     /// removed with.
-    fn upper_object(&self, node: &Arc<Node>, fh: Option<u64>) -> Result<Arc<OwnedFd>> {
+    pub(crate) fn upper_object(&self, node: &Arc<Node>, fh: Option<u64>) -> Result<Arc<OwnedFd>> {
         match self.open_in(node, Loc::Upper, libc::O_PATH) {
             Ok(fd) => Ok(Arc::new(fd)),
             Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => self

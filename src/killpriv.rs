@@ -53,7 +53,7 @@ impl Kept {
         if self.set_ids != 0
             && let Ok(st) = crate::sys::fstat(fd)
             && st.st_mode & self.set_ids != self.set_ids
-            && let Err(e) = crate::sys::fchmod(fd, (st.st_mode & 0o7777) | self.set_ids)
+            && let Err(e) = crate::sys::fchmod_path(fd, (st.st_mode & 0o7777) | self.set_ids)
         {
             log::warn!("set-ID bits dropped by a write-back could not be set again: {e:?}");
         }
@@ -186,10 +186,45 @@ fn overflow_uid() -> u32 {
 /// nothing comes from a change of data that must drop set-ID bits or capabilities, or from a
 /// chown that keeps owner and group (-1, -1); the two follow different rules.
 pub fn in_chown(pid: u32) -> Option<bool> {
+    chown_in_syscall_line(&syscall_line(pid)?)
+}
+
+/// Whether the thread `pid` is in truncate(2), ftruncate(2), creat(2) or an open with
+/// O_TRUNC now; None if /proc cannot tell.
+pub fn in_truncate(pid: u32) -> Option<bool> {
+    truncate_in_syscall_line(&syscall_line(pid)?)
+}
+
+/// `in_truncate` of a line of `/proc/PID/syscall`. An open(2) or openat(2) truncates only with
+/// O_TRUNC in its flags (its second or third argument); openat2(2) keeps them in memory, so
+/// it counts as one that does.
+fn truncate_in_syscall_line(line: &str) -> Option<bool> {
+    if !call_in_syscall_line(line, TRUNCATES, COMPAT_TRUNCATES, -1)? {
+        return Some(false);
+    }
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let nr: i64 = f.first()?.parse().ok()?;
+    let arg = |i: usize| u64::from_str_radix(f.get(i + 1)?.strip_prefix("0x")?, 16).ok();
+    let flags = match nr & !X32_BIT {
+        n if Some(n) == OPEN => arg(1)?,
+        n if n == OPENAT => arg(2)?,
+        _ => return Some(true),
+    };
+    Some(flags & libc::O_TRUNC as u64 != 0)
+}
+
+#[cfg(target_arch = "x86_64")]
+const OPEN: Option<i64> = Some(libc::SYS_open);
+#[cfg(not(target_arch = "x86_64"))]
+const OPEN: Option<i64> = None;
+const OPENAT: i64 = libc::SYS_openat;
+
+/// `/proc/PID/syscall` of the thread `pid` of a request, if /proc shows it.
+fn syscall_line(pid: u32) -> Option<String> {
     if pid == 0 || !proc_is_ours() {
         return None;
     }
-    chown_in_syscall_line(&std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?)
+    std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()
 }
 
 /// Whether a line of `/proc/PID/syscall` ("NR ARG1 .. ARG6 SP PC", "-1 SP PC" outside a
@@ -202,6 +237,18 @@ pub fn in_chown(pid: u32) -> Option<bool> {
 /// the 64-bit ioctl(2), which can allocate space (FS_IOC_RESVSP), is the 32-bit lchown(2).
 /// From such a thread that number tells nothing.
 fn chown_in_syscall_line(line: &str) -> Option<bool> {
+    call_in_syscall_line(line, CHOWNS, COMPAT_CHOWNS, NATIVE_IOCTL_IS_COMPAT_LCHOWN)
+}
+
+/// Whether a line of `/proc/PID/syscall` shows one of the calls `native` (this architecture's
+/// numbers) or, from a thread that looks 32-bit, `compat`; None when it cannot tell, or when
+/// a 32-bit-looking thread is in `ambiguous` (see `chown_in_syscall_line`).
+fn call_in_syscall_line(
+    line: &str,
+    native: &[i64],
+    compat: &[i64],
+    ambiguous: i64,
+) -> Option<bool> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let nr: i64 = f.first()?.parse().ok()?;
     if nr < 0 {
@@ -217,11 +264,37 @@ fn chown_in_syscall_line(line: &str) -> Option<bool> {
         return None;
     }
     let low = sp >> 32 == 0 && pc >> 32 == 0;
-    if low && nr == NATIVE_IOCTL_IS_COMPAT_LCHOWN {
+    if low && nr == ambiguous {
         return None;
     }
-    Some(CHOWNS.contains(&(nr & !X32_BIT)) || low && COMPAT_CHOWNS.contains(&nr))
+    Some(native.contains(&(nr & !X32_BIT)) || low && compat.contains(&nr))
 }
+
+/// The calls that may truncate a file in this architecture's system call table.
+#[cfg(target_arch = "x86_64")]
+const TRUNCATES: &[i64] = &[
+    libc::SYS_truncate,
+    libc::SYS_ftruncate,
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_creat,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const TRUNCATES: &[i64] = &[
+    libc::SYS_truncate as i64,
+    libc::SYS_ftruncate as i64,
+    libc::SYS_openat as i64,
+    libc::SYS_openat2 as i64,
+];
+
+/// The same in the table of 32-bit programs: open, creat, truncate, ftruncate, truncate64,
+/// ftruncate64, openat, openat2. (A 64-bit call with one of these numbers counts as one
+/// too: a change is then dropped as for the caller's own, the safe side.)
+#[cfg(target_arch = "x86_64")]
+const COMPAT_TRUNCATES: &[i64] = &[5, 8, 92, 93, 193, 194, 295, 437];
+#[cfg(not(target_arch = "x86_64"))]
+const COMPAT_TRUNCATES: &[i64] = &[];
 
 /// The chown(2) family in this architecture's system call table.
 #[cfg(target_arch = "x86_64")]
@@ -363,14 +436,38 @@ impl Union {
         // is copied up; a truncate alone changes neither mode nor group, so the attributes
         // after it serve (no stat before).
         let judged_before = chown && (self.killpriv_active() || req.size.is_some()) || bare;
-        let loss = if judged_before && !node.is_dir() {
+        // A change of owner or size that is no chown(2) or truncate(2) of the caller's:
+        // kernel overlayfs copying a file up onto this mount sets the copy's size and owner
+        // so (after its capability and mode), which drops nothing on ext4. The daemon's own
+        // fchown and ftruncate drop set-ID bits and capability all the same: they are put
+        // back. (A caller /proc cannot tell about counts as making the call itself.)
+        let internal = !node.is_dir()
+            && (chown || req.size.is_some())
+            && (!chown || in_chown(pid) == Some(false))
+            && (req.size.is_none() || in_truncate(pid) == Some(false));
+        let loss = if judged_before && !node.is_dir() && !internal {
             let before = self.getattr(node, fh)?;
             self.set_id_loss(node, &before, pid, fsuid, chown, bare)?
         } else {
             None
         };
+        let kept = match internal {
+            true => {
+                self.copy_up(node)?;
+                let fd = self.upper_object(node, fh)?;
+                Kept::of(std::os::fd::AsFd::as_fd(&*fd)).map(|k| (k, fd))
+            }
+            false => None,
+        };
         let attr = self.setattr(node, req)?;
-        let loss = match truncate_only {
+        let attr = match kept {
+            Some((k, fd)) => {
+                k.restore(std::os::fd::AsFd::as_fd(&*fd));
+                self.getattr(node, fh)?
+            }
+            None => attr,
+        };
+        let loss = match truncate_only && !internal {
             true => self.set_id_loss(node, &attr, pid, fsuid, false, false)?,
             false => loss,
         };
@@ -583,6 +680,63 @@ mod tests {
         let outside = "-1 0x7ffdd04992d8 0x7f6bedc912ad\n";
         assert_eq!(chown_in_syscall_line(outside), Some(false));
         assert_eq!(chown_in_syscall_line("running\n"), None);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn truncating_calls_are_recognised() {
+        let high = "0x7ffc1f8e5a38 0x7f6bedc912ad";
+        let line = |nr: i64, a: [u64; 3]| {
+            format!(
+                "{nr} {:#x} {:#x} {:#x} 0x0 0x0 0x0 {high}\n",
+                a[0], a[1], a[2]
+            )
+        };
+        let at = 0xffff_ff9c;
+        let cases = [
+            ("ftruncate(2)", line(77, [3, 0, 0]), Some(true)),
+            ("truncate(2)", line(76, [0x5555_0000, 1, 0]), Some(true)),
+            ("creat(2)", line(85, [0x5555_0000, 0o644, 0]), Some(true)),
+            // touch: O_WRONLY|O_CREAT|O_NOCTTY|O_NONBLOCK
+            (
+                "openat(2) without O_TRUNC",
+                line(257, [at, 0x5555_0000, 0x941]),
+                Some(false),
+            ),
+            (
+                "openat(2) with O_TRUNC",
+                line(257, [at, 0x5555_0000, 0x241]),
+                Some(true),
+            ),
+            (
+                "open(2) with O_TRUNC",
+                line(2, [0x5555_0000, 0x241, 0o644]),
+                Some(true),
+            ),
+            (
+                "open(2) without",
+                line(2, [0x5555_0000, 0x42, 0o644]),
+                Some(false),
+            ),
+            (
+                "openat2(2): flags out of sight",
+                line(437, [at, 0x5555_0000, 0x1000]),
+                Some(true),
+            ),
+            ("utimensat(2)", line(280, [at, 0x5555_0000, 0]), Some(false)),
+            (
+                "a kernel thread",
+                "0 0x0 0x0 0x0 0x0 0x0 0x0 0x0 0x0\n".into(),
+                None,
+            ),
+        ];
+        for (what, line, want) in cases {
+            assert_eq!(truncate_in_syscall_line(&line), want, "{what}");
+        }
+        assert_eq!(
+            truncate_in_syscall_line("-1 0x7ffdd04992d8 0x7f6bedc912ad\n"),
+            Some(false)
+        );
     }
 
     #[test]

@@ -1508,3 +1508,55 @@ fn kernel_overlayfs_nests_on_the_mount() {
     let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
     check(&n, "nested view after a remount");
 }
+
+/// Kernel overlayfs nested on the mount copies files up with their set-ID bits and
+/// capability, as on ext4: it sets the copy's size and owner after them, which drops nothing
+/// there (the daemon puts back what its own ftruncate and fchown drop). A chown(2) through
+/// the nested overlay still drops them.
+#[test]
+fn kernel_overlayfs_nested_on_the_mount_keeps_set_id_bits_and_capabilities() {
+    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_RAW.
+    let cap: Vec<u8> = [0x0200_0001u32, 1 << 13, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("in/lo/suid", "s")
+        .chmod("in/lo/suid", 0o4755)
+        .file("in/lo/sgid", "g")
+        .chmod("in/lo/sgid", 0o2755)
+        .file("in/lo/cap", "c")
+        .xattr("in/lo/cap", "security.capability", &cap)
+        .dir("in/up")
+        .dir("in/wk")
+        .dir("in/mnt");
+    let m = l.mount("u");
+    let lower = m.path("in/lo").display().to_string();
+    let (up, wk, mnt) = (m.path("in/up"), m.path("in/wk"), m.path("in/mnt"));
+    let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
+    for name in ["suid", "sgid", "cap"] {
+        // touch: an open without O_TRUNC, then the times.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(n.path(name))
+            .unwrap();
+        assert!(m.path("in/up").join(name).exists(), "{name} copied up");
+    }
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&n.path("suid")), 0o4755);
+    assert_eq!(mode(&n.path("sgid")), 0o2755);
+    assert_eq!(
+        get_xattr(&n.path("cap"), "security.capability"),
+        Ok(cap.clone())
+    );
+    assert_eq!(mode(&m.path("in/up/suid")), 0o4755, "in the nested upper");
+    std::os::unix::fs::chown(n.path("suid"), Some(1), Some(1)).unwrap();
+    std::os::unix::fs::chown(n.path("cap"), Some(1), Some(1)).unwrap();
+    assert_eq!(mode(&n.path("suid")), 0o755, "a chown drops set-user-ID");
+    assert_eq!(
+        get_xattr(&n.path("cap"), "security.capability"),
+        Err(libc::ENODATA),
+        "a chown drops the capability"
+    );
+}
