@@ -80,6 +80,18 @@ pub enum Redirect {
 }
 
 impl State {
+    /// A state with nothing in it (unit tests' nodes).
+    #[cfg(test)]
+    pub(crate) fn empty() -> State {
+        State {
+            links: Links::new(),
+            upper: None,
+            lowers: Few::new(),
+            ids: Few::new(),
+            redirects: None,
+        }
+    }
+
     pub fn is_unlinked(&self) -> bool {
         self.links.is_empty()
     }
@@ -1169,24 +1181,14 @@ impl Table {
 mod tests {
     use super::*;
 
-    fn empty() -> State {
-        State {
-            links: Links::new(),
-            upper: None,
-            lowers: Few::new(),
-            ids: Few::new(),
-            redirects: None,
-        }
-    }
-
     #[test]
     fn passing_the_bound_wakes_the_trimmer_once_until_back_down() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         t.set_trimmer(std::thread::current(), 3, 2);
         let nodes: Vec<_> = (10..14)
             .map(|i| {
                 let id = RealId { dev: 7, ino: i };
-                t.get_or_insert(id, libc::S_IFREG, empty).0
+                t.get_or_insert(id, libc::S_IFREG, State::empty).0
             })
             .collect();
         // The root and four nodes: past the bound of 3 twice, one wake-up asked.
@@ -1210,34 +1212,34 @@ mod tests {
 
     #[test]
     fn same_fs_uses_real_numbers() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let id = RealId { dev: 7, ino: 1234 };
         assert_eq!(t.ino_for(id), 1234);
-        let (n, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        let (n, existed) = t.get_or_insert(id, libc::S_IFREG, State::empty);
         assert!(!existed);
         assert_eq!(n.ino, 1234);
-        let (n2, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        let (n2, existed) = t.get_or_insert(id, libc::S_IFREG, State::empty);
         assert!(existed);
         assert_eq!(n2.serial, n.serial);
     }
 
     #[test]
     fn real_ino_one_is_not_the_root() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let id = RealId { dev: 7, ino: 1 };
-        let (n, _) = t.get_or_insert(id, libc::S_IFREG, empty);
+        let (n, _) = t.get_or_insert(id, libc::S_IFREG, State::empty);
         assert_ne!(n.ino, ROOT_INO);
         assert_eq!(t.ino_for(id), n.ino);
     }
 
     #[test]
     fn an_identity_leaving_a_node_gets_its_own_number_at_once() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let lower = RealId { dev: 7, ino: 50 };
         // A node with an allocated, remembered number (its real one was taken).
-        let (old, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        let (old, _) = t.get_or_insert(lower, libc::S_IFREG, State::empty);
         t.forget_ids(&old, true);
-        let (n, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        let (n, _) = t.get_or_insert(lower, libc::S_IFREG, State::empty);
         assert!(n.ino >= ALLOC_BASE);
         // Copy-up of one name of a lower hard link: the node becomes the upper copy, and the
         // other names keep the lower file.
@@ -1245,17 +1247,17 @@ mod tests {
         t.remove_id(&n, lower);
         let listed = t.ino_for(lower);
         assert_ne!(listed, n.ino, "readdir must not show the copy's number");
-        let (m, existed) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        let (m, existed) = t.get_or_insert(lower, libc::S_IFREG, State::empty);
         assert!(!existed);
         assert_eq!(m.ino, listed, "lookup gives the number readdir showed");
     }
 
     #[test]
     fn a_derived_number_leaving_a_node_stays_away_after_the_node_goes() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let lower = RealId { dev: 7, ino: 50 };
         let upper = RealId { dev: 7, ino: 60 };
-        let (n, _) = t.get_or_insert(lower, libc::S_IFREG, empty);
+        let (n, _) = t.get_or_insert(lower, libc::S_IFREG, State::empty);
         assert_eq!(n.ino, 50, "the lower object's own number");
         // Copy-up of one name of a lower hard link, then the kernel forgets the copy.
         t.add_id(&n, upper);
@@ -1265,16 +1267,22 @@ mod tests {
         // The other names must not take the copy's number back: it stays the copy's.
         let listed = t.ino_for(lower);
         assert_ne!(listed, 50);
-        assert_eq!(t.get_or_insert(lower, libc::S_IFREG, empty).0.ino, listed);
-        assert_eq!(t.get_or_insert(upper, libc::S_IFREG, empty).0.ino, 50);
+        assert_eq!(
+            t.get_or_insert(lower, libc::S_IFREG, State::empty).0.ino,
+            listed
+        );
+        assert_eq!(
+            t.get_or_insert(upper, libc::S_IFREG, State::empty).0.ino,
+            50
+        );
     }
 
     #[test]
     fn a_changed_number_marks_the_listings_the_kernel_may_keep() {
-        let t = Table::new(vec![7], empty());
-        let (dir, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, empty);
-        let (other, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFDIR, empty);
-        let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 50 }, libc::S_IFREG, empty);
+        let t = Table::new(vec![7], State::empty());
+        let (dir, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, State::empty);
+        let (other, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFDIR, State::empty);
+        let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 50 }, libc::S_IFREG, State::empty);
         dir.extra().listed.store(true, Ordering::SeqCst);
         // An identity leaving a node that keeps no number for it: nothing changes.
         t.remove_id(&file, RealId { dev: 7, ino: 99 });
@@ -1297,7 +1305,7 @@ mod tests {
 
     #[test]
     fn several_filesystems_are_tagged() {
-        let t = Table::new(vec![7, 9], empty());
+        let t = Table::new(vec![7, 9], State::empty());
         let a = t.ino_for(RealId { dev: 7, ino: 5 });
         let b = t.ino_for(RealId { dev: 9, ino: 5 });
         assert_ne!(a, b);
@@ -1306,50 +1314,50 @@ mod tests {
 
     #[test]
     fn a_node_at_its_derived_number_is_found_without_an_entry() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let id = RealId { dev: 7, ino: 50 };
-        let (n, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        let (n, existed) = t.get_or_insert(id, libc::S_IFREG, State::empty);
         assert!(!existed);
         assert_eq!(n.ino, 50);
         assert!(
             lock(t.id_shard(&id)).live.is_empty(),
             "no entry for a derived number"
         );
-        let (again, existed) = t.get_or_insert(id, libc::S_IFREG, empty);
+        let (again, existed) = t.get_or_insert(id, libc::S_IFREG, State::empty);
         assert!(existed && Arc::ptr_eq(&n, &again), "found at its number");
         assert_eq!(n.refs.load(Ordering::Relaxed), 2);
         // Another type at the same identity (a reused inode while the kernel still holds the
         // node): a node of its own, at a number of its own, found through its entry.
-        let (dir, existed) = t.get_or_insert(id, libc::S_IFDIR, empty);
+        let (dir, existed) = t.get_or_insert(id, libc::S_IFDIR, State::empty);
         assert!(!existed && dir.ino != 50);
         assert!(Arc::ptr_eq(
-            &t.get_or_insert(id, libc::S_IFDIR, empty).0,
+            &t.get_or_insert(id, libc::S_IFDIR, State::empty).0,
             &dir
         ));
         // A split node is not handed out again.
         let other = RealId { dev: 7, ino: 51 };
-        let (s, _) = t.get_or_insert(other, libc::S_IFREG, empty);
+        let (s, _) = t.get_or_insert(other, libc::S_IFREG, State::empty);
         s.split.store(true, Ordering::SeqCst);
-        let (fresh, existed) = t.get_or_insert(other, libc::S_IFREG, empty);
+        let (fresh, existed) = t.get_or_insert(other, libc::S_IFREG, State::empty);
         assert!(!existed && !Arc::ptr_eq(&s, &fresh));
         // Gone from the table: a new node at the derived number again.
         let third = RealId { dev: 7, ino: 52 };
-        let (g, _) = t.get_or_insert(third, libc::S_IFREG, empty);
+        let (g, _) = t.get_or_insert(third, libc::S_IFREG, State::empty);
         t.unpin(&g, 1);
-        let (h, existed) = t.get_or_insert(third, libc::S_IFREG, empty);
+        let (h, existed) = t.get_or_insert(third, libc::S_IFREG, State::empty);
         assert!(!existed && !Arc::ptr_eq(&g, &h));
         assert_eq!(h.ino, 52);
     }
 
     #[test]
     fn forgotten_node_leaves_and_collisions_allocate() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let id = RealId { dev: 7, ino: 50 };
-        let (n, _) = t.get_or_insert(id, libc::S_IFREG, empty);
+        let (n, _) = t.get_or_insert(id, libc::S_IFREG, State::empty);
         // The object is deleted but the kernel still holds the node; a new object reuses the
         // real number and must get a number of its own.
         t.forget_ids(&n, true);
-        let (m, existed) = t.get_or_insert(id, libc::S_IFDIR, empty);
+        let (m, existed) = t.get_or_insert(id, libc::S_IFDIR, State::empty);
         assert!(!existed);
         assert_ne!(m.ino, n.ino);
         assert_eq!(t.ino_for(id), m.ino);
@@ -1360,9 +1368,9 @@ mod tests {
 
     #[test]
     fn children_pin_parents() {
-        let t = Table::new(vec![7], empty());
-        let (dir, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, empty);
-        let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFREG, empty);
+        let t = Table::new(vec![7], State::empty());
+        let (dir, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, State::empty);
+        let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFREG, State::empty);
         t.link(&file, &dir, OsStr::new("f"));
         t.unpin(&dir, 1);
         assert!(t.get(10).is_some(), "pinned by its child");
@@ -1373,7 +1381,7 @@ mod tests {
 
     #[test]
     fn the_trimmer_dozes_only_after_a_quiet_tick_and_the_next_use_wakes_it() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         t.set_trimmer(std::thread::current(), usize::MAX, 0);
         assert!(!t.tick(), "a new table counts as used");
         assert!(t.tick(), "nothing used it since");

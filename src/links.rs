@@ -192,18 +192,9 @@ mod tests {
     use crate::inode::{RealId, State, Table};
     use std::sync::atomic::Ordering;
 
-    fn empty() -> State {
-        State {
-            links: Links::new(),
-            upper: None,
-            lowers: Few::new(),
-            ids: Few::new(),
-            redirects: None,
-        }
-    }
-
     fn node(t: &Table, ino: u64, kind: u32) -> Arc<Node> {
-        t.get_or_insert(RealId { dev: 7, ino }, kind, empty).0
+        t.get_or_insert(RealId { dev: 7, ino }, kind, State::empty)
+            .0
     }
 
     fn names(l: &Links) -> Vec<(u64, String)> {
@@ -214,7 +205,7 @@ mod tests {
 
     #[test]
     fn names_keep_their_order_and_pins_in_both_forms() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let dirs = [node(&t, 10, libc::S_IFDIR), node(&t, 11, libc::S_IFDIR)];
         let file = node(&t, 12, libc::S_IFREG);
         let refs = |d: &Arc<Node>| d.refs.load(Ordering::Relaxed);
@@ -286,7 +277,7 @@ mod tests {
 
     #[test]
     fn an_indexed_node_gives_all_names_by_value() {
-        let t = Table::new(vec![7], empty());
+        let t = Table::new(vec![7], State::empty());
         let dir = node(&t, 10, libc::S_IFDIR);
         let mut links = Links::new();
         for i in 0..INDEX_ABOVE + 5 {
