@@ -679,13 +679,7 @@ fn work_on_another_btrfs_subvolume() {
     let f = Fixture::new();
     let lo = f.l.lower_paths();
     let img = f.root().join("subvolumes.btrfs");
-    fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
-    let out = Command::new("mkfs.btrfs")
-        .arg("-q")
-        .arg(&img)
-        .output()
-        .expect("mkfs.btrfs (Debian/Ubuntu: apt-get install btrfs-progs)");
-    assert!(out.status.success(), "mkfs.btrfs: {out:?}");
+    fs_image(&img, 128 << 20, &["mkfs.btrfs", "-q"], "btrfs-progs");
     let b = f.l.mkdir("btrfs");
     let _b = scratch_mount(&["-o", "loop"], &img, &b);
     let out = Command::new("btrfs")

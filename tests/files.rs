@@ -2408,11 +2408,8 @@ void _start(void)
 /// I/O paths, as kernel overlayfs does.
 #[test]
 fn writes_drop_file_capabilities() {
-    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_BIND_SERVICE.
-    let cap: Vec<u8> = [0x0200_0001u32, 1 << 10, 0, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
+    // Permitted: CAP_NET_BIND_SERVICE.
+    let cap = file_capability(10);
     let l = Layers::new(1);
     l.lower(0)
         .file("lower_cap", "data")
@@ -2483,10 +2480,7 @@ fn store_through_a_mapping(p: &Path, len: usize) {
 /// path drops them: the daemon puts them back.)
 #[test]
 fn write_backs_keep_capabilities_and_set_id_bits() {
-    let cap: Vec<u8> = [0x0200_0001u32, 1 << 10, 0, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
+    let cap = file_capability(10);
     let l = Layers::new(1);
     l.lower(0)
         .file("cap", "data")

@@ -2040,13 +2040,7 @@ fn acl_changes_follow_the_layers_filesystems_as_kernel_overlayfs() {
 
     // A filesystem mounted `noacl` for the second and third comparisons.
     let img = l.root().join("noacl.btrfs");
-    fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
-    let out = Command::new("mkfs.btrfs")
-        .arg("-q")
-        .arg(&img)
-        .output()
-        .expect("mkfs.btrfs (Debian/Ubuntu: apt-get install btrfs-progs)");
-    assert!(out.status.success(), "mkfs.btrfs: {out:?}");
+    fs_image(&img, 128 << 20, &["mkfs.btrfs", "-q"], "btrfs-progs");
     let noacl = l.mkdir("noacl");
     let _noacl = scratch_mount(&["-o", "loop,noacl"], &img, &noacl);
 
@@ -2998,13 +2992,7 @@ fn an_xfs_upper_holds_device_0_0_and_nested_overlays() {
         .dir("in/wk")
         .dir("in/mnt");
     let img = l.root().join("upper.xfs");
-    fs::File::create(&img).unwrap().set_len(300 << 20).unwrap();
-    let out = Command::new("mkfs.xfs")
-        .args(["-q", "-f"])
-        .arg(&img)
-        .output()
-        .expect("mkfs.xfs (Debian/Ubuntu: apt-get install xfsprogs)");
-    assert!(out.status.success(), "mkfs.xfs: {out:?}");
+    fs_image(&img, 300 << 20, &["mkfs.xfs", "-q", "-f"], "xfsprogs");
     let x = l.mkdir("xfs");
     let _x = scratch_mount(&["-o", "loop"], &img, &x);
     let (upper, work, merged) = (x.join("upper"), x.join("work"), l.root().join("merged"));

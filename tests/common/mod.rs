@@ -127,6 +127,32 @@ impl LayerBuilder {
     }
 }
 
+/// A `security.capability` value (VFS_CAP_REVISION_2 with the effective flag) permitting the
+/// capability numbered `cap`.
+pub fn file_capability(cap: u32) -> Vec<u8> {
+    [0x0200_0001u32, 1 << cap, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+/// Makes a filesystem image of `size` bytes at `img` with `mkfs` (the program and its
+/// arguments before the image), from the package `package` where it is missing.
+pub fn fs_image(img: &Path, size: u64, mkfs: &[&str], package: &str) {
+    fs::File::create(img).unwrap().set_len(size).unwrap();
+    let out = Command::new(mkfs[0])
+        .args(&mkfs[1..])
+        .arg(img)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} (Debian/Ubuntu: apt-get install {package}): {e}",
+                mkfs[0]
+            )
+        });
+    assert!(out.status.success(), "{}: {out:?}", mkfs[0]);
+}
+
 pub fn mknod(p: &Path, mode: u32, dev: u64) {
     let c = cpath(p);
     // SAFETY: plain syscall on a NUL-terminated path.
