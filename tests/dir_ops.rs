@@ -1468,6 +1468,17 @@ fn rename_whiteout_leaves_a_device_as_on_ext4() {
     }
 }
 
+/// Kernel overlayfs mounted on `m`'s `in/mnt`, over its `in/lo`, with its upper and work
+/// directories `in/up` and `in/wk` (made if missing) on `m`.
+fn nested_kernel_overlayfs(m: &Mount) -> Mount {
+    let lower = m.path("in/lo").display().to_string();
+    let (up, wk, mnt) = (m.path("in/up"), m.path("in/wk"), m.path("in/mnt"));
+    for d in [&up, &wk, &mnt] {
+        fs::create_dir_all(d).unwrap();
+    }
+    Mount::kernel(&lower, &up, &wk, &mnt, &[])
+}
+
 /// Kernel overlayfs mounted with its upper and work directories on unionmount (it needs
 /// RENAME_WHITEOUT, whiteout devices and its own `trusted.overlay.*` xattrs of its upper):
 /// deletes, an opaque directory and a copied-up rename work, and survive a remount.
@@ -1477,14 +1488,9 @@ fn kernel_overlayfs_nests_on_the_mount() {
     l.lower(0)
         .file("in/lo/b", "b")
         .file("in/lo/c", "c\n")
-        .file("in/lo/dd/a", "a")
-        .dir("in/up")
-        .dir("in/wk")
-        .dir("in/mnt");
+        .file("in/lo/dd/a", "a");
     let m = l.mount("u");
-    let lower = m.path("in/lo").display().to_string();
-    let (up, wk, mnt) = (m.path("in/up"), m.path("in/wk"), m.path("in/mnt"));
-    let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
+    let n = nested_kernel_overlayfs(&m);
     fs::remove_dir_all(n.path("dd")).unwrap();
     fs::create_dir(n.path("dd")).unwrap();
     fs::write(n.path("dd/n"), "n").unwrap();
@@ -1505,7 +1511,7 @@ fn kernel_overlayfs_nests_on_the_mount() {
         get_xattr(&m.path("in/up/dd"), "trusted.overlay.opaque"),
         Ok(b"y".to_vec())
     );
-    let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
+    let n = nested_kernel_overlayfs(&m);
     check(&n, "nested view after a remount");
 }
 
@@ -1524,14 +1530,9 @@ fn kernel_overlayfs_nested_on_the_mount_keeps_set_id_bits_and_capabilities() {
         .file("in/lo/sgid", "g")
         .chmod("in/lo/sgid", 0o2755)
         .file("in/lo/cap", "c")
-        .xattr("in/lo/cap", "security.capability", &cap)
-        .dir("in/up")
-        .dir("in/wk")
-        .dir("in/mnt");
+        .xattr("in/lo/cap", "security.capability", &cap);
     let m = l.mount("u");
-    let lower = m.path("in/lo").display().to_string();
-    let (up, wk, mnt) = (m.path("in/up"), m.path("in/wk"), m.path("in/mnt"));
-    let n = Mount::kernel(&lower, &up, &wk, &mnt, &[]);
+    let n = nested_kernel_overlayfs(&m);
     for name in ["suid", "sgid", "cap"] {
         // touch: an open without O_TRUNC, then the times.
         fs::OpenOptions::new()
