@@ -268,8 +268,17 @@ impl Union {
     fn make_opaque(&self, dir: BorrowedFd<'_>, node: Option<&Node>) -> Result<()> {
         let name = self.layers.format.opaque_xattr();
         let shown = node.map(|n| (self, n));
-        with_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0), shown)?;
-        if self.layers.format == Format::Aufs {
+        // An upper without extended attributes (ramfs): the AUFS marker alone marks it,
+        // which every layer is read for.
+        let no_xattrs =
+            match with_owner_bits(dir, 0o200, || sys::setxattr(dir, name, b"y", 0), shown) {
+                Err(e) if e.code() == libc::EOPNOTSUPP => true,
+                r => {
+                    r?;
+                    false
+                }
+            };
+        if self.layers.format == Format::Aufs || no_xattrs {
             let marker = || {
                 let flags = libc::O_CREAT | libc::O_WRONLY;
                 sys::openat(dir, whiteout::OPAQUE_MARKER, flags, 0o600)

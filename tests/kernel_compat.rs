@@ -3025,3 +3025,33 @@ fn an_xfs_upper_holds_device_0_0_and_nested_overlays() {
             .is_file()
     );
 }
+
+/// An upper without extended attributes (ramfs): a directory made over a lower one or moved
+/// into a merged one is marked opaque with the AUFS marker (which every layer is read for)
+/// instead of failing with EOPNOTSUPP; kernel overlayfs answers EIO and EXDEV there. The view
+/// stays the same across a remount.
+#[test]
+fn an_upper_without_xattrs_marks_opaque_directories_with_a_marker() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "f").file("ld/old", "o");
+    let r = l.mkdir("ramfs");
+    let _r = scratch_mount(&["-t", "ramfs"], "ramfs", &r);
+    let (upper, work, merged) = (r.join("upper"), r.join("work"), l.root().join("merged"));
+    let m = union_at(&l, &upper, &work, &merged);
+    fs::create_dir(m.path("new")).unwrap();
+    fs::rename(m.path("new"), m.path("new2")).unwrap();
+    fs::remove_dir_all(m.path("ld")).unwrap();
+    fs::create_dir(m.path("ld")).unwrap();
+    fs::write(m.path("ld/x"), "x").unwrap();
+    let check = |m: &Mount, what: &str| {
+        assert_eq!(m.ls(""), vec!["f", "ld", "new2"], "{what}");
+        assert_eq!(m.ls("ld"), vec!["x"], "{what}");
+    };
+    check(&m, "view");
+    assert!(upper.join("ld/.wh..wh..opq").exists());
+    drop(m);
+    let m = union_at(&l, &upper, &work, &merged);
+    check(&m, "after a remount");
+    fs::remove_dir_all(m.path("ld")).unwrap();
+    assert_eq!(m.ls(""), vec!["f", "new2"]);
+}
