@@ -189,28 +189,48 @@ pub fn in_chown(pid: u32) -> Option<bool> {
     chown_in_syscall_line(&syscall_line(pid)?)
 }
 
-/// Whether the thread `pid` is in truncate(2), ftruncate(2), creat(2) or an open with
-/// O_TRUNC now; None if /proc cannot tell.
-pub fn in_truncate(pid: u32) -> Option<bool> {
-    truncate_in_syscall_line(&syscall_line(pid)?)
+/// Whether a change of owner (`chown`) or size (`truncate`) by the thread `pid` can only be
+/// the kernel's own (kernel overlayfs copying up): the thread is surely in no call that makes
+/// it. False when /proc cannot tell. Both tables of calls count whatever the thread's
+/// addresses: a 64-bit program can make 32-bit calls (`int $0x80`), which /proc shows by
+/// their 32-bit numbers.
+pub fn surely_internal(pid: u32, chown: bool, truncate: bool) -> bool {
+    syscall_line(pid).is_some_and(|l| surely_internal_line(&l, chown, truncate) == Some(true))
 }
 
-/// `in_truncate` of a line of `/proc/PID/syscall`. An open(2) or openat(2) truncates only with
-/// O_TRUNC in its flags (its second or third argument); openat2(2) keeps them in memory, so
-/// it counts as one that does.
-fn truncate_in_syscall_line(line: &str) -> Option<bool> {
-    if !call_in_syscall_line(line, TRUNCATES, COMPAT_TRUNCATES, -1)? {
-        return Some(false);
-    }
+/// `surely_internal` of a line of `/proc/PID/syscall`; None when it cannot tell. An open(2) or
+/// openat(2) truncates only with O_TRUNC in its flags (its second or third argument);
+/// openat2(2) keeps them in memory, so it counts as one that does.
+fn surely_internal_line(line: &str, chown: bool, truncate: bool) -> Option<bool> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let nr: i64 = f.first()?.parse().ok()?;
+    if nr < 0 {
+        return Some(true);
+    }
+    let [_, _, _, _, _, _, _, sp, pc] = f[..] else {
+        return None;
+    };
+    if sp == "0x0" && pc == "0x0" {
+        // An io_uring worker or a kernel thread: the number tells nothing.
+        return None;
+    }
+    let native = nr & !X32_BIT;
+    if chown && (CHOWNS.contains(&native) || COMPAT_CHOWNS.contains(&nr)) {
+        return Some(false);
+    }
+    if !truncate {
+        return Some(true);
+    }
+    if COMPAT_TRUNCATES.contains(&nr) {
+        return Some(false);
+    }
     let arg = |i: usize| u64::from_str_radix(f.get(i + 1)?.strip_prefix("0x")?, 16).ok();
-    let flags = match nr & !X32_BIT {
+    let flags = match native {
         n if Some(n) == OPEN => arg(1)?,
         n if n == OPENAT => arg(2)?,
-        _ => return Some(true),
+        n => return Some(!TRUNCATES.contains(&n)),
     };
-    Some(flags & libc::O_TRUNC as u64 != 0)
+    Some(flags & libc::O_TRUNC as u64 == 0)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -443,8 +463,7 @@ impl Union {
         // back. (A caller /proc cannot tell about counts as making the call itself.)
         let internal = !node.is_dir()
             && (chown || req.size.is_some())
-            && (!chown || in_chown(pid) == Some(false))
-            && (req.size.is_none() || in_truncate(pid) == Some(false));
+            && surely_internal(pid, chown, req.size.is_some());
         let loss = if judged_before && !node.is_dir() && !internal {
             let before = self.getattr(node, fh)?;
             self.set_id_loss(node, &before, pid, fsuid, chown, bare)?
@@ -684,7 +703,7 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn truncating_calls_are_recognised() {
+    fn only_calls_that_change_no_owner_or_size_are_internal() {
         let high = "0x7ffc1f8e5a38 0x7f6bedc912ad";
         let line = |nr: i64, a: [u64; 3]| {
             format!(
@@ -693,50 +712,84 @@ mod tests {
             )
         };
         let at = 0xffff_ff9c;
-        let cases = [
-            ("ftruncate(2)", line(77, [3, 0, 0]), Some(true)),
-            ("truncate(2)", line(76, [0x5555_0000, 1, 0]), Some(true)),
-            ("creat(2)", line(85, [0x5555_0000, 0o644, 0]), Some(true)),
+        let path = 0x5555_0000;
+        let truncating = [
+            ("ftruncate(2)", line(77, [3, 0, 0]), Some(false)),
+            ("truncate(2)", line(76, [path, 1, 0]), Some(false)),
+            ("creat(2)", line(85, [path, 0o644, 0]), Some(false)),
             // touch: O_WRONLY|O_CREAT|O_NOCTTY|O_NONBLOCK
             (
                 "openat(2) without O_TRUNC",
-                line(257, [at, 0x5555_0000, 0x941]),
-                Some(false),
+                line(257, [at, path, 0x941]),
+                Some(true),
             ),
             (
                 "openat(2) with O_TRUNC",
-                line(257, [at, 0x5555_0000, 0x241]),
-                Some(true),
-            ),
-            (
-                "open(2) with O_TRUNC",
-                line(2, [0x5555_0000, 0x241, 0o644]),
-                Some(true),
-            ),
-            (
-                "open(2) without",
-                line(2, [0x5555_0000, 0x42, 0o644]),
+                line(257, [at, path, 0x241]),
                 Some(false),
             ),
             (
-                "openat2(2): flags out of sight",
-                line(437, [at, 0x5555_0000, 0x1000]),
-                Some(true),
+                "open(2) with O_TRUNC",
+                line(2, [path, 0x241, 0o644]),
+                Some(false),
             ),
-            ("utimensat(2)", line(280, [at, 0x5555_0000, 0]), Some(false)),
+            ("open(2) without", line(2, [path, 0x42, 0o644]), Some(true)),
+            (
+                "openat2(2): flags out of sight",
+                line(437, [at, path, 0x1000]),
+                Some(false),
+            ),
+            ("utimensat(2)", line(280, [at, path, 0]), Some(true)),
+            // 32-bit calls from a 64-bit program (int $0x80) show 32-bit numbers.
+            (
+                "32-bit ftruncate(2) from high addresses",
+                line(93, [3, 2, 0]),
+                Some(false),
+            ),
+            ("32-bit truncate64(2)", line(193, [path, 2, 0]), Some(false)),
             (
                 "a kernel thread",
                 "0 0x0 0x0 0x0 0x0 0x0 0x0 0x0 0x0\n".into(),
                 None,
             ),
         ];
-        for (what, line, want) in cases {
-            assert_eq!(truncate_in_syscall_line(&line), want, "{what}");
+        for (what, line, want) in truncating {
+            assert_eq!(surely_internal_line(&line, false, true), want, "{what}");
         }
+        let owning = [
+            ("fchownat(2)", line(260, [at, path, 0]), Some(false)),
+            (
+                "32-bit fchown32(2) from high addresses",
+                line(207, [3, 0, 0]),
+                Some(false),
+            ),
+            (
+                "32-bit lchown(2) or 64-bit ioctl(2)",
+                line(16, [3, 0, 0]),
+                Some(false),
+            ),
+            (
+                "openat(2): a copy-up",
+                line(257, [at, path, 0x241]),
+                Some(true),
+            ),
+            (
+                "utimensat(2): a copy-up",
+                line(280, [at, path, 0]),
+                Some(true),
+            ),
+        ];
+        for (what, line, want) in owning {
+            assert_eq!(surely_internal_line(&line, true, false), want, "{what}");
+        }
+        // Both asked: either call keeps it from being internal.
         assert_eq!(
-            truncate_in_syscall_line("-1 0x7ffdd04992d8 0x7f6bedc912ad\n"),
+            surely_internal_line(&line(77, [3, 0, 0]), true, true),
             Some(false)
         );
+        let outside = "-1 0x7ffdd04992d8 0x7f6bedc912ad\n";
+        assert_eq!(surely_internal_line(outside, true, true), Some(true));
+        assert_eq!(surely_internal_line("running\n", true, true), None);
     }
 
     #[test]
