@@ -250,25 +250,12 @@ fn syscall_line(pid: u32) -> Option<String> {
 /// Whether a line of `/proc/PID/syscall` ("NR ARG1 .. ARG6 SP PC", "-1 SP PC" outside a
 /// call, "running") shows a call of the chown(2) family; None when it cannot tell.
 ///
-/// A 32-bit program's calls carry the numbers of its own table. Its stack and program counter
-/// lie below 4 GiB, where a 64-bit program's seldom do; such a thread's call counts as a
-/// chown if it is one in either table. Of the calls that send the daemon a SETATTR that sets
-/// nothing (writes and the like), only one has a number that is a chown in the other table:
-/// the 64-bit ioctl(2), which can allocate space (FS_IOC_RESVSP), is the 32-bit lchown(2).
-/// From such a thread that number tells nothing.
+/// A 32-bit call carries the number of the 32-bit table, whether a 32-bit program makes it or
+/// a 64-bit one (`int $0x80`): a number counts as a chown if it is one in either table. Of the
+/// calls that send the daemon a SETATTR that sets nothing (writes and the like), only one has
+/// a number that is a chown in the other table: the 64-bit ioctl(2), which can allocate space
+/// (FS_IOC_RESVSP), is the 32-bit lchown(2). That number tells nothing.
 fn chown_in_syscall_line(line: &str) -> Option<bool> {
-    call_in_syscall_line(line, CHOWNS, COMPAT_CHOWNS, NATIVE_IOCTL_IS_COMPAT_LCHOWN)
-}
-
-/// Whether a line of `/proc/PID/syscall` shows one of the calls `native` (this architecture's
-/// numbers) or, from a thread that looks 32-bit, `compat`; None when it cannot tell, or when
-/// a 32-bit-looking thread is in `ambiguous` (see `chown_in_syscall_line`).
-fn call_in_syscall_line(
-    line: &str,
-    native: &[i64],
-    compat: &[i64],
-    ambiguous: i64,
-) -> Option<bool> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let nr: i64 = f.first()?.parse().ok()?;
     if nr < 0 {
@@ -277,17 +264,14 @@ fn call_in_syscall_line(
     let [_, _, _, _, _, _, _, sp, pc] = f[..] else {
         return None;
     };
-    let addr = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
-    let (sp, pc) = (addr(sp)?, addr(pc)?);
-    if sp == 0 && pc == 0 {
+    if sp == "0x0" && pc == "0x0" {
         // An io_uring worker: the number shown is the one its creator was in.
         return None;
     }
-    let low = sp >> 32 == 0 && pc >> 32 == 0;
-    if low && nr == ambiguous {
+    if nr == NATIVE_IOCTL_IS_COMPAT_LCHOWN {
         return None;
     }
-    Some(native.contains(&(nr & !X32_BIT)) || low && compat.contains(&nr))
+    Some(CHOWNS.contains(&(nr & !X32_BIT)) || COMPAT_CHOWNS.contains(&nr))
 }
 
 /// The calls that may truncate a file in this architecture's system call table.
@@ -667,10 +651,16 @@ mod tests {
             ("64-bit chown(2)", 92, high, Some(true)),
             ("64-bit fchownat(2)", 260, high, Some(true)),
             (
-                "64-bit ioctl(2), the i386 lchown's number",
+                "64-bit ioctl(2) or an int $0x80 lchown(2): one number",
                 16,
                 high,
-                Some(false),
+                None,
+            ),
+            (
+                "int $0x80 fchown32(2) from a 64-bit program",
+                207,
+                high,
+                Some(true),
             ),
             ("32-bit chown32(2)", 212, low, Some(true)),
             ("32-bit lchown32(2)", 198, low, Some(true)),
