@@ -202,18 +202,9 @@ pub fn surely_internal(pid: u32, chown: bool, truncate: bool) -> bool {
 /// openat(2) truncates only with O_TRUNC in its flags (its second or third argument);
 /// openat2(2) keeps them in memory, so it counts as one that does.
 fn surely_internal_line(line: &str, chown: bool, truncate: bool) -> Option<bool> {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    let nr: i64 = f.first()?.parse().ok()?;
-    if nr < 0 {
+    let Call::In(nr, f) = Call::of(line)? else {
         return Some(true);
-    }
-    let [_, _, _, _, _, _, _, sp, pc] = f[..] else {
-        return None;
     };
-    if sp == "0x0" && pc == "0x0" {
-        // An io_uring worker or a kernel thread: the number tells nothing.
-        return None;
-    }
     let native = nr & !X32_BIT;
     if chown && (CHOWNS.contains(&native) || COMPAT_CHOWNS.contains(&nr)) {
         return Some(false);
@@ -239,6 +230,32 @@ const OPEN: Option<i64> = Some(libc::SYS_open);
 const OPEN: Option<i64> = None;
 const OPENAT: i64 = libc::SYS_openat;
 
+/// What a line of `/proc/PID/syscall` ("NR ARG1 .. ARG6 SP PC", "-1 SP PC" outside a call,
+/// "running") shows: a call's number and the line's fields, or no call.
+enum Call<'a> {
+    In(i64, Vec<&'a str>),
+    Outside,
+}
+
+impl<'a> Call<'a> {
+    /// None when the line tells nothing: running, or an io_uring worker or a kernel thread
+    /// (no stack or program counter: the number shown is its creator's, or none).
+    fn of(line: &'a str) -> Option<Call<'a>> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let nr: i64 = f.first()?.parse().ok()?;
+        if nr < 0 {
+            return Some(Call::Outside);
+        }
+        let [_, _, _, _, _, _, _, sp, pc] = f[..] else {
+            return None;
+        };
+        if sp == "0x0" && pc == "0x0" {
+            return None;
+        }
+        Some(Call::In(nr, f))
+    }
+}
+
 /// `/proc/PID/syscall` of the thread `pid` of a request, if /proc shows it.
 fn syscall_line(pid: u32) -> Option<String> {
     if pid == 0 || !proc_is_ours() {
@@ -256,18 +273,9 @@ fn syscall_line(pid: u32) -> Option<String> {
 /// a number that is a chown in the other table: the 64-bit ioctl(2), which can allocate space
 /// (FS_IOC_RESVSP), is the 32-bit lchown(2). That number tells nothing.
 fn chown_in_syscall_line(line: &str) -> Option<bool> {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    let nr: i64 = f.first()?.parse().ok()?;
-    if nr < 0 {
+    let Call::In(nr, _) = Call::of(line)? else {
         return Some(false);
-    }
-    let [_, _, _, _, _, _, _, sp, pc] = f[..] else {
-        return None;
     };
-    if sp == "0x0" && pc == "0x0" {
-        // An io_uring worker: the number shown is the one its creator was in.
-        return None;
-    }
     if nr == NATIVE_IOCTL_IS_COMPAT_LCHOWN {
         return None;
     }
