@@ -244,12 +244,16 @@ impl Union {
         &self.privs_locks[(ino % 64) as usize]
     }
 
-    /// `privs_lock` held alone, for a regular file (write-backs are of regular files only).
+    /// `privs_lock` held alone, for a regular file in the upper: write-backs are of regular
+    /// files only, and of copied-up ones (a writable open copies up first). A file still only
+    /// in a lower layer has none to be ordered against, and the copy-up the change makes
+    /// (seconds for a large file) must not hold up the writes of the other files of its stripe.
     pub(crate) fn privs_changing(
         &self,
         node: &crate::inode::Node,
     ) -> Option<std::sync::RwLockWriteGuard<'_, ()>> {
-        (node.kind() == libc::S_IFREG).then(|| {
+        let upper = node.state().upper.is_some();
+        (node.kind() == libc::S_IFREG && upper).then(|| {
             self.privs_lock(node)
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
