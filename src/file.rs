@@ -897,20 +897,17 @@ impl Union {
         // before the write to after, so that no other write sees them missing meanwhile and
         // no change through the view (a removexattr, a chmod, a write(2) that drops them) is
         // undone. Other writes hold it shared.
-        let mut shared = Some(self.privs_kept(&h.node));
+        let privs = self.privs_lock(&h.node);
+        let mut shared = Some(privs.read().unwrap_or_else(|p| p.into_inner()));
         let mut alone = None;
-        let kept = match from_cache {
-            true => crate::killpriv::Kept::of(fd.as_fd()),
-            false => None,
-        };
-        let kept = match kept {
-            Some(_) => {
-                shared = None;
-                alone = self.privs_changing(&h.node);
-                crate::killpriv::Kept::of(fd.as_fd())
-            }
-            None => None,
-        };
+        if from_cache && crate::killpriv::Kept::of(fd.as_fd()).is_some() {
+            shared = None;
+            alone = Some(privs.write().unwrap_or_else(|p| p.into_inner()));
+        }
+        // Read again alone: another write-back may have put them back meanwhile.
+        let kept = alone
+            .as_ref()
+            .and_then(|_| crate::killpriv::Kept::of(fd.as_fd()));
         let mut n = 0;
         let mut failed = None;
         {
