@@ -225,6 +225,13 @@ fn time_key(st: &crate::sys::Stat) -> u64 {
 }
 
 impl Extra {
+    /// Directories: a listing the kernel may keep is out of date; the next open drops it.
+    pub fn listing_outdated(&self) {
+        if self.listed.load(Ordering::SeqCst) && self.listed.swap(false, Ordering::SeqCst) {
+            self.stale_listing.store(true, Ordering::SeqCst);
+        }
+    }
+
     pub fn has_writable_opens(&self) -> bool {
         self.writable_opens.load(Ordering::Relaxed) > 0
     }
@@ -717,11 +724,8 @@ impl Table {
         self.listing_gen.fetch_add(1, Ordering::SeqCst);
         for shard in &self.nodes {
             for n in lock(shard).values() {
-                if let Some(e) = n.extra_if_made()
-                    && e.listed.load(Ordering::SeqCst)
-                    && e.listed.swap(false, Ordering::SeqCst)
-                {
-                    e.stale_listing.store(true, Ordering::SeqCst);
+                if let Some(e) = n.extra_if_made() {
+                    e.listing_outdated();
                 }
             }
         }

@@ -236,11 +236,8 @@ impl Union {
         let e = dir.extra();
         e.version.fetch_add(1, Ordering::SeqCst);
         // A listing the kernel keeps from before the change may be completed after it (by a
-        // stream opened before), and be served from its cache after the change: the next open
-        // drops it (`stale_listing`).
-        if e.listed.load(Ordering::SeqCst) && e.listed.swap(false, Ordering::SeqCst) {
-            e.stale_listing.store(true, Ordering::SeqCst);
-        }
+        // stream opened before), and be served from its cache after the change.
+        e.listing_outdated();
     }
 
     /// The merged entries of a directory, without `.` and `..`, read from the layers.
