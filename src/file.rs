@@ -291,15 +291,41 @@ impl Handles {
     }
 }
 
+/// The data of a READ's answer (see `Union::read`).
+pub enum ReadData<'a> {
+    /// `size` bytes (at most) of `fd` at `off`, to be spliced through `pipe`
+    /// (`Reply::data_spliced`).
+    File {
+        pipe: &'a mut Option<sys::Pipe>,
+        fd: BorrowedFd<'a>,
+        off: u64,
+        size: usize,
+    },
+    /// Bytes read into the daemon's buffer.
+    Copied(&'a [u8]),
+}
+
 /// Buffers for the data of READ replies (the page-cached path), shared by the serving
 /// threads. They are dropped once reads stop, so a mount that once read a large file does
 /// not keep a megabyte per thread for the rest of its life.
 #[derive(Default)]
 pub struct ReadBufs {
     free: Mutex<Vec<Vec<u8>>>,
-    /// Whether a read took a buffer since the last `release_idle`.
+    /// Pipes for answers spliced from the file (see `Reply::data_spliced`).
+    pipes: Mutex<Vec<sys::Pipe>>,
+    /// Whether a read took a buffer or a pipe since the last `release_idle`.
     used: AtomicBool,
 }
+
+/// Pipes for spliced READ answers hold at least this much (64 pages: a 128 KiB read needs 33
+/// slots, one for the header)...
+const READ_PIPE_MIN: usize = 256 << 10;
+/// ...and this much where the limits allow: the largest READ (1 MiB), its header and an
+/// unaligned start. Only a daemon with CAP_SYS_RESOURCE may pass the 1 MiB a pipe may have by
+/// default, which holds READs of up to 1020 KiB; pipes of unprivileged users count against
+/// their per-user budget (`pipe-user-pages-soft`: 64 such pipes), so the pool is emptied once
+/// reads stop.
+const READ_PIPE_WANT: usize = 2 << 20;
 
 impl ReadBufs {
     fn free(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
@@ -315,22 +341,46 @@ impl ReadBufs {
         self.free().push(buf);
     }
 
-    /// Frees the pooled buffers if no read needed one since the last call.
+    fn pipes(&self) -> MutexGuard<'_, Vec<sys::Pipe>> {
+        self.pipes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pipe from the pool, or a new one (None if none can be made).
+    fn take_pipe(&self) -> Option<sys::Pipe> {
+        self.used.store(true, Ordering::Relaxed);
+        let pooled = self.pipes().pop();
+        pooled.or_else(|| sys::Pipe::new(READ_PIPE_MIN, READ_PIPE_WANT))
+    }
+
+    fn give_pipe(&self, pipe: Option<sys::Pipe>) {
+        if let Some(p) = pipe {
+            self.pipes().push(p);
+        }
+    }
+
+    /// Frees the pooled buffers and pipes if no read needed one since the last call.
     pub fn release_idle(&self) {
         if !self.used.swap(false, Ordering::Relaxed) {
             let idle = std::mem::take(&mut *self.free());
             drop(idle);
+            let idle = std::mem::take(&mut *self.pipes());
+            drop(idle);
         }
     }
 
-    /// Whether buffers wait in the pool (to be freed once reads stop).
+    /// Whether buffers or pipes wait in the pool (to be freed once reads stop).
     pub fn any_pooled(&self) -> bool {
-        !self.free().is_empty()
+        !self.free().is_empty() || !self.pipes().is_empty()
     }
 
     #[cfg(test)]
     fn pooled(&self) -> usize {
         self.free().len()
+    }
+
+    #[cfg(test)]
+    fn pooled_pipes(&self) -> usize {
+        self.pipes().len()
     }
 }
 
@@ -807,7 +857,9 @@ impl Union {
         h.fd()
     }
 
-    /// Reads up to `size` bytes at `off` and hands them to `reply`.
+    /// Reads up to `size` bytes at `off` and hands them to `reply`, which answers the READ
+    /// and returns the bytes it sent, or None where it could not send `ReadData::File` (the
+    /// data is then read and handed over as `ReadData::Copied`).
     /// `cached`: the kernel reads through its page cache (no passthrough, no `O_DIRECT`).
     pub fn read(
         &self,
@@ -815,30 +867,30 @@ impl Union {
         off: u64,
         size: u32,
         cached: bool,
-        reply: impl FnOnce(&[u8]),
+        mut reply: impl FnMut(ReadData<'_>) -> Option<usize>,
     ) -> Result<()> {
         let h = self.handle(fh)?;
         // The data generation the fd belongs to, read before the fd (see `stream`).
         let generation = h.node.data_gen();
         let fd = self.read_fd(&h);
-        let mut buf = self.handles.read_bufs.take();
-        if buf.len() < size as usize {
-            buf.resize(size as usize, 0);
-        }
-        let res: Result<usize> = (|| {
-            let mut n = 0;
-            while n < size as usize {
-                let got = sys::pread(fd.as_fd(), &mut buf[n..size as usize], off + n as u64)?;
-                if got == 0 {
-                    break;
-                }
-                n += got;
+        let mut spliced = None;
+        if size as usize >= crate::fuse::reply::SPLICE_MIN {
+            let mut pipe = self.handles.read_bufs.take_pipe();
+            if pipe.is_some() {
+                spliced = reply(ReadData::File {
+                    pipe: &mut pipe,
+                    fd: fd.as_fd(),
+                    off,
+                    size: size as usize,
+                });
             }
-            reply(&buf[..n]);
-            Ok(n)
-        })();
-        self.handles.read_bufs.give(buf);
-        // The trimmer frees the pool once reads stop (and sleeps only while it is empty).
+            self.handles.read_bufs.give_pipe(pipe);
+        }
+        let res = match spliced {
+            Some(n) => Ok(n),
+            None => self.read_copied(&fd, off, size, &mut reply),
+        };
+        // The trimmer frees the pools once reads stop (and sleeps only while they are empty).
         self.table.stir();
         let n = res?;
         // Stream a lower file ahead of a sequential reader: only full reads of the lower data
@@ -853,6 +905,34 @@ impl Union {
             self.streams.read(&h.node, &fd, generation, off, n as u64);
         }
         Ok(())
+    }
+
+    /// Reads up to `size` bytes at `off` into a pooled buffer and hands them to `reply`.
+    fn read_copied(
+        &self,
+        fd: &OwnedFd,
+        off: u64,
+        size: u32,
+        reply: &mut impl FnMut(ReadData<'_>) -> Option<usize>,
+    ) -> Result<usize> {
+        let mut buf = self.handles.read_bufs.take();
+        if buf.len() < size as usize {
+            buf.resize(size as usize, 0);
+        }
+        let res: Result<usize> = (|| {
+            let mut n = 0;
+            while n < size as usize {
+                let got = sys::pread(fd.as_fd(), &mut buf[n..size as usize], off + n as u64)?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            reply(ReadData::Copied(&buf[..n]));
+            Ok(n)
+        })();
+        self.handles.read_bufs.give(buf);
+        res
     }
 
     /// A WRITE; `from_cache`: the kernel writes back pages it caches (FUSE_WRITE_CACHE).
@@ -1166,6 +1246,7 @@ impl Union {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn a_passthrough_open_shares_reopens_splits_or_registers() {
@@ -1221,6 +1302,34 @@ mod tests {
         table.shard(5).insert(5, (real, Arc::downgrade(&new)));
         drop(old);
         assert_eq!(table.shard(5).len(), 1);
+    }
+
+    #[test]
+    fn read_pipes_are_reused_and_freed_once_reads_stop() {
+        let bufs = ReadBufs::default();
+        let a = bufs.take_pipe().expect("a pipe");
+        assert!(a.capacity >= READ_PIPE_MIN, "{}", a.capacity);
+        let b = bufs.take_pipe().expect("a pipe");
+        let a_fd = a.w.as_raw_fd();
+        bufs.give_pipe(Some(b));
+        bufs.give_pipe(Some(a));
+        // A pipe a failure left bytes in is not given back.
+        bufs.give_pipe(None);
+        assert_eq!(bufs.pooled_pipes(), 2);
+        bufs.release_idle();
+        assert_eq!(bufs.pooled_pipes(), 2);
+        let a = bufs.take_pipe().expect("a pipe");
+        assert_eq!(
+            a.w.as_raw_fd(),
+            a_fd,
+            "the last pipe given back is reused first"
+        );
+        bufs.give_pipe(Some(a));
+        assert!(bufs.any_pooled());
+        bufs.release_idle();
+        bufs.release_idle();
+        assert_eq!(bufs.pooled_pipes(), 0);
+        assert!(!bufs.any_pooled());
     }
 
     #[test]

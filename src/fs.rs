@@ -9,7 +9,7 @@ use fuser::{Errno, FileAttr, FopenFlags, INodeNo, InitFlags, WriteFlags};
 
 use crate::attr::{SetAttr, XattrReply};
 use crate::dir::{Caller, Created, Make};
-use crate::file::IoMode;
+use crate::file::{IoMode, ReadData};
 use crate::fuse::{DirBuf, Header, InitConfig, Op, Reply};
 use crate::inode::Node;
 use crate::readdir::DirHandle;
@@ -547,8 +547,21 @@ impl UnionFs {
         let mut reply = Some(reply);
         let cached = flags & libc::O_DIRECT == 0;
         let res = self.u.read(fh, offset, size, cached, |data| {
-            if let Some(r) = reply.take() {
-                r.data(data)
+            let r = reply.take()?;
+            match data {
+                ReadData::File {
+                    pipe,
+                    fd,
+                    off,
+                    size,
+                } => r
+                    .data_spliced(pipe, fd, off, size)
+                    .map_err(|r| reply = Some(r))
+                    .ok(),
+                ReadData::Copied(d) => {
+                    r.data(d);
+                    Some(d.len())
+                }
             }
         });
         if let (Err(e), Some(r)) = (res, reply) {

@@ -27,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use crate::fuse::abi;
 use crate::inode::Node;
-use crate::sys;
+use crate::sys::{self, Pipe};
 
 /// Bytes a reader reads in order before its file is streamed ahead of it.
 pub const START: u64 = 1 << 20;
@@ -144,22 +144,6 @@ const STORE_HEADER: usize = abi::OUT_HEADER + 24;
 /// for this many pages and the header.
 const SPLICED: u64 = 512 << 10;
 const PIPE: usize = 1 << 20;
-
-/// A pipe for splicing stores.
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-}
-
-impl Pipe {
-    fn new() -> Option<Pipe> {
-        let (r, w) = sys::pipe().ok()?;
-        match sys::set_pipe_size(w.as_fd(), PIPE) {
-            Ok(got) if got >= PIPE => Some(Pipe { r, w }),
-            _ => None,
-        }
-    }
-}
 
 impl Streams {
     /// Enables streaming; called once the session is up, with an fd of its /dev/fuse.
@@ -342,7 +326,7 @@ impl Streams {
             from
         };
         if pipe.is_none() {
-            *pipe = Pipe::new();
+            *pipe = Pipe::new(PIPE, PIPE);
         }
         let Some(p) = pipe else {
             return false;

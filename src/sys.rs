@@ -1201,6 +1201,30 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// A pipe for splicing, of a known capacity.
+pub struct Pipe {
+    pub r: OwnedFd,
+    pub w: OwnedFd,
+    /// Bytes it holds at most.
+    pub capacity: usize,
+}
+
+impl Pipe {
+    /// A pipe of at least `min` bytes, grown as close to `want` as the limits allow (halving
+    /// from `want`).
+    pub fn new(min: usize, want: usize) -> Option<Pipe> {
+        let (r, w) = pipe().ok()?;
+        let mut size = want.max(min);
+        loop {
+            match set_pipe_size(w.as_fd(), size) {
+                Ok(capacity) if capacity >= min => return Some(Pipe { r, w, capacity }),
+                _ if size / 2 >= min => size /= 2,
+                _ => return None,
+            }
+        }
+    }
+}
+
 pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` has room for two descriptors.

@@ -567,6 +567,13 @@ enum Target {
 }
 
 impl Target {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Target::Union(args) => args,
+            Target::Kernel => &[],
+        }
+    }
+
     /// Mounts the target over `l`'s layers; also says what it is.
     fn mount(self, l: &Layers) -> (Mount, &'static str) {
         match self {
@@ -986,6 +993,93 @@ fn a_full_upper_fails_writes() {
             seen,
             "{label}: the upper"
         );
+        drop(m);
+    }
+}
+
+/// Reads answered by splicing the file's pages (large READs on the page-cached path) and by
+/// copying them (small ones, or too large for the pipe) return the layer's bytes: lower files
+/// and an upper copy, every size around the bounds (32 KiB, the pipe's 1 MiB, the end of the
+/// file), through the page cache after its pages were dropped and through `O_DIRECT` at
+/// unaligned offsets (which only the page-cached path passes to the daemon as they are).
+#[test]
+fn reads_of_every_size_return_the_layers_bytes() {
+    const K: u64 = 1024;
+    let sizes = [
+        0,
+        1,
+        4095,
+        32 * K - 1,
+        32 * K,
+        32 * K + 1,
+        128 * K + 17,
+        256 * K,
+        1020 * K,
+        1024 * K - 1,
+        1024 * K,
+        1024 * K + 1,
+        3 * 1024 * K + 5,
+    ];
+    let l = Layers::new(1);
+    let mut files = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let name = format!("f{size}");
+        let data = pattern(i as u64 + 1, size);
+        l.lower(0).file_bytes(&name, &data);
+        files.push((name, data));
+    }
+    {
+        let args = PAGE_CACHED.args();
+        let m = l.mount_with("m", args);
+        // One file copied up (a chmod keeps its bytes): its reads come from the upper copy.
+        let copied = &files.last().unwrap().0;
+        fs::set_permissions(
+            m.path(copied),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        assert!(m.upper_path(copied).exists());
+        for (name, data) in &files {
+            let size = data.len() as u64;
+            // Through the page cache, its pages dropped first, in reads of three sizes.
+            for chunk in [4 * K, 128 * K, 1024 * K] {
+                let f = File::open(m.path(name)).unwrap();
+                // SAFETY: a valid open fd; fadvise touches no memory of ours.
+                let rc =
+                    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                assert_eq!(rc, 0);
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; chunk as usize];
+                loop {
+                    let n = f.read_at(&mut buf, got.len() as u64).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got == *data, "{args:?} {name}: reads of {chunk} differ");
+            }
+            // O_DIRECT: the READs carry these offsets and sizes as they are.
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(m.path(name))
+                .unwrap();
+            for off in [0, 1, 4095, 4096, size.saturating_sub(100), size, size + 1] {
+                for len in [32 * K - 1, 32 * K, 200_000, 1020 * K, 1024 * K] {
+                    let mut buf = vec![0u8; len as usize];
+                    let n = f.read_at(&mut buf, off).unwrap_or_else(|e| {
+                        panic!("{args:?} {name}: O_DIRECT {len} at {off}: {e}")
+                    });
+                    let want = &data[(off.min(size) as usize)..((off + len).min(size) as usize)];
+                    assert!(
+                        &buf[..n] == want,
+                        "{args:?} {name}: O_DIRECT read of {len} at {off}: {n} bytes, want {}",
+                        want.len()
+                    );
+                }
+            }
+        }
         drop(m);
     }
 }

@@ -10,6 +10,10 @@ use fuser::{Errno, FileAttr, FileType, FopenFlags};
 use super::abi::{self, Out};
 use crate::sys;
 
+/// READ answers shorter than this are copied: splicing costs two more system calls, more
+/// than copying a few pages.
+pub const SPLICE_MIN: usize = 32 << 10;
+
 /// One fd of the connection. A reply goes to the fd its request was read from: each clone
 /// keeps its own list of requests being served.
 #[derive(Clone, Debug)]
@@ -255,6 +259,73 @@ impl Reply {
 
     pub fn data(self, d: &[u8]) {
         self.send(0, &[d]);
+    }
+
+    /// Answers a READ with up to `size` bytes of `file` at `off` without copying them through
+    /// the daemon: the header is written to `pipe`, the data spliced from the file into it
+    /// (the pipe takes references to the file's cached pages) and the whole answer spliced
+    /// into /dev/fuse, where the kernel copies the data once. Returns the bytes sent, or the
+    /// reply back, unsent, where the data should be copied instead (too little or too much
+    /// for the pipe, or a splice refused). `pipe` is emptied when a failure leaves bytes in
+    /// it.
+    pub fn data_spliced(
+        self,
+        pipe: &mut Option<sys::Pipe>,
+        file: BorrowedFd<'_>,
+        off: u64,
+        size: usize,
+    ) -> Result<usize, Reply> {
+        let Some(p) = pipe.as_ref() else {
+            return Err(self);
+        };
+        // What the file holds there now: the header must give the length before the data.
+        let len = match sys::fstat(file) {
+            Ok(st) => (st.st_size as u64).saturating_sub(off).min(size as u64) as usize,
+            Err(_) => return Err(self),
+        };
+        // A slot for the header and one per page of data.
+        let page = sys::page_size();
+        let slots = 1 + ((off % page as u64) as usize + len).div_ceil(page);
+        if len < SPLICE_MIN || slots * page > p.capacity {
+            return Err(self);
+        }
+        let total = abi::OUT_HEADER + len;
+        let hdr = abi::out_header(total, 0, self.unique);
+        let filled = (|| {
+            sys::write_all(p.w.as_fd(), &hdr)?;
+            let mut at = off as i64;
+            let mut put = 0;
+            while put < len {
+                match sys::splice(file, Some(&mut at), p.w.as_fd(), len - put)? {
+                    // Shorter than it was a moment ago.
+                    0 => return Err(Errno::EIO),
+                    n => put += n,
+                }
+            }
+            Ok(())
+        })();
+        if filled.is_err() {
+            *pipe = None;
+            return Err(self);
+        }
+        match sys::splice(p.r.as_fd(), None, self.ch.fd(), total) {
+            Ok(n) if n == total => {
+                let mut this = self;
+                this.done = true;
+                Ok(len)
+            }
+            // The request was interrupted and is gone.
+            Err(e) if e.code() == libc::ENOENT => {
+                let mut this = self;
+                this.done = true;
+                Ok(len)
+            }
+            r => {
+                log::debug!("splicing the answer to request {}: {r:?}", self.unique);
+                *pipe = None;
+                Err(self)
+            }
+        }
     }
 
     pub fn opened(self, fh: u64, flags: FopenFlags, backing: Option<&BackingId>) {
