@@ -2,9 +2,9 @@
 //! page-cached path (rootless, `--passthrough off`).
 //!
 //! There the kernel reads a FUSE file ahead only 128 KiB at a time (only root may raise the
-//! mount's `read_ahead_kb`), one READ round trip after another, and each READ's data is
-//! copied twice on its way (into the daemon, then into the kernel's page), so a cold
-//! sequential read runs below the disk's speed. Once a reader has read `START` bytes of a
+//! mount's `read_ahead_kb`), one READ round trip after another (each answered by splicing
+//! the file's pages, see `Reply::data_spliced`, but waited for), so a cold sequential read
+//! runs below the disk's speed. Once a reader has read `START` bytes of a
 //! lower file in order, two threads of the daemon hand the file's data on ahead of it to the
 //! kernel's page cache (`FUSE_NOTIFY_STORE`), `WINDOW` at a time, at most two windows past
 //! the reader. The data is spliced from the layer file through a pipe into /dev/fuse, so it
