@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use crate::copy_up::Data;
@@ -313,19 +313,24 @@ pub struct ReadBufs {
     free: Mutex<Vec<Vec<u8>>>,
     /// Pipes for answers spliced from the file (see `Reply::data_spliced`).
     pipes: Mutex<Vec<sys::Pipe>>,
+    /// Pipes lent or pooled (at most `READ_PIPES`).
+    live_pipes: AtomicUsize,
     /// Whether a read took a buffer or a pipe since the last `release_idle`.
     used: AtomicBool,
 }
 
-/// Pipes for spliced READ answers hold at least this much (64 pages: a 128 KiB read needs 33
-/// slots, one for the header)...
-const READ_PIPE_MIN: usize = 256 << 10;
-/// ...and this much where the limits allow: the largest READ (1 MiB), its header and an
-/// unaligned start. Only a daemon with CAP_SYS_RESOURCE may pass the 1 MiB a pipe may have by
-/// default, which holds READs of up to 1020 KiB; pipes of unprivileged users count against
-/// their per-user budget (`pipe-user-pages-soft`: 64 such pipes), so the pool is emptied once
-/// reads stop.
+/// Pipes for spliced READ answers (see `Reply::data_spliced`) hold this much where the daemon
+/// may pass the default limit of 1 MiB a pipe (`CAP_SYS_RESOURCE`): the largest READ (1 MiB),
+/// its header and an unaligned start...
 const READ_PIPE_WANT: usize = 2 << 20;
+/// ...else this much, for READs of up to 508 KiB (a rootless mount's read-ahead asks for 128
+/// or 256 KiB at a time; larger READs are copied). The pipes of an unprivileged daemon count
+/// against its user's pipe budget (`pipe-user-pages-soft`, 16,384 pages by default; past it
+/// the user's new pipes get two pages each), so they are kept small and few, and the pool is
+/// emptied once reads stop.
+const READ_PIPE_MIN: usize = 512 << 10;
+/// Most pipes the pool lends at once; further READs at the same moment are copied.
+const READ_PIPES: usize = 4;
 
 impl ReadBufs {
     fn free(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
@@ -345,16 +350,31 @@ impl ReadBufs {
         self.pipes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A pipe from the pool, or a new one (None if none can be made).
+    /// A pipe from the pool, or a new one; None if `READ_PIPES` are lent already or none
+    /// can be made.
     fn take_pipe(&self) -> Option<sys::Pipe> {
         self.used.store(true, Ordering::Relaxed);
-        let pooled = self.pipes().pop();
-        pooled.or_else(|| sys::Pipe::new(READ_PIPE_MIN, READ_PIPE_WANT))
+        if let Some(p) = self.pipes().pop() {
+            return Some(p);
+        }
+        let lent = self.live_pipes.fetch_add(1, Ordering::SeqCst);
+        let made = (lent < READ_PIPES)
+            .then(|| sys::Pipe::new(READ_PIPE_MIN, READ_PIPE_WANT))
+            .flatten();
+        if made.is_none() {
+            self.live_pipes.fetch_sub(1, Ordering::SeqCst);
+        }
+        made
     }
 
+    /// Gives back a pipe `take_pipe` lent; None when it was dropped (a failure left bytes in
+    /// it).
     fn give_pipe(&self, pipe: Option<sys::Pipe>) {
-        if let Some(p) = pipe {
-            self.pipes().push(p);
+        match pipe {
+            Some(p) => self.pipes().push(p),
+            None => {
+                self.live_pipes.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -364,6 +384,7 @@ impl ReadBufs {
             let idle = std::mem::take(&mut *self.free());
             drop(idle);
             let idle = std::mem::take(&mut *self.pipes());
+            self.live_pipes.fetch_sub(idle.len(), Ordering::SeqCst);
             drop(idle);
         }
     }
@@ -875,16 +896,16 @@ impl Union {
         let fd = self.read_fd(&h);
         let mut spliced = None;
         if size as usize >= crate::fuse::reply::SPLICE_MIN {
-            let mut pipe = self.handles.read_bufs.take_pipe();
-            if pipe.is_some() {
+            if let Some(p) = self.handles.read_bufs.take_pipe() {
+                let mut pipe = Some(p);
                 spliced = reply(ReadData::File {
                     pipe: &mut pipe,
                     fd: fd.as_fd(),
                     off,
                     size: size as usize,
                 });
+                self.handles.read_bufs.give_pipe(pipe);
             }
-            self.handles.read_bufs.give_pipe(pipe);
         }
         let res = match spliced {
             Some(n) => Ok(n),
@@ -1305,19 +1326,27 @@ mod tests {
     }
 
     #[test]
-    fn read_pipes_are_reused_and_freed_once_reads_stop() {
+    fn read_pipes_are_reused_bounded_and_freed_once_reads_stop() {
         let bufs = ReadBufs::default();
         let a = bufs.take_pipe().expect("a pipe");
         assert!(a.capacity >= READ_PIPE_MIN, "{}", a.capacity);
-        let b = bufs.take_pipe().expect("a pipe");
         let a_fd = a.w.as_raw_fd();
-        bufs.give_pipe(Some(b));
-        bufs.give_pipe(Some(a));
-        // A pipe a failure left bytes in is not given back.
+        let mut lent: Vec<_> = (1..READ_PIPES).map(|_| bufs.take_pipe()).collect();
+        assert!(lent.iter().all(Option::is_some));
+        assert!(bufs.take_pipe().is_none(), "at most {READ_PIPES} lent");
+        // One dropped (a failure left bytes in it) makes room for a new one.
         bufs.give_pipe(None);
-        assert_eq!(bufs.pooled_pipes(), 2);
+        lent.pop();
+        lent.push(bufs.take_pipe());
+        assert!(lent.iter().all(Option::is_some));
+        for p in lent {
+            bufs.give_pipe(p);
+        }
+        bufs.give_pipe(Some(a));
+        assert_eq!(bufs.pooled_pipes(), READ_PIPES);
+        // Reads happened since the last check: the pipes stay.
         bufs.release_idle();
-        assert_eq!(bufs.pooled_pipes(), 2);
+        assert_eq!(bufs.pooled_pipes(), READ_PIPES);
         let a = bufs.take_pipe().expect("a pipe");
         assert_eq!(
             a.w.as_raw_fd(),
@@ -1330,6 +1359,10 @@ mod tests {
         bufs.release_idle();
         assert_eq!(bufs.pooled_pipes(), 0);
         assert!(!bufs.any_pooled());
+        // All were closed: as many can be lent again.
+        let again: Vec<_> = (0..READ_PIPES).map(|_| bufs.take_pipe()).collect();
+        assert!(again.iter().all(Option::is_some));
+        assert!(bufs.take_pipe().is_none());
     }
 
     #[test]

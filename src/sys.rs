@@ -1210,18 +1210,13 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// A pipe of at least `min` bytes, grown as close to `want` as the limits allow (halving
-    /// from `want`).
+    /// A pipe of `want` bytes where the limits allow it, else of `min`.
     pub fn new(min: usize, want: usize) -> Option<Pipe> {
         let (r, w) = pipe().ok()?;
-        let mut size = want.max(min);
-        loop {
-            match set_pipe_size(w.as_fd(), size) {
-                Ok(capacity) if capacity >= min => return Some(Pipe { r, w, capacity }),
-                _ if size / 2 >= min => size /= 2,
-                _ => return None,
-            }
-        }
+        let capacity = set_pipe_size(w.as_fd(), want)
+            .or_else(|_| set_pipe_size(w.as_fd(), min))
+            .ok()?;
+        (capacity >= min).then_some(Pipe { r, w, capacity })
     }
 }
 
