@@ -150,6 +150,50 @@ impl Union {
         Some(held)
     }
 
+    /// A setattr of a file whose last name went and whose object nothing reaches any more (no
+    /// open file of it, only its attributes kept: `Held::Stat`). The kernel sends such
+    /// requests itself: under the write-back cache it keeps a file's times and writes them
+    /// back, also of a file unlinked meanwhile (the unlink moves its ctime), at the close of a
+    /// descriptor opened on it before. The object is gone, so the change goes to the
+    /// attributes kept of it, as ext4 changes an unlinked inode; failing it would fail that
+    /// close. None for any other node.
+    pub(crate) fn setattr_removed(&self, node: &Node, req: &SetAttr) -> Option<Result<FileAttr>> {
+        if node.is_dir() || !node.state().is_unlinked() {
+            return None;
+        }
+        let mut st = node.held_stat()?;
+        if self.upper_fd_of_open(node, req.fh).is_some() {
+            return None;
+        }
+        let now = crate::fuse::reply::unix_time(SystemTime::now());
+        let time = |t: &TimeOrNow| match t {
+            TimeOrNow::Now => now,
+            TimeOrNow::SpecificTime(t) => crate::fuse::reply::unix_time(*t),
+        };
+        if let Some(mode) = req.mode {
+            st.st_mode = (st.st_mode & libc::S_IFMT) | (mode & 0o7777);
+        }
+        if let Some(uid) = req.uid {
+            st.st_uid = uid;
+        }
+        if let Some(gid) = req.gid {
+            st.st_gid = gid;
+        }
+        if let Some(size) = req.size {
+            st.st_size = size as i64;
+        }
+        if let Some(t) = &req.atime {
+            (st.st_atime, st.st_atime_nsec) = (time(t).0, i64::from(time(t).1));
+        }
+        if let Some(t) = &req.mtime {
+            (st.st_mtime, st.st_mtime_nsec) = (time(t).0, i64::from(time(t).1));
+        }
+        let ctime = req.ctime.map_or(now, crate::fuse::reply::unix_time);
+        (st.st_ctime, st.st_ctime_nsec) = (ctime.0, i64::from(ctime.1));
+        node.update_held_stat(st);
+        Some(self.attr(node, &st))
+    }
+
     /// After reaching `node`'s object by name failed with `e`: if the node has no name left
     /// (an unnamed temporary file, or an object deleted while in use), an fd of it; for a
     /// `change` only the upper object's, since a read-only handle may still be on a lower

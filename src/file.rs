@@ -436,8 +436,14 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
+        // A file whose object is gone (removed or replaced since the kernel's path walk, by
+        // another process or outside the view): the kernel is to walk the path again, as an
+        // open on a local filesystem reaches the old file or the new one, or finds no name.
         self.open_file(node, flags, make_backing)
-            .map_err(|e| crate::lookup::stale_if_removed(node, e))
+            .map_err(|e| match e.code() {
+                libc::ENOENT if !node.is_dir() => Errno::ESTALE,
+                _ => e,
+            })
     }
 
     fn open_file(
@@ -480,9 +486,11 @@ impl Union {
             // A metadata-only copy in the upper: writing it (truncated or not) would leave a
             // file whose mark still refuses it, or data around zeros. (One in a lower layer
             // is refused by the copy-up.)
+            // A file replaced by a rename (held since, see `Extra::held`) is checked through
+            // its held object, as it is opened through it.
             if self.top_loc(node) == Loc::Upper {
                 let format = self.layers.format;
-                self.with_object(node, Loc::Upper, |d, name| {
+                self.with_object_or_fd(node, Loc::Upper, None, true, |d, name| {
                     crate::whiteout::refuse_metacopy(d, name, format)
                 })?;
             }

@@ -436,6 +436,9 @@ impl Union {
         pid: u32,
         fsuid: u32,
     ) -> Result<FileAttr> {
+        if let Some(done) = self.setattr_removed(node, &req) {
+            return done;
+        }
         let chown = req.uid.is_some() || req.gid.is_some();
         let bare = req.mode.is_none()
             && !chown

@@ -1483,3 +1483,104 @@ fn listings_during_creates_show_every_file_created_before_them() {
         "listings without a file created before them (round, created, missing): {stale:?}"
     );
 }
+
+/// Opens of one name while other threads unlink it, or replace it by renames, for `secs`:
+/// the errors seen by the openers, by errno, and how many opens were made.
+fn open_storm(dir: &Path, replace: bool, secs: u64) -> (BTreeMap<i32, usize>, usize) {
+    let f = dir.join("f");
+    fs::write(&f, "x").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut changers = Vec::new();
+    for t in 0..if replace { 1 } else { 2 } {
+        let (dir, stop) = (dir.to_path_buf(), stop.clone());
+        changers.push(thread::spawn(move || {
+            let tmp = dir.join(format!("tmp{t}"));
+            while !stop.load(Ordering::Relaxed) {
+                if replace {
+                    fs::write(&tmp, "y").unwrap();
+                    fs::rename(&tmp, dir.join("f")).unwrap();
+                } else {
+                    let _ = fs::remove_file(dir.join("f"));
+                }
+            }
+        }));
+    }
+    let openers: Vec<_> = (0..2)
+        .map(|_| {
+            let f = f.clone();
+            thread::spawn(move || {
+                let (mut errs, mut opens) = (BTreeMap::new(), 0);
+                let end = Instant::now() + Duration::from_secs(secs);
+                while Instant::now() < end {
+                    // A replaced name is opened for writing, an unlinked one created again.
+                    let r = if replace {
+                        OpenOptions::new().write(true).open(&f)
+                    } else {
+                        OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(&f)
+                    };
+                    opens += 1;
+                    // close(2) reports a failed write-back of the kernel's cached times.
+                    let r = r.and_then(|file| {
+                        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+                        // SAFETY: `fd` was just taken from the File, which no longer owns it.
+                        match unsafe { libc::close(fd) } {
+                            0 => Ok(()),
+                            _ => Err(std::io::Error::last_os_error()),
+                        }
+                    });
+                    if let Err(e) = r {
+                        *errs.entry(e.raw_os_error().unwrap_or(0)).or_insert(0) += 1;
+                    }
+                }
+                (errs, opens)
+            })
+        })
+        .collect();
+    let (mut errs, mut opens) = (BTreeMap::new(), 0);
+    for h in openers {
+        let (e, n) = h.join().unwrap();
+        opens += n;
+        for (k, v) in e {
+            *errs.entry(k).or_insert(0) += v;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in changers {
+        h.join().unwrap();
+    }
+    (errs, opens)
+}
+
+/// An open that races with the unlink or the replacement of its name never fails with EIO or
+/// ENOENT, and one whose name is replaced by a rename always opens (the old file or the new),
+/// as on ext4 and kernel overlayfs. Only opens of a name unlinked again while the kernel walks
+/// to it anew may fail, with ESTALE (README). Before: writable opens of a replaced file
+/// failed with ESTALE (its held object was not used), creating opens with ENOENT, and on the
+/// page-cached path close(2) with EIO (the kernel's write-back of the times of a file
+/// unlinked meanwhile was refused).
+#[test]
+fn opens_racing_with_unlink_or_replacement_of_their_name() {
+    let l = Layers::new(1);
+    for args in [&["--passthrough", "on"][..], &["--passthrough", "off"]] {
+        let m = l.mount_with("m", args);
+        let root = m.path("");
+        let (errs, opens) = guarded("open/unlink storm", &m, move || open_storm(&root, false, 3));
+        let stale = errs.get(&libc::ESTALE).copied().unwrap_or(0);
+        assert!(
+            errs.keys().all(|&e| e == libc::ESTALE) && stale * 20 < opens,
+            "{args:?}: opens racing with unlinks: {errs:?} in {opens} opens"
+        );
+        let root = m.path("");
+        let (errs, opens) = guarded("open/rename storm", &m, move || open_storm(&root, true, 2));
+        assert!(
+            errs.is_empty(),
+            "{args:?}: opens of a replaced name: {errs:?} in {opens} opens"
+        );
+        drop(m);
+    }
+}
