@@ -150,6 +150,31 @@ impl Union {
         Some(held)
     }
 
+    /// Marks `dir`'s upper directory (`fd`) `overlay.impure`, as kernel overlayfs marks the
+    /// parent of every copy-up and the new parent of a copy moved by a rename: a kernel
+    /// overlayfs mount of the upper then numbers the entries of its listings as their stat
+    /// does (a copy keeps its lower file's number). Once per directory while its node lives;
+    /// nothing where the upper takes no such xattr.
+    pub(crate) fn mark_impure(&self, dir: &Node, fd: std::os::fd::BorrowedFd<'_>) {
+        let e = dir.extra();
+        if e.impure.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        match sys::setxattr(fd, self.layers.format.impure_xattr(), b"y", 0) {
+            Ok(()) => e.impure.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(err) => log::debug!("marking a directory impure: {err:?}"),
+        }
+    }
+
+    /// After a rename moved `dir/name` in from another directory: marks `dir` impure (see
+    /// `mark_impure`) if the object is a copy (it has an `overlay.origin`).
+    pub(crate) fn moved_copy_in(&self, dir: &Node, fd: std::os::fd::BorrowedFd<'_>, name: &CStr) {
+        let origin = self.layers.format.origin_xattr();
+        if sys::getxattr_at(fd, name, origin, &mut []).is_ok() {
+            self.mark_impure(dir, fd);
+        }
+    }
+
     /// A setattr of a file whose last name went and whose object nothing reaches any more (no
     /// open file of it, only its attributes kept: `Held::Stat`). The kernel sends such
     /// requests itself: under the write-back cache it keeps a file's times and writes them

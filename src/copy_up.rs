@@ -332,6 +332,7 @@ impl CopyUp<'_> {
         } else {
             place()?;
         }
+        fs.mark_impure(&parent, dir.as_fd());
         let ptimes = [
             ts(pst.st_atime, pst.st_atime_nsec),
             ts(pst.st_mtime, pst.st_mtime_nsec),

@@ -1214,6 +1214,12 @@ impl Union {
                 }
             }
             self.table.link(src, newparent, newname);
+            if parent.ino != newparent.ino {
+                self.moved_copy_in(newparent, new_dir.as_fd(), &cnew);
+                if exchange {
+                    self.moved_copy_in(parent, old_dir.as_fd(), &cname);
+                }
+            }
             Ok(())
         })?;
         self.dir_changed(parent);

@@ -178,6 +178,9 @@ pub struct Extra {
     /// Directories: the listing the kernel may keep shows numbers that changed since; the next
     /// open drops it.
     pub stale_listing: AtomicBool,
+    /// Directories: its upper directory is marked `overlay.impure` (see
+    /// `Union::mark_impure`).
+    pub impure: AtomicBool,
     /// A split node (see `Node::split`): the daemon's own open file of the upper copy its
     /// name moved to, which its fsync syncs.
     moved_to: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
@@ -283,6 +286,7 @@ impl Node {
                 subdirs: AtomicU64::new(NOT_COUNTED),
                 listed: AtomicBool::new(false),
                 stale_listing: AtomicBool::new(false),
+                impure: AtomicBool::new(false),
                 moved_to: Mutex::new(None),
                 last_parent: Mutex::new(None),
                 held: Mutex::new(None),

@@ -75,6 +75,15 @@ impl Format {
         }
     }
 
+    /// Kernel overlayfs's mark of an upper directory that may hold copies (`overlay.origin`)
+    /// or moved objects, whose listing it then numbers as their `st_ino`.
+    pub fn impure_xattr(self) -> &'static CStr {
+        match self {
+            Format::Trusted => c"trusted.overlay.impure",
+            Format::UserXattr | Format::Aufs => c"user.overlay.impure",
+        }
+    }
+
     /// Where append-only and immutable flags set through the view are kept (`protect`).
     pub fn protattr_xattr(self) -> &'static CStr {
         match self {

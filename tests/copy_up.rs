@@ -1607,3 +1607,48 @@ fn work_dir_is_empty_after_copy_ups() {
     drop(m);
     assert_lowers_unchanged(&l, &before);
 }
+
+/// Kernel overlayfs mounted on an upper unionmount wrote lists copies under the numbers its
+/// stat shows (their lower files'): unionmount marks `overlay.impure` the directories kernel
+/// overlayfs marks, the parent of a copy-up and the new parent of a copy moved by a rename,
+/// which make kernel overlayfs number those listings' entries by lookup. Before, `d_ino` was
+/// the upper file's own number there (a copy in a merged directory whose upper already
+/// existed, and a copy moved into an upper-only directory).
+#[test]
+fn kernel_overlayfs_lists_copies_under_their_numbers() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("d/f", "f")
+        .file("d/g", "g")
+        .file("e/h", "h");
+    let (upper, _, _) = l.mount_dirs("u");
+    fs::create_dir(upper.join("d")).unwrap();
+    let mut m = l.mount("u");
+    fs::set_permissions(
+        m.path("d/f"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    fs::rename(m.path("e/h"), m.path("d/h")).unwrap();
+    fs::create_dir(m.path("n")).unwrap();
+    fs::rename(m.path("d/g"), m.path("n/g")).unwrap();
+    m.unmount();
+    let b = l.mkdir("k");
+    let (w, km) = (b.join("work"), b.join("merged"));
+    for d in [&w, &km] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let k = Mount::kernel(&l.lowerdir_opt(), &upper, &w, &km, &[]);
+    for (dir, name) in [("d", "f"), ("d", "h"), ("n", "g")] {
+        let listed = fs::read_dir(k.path(dir))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.file_name() == name)
+            .map(|e| std::os::unix::fs::DirEntryExt::ino(&e));
+        assert_eq!(
+            listed,
+            Some(ino(&k.path(&format!("{dir}/{name}")))),
+            "{dir}/{name}: kernel overlayfs's listing and stat"
+        );
+    }
+}
