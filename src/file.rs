@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
 use crate::copy_up::Data;
 use crate::inode::{Node, RealId};
@@ -313,7 +313,7 @@ pub struct ReadBufs {
     free: Mutex<Vec<Vec<u8>>>,
     /// Pipes for answers spliced from the file (see `Reply::data_spliced`).
     pipes: Mutex<Vec<sys::Pipe>>,
-    /// Pipes lent or pooled (at most `READ_PIPES`).
+    /// Pipes lent or pooled (at most `read_pipes()`).
     live_pipes: AtomicUsize,
     /// Whether a read took a buffer or a pipe since the last `release_idle`.
     used: AtomicBool,
@@ -331,6 +331,13 @@ const READ_PIPE_WANT: usize = 2 << 20;
 const READ_PIPE_MIN: usize = 512 << 10;
 /// Most pipes the pool lends at once; further READs at the same moment are copied.
 const READ_PIPES: usize = 4;
+
+/// `READ_PIPES`, or fewer under a low limit on open files: each pipe takes two, and the fd
+/// cache is sized from the limit without them (one pipe per 128 files it allows).
+fn read_pipes() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| READ_PIPES.min((sys::nofile_limit() / 128) as usize))
+}
 
 impl ReadBufs {
     fn free(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
@@ -350,7 +357,7 @@ impl ReadBufs {
         self.pipes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A pipe from the pool, or a new one; None if `READ_PIPES` are lent already or none
+    /// A pipe from the pool, or a new one; None if `read_pipes()` are lent already or none
     /// can be made.
     fn take_pipe(&self) -> Option<sys::Pipe> {
         self.used.store(true, Ordering::Relaxed);
@@ -358,7 +365,7 @@ impl ReadBufs {
             return Some(p);
         }
         let lent = self.live_pipes.fetch_add(1, Ordering::SeqCst);
-        let made = (lent < READ_PIPES)
+        let made = (lent < read_pipes())
             .then(|| sys::Pipe::new(READ_PIPE_MIN, READ_PIPE_WANT))
             .flatten();
         if made.is_none() {
@@ -1339,9 +1346,9 @@ mod tests {
         let a = bufs.take_pipe().expect("a pipe");
         assert!(a.capacity >= READ_PIPE_MIN, "{}", a.capacity);
         let a_fd = a.w.as_raw_fd();
-        let mut lent: Vec<_> = (1..READ_PIPES).map(|_| bufs.take_pipe()).collect();
+        let mut lent: Vec<_> = (1..read_pipes()).map(|_| bufs.take_pipe()).collect();
         assert!(lent.iter().all(Option::is_some));
-        assert!(bufs.take_pipe().is_none(), "at most {READ_PIPES} lent");
+        assert!(bufs.take_pipe().is_none(), "at most {} lent", read_pipes());
         // One dropped (a failure left bytes in it) makes room for a new one.
         bufs.give_pipe(None);
         lent.pop();
@@ -1351,10 +1358,10 @@ mod tests {
             bufs.give_pipe(p);
         }
         bufs.give_pipe(Some(a));
-        assert_eq!(bufs.pooled_pipes(), READ_PIPES);
+        assert_eq!(bufs.pooled_pipes(), read_pipes());
         // Reads happened since the last check: the pipes stay.
         bufs.release_idle();
-        assert_eq!(bufs.pooled_pipes(), READ_PIPES);
+        assert_eq!(bufs.pooled_pipes(), read_pipes());
         let a = bufs.take_pipe().expect("a pipe");
         assert_eq!(
             a.w.as_raw_fd(),
@@ -1368,7 +1375,7 @@ mod tests {
         assert_eq!(bufs.pooled_pipes(), 0);
         assert!(!bufs.any_pooled());
         // All were closed: as many can be lent again.
-        let again: Vec<_> = (0..READ_PIPES).map(|_| bufs.take_pipe()).collect();
+        let again: Vec<_> = (0..read_pipes()).map(|_| bufs.take_pipe()).collect();
         assert!(again.iter().all(Option::is_some));
         assert!(bufs.take_pipe().is_none());
     }

@@ -1243,6 +1243,17 @@ pub fn splice(
     to: BorrowedFd<'_>,
     len: usize,
 ) -> Result<usize> {
+    splice_with(from, off, to, len, 0)
+}
+
+/// splice(2) with `flags` (`SPLICE_F_NONBLOCK`: EAGAIN where a pipe would block).
+pub fn splice_with(
+    from: BorrowedFd<'_>,
+    off: Option<&mut i64>,
+    to: BorrowedFd<'_>,
+    len: usize,
+    flags: u32,
+) -> Result<usize> {
     let off = off.map_or(std::ptr::null_mut(), |o| o as *mut i64);
     retry(|| {
         // SAFETY: `off` is null or points to an i64 we hold exclusively for the call.
@@ -1253,7 +1264,7 @@ pub fn splice(
                 to.as_raw_fd(),
                 std::ptr::null_mut(),
                 len,
-                0,
+                flags,
             )
         })
     })

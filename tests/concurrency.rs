@@ -14,7 +14,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -1583,4 +1583,77 @@ fn opens_racing_with_unlink_or_replacement_of_their_name() {
         );
         drop(m);
     }
+}
+
+/// Direct reads that fill the daemon's splice pipe to the last slot while another process cuts
+/// the file mid-page and extends it again: the rest of a page cut short takes a slot of its
+/// own, so the pipe fills before the data is in. The daemon must not wait for room that never
+/// comes (before: its threads blocked in splice(2) for good, and the readers with them). The
+/// READ sizes fill pipes of 512 KiB and of 1 MiB (a daemon without `CAP_SYS_RESOURCE`, as a
+/// rootless one, gets one or the other); the data read must be the file's at some moment.
+#[test]
+fn direct_reads_filling_the_splice_pipe_while_the_file_is_cut_and_extended() {
+    const K: usize = 1024;
+    let l = Layers::new(1);
+    let m = l.mount_with("m", &["--passthrough", "off"]);
+    let path = m.path("f");
+    let size = 1100 * K;
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(&path, &data).unwrap();
+    let (p, d) = (path.clone(), data.clone());
+    let errors = guarded("reads while the file is cut", &m, move || {
+        let end = Instant::now() + Duration::from_secs(4);
+        let writer = {
+            let (p, d) = (p.clone(), d.clone());
+            thread::spawn(move || {
+                let f = OpenOptions::new().write(true).open(&p).unwrap();
+                let mut round = 0;
+                while Instant::now() < end {
+                    let cut = if round % 2 == 0 { 504 * K } else { 1016 * K } + 100;
+                    round += 1;
+                    f.set_len(cut as u64).unwrap();
+                    let mut o = cut;
+                    while o < d.len() {
+                        let n = 1000.min(d.len() - o);
+                        f.write_all_at(&d[o..o + n], o as u64).unwrap();
+                        o += n;
+                    }
+                }
+            })
+        };
+        let readers: Vec<_> = [508 * K, 1020 * K]
+            .into_iter()
+            .map(|len| {
+                let (p, d) = (p.clone(), d.clone());
+                thread::spawn(move || {
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_DIRECT)
+                        .open(&p)
+                        .unwrap();
+                    let mut buf = vec![0u8; len];
+                    let mut wrong = 0;
+                    while Instant::now() < end {
+                        let n = f.read_at(&mut buf, 0).unwrap();
+                        // Up to the cut or beyond it, the bytes are the file's; a page being
+                        // cut may read as zeros (ext4 and kernel overlayfs do the same).
+                        if buf[..n]
+                            .iter()
+                            .zip(&d)
+                            .any(|(got, want)| got != want && *got != 0)
+                        {
+                            wrong += 1;
+                        }
+                    }
+                    wrong
+                })
+            })
+            .collect();
+        writer.join().unwrap();
+        readers
+            .into_iter()
+            .map(|r| r.join().unwrap())
+            .sum::<usize>()
+    });
+    assert_eq!(errors, 0, "reads returned bytes the file never had");
 }

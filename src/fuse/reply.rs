@@ -296,7 +296,11 @@ impl Reply {
             let mut at = off as i64;
             let mut put = 0;
             while put < len {
-                match sys::splice(file, Some(&mut at), p.w.as_fd(), len - put)? {
+                // Never waiting for room: nothing else empties this pipe. A file cut and
+                // extended again meanwhile can fill it early (the rest of a page cut short
+                // takes a slot of its own); EAGAIN then, and the copy answers.
+                let nonblock = libc::SPLICE_F_NONBLOCK;
+                match sys::splice_with(file, Some(&mut at), p.w.as_fd(), len - put, nonblock)? {
                     // Shorter than it was a moment ago.
                     0 => return Err(Errno::EIO),
                     n => put += n,
