@@ -160,7 +160,11 @@ impl Union {
         if e.impure.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        match sys::setxattr(fd, self.layers.format.impure_xattr(), b"y", 0) {
+        // A daemon without privileges needs write access to the directory for a `user.`
+        // xattr (a read-only lower directory copied up stays read-only).
+        let name = self.layers.format.impure_xattr();
+        let set = || sys::setxattr(fd, name, b"y", 0);
+        match crate::grant::with_owner_bits(fd, 0o200, set, Some((self, dir))) {
             Ok(()) => e.impure.store(true, std::sync::atomic::Ordering::Relaxed),
             Err(err) => log::debug!("marking a directory impure: {err:?}"),
         }
@@ -175,15 +179,20 @@ impl Union {
         }
     }
 
-    /// A setattr of a file whose last name went and whose object nothing reaches any more (no
-    /// open file of it, only its attributes kept: `Held::Stat`). The kernel sends such
-    /// requests itself: under the write-back cache it keeps a file's times and writes them
-    /// back, also of a file unlinked meanwhile (the unlink moves its ctime), at the close of a
-    /// descriptor opened on it before. The object is gone, so the change goes to the
-    /// attributes kept of it, as ext4 changes an unlinked inode; failing it would fail that
-    /// close. None for any other node.
+    /// A setattr of the times alone of a file whose last name went and whose object nothing
+    /// reaches any more (no open file of it, only its attributes kept: `Held::Stat`). The
+    /// kernel sends these itself: under the write-back cache it keeps a file's times and
+    /// writes them back, also of a file unlinked meanwhile (the unlink moves its ctime), at
+    /// the close of a descriptor opened on it before; failing it would fail that close. The
+    /// object is gone: the times go to the attributes kept of it, as ext4 changes an
+    /// unlinked inode. None for any other node or change (which fail as before: README).
     pub(crate) fn setattr_removed(&self, node: &Node, req: &SetAttr) -> Option<Result<FileAttr>> {
-        if node.is_dir() || !node.state().is_unlinked() {
+        let times_only = req.mode.is_none()
+            && req.uid.is_none()
+            && req.gid.is_none()
+            && req.size.is_none()
+            && (req.atime.is_some() || req.mtime.is_some() || req.ctime.is_some());
+        if !times_only || node.is_dir() || !node.state().is_unlinked() {
             return None;
         }
         let mut st = node.held_stat()?;
@@ -195,18 +204,6 @@ impl Union {
             TimeOrNow::Now => now,
             TimeOrNow::SpecificTime(t) => crate::fuse::reply::unix_time(*t),
         };
-        if let Some(mode) = req.mode {
-            st.st_mode = (st.st_mode & libc::S_IFMT) | (mode & 0o7777);
-        }
-        if let Some(uid) = req.uid {
-            st.st_uid = uid;
-        }
-        if let Some(gid) = req.gid {
-            st.st_gid = gid;
-        }
-        if let Some(size) = req.size {
-            st.st_size = size as i64;
-        }
         if let Some(t) = &req.atime {
             (st.st_atime, st.st_atime_nsec) = (time(t).0, i64::from(time(t).1));
         }

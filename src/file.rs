@@ -412,6 +412,9 @@ impl ReadBufs {
     }
 }
 
+/// Longest an open that found its file gone waits for an unlink under way to end.
+const UNLINK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Writes of at least this many bytes start the upper file's writeback (see `Union::write`).
 const START_WRITEBACK: usize = 512 * 1024;
 
@@ -443,14 +446,17 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
-        // A file whose object is gone (removed or replaced since the kernel's path walk, by
-        // another process or outside the view): the kernel is to walk the path again, as an
-        // open on a local filesystem reaches the old file or the new one, or finds no name.
-        self.open_file(node, flags, make_backing)
-            .map_err(|e| match e.code() {
-                libc::ENOENT if !node.is_dir() => Errno::ESTALE,
-                _ => e,
-            })
+        self.open_file(node, flags, make_backing).map_err(|e| {
+            // An unlink of its name may be under way (the object gone, the node not yet
+            // nameless): its end decides (see `stale_if_removed`).
+            if e.code() == libc::ENOENT && !node.is_dir() && !node.state().is_unlinked() {
+                let since = std::time::Instant::now();
+                while self.tree_snapshot().is_none() && since.elapsed() < UNLINK_WAIT {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+            }
+            crate::lookup::stale_if_removed(node, e)
+        })
     }
 
     fn open_file(

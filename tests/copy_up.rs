@@ -1652,3 +1652,21 @@ fn kernel_overlayfs_lists_copies_under_their_numbers() {
         );
     }
 }
+
+/// A copy-up that fails with ENOENT (its work directory removed under the mount) fails the
+/// open with ENOENT, as on kernel overlayfs: only an open whose file went away is answered
+/// ESTALE (so that the kernel walks the path again). Before, any ENOENT of a file's open
+/// became ESTALE, which reached the program.
+#[test]
+fn a_copy_up_without_its_work_directory_fails_with_enoent() {
+    let l = Layers::new(1);
+    l.lower(0).file("d/f", "f");
+    let m = l.mount("u");
+    let (_, work, _) = l.mount_dirs("u");
+    fs::remove_dir_all(work.join("work")).unwrap();
+    let e = OpenOptions::new()
+        .write(true)
+        .open(m.path("d/f"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+}

@@ -1239,3 +1239,22 @@ fn acls_naming_ids_outside_the_namespace() {
         "{stdout}"
     );
 }
+
+/// A daemon without privileges marks `user.overlay.impure` the read-only directory it copies a
+/// file up into, as kernel overlayfs marks a copy-up's parent, through a grant of its owner's
+/// write bit (a `user.` xattr of a directory needs write access), and the mode stays. Before,
+/// the mark was refused (EACCES), and kernel overlayfs on that upper listed the copy under
+/// the upper file's number.
+#[test]
+fn unprivileged_copy_up_marks_a_read_only_parent_impure() {
+    let uid = test_user();
+    let l = Layers::new(1);
+    l.lower(0).file("ro/f", "f").chmod("ro", 0o555);
+    let base = user_dirs(&l, uid);
+    on_unprivileged_mount(&l, &base, "", "chmod 600 ro/f");
+    assert_eq!(
+        get_xattr(&base.join("upper/ro"), "user.overlay.impure"),
+        Ok(b"y".to_vec())
+    );
+    assert_eq!(upper_modes(&base, &["ro"]), [0o555]);
+}
