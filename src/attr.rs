@@ -150,35 +150,6 @@ impl Union {
         Some(held)
     }
 
-    /// Marks `dir`'s upper directory (`fd`) `overlay.impure`, as kernel overlayfs marks the
-    /// parent of every copy-up and the new parent of a copy moved by a rename: a kernel
-    /// overlayfs mount of the upper then numbers the entries of its listings as their stat
-    /// does (a copy keeps its lower file's number). Once per directory while its node lives;
-    /// nothing where the upper takes no such xattr.
-    pub(crate) fn mark_impure(&self, dir: &Node, fd: std::os::fd::BorrowedFd<'_>) {
-        let e = dir.extra();
-        if e.impure.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
-        // A daemon without privileges needs write access to the directory for a `user.`
-        // xattr (a read-only lower directory copied up stays read-only).
-        let name = self.layers.format.impure_xattr();
-        let set = || sys::setxattr(fd, name, b"y", 0);
-        match crate::grant::with_owner_bits(fd, 0o200, set, Some((self, dir))) {
-            Ok(()) => e.impure.store(true, std::sync::atomic::Ordering::Relaxed),
-            Err(err) => log::debug!("marking a directory impure: {err:?}"),
-        }
-    }
-
-    /// After a rename moved `dir/name` in from another directory: marks `dir` impure (see
-    /// `mark_impure`) if the object is a copy (it has an `overlay.origin`).
-    pub(crate) fn moved_copy_in(&self, dir: &Node, fd: std::os::fd::BorrowedFd<'_>, name: &CStr) {
-        let origin = self.layers.format.origin_xattr();
-        if sys::getxattr_at(fd, name, origin, &mut []).is_ok() {
-            self.mark_impure(dir, fd);
-        }
-    }
-
     /// A setattr of the times alone of a file whose last name went and whose object nothing
     /// reaches any more (no open file of it, only its attributes kept: `Held::Stat`). The
     /// kernel sends these itself: under the write-back cache it keeps a file's times and
@@ -612,7 +583,7 @@ impl Union {
             return Err(Errno::EINVAL);
         }
         self.with_object_or_fd(node, self.top_loc(node), None, false, sys::readlinkat)
-            .map_err(|e| crate::lookup::stale_if_removed(node, e))
+            .map_err(|e| self.stale_if_removed(node, e))
     }
 
     /// The name a view's xattr is stored under (see `whiteout::escape_xattr`); ENOTSUP for a

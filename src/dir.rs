@@ -260,6 +260,35 @@ impl Union {
         Ok(tmp)
     }
 
+    /// Marks `dir`'s upper directory (`fd`) `overlay.impure`, as kernel overlayfs marks the
+    /// parent of every copy-up and the new parent of a copy moved by a rename: a kernel
+    /// overlayfs mount of the upper then numbers the entries of its listings as their stat
+    /// does (a copy keeps its lower file's number). Once per directory while its node lives;
+    /// nothing where the upper takes no such xattr.
+    pub(crate) fn mark_impure(&self, dir: &Node, fd: BorrowedFd<'_>) {
+        let e = dir.extra();
+        if e.impure.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // A daemon without privileges needs write access to the directory for a `user.`
+        // xattr (a read-only lower directory copied up stays read-only).
+        let name = self.layers.format.impure_xattr();
+        let set = || sys::setxattr(fd, name, b"y", 0);
+        match with_owner_bits(fd, 0o200, set, Some((self, dir))) {
+            Ok(()) => e.impure.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(err) => log::debug!("marking a directory impure: {err:?}"),
+        }
+    }
+
+    /// After a rename moved `dir/name` in from another directory: marks `dir` impure (see
+    /// `mark_impure`) if the object is a copy (it has an `overlay.origin`).
+    fn moved_copy_in(&self, dir: &Node, fd: BorrowedFd<'_>, name: &CStr) {
+        let origin = self.layers.format.origin_xattr();
+        if sys::getxattr_at(fd, name, origin, &mut []).is_ok() {
+            self.mark_impure(dir, fd);
+        }
+    }
+
     /// Marks an upper directory opaque in the upper's format.
     /// A directory the caller may move needs no write access for it, its daemon does: see
     /// `grant`. (A renamed directory's own lock is not taken, as renames lock

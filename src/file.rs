@@ -305,9 +305,9 @@ pub enum ReadData<'a> {
     Copied(&'a [u8]),
 }
 
-/// Buffers for the data of READ replies (the page-cached path), shared by the serving
-/// threads. They are dropped once reads stop, so a mount that once read a large file does
-/// not keep a megabyte per thread for the rest of its life.
+/// Buffers and pipes for the data of READ replies (the page-cached path), shared by the
+/// serving threads. They are dropped once reads stop, so a mount that once read a large file
+/// does not keep a megabyte per thread for the rest of its life.
 #[derive(Default)]
 pub struct ReadBufs {
     free: Mutex<Vec<Vec<u8>>>,
@@ -412,9 +412,6 @@ impl ReadBufs {
     }
 }
 
-/// Longest an open that found its file gone waits for an unlink under way to end.
-const UNLINK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Writes of at least this many bytes start the upper file's writeback (see `Union::write`).
 const START_WRITEBACK: usize = 512 * 1024;
 
@@ -446,17 +443,8 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
-        self.open_file(node, flags, make_backing).map_err(|e| {
-            // An unlink of its name may be under way (the object gone, the node not yet
-            // nameless): its end decides (see `stale_if_removed`).
-            if e.code() == libc::ENOENT && !node.is_dir() && !node.state().is_unlinked() {
-                let since = std::time::Instant::now();
-                while self.tree_snapshot().is_none() && since.elapsed() < UNLINK_WAIT {
-                    std::thread::sleep(std::time::Duration::from_micros(20));
-                }
-            }
-            crate::lookup::stale_if_removed(node, e)
-        })
+        self.open_file(node, flags, make_backing)
+            .map_err(|e| self.stale_if_removed(node, e))
     }
 
     fn open_file(

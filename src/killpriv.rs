@@ -206,7 +206,7 @@ fn surely_internal_line(line: &str, chown: bool, truncate: bool) -> Option<bool>
         return Some(true);
     };
     let native = nr & !X32_BIT;
-    if chown && (CHOWNS.contains(&native) || COMPAT_CHOWNS.contains(&nr)) {
+    if chown && is_chown(nr) {
         return Some(false);
     }
     if !truncate {
@@ -279,7 +279,13 @@ fn chown_in_syscall_line(line: &str) -> Option<bool> {
     if nr == NATIVE_IOCTL_IS_COMPAT_LCHOWN {
         return None;
     }
-    Some(CHOWNS.contains(&(nr & !X32_BIT)) || COMPAT_CHOWNS.contains(&nr))
+    Some(is_chown(nr))
+}
+
+/// Whether call number `nr` is of the chown(2) family in either table (a 64-bit program's
+/// `int $0x80` calls show 32-bit numbers).
+fn is_chown(nr: i64) -> bool {
+    CHOWNS.contains(&(nr & !X32_BIT)) || COMPAT_CHOWNS.contains(&nr)
 }
 
 /// The calls that may truncate a file in this architecture's system call table.

@@ -103,16 +103,34 @@ pub(crate) fn first_parent(node: &Node) -> Option<Arc<Node>> {
     node.state().links.first().map(|l| l.parent.clone())
 }
 
-/// ESTALE for a request on a file or symlink whose last name went (unlinked, or replaced by a
-/// rename) between the kernel's path walk and the request, where it found nothing: the kernel
-/// then walks the path again (`LOOKUP_REVAL`) and reaches what the name holds now, as an open
-/// on a local filesystem reaches the old file or the new one and never fails. Directories
-/// keep ENOENT (a removed working directory is not walked to again).
-pub(crate) fn stale_if_removed(node: &Node, e: Errno) -> Errno {
-    if e.code() == libc::ENOENT && !node.is_dir() && node.state().is_unlinked() {
-        Errno::ESTALE
-    } else {
-        e
+/// Longest a request that found its file gone waits for an unlink of it under way to end
+/// (see `Union::stale_if_removed`).
+const UNLINK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Union {
+    /// ESTALE for a request on a file or symlink whose last name went (unlinked, or replaced
+    /// by a rename) between the kernel's path walk and the request, where it found nothing:
+    /// the kernel then walks the path again (`LOOKUP_REVAL`) and reaches what the name holds
+    /// now, as an open on a local filesystem reaches the old file or the new one and never
+    /// fails. An unlink under way (the object gone, the node not yet nameless) is waited for
+    /// (at most `UNLINK_WAIT`): its end decides. Directories keep ENOENT (a removed working
+    /// directory is not walked to again), and so does a file that still has its name.
+    pub(crate) fn stale_if_removed(&self, node: &Node, e: Errno) -> Errno {
+        if e.code() != libc::ENOENT || node.is_dir() {
+            return e;
+        }
+        let since = std::time::Instant::now();
+        while !node.state().is_unlinked()
+            && self.tree_snapshot().is_none()
+            && since.elapsed() < UNLINK_WAIT
+        {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        if node.state().is_unlinked() {
+            Errno::ESTALE
+        } else {
+            e
+        }
     }
 }
 
