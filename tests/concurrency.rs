@@ -193,10 +193,10 @@ fn connection(m: &Mount) -> Option<u64> {
 }
 
 fn end_daemon(m: &Mount) {
-    if let Some(conn) = connection(m)
-        && fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1").is_ok()
-    {
-        return;
+    // Aborting the connection frees the callers waiting on it; the daemon is ended too, as a
+    // thread of it may be blocked where the abort does not reach (a pipe of its own).
+    if let Some(conn) = connection(m) {
+        let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
     }
     // The daemon is the unionmount process whose last argument is this mountpoint.
     let want = m.merged.as_os_str().as_encoded_bytes().to_vec();
