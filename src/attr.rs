@@ -586,10 +586,16 @@ impl Union {
             .map_err(|e| self.stale_if_removed(node, e))
     }
 
-    /// The name a view's xattr is stored under (see `whiteout::escape_xattr`); ENOTSUP for a
-    /// name private to the daemon.
+    /// The name a view's xattr is stored under (see `whiteout::escape_xattr` and
+    /// `override_stat::isolated_name`); ENOTSUP for a name private to the daemon.
     fn stored_xattr_name(&self, name: &OsStr) -> Result<std::ffi::CString> {
-        if let Some(real) = whiteout::escape_xattr(name.as_bytes(), self.layers.format) {
+        let isolated = self
+            .isolates_security()
+            .then(|| crate::override_stat::isolated_name(name.as_bytes()))
+            .flatten();
+        if let Some(real) =
+            isolated.or_else(|| whiteout::escape_xattr(name.as_bytes(), self.layers.format))
+        {
             // A name the escape makes too long for the layers is refused, as kernel
             // overlayfs refuses it (XATTR_NAME_MAX is 255).
             if real.len() > 255 {
@@ -701,7 +707,14 @@ impl Union {
         let mut trusted = None;
         let mut out = Vec::new();
         for n in names {
-            let view = match whiteout::unescape_xattr(n.as_bytes(), self.layers.format) {
+            let isolated = self
+                .isolates_security()
+                .then(|| crate::override_stat::isolated_view_name(n.as_bytes()))
+                .flatten();
+            let view = match isolated
+                .map(<[u8]>::to_vec)
+                .or_else(|| whiteout::unescape_xattr(n.as_bytes(), self.layers.format))
+            {
                 Some(view) => view,
                 None if self.is_private_xattr(n.as_bytes()) => continue,
                 None => n.into_encoded_bytes(),

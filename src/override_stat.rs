@@ -16,6 +16,29 @@ pub const USER_XATTR: &CStr = c"user.containers.override_stat";
 /// `xattr_permissions=1`.
 pub const PRIVILEGED_XATTR: &CStr = c"security.fuseoverlayfs.override_stat";
 
+/// With `xattr_permissions=2` the view's `security.*` xattrs are kept apart from the real
+/// ones, as fuse-overlayfs (1.14 and later) keeps them: `security.NAME` is stored as
+/// `user.containers.override_security.NAME`, and the layers' real `security.*` xattrs are not
+/// shown. Mappings of owners and modes already make the view's security policy its own, and
+/// a user namespace may not set real ones (a file capability, an SELinux label) on every
+/// filesystem, NFS for one.
+const ISOLATED_PREFIX: &[u8] = b"user.containers.override_";
+const SECURITY: &[u8] = b"security.";
+
+/// The name the view's xattr `view` is stored under when `security.*` is kept apart (see
+/// `ISOLATED_PREFIX`); None for a name stored as it is.
+pub fn isolated_name(view: &[u8]) -> Option<Vec<u8>> {
+    view.starts_with(SECURITY)
+        .then(|| [ISOLATED_PREFIX, view].concat())
+}
+
+/// The view's name of a stored xattr when `security.*` is kept apart (the reverse of
+/// `isolated_name`); None for any other name.
+pub fn isolated_view_name(real: &[u8]) -> Option<&[u8]> {
+    real.strip_prefix(ISOLATED_PREFIX)
+        .filter(|rest| rest.starts_with(SECURITY))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Override {
     pub uid: u32,

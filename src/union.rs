@@ -197,10 +197,21 @@ impl Union {
         }
     }
 
-    /// Whether an xattr name is the daemon's own (hidden, and not settable through the view).
+    /// Whether the view's `security.*` xattrs are kept apart from the real ones
+    /// (`xattr_permissions=2`, see `override_stat::isolated_name`).
+    pub fn isolates_security(&self) -> bool {
+        self.opts.xattr_permissions == 2
+    }
+
+    /// Whether an xattr name is the daemon's own (hidden, and not settable through the view):
+    /// also, where `security.*` is kept apart, the real `security.*` names and the names
+    /// the view's are stored under.
     pub fn is_private_xattr(&self, name: &[u8]) -> bool {
         crate::whiteout::is_private_xattr(name, self.layers.format)
             || self.override_xattr().is_some_and(|x| x.to_bytes() == name)
+            || (self.isolates_security()
+                && (name.starts_with(b"security.")
+                    || crate::override_stat::isolated_view_name(name).is_some()))
     }
 
     pub fn set_passthrough_active(&self, on: bool) {

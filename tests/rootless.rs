@@ -595,6 +595,105 @@ fn xattr_permissions_override_stat() {
     );
 }
 
+/// `xattr_permissions=2` keeps the view's `security.*` xattrs apart from the real ones, as
+/// fuse-overlayfs does (1.14 and later): stored as `user.containers.override_security.*`,
+/// while the layers' real `security.*` xattrs are not shown. So a user namespace sets a file
+/// capability where the upper would refuse a real one, and a change of owner drops it (the
+/// kernel removes it through the view) where the daemon could not remove a real one (it has
+/// no CAP_SETFCAP over the file): before, that chgrp failed with EPERM.
+#[test]
+fn xattr_permissions_keeps_security_xattrs_apart() {
+    let user = test_user();
+    let l = Layers::new(1);
+    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_RAW.
+    let cap = "0x0100000200200000000000000000000000000000";
+    let cap_bytes: Vec<u8> = (2..cap.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&cap[i..i + 2], 16).unwrap())
+        .collect();
+    l.lower(0)
+        .file("real", "r")
+        .file("kept", "k")
+        .file("set", "s")
+        .xattr("real", "security.capability", &cap_bytes)
+        .xattr(
+            "kept",
+            "user.containers.override_security.capability",
+            &cap_bytes,
+        );
+    let base = namespace_dirs(&l);
+    let stdout = run_on_mount_with(
+        user,
+        &l,
+        &base,
+        "-o xattr_permissions=2",
+        &format!(
+            r#"
+        cd $b/merged
+        caps() {{
+            getfattr --only-values -n security.capability $1 2>/dev/null | od -An -tx1 \
+                | tr -d ' \n' | grep . || echo none
+        }}
+        echo "real $(caps real) $(getfattr -d -m - real 2>/dev/null | grep -c capability || true)"
+        echo "kept $(caps kept) $(getfattr -d -m - kept 2>/dev/null | grep -c security.capability)"
+        setfattr -n security.capability -v {cap} set
+        echo "set $(caps set)"
+        chgrp 1 set kept
+        echo "chgrp $(caps set) $(caps kept) $(stat -c %g set)"
+        setfattr -n security.capability -v {cap} real
+        echo "real-set $(caps real)"
+        ! setfattr -n user.containers.override_security.capability -v 0x00 real 2>/dev/null
+        cd /
+        "#
+        ),
+    );
+    let hex = &cap[2..];
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "real none 0",
+            &format!("kept {hex} 1"),
+            &format!("set {hex}"),
+            "chgrp none none 1",
+            &format!("real-set {hex}"),
+        ],
+        "{stdout}"
+    );
+    // The upper holds the view's capability in the user xattr; none was set for real.
+    let upper = base.join("upper");
+    assert!(
+        get_xattr(
+            &upper.join("real"),
+            "user.containers.override_security.capability"
+        )
+        .is_ok()
+    );
+    assert!(get_xattr(&upper.join("set"), "security.capability").is_err());
+
+    // A daemon without privileges (fusermount3 mounts): a capability set through the view
+    // from a user namespace, then a change of group there, which drops it.
+    test_user();
+    let l = Layers::new(1);
+    l.lower(0).file("f", "f");
+    let base = user_dirs(&l, uid_of(TEST_USER).unwrap());
+    let stdout = on_unprivileged_mount(
+        &l,
+        &base,
+        "-o xattr_permissions=2",
+        &format!(
+            r#"
+        unshare -r setfattr -n security.capability -v {cap} f
+        unshare -r getfattr --only-values -n security.capability f | od -An -tx1 | tr -d ' \n'
+        echo
+        unshare -r chgrp 0 f
+        unshare -r getfattr -n security.capability f 2>/dev/null || echo dropped
+        "#
+        ),
+    );
+    assert_eq!(stdout, format!("{hex}\ndropped\n"));
+}
+
 /// `xattr_permissions=2`: setting an access ACL sets the mode shown, as on ext4 (`cp -a` and
 /// `cp -p` set a copy's mode by setting an ACL with the bits alone), and an ACL read back
 /// shows the mode; ext4 in a plain directory beside the mount is the oracle.
@@ -920,11 +1019,22 @@ fn namespace_dirs(l: &Layers) -> std::path::PathBuf {
 /// mounted on `$b/merged` (`$b` is `base`, see `namespace_dirs`) and unmounted on exit;
 /// returns its output, which must be a success.
 fn run_on_mount(user: u32, l: &Layers, base: &std::path::Path, body: &str) -> String {
+    run_on_mount_with(user, l, base, "", body)
+}
+
+/// `run_on_mount` with the mount options `opts`.
+fn run_on_mount_with(
+    user: u32,
+    l: &Layers,
+    base: &std::path::Path,
+    opts: &str,
+    body: &str,
+) -> String {
     let mut sh = Command::new("bash");
     sh.arg("-euc").arg(format!(
         r#"
         b={b}
-        {bin} --lower {lowers} --upper $b/upper --work $b/work $b/merged
+        {bin} {opts} --lower {lowers} --upper $b/upper --work $b/work $b/merged
         trap 'umount $b/merged' EXIT
         {body}
         "#,
