@@ -3,7 +3,7 @@
 //! thread at a time reads (see `Readers`); with it off, every thread blocks in read(2).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -434,6 +434,23 @@ fn clone_channel(base: &Channel, nonblocking: bool) -> std::io::Result<Channel> 
     Ok(ch)
 }
 
+/// Requests being served, by all threads (see `mount_gone`).
+static IN_SERVICE: AtomicUsize = AtomicUsize::new(0);
+/// The kernel ended the connection (see `mount_gone`).
+static GONE: AtomicBool = AtomicBool::new(false);
+
+/// The mount is gone: the process ends as soon as no request is being served (the kernel
+/// ended those pending with the connection, so their answers go nowhere), here or as the
+/// last one ends, and with it its hold on the layers' filesystems. A script unmounting them
+/// right after the view found them busy (EBUSY) for the milliseconds every thread took to
+/// wind down.
+fn mount_gone() {
+    GONE.store(true, Ordering::SeqCst);
+    if IN_SERVICE.load(Ordering::SeqCst) == 0 {
+        sys::exit_now(0);
+    }
+}
+
 struct Worker {
     /// This thread's index, and the readers it belongs to (None: it reads by itself,
     /// blocking).
@@ -462,6 +479,9 @@ impl Worker {
         if matches!(res, Ok(true)) {
             // An extra worker that is not needed any more: the others serve on.
             return Ok(());
+        }
+        if matches!(res, Ok(false)) {
+            mount_gone();
         }
         if let Some(r) = &self.readers {
             r.end();
@@ -529,7 +549,12 @@ impl Worker {
             if let Some(r) = &self.readers {
                 reading = r.got(self.me, h.pid, moves_data(h.opcode));
             }
-            if !self.handle(&h, &msg[abi::IN_HEADER..]) {
+            IN_SERVICE.fetch_add(1, Ordering::SeqCst);
+            let more = self.handle(&h, &msg[abi::IN_HEADER..]);
+            if IN_SERVICE.fetch_sub(1, Ordering::SeqCst) == 1 && GONE.load(Ordering::SeqCst) {
+                sys::exit_now(0);
+            }
+            if !more {
                 return Ok(false);
             }
             if let Some(r) = &self.readers
