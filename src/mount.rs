@@ -607,6 +607,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let _ = union.bdi.set(dev);
     }
     if !cfg.foreground {
+        // Before the fork: the caller, who sees this process end, must find them closed
+        // already (the child would close its copies only after the parent's exit).
+        sys::close_fds(&inherited);
         match sys::fork() {
             Ok(sys::Fork::Parent(_)) => {
                 // Leave without running destructors: the child owns the session now.
@@ -616,7 +619,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 sys::setsid();
                 let _ = std::env::set_current_dir("/");
                 sys::detach_stdio();
-                sys::close_fds(&inherited);
                 crate::logger::to_syslog();
             }
             Err(e) => {
