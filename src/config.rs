@@ -56,7 +56,7 @@ impl LogLevel {
     override_usage = "unionmount --lower L1[:L2...] [--upper U [--work W]] MERGED [options]\n       unionmount [SOURCE] MERGED -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,...]",
     after_help = "Without --upper the mount is read-only. Without --work, the work directory is .NAME.work next to the upper directory NAME (created if missing). \
 Options for -o: lowerdir=, upperdir=, workdir=, uidmapping=C:H:N[:C:H:N...], gidmapping=, squash_to_root, squash_to_uid=N, squash_to_gid=N, \
-xattr_permissions=0|1|2, static_nlink, readdirplus=off|auto|on, timeout=SECONDS, threaded=0|1, fsync=0|1, volatile, noacl, ro, rw, allow_other, allow_root, \
+xattr_permissions=0|1|2, static_nlink, readdirplus=off|auto|on, timeout=SECONDS, threaded=0|1, fsync=0|1, volatile, noacl, noxattrs=0|1, debug, ro, rw, allow_other, allow_root, \
 default_permissions, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, nodiratime, context=\"...\". Unknown options are warned about and ignored.\n\
 Unmount with: fusermount3 -u MERGED (or umount MERGED)."
 )]
@@ -73,6 +73,9 @@ struct Cli {
     /// Stay in the foreground (default: return once the mount is live)
     #[arg(short = 'f', long)]
     foreground: bool,
+    /// Stay in the foreground and log every request (--foreground --log-level debug)
+    #[arg(short = 'd', long)]
+    debug: bool,
     /// Request-serving threads [default: twice the CPUs, at least 4]
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -318,6 +321,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
     let mut threads = cli.threads;
     let mut fsname = None;
     let mut squash_root = false;
+    let mut debug = cli.debug;
     let mut idmap = IdMap::default();
     let mut remount = false;
     let mut ro_given = None;
@@ -436,6 +440,12 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
                 "noacl" => {
                     flag(&value)?;
                     opts.posix_acl = false;
+                }
+                "noxattrs" => opts.no_xattrs = parse_bool01(&key, &need(&value)?)?,
+                // fuse-overlayfs's (libfuse's) debugging mode.
+                "debug" => {
+                    flag(&value)?;
+                    debug = true;
                 }
                 "readdirplus" => {
                     opts.readdirplus = match need(&value)?.as_str() {
@@ -564,11 +574,15 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
         work,
         mountpoint,
         fsname,
-        foreground: cli.foreground,
+        foreground: cli.foreground || debug,
         threads,
         spin: std::time::Duration::from_micros(cli.spin_us),
         passthrough: cli.passthrough,
-        log_level: cli.log_level,
+        log_level: if debug {
+            LogLevel::Debug
+        } else {
+            cli.log_level
+        },
         flags,
         opts,
         warnings,

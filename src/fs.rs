@@ -252,6 +252,14 @@ impl UnionFs {
                 Ok(s) => reply.statfs(&s),
                 Err(e) => reply.error(e),
             },
+            Op::Setxattr { .. }
+            | Op::Getxattr { .. }
+            | Op::Listxattr { .. }
+            | Op::Removexattr { .. }
+                if self.u.opts.no_xattrs =>
+            {
+                reply.error(Errno::ENOTSUP)
+            }
             Op::Setxattr { name, value, flags } => {
                 match self.node(ino).and_then(|n| {
                     let _privs = self.u.privs_changing(&n);

@@ -29,7 +29,11 @@ impl Log for Logger {
         if SYSLOG.load(Ordering::Relaxed) {
             crate::sys::syslog(r.level() as i32, &msg);
         } else {
-            eprintln!("unionmount: {}: {msg}", r.level().as_str().to_lowercase());
+            // Never eprintln!, which panics when stderr is gone (a closed pipe): the
+            // daemon goes on without its log.
+            use std::io::Write;
+            let level = r.level().as_str().to_lowercase();
+            let _ = writeln!(std::io::stderr(), "unionmount: {level}: {msg}");
         }
     }
 

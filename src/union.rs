@@ -36,6 +36,9 @@ pub struct Options {
     /// kernel keeps no times of FUSE files itself; the lower layers are read without them
     /// whatever the option).
     pub noatime: bool,
+    /// `noxattrs=1` (fuse-overlayfs's): the view has no xattrs (and so no ACLs); every
+    /// xattr request through it fails with ENOTSUP.
+    pub no_xattrs: bool,
 }
 
 /// `readdirplus=`: listings with every entry's attributes save a lookup per entry for
@@ -62,6 +65,7 @@ impl Default for Options {
             posix_acl: true,
             readdirplus: ReaddirPlus::Auto,
             noatime: false,
+            no_xattrs: false,
         }
     }
 }

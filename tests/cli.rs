@@ -805,6 +805,109 @@ fn foreground_sigint_unmounts_and_exits_0() {
     foreground_signal(libc::SIGINT);
 }
 
+/// fuse-overlayfs's debugging mode, `-d`, `--debug` or `-o debug`: the daemon stays in the
+/// foreground and logs every request to stderr. It also serves on once its stderr is gone (a
+/// closed pipe): before, the first log line after that panicked in the logger and its panic
+/// hook, and the connection was aborted.
+#[test]
+fn debug_mode_stays_in_the_foreground_and_logs_requests() {
+    let l = two_layers();
+    for (i, flag) in [&["-d"][..], &["--debug"], &["-o", "debug"]]
+        .iter()
+        .enumerate()
+    {
+        let (upper, work, merged) = uwm(&l, &format!("m{i}"));
+        let mut a: Vec<OsString> = flag.iter().map(OsString::from).collect();
+        a.extend(native_args(
+            &[&l.lowers[0], &l.lowers[1]],
+            Some(&upper),
+            Some(&work),
+            &merged,
+        ));
+        let child = Command::new(BIN)
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn unionmount");
+        let pid = child.id() as i32;
+        let mut fg = Foreground {
+            child: Some(child),
+            merged: merged.clone(),
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || is_mounted(&merged)),
+            "{flag:?}: not mounted"
+        );
+        assert_eq!(
+            daemon_pids(&merged),
+            vec![pid],
+            "{flag:?}: in the foreground"
+        );
+        if i == 2 {
+            // Its log goes nowhere from here on.
+            drop(fg.child.as_mut().unwrap().stderr.take());
+        }
+        check_two_layer_view(&merged, Some(&upper));
+        assert!(
+            Command::new("umount")
+                .arg(&merged)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (status, err) = fg.wait().expect("still running after the unmount");
+        assert_eq!(status.code(), Some(0), "{flag:?}: {status}; stderr {err:?}");
+        if i < 2 {
+            assert!(err.contains("debug: request"), "{flag:?}: {err:?}");
+        }
+    }
+}
+
+/// `-o noxattrs=1` (fuse-overlayfs's): the view has no xattrs; every xattr request fails
+/// with ENOTSUP, while the data and attributes are served as ever. `noxattrs=0` changes
+/// nothing.
+#[test]
+fn noxattrs_refuses_every_xattr_request() {
+    let l = two_layers();
+    for (i, value) in ["1", "0"].iter().enumerate() {
+        let (upper, work, merged) = uwm(&l, &format!("m{i}"));
+        let mut args = overlay_args(None, &l.lower_paths(), Some(&upper), Some(&work), &merged);
+        args[2].push(format!(",noxattrs={value}"));
+        let (_m, out) = mount_ok(
+            &mut um(&args),
+            &merged,
+            Some(&upper),
+            Some(&work),
+            TWO_LAYER_ROOT,
+        );
+        assert_eq!(stderr_of(&out), "", "no warning");
+        check_two_layer_view(&merged, Some(&upper));
+        let f = merged.join("new");
+        let set = Command::new("setfattr")
+            .args(["-n", "user.x", "-v", "1"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        let get = Command::new("getfattr").arg("-d").arg(&f).output().unwrap();
+        if *value == "1" {
+            for (what, o) in [("setfattr", &set), ("getfattr", &get)] {
+                assert!(
+                    !o.status.success() && stderr_of(o).contains("Operation not supported"),
+                    "{what}: {o:?}"
+                );
+            }
+        } else {
+            assert!(set.status.success(), "{set:?}");
+            assert!(
+                String::from_utf8_lossy(&get.stdout).contains("user.x"),
+                "{get:?}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Read-only mounts and layer paths
 // ---------------------------------------------------------------------------------------------
