@@ -409,7 +409,12 @@ impl Union {
         requested: u32,
     ) -> Result<Stat> {
         let map = &self.opts.idmap;
-        let uid = map.uid_to_disk(caller.uid).ok_or(Errno::EOVERFLOW)?;
+        // A caller whose id has no mapping creates objects owned by the overflow id on
+        // disk (the container's "nobody"), as fuse-overlayfs does: host root copying files
+        // into a mount of a container with its own ids (`buildah mount`) must succeed.
+        let uid = map
+            .uid_to_disk(caller.uid)
+            .unwrap_or(crate::idmap::OVERFLOW_ID);
         // An empty name: `dir` is the object itself (an unnamed temporary file).
         let here = if name.is_empty() {
             libc::AT_EMPTY_PATH
@@ -424,7 +429,8 @@ impl Union {
         let gid = if setgid_parent {
             parent_st.st_gid
         } else {
-            map.gid_to_disk(caller.gid).ok_or(Errno::EOVERFLOW)?
+            map.gid_to_disk(caller.gid)
+                .unwrap_or(crate::idmap::OVERFLOW_ID)
         };
         let st = sys::fstatat(dir, name, here)?;
         if let Some(xattr) = self.override_xattr()
