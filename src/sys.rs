@@ -1188,8 +1188,27 @@ pub fn nofile_limit() -> u64 {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit.
+/// Raises the limit on open files as far as the process may: to the kernel's ceiling
+/// (`fs.nr_open`) where it may raise its hard limit (CAP_SYS_RESOURCE, so as root), else the
+/// soft limit to the hard one. Every file open through the view holds a descriptor of the
+/// daemon's: under the limit it inherited, callers that together stay inside their own
+/// limits (one process near a limit equal to the daemon's, as LTP's creat05) made the
+/// daemon's run out, and every open, listing and create on the mount failed with EMFILE
+/// until they closed their files; kernel overlayfs has no such shared limit.
 pub fn raise_nofile_limit() {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok());
+    if let Some(max) = ceiling {
+        let lim = libc::rlimit {
+            rlim_cur: max,
+            rlim_max: max,
+        };
+        // SAFETY: `lim` is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            return;
+        }
+    }
     let mut lim = MaybeUninit::<libc::rlimit>::uninit();
     // SAFETY: `lim` is a valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } == 0 {

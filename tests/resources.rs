@@ -607,7 +607,10 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
     }
     for limit in ["128", "256"] {
         let (upper, work, merged) = l.mount_dirs(&format!("m{limit}"));
-        let out = std::process::Command::new("prlimit")
+        // Without CAP_SYS_RESOURCE, so that the daemon keeps the hard limit it is given
+        // (see `the_daemon_takes_the_most_open_files_it_may`).
+        let out = std::process::Command::new("setpriv")
+            .args(["--bounding-set", "-sys_resource", "--", "prlimit"])
             .arg(format!("--nofile={limit}:{limit}"))
             .arg(BIN)
             .args(native_args(
@@ -641,6 +644,63 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
             &failed[..failed.len().min(5)]
         );
     }
+}
+
+/// Every file open through the view holds one of the daemon's descriptors, so the daemon
+/// takes the most open files it may: the kernel's ceiling (`fs.nr_open`) where it may raise
+/// its hard limit (CAP_SYS_RESOURCE), else its hard limit. Started with a soft limit of 256,
+/// it serves 1,000 files held open at once.
+#[test]
+fn the_daemon_takes_the_most_open_files_it_may() {
+    let l = Layers::new(1);
+    let (upper, work, merged) = l.mount_dirs("m");
+    let out = std::process::Command::new("prlimit")
+        .arg("--nofile=256:20000")
+        .arg(BIN)
+        .args(native_args(
+            &l.lower_paths(),
+            Some(&upper),
+            Some(&work),
+            &merged,
+        ))
+        .output()
+        .unwrap();
+    let _m = is_mounted(&merged).then(|| Mount::adopt(merged.clone(), None, None, Kind::Union));
+    assert!(out.status.success(), "{out:?}");
+    let limits = fs::read_to_string(format!("/proc/{}/limits", daemon_pid(&merged))).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let nr_open: u64 = fs::read_to_string("/proc/sys/fs/nr_open")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // CAP_SYS_RESOURCE is capability 24.
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let want = if eff & (1 << 24) != 0 { nr_open } else { 20000 };
+    assert_eq!(nums, [want, want], "{line}");
+    let files: Vec<fs::File> = (0..1000)
+        .map(|i| {
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(merged.join(format!("f{i}")))
+                .unwrap_or_else(|e| panic!("open #{i}: {e}"))
+        })
+        .collect();
+    assert_eq!(files.len(), 1000);
 }
 
 /// Memory the daemon freed goes back to the system once it is idle: after twenty streams of
