@@ -493,6 +493,11 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
             }
         }
     }
+    if opts.no_xattrs {
+        // No ACLs either: the kernel would ask for them at every permission check of a
+        // non-owner, and take ENOTSUP for the answer (EOPNOTSUPP to ls, cat, ...).
+        opts.posix_acl = false;
+    }
     if squash_root {
         idmap.squash_uid.get_or_insert(0);
         idmap.squash_gid.get_or_insert(0);

@@ -891,6 +891,20 @@ fn noxattrs_refuses_every_xattr_request() {
             .output()
             .unwrap();
         let get = Command::new("getfattr").arg("-d").arg(&f).output().unwrap();
+        // A non-owner reads and lists as ever (the kernel checks no ACLs then).
+        let other = Command::new("setpriv")
+            .args([
+                "--reuid",
+                "nobody",
+                "--regid",
+                "nogroup",
+                "--clear-groups",
+                "ls",
+            ])
+            .arg(&merged)
+            .output()
+            .unwrap();
+        assert!(other.status.success(), "ls as nobody: {other:?}");
         if *value == "1" {
             for (what, o) in [("setfattr", &set), ("getfattr", &get)] {
                 assert!(
