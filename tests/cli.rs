@@ -737,28 +737,37 @@ impl Drop for Foreground {
     }
 }
 
+impl Foreground {
+    /// Starts `unionmount FLAGS` over the two layers of `l` on `name`'s directories (see
+    /// `uwm`), stderr piped; returns it, its pid, and its upper and merged directories.
+    fn start(l: &Layers, name: &str, flags: &[&str]) -> (Foreground, i32, PathBuf, PathBuf) {
+        let (upper, work, merged) = uwm(l, name);
+        let mut a: Vec<OsString> = flags.iter().map(OsString::from).collect();
+        a.extend(native_args(
+            &[&l.lowers[0], &l.lowers[1]],
+            Some(&upper),
+            Some(&work),
+            &merged,
+        ));
+        let child = Command::new(BIN)
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn unionmount");
+        let pid = child.id() as i32;
+        let fg = Foreground {
+            child: Some(child),
+            merged: merged.clone(),
+        };
+        (fg, pid, upper, merged)
+    }
+}
+
 fn foreground_signal(sig: libc::c_int) {
     let l = two_layers();
-    let (upper, work, merged) = uwm(&l, "m");
-    let mut a: Vec<OsString> = vec!["-f".into()];
-    a.extend(native_args(
-        &[&l.lowers[0], &l.lowers[1]],
-        Some(&upper),
-        Some(&work),
-        &merged,
-    ));
-    let child = Command::new(BIN)
-        .args(&a)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn unionmount -f");
-    let pid = child.id() as i32;
-    let mut fg = Foreground {
-        child: Some(child),
-        merged: merged.clone(),
-    };
+    let (mut fg, pid, upper, merged) = Foreground::start(&l, "m", &["-f"]);
     let mut exited_early = None;
     let up = wait_until(Duration::from_secs(30), || {
         if let Ok(Some(st)) = fg.child.as_mut().unwrap().try_wait() {
@@ -816,26 +825,7 @@ fn debug_mode_stays_in_the_foreground_and_logs_requests() {
         .iter()
         .enumerate()
     {
-        let (upper, work, merged) = uwm(&l, &format!("m{i}"));
-        let mut a: Vec<OsString> = flag.iter().map(OsString::from).collect();
-        a.extend(native_args(
-            &[&l.lowers[0], &l.lowers[1]],
-            Some(&upper),
-            Some(&work),
-            &merged,
-        ));
-        let child = Command::new(BIN)
-            .args(&a)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn unionmount");
-        let pid = child.id() as i32;
-        let mut fg = Foreground {
-            child: Some(child),
-            merged: merged.clone(),
-        };
+        let (mut fg, pid, upper, merged) = Foreground::start(&l, &format!("m{i}"), flag);
         assert!(
             wait_until(Duration::from_secs(30), || is_mounted(&merged)),
             "{flag:?}: not mounted"

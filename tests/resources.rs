@@ -606,25 +606,19 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
         l.lower(0).file(&format!("d{i:03}/f"), "x");
     }
     for limit in ["128", "256"] {
-        let (upper, work, merged) = l.mount_dirs(&format!("m{limit}"));
         // Without CAP_SYS_RESOURCE, so that the daemon keeps the hard limit it is given
         // (see `the_daemon_takes_the_most_open_files_it_may`).
-        let out = std::process::Command::new("setpriv")
-            .args(["--bounding-set", "-sys_resource", "--", "prlimit"])
-            .arg(format!("--nofile={limit}:{limit}"))
-            .arg(BIN)
-            .args(native_args(
-                &l.lower_paths(),
-                Some(&upper),
-                Some(&work),
-                &merged,
-            ))
-            .output()
-            .unwrap();
-        let _m = is_mounted(&merged).then(|| Mount::adopt(merged.clone(), None, None, Kind::Union));
-        assert!(
-            out.status.success(),
-            "mount under a limit of {limit}: {out:?}"
+        let (merged, _m) = mount_under(
+            &l,
+            &format!("m{limit}"),
+            &[
+                "setpriv",
+                "--bounding-set",
+                "-sys_resource",
+                "--",
+                "prlimit",
+            ],
+            &format!("--nofile={limit}:{limit}"),
         );
         let mut failed = Vec::new();
         for i in 0..400 {
@@ -646,16 +640,14 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
     }
 }
 
-/// Every file open through the view holds one of the daemon's descriptors, so the daemon
-/// takes the most open files it may: the kernel's ceiling (`fs.nr_open`) where it may raise
-/// its hard limit (CAP_SYS_RESOURCE), else its hard limit. Started with a soft limit of 256,
-/// it serves 1,000 files held open at once.
-#[test]
-fn the_daemon_takes_the_most_open_files_it_may() {
-    let l = Layers::new(1);
-    let (upper, work, merged) = l.mount_dirs("m");
-    let out = std::process::Command::new("prlimit")
-        .arg("--nofile=256:20000")
+/// Mounts the layers of `l` on `name`'s directories with the daemon started through
+/// `wrapper` (a command and its arguments, `prlimit` last) given `limit`; returns the merged
+/// directory and the mount, which unmounts when dropped.
+fn mount_under(l: &Layers, name: &str, wrapper: &[&str], limit: &str) -> (PathBuf, Mount) {
+    let (upper, work, merged) = l.mount_dirs(name);
+    let out = std::process::Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .arg(limit)
         .arg(BIN)
         .args(native_args(
             &l.lower_paths(),
@@ -665,8 +657,19 @@ fn the_daemon_takes_the_most_open_files_it_may() {
         ))
         .output()
         .unwrap();
-    let _m = is_mounted(&merged).then(|| Mount::adopt(merged.clone(), None, None, Kind::Union));
-    assert!(out.status.success(), "{out:?}");
+    let m = is_mounted(&merged).then(|| Mount::adopt(merged.clone(), None, None, Kind::Union));
+    assert!(out.status.success(), "mount under {limit}: {out:?}");
+    (merged, m.expect("mounted"))
+}
+
+/// Every file open through the view holds one of the daemon's descriptors, so the daemon
+/// takes the most open files it may: the kernel's ceiling (`fs.nr_open`) where it may raise
+/// its hard limit (CAP_SYS_RESOURCE), else its hard limit. Started with a soft limit of 256,
+/// it serves 1,000 files held open at once.
+#[test]
+fn the_daemon_takes_the_most_open_files_it_may() {
+    let l = Layers::new(1);
+    let (merged, _m) = mount_under(&l, "m", &["prlimit"], "--nofile=256:20000");
     let limits = fs::read_to_string(format!("/proc/{}/limits", daemon_pid(&merged))).unwrap();
     let line = limits
         .lines()
