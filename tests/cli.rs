@@ -125,6 +125,22 @@ fn mount_ok(
     (m, out)
 }
 
+/// Mounts `l` in the fuse-overlayfs form on `name`'s directories (see `uwm`) with `extra`
+/// added to its `-o` options, expecting `root` at the top; returns the mount, the command's
+/// output, and the upper and merged directories.
+fn mount_o_with(
+    l: &Layers,
+    name: &str,
+    extra: &str,
+    root: &[&str],
+) -> (Mount, Output, PathBuf, PathBuf) {
+    let (upper, work, merged) = uwm(l, name);
+    let mut args = overlay_args(None, &l.lower_paths(), Some(&upper), Some(&work), &merged);
+    args[2].push(format!(",{extra}"));
+    let (m, out) = mount_ok(&mut um(&args), &merged, Some(&upper), Some(&work), root);
+    (m, out, upper, merged)
+}
+
 fn um(args: &[OsString]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args);
@@ -862,14 +878,10 @@ fn debug_mode_stays_in_the_foreground_and_logs_requests() {
 fn noxattrs_refuses_every_xattr_request() {
     let l = two_layers();
     for (i, value) in ["1", "0"].iter().enumerate() {
-        let (upper, work, merged) = uwm(&l, &format!("m{i}"));
-        let mut args = overlay_args(None, &l.lower_paths(), Some(&upper), Some(&work), &merged);
-        args[2].push(format!(",noxattrs={value}"));
-        let (_m, out) = mount_ok(
-            &mut um(&args),
-            &merged,
-            Some(&upper),
-            Some(&work),
+        let (_m, out, upper, merged) = mount_o_with(
+            &l,
+            &format!("m{i}"),
+            &format!("noxattrs={value}"),
             TWO_LAYER_ROOT,
         );
         assert_eq!(stderr_of(&out), "", "no warning");
@@ -1700,16 +1712,7 @@ fn generic_mount_flags_take_effect() {
         .chmod("run.sh", 0o755);
     // Mounts with the given flags; returns the mount, its mount options and the mountpoint.
     let mount_flags = |name: &str, flags: &str| {
-        let (upper, work, merged) = uwm(&l, name);
-        let mut args = overlay_args(None, &l.lower_paths(), Some(&upper), Some(&work), &merged);
-        args[2].push(format!(",{flags}"));
-        let (m, out) = mount_ok(
-            &mut um(&args),
-            &merged,
-            Some(&upper),
-            Some(&work),
-            &["run.sh"],
-        );
+        let (m, out, _, merged) = mount_o_with(&l, name, flags, &["run.sh"]);
         assert!(out.stderr.is_empty(), "stderr: {}", stderr_of(&out));
         let opts = mount_entry(&merged).expect("in /proc/self/mounts").opts;
         (m, opts, merged)
