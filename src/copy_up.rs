@@ -206,7 +206,12 @@ impl CopyUp<'_> {
         // setting xattrs), times last (everything before touches them).
         let fdb = fd.as_fd();
         sys::fchown(fdb, self.st.st_uid, self.st.st_gid).or_else(ignore_rootless_chown)?;
-        copy_xattrs(self.src.as_fd(), fdb, self.fs.layers.format)?;
+        copy_xattrs(
+            self.src.as_fd(),
+            fdb,
+            self.fs.layers.format,
+            self.fs.isolates_security(),
+        )?;
         if kind != libc::S_IFDIR {
             self.record_origin(fdb);
         }
@@ -567,11 +572,14 @@ pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
     }
 }
 
-/// Copies every non-private xattr of `src` to `dst`.
+/// Copies every non-private xattr of `src` to `dst`; no real `security.*` one where
+/// `isolated` (`xattr_permissions=2` keeps the view's apart and hides the real ones: a hidden
+/// capability copied would stay on the copy whatever is written into it).
 pub fn copy_xattrs(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     format: whiteout::Format,
+    isolated: bool,
 ) -> Result<()> {
     let names = match sys::listxattr_vec(src) {
         Ok(n) => n,
@@ -582,7 +590,9 @@ pub fn copy_xattrs(
         use std::os::unix::ffi::OsStrExt;
         #[cfg(debug_assertions)]
         crate::fuse::session::panic_for_tests(name.as_bytes());
-        if whiteout::is_private_xattr(name.as_bytes(), format) {
+        if whiteout::is_private_xattr(name.as_bytes(), format)
+            || (isolated && name.as_bytes().starts_with(b"security."))
+        {
             continue;
         }
         let cname = sys::cstr(&name)?;

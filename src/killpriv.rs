@@ -37,10 +37,14 @@ pub struct Kept {
 const CAPABILITY: &std::ffi::CStr = c"security.capability";
 
 impl Kept {
-    /// What the file of `fd` has to lose, if anything.
-    pub fn of(fd: std::os::fd::BorrowedFd<'_>) -> Option<Kept> {
+    /// What the file of `fd` has to lose, if anything. `capability`: whether its real
+    /// capability is the view's (not where `xattr_permissions=2` keeps the view's apart: the
+    /// hidden real one is let go with the write, as the kernel never asks to drop it).
+    pub fn of(fd: std::os::fd::BorrowedFd<'_>, capability: bool) -> Option<Kept> {
         let set_ids = crate::sys::fstat(fd).ok()?.st_mode & (libc::S_ISUID | libc::S_ISGID);
-        let capability = crate::sys::getxattr_vec(fd, CAPABILITY).ok().flatten();
+        let capability = capability
+            .then(|| crate::sys::getxattr_vec(fd, CAPABILITY).ok().flatten())
+            .flatten();
         (set_ids != 0 || capability.is_some()).then_some(Kept {
             set_ids,
             capability,
@@ -475,7 +479,7 @@ impl Union {
             true => {
                 self.copy_up(node)?;
                 let fd = self.upper_object(node, fh)?;
-                Kept::of(std::os::fd::AsFd::as_fd(&*fd)).map(|k| (k, fd))
+                Kept::of(std::os::fd::AsFd::as_fd(&*fd), !self.isolates_security()).map(|k| (k, fd))
             }
             false => None,
         };

@@ -701,6 +701,48 @@ fn xattr_permissions_keeps_security_xattrs_apart() {
     assert_eq!(stdout, format!("{hex}\ndropped\n"));
 }
 
+/// `xattr_permissions=2` hides the layers' real `security.*` xattrs, so none reaches the
+/// upper: a copy-up leaves them out (a chmod alone copies up), and the upper's own drop of a
+/// real capability at a write-back is not undone. Before, a lower program's hidden
+/// capability stayed on the copy whatever was written into it, for whoever runs the upper
+/// directly, commits it as a layer or mounts it otherwise.
+#[test]
+fn xattr_permissions_copies_no_hidden_security_xattrs() {
+    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_RAW.
+    let cap: Vec<u8> = [1u8, 0, 0, 2, 0, 0x20]
+        .into_iter()
+        .chain([0u8; 14])
+        .collect();
+    for extra in [&["--passthrough", "off"][..], &[]] {
+        let l = Layers::new(1);
+        l.lower(0)
+            .file("chmodded", "c")
+            .file("written", "w")
+            .xattr("chmodded", "security.capability", &cap)
+            .xattr("written", "security.capability", &cap);
+        let mut args = extra.to_vec();
+        args.extend(["-o", "xattr_permissions=2"]);
+        let m = l.mount_with("u", &args);
+        fs::set_permissions(m.path("chmodded"), fs::Permissions::from_mode(0o755)).unwrap();
+        // In place, as a program is rewritten, then through the page cache's write-back.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("written"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"W").unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let upper = m.upper_path("");
+        drop(m);
+        for name in ["chmodded", "written"] {
+            assert!(
+                get_xattr(&upper.join(name), "security.capability").is_err(),
+                "{extra:?}: {name} keeps a hidden capability in the upper"
+            );
+        }
+    }
+}
+
 /// `xattr_permissions=2`: setting an access ACL sets the mode shown, as on ext4 (`cp -a` and
 /// `cp -p` set a copy's mode by setting an ACL with the bits alone), and an ACL read back
 /// shows the mode; ext4 in a plain directory beside the mount is the oracle.
