@@ -589,12 +589,9 @@ impl Union {
     /// The name a view's xattr is stored under (see `whiteout::escape_xattr` and
     /// `override_stat::isolated_name`); ENOTSUP for a name private to the daemon.
     fn stored_xattr_name(&self, name: &OsStr) -> Result<std::ffi::CString> {
-        let isolated = self
-            .isolates_security()
-            .then(|| crate::override_stat::isolated_name(name.as_bytes()))
-            .flatten();
-        if let Some(real) =
-            isolated.or_else(|| whiteout::escape_xattr(name.as_bytes(), self.layers.format))
+        if let Some(real) = self
+            .isolated_name(name.as_bytes())
+            .or_else(|| whiteout::escape_xattr(name.as_bytes(), self.layers.format))
         {
             // A name the escape makes too long for the layers is refused, as kernel
             // overlayfs refuses it (XATTR_NAME_MAX is 255).
@@ -707,11 +704,8 @@ impl Union {
         let mut trusted = None;
         let mut out = Vec::new();
         for n in names {
-            let isolated = self
-                .isolates_security()
-                .then(|| crate::override_stat::isolated_view_name(n.as_bytes()))
-                .flatten();
-            let view = match isolated
+            let view = match self
+                .isolated_view_name(n.as_bytes())
                 .map(<[u8]>::to_vec)
                 .or_else(|| whiteout::unescape_xattr(n.as_bytes(), self.layers.format))
             {

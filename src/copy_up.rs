@@ -591,7 +591,7 @@ pub fn copy_xattrs(
         #[cfg(debug_assertions)]
         crate::fuse::session::panic_for_tests(name.as_bytes());
         if whiteout::is_private_xattr(name.as_bytes(), format)
-            || (isolated && name.as_bytes().starts_with(b"security."))
+            || (isolated && crate::override_stat::is_security(name.as_bytes()))
         {
             continue;
         }

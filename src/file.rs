@@ -1010,15 +1010,12 @@ impl Union {
         let privs = self.privs_lock(&h.node);
         let mut shared = Some(privs.read().unwrap_or_else(|p| p.into_inner()));
         let mut alone = None;
-        let real_caps = !self.isolates_security();
-        if from_cache && crate::killpriv::Kept::of(fd.as_fd(), real_caps).is_some() {
+        if from_cache && self.kept_of(fd.as_fd()).is_some() {
             shared = None;
             alone = Some(privs.write().unwrap_or_else(|p| p.into_inner()));
         }
         // Read again alone: another write-back may have put them back meanwhile.
-        let kept = alone
-            .as_ref()
-            .and_then(|_| crate::killpriv::Kept::of(fd.as_fd(), real_caps));
+        let kept = alone.as_ref().and_then(|_| self.kept_of(fd.as_fd()));
         let mut n = 0;
         let mut failed = None;
         {

@@ -434,6 +434,12 @@ struct Loss {
 }
 
 impl Union {
+    /// What the upper file of `fd` has to lose at a write (see `Kept`): its real capability
+    /// is the view's unless `xattr_permissions=2` keeps the view's apart.
+    pub(crate) fn kept_of(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<Kept> {
+        Kept::of(fd, !self.isolates_security())
+    }
+
     /// A SETATTR from the process `pid` (filesystem uid `fsuid`), with the set-ID bits it
     /// takes away: a truncate's, a chown's (the kernel leaves them to the daemon with
     /// killpriv), and those of a SETATTR that sets nothing, which the kernel sends before a
@@ -479,7 +485,8 @@ impl Union {
             true => {
                 self.copy_up(node)?;
                 let fd = self.upper_object(node, fh)?;
-                Kept::of(std::os::fd::AsFd::as_fd(&*fd), !self.isolates_security()).map(|k| (k, fd))
+                self.kept_of(std::os::fd::AsFd::as_fd(&*fd))
+                    .map(|k| (k, fd))
             }
             false => None,
         };

@@ -25,18 +25,22 @@ pub const PRIVILEGED_XATTR: &CStr = c"security.fuseoverlayfs.override_stat";
 const ISOLATED_PREFIX: &[u8] = b"user.containers.override_";
 const SECURITY: &[u8] = b"security.";
 
+/// Whether `name` is in the `security.` namespace.
+pub fn is_security(name: &[u8]) -> bool {
+    name.starts_with(SECURITY)
+}
+
 /// The name the view's xattr `view` is stored under when `security.*` is kept apart (see
 /// `ISOLATED_PREFIX`); None for a name stored as it is.
 pub fn isolated_name(view: &[u8]) -> Option<Vec<u8>> {
-    view.starts_with(SECURITY)
-        .then(|| [ISOLATED_PREFIX, view].concat())
+    is_security(view).then(|| [ISOLATED_PREFIX, view].concat())
 }
 
 /// The view's name of a stored xattr when `security.*` is kept apart (the reverse of
 /// `isolated_name`); None for any other name.
 pub fn isolated_view_name(real: &[u8]) -> Option<&[u8]> {
     real.strip_prefix(ISOLATED_PREFIX)
-        .filter(|rest| rest.starts_with(SECURITY))
+        .filter(|rest| is_security(rest))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -207,6 +207,21 @@ impl Union {
         self.opts.xattr_permissions == 2
     }
 
+    /// Where `security.*` is kept apart: the name the view's xattr `view` is stored under;
+    /// None for any other name or mode (see `override_stat::isolated_name`).
+    pub fn isolated_name(&self, view: &[u8]) -> Option<Vec<u8>> {
+        self.isolates_security()
+            .then(|| crate::override_stat::isolated_name(view))
+            .flatten()
+    }
+
+    /// The reverse of `isolated_name`: the view's name of a stored one.
+    pub fn isolated_view_name<'a>(&self, real: &'a [u8]) -> Option<&'a [u8]> {
+        self.isolates_security()
+            .then(|| crate::override_stat::isolated_view_name(real))
+            .flatten()
+    }
+
     /// Whether an xattr name is the daemon's own (hidden, and not settable through the view):
     /// also, where `security.*` is kept apart, the real `security.*` names and the names
     /// the view's are stored under.
@@ -214,7 +229,7 @@ impl Union {
         crate::whiteout::is_private_xattr(name, self.layers.format)
             || self.override_xattr().is_some_and(|x| x.to_bytes() == name)
             || (self.isolates_security()
-                && (name.starts_with(b"security.")
+                && (crate::override_stat::is_security(name)
                     || crate::override_stat::isolated_view_name(name).is_some()))
     }
 
