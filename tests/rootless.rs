@@ -254,6 +254,18 @@ fn rootless_copy_up_leaves_out_xattrs_the_namespace_may_not_set() {
     );
 }
 
+/// A file capability as setfattr takes it: VFS_CAP_REVISION_2 with the effective flag,
+/// permitted CAP_NET_RAW.
+const CAP_NET_RAW: &str = "0x0100000200200000000000000000000000000000";
+
+/// `CAP_NET_RAW` as the bytes of the xattr.
+fn cap_net_raw_bytes() -> Vec<u8> {
+    (2..CAP_NET_RAW.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&CAP_NET_RAW[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// A rootless daemon puts back the set-ID bits and capability its upper's write path drops
 /// when the kernel writes back pages stored through a shared mapping, which drop nothing on
 /// ext4 or kernel overlayfs.
@@ -265,8 +277,7 @@ fn rootless_write_backs_keep_set_id_bits_and_capabilities() {
         .file("suid", "data")
         .file("sgid", "data")
         .file("cap", "data");
-    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_RAW.
-    let cap = "0x0100000200200000000000000000000000000000";
+    let cap = CAP_NET_RAW;
     let base = namespace_dirs(&l);
     // After the layers' change of owner, which drops them.
     for (name, mode) in [("suid", 0o4777), ("sgid", 0o2777)] {
@@ -612,12 +623,8 @@ fn xattr_permissions_override_stat() {
 fn xattr_permissions_keeps_security_xattrs_apart() {
     let user = test_user();
     let l = Layers::new(1);
-    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_RAW.
-    let cap = "0x0100000200200000000000000000000000000000";
-    let cap_bytes: Vec<u8> = (2..cap.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&cap[i..i + 2], 16).unwrap())
-        .collect();
+    let cap = CAP_NET_RAW;
+    let cap_bytes = cap_net_raw_bytes();
     l.lower(0)
         .file("real", "r")
         .file("kept", "k")
@@ -650,7 +657,6 @@ fn xattr_permissions_keeps_security_xattrs_apart() {
         setfattr -n security.capability -v {cap} real
         echo "real-set $(caps real)"
         ! setfattr -n user.containers.override_security.capability -v 0x00 real 2>/dev/null
-        cd /
         "#
         ),
     );
@@ -708,11 +714,7 @@ fn xattr_permissions_keeps_security_xattrs_apart() {
 /// directly, commits it as a layer or mounts it otherwise.
 #[test]
 fn xattr_permissions_copies_no_hidden_security_xattrs() {
-    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_RAW.
-    let cap: Vec<u8> = [1u8, 0, 0, 2, 0, 0x20]
-        .into_iter()
-        .chain([0u8; 14])
-        .collect();
+    let cap = cap_net_raw_bytes();
     for extra in [&["--passthrough", "off"][..], &[]] {
         let l = Layers::new(1);
         l.lower(0)
@@ -1084,7 +1086,7 @@ fn run_on_mount_with(
         r#"
         b={b}
         {bin} {opts} --lower {lowers} --upper $b/upper --work $b/work $b/merged
-        trap 'umount $b/merged' EXIT
+        trap 'cd /; umount $b/merged' EXIT
         {body}
         "#,
         b = base.display(),
