@@ -987,7 +987,10 @@ fn one_op(r: &mut Rng, merged: &Path, fds: &mut Vec<libc::c_int>, buf: &mut [u8]
             }
             22 => {
                 // readdir from a random offset.
-                let d = libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+                // Close-on-exec, as every fd this test opens: a program another test starts
+                // meanwhile (the other fuzz test's daemon) would keep it, and this mount busy.
+                let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+                let d = libc::open(c.as_ptr(), flags);
                 if d >= 0 {
                     for _ in 0..1 + r.index(3) {
                         libc::lseek(d, r.offset() as i64, libc::SEEK_SET);
