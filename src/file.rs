@@ -112,6 +112,8 @@ pub struct FileHandle {
     /// Keeps the shared backing id alive while this open uses it.
     backing: Option<Arc<SharedBacking>>,
     fd: RwLock<Arc<OwnedFd>>,
+    /// `fd`'s entry in the table of shared fds, while `fd` is the shared one.
+    share: Mutex<Option<Arc<SharedFd>>>,
     /// The node's `data_gen` when `fd` was opened.
     opened_gen: AtomicU64,
     pub writable: bool,
@@ -152,13 +154,14 @@ pub const FMODE_EXEC: i32 = 0x20;
 impl FileHandle {
     /// `opened_gen`: the node's `data_gen` read before `fd` was opened (a copy-up finishing
     /// in between then moves the handle to the copy on its first read).
-    pub fn new(node: Arc<Node>, fd: OwnedFd, opened_gen: u64, writable: bool) -> FileHandle {
+    pub fn new(node: Arc<Node>, fd: Arc<OwnedFd>, opened_gen: u64, writable: bool) -> FileHandle {
         if writable {
             node.extra().writable_opens.fetch_add(1, Ordering::SeqCst);
         }
         FileHandle {
             node,
-            fd: RwLock::new(Arc::new(fd)),
+            fd: RwLock::new(fd),
+            share: Mutex::new(None),
             opened_gen: AtomicU64::new(opened_gen),
             writable,
             exec: false,
@@ -197,9 +200,87 @@ impl<V> ShardedMap<V> {
     }
 }
 
+/// A read-only fd of a node shared by its read-only opens that would open the same file with
+/// the same flags (see `Union::open_shared`): every process that maps a library or runs a
+/// program holds an open of it for as long, and without sharing each of them would hold a
+/// descriptor of the daemon. The fd stays open while a handle holds it.
+pub struct SharedFd {
+    fd: Arc<OwnedFd>,
+    serial: u64,
+    table: Arc<FdShares>,
+}
+
+impl Drop for SharedFd {
+    fn drop(&mut self) {
+        self.table.forget(self.serial);
+    }
+}
+
+/// The shared fds of the nodes, by node serial: each with the flags it was opened with and
+/// the node's `data_gen` then.
+#[derive(Default)]
+pub struct FdShares {
+    by_serial: ShardedMap<Vec<(i32, u64, Weak<SharedFd>)>>,
+}
+
+impl FdShares {
+    /// A live shared fd of node `serial` opened with `flags` at data generation `generation`.
+    fn get(&self, serial: u64, flags: i32, generation: u64) -> Option<Arc<SharedFd>> {
+        let shard = self.by_serial.shard(serial);
+        shard
+            .get(&serial)?
+            .iter()
+            .filter(|(f, g, _)| *f == flags && *g == generation)
+            .find_map(|(_, _, share)| share.upgrade())
+    }
+
+    /// Makes `fd` the shared fd of node `serial` for opens with `flags` at `generation`.
+    fn offer(
+        self: &Arc<Self>,
+        serial: u64,
+        flags: i32,
+        generation: u64,
+        fd: Arc<OwnedFd>,
+    ) -> Arc<SharedFd> {
+        let share = Arc::new(SharedFd {
+            fd,
+            serial,
+            table: self.clone(),
+        });
+        let mut shard = self.by_serial.shard(serial);
+        let list = shard.entry(serial).or_default();
+        list.retain(|(_, _, s)| s.strong_count() > 0);
+        list.push((flags, generation, Arc::downgrade(&share)));
+        share
+    }
+
+    /// Drops the node's entries that nothing holds any more. Never called with the shard
+    /// held: `get` and `offer` let go of it before a hold they took can be dropped.
+    fn forget(&self, serial: u64) {
+        let mut shard = self.by_serial.shard(serial);
+        if let Some(list) = shard.get_mut(&serial) {
+            list.retain(|(_, _, s)| s.strong_count() > 0);
+            if list.is_empty() {
+                shard.remove(&serial);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.by_serial
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().values().map(Vec::len).sum::<usize>())
+            .sum()
+    }
+}
+
 #[derive(Default)]
 pub struct Handles {
     files: ShardedMap<Arc<FileHandle>>,
+    /// The read-only fds shared by opens (see `SharedFd`).
+    shares: Arc<FdShares>,
     /// Node number -> the handle number of its latest writable open, while that is open.
     writers: ShardedMap<u64>,
     dirs: ShardedMap<Arc<DirHandle>>,
@@ -535,15 +616,52 @@ impl Union {
             // /proc/PID/fd) shares it.
             sys::reopen(h.fd().as_fd(), libc::O_RDONLY)?
         } else {
-            match self.top_loc(node) {
-                Loc::Upper => self.open_upper(node, self.upper_flags(flags))?,
-                Loc::Lower(_) => self.open_lower_data(node)?,
-            }
+            let share = self.open_shared(node, flags, generation)?;
+            let fd = share.fd.clone();
+            return self.add_handle_at(
+                node,
+                fd,
+                Some(share),
+                generation,
+                flags,
+                false,
+                make_backing,
+            );
         };
         if !writable && !trunc {
             crate::whiteout::refuse_metacopy(fd.as_fd(), c"", self.layers.format)?;
         }
-        self.add_handle_at(node, fd, generation, flags, append_only, make_backing)
+        self.add_handle_at(
+            node,
+            Arc::new(fd),
+            None,
+            generation,
+            flags,
+            append_only,
+            make_backing,
+        )
+    }
+
+    /// A read-only fd of the node's data as of `generation` (its `data_gen`, read before its
+    /// layer was chosen) for an open with `flags`: the one a handle opened alike holds (see
+    /// `SharedFd`), else a new one, shared from now on.
+    fn open_shared(&self, node: &Node, flags: i32, generation: u64) -> Result<Arc<SharedFd>> {
+        let upper = self.top_loc(node) == Loc::Upper;
+        // Every read-only open of a lower file opens it alike.
+        let real = if upper { self.upper_flags(flags) } else { -1 };
+        if let Some(share) = self.handles.shares.get(node.serial, real, generation) {
+            return Ok(share);
+        }
+        let fd = if upper {
+            self.open_upper(node, real)?
+        } else {
+            self.open_lower_data(node)?
+        };
+        crate::whiteout::refuse_metacopy(fd.as_fd(), c"", self.layers.format)?;
+        Ok(self
+            .handles
+            .shares
+            .offer(node.serial, real, generation, Arc::new(fd)))
     }
 
     /// Opens the node's upper object with `flags`, dropping an O_NOATIME the daemon may not
@@ -571,22 +689,34 @@ impl Union {
         flags: i32,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
-        self.add_handle_at(node, fd, node.data_gen(), flags, false, make_backing)
+        let generation = node.data_gen();
+        self.add_handle_at(
+            node,
+            Arc::new(fd),
+            None,
+            generation,
+            flags,
+            false,
+            make_backing,
+        )
     }
 
-    /// `add_handle` for an fd opened after the node's `data_gen` was `generation`;
-    /// `append_only`: a writable open of an append-only file served by the daemon (see
-    /// `open`), whose writes from the page cache are checked (see `write`).
+    /// `add_handle` for an fd opened after the node's `data_gen` was `generation`, shared
+    /// through `share` if that is given; `append_only`: a writable open of an append-only file
+    /// served by the daemon (see `open`), whose writes from the page cache are checked (see
+    /// `write`).
+    #[allow(clippy::too_many_arguments)]
     fn add_handle_at(
         &self,
         node: &Arc<Node>,
-        fd: OwnedFd,
+        fd: Arc<OwnedFd>,
+        share: Option<Arc<SharedFd>>,
         generation: u64,
         flags: i32,
         append_only: bool,
         make_backing: &dyn Fn(BorrowedFd<'_>) -> std::io::Result<crate::fuse::BackingId>,
     ) -> Result<(u64, IoMode)> {
-        let mut fd = fd;
+        let (mut fd, mut share) = (fd, share);
         let passthrough = self.passthrough_active();
         let mode = if append_only {
             if passthrough {
@@ -599,7 +729,8 @@ impl Union {
                 None => {
                     // A read-only open that reached the lower file just before a copy-up of
                     // the node finished: it opens the copy instead.
-                    fd = self.open_upper(node, self.upper_flags(flags))?;
+                    fd = Arc::new(self.open_upper(node, self.upper_flags(flags))?);
+                    share = None;
                     self.backing_for(node, fd.as_fd(), make_backing)?
                         .ok_or(Errno::ESTALE)?
                 }
@@ -617,6 +748,7 @@ impl Union {
         };
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut h = FileHandle::new(node.clone(), fd, generation, writable);
+        h.share = Mutex::new(share);
         h.append_only = append_only;
         if let IoMode::Passthrough(b) = &mode {
             h.backing = Some(b.clone());
@@ -880,8 +1012,9 @@ impl Union {
         if h.writable || h.backing.is_some() || h.opened_gen.load(Ordering::SeqCst) == now {
             return h.fd();
         }
-        if let Ok(fd) = self.open_upper(&h.node, self.upper_flags(libc::O_RDONLY)) {
-            *h.fd.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fd);
+        if let Ok(share) = self.open_shared(&h.node, libc::O_RDONLY, now) {
+            *h.fd.write().unwrap_or_else(|p| p.into_inner()) = share.fd.clone();
+            *h.share.lock().unwrap_or_else(|p| p.into_inner()) = Some(share);
             h.opened_gen.store(now, Ordering::SeqCst);
         }
         h.fd()
@@ -1275,6 +1408,33 @@ impl Union {
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn shared_fds_match_flags_and_generation_and_leave_with_their_last_holder() {
+        let table = Arc::new(FdShares::default());
+        let fd = || Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let a = table.offer(7, libc::O_RDONLY, 1, fd());
+        let b = table.offer(7, libc::O_RDONLY | libc::O_NOATIME, 1, fd());
+        assert_eq!(table.entries(), 2);
+        let got = table.get(7, libc::O_RDONLY, 1).unwrap();
+        assert!(Arc::ptr_eq(&got, &a));
+        let noatime = table.get(7, libc::O_RDONLY | libc::O_NOATIME, 1).unwrap();
+        assert!(Arc::ptr_eq(&noatime, &b));
+        drop(noatime);
+        // Another generation (a copy-up since), other flags, another node: nothing shared.
+        assert!(table.get(7, libc::O_RDONLY, 2).is_none());
+        assert!(table.get(7, libc::O_RDONLY | libc::O_SYNC, 1).is_none());
+        assert!(table.get(8, libc::O_RDONLY, 1).is_none());
+        // The entry stays while a holder is left, and goes with the last one.
+        drop(a);
+        assert!(table.get(7, libc::O_RDONLY, 1).is_some());
+        drop(got);
+        assert!(table.get(7, libc::O_RDONLY, 1).is_none());
+        assert_eq!(table.entries(), 1);
+        drop(b);
+        assert_eq!(table.entries(), 0);
+        assert!(table.by_serial.shard(7).is_empty());
+    }
 
     #[test]
     fn a_passthrough_open_shares_reopens_splits_or_registers() {
