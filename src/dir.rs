@@ -1230,12 +1230,11 @@ impl Union {
                 sys::unlinkat(new_dir.as_fd(), &aufs_cname(&cnew)?, 0)?;
             }
             // The nodes follow their objects.
-            self.table.unlink(src, parent, name);
             if let Some(d) = dst {
-                self.table.unlink(d, newparent, newname);
                 if exchange {
-                    self.table.link(d, parent, name);
+                    self.table.relink(d, newparent, newname, parent, name);
                 } else {
+                    self.table.unlink(d, newparent, newname);
                     if d.is_dir() {
                         self.drop_dir_fd(d, Loc::Upper);
                     }
@@ -1248,7 +1247,7 @@ impl Union {
                     }
                 }
             }
-            self.table.link(src, newparent, newname);
+            self.table.relink(src, parent, name, newparent, newname);
             if parent.ino != newparent.ino {
                 self.moved_copy_in(newparent, new_dir.as_fd(), &cnew);
                 if exchange {

@@ -1121,6 +1121,32 @@ impl Table {
         }
     }
 
+    /// Moves a node's name (parent, name) to (newparent, newname) in one change of its state
+    /// (a rename): a request reading its names meanwhile finds the old name or the new one,
+    /// never none (it would wait for the rename, and answer ENOENT if it seemed to last).
+    pub fn relink(
+        &self,
+        node: &Node,
+        parent: &Node,
+        name: &OsStr,
+        newparent: &Arc<Node>,
+        newname: &OsStr,
+    ) {
+        self.pin(newparent, 1);
+        let (old, twice) = {
+            let mut st = node.state();
+            let old = st.links.remove(parent.ino, name);
+            let twice = st.links.push_first(Link {
+                parent: newparent.clone(),
+                name: Name::new(newname),
+            });
+            (old, twice)
+        };
+        for l in old.into_iter().chain(twice) {
+            self.unpin(&l.parent, 1);
+        }
+    }
+
     /// Removes the name (parent, name) from a node, unpinning the parent. Returns whether the
     /// node had that name.
     pub fn unlink(&self, node: &Node, parent: &Node, name: &OsStr) -> bool {
@@ -1385,6 +1411,42 @@ mod tests {
         t.unpin(&file, 1);
         assert!(t.get(11).is_none());
         assert!(t.get(10).is_none(), "released with its last child");
+    }
+
+    #[test]
+    fn a_moved_name_is_never_missing_and_moves_its_pin() {
+        let t = Table::new(vec![7], State::empty());
+        let (d1, _) = t.get_or_insert(RealId { dev: 7, ino: 10 }, libc::S_IFDIR, State::empty);
+        let (d2, _) = t.get_or_insert(RealId { dev: 7, ino: 12 }, libc::S_IFDIR, State::empty);
+        let (file, _) = t.get_or_insert(RealId { dev: 7, ino: 11 }, libc::S_IFREG, State::empty);
+        t.link(&file, &d1, OsStr::new("a"));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let nameless = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut nameless = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    nameless += usize::from(file.state().links.is_empty());
+                }
+                nameless
+            });
+            for _ in 0..20_000 {
+                t.relink(&file, &d1, OsStr::new("a"), &d2, OsStr::new("b"));
+                t.relink(&file, &d2, OsStr::new("b"), &d1, OsStr::new("a"));
+            }
+            t.relink(&file, &d1, OsStr::new("a"), &d2, OsStr::new("b"));
+            stop.store(true, Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        assert_eq!(nameless, 0, "times the file was seen without a name");
+        assert_eq!(file.state().links.len(), 1);
+        // The old directory is pinned by nothing but its own lookup now, the new one by the
+        // file too.
+        t.unpin(&d1, 1);
+        assert!(t.get(10).is_none());
+        t.unpin(&d2, 1);
+        assert!(t.get(12).is_some(), "pinned by its child");
+        t.unpin(&file, 1);
+        assert!(t.get(12).is_none());
     }
 
     #[test]

@@ -1160,8 +1160,9 @@ fn opens_during_atomic_replaces_never_fail() {
         });
         assert!(opens >= 1000, "{what}: exchanges: only {opens} opens");
         // The same bound as above: once, with a hands-on test run loading the machine beside
-        // the suite, 1 of 1,339 opens failed with ENOENT (an open whose every retry met an
-        // exchange in progress); before the relinking was waited for, far more did.
+        // the suite, 1 of 1,339 opens failed with ENOENT (an open that found its node
+        // nameless while an exchange relinked it, and again after waiting); before the
+        // relinking was waited for, far more did. A rename now moves each name in one step.
         assert!(
             failures.len() <= 1 + (opens + failures.len()) / 10_000,
             "{what}: exchanges: {} of {} opens failed: {:?}",
