@@ -689,8 +689,12 @@ fn hostile_layers_cannot_reach_outside() {
             unsafe {
                 match f {
                     "creat" => {
-                        let r =
-                            libc::openat(fd, c"x".as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644);
+                        let r = libc::openat(
+                            fd,
+                            c"x".as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o644,
+                        );
                         if r >= 0 {
                             libc::close(r);
                         }

@@ -1851,7 +1851,7 @@ fn truncating_open_of_running_program_keeps_its_data() {
     ] {
         let c = std::ffi::CString::new(prog.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: open on a valid path; a returned fd is closed right away.
-        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
         let e = std::io::Error::last_os_error().raw_os_error();
         if fd >= 0 {
             // SAFETY: closing the fd just opened.

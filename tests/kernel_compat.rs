@@ -2198,7 +2198,12 @@ fn held_rows(root: &Path) -> Vec<String> {
                 }
                 let cp = cs(&p);
                 // SAFETY: plain syscall on a NUL-terminated path; the fd is owned below.
-                let raw = unsafe { libc::open(cp.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW) };
+                let raw = unsafe {
+                    libc::open(
+                        cp.as_ptr(),
+                        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    )
+                };
                 assert!(raw >= 0, "{name}: {}", std::io::Error::last_os_error());
                 // SAFETY: a fresh fd owned by nothing else.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };

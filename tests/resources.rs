@@ -429,7 +429,7 @@ fn deep_chain(top: &Path, depth: usize) -> std::os::fd::OwnedFd {
             libc::openat(
                 fd.as_raw_fd(),
                 c"d".as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
             )
         };
         assert!(
@@ -475,7 +475,7 @@ fn a_request_below_thousands_of_evicted_directories_is_served() {
         libc::openat(
             a.as_raw_fd(),
             c"f".as_ptr(),
-            libc::O_CREAT | libc::O_WRONLY,
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
             0o644,
         )
     };
