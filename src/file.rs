@@ -200,10 +200,13 @@ impl<V> ShardedMap<V> {
     }
 }
 
-/// A read-only fd of a node shared by its read-only opens that would open the same file with
-/// the same flags (see `Union::open_shared`): every process that maps a library or runs a
-/// program holds an open of it for as long, and without sharing each of them would hold a
-/// descriptor of the daemon. The fd stays open while a handle holds it.
+/// A node's lower file, opened once for all its read-only opens while any is open (see
+/// `Union::open_lower_shared`): every process that maps a library or runs a program of the
+/// image holds an open of it for as long, and without sharing each of them would hold a
+/// descriptor of the daemon. Only lower files: each open of an upper file has a descriptor of
+/// its own, as kernel overlayfs gives each open its own file of the upper, so that each
+/// reports the write errors since its open at `fsync` (a shared descriptor would report an
+/// error to one of them, and to later opens that should not see it).
 pub struct SharedFd {
     fd: Arc<OwnedFd>,
     serial: u64,
@@ -216,53 +219,48 @@ impl Drop for SharedFd {
     }
 }
 
-/// The shared fds of the nodes, by node serial: each with the flags it was opened with and
-/// the node's `data_gen` then.
+/// The shared lower fds of the nodes, by node serial, with the node's `data_gen` when each
+/// was opened.
 #[derive(Default)]
 pub struct FdShares {
-    by_serial: ShardedMap<Vec<(i32, u64, Weak<SharedFd>)>>,
+    by_serial: ShardedMap<(u64, Weak<SharedFd>)>,
 }
 
 impl FdShares {
-    /// A live shared fd of node `serial` opened with `flags` at data generation `generation`.
-    fn get(&self, serial: u64, flags: i32, generation: u64) -> Option<Arc<SharedFd>> {
+    /// The live shared fd of node `serial` opened at data generation `generation`.
+    fn get(&self, serial: u64, generation: u64) -> Option<Arc<SharedFd>> {
         let shard = self.by_serial.shard(serial);
-        shard
-            .get(&serial)?
-            .iter()
-            .filter(|(f, g, _)| *f == flags && *g == generation)
-            .find_map(|(_, _, share)| share.upgrade())
+        let (g, share) = shard.get(&serial)?;
+        if *g == generation {
+            share.upgrade()
+        } else {
+            None
+        }
     }
 
-    /// Makes `fd` the shared fd of node `serial` for opens with `flags` at `generation`.
-    fn offer(
-        self: &Arc<Self>,
-        serial: u64,
-        flags: i32,
-        generation: u64,
-        fd: Arc<OwnedFd>,
-    ) -> Arc<SharedFd> {
+    /// Makes `fd` the shared fd of node `serial` at `generation` (the holders of an earlier
+    /// one keep it).
+    fn offer(self: &Arc<Self>, serial: u64, generation: u64, fd: Arc<OwnedFd>) -> Arc<SharedFd> {
         let share = Arc::new(SharedFd {
             fd,
             serial,
             table: self.clone(),
         });
-        let mut shard = self.by_serial.shard(serial);
-        let list = shard.entry(serial).or_default();
-        list.retain(|(_, _, s)| s.strong_count() > 0);
-        list.push((flags, generation, Arc::downgrade(&share)));
+        self.by_serial
+            .shard(serial)
+            .insert(serial, (generation, Arc::downgrade(&share)));
         share
     }
 
-    /// Drops the node's entries that nothing holds any more. Never called with the shard
-    /// held: `get` and `offer` let go of it before a hold they took can be dropped.
+    /// Drops the node's entry if nothing holds its fd any more. Never called with the shard
+    /// held: `get` lets go of it before a hold it took can be dropped.
     fn forget(&self, serial: u64) {
         let mut shard = self.by_serial.shard(serial);
-        if let Some(list) = shard.get_mut(&serial) {
-            list.retain(|(_, _, s)| s.strong_count() > 0);
-            if list.is_empty() {
-                shard.remove(&serial);
-            }
+        if shard
+            .get(&serial)
+            .is_some_and(|(_, share)| share.strong_count() == 0)
+        {
+            shard.remove(&serial);
         }
     }
 
@@ -271,7 +269,7 @@ impl FdShares {
         self.by_serial
             .shards
             .iter()
-            .map(|s| s.lock().unwrap().values().map(Vec::len).sum::<usize>())
+            .map(|s| s.lock().unwrap().len())
             .sum()
     }
 }
@@ -279,7 +277,7 @@ impl FdShares {
 #[derive(Default)]
 pub struct Handles {
     files: ShardedMap<Arc<FileHandle>>,
-    /// The read-only fds shared by opens (see `SharedFd`).
+    /// The lower fds shared by read-only opens (see `SharedFd`).
     shares: Arc<FdShares>,
     /// Node number -> the handle number of its latest writable open, while that is open.
     writers: ShardedMap<u64>,
@@ -613,10 +611,13 @@ impl Union {
         } else if let Some(h) = self.split_file(node) {
             // A split node's files pass through to the lower file, and the kernel takes no
             // other kind of open on it while they last: a new read-only one (through
-            // /proc/PID/fd) shares it.
-            sys::reopen(h.fd().as_fd(), libc::O_RDONLY)?
+            // /proc/PID/fd) shares it, and the daemon's fd of it.
+            let fd = h.fd();
+            return self.add_handle_at(node, fd, None, generation, flags, false, make_backing);
+        } else if self.top_loc(node) == Loc::Upper {
+            self.open_upper(node, self.upper_flags(flags))?
         } else {
-            let share = self.open_shared(node, flags, generation)?;
+            let share = self.open_lower_shared(node, generation)?;
             let fd = share.fd.clone();
             return self.add_handle_at(
                 node,
@@ -642,26 +643,19 @@ impl Union {
         )
     }
 
-    /// A read-only fd of the node's data as of `generation` (its `data_gen`, read before its
-    /// layer was chosen) for an open with `flags`: the one a handle opened alike holds (see
-    /// `SharedFd`), else a new one, shared from now on.
-    fn open_shared(&self, node: &Node, flags: i32, generation: u64) -> Result<Arc<SharedFd>> {
-        let upper = self.top_loc(node) == Loc::Upper;
-        // Every read-only open of a lower file opens it alike.
-        let real = if upper { self.upper_flags(flags) } else { -1 };
-        if let Some(share) = self.handles.shares.get(node.serial, real, generation) {
+    /// The node's lower file for a read-only open, as of `generation` (its `data_gen`, read
+    /// before its layer was chosen): the fd its other read-only opens share (see `SharedFd`),
+    /// else a new one, shared from now on.
+    fn open_lower_shared(&self, node: &Node, generation: u64) -> Result<Arc<SharedFd>> {
+        if let Some(share) = self.handles.shares.get(node.serial, generation) {
             return Ok(share);
         }
-        let fd = if upper {
-            self.open_upper(node, real)?
-        } else {
-            self.open_lower_data(node)?
-        };
+        let fd = self.open_lower_data(node)?;
         crate::whiteout::refuse_metacopy(fd.as_fd(), c"", self.layers.format)?;
         Ok(self
             .handles
             .shares
-            .offer(node.serial, real, generation, Arc::new(fd)))
+            .offer(node.serial, generation, Arc::new(fd)))
     }
 
     /// Opens the node's upper object with `flags`, dropping an O_NOATIME the daemon may not
@@ -1012,9 +1006,10 @@ impl Union {
         if h.writable || h.backing.is_some() || h.opened_gen.load(Ordering::SeqCst) == now {
             return h.fd();
         }
-        if let Ok(share) = self.open_shared(&h.node, libc::O_RDONLY, now) {
-            *h.fd.write().unwrap_or_else(|p| p.into_inner()) = share.fd.clone();
-            *h.share.lock().unwrap_or_else(|p| p.into_inner()) = Some(share);
+        if let Ok(fd) = self.open_upper(&h.node, self.upper_flags(libc::O_RDONLY)) {
+            *h.fd.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fd);
+            // The lower file it shared is no longer its file.
+            *h.share.lock().unwrap_or_else(|p| p.into_inner()) = None;
             h.opened_gen.store(now, Ordering::SeqCst);
         }
         h.fd()
@@ -1410,30 +1405,28 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     #[test]
-    fn shared_fds_match_flags_and_generation_and_leave_with_their_last_holder() {
+    fn a_shared_fd_matches_its_generation_and_leaves_with_its_last_holder() {
         let table = Arc::new(FdShares::default());
         let fd = || Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        let a = table.offer(7, libc::O_RDONLY, 1, fd());
-        let b = table.offer(7, libc::O_RDONLY | libc::O_NOATIME, 1, fd());
-        assert_eq!(table.entries(), 2);
-        let got = table.get(7, libc::O_RDONLY, 1).unwrap();
+        let a = table.offer(7, 1, fd());
+        let got = table.get(7, 1).unwrap();
         assert!(Arc::ptr_eq(&got, &a));
-        let noatime = table.get(7, libc::O_RDONLY | libc::O_NOATIME, 1).unwrap();
-        assert!(Arc::ptr_eq(&noatime, &b));
-        drop(noatime);
-        // Another generation (a copy-up since), other flags, another node: nothing shared.
-        assert!(table.get(7, libc::O_RDONLY, 2).is_none());
-        assert!(table.get(7, libc::O_RDONLY | libc::O_SYNC, 1).is_none());
-        assert!(table.get(8, libc::O_RDONLY, 1).is_none());
+        // Another generation (a copy-up since), another node: nothing shared.
+        assert!(table.get(7, 2).is_none());
+        assert!(table.get(8, 1).is_none());
         // The entry stays while a holder is left, and goes with the last one.
         drop(a);
-        assert!(table.get(7, libc::O_RDONLY, 1).is_some());
+        assert!(table.get(7, 1).is_some());
         drop(got);
-        assert!(table.get(7, libc::O_RDONLY, 1).is_none());
-        assert_eq!(table.entries(), 1);
-        drop(b);
+        assert!(table.get(7, 1).is_none());
         assert_eq!(table.entries(), 0);
-        assert!(table.by_serial.shard(7).is_empty());
+        // A newer fd replaces the entry; the end of the older one leaves it.
+        let old = table.offer(7, 1, fd());
+        let new = table.offer(7, 2, fd());
+        drop(old);
+        assert!(Arc::ptr_eq(&table.get(7, 2).unwrap(), &new));
+        drop(new);
+        assert_eq!(table.entries(), 0);
     }
 
     #[test]

@@ -860,6 +860,79 @@ fn fill(m: &Mount, name: &str, cap: u64) -> (File, u64, Option<std::io::Error>) 
     (f, n, None)
 }
 
+/// Each open of a file learns of a failed write-back once, at its own fsync, as on ext4 and
+/// kernel overlayfs: two read-only opens held while a write-back fails both get the error at
+/// fsync, and an open made after the writer's fsync reported it gets none. The upper is an
+/// ext4 on a loop device whose image lives on a small tmpfs: once the tmpfs is full, writing
+/// back newly allocated blocks fails. (Read-only opens of an upper file sharing one descriptor
+/// of the daemon gave the error to the first of the two, and to the later open.)
+#[test]
+fn each_open_learns_of_a_failed_write_back_at_its_own_fsync() {
+    for target in [PAGE_CACHED, PASSTHROUGH, Target::Kernel] {
+        let l = Layers::new(1);
+        let room = l.root().join("room");
+        let _room = Tmpfs::new(room.clone(), "40m");
+        let image = room.join("ext4");
+        common::fs_image(
+            &image,
+            200 << 20,
+            &[
+                "mkfs.ext4",
+                "-q",
+                "-O",
+                "^has_journal",
+                "-E",
+                "lazy_itable_init=0,nodiscard",
+            ],
+            "e2fsprogs",
+        );
+        let _ext4 = common::scratch_mount(&["-o", "loop"], &image, &l.mkdir("m"));
+        let (m, label) = target.mount(&l);
+        let filler = room.join("filler");
+        for (name, readers_then) in [("held", true), ("later", false)] {
+            fs::write(m.path(name), vec![b'a'; 1 << 16]).unwrap();
+            File::open(m.path(name)).unwrap().sync_all().unwrap();
+            let readers = [
+                File::open(m.path(name)).unwrap(),
+                File::open(m.path(name)).unwrap(),
+            ];
+            let w = OpenOptions::new().write(true).open(m.path(name)).unwrap();
+            // Fill the tmpfs under the image.
+            let mut f = File::create(&filler).unwrap();
+            let mib = vec![0u8; 1 << 20];
+            while std::io::Write::write_all(&mut f, &mib).is_ok() {}
+            drop(f);
+            w.write_all_at(&vec![b'b'; 4 << 20], 1 << 16)
+                .unwrap_or_else(|e| panic!("{label}: {name}: write: {e}"));
+            let Err(err) = w.sync_all() else {
+                panic!("{label}: {name}: the writer's fsync reported nothing");
+            };
+            fs::remove_file(&filler).unwrap();
+            drop(w);
+            if readers_then {
+                for (i, r) in readers.iter().enumerate() {
+                    let Err(e) = r.sync_all() else {
+                        panic!("{label}: reader {i}'s fsync reported nothing");
+                    };
+                    assert_eq!(
+                        e.raw_os_error(),
+                        err.raw_os_error(),
+                        "{label}: reader {i}'s fsync"
+                    );
+                }
+            } else {
+                File::open(m.path(name))
+                    .unwrap()
+                    .sync_all()
+                    .unwrap_or_else(|e| {
+                        panic!("{label}: an open made after the error was reported: {e}")
+                    });
+            }
+        }
+        drop(m);
+    }
+}
+
 /// Writing to an upper that runs out of room fails with ENOSPC at write(2), as on ext4 and
 /// kernel overlayfs, also on the page-cached path, where the kernel caches writes and the
 /// daemon sees them only as it writes them back: a program writing on and on learns it and
