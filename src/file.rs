@@ -200,13 +200,14 @@ impl<V> ShardedMap<V> {
     }
 }
 
-/// A node's lower file, opened once for all its read-only opens while any is open (see
-/// `Union::open_lower_shared`): every process that maps a library or runs a program of the
-/// image holds an open of it for as long, and without sharing each of them would hold a
-/// descriptor of the daemon. Only lower files: each open of an upper file has a descriptor of
-/// its own, as kernel overlayfs gives each open its own file of the upper, so that each
-/// reports the write errors since its open at `fsync` (a shared descriptor would report an
-/// error to one of them, and to later opens that should not see it).
+/// A node's file opened once for all its read-only opens that share it while any is open
+/// (see `Union::open_shared`): every process that maps a library or runs a program holds an
+/// open of it for as long, and without sharing each of them would hold a descriptor of the
+/// daemon. Shared: lower files, and the upper files the kernel opens to run (no one can
+/// fsync through those). Every other open of an upper file has a descriptor of its own, as
+/// kernel overlayfs gives each open its own file of the upper, so that each reports the write
+/// errors since its open at `fsync` (a shared descriptor would report an error to one of
+/// them, and to later opens that should not see it).
 pub struct SharedFd {
     fd: Arc<OwnedFd>,
     serial: u64,
@@ -219,19 +220,20 @@ impl Drop for SharedFd {
     }
 }
 
-/// The shared lower fds of the nodes, by node serial, with the node's `data_gen` when each
-/// was opened.
+/// The shared fds of the nodes, by node serial, with the node's `data_gen` when each was
+/// opened and whether it is of the upper file.
 #[derive(Default)]
 pub struct FdShares {
-    by_serial: ShardedMap<(u64, Weak<SharedFd>)>,
+    by_serial: ShardedMap<(u64, bool, Weak<SharedFd>)>,
 }
 
 impl FdShares {
-    /// The live shared fd of node `serial` opened at data generation `generation`.
-    fn get(&self, serial: u64, generation: u64) -> Option<Arc<SharedFd>> {
+    /// The live shared fd of node `serial` opened at data generation `generation`, of the
+    /// upper file or of the lower one.
+    fn get(&self, serial: u64, generation: u64, upper: bool) -> Option<Arc<SharedFd>> {
         let shard = self.by_serial.shard(serial);
-        let (g, share) = shard.get(&serial)?;
-        if *g == generation {
+        let (g, u, share) = shard.get(&serial)?;
+        if (*g, *u) == (generation, upper) {
             share.upgrade()
         } else {
             None
@@ -240,7 +242,13 @@ impl FdShares {
 
     /// Makes `fd` the shared fd of node `serial` at `generation` (the holders of an earlier
     /// one keep it).
-    fn offer(self: &Arc<Self>, serial: u64, generation: u64, fd: Arc<OwnedFd>) -> Arc<SharedFd> {
+    fn offer(
+        self: &Arc<Self>,
+        serial: u64,
+        generation: u64,
+        upper: bool,
+        fd: Arc<OwnedFd>,
+    ) -> Arc<SharedFd> {
         let share = Arc::new(SharedFd {
             fd,
             serial,
@@ -248,7 +256,7 @@ impl FdShares {
         });
         self.by_serial
             .shard(serial)
-            .insert(serial, (generation, Arc::downgrade(&share)));
+            .insert(serial, (generation, upper, Arc::downgrade(&share)));
         share
     }
 
@@ -258,7 +266,7 @@ impl FdShares {
         let mut shard = self.by_serial.shard(serial);
         if shard
             .get(&serial)
-            .is_some_and(|(_, share)| share.strong_count() == 0)
+            .is_some_and(|(_, _, share)| share.strong_count() == 0)
         {
             shard.remove(&serial);
         }
@@ -614,10 +622,11 @@ impl Union {
             // /proc/PID/fd) shares it, and the daemon's fd of it.
             let fd = h.fd();
             return self.add_handle_at(node, fd, None, generation, flags, false, make_backing);
-        } else if self.top_loc(node) == Loc::Upper {
+        } else if self.top_loc(node) == Loc::Upper && flags & FMODE_EXEC == 0 {
             self.open_upper(node, self.upper_flags(flags))?
         } else {
-            let share = self.open_lower_shared(node, generation)?;
+            let upper = self.top_loc(node) == Loc::Upper;
+            let share = self.open_shared(node, upper, flags, generation)?;
             let fd = share.fd.clone();
             return self.add_handle_at(
                 node,
@@ -643,19 +652,26 @@ impl Union {
         )
     }
 
-    /// The node's lower file for a read-only open, as of `generation` (its `data_gen`, read
-    /// before its layer was chosen): the fd its other read-only opens share (see `SharedFd`),
-    /// else a new one, shared from now on.
-    fn open_lower_shared(&self, node: &Node, generation: u64) -> Result<Arc<SharedFd>> {
-        if let Some(share) = self.handles.shares.get(node.serial, generation) {
+    /// The node's file for a read-only open that shares it (see `SharedFd`), its upper file
+    /// or its lower one, as of `generation` (its `data_gen`, read before its layer was
+    /// chosen): the fd the node's other such opens share, else a new one, shared from now on.
+    fn open_shared(
+        &self,
+        node: &Node,
+        upper: bool,
+        flags: i32,
+        generation: u64,
+    ) -> Result<Arc<SharedFd>> {
+        let shares = &self.handles.shares;
+        if let Some(share) = shares.get(node.serial, generation, upper) {
             return Ok(share);
         }
-        let fd = self.open_lower_data(node)?;
+        let fd = match upper {
+            true => self.open_upper(node, self.upper_flags(flags))?,
+            false => self.open_lower_data(node)?,
+        };
         crate::whiteout::refuse_metacopy(fd.as_fd(), c"", self.layers.format)?;
-        Ok(self
-            .handles
-            .shares
-            .offer(node.serial, generation, Arc::new(fd)))
+        Ok(shares.offer(node.serial, generation, upper, Arc::new(fd)))
     }
 
     /// Opens the node's upper object with `flags`, dropping an O_NOATIME the daemon may not
@@ -1408,23 +1424,24 @@ mod tests {
     fn a_shared_fd_matches_its_generation_and_leaves_with_its_last_holder() {
         let table = Arc::new(FdShares::default());
         let fd = || Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        let a = table.offer(7, 1, fd());
-        let got = table.get(7, 1).unwrap();
+        let a = table.offer(7, 1, false, fd());
+        let got = table.get(7, 1, false).unwrap();
         assert!(Arc::ptr_eq(&got, &a));
-        // Another generation (a copy-up since), another node: nothing shared.
-        assert!(table.get(7, 2).is_none());
-        assert!(table.get(8, 1).is_none());
+        // Another generation (a copy-up since), the other layer, another node: nothing.
+        assert!(table.get(7, 1, true).is_none());
+        assert!(table.get(7, 2, false).is_none());
+        assert!(table.get(8, 1, false).is_none());
         // The entry stays while a holder is left, and goes with the last one.
         drop(a);
-        assert!(table.get(7, 1).is_some());
+        assert!(table.get(7, 1, false).is_some());
         drop(got);
-        assert!(table.get(7, 1).is_none());
+        assert!(table.get(7, 1, false).is_none());
         assert_eq!(table.entries(), 0);
         // A newer fd replaces the entry; the end of the older one leaves it.
-        let old = table.offer(7, 1, fd());
-        let new = table.offer(7, 2, fd());
+        let old = table.offer(7, 1, false, fd());
+        let new = table.offer(7, 2, false, fd());
         drop(old);
-        assert!(Arc::ptr_eq(&table.get(7, 2).unwrap(), &new));
+        assert!(Arc::ptr_eq(&table.get(7, 2, false).unwrap(), &new));
         drop(new);
         assert_eq!(table.entries(), 0);
     }

@@ -646,12 +646,13 @@ fn a_low_open_file_limit_leaves_room_for_callers() {
 /// image mapped by every process of a container holds an open of it in each): under a hard
 /// limit of 128, a thousand read-only opens of a lower file held at once all succeed, the
 /// daemon holds only a few more fds than before them, and other files still open and create
-/// meanwhile; on both data paths. With passthrough, so do 300 reopens through
+/// meanwhile; on both data paths. So do the kernel's opens of an upper program that 300
+/// processes run at once. With passthrough, so do 300 reopens through
 /// `/proc/self/fd` of an open made before the file's copy-up (its node split: they pass
 /// through to the lower file). Before, each open held a descriptor: the 113th open failed
 /// with EMFILE, and so did every open on the mount while they were held.
 #[test]
-fn read_only_opens_of_one_lower_file_share_a_daemon_descriptor() {
+fn read_only_opens_of_a_lower_file_and_runs_of_a_program_share_a_descriptor() {
     let l = Layers::new(1);
     l.lower(0).file("lib.so", "lower data");
     l.lower(0).file("split", "split data");
@@ -699,6 +700,31 @@ fn read_only_opens_of_one_lower_file_share_a_daemon_descriptor() {
             assert_eq!(fs::read_to_string(&f).unwrap(), "x");
         }
         drop(held);
+        // A program of the upper run by many processes: the kernel's opens to run it share.
+        let prog = merged.join(format!("prog{i}"));
+        fs::copy("/bin/sleep", &prog).unwrap();
+        let mut running = Vec::new();
+        for n in 0..300 {
+            match std::process::Command::new(&prog).arg("30").spawn() {
+                Ok(c) => running.push(c),
+                Err(e) => {
+                    for mut c in running {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    panic!("{extra:?}: run #{n} of {}: {e}", prog.display());
+                }
+            }
+        }
+        let (during, _) = measure(pid);
+        for mut c in running {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        assert!(
+            during <= before + 8,
+            "{extra:?}: the daemon holds {during} fds with 300 runs of one program, {before} before"
+        );
         if extra.is_empty() {
             let split = merged.join("split");
             let first = fs::File::open(&split).unwrap();
