@@ -261,6 +261,17 @@ impl Union {
                     }
                 }
                 Err(e) if matches!(e.code(), libc::ENOENT | libc::ENOTDIR) => last = e,
+                // An error from what the name holds now, if that is another object (a rename
+                // put a symlink there: ELOOP from an open, or a file: EINVAL from readlink),
+                // is no answer about this node: as for another object reached.
+                Err(e) if self.holds_another(&parent, loc, &name, node) => {
+                    log::debug!("{e:?} from another object at the name of node {}", node.ino);
+                    last = if node.is_dir() {
+                        Errno::ENOENT
+                    } else {
+                        Errno::ESTALE
+                    }
+                }
                 Err(e) => return Err(e),
             }
             if attempt > 2 {
@@ -268,6 +279,21 @@ impl Union {
             }
         }
         Err(last)
+    }
+
+    /// Whether `name` in the parent's directory in `loc` holds no longer the node's object
+    /// (another one, or none); false where the node's identity there is not known.
+    fn holds_another(&self, parent: &Node, loc: Loc, name: &CStr, node: &Node) -> bool {
+        let Some(want) = self.id_in(node, loc) else {
+            return false;
+        };
+        let Ok(dir) = self.dir_fd(parent, loc) else {
+            return false;
+        };
+        match sys::fstatat(dir.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => RealId::of(&st) != want,
+            Err(e) => e.code() == libc::ENOENT,
+        }
     }
 
     /// For a lower object: runs `f` on another name that reaches it, in any lower layer. One

@@ -1170,6 +1170,50 @@ fn opens_during_atomic_replaces_never_fail() {
             opens + failures.len(),
             &failures[..failures.len().min(5)]
         );
+
+        // A name switched between a file and a symlink by renames (`ln -s x tmp && mv -T tmp
+        // name`, as package managers replace files): opens of it reach the file or the
+        // symlink's target. The daemon's open of the name found the symlink a rename had just
+        // put there (ELOOP), or its readlink the file (EINVAL), and answered that error.
+        fs::write(m.path("target"), "t").unwrap();
+        std::os::unix::fs::symlink("target", m.path("flip")).unwrap();
+        let root = m.merged.clone();
+        let (opens, failures) = guarded(&what, &m, move || {
+            let stop = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicUsize::new(0));
+            let reader = {
+                let (p, stop, done) = (root.join("flip"), stop.clone(), done.clone());
+                thread::spawn(move || {
+                    let (mut n, mut failed) = (0usize, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        match fs::File::open(&p) {
+                            Ok(_) => n += 1,
+                            Err(e) => failed.push(e.to_string()),
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (n, failed)
+                })
+            };
+            let mut i = 0;
+            while i < 5000 || (done.load(Ordering::Relaxed) < 1000 && i < 200_000) {
+                i += 1;
+                std::os::unix::fs::symlink("target", root.join(".lnk")).unwrap();
+                fs::rename(root.join(".lnk"), root.join("flip")).unwrap();
+                fs::write(root.join(".reg"), "r").unwrap();
+                fs::rename(root.join(".reg"), root.join("flip")).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        assert!(opens >= 1000, "{what}: file/symlink: only {opens} opens");
+        assert!(
+            failures.len() <= 1 + (opens + failures.len()) / 10_000,
+            "{what}: file/symlink: {} of {} opens failed: {:?}",
+            failures.len(),
+            opens + failures.len(),
+            &failures[..failures.len().min(5)]
+        );
     }
 }
 
