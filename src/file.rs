@@ -1404,6 +1404,7 @@ impl Union {
         if !ho.writable {
             return Err(Errno::EBADF);
         }
+        crate::protect::check_copy_into(self.prot(&ho.node)?)?;
         let fi = self.read_fd(&hi);
         let fo = ho.fd();
         let mut oi = off_in as i64;

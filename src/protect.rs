@@ -100,6 +100,12 @@ pub fn check_ftruncate(p: u8) -> Result<()> {
     refuse(p & APPEND != 0)
 }
 
+/// copy_file_range(2) into a file: refused by an immutable one, also through a descriptor
+/// opened before the flag was set (the kernel checks the target's flag at every copy).
+pub fn check_copy_into(p: u8) -> Result<()> {
+    refuse(p & IMMUTABLE != 0)
+}
+
 /// Setting both times to now (`touch`): refused by an immutable object only.
 pub fn check_touch(p: u8) -> Result<()> {
     refuse(p & IMMUTABLE != 0)

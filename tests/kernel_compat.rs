@@ -1323,6 +1323,25 @@ fn protection_rows(m: &Mount) -> Vec<(String, String)> {
     row("chattr +i pre", &add_flags(&p("pre"), FS_IMMUTABLE_FL));
     row("ftruncate pre", &io(pre.set_len(1)));
     row("pwrite pre", &io(pre.write_at(b"w", 1)));
+    // copy_file_range checks the target's flag itself, whenever the file was opened.
+    let source = fs::File::open(p("rd")).unwrap();
+    let (mut from, mut to) = (0i64, 0i64);
+    // SAFETY: two open fds and valid offset pointers.
+    let copied = unsafe {
+        libc::copy_file_range(
+            source.as_raw_fd(),
+            &mut from,
+            pre.as_raw_fd(),
+            &mut to,
+            1,
+            0,
+        )
+    };
+    let copied = match copied {
+        -1 => Err(std::io::Error::last_os_error().raw_os_error()),
+        n => Ok(n),
+    };
+    row("copy_file_range into pre", &copied);
     row("read pre", &read("pre"));
     row(
         "open pre for writing",
