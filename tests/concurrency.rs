@@ -16,7 +16,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
@@ -1042,6 +1042,26 @@ fn signalled_callers_get_their_copy_ups() {
     );
 }
 
+/// A thread opening `p` again and again until `stop`, counting each attempt in `done`; it
+/// returns the opens that succeeded and the errors of the others.
+fn open_until(
+    p: PathBuf,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> thread::JoinHandle<(usize, Vec<String>)> {
+    thread::spawn(move || {
+        let (mut n, mut failed) = (0usize, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            match fs::File::open(&p) {
+                Ok(_) => n += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        (n, failed)
+    })
+}
+
 /// A file replaced atomically (written beside, renamed over) and a symlink swapped the same
 /// way (`ln -sfn` then rename: a deploy's `current`), while other threads open them by path:
 /// every open reaches the old object or the new one, as on ext4 and kernel overlayfs. Opens
@@ -1124,20 +1144,7 @@ fn opens_during_atomic_replaces_never_fail() {
         let (opens, failures) = guarded(&what, &m, move || {
             let stop = Arc::new(AtomicBool::new(false));
             let done = Arc::new(AtomicUsize::new(0));
-            let reader = {
-                let (p, stop, done) = (root.join("x"), stop.clone(), done.clone());
-                thread::spawn(move || {
-                    let (mut n, mut failed) = (0usize, Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
-                        match fs::File::open(&p) {
-                            Ok(_) => n += 1,
-                            Err(e) => failed.push(e.to_string()),
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    (n, failed)
-                })
-            };
+            let reader = open_until(root.join("x"), stop.clone(), done.clone());
             let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
             let (x, y) = (c(&root.join("x")), c(&root.join("y")));
             let mut i = 0;
@@ -1181,20 +1188,7 @@ fn opens_during_atomic_replaces_never_fail() {
         let (opens, failures) = guarded(&what, &m, move || {
             let stop = Arc::new(AtomicBool::new(false));
             let done = Arc::new(AtomicUsize::new(0));
-            let reader = {
-                let (p, stop, done) = (root.join("flip"), stop.clone(), done.clone());
-                thread::spawn(move || {
-                    let (mut n, mut failed) = (0usize, Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
-                        match fs::File::open(&p) {
-                            Ok(_) => n += 1,
-                            Err(e) => failed.push(e.to_string()),
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    (n, failed)
-                })
-            };
+            let reader = open_until(root.join("flip"), stop.clone(), done.clone());
             let mut i = 0;
             while i < 5000 || (done.load(Ordering::Relaxed) < 1000 && i < 200_000) {
                 i += 1;
