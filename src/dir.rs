@@ -943,6 +943,9 @@ impl Union {
     /// made the next request for the file ask for them at once, in that window), and the
     /// first, of the removed name, takes its directory's lock, which the removal holds until
     /// the kernel has dropped the count: the rest come after that.
+    ///
+    /// A file with no other name (held) only has its attributes dropped, at once: no link
+    /// can reach it.
     pub(crate) fn after_name_removed(&self, node: &Node, parent: &Node, name: &OsStr) {
         let others: Vec<(u64, std::ffi::OsString)> = node
             .state()
@@ -951,6 +954,10 @@ impl Union {
             .take(16)
             .map(|l| (l.parent.ino, l.name.to_os_string()))
             .collect();
+        if others.is_empty() {
+            self.invalidate_attrs(node.ino);
+            return;
+        }
         self.invalidate_entry(parent.ino, name);
         self.invalidate_attrs_later(node.ino);
         for (dir, other) in others {
