@@ -237,6 +237,9 @@ impl Union {
 
     /// The attributes the merged view reports for `node` whose object has stat `st`.
     pub fn attr(&self, node: &Node, st: &Stat) -> Result<FileAttr> {
+        if node.extra_if_made().is_some_and(|e| e.link_drop_pending()) {
+            self.invalidate_attrs(node.ino);
+        }
         // Owner bits granted for a moment (`grant`): the view shows the mode from before.
         let mut shown = *st;
         if let Some(mode) = node.shown_mode() {

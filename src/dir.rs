@@ -867,6 +867,9 @@ impl Union {
         let dir = self.dir_fd(parent, Loc::Upper)?;
         let work = self.layers.work()?;
         let held = self.hold_object(node, (in_upper && !is_dir).then_some(st), false);
+        if !is_dir && node.state().links.len() > 1 {
+            node.extra().mark_link_drop();
+        }
         self.tree_change(|| -> Result<()> {
             if !in_upper {
                 self.make_whiteout(dir.as_fd(), &cname)?;
@@ -927,42 +930,9 @@ impl Union {
             // a lower object leaves that object's count as it was, so have it asked (kernel
             // overlayfs shows a deleted lower file with its lower link count), as an object
             // with other links does (it can change through them: see `Fs::attr_ttl`).
-            self.after_name_removed(node, parent, name);
+            self.invalidate_attrs(node.ino);
         }
         Ok(())
-    }
-
-    /// After a name of a file went, while the file has other names or is held: has the
-    /// kernel ask for its attributes, and look its other names up again. The kernel drops its
-    /// cached link count by one once the removal's reply is in; attributes the daemon sent for
-    /// a request served meanwhile (after the removal, so with the lower count) may land just
-    /// before that, and the count then reaches 0: the kernel refuses to link a file whose
-    /// count is 0 (ENOENT, without asking the daemon), and only attributes it asks for set
-    /// the count again (the next lookup of one of the other names). So these invalidations
-    /// are queued (see `notify`), not sent before the reply (dropping the attributes then
-    /// made the next request for the file ask for them at once, in that window), and the
-    /// first, of the removed name, takes its directory's lock, which the removal holds until
-    /// the kernel has dropped the count: the rest come after that.
-    ///
-    /// A file with no other name (held) only has its attributes dropped, at once: no link
-    /// can reach it.
-    pub(crate) fn after_name_removed(&self, node: &Node, parent: &Node, name: &OsStr) {
-        let others: Vec<(u64, std::ffi::OsString)> = node
-            .state()
-            .links
-            .iter()
-            .take(16)
-            .map(|l| (l.parent.ino, l.name.to_os_string()))
-            .collect();
-        if others.is_empty() {
-            self.invalidate_attrs(node.ino);
-            return;
-        }
-        self.invalidate_entry(parent.ino, name);
-        self.invalidate_attrs_later(node.ino);
-        for (dir, other) in others {
-            self.invalidate_entry(dir, &other);
-        }
     }
 
     /// Before a removal that may take `node`'s last name: what to keep of the object it
@@ -1184,6 +1154,11 @@ impl Union {
             };
             self.hold_object(d, upper_st.as_ref(), true)
         });
+        if let Some(d) = dst.filter(|d| !exchange && !d.is_dir())
+            && d.state().links.len() > 1
+        {
+            d.extra().mark_link_drop();
+        }
 
         // A directory moved into a merged directory is made opaque, as kernel overlayfs
         // does, so nothing a lower layer has (or gets) under that name merges into it.
@@ -1311,7 +1286,7 @@ impl Union {
             && !d.is_dir()
             && (!d.state().is_unlinked() || d.held().is_some())
         {
-            self.after_name_removed(d, newparent, newname);
+            self.invalidate_attrs(d.ino);
         }
         Ok(())
     }

@@ -198,6 +198,45 @@ pub struct Extra {
     /// while writes through the kernel's cache are refused (see `Union::cached_write_refusal`);
     /// 0 if none.
     write_error: AtomicI32,
+    /// Until when (`clock_ms`) a name of this file was being removed while it has others (see
+    /// `Extra::mark_link_drop`); 0 if never.
+    link_drop_until: AtomicU64,
+}
+
+/// Milliseconds since the daemon's first call (a monotonic clock for `Extra` deadlines).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
+/// How long after a name of a file with other names is removed its attributes are sent as
+/// stale to the kernel (see `Extra::mark_link_drop`).
+const LINK_DROP_GRACE_MS: u64 = 200;
+
+impl Extra {
+    /// A name of this file (it has others) is being removed. The kernel drops its cached link
+    /// count by one once the removal's reply is in; attributes sent for a request served
+    /// meanwhile, computed after the removal, may land just before that, and the count then
+    /// reaches 0, after which the kernel refuses every link of the file (ENOENT, without
+    /// asking the daemon) until it asks for the attributes again. Attributes sent for the
+    /// file until a while after this are preceded by an invalidation of its attributes (see
+    /// `Union::attr`), which makes the kernel take them for stale ones (the invalidation moves
+    /// the inode's attribute version past the request's): it keeps its own count, and drops
+    /// that by one.
+    pub fn mark_link_drop(&self) {
+        self.link_drop_until
+            .store(clock_ms() + LINK_DROP_GRACE_MS, Ordering::SeqCst);
+    }
+
+    /// Whether a removal marked by `mark_link_drop` is recent.
+    pub fn link_drop_pending(&self) -> bool {
+        let until = self.link_drop_until.load(Ordering::SeqCst);
+        until != 0 && clock_ms() < until
+    }
 }
 
 /// `Extra::held`.
@@ -292,6 +331,7 @@ impl Node {
                 held: Mutex::new(None),
                 shown_mode: AtomicU32::new(0),
                 write_error: AtomicI32::new(0),
+                link_drop_until: AtomicU64::new(0),
             })
         })
     }

@@ -11,7 +11,6 @@ use crate::fuse::Notifier;
 
 enum Msg {
     Entry(u64, OsString),
-    Attrs(u64),
     Inode(u64),
     Pages(u64, i64, i64),
 }
@@ -33,7 +32,6 @@ impl Invalidator {
                     // failures only mean the kernel keeps a cache entry until it times out.
                     let res = match &msg {
                         Msg::Entry(parent, name) => notifier.inval_entry(*parent, name),
-                        Msg::Attrs(ino) => notifier.inval_inode(*ino, -1, 0),
                         Msg::Inode(ino) => notifier.inval_inode(*ino, 0, 0),
                         Msg::Pages(ino, off, len) => notifier.inval_inode(*ino, *off, *len),
                     };
@@ -56,12 +54,6 @@ impl Invalidator {
 
     pub fn entry(&self, parent: u64, name: &std::ffi::OsStr) {
         let _ = self.tx.send(Msg::Entry(parent, name.to_owned()));
-    }
-
-    /// Drops the kernel's cached attributes of an inode, in turn with the other queued
-    /// invalidations.
-    pub fn attrs(&self, ino: u64) {
-        let _ = self.tx.send(Msg::Attrs(ino));
     }
 
     pub fn inode(&self, ino: u64) {

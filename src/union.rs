@@ -312,13 +312,6 @@ impl Union {
         }
     }
 
-    /// Queues the invalidation of the kernel's cached attributes of `ino` (see `notify`).
-    pub fn invalidate_attrs_later(&self, ino: u64) {
-        if let Some(inv) = self.invalidator.get() {
-            inv.attrs(ino);
-        }
-    }
-
     /// The kernel's cached attributes of `ino` are wrong now (a copy-up changed them).
     pub fn invalidate_attrs(&self, ino: u64) {
         if let Some(inv) = self.invalidator.get() {

@@ -1216,8 +1216,9 @@ fn opens_during_atomic_replaces_never_fail() {
 /// ext4 and kernel overlayfs. The kernel drops its cached link count by one when an unlink's
 /// reply is in; attributes sent for a request served meanwhile could land just before that,
 /// and the count reached 0: from then on the kernel refused every link of the file with
-/// ENOENT without asking the daemon (all but the first few of thousands failed). A rare link
-/// may still fail before the other names are looked up again; never for long. Both paths.
+/// ENOENT without asking the daemon (all but the first few of thousands failed). The daemon
+/// now has the kernel take such attributes for stale ones; the bound leaves room for a reply
+/// that lands later than it allows for. Both paths.
 #[test]
 fn links_of_a_file_whose_other_name_is_opened_keep_succeeding() {
     for extra in [&[][..], &["--passthrough", "off"][..]] {
