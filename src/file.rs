@@ -27,24 +27,38 @@ pub enum IoMode {
     Direct,
 }
 
-/// The backing ids of the nodes that have passthrough opens, shared by those opens: the
-/// kernel passes every open of an inode through to one file. An entry lives while anything
-/// holds its backing id, so nodes that were opened once keep nothing.
-/// (Generic over the id for tests: a real one needs the kernel.)
+/// What the opens of a node share, by node serial, with the real object it is of: the
+/// passthrough backing id (`Backings`: the kernel passes every open of an inode through to
+/// one file) and the daemon's read-only fd (`FdShares`, see `Union::open_shared`). An entry
+/// lives while anything holds its value, so nodes that were opened once keep nothing.
+/// (Generic over the value, also for tests: a real backing id needs the kernel.)
 pub struct Backings<B = crate::fuse::BackingId> {
     by_serial: ShardedMap<Backing<B>>,
 }
 
-/// The real object a node's passthrough opens read from, and their shared backing id.
+/// The real object a node's opens reach, and what they share of it.
 type Backing<B> = (RealId, Weak<SharedBacking<B>>);
 
-/// A backing id shared by the passthrough opens of one node. Whoever drops the last hold on
-/// it (the last open's release, or a reply still being sent) takes its entry out of the table.
+/// A value shared by the opens of one node. Whoever drops the last hold on it (the last
+/// open's release, or a reply still being sent) takes its entry out of the table.
 pub struct SharedBacking<B = crate::fuse::BackingId> {
-    pub id: B,
+    pub value: B,
     serial: u64,
     table: Arc<Backings<B>>,
 }
+
+/// A node's file opened once for all its read-only opens that share it while any is open:
+/// every process that maps a library or runs a program holds an open of it for as long, and
+/// without sharing each of them would hold a descriptor of the daemon. Shared: lower files,
+/// and the upper files the kernel opens to run (no one can fsync through those). Every other
+/// open of an upper file has a descriptor of its own, as kernel overlayfs gives each open its
+/// own file of the upper, so that each reports the write errors since its open at `fsync` (a
+/// shared descriptor would report an error to one of them, and to later opens that should
+/// not see it).
+pub type SharedFd = SharedBacking<Arc<OwnedFd>>;
+
+/// The shared read-only fds of the nodes (see `SharedFd`).
+pub type FdShares = Backings<Arc<OwnedFd>>;
 
 impl<B> Drop for SharedBacking<B> {
     fn drop(&mut self) {
@@ -66,8 +80,33 @@ impl<B> Backings<B> {
         self.by_serial.shard(serial)
     }
 
-    /// Drops the node's entry if nothing holds its backing id any more. Never called with the
-    /// shard held: `backing_for` lets go of it before a hold it took can be dropped.
+    /// The node's live shared value if it is of the object `id`.
+    fn get(&self, serial: u64, id: RealId) -> Option<Arc<SharedBacking<B>>> {
+        let shard = self.shard(serial);
+        let (of, weak) = shard.get(&serial)?;
+        if *of == id { weak.upgrade() } else { None }
+    }
+
+    /// Makes `value` (of the object `id`) the node's shared value in `shard`, the node's shard
+    /// of this table, held by the caller (the holders of an earlier one keep it).
+    fn insert(
+        self: &Arc<Self>,
+        shard: &mut HashMap<u64, Backing<B>>,
+        serial: u64,
+        id: RealId,
+        value: B,
+    ) -> Arc<SharedBacking<B>> {
+        let shared = Arc::new(SharedBacking {
+            value,
+            serial,
+            table: self.clone(),
+        });
+        shard.insert(serial, (id, Arc::downgrade(&shared)));
+        shared
+    }
+
+    /// Drops the node's entry if nothing holds its value any more. Never called with the
+    /// shard held: `backing_for` and `get` let go of it before a hold they took can be dropped.
     fn release(&self, serial: u64) {
         let mut shard = self.shard(serial);
         if shard
@@ -200,92 +239,10 @@ impl<V> ShardedMap<V> {
     }
 }
 
-/// A node's file opened once for all its read-only opens that share it while any is open
-/// (see `Union::open_shared`): every process that maps a library or runs a program holds an
-/// open of it for as long, and without sharing each of them would hold a descriptor of the
-/// daemon. Shared: lower files, and the upper files the kernel opens to run (no one can
-/// fsync through those). Every other open of an upper file has a descriptor of its own, as
-/// kernel overlayfs gives each open its own file of the upper, so that each reports the write
-/// errors since its open at `fsync` (a shared descriptor would report an error to one of
-/// them, and to later opens that should not see it).
-pub struct SharedFd {
-    fd: Arc<OwnedFd>,
-    serial: u64,
-    table: Arc<FdShares>,
-}
-
-impl Drop for SharedFd {
-    fn drop(&mut self) {
-        self.table.forget(self.serial);
-    }
-}
-
-/// The shared fds of the nodes, by node serial, with the node's `data_gen` when each was
-/// opened and whether it is of the upper file.
-#[derive(Default)]
-pub struct FdShares {
-    by_serial: ShardedMap<(u64, bool, Weak<SharedFd>)>,
-}
-
-impl FdShares {
-    /// The live shared fd of node `serial` opened at data generation `generation`, of the
-    /// upper file or of the lower one.
-    fn get(&self, serial: u64, generation: u64, upper: bool) -> Option<Arc<SharedFd>> {
-        let shard = self.by_serial.shard(serial);
-        let (g, u, share) = shard.get(&serial)?;
-        if (*g, *u) == (generation, upper) {
-            share.upgrade()
-        } else {
-            None
-        }
-    }
-
-    /// Makes `fd` the shared fd of node `serial` at `generation` (the holders of an earlier
-    /// one keep it).
-    fn offer(
-        self: &Arc<Self>,
-        serial: u64,
-        generation: u64,
-        upper: bool,
-        fd: Arc<OwnedFd>,
-    ) -> Arc<SharedFd> {
-        let share = Arc::new(SharedFd {
-            fd,
-            serial,
-            table: self.clone(),
-        });
-        self.by_serial
-            .shard(serial)
-            .insert(serial, (generation, upper, Arc::downgrade(&share)));
-        share
-    }
-
-    /// Drops the node's entry if nothing holds its fd any more. Never called with the shard
-    /// held: `get` lets go of it before a hold it took can be dropped.
-    fn forget(&self, serial: u64) {
-        let mut shard = self.by_serial.shard(serial);
-        if shard
-            .get(&serial)
-            .is_some_and(|(_, _, share)| share.strong_count() == 0)
-        {
-            shard.remove(&serial);
-        }
-    }
-
-    #[cfg(test)]
-    fn entries(&self) -> usize {
-        self.by_serial
-            .shards
-            .iter()
-            .map(|s| s.lock().unwrap().len())
-            .sum()
-    }
-}
-
 #[derive(Default)]
 pub struct Handles {
     files: ShardedMap<Arc<FileHandle>>,
-    /// The lower fds shared by read-only opens (see `SharedFd`).
+    /// The fds shared by read-only opens (see `SharedFd`).
     shares: Arc<FdShares>,
     /// Node number -> the handle number of its latest writable open, while that is open.
     writers: ShardedMap<u64>,
@@ -567,7 +524,7 @@ impl Union {
         if trunc && node.exec_opens() > 0 {
             return Err(Errno::ETXTBSY);
         }
-        let fd = if writable || trunc {
+        let (fd, share) = if writable || trunc {
             if self.layers.read_only() {
                 return Err(Errno::EROFS);
             }
@@ -592,7 +549,7 @@ impl Union {
             self.copy_up_with(node, if trunc { Data::Nothing } else { Data::All })?;
             generation = node.data_gen();
             let real = self.upper_flags(flags);
-            if append_only {
+            let fd = if append_only {
                 self.open_upper(node, real)?
             } else if self.writeback_active() && acc == libc::O_WRONLY {
                 // With writeback caching the kernel reads back pages that a write covers
@@ -615,36 +572,27 @@ impl Union {
                     }
                     r => r?,
                 }
-            }
+            };
+            (Arc::new(fd), None)
         } else if let Some(h) = self.split_file(node) {
             // A split node's files pass through to the lower file, and the kernel takes no
             // other kind of open on it while they last: a new read-only one (through
             // /proc/PID/fd) shares it, and the daemon's fd of it.
-            let fd = h.fd();
-            return self.add_handle_at(node, fd, None, generation, flags, false, make_backing);
-        } else if self.top_loc(node) == Loc::Upper && flags & FMODE_EXEC == 0 {
-            self.open_upper(node, self.upper_flags(flags))?
+            (h.fd(), None)
+        } else if let upper = self.top_loc(node) == Loc::Upper
+            && (!upper || flags & FMODE_EXEC != 0)
+        {
+            let share = self.open_shared(node, upper, flags)?;
+            (share.value.clone(), Some(share))
         } else {
-            let upper = self.top_loc(node) == Loc::Upper;
-            let share = self.open_shared(node, upper, flags, generation)?;
-            let fd = share.fd.clone();
-            return self.add_handle_at(
-                node,
-                fd,
-                Some(share),
-                generation,
-                flags,
-                false,
-                make_backing,
-            );
-        };
-        if !writable && !trunc {
+            let fd = self.open_upper(node, self.upper_flags(flags))?;
             crate::whiteout::refuse_metacopy(fd.as_fd(), c"", self.layers.format)?;
-        }
+            (Arc::new(fd), None)
+        };
         self.add_handle_at(
             node,
-            Arc::new(fd),
-            None,
+            fd,
+            share,
             generation,
             flags,
             append_only,
@@ -652,18 +600,20 @@ impl Union {
         )
     }
 
-    /// The node's file for a read-only open that shares it (see `SharedFd`), its upper file
-    /// or its lower one, as of `generation` (its `data_gen`, read before its layer was
-    /// chosen): the fd the node's other such opens share, else a new one, shared from now on.
-    fn open_shared(
-        &self,
-        node: &Node,
-        upper: bool,
-        flags: i32,
-        generation: u64,
-    ) -> Result<Arc<SharedFd>> {
+    /// The node's upper or top lower file for a read-only open that shares it (see
+    /// `SharedFd`): the fd the node's other such opens share, else a new one, shared from now
+    /// on. Keyed by the object, so the opens of the lower file and those of its copy share
+    /// nothing.
+    fn open_shared(&self, node: &Node, upper: bool, flags: i32) -> Result<Arc<SharedFd>> {
+        let id = {
+            let st = node.state();
+            match upper {
+                true => st.upper,
+                false => st.lowers.first().map(|(_, id)| *id),
+            }
+        };
         let shares = &self.handles.shares;
-        if let Some(share) = shares.get(node.serial, generation, upper) {
+        if let Some(share) = id.and_then(|id| shares.get(node.serial, id)) {
             return Ok(share);
         }
         let fd = match upper {
@@ -671,7 +621,14 @@ impl Union {
             false => self.open_lower_data(node)?,
         };
         crate::whiteout::refuse_metacopy(fd.as_fd(), c"", self.layers.format)?;
-        Ok(shares.offer(node.serial, generation, upper, Arc::new(fd)))
+        // The node's object in that layer is what was opened (lower layers do not change; the
+        // upper object is the node's own).
+        let id = match id {
+            Some(id) => id,
+            None => RealId::of(&sys::fstat(fd.as_fd())?),
+        };
+        let mut shard = shares.shard(node.serial);
+        Ok(shares.insert(&mut shard, node.serial, id, Arc::new(fd)))
     }
 
     /// Opens the node's upper object with `flags`, dropping an O_NOATIME the daemon may not
@@ -856,12 +813,7 @@ impl Union {
             }
             Choice::New => match self.backing_file(fd, upper == Some(id), make_backing) {
                 Ok(b) => {
-                    let b = Arc::new(SharedBacking {
-                        id: b,
-                        serial: node.serial,
-                        table: self.backings.clone(),
-                    });
-                    backings.insert(node.serial, (id, Arc::downgrade(&b)));
+                    let b = self.backings.insert(&mut backings, node.serial, id, b);
                     Ok(Some(IoMode::Passthrough(b)))
                 }
                 Err(e) => {
@@ -1422,29 +1374,21 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     #[test]
-    fn a_shared_fd_matches_its_generation_and_leaves_with_its_last_holder() {
-        let table = Arc::new(FdShares::default());
-        let fd = || Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        let a = table.offer(7, 1, false, fd());
-        let got = table.get(7, 1, false).unwrap();
+    fn a_shared_value_is_found_for_its_object_and_leaves_with_its_last_holder() {
+        let table: Arc<Backings<u32>> = Arc::default();
+        let (lower, upper) = (RealId { dev: 1, ino: 10 }, RealId { dev: 1, ino: 20 });
+        let a = table.insert(&mut table.shard(7), 7, lower, 1);
+        let got = table.get(7, lower).unwrap();
         assert!(Arc::ptr_eq(&got, &a));
-        // Another generation (a copy-up since), the other layer, another node: nothing.
-        assert!(table.get(7, 1, true).is_none());
-        assert!(table.get(7, 2, false).is_none());
-        assert!(table.get(8, 1, false).is_none());
+        // Another object (the copy a copy-up made since), another node: nothing.
+        assert!(table.get(7, upper).is_none());
+        assert!(table.get(8, lower).is_none());
         // The entry stays while a holder is left, and goes with the last one.
         drop(a);
-        assert!(table.get(7, 1, false).is_some());
+        assert!(table.get(7, lower).is_some());
         drop(got);
-        assert!(table.get(7, 1, false).is_none());
-        assert_eq!(table.entries(), 0);
-        // A newer fd replaces the entry; the end of the older one leaves it.
-        let old = table.offer(7, 1, false, fd());
-        let new = table.offer(7, 2, false, fd());
-        drop(old);
-        assert!(Arc::ptr_eq(&table.get(7, 2, false).unwrap(), &new));
-        drop(new);
-        assert_eq!(table.entries(), 0);
+        assert!(table.get(7, lower).is_none());
+        assert!(table.shard(7).is_empty());
     }
 
     #[test]
@@ -1478,7 +1422,7 @@ mod tests {
         let table: Arc<Backings<u32>> = Arc::default();
         let shared = |serial, id| {
             Arc::new(SharedBacking {
-                id,
+                value: id,
                 serial,
                 table: table.clone(),
             })
@@ -1487,7 +1431,7 @@ mod tests {
         let first = shared(5, 7);
         table.shard(5).insert(5, (real, Arc::downgrade(&first)));
         let second = table.shard(5)[&5].1.upgrade().expect("shared while held");
-        assert_eq!(second.id, 7);
+        assert_eq!(second.value, 7);
         drop(first);
         assert!(table.shard(5).contains_key(&5), "still held");
         // Another node's id going leaves the entry alone.

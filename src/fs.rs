@@ -534,7 +534,9 @@ impl UnionFs {
             Ok(opened)
         });
         let send = move || match res {
-            Ok((fh, IoMode::Passthrough(b))) => reply.opened(fh, FopenFlags::empty(), Some(&b.id)),
+            Ok((fh, IoMode::Passthrough(b))) => {
+                reply.opened(fh, FopenFlags::empty(), Some(&b.value))
+            }
             Ok((fh, IoMode::Direct)) => reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO, None),
             Ok((fh, IoMode::Cached)) => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE, None),
             Err(e) => reply.error(log_unexpected("open", e)),
@@ -758,7 +760,7 @@ impl UnionFs {
         match res {
             Ok((attr, generation, fh, IoMode::Passthrough(b))) => {
                 let flags = FopenFlags::empty();
-                reply.created(&entry, &ttl, &attr, generation, fh, flags, Some(&b.id))
+                reply.created(&entry, &ttl, &attr, generation, fh, flags, Some(&b.value))
             }
             Ok((attr, generation, fh, io)) => {
                 let flags = match io {
