@@ -1042,6 +1042,16 @@ fn signalled_callers_get_their_copy_ups() {
     );
 }
 
+/// Sets its flag when dropped: a thread that runs until the flag is set ends also when the
+/// test fails before setting it.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A thread opening `p` again and again until `stop`, counting each attempt in `done`; it
 /// returns the opens that succeeded and the errors of the others.
 fn open_until(
@@ -1143,6 +1153,7 @@ fn opens_during_atomic_replaces_never_fail() {
         let root = m.merged.clone();
         let (opens, failures) = guarded(&what, &m, move || {
             let stop = Arc::new(AtomicBool::new(false));
+            let _ends = SetOnDrop(stop.clone());
             let done = Arc::new(AtomicUsize::new(0));
             let reader = open_until(root.join("x"), stop.clone(), done.clone());
             let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
@@ -1187,6 +1198,7 @@ fn opens_during_atomic_replaces_never_fail() {
         let root = m.merged.clone();
         let (opens, failures) = guarded(&what, &m, move || {
             let stop = Arc::new(AtomicBool::new(false));
+            let _ends = SetOnDrop(stop.clone());
             let done = Arc::new(AtomicUsize::new(0));
             let reader = open_until(root.join("flip"), stop.clone(), done.clone());
             let mut i = 0;
@@ -1229,6 +1241,7 @@ fn links_of_a_file_whose_other_name_is_opened_keep_succeeding() {
         let what = format!("link storm {extra:?}");
         let (links, failed) = guarded(&what, &m, move || {
             let stop = Arc::new(AtomicBool::new(false));
+            let _ends = SetOnDrop(stop.clone());
             let opener = {
                 let (p, stop) = (root.join("lock"), stop.clone());
                 thread::spawn(move || {

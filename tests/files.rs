@@ -1836,14 +1836,7 @@ fn truncating_open_of_running_program_keeps_its_data() {
             r => break r.unwrap(),
         }
     };
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(child);
+    let _guard = KillOnDrop(child);
     for flags in [
         libc::O_RDONLY | libc::O_TRUNC,
         libc::O_WRONLY,

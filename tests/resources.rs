@@ -706,21 +706,12 @@ fn read_only_opens_of_a_lower_file_and_runs_of_a_program_share_a_descriptor() {
         let mut running = Vec::new();
         for n in 0..300 {
             match std::process::Command::new(&prog).arg("30").spawn() {
-                Ok(c) => running.push(c),
-                Err(e) => {
-                    for mut c in running {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                    }
-                    panic!("{extra:?}: run #{n} of {}: {e}", prog.display());
-                }
+                Ok(c) => running.push(KillOnDrop(c)),
+                Err(e) => panic!("{extra:?}: run #{n} of {}: {e}", prog.display()),
             }
         }
         let (during, _) = measure(pid);
-        for mut c in running {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        drop(running);
         assert!(
             during <= before + 8,
             "{extra:?}: the daemon holds {during} fds with 300 runs of one program, {before} before"

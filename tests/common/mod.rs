@@ -1576,6 +1576,16 @@ pub fn assert_no_daemons(root: &Path, when: &str) {
     );
 }
 
+/// A child process killed (and reaped) when the guard drops, also when a test fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Kills, on drop, any daemon this test started that is still running (a failed test inside a
 /// namespace must not leave one behind). Declare it after the `Layers` so it runs first.
 pub struct Reaper(pub PathBuf);
