@@ -201,6 +201,9 @@ pub struct Extra {
     /// Until when (`clock_ms`) a name of this file was being removed while it has others (see
     /// `Extra::mark_link_drop`); 0 if never.
     link_drop_until: AtomicU64,
+    /// The table's count of removals (`Table::departures`) when the object's last name went
+    /// and its identities left the node; 0 while it has a name.
+    departed_at: AtomicU64,
 }
 
 /// Milliseconds since the daemon's first call (a monotonic clock for `Extra` deadlines).
@@ -332,6 +335,7 @@ impl Node {
                 shown_mode: AtomicU32::new(0),
                 write_error: AtomicI32::new(0),
                 link_drop_until: AtomicU64::new(0),
+                departed_at: AtomicU64::new(0),
             })
         })
     }
@@ -633,6 +637,9 @@ pub struct Table {
     live: AtomicUsize,
     /// Bumped each time listings already sent may show numbers that changed.
     listing_gen: AtomicU64,
+    /// Objects whose last name went so far (`forget_ids`); a listing records the count it
+    /// was built at (see `ino_for_listed`).
+    departures: AtomicU64,
     /// The thread that trims the table, woken as soon as it holds more than the bound
     /// (a fast walk adds tens of thousands of nodes between two of its ticks).
     trimmer: OnceLock<Trimmer>,
@@ -679,6 +686,7 @@ impl Table {
             dead_dirs: Mutex::new(Vec::new()),
             live: AtomicUsize::new(1),
             listing_gen: AtomicU64::new(0),
+            departures: AtomicU64::new(0),
             trimmer: OnceLock::new(),
             trim_asked: AtomicBool::new(false),
         };
@@ -856,6 +864,31 @@ impl Table {
         }
         let mut shard = lock(self.id_shard(&id));
         self.ino_for_locked(&mut shard, id)
+    }
+
+    /// The count of objects removed so far, which a listing records when it is built (see
+    /// `ino_for_listed`).
+    pub fn departures(&self) -> u64 {
+        self.departures.load(Ordering::SeqCst)
+    }
+
+    /// The number to list for `id` in a listing built when `departures` was `built`. An
+    /// entry whose object was removed since keeps the number the object had: the node made
+    /// for `id` at its derived number, which lost its identities when the last name went,
+    /// is still in the table while the kernel holds it, and `ino_for` would give the entry a
+    /// new number (and keep that for whatever object reuses the real inode). Only a listing
+    /// built before the removal can show that object under `id`; one built after it shows a
+    /// new object reusing the real inode, which gets a number of its own (`ino_for`).
+    pub fn ino_for_listed(&self, id: RealId, built: u64) -> Ino {
+        if self.departures.load(Ordering::SeqCst) > built
+            && let Some(ino) = self.derived(id)
+            && let Some(n) = self.get(ino)
+            && n.extra_if_made()
+                .is_some_and(|e| e.departed_at.load(Ordering::SeqCst) > built)
+        {
+            return ino;
+        }
+        self.ino_for(id)
     }
 
     /// `id`'s derived number if it is free or its node holds `id` (with that node), else
@@ -1073,6 +1106,11 @@ impl Table {
     /// ones stay: a lower object may have other names. A node that merely leaves the table
     /// keeps every remembered number: its object's next node takes it again.)
     pub fn forget_ids(&self, node: &Node, removed: bool) {
+        if removed {
+            // Before the identities go: a listing reading them afterwards sees the mark.
+            let n = self.departures.fetch_add(1, Ordering::SeqCst) + 1;
+            node.extra().departed_at.store(n, Ordering::SeqCst);
+        }
         let (ids, upper) = {
             let mut st = node.state();
             (std::mem::take(&mut st.ids), st.upper)

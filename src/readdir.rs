@@ -4,7 +4,7 @@
 //! with whiteouts, the names they hide and the layer formats' private names removed. Types come
 //! from the layers' `d_type`; only character devices (whiteout or not), `.wh.` names and
 //! unknown types cost a stat. `d_ino` is the number lookup would give, asked of the table when
-//! the entry is sent.
+//! the entry is sent; an object removed since the listing was read keeps the number it had.
 //!
 //! Listings are kept in a bounded cache shared by readdir, the link count of merged
 //! directories and rmdir's emptiness check; every change to a directory bumps its version and
@@ -47,6 +47,9 @@ pub struct Entry {
 pub struct Listing {
     pub entries: Vec<Entry>,
     pub subdirs: u64,
+    /// `Table::departures` when the layers were read: entries whose object was removed
+    /// since keep its number (`Table::ino_for_listed`).
+    pub built: u64,
 }
 
 /// Cached listings, bounded by their total number of entries.
@@ -219,11 +222,16 @@ impl Union {
         if let Some(l) = self.listings.get(dir.serial, version) {
             return Ok(l);
         }
+        let built = self.table.departures();
         let mut entries = self.merged_entries(dir)?;
         log::debug!("listing of {} built: {} entries", dir.ino, entries.len());
         order_by_offset(&mut entries);
         let subdirs = entries.iter().filter(|e| e.dtype == libc::DT_DIR).count() as u64;
-        let l = Arc::new(Listing { entries, subdirs });
+        let l = Arc::new(Listing {
+            entries,
+            subdirs,
+            built,
+        });
         // Cached only if the directory did not change while it was read.
         if dir.extra().version.load(Ordering::SeqCst) == version {
             self.listings.put(dir.serial, version, l.clone());
@@ -557,7 +565,7 @@ impl Union {
             if add(DirEntry {
                 name: e.name.as_os_str(),
                 dtype: e.dtype,
-                ino: self.table.ino_for(e.id),
+                ino: self.table.ino_for_listed(e.id, listing.built),
                 next: e.pos + 1,
             }) {
                 break;
@@ -578,6 +586,7 @@ mod tests {
             let empty = Listing {
                 entries: Vec::new(),
                 subdirs: 0,
+                built: 0,
             };
             cache.put(serial, 1, Arc::new(empty));
         }

@@ -453,8 +453,13 @@ fn ls_l_of_a_large_directory_looks_up_no_names() {
 
 /// Names in one getdents64 call on `fd` (a large buffer: one FUSE reply per call).
 fn getdents_names(fd: &std::fs::File) -> Vec<String> {
+    getdents(fd, 32768).into_iter().map(|(n, _)| n).collect()
+}
+
+/// Names and numbers (`d_ino`) in one getdents64 call on `fd` with a buffer of `size` bytes.
+fn getdents(fd: &std::fs::File, size: usize) -> Vec<(String, u64)> {
     use std::os::fd::AsRawFd;
-    let mut buf = vec![0u8; 32768];
+    let mut buf = vec![0u8; size];
     // SAFETY: a valid directory fd and a buffer of the given length.
     let n = unsafe {
         libc::syscall(
@@ -465,17 +470,120 @@ fn getdents_names(fd: &std::fs::File) -> Vec<String> {
         )
     };
     assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
-    let mut names = Vec::new();
+    let mut out = Vec::new();
     let mut off = 0usize;
     while off < n as usize {
         // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name...
+        let ino = u64::from_ne_bytes(buf[off..off + 8].try_into().unwrap());
         let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
         let name = &buf[off + 19..off + reclen];
         let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-        names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+        out.push((String::from_utf8_lossy(&name[..end]).into_owned(), ino));
         off += reclen;
     }
-    names
+    out
+}
+
+/// A directory stream opened before a name was removed may go on to list it, and then with
+/// the number its object had (fstests generic/637: the stream was continued by the daemon
+/// after the removal, which gave the entry a new number, and kept that number for whatever
+/// file reused the real inode). Both a lower and an upper object, each held open so the
+/// kernel keeps it. With plain listings the daemon lists such names from the listing the
+/// stream read first; kernel overlayfs leaves them out (so it is compared only when it lists
+/// one), and so do listings with attributes (`readdirplus`), which look each name up.
+#[test]
+fn a_stream_opened_before_a_removal_lists_the_removed_object_with_its_number() {
+    const N: usize = 300;
+    let l = Layers::new(1);
+    for i in 0..N {
+        l.lower(0).file(&format!("d/l{i}"), "l");
+    }
+    for (what, opts) in [
+        ("kernel overlayfs", None),
+        ("unionmount", Some(&["-o", "readdirplus=off"][..])),
+        ("unionmount readdirplus=auto", Some(&[][..])),
+    ] {
+        let m = match opts {
+            None => l.mount_kernel("k"),
+            Some(o) => l.mount_with("u", o),
+        };
+        for i in 0..N {
+            m.write(&format!("d/u{i}"), "u");
+        }
+        let read_all = |dir: &fs::File| {
+            let mut all = Vec::new();
+            loop {
+                let batch = getdents(dir, 4096);
+                if batch.is_empty() {
+                    return all;
+                }
+                all.extend(batch);
+            }
+        };
+        // The stream's order, from a stream of its own; a change after it makes the next
+        // open drop what the kernel cached, so that the stream below reads from the daemon.
+        let order = read_all(&fs::File::open(m.path("d")).unwrap());
+        m.write("d/x", "x");
+        fs::remove_file(m.path("d/x")).unwrap();
+        let last = |prefix: char| {
+            order
+                .iter()
+                .rev()
+                .find(|(n, _)| n.starts_with(prefix))
+                .unwrap()
+                .0
+                .clone()
+        };
+        let victims = [last('l'), last('u')];
+
+        let dir = fs::File::open(m.path("d")).unwrap();
+        let first = getdents(&dir, 200);
+        assert!(!first.is_empty(), "{what}: first batch");
+        let mut held = Vec::new();
+        for v in &victims {
+            assert!(
+                !first.iter().any(|(n, _)| n == v),
+                "{what}: {v} comes late in the stream"
+            );
+            let f = fs::File::open(m.path(&format!("d/{v}"))).unwrap();
+            let ino = f.metadata().unwrap().ino();
+            fs::remove_file(m.path(&format!("d/{v}"))).unwrap();
+            held.push((f, ino));
+        }
+        // A new stream after the removal, as the fstests program opens: the kernel's cached
+        // listing is dropped, and the old stream continues with the daemon.
+        let _new = fs::File::open(m.path("d")).unwrap();
+        let rest: BTreeMap<String, u64> = read_all(&dir).into_iter().collect();
+        assert!(rest.len() >= 2 * N - 2 - first.len(), "{what}: the rest");
+        for (v, (_, ino)) in victims.iter().zip(&held) {
+            match rest.get(v) {
+                Some(listed) => assert_eq!(
+                    listed, ino,
+                    "{what}: d_ino of {v}, removed after the stream was opened"
+                ),
+                None => assert_ne!(
+                    what, "unionmount",
+                    "{v}: plain listings list it from the stream's first listing"
+                ),
+            }
+        }
+        // Files made afterwards get numbers of their own, which readdir agrees with.
+        drop(held);
+        for i in 0..20 {
+            m.write(&format!("d/n{i}"), "n");
+        }
+        let now: BTreeMap<String, u64> = read_all(&fs::File::open(m.path("d")).unwrap())
+            .into_iter()
+            .collect();
+        for i in 0..20 {
+            let n = format!("n{i}");
+            assert_eq!(
+                now.get(&n),
+                Some(&ino(&m.path(&format!("d/{n}")))),
+                "{what}: d_ino of the new {n}"
+            );
+        }
+    }
 }
 
 /// `readdirplus=auto` gives a process's first directory a whole first batch, as the kernel's
