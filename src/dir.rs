@@ -914,7 +914,7 @@ impl Union {
             self.table.unlink(node, parent, name);
             if node.state().is_unlinked() {
                 self.table.forget_ids(node, true);
-                node.set_last_parent(parent);
+                node.set_last_parent(parent, name);
                 if let Some(h) = held {
                     node.set_held(h);
                 }
@@ -947,13 +947,16 @@ impl Union {
     /// removed by). Its open files, if any, stand for it meanwhile. A file replaced by a
     /// rename (`replaced`) is held all the same: an atomic replace (written beside, renamed
     /// over) must leave the old file openable by a reader whose path walk reached it just
-    /// before, as on ext4, and such a reader's open arrives after the rename.
+    /// before, as on ext4, and such a reader's open arrives after the rename. So is a file
+    /// the kernel walked to again after an open of its name met a removed file (see
+    /// `lookup::Strikes`): its open must not fail a second time.
     fn hold_object(&self, node: &Node, upper_st: Option<&Stat>, replaced: bool) -> Option<Held> {
         if node.state().links.len() != 1 {
             return None;
         }
         if let Some(st) = upper_st
             && !replaced
+            && !node.holds_if_removed()
             && st.st_nlink <= 1
             && matches!(sys::file_type(st.st_mode), libc::S_IFREG | libc::S_IFLNK)
         {
@@ -1248,7 +1251,7 @@ impl Union {
                     }
                     if d.state().is_unlinked() {
                         self.table.forget_ids(d, true);
-                        d.set_last_parent(newparent);
+                        d.set_last_parent(newparent, newname);
                         if let Some(h) = held {
                             d.set_held(h);
                         }

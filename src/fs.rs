@@ -421,6 +421,10 @@ impl UnionFs {
                 return self.u.lookup(&p, name).and_then(|n| self.entry_of(n, None));
             }
             let (n, st) = self.u.lookup_stat(&p, name)?;
+            if !self.u.looked_up(&p, name, &n) {
+                self.u.table.unpin(&n, 1);
+                return Err(Errno::ENOENT);
+            }
             self.entry_of(n, Some(st))
         });
         if let Ok((n, _)) = &res

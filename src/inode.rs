@@ -204,10 +204,23 @@ pub struct Extra {
     /// The table's count of removals (`Table::departures`) when the object's last name went
     /// and its identities left the node; 0 while it has a name.
     departed_at: AtomicU64,
+    /// A hash of the last name (`name_hash`), once it was deleted (see `last_parent`).
+    last_name: AtomicU64,
+    /// The kernel's second walk to a name whose file went under an open reached this node
+    /// (see `lookup::Strikes`): its removal holds the object, whatever it is.
+    hold_if_removed: AtomicBool,
 }
 
-/// Milliseconds since the daemon's first call (a monotonic clock for `Extra` deadlines).
-fn clock_ms() -> u64 {
+/// A hash of a name, for keys that need not be exact (a collision costs only a little work).
+pub fn name_hash(name: &std::ffi::OsStr) -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: OnceLock<std::hash::RandomState> = OnceLock::new();
+    KEY.get_or_init(std::hash::RandomState::new)
+        .hash_one(name.as_encoded_bytes())
+}
+
+/// Milliseconds since the daemon's first call (a monotonic clock for deadlines).
+pub(crate) fn clock_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START
         .get_or_init(std::time::Instant::now)
@@ -336,6 +349,8 @@ impl Node {
                 write_error: AtomicI32::new(0),
                 link_drop_until: AtomicU64::new(0),
                 departed_at: AtomicU64::new(0),
+                last_name: AtomicU64::new(0),
+                hold_if_removed: AtomicBool::new(false),
             })
         })
     }
@@ -408,9 +423,30 @@ impl Node {
         lock(&self.extra_if_made()?.last_parent).as_ref()?.upgrade()
     }
 
-    /// Records the directory its last name was deleted from.
-    pub fn set_last_parent(&self, dir: &Arc<Node>) {
-        *lock(&self.extra().last_parent) = Some(Arc::downgrade(dir));
+    /// Records the directory its last name was deleted from, and the name.
+    pub fn set_last_parent(&self, dir: &Arc<Node>, name: &std::ffi::OsStr) {
+        let e = self.extra();
+        e.last_name.store(name_hash(name), Ordering::Relaxed);
+        *lock(&e.last_parent) = Some(Arc::downgrade(dir));
+    }
+
+    /// The directory its last name was deleted from, if it is still in the table, and a hash
+    /// of the name (`name_hash`).
+    pub fn last_name(&self) -> Option<(Arc<Node>, u64)> {
+        let e = self.extra_if_made()?;
+        let dir = lock(&e.last_parent).as_ref()?.upgrade()?;
+        Some((dir, e.last_name.load(Ordering::Relaxed)))
+    }
+
+    /// Makes a removal of the node keep its object (see `Extra::hold_if_removed`).
+    pub fn hold_if_removed(&self) {
+        self.extra().hold_if_removed.store(true, Ordering::SeqCst);
+    }
+
+    /// See `hold_if_removed`.
+    pub fn holds_if_removed(&self) -> bool {
+        self.extra_if_made()
+            .is_some_and(|e| e.hold_if_removed.load(Ordering::SeqCst))
     }
 
     /// Records what the node showed when its last name went (see `Extra::held`).

@@ -3,7 +3,8 @@
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::compact::{Few, Name};
 use crate::fdcache::CachedDir;
@@ -107,7 +108,89 @@ pub(crate) fn first_parent(node: &Node) -> Option<Arc<Node>> {
 /// (see `Union::stale_if_removed`).
 const UNLINK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// How long after an open met a removed file (`Strikes`) the kernel's second walk to the
+/// name is expected.
+const STRIKE_MS: u64 = 1000;
+
+/// Names an open reached a removed file through (it got ESTALE, and the kernel walks the path
+/// again, once). The file the second walk finds at such a name may be removed before its
+/// open arrives too, and a second ESTALE reaches the caller (ext4 and kernel overlayfs open
+/// the removed file): two threads creating and opening one name while two others unlink it
+/// met that about once in 200 opens. The node the second walk's LOOKUP finds is marked, so
+/// that its removal holds the object (`Union::hold_object`) and the open succeeds, as on
+/// ext4. Removals hold no other unlinked file (holding costs each unlink an open and a
+/// close), so names nobody races on cost nothing.
+#[derive(Default)]
+pub struct Strikes {
+    /// The latest deadline (`clock_ms`) in `list`; 0 when it is empty. One load per LOOKUP.
+    until: AtomicU64,
+    /// (directory number, `name_hash`, deadline).
+    list: Mutex<Vec<(u64, u64, u64)>>,
+}
+
+/// Most strikes kept at once (the oldest go first).
+const MAX_STRIKES: usize = 256;
+
+impl Strikes {
+    fn add(&self, dir: u64, name: u64) {
+        let until = crate::inode::clock_ms() + STRIKE_MS;
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        if list.len() >= MAX_STRIKES {
+            list.remove(0);
+        }
+        list.push((dir, name, until));
+        self.until.store(until, Ordering::SeqCst);
+    }
+
+    /// Whether an open met a removed file at `name` in `dir` within `STRIKE_MS`.
+    fn struck(&self, dir: u64, name: &OsStr) -> bool {
+        let until = self.until.load(Ordering::SeqCst);
+        if until == 0 {
+            return false;
+        }
+        let now = crate::inode::clock_ms();
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|&(_, _, u)| u > now);
+        if list.is_empty() {
+            // Unless a strike was added since the load above.
+            let _ = self
+                .until
+                .compare_exchange(until, 0, Ordering::SeqCst, Ordering::SeqCst);
+            return false;
+        }
+        let h = crate::inode::name_hash(name);
+        list.iter().any(|&(d, n, _)| d == dir && n == h)
+    }
+}
+
 impl Union {
+    /// Records that a request on `node` answers ESTALE, at its name or, once it has none, the
+    /// name it last had (see `Strikes`).
+    fn note_strike(&self, node: &Node) {
+        let at_name = node
+            .state()
+            .links
+            .first()
+            .map(|l| (l.parent.ino, crate::inode::name_hash(&l.name)));
+        if let Some((dir, name)) = at_name.or_else(|| node.last_name().map(|(d, n)| (d.ino, n))) {
+            self.strikes.add(dir, name);
+        }
+    }
+
+    /// A LOOKUP found `node` at `name` in `dir`: if an open met a removed file at that name
+    /// just before, this is the kernel's second walk, and `node`'s removal is to hold its
+    /// object (see `Strikes`). Marked under the directory's lock, which a removal holds from
+    /// its choice of what to keep to the name's removal: false if the node lost its last name
+    /// before the mark (answered as no entry, the kernel walks to the name once more).
+    pub fn looked_up(&self, dir: &Node, name: &OsStr, node: &Node) -> bool {
+        if node.is_dir() || !self.strikes.struck(dir.ino, name) {
+            return true;
+        }
+        let _lock = dir.lock_dir();
+        node.hold_if_removed();
+        !node.state().is_unlinked()
+    }
+
     /// ESTALE for a request on a file or symlink whose last name went (unlinked, or replaced
     /// by a rename) between the kernel's path walk and the request, where it found nothing:
     /// the kernel then walks the path again (`LOOKUP_REVAL`) and reaches what the name holds
@@ -116,6 +199,10 @@ impl Union {
     /// (at most `UNLINK_WAIT`): its end decides. Directories keep ENOENT (a removed working
     /// directory is not walked to again), and so does a file that still has its name.
     pub(crate) fn stale_if_removed(&self, node: &Node, e: Errno) -> Errno {
+        if e.code() == libc::ESTALE && !node.is_dir() {
+            // Another object at the name (`at_parent`), or a split node.
+            self.note_strike(node);
+        }
         if e.code() != libc::ENOENT || node.is_dir() {
             return e;
         }
@@ -127,6 +214,7 @@ impl Union {
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
         if node.state().is_unlinked() {
+            self.note_strike(node);
             Errno::ESTALE
         } else {
             e

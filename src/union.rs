@@ -115,6 +115,8 @@ pub struct Union {
     /// back what its write drops (`killpriv::Kept`) holds it alone, as does every change that
     /// drops or sets them through the view (`privs_lock`).
     privs_locks: [std::sync::RwLock<()>; 64],
+    /// Names an open met a removed file at (see `lookup::Strikes`).
+    pub strikes: crate::lookup::Strikes,
 }
 
 impl Union {
@@ -169,6 +171,7 @@ impl Union {
             killpriv: std::sync::atomic::AtomicBool::new(false),
             mode_locks: std::array::from_fn(|_| Mutex::new(())),
             privs_locks: std::array::from_fn(|_| std::sync::RwLock::new(())),
+            strikes: Default::default(),
         })
     }
 

@@ -1664,13 +1664,13 @@ fn open_storm(dir: &Path, replace: bool, secs: u64) -> (BTreeMap<i32, usize>, us
     (errs, opens)
 }
 
-/// An open that races with the unlink or the replacement of its name never fails with EIO or
-/// ENOENT, and one whose name is replaced by a rename always opens (the old file or the new),
-/// as on ext4 and kernel overlayfs. Only opens of a name unlinked again while the kernel walks
-/// to it anew may fail, with ESTALE (README). Before: writable opens of a replaced file
-/// failed with ESTALE (its held object was not used), creating opens with ENOENT, and on the
-/// page-cached path close(2) with EIO (the kernel's write-back of the times of a file
-/// unlinked meanwhile was refused).
+/// An open that races with the unlink or the replacement of its name never fails, and one
+/// whose name is replaced by a rename always opens (the old file or the new), as on ext4 and
+/// kernel overlayfs. Before: writable opens of a replaced file failed with ESTALE (its held
+/// object was not used), creating opens with ENOENT, on the page-cached path close(2) with
+/// EIO (the kernel's write-back of the times of a file unlinked meanwhile was refused), and
+/// opens of a name unlinked again while the kernel walked to it a second time with ESTALE
+/// (about 1 in 200; the file that walk finds is held now, see `lookup::Strikes`).
 #[test]
 fn opens_racing_with_unlink_or_replacement_of_their_name() {
     let l = Layers::new(1);
@@ -1678,9 +1678,8 @@ fn opens_racing_with_unlink_or_replacement_of_their_name() {
         let m = l.mount_with("m", args);
         let root = m.path("");
         let (errs, opens) = guarded("open/unlink storm", &m, move || open_storm(&root, false, 3));
-        let stale = errs.get(&libc::ESTALE).copied().unwrap_or(0);
         assert!(
-            errs.keys().all(|&e| e == libc::ESTALE) && stale * 5 < opens,
+            errs.is_empty(),
             "{args:?}: opens racing with unlinks: {errs:?} in {opens} opens"
         );
         let root = m.path("");
