@@ -36,4 +36,5 @@ pub mod stream;
 pub mod sys;
 pub mod union;
 pub mod walkers;
+pub mod watcher;
 pub mod whiteout;

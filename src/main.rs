@@ -3,6 +3,7 @@
 use unionmount::config::{self, Parsed};
 
 fn main() {
+    unionmount::watcher::run_if_asked();
     let cfg = match config::parse(std::env::args_os()) {
         Ok(Parsed::Mount(c)) => c,
         Ok(Parsed::Print(text)) => {

@@ -606,16 +606,25 @@ pub fn run(cfg: Config) -> Result<(), String> {
         raise_readahead(&dev);
         let _ = union.bdi.set(dev);
     }
+    // Background mode: the caller's process ends once the daemon's watcher runs (when the
+    // child closes its end), so that from then on one process shows the mount's command line.
+    let mut started: Option<std::os::fd::OwnedFd> = None;
     if !cfg.foreground {
         // Before the fork: the caller, who sees this process end, must find them closed
         // already (the child would close its copies only after the parent's exit).
         sys::close_fds(&inherited);
+        let ready = sys::pipe().ok();
         match sys::fork() {
             Ok(sys::Fork::Parent(_)) => {
+                if let Some((r, w)) = ready {
+                    drop(w);
+                    let _ = sys::read_to_end(r.as_fd());
+                }
                 // Leave without running destructors: the child owns the session now.
                 std::process::exit(0);
             }
             Ok(sys::Fork::Child) => {
+                started = ready.map(|(_, w)| w);
                 sys::setsid();
                 let _ = std::env::set_current_dir("/");
                 sys::detach_stdio();
@@ -627,6 +636,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
             }
         }
     }
+    // As root, a watcher ends the connection should the daemon die without ending it
+    // itself (see `watcher`). Started from the main thread, whose end it is told of.
+    let _watcher = union
+        .bdi
+        .get()
+        .and_then(|dev| crate::watcher::start(dev, &paths.mountpoint));
+    drop(started);
     // The mount is live: a helper thread that cannot start (a thread limit) takes it away
     // again, as a mount nobody serves would answer ENOTCONN.
     let helpers = || -> Result<(), String> {

@@ -1419,6 +1419,80 @@ pub fn sigwait(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// Blocks every signal it can in the calling thread, and returns the set with `sig` alone,
+/// for `sigwait`.
+pub fn block_all_signals(sig: i32) -> libc::sigset_t {
+    let mut all = MaybeUninit::<libc::sigset_t>::uninit();
+    let mut one = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigset manipulation on local sets; pthread_sigmask only changes our mask.
+    unsafe {
+        libc::sigfillset(all.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_BLOCK, all.as_ptr(), std::ptr::null_mut());
+        libc::sigemptyset(one.as_mut_ptr());
+        libc::sigaddset(one.as_mut_ptr(), sig);
+        one.assume_init()
+    }
+}
+
+/// Has `sig` sent to this process when the thread that created it ends (`PR_SET_PDEATHSIG`).
+pub fn set_parent_death_signal(sig: i32) -> Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) }).map(drop)
+}
+
+/// Names the calling thread (`comm`, at most 15 bytes shown).
+pub fn set_thread_name(name: &CStr) {
+    // SAFETY: `name` is NUL-terminated; the kernel copies at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+pub fn getpid() -> i32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::getpid() }
+}
+
+pub fn getppid() -> i32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::getppid() }
+}
+
+/// Kills a child process of ours and reaps it.
+pub fn kill_child(pid: i32) {
+    // SAFETY: kill and waitpid of a pid this process started; the status is not read.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+/// Whether this process may write `path` (access(2), real ids).
+pub fn may_write(path: &CStr) -> bool {
+    // SAFETY: `path` is a NUL-terminated string.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Starts `cmd` with none of this process's descriptors but its standard ones (which `cmd`
+/// sets): every other one is marked close-on-exec in the child first.
+pub fn spawn_bare(cmd: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and makes one async-signal-safe syscall.
+    unsafe {
+        cmd.pre_exec(|| {
+            let r = libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd.spawn()
+}
+
 pub fn ignore_sigpipe() {
     // SAFETY: setting a signal to SIG_IGN is always sound.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };

@@ -924,6 +924,142 @@ fn kill9_of_background_daemon() {
     assert!(names(&l.root().join("bg/work/work")).is_empty());
 }
 
+/// The FUSE connection number of the mount at `merged`, from mountinfo (its device's minor).
+fn connection_of(merged: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = merged.to_string_lossy().replace(' ', "\\040");
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&want.as_str())).then(|| f[2].strip_prefix("0:").map(String::from))?
+    })
+}
+
+/// The states (from /proc/PID/task/*/stat) of the threads of `pid` named `name`.
+fn thread_states(pid: i32, name: &str) -> Vec<char> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        if let Some(c) = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next()) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Undoes what `a_killed_daemon_whose_thread_waits_for_a_directory_lock_frees_its_mount`
+/// did to the machine, however it ends: aborts the outer connection (which frees whatever
+/// still waits on it) and lets the stopped inner daemon go on.
+struct Unstick {
+    conn: Option<String>,
+    stopped: i32,
+}
+
+impl Drop for Unstick {
+    fn drop(&mut self) {
+        if let Some(c) = &self.conn {
+            let _ = fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1");
+        }
+        // SAFETY: SIGCONT to the daemon this test stopped.
+        unsafe { libc::kill(self.stopped, libc::SIGCONT) };
+    }
+}
+
+/// A daemon killed with SIGKILL while one of its threads sleeps in the kernel waiting for a
+/// directory's lock, which a request the daemon had read holds: that thread cannot end, so
+/// the daemon kept its connection open, and the mount hung for good, with every process
+/// that touched it (only aborting the connection by hand freed them). The daemon's watcher
+/// aborts the connection as it dies, as the kernel does once a daemon's descriptors close.
+/// Set up: the outer mount's second lower layer is another mount, whose daemon is stopped,
+/// so that a lookup in a merged directory waits there (holding the directory's lock in the
+/// kernel) while a copy-up of one name of a lower hard link has the outer daemon invalidate
+/// the other name's entry in that directory.
+#[test]
+fn a_killed_daemon_whose_thread_waits_for_a_directory_lock_frees_its_mount() {
+    let l = Layers::new(2);
+    l.lower(0).file("d/f", "f").hardlink("d/f", "d/g");
+    l.lower(1).file("d/other", "o");
+    let inner_at = l.mkdir("inner");
+    let inner_args: Vec<std::ffi::OsString> = vec![
+        "--lower".into(),
+        l.lowers[1].clone().into(),
+        inner_at.clone().into(),
+    ];
+    let _inner = Mount::union(&inner_args, inner_at.clone(), None, None);
+    let (upper, work, merged) = l.mount_dirs("outer");
+    let mut lowers = l.lowers[0].clone().into_os_string();
+    lowers.push(":");
+    lowers.push(&inner_at);
+    let outer_args: Vec<std::ffi::OsString> = vec![
+        "--lower".into(),
+        lowers,
+        "--upper".into(),
+        upper.clone().into(),
+        "--work".into(),
+        work.clone().into(),
+        merged.clone().into(),
+    ];
+    let mut outer = Mount::union(&outer_args, merged.clone(), Some(upper), Some(work));
+    let (inner_pid, outer_pid) = (daemons_of(&inner_at), daemons_of(&merged));
+    assert_eq!((inner_pid.len(), outer_pid.len()), (1, 1), "the daemons");
+    let (inner_pid, outer_pid) = (inner_pid[0], outer_pid[0]);
+    // Both names of the hard link on one node, and the directory in the upper already.
+    assert_eq!(fs::read(merged.join("d/f")).unwrap(), b"f");
+    assert_eq!(fs::read(merged.join("d/g")).unwrap(), b"f");
+    fs::write(merged.join("d/tmp"), "t").unwrap();
+    fs::remove_file(merged.join("d/tmp")).unwrap();
+
+    let _unstick = Unstick {
+        conn: connection_of(&merged),
+        stopped: inner_pid,
+    };
+    // SAFETY: SIGSTOP to the daemon this test started (Unstick continues it).
+    unsafe { libc::kill(inner_pid, libc::SIGSTOP) };
+    let (tx, rx) = mpsc::channel();
+    let nope = merged.join("d/nope");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::symlink_metadata(&nope).map(drop));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the lookup did not wait for the stopped lower layer"
+    );
+    let f = merged.join("d/f");
+    std::thread::spawn(move || {
+        let _ = fs::set_permissions(&f, fs::Permissions::from_mode(0o600));
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || thread_states(
+            outer_pid,
+            "invalidator"
+        ) == ['D']),
+        "the invalidation did not wait for the directory's lock: {:?}",
+        thread_states(outer_pid, "invalidator")
+    );
+
+    // SAFETY: SIGKILL to the daemon this test started.
+    unsafe { libc::kill(outer_pid, libc::SIGKILL) };
+    let looked = rx.recv_timeout(Duration::from_secs(10));
+    assert!(
+        looked.is_ok(),
+        "the lookup still waits 10 s after the daemon was killed: the mount hangs"
+    );
+    assert!(looked.unwrap().is_err(), "the lookup of a missing name");
+    assert!(
+        wait_until(Duration::from_secs(10), || daemons_of(&merged).is_empty()),
+        "the killed daemon did not end"
+    );
+    outer.unmount();
+    assert!(!is_mounted(&merged));
+}
+
 /// A bug that panics fails the one request it hit (EIO) and is logged; the daemon serves on
 /// with all its threads. Debug builds answer a getxattr of a test name with a panic.
 #[cfg(debug_assertions)]

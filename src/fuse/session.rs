@@ -447,8 +447,14 @@ static GONE: AtomicBool = AtomicBool::new(false);
 fn mount_gone() {
     GONE.store(true, Ordering::SeqCst);
     if IN_SERVICE.load(Ordering::SeqCst) == 0 {
-        sys::exit_now(0);
+        end_now();
     }
+}
+
+/// Ends the process once its mount is gone (the watcher first: see `crate::watcher`).
+fn end_now() -> ! {
+    crate::watcher::dismiss();
+    sys::exit_now(0)
 }
 
 struct Worker {
@@ -552,7 +558,7 @@ impl Worker {
             IN_SERVICE.fetch_add(1, Ordering::SeqCst);
             let more = self.handle(&h, &msg[abi::IN_HEADER..]);
             if IN_SERVICE.fetch_sub(1, Ordering::SeqCst) == 1 && GONE.load(Ordering::SeqCst) {
-                sys::exit_now(0);
+                end_now();
             }
             if !more {
                 return Ok(false);
