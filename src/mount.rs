@@ -169,6 +169,23 @@ fn prepare_work(
     };
     let fd = sys::openat(root.root(), c"work", libc::O_RDONLY | libc::O_DIRECTORY, 0)
         .map_err(|e| io_err("cannot open", &sub, errno_str(e)))?;
+    // Copies are built in it: nothing of it may pass on to them. A default ACL (inherited
+    // by mkdir from the work directory's parent) would give every copy its entries, and a
+    // set-group-ID bit its group; kernel overlayfs strips both ACLs and the mode as well.
+    for acl in [c"system.posix_acl_default", c"system.posix_acl_access"] {
+        match sys::removexattr(fd.as_fd(), acl) {
+            Ok(()) => {}
+            Err(e) if matches!(e.code(), libc::ENODATA | libc::EOPNOTSUPP) => {}
+            Err(e) => log::warn!(
+                "cannot remove {acl:?} of {}: {}",
+                sub.display(),
+                errno_str(e)
+            ),
+        }
+    }
+    if let Err(e) = sys::fchmod(fd.as_fd(), 0o700) {
+        log::warn!("cannot set the mode of {}: {}", sub.display(), errno_str(e));
+    }
     // Stale entries of an earlier mount that was killed: half-built copies and objects
     // waiting to be deleted. None of them is visible in the view.
     let mut stale = Vec::new();

@@ -1670,3 +1670,64 @@ fn a_copy_up_without_its_work_directory_fails_with_enoent() {
         .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
 }
+
+/// Copies are built in the work directory, so nothing of it may pass on to them: a default
+/// ACL that its `work/` took from its parent at mkdir (one naming `nobody` here) gave every
+/// copy-up, and so every file later made in a copied-up directory, its entries (nobody could
+/// read a copied-up 0660 root file, new files came out `-rw-r--rwx`). The daemon strips both
+/// ACLs and the mode of `work/` at mount, as kernel overlayfs does. Kernel overlayfs as the
+/// oracle (fstests overlay/023).
+#[test]
+fn a_default_acl_on_the_work_directory_does_not_reach_copies() {
+    let l = Layers::new(1);
+    l.lower(0).file("f", "secret").file("d/e", "e");
+    l.lower(0).chmod("f", 0o660).chmod("d", 0o755);
+    for kernel in [true, false] {
+        let name = if kernel { "k" } else { "u" };
+        let work = l.mkdir(&format!("{name}/work"));
+        let st = std::process::Command::new("setfacl")
+            .args(["-d", "-m", "u:nobody:rwx"])
+            .arg(&work)
+            .status()
+            .unwrap();
+        assert!(st.success(), "setfacl");
+        let m = if kernel {
+            l.mount_kernel(name)
+        } else {
+            l.mount(name)
+        };
+        let what = if kernel {
+            "kernel overlayfs"
+        } else {
+            "unionmount"
+        };
+        assert_eq!(apply(&m.merged, "f", Trig::Chown(0, 0)), Ok(()));
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0o022) };
+        let made = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(m.path("d/new"));
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        made.unwrap();
+        for (rel, acl) in [
+            ("f", "system.posix_acl_access"),
+            ("d", "system.posix_acl_access"),
+            ("d", "system.posix_acl_default"),
+            ("d/new", "system.posix_acl_access"),
+        ] {
+            assert_eq!(
+                get_xattr(&m.path(rel), acl),
+                Err(libc::ENODATA),
+                "{what}: {acl} of {rel}"
+            );
+        }
+        assert_eq!(lstat(&m.path("f")).mode() & 0o7777, 0o660, "{what}: f");
+        assert_eq!(
+            lstat(&m.path("d/new")).mode() & 0o7777,
+            0o644,
+            "{what}: a file made in the copied-up d"
+        );
+    }
+}
