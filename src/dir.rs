@@ -913,6 +913,9 @@ impl Union {
             }
             self.table.unlink(node, parent, name);
             if node.state().is_unlinked() {
+                if is_dir || st.st_nlink <= 1 {
+                    self.table.mark_departed(node);
+                }
                 self.table.forget_ids(node, true);
                 node.set_last_parent(parent, name);
                 if let Some(h) = held {
@@ -1157,6 +1160,9 @@ impl Union {
             };
             self.hold_object(d, upper_st.as_ref(), true)
         });
+        // Whether the replaced object goes with its name (see `Table::mark_departed`); a
+        // lower one may have other names.
+        let dst_gone = matches!(&dst_slot, UpperSlot::Object(st) if st.st_nlink <= 1);
         if let Some(d) = dst.filter(|d| !exchange && !d.is_dir())
             && d.state().links.len() > 1
         {
@@ -1250,6 +1256,9 @@ impl Union {
                         self.drop_dir_fd(d, Loc::Upper);
                     }
                     if d.state().is_unlinked() {
+                        if d.is_dir() || dst_gone {
+                            self.table.mark_departed(d);
+                        }
                         self.table.forget_ids(d, true);
                         d.set_last_parent(newparent, newname);
                         if let Some(h) = held {

@@ -673,8 +673,8 @@ pub struct Table {
     live: AtomicUsize,
     /// Bumped each time listings already sent may show numbers that changed.
     listing_gen: AtomicU64,
-    /// Objects whose last name went so far (`forget_ids`); a listing records the count it
-    /// was built at (see `ino_for_listed`).
+    /// Objects gone with their last name so far (`mark_departed`); a listing records the
+    /// count it was built at (see `ino_for_listed`).
     departures: AtomicU64,
     /// The thread that trims the table, woken as soon as it holds more than the bound
     /// (a fast walk adds tens of thousands of nodes between two of its ticks).
@@ -900,6 +900,15 @@ impl Table {
         }
         let mut shard = lock(self.id_shard(&id));
         self.ino_for_locked(&mut shard, id)
+    }
+
+    /// Records that the object of `node` is gone with its last name (it had no other link:
+    /// another name of it may be in a listing the kernel or a stream keeps, and must show the
+    /// number the object gets from now on). Called before its identities leave the node
+    /// (`forget_ids`), so that a listing reading them afterwards sees the mark.
+    pub fn mark_departed(&self, node: &Node) {
+        let n = self.departures.fetch_add(1, Ordering::SeqCst) + 1;
+        node.extra().departed_at.store(n, Ordering::SeqCst);
     }
 
     /// The count of objects removed so far, which a listing records when it is built (see
@@ -1142,11 +1151,6 @@ impl Table {
     /// ones stay: a lower object may have other names. A node that merely leaves the table
     /// keeps every remembered number: its object's next node takes it again.)
     pub fn forget_ids(&self, node: &Node, removed: bool) {
-        if removed {
-            // Before the identities go: a listing reading them afterwards sees the mark.
-            let n = self.departures.fetch_add(1, Ordering::SeqCst) + 1;
-            node.extra().departed_at.store(n, Ordering::SeqCst);
-        }
         let (ids, upper) = {
             let mut st = node.state();
             (std::mem::take(&mut st.ids), st.upper)

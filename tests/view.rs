@@ -681,3 +681,39 @@ fn single_entry_listing_replies_skip_removed_names() {
     }
     assert!(seen.contains(&last), "{seen:?}");
 }
+
+/// Another name of a hard link keeps showing one number in listings and in stat after one
+/// name is removed while held: a listing of its directory built before the removal must not
+/// give it the removed name's number (the object lives on under the other name), as an entry
+/// whose object went does (see the test above). Lower and upper hard links; plain listings
+/// reach the daemon once the kernel dropped its cached copy.
+#[test]
+fn another_name_of_a_removed_hard_link_shows_one_number() {
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("d/a", "x")
+        .hardlink("d/a", "e/c")
+        .file("e/o", "o");
+    let m = l.mount_with("u", &["-o", "readdirplus=off"]);
+    fs::create_dir(m.path("ud")).unwrap();
+    fs::create_dir(m.path("ue")).unwrap();
+    m.write("ud/a", "y");
+    fs::hard_link(m.path("ud/a"), m.path("ue/c")).unwrap();
+    for (d, e) in [("d", "e"), ("ud", "ue")] {
+        let _ = fs::read_dir(m.path(e)).unwrap().count();
+        // The kernel drops its cached listing pages (not the inodes).
+        fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+        let held = fs::File::open(m.path(&format!("{d}/a"))).unwrap();
+        fs::remove_file(m.path(&format!("{d}/a"))).unwrap();
+        let st = ino(&m.path(&format!("{e}/c")));
+        let listed: BTreeMap<String, u64> = fs::read_dir(m.path(e))
+            .unwrap()
+            .map(|x| {
+                let x = x.unwrap();
+                (x.file_name().to_string_lossy().into_owned(), x.ino())
+            })
+            .collect();
+        assert_eq!(listed.get("c"), Some(&st), "{e}/c: d_ino against st_ino");
+        drop(held);
+    }
+}
