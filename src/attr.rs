@@ -94,10 +94,25 @@ impl Union {
             // No name left (deleted while open, or a split node whose name moved): its open
             // files answer; with none, ESTALE makes the kernel look a split node's name up again.
             Err(e) if matches!(e.code(), libc::ENOENT | libc::ESTALE) => {
-                match self.fd_of_nameless(node, fh) {
-                    Some(fd) => self.stat_fd(fd.as_fd()),
-                    None => node.held_stat().ok_or(e),
+                let nameless = || match self.fd_of_nameless(node, fh) {
+                    Some(fd) => Some(self.stat_fd(fd.as_fd())),
+                    None => node.held_stat().map(Ok),
+                };
+                if let Some(r) = nameless() {
+                    return r;
                 }
+                // A removal under way (the name gone, what it keeps not recorded yet): a
+                // caller whose path walk reached the file before gets its attributes, as on
+                // ext4, not ENOENT (a permission check of an open reads them, and the open
+                // failed).
+                if e.code() == libc::ENOENT
+                    && !node.is_dir()
+                    && self.await_removal(node)
+                    && let Some(r) = nameless()
+                {
+                    return r;
+                }
+                Err(e)
             }
             Err(e) => Err(e),
         }

@@ -917,10 +917,12 @@ impl Union {
                     self.table.mark_departed(node);
                 }
                 self.table.forget_ids(node, true);
-                node.set_last_parent(parent, name);
+                // What is kept first: `was_removed` (the last parent recorded) tells that it
+                // is there (see `Union::await_removal`).
                 if let Some(h) = held {
                     node.set_held(h);
                 }
+                node.set_last_parent(parent, name);
             }
             Ok(())
         })?;
@@ -1260,10 +1262,10 @@ impl Union {
                             self.table.mark_departed(d);
                         }
                         self.table.forget_ids(d, true);
-                        d.set_last_parent(newparent, newname);
                         if let Some(h) = held {
                             d.set_held(h);
                         }
+                        d.set_last_parent(newparent, newname);
                     }
                 }
             }

@@ -198,6 +198,17 @@ impl Union {
     /// fails. An unlink under way (the object gone, the node not yet nameless) is waited for
     /// (at most `UNLINK_WAIT`): its end decides. Directories keep ENOENT (a removed working
     /// directory is not walked to again), and so does a file that still has its name.
+    /// Waits (at most `UNLINK_WAIT`) for a removal of the node's last name that is under way
+    /// to end, what it keeps of the object recorded; true if the node was removed.
+    pub(crate) fn await_removal(&self, node: &Node) -> bool {
+        let since = std::time::Instant::now();
+        while !node.was_removed() && self.tree_snapshot().is_none() && since.elapsed() < UNLINK_WAIT
+        {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        node.was_removed()
+    }
+
     pub(crate) fn stale_if_removed(&self, node: &Node, e: Errno) -> Errno {
         if e.code() == libc::ESTALE && !node.is_dir() {
             // Another object at the name (`at_parent`), or a split node.

@@ -1592,19 +1592,37 @@ fn listings_during_creates_show_every_file_created_before_them() {
     );
 }
 
+/// What the other threads of `open_storm` do to the name.
+#[derive(Clone, Copy, PartialEq)]
+enum Storm {
+    /// Two unlink it.
+    Unlink,
+    /// One replaces it by renames.
+    Replace,
+    /// Both: one replaces it while two unlink it.
+    Both,
+}
+
 /// Opens of one name while other threads unlink it, or replace it by renames, for `secs`:
-/// the errors seen by the openers, by errno, and how many opens were made.
-fn open_storm(dir: &Path, replace: bool, secs: u64) -> (BTreeMap<i32, usize>, usize) {
+/// the errors seen by the openers, by errno, and how many opens were made. The openers open
+/// for writing, and create the name where it may be missing.
+fn open_storm(dir: &Path, storm: Storm, secs: u64) -> (BTreeMap<i32, usize>, usize) {
     let f = dir.join("f");
     fs::write(&f, "x").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let mut changers = Vec::new();
-    for t in 0..if replace { 1 } else { 2 } {
+    let replacing: &[bool] = match storm {
+        Storm::Unlink => &[false, false],
+        Storm::Replace => &[true],
+        Storm::Both => &[true, false, false],
+    };
+    let replace = storm == Storm::Replace;
+    for (t, &replacer) in replacing.iter().enumerate() {
         let (dir, stop) = (dir.to_path_buf(), stop.clone());
         changers.push(thread::spawn(move || {
             let tmp = dir.join(format!("tmp{t}"));
             while !stop.load(Ordering::Relaxed) {
-                if replace {
+                if replacer {
                     fs::write(&tmp, "y").unwrap();
                     fs::rename(&tmp, dir.join("f")).unwrap();
                 } else {
@@ -1677,16 +1695,33 @@ fn opens_racing_with_unlink_or_replacement_of_their_name() {
     for args in [&["--passthrough", "on"][..], &["--passthrough", "off"]] {
         let m = l.mount_with("m", args);
         let root = m.path("");
-        let (errs, opens) = guarded("open/unlink storm", &m, move || open_storm(&root, false, 3));
+        let (errs, opens) = guarded("open/unlink storm", &m, move || {
+            open_storm(&root, Storm::Unlink, 3)
+        });
         assert!(
             errs.is_empty(),
             "{args:?}: opens racing with unlinks: {errs:?} in {opens} opens"
         );
         let root = m.path("");
-        let (errs, opens) = guarded("open/rename storm", &m, move || open_storm(&root, true, 2));
+        let (errs, opens) = guarded("open/rename storm", &m, move || {
+            open_storm(&root, Storm::Replace, 2)
+        });
         assert!(
             errs.is_empty(),
             "{args:?}: opens of a replaced name: {errs:?} in {opens} opens"
+        );
+        // Replaced and unlinked at once: the kernel's permission check of an open reads the
+        // attributes of the file its walk reached, which a removal under way had taken away
+        // (ENOENT for 1-46% of the opens as root, before). One in 10,000 is allowed for a
+        // loaded machine (an unlink may take longer than the daemon waits for it).
+        let root = m.path("");
+        let (errs, opens) = guarded("open/rename/unlink storm", &m, move || {
+            open_storm(&root, Storm::Both, 3)
+        });
+        let failed: usize = errs.values().sum();
+        assert!(
+            failed <= 1 + opens / 10_000,
+            "{args:?}: opens of a name replaced and unlinked: {errs:?} in {opens} opens"
         );
         drop(m);
     }
