@@ -915,6 +915,8 @@ impl Union {
             if node.state().is_unlinked() {
                 if is_dir || st.st_nlink <= 1 {
                     self.table.mark_departed(node);
+                } else {
+                    self.table.renumber_survivor(node);
                 }
                 self.table.forget_ids(node, true);
                 // What is kept first: `was_removed` (the last parent recorded) tells that it
@@ -1260,6 +1262,8 @@ impl Union {
                     if d.state().is_unlinked() {
                         if d.is_dir() || dst_gone {
                             self.table.mark_departed(d);
+                        } else {
+                            self.table.renumber_survivor(d);
                         }
                         self.table.forget_ids(d, true);
                         if let Some(h) = held {

@@ -1118,6 +1118,31 @@ impl Table {
         }
     }
 
+    /// The object of `node` lives on under names the table does not know (other names of a
+    /// hard link) as the last name the node had goes: the node keeps its number while the
+    /// kernel holds it, so the object gets numbers of its own now, as `remove_id` gives one,
+    /// and listings the kernel keeps are marked stale (one may show another name of it).
+    pub fn renumber_survivor(&self, node: &Node) {
+        let ids = node.state().ids.clone();
+        let mut renumbered = false;
+        for id in ids {
+            let mut idsh = lock(self.id_shard(&id));
+            let current = idsh
+                .remembered
+                .get(&id)
+                .copied()
+                .or_else(|| self.derived(id));
+            if current == Some(node.ino) {
+                let ino = self.alloc();
+                idsh.remembered.insert(id, ino);
+                renumbered = true;
+            }
+        }
+        if renumbered {
+            self.mark_listings_stale();
+        }
+    }
+
     /// Unregisters an identity of a node (the object is gone, or no longer the node's).
     pub fn remove_id(&self, node: &Node, id: RealId) {
         let mut idsh = lock(self.id_shard(&id));
