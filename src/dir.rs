@@ -913,18 +913,7 @@ impl Union {
             }
             self.table.unlink(node, parent, name);
             if node.state().is_unlinked() {
-                if is_dir || st.st_nlink <= 1 {
-                    self.table.mark_departed(node);
-                } else {
-                    self.table.renumber_survivor(node);
-                }
-                self.table.forget_ids(node, true);
-                // What is kept first: `was_removed` (the last parent recorded) tells that it
-                // is there (see `Union::await_removal`).
-                if let Some(h) = held {
-                    node.set_held(h);
-                }
-                node.set_last_parent(parent, name);
+                self.last_name_gone(node, parent, name, is_dir || st.st_nlink <= 1, held);
             }
             Ok(())
         })?;
@@ -940,6 +929,33 @@ impl Union {
             self.invalidate_attrs(node.ino);
         }
         Ok(())
+    }
+
+    /// After the last name the table knew of `node` (`name` in `parent`) went, with
+    /// `object_gone` if its object went with it (else it has names the table does not know,
+    /// other names of a hard link): its number stays with the node while the kernel holds it
+    /// (`Table::mark_departed`), or the object gets a new one (`Table::renumber_survivor`);
+    /// its identities leave the node, and what is kept of it (`held`, see `hold_object`) is
+    /// recorded before the last parent, so that `was_removed` tells that it is there (see
+    /// `Union::await_removal`).
+    fn last_name_gone(
+        &self,
+        node: &Node,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        object_gone: bool,
+        held: Option<Held>,
+    ) {
+        if object_gone {
+            self.table.mark_departed(node);
+        } else {
+            self.table.renumber_survivor(node);
+        }
+        self.table.forget_ids(node, true);
+        if let Some(h) = held {
+            node.set_held(h);
+        }
+        node.set_last_parent(parent, name);
     }
 
     /// Before a removal that may take `node`'s last name: what to keep of the object it
@@ -1260,16 +1276,8 @@ impl Union {
                         self.drop_dir_fd(d, Loc::Upper);
                     }
                     if d.state().is_unlinked() {
-                        if d.is_dir() || dst_gone {
-                            self.table.mark_departed(d);
-                        } else {
-                            self.table.renumber_survivor(d);
-                        }
-                        self.table.forget_ids(d, true);
-                        if let Some(h) = held {
-                            d.set_held(h);
-                        }
-                        d.set_last_parent(newparent, newname);
+                        let gone = d.is_dir() || dst_gone;
+                        self.last_name_gone(d, newparent, newname, gone, held);
                     }
                 }
             }

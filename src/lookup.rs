@@ -135,10 +135,15 @@ impl Strikes {
     fn add(&self, dir: u64, name: u64) {
         let until = crate::inode::clock_ms() + STRIKE_MS;
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
-        if list.len() >= MAX_STRIKES {
-            list.remove(0);
+        // One entry per name: a storm on one name strikes it again and again.
+        if let Some(e) = list.iter_mut().find(|e| (e.0, e.1) == (dir, name)) {
+            e.2 = until;
+        } else {
+            if list.len() >= MAX_STRIKES {
+                list.remove(0);
+            }
+            list.push((dir, name, until));
         }
-        list.push((dir, name, until));
         self.until.store(until, Ordering::SeqCst);
     }
 
@@ -191,6 +196,21 @@ impl Union {
         !node.state().is_unlinked()
     }
 
+    /// Waits (at most `UNLINK_WAIT`) for a removal of the node's last name that is under way
+    /// to end, what it keeps of the object recorded; true if the node was removed. (A split
+    /// node's name moved: nothing to wait for.)
+    pub(crate) fn await_removal(&self, node: &Node) -> bool {
+        let since = std::time::Instant::now();
+        while !node.was_removed()
+            && !node.is_split()
+            && self.tree_snapshot().is_none()
+            && since.elapsed() < UNLINK_WAIT
+        {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        node.was_removed()
+    }
+
     /// ESTALE for a request on a file or symlink whose last name went (unlinked, or replaced
     /// by a rename) between the kernel's path walk and the request, where it found nothing:
     /// the kernel then walks the path again (`LOOKUP_REVAL`) and reaches what the name holds
@@ -198,17 +218,6 @@ impl Union {
     /// fails. An unlink under way (the object gone, the node not yet nameless) is waited for
     /// (at most `UNLINK_WAIT`): its end decides. Directories keep ENOENT (a removed working
     /// directory is not walked to again), and so does a file that still has its name.
-    /// Waits (at most `UNLINK_WAIT`) for a removal of the node's last name that is under way
-    /// to end, what it keeps of the object recorded; true if the node was removed.
-    pub(crate) fn await_removal(&self, node: &Node) -> bool {
-        let since = std::time::Instant::now();
-        while !node.was_removed() && self.tree_snapshot().is_none() && since.elapsed() < UNLINK_WAIT
-        {
-            std::thread::sleep(std::time::Duration::from_micros(20));
-        }
-        node.was_removed()
-    }
-
     pub(crate) fn stale_if_removed(&self, node: &Node, e: Errno) -> Errno {
         if e.code() == libc::ESTALE && !node.is_dir() {
             // Another object at the name (`at_parent`), or a split node.
@@ -217,13 +226,7 @@ impl Union {
         if e.code() != libc::ENOENT || node.is_dir() {
             return e;
         }
-        let since = std::time::Instant::now();
-        while !node.state().is_unlinked()
-            && self.tree_snapshot().is_none()
-            && since.elapsed() < UNLINK_WAIT
-        {
-            std::thread::sleep(std::time::Duration::from_micros(20));
-        }
+        self.await_removal(node);
         if node.state().is_unlinked() {
             self.note_strike(node);
             Errno::ESTALE
