@@ -220,7 +220,7 @@ fn bench_readdir(c: &mut Criterion) {
     g.bench_function("send_10k_from_cache", |b| {
         b.iter(|| {
             let mut n = 0u64;
-            u.read_dir(&h, 0, |e| {
+            u.read_dir(&h, 0, true, |e| {
                 n = n.wrapping_add(e.ino);
                 false
             })

@@ -640,7 +640,7 @@ impl UnionFs {
             if d.node.ino != ino.0 {
                 return Err(Errno::EBADF);
             }
-            self.u.read_dir(&d, offset, |e| {
+            self.u.read_dir(&d, offset, true, |e| {
                 let kind = crate::attr::file_type(crate::attr::kind_of_dtype(e.dtype));
                 buf.add(e.ino, e.next, kind, e.name)
             })
@@ -676,7 +676,8 @@ impl UnionFs {
                 return Err(Errno::EBADF);
             }
             let dir = d.node.clone();
-            self.u.read_dir(&d, offset, |e| {
+            // Each entry is numbered by its lookup below.
+            self.u.read_dir(&d, offset, false, |e| {
                 // Only entries sent count against the quota: a reply left empty by a vanished
                 // entry would read as the end of the directory.
                 if quota == 0 {

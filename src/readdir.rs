@@ -517,11 +517,13 @@ impl Union {
     }
 
     /// Sends the entries of an open directory from `offset` on (`.` and `..` first) to
-    /// `add`, until it reports the reply full.
+    /// `add`, until it reports the reply full. Without `numbered`, entries other than `.`
+    /// and `..` come with number 0 (a listing with attributes numbers each by its lookup).
     pub fn read_dir(
         &self,
         h: &DirHandle,
         offset: u64,
+        numbered: bool,
         mut add: impl FnMut(DirEntry<'_>) -> bool,
     ) -> Result<()> {
         let listing = {
@@ -565,7 +567,11 @@ impl Union {
             if add(DirEntry {
                 name: e.name.as_os_str(),
                 dtype: e.dtype,
-                ino: self.table.ino_for_listed(e.id, listing.built),
+                ino: if numbered {
+                    self.table.ino_for_listed(e.id, listing.built)
+                } else {
+                    0
+                },
                 next: e.pos + 1,
             }) {
                 break;
