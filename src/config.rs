@@ -623,9 +623,8 @@ fn existing_dir(what: &str, p: &Path, need: libc::c_int) -> Result<PathBuf, Stri
     }
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
         .map_err(|_| format!("{what} {} contains a NUL byte", p.display()))?;
-    // SAFETY: access(2) only reads the NUL-terminated path.
-    if unsafe { libc::access(c.as_ptr(), need) } != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = crate::sys::access(&c, need) {
+        let e = std::io::Error::from_raw_os_error(e.code());
         let mode = if need & libc::W_OK != 0 {
             "writable"
         } else {

@@ -653,8 +653,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
             }
         }
     }
-    // As root, a watcher ends the connection should the daemon die without ending it
-    // itself (see `watcher`). Started from the main thread, whose end it is told of.
+    // A watcher ends the connection should the daemon die without ending it itself (see
+    // `watcher`; where the FUSE control files are visible). Started from the main thread, whose end it is told of.
     let _watcher = union
         .bdi
         .get()

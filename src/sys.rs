@@ -1446,16 +1446,6 @@ pub fn set_thread_name(name: &CStr) {
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
-pub fn getpid() -> i32 {
-    // SAFETY: cannot fail.
-    unsafe { libc::getpid() }
-}
-
-pub fn getppid() -> i32 {
-    // SAFETY: cannot fail.
-    unsafe { libc::getppid() }
-}
-
 /// Kills a child process of ours and reaps it.
 pub fn kill_child(pid: i32) {
     // SAFETY: kill and waitpid of a pid this process started; the status is not read.
@@ -1465,10 +1455,10 @@ pub fn kill_child(pid: i32) {
     }
 }
 
-/// Whether this process may write `path` (access(2), real ids).
-pub fn may_write(path: &CStr) -> bool {
-    // SAFETY: `path` is a NUL-terminated string.
-    unsafe { libc::access(path.as_ptr(), libc::W_OK) == 0 }
+/// access(2): whether this process (by its real ids) may use `path` as `mode` says.
+pub fn access(path: &CStr, mode: libc::c_int) -> Result<()> {
+    // SAFETY: access(2) only reads the NUL-terminated path.
+    check(unsafe { libc::access(path.as_ptr(), mode) }).map(drop)
 }
 
 /// Starts `cmd` with none of this process's descriptors but its standard ones (which `cmd`

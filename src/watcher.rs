@@ -5,11 +5,12 @@
 //! sleeps uninterruptibly in the kernel keeps its descriptors open after a `SIGKILL`: an
 //! entry invalidation waits for the directory's lock, which a request the daemon had read but
 //! not answered may hold. The daemon then never ends, nor the request, nor the invalidation:
-//! the mount and every process that touches it hang for good. As root, a watcher started
-//! with the mount aborts the connection (`/sys/fs/fuse/connections/N/abort`) as soon as the
-//! daemon's main thread ends without dismissing it, which is what the kernel does anyway
-//! once the daemon's descriptors close. Where that file is not writable (rootless) there is
-//! no watcher.
+//! the mount and every process that touches it hang for good. A watcher started with the
+//! mount aborts the connection (`/sys/fs/fuse/connections/N/abort`) as soon as the daemon's
+//! main thread ends without dismissing it, which is what the kernel does anyway once the
+//! daemon's descriptors close. The kernel gives that file to the user who mounted, so root
+//! and rootless daemons may write it where the control directory is visible; where it is
+//! not, there is no watcher.
 //!
 //! The watcher is this program run again (`/proc/self/exe`) under the name `WATCHER_NAME`,
 //! with what it watches in `WATCH_ENV`; it holds no descriptor of the daemon's and waits
@@ -66,12 +67,12 @@ fn abort_file(conn: u64) -> String {
 pub fn start(dev: &str, mountpoint: &std::path::Path) -> Option<Guard> {
     let conn = connection(dev)?;
     let abort = CString::new(abort_file(conn)).ok()?;
-    if !sys::may_write(&abort) {
+    if sys::access(&abort, libc::W_OK).is_err() {
         return None;
     }
     let mut cmd = std::process::Command::new("/proc/self/exe");
     std::os::unix::process::CommandExt::arg0(&mut cmd, WATCHER_NAME);
-    cmd.env(WATCH_ENV, format!("{} {conn} {dev}", sys::getpid()))
+    cmd.env(WATCH_ENV, format!("{} {conn} {dev}", std::process::id()))
         .env(WATCH_AT_ENV, mountpoint)
         .env_remove("RUST_LOG")
         .current_dir("/")
@@ -109,7 +110,7 @@ pub fn run_if_asked() {
     std::process::exit(code);
 }
 
-fn parse(what: &OsString) -> Option<(i32, u64, String)> {
+fn parse(what: &OsString) -> Option<(u32, u64, String)> {
     let what = what.to_str()?;
     let mut it = what.split(' ');
     let daemon = it.next()?.parse().ok()?;
@@ -118,7 +119,7 @@ fn parse(what: &OsString) -> Option<(i32, u64, String)> {
     Some((daemon, conn, dev))
 }
 
-fn watch(daemon: i32, conn: u64, dev: &str, at: PathBuf) {
+fn watch(daemon: u32, conn: u64, dev: &str, at: PathBuf) {
     // Shown by ps instead of the name of the file run (`exe`).
     sys::set_thread_name(c"um-watcher");
     let sig = libc::SIGUSR1;
@@ -127,7 +128,7 @@ fn watch(daemon: i32, conn: u64, dev: &str, at: PathBuf) {
         return;
     }
     // The daemon may have ended before the signal was asked for.
-    if sys::getppid() == daemon {
+    if std::os::unix::process::parent_id() == daemon {
         while sys::sigwait(&set) != sig {}
     }
     // Dismissed daemons kill the watcher first; this one ended otherwise. Its mount must
