@@ -1072,6 +1072,44 @@ fn open_until(
     })
 }
 
+/// At most one open in 10,000 (plus one) failed: a rare failure on a heavily loaded machine.
+fn assert_rarely_failed(what: &str, opens: usize, failures: &[String]) {
+    assert!(
+        failures.len() <= 1 + (opens + failures.len()) / 10_000,
+        "{what}: {} of {} opens failed: {:?}",
+        failures.len(),
+        opens + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// Opens of `rel` by another thread (`open_until`) while `change` runs at least `min` times,
+/// and on until the opener has tried 1,000 times (a loaded machine may starve it) or `max`:
+/// the opens that succeeded and the errors of the others. Under `guarded`.
+fn opens_while(
+    what: &str,
+    m: &Mount,
+    rel: &str,
+    min: usize,
+    max: usize,
+    mut change: impl FnMut() + Send + 'static,
+) -> (usize, Vec<String>) {
+    let path = m.path(rel);
+    guarded(what, m, move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let _ends = SetOnDrop(stop.clone());
+        let done = Arc::new(AtomicUsize::new(0));
+        let reader = open_until(path, stop.clone(), done.clone());
+        let mut i = 0;
+        while i < min || (done.load(Ordering::Relaxed) < 1000 && i < max) {
+            i += 1;
+            change();
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap()
+    })
+}
+
 /// A file replaced atomically (written beside, renamed over) and a symlink swapped the same
 /// way (`ln -sfn` then rename: a deploy's `current`), while other threads open them by path:
 /// every open reaches the old object or the new one, as on ext4 and kernel overlayfs. Opens
@@ -1136,13 +1174,7 @@ fn opens_during_atomic_replaces_never_fail() {
         assert!(opens >= 1000, "{what}: only {opens} opens");
         // On a heavily loaded machine a rare open still fails (1 in 70,000 once, with the
         // whole suite beside it); it used to be 3-10%.
-        assert!(
-            failures.len() <= 1 + (opens + failures.len()) / 10_000,
-            "{what}: {} of {} opens failed: {:?}",
-            failures.len(),
-            opens + failures.len(),
-            &failures[..failures.len().min(5)]
-        );
+        assert_rarely_failed(&what, opens, &failures);
         assert_eq!(fs::read_to_string(m.path("cfg")).unwrap(), "last");
 
         // Two names swapped (RENAME_EXCHANGE) while one is opened: both always exist. The
@@ -1151,43 +1183,27 @@ fn opens_during_atomic_replaces_never_fail() {
         fs::write(m.path("x"), "x").unwrap();
         fs::write(m.path("y"), "y").unwrap();
         let root = m.merged.clone();
-        let (opens, failures) = guarded(&what, &m, move || {
-            let stop = Arc::new(AtomicBool::new(false));
-            let _ends = SetOnDrop(stop.clone());
-            let done = Arc::new(AtomicUsize::new(0));
-            let reader = open_until(root.join("x"), stop.clone(), done.clone());
-            let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-            let (x, y) = (c(&root.join("x")), c(&root.join("y")));
-            let mut i = 0;
-            while i < 3000 || (done.load(Ordering::Relaxed) < 1000 && i < 400_000) {
-                i += 1;
-                // SAFETY: valid NUL-terminated paths.
-                let r = unsafe {
-                    libc::renameat2(
-                        libc::AT_FDCWD,
-                        x.as_ptr(),
-                        libc::AT_FDCWD,
-                        y.as_ptr(),
-                        libc::RENAME_EXCHANGE,
-                    )
-                };
-                assert_eq!(r, 0, "exchange: {}", std::io::Error::last_os_error());
-            }
-            stop.store(true, Ordering::Relaxed);
-            reader.join().unwrap()
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let (x, y) = (c(&root.join("x")), c(&root.join("y")));
+        let (opens, failures) = opens_while(&what, &m, "x", 3000, 400_000, move || {
+            // SAFETY: valid NUL-terminated paths.
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    x.as_ptr(),
+                    libc::AT_FDCWD,
+                    y.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            };
+            assert_eq!(r, 0, "exchange: {}", std::io::Error::last_os_error());
         });
         assert!(opens >= 1000, "{what}: exchanges: only {opens} opens");
         // The same bound as above: once, with a hands-on test run loading the machine beside
         // the suite, 1 of 1,339 opens failed with ENOENT (an open that found its node
         // nameless while an exchange relinked it, and again after waiting); before the
         // relinking was waited for, far more did. A rename now moves each name in one step.
-        assert!(
-            failures.len() <= 1 + (opens + failures.len()) / 10_000,
-            "{what}: exchanges: {} of {} opens failed: {:?}",
-            failures.len(),
-            opens + failures.len(),
-            &failures[..failures.len().min(5)]
-        );
+        assert_rarely_failed(&format!("{what}: exchanges"), opens, &failures);
 
         // A name switched between a file and a symlink by renames (`ln -s x tmp && mv -T tmp
         // name`, as package managers replace files): opens of it reach the file or the
@@ -1196,30 +1212,14 @@ fn opens_during_atomic_replaces_never_fail() {
         fs::write(m.path("target"), "t").unwrap();
         std::os::unix::fs::symlink("target", m.path("flip")).unwrap();
         let root = m.merged.clone();
-        let (opens, failures) = guarded(&what, &m, move || {
-            let stop = Arc::new(AtomicBool::new(false));
-            let _ends = SetOnDrop(stop.clone());
-            let done = Arc::new(AtomicUsize::new(0));
-            let reader = open_until(root.join("flip"), stop.clone(), done.clone());
-            let mut i = 0;
-            while i < 5000 || (done.load(Ordering::Relaxed) < 1000 && i < 200_000) {
-                i += 1;
-                std::os::unix::fs::symlink("target", root.join(".lnk")).unwrap();
-                fs::rename(root.join(".lnk"), root.join("flip")).unwrap();
-                fs::write(root.join(".reg"), "r").unwrap();
-                fs::rename(root.join(".reg"), root.join("flip")).unwrap();
-            }
-            stop.store(true, Ordering::Relaxed);
-            reader.join().unwrap()
+        let (opens, failures) = opens_while(&what, &m, "flip", 5000, 200_000, move || {
+            std::os::unix::fs::symlink("target", root.join(".lnk")).unwrap();
+            fs::rename(root.join(".lnk"), root.join("flip")).unwrap();
+            fs::write(root.join(".reg"), "r").unwrap();
+            fs::rename(root.join(".reg"), root.join("flip")).unwrap();
         });
         assert!(opens >= 1000, "{what}: file/symlink: only {opens} opens");
-        assert!(
-            failures.len() <= 1 + (opens + failures.len()) / 10_000,
-            "{what}: file/symlink: {} of {} opens failed: {:?}",
-            failures.len(),
-            opens + failures.len(),
-            &failures[..failures.len().min(5)]
-        );
+        assert_rarely_failed(&format!("{what}: file/symlink"), opens, &failures);
     }
 }
 
