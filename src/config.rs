@@ -504,6 +504,7 @@ fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, Strin
     }
     opts.idmap = idmap;
     opts.noatime = flags.noatime;
+    opts.dir_atime = !(flags.noatime || flags.nodiratime || flags.read_only);
 
     if remount {
         let mountpoint = cli

@@ -516,6 +516,25 @@ impl Union {
         }
     }
 
+    /// A listing sent from its start is an access of the directory's upper object, which
+    /// kernel overlayfs times through the upper's mount (so by its `relatime` or `noatime`);
+    /// a directory only in lower layers keeps its times. The daemon's own reads of layers
+    /// take no access times.
+    fn time_listing(&self, node: &Node) {
+        if !self.opts.dir_atime || self.top_loc(node) != Loc::Upper {
+            return;
+        }
+        let res = self
+            .dir_fd(node, Loc::Upper)
+            .and_then(|d| sys::read_dir_timed(d.as_fd(), c"."));
+        if let Err(e) = res {
+            log::debug!(
+                "listing of {}: upper access time not updated: {e:?}",
+                node.ino
+            );
+        }
+    }
+
     /// Sends the entries of an open directory from `offset` on (`.` and `..` first) to
     /// `add`, until it reports the reply full. Without `numbered`, entries other than `.`
     /// and `..` come with number 0 (a listing with attributes numbers each by its lookup).
@@ -526,6 +545,9 @@ impl Union {
         numbered: bool,
         mut add: impl FnMut(DirEntry<'_>) -> bool,
     ) -> Result<()> {
+        if offset == 0 {
+            self.time_listing(&h.node);
+        }
         let listing = {
             let mut cur = h.listing.lock().unwrap_or_else(|p| p.into_inner());
             if offset == 0 || cur.is_none() {

@@ -815,6 +815,14 @@ pub struct RawDirent<'a> {
     pub name: &'a [u8],
 }
 
+/// Reads the start of the directory `name` in `dir` through a descriptor that times the
+/// access (no `O_NOATIME`): the kernel updates its access time as its mount says (`relatime`,
+/// `noatime`, ...), as for any reader's listing.
+pub fn read_dir_timed(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+    let fd = openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    read_dirents(fd.as_fd(), &mut [0u8; 256], |_| false)
+}
+
 /// Calls `f` for every entry of the directory open as `fd` (read from its current position).
 pub fn for_each_dirent(fd: BorrowedFd<'_>, mut f: impl FnMut(RawDirent<'_>)) -> Result<()> {
     for_each_dirent_while(fd, |d| {

@@ -36,6 +36,9 @@ pub struct Options {
     /// kernel keeps no times of FUSE files itself; the lower layers are read without them
     /// whatever the option).
     pub noatime: bool,
+    /// Listings time an access of the upper directory: not on a `noatime`, `nodiratime` or
+    /// read-only mount (see `Union::time_listing`).
+    pub dir_atime: bool,
     /// `noxattrs=1` (fuse-overlayfs's): the view has no xattrs (and so no ACLs); every
     /// xattr request through it fails with ENOTSUP.
     pub no_xattrs: bool,
@@ -65,6 +68,7 @@ impl Default for Options {
             posix_acl: true,
             readdirplus: ReaddirPlus::Auto,
             noatime: false,
+            dir_atime: true,
             no_xattrs: false,
         }
     }

@@ -1558,3 +1558,65 @@ fn kernel_overlayfs_nested_on_the_mount_keeps_set_id_bits_and_capabilities() {
         "a chown drops the capability"
     );
 }
+
+/// Listing a directory through the view times an access of its upper directory, by the
+/// upper's mount rules (relatime here), as kernel overlayfs does: a merged directory and one
+/// only in the upper take the listing's time; a directory only in a lower layer keeps its
+/// times there; a lookup is no listing; a `noatime`, `nodiratime` or read-only view times
+/// nothing. (The times are set on the upper between two mounts: kernel overlayfs decides
+/// from the times it read at lookup.)
+#[test]
+fn listings_time_the_upper_directory() {
+    const OLD_ATIME: i64 = 1_000_000_000;
+    const OLD_MTIME: i64 = 1_100_000_000;
+    let lstat = |p: &Path| fs::symlink_metadata(p).unwrap();
+    let l = Layers::new(1);
+    l.lower(0)
+        .file("merged/a", "a")
+        .file("lower/b", "b")
+        .times("lower", OLD_ATIME, OLD_MTIME);
+    let cases: [(&[&str], bool); 4] = [
+        (&[], true),
+        (&["noatime"], false),
+        (&["nodiratime"], false),
+        (&["ro"], false),
+    ];
+    for (i, (opts, timed)) in cases.into_iter().enumerate() {
+        for kernel in [true, false] {
+            let name = format!("{}{i}", if kernel { "k" } else { "u" });
+            let mount = |opts: &[&str]| match kernel {
+                true => l.mount_kernel_with(&name, opts),
+                false if opts.is_empty() => l.mount_with(&name, &[]),
+                false => l.mount_with(&name, &["-o", &opts.join(",")]),
+            };
+            let m = mount(&[]);
+            fs::write(m.path("merged/new"), "n").unwrap();
+            fs::create_dir(m.path("made")).unwrap();
+            fs::create_dir(m.path("looked")).unwrap();
+            fs::write(m.path("looked/f"), "f").unwrap();
+            drop(m);
+            let upper = l.root().join(&name).join("upper");
+            for d in ["merged", "made", "looked"] {
+                set_times(&upper.join(d), OLD_ATIME, OLD_MTIME);
+            }
+            let m = mount(opts);
+            for d in ["merged", "made", "lower"] {
+                assert!(fs::read_dir(m.path(d)).unwrap().count() <= 2, "{d}");
+            }
+            let _ = fs::symlink_metadata(m.path("looked/f"));
+            let _ = fs::symlink_metadata(m.path("looked/nothing"));
+            let t = [
+                lstat(&upper.join("merged")).atime(),
+                lstat(&upper.join("made")).atime(),
+                lstat(&l.lower(0).path("lower")).atime(),
+                lstat(&upper.join("looked")).atime(),
+            ];
+            let listed = |t: i64| t > OLD_MTIME;
+            assert_eq!(
+                (listed(t[0]), listed(t[1]), t[2], t[3]),
+                (timed, timed, OLD_ATIME, OLD_ATIME),
+                "{name} {opts:?}: atimes of upper merged, upper made, lower, upper looked-up: {t:?}"
+            );
+        }
+    }
+}
