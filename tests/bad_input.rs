@@ -903,3 +903,43 @@ fn a_second_mount_on_a_live_upper_is_warned_of() {
         "no warning once unmounted"
     );
 }
+
+/// Clears the immutable flag it set, also when an assertion fails.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(p: &Path) -> Immutable {
+        let st = Command::new("chattr").arg("+i").arg(p).status().unwrap();
+        assert!(st.success(), "chattr +i {}", p.display());
+        Immutable(p.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A work directory that cannot be written (immutable) refuses the mount, changing nothing;
+/// kernel overlayfs mounts such layers read-only instead (checked here: a deliberate
+/// difference, README).
+#[test]
+fn unwritable_work_directory() {
+    let f = Fixture::new();
+    let lo = f.l.lower_paths();
+    let _i = Immutable::set(&f.work);
+    assert_none(refused(
+        f.root(),
+        "an immutable work directory",
+        &native_args(&lo, Some(&f.upper), Some(&f.work), &f.merged),
+        &f.merged,
+        &["work directory", "not writable"],
+    ));
+    let k = Mount::kernel(&f.l.lowerdir_opt(), &f.upper, &f.work, &f.merged, &[]);
+    assert_eq!(
+        errno(fs::write(k.path("new"), "n")),
+        libc::EROFS,
+        "kernel overlayfs mounts read-only"
+    );
+}
