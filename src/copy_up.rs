@@ -55,6 +55,20 @@ impl Union {
     }
 
     pub fn copy_up_with(&self, node: &Arc<Node>, data: Data) -> Result<()> {
+        let res = self.copy_up_chain(node, data);
+        // The caller reached the node through a name of a lower hard link that a copy-up of
+        // another name broke off meanwhile: the node is that name's copy, not the caller's
+        // file, and the kernel walks to the caller's name again (see `links::Walks`).
+        if self
+            .walks
+            .broken_off(node.serial, crate::fuse::longwork::caller())
+        {
+            return Err(Errno::ESTALE);
+        }
+        res
+    }
+
+    fn copy_up_chain(&self, node: &Arc<Node>, data: Data) -> Result<()> {
         if node.state().upper.is_some() {
             return Ok(());
         }
@@ -94,11 +108,22 @@ impl Union {
             }
             st.top_lower().ok_or(LAYERLESS)?
         };
-        let target = node
-            .state()
-            .links
-            .first()
-            .map(|l| (l.parent.clone(), l.name.to_os_string()));
+        // The name the caller walked to, if it is a name of a lower hard link the node still
+        // has (see `links::Walks`); else the first.
+        let walked = self
+            .walks
+            .name_of(node.serial, crate::fuse::longwork::caller());
+        let target = {
+            let st = node.state();
+            walked
+                .and_then(|(dir, name)| {
+                    st.links
+                        .iter()
+                        .find(|l| l.parent.ino == dir && *l.name == *name)
+                })
+                .or_else(|| st.links.first())
+                .map(|l| (l.parent.clone(), l.name.to_os_string()))
+        };
         let src = self.open_in(node, Loc::Lower(lower), libc::O_PATH)?;
         let st = sys::fstat(src.as_fd())?;
         // The lower object must still be of the kind the view shows (a regular file stands in
@@ -350,17 +375,26 @@ impl CopyUp<'_> {
         if hardlinked {
             // The other names leave this node: a lookup that found it through one of them
             // meanwhile must look again (see `lookup_stat`).
-            fs.tree_change(|| self.record(id, true, &parent));
+            fs.tree_change(|| self.record(id, true, &parent, &name));
         } else {
-            self.record(id, false, &parent);
+            self.record(id, false, &parent, &name);
         }
         Ok(())
     }
 
-    /// Records the installed copy `id` on the node; the other names of a lower hard link
-    /// (`hardlinked`) keep the lower file and leave the node.
-    fn record(&self, id: RealId, hardlinked: bool, parent: &Node) {
+    /// Records the installed copy `id` at `name` in `parent` on the node; the other names of
+    /// a lower hard link (`hardlinked`) keep the lower file and leave the node.
+    fn record(&self, id: RealId, hardlinked: bool, parent: &Node, name: &std::ffi::OsStr) {
         let fs = self.fs;
+        let other = |l: &&crate::links::Link| !(l.parent.ino == parent.ino && *l.name == *name);
+        if hardlinked {
+            // Before the copy shows: a request that sees it finds the names it breaks off
+            // marked (see `links::Walks`).
+            let st = self.node.state();
+            for l in st.links.iter().filter(other) {
+                fs.walks.break_off(self.node.serial, l.parent.ino, &l.name);
+            }
+        }
         let others: Vec<(u64, std::ffi::OsString)> = {
             let mut st = self.node.state();
             st.upper = Some(id);
@@ -379,7 +413,7 @@ impl CopyUp<'_> {
                 let st = self.node.state();
                 st.links
                     .iter()
-                    .skip(1)
+                    .filter(other)
                     .map(|l| (l.parent.ino, l.name.to_os_string()))
                     .collect()
             } else {

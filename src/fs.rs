@@ -420,11 +420,32 @@ impl UnionFs {
             if name == "." || name == ".." {
                 return self.u.lookup(&p, name).and_then(|n| self.entry_of(n, None));
             }
-            let (n, st) = self.u.lookup_stat(&p, name)?;
-            if !self.u.looked_up(&p, name, &n) {
-                self.u.table.unpin(&n, 1);
-                return Err(Errno::ENOENT);
-            }
+            let mut waits = 0;
+            let (n, st) = loop {
+                let snap = self.u.tree_snapshot();
+                let (n, st) = self.u.lookup_stat(&p, name)?;
+                if !self.u.looked_up(&p, name, &n) {
+                    self.u.table.unpin(&n, 1);
+                    return Err(Errno::ENOENT);
+                }
+                // Which name of a hard link this caller uses (see `links::Walks`); found
+                // through a name a copy-up of another name is breaking off the node, it is
+                // looked up again once the copy-up has.
+                let settled = || self.u.tree_unchanged_since(snap);
+                if st.st_nlink > 1
+                    && !n.is_dir()
+                    && !self.u.walks.note(n.serial, h.pid, p.ino, name, settled)
+                {
+                    self.u.table.unpin(&n, 1);
+                    waits += 1;
+                    if waits > 1000 {
+                        return Err(Errno::ESTALE);
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                    continue;
+                }
+                break (n, st);
+            };
             self.entry_of(n, Some(st))
         });
         if let Ok((n, _)) = &res
@@ -525,6 +546,12 @@ impl UnionFs {
             // A truncating open drops set-ID bits and capabilities (see `privs_lock`).
             let _privs = (flags & libc::O_TRUNC != 0).then(|| self.u.privs_changing(&n));
             let opened = self.u.open(&n, flags, &|fd| reply.open_backing(fd))?;
+            // Reached through a name of a lower hard link that another name's copy-up broke
+            // off this node meanwhile: the kernel walks to that name again.
+            if self.u.walks.broken_off(n.serial, h.pid) {
+                self.u.release(opened.0);
+                return Err(Errno::ESTALE);
+            }
             // Read ahead once the reply is sent.
             data_ahead = self.u.opened_for_data_ahead(&n, h.pid, flags);
             if flags & libc::O_TRUNC != 0 {

@@ -4,10 +4,11 @@
 //! costs for a file with one, instead of a scan of all of them.
 
 use crate::compact::{Few, FewIntoIter, Name};
-use crate::inode::Node;
+use crate::inode::{Node, clock_ms};
 use lru::LruCache;
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// One name of a node in the merged tree.
 #[derive(Clone)]
@@ -130,6 +131,146 @@ impl Links {
                     *self = Links::List(Few::from(list));
                 }
                 Some(gone)
+            }
+        }
+    }
+}
+
+/// How long a caller's walk to a name of a lower hard link is remembered (see `Walks`): a
+/// path walk's LOOKUP and the request it serves (an OPEN, a SETATTR) are moments apart.
+const WALK_MS: u64 = 2000;
+/// Most walks remembered at once (the oldest go first).
+const MAX_WALKS: usize = 1024;
+
+/// One caller's last walk to a node: the name, and whether a copy-up of another name has
+/// broken it off the node since.
+struct Walk {
+    dir: u64,
+    name: Name,
+    at: u64,
+    broken: bool,
+}
+
+/// Which name of a lower hard link each caller (the kernel's thread id, as FUSE requests
+/// carry it) reached the node through last. The names of a lower hard link share one node
+/// until a copy-up breaks the link, and an OPEN or SETATTR names no name: the copy-up goes to
+/// the name the caller walked to, and a caller whose name a copy-up of another name broke
+/// off the node between its LOOKUP and its request is told ESTALE, so that the kernel walks
+/// again and finds the lower file that name still shows (each name of a lower hard link is
+/// an inode of its own on kernel overlayfs).
+///
+/// A copy-up marks the names it breaks off (`break_off`) before it records the copy on the
+/// node, and a walk noted after that finds the mark: a request that saw the copy finds its
+/// caller's walk broken when it checks after its work (`broken_off`).
+#[derive(Default)]
+pub struct Walks {
+    /// The latest `clock_ms` a walk was noted at; 0 when none ever was. One load per OPEN.
+    last: AtomicU64,
+    inner: Mutex<WalksInner>,
+}
+
+#[derive(Default)]
+struct WalksInner {
+    /// Keyed by (node serial, caller); the least recently noted first out.
+    walks: Option<LruCache<(u64, u32), Walk>>,
+    /// Names broken off nodes in the last `WALK_MS`: (node serial, dir, name, when).
+    broken: Vec<(u64, u64, Name, u64)>,
+}
+
+impl Walks {
+    fn inner(&self) -> std::sync::MutexGuard<'_, WalksInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Caller `pid` looked up the node `serial` at `name` in `dir`. False (and nothing
+    /// noted) if a copy-up broke that name off the node and the lookup may have seen the name
+    /// before it left (`settled()` false: a change of names began since the lookup began):
+    /// the name leads to the lower file's own node now, and the lookup is to be made again.
+    /// A lookup that ran after the copy-up found the name given to the node anew (a link).
+    pub fn note(
+        &self,
+        serial: u64,
+        pid: u32,
+        dir: u64,
+        name: &OsStr,
+        settled: impl Fn() -> bool,
+    ) -> bool {
+        let at = clock_ms();
+        let mut inner = self.inner();
+        inner.broken.retain(|b| at < b.3 + WALK_MS);
+        let is = |b: &(u64, u64, Name, u64)| b.0 == serial && b.1 == dir && *b.2 == *name;
+        if inner.broken.iter().any(is) {
+            if !settled() {
+                return false;
+            }
+            inner.broken.retain(|b| !is(b));
+        }
+        let walks = inner.walks.get_or_insert_with(LruCache::unbounded);
+        walks.put(
+            (serial, pid),
+            Walk {
+                dir,
+                name: Name::new(name),
+                at,
+                broken: false,
+            },
+        );
+        while walks.len() > MAX_WALKS {
+            walks.pop_lru();
+        }
+        self.last.store(at, Ordering::SeqCst);
+        true
+    }
+
+    fn recent(&self) -> bool {
+        let last = self.last.load(Ordering::SeqCst);
+        last != 0 && clock_ms() < last + WALK_MS
+    }
+
+    /// The name caller `pid` reached node `serial` through, if it walked there just now and
+    /// no copy-up broke it off since.
+    pub fn name_of(&self, serial: u64, pid: u32) -> Option<(u64, Name)> {
+        if !self.recent() {
+            return None;
+        }
+        let inner = self.inner();
+        let w = inner.walks.as_ref()?.peek(&(serial, pid))?;
+        (!w.broken && clock_ms() < w.at + WALK_MS).then(|| (w.dir, w.name.clone()))
+    }
+
+    /// Whether caller `pid` reached node `serial` just now through a name that a copy-up of
+    /// another name broke off since (forgotten once told).
+    pub fn broken_off(&self, serial: u64, pid: u32) -> bool {
+        if !self.recent() {
+            return false;
+        }
+        let mut inner = self.inner();
+        let Some(walks) = inner.walks.as_mut() else {
+            return false;
+        };
+        match walks.peek(&(serial, pid)) {
+            Some(w) if w.broken && clock_ms() < w.at + WALK_MS => {
+                walks.pop(&(serial, pid));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A copy-up of node `serial` breaks the name `name` in `dir` off it.
+    pub fn break_off(&self, serial: u64, dir: u64, name: &OsStr) {
+        let now = clock_ms();
+        let mut inner = self.inner();
+        inner.broken.retain(|b| now < b.3 + WALK_MS);
+        if inner.broken.len() >= MAX_WALKS {
+            inner.broken.remove(0);
+        }
+        inner.broken.push((serial, dir, Name::new(name), now));
+        if let Some(walks) = inner.walks.as_mut() {
+            for ((s, _), w) in walks.iter_mut() {
+                if *s == serial && w.dir == dir && *w.name == *name {
+                    w.broken = true;
+                }
             }
         }
     }

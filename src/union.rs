@@ -121,6 +121,8 @@ pub struct Union {
     privs_locks: [std::sync::RwLock<()>; 64],
     /// Names an open met a removed file at (see `lookup::Strikes`).
     pub strikes: crate::lookup::Strikes,
+    /// The names of lower hard links callers walked to (see `links::Walks`).
+    pub walks: crate::links::Walks,
 }
 
 impl Union {
@@ -176,6 +178,7 @@ impl Union {
             mode_locks: std::array::from_fn(|_| Mutex::new(())),
             privs_locks: std::array::from_fn(|_| std::sync::RwLock::new(())),
             strikes: Default::default(),
+            walks: Default::default(),
         })
     }
 

@@ -1799,3 +1799,127 @@ fn direct_reads_filling_the_splice_pipe_while_the_file_is_cut_and_extended() {
     });
     assert_eq!(errors, 0, "reads returned bytes the file never had");
 }
+
+/// What the second thread does to the other name of each lower hard link while the first
+/// appends to one name.
+#[derive(Clone, Copy, Debug)]
+enum OtherName {
+    Append,
+    Chmod,
+    /// Opened read-only, read a moment later: the lower file (with passthrough; on the
+    /// page-cached path the names share one page cache, a limitation the README states).
+    Read,
+}
+
+/// Two names of each lower hard link changed at one moment by two threads (one appends `1`
+/// to `a`, the other appends `2` to `b`, or changes its mode, or reads it): each change
+/// lands on the name it was made through, and the other name keeps the lower file, as on
+/// kernel overlayfs (each name an inode of its own there). The names share one node until a
+/// copy-up breaks the link, and an OPEN names no name: the copy-up went to whichever name
+/// was looked up last, and a caller that looked up its name before another name's copy-up
+/// opened that copy. Both writes landed in one copy, or one on the wrong name, for most
+/// pairs.
+#[test]
+fn names_of_a_lower_hard_link_change_apart() {
+    const PAIRS: usize = 300;
+    let l = Layers::new(1);
+    for i in 0..PAIRS {
+        l.lower(0)
+            .file(&format!("d/a{i}"), "x")
+            .hardlink(&format!("d/a{i}"), &format!("d/b{i}"));
+    }
+    let variants: [(&str, &[&str]); 3] =
+        [("k", &[]), ("u", &[]), ("uc", &["--passthrough", "off"])];
+    for other in [OtherName::Append, OtherName::Chmod, OtherName::Read] {
+        for (name, extra) in variants {
+            if name == "uc" && matches!(other, OtherName::Read) {
+                continue;
+            }
+            let tag = format!("{name}-{other:?}");
+            let m = match name {
+                "k" => l.mount_kernel(&tag),
+                _ => l.mount_with(&tag, extra),
+            };
+            let dir = m.path("d");
+            let what = format!("{tag} {extra:?}");
+            let errors = guarded(&what, &m, move || {
+                let barrier = Arc::new(Barrier::new(2));
+                let second = {
+                    let (dir, barrier) = (dir.clone(), barrier.clone());
+                    thread::spawn(move || {
+                        let mut errors = Vec::new();
+                        for i in 0..PAIRS {
+                            let p = dir.join(format!("b{i}"));
+                            barrier.wait();
+                            let res = match other {
+                                OtherName::Append => OpenOptions::new()
+                                    .append(true)
+                                    .open(&p)
+                                    .and_then(|mut f| f.write_all(b"2")),
+                                OtherName::Chmod => {
+                                    fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+                                }
+                                OtherName::Read => fs::File::open(&p).and_then(|mut f| {
+                                    thread::sleep(Duration::from_micros(200));
+                                    let mut s = String::new();
+                                    f.read_to_string(&mut s)?;
+                                    match s.as_str() {
+                                        "x" => Ok(()),
+                                        _ => Err(std::io::Error::other(format!("read {s:?}"))),
+                                    }
+                                }),
+                            };
+                            if let Err(e) = res {
+                                errors.push(format!("b{i}: {e}"));
+                            }
+                        }
+                        errors
+                    })
+                };
+                let mut errors = Vec::new();
+                for i in 0..PAIRS {
+                    let p = dir.join(format!("a{i}"));
+                    barrier.wait();
+                    let res = OpenOptions::new()
+                        .append(true)
+                        .open(&p)
+                        .and_then(|mut f| f.write_all(b"1"));
+                    if let Err(e) = res {
+                        errors.push(format!("a{i}: {e}"));
+                    }
+                }
+                errors.extend(second.join().unwrap());
+                errors
+            });
+            assert_no_errors(&errors, &what);
+            let (b_data, b_mode) = match other {
+                OtherName::Append => ("x2", 0o644),
+                OtherName::Chmod => ("x", 0o600),
+                OtherName::Read => ("x", 0o644),
+            };
+            let mut wrong = Vec::new();
+            for i in 0..PAIRS {
+                for (n, data, mode) in [("a", "x1", 0o644), ("b", b_data, b_mode)] {
+                    let p = m.path(&format!("d/{n}{i}"));
+                    let got = (
+                        fs::read_to_string(&p).unwrap_or_else(|e| e.to_string()),
+                        fs::symlink_metadata(&p).map_or(0, |md| md.mode() & 0o7777),
+                    );
+                    if got != (data.to_string(), mode) {
+                        wrong.push(format!("{n}{i}: {got:?}, not ({data:?}, {mode:o})"));
+                    }
+                }
+            }
+            assert!(
+                wrong.is_empty(),
+                "{what}: {} of {} names wrong: {:?}",
+                wrong.len(),
+                2 * PAIRS,
+                &wrong[..wrong.len().min(4)]
+            );
+            if name != "k" {
+                assert_eq!(work_leftovers(&m), Vec::<String>::new(), "{what}: work");
+            }
+        }
+    }
+}

@@ -160,6 +160,11 @@ pub(super) fn extra_may_leave() -> bool {
     SPARES.get().is_some_and(|s| s.leave())
 }
 
+/// The thread id of the caller whose request the calling worker serves (0 outside requests).
+pub fn caller() -> u32 {
+    CURRENT.with(|c| c.get().1)
+}
+
 /// The request the calling worker serves from now on.
 pub(super) fn serving(unique: u64, pid: u32) {
     CURRENT.with(|c| c.set((unique, pid)));
