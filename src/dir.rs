@@ -218,6 +218,19 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
 }
 
 impl Union {
+    /// ESTALE if the caller's entry for `name` in `parent` leads to a node that a copy-up of
+    /// another name of a lower hard link broke the name off since the caller's lookup (see
+    /// `links::Walks`): the kernel walks to the name again, and acts on what is there now.
+    /// Checked once the name's node is found, so that a copy-up before that finding shows
+    /// here, and one after it shows in the copy-up of the found node.
+    fn kernel_entry_current(&self, parent: &Node, name: &OsStr) -> Result<()> {
+        let pid = crate::fuse::longwork::caller();
+        match self.walks.broken_walk_to(pid, parent.ino, name) {
+            true => Err(Errno::ESTALE),
+            false => Ok(()),
+        }
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.layers.read_only() {
             Err(Errno::EROFS)
@@ -811,6 +824,7 @@ impl Union {
         // Protection flags before the type, as the kernel's VFS checks them on an overlayfs
         // inode (on the FUSE inode, which has none, it has already checked the type).
         let res = (|| {
+            self.kernel_entry_current(parent, name)?;
             protect::check_remove_entry(self.prot(parent)?, self.prot(&node)?)?;
             if want_dir && !is_dir {
                 return Err(Errno::ENOTDIR);
@@ -1031,6 +1045,16 @@ impl Union {
         let dst_found = self.probe(newparent, newname)?;
         let src = self.node_for(parent, name, src_found);
         let dst = dst_found.map(|f| self.node_for(newparent, newname, f));
+        let current = self
+            .kernel_entry_current(parent, name)
+            .and_then(|()| self.kernel_entry_current(newparent, newname));
+        if let Err(e) = current {
+            self.table.unpin(&src, 1);
+            if let Some(d) = &dst {
+                self.table.unpin(d, 1);
+            }
+            return Err(e);
+        }
         // Two names of one file: rename(2) does nothing, and leaves no device either.
         let same_file = dst.as_ref().is_some_and(|d| d.ino == src.ino);
         let device = (whiteout && !same_file).then(|| self.build_rename_whiteout(parent, caller));

@@ -65,6 +65,17 @@ impl UnionFs {
         self.u.drop_set_ids_for_acl(node, pid)
     }
 
+    /// A failed request on `node` whose caller reached it through a name of a lower hard
+    /// link that another name's copy-up broke off meanwhile answers ESTALE instead: what it
+    /// met was the other name's copy, and the kernel walks to the caller's name again (a
+    /// request that succeeded made the same check in its copy-up, `Union::copy_up_with`).
+    fn unless_broken_off<T>(&self, node: &Node, pid: u32, res: Result<T>) -> Result<T> {
+        match res {
+            Err(_) if self.u.walks.broken_off(node.serial, pid) => Err(Errno::ESTALE),
+            r => r,
+        }
+    }
+
     fn ttl(&self) -> Duration {
         self.u.opts.ttl
     }
@@ -203,7 +214,8 @@ impl UnionFs {
             Op::Link { ino: from, newname } => {
                 let res = self.node(INodeNo(from)).and_then(|n| {
                     let np = self.node(ino)?;
-                    self.created(self.u.link(&n, &np, newname))
+                    let made = self.u.link(&n, &np, newname);
+                    self.created(self.unless_broken_off(&n, h.pid, made))
                 });
                 self.reply_entry(res, reply);
             }
@@ -262,11 +274,14 @@ impl UnionFs {
             }
             Op::Setxattr { name, value, flags } => {
                 match self.node(ino).and_then(|n| {
-                    let _privs = self.u.privs_changing(&n);
-                    self.u.check_change_prot(&n)?;
-                    self.u.check_acl_settable(&n, name)?;
-                    self.acl_change_by(h.pid, &n, name)?;
-                    self.u.setxattr(&n, name, value, flags)
+                    let res = (|| {
+                        let _privs = self.u.privs_changing(&n);
+                        self.u.check_change_prot(&n)?;
+                        self.u.check_acl_settable(&n, name)?;
+                        self.acl_change_by(h.pid, &n, name)?;
+                        self.u.setxattr(&n, name, value, flags)
+                    })();
+                    self.unless_broken_off(&n, h.pid, res)
                 }) {
                     Ok(()) => reply.ok(),
                     Err(e) => reply.error(e),
@@ -288,11 +303,14 @@ impl UnionFs {
             }
             Op::Removexattr { name } => {
                 match self.node(ino).and_then(|n| {
-                    let _privs = self.u.privs_changing(&n);
-                    self.u.check_change_prot(&n)?;
-                    self.u.check_acl_settable(&n, name)?;
-                    self.acl_change_by(h.pid, &n, name)?;
-                    self.u.removexattr(&n, name)
+                    let res = (|| {
+                        let _privs = self.u.privs_changing(&n);
+                        self.u.check_change_prot(&n)?;
+                        self.u.check_acl_settable(&n, name)?;
+                        self.acl_change_by(h.pid, &n, name)?;
+                        self.u.removexattr(&n, name)
+                    })();
+                    self.unless_broken_off(&n, h.pid, res)
                 }) {
                     Ok(()) => reply.ok(),
                     Err(e) => reply.error(e),
@@ -495,7 +513,8 @@ impl UnionFs {
             || (req.atime.is_none() && req.mtime.is_none());
         let res = self.node(ino).and_then(|n| {
             let _privs = privs.then(|| self.u.privs_changing(&n));
-            Ok((self.u.setattr_by(&n, req, h.pid, h.uid)?, self.attr_ttl(&n)))
+            let set = self.u.setattr_by(&n, req, h.pid, h.uid);
+            Ok((self.unless_broken_off(&n, h.pid, set)?, self.attr_ttl(&n)))
         });
         let send = move || match res {
             Ok((attr, ttl)) => reply.attr(&ttl, &attr),
@@ -545,13 +564,17 @@ impl UnionFs {
         let res = self.node(ino).and_then(|n| {
             // A truncating open drops set-ID bits and capabilities (see `privs_lock`).
             let _privs = (flags & libc::O_TRUNC != 0).then(|| self.u.privs_changing(&n));
-            let opened = self.u.open(&n, flags, &|fd| reply.open_backing(fd))?;
+            let opened = self.u.open(&n, flags, &|fd| reply.open_backing(fd));
             // Reached through a name of a lower hard link that another name's copy-up broke
-            // off this node meanwhile: the kernel walks to that name again.
+            // off this node meanwhile (whatever the open met then): the kernel walks to that
+            // name again.
             if self.u.walks.broken_off(n.serial, h.pid) {
-                self.u.release(opened.0);
+                if let Ok(o) = &opened {
+                    self.u.release(o.0);
+                }
                 return Err(Errno::ESTALE);
             }
+            let opened = opened?;
             // Read ahead once the reply is sent.
             data_ahead = self.u.opened_for_data_ahead(&n, h.pid, flags);
             if flags & libc::O_TRUNC != 0 {

@@ -257,6 +257,34 @@ impl Walks {
         }
     }
 
+    /// Whether caller `pid` walked to `name` in `dir` just now and found there a node that a
+    /// copy-up of another name then broke that name off (forgotten once told): the kernel's
+    /// entry for the name still leads to that node, and a request on the name (an unlink, a
+    /// rename) would act on another file than the one the kernel takes it for.
+    pub fn broken_walk_to(&self, pid: u32, dir: u64, name: &OsStr) -> bool {
+        if !self.recent() {
+            return false;
+        }
+        let now = clock_ms();
+        let mut inner = self.inner();
+        let Some(walks) = inner.walks.as_mut() else {
+            return false;
+        };
+        let found = walks
+            .iter()
+            .find(|((_, p), w)| {
+                *p == pid && w.broken && w.dir == dir && *w.name == *name && now < w.at + WALK_MS
+            })
+            .map(|(k, _)| *k);
+        match found {
+            Some(k) => {
+                walks.pop(&k);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A copy-up of node `serial` breaks the name `name` in `dir` off it.
     pub fn break_off(&self, serial: u64, dir: u64, name: &OsStr) {
         let now = clock_ms();

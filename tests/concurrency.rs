@@ -1809,16 +1809,21 @@ enum OtherName {
     /// Opened read-only, read a moment later: the lower file (with passthrough; on the
     /// page-cached path the names share one page cache, a limitation the README states).
     Read,
+    /// Renamed to `c`.
+    Rename,
+    Unlink,
 }
 
 /// Two names of each lower hard link changed at one moment by two threads (one appends `1`
-/// to `a`, the other appends `2` to `b`, or changes its mode, or reads it): each change
+/// to `a`, the other appends `2` to `b`, changes its mode, reads it, renames or removes it):
+/// each change
 /// lands on the name it was made through, and the other name keeps the lower file, as on
 /// kernel overlayfs (each name an inode of its own there). The names share one node until a
 /// copy-up breaks the link, and an OPEN names no name: the copy-up went to whichever name
 /// was looked up last, and a caller that looked up its name before another name's copy-up
 /// opened that copy. Both writes landed in one copy, or one on the wrong name, for most
-/// pairs.
+/// pairs; a rename of the other name could leave the kernel showing the copy at the new
+/// name.
 #[test]
 fn names_of_a_lower_hard_link_change_apart() {
     const PAIRS: usize = 300;
@@ -1830,7 +1835,14 @@ fn names_of_a_lower_hard_link_change_apart() {
     }
     let variants: [(&str, &[&str]); 3] =
         [("k", &[]), ("u", &[]), ("uc", &["--passthrough", "off"])];
-    for other in [OtherName::Append, OtherName::Chmod, OtherName::Read] {
+    let others = [
+        OtherName::Append,
+        OtherName::Chmod,
+        OtherName::Read,
+        OtherName::Rename,
+        OtherName::Unlink,
+    ];
+    for other in others {
         for (name, extra) in variants {
             if name == "uc" && matches!(other, OtherName::Read) {
                 continue;
@@ -1859,6 +1871,8 @@ fn names_of_a_lower_hard_link_change_apart() {
                                 OtherName::Chmod => {
                                     fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
                                 }
+                                OtherName::Rename => fs::rename(&p, dir.join(format!("c{i}"))),
+                                OtherName::Unlink => fs::remove_file(&p),
                                 OtherName::Read => fs::File::open(&p).and_then(|mut f| {
                                     thread::sleep(Duration::from_micros(200));
                                     let mut s = String::new();
@@ -1892,21 +1906,27 @@ fn names_of_a_lower_hard_link_change_apart() {
                 errors
             });
             assert_no_errors(&errors, &what);
-            let (b_data, b_mode) = match other {
-                OtherName::Append => ("x2", 0o644),
-                OtherName::Chmod => ("x", 0o600),
-                OtherName::Read => ("x", 0o644),
+            // (name, content and mode) after the pair's changes; None: no such name.
+            let b = match other {
+                OtherName::Append => Some(("x2", 0o644)),
+                OtherName::Chmod => Some(("x", 0o600)),
+                OtherName::Read => Some(("x", 0o644)),
+                OtherName::Rename | OtherName::Unlink => None,
             };
+            let c = matches!(other, OtherName::Rename).then_some(("x", 0o644));
             let mut wrong = Vec::new();
             for i in 0..PAIRS {
-                for (n, data, mode) in [("a", "x1", 0o644), ("b", b_data, b_mode)] {
+                for (n, want) in [("a", Some(("x1", 0o644))), ("b", b), ("c", c)] {
                     let p = m.path(&format!("d/{n}{i}"));
-                    let got = (
-                        fs::read_to_string(&p).unwrap_or_else(|e| e.to_string()),
-                        fs::symlink_metadata(&p).map_or(0, |md| md.mode() & 0o7777),
-                    );
-                    if got != (data.to_string(), mode) {
-                        wrong.push(format!("{n}{i}: {got:?}, not ({data:?}, {mode:o})"));
+                    let got = fs::read_to_string(&p).ok().map(|data| {
+                        (
+                            data,
+                            fs::symlink_metadata(&p).map_or(0, |md| md.mode() & 0o7777),
+                        )
+                    });
+                    let want = want.map(|(d, m)| (d.to_string(), m));
+                    if got != want {
+                        wrong.push(format!("{n}{i}: {got:?}, not {want:?}"));
                     }
                 }
             }
