@@ -162,6 +162,8 @@ pub struct FileHandle {
     append_only: bool,
     /// Served by the daemon on a passthrough mount (counted in the node's `direct_opens`).
     direct: bool,
+    /// Opened with O_DIRECT (a later `fcntl` that sets or clears it is not seen).
+    o_direct: bool,
 }
 
 impl Drop for FileHandle {
@@ -206,6 +208,7 @@ impl FileHandle {
             exec: false,
             append_only: false,
             direct: false,
+            o_direct: false,
             backing: None,
         }
     }
@@ -717,6 +720,7 @@ impl Union {
         let mut h = FileHandle::new(node.clone(), fd, generation, writable);
         h.share = Mutex::new(share);
         h.append_only = append_only;
+        h.o_direct = flags & libc::O_DIRECT != 0;
         if let IoMode::Passthrough(b) = &mode {
             h.backing = Some(b.clone());
         }
@@ -1359,6 +1363,17 @@ impl Union {
         crate::protect::check_copy_into(self.prot(&ho.node)?)?;
         let fi = self.read_fd(&hi);
         let fo = ho.fd();
+        // Direct I/O keeps its alignment through a copy, as the kernel's copy reads or
+        // writes such a file directly (the daemon's own fds are not O_DIRECT): EINVAL for an
+        // offset or a length off the file's alignment, as on ext4.
+        for (h, fd, off) in [(&hi, &fi, off_in), (&ho, &fo, off_out)] {
+            if h.o_direct {
+                let align = u64::from(sys::dio_offset_align(fd.as_fd()).unwrap_or(512));
+                if off % align != 0 || len % align != 0 {
+                    return Err(Errno::EINVAL);
+                }
+            }
+        }
         let mut oi = off_in as i64;
         let mut oo = off_out as i64;
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;

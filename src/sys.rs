@@ -1143,6 +1143,14 @@ pub fn mount_id(path: &std::path::Path) -> Option<u64> {
     (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
 }
 
+/// The alignment the file open as `fd` takes direct I/O at (offsets and lengths), if its
+/// filesystem says (`STATX_DIOALIGN`).
+pub fn dio_offset_align(fd: BorrowedFd<'_>) -> Option<u32> {
+    let stx = statx_at(fd, c"", libc::STATX_DIOALIGN).ok()?;
+    (stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0)
+        .then_some(stx.stx_dio_offset_align)
+}
+
 /// The attributes `statx` reports of `name` in `dir` (`c""` or `c"."` for `dir` itself; links
 /// not followed) that its filesystem supports (STATX_ATTR_*).
 pub fn statx_attributes_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<u64> {

@@ -2898,3 +2898,72 @@ fn a_deleted_files_handle_does_not_open_its_successor() {
         "a live file's handle"
     );
 }
+
+/// `copy_file_range` between files opened with O_DIRECT keeps direct I/O's alignment, as on
+/// kernel overlayfs and ext4 (the kernel's copy reads or writes such a file directly):
+/// EINVAL for an offset or a length off it, nothing copied; aligned copies work. The daemon
+/// copies with descriptors of its own, which used to copy anything.
+#[test]
+fn copy_file_range_keeps_direct_io_alignment() {
+    let data: Vec<u8> = (0..8192u32).map(|i| b'A' + (i % 8) as u8).collect();
+    let l = Layers::new(1);
+    l.lower(0).file_bytes("f", &data);
+    // (source O_DIRECT, target O_DIRECT, offset in, offset out, length); one file.
+    let cases = [
+        (true, true, 0, 1, 1),
+        (true, false, 0, 6000, 100),
+        (false, true, 0, 1000, 512),
+        (false, true, 3, 4096, 4096),
+        (true, true, 0, 4096, 4096),
+        (false, false, 1, 3, 7),
+    ];
+    let run = |m: &Mount| -> Vec<(Result<isize, i32>, Vec<u8>)> {
+        let p = m.path("f");
+        let open = |direct: bool, write: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                .open(&p)
+                .unwrap()
+        };
+        cases
+            .iter()
+            .map(|&(src_direct, dst_direct, off_in, off_out, len)| {
+                fs::write(&p, &data).unwrap();
+                let (src, dst) = (open(src_direct, false), open(dst_direct, true));
+                let (mut oi, mut oo): (i64, i64) = (off_in, off_out);
+                // SAFETY: valid fds and offsets.
+                let n = unsafe {
+                    libc::copy_file_range(
+                        src.as_raw_fd(),
+                        &mut oi,
+                        dst.as_raw_fd(),
+                        &mut oo,
+                        len,
+                        0,
+                    )
+                };
+                drop((src, dst));
+                let res = if n < 0 { Err(last_errno()) } else { Ok(n) };
+                (res, fs::read(&p).unwrap())
+            })
+            .collect()
+    };
+    let k = l.mount_kernel("k");
+    let want = run(&k);
+    assert_eq!(
+        want[0].0,
+        Err(libc::EINVAL),
+        "kernel overlayfs, the 1-byte copy"
+    );
+    assert_eq!(want[4].0, Ok(4096), "kernel overlayfs, the aligned copy");
+    for extra in [&[][..], &["--passthrough", "off"][..]] {
+        let m = l.mount_with(&format!("u{}", extra.len()), extra);
+        let got = run(&m);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.0, w.0, "{extra:?} case {:?}: result", cases[i]);
+            assert!(g.1 == w.1, "{extra:?} case {:?}: content differs", cases[i]);
+        }
+    }
+}
