@@ -136,19 +136,26 @@ impl Links {
     }
 }
 
-/// How long a caller's walk to a name of a lower hard link is remembered (see `Walks`): a
-/// path walk's LOOKUP and the request it serves (an OPEN, a SETATTR) are moments apart.
+/// How long a name broken off a node keeps answering the callers that walked to it (see
+/// `Walks`), counted from the copy-up that broke it (a caller's request may have waited for
+/// that copy-up all along); and how long after the last walk or break noted walks are
+/// consulted at all.
 const WALK_MS: u64 = 2000;
 /// Most walks remembered at once (the oldest go first).
 const MAX_WALKS: usize = 1024;
 
-/// One caller's last walk to a node: the name, and whether a copy-up of another name has
-/// broken it off the node since.
+/// One caller's last walk to a node: the name, and when a copy-up of another name broke it
+/// off the node since, if one did.
 struct Walk {
     dir: u64,
     name: Name,
-    at: u64,
-    broken: bool,
+    broken_at: Option<u64>,
+}
+
+impl Walk {
+    fn broken_now(&self, now: u64) -> bool {
+        self.broken_at.is_some_and(|t| now < t + WALK_MS)
+    }
 }
 
 /// Which name of a lower hard link each caller (the kernel's thread id, as FUSE requests
@@ -164,7 +171,8 @@ struct Walk {
 /// caller's walk broken when it checks after its work (`broken_off`).
 #[derive(Default)]
 pub struct Walks {
-    /// The latest `clock_ms` a walk was noted at; 0 when none ever was. One load per OPEN.
+    /// The latest `clock_ms` a walk or a break was noted at; 0 when none ever was: walks are
+    /// consulted only within `WALK_MS` of it (one load per OPEN).
     last: AtomicU64,
     inner: Mutex<WalksInner>,
 }
@@ -211,8 +219,7 @@ impl Walks {
             Walk {
                 dir,
                 name: Name::new(name),
-                at,
-                broken: false,
+                broken_at: None,
             },
         );
         while walks.len() > MAX_WALKS {
@@ -227,19 +234,19 @@ impl Walks {
         last != 0 && clock_ms() < last + WALK_MS
     }
 
-    /// The name caller `pid` reached node `serial` through, if it walked there just now and
-    /// no copy-up broke it off since.
+    /// The name caller `pid` last reached node `serial` through, unless a copy-up broke it off
+    /// since.
     pub fn name_of(&self, serial: u64, pid: u32) -> Option<(u64, Name)> {
         if !self.recent() {
             return None;
         }
         let inner = self.inner();
         let w = inner.walks.as_ref()?.peek(&(serial, pid))?;
-        (!w.broken && clock_ms() < w.at + WALK_MS).then(|| (w.dir, w.name.clone()))
+        w.broken_at.is_none().then(|| (w.dir, w.name.clone()))
     }
 
-    /// Whether caller `pid` reached node `serial` just now through a name that a copy-up of
-    /// another name broke off since (forgotten once told).
+    /// Whether caller `pid` last reached node `serial` through a name that a copy-up of
+    /// another name broke off since, in the last `WALK_MS` (forgotten once told).
     pub fn broken_off(&self, serial: u64, pid: u32) -> bool {
         if !self.recent() {
             return false;
@@ -249,7 +256,7 @@ impl Walks {
             return false;
         };
         match walks.peek(&(serial, pid)) {
-            Some(w) if w.broken && clock_ms() < w.at + WALK_MS => {
+            Some(w) if w.broken_now(clock_ms()) => {
                 walks.pop(&(serial, pid));
                 true
             }
@@ -257,10 +264,10 @@ impl Walks {
         }
     }
 
-    /// Whether caller `pid` walked to `name` in `dir` just now and found there a node that a
-    /// copy-up of another name then broke that name off (forgotten once told): the kernel's
-    /// entry for the name still leads to that node, and a request on the name (an unlink, a
-    /// rename) would act on another file than the one the kernel takes it for.
+    /// Whether caller `pid` walked to `name` in `dir` and found there a node that a copy-up
+    /// of another name then broke that name off, in the last `WALK_MS` (forgotten once told):
+    /// the kernel's entry for the name still leads to that node, and a request on the name
+    /// (an unlink, a rename) would act on another file than the one the kernel takes it for.
     pub fn broken_walk_to(&self, pid: u32, dir: u64, name: &OsStr) -> bool {
         if !self.recent() {
             return false;
@@ -272,9 +279,7 @@ impl Walks {
         };
         let found = walks
             .iter()
-            .find(|((_, p), w)| {
-                *p == pid && w.broken && w.dir == dir && *w.name == *name && now < w.at + WALK_MS
-            })
+            .find(|((_, p), w)| *p == pid && w.dir == dir && *w.name == *name && w.broken_now(now))
             .map(|(k, _)| *k);
         match found {
             Some(k) => {
@@ -296,11 +301,12 @@ impl Walks {
         inner.broken.push((serial, dir, Name::new(name), now));
         if let Some(walks) = inner.walks.as_mut() {
             for ((s, _), w) in walks.iter_mut() {
-                if *s == serial && w.dir == dir && *w.name == *name {
-                    w.broken = true;
+                if *s == serial && w.dir == dir && *w.name == *name && w.broken_at.is_none() {
+                    w.broken_at = Some(now);
                 }
             }
         }
+        self.last.store(now, Ordering::SeqCst);
     }
 }
 
