@@ -274,20 +274,28 @@ impl Walks {
         }
         let now = clock_ms();
         let mut inner = self.inner();
+        inner.broken.retain(|b| now < b.3 + WALK_MS);
+        // Only the nodes the name was broken off lately: a walk is broken with its name.
+        let nodes: Vec<u64> = inner
+            .broken
+            .iter()
+            .filter(|b| b.1 == dir && *b.2 == *name)
+            .map(|b| b.0)
+            .collect();
         let Some(walks) = inner.walks.as_mut() else {
             return false;
         };
-        let found = walks
-            .iter()
-            .find(|((_, p), w)| *p == pid && w.dir == dir && *w.name == *name && w.broken_now(now))
-            .map(|(k, _)| *k);
-        match found {
-            Some(k) => {
-                walks.pop(&k);
-                true
+        for serial in nodes {
+            let key = (serial, pid);
+            if walks
+                .peek(&key)
+                .is_some_and(|w| w.dir == dir && *w.name == *name && w.broken_now(now))
+            {
+                walks.pop(&key);
+                return true;
             }
-            None => false,
         }
+        false
     }
 
     /// A copy-up of node `serial` breaks the name `name` in `dir` off it.
