@@ -231,6 +231,17 @@ impl Union {
         }
     }
 
+    /// What a removal keeps of `node`'s object, recorded before the name goes: a request
+    /// that finds the name gone meanwhile (a GETATTR of an open's permission check) answers
+    /// from it at once, instead of waiting for the removal's bookkeeping, which a thread
+    /// preempted between its unlink and `last_name_gone` may hold up for long (see
+    /// `Union::stat_node`). Dropped again if the removal fails.
+    fn held_ahead(&self, node: &Node, held: Option<&Held>) {
+        if let Some(h) = held {
+            node.set_held(h.clone());
+        }
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.layers.read_only() {
             Err(Errno::EROFS)
@@ -574,7 +585,7 @@ impl Union {
                 slot => self.make_over_whiteout(dir.as_fd(), &cname, what, caller, &pst, slot)?,
             },
         };
-        let node = self.new_upper_node(parent, name, st);
+        let node = self.new_object_node(parent, name, st);
         // A new object has no protection flags: none to read before its first change.
         node.set_prot(Some(0));
         self.dir_changed(parent);
@@ -617,13 +628,7 @@ impl Union {
         )?;
         let what = Make::File { mode, umask, flags };
         let st = self.own_new(f.as_fd(), c"", &what, caller, &pst, mode & 0o7777)?;
-        let node = self.found_node(Found {
-            st,
-            upper: Some(RealId::of(&st)),
-            lowers: Few::new(),
-            redirects: None,
-            origin: crate::lookup::Origin::None,
-        });
+        let node = self.new_nameless_node(RealId::of(&st), st);
         Ok(Created {
             node,
             st,
@@ -731,7 +736,8 @@ impl Union {
         })
     }
 
-    /// The node for an object just made in the upper at `parent/name` (in no lower layer).
+    /// The node for an object in the upper at `parent/name` (in no lower layer) that may
+    /// have a node already (a new name of it).
     fn new_upper_node(&self, parent: &Arc<Node>, name: &OsStr, st: Stat) -> Arc<Node> {
         let found = Found {
             st,
@@ -884,7 +890,8 @@ impl Union {
         if !is_dir && node.state().links.len() > 1 {
             node.extra().mark_link_drop();
         }
-        self.tree_change(|| -> Result<()> {
+        self.held_ahead(node, held.as_ref());
+        let removed = self.tree_change(|| -> Result<()> {
             if !in_upper {
                 self.make_whiteout(dir.as_fd(), &cname)?;
             } else if needs_whiteout && self.layers.format != Format::Aufs {
@@ -930,7 +937,11 @@ impl Union {
                 self.last_name_gone(node, parent, name, is_dir || st.st_nlink <= 1, held);
             }
             Ok(())
-        })?;
+        });
+        if removed.is_err() {
+            node.clear_held();
+        }
+        removed?;
         self.dir_changed(parent);
         if is_dir {
             self.drop_dir_fd(node, Loc::Upper);
@@ -1121,7 +1132,7 @@ impl Union {
         let slot = upper_slot(dir.as_fd(), &cname)?;
         self.place_from_work(tmp, dir.as_fd(), &cname, slot, false)?;
         // The kernel moved its entry to the new name and holds none for the device.
-        let node = self.new_upper_node(parent, name, st);
+        let node = self.new_object_node(parent, name, st);
         self.table.unpin(&node, 1);
         self.dir_changed(parent);
         Ok(())
@@ -1204,6 +1215,9 @@ impl Union {
             };
             self.hold_object(d, upper_st.as_ref(), true)
         });
+        if let Some(d) = dst {
+            self.held_ahead(d, held.as_ref());
+        }
         // Whether the replaced object goes with its name (see `Table::mark_departed`); a
         // lower one may have other names.
         let dst_gone = matches!(&dst_slot, UpperSlot::Object(st) if st.st_nlink <= 1);
@@ -1250,7 +1264,8 @@ impl Union {
             }
         }
 
-        self.tree_change(|| -> Result<()> {
+        let held_set = held.is_some();
+        let renamed = self.tree_change(|| -> Result<()> {
             if exchange {
                 sys::renameat2(
                     old_dir.as_fd(),
@@ -1313,7 +1328,11 @@ impl Union {
                 }
             }
             Ok(())
-        })?;
+        });
+        if let (Err(_), Some(d), true) = (&renamed, dst, held_set) {
+            d.clear_held();
+        }
+        renamed?;
         self.dir_changed(parent);
         self.dir_changed(newparent);
         if parent.ino != newparent.ino {

@@ -256,6 +256,7 @@ impl Extra {
 }
 
 /// `Extra::held`.
+#[derive(Clone)]
 pub enum Held {
     /// An `O_PATH` fd of the object.
     Object(Arc<std::os::fd::OwnedFd>),
@@ -452,6 +453,13 @@ impl Node {
     /// Records what the node showed when its last name went (see `Extra::held`).
     pub fn set_held(&self, held: Held) {
         *lock(&self.extra().held) = Some(held);
+    }
+
+    /// Drops what was set to be kept of the object (a removal that failed).
+    pub fn clear_held(&self) {
+        if let Some(e) = self.extra_if_made() {
+            *lock(&e.held) = None;
+        }
     }
 
     /// Updates the attributes kept of a removed upper object (`Held::Stat`), if that is
@@ -986,7 +994,40 @@ impl Table {
         } else if let Some(node) = self.derived_node(&idsh, id, kind) {
             return (node, true);
         }
-        let mut ino = self.ino_for_locked(&mut idsh, id);
+        (self.insert_locked(&mut idsh, id, kind, make), false)
+    }
+
+    /// The node of an object just made (a real inode fresh from its filesystem), created
+    /// with `make()`'s state and one lookup reference. A node that still claims `id` stands
+    /// for an earlier object that had the same real inode, which its removal freed (that
+    /// removal may still be under way, holding only its own directory's lock): it keeps its
+    /// number but loses `id`, so that it never stands for the new object, nor the new
+    /// object's node for its removal.
+    pub fn insert_new(&self, id: RealId, kind: u32, make: impl FnOnce() -> State) -> Arc<Node> {
+        let mut idsh = lock(self.id_shard(&id));
+        let stale = match idsh.live.remove(&id) {
+            Some(e) => lock(self.node_shard(e.ino))
+                .get(&e.ino)
+                .filter(|n| n.serial == e.serial)
+                .cloned(),
+            None if idsh.remembered.contains_key(&id) => None,
+            None => self.derived_slot(id).and_then(|(_, n)| n),
+        };
+        if let Some(old) = stale {
+            old.state().ids.retain(|x| *x != id);
+        }
+        self.insert_locked(&mut idsh, id, kind, make)
+    }
+
+    /// A new node for `id` (none holds it), with one lookup reference.
+    fn insert_locked(
+        &self,
+        idsh: &mut IdShard,
+        id: RealId,
+        kind: u32,
+        make: impl FnOnce() -> State,
+    ) -> Arc<Node> {
+        let mut ino = self.ino_for_locked(idsh, id);
         if lock(self.node_shard(ino)).contains_key(&ino) {
             ino = self.alloc();
             idsh.remembered.insert(id, ino);
@@ -1003,7 +1044,7 @@ impl Table {
         {
             self.added_node();
         }
-        if !self.at_derived(&idsh, id, ino) {
+        if !self.at_derived(idsh, id, ino) {
             idsh.live.insert(
                 id,
                 IdEntry {
@@ -1012,7 +1053,7 @@ impl Table {
                 },
             );
         }
-        (node, false)
+        node
     }
 
     /// Whether `ino` is the number `id` derives and keeps (none remembered for it): a node
@@ -1398,6 +1439,39 @@ mod tests {
         let (n2, existed) = t.get_or_insert(id, libc::S_IFREG, State::empty);
         assert!(existed);
         assert_eq!(n2.serial, n.serial);
+    }
+
+    #[test]
+    fn a_new_object_never_takes_the_node_of_an_earlier_one_at_its_inode() {
+        let t = Table::new(vec![7], State::empty());
+        let id = RealId { dev: 7, ino: 1234 };
+        // The earlier object's node, at the derived number and with a remembered one.
+        let (old, _) = t.get_or_insert(id, libc::S_IFREG, State::empty);
+        let new = t.insert_new(id, libc::S_IFREG, State::empty);
+        assert_ne!(new.serial, old.serial);
+        assert_ne!(new.ino, old.ino, "the earlier node keeps its number");
+        assert!(
+            !old.state().ids.contains(&id),
+            "the earlier node lost the identity"
+        );
+        let (found, existed) = t.get_or_insert(id, libc::S_IFREG, State::empty);
+        assert!(existed);
+        assert_eq!(found.serial, new.serial, "lookups find the new node");
+        // The earlier node's removal, finishing now, leaves the new node's identity alone.
+        t.forget_ids(&old, true);
+        let (found, _) = t.get_or_insert(id, libc::S_IFREG, State::empty);
+        assert_eq!(found.serial, new.serial);
+        // Through the live map as well as at a derived number.
+        let id2 = RealId { dev: 7, ino: 99 };
+        let (a, _) = t.get_or_insert(id2, libc::S_IFREG, State::empty);
+        let other = RealId { dev: 7, ino: 5000 };
+        t.add_id(&a, other);
+        let b = t.insert_new(other, libc::S_IFREG, State::empty);
+        assert_ne!(b.serial, a.serial);
+        assert_eq!(
+            t.get_or_insert(other, libc::S_IFREG, State::empty).0.serial,
+            b.serial
+        );
     }
 
     #[test]

@@ -1045,6 +1045,28 @@ impl Union {
         node
     }
 
+    /// The node for an object just made in the upper at `parent/name` (a fresh real inode,
+    /// in no lower layer), with one kernel reference taken: never the node of an earlier
+    /// object that had the same real inode (see `Table::insert_new`).
+    pub(crate) fn new_object_node(&self, parent: &Arc<Node>, name: &OsStr, st: Stat) -> Arc<Node> {
+        let id = RealId::of(&st);
+        let node = self.new_nameless_node(id, st);
+        self.give_name(&node, parent, name, &|| true);
+        node
+    }
+
+    /// The node for an object just made in the upper without a name (`O_TMPFILE`).
+    pub(crate) fn new_nameless_node(&self, id: RealId, st: Stat) -> Arc<Node> {
+        self.table
+            .insert_new(id, sys::file_type(st.st_mode), || State {
+                links: Links::new(),
+                upper: Some(id),
+                lowers: Few::new(),
+                ids: Few::One(id),
+                redirects: None,
+            })
+    }
+
     /// Makes `parent/name` the node's first name. A name it lacks is added only if `fresh()`
     /// holds, asked under one hold of the node's state with the insertion; returns whether
     /// the node has the name.
