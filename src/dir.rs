@@ -1056,10 +1056,13 @@ impl Union {
         let dst_found = self.probe(newparent, newname)?;
         let src = self.node_for(parent, name, src_found);
         let dst = dst_found.map(|f| self.node_for(newparent, newname, f));
-        let current = self
-            .kernel_entry_current(parent, name)
-            .and_then(|()| self.kernel_entry_current(newparent, newname));
-        if let Err(e) = current {
+        // Both names checked (each check is the walk's one), so that the retry finds both
+        // entries new.
+        let (from, to) = (
+            self.kernel_entry_current(parent, name),
+            self.kernel_entry_current(newparent, newname),
+        );
+        if let Err(e) = from.and(to) {
             self.table.unpin(&src, 1);
             if let Some(d) = &dst {
                 self.table.unpin(d, 1);

@@ -76,6 +76,16 @@ impl UnionFs {
         }
     }
 
+    /// A read of `node`'s xattrs whose caller reached it through a name of a lower hard
+    /// link that another name's copy-up broke off meanwhile answers ESTALE: it read the other
+    /// name's copy, and the kernel walks to the caller's name again.
+    fn read_unless_broken_off<T>(&self, node: &Node, pid: u32, res: Result<T>) -> Result<T> {
+        match self.u.walks.is_broken_off(node.serial, pid) {
+            true => Err(Errno::ESTALE),
+            false => res,
+        }
+    }
+
     fn ttl(&self) -> Duration {
         self.u.opts.ttl
     }
@@ -288,15 +298,19 @@ impl UnionFs {
                 }
             }
             Op::Getxattr { name, size } => {
-                let res = self.node(ino).and_then(|n| self.u.getxattr(&n, name, size));
+                let res = self.node(ino).and_then(|n| {
+                    let got = self.u.getxattr(&n, name, size);
+                    self.read_unless_broken_off(&n, h.pid, got)
+                });
                 xattr_reply(res, reply);
             }
             Op::Listxattr { size } => {
                 xattr_reply(
                     self.node(ino).and_then(|n| {
-                        self.u.listxattr(&n, size, || {
+                        let got = self.u.listxattr(&n, size, || {
                             crate::killpriv::Caller::of(h.pid).is_some_and(|c| c.sys_admin)
-                        })
+                        });
+                        self.read_unless_broken_off(&n, h.pid, got)
                     }),
                     reply,
                 );

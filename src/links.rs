@@ -141,8 +141,8 @@ impl Links {
 /// that copy-up all along); and how long after the last walk or break noted walks are
 /// consulted at all.
 const WALK_MS: u64 = 2000;
-/// Most walks remembered at once (the oldest go first).
-const MAX_WALKS: usize = 1024;
+/// Most walks remembered at once (the oldest go first): about 80 bytes each.
+const MAX_WALKS: usize = 4096;
 
 /// One caller's last walk to a node: the name, and when a copy-up of another name broke it
 /// off the node since, if one did.
@@ -213,7 +213,18 @@ impl Walks {
             }
             inner.broken.retain(|b| !is(b));
         }
+        // The caller's walks to this name that reached a node it was broken off: its entry
+        // leads here now.
+        let left: Vec<u64> = inner
+            .broken
+            .iter()
+            .filter(|b| b.1 == dir && *b.2 == *name)
+            .map(|b| b.0)
+            .collect();
         let walks = inner.walks.get_or_insert_with(LruCache::unbounded);
+        for s in left {
+            walks.pop(&(s, pid));
+        }
         walks.put(
             (serial, pid),
             Walk {
@@ -243,6 +254,22 @@ impl Walks {
         let inner = self.inner();
         let w = inner.walks.as_ref()?.peek(&(serial, pid))?;
         w.broken_at.is_none().then(|| (w.dir, w.name.clone()))
+    }
+
+    /// Like `broken_off`, but the walk stays broken: for a read, which the kernel also makes
+    /// on its own before a change (the capability xattr, with the caller's id) and may not
+    /// pass on; the change that follows is told then.
+    pub fn is_broken_off(&self, serial: u64, pid: u32) -> bool {
+        if !self.recent() {
+            return false;
+        }
+        let inner = self.inner();
+        let now = clock_ms();
+        inner
+            .walks
+            .as_ref()
+            .and_then(|w| w.peek(&(serial, pid)))
+            .is_some_and(|w| w.broken_now(now))
     }
 
     /// Whether caller `pid` last reached node `serial` through a name that a copy-up of
