@@ -185,6 +185,14 @@ struct WalksInner {
     broken: Vec<(u64, u64, Name, u64)>,
 }
 
+impl WalksInner {
+    /// The nodes `name` in `dir` was broken off lately.
+    fn broken_off(&self, dir: u64, name: &OsStr) -> Vec<u64> {
+        let of_name = |b: &&(u64, u64, Name, u64)| b.1 == dir && *b.2 == *name;
+        self.broken.iter().filter(of_name).map(|b| b.0).collect()
+    }
+}
+
 impl Walks {
     fn inner(&self) -> std::sync::MutexGuard<'_, WalksInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -215,12 +223,7 @@ impl Walks {
         }
         // The caller's walks to this name that reached a node it was broken off: its entry
         // leads here now.
-        let left: Vec<u64> = inner
-            .broken
-            .iter()
-            .filter(|b| b.1 == dir && *b.2 == *name)
-            .map(|b| b.0)
-            .collect();
+        let left = inner.broken_off(dir, name);
         let walks = inner.walks.get_or_insert_with(LruCache::unbounded);
         for s in left {
             walks.pop(&(s, pid));
@@ -303,12 +306,7 @@ impl Walks {
         let mut inner = self.inner();
         inner.broken.retain(|b| now < b.3 + WALK_MS);
         // Only the nodes the name was broken off lately: a walk is broken with its name.
-        let nodes: Vec<u64> = inner
-            .broken
-            .iter()
-            .filter(|b| b.1 == dir && *b.2 == *name)
-            .map(|b| b.0)
-            .collect();
+        let nodes = inner.broken_off(dir, name);
         let Some(walks) = inner.walks.as_mut() else {
             return false;
         };
