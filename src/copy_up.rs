@@ -335,14 +335,10 @@ impl CopyUp<'_> {
         };
         let cname = sys::cstr(&name)?;
         let _dir = parent.lock_dir();
-        self.node.touch_link(parent.ino, &name);
-        // Re-check under the directory lock: the node may have been unlinked or moved.
-        let still_there = self
-            .node
-            .state()
-            .links
-            .first()
-            .is_some_and(|l| l.parent.ino == parent.ino && *l.name == *name);
+        // Re-check under the directory lock: the node may have been unlinked or moved. (Not
+        // by its first name: a lookup of another name of a lower hard link, which takes no
+        // directory lock, makes that one first at any moment.)
+        let still_there = self.node.touch_link(parent.ino, &name);
         if !still_there {
             return Err(deleted_error(self.node));
         }
