@@ -12,6 +12,7 @@ use crate::dir::{Caller, Created, Make};
 use crate::file::{IoMode, ReadData};
 use crate::fuse::{DirBuf, Header, InitConfig, Op, Reply};
 use crate::inode::Node;
+use crate::links::Noted;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
 use crate::union::{ReaddirPlus, Union};
@@ -464,16 +465,21 @@ impl UnionFs {
                 // through a name a copy-up of another name is breaking off the node, it is
                 // looked up again once the copy-up has.
                 let settled = || self.u.tree_unchanged_since(snap);
-                if st.st_nlink > 1
-                    && !n.is_dir()
-                    && !self.u.walks.note(n.serial, h.pid, p.ino, name, settled)
-                {
+                let noted = match st.st_nlink > 1 && !n.is_dir() {
+                    true => self.u.walks.note(n.serial, h.pid, p.ino, name, settled),
+                    false => Noted::Yes,
+                };
+                if noted != Noted::Yes {
                     self.u.table.unpin(&n, 1);
                     waits += 1;
                     if waits > 1000 {
                         return Err(Errno::ESTALE);
                     }
-                    std::thread::sleep(Duration::from_micros(50));
+                    let pause = match noted {
+                        Noted::Wait => Duration::from_millis(1),
+                        _ => Duration::from_micros(50),
+                    };
+                    std::thread::sleep(pause);
                     continue;
                 }
                 break (n, st);

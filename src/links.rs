@@ -141,6 +141,20 @@ impl Links {
 /// that copy-up all along); and how long after the last walk or break noted walks are
 /// consulted at all.
 const WALK_MS: u64 = 2000;
+/// Longest a caller walking again to a broken name holds the node it finds (see
+/// `Walks::note`).
+const RESERVE_MS: u64 = 500;
+
+/// What `Walks::note` made of a lookup.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Noted {
+    Yes,
+    /// Look up again: the name is being broken off the node found.
+    Again,
+    /// Look up again in a moment: another caller holds the node for its request.
+    Wait,
+}
+
 /// Most walks remembered at once (the oldest go first): about 80 bytes each.
 const MAX_WALKS: usize = 4096;
 
@@ -183,6 +197,9 @@ struct WalksInner {
     walks: Option<LruCache<(u64, u32), Walk>>,
     /// Names broken off nodes in the last `WALK_MS`: (node serial, dir, name, when).
     broken: Vec<(u64, u64, Name, u64)>,
+    /// Nodes a caller walking again to a name broken off a node holds for its request (see
+    /// `note`): (node serial, caller, when).
+    reserved: Vec<(u64, u32, u64)>,
 }
 
 impl WalksInner {
@@ -198,11 +215,18 @@ impl Walks {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Caller `pid` looked up the node `serial` at `name` in `dir`. False (and nothing
-    /// noted) if a copy-up broke that name off the node and the lookup may have seen the name
-    /// before it left (`settled()` false: a change of names began since the lookup began):
-    /// the name leads to the lower file's own node now, and the lookup is to be made again.
-    /// A lookup that ran after the copy-up found the name given to the node anew (a link).
+    /// Caller `pid` looked up the node `serial` at `name` in `dir`. `Again` (nothing noted)
+    /// if a copy-up broke that name off the node and the lookup may have seen the name before
+    /// it left (`settled()` false: a change of names began since the lookup began): the name
+    /// leads to the lower file's own node now. A lookup that ran after the copy-up found the
+    /// name given to the node anew (a link).
+    ///
+    /// A caller walking again to a name broken off a node lately (the kernel's retry after
+    /// ESTALE) holds the node it finds, which the other names left still share, for its
+    /// request (`RESERVE_MS` at most): another such caller walking to another name of it
+    /// waits (`Wait`), and finds a node of its own once the first one's copy-up broke its
+    /// name off; else each copy-up would break the names left again, and the kernel retries
+    /// once only.
     pub fn note(
         &self,
         serial: u64,
@@ -210,20 +234,28 @@ impl Walks {
         dir: u64,
         name: &OsStr,
         settled: impl Fn() -> bool,
-    ) -> bool {
+    ) -> Noted {
         let at = clock_ms();
         let mut inner = self.inner();
         inner.broken.retain(|b| at < b.3 + WALK_MS);
+        inner.reserved.retain(|r| at < r.2 + RESERVE_MS);
         let is = |b: &(u64, u64, Name, u64)| b.0 == serial && b.1 == dir && *b.2 == *name;
         if inner.broken.iter().any(is) {
             if !settled() {
-                return false;
+                return Noted::Again;
             }
             inner.broken.retain(|b| !is(b));
         }
         // The caller's walks to this name that reached a node it was broken off: its entry
         // leads here now.
         let left = inner.broken_off(dir, name);
+        if !left.is_empty() {
+            match inner.reserved.iter().find(|r| r.0 == serial) {
+                Some(r) if r.1 != pid => return Noted::Wait,
+                Some(_) => {}
+                None => inner.reserved.push((serial, pid, at)),
+            }
+        }
         let walks = inner.walks.get_or_insert_with(LruCache::unbounded);
         for s in left {
             walks.pop(&(s, pid));
@@ -240,7 +272,13 @@ impl Walks {
             walks.pop_lru();
         }
         self.last.store(at, Ordering::SeqCst);
-        true
+        Noted::Yes
+    }
+
+    /// Caller `pid`'s request on node `serial` checked its walk: a node it held (see
+    /// `note`) is free again.
+    fn release(inner: &mut WalksInner, serial: u64, pid: u32) {
+        inner.reserved.retain(|r| !(r.0 == serial && r.1 == pid));
     }
 
     fn recent(&self) -> bool {
@@ -282,6 +320,7 @@ impl Walks {
             return false;
         }
         let mut inner = self.inner();
+        Self::release(&mut inner, serial, pid);
         let Some(walks) = inner.walks.as_mut() else {
             return false;
         };
