@@ -247,6 +247,14 @@ fn both(l: &Layers) -> (Mount, Mount) {
     (l.mount("u"), l.mount_kernel("k"))
 }
 
+/// Opens `p` with O_APPEND and writes `data`.
+fn append_to(p: &Path, data: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new()
+        .append(true)
+        .open(p)
+        .and_then(|mut f| f.write_all(data))
+}
+
 /// Regular files left in the work directory (a copy-up or whiteout that was never finished).
 fn work_leftovers(m: &Mount) -> Vec<String> {
     let work = m.work.clone().unwrap();
@@ -1864,10 +1872,7 @@ fn names_of_a_lower_hard_link_change_apart() {
                             let p = dir.join(format!("b{i}"));
                             barrier.wait();
                             let res = match other {
-                                OtherName::Append => OpenOptions::new()
-                                    .append(true)
-                                    .open(&p)
-                                    .and_then(|mut f| f.write_all(b"2")),
+                                OtherName::Append => append_to(&p, b"2"),
                                 OtherName::Chmod => {
                                     fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
                                 }
@@ -1894,10 +1899,7 @@ fn names_of_a_lower_hard_link_change_apart() {
                 for i in 0..PAIRS {
                     let p = dir.join(format!("a{i}"));
                     barrier.wait();
-                    let res = OpenOptions::new()
-                        .append(true)
-                        .open(&p)
-                        .and_then(|mut f| f.write_all(b"1"));
+                    let res = append_to(&p, b"1");
                     if let Err(e) = res {
                         errors.push(format!("a{i}: {e}"));
                     }
@@ -2061,10 +2063,7 @@ fn three_names_of_a_lower_hard_link_change_apart() {
                     for i in 0..FILES {
                         let p = dir.join(format!("f{i}_{k}"));
                         barrier.wait();
-                        let res = OpenOptions::new()
-                            .append(true)
-                            .open(&p)
-                            .and_then(|mut f| f.write_all(k.to_string().as_bytes()));
+                        let res = append_to(&p, k.to_string().as_bytes());
                         if let Err(e) = res {
                             failed.push((format!("f{i}_{k}"), e.to_string()));
                         }
