@@ -58,7 +58,7 @@ impl Union {
         let res = self.copy_up_chain(node, data);
         // The caller reached the node through a name of a lower hard link that a copy-up of
         // another name broke off meanwhile: the node is that name's copy, not the caller's
-        // file, and the kernel walks to the caller's name again (see `links::Walks`).
+        // file, and the kernel walks to the caller's name again (see `hardlinks::Walks`).
         if self
             .walks
             .broken_off(node.serial, crate::fuse::longwork::caller())
@@ -109,7 +109,7 @@ impl Union {
             st.top_lower().ok_or(LAYERLESS)?
         };
         // The name the caller walked to, if it is a name of a lower hard link the node still
-        // has (see `links::Walks`); else the first.
+        // has (see `hardlinks::Walks`); else the first.
         let walked = self
             .walks
             .name_of(node.serial, crate::fuse::longwork::caller());
@@ -385,7 +385,7 @@ impl CopyUp<'_> {
         let other = |l: &&crate::links::Link| !(l.parent.ino == parent.ino && *l.name == *name);
         if hardlinked {
             // Before the copy shows: a request that sees it finds the names it breaks off
-            // marked (see `links::Walks`).
+            // marked (see `hardlinks::Walks`).
             let st = self.node.state();
             for l in st.links.iter().filter(other) {
                 fs.walks.break_off(self.node.serial, l.parent.ino, &l.name);

@@ -220,7 +220,7 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
 impl Union {
     /// ESTALE if the caller's entry for `name` in `parent` leads to a node that a copy-up of
     /// another name of a lower hard link broke the name off since the caller's lookup (see
-    /// `links::Walks`): the kernel walks to the name again, and acts on what is there now.
+    /// `hardlinks::Walks`): the kernel walks to the name again, and acts on what is there now.
     /// Checked once the name's node is found, so that a copy-up before that finding shows
     /// here, and one after it shows in the copy-up of the found node.
     fn kernel_entry_current(&self, parent: &Node, name: &OsStr) -> Result<()> {

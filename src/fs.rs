@@ -11,8 +11,8 @@ use crate::attr::{SetAttr, XattrReply};
 use crate::dir::{Caller, Created, Make};
 use crate::file::{IoMode, ReadData};
 use crate::fuse::{DirBuf, Header, InitConfig, Op, Reply};
+use crate::hardlinks::Noted;
 use crate::inode::Node;
-use crate::links::Noted;
 use crate::readdir::DirHandle;
 use crate::sys::{self, Result};
 use crate::union::{ReaddirPlus, Union};
@@ -461,7 +461,7 @@ impl UnionFs {
                     self.u.table.unpin(&n, 1);
                     return Err(Errno::ENOENT);
                 }
-                // Which name of a hard link this caller uses (see `links::Walks`); found
+                // Which name of a hard link this caller uses (see `hardlinks::Walks`); found
                 // through a name a copy-up of another name is breaking off the node, it is
                 // looked up again once the copy-up has.
                 let settled = || self.u.tree_unchanged_since(snap);

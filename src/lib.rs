@@ -18,6 +18,7 @@ pub mod file;
 pub mod fs;
 pub mod fuse;
 pub mod grant;
+pub mod hardlinks;
 pub mod idmap;
 pub mod inode;
 pub mod killpriv;

@@ -121,8 +121,8 @@ pub struct Union {
     privs_locks: [std::sync::RwLock<()>; 64],
     /// Names an open met a removed file at (see `lookup::Strikes`).
     pub strikes: crate::lookup::Strikes,
-    /// The names of lower hard links callers walked to (see `links::Walks`).
-    pub walks: crate::links::Walks,
+    /// The names of lower hard links callers walked to (see `hardlinks::Walks`).
+    pub walks: crate::hardlinks::Walks,
 }
 
 impl Union {
