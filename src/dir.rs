@@ -231,15 +231,27 @@ impl Union {
         }
     }
 
-    /// What a removal keeps of `node`'s object, recorded before the name goes: a request
-    /// that finds the name gone meanwhile (a GETATTR of an open's permission check) answers
-    /// from it at once, instead of waiting for the removal's bookkeeping, which a thread
-    /// preempted between its unlink and `last_name_gone` may hold up for long (see
-    /// `Union::stat_node`). Dropped again if the removal fails.
-    fn held_ahead(&self, node: &Node, held: Option<&Held>) {
-        if let Some(h) = held {
-            node.set_held(h.clone());
+    /// Runs `remove` (a removal of a name of `node`) with what it keeps of the object
+    /// recorded before the name goes: a request that finds the name gone meanwhile (a
+    /// GETATTR of an open's permission check) answers from it at once, instead of waiting for
+    /// the removal's bookkeeping, which a thread preempted between its unlink and
+    /// `last_name_gone` may hold up for long (see `Union::stat_node`). Dropped again if the
+    /// removal fails.
+    fn with_held_ahead(
+        &self,
+        node: Option<&Arc<Node>>,
+        held: Option<&Held>,
+        remove: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let ahead = node.zip(held);
+        if let Some((n, h)) = ahead {
+            n.set_held(h.clone());
         }
+        let res = remove();
+        if let (Err(_), Some((n, _))) = (&res, ahead) {
+            n.clear_held();
+        }
+        res
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -890,58 +902,58 @@ impl Union {
         if !is_dir && node.state().links.len() > 1 {
             node.extra().mark_link_drop();
         }
-        self.held_ahead(node, held.as_ref());
-        let removed = self.tree_change(|| -> Result<()> {
-            if !in_upper {
-                self.make_whiteout(dir.as_fd(), &cname)?;
-            } else if needs_whiteout && self.layers.format != Format::Aufs {
-                // Swap the object for a whiteout in one step, then delete it in the work dir.
-                let tmp = self.whiteout_in_work(work)?;
-                let exchange =
-                    || sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE);
-                let exchanged = match is_dir {
-                    true => moving_dir(dir.as_fd(), &cname, exchange, Some((self, node))),
-                    false => exchange(),
-                };
-                if let Err(e) = exchanged {
-                    let _ = sys::unlinkat(work.fd(), &tmp, 0);
-                    return Err(e);
-                }
-                if let Err(e) = remove_tree(work.fd(), &tmp) {
-                    log::warn!("cleaning the work directory: {e:?}");
-                }
-            } else {
-                if needs_whiteout {
+        let ahead = held.clone();
+        self.with_held_ahead(Some(node), ahead.as_ref(), || {
+            self.tree_change(|| -> Result<()> {
+                if !in_upper {
                     self.make_whiteout(dir.as_fd(), &cname)?;
-                }
-                if is_dir {
-                    // It may still hold whiteouts: move it out whole, then empty it.
-                    match sys::unlinkat(dir.as_fd(), &cname, libc::AT_REMOVEDIR) {
-                        Ok(()) => {}
-                        Err(e) if e.code() == libc::ENOTEMPTY => {
-                            let tmp = work.temp_name();
-                            let out = || sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0);
-                            moving_dir(dir.as_fd(), &cname, out, Some((self, node)))?;
-                            if let Err(e) = remove_tree(work.fd(), &tmp) {
-                                log::warn!("cleaning the work directory: {e:?}");
-                            }
-                        }
-                        Err(e) => return Err(e),
+                } else if needs_whiteout && self.layers.format != Format::Aufs {
+                    // Swap the object for a whiteout in one step, then delete it in the work dir.
+                    let tmp = self.whiteout_in_work(work)?;
+                    let exchange = || {
+                        sys::renameat2(work.fd(), &tmp, dir.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                    };
+                    let exchanged = match is_dir {
+                        true => moving_dir(dir.as_fd(), &cname, exchange, Some((self, node))),
+                        false => exchange(),
+                    };
+                    if let Err(e) = exchanged {
+                        let _ = sys::unlinkat(work.fd(), &tmp, 0);
+                        return Err(e);
+                    }
+                    if let Err(e) = remove_tree(work.fd(), &tmp) {
+                        log::warn!("cleaning the work directory: {e:?}");
                     }
                 } else {
-                    sys::unlinkat(dir.as_fd(), &cname, 0)?;
+                    if needs_whiteout {
+                        self.make_whiteout(dir.as_fd(), &cname)?;
+                    }
+                    if is_dir {
+                        // It may still hold whiteouts: move it out whole, then empty it.
+                        match sys::unlinkat(dir.as_fd(), &cname, libc::AT_REMOVEDIR) {
+                            Ok(()) => {}
+                            Err(e) if e.code() == libc::ENOTEMPTY => {
+                                let tmp = work.temp_name();
+                                let out =
+                                    || sys::renameat2(dir.as_fd(), &cname, work.fd(), &tmp, 0);
+                                moving_dir(dir.as_fd(), &cname, out, Some((self, node)))?;
+                                if let Err(e) = remove_tree(work.fd(), &tmp) {
+                                    log::warn!("cleaning the work directory: {e:?}");
+                                }
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    } else {
+                        sys::unlinkat(dir.as_fd(), &cname, 0)?;
+                    }
                 }
-            }
-            self.table.unlink(node, parent, name);
-            if node.state().is_unlinked() {
-                self.last_name_gone(node, parent, name, is_dir || st.st_nlink <= 1, held);
-            }
-            Ok(())
-        });
-        if removed.is_err() {
-            node.clear_held();
-        }
-        removed?;
+                self.table.unlink(node, parent, name);
+                if node.state().is_unlinked() {
+                    self.last_name_gone(node, parent, name, is_dir || st.st_nlink <= 1, held);
+                }
+                Ok(())
+            })
+        })?;
         self.dir_changed(parent);
         if is_dir {
             self.drop_dir_fd(node, Loc::Upper);
@@ -1218,9 +1230,6 @@ impl Union {
             };
             self.hold_object(d, upper_st.as_ref(), true)
         });
-        if let Some(d) = dst {
-            self.held_ahead(d, held.as_ref());
-        }
         // Whether the replaced object goes with its name (see `Table::mark_departed`); a
         // lower one may have other names.
         let dst_gone = matches!(&dst_slot, UpperSlot::Object(st) if st.st_nlink <= 1);
@@ -1267,75 +1276,75 @@ impl Union {
             }
         }
 
-        let held_set = held.is_some();
-        let renamed = self.tree_change(|| -> Result<()> {
-            if exchange {
-                sys::renameat2(
-                    old_dir.as_fd(),
-                    &cname,
-                    new_dir.as_fd(),
-                    &cnew,
-                    libc::RENAME_EXCHANGE,
-                )?;
-            } else if matches!(dst_slot, UpperSlot::Whiteout) && (src.is_dir() || src_lower_below) {
-                // Exchanging leaves the target's whiteout at the old name, which is what is
-                // needed there if a lower layer has it (the kernel's "switch whiteouts": the
-                // whiteout keeps its owner); a directory cannot replace a whiteout anyway.
-                sys::renameat2(
-                    old_dir.as_fd(),
-                    &cname,
-                    new_dir.as_fd(),
-                    &cnew,
-                    libc::RENAME_EXCHANGE,
-                )?;
-                if !src_lower_below {
-                    sys::unlinkat(old_dir.as_fd(), &cname, 0)?;
-                }
-            } else if src_lower_below && self.layers.rename_whiteout {
-                sys::renameat2(
-                    old_dir.as_fd(),
-                    &cname,
-                    new_dir.as_fd(),
-                    &cnew,
-                    libc::RENAME_WHITEOUT,
-                )?;
-            } else {
-                sys::renameat2(old_dir.as_fd(), &cname, new_dir.as_fd(), &cnew, 0)?;
-                if src_lower_below {
-                    self.make_whiteout(old_dir.as_fd(), &cname)?;
-                }
-            }
-            if matches!(dst_slot, UpperSlot::AufsWhiteout) && !exchange {
-                sys::unlinkat(new_dir.as_fd(), &aufs_cname(&cnew)?, 0)?;
-            }
-            // The nodes follow their objects.
-            if let Some(d) = dst {
+        let ahead = held.clone();
+        self.with_held_ahead(dst, ahead.as_ref(), || {
+            self.tree_change(|| -> Result<()> {
                 if exchange {
-                    self.table.relink(d, newparent, newname, parent, name);
+                    sys::renameat2(
+                        old_dir.as_fd(),
+                        &cname,
+                        new_dir.as_fd(),
+                        &cnew,
+                        libc::RENAME_EXCHANGE,
+                    )?;
+                } else if matches!(dst_slot, UpperSlot::Whiteout)
+                    && (src.is_dir() || src_lower_below)
+                {
+                    // Exchanging leaves the target's whiteout at the old name, which is what is
+                    // needed there if a lower layer has it (the kernel's "switch whiteouts": the
+                    // whiteout keeps its owner); a directory cannot replace a whiteout anyway.
+                    sys::renameat2(
+                        old_dir.as_fd(),
+                        &cname,
+                        new_dir.as_fd(),
+                        &cnew,
+                        libc::RENAME_EXCHANGE,
+                    )?;
+                    if !src_lower_below {
+                        sys::unlinkat(old_dir.as_fd(), &cname, 0)?;
+                    }
+                } else if src_lower_below && self.layers.rename_whiteout {
+                    sys::renameat2(
+                        old_dir.as_fd(),
+                        &cname,
+                        new_dir.as_fd(),
+                        &cnew,
+                        libc::RENAME_WHITEOUT,
+                    )?;
                 } else {
-                    self.table.unlink(d, newparent, newname);
-                    if d.is_dir() {
-                        self.drop_dir_fd(d, Loc::Upper);
-                    }
-                    if d.state().is_unlinked() {
-                        let gone = d.is_dir() || dst_gone;
-                        self.last_name_gone(d, newparent, newname, gone, held);
+                    sys::renameat2(old_dir.as_fd(), &cname, new_dir.as_fd(), &cnew, 0)?;
+                    if src_lower_below {
+                        self.make_whiteout(old_dir.as_fd(), &cname)?;
                     }
                 }
-            }
-            self.table.relink(src, parent, name, newparent, newname);
-            if parent.ino != newparent.ino {
-                self.moved_copy_in(newparent, new_dir.as_fd(), &cnew);
-                if exchange {
-                    self.moved_copy_in(parent, old_dir.as_fd(), &cname);
+                if matches!(dst_slot, UpperSlot::AufsWhiteout) && !exchange {
+                    sys::unlinkat(new_dir.as_fd(), &aufs_cname(&cnew)?, 0)?;
                 }
-            }
-            Ok(())
-        });
-        if let (Err(_), Some(d), true) = (&renamed, dst, held_set) {
-            d.clear_held();
-        }
-        renamed?;
+                // The nodes follow their objects.
+                if let Some(d) = dst {
+                    if exchange {
+                        self.table.relink(d, newparent, newname, parent, name);
+                    } else {
+                        self.table.unlink(d, newparent, newname);
+                        if d.is_dir() {
+                            self.drop_dir_fd(d, Loc::Upper);
+                        }
+                        if d.state().is_unlinked() {
+                            let gone = d.is_dir() || dst_gone;
+                            self.last_name_gone(d, newparent, newname, gone, held);
+                        }
+                    }
+                }
+                self.table.relink(src, parent, name, newparent, newname);
+                if parent.ino != newparent.ino {
+                    self.moved_copy_in(newparent, new_dir.as_fd(), &cnew);
+                    if exchange {
+                        self.moved_copy_in(parent, old_dir.as_fd(), &cname);
+                    }
+                }
+                Ok(())
+            })
+        })?;
         self.dir_changed(parent);
         self.dir_changed(newparent);
         if parent.ino != newparent.ino {
